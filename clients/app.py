@@ -1,0 +1,95 @@
+"""The ClientApp: receive the global trainable vector, train locally, reply with the delta.
+
+`build_client_app(cfg)` closes over an experiment config (the `fedtune run` path); the
+module-level `app` reads it from the run config instead (the `flwr run` path), so both run
+the same handler.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.train import local_train
+from fedtune.config import ExperimentConfig
+from fedtune.delta import decode, encode
+from fedtune.privacy import DPHistory
+from fedtune.runconfig import config_from_run_config
+from fedtune.task import get_task
+
+DP_STATE_KEY = "fedtune-dp-history"
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
+
+
+def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    torch.set_num_threads(max(1, int(cfg.simulation.num_cpus_per_client)))
+    task = get_task(cfg)
+    partition_id = int(context.node_config["partition-id"])
+    config = msg.content["config"]
+    if config["spec-hash"] != task.spec.hash:
+        raise ValueError(
+            f"server spec {config['spec-hash']} != client spec {task.spec.hash}: the client "
+            "runs another backbone, method or config than the server"
+        )
+    global_vec = decode(msg.content["global"]["vector"], task.spec)
+
+    model = task.new_model()
+    with torch.no_grad():
+        for name, tensor in task.spec.unflatten(global_vec).items():
+            model.get_parameter(name).copy_(tensor)
+
+    history = _load_history(context)
+    server_round = int(config["server-round"])
+    result = local_train(model, task.client_data(partition_id), cfg, history,
+                         seed=client_seed(cfg.seed, server_round, partition_id))
+    _save_history(context, history)
+
+    delta = task.spec.flatten(model.trainable_state()) - global_vec
+    metrics = {
+        "num-examples": len(task.partitions[partition_id]),
+        "partition-id": partition_id,
+        "loss": result.loss,
+        "steps": result.steps,
+        "examples-seen": result.examples_seen,
+        "flops": result.flops,
+        "noise-multiplier": result.noise_multiplier,
+        "sample-rate": result.sample_rate,
+        "dp-steps-total": history.steps,
+    }
+    if result.epsilon is not None:
+        metrics["epsilon"] = result.epsilon
+    content = RecordDict({
+        "delta": ArrayRecord({"vector": encode(delta)}),
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord({"spec-hash": task.spec.hash}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _load_history(context: Context) -> DPHistory:
+    record = context.state.config_records.get(DP_STATE_KEY)
+    if record is None:
+        return DPHistory()
+    return DPHistory.from_lists({k: list(record[k]) for k in ("sigma", "q", "steps")})
+
+
+def _save_history(context: Context, history: DPHistory) -> None:
+    if history.entries:
+        context.state[DP_STATE_KEY] = ConfigRecord(history.to_lists())
+
+
+def build_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, cfg or config_from_run_config(context.run_config))
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,116 @@
+"""A client's local training: plain SGD/Adam, or Opacus DP-SGD with a persistent accountant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedtune.config import ExperimentConfig
+from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
+from fedtune.tuning import TunedModel
+
+
+@dataclass
+class LocalResult:
+    loss: float
+    steps: int
+    examples_seen: int
+    epsilon: float | None
+    noise_multiplier: float
+    sample_rate: float
+    flops: float
+
+
+def _optimizer(params: list[nn.Parameter], cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.train.lr)
+    return torch.optim.SGD(params, lr=cfg.train.lr)
+
+
+def _batches(loader: DataLoader, steps: int):
+    """Exactly `steps` batches, restarting the loader when an epoch runs out."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
+                history: DPHistory, seed: int) -> LocalResult:
+    """Train `model`'s trainable tensors in place for `cfg.train.local_steps` steps.
+
+    With sample-level DP, noise is calibrated so that a client taking part in every round
+    ends at most at the target epsilon; `history` accumulates this round's steps.
+    """
+    n = len(data)
+    steps = cfg.train.local_steps
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(cfg.train.batch_size, n)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg)
+    dp = cfg.privacy.sample
+    sample_rate = batch_size / n
+    sigma = 0.0
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    train_model: nn.Module = model
+    private = None
+    if dp.enabled:
+        planned = cfg.train.rounds * steps
+        sigma = dp.noise_multiplier or calibrate_noise(
+            dp.target_epsilon, dp.delta, sample_rate, planned, dp.accountant)
+        private = make_private(model, optimizer, loader, dp, sigma, seed)
+        train_model, optimizer, loader, criterion = (
+            private.model, private.optimizer, private.loader, private.criterion)
+
+    model.train()
+    losses, seen = [], 0
+    try:
+        for ids, mask, labels in _batches(loader, steps):
+            optimizer.zero_grad(set_to_none=True)
+            if labels.numel() == 0:
+                # An empty Poisson batch is still a step: the noise is added and accounted.
+                optimizer.step()
+                continue
+            loss = criterion(train_model(ids, mask), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            seen += int(labels.numel())
+    finally:
+        if private is not None:
+            private.close()
+    epsilon = None
+    if dp.enabled:
+        history.add(sigma, sample_rate, steps)
+        epsilon = epsilon_of(history, dp.delta, dp.accountant)
+    flops = seen * flops_per_example(model, data)
+    return LocalResult(
+        loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
+        epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate, flops=flops,
+    )
+
+
+_FLOPS_CACHE: dict[tuple[str, int, int], float] = {}
+
+
+def flops_per_example(model: TunedModel, data: TensorDataset) -> float:
+    """Forward + backward FLOPs of one training example, counted by torch's FlopCounterMode.
+    Matmul FLOPs are linear in the batch, so examples x this is the exact count of the
+    plain training step; it is measured once per (method, size, sequence length)."""
+    ids, mask, _ = data[0]
+    key = (model.method, model.num_trainable(), int(ids.shape[0]))
+    if key not in _FLOPS_CACHE:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(ids.unsqueeze(0), mask.unsqueeze(0)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        _FLOPS_CACHE[key] = float(counter.get_total_flops())
+    return _FLOPS_CACHE[key]

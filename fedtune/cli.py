@@ -1,0 +1,114 @@
+"""`fedtune` command line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedtune.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated, differentially private fine-tuning of transformers.")
+console = Console()
+
+# Errors a user can fix from their config or data: one red line, no traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedtune.delta import DeltaError
+    from fedtune.models import BackboneError
+
+    return _USER_ERRORS + (BackboneError, DeltaError)
+
+
+@app.callback()
+def _root() -> None:
+    """fedtune: simulate and run federated DP fine-tuning (see README.md)."""
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(
+        help="Experiment TOML. Omitted: the built-in quickstart "
+             "(same as experiments/quickstart.toml).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key, e.g. --set train.rounds=3 (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Run folder (default: runs/<name>-<timestamp>).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Run on an existing Ray cluster at this address.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Simulate an experiment and write its run folder."""
+    overrides = list(set_ or [])
+    if ray_address:
+        overrides.append(f"simulation.ray_address={ray_address}")
+    try:
+        cfg = load_config(config, overrides)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    out = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "rounds.jsonl").exists():
+        _fail(f"{out} already holds a run (rounds.jsonl); choose another --out")
+    summary = _run_with_progress(cfg, out, verbose)
+    _print_summary(summary, out)
+
+
+def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool) -> dict[str, Any]:
+    from fedtune.sim import run_experiment
+
+    dp = cfg.privacy.sample
+    dp_txt = f"eps<={dp.target_epsilon}" if dp.enabled else "off"
+    console.print(f"[bold]fedtune[/] {cfg.name}: {cfg.tuning.method} on {cfg.model.backbone}, "
+                  f"{cfg.data.num_clients} clients ({cfg.data.partition}), "
+                  f"{cfg.train.clients_per_round}/round, {cfg.train.rounds} rounds, "
+                  f"DP-SGD {dp_txt} -> {out}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
+                        console=console, transient=False)
+    task_id = progress.add_task("starting (actors, data, model)", total=cfg.train.rounds)
+
+    def on_round(rec: dict[str, Any]) -> None:
+        eps = rec["epsilon_sample"]
+        eps_txt = "off" if eps is None else f"{eps:.2f}"
+        progress.console.print(
+            f"round {rec['round']:>3}: acc {rec['accuracy']:.4f}  loss {rec['loss']:.4f}  "
+            f"eps {eps_txt}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
+            f"{rec['wall_s']:.1f} s")
+        progress.update(task_id, advance=1, description=f"round {rec['round']}")
+
+    try:
+        with progress:
+            return run_experiment(cfg, out, on_round=on_round, verbose=verbose)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    eps = summary["epsilon_sample"]
+    console.print(
+        f"[bold green]done[/] in {summary['wall_s']:.0f} s: final accuracy "
+        f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), "
+        f"epsilon_sample {'null' if eps is None else f'{eps:.3f}'}, "
+        f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
+        f" -> {out}/summary.json")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

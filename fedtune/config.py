@@ -1,0 +1,300 @@
+"""Typed experiment configuration: TOML in, validated dataclasses, resolved TOML out.
+
+Every field has a default, so a config file only states what differs. Unknown keys, wrong
+types and out-of-range values are rejected with a `ConfigError` naming the dotted field and
+what is allowed: a typo must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # "minilm" is the bundled all-MiniLM-L6-v2; anything else is an HF name or a local path.
+    backbone: str = "minilm"
+    max_length: int = 64
+
+    def validate(self) -> None:
+        _positive("model.max_length", self.max_length)
+        _nonempty("model.backbone", self.backbone)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "spamassassin"
+    partition: str = "dirichlet"
+    num_clients: int = 20
+    alpha: float = 0.5
+    by: str = "mailing_list"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from fedtune.data import available_corpora, available_partitioners
+
+        _choice("data.corpus", self.corpus, available_corpora())
+        _choice("data.partition", self.partition, available_partitioners())
+        _positive("data.num_clients", self.num_clients)
+        _positive("data.alpha", self.alpha)
+
+
+@dataclass
+class TuningConfig:
+    method: str = "prompt"
+    prompt_length: int = 20
+    # Hidden width of the classification head; 0 means a single linear layer.
+    head_hidden: int = 0
+
+    def validate(self) -> None:
+        from fedtune.tuning import available_methods
+
+        _choice("tuning.method", self.method, available_methods())
+        _positive("tuning.prompt_length", self.prompt_length)
+        _nonnegative("tuning.head_hidden", self.head_hidden)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 5
+    clients_per_round: int = 5
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "adam"
+    eval_batch_size: int = 128
+    # Evaluate on at most this many test examples (0 = the whole test split).
+    eval_max_examples: int = 0
+    # How long the server waits for a round's replies before aggregating what came.
+    round_timeout_s: float = 900.0
+
+    def validate(self) -> None:
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size",
+                     "eval_batch_size"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.lr", self.lr)
+        _positive("train.round_timeout_s", self.round_timeout_s)
+        _nonnegative("train.eval_max_examples", self.eval_max_examples)
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+
+
+@dataclass
+class SampleDPConfig:
+    """Record-level DP-SGD on each client (Opacus)."""
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    # 0 means: calibrate the noise from target_epsilon; > 0 uses this multiplier as given.
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+
+    def validate(self) -> None:
+        _positive("privacy.sample.target_epsilon", self.target_epsilon)
+        _nonnegative("privacy.sample.noise_multiplier", self.noise_multiplier)
+        _positive("privacy.sample.max_grad_norm", self.max_grad_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.sample.delta must be in (0, 1), got {self.delta!r}")
+        _choice("privacy.sample.accountant", self.accountant, ACCOUNTANTS)
+        _choice("privacy.sample.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+
+
+@dataclass
+class PrivacyConfig:
+    sample: SampleDPConfig = field(default_factory=SampleDPConfig)
+
+    def validate(self) -> None:
+        self.sample.validate()
+
+
+@dataclass
+class SimulationConfig:
+    backend: str = "ray"
+    # CPUs given to the whole simulation (0 = all cores of this machine).
+    num_cpus: int = 0
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    # Address of an existing Ray cluster; empty starts a local one.
+    ray_address: str = ""
+
+    def validate(self) -> None:
+        _choice("simulation.backend", self.backend, ("ray",))
+        _nonnegative("simulation.num_cpus", self.num_cpus)
+        _positive("simulation.num_cpus_per_client", self.num_cpus_per_client)
+        _nonnegative("simulation.num_gpus_per_client", self.num_gpus_per_client)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "quickstart"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def validate(self) -> None:
+        _nonnegative("seed", self.seed)
+        for section in (self.model, self.data, self.tuning, self.train, self.privacy,
+                        self.simulation):
+            section.validate()
+        if self.train.clients_per_round > self.data.num_clients:
+            raise ConfigError(
+                f"train.clients_per_round={self.train.clients_per_round} exceeds "
+                f"data.num_clients={self.data.num_clients}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Read a TOML file (or the defaults when `path` is None), apply `key=value` overrides,
+    and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_toml(text: str) -> ExperimentConfig:
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3). The value is read as a TOML value, else taken as a string,
+    so `--set tuning.method=lora` needs no quotes."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.rounds=3")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        keys = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys} in {where}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (dict,) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"config field {key} uses a union type; not supported")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has unsupported type {hint!r}")
+
+
+def _choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _nonnegative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+def _nonempty(key: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"{key} must not be empty")

@@ -1,0 +1,48 @@
+"""The run folder's records: one JSON line per round, and the summary.
+
+Each round line is flushed and fsynced as soon as the round ends, so a crash or kill keeps
+every round completed so far; the summary is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.toml"
+
+
+class Ledger:
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rounds_path = self.dir / ROUNDS_FILE
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        with self.rounds_path.open("a") as fh:
+            fh.write(json.dumps(record, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return read_rounds(self.dir)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.dir / SUMMARY_FILE, summary)
+
+
+def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / ROUNDS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

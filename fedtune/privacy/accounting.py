@@ -1,0 +1,65 @@
+"""Privacy accounting with Opacus' accountants.
+
+A client's spend is fully described by its history of (noise_multiplier, sample_rate,
+steps) triples; that history is what the client keeps between rounds and what the ledger
+records, so anyone can recompute each reported epsilon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+
+@dataclass
+class DPHistory:
+    """Steps taken so far, as Opacus' accountant history: [(sigma, q, steps), ...]."""
+
+    entries: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.entries)
+
+    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        if steps <= 0:
+            return
+        if self.entries and self.entries[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, n = self.entries[-1]
+            self.entries[-1] = (sigma, q, n + steps)
+        else:
+            self.entries.append((noise_multiplier, sample_rate, steps))
+
+    def to_lists(self) -> dict[str, list]:
+        return {
+            "sigma": [e[0] for e in self.entries],
+            "q": [e[1] for e in self.entries],
+            "steps": [e[2] for e in self.entries],
+        }
+
+    @classmethod
+    def from_lists(cls, data: dict[str, list]) -> DPHistory:
+        return cls([(float(s), float(q), int(n)) for s, q, n in
+                    zip(data["sigma"], data["q"], data["steps"], strict=True)])
+
+
+def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
+    """Epsilon at `delta` after `history` (None before any step). For PRV this is the
+    accountant's upper bound, never its point estimate."""
+    if not history.entries:
+        return None
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history.entries)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str) -> float:
+    """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
+    after `steps` steps at `sample_rate` is at most `target_epsilon`."""
+    return float(get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+        steps=steps, accountant=accountant,
+    ))

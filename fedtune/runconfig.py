@@ -1,0 +1,24 @@
+"""Read the experiment config from Flower's run config (the `flwr run` path).
+
+`pyproject.toml` names the experiment file under `[tool.flwr.app.config]`; `flwr run
+--run-config "config='x.toml' overrides='train.rounds=3 seed=1'"` changes both.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from collections.abc import Mapping
+
+from fedtune.config import ExperimentConfig, load_config
+
+
+def config_from_run_config(run_config: Mapping[str, object]) -> ExperimentConfig:
+    path = str(run_config.get("config", "experiments/quickstart.toml"))
+    overrides = str(run_config.get("overrides", ""))
+    return _load(path, overrides)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, overrides: str) -> ExperimentConfig:
+    return load_config(path, shlex.split(overrides))

@@ -1,0 +1,84 @@
+"""Run an experiment through Flower's simulation engine (Ray backend).
+
+Wires the ServerApp (`strategies/`) and ClientApp (`clients/`) built for one config, and
+keeps Flower, Ray and Hugging Face quiet, offline and inside temp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import ExperimentConfig
+from fedtune.ledger import SUMMARY_FILE
+
+# Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
+_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+def quiet_environment() -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                                 "logging_level": logging.ERROR}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    else:
+        init_args["num_cpus"] = sim.num_cpus or os.cpu_count() or 1
+        init_args["num_gpus"] = 0 if sim.num_gpus_per_client == 0 else None
+        init_args = {k: v for k, v in init_args.items() if v is not None}
+    return {
+        "client_resources": {"num_cpus": sim.num_cpus_per_client,
+                             "num_gpus": sim.num_gpus_per_client},
+        "init_args": init_args,
+    }
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
+                   verbose: bool = False) -> dict[str, Any]:
+    """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`."""
+    quiet_environment()
+    from flwr.simulation import run_simulation
+
+    from clients.app import build_client_app
+    from strategies.server_app import build_server_app
+
+    out_dir = Path(out_dir)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+    import ray
+
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg, out_dir, on_round),
+            client_app=build_client_app(cfg),
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(cfg),
+            verbose_logging=verbose,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary_path = out_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
+                           "see the log above for the ServerApp's error")
+    return json.loads(summary_path.read_text())

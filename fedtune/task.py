@@ -1,0 +1,119 @@
+"""The learning task an experiment defines: frozen backbone + tokenized corpus + partitions.
+
+Built once per process (the server's and each Ray actor's) and shared by every virtual
+client that process serves; a client then costs only its partition indices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedtune.config import ExperimentConfig, config_from_toml
+from fedtune.data import load_corpus, partition, tokenize_cached
+from fedtune.delta import DeltaSpec
+from fedtune.models import Backbone, load_backbone
+from fedtune.tuning import TunedModel, build_tuned_model
+
+
+@dataclass(frozen=True)
+class Split:
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def tensors(self, indices: np.ndarray | None = None) -> TensorDataset:
+        sel = slice(None) if indices is None else np.asarray(indices)
+        return TensorDataset(
+            torch.from_numpy(np.asarray(self.input_ids[sel], dtype=np.int64)),
+            torch.from_numpy(np.asarray(self.attention_mask[sel], dtype=np.int64)),
+            torch.from_numpy(np.asarray(self.labels[sel], dtype=np.int64)),
+        )
+
+
+@dataclass
+class Task:
+    cfg: ExperimentConfig
+    backbone: Backbone
+    train: Split
+    test: Split
+    partitions: list[np.ndarray]
+    num_labels: int
+    spec: DeltaSpec
+
+    def new_model(self) -> TunedModel:
+        """A fresh tuned model; identical in every process for the same config (seeded)."""
+        return build_tuned_model(self.backbone, self.cfg.tuning, self.num_labels,
+                                 seed=self.cfg.seed)
+
+    def initial_vector(self) -> np.ndarray:
+        return self.spec.flatten(self.new_model().trainable_state())
+
+    def client_data(self, partition_id: int) -> TensorDataset:
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id {partition_id} out of range: the experiment has "
+                f"{len(self.partitions)} clients (data.num_clients)"
+            )
+        return self.train.tensors(self.partitions[partition_id])
+
+
+def task_key(cfg: ExperimentConfig) -> str:
+    """The parts of a config that change the task (not training hyper-parameters)."""
+    d = cfg.to_dict()
+    return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
+
+
+def get_task(cfg: ExperimentConfig) -> Task:
+    return _build_task(task_key(cfg), cfg.to_toml())
+
+
+@functools.lru_cache(maxsize=2)
+def _build_task(key: str, cfg_toml: str) -> Task:
+    cfg = config_from_toml(cfg_toml)
+    backbone = load_backbone(cfg.model.backbone)
+    corpus = load_corpus(cfg.data.corpus, **cfg.data.options)
+    splits = {}
+    for name in ("train", "test"):
+        ds = corpus[name]
+        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length)
+        splits[name] = Split(tok["input_ids"], tok["attention_mask"],
+                             np.asarray(ds["label"], dtype=np.int64))
+    parts = partition(corpus["train"], cfg.data.partition, cfg.data.num_clients,
+                      seed=cfg.seed, alpha=cfg.data.alpha, by=cfg.data.by)
+    num_labels = _num_labels(corpus["train"])
+    model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)
+    spec = DeltaSpec.from_state(model.trainable_state(), backbone.hash,
+                                {"tuning": cfg.to_dict()["tuning"], "num_labels": num_labels})
+    return Task(cfg, backbone, splits["train"], splits["test"], parts, num_labels, spec)
+
+
+def _num_labels(ds: object) -> int:
+    feature = ds.features["label"]  # type: ignore[attr-defined]
+    names = getattr(feature, "names", None)
+    if names:
+        return len(names)
+    return int(max(ds["label"])) + 1  # type: ignore[index]
+
+
+@torch.inference_mode()
+def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0
+             ) -> dict[str, float]:
+    """Accuracy and mean cross-entropy on `split` (its first `max_examples` if > 0)."""
+    model.eval()
+    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
+    correct, loss_sum = 0, 0.0
+    for start in range(0, n, batch_size):
+        ids, mask, labels = split.tensors(np.arange(start, min(start + batch_size, n))).tensors
+        logits = model(ids, mask)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}

@@ -1,0 +1,57 @@
+"""What every tuning method produces: a module over a frozen backbone with a few named
+trainable tensors, which are the only thing federated."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassificationHead(nn.Module):
+    """Mean-pooled hidden states -> logits. Zero-initialised output layer, so the untrained
+    model predicts uniformly and every gain is learned."""
+
+    def __init__(self, hidden_size: int, num_labels: int, hidden: int = 0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = hidden_size
+        if hidden > 0:
+            layers += [nn.Linear(hidden_size, hidden), nn.Tanh()]
+            width = hidden
+        out = nn.Linear(width, num_labels)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        layers.append(out)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where `mask` is 1 (the sentence-transformers pooling)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class TunedModel(nn.Module):
+    """Base for all methods. Subclasses set `self.backbone` (frozen) and trainable modules,
+    and implement `forward(input_ids, attention_mask) -> logits`."""
+
+    method: str = ""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The federated tensors, in a fixed order (parameter registration order)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_state().values())
+
+    def train(self, mode: bool = True) -> TunedModel:
+        super().train(mode)
+        # The frozen backbone always runs deterministically (no dropout): its weights
+        # never change, and dropout noise would only blur the signal the tensors learn from.
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None:
+            backbone.eval()
+        return self

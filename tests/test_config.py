@@ -1,0 +1,82 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import ConfigError, ExperimentConfig, config_from_toml, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_file_equals_builtin_defaults():
+    # `fedtune run` with no file must run exactly experiments/quickstart.toml.
+    assert load_config(ROOT / "experiments" / "quickstart.toml") == load_config(None)
+
+
+def test_resolved_toml_round_trips():
+    cfg = load_config(None, ["train.rounds=3", "tuning.prompt_length=7", "seed=4"])
+    again = config_from_toml(cfg.to_toml())
+    assert again == cfg
+    assert (again.train.rounds, again.tuning.prompt_length, again.seed) == (3, 7, 4)
+
+
+def test_override_values_are_typed():
+    cfg = load_config(None, ["privacy.sample.enabled=false", "train.lr=0.5",
+                             "data.partition=iid"])
+    assert cfg.privacy.sample.enabled is False
+    assert cfg.train.lr == 0.5
+    assert cfg.data.partition == "iid"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("tuning.method=nope", "tuning.method='nope' is not one of: prompt"),
+        ("data.partition=random", "data.partition='random' is not one of:"),
+        ("privacy.sample.accountant=gdp",
+         "privacy.sample.accountant='gdp' is not one of: prv, rdp"),
+        ("privacy.sample.grad_sample_mode=fast", "privacy.sample.grad_sample_mode='fast'"),
+        ("train.rounds=0", "train.rounds must be > 0"),
+        ("train.rounds=2.5", "train.rounds must be an integer"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("privacy.sample.delta=1.5", "privacy.sample.delta must be in (0, 1)"),
+        ("privacy.sample.enabled=3", "privacy.sample.enabled must be true or false"),
+        ("train.clients_per_round=50", "train.clients_per_round=50 exceeds data.num_clients=20"),
+        ("train.epochs=3", "unknown key train.epochs in train; allowed:"),
+        ("modle.backbone=x", "unknown key modle in the config"),
+        ("data.corpus=enron", "data.corpus='enron' is not one of:"),
+        ("model.max_length=0", "model.max_length must be > 0"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["train.rounds"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["seed.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nrounds = 3")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(bad)
+
+
+def test_every_experiment_file_is_valid():
+    for path in sorted((ROOT / "experiments").glob("*.toml")):
+        load_config(path)
+        assert tomllib.loads(path.read_text())
+
+
+def test_defaults_are_the_quickstart():
+    cfg = ExperimentConfig()
+    assert (cfg.data.num_clients, cfg.train.clients_per_round, cfg.train.rounds) == (20, 5, 5)
+    assert cfg.privacy.sample.enabled and cfg.privacy.sample.target_epsilon == 8.0
