@@ -58,7 +58,7 @@ def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config(None, ["train.rounds"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
-        load_config(None, ["seed.x=1"])
+        load_config(None, ["seed=1", "seed.x=1"])
 
 
 def test_missing_and_malformed_files(tmp_path):

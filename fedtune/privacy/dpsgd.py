@@ -35,6 +35,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
                  cfg: SampleDPConfig, noise_multiplier: float, seed: int) -> PrivateTraining:
     """Poisson sampling, per-sample clipping at `cfg.max_grad_norm`, Gaussian noise."""
     engine = PrivacyEngine(accountant=cfg.accountant)
+    model.train()  # Opacus refuses a model in eval mode
     criterion = nn.CrossEntropyLoss()
     out = engine.make_private(
         module=model,
