@@ -82,7 +82,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
             loss = criterion(train_model(ids, mask), labels)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             seen += int(labels.numel())
     finally:
         if private is not None:

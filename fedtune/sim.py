@@ -60,6 +60,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     from clients.app import build_client_app
     from strategies.server_app import build_server_app
 
+    from fedtune.task import get_task
+
+    # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
+    # backbone or corpus fails here with its own message, and the token cache is warm.
+    get_task(cfg)
     out_dir = Path(out_dir)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -30,10 +30,12 @@ def test_only_prompt_and_head_are_trainable(backbone):
     assert "prompt" in available_methods()
 
 
-def test_seeded_init_is_reproducible_and_head_starts_at_zero(backbone):
-    a, b, c = _model(backbone, seed=1), _model(backbone, seed=1), _model(backbone, seed=2)
+def test_prompt_starts_from_sep_after_cls_and_head_starts_at_zero(backbone):
+    a, b = _model(backbone, seed=1), _model(backbone, seed=1)
     assert torch.equal(a.prompt.embedding.weight, b.prompt.embedding.weight)
-    assert not torch.equal(a.prompt.embedding.weight, c.prompt.embedding.weight)
+    sep = backbone.model.get_input_embeddings().weight[backbone.tokenizer.sep_token_id]
+    assert torch.equal(a.prompt.embedding.weight, sep.expand(4, -1))
+    assert a.insert_at == 1
     ids = torch.randint(1000, 2000, (3, 8))
     logits = a(ids, torch.ones_like(ids))
     assert logits.shape == (3, 2) and torch.count_nonzero(logits) == 0

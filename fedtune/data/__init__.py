@@ -1,13 +1,25 @@
-"""Corpora, partitioning and cached tokenization."""
+"""Corpora, partitioning and cached tokenization: the data a federated experiment runs on.
+
+- `load_corpus(name, **options)`: a registered corpus as a DatasetDict("train", "test")
+- `partition(dataset, scheme, num_partitions, seed=...)`: one index array per client
+- `tokenize_cached(dataset, tokenizer, max_length)`: token arrays, cached on disk
+"""
 
 from fedtune.data.corpora import (
     CorpusError,
     available_corpora,
+    corpus_options,
     load_corpus,
     register_corpus,
 )
-from fedtune.data.partition import available_partitioners, partition, register_partitioner
-from fedtune.data.tokenize import tokenize_cached
+from fedtune.data.partition import (
+    available_partitioners,
+    natural_groups,
+    partition,
+    register_partitioner,
+)
+from fedtune.data.tokenize import default_cache_dir, tokenize_cached
 
-__all__ = ["CorpusError", "available_corpora", "available_partitioners", "load_corpus",
-           "partition", "register_corpus", "register_partitioner", "tokenize_cached"]
+__all__ = ["CorpusError", "available_corpora", "available_partitioners", "corpus_options",
+           "default_cache_dir", "load_corpus", "natural_groups", "partition", "register_corpus",
+           "register_partitioner", "tokenize_cached"]

@@ -1,13 +1,19 @@
 """Corpus registry: a name -> a `DatasetDict` with "train" and "test" splits and at least
-`id`, `text` and `label` columns.
+`id` (str), `text` (str) and `label` (int) columns.
 
-`spamassassin` is bundled; `hf` loads any Hugging Face dataset by name (from the local
-cache, or online where a user has a network) or local csv/json/parquet files.
+Experiments name their corpus in config (`data.corpus`, `data.options`), so loaders are
+registered by name rather than chosen by an if-chain, and each loader's keyword-only
+signature is the list of options it accepts: a typo in an option is an error, not a default.
+
+Built-ins: `spamassassin` (bundled, see fedtune/data/spamassassin/README.md) and `hf` (any
+Hugging Face dataset: a hub name from the local cache, or a builder such as "csv"/"json" with
+local `data_files`).
 """
 
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 from collections.abc import Callable
 from importlib import resources
@@ -18,13 +24,16 @@ import datasets
 
 CorpusLoader = Callable[..., datasets.DatasetDict]
 _CORPORA: dict[str, CorpusLoader] = {}
+SPAMASSASSIN_FILE = "spamassassin.jsonl.gz"
 
 
 class CorpusError(ValueError):
-    """A corpus cannot be loaded as configured; names the file or option at fault."""
+    """A corpus cannot be loaded as configured; the message names the file or option at fault."""
 
 
 def register_corpus(name: str) -> Callable[[CorpusLoader], CorpusLoader]:
+    """Register a loader under `name`. Its keyword-only parameters are the corpus options."""
+
     def deco(loader: CorpusLoader) -> CorpusLoader:
         _CORPORA[name] = loader
         return loader
@@ -33,22 +42,45 @@ def register_corpus(name: str) -> Callable[[CorpusLoader], CorpusLoader]:
 
 
 def available_corpora() -> list[str]:
+    """Registered corpus names, sorted."""
     return sorted(_CORPORA)
 
 
-def load_corpus(name: str, **options: Any) -> datasets.DatasetDict:
+def corpus_options(name: str) -> list[str]:
+    """The option names corpus `name` accepts."""
+    params = inspect.signature(_loader(name)).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _loader(name: str) -> CorpusLoader:
     if name not in _CORPORA:
         raise CorpusError(f"data.corpus={name!r} is not one of: {', '.join(available_corpora())}")
-    try:
-        return _CORPORA[name](**options)
-    except TypeError as exc:
-        raise CorpusError(f"data.options for corpus {name!r}: {exc}") from None
+    return _CORPORA[name]
 
 
-def spamassassin_path() -> Path:
-    return Path(str(resources.files("fedtune.data").joinpath("spamassassin",
-                                                             "spamassassin.jsonl.gz")))
+def load_corpus(name: str, /, **options: Any) -> datasets.DatasetDict:
+    """Load corpus `name` with its `options` (`data.options` in an experiment config)."""
+    loader = _loader(name)
+    allowed = corpus_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise CorpusError(f"data.options {unknown} not accepted by corpus {name!r}; "
+                          f"allowed: {', '.join(allowed) or '(none)'}")
+    params = inspect.signature(loader).parameters
+    missing = [k for k in allowed
+               if params[k].default is inspect.Parameter.empty and k not in options]
+    if missing:
+        raise CorpusError(f"corpus {name!r} needs data.options {missing}")
+    return loader(**options)
 
+
+def _check_type(option: str, value: Any, kinds: type | tuple[type, ...]) -> None:
+    if value is not None and not isinstance(value, kinds):
+        raise CorpusError(f"data.options.{option}={value!r} has type {type(value).__name__}; "
+                          f"expected {kinds}")
+
+
+# --- spamassassin ---------------------------------------------------------------------------
 
 _SPAM_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -58,63 +90,135 @@ _SPAM_FEATURES = datasets.Features({
     "group": datasets.Value("string"),
     "mailing_list": datasets.Value("string"),
 })
+_SPLITS = ("train", "test")
 
 
-@register_corpus("spamassassin")
-def load_spamassassin(*, path: str | None = None) -> datasets.DatasetDict:
-    """The bundled SpamAssassin corpus (see fedtune/data/spamassassin/README.md)."""
-    file = Path(path) if path else spamassassin_path()
-    if not file.is_file():
-        raise CorpusError(f"corpus file not found: {file}")
-    rows: dict[str, dict[str, list]] = {"train": {}, "test": {}}
+def _read_spamassassin(file: Path) -> datasets.DatasetDict:
+    columns: dict[str, dict[str, list]] = {s: {k: [] for k in _SPAM_FEATURES} for s in _SPLITS}
     try:
         with gzip.open(file, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 rec = json.loads(line)
-                split = rec.pop("split")
-                if split not in rows or set(rec) != set(_SPAM_FEATURES):
-                    raise CorpusError(f"{file}:{lineno}: unexpected split or fields {sorted(rec)}")
+                split = rec.pop("split", None) if isinstance(rec, dict) else None
+                if split not in columns or set(rec) != set(_SPAM_FEATURES):
+                    raise CorpusError(f"corpus file {file} is malformed at line {lineno}: "
+                                      f"expected fields {sorted(_SPAM_FEATURES)} + split")
+                if rec["label"] not in (0, 1):
+                    raise CorpusError(f"corpus file {file} is malformed at line {lineno}: "
+                                      f"label={rec['label']!r}, expected 0 or 1")
                 for key, value in rec.items():
-                    rows[split].setdefault(key, []).append(value)
-    except (OSError, EOFError, json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+                    columns[split][key].append(value)
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorpusError(f"corpus file {file} is malformed: {exc}") from None
-    if not rows["train"] or not rows["test"]:
-        raise CorpusError(f"corpus file {file} has an empty train or test split")
+    for split, cols in columns.items():
+        if not cols["id"]:
+            raise CorpusError(f"corpus file {file} has no {split!r} rows")
     return datasets.DatasetDict({
         split: datasets.Dataset.from_dict(cols, features=_SPAM_FEATURES)
-        for split, cols in rows.items()
+        for split, cols in columns.items()
     })
+
+
+@register_corpus("spamassassin")
+def load_spamassassin(*, path: str | None = None) -> datasets.DatasetDict:
+    """The bundled SpamAssassin corpus, or a file of the same format at `path` (e.g. one
+    rebuilt with different settings by `python -m fedtune.data.build_spamassassin`)."""
+    _check_type("path", path, (str, Path))
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise CorpusError(f"corpus file not found: {file} (data.options.path)")
+        return _read_spamassassin(file)
+    ref = resources.files("fedtune.data").joinpath("spamassassin", SPAMASSASSIN_FILE)
+    with resources.as_file(ref) as file:
+        if not file.is_file():
+            raise CorpusError(f"corpus file not found: {file}; the bundled SpamAssassin corpus "
+                              "is missing from this install (rebuild it with "
+                              "`python -m fedtune.data.build_spamassassin`)")
+        return _read_spamassassin(file)
+
+
+# --- hf -------------------------------------------------------------------------------------
+
+def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    feature = ds.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return ds
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        return ds
+    if isinstance(feature, datasets.Value) and feature.dtype == "bool":
+        return ds.cast_column("label", datasets.Value("int64"))
+    raise CorpusError(f"{where}: label column has type {feature}; expected integers, booleans "
+                      "or strings (strings become class names)")
 
 
 @register_corpus("hf")
 def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
             text_field: str = "text", label_field: str = "label", train_split: str = "train",
-            test_split: str | None = "test", test_fraction: float = 0.2, seed: int = 0
-            ) -> datasets.DatasetDict:
-    """Any HF dataset (`path` = a hub name, or a loader such as "csv"/"json" with
-    `data_files`). Without a test split, `test_fraction` of train is held out (seeded)."""
-    loaded = datasets.load_dataset(path, name, data_files=data_files)
+            test_split: str | None = None, test_fraction: float = 0.2, seed: int = 0,
+            cache_dir: str | Path | None = None) -> datasets.DatasetDict:
+    """Any HF dataset as a corpus, with its text and label columns renamed to text/label.
+
+    `path`/`name`/`data_files`/`cache_dir` go to `datasets.load_dataset` (e.g. path="csv",
+    data_files="mail.csv"). The test split is `test_split` if given (it must exist), else a
+    "test" split when the dataset has one, else a seeded `test_fraction` of `train_split`.
+    String labels become a ClassLabel with the sorted names; rows without an `id` column
+    get "<split>-<row>".
+    """
+    for option, value, kinds in (("path", path, str), ("name", name, str),
+                                 ("text_field", text_field, str),
+                                 ("label_field", label_field, str),
+                                 ("train_split", train_split, str),
+                                 ("test_split", test_split, str),
+                                 ("test_fraction", test_fraction, (int, float)),
+                                 ("seed", seed, int), ("cache_dir", cache_dir, (str, Path)),
+                                 ("data_files", data_files, (str, list, dict))):
+        _check_type(option, value, kinds)
+    if not 0 < test_fraction < 1:
+        raise CorpusError(f"data.options.test_fraction={test_fraction} must be in (0, 1)")
+    try:
+        loaded = datasets.load_dataset(path, name, data_files=data_files,
+                                      cache_dir=str(cache_dir) if cache_dir else None)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise CorpusError(f"data.options.path={path!r} (data_files={data_files!r}) could not "
+                          f"be loaded: {exc}") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise CorpusError(f"dataset {path!r} did not load as named splits")
     if train_split not in loaded:
-        raise CorpusError(f"dataset {path!r} has no split {train_split!r}: {list(loaded)}")
-    if test_split and test_split in loaded:
-        train, test = loaded[train_split], loaded[test_split]
+        raise CorpusError(f"dataset {path!r} has no split train_split={train_split!r}; "
+                          f"splits: {list(loaded)}")
+    if test_split is not None and test_split not in loaded:
+        raise CorpusError(f"dataset {path!r} has no split test_split={test_split!r}; "
+                          f"splits: {list(loaded)}")
+    test_name = test_split or ("test" if "test" in loaded else None)
+    if test_name is not None:
+        train, test = loaded[train_split], loaded[test_name]
     else:
         parts = loaded[train_split].train_test_split(test_size=test_fraction, seed=seed)
         train, test = parts["train"], parts["test"]
     out = {}
     for split, ds in (("train", train), ("test", test)):
-        for field in (text_field, label_field):
+        where = f"dataset {path!r} split {split!r}"
+        for option, field in (("text_field", text_field), ("label_field", label_field)):
             if field not in ds.column_names:
-                raise CorpusError(f"dataset {path!r} split {split!r} has no column {field!r}; "
+                raise CorpusError(f"{where} has no column {option}={field!r}; "
                                   f"columns: {ds.column_names}")
-        ds = ds.rename_columns({k: v for k, v in ((text_field, "text"), (label_field, "label"))
-                                if k != v})
+        renames = {k: v for k, v in ((text_field, "text"), (label_field, "label")) if k != v}
+        clash = [v for v in renames.values() if v in ds.column_names]
+        ds = ds.remove_columns(clash).rename_columns(renames)
+        text = ds.features["text"]
+        if not (isinstance(text, datasets.Value) and text.dtype in ("string", "large_string")):
+            raise CorpusError(f"{where}: text column {text_field!r} has type {text}; "
+                              "expected strings")
         if "id" not in ds.column_names:
             ds = ds.add_column("id", [f"{split}-{i}" for i in range(len(ds))])
+        elif ds.features["id"] != datasets.Value("string"):
+            ds = ds.cast_column("id", datasets.Value("string"))
         out[split] = ds
     label = out["train"].features["label"]
-    if isinstance(label, datasets.Value) and label.dtype == "string":
-        names = sorted(set(out["train"]["label"]) | set(out["test"]["label"]))
+    if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string"):
+        names = sorted({str(v) for s in out.values() for v in s["label"]})
         out = {s: ds.cast_column("label", datasets.ClassLabel(names=names))
                for s, ds in out.items()}
-    return datasets.DatasetDict(out)
+    return datasets.DatasetDict({s: _as_label(ds, f"dataset {path!r} split {s!r}")
+                                 for s, ds in out.items()})

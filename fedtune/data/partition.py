@@ -1,12 +1,25 @@
 """Split a corpus among clients with flwr-datasets partitioners.
 
-Returns index arrays into the dataset, so a client holds nothing but its indices and reads
-the shared tokenized arrays through them.
+`partition` returns index arrays into the dataset rather than datasets: a client then holds
+nothing but its indices and reads the shared, memory-mapped token arrays through them
+(fedtune.data.tokenize), so thousands of virtual clients cost no copies.
+
+Schemes (registered by name, see `available_partitioners`):
+- `iid`: rows shuffled with `seed`, then cut into equal shards (`IidPartitioner`).
+- `dirichlet`: per label, client shares drawn from Dir(alpha) (`DirichletPartitioner`
+  on the `label` column); smaller alpha = more label skew.
+- `natural`: one client per value of the `by` column (`NaturalIdPartitioner`), e.g. one per
+  mailing list. See `natural_groups` for how empty values and tiny groups are handled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import datasets
 import numpy as np
@@ -15,14 +28,23 @@ from flwr_datasets.partitioner import (
     IidPartitioner,
     NaturalIdPartitioner,
     Partitioner,
+    natural_id_partitioner,
 )
 
 _INDEX = "__fedtune_index__"
+_GROUP = "__fedtune_group__"
+OTHER = "other"
+DEFAULT_MIN_PARTITION_SIZE = 10
+
+# (dataset with an index column, num_partitions, options) -> a partitioner with the dataset set
 PartitionerFactory = Callable[..., Partitioner]
 _SCHEMES: dict[str, PartitionerFactory] = {}
 
 
 def register_partitioner(name: str) -> Callable[[PartitionerFactory], PartitionerFactory]:
+    """Register a scheme. The factory gets `(dataset, num_partitions, *, seed, alpha, by,
+    min_partition_size)` and returns a flwr-datasets `Partitioner` whose dataset is set."""
+
     def deco(factory: PartitionerFactory) -> PartitionerFactory:
         _SCHEMES[name] = factory
         return factory
@@ -31,71 +53,129 @@ def register_partitioner(name: str) -> Callable[[PartitionerFactory], Partitione
 
 
 def available_partitioners() -> list[str]:
+    """Registered scheme names, sorted."""
     return sorted(_SCHEMES)
 
 
+def natural_groups(dataset: datasets.Dataset, by: str = "mailing_list",
+                   min_partition_size: int | None = None) -> list[str]:
+    """The group of each row for `natural` partitioning (partition i = i-th sorted name).
+
+    - An empty value in `by` (most spam and personal mail have no mailing list) becomes
+      "<label name>-<collection>", e.g. "spam-set1": those messages still need an owner, and
+      a spam-only client is a realistic user (a spam trap), unlike one random bucket.
+    - Groups with fewer than `min_partition_size` rows (default 10) are merged into one
+      "other" group: a 1-message client trains on nothing useful, yet every client costs a
+      round trip. Pass min_partition_size=1 to keep every group.
+    """
+    if by not in dataset.column_names:
+        raise ValueError(f"data.by={by!r} is not a column of the corpus; columns: "
+                         f"{[c for c in dataset.column_names if c != _INDEX]}")
+    min_size = DEFAULT_MIN_PARTITION_SIZE if min_partition_size is None else min_partition_size
+    values = ["" if v is None else str(v) for v in dataset[by]]
+    if not all(values):
+        labels = dataset["label"] if "label" in dataset.column_names else [""] * len(values)
+        names = getattr(dataset.features.get("label"), "names", None)
+        collections = (dataset["collection"] if "collection" in dataset.column_names
+                       else [""] * len(values))
+        for i, value in enumerate(values):
+            if not value:
+                label = names[labels[i]] if names else str(labels[i])
+                values[i] = "-".join(p for p in (label, str(collections[i])) if p) or "none"
+    sizes = Counter(values)
+    return [v if sizes[v] >= min_size else OTHER for v in values]
+
+
 @register_partitioner("iid")
-def _iid(num_partitions: int, **_: object) -> Partitioner:
-    return IidPartitioner(num_partitions=num_partitions)
+def _iid(ds: datasets.Dataset, num_partitions: int, *, seed: int, **_: object) -> Partitioner:
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    # IidPartitioner cuts contiguous shards in dataset order; shuffle so shards are random.
+    partitioner.dataset = ds.shuffle(seed=seed)
+    return partitioner
 
 
 @register_partitioner("dirichlet")
-def _dirichlet(num_partitions: int, *, seed: int, alpha: float, min_partition_size: int,
-               **_: object) -> Partitioner:
-    return DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                alpha=alpha, min_partition_size=min_partition_size,
-                                self_balancing=False, seed=seed)
+def _dirichlet(ds: datasets.Dataset, num_partitions: int, *, seed: int, alpha: float,
+               min_partition_size: int | None, **_: object) -> Partitioner:
+    if "label" not in ds.column_names:
+        raise ValueError("dirichlet partitioning needs a 'label' column; columns: "
+                         f"{[c for c in ds.column_names if c != _INDEX]}")
+    if min_partition_size is None:  # at most 10, and at most half the average client
+        min_partition_size = max(1, min(DEFAULT_MIN_PARTITION_SIZE,
+                                        len(ds) // (2 * num_partitions)))
+    if min_partition_size * num_partitions > len(ds):
+        raise ValueError(f"min_partition_size={min_partition_size} x data.num_clients="
+                         f"{num_partitions} exceeds the {len(ds)} training examples")
+    partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                       alpha=float(alpha), min_partition_size=min_partition_size,
+                                       self_balancing=False, seed=seed)
+    partitioner.dataset = ds
+    with warnings.catch_warnings():
+        # DirichletPartitioner warns on each redraw; only the final failure matters.
+        warnings.filterwarnings("ignore", message="The specified min_partition_size")
+        try:
+            partitioner.num_partitions  # noqa: B018 - draws the assignment now
+        except ValueError as exc:
+            raise ValueError(
+                f"dirichlet partitioning of {len(ds)} rows into data.num_clients="
+                f"{num_partitions} with data.alpha={alpha} could not give every client "
+                f"min_partition_size={min_partition_size} rows: {exc} Raise data.alpha or "
+                "lower data.num_clients.") from None
+    return partitioner
 
 
 @register_partitioner("natural")
-def _natural(num_partitions: int, *, by: str, **_: object) -> Partitioner:
-    return NaturalIdPartitioner(partition_by=by)
+def _natural(ds: datasets.Dataset, num_partitions: int, *, by: str,
+             min_partition_size: int | None, **_: object) -> Partitioner:
+    groups = natural_groups(ds, by, min_partition_size)
+    found = len(set(groups))
+    if found != num_partitions:
+        listed = ", ".join(sorted(set(groups))[:40])
+        raise ValueError(f"data.num_clients={num_partitions} but natural partitioning by "
+                         f"{by!r} gives {found} groups; set data.num_clients={found} "
+                         f"(groups: {listed})")
+    partitioner = NaturalIdPartitioner(partition_by=_GROUP)
+    partitioner.dataset = ds.add_column(_GROUP, groups)
+    return partitioner
 
 
-def natural_key(dataset: datasets.Dataset, by: str) -> datasets.Dataset:
-    """Rows with an empty `by` value (spam has no mailing list) are grouped by collection
-    and label instead, e.g. "spam-set1", so every row has an owner."""
-    if by not in dataset.column_names:
-        raise ValueError(f"data.by={by!r} is not a column of the corpus: {dataset.column_names}")
-    values = [str(v) for v in dataset[by]]
-    if all(values):
-        return dataset
-    fallback_cols = [c for c in ("collection",) if c in dataset.column_names]
-    labels = dataset["label"]
-    names = getattr(dataset.features["label"], "names", None)
-    filled = []
-    for i, value in enumerate(values):
-        if value:
-            filled.append(value)
-            continue
-        label = names[labels[i]] if names else str(labels[i])
-        extra = "-" + str(dataset[i][fallback_cols[0]]) if fallback_cols else ""
-        filled.append(f"{label}{extra}")
-    return dataset.remove_columns(by).add_column(by, filled)
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """NaturalIdPartitioner draws a tqdm bar while indexing: one stray stderr line per Ray
+    actor per run. Silence it (only where the module still uses a `tqdm` name)."""
+    bar = getattr(natural_id_partitioner, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    with mock.patch.object(natural_id_partitioner, "tqdm", functools.partial(bar, disable=True)):
+        yield
 
 
 def partition(dataset: datasets.Dataset, scheme: str, num_partitions: int, *, seed: int,
-              alpha: float = 0.5, by: str = "mailing_list", min_partition_size: int = 10
-              ) -> list[np.ndarray]:
-    """Index arrays, one per client, covering every row exactly once."""
+              alpha: float = 0.5, by: str = "mailing_list",
+              min_partition_size: int | None = None) -> list[np.ndarray]:
+    """Sorted int64 index arrays into `dataset`, one per client, covering every row once.
+
+    Deterministic for a given `seed` (`natural` does not depend on it). `alpha` is used by
+    `dirichlet`, `by` by `natural`. `min_partition_size`: for `dirichlet`, every client gets
+    at least this many rows (flwr-datasets redraws up to 10 times, then this raises); default
+    min(10, rows // (2 * num_partitions)). For `natural`, groups smaller than this merge into
+    "other" (default 10).
+    """
     if scheme not in _SCHEMES:
         raise ValueError(f"data.partition={scheme!r} is not one of: "
                          f"{', '.join(available_partitioners())}")
-    ds = dataset.add_column(_INDEX, np.arange(len(dataset)))
-    if scheme == "natural":
-        ds = natural_key(ds, by)
-        groups = len(set(ds[by]))
-        if groups != num_partitions:
-            raise ValueError(f"data.num_clients={num_partitions} but natural partitioning by "
-                             f"{by!r} gives {groups} groups; set data.num_clients={groups}")
-    elif num_partitions > len(dataset):
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int | np.integer) \
+            or num_partitions < 1:
+        raise ValueError(f"data.num_clients={num_partitions!r} must be a positive integer")
+    if min_partition_size is not None and min_partition_size < 1:
+        raise ValueError(f"min_partition_size={min_partition_size} must be >= 1")
+    if scheme != "natural" and num_partitions > len(dataset):
         raise ValueError(f"data.num_clients={num_partitions} exceeds the {len(dataset)} "
                          "training examples")
-    min_size = min(min_partition_size, len(dataset) // num_partitions)
-    partitioner = _SCHEMES[scheme](num_partitions, seed=seed, alpha=alpha, by=by,
-                                   min_partition_size=min_size)
-    # IidPartitioner splits in dataset order; shuffle first so clients get random rows.
-    partitioner.dataset = ds.shuffle(seed=seed) if scheme == "iid" else ds
-    out = [np.sort(np.asarray(partitioner.load_partition(i)[_INDEX], dtype=np.int64))
-           for i in range(num_partitions)]
-    return out
+    ds = dataset.add_column(_INDEX, np.arange(len(dataset), dtype=np.int64))
+    partitioner = _SCHEMES[scheme](ds, int(num_partitions), seed=seed, alpha=alpha, by=by,
+                                   min_partition_size=min_partition_size)
+    with _quiet_progress():
+        parts = [partitioner.load_partition(i)[_INDEX] for i in range(num_partitions)]
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]

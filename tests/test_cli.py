@@ -1,0 +1,44 @@
+"""CLI behaviour that needs no simulation: clear one-line errors, README/CI in step."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fedtune(*args):
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_config_value_is_one_clear_line_not_a_traceback():
+    proc = _fedtune("run", "--set", "tuning.method=nope")
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert "error: tuning.method='nope' is not one of: prompt" in out
+    assert "Traceback" not in out
+
+
+def test_missing_config_file():
+    proc = _fedtune("run", "no/such/file.toml")
+    assert proc.returncode == 2
+    assert "config file not found: no/such/file.toml" in proc.stdout + proc.stderr
+
+
+def test_unavailable_backbone_is_named(tmp_path):
+    proc = _fedtune("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
+                    str(tmp_path / "run"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "model.backbone='no-such-org/no-such-model' is not available offline" in out
+    assert "Traceback" not in out
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    test_cmd = next(b for b in blocks if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd.strip() in ci
