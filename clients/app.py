@@ -45,7 +45,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     history = _load_history(context)
     server_round = int(config["server-round"])
     result = local_train(model, task.client_data(partition_id), cfg, history,
-                         seed=client_seed(cfg.seed, server_round, partition_id))
+                         seed=client_seed(cfg.seed, server_round, partition_id),
+                         lr=float(config.get("lr", cfg.train.lr)))
     _save_history(context, history)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec

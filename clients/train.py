@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
 from fedtune.tuning import TunedModel
+
+# Known, understood warnings that would otherwise print once per actor per round.
+_EXPECTED_WARNINGS = (
+    "Secure RNG turned off",  # seeded noise is what makes runs reproducible
+    "Full backward hook is firing",  # inputs of the frozen backbone never need grads
+    "Optimal order is the largest alpha",  # RDP search range note; PRV is the default
+)
 
 
 @dataclass
@@ -25,10 +33,11 @@ class LocalResult:
     flops: float
 
 
-def _optimizer(params: list[nn.Parameter], cfg: ExperimentConfig) -> torch.optim.Optimizer:
+def _optimizer(model: TunedModel, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    groups = model.param_groups(lr)
     if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.train.lr)
-    return torch.optim.SGD(params, lr=cfg.train.lr)
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups)
 
 
 def _batches(loader: DataLoader, steps: int):
@@ -43,19 +52,20 @@ def _batches(loader: DataLoader, steps: int):
 
 
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
-                history: DPHistory, seed: int) -> LocalResult:
+                history: DPHistory, seed: int, lr: float | None = None) -> LocalResult:
     """Train `model`'s trainable tensors in place for `cfg.train.local_steps` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
     ends at most at the target epsilon; `history` accumulates this round's steps.
     """
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
     steps = cfg.train.local_steps
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(cfg.train.batch_size, n)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, cfg)
+    optimizer = _optimizer(model, cfg, cfg.train.lr if lr is None else lr)
     dp = cfg.privacy.sample
     sample_rate = batch_size / n
     sigma = 0.0

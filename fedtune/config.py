@@ -61,6 +61,10 @@ class TuningConfig:
     prompt_length: int = 20
     # Hidden width of the classification head; 0 means a single linear layer.
     head_hidden: int = 0
+    # The prompt's learning rate is train.lr times this. Prompt rows live at the scale of
+    # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
+    # off that scale within a few steps and wreck the backbone's features.
+    prompt_lr_scale: float = 0.05
 
     def validate(self) -> None:
         from fedtune.tuning import available_methods
@@ -68,16 +72,20 @@ class TuningConfig:
         _choice("tuning.method", self.method, available_methods())
         _positive("tuning.prompt_length", self.prompt_length)
         _nonnegative("tuning.head_hidden", self.head_hidden)
+        _positive("tuning.prompt_lr_scale", self.prompt_lr_scale)
 
 
 @dataclass
 class TrainConfig:
-    rounds: int = 5
+    rounds: int = 8
     clients_per_round: int = 5
     local_steps: int = 10
     batch_size: int = 32
-    lr: float = 0.01
-    optimizer: str = "adam"
+    lr: float = 1.0
+    # Round r trains at lr * lr_decay**(r-1): late cohorts of skewed clients then nudge the
+    # converged model instead of swinging it.
+    lr_decay: float = 0.85
+    optimizer: str = "sgd"
     eval_batch_size: int = 128
     # Evaluate on at most this many test examples (0 = the whole test split).
     eval_max_examples: int = 0
@@ -89,6 +97,8 @@ class TrainConfig:
                      "eval_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"train.lr_decay must be in (0, 1], got {self.lr_decay!r}")
         _positive("train.round_timeout_s", self.round_timeout_s)
         _nonnegative("train.eval_max_examples", self.eval_max_examples)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)

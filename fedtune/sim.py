@@ -26,6 +26,7 @@ _ENV_DEFAULTS = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -58,9 +59,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
-    from strategies.server_app import build_server_app
-
     from fedtune.task import get_task
+    from strategies.server_app import build_server_app
 
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
     # backbone or corpus fails here with its own message, and the token cache is warm.

@@ -47,8 +47,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
 
     for rnd in range(1, cfg.train.rounds + 1):
         t_round = time.perf_counter()
+        lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
         messages = strategy.configure_train(
-            rnd, ArrayRecord({"vector": encode(vector)}), ConfigRecord(), grid)
+            rnd, ArrayRecord({"vector": encode(vector)}), ConfigRecord({"lr": lr}), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if arrays is not None:
@@ -71,6 +72,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             "bytes_down": outcome.bytes_down,
             "client_flops": sum(c["flops"] for c in outcome.accepted),
             "wall_s": time.perf_counter() - t_round,
+            "lr": lr,
             "train_loss": (sum(c["loss"] * c["num_examples"] for c in outcome.accepted)
                            / max(1, sum(c["num_examples"] for c in outcome.accepted))),
             "sampled": len(outcome.sampled),

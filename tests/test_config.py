@@ -78,5 +78,5 @@ def test_every_experiment_file_is_valid():
 
 def test_defaults_are_the_quickstart():
     cfg = ExperimentConfig()
-    assert (cfg.data.num_clients, cfg.train.clients_per_round, cfg.train.rounds) == (20, 5, 5)
+    assert (cfg.data.num_clients, cfg.train.clients_per_round, cfg.train.rounds) == (20, 5, 8)
     assert cfg.privacy.sample.enabled and cfg.privacy.sample.target_epsilon == 8.0

@@ -18,7 +18,7 @@ from fedtune.task import get_task
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "name=e2e", "data.num_clients=4", "train.clients_per_round=2", "train.rounds=3",
-    "train.local_steps=4", "train.batch_size=32", "train.lr=0.03", "model.max_length=32",
+    "train.local_steps=4", "train.batch_size=32", "model.max_length=32",
     "tuning.prompt_length=4", "train.eval_max_examples=256", "privacy.sample.target_epsilon=8",
 ]
 ROUND_KEYS = {"round", "accuracy", "loss", "epsilon_sample", "epsilon_user", "delta", "clients",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +39,11 @@ def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
              str(getattr(tokenizer, "truncation_side", ""))]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        parts.append(hashlib.sha256(backend.to_str().encode()).hexdigest())
+        # Drop the padding/truncation state: calling the tokenizer sets it, which would
+        # otherwise change the key between the first and the second call.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items()
+                if k not in ("padding", "truncation")}
+        parts.append(hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
     return "\0".join(parts).encode()
 
 

@@ -49,6 +49,11 @@ class TunedModel(nn.Module):
         """The federated tensors, in a fixed order (parameter registration order)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups; methods whose tensors live on another scale than
+        the head override this to give them their own learning rate."""
+        return [{"params": list(self.trainable_state().values()), "lr": lr}]
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_state().values())
 

@@ -54,7 +54,14 @@ class PromptModel(TunedModel):
             rows = torch.randint(0, words.shape[0], (cfg.prompt_length,), generator=generator)
             init = words[rows].detach().clone()
         self.prompt = SoftPrompt(init)
+        self.prompt_lr_scale = cfg.prompt_lr_scale
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [
+            {"params": list(self.prompt.parameters()), "lr": lr * self.prompt_lr_scale},
+            {"params": list(self.head.parameters()), "lr": lr},
+        ]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, k = input_ids.shape[0], self.insert_at
