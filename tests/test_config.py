@@ -80,3 +80,18 @@ def test_defaults_are_the_quickstart():
     cfg = ExperimentConfig()
     assert (cfg.data.num_clients, cfg.train.clients_per_round, cfg.train.rounds) == (20, 5, 8)
     assert cfg.privacy.sample.enabled and cfg.privacy.sample.target_epsilon == 8.0
+
+
+def test_flwr_run_config_path_reads_file_and_overrides():
+    from fedtune.runconfig import config_from_run_config
+
+    cfg = config_from_run_config({
+        "config": str(ROOT / "experiments" / "quickstart.toml"),
+        "overrides": "train.rounds=2 'name=from flwr'",
+    })
+    assert cfg.train.rounds == 2 and cfg.name == "from flwr"
+
+
+def test_lr_decay_range():
+    with pytest.raises(ConfigError, match=r"train.lr_decay must be in \(0, 1\]"):
+        load_config(None, ["train.lr_decay=1.5"])
