@@ -86,8 +86,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
         for ids, mask, labels in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
             if labels.numel() == 0:
-                # An empty Poisson batch is still a step: the noise is added and accounted.
-                optimizer.step()
+                _empty_batch_step(optimizer, model, dp.grad_sample_mode)
                 continue
             loss = criterion(train_model(ids, mask), labels)
             loss.backward()
@@ -106,6 +105,19 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
         epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate, flops=flops,
     )
+
+
+def _empty_batch_step(optimizer: torch.optim.Optimizer, model: TunedModel, mode: str) -> None:
+    """A Poisson batch can be empty; it is still a step: Opacus adds noise to a zero sum and
+    the accountant counts it. BERT cannot run a batch of zero rows, so hand the optimizer
+    zero-row per-sample gradients instead of a forward pass."""
+    if mode == "ghost":
+        raise RuntimeError("an empty Poisson batch under grad_sample_mode='ghost' is not "
+                           "supported; raise train.batch_size or use grad_sample_mode='hooks'")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
 
 
 _FLOPS_CACHE: dict[tuple[str, int, int], float] = {}

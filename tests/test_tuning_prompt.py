@@ -75,3 +75,22 @@ def test_dp_sgd_step_updates_only_trainable_tensors(backbone, mode):
         private.close()
     assert not torch.equal(model.prompt.embedding.weight, prompt_before)
     assert torch.equal(backbone.model.embeddings.word_embeddings.weight, frozen_before)
+
+
+def test_empty_poisson_batch_is_a_noised_accounted_step(backbone):
+    from clients.train import _empty_batch_step
+
+    model = _model(backbone)
+    ids = torch.randint(1000, 2000, (8, 8))
+    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (8,)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = make_private(model, torch.optim.SGD(params, lr=0.1), DataLoader(data, batch_size=4),
+                           SampleDPConfig(), 1.0, seed=0)
+    before = model.head.net[0].weight.detach().clone()
+    try:
+        private.optimizer.zero_grad()
+        _empty_batch_step(private.optimizer, model, "hooks")
+    finally:
+        private.close()
+    assert not torch.equal(model.head.net[0].weight, before)  # noise was added
+    assert private.engine.accountant.history == [(1.0, 0.5, 1)]  # and the step counted
