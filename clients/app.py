@@ -83,8 +83,19 @@ def _save_history(context: Context, history: DPHistory) -> None:
         context.state[DP_STATE_KEY] = ConfigRecord(history.to_lists())
 
 
+def handle_query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random per run)."""
+    pid = int(context.node_config["partition-id"])
+    return Message(content=RecordDict({"roster": MetricRecord({"partition-id": pid})}),
+                   reply_to=msg)
+
+
 def build_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -46,6 +46,9 @@ class DeltaFedAvg(FedAvg):
         self.wait_for_nodes_s = wait_for_nodes_s
         self.outcome = RoundOutcome()
         self._global: np.ndarray | None = None
+        # partition-id -> node id. Flower draws node ids at random in every run, so a
+        # cohort is drawn over partition ids and mapped to nodes through this roster.
+        self.roster: dict[int, int] = {}
 
     def summary(self) -> None:
         log(INFO, "DeltaFedAvg: %d clients/round, spec %s (%d values)",
@@ -53,18 +56,41 @@ class DeltaFedAvg(FedAvg):
 
     # -- sampling
 
-    def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """A seeded cohort: the same seed gives the same clients in every re-run."""
+    def discover(self, grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
+        """Ask every node for its partition id (one small QUERY message each)."""
         deadline = time.monotonic() + self.wait_for_nodes_s
-        while len(nodes := sorted(grid.get_node_ids())) < self.clients_per_round:
+        while len(nodes := sorted(grid.get_node_ids())) < num_partitions:
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(nodes)} nodes connected after {self.wait_for_nodes_s:.0f} s; "
-                    f"train.clients_per_round needs {self.clients_per_round}"
-                )
+                    f"only {len(nodes)} of {num_partitions} nodes connected after "
+                    f"{self.wait_for_nodes_s:.0f} s (data.num_clients)")
             time.sleep(0.5)
+        queries = [Message(content=RecordDict({"config": ConfigRecord({})}),
+                           message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        roster: dict[int, int] = {}
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error():
+                log(WARNING, "node %d did not report its partition: %s",
+                    reply.metadata.src_node_id, reply.error.reason)
+                continue
+            pid = int(reply.content["roster"]["partition-id"])
+            if pid in roster:
+                raise RuntimeError(f"partition {pid} is claimed by nodes {roster[pid]} and "
+                                   f"{reply.metadata.src_node_id}")
+            roster[pid] = reply.metadata.src_node_id
+        self.roster = roster
+        return roster
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """A seeded cohort: the same seed gives the same partitions in every re-run."""
+        if not self.roster:
+            self.roster = {i: n for i, n in enumerate(sorted(grid.get_node_ids()))}
+        if len(self.roster) < self.clients_per_round:
+            raise RuntimeError(f"only {len(self.roster)} clients available; "
+                               f"train.clients_per_round needs {self.clients_per_round}")
         rng = random.Random(self.seed * 7919 + server_round)
-        return rng.sample(nodes, self.clients_per_round)
+        chosen = rng.sample(sorted(self.roster), self.clients_per_round)
+        return [self.roster[pid] for pid in chosen]
 
     # -- train
 
@@ -85,7 +111,7 @@ class DeltaFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        deltas, weights = [], []
+        accepted: list[tuple[int, np.ndarray, float]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -99,10 +125,16 @@ class DeltaFedAvg(FedAvg):
                     exc)
                 self.outcome.rejected.append({"node": node, "reason": str(exc)})
                 continue
-            deltas.append(delta)
-            weights.append(float(metrics["num-examples"]))
+            accepted.append((node, delta, float(metrics["num-examples"])))
             self.outcome.accepted.append({"node": node, "bytes_up": array_bytes(msg.content),
                                           **_plain(metrics)})
+        # Replies arrive in completion order; sum in a fixed order so a re-run with the
+        # same seed gives bit-identical global vectors.
+        partition_of = {node: pid for pid, node in self.roster.items()}
+        accepted.sort(key=lambda item: partition_of.get(item[0], item[0]))
+        self.outcome.accepted.sort(key=lambda c: partition_of.get(c["node"], c["node"]))
+        deltas = [d for _, d, _ in accepted]
+        weights = [w for _, _, w in accepted]
         if not deltas:
             return None, None
         w = np.asarray(weights, dtype=np.float64)

@@ -38,6 +38,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     task = get_task(cfg)
     ledger = Ledger(out_dir)
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
+    strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
     vector = task.initial_vector()
     model = task.new_model()
     initial = _evaluate(task, model, vector, cfg)

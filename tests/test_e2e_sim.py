@@ -28,17 +28,32 @@ SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "epsilon_sample", "epsilon_us
                 "backbone_params", "method", "wall_s"}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "e2e"
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
-            "--out", str(out)]
-    for item in OVERRIDES:
+def _fedtune_run(config, out, overrides=()):
+    args = [sys.executable, "-m", "fedtune.cli", "run", str(config), "--out", str(out)]
+    for item in overrides:
         args += ["--set", item]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _fedtune_run(ROOT / "experiments/quickstart.toml",
+                        tmp_path_factory.mktemp("run") / "e2e", OVERRIDES)
+
+
+@pytest.mark.slow
+def test_resolved_config_reruns_to_the_same_numbers(run_dir, tmp_path):
+    again = _fedtune_run(run_dir / "config.toml", tmp_path / "again")
+    first = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (again / "rounds.jsonl").read_text().splitlines()]
+    for a, b in zip(first, second, strict=True):
+        assert (a["accuracy"], a["loss"], a["epsilon_sample"]) == \
+            (b["accuracy"], b["loss"], b["epsilon_sample"])
+        assert [c["partition_id"] for c in a["per_client"]] == \
+            [c["partition_id"] for c in b["per_client"]]
 
 
 @pytest.mark.slow
