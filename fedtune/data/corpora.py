@@ -141,10 +141,30 @@ def load_spamassassin(*, path: str | None = None) -> datasets.DatasetDict:
     ref = resources.files("fedtune.data").joinpath("spamassassin", SPAMASSASSIN_FILE)
     with resources.as_file(ref) as file:
         if not file.is_file():
+            file = _installed_copy() or file
+        if not file.is_file():
             raise CorpusError(f"corpus file not found: {file}; the bundled SpamAssassin corpus "
                               "is missing from this install (rebuild it with "
                               "`python -m fedtune.data.build_spamassassin`)")
         return _read_spamassassin(file)
+
+
+def _installed_copy() -> Path | None:
+    """The corpus of the installed fedtune distribution. Needed under `flwr run`, which
+    imports fedtune from the app bundle (FAB), and a FAB carries no .gz files."""
+    import importlib.metadata
+    from urllib.parse import unquote, urlparse
+
+    rel = f"fedtune/data/spamassassin/{SPAMASSASSIN_FILE}"
+    try:
+        dist = importlib.metadata.distribution("fedtune")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    candidates = [Path(str(dist.locate_file(rel)))]
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file:"):
+        candidates.insert(0, Path(unquote(urlparse(direct["url"]).path)) / rel)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 # --- hf -------------------------------------------------------------------------------------
