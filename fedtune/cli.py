@@ -21,10 +21,11 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedtune.data import CorpusError, PartitionError
     from fedtune.delta import DeltaError
     from fedtune.models import BackboneError
 
-    return _USER_ERRORS + (BackboneError, DeltaError)
+    return _USER_ERRORS + (BackboneError, CorpusError, DeltaError, PartitionError)
 
 
 @app.callback()

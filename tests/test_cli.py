@@ -42,3 +42,15 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = next(b for b in blocks if "pytest" in b)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd.strip() in ci
+
+
+def test_data_errors_are_one_line(tmp_path):
+    proc = _fedtune("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
+    assert "Traceback" not in out
+    proc = _fedtune("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
+                    str(tmp_path / "r2"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "corpus file not found: /no/such.jsonl.gz" in out

@@ -13,6 +13,7 @@ from fedtune.data.corpora import (
     register_corpus,
 )
 from fedtune.data.partition import (
+    PartitionError,
     available_partitioners,
     natural_groups,
     partition,
@@ -20,6 +21,6 @@ from fedtune.data.partition import (
 )
 from fedtune.data.tokenize import default_cache_dir, tokenize_cached
 
-__all__ = ["CorpusError", "available_corpora", "available_partitioners", "corpus_options",
+__all__ = ["CorpusError", "PartitionError", "available_corpora", "available_partitioners", "corpus_options",
            "default_cache_dir", "load_corpus", "natural_groups", "partition", "register_corpus",
            "register_partitioner", "tokenize_cached"]

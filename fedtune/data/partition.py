@@ -31,6 +31,10 @@ from flwr_datasets.partitioner import (
     natural_id_partitioner,
 )
 
+
+class PartitionError(ValueError):
+    """The corpus cannot be split as configured; the message names the data.* field."""
+
 _INDEX = "__fedtune_index__"
 _GROUP = "__fedtune_group__"
 OTHER = "other"
@@ -69,7 +73,7 @@ def natural_groups(dataset: datasets.Dataset, by: str = "mailing_list",
       round trip. Pass min_partition_size=1 to keep every group.
     """
     if by not in dataset.column_names:
-        raise ValueError(f"data.by={by!r} is not a column of the corpus; columns: "
+        raise PartitionError(f"data.by={by!r} is not a column of the corpus; columns: "
                          f"{[c for c in dataset.column_names if c != _INDEX]}")
     min_size = DEFAULT_MIN_PARTITION_SIZE if min_partition_size is None else min_partition_size
     values = ["" if v is None else str(v) for v in dataset[by]]
@@ -98,13 +102,13 @@ def _iid(ds: datasets.Dataset, num_partitions: int, *, seed: int, **_: object) -
 def _dirichlet(ds: datasets.Dataset, num_partitions: int, *, seed: int, alpha: float,
                min_partition_size: int | None, **_: object) -> Partitioner:
     if "label" not in ds.column_names:
-        raise ValueError("dirichlet partitioning needs a 'label' column; columns: "
+        raise PartitionError("dirichlet partitioning needs a 'label' column; columns: "
                          f"{[c for c in ds.column_names if c != _INDEX]}")
     if min_partition_size is None:  # at most 10, and at most half the average client
         min_partition_size = max(1, min(DEFAULT_MIN_PARTITION_SIZE,
                                         len(ds) // (2 * num_partitions)))
     if min_partition_size * num_partitions > len(ds):
-        raise ValueError(f"min_partition_size={min_partition_size} x data.num_clients="
+        raise PartitionError(f"min_partition_size={min_partition_size} x data.num_clients="
                          f"{num_partitions} exceeds the {len(ds)} training examples")
     partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
                                        alpha=float(alpha), min_partition_size=min_partition_size,
@@ -116,7 +120,7 @@ def _dirichlet(ds: datasets.Dataset, num_partitions: int, *, seed: int, alpha: f
         try:
             partitioner.num_partitions  # noqa: B018 - draws the assignment now
         except ValueError as exc:
-            raise ValueError(
+            raise PartitionError(
                 f"dirichlet partitioning of {len(ds)} rows into data.num_clients="
                 f"{num_partitions} with data.alpha={alpha} could not give every client "
                 f"min_partition_size={min_partition_size} rows: {exc} Raise data.alpha or "
@@ -131,7 +135,7 @@ def _natural(ds: datasets.Dataset, num_partitions: int, *, by: str,
     found = len(set(groups))
     if found != num_partitions:
         listed = ", ".join(sorted(set(groups))[:40])
-        raise ValueError(f"data.num_clients={num_partitions} but natural partitioning by "
+        raise PartitionError(f"data.num_clients={num_partitions} but natural partitioning by "
                          f"{by!r} gives {found} groups; set data.num_clients={found} "
                          f"(groups: {listed})")
     partitioner = NaturalIdPartitioner(partition_by=_GROUP)
@@ -163,15 +167,15 @@ def partition(dataset: datasets.Dataset, scheme: str, num_partitions: int, *, se
     "other" (default 10).
     """
     if scheme not in _SCHEMES:
-        raise ValueError(f"data.partition={scheme!r} is not one of: "
+        raise PartitionError(f"data.partition={scheme!r} is not one of: "
                          f"{', '.join(available_partitioners())}")
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, int | np.integer) \
             or num_partitions < 1:
-        raise ValueError(f"data.num_clients={num_partitions!r} must be a positive integer")
+        raise PartitionError(f"data.num_clients={num_partitions!r} must be a positive integer")
     if min_partition_size is not None and min_partition_size < 1:
-        raise ValueError(f"min_partition_size={min_partition_size} must be >= 1")
+        raise PartitionError(f"min_partition_size={min_partition_size} must be >= 1")
     if scheme != "natural" and num_partitions > len(dataset):
-        raise ValueError(f"data.num_clients={num_partitions} exceeds the {len(dataset)} "
+        raise PartitionError(f"data.num_clients={num_partitions} exceeds the {len(dataset)} "
                          "training examples")
     ds = dataset.add_column(_INDEX, np.arange(len(dataset), dtype=np.int64))
     partitioner = _SCHEMES[scheme](ds, int(num_partitions), seed=seed, alpha=alpha, by=by,
