@@ -21,6 +21,8 @@ from fedtune.data.partition import (
 )
 from fedtune.data.tokenize import default_cache_dir, tokenize_cached
 
-__all__ = ["CorpusError", "PartitionError", "available_corpora", "available_partitioners", "corpus_options",
-           "default_cache_dir", "load_corpus", "natural_groups", "partition", "register_corpus",
-           "register_partitioner", "tokenize_cached"]
+__all__ = [
+    "CorpusError", "PartitionError", "available_corpora", "available_partitioners",
+    "corpus_options", "default_cache_dir", "load_corpus", "natural_groups", "partition",
+    "register_corpus", "register_partitioner", "tokenize_cached",
+]
