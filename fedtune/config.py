@@ -65,6 +65,10 @@ class TuningConfig:
     # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
     # off that scale within a few steps and wreck the backbone's features.
     prompt_lr_scale: float = 0.05
+    # LoRA (peft): rank, scaling numerator and the linear layers that get adapters.
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
     def validate(self) -> None:
         from fedtune.tuning import available_methods
@@ -73,6 +77,10 @@ class TuningConfig:
         _positive("tuning.prompt_length", self.prompt_length)
         _nonnegative("tuning.head_hidden", self.head_hidden)
         _positive("tuning.prompt_lr_scale", self.prompt_lr_scale)
+        _positive("tuning.lora_r", self.lora_r)
+        _positive("tuning.lora_alpha", self.lora_alpha)
+        if not self.lora_targets:
+            raise ConfigError("tuning.lora_targets must name at least one module")
 
 
 @dataclass
@@ -268,6 +276,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
         return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"config field {key} uses a union type; not supported")
     if hint is bool:

@@ -1,6 +1,8 @@
 """Parameter-efficient tuning methods, one module each, looked up by name."""
 
-from fedtune.tuning import prompt as _prompt  # noqa: F401  (registers "prompt")
+from fedtune.tuning import bitfit as _bitfit  # noqa: F401  (each module registers itself)
+from fedtune.tuning import lora as _lora  # noqa: F401
+from fedtune.tuning import prompt as _prompt  # noqa: F401
 from fedtune.tuning.base import TunedModel
 from fedtune.tuning.registry import available_methods, build_tuned_model, register_method
 

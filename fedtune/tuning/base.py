@@ -3,6 +3,8 @@ trainable tensors, which are the only thing federated."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -44,6 +46,10 @@ class TunedModel(nn.Module):
     and implement `forward(input_ids, attention_mask) -> logits`."""
 
     method: str = ""
+    # Keep the (shared, frozen) backbone in eval mode while training. Methods that put
+    # trainable layers inside their own encoder copy turn this off: Opacus only records
+    # activations of modules in training mode.
+    backbone_eval_in_training: bool = True
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The federated tensors, in a fixed order (parameter registration order)."""
@@ -62,6 +68,45 @@ class TunedModel(nn.Module):
         # The frozen backbone always runs deterministically (no dropout): its weights
         # never change, and dropout noise would only blur the signal the tensors learn from.
         backbone = getattr(self, "backbone", None)
-        if backbone is not None:
+        if backbone is not None and self.backbone_eval_in_training:
             backbone.eval()
         return self
+
+
+class EncoderClassifier(TunedModel):
+    """A tuned copy of the encoder + head on its mean-pooled output. For methods that change
+    the encoder itself (LoRA layers, trainable biases): they get their own copy, so the
+    process-wide frozen backbone that other models share is never modified."""
+
+    backbone_eval_in_training = False
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int,
+                 head_hidden: int) -> None:
+        super().__init__()
+        _disable_dropout(encoder)
+        self.backbone = encoder
+        self.head = ClassificationHead(hidden_size, num_labels, head_hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return self.head(masked_mean(hidden.last_hidden_state, attention_mask))
+
+
+def _disable_dropout(module: nn.Module) -> None:
+    """Training mode without dropout: zero every dropout module and the attention dropout
+    probability that transformers' attention functions read from `self.dropout_prob`."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if hasattr(sub, "dropout_prob"):
+            sub.dropout_prob = 0.0
+
+
+def encoder_copy(model: nn.Module) -> nn.Module:
+    """A private copy of the frozen encoder for methods that modify it. BERT's pooler is
+    dropped: its output is never used (the head pools itself), and its parameters would get
+    no gradient, which Opacus rejects."""
+    copy_ = copy.deepcopy(model)
+    if getattr(copy_, "pooler", None) is not None:
+        copy_.pooler = None
+    return copy_

@@ -1,0 +1,37 @@
+"""LoRA (Hu et al. 2021) through peft: low-rank adapters on the chosen linear layers."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.models import Backbone
+from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
+from fedtune.tuning.registry import register_method
+
+
+class LoRAModel(EncoderClassifier):
+    method = "lora"
+
+    def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
+                 ) -> None:
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                            target_modules=list(cfg.lora_targets), lora_dropout=0.0,
+                            bias="none")
+        # peft draws lora_A at random: seed it so every process builds the same start.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            try:
+                encoder = get_peft_model(encoder_copy(backbone.model), config)
+            except ValueError as exc:
+                raise ConfigError(f"tuning.lora_targets={list(cfg.lora_targets)}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden)
+        self.lora_config = config
+
+
+@register_method("lora")
+def build_lora(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
+               ) -> TunedModel:
+    return LoRAModel(backbone, cfg, num_labels, seed)
