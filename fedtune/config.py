@@ -69,6 +69,12 @@ class TuningConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # SLaSh: size of the shared vector z, seed of the fixed projections, the sub-layer whose
+    # output is shifted (output | attention | intermediate), and z's lr relative to train.lr.
+    slash_size: int = 1024
+    slash_seed: int = 0
+    slash_position: str = "output"
+    slash_lr_scale: float = 0.1
 
     def validate(self) -> None:
         from fedtune.tuning import available_methods
@@ -79,6 +85,11 @@ class TuningConfig:
         _positive("tuning.prompt_lr_scale", self.prompt_lr_scale)
         _positive("tuning.lora_r", self.lora_r)
         _positive("tuning.lora_alpha", self.lora_alpha)
+        _positive("tuning.slash_size", self.slash_size)
+        _nonnegative("tuning.slash_seed", self.slash_seed)
+        _choice("tuning.slash_position", self.slash_position,
+                ("output", "attention", "intermediate"))
+        _positive("tuning.slash_lr_scale", self.slash_lr_scale)
         if not self.lora_targets:
             raise ConfigError("tuning.lora_targets must name at least one module")
 

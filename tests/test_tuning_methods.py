@@ -77,3 +77,50 @@ def test_dp_step_changes_only_the_copy(backbone, method):
     after = model.trainable_state()
     assert all(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(p, shared[n]) for n, p in backbone.model.named_parameters())
+
+
+@pytest.mark.parametrize("position", ["output", "attention", "intermediate"])
+def test_slash_trains_one_vector_and_starts_as_the_backbone(backbone, position):
+    model = _model(backbone, "slash", slash_size=64, slash_position=position)
+    assert list(model.trainable_state()) == ["z.embedding.weight", "head.net.0.weight",
+                                             "head.net.0.bias"]
+    assert model.num_trainable() == 64 + 2 * 384 + 2
+    # Projections are buffers regenerated from the seed, not state that is sent.
+    again = _model(backbone, "slash", slash_size=64, slash_position=position)
+    assert torch.equal(model.proj_0, again.proj_0)
+    assert model.proj_0.std().item() == pytest.approx(64**-0.5, rel=0.1)
+    ids = torch.randint(1000, 2000, (2, 8))
+    mask = torch.ones_like(ids)
+    base = backbone.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.eval()
+    with torch.no_grad():
+        model.z.embedding.weight.normal_()
+        shifted = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Hooks live only inside forward: the shared backbone is unchanged afterwards.
+    assert torch.allclose(shifted, base)
+    with torch.no_grad():
+        hidden = {}
+        handle = model.head.register_forward_hook(lambda m, i, o: hidden.update(x=i[0]))
+        model(ids, mask)
+        handle.remove()
+    assert not torch.allclose(hidden["x"], torch.nn.functional.layer_norm(
+        base.mean(1), (384,)), atol=1e-3)
+
+
+def test_slash_dp_step_updates_z(backbone):
+    model = _model(backbone, "slash", slash_size=64)
+    ids = torch.randint(1000, 2000, (16, 8))
+    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (16,)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = make_private(model, torch.optim.SGD(params, lr=0.5), DataLoader(data, batch_size=8),
+                           SampleDPConfig(), 1.0, seed=0)
+    try:
+        for x, m, y in private.loader:
+            if y.numel():
+                private.optimizer.zero_grad()
+                private.criterion(private.model(x, m), y).backward()
+                private.optimizer.step()
+                break
+    finally:
+        private.close()
+    assert torch.count_nonzero(model.z.embedding.weight) > 0

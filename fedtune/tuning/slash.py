@@ -1,0 +1,89 @@
+"""SLaSh (Gupta et al. 2023, "Jointly Reparametrized Multi-Layer Adaptation for Efficient
+and Private Tuning"): one trainable vector z, shared by all layers through fixed random
+projections.
+
+Layer l adds the shift z @ W_l to the output of a dense sub-layer, before its residual
+LayerNorm. W_l (z_size x width) is drawn N(0, 1)/sqrt(z_size) from `tuning.slash_seed`, so
+every client regenerates the same projections; they are buffers, never trained and never
+sent. Only z and the head cross the wire.
+
+z is held as a one-row `nn.Embedding` looked up per example: Opacus then computes z's
+per-sample gradients with its embedding sampler, as for the soft prompt. The shifts are
+added by forward hooks that exist only inside `forward`, so the process-wide frozen
+backbone that other models share is never left modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.models import Backbone
+from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
+from fedtune.tuning.registry import register_method
+
+# Where the shift goes, per BERT-style layer: the sub-layer whose output is shifted.
+POSITIONS = {
+    "output": lambda layer: layer.output.dense,
+    "attention": lambda layer: layer.attention.output.dense,
+    "intermediate": lambda layer: layer.intermediate.dense,
+}
+
+
+class SharedVector(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(1, size)
+        nn.init.zeros_(self.embedding.weight)  # start as the unmodified backbone
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        index = torch.zeros(batch_size, dtype=torch.long, device=self.embedding.weight.device)
+        return self.embedding(index)
+
+
+class SlashModel(TunedModel):
+    method = "slash"
+
+    def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int) -> None:
+        super().__init__()
+        if cfg.slash_position not in POSITIONS:
+            raise ConfigError(f"tuning.slash_position={cfg.slash_position!r} is not one of: "
+                              f"{', '.join(POSITIONS)}")
+        self.backbone = backbone.model
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if layers is None:
+            raise ConfigError(f"tuning.method='slash' needs a BERT-style encoder "
+                              f"(encoder.layer[*]); {backbone.name!r} has none")
+        self._targets = [POSITIONS[cfg.slash_position](layer) for layer in layers]
+        generator = torch.Generator().manual_seed(cfg.slash_seed)
+        for i, target in enumerate(self._targets):
+            proj = torch.randn(cfg.slash_size, target.out_features, generator=generator)
+            self.register_buffer(f"proj_{i}", proj / cfg.slash_size**0.5, persistent=False)
+        self.z = SharedVector(cfg.slash_size)
+        self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden)
+        self.lr_scale = cfg.slash_lr_scale
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.z.parameters()), "lr": lr * self.lr_scale},
+                {"params": list(self.head.parameters()), "lr": lr}]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        z = self.z(input_ids.shape[0])
+        handles = []
+        for i, target in enumerate(self._targets):
+            shift = (z @ getattr(self, f"proj_{i}")).unsqueeze(1)
+            handles.append(target.register_forward_hook(
+                lambda _m, _inp, out, shift=shift: out + shift))
+        try:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.head(masked_mean(hidden.last_hidden_state, attention_mask))
+
+
+@register_method("slash")
+def build_slash(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
+                ) -> TunedModel:
+    return SlashModel(backbone, cfg, num_labels)
