@@ -64,7 +64,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
     content = RecordDict({
-        "delta": ArrayRecord({"vector": encode(delta)}),
+        "delta": ArrayRecord({"vector": encode(delta, cfg.delta.encoding, task.spec)}),
         "metrics": MetricRecord(metrics),
         "info": ConfigRecord({"spec-hash": task.spec.hash}),
     })

@@ -155,6 +155,16 @@ class PrivacyConfig:
 
 
 @dataclass
+class DeltaConfig:
+    # How clients encode their delta for upload: float32 (exact), float16 or int8 (one
+    # scale per tensor). The global vector always goes down as float32.
+    encoding: str = "float32"
+
+    def validate(self) -> None:
+        _choice("delta.encoding", self.encoding, ("float32", "float16", "int8"))
+
+
+@dataclass
 class SimulationConfig:
     backend: str = "ray"
     # CPUs given to the whole simulation (0 = all cores of this machine).
@@ -180,12 +190,13 @@ class ExperimentConfig:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def validate(self) -> None:
         _nonnegative("seed", self.seed)
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.simulation):
+                        self.delta, self.simulation):
             section.validate()
         if self.train.clients_per_round > self.data.num_clients:
             raise ConfigError(

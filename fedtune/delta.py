@@ -18,7 +18,6 @@ import torch
 from flwr.app import Array
 
 STYPE = "fedtune.flat"
-WIRE_DTYPES = ("float32",)
 
 
 class DeltaError(ValueError):
@@ -87,28 +86,84 @@ class DeltaSpec:
             raise DeltaError(f"vector holds {bad} non-finite values (NaN or inf)")
 
 
-def encode(flat: np.ndarray) -> Array:
-    """A flat float32 vector as a Flower Array whose payload is exactly the raw bytes, so
-    the bytes counted on a Message are the bytes of the encoded vector."""
+@dataclass(frozen=True)
+class Encoding:
+    """How a float32 vector is written into an Array payload."""
+
+    stype: str
+    dtype: str
+
+    def payload_bytes(self, spec_size: int, num_tensors: int) -> int:
+        if self.dtype == "int8":
+            return 4 * num_tensors + spec_size  # float32 scale per tensor, then int8 values
+        return spec_size * np.dtype(self.dtype).itemsize
+
+
+ENCODINGS = {
+    "float32": Encoding(STYPE, "float32"),
+    "float16": Encoding(STYPE + "/float16", "float16"),
+    "int8": Encoding(STYPE + "/int8-per-tensor", "int8"),
+}
+
+
+def encode(flat: np.ndarray, encoding: str = "float32", spec: DeltaSpec | None = None
+           ) -> Array:
+    """A flat float32 vector as a Flower Array whose payload is exactly the encoded bytes,
+    so the bytes counted on a Message are the bytes of the encoded vector.
+
+    float32 is exact; float16 rounds each value; int8 stores one float32 scale per tensor
+    of `spec` (max |x| / 127) followed by the rounded int8 values."""
+    if encoding not in ENCODINGS:
+        raise DeltaError(f"encoding {encoding!r} is not one of: {', '.join(ENCODINGS)}")
+    enc = ENCODINGS[encoding]
     flat = np.ascontiguousarray(flat, dtype=np.float32)
-    return Array(dtype="float32", shape=(int(flat.shape[0]),), stype=STYPE, data=flat.tobytes())
+    if enc.dtype == "int8":
+        if spec is None:
+            raise DeltaError("int8 encoding needs the DeltaSpec for its per-tensor scales")
+        scales, parts = [], []
+        for seg in _segments(flat, spec):
+            peak = float(np.abs(seg).max()) if seg.size else 0.0
+            scale = peak / 127.0 if peak > 0 else 1.0
+            scales.append(scale)
+            parts.append(np.clip(np.rint(seg / scale), -127, 127).astype(np.int8))
+        data = np.asarray(scales, np.float32).tobytes() + np.concatenate(parts).tobytes()
+    else:
+        data = flat.astype(enc.dtype).tobytes()
+    return Array(dtype=enc.dtype, shape=(int(flat.shape[0]),), stype=enc.stype, data=data)
 
 
 def decode(array: Array, spec: DeltaSpec) -> np.ndarray:
-    """Check an Array against `spec` and return the vector; raises `DeltaError` naming the
-    first thing wrong."""
-    if array.stype != STYPE:
-        raise DeltaError(f"array serialisation {array.stype!r}, expected {STYPE!r}")
-    if array.dtype not in WIRE_DTYPES:
-        raise DeltaError(f"array dtype {array.dtype!r}, expected one of {WIRE_DTYPES}")
+    """Check an Array against `spec` and return the float32 vector; raises `DeltaError`
+    naming the first thing wrong."""
+    enc = next((e for e in ENCODINGS.values() if e.stype == array.stype), None)
+    if enc is None:
+        raise DeltaError(f"array serialisation {array.stype!r}, expected one of "
+                         f"{[e.stype for e in ENCODINGS.values()]}")
+    if array.dtype != enc.dtype:
+        raise DeltaError(f"array dtype {array.dtype!r}, expected {enc.dtype!r} for "
+                         f"{array.stype!r}")
     if tuple(array.shape) != (spec.size,):
         raise DeltaError(f"array shape {tuple(array.shape)}, spec expects ({spec.size},)")
-    expected = spec.size * np.dtype(array.dtype).itemsize
+    expected = enc.payload_bytes(spec.size, len(spec.names))
     if len(array.data) != expected:
         raise DeltaError(f"array holds {len(array.data)} bytes, expected {expected}")
-    flat = np.frombuffer(array.data, dtype=array.dtype).astype(np.float32)
+    if enc.dtype == "int8":
+        head = 4 * len(spec.names)
+        scales = np.frombuffer(array.data[:head], dtype=np.float32)
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise DeltaError("int8 payload has non-finite or non-positive tensor scales")
+        values = np.frombuffer(array.data[head:], dtype=np.int8).astype(np.float32)
+        flat = np.concatenate([seg * scale for seg, scale in
+                               zip(_segments(values, spec), scales, strict=True)])
+    else:
+        flat = np.frombuffer(array.data, dtype=enc.dtype).astype(np.float32)
     spec.check_vector(flat)
     return flat
+
+
+def _segments(flat: np.ndarray, spec: DeltaSpec) -> list[np.ndarray]:
+    bounds = np.cumsum([0] + [int(np.prod(s)) for s in spec.shapes])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def array_bytes(record_dict: object) -> int:
