@@ -67,7 +67,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     get_task(cfg)
     out_dir = Path(out_dir)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower logs its own deprecation and sampling notices at WARNING on every run.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     import ray
 

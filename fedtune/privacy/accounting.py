@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -52,14 +53,16 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
         return None
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history.entries)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, by design
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
     after `steps` steps at `sample_rate` is at most `target_epsilon`."""
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-        steps=steps, accountant=accountant,
-    ))
+    with np.errstate(divide="ignore"):
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant,
+        ))
