@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.faults import InjectedCrash, corrupt, draw_fault
 from clients.train import local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import decode, encode
@@ -42,14 +43,21 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         for name, tensor in task.spec.unflatten(global_vec).items():
             model.get_parameter(name).copy_(tensor)
 
-    history = _load_history(context)
     server_round = int(config["server-round"])
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    fault = draw_fault(cfg.faults, seed)
+    if fault == "crash":
+        raise InjectedCrash(f"injected crash (faults.crash_p) in round {server_round}")
+    history = _load_history(context)
     result = local_train(model, task.client_data(partition_id), cfg, history,
-                         seed=client_seed(cfg.seed, server_round, partition_id),
+                         seed=seed,
                          lr=float(config.get("lr", cfg.train.lr)))
     _save_history(context, history)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
+    spec_hash = task.spec.hash
+    if fault is not None:
+        delta, spec_hash = corrupt(delta, spec_hash, fault)
     metrics = {
         "num-examples": len(task.partitions[partition_id]),
         "partition-id": partition_id,
@@ -64,11 +72,18 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
     content = RecordDict({
-        "delta": ArrayRecord({"vector": encode(delta, cfg.delta.encoding, task.spec)}),
+        "delta": ArrayRecord({"vector": _encode(delta, cfg.delta.encoding, task.spec)}),
         "metrics": MetricRecord(metrics),
-        "info": ConfigRecord({"spec-hash": task.spec.hash}),
+        "info": ConfigRecord({"spec-hash": spec_hash}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def _encode(delta, encoding: str, spec):
+    # A wrong-length (faulty) delta cannot use the per-tensor int8 layout; send it raw.
+    if delta.shape[0] != spec.size:
+        return encode(delta)
+    return encode(delta, encoding, spec)
 
 
 def _load_history(context: Context) -> DPHistory:

@@ -165,6 +165,24 @@ class DeltaConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for robustness tests: each sampled client independently (seeded)
+    crashes with probability crash_p, or replies with a corrupt delta (NaN values, wrong
+    length or a wrong spec hash) with probability garbage_p."""
+
+    crash_p: float = 0.0
+    garbage_p: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("crash_p", "garbage_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"faults.{name} must be in [0, 1], got {value!r}")
+        if self.crash_p + self.garbage_p > 1.0:
+            raise ConfigError("faults.crash_p + faults.garbage_p must be <= 1")
+
+
+@dataclass
 class SimulationConfig:
     backend: str = "ray"
     # CPUs given to the whole simulation (0 = all cores of this machine).
@@ -191,12 +209,13 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def validate(self) -> None:
         _nonnegative("seed", self.seed)
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.delta, self.simulation):
+                        self.delta, self.faults, self.simulation):
             section.validate()
         if self.train.clients_per_round > self.data.num_clients:
             raise ConfigError(

@@ -123,7 +123,10 @@ class DeltaFedAvg(FedAvg):
             except DeltaError as exc:
                 log(WARNING, "round %d: rejected delta from node %d: %s", server_round, node,
                     exc)
-                self.outcome.rejected.append({"node": node, "reason": str(exc)})
+                # Keep what it reported: a rejected client still spent privacy budget.
+                reported = msg.content.metric_records.get("metrics")
+                self.outcome.rejected.append({"node": node, "reason": str(exc),
+                                              **(_plain(reported) if reported else {})})
                 continue
             accepted.append((node, delta, float(metrics["num-examples"])))
             self.outcome.accepted.append({"node": node, "bytes_up": array_bytes(msg.content),

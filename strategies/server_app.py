@@ -56,8 +56,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         if arrays is not None:
             vector = decode(arrays["vector"], task.spec)
         outcome = strategy.outcome
-        for client in outcome.accepted:
-            if "epsilon" in client:
+        # Rejected replies count too: the client trained on its data and sent something.
+        for client in outcome.accepted + outcome.rejected:
+            if "epsilon" in client and "partition_id" in client:
                 pid = int(client["partition_id"])
                 client_eps[pid] = max(client_eps.get(pid, 0.0), float(client["epsilon"]))
         metrics = _evaluate(task, model, vector, cfg)

@@ -106,3 +106,23 @@ def test_epsilon_is_the_accountants_and_within_budget(run_dir):
             best[c["partition_id"]] = max(best.get(c["partition_id"], 0.0), eps)
         assert r["epsilon_sample"] == pytest.approx(max(best.values()), rel=1e-3)
         assert r["epsilon_sample"] <= cfg.privacy.sample.target_epsilon
+
+
+@pytest.mark.slow
+def test_crashes_and_corrupt_deltas_are_rejected_and_the_run_completes(tmp_path):
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "faulty", OVERRIDES + [
+        "train.clients_per_round=4", "faults.crash_p=0.25", "faults.garbage_p=0.5"])
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    reasons = " | ".join(x["reason"] for r in rounds for x in r["rejected"])
+    failures = " | ".join(x["reason"] for r in rounds for x in r["failed"])
+    assert sum(len(r["rejected"]) for r in rounds) >= 2, reasons
+    assert any(k in reasons for k in ("non-finite", "shape", "spec hash"))
+    assert "injected crash" in failures
+    for r in rounds:
+        assert r["clients"] + len(r["rejected"]) + len(r["failed"]) == r["sampled"] == 4
+        assert r["bytes_up"] >= r["clients"] * 4 * json.loads(
+            (out / "summary.json").read_text())["trainable_params"]
+    # Rejected clients' privacy spend is still on the ledger.
+    spent = [x["epsilon"] for r in rounds for x in r["rejected"] if "epsilon" in x]
+    assert all(e <= rounds[-1]["epsilon_sample"] for e in spent)
