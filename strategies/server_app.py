@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 from safetensors.torch import save_file
 
 from fedtune.config import ExperimentConfig
@@ -27,6 +28,7 @@ from strategies.delta_fedavg import DeltaFedAvg
 
 RoundCallback = Callable[[dict[str, Any]], None]
 FINAL_STATE_FILE = "final_state.safetensors"
+ADAPTER_DIR = "adapter"
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
@@ -135,6 +137,15 @@ def _save_state(task: Task, vector, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / FINAL_STATE_FILE),
               metadata={"spec_hash": task.spec.hash, "backbone_hash": task.spec.backbone_hash,
                         "method": task.cfg.tuning.method})
+    model = task.new_model()
+    save_adapter = getattr(model.backbone, "save_pretrained", None)
+    if isinstance(model.backbone, PeftModel) and save_adapter is not None:
+        # Methods built on peft also leave a standard PEFT adapter (the head is in
+        # final_state.safetensors).
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                model.get_parameter(name).copy_(tensor)
+        save_adapter(str(out_dir / ADAPTER_DIR))
 
 
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,
