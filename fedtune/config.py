@@ -69,6 +69,10 @@ class TuningConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Learning rate of the adapters / biases relative to train.lr (the head's). At the
+    # head's SGD rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
+    lora_lr_scale: float = 0.02
+    bitfit_lr_scale: float = 0.02
     # SLaSh: size of the shared vector z, seed of the fixed projections, the sub-layer whose
     # output is shifted (output | attention | intermediate), and z's lr relative to train.lr.
     slash_size: int = 1024
@@ -85,6 +89,8 @@ class TuningConfig:
         _positive("tuning.prompt_lr_scale", self.prompt_lr_scale)
         _positive("tuning.lora_r", self.lora_r)
         _positive("tuning.lora_alpha", self.lora_alpha)
+        _positive("tuning.lora_lr_scale", self.lora_lr_scale)
+        _positive("tuning.bitfit_lr_scale", self.bitfit_lr_scale)
         _positive("tuning.slash_size", self.slash_size)
         _nonnegative("tuning.slash_seed", self.slash_seed)
         _choice("tuning.slash_position", self.slash_position,

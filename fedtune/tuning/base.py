@@ -81,11 +81,17 @@ class EncoderClassifier(TunedModel):
     backbone_eval_in_training = False
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int,
-                 head_hidden: int) -> None:
+                 head_hidden: int, lr_scale: float = 1.0) -> None:
         super().__init__()
         _disable_dropout(encoder)
         self.backbone = encoder
         self.head = ClassificationHead(hidden_size, num_labels, head_hidden)
+        self.lr_scale = lr_scale
+
+    def param_groups(self, lr: float) -> list[dict]:
+        encoder = [p for p in self.backbone.parameters() if p.requires_grad]
+        return [{"params": encoder, "lr": lr * self.lr_scale},
+                {"params": list(self.head.parameters()), "lr": lr}]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)

@@ -15,7 +15,8 @@ class BitFitModel(EncoderClassifier):
         encoder = encoder_copy(backbone.model)
         for name, param in encoder.named_parameters():
             param.requires_grad_(name.endswith(".bias"))
-        super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden)
+        super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
+                         lr_scale=cfg.bitfit_lr_scale)
 
 
 @register_method("bitfit")

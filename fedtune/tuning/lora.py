@@ -27,7 +27,8 @@ class LoRAModel(EncoderClassifier):
             except ValueError as exc:
                 raise ConfigError(f"tuning.lora_targets={list(cfg.lora_targets)}: "
                                   f"{str(exc).splitlines()[0]}") from None
-        super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden)
+        super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
+                         lr_scale=cfg.lora_lr_scale)
         self.lora_config = config
 
 
