@@ -17,3 +17,33 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def _fedtune_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     if "FEDTUNE_TEST_KEEP_CACHE" not in os.environ:
         os.environ["FEDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtune-cache"))
+
+
+@pytest.fixture
+def dp_step():
+    """One Opacus DP-SGD step on random tokens: `dp_step(model, grad_sample_mode="hooks")`."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedtune.config import SampleDPConfig
+    from fedtune.privacy import make_private
+
+    def step(model, grad_sample_mode: str = "hooks", lr: float = 0.5) -> None:
+        ids = torch.randint(1000, 2000, (16, 8))
+        data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (16,)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        private = make_private(model, torch.optim.SGD(params, lr=lr),
+                               DataLoader(data, batch_size=8),
+                               SampleDPConfig(grad_sample_mode=grad_sample_mode), 1.0, seed=0)
+        try:
+            for x, m, y in private.loader:
+                if y.numel():
+                    private.optimizer.zero_grad()
+                    private.criterion(private.model(x, m), y).backward()
+                    private.optimizer.step()
+                    return
+            raise AssertionError("every Poisson batch was empty")
+        finally:
+            private.close()
+
+    return step

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.config import ConfigError, ExperimentConfig, SampleDPConfig
+from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.models import load_backbone
-from fedtune.privacy import make_private
 from fedtune.tuning import available_methods, build_tuned_model
 
 
@@ -56,24 +54,11 @@ def test_bitfit_trains_only_biases_and_head(backbone):
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
-def test_dp_step_changes_only_the_copy(backbone, method):
+def test_dp_step_changes_only_the_copy(backbone, method, dp_step):
     shared = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
     model = _model(backbone, method)
     before = {n: t.detach().clone() for n, t in model.trainable_state().items()}
-    ids = torch.randint(1000, 2000, (16, 8))
-    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (16,)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    private = make_private(model, torch.optim.SGD(params, lr=0.5), DataLoader(data, batch_size=8),
-                           SampleDPConfig(), 1.0, seed=0)
-    try:
-        for x, m, y in private.loader:
-            if y.numel():
-                private.optimizer.zero_grad()
-                private.criterion(private.model(x, m), y).backward()
-                private.optimizer.step()
-                break
-    finally:
-        private.close()
+    dp_step(model)
     after = model.trainable_state()
     assert all(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(p, shared[n]) for n, p in backbone.model.named_parameters())
@@ -107,22 +92,9 @@ def test_slash_trains_one_vector_and_starts_as_the_backbone(backbone, position):
         base.mean(1), (384,)), atol=1e-3)
 
 
-def test_slash_dp_step_updates_z(backbone):
+def test_slash_dp_step_updates_z(backbone, dp_step):
     model = _model(backbone, "slash", slash_size=64)
-    ids = torch.randint(1000, 2000, (16, 8))
-    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (16,)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    private = make_private(model, torch.optim.SGD(params, lr=0.5), DataLoader(data, batch_size=8),
-                           SampleDPConfig(), 1.0, seed=0)
-    try:
-        for x, m, y in private.loader:
-            if y.numel():
-                private.optimizer.zero_grad()
-                private.criterion(private.model(x, m), y).backward()
-                private.optimizer.step()
-                break
-    finally:
-        private.close()
+    dp_step(model)
     assert torch.count_nonzero(model.z.embedding.weight) > 0
 
 

@@ -52,27 +52,11 @@ def test_padding_does_not_change_the_prediction(backbone):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_dp_sgd_step_updates_only_trainable_tensors(backbone, mode):
+def test_dp_sgd_step_updates_only_trainable_tensors(backbone, mode, dp_step):
     model = _model(backbone)
     frozen_before = backbone.model.embeddings.word_embeddings.weight.clone()
     prompt_before = model.prompt.embedding.weight.detach().clone()
-    ids = torch.randint(1000, 2000, (16, 8))
-    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (16,)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.1)
-    dp = SampleDPConfig(grad_sample_mode=mode)
-    private = make_private(model, opt, DataLoader(data, batch_size=8), dp, 1.0, seed=0)
-    model.train()
-    try:
-        for x, m, y in private.loader:
-            if y.numel() == 0:
-                continue
-            private.optimizer.zero_grad()
-            private.criterion(private.model(x, m), y).backward()
-            private.optimizer.step()
-            break
-    finally:
-        private.close()
+    dp_step(model, grad_sample_mode=mode, lr=0.1)
     assert not torch.equal(model.prompt.embedding.weight, prompt_before)
     assert torch.equal(backbone.model.embeddings.word_embeddings.weight, frozen_before)
 
