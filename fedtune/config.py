@@ -82,20 +82,15 @@ class TuningConfig:
 
     def validate(self) -> None:
         from fedtune.tuning import available_methods
+        from fedtune.tuning.slash import POSITIONS
 
         _choice("tuning.method", self.method, available_methods())
-        _positive("tuning.prompt_length", self.prompt_length)
-        _nonnegative("tuning.head_hidden", self.head_hidden)
-        _positive("tuning.prompt_lr_scale", self.prompt_lr_scale)
-        _positive("tuning.lora_r", self.lora_r)
-        _positive("tuning.lora_alpha", self.lora_alpha)
-        _positive("tuning.lora_lr_scale", self.lora_lr_scale)
-        _positive("tuning.bitfit_lr_scale", self.bitfit_lr_scale)
-        _positive("tuning.slash_size", self.slash_size)
-        _nonnegative("tuning.slash_seed", self.slash_seed)
-        _choice("tuning.slash_position", self.slash_position,
-                ("output", "attention", "intermediate"))
-        _positive("tuning.slash_lr_scale", self.slash_lr_scale)
+        for name in ("prompt_length", "prompt_lr_scale", "lora_r", "lora_alpha",
+                     "lora_lr_scale", "bitfit_lr_scale", "slash_size", "slash_lr_scale"):
+            _positive(f"tuning.{name}", getattr(self, name))
+        for name in ("head_hidden", "slash_seed"):
+            _nonnegative(f"tuning.{name}", getattr(self, name))
+        _choice("tuning.slash_position", self.slash_position, POSITIONS)
         if not self.lora_targets:
             raise ConfigError("tuning.lora_targets must name at least one module")
 

@@ -47,9 +47,6 @@ class SlashModel(TunedModel):
 
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int) -> None:
         super().__init__()
-        if cfg.slash_position not in POSITIONS:
-            raise ConfigError(f"tuning.slash_position={cfg.slash_position!r} is not one of: "
-                              f"{', '.join(POSITIONS)}")
         self.backbone = backbone.model
         layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
         if layers is None:
