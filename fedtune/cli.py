@@ -23,9 +23,12 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.data import CorpusError, PartitionError
     from fedtune.delta import DeltaError
+    from fedtune.export import ExportError
     from fedtune.models import BackboneError
+    from fedtune.predict_input import PredictInputError
 
-    return _USER_ERRORS + (BackboneError, CorpusError, DeltaError, PartitionError)
+    return _USER_ERRORS + (BackboneError, CorpusError, DeltaError, ExportError, PartitionError,
+                           PredictInputError)
 
 
 @app.callback()
@@ -100,6 +103,80 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         f"epsilon_sample {'null' if eps is None else f'{eps:.3f}'}, "
         f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    out: Annotated[Path, typer.Argument(help="New folder for the exported model.")],
+) -> None:
+    """Write a run's tuned model as a self-contained folder (see README: Export)."""
+    from fedtune.export import export_run
+
+    try:
+        folder = export_run(run_dir, out)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"[bold green]exported[/] {run_dir} -> {folder} "
+                  f"({', '.join(sorted(p.name for p in folder.iterdir()))})")
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A run folder or a `fedtune export` folder.")],
+    text: Annotated[list[str] | None, typer.Option(
+        "--text", help="A text to classify (repeatable).")] = None,
+    file: Annotated[Path | None, typer.Option(
+        help='Texts to classify: .jsonl lines {"text": ..., "label": ...} (label optional; '
+             "with labels, accuracy is reported) or any other file, one text per line.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write one JSON line per text (label, probabilities) here.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Texts per forward pass (default: the run's train.eval_batch_size).")] = None,
+) -> None:
+    """Classify texts with a tuned model."""
+    import json
+
+    from fedtune.export import load_tuned
+    from fedtune.predict_input import read_texts
+
+    if not text and file is None:
+        _fail("give texts with --text or a --file")
+    try:
+        tuned = load_tuned(model_dir)
+        texts: list[str] = list(text or [])
+        labels: list[int | None] | None = None
+        if file is not None:
+            file_texts, file_labels = read_texts(file, tuned.label_names)
+            if file_labels is not None:
+                labels = [None] * len(texts) + list(file_labels)
+            texts += file_texts
+    except _user_errors() as exc:
+        _fail(str(exc))
+    progress = Progress(TextColumn("classifying"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} texts"), TimeElapsedColumn(),
+                        console=console, transient=True, disable=len(texts) < 256)
+    with progress:
+        bar = progress.add_task("", total=len(texts))
+        probs = tuned.predict_proba(texts, batch_size,
+                                    on_batch=lambda n: progress.advance(bar, n))
+    predicted = probs.argmax(axis=1)
+    if out is not None:
+        with out.open("w") as fh:
+            for i, row in enumerate(probs):
+                fh.write(json.dumps({
+                    "label": tuned.label_names[predicted[i]],
+                    "probs": dict(zip(tuned.label_names, map(float, row), strict=True))}) + "\n")
+    if file is None or out is None:
+        for i, t in enumerate(texts):
+            snippet = " ".join(t.split())[:70]
+            print(f"{tuned.label_names[predicted[i]]}\t{probs[i, predicted[i]]:.3f}\t{snippet}")
+    if labels is not None:
+        scored = [(int(p), y) for p, y in zip(predicted, labels, strict=True) if y is not None]
+        correct = sum(p == y for p, y in scored)
+        console.print(f"accuracy {correct / len(scored):.4f} ({correct}/{len(scored)} "
+                      f"labelled texts)")
 
 
 def _fail(message: str) -> None:

@@ -46,8 +46,12 @@ class Task:
     train: Split
     test: Split
     partitions: list[np.ndarray]
-    num_labels: int
+    label_names: tuple[str, ...]
     spec: DeltaSpec
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
 
     def new_model(self) -> TunedModel:
         """A fresh tuned model; identical in every process for the same config (seeded)."""
@@ -89,19 +93,28 @@ def _build_task(key: str, cfg_toml: str) -> Task:
                              np.asarray(ds["label"], dtype=np.int64))
     parts = partition(corpus["train"], cfg.data.partition, cfg.data.num_clients,
                       seed=cfg.seed, alpha=cfg.data.alpha, by=cfg.data.by)
-    num_labels = _num_labels(corpus["train"])
+    label_names = _label_names(corpus["train"])
+    num_labels = len(label_names)
     model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)
-    spec = DeltaSpec.from_state(model.trainable_state(), backbone.hash,
+    spec = model_spec(model, backbone, cfg, num_labels)
+    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec)
+
+
+def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num_labels: int
+               ) -> DeltaSpec:
+    """The spec of `model`'s trainable tensors: the layout, bound to the backbone weights and
+    to everything in the config that shapes the model."""
+    return DeltaSpec.from_state(model.trainable_state(), backbone.hash,
                                 {"tuning": cfg.to_dict()["tuning"], "num_labels": num_labels})
-    return Task(cfg, backbone, splits["train"], splits["test"], parts, num_labels, spec)
 
 
-def _num_labels(ds: object) -> int:
+def _label_names(ds: object) -> tuple[str, ...]:
+    """The ClassLabel names, or the label ids as strings when the corpus has none."""
     feature = ds.features["label"]  # type: ignore[attr-defined]
     names = getattr(feature, "names", None)
     if names:
-        return len(names)
-    return int(max(ds["label"])) + 1  # type: ignore[index]
+        return tuple(str(n) for n in names)
+    return tuple(str(i) for i in range(int(max(ds["label"])) + 1))  # type: ignore[index]
 
 
 @torch.inference_mode()

@@ -16,19 +16,16 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from peft import PeftModel
-from safetensors.torch import save_file
 
 from fedtune.config import ExperimentConfig
 from fedtune.delta import decode, encode
+from fedtune.export import save_tuned_state
 from fedtune.ledger import CONFIG_FILE, Ledger
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, evaluate, get_task
 from strategies.delta_fedavg import DeltaFedAvg
 
 RoundCallback = Callable[[dict[str, Any]], None]
-FINAL_STATE_FILE = "final_state.safetensors"
-ADAPTER_DIR = "adapter"
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
@@ -90,7 +87,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         if on_round is not None:
             on_round(record)
 
-    _save_state(task, vector, out_dir)
+    save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(vector),
+                     task.label_names)
     summary = {
         "final_accuracy": history[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in history),
@@ -130,22 +128,6 @@ def _sample_dp_params(cfg: ExperimentConfig) -> dict[str, Any]:
         "planned_steps": cfg.train.rounds * cfg.train.local_steps,
         "grad_sample_mode": dp.grad_sample_mode,
     }
-
-
-def _save_state(task: Task, vector, out_dir: Path) -> None:
-    tensors = {k: v.contiguous() for k, v in task.spec.unflatten(vector).items()}
-    save_file(tensors, str(out_dir / FINAL_STATE_FILE),
-              metadata={"spec_hash": task.spec.hash, "backbone_hash": task.spec.backbone_hash,
-                        "method": task.cfg.tuning.method})
-    model = task.new_model()
-    save_adapter = getattr(model.backbone, "save_pretrained", None)
-    if isinstance(model.backbone, PeftModel) and save_adapter is not None:
-        # Methods built on peft also leave a standard PEFT adapter (the head is in
-        # final_state.safetensors).
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                model.get_parameter(name).copy_(tensor)
-        save_adapter(str(out_dir / ADAPTER_DIR))
 
 
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,

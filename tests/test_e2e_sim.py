@@ -126,3 +126,29 @@ def test_crashes_and_corrupt_deltas_are_rejected_and_the_run_completes(tmp_path)
     # Rejected clients' privacy spend is still on the ledger.
     spent = [x["epsilon"] for r in rounds for x in r["rejected"] if "epsilon" in x]
     assert all(e <= rounds[-1]["epsilon_sample"] for e in spent)
+
+
+@pytest.mark.slow
+def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
+    from fedtune.data import load_corpus
+
+    export = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "export", str(run_dir),
+                           str(export)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    n = summary["test_examples"]
+    test = load_corpus("spamassassin")["test"].select(range(n))
+    texts = tmp_path / "test.jsonl"
+    texts.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                             for t, y in zip(test["text"], test["label"], strict=True)))
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "predict", str(export),
+                           "--file", str(texts), "--out", str(tmp_path / "pred.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    correct = round(summary["final_accuracy"] * n)
+    assert f"accuracy {summary['final_accuracy']:.4f} ({correct}/{n} labelled texts)" in proc.stdout
+    preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    names = json.loads((export / "fedtune.json").read_text())["label_names"]
+    hits = sum(names.index(p["label"]) == y for p, y in zip(preds, test["label"], strict=True))
+    assert hits == correct

@@ -104,13 +104,14 @@ def test_lora_run_folder_gets_a_peft_adapter(tmp_path, backbone):
     from peft import PeftModel
 
     from fedtune.config import load_config
+    from fedtune.export import save_tuned_state
     from fedtune.task import get_task
-    from strategies.server_app import _save_state
 
     cfg = load_config(None, ["tuning.method=lora", "model.max_length=32"])
     task = get_task(cfg)
     vector = task.initial_vector() + 0.01
-    _save_state(task, vector, tmp_path)
+    save_tuned_state(tmp_path, task.new_model(), task.spec, task.spec.unflatten(vector),
+                     task.label_names)
     assert (tmp_path / "final_state.safetensors").exists()
     loaded = PeftModel.from_pretrained(copy.deepcopy(backbone.model), str(tmp_path / "adapter"))
     name = "base_model.model.encoder.layer.0.attention.self.query.lora_B.default.weight"

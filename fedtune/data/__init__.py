@@ -3,6 +3,7 @@
 - `load_corpus(name, **options)`: a registered corpus as a DatasetDict("train", "test")
 - `partition(dataset, scheme, num_partitions, seed=...)`: one index array per client
 - `tokenize_cached(dataset, tokenizer, max_length)`: token arrays, cached on disk
+- `tokenize_texts(texts, tokenizer, max_length)`: the same arrays, uncached
 """
 
 from fedtune.data.corpora import (
@@ -19,10 +20,10 @@ from fedtune.data.partition import (
     partition,
     register_partitioner,
 )
-from fedtune.data.tokenize import default_cache_dir, tokenize_cached
+from fedtune.data.tokenize import default_cache_dir, tokenize_cached, tokenize_texts
 
 __all__ = [
     "CorpusError", "PartitionError", "available_corpora", "available_partitioners",
     "corpus_options", "default_cache_dir", "load_corpus", "natural_groups", "partition",
-    "register_corpus", "register_partitioner", "tokenize_cached",
+    "register_corpus", "register_partitioner", "tokenize_cached", "tokenize_texts",
 ]

@@ -58,7 +58,9 @@ def cache_key(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -> str
     return digest.hexdigest()[:24]
 
 
-def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+    """Padded to `max_length`, so a text gets the same arrays in training, evaluation and
+    prediction whatever batch it arrives in."""
     out = {f: np.zeros((len(texts), max_length), dtype=DTYPES[f]) for f in FIELDS}
     for start in range(0, len(texts), BATCH_SIZE):
         enc = tokenizer(texts[start:start + BATCH_SIZE], max_length=max_length, truncation=True,
@@ -98,7 +100,7 @@ def tokenize_cached(dataset: datasets.Dataset, tokenizer: Any, max_length: int,
                                                                             max_length)
     paths = {f: folder / f"{f}.npy" for f in FIELDS}
     if not all(p.is_file() for p in paths.values()):
-        arrays = _tokenize(list(dataset["text"]), tokenizer, max_length)
+        arrays = tokenize_texts(list(dataset["text"]), tokenizer, max_length)
         folder.mkdir(parents=True, exist_ok=True)
         for f, array in arrays.items():
             _save_atomic(paths[f], array)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -9,6 +11,10 @@ from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
+
+# peft calls a transformers method that transformers has deprecated; the warning is about
+# peft's code, not the user's, and repeats on every client of every round.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class LoRAModel(EncoderClassifier):
