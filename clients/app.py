@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.faults import InjectedCrash, corrupt, draw_fault
+from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.train import local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import decode, encode
@@ -46,9 +46,9 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     server_round = int(config["server-round"])
     seed = client_seed(cfg.seed, server_round, partition_id)
     fault = draw_fault(cfg.faults, seed)
-    if fault == "crash":
-        raise InjectedCrash(f"injected crash (faults.crash_p) in round {server_round}")
-    history = _load_history(context)
+    if fault in ("crash", "hang"):
+        fail_before_training(fault, cfg.faults, server_round)
+    history = _load_history(context, config)
     result = local_train(model, task.client_data(partition_id), cfg, history,
                          seed=seed,
                          lr=float(config.get("lr", cfg.train.lr)))
@@ -86,11 +86,19 @@ def _encode(delta, encoding: str, spec):
     return encode(delta, encoding, spec)
 
 
-def _load_history(context: Context) -> DPHistory:
+def _load_history(context: Context, config: ConfigRecord) -> DPHistory:
+    """This client's DP history: its own record, or the server's if that holds more steps
+    (the client restarted and lost its own). Taking the longer one can only add spend."""
+    own = DPHistory()
     record = context.state.config_records.get(DP_STATE_KEY)
-    if record is None:
-        return DPHistory()
-    return DPHistory.from_lists({k: list(record[k]) for k in ("sigma", "q", "steps")})
+    if record is not None:
+        own = DPHistory.from_lists({k: list(record[k]) for k in ("sigma", "q", "steps")})
+    if "dp-history-steps" in config:
+        server = DPHistory.from_lists({k: list(config[f"dp-history-{k}"])
+                                       for k in ("sigma", "q", "steps")})
+        if server.steps > own.steps:
+            return server
+    return own
 
 
 def _save_history(context: Context, history: DPHistory) -> None:

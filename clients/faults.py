@@ -1,9 +1,10 @@
 """Injected client faults (config `[faults]`), seeded per client and round so a faulty run
-re-runs identically. Used to show the server survives crashes and garbage replies."""
+re-runs identically. Used to show the server survives crashes, hangs and garbage replies."""
 
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 
@@ -13,20 +14,32 @@ GARBAGE_KINDS = ("nan", "length", "spec")
 
 
 class InjectedCrash(RuntimeError):
-    """A client failure injected by `faults.crash_p`."""
+    """A client failure injected by `faults.crash_p` or `faults.hang_p`."""
 
 
 def draw_fault(cfg: FaultConfig, seed: int) -> str | None:
-    """None, "crash", or one of GARBAGE_KINDS."""
-    if cfg.crash_p == 0 and cfg.garbage_p == 0:
+    """None, "crash", "hang", or one of GARBAGE_KINDS."""
+    if cfg.crash_p == 0 and cfg.garbage_p == 0 and cfg.hang_p == 0:
         return None
     rng = random.Random(seed ^ 0x5EED)
     r = rng.random()
     if r < cfg.crash_p:
         return "crash"
-    if r < cfg.crash_p + cfg.garbage_p:
+    if r < cfg.crash_p + cfg.hang_p:
+        return "hang"
+    if r < cfg.crash_p + cfg.hang_p + cfg.garbage_p:
         return rng.choice(GARBAGE_KINDS)
     return None
+
+
+def fail_before_training(kind: str, cfg: FaultConfig, server_round: int) -> None:
+    """Crash now, or hang past the round's timeout and then crash. Both happen before any
+    training, so the client spends no privacy budget the server cannot see."""
+    if kind == "hang":
+        time.sleep(cfg.hang_s)
+        raise InjectedCrash(f"injected hang of {cfg.hang_s:g} s (faults.hang_p) in round "
+                            f"{server_round}, past the round timeout")
+    raise InjectedCrash(f"injected crash (faults.crash_p) in round {server_round}")
 
 
 def corrupt(delta: np.ndarray, spec_hash: str, kind: str) -> tuple[np.ndarray, str]:

@@ -21,14 +21,16 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedtune.checkpoint import CheckpointError
     from fedtune.data import CorpusError, PartitionError
     from fedtune.delta import DeltaError
     from fedtune.export import ExportError
+    from fedtune.ledger import LedgerError
     from fedtune.models import BackboneError
     from fedtune.predict_input import PredictInputError
 
-    return _USER_ERRORS + (BackboneError, CorpusError, DeltaError, ExportError, PartitionError,
-                           PredictInputError)
+    return _USER_ERRORS + (BackboneError, CheckpointError, CorpusError, DeltaError, ExportError,
+                           LedgerError, PartitionError, PredictInputError)
 
 
 @app.callback()
@@ -47,25 +49,37 @@ def run(
         help="Run folder (default: runs/<name>-<timestamp>).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         help="Run on an existing Ray cluster at this address.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the interrupted run in this folder from its last checkpoint.")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Simulate an experiment and write its run folder."""
     overrides = list(set_ or [])
     if ray_address:
         overrides.append(f"simulation.ray_address={ray_address}")
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            _fail("--resume continues a run with its own config.toml; it takes no config, "
+                  "--set or --out")
+        config, out = resume / "config.toml", resume
+        if not config.is_file():
+            _fail(f"{resume} holds no config.toml: not a run folder")
     try:
         cfg = load_config(config, overrides)
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if (out / "rounds.jsonl").exists():
-        _fail(f"{out} already holds a run (rounds.jsonl); choose another --out")
-    summary = _run_with_progress(cfg, out, verbose)
+    if resume is None and (out / "rounds.jsonl").exists():
+        _fail(f"{out} already holds a run (rounds.jsonl); choose another --out, or "
+              f"--resume {out} to continue it")
+    summary = _run_with_progress(cfg, out, verbose, resume is not None)
     _print_summary(summary, out)
 
 
-def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool) -> dict[str, Any]:
-    from fedtune.sim import run_experiment
+def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: bool
+                       ) -> dict[str, Any]:
+    from fedtune.sim import prepare_resume, run_experiment
+    from fedtune.task import get_task
 
     dp = cfg.privacy.sample
     dp_txt = f"eps<={dp.target_epsilon}" if dp.enabled else "off"
@@ -76,7 +90,15 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool) -> dict[
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
                         console=console, transient=False)
-    task_id = progress.add_task("starting (actors, data, model)", total=cfg.train.rounds)
+    done = 0
+    if resume:
+        try:
+            done = prepare_resume(out, get_task(cfg).spec.hash)
+        except _user_errors() as exc:
+            _fail(str(exc))
+        console.print(f"resuming after round {done} of {cfg.train.rounds}")
+    task_id = progress.add_task("starting (actors, data, model)", total=cfg.train.rounds,
+                                completed=done)
 
     def on_round(rec: dict[str, Any]) -> None:
         eps = rec["epsilon_sample"]
@@ -89,7 +111,7 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool) -> dict[
 
     try:
         with progress:
-            return run_experiment(cfg, out, on_round=on_round, verbose=verbose)
+            return run_experiment(cfg, out, on_round=on_round, verbose=verbose, resume=resume)
     except _user_errors() as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")

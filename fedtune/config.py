@@ -168,19 +168,24 @@ class DeltaConfig:
 @dataclass
 class FaultConfig:
     """Fault injection for robustness tests: each sampled client independently (seeded)
-    crashes with probability crash_p, or replies with a corrupt delta (NaN values, wrong
+    crashes with probability crash_p, hangs for hang_s seconds (then fails, without
+    training) with probability hang_p, or replies with a corrupt delta (NaN values, wrong
     length or a wrong spec hash) with probability garbage_p."""
 
     crash_p: float = 0.0
     garbage_p: float = 0.0
+    hang_p: float = 0.0
+    hang_s: float = 60.0
 
     def validate(self) -> None:
-        for name in ("crash_p", "garbage_p"):
+        names = ("crash_p", "garbage_p", "hang_p")
+        for name in names:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"faults.{name} must be in [0, 1], got {value!r}")
-        if self.crash_p + self.garbage_p > 1.0:
-            raise ConfigError("faults.crash_p + faults.garbage_p must be <= 1")
+        if sum(getattr(self, n) for n in names) > 1.0:
+            raise ConfigError("faults.crash_p + faults.garbage_p + faults.hang_p must be <= 1")
+        _positive("faults.hang_s", self.hang_s)
 
 
 @dataclass
@@ -218,6 +223,11 @@ class ExperimentConfig:
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.simulation):
             section.validate()
+        if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
+            raise ConfigError(
+                f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="
+                f"{self.train.round_timeout_s}: a hang shorter than the timeout is a slow reply"
+            )
         if self.train.clients_per_round > self.data.num_clients:
             raise ConfigError(
                 f"train.clients_per_round={self.train.clients_per_round} exceeds "

@@ -16,6 +16,10 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
 
 
+class LedgerError(ValueError):
+    """rounds.jsonl cannot be continued."""
+
+
 class Ledger:
     def __init__(self, out_dir: str | Path) -> None:
         self.dir = Path(out_dir)
@@ -30,6 +34,30 @@ class Ledger:
 
     def rounds(self) -> list[dict[str, Any]]:
         return read_rounds(self.dir)
+
+    def restore(self, completed_round: int, last_record: dict[str, Any]) -> None:
+        """Make the ledger hold exactly rounds 1..`completed_round` after a kill: a line cut
+        off mid-write is dropped, and the last round (checkpointed before it was appended)
+        is appended if it is missing. Anything else means the folder was tampered with."""
+        lines = self.rounds_path.read_text().splitlines() if self.rounds_path.exists() else []
+        records = []
+        for num, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if num != len(lines):
+                    raise LedgerError(f"{self.rounds_path}:{num} is not JSON") from None
+        rounds = [r.get("round") for r in records]
+        if rounds == list(range(1, completed_round)):
+            records.append(last_record)
+        elif rounds != list(range(1, completed_round + 1)):
+            raise LedgerError(
+                f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
+                f"{completed_round}: the ledger does not match the checkpoint")
+        if len(records) != len(lines) or records[-1] is last_record:
+            tmp = self.rounds_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(tmp, self.rounds_path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.dir / SUMMARY_FILE, summary)

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedtune.checkpoint import CheckpointError
 from fedtune.config import ExperimentConfig
 from fedtune.ledger import SUMMARY_FILE
 
@@ -52,9 +53,24 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def prepare_resume(out_dir: Path, spec_hash: str) -> int:
+    """Check that `out_dir` can be resumed and complete its ledger up to the checkpoint;
+    returns the last completed round. Errors name what is wrong before any actor starts."""
+    from fedtune.checkpoint import load_checkpoint
+    from fedtune.ledger import Ledger
+
+    if (out_dir / SUMMARY_FILE).exists():
+        raise CheckpointError(f"{out_dir} already finished (summary.json exists); "
+                              "nothing to resume")
+    state = load_checkpoint(out_dir, spec_hash)
+    Ledger(out_dir).restore(state.round, state.record)
+    return state.round
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
-                   verbose: bool = False) -> dict[str, Any]:
-    """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`."""
+                   verbose: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`.
+    With `resume`, continue the interrupted run in `out_dir` from its checkpoint."""
     quiet_environment()
     from flwr.simulation import run_simulation
 
@@ -64,8 +80,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
 
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
     # backbone or corpus fails here with its own message, and the token cache is warm.
-    get_task(cfg)
+    task = get_task(cfg)
     out_dir = Path(out_dir)
+    if resume:
+        prepare_resume(out_dir, task.spec.hash)
     if not verbose:
         # Flower logs its own deprecation and sampling notices at WARNING on every run.
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -74,7 +92,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
 
     try:
         run_simulation(
-            server_app=build_server_app(cfg, out_dir, on_round),
+            server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
             client_app=build_client_app(cfg),
             num_supernodes=cfg.data.num_clients,
             backend_config=backend_config(cfg),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -49,6 +50,8 @@ class DeltaFedAvg(FedAvg):
         # partition-id -> node id. Flower draws node ids at random in every run, so a
         # cohort is drawn over partition ids and mapped to nodes through this roster.
         self.roster: dict[int, int] = {}
+        # Extra config entries for one client's task, by partition id (e.g. its DP history).
+        self.client_config: Callable[[int], dict[str, Any]] = lambda pid: {}
 
     def summary(self) -> None:
         log(INFO, "DeltaFedAvg: %d clients/round, spec %s (%d values)",
@@ -100,9 +103,13 @@ class DeltaFedAvg(FedAvg):
         config["server-round"] = server_round
         config["spec-hash"] = self.spec.hash
         nodes = self.sample(server_round, grid)
-        record = RecordDict({"global": arrays, "config": config})
-        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
-                    for n in nodes]
+        partition_of = {node: pid for pid, node in self.roster.items()}
+        messages = []
+        for node in nodes:
+            node_config = ConfigRecord({**config, **self.client_config(partition_of[node])})
+            record = RecordDict({"global": arrays, "config": node_config})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN,
+                                    dst_node_id=node))
         self.outcome = RoundOutcome(sampled=nodes,
                                     bytes_down=sum(array_bytes(m.content) for m in messages))
         return messages
@@ -112,10 +119,12 @@ class DeltaFedAvg(FedAvg):
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         accepted: list[tuple[int, np.ndarray, float]] = []
+        partition_of = {node: pid for pid, node in self.roster.items()}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.outcome.failed.append({"node": node, "reason": msg.error.reason})
+                self.outcome.failed.append({"node": node, "partition_id": partition_of.get(node),
+                                            "reason": msg.error.reason})
                 continue
             self.outcome.bytes_up += array_bytes(msg.content)
             try:
@@ -131,9 +140,14 @@ class DeltaFedAvg(FedAvg):
             accepted.append((node, delta, float(metrics["num-examples"])))
             self.outcome.accepted.append({"node": node, "bytes_up": array_bytes(msg.content),
                                           **_plain(metrics)})
+        seen = {c["node"] for c in
+                self.outcome.accepted + self.outcome.rejected + self.outcome.failed}
+        for node in self.outcome.sampled:
+            if node not in seen:
+                self.outcome.failed.append({"node": node, "partition_id": partition_of.get(node),
+                                            "reason": "no reply within train.round_timeout_s"})
         # Replies arrive in completion order; sum in a fixed order so a re-run with the
         # same seed gives bit-identical global vectors.
-        partition_of = {node: pid for pid, node in self.roster.items()}
         accepted.sort(key=lambda item: partition_of.get(item[0], item[0]))
         self.outcome.accepted.sort(key=lambda c: partition_of.get(c["node"], c["node"]))
         deltas = [d for _, d, _ in accepted]

@@ -4,8 +4,10 @@ accountant's and within budget, and that only the trainable vector crossed the w
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -152,3 +154,44 @@ def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path
     names = json.loads((export / "fedtune.json").read_text())["label_names"]
     hits = sum(names.index(p["label"]) == y for p, y in zip(preds, test["label"], strict=True))
     assert hits == correct
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
+            "--out", str(out)]
+    for item in OVERRIDES:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "rounds.jsonl").exists() or not (out / "rounds.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and every actor, mid round 2
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    killed_at = len((out / "rounds.jsonl").read_text().splitlines())
+    assert killed_at < 3
+
+    resumed = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming after round {killed_at} of 3" in resumed.stdout
+    a = json.loads((run_dir / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b.pop("resumed_at_rounds") == [killed_at] and a.pop("resumed_at_rounds") == []
+    a.pop("wall_s"), b.pop("wall_s")
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, float):
+            assert b[key] == pytest.approx(value, rel=1e-9), key
+        else:
+            assert b[key] == value, key
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # none repeated, none lost
+
+    again = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already finished" in again.stdout

@@ -101,6 +101,17 @@ def test_bad_replies_are_rejected_and_recorded_not_aggregated():
     assert out.failed[0]["reason"] == "client crashed"
 
 
+def test_sampled_clients_that_never_reply_are_recorded_as_failed():
+    strategy = DeltaFedAvg(SPEC, 3, seed=0)
+    msgs = _configure(strategy, np.zeros(6), nodes=(11, 12, 13))
+    arrays, _ = strategy.aggregate_train(1, [_reply(msgs[0], np.ones(6), 5)])
+    assert np.allclose(decode(arrays["vector"], SPEC), 1.0)
+    silent = {m.metadata.dst_node_id for m in msgs[1:]}
+    assert {f["node"] for f in strategy.outcome.failed} == silent
+    assert all("no reply within train.round_timeout_s" == f["reason"]
+               for f in strategy.outcome.failed)
+
+
 def test_smuggled_arrays_are_rejected():
     strategy = DeltaFedAvg(SPEC, 1, seed=0)
     msgs = _configure(strategy, np.zeros(6), nodes=(5,))
