@@ -56,8 +56,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
     spec_hash = task.spec.hash
+    encoding = cfg.delta.encoding
     if fault is not None:
         delta, spec_hash = corrupt(delta, spec_hash, fault)
+        encoding = "float32"  # garbage as sent by a broken client, not refused by our encoder
     metrics = {
         "num-examples": len(task.partitions[partition_id]),
         "partition-id": partition_id,
@@ -72,18 +74,11 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
     content = RecordDict({
-        "delta": ArrayRecord({"vector": _encode(delta, cfg.delta.encoding, task.spec)}),
+        "delta": ArrayRecord({"vector": encode(delta, encoding, task.spec)}),
         "metrics": MetricRecord(metrics),
         "info": ConfigRecord({"spec-hash": spec_hash}),
     })
     return Message(content=content, reply_to=msg)
-
-
-def _encode(delta, encoding: str, spec):
-    # A wrong-length (faulty) delta cannot use the per-tensor int8 layout; send it raw.
-    if delta.shape[0] != spec.size:
-        return encode(delta)
-    return encode(delta, encoding, spec)
 
 
 def _load_history(context: Context, config: ConfigRecord) -> DPHistory:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedtune.privacy import DPHistory
@@ -94,7 +94,7 @@ def load_checkpoint(folder: Path, spec_hash: str) -> ServerState:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["fedtune"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a readable fedtune checkpoint: {exc}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT}")

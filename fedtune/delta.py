@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array
 
 STYPE = "fedtune.flat"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class DeltaError(ValueError):
@@ -112,18 +113,29 @@ def encode(flat: np.ndarray, encoding: str = "float32", spec: DeltaSpec | None =
     so the bytes counted on a Message are the bytes of the encoded vector.
 
     float32 is exact; float16 rounds each value; int8 stores one float32 scale per tensor
-    of `spec` (max |x| / 127) followed by the rounded int8 values."""
+    of `spec` (max |x| / 127) followed by the rounded int8 values. A lossy encoding refuses
+    values it cannot represent (non-finite, or beyond float16's range) rather than send
+    something else; float32 sends anything, and the receiver's decode judges it."""
     if encoding not in ENCODINGS:
         raise DeltaError(f"encoding {encoding!r} is not one of: {', '.join(ENCODINGS)}")
     enc = ENCODINGS[encoding]
     flat = np.ascontiguousarray(flat, dtype=np.float32)
+    if enc.dtype != "float32" and not np.isfinite(flat).all():
+        raise DeltaError(f"{encoding} cannot encode non-finite values; "
+                         "only float32 carries them (to be rejected on arrival)")
+    if enc.dtype == "float16" and flat.size and float(np.abs(flat).max()) > FLOAT16_MAX:
+        raise DeltaError(f"a value of {float(np.abs(flat).max()):.4g} exceeds float16's range "
+                         f"({FLOAT16_MAX:g}); use delta.encoding=float32 or int8")
     if enc.dtype == "int8":
         if spec is None:
             raise DeltaError("int8 encoding needs the DeltaSpec for its per-tensor scales")
         scales, parts = [], []
         for seg in _segments(flat, spec):
             peak = float(np.abs(seg).max()) if seg.size else 0.0
-            scale = peak / 127.0 if peak > 0 else 1.0
+            scale = np.float32(peak / 127.0 if peak > 0 else 1.0)
+            if float(scale) * 127.0 > float(np.finfo(np.float32).max):
+                # Near float32's max, 127 x scale rounds up to inf; one ulp less decodes.
+                scale = np.nextafter(scale, np.float32(0))
             scales.append(scale)
             parts.append(np.clip(np.rint(seg / scale), -127, 127).astype(np.int8))
         data = np.asarray(scales, np.float32).tobytes() + np.concatenate(parts).tobytes()
@@ -153,8 +165,9 @@ def decode(array: Array, spec: DeltaSpec) -> np.ndarray:
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise DeltaError("int8 payload has non-finite or non-positive tensor scales")
         values = np.frombuffer(array.data[head:], dtype=np.int8).astype(np.float32)
-        flat = np.concatenate([seg * scale for seg, scale in
-                               zip(_segments(values, spec), scales, strict=True)])
+        with np.errstate(over="ignore"):  # an overflow becomes inf, rejected just below
+            flat = np.concatenate([seg * scale for seg, scale in
+                                   zip(_segments(values, spec), scales, strict=True)])
     else:
         flat = np.frombuffer(array.data, dtype=enc.dtype).astype(np.float32)
     spec.check_vector(flat)

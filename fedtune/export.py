@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedtune.config import ExperimentConfig, load_config
@@ -99,9 +99,13 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
             what = "a finished run folder or a `fedtune export` folder"
             raise ExportError(f"{folder} has no {name}: expected {what}")
     cfg = load_config(folder / CONFIG_FILE)
-    with safe_open(str(folder / STATE_FILE), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    try:
+        with safe_open(str(folder / STATE_FILE), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    except (OSError, SafetensorError) as exc:
+        raise ExportError(f"{folder / STATE_FILE} is not a readable safetensors file: {exc}"
+                          ) from None
     if meta.get("format") != FORMAT:
         raise ExportError(f"{folder / STATE_FILE} is not a {FORMAT} file "
                           f"(metadata format={meta.get('format')!r})")

@@ -1,0 +1,130 @@
+"""Hostile input, generated: whatever a config file, an override or a client's reply holds,
+the loader and the decoder either accept it or raise their own one-line error, never
+anything else."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedtune.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_from_toml,
+    parse_override,
+)
+from fedtune.delta import ENCODINGS, DeltaError, DeltaSpec, decode, encode
+
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+DEFAULTS = ExperimentConfig().to_dict()
+SECTIONS = sorted(k for k, v in DEFAULTS.items() if isinstance(v, dict))
+
+toml_scalars = (st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=True, allow_infinity=True)
+                | st.text(max_size=20) | st.booleans())
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+def _one_line_config_error(fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message and "\n" not in message, message
+        return None
+
+
+@st.composite
+def mutated_configs(draw):
+    """The defaults with a few keys set to arbitrary values: existing keys (type and range
+    errors), new keys (unknown-key errors) and whole sections replaced."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in DEFAULTS.items()}
+    for _ in range(draw(st.integers(1, 3))):
+        section = draw(st.sampled_from(SECTIONS))
+        if not isinstance(raw.get(section), dict) or draw(st.integers(0, 9)) == 0:
+            raw[section] = draw(toml_values)
+            continue
+        keys = sorted(DEFAULTS[section]) + ["bogus"]
+        raw[section][draw(st.sampled_from(keys))] = draw(toml_values)
+    return raw
+
+
+@FUZZ
+@given(mutated_configs())
+def test_config_loader_accepts_or_names_the_problem(raw):
+    cfg = _one_line_config_error(config_from_dict, raw)
+    if cfg is not None:
+        assert isinstance(cfg, ExperimentConfig)
+        cfg.validate()
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_config_text_is_toml_or_a_clear_error(text):
+    _one_line_config_error(config_from_toml, text)
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_overrides_parse_or_say_why(item):
+    parsed = _one_line_config_error(parse_override, item)
+    if parsed is not None:
+        key, _ = parsed
+        assert key and key == key.strip()
+
+
+SPEC = DeltaSpec.from_state({"a": torch.zeros(3, 2), "b": torch.zeros(5)}, "bb", {"m": 1})
+STYPES = [e.stype for e in ENCODINGS.values()] + ["numpy.ndarray", ""]
+DTYPES = ["float32", "float16", "int8", "float64", "int64", "bool", ""]
+
+
+@FUZZ
+@given(st.sampled_from(DTYPES), st.lists(st.integers(0, 20), max_size=3),
+       st.sampled_from(STYPES), st.binary(max_size=64))
+def test_decoder_rejects_any_malformed_array_with_a_delta_error(dtype, shape, stype, data):
+    array = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
+    try:
+        flat = decode(array, SPEC)
+    except DeltaError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert flat.dtype == np.float32 and flat.shape == (SPEC.size,)
+    assert np.isfinite(flat).all()
+
+
+@FUZZ
+@given(st.sampled_from(sorted(ENCODINGS)),
+       st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                min_size=SPEC.size, max_size=SPEC.size))
+def test_non_finite_values_never_decode(encoding, values):
+    vector = np.asarray(values, dtype=np.float32)
+    try:
+        array = encode(vector, encoding, SPEC)
+    except DeltaError as exc:
+        # Only the lossy encodings refuse, and only what they cannot represent.
+        assert encoding != "float32", exc
+        assert not np.isfinite(vector).all() or np.abs(vector).max() > 65504, exc
+        return
+    try:
+        flat = decode(array, SPEC)
+    except DeltaError:
+        assert not np.isfinite(vector).all()
+        return
+    assert np.isfinite(flat).all()
+    if encoding == "float32":
+        np.testing.assert_array_equal(flat, vector)
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_truncated_payloads_are_rejected(encoding):
+    array = encode(np.ones(SPEC.size, np.float32), encoding, SPEC)
+    cut = Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data[:-1])
+    with pytest.raises(DeltaError, match="bytes, expected"):
+        decode(cut, SPEC)
