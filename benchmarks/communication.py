@@ -66,9 +66,22 @@ def main() -> None:
     table = _markdown(rows, args.out)
     print(table)
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        write_section(args.markdown, "communication", table)
     for r in rows:
         print(f"ratio_{r['method']}={r['ratio_to_full_fedavg']:.6f}")
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `path`
+    (appending the block if absent), leaving the prose around it alone."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def head_params() -> int:

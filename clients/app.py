@@ -7,9 +7,11 @@ the same handler.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.train import local_train
@@ -55,6 +57,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     _save_history(context, history)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
+    delta_norm = float(np.linalg.norm(delta.astype(np.float64)))
+    if KEY_CLIPPING_NORM in config:
+        # User-level DP with client-side clipping: Flower's wrapper sends the norm.
+        delta = clip_to_norm(delta, float(config[KEY_CLIPPING_NORM]))
     spec_hash = task.spec.hash
     encoding = cfg.delta.encoding
     if fault is not None:
@@ -70,6 +76,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         "noise-multiplier": result.noise_multiplier,
         "sample-rate": result.sample_rate,
         "dp-steps-total": history.steps,
+        "delta-norm": delta_norm,
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
@@ -79,6 +86,17 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         "info": ConfigRecord({"spec-hash": spec_hash}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def clip_to_norm(delta: np.ndarray, clip_norm: float) -> np.ndarray:
+    """`delta` scaled down to L2 norm `clip_norm` if longer (Flower's flat clipping); the
+    norm is computed in float64 and the scale rounded down so the float32 result never
+    exceeds the bound."""
+    norm = float(np.linalg.norm(delta.astype(np.float64)))
+    if norm <= clip_norm:
+        return delta
+    scale = np.nextafter(np.float32(clip_norm / norm), np.float32(0))
+    return (delta * scale).astype(np.float32)
 
 
 def _load_history(context: Context, config: ConfigRecord) -> DPHistory:

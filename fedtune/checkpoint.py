@@ -45,6 +45,9 @@ class ServerState:
     record: dict[str, Any] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
+    user_releases: int = 0
+    # Set when a privacy budget stopped the run: {"before_round": r, "reason": "..."}.
+    stopped: dict[str, Any] | None = None
 
 
 def save_checkpoint(folder: Path, state: ServerState) -> None:
@@ -59,6 +62,8 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "record": state.record,
         "resumed_at": state.resumed_at,
         "elapsed_s": state.elapsed_s,
+        "user_releases": state.user_releases,
+        "stopped": state.stopped,
         "python_rng": random.getstate(),
         "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
@@ -118,4 +123,6 @@ def load_checkpoint(folder: Path, spec_hash: str) -> ServerState:
         record=meta["record"],
         resumed_at=list(meta["resumed_at"]),
         elapsed_s=float(meta["elapsed_s"]),
+        user_releases=int(meta["user_releases"]),
+        stopped=meta["stopped"],
     )

@@ -148,11 +148,39 @@ class SampleDPConfig:
 
 
 @dataclass
+class UserDPConfig:
+    """Client-level DP (DP-FedAvg): each client's delta is clipped to norm clip_norm, the
+    clipped deltas are summed over a Poisson-sampled cohort (rate clients_per_round /
+    num_clients) and divided by the expected cohort size, and Gaussian noise of std
+    noise_multiplier * clip_norm / clients_per_round is added to the mean."""
+
+    enabled: bool = False
+    # Where deltas are clipped: "server" (the server clips what it receives) or "client"
+    # (clients clip before sending; the server rejects any delta over the norm).
+    clipping: str = "server"
+    clip_norm: float = 5.0
+    target_epsilon: float = 8.0
+    # 0 means: calibrate from target_epsilon over train.rounds; > 0 uses this as given.
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+
+    def validate(self) -> None:
+        _choice("privacy.user.clipping", self.clipping, ("server", "client"))
+        _positive("privacy.user.clip_norm", self.clip_norm)
+        _positive("privacy.user.target_epsilon", self.target_epsilon)
+        _nonnegative("privacy.user.noise_multiplier", self.noise_multiplier)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.user.delta must be in (0, 1), got {self.delta!r}")
+
+
+@dataclass
 class PrivacyConfig:
     sample: SampleDPConfig = field(default_factory=SampleDPConfig)
+    user: UserDPConfig = field(default_factory=UserDPConfig)
 
     def validate(self) -> None:
         self.sample.validate()
+        self.user.validate()
 
 
 @dataclass

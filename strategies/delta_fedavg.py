@@ -15,7 +15,15 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -33,6 +41,8 @@ class RoundOutcome:
     failed: list[dict] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    # Norms of the deltas that entered a user-level-DP sum (after clipping).
+    aggregated_norms: list[float] = field(default_factory=list)
 
 
 class DeltaFedAvg(FedAvg):
@@ -52,6 +62,9 @@ class DeltaFedAvg(FedAvg):
         self.roster: dict[int, int] = {}
         # Extra config entries for one client's task, by partition id (e.g. its DP history).
         self.client_config: Callable[[int], dict[str, Any]] = lambda pid: {}
+        # User-level DP: Poisson sampling at this rate, and a mean over this many clients.
+        self.poisson_rate: float | None = None
+        self.fixed_denominator: int | None = None
 
     def summary(self) -> None:
         log(INFO, "DeltaFedAvg: %d clients/round, spec %s (%d values)",
@@ -85,21 +98,29 @@ class DeltaFedAvg(FedAvg):
         return roster
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """A seeded cohort: the same seed gives the same partitions in every re-run."""
+        """A seeded cohort: the same seed gives the same partitions in every re-run. With
+        `poisson_rate` set, each client joins independently with that probability (the
+        cohort size varies); otherwise exactly `clients_per_round` are drawn."""
         if not self.roster:
             self.roster = {i: n for i, n in enumerate(sorted(grid.get_node_ids()))}
         if len(self.roster) < self.clients_per_round:
             raise RuntimeError(f"only {len(self.roster)} clients available; "
                                f"train.clients_per_round needs {self.clients_per_round}")
         rng = random.Random(self.seed * 7919 + server_round)
-        chosen = rng.sample(sorted(self.roster), self.clients_per_round)
+        if self.poisson_rate is not None:
+            chosen = [pid for pid in sorted(self.roster) if rng.random() < self.poisson_rate]
+        else:
+            chosen = rng.sample(sorted(self.roster), self.clients_per_round)
         return [self.roster[pid] for pid in chosen]
 
     # -- train
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = decode(arrays["vector"], self.spec)
+        # A DP wrapper hands the global vector on as a plain numpy array; clients always
+        # get it in the delta codec.
+        self._global = as_vector(arrays["vector"], self.spec)
+        wire = ArrayRecord({"vector": encode(self._global)})
         config["server-round"] = server_round
         config["spec-hash"] = self.spec.hash
         nodes = self.sample(server_round, grid)
@@ -107,18 +128,20 @@ class DeltaFedAvg(FedAvg):
         messages = []
         for node in nodes:
             node_config = ConfigRecord({**config, **self.client_config(partition_of[node])})
-            record = RecordDict({"global": arrays, "config": node_config})
+            record = RecordDict({"global": wire, "config": node_config})
             messages.append(Message(content=record, message_type=MessageType.TRAIN,
                                     dst_node_id=node))
         self.outcome = RoundOutcome(sampled=nodes,
                                     bytes_down=sum(array_bytes(m.content) for m in messages))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def screen(self, server_round: int, replies: Iterable[Message]
+               ) -> list[tuple[Message, np.ndarray]]:
+        """Validate every reply; record failures, rejections and silent clients in
+        `outcome`; return the accepted (reply, delta) pairs in partition order."""
         if self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        accepted: list[tuple[int, np.ndarray, float]] = []
+            raise RuntimeError("screen called before configure_train")
+        accepted: list[tuple[Message, np.ndarray]] = []
         partition_of = {node: pid for pid, node in self.roster.items()}
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -130,15 +153,11 @@ class DeltaFedAvg(FedAvg):
             try:
                 delta, metrics = self._validated(msg)
             except DeltaError as exc:
-                log(WARNING, "round %d: rejected delta from node %d: %s", server_round, node,
-                    exc)
-                # Keep what it reported: a rejected client still spent privacy budget.
-                reported = msg.content.metric_records.get("metrics")
-                self.outcome.rejected.append({"node": node, "reason": str(exc),
-                                              **(_plain(reported) if reported else {})})
+                self.reject(server_round, msg, str(exc))
                 continue
-            accepted.append((node, delta, float(metrics["num-examples"])))
+            accepted.append((msg, delta))
             self.outcome.accepted.append({"node": node, "bytes_up": array_bytes(msg.content),
+                                          "delta_norm": float(np.linalg.norm(delta)),
                                           **_plain(metrics)})
         seen = {c["node"] for c in
                 self.outcome.accepted + self.outcome.rejected + self.outcome.failed}
@@ -148,20 +167,59 @@ class DeltaFedAvg(FedAvg):
                                             "reason": "no reply within train.round_timeout_s"})
         # Replies arrive in completion order; sum in a fixed order so a re-run with the
         # same seed gives bit-identical global vectors.
-        accepted.sort(key=lambda item: partition_of.get(item[0], item[0]))
-        self.outcome.accepted.sort(key=lambda c: partition_of.get(c["node"], c["node"]))
-        deltas = [d for _, d, _ in accepted]
-        weights = [w for _, _, w in accepted]
-        if not deltas:
+        def order(node: int) -> int:
+            return partition_of.get(node, node)
+
+        accepted.sort(key=lambda item: order(item[0].metadata.src_node_id))
+        self.outcome.accepted.sort(key=lambda c: order(c["node"]))
+        return accepted
+
+    def reject(self, server_round: int, msg: Message, reason: str) -> None:
+        """Leave a reply out of aggregation, keeping what it reported: a rejected client
+        still spent privacy budget."""
+        node = msg.metadata.src_node_id
+        log(WARNING, "round %d: rejected delta from node %d: %s", server_round, node, reason)
+        reported = msg.content.metric_records.get("metrics")
+        self.outcome.rejected.append({"node": node, "reason": reason,
+                                      **(_plain(reported) if reported else {})})
+        self.outcome.accepted = [c for c in self.outcome.accepted if c["node"] != node]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        if self.fixed_denominator is not None:
+            return self._aggregate_clipped(list(replies))
+        accepted = self.screen(server_round, replies)
+        if not accepted:
             return None, None
-        w = np.asarray(weights, dtype=np.float64)
-        mean_delta = (np.stack(deltas).astype(np.float64) * (w / w.sum())[:, None]).sum(0)
+        w = np.asarray([float(m.content["metrics"]["num-examples"]) for m, _ in accepted])
+        deltas = np.stack([d for _, d in accepted]).astype(np.float64)
+        mean_delta = (deltas * (w / w.sum())[:, None]).sum(0)
         new_global = (self._global + mean_delta).astype(np.float32)
-        metrics = MetricRecord({
-            "num-examples": int(w.sum()),
-            "loss": float(np.average([a["loss"] for a in self.outcome.accepted], weights=w)),
+        return ArrayRecord({"vector": encode(new_global)}), self._metrics(w)
+
+    def _aggregate_clipped(self, replies: list[Message]
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """User-level DP: replies were screened, then clipped by the DP wrapper, and carry
+        `global + clipped delta` as float64. Every client weighs the same and the sum is
+        divided by the expected cohort, not by how many replied, so one client moves the
+        mean by at most clip_norm / cohort whoever else fails."""
+        if not replies:
+            return None, None
+        base = self._global.astype(np.float64)
+        deltas = np.stack([m.content["delta"]["vector"].numpy() - base for m in replies])
+        self.outcome.aggregated_norms = [float(np.linalg.norm(d)) for d in deltas]
+        new_global = base + deltas.sum(0) / self.fixed_denominator
+        w = np.ones(len(replies))
+        return ArrayRecord({"vector": Array(new_global)}), self._metrics(w)
+
+    def _metrics(self, weights: np.ndarray) -> MetricRecord:
+        return MetricRecord({
+            "num-examples": int(sum(c["num_examples"] for c in self.outcome.accepted)),
+            "loss": float(np.average([c["loss"] for c in self.outcome.accepted],
+                                     weights=weights)),
         })
-        return ArrayRecord({"vector": encode(new_global)}), metrics
 
     def _validated(self, msg: Message) -> tuple[np.ndarray, MetricRecord]:
         content = msg.content
@@ -179,6 +237,15 @@ class DeltaFedAvg(FedAvg):
         if not float(metrics["num-examples"]) > 0:
             raise DeltaError(f"num-examples must be > 0, got {metrics['num-examples']}")
         return decode(content["delta"]["vector"], self.spec), metrics
+
+
+def as_vector(array: Array, spec: DeltaSpec) -> np.ndarray:
+    """The float32 global vector from the delta codec or from a plain numpy Array."""
+    if array.stype == "numpy.ndarray":
+        flat = np.asarray(array.numpy(), dtype=np.float32)
+        spec.check_vector(flat)
+        return flat
+    return decode(array, spec)
 
 
 def _plain(metrics: MetricRecord) -> dict:

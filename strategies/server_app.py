@@ -10,12 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fedtune.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
@@ -27,6 +30,8 @@ from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, evaluate, get_task
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
+from strategies.privacy_ledger import PrivacyLedger
+from strategies.user_dp import UserDPRounds
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -41,22 +46,37 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     ledger = Ledger(out_dir)
     model = task.new_model()
     if resume:
-        state = load_checkpoint(out_dir, task.spec.hash)
+        state = load_checkpoint(out_dir, task.spec.hash)  # restores the RNG states too
         ledger.restore(state.round, state.record)
         state.resumed_at.append(state.round)
     else:
         (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
+        np.random.seed(cfg.seed)  # Flower's DP wrappers draw their noise from it
         vector = task.initial_vector()
         state = ServerState(round=0, vector=vector, spec_hash=task.spec.hash,
                             initial=_evaluate(task, model, vector, cfg))
+    privacy = PrivacyLedger(cfg, task, state)
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     strategy.client_config = lambda pid: _dp_history_config(state.client_dp.get(pid))
-    if state.round < cfg.train.rounds:
+    user_dp = None
+    if privacy.user is not None:
+        user_dp = UserDPRounds(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
+                               cfg.data.num_clients)
+    if state.round < cfg.train.rounds and state.stopped is None:
         strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
     elapsed_before = state.elapsed_s
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
-        record = _play_round(rnd, grid, strategy, task, model, state, cfg)
+        if state.stopped is not None:
+            break
+        cohort = [pid for pid, node in strategy.roster.items()
+                  if node in strategy.sample(rnd, grid)]
+        reason = privacy.stop_reason(rnd, cohort)
+        if reason is not None:
+            log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
+            state.stopped = {"before_round": rnd, "reason": reason}
+            break
+        record = _play_round(rnd, grid, strategy, user_dp, privacy, task, model, state, cfg)
         state.round, state.record = rnd, record
         state.elapsed_s = elapsed_before + time.perf_counter() - t0
         save_checkpoint(out_dir, state)  # first: a kill between the two loses nothing
@@ -64,49 +84,50 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         if on_round is not None:
             on_round(record)
 
+    history = ledger.rounds()
+    if not history:
+        raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
-    summary = _summary(ledger.rounds(), state, task, cfg)
+    summary = _summary(history, state, task, cfg)
     ledger.write_summary(summary)
     return summary
 
 
-def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, task: Task, model: TunedModel,
-                state: ServerState, cfg: ExperimentConfig) -> dict[str, Any]:
+def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRounds | None,
+                privacy: PrivacyLedger, task: Task, model: TunedModel, state: ServerState,
+                cfg: ExperimentConfig) -> dict[str, Any]:
     """One round: send the global vector, aggregate the replies, evaluate; updates `state`
     and returns the round's ledger record."""
     t_round = time.perf_counter()
-    dp = cfg.privacy.sample
     lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
-    messages = strategy.configure_train(
-        rnd, ArrayRecord({"vector": encode(state.vector)}), ConfigRecord({"lr": lr}), grid)
-    replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
-    arrays, _ = strategy.aggregate_train(rnd, replies)
-    if arrays is not None:
-        state.vector = decode(arrays["vector"], task.spec)
+    config = ConfigRecord({"lr": lr})
+    if user_dp is not None:
+        messages = user_dp.configure_train(rnd, state.vector, config, grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
+        new_vector = user_dp.aggregate_train(rnd, replies)
+    else:
+        messages = strategy.configure_train(
+            rnd, ArrayRecord({"vector": encode(state.vector)}), config, grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        new_vector = None if arrays is None else decode(arrays["vector"], task.spec)
+    if new_vector is not None:
+        state.vector = new_vector
     outcome = strategy.outcome
-    # Rejected replies count too: the client trained on its data and sent something.
-    for client in outcome.accepted + outcome.rejected:
-        if "partition_id" not in client:
-            continue
-        pid = int(client["partition_id"])
-        if "epsilon" in client:
-            state.client_eps[pid] = max(state.client_eps.get(pid, 0.0), float(client["epsilon"]))
-        if float(client.get("noise_multiplier", 0.0)) > 0:
-            state.client_dp.setdefault(pid, DPHistory()).add(
-                float(client["noise_multiplier"]), float(client["sample_rate"]),
-                int(client["steps"]))
+    privacy.record_round(outcome.accepted + outcome.rejected)
     metrics = _evaluate(task, model, state.vector, cfg)
     accepted = outcome.accepted
     examples = sum(c["num_examples"] for c in accepted)
-    return {
+    fields = privacy.fields()
+    record = {
         "round": rnd,
         "accuracy": metrics["accuracy"],
         "loss": metrics["loss"],
-        "epsilon_sample": max(state.client_eps.values()) if state.client_eps else None,
-        "epsilon_user": None,
-        "delta": dp.delta if dp.enabled else None,
+        "epsilon_sample": fields.pop("epsilon_sample"),
+        "epsilon_user": fields.pop("epsilon_user"),
+        "delta": fields.pop("delta"),
         "clients": len(accepted),
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
@@ -118,24 +139,30 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, task: Task, model: 
         "rejected": outcome.rejected,
         "failed": outcome.failed,
         "per_client": accepted,
-        "privacy_sample": _sample_dp_params(cfg) if dp.enabled else None,
+        **fields,
     }
+    if user_dp is not None:
+        record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
+    return record
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
              cfg: ExperimentConfig) -> dict[str, Any]:
-    dp = cfg.privacy.sample
     n_test = len(task.test)
     if cfg.train.eval_max_examples > 0:
         n_test = min(n_test, cfg.train.eval_max_examples)
+    last = history[-1]
     return {
-        "final_accuracy": history[-1]["accuracy"],
+        "final_accuracy": last["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in history),
         "initial_accuracy": state.initial["accuracy"],
-        "epsilon_sample": history[-1]["epsilon_sample"],
-        "epsilon_user": None,
-        "delta": dp.delta if dp.enabled else None,
+        "epsilon_sample": last["epsilon_sample"],
+        "epsilon_user": last["epsilon_user"],
+        "delta": last["delta"],
+        "privacy_sample": last.get("privacy_sample"),
+        "privacy_user": last.get("privacy_user"),
         "rounds": len(history),
+        "stopped_early": state.stopped,
         "total_bytes_up": sum(r["bytes_up"] for r in history),
         "total_bytes_down": sum(r["bytes_down"] for r in history),
         "total_client_flops": sum(r["client_flops"] for r in history),
@@ -164,18 +191,6 @@ def _evaluate(task: Task, model: torch.nn.Module, vector, cfg: ExperimentConfig
         for name, tensor in task.spec.unflatten(vector).items():
             model.get_parameter(name).copy_(tensor)
     return evaluate(model, task.test, cfg.train.eval_batch_size, cfg.train.eval_max_examples)
-
-
-def _sample_dp_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    dp = cfg.privacy.sample
-    return {
-        "accountant": dp.accountant,
-        "delta": dp.delta,
-        "max_grad_norm": dp.max_grad_norm,
-        "target_epsilon": dp.target_epsilon if not dp.noise_multiplier else None,
-        "planned_steps": cfg.train.rounds * cfg.train.local_steps,
-        "grad_sample_mode": dp.grad_sample_mode,
-    }
 
 
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,

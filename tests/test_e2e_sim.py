@@ -206,3 +206,29 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_pat
     again = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already finished" in again.stdout
+
+
+@pytest.mark.slow
+def test_user_level_dp_clips_accounts_and_stops_at_the_budget(tmp_path):
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    # sigma 1, q = 2/4: user-level epsilon 3.89, 5.38, 6.48 after rounds 1..3; a budget
+    # of 6 must stop the run before round 3.
+    user = ["privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
+            "privacy.user.target_epsilon=6.0", "privacy.user.clip_norm=0.5"]
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "user", OVERRIDES + user)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert summary["stopped_early"]["before_round"] == 3
+    assert "user-level epsilon to 6.48" in summary["stopped_early"]["reason"]
+    for r in rounds:
+        p = r["privacy_user"]
+        assert all(n <= 0.5 * (1 + 1e-9) for n in p["aggregated_delta_norms"])
+        acc = RdpAccountant()
+        acc.compose(dp_event.PoissonSampledDpEvent(
+            p["sample_rate"], dp_event.GaussianDpEvent(p["noise_multiplier"])), p["rounds"])
+        assert r["epsilon_user"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=0.01)
+        assert r["epsilon_user"] <= 6.0 and r["epsilon_sample"] <= 8.0
+    assert summary["epsilon_user"] == rounds[-1]["epsilon_user"]

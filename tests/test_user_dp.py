@@ -1,0 +1,141 @@
+"""User-level DP: clipping bound, noise scale, accountant agreement and the budget stop."""
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import clip_to_norm
+from fedtune.checkpoint import ServerState
+from fedtune.config import UserDPConfig, load_config
+from fedtune.delta import DeltaSpec, encode
+from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
+from strategies import DeltaFedAvg
+from strategies.privacy_ledger import PrivacyLedger
+from strategies.user_dp import UserDPRounds
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _spec(size):
+    return DeltaSpec.from_state({"w": torch.zeros(size)}, "bb", {"m": 1})
+
+
+def _rounds(spec, clipping="server", sigma=0.0, clip=1.0, cohort=4, population=4, seed=0):
+    strategy = DeltaFedAvg(spec, cohort, seed=seed)
+    strategy.roster = {pid: 100 + pid for pid in range(population)}
+    cfg = UserDPConfig(enabled=True, clipping=clipping, clip_norm=clip)
+    return strategy, UserDPRounds(strategy, cfg, sigma, population)
+
+
+def _reply(msg, delta, spec, n=10):
+    content = RecordDict({
+        "delta": __import__("flwr.app", fromlist=["ArrayRecord"]).ArrayRecord(
+            {"vector": encode(np.asarray(delta, np.float32))}),
+        "metrics": MetricRecord({"num-examples": n, "loss": 1.0, "flops": 1.0,
+                                 "partition-id": msg.metadata.dst_node_id - 100}),
+        "info": ConfigRecord({"spec-hash": spec.hash}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _round(rounds, spec, global_vec, deltas, rnd=1):
+    # Population == cohort with Poisson rate 1: every client is sampled.
+    msgs = list(rounds.configure_train(rnd, global_vec, ConfigRecord({}), FakeGrid([])))
+    assert len(msgs) == len(deltas)
+    replies = [_reply(m, d, spec) for m, d in zip(msgs, deltas, strict=True)]
+    return msgs, rounds.aggregate_train(rnd, replies)
+
+
+def test_server_side_clipping_bounds_every_delta_and_divides_by_the_cohort():
+    spec = _spec(6)
+    strategy, rounds = _rounds(spec, clip=1.0)
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(size=6) * s for s in (0.1, 3.0, 10.0, 0.5)]
+    global_vec = np.full(6, 0.5, np.float32)
+    _, new = _round(rounds, spec, global_vec, deltas)
+    norms = strategy.outcome.aggregated_norms
+    assert len(norms) == 4 and max(norms) <= 1.0 + 1e-12
+    clipped = [d * min(1.0, 1.0 / np.linalg.norm(d)) for d in deltas]
+    np.testing.assert_allclose(new, global_vec + np.sum(clipped, 0) / 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.0])
+def test_noise_std_is_sigma_clip_over_cohort(scale):
+    # scale 0: nobody moved; the round must still release noise, not the bare vector.
+    spec = _spec(40_000)
+    _, rounds = _rounds(spec, sigma=1.3, clip=2.0, cohort=4, population=4)
+    np.random.seed(0)
+    deltas = [np.random.default_rng(i).normal(size=spec.size) * scale for i in range(4)]
+    _, new = _round(rounds, spec, np.zeros(spec.size, np.float32), deltas)
+    noise = new - np.sum(deltas, 0) / 4
+    expected = 1.3 * 2.0 / 4
+    assert abs(float(np.std(noise)) / expected - 1) < 0.05
+    assert abs(float(np.mean(noise))) < 5 * expected / np.sqrt(spec.size)
+
+
+def test_client_side_clipping_sends_the_norm_and_rejects_unclipped_deltas():
+    spec = _spec(6)
+    strategy, rounds = _rounds(spec, clipping="client", clip=1.0, cohort=2, population=2)
+    ok = clip_to_norm(np.full(6, 3.0, np.float32), 1.0)
+    assert np.linalg.norm(ok.astype(np.float64)) <= 1.0
+    msgs, new = _round(rounds, spec, np.zeros(6, np.float32), [ok, np.full(6, 3.0)])
+    assert all(m.content["config"][KEY_CLIPPING_NORM] == 1.0 for m in msgs)
+    assert [c["partition_id"] for c in strategy.outcome.accepted] == [0]
+    assert "exceeds privacy.user.clip_norm=1.0" in strategy.outcome.rejected[0]["reason"]
+    np.testing.assert_allclose(new, ok / 2, rtol=1e-6)
+
+
+def test_poisson_cohorts_are_seeded_and_average_the_rate():
+    strategy = DeltaFedAvg(_spec(2), 5, seed=3)
+    strategy.roster = {pid: pid for pid in range(20)}
+    strategy.poisson_rate = 0.25
+    sizes = [len(strategy.sample(r, FakeGrid([]))) for r in range(1, 401)]
+    assert sizes[:10] == [len(strategy.sample(r, FakeGrid([]))) for r in range(1, 11)]
+    assert len(set(sizes)) > 3 and abs(np.mean(sizes) - 5) < 0.5
+
+
+@pytest.mark.parametrize("sigma,cohort,population,rounds", [(0.87, 5, 20, 8), (2.0, 2, 4, 3)])
+def test_epsilon_is_dp_accountings_own_value(sigma, cohort, population, rounds):
+    ours = UserLevelAccount(sigma, cohort, population, 1e-5).epsilon(rounds)
+    acc = RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(
+        cohort / population, dp_event.GaussianDpEvent(sigma)), rounds)
+    assert ours == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_calibrated_noise_is_the_smallest_within_budget():
+    sigma = calibrate_user_noise(3.0, 1e-5, 5, 20, 8, tolerance=1e-3)
+    account = UserLevelAccount(sigma, 5, 20, 1e-5)
+    assert account.epsilon(8) <= 3.0 < UserLevelAccount(sigma - 2e-3, 5, 20, 1e-5).epsilon(8)
+
+
+def test_budget_stop_names_the_round_and_the_level():
+    cfg = load_config(None, ["data.num_clients=4", "train.clients_per_round=2",
+                             "privacy.sample.enabled=false", "privacy.user.enabled=true",
+                             "privacy.user.noise_multiplier=1.0",
+                             "privacy.user.target_epsilon=6.0"])
+    state = ServerState(round=0, vector=np.zeros(1), spec_hash="x", initial={})
+    ledger = PrivacyLedger(cfg, task=None, state=state)
+    for rnd in (1, 2):
+        assert ledger.stop_reason(rnd, [0, 1]) is None
+        ledger.record_round([])
+    assert ledger.fields()["epsilon_user"] == pytest.approx(5.377, abs=1e-3)
+    reason = ledger.stop_reason(3, [0, 1])
+    assert "round 3 would raise the user-level epsilon to 6.48" in reason
+    assert "privacy.user.target_epsilon=6.0" in reason
