@@ -81,8 +81,10 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     from fedtune.sim import prepare_resume, run_experiment
     from fedtune.task import get_task
 
-    dp = cfg.privacy.sample
+    dp, user = cfg.privacy.sample, cfg.privacy.user
     dp_txt = f"eps<={dp.target_epsilon}" if dp.enabled else "off"
+    if user.enabled:
+        dp_txt += f", user-level DP eps<={user.target_epsilon} ({user.clipping} clipping)"
     console.print(f"[bold]fedtune[/] {cfg.name}: {cfg.tuning.method} on {cfg.model.backbone}, "
                   f"{cfg.data.num_clients} clients ({cfg.data.partition}), "
                   f"{cfg.train.clients_per_round}/round, {cfg.train.rounds} rounds, "
@@ -101,11 +103,12 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
                                 completed=done)
 
     def on_round(rec: dict[str, Any]) -> None:
-        eps = rec["epsilon_sample"]
-        eps_txt = "off" if eps is None else f"{eps:.2f}"
+        eps = _eps(rec["epsilon_sample"])
+        if rec["epsilon_user"] is not None:
+            eps = f"{eps} (user {_eps(rec['epsilon_user'])})"
         progress.console.print(
             f"round {rec['round']:>3}: acc {rec['accuracy']:.4f}  loss {rec['loss']:.4f}  "
-            f"eps {eps_txt}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
+            f"eps {eps}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
             f"{rec['wall_s']:.1f} s")
         progress.update(task_id, advance=1, description=f"round {rec['round']}")
 
@@ -118,13 +121,60 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    eps = summary["epsilon_sample"]
+    stopped = summary.get("stopped_early")
+    if stopped:
+        console.print(f"[bold yellow]stopped before round {stopped['before_round']}:[/] "
+                      f"{stopped['reason']}", highlight=False)
+    eps, user = summary["epsilon_sample"], summary.get("epsilon_user")
     console.print(
         f"[bold green]done[/] in {summary['wall_s']:.0f} s: final accuracy "
         f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), "
         f"epsilon_sample {'null' if eps is None else f'{eps:.3f}'}, "
+        f"epsilon_user {'null' if user is None else f'{user:.3f}'}, "
         f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep TOML: a base experiment and [[run]]s.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the runs (default: runs/<sweep name>).")] = None,
+) -> None:
+    """Run every variant of a sweep (finished ones are reused, interrupted ones resumed)."""
+    import json
+
+    from rich.table import Table
+
+    from fedtune.sweep import load_sweep, run_sweep
+
+    try:
+        spec = load_sweep(file)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    out = out or Path("runs") / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    def started(variant: Any, folder: Path) -> None:
+        console.rule(f"[bold]{spec.name}[/]: {variant.name} ({' '.join(variant.overrides)})")
+
+    try:
+        rows = run_sweep(spec, out, on_start=started)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = Table(title=f"{spec.name} ({out})")
+    for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds", "accuracy"):
+        table.add_column(column, justify="left" if column in ("run", "method") else "right")
+    for row in rows:
+        table.add_row(row["name"], row["method"], _eps(row["epsilon_sample"]),
+                      _eps(row["epsilon_user"]), str(row["rounds"]),
+                      f"{row['final_accuracy']:.4f}")
+    console.print(table)
+
+
+def _eps(value: float | None) -> str:
+    return "off" if value is None else f"{value:.2f}"
 
 
 @app.command()
