@@ -140,6 +140,8 @@ def sweep(
     file: Annotated[Path, typer.Argument(help="Sweep TOML: a base experiment and [[run]]s.")],
     out: Annotated[Path | None, typer.Option(
         help="Folder for the runs (default: runs/<sweep name>).")] = None,
+    parallel: Annotated[int, typer.Option(
+        help="Runs at a time; the machine's cores are split between them.")] = 1,
 ) -> None:
     """Run every variant of a sweep (finished ones are reused, interrupted ones resumed)."""
     import json
@@ -154,13 +156,10 @@ def sweep(
         _fail(str(exc))
     out = out or Path("runs") / spec.name
     out.mkdir(parents=True, exist_ok=True)
-
-    def started(variant: Any, folder: Path) -> None:
-        console.rule(f"[bold]{spec.name}[/]: {variant.name} ({' '.join(variant.overrides)})")
-
     try:
-        rows = run_sweep(spec, out, on_start=started)
-    except RuntimeError as exc:
+        with _SweepProgress(spec, out) as monitor:
+            rows = run_sweep(spec, out, parallel=parallel, monitor=monitor)
+    except (RuntimeError, ConfigError) as exc:
         _fail(str(exc))
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = Table(title=f"{spec.name} ({out})")
@@ -171,6 +170,62 @@ def sweep(
                       _eps(row["epsilon_user"]), str(row["rounds"]),
                       f"{row['final_accuracy']:.4f}")
     console.print(table)
+
+
+class _SweepProgress:
+    """One progress view for a sweep: runs done overall, and rounds of each active run."""
+
+    def __init__(self, spec: Any, out: Path) -> None:
+        from fedtune.ledger import SUMMARY_FILE
+
+        self.rounds = {v.name: load_config(spec.base, list(v.overrides)).train.rounds
+                       for v in spec.variants}
+        done = sum((out / v.name / SUMMARY_FILE).exists() for v in spec.variants)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=console)
+        self.overall = self.progress.add_task(f"[bold]{spec.name}[/] runs",
+                                              total=len(spec.variants), completed=done)
+        self.active: dict[str, Any] = {}
+
+    def __enter__(self) -> _SweepProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def started(self, variant: Any, folder: Path) -> None:
+        self.active[variant.name] = self.progress.add_task(
+            f"  {variant.name} rounds", total=self.rounds[variant.name])
+
+    def progressed(self, variant: Any, rounds_done: int) -> None:
+        self.progress.update(self.active[variant.name], completed=rounds_done)
+
+    def finished(self, variant: Any, ok: bool) -> None:
+        self.progress.remove_task(self.active.pop(variant.name))
+        self.progress.advance(self.overall)
+        mark = "[green]done[/]" if ok else "[red]failed[/]"
+        self.progress.console.print(f"{mark} {variant.name}")
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Run folders or folders of runs.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write report.md and the PNGs (default: FIRST_DIR/report).")] = None,
+    title: Annotated[str, typer.Option(help="Heading of report.md.")] = "fedtune report",
+) -> None:
+    """Markdown table and plots (accuracy vs epsilon, vs round, vs uploaded bytes)."""
+    from fedtune.report import collect, group, markdown_table, write_report
+
+    try:
+        groups = group(collect(dirs))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    written = write_report(groups, out or dirs[0] / "report", title)
+    print(markdown_table(groups))
+    console.print(f"[bold green]wrote[/] {', '.join(str(p) for p in written)}")
 
 
 def _eps(value: float | None) -> str:

@@ -5,26 +5,33 @@ A sweep file is TOML:
     name = "privacy_utility"
     base = "quickstart.toml"          # experiment config, relative to this file
     [[run]]
-    name = "sample-eps1"
-    set = ["privacy.sample.target_epsilon=1"]
+    name = "dp"
+    set = ["privacy.sample.enabled=true"]
+    grid = {"privacy.sample.target_epsilon" = [1, 8], "seed" = [0, 1]}
 
-Every variant is checked (config loads) before the first one starts. A variant whose
+A run with a `grid` expands into one variant per combination of the grid's values (in
+the order written), named `dp-target_epsilon=1-seed=0` and so on. Every variant is checked
+(config loads) before the first one starts. A variant whose
 folder already holds a summary.json is not run again, so an interrupted sweep resumes;
 one with a checkpoint but no summary is resumed from it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from fedtune.checkpoint import CHECKPOINT_FILE
 from fedtune.config import ConfigError, load_config
-from fedtune.ledger import SUMMARY_FILE
+from fedtune.ledger import SUMMARY_FILE, read_rounds
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,14 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: needs at least one [[run]] with a name and a set list")
     variants = []
     for i, run in enumerate(runs):
-        if (not isinstance(run, dict) or set(run) - {"name", "set"}
+        if (not isinstance(run, dict) or set(run) - {"name", "set", "grid"}
                 or not isinstance(run.get("name"), str)
                 or not isinstance(run.get("set", []), list)
                 or not all(isinstance(x, str) for x in run.get("set", []))):
-            raise ConfigError(f"{path}: run {i + 1} must have a `name` string and a `set` "
-                              "list of key=value strings")
-        variants.append(Variant(run["name"], tuple(run.get("set", []))))
+            raise ConfigError(f"{path}: run {i + 1} must have a `name` string, a `set` "
+                              "list of key=value strings and optionally a `grid` table")
+        variants += expand(run["name"], tuple(run.get("set", [])), run.get("grid", {}),
+                           f"{path}: run {run['name']!r}")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: run names repeat: {names}")
@@ -77,25 +85,91 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
-def run_sweep(sweep: Sweep, out: Path, on_start=None) -> list[dict[str, Any]]:
-    """Run (or resume, or reuse) every variant into `out/<name>`; returns one row each."""
-    rows = []
-    for variant in sweep.variants:
-        folder = out / variant.name
-        if not (folder / SUMMARY_FILE).exists():
-            if on_start is not None:
-                on_start(variant, folder)
-            if (folder / "checkpoint.safetensors").exists():
-                args = ["run", "--resume", str(folder)]
-            else:
-                args = ["run", str(sweep.base), "--out", str(folder)]
-                for item in variant.overrides:
-                    args += ["--set", item]
-            # One process per variant: each gets a fresh Ray runtime.
-            proc = subprocess.run([sys.executable, "-m", "fedtune.cli", *args])
-            if proc.returncode != 0:
-                raise RuntimeError(f"sweep {sweep.name}: run {variant.name!r} failed "
-                                   f"(exit {proc.returncode}); see its output above")
-        rows.append({"name": variant.name, "folder": str(folder),
-                     **json.loads((folder / SUMMARY_FILE).read_text())})
-    return rows
+def expand(name: str, overrides: tuple[str, ...], grid: object, where: str) -> list[Variant]:
+    """One variant per combination of the grid's values; keys vary slowest first."""
+    if not isinstance(grid, dict) or not all(
+            isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{where}: `grid` must map config keys to non-empty value lists")
+    if not grid:
+        return [Variant(name, overrides)]
+    keys = list(grid)
+    variants = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        label = "-".join(f"{k.rsplit('.', 1)[-1]}={_toml(v)}" for k, v in zip(keys, values,
+                                                                            strict=True))
+        sets = tuple(f"{k}={_toml(v)}" for k, v in zip(keys, values, strict=True))
+        variants.append(Variant(f"{name}-{label}", overrides + sets))
+    return variants
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value) if not value.replace("_", "").replace("-", "").isalnum() \
+            else value
+    return repr(value)
+
+
+class Monitor(Protocol):
+    """What a sweep reports while it runs (the CLI draws it as one progress view)."""
+
+    def started(self, variant: Variant, folder: Path) -> None: ...
+    def progressed(self, variant: Variant, rounds_done: int) -> None: ...
+    def finished(self, variant: Variant, ok: bool) -> None: ...
+
+
+LOG_FILE = "sweep.log"
+
+
+def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | None = None,
+              poll_s: float = 2.0) -> list[dict[str, Any]]:
+    """Run (or resume, or reuse) every variant into `out/<name>`, `parallel` at a time,
+    each in its own process (own Ray runtime) with its output in `<name>/sweep.log`.
+    Returns one row per variant: its name, folder and summary."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+    pending = [v for v in sweep.variants if not (out / v.name / SUMMARY_FILE).exists()]
+    cpus = max(1, (os.cpu_count() or 1) // parallel)
+    running: dict[str, tuple[Variant, subprocess.Popen]] = {}
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            variant = pending.pop(0)
+            folder = out / variant.name
+            folder.mkdir(parents=True, exist_ok=True)
+            if monitor is not None:
+                monitor.started(variant, folder)
+            running[variant.name] = (variant, _launch(sweep, variant, folder, parallel, cpus))
+        time.sleep(poll_s)
+        for name, (variant, proc) in list(running.items()):
+            if monitor is not None:
+                monitor.progressed(variant, len(read_rounds(out / name)))
+            if proc.poll() is None:
+                continue
+            del running[name]
+            ok = proc.returncode == 0 and (out / name / SUMMARY_FILE).exists()
+            if not ok:
+                failed.append(f"{name} (exit {proc.returncode}, see {out / name / LOG_FILE})")
+            if monitor is not None:
+                monitor.finished(variant, ok)
+    if failed:
+        raise RuntimeError(f"sweep {sweep.name}: {len(failed)} run(s) failed: "
+                           + "; ".join(failed))
+    return [{"name": v.name, "folder": str(out / v.name),
+             **json.loads((out / v.name / SUMMARY_FILE).read_text())} for v in sweep.variants]
+
+
+def _launch(sweep: Sweep, variant: Variant, folder: Path, parallel: int, cpus: int
+            ) -> subprocess.Popen:
+    if (folder / CHECKPOINT_FILE).exists():
+        args = ["run", "--resume", str(folder)]
+    else:
+        args = ["run", str(sweep.base), "--out", str(folder)]
+        for item in variant.overrides:
+            args += ["--set", item]
+        if parallel > 1:  # share the cores instead of each run claiming all of them
+            args += ["--set", f"simulation.num_cpus={cpus}"]
+    log = (folder / LOG_FILE).open("a")
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=log,
+                            stderr=subprocess.STDOUT)

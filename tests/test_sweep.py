@@ -31,3 +31,55 @@ def test_bad_sweeps_are_refused_before_any_run(tmp_path, body, message):
     (tmp_path / "s.toml").write_text(body + "\n")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_sweep(tmp_path / "s.toml")
+
+
+def test_grid_expands_every_combination_in_order(tmp_path):
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\nbase = "q.toml"\n[[run]]\nname = "dp"\n'
+        'grid = {"privacy.sample.target_epsilon" = [1, 2.5], "tuning.method" = '
+        '["prompt", "lora"]}\n[[run]]\nname = "off"\nset = ["privacy.sample.enabled=false"]\n')
+    sweep = load_sweep(tmp_path / "s.toml")
+    assert [v.name for v in sweep.variants] == [
+        "dp-target_epsilon=1-method=prompt", "dp-target_epsilon=1-method=lora",
+        "dp-target_epsilon=2.5-method=prompt", "dp-target_epsilon=2.5-method=lora", "off"]
+    assert sweep.variants[3].overrides == ("privacy.sample.target_epsilon=2.5",
+                                           "tuning.method=lora")
+
+
+def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    from fedtune import sweep as sweep_mod
+
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\nbase = "q.toml"\n[[run]]\nname = "a"\n[[run]]\nname = "b"\n'
+        '[[run]]\nname = "c"\nset = ["seed=3"]\n')
+    spec = load_sweep(tmp_path / "s.toml")
+    out = tmp_path / "runs"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "summary.json").write_text(json.dumps({"final_accuracy": 0.9}))
+    (out / "b").mkdir()
+    (out / "b" / "checkpoint.safetensors").write_bytes(b"")
+    launched = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, args, **kwargs):
+            launched.append(args[3:])
+            folder = Path(args[args.index("--resume") + 1] if "--resume" in args
+                          else args[args.index("--out") + 1])
+            (folder / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    rows = sweep_mod.run_sweep(spec, out, poll_s=0)
+    assert launched == [["run", "--resume", str(out / "b")],
+                        ["run", str(spec.base), "--out", str(out / "c"), "--set", "seed=3"]]
+    assert [(r["name"], r["final_accuracy"]) for r in rows] == [("a", 0.9), ("b", 0.5),
+                                                                 ("c", 0.5)]

@@ -1,0 +1,201 @@
+"""`fedtune report`: a Markdown table and PNG plots from run folders.
+
+Runs are grouped by (method, DP level, target epsilon); seeds of a group give the error
+bars. The x position of a run without DP is "inf". Every number is read from the run
+folders (summary.json, rounds.jsonl, config.toml), never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, read_rounds
+
+PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    method: str
+    level: str  # "none", "sample", "user" or "sample+user"
+    target_epsilon: float  # inf without DP
+    epsilon: float | None  # reported at the run's level (max of both when both are on)
+    seed: int
+    accuracy: float
+    accuracy_by_round: list[float]
+    cumulative_mb_up: list[float]
+
+
+@dataclass
+class Group:
+    method: str
+    level: str
+    target_epsilon: float
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def accuracy_mean(self) -> float:
+        return statistics.fmean(r.accuracy for r in self.runs)
+
+    @property
+    def accuracy_std(self) -> float:
+        return statistics.stdev(r.accuracy for r in self.runs) if len(self.runs) > 1 else 0.0
+
+    def mean_curve(self, attr: str) -> list[float]:
+        curves = [getattr(r, attr) for r in self.runs]
+        n = min(len(c) for c in curves)
+        return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+
+
+def collect(dirs: list[Path]) -> list[RunResult]:
+    """Every finished run folder under `dirs` (searched recursively)."""
+    found = []
+    for d in dirs:
+        if not d.exists():
+            raise FileNotFoundError(f"report input not found: {d}")
+        for summary in sorted(d.rglob(SUMMARY_FILE)):
+            folder = summary.parent
+            if (folder / CONFIG_FILE).exists() and (folder / ROUNDS_FILE).exists():
+                found.append(_load(folder))
+    if not found:
+        raise FileNotFoundError(f"no finished run folders (with {SUMMARY_FILE}) under "
+                                f"{', '.join(map(str, dirs))}")
+    return found
+
+
+def _load(folder: Path) -> RunResult:
+    cfg = load_config(folder / CONFIG_FILE)
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    rounds = read_rounds(folder)
+    level, target = _level(cfg)
+    eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))
+           if e is not None]
+    up, total = [], 0
+    for r in rounds:
+        total += r["bytes_up"]
+        up.append(total / 1e6)
+    return RunResult(folder, cfg.tuning.method, level, target, max(eps) if eps else None,
+                     cfg.seed, summary["final_accuracy"], [r["accuracy"] for r in rounds], up)
+
+
+def _level(cfg: ExperimentConfig) -> tuple[str, float]:
+    sample, user = cfg.privacy.sample, cfg.privacy.user
+    if sample.enabled and user.enabled:
+        return "sample+user", min(sample.target_epsilon, user.target_epsilon)
+    if sample.enabled:
+        return "sample", sample.target_epsilon
+    if user.enabled:
+        return "user", user.target_epsilon
+    return "none", math.inf
+
+
+def group(runs: list[RunResult]) -> list[Group]:
+    groups: dict[tuple[str, str, float], Group] = {}
+    for run in runs:
+        key = (run.method, run.level, run.target_epsilon)
+        groups.setdefault(key, Group(*key)).runs.append(run)
+    return sorted(groups.values(), key=lambda g: (g.method, g.level, g.target_epsilon))
+
+
+def markdown_table(groups: list[Group]) -> str:
+    lines = ["| method | DP level | target epsilon | reported epsilon (max) | final accuracy "
+             "(mean +- std) | seeds | upload MB / run |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        eps = [r.epsilon for r in g.runs if r.epsilon is not None]
+        mb = statistics.fmean(r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up)
+        lines.append(
+            f"| {g.method} | {g.level} | {_fmt_eps(g.target_epsilon)} | "
+            f"{f'{max(eps):.2f}' if eps else '-'} | {g.accuracy_mean:.4f} +- "
+            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb:.2f} |")
+    return "\n".join(lines)
+
+
+def _fmt_eps(eps: float) -> str:
+    return "inf (no DP)" if math.isinf(eps) else f"{eps:g}"
+
+
+def write_report(groups: list[Group], out: Path, title: str = "fedtune report") -> list[Path]:
+    """Write `report.md` and the PNG plots into `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in zip(PLOTS, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        draw(ax, groups)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(out / name)
+    body = [f"# {title}", "", markdown_table(groups), ""]
+    body += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in written]
+    (out / "report.md").write_text("\n".join(body) + "\n")
+    return [out / "report.md", *written]
+
+
+def _lines(groups: list[Group]) -> dict[tuple[str, str], list[Group]]:
+    """Groups of one method and DP level, by epsilon; the no-DP group joins every line of
+    its method as the epsilon = inf point."""
+    lines: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        if g.level != "none":
+            lines.setdefault((g.method, g.level), []).append(g)
+    for g in groups:
+        if g.level == "none":
+            keys = [k for k in lines if k[0] == g.method] or [(g.method, "none")]
+            for key in keys:
+                lines.setdefault(key, []).append(g)
+    return lines
+
+
+def _plot_epsilon(ax, groups: list[Group]) -> None:
+    finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)})
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    for (method, level), gs in sorted(_lines(groups).items()):
+        gs = sorted(gs, key=lambda g: g.target_epsilon)
+        xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
+        ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
+                    marker="o", capsize=3, label=f"{method}, {level}-level DP")
+    ax.set_xscale("log")
+    ticks = [*finite, inf_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in finite] + ["inf\n(no DP)"])
+    ax.minorticks_off()
+    ax.set_xlabel("target epsilon (delta = 1e-5), log scale")
+    ax.set_ylabel("final test accuracy (fraction)")
+    ax.set_title("Accuracy vs privacy budget (error bars: std over seeds)")
+
+
+def _label(g: Group) -> str:
+    return f"{g.method}, {g.level}, eps {_fmt_eps(g.target_epsilon)}"
+
+
+def _plot_rounds(ax, groups: list[Group]) -> None:
+    for g in groups:
+        curve = g.mean_curve("accuracy_by_round")
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=_label(g))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (fraction, mean over seeds)")
+    ax.set_title("Accuracy vs round")
+
+
+def _plot_bytes(ax, groups: list[Group]) -> None:
+    for g in groups:
+        ax.plot(g.mean_curve("cumulative_mb_up"), g.mean_curve("accuracy_by_round"),
+                marker=".", label=_label(g))
+    ax.set_xscale("log")
+    ax.set_xlabel("uploaded bytes, all clients so far (MB, log scale)")
+    ax.set_ylabel("test accuracy (fraction, mean over seeds)")
+    ax.set_title("Accuracy vs uploaded bytes")

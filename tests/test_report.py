@@ -1,0 +1,62 @@
+"""`fedtune report` on a fixture of run folders: grouping, the table, readable plots."""
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from fedtune.config import load_config
+from fedtune.report import collect, group, markdown_table, write_report
+
+
+def _run(folder, method, eps, seed, acc):
+    sets = [f"tuning.method={method}", f"seed={seed}"]
+    sets += ["privacy.sample.enabled=false"] if eps is None else [
+        f"privacy.sample.target_epsilon={eps}"]
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(load_config(None, sets).to_toml())
+    rounds = [{"round": r, "accuracy": acc - 0.1 / r, "bytes_up": 1000 * r} for r in (1, 2)]
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    (folder / "summary.json").write_text(json.dumps({
+        "final_accuracy": acc, "epsilon_sample": None if eps is None else eps * 0.8,
+        "epsilon_user": None}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for method in ("prompt", "lora"):
+        for eps, base in ((1, 0.80), (8, 0.90), (None, 0.95)):
+            for seed in (0, 1):
+                _run(tmp_path / f"{method}-{eps}-{seed}", method, eps, seed,
+                     base + 0.01 * seed)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.toml").write_text("")
+    return tmp_path
+
+
+def test_groups_average_over_seeds(runs):
+    groups = group(collect([runs]))
+    assert len(groups) == 6 and all(len(g.runs) == 2 for g in groups)
+    lora8 = next(g for g in groups if g.method == "lora" and g.target_epsilon == 8)
+    assert lora8.accuracy_mean == pytest.approx(0.905)
+    assert lora8.accuracy_std == pytest.approx(0.01 / math.sqrt(2))
+    table = markdown_table(groups)
+    assert "| lora | sample | 8 | 6.40 | 0.9050 +- 0.0071 | 2 | 0.00 |" in table
+    assert "| prompt | none | inf (no DP) | - | 0.9550 +- 0.0071 | 2 |" in table
+
+
+def test_report_writes_table_and_readable_plots(runs, tmp_path):
+    written = write_report(group(collect([runs])), tmp_path / "report", "fixture")
+    assert [p.name for p in written] == ["report.md", "accuracy_vs_epsilon.png",
+                                         "accuracy_vs_round.png", "accuracy_vs_bytes.png"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.startswith("# fixture") and "![accuracy vs epsilon]" in text
+    for png in written[1:]:
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 300 and image.shape[1] > 500 and image.std() > 0.05
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished run folders"):
+        collect([tmp_path])
