@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.checkpoint import CheckpointError
-from fedtune.config import ExperimentConfig
+from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.ledger import SUMMARY_FILE
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
@@ -53,6 +53,24 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def check_user_budget(cfg: ExperimentConfig) -> None:
+    """A given user-level noise multiplier too small for even one round within the budget
+    is a config error, reported before any actor starts."""
+    from fedtune.privacy.user_level import UserLevelAccount
+
+    user = cfg.privacy.user
+    if not (user.enabled and user.noise_multiplier > 0):
+        return
+    account = UserLevelAccount(user.noise_multiplier, cfg.train.clients_per_round,
+                               cfg.data.num_clients, user.delta)
+    first = account.epsilon(1)
+    if first is not None and first > user.target_epsilon:
+        raise ConfigError(
+            f"privacy.user.noise_multiplier={user.noise_multiplier} spends epsilon "
+            f"{first:.3f} in the first round alone, over privacy.user.target_epsilon="
+            f"{user.target_epsilon}; raise the noise or set it to 0 to calibrate")
+
+
 def prepare_resume(out_dir: Path, spec_hash: str) -> int:
     """Check that `out_dir` can be resumed and complete its ledger up to the checkpoint;
     returns the last completed round. Errors name what is wrong before any actor starts."""
@@ -81,6 +99,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
     # backbone or corpus fails here with its own message, and the token cache is warm.
     task = get_task(cfg)
+    check_user_budget(cfg)
     out_dir = Path(out_dir)
     if resume:
         prepare_resume(out_dir, task.spec.hash)

@@ -139,3 +139,15 @@ def test_budget_stop_names_the_round_and_the_level():
     reason = ledger.stop_reason(3, [0, 1])
     assert "round 3 would raise the user-level epsilon to 6.48" in reason
     assert "privacy.user.target_epsilon=6.0" in reason
+
+
+def test_noise_too_small_for_one_round_is_a_config_error():
+    from fedtune.config import ConfigError
+    from fedtune.sim import check_user_budget
+
+    cfg = load_config(None, ["privacy.user.enabled=true", "privacy.user.noise_multiplier=0.3",
+                             "privacy.user.target_epsilon=1"])
+    with pytest.raises(ConfigError, match=r"noise_multiplier=0.3 spends epsilon .* in the "
+                                          r"first round alone"):
+        check_user_budget(cfg)
+    check_user_budget(load_config(None, ["privacy.user.enabled=true"]))  # calibrated: fine
