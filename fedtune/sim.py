@@ -90,6 +90,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`.
     With `resume`, continue the interrupted run in `out_dir` from its checkpoint."""
     quiet_environment()
+    if not verbose:
+        # Actors read it when they import Flower: their shutdown notices stay quiet too.
+        os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
