@@ -12,9 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch.utils.data import TensorDataset
 
+from clients import pruning
 from clients.faults import corrupt, draw_fault, fail_before_training
-from clients.train import local_train
+from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import decode, encode
 from fedtune.privacy import DPHistory
@@ -51,8 +53,12 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if fault in ("crash", "hang"):
         fail_before_training(fault, cfg.faults, server_round)
     history = _load_history(context, config)
-    result = local_train(model, task.client_data(partition_id), cfg, history,
-                         seed=seed,
+    data = task.client_data(partition_id)
+    selection = None
+    if "prune-keep" in config:
+        selection = pruning.select(model, data, config, context, server_round)
+        data = TensorDataset(*(t[selection.indices] for t in data.tensors))
+    result = local_train(model, data, cfg, history, seed=seed,
                          lr=float(config.get("lr", cfg.train.lr)))
     _save_history(context, history)
 
@@ -72,7 +78,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         "loss": result.loss,
         "steps": result.steps,
         "examples-seen": result.examples_seen,
-        "flops": result.flops,
+        "flops": result.flops + (selection.scoring_flops if selection is not None else 0.0),
         "noise-multiplier": result.noise_multiplier,
         "sample-rate": result.sample_rate,
         "dp-steps-total": history.steps,
@@ -80,12 +86,30 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
+    if selection is not None:
+        metrics.update(_pruning_metrics(selection, result, cfg, len(data)))
     content = RecordDict({
         "delta": ArrayRecord({"vector": encode(delta, encoding, task.spec)}),
         "metrics": MetricRecord(metrics),
         "info": ConfigRecord({"spec-hash": spec_hash}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def _pruning_metrics(selection: pruning.Selection, result, cfg: ExperimentConfig,
+                     n_kept: int) -> dict[str, float | int]:
+    """What pruning changed this round. FLOPs saved are expected values: the steps an
+    unpruned client would take, at the measured per-example cost, minus scoring."""
+    batch = min(cfg.train.batch_size, n_kept)
+    per_example = result.flops / max(1, result.examples_seen)
+    skipped = (local_steps(cfg, selection.available) - result.steps) * batch
+    return {
+        "examples-available": selection.available,
+        "examples-kept": n_kept,
+        "rescored": int(selection.rescored),
+        "scoring-flops": selection.scoring_flops,
+        "flops-saved": skipped * per_example - selection.scoring_flops,
+    }
 
 
 def clip_to_norm(delta: np.ndarray, clip_norm: float) -> np.ndarray:

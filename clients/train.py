@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -51,9 +52,17 @@ def _batches(loader: DataLoader, steps: int):
                 return
 
 
+def local_steps(cfg: ExperimentConfig, n: int) -> int:
+    """Steps a client with `n` examples takes in a round: `train.local_steps`, or with
+    `train.local_epochs` > 0 that many passes over its data."""
+    if cfg.train.local_epochs > 0:
+        return max(1, math.ceil(cfg.train.local_epochs * n / min(cfg.train.batch_size, n)))
+    return cfg.train.local_steps
+
+
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                 history: DPHistory, seed: int, lr: float | None = None) -> LocalResult:
-    """Train `model`'s trainable tensors in place for `cfg.train.local_steps` steps.
+    """Train `model`'s trainable tensors in place for `local_steps(cfg, len(data))` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
     ends at most at the target epsilon; `history` accumulates this round's steps.
@@ -61,7 +70,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
-    steps = cfg.train.local_steps
+    steps = local_steps(cfg, n)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(cfg.train.batch_size, n)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)

@@ -111,6 +111,9 @@ class TrainConfig:
     eval_max_examples: int = 0
     # How long the server waits for a round's replies before aggregating what came.
     round_timeout_s: float = 900.0
+    # > 0: each client trains this many passes over its (possibly pruned) data per round,
+    # ceil(epochs * n / batch_size) steps, instead of a fixed train.local_steps.
+    local_epochs: float = 0.0
 
     def validate(self) -> None:
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size",
@@ -121,6 +124,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr_decay must be in (0, 1], got {self.lr_decay!r}")
         _positive("train.round_timeout_s", self.round_timeout_s)
         _nonnegative("train.eval_max_examples", self.eval_max_examples)
+        _nonnegative("train.local_epochs", self.local_epochs)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
 
 
@@ -245,12 +249,17 @@ class ExperimentConfig:
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Strategy plugins, in order: [[plugins]] tables with a `name` and the plugin's params.
+    plugins: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
         _nonnegative("seed", self.seed)
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.simulation):
             section.validate()
+        from strategies.plugins import validate_plugins  # plugins live with the strategies
+
+        validate_plugins(self)
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="

@@ -62,6 +62,8 @@ class DeltaFedAvg(FedAvg):
         self.roster: dict[int, int] = {}
         # Extra config entries for one client's task, by partition id (e.g. its DP history).
         self.client_config: Callable[[int], dict[str, Any]] = lambda pid: {}
+        # Plugins' say over the sampled partition ids (round, pids) -> pids.
+        self.select_cohort: Callable[[int, list[int]], list[int]] = lambda rnd, pids: pids
         # User-level DP: Poisson sampling at this rate, and a mean over this many clients.
         self.poisson_rate: float | None = None
         self.fixed_denominator: int | None = None
@@ -111,7 +113,7 @@ class DeltaFedAvg(FedAvg):
             chosen = [pid for pid in sorted(self.roster) if rng.random() < self.poisson_rate]
         else:
             chosen = rng.sample(sorted(self.roster), self.clients_per_round)
-        return [self.roster[pid] for pid in chosen]
+        return [self.roster[pid] for pid in self.select_cohort(server_round, chosen)]
 
     # -- train
 

@@ -30,6 +30,7 @@ from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, evaluate, get_task
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
+from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserDPRounds
 
@@ -57,7 +58,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                             initial=_evaluate(task, model, vector, cfg))
     privacy = PrivacyLedger(cfg, task, state)
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
-    strategy.client_config = lambda pid: _dp_history_config(state.client_dp.get(pid))
+    plugins = build_plugins(cfg)
+    strategy.client_config = lambda pid: _client_config(pid, state, plugins, state.round + 1)
+    strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
     user_dp = None
     if privacy.user is not None:
         user_dp = UserDPRounds(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
@@ -76,7 +79,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
             state.stopped = {"before_round": rnd, "reason": reason}
             break
-        record = _play_round(rnd, grid, strategy, user_dp, privacy, task, model, state, cfg)
+        record = _play_round(rnd, grid, strategy, user_dp, privacy, plugins, task, model,
+                             state, cfg)
         state.round, state.record = rnd, record
         state.elapsed_s = elapsed_before + time.perf_counter() - t0
         save_checkpoint(out_dir, state)  # first: a kill between the two loses nothing
@@ -96,8 +100,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
 
 
 def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRounds | None,
-                privacy: PrivacyLedger, task: Task, model: TunedModel, state: ServerState,
-                cfg: ExperimentConfig) -> dict[str, Any]:
+                privacy: PrivacyLedger, plugins: list[Plugin], task: Task, model: TunedModel,
+                state: ServerState, cfg: ExperimentConfig) -> dict[str, Any]:
     """One round: send the global vector, aggregate the replies, evaluate; updates `state`
     and returns the round's ledger record."""
     t_round = time.perf_counter()
@@ -114,6 +118,8 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
         arrays, _ = strategy.aggregate_train(rnd, replies)
         new_vector = None if arrays is None else decode(arrays["vector"], task.spec)
     if new_vector is not None:
+        for plugin in plugins:
+            new_vector = plugin.transform(rnd, new_vector, state.vector)
         state.vector = new_vector
     outcome = strategy.outcome
     privacy.record_round(outcome.accepted + outcome.rejected)
@@ -143,6 +149,8 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
     }
     if user_dp is not None:
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
+    for plugin in plugins:
+        record.update(plugin.round_extras(accepted))
     return record
 
 
@@ -173,6 +181,20 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "resumed_at_rounds": state.resumed_at,
         "wall_s": state.elapsed_s,
     }
+
+
+def _client_config(pid: int, state: ServerState, plugins: list[Plugin], rnd: int
+                   ) -> dict[str, Any]:
+    config = _dp_history_config(state.client_dp.get(pid))
+    for plugin in plugins:
+        config.update(plugin.client_config(rnd, pid))
+    return config
+
+
+def _select_cohort(rnd: int, pids: list[int], plugins: list[Plugin]) -> list[int]:
+    for plugin in plugins:
+        pids = plugin.select_cohort(rnd, pids)
+    return pids
 
 
 def _dp_history_config(history: DPHistory | None) -> dict[str, Any]:

@@ -1,0 +1,13 @@
+"""Strategy plugins, registered by name and configured as `[[plugins]]` tables."""
+
+from strategies.plugins import el2n as _el2n  # noqa: F401  (registers itself)
+from strategies.plugins.base import (
+    Plugin,
+    available_plugins,
+    build_plugins,
+    register_plugin,
+    validate_plugins,
+)
+
+__all__ = ["Plugin", "available_plugins", "build_plugins", "register_plugin",
+           "validate_plugins"]

@@ -1,0 +1,56 @@
+"""Dataset pruning by EL2N (Paul et al. 2021; used by SFPrompt): each client scores its
+examples under the current global model, ||softmax(f(x)) - onehot(y)||_2 from one forward
+pass, and trains only on the highest-scoring fraction `keep`.
+
+The server side only tells clients the rule (ConfigRecord entries); scoring and selection
+run on the client (`clients/pruning.py`), which rescores at its first participation and
+then whenever `every` rounds have passed since its last scoring (0: never again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.config import ConfigError
+from strategies.plugins.base import Plugin, register_plugin
+
+SELECTION_CAVEAT = ("el2n_pruning selects training examples by their loss outside DP-SGD: "
+                    "the sample-level epsilon does not cover that selection")
+
+
+@register_plugin
+class EL2NPruning(Plugin):
+    name = "el2n_pruning"
+    params = {"keep": (float, None), "every": (int, 0),
+              "allow_with_sample_dp": (bool, False)}
+
+    @classmethod
+    def check(cls, params: dict[str, Any], cfg: Any, where: str) -> None:
+        if not 0.0 < params["keep"] <= 1.0:
+            raise ConfigError(f"{where}.keep must be in (0, 1], got {params['keep']!r}")
+        if params["every"] < 0:
+            raise ConfigError(f"{where}.every must be >= 0, got {params['every']!r}")
+        if cfg.privacy.sample.enabled and not params["allow_with_sample_dp"]:
+            raise ConfigError(
+                f"{where}: {SELECTION_CAVEAT}. Turn privacy.sample off (user-level DP "
+                f"covers it), or set {where}.allow_with_sample_dp = true to run anyway "
+                "with that caveat in the ledger")
+
+    def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
+        return {"prune-keep": self.keep, "prune-every": self.every}
+
+    def round_extras(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
+        pruned = [c for c in clients if "examples_kept" in c]
+        extras: dict[str, Any] = {
+            "pruning": {
+                "keep": self.keep,
+                "examples_available": sum(c["examples_available"] for c in pruned),
+                "examples_kept": sum(c["examples_kept"] for c in pruned),
+                "examples_trained": sum(c["examples_seen"] for c in pruned),
+                "clients_rescored": sum(int(c["rescored"]) for c in pruned),
+                "scoring_flops": sum(c["scoring_flops"] for c in pruned),
+                "flops_saved": sum(c["flops_saved"] for c in pruned),
+            }}
+        if self.cfg.privacy.sample.enabled:
+            extras["privacy_caveats"] = [SELECTION_CAVEAT]
+        return extras
