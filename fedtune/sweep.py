@@ -102,12 +102,18 @@ def expand(name: str, overrides: tuple[str, ...], grid: object, where: str) -> l
     return variants
 
 
-def _toml(value: object) -> str:
+def _toml(value: object, top: bool = True) -> str:
+    """`value` as `--set key=value` parses it back: a TOML inline value, except that a
+    plain word may stay unquoted at the top level (it reads back as that string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value) if not value.replace("_", "").replace("-", "").isalnum() \
-            else value
+        plain = top and value.replace("_", "").replace("-", "").isalnum()
+        return value if plain else json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v, top=False) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v, top=False)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -232,3 +232,23 @@ def test_user_level_dp_clips_accounts_and_stops_at_the_budget(tmp_path):
         assert r["epsilon_user"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=0.01)
         assert r["epsilon_user"] <= 6.0 and r["epsilon_sample"] <= 8.0
     assert summary["epsilon_user"] == rounds[-1]["epsilon_user"]
+
+
+@pytest.mark.slow
+def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_path):
+    # 10 clients of ~470 examples: one epoch over the kept half is ~8 steps of 32.
+    sets = OVERRIDES + [
+        "data.num_clients=10", "train.clients_per_round=4", "train.rounds=2",
+        "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
+        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]']
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "pruned", sets)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["clients"] > 0
+    for r in rounds:
+        p = r["pruning"]
+        for c in r["per_client"]:
+            assert c["examples_kept"] == -(-c["examples_available"] // 2)  # ceil(n / 2)
+        assert p["examples_kept"] == sum(c["examples_kept"] for c in r["per_client"])
+        assert p["examples_trained"] <= p["examples_available"] / 2 + 32 * len(r["per_client"])
+        assert r["epsilon_user"] is not None and r["epsilon_sample"] is None
+    assert rounds[0]["pruning"]["clients_rescored"] == rounds[0]["clients"]

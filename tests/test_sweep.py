@@ -83,3 +83,12 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeyp
                         ["run", str(spec.base), "--out", str(out / "c"), "--set", "seed=3"]]
     assert [(r["name"], r["final_accuracy"]) for r in rows] == [("a", 0.9), ("b", 0.5),
                                                                  ("c", 0.5)]
+
+
+@pytest.mark.parametrize("value", ["lora", "a b", 3, 2.5, float("inf"), True,
+                                   [1, "x"], [{"name": "el2n_pruning", "keep": 0.5}]])
+def test_grid_values_read_back_through_set(value):
+    from fedtune.config import parse_override
+    from fedtune.sweep import _toml
+
+    assert parse_override(f"k={_toml(value)}") == ("k", value)
