@@ -285,19 +285,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 ) -> ExperimentConfig:
     """Read a TOML file (or the defaults when `path` is None), apply `key=value` overrides,
     and validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     return config_from_dict(raw)
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def config_from_toml(text: str) -> ExperimentConfig:

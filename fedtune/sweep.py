@@ -24,13 +24,12 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from fedtune.checkpoint import CHECKPOINT_FILE
-from fedtune.config import ConfigError, load_config
+from fedtune.config import ConfigError, load_config, read_toml
 from fedtune.ledger import SUMMARY_FILE, read_rounds
 
 
@@ -49,12 +48,7 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "sweep file")
     unknown = sorted(set(raw) - {"name", "base", "run"})
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; allowed: name, base, run")

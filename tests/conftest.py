@@ -47,3 +47,21 @@ def dp_step():
             private.close()
 
     return step
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running Flower app need a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid:
+    """The part of a Flower Grid that sampling reads: the connected node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -12,24 +13,11 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.delta import DeltaSpec, decode, encode
 from strategies import DeltaFedAvg
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    # Messages outside a running Flower app need a task identity.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FakeGrid
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import clip_to_norm
 from fedtune.checkpoint import ServerState
@@ -18,18 +18,7 @@ from strategies import DeltaFedAvg
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserDPRounds
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _spec(size):
@@ -45,8 +34,7 @@ def _rounds(spec, clipping="server", sigma=0.0, clip=1.0, cohort=4, population=4
 
 def _reply(msg, delta, spec, n=10):
     content = RecordDict({
-        "delta": __import__("flwr.app", fromlist=["ArrayRecord"]).ArrayRecord(
-            {"vector": encode(np.asarray(delta, np.float32))}),
+        "delta": ArrayRecord({"vector": encode(np.asarray(delta, np.float32))}),
         "metrics": MetricRecord({"num-examples": n, "loss": 1.0, "flops": 1.0,
                                  "partition-id": msg.metadata.dst_node_id - 100}),
         "info": ConfigRecord({"spec-hash": spec.hash}),
