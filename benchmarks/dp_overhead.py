@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtune.config import GRAD_SAMPLE_MODES, SampleDPConfig, load_config
 from fedtune.privacy import make_private
 from fedtune.task import get_task
+from fedtune.torch_setup import configure_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 Step = Callable[[], None]
@@ -107,7 +108,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     cfg = load_config(ROOT / "experiments/quickstart.toml")
     threads = max(1, int(cfg.simulation.num_cpus_per_client))
-    torch.set_num_threads(threads)
+    configure_torch(num_threads=threads)
     torch.manual_seed(0)
     task = _task("prompt")
     n = cfg.train.batch_size

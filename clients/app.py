@@ -22,6 +22,7 @@ from fedtune.delta import decode, encode
 from fedtune.privacy import DPHistory
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import get_task
+from fedtune.torch_setup import configure_torch
 
 DP_STATE_KEY = "fedtune-dp-history"
 
@@ -31,7 +32,7 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    torch.set_num_threads(max(1, int(cfg.simulation.num_cpus_per_client)))
+    configure_torch(num_threads=int(cfg.simulation.num_cpus_per_client))
     task = get_task(cfg)
     partition_id = int(context.node_config["partition-id"])
     config = msg.content["config"]

@@ -30,6 +30,7 @@ from fedtune.data import tokenize_texts
 from fedtune.delta import DeltaSpec
 from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
 from fedtune.models import load_backbone
+from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
 
 STATE_FILE = "final_state.safetensors"
@@ -93,6 +94,7 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
     what is missing or does not match."""
     from fedtune.task import model_spec
 
+    configure_torch()
     folder = Path(folder)
     for name in (CONFIG_FILE, STATE_FILE):
         if not (folder / name).is_file():

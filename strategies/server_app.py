@@ -28,6 +28,7 @@ from fedtune.ledger import CONFIG_FILE, Ledger
 from fedtune.privacy import DPHistory
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, evaluate, get_task
+from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.plugins import Plugin, build_plugins
@@ -42,6 +43,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     """Run every round of `cfg` on `grid`, writing the run folder; returns the summary.
     With `resume`, continue the run in `out_dir` from its checkpoint."""
     t0 = time.perf_counter()
+    configure_torch()
     out_dir.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg)
     ledger = Ledger(out_dir)
