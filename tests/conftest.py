@@ -65,3 +65,13 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.nodes)
+
+
+@pytest.fixture(autouse=True)
+def _no_flush_denormal_leak():
+    """`configure_torch` flushes denormals process-wide (CPU flags, Python floats too);
+    tests that load models turn it on, and it must not leak into the next test."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
