@@ -16,9 +16,10 @@ from torch.utils.data import TensorDataset
 
 from clients import pruning
 from clients.faults import corrupt, draw_fault, fail_before_training
+from clients.importance import DomainWeighting
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
-from fedtune.delta import decode, encode
+from fedtune.delta import clip_to_norm, decode, encode
 from fedtune.privacy import DPHistory
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import get_task
@@ -60,7 +61,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         selection = pruning.select(model, data, config, context, server_round)
         data = TensorDataset(*(t[selection.indices] for t in data.tensors))
     result = local_train(model, data, cfg, history, seed=seed,
-                         lr=float(config.get("lr", cfg.train.lr)))
+                         lr=float(config.get("lr", cfg.train.lr)),
+                         weighting=DomainWeighting.from_config(config))
     _save_history(context, history)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
@@ -87,6 +89,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
+    if result.importance_weight is not None:
+        metrics["importance-weight"] = result.importance_weight
     if selection is not None:
         metrics.update(_pruning_metrics(selection, result, cfg, len(data)))
     content = RecordDict({
@@ -111,17 +115,6 @@ def _pruning_metrics(selection: pruning.Selection, result, cfg: ExperimentConfig
         "scoring-flops": selection.scoring_flops,
         "flops-saved": skipped * per_example - selection.scoring_flops,
     }
-
-
-def clip_to_norm(delta: np.ndarray, clip_norm: float) -> np.ndarray:
-    """`delta` scaled down to L2 norm `clip_norm` if longer (Flower's flat clipping); the
-    norm is computed in float64 and the scale rounded down so the float32 result never
-    exceeds the bound."""
-    norm = float(np.linalg.norm(delta.astype(np.float64)))
-    if norm <= clip_norm:
-        return delta
-    scale = np.nextafter(np.float32(clip_norm / norm), np.float32(0))
-    return (delta * scale).astype(np.float32)
 
 
 def _load_history(context: Context, config: ConfigRecord) -> DPHistory:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from clients.importance import DomainWeighting
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
 from fedtune.tuning import TunedModel
@@ -32,6 +33,8 @@ class LocalResult:
     noise_multiplier: float
     sample_rate: float
     flops: float
+    # Mean importance weight over the examples trained (population expansion), if used.
+    importance_weight: float | None = None
 
 
 def _optimizer(model: TunedModel, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
@@ -61,11 +64,13 @@ def local_steps(cfg: ExperimentConfig, n: int) -> int:
 
 
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
-                history: DPHistory, seed: int, lr: float | None = None) -> LocalResult:
+                history: DPHistory, seed: int, lr: float | None = None,
+                weighting: DomainWeighting | None = None) -> LocalResult:
     """Train `model`'s trainable tensors in place for `local_steps(cfg, len(data))` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
-    ends at most at the target epsilon; `history` accumulates this round's steps.
+    ends at most at the target epsilon; `history` accumulates this round's steps. With
+    `weighting`, the loss is importance-weighted and trains the domain head too.
     """
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
@@ -90,14 +95,19 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
             private.model, private.optimizer, private.loader, private.criterion)
 
     model.train()
-    losses, seen = [], 0
+    losses, seen, weights = [], 0, []
     try:
         for ids, mask, labels in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
             if labels.numel() == 0:
                 _empty_batch_step(optimizer, model, dp.grad_sample_mode)
                 continue
-            loss = criterion(train_model(ids, mask), labels)
+            logits = train_model(ids, mask)
+            if weighting is None:
+                loss = criterion(logits, labels) + _unused_domain_head(model)
+            else:
+                loss, mean_weight = weighting.loss(model, logits, labels)
+                weights.append((mean_weight, int(labels.numel())))
             loss.backward()
             optimizer.step()
             losses.append(loss.detach().item())
@@ -113,7 +123,15 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     return LocalResult(
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
         epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate, flops=flops,
+        importance_weight=(sum(w * n for w, n in weights) / max(1, seen)) if weights else None,
     )
+
+
+def _unused_domain_head(model: TunedModel) -> torch.Tensor | float:
+    """A zero that still reaches the domain head when nothing weights by it: Opacus wants a
+    (here zero) per-sample gradient for every trainable tensor."""
+    logit = getattr(model.head, "last_domain_logit", None)
+    return 0.0 if logit is None else 0.0 * logit.mean()
 
 
 def _empty_batch_step(optimizer: torch.optim.Optimizer, model: TunedModel, mode: str) -> None:

@@ -45,6 +45,13 @@ class DataConfig:
     alpha: float = 0.5
     by: str = "mailing_list"
     options: dict[str, Any] = field(default_factory=dict)
+    # Two domains (population expansion): rows whose `domain_by` column equals
+    # `target_domain` are split among the first `target_clients` clients, the other rows
+    # (the source domain) among the remaining num_clients - target_clients, and the test
+    # split keeps only target rows. Empty `domain_by`: one domain, every row, every client.
+    domain_by: str = ""
+    target_domain: str = ""
+    target_clients: int = 0
 
     def validate(self) -> None:
         from fedtune.data import available_corpora, available_partitioners
@@ -53,6 +60,19 @@ class DataConfig:
         _choice("data.partition", self.partition, available_partitioners())
         _positive("data.num_clients", self.num_clients)
         _positive("data.alpha", self.alpha)
+        if not self.domain_by:
+            if self.target_domain or self.target_clients:
+                raise ConfigError("data.target_domain and data.target_clients need "
+                                  "data.domain_by (the column that names each row's domain)")
+            return
+        _nonempty("data.target_domain", self.target_domain)
+        if not 1 <= self.target_clients <= self.num_clients:
+            raise ConfigError(f"data.target_clients must be in [1, data.num_clients="
+                              f"{self.num_clients}], got {self.target_clients!r}")
+
+    @property
+    def source_clients(self) -> int:
+        return self.num_clients - self.target_clients if self.domain_by else 0
 
 
 @dataclass
@@ -79,6 +99,9 @@ class TuningConfig:
     slash_seed: int = 0
     slash_position: str = "output"
     slash_lr_scale: float = 0.1
+    # A federated domain classifier (target vs source) next to the task head, on the same
+    # pooled features; the population-expansion plugin's importance weighting reads it.
+    domain_head: bool = False
 
     def validate(self) -> None:
         from fedtune.tuning import available_methods

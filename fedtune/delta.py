@@ -187,3 +187,14 @@ def array_bytes(record_dict: object) -> int:
         for array in record.values():
             total += len(array.data)
     return total
+
+
+def clip_to_norm(delta: np.ndarray, clip_norm: float) -> np.ndarray:
+    """`delta` scaled down to L2 norm `clip_norm` if longer (Flower's flat clipping); the
+    norm is computed in float64 and the scale rounded down so the float32 result never
+    exceeds the bound."""
+    norm = float(np.linalg.norm(delta.astype(np.float64)))
+    if norm <= clip_norm:
+        return delta
+    scale = np.nextafter(np.float32(clip_norm / norm), np.float32(0))
+    return (delta * scale).astype(np.float32)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.config import ExperimentConfig, config_from_toml
-from fedtune.data import load_corpus, partition, tokenize_cached
+from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, load_backbone
 from fedtune.tuning import TunedModel, build_tuned_model
@@ -61,6 +61,11 @@ class Task:
     def initial_vector(self) -> np.ndarray:
         return self.spec.flatten(self.new_model().trainable_state())
 
+    def is_source(self, partition_id: int) -> bool:
+        """Whether a client belongs to the source domain of an expanded population."""
+        data = self.cfg.data
+        return bool(data.domain_by) and partition_id >= data.target_clients
+
     def client_data(self, partition_id: int) -> TensorDataset:
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
@@ -91,8 +96,16 @@ def _build_task(key: str, cfg_toml: str) -> Task:
         tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length)
         splits[name] = Split(tok["input_ids"], tok["attention_mask"],
                              np.asarray(ds["label"], dtype=np.int64))
-    parts = partition(corpus["train"], cfg.data.partition, cfg.data.num_clients,
-                      seed=cfg.seed, alpha=cfg.data.alpha, by=cfg.data.by)
+    if cfg.data.domain_by:
+        # With two domains, the utility that counts is the target domain's.
+        rows = target_rows(corpus["test"], cfg.data.domain_by, cfg.data.target_domain, "test")
+        test = splits["test"]
+        splits["test"] = Split(test.input_ids[rows], test.attention_mask[rows],
+                               test.labels[rows])
+        parts = partition_domains(corpus["train"], cfg.data, cfg.seed)
+    else:
+        parts = partition(corpus["train"], cfg.data.partition, cfg.data.num_clients,
+                          seed=cfg.seed, alpha=cfg.data.alpha, by=cfg.data.by)
     label_names = _label_names(corpus["train"])
     num_labels = len(label_names)
     model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)

@@ -64,6 +64,8 @@ class DeltaFedAvg(FedAvg):
         self.client_config: Callable[[int], dict[str, Any]] = lambda pid: {}
         # Plugins' say over the sampled partition ids (round, pids) -> pids.
         self.select_cohort: Callable[[int, list[int]], list[int]] = lambda rnd, pids: pids
+        # Plugins' factor in [0, 1] on a client's delta, (round, pid) -> weight.
+        self.client_weight: Callable[[int, int], float] = lambda rnd, pid: 1.0
         # User-level DP: Poisson sampling at this rate, and a mean over this many clients.
         self.poisson_rate: float | None = None
         self.fixed_denominator: int | None = None
@@ -158,9 +160,11 @@ class DeltaFedAvg(FedAvg):
                 self.reject(server_round, msg, str(exc))
                 continue
             accepted.append((msg, delta))
-            self.outcome.accepted.append({"node": node, "bytes_up": array_bytes(msg.content),
-                                          "delta_norm": float(np.linalg.norm(delta)),
-                                          **_plain(metrics)})
+            self.outcome.accepted.append({
+                "node": node, "bytes_up": array_bytes(msg.content),
+                "delta_norm": float(np.linalg.norm(delta)),
+                "weight": self.client_weight(server_round, partition_of.get(node, -1)),
+                **_plain(metrics)})
         seen = {c["node"] for c in
                 self.outcome.accepted + self.outcome.rejected + self.outcome.failed}
         for node in self.outcome.sampled:
@@ -195,7 +199,10 @@ class DeltaFedAvg(FedAvg):
         accepted = self.screen(server_round, replies)
         if not accepted:
             return None, None
-        w = np.asarray([float(m.content["metrics"]["num-examples"]) for m, _ in accepted])
+        w = np.asarray([c["num_examples"] * c["weight"] for c in self.outcome.accepted],
+                       dtype=np.float64)
+        if not w.sum() > 0:  # every client weighted 0: nothing to move the model by
+            return None, None
         deltas = np.stack([d for _, d in accepted]).astype(np.float64)
         mean_delta = (deltas * (w / w.sum())[:, None]).sum(0)
         new_global = (self._global + mean_delta).astype(np.float32)

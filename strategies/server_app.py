@@ -63,6 +63,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     plugins = build_plugins(cfg)
     strategy.client_config = lambda pid: _client_config(pid, state, plugins, state.round + 1)
     strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
+    strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
     user_dp = None
     if privacy.user is not None:
         user_dp = UserDPRounds(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
@@ -152,7 +153,7 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
     if user_dp is not None:
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
     for plugin in plugins:
-        record.update(plugin.round_extras(accepted))
+        record.update(plugin.round_extras(rnd, accepted))
     return record
 
 
@@ -182,7 +183,17 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "test_examples": n_test,
         "resumed_at_rounds": state.resumed_at,
         "wall_s": state.elapsed_s,
+        **_population(cfg),
     }
+
+
+def _population(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Who the accuracy is about: with two domains, the target domain's test rows only."""
+    data = cfg.data
+    if not data.domain_by:
+        return {}
+    return {"eval_domain": f"{data.domain_by}={data.target_domain}",
+            "target_clients": data.target_clients, "source_clients": data.source_clients}
 
 
 def _client_config(pid: int, state: ServerState, plugins: list[Plugin], rnd: int
@@ -197,6 +208,13 @@ def _select_cohort(rnd: int, pids: list[int], plugins: list[Plugin]) -> list[int
     for plugin in plugins:
         pids = plugin.select_cohort(rnd, pids)
     return pids
+
+
+def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
+    weight = 1.0
+    for plugin in plugins:
+        weight *= plugin.client_weight(rnd, pid)
+    return weight
 
 
 def _dp_history_config(history: DPHistory | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtune.config import UserDPConfig
+from fedtune.delta import clip_to_norm
 from strategies.delta_fedavg import DeltaFedAvg
 
 WRAPPERS = {"server": DifferentialPrivacyServerSideFixedClipping,
@@ -53,6 +54,7 @@ class UserDPRounds:
         accepted = self.inner.screen(server_round, replies)
         base = self.inner._global.astype(np.float64)  # noqa: SLF001 (set by configure_train)
         limit = self.cfg.clip_norm * (1 + CLIP_TOLERANCE)
+        weights = {c["node"]: c["weight"] for c in self.inner.outcome.accepted}
         as_model = []
         for msg, delta in accepted:
             norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -61,6 +63,11 @@ class UserDPRounds:
                                   f"privacy.user.clip_norm={self.cfg.clip_norm} "
                                   "(client-side clipping)")
                 continue
+            weight = weights[msg.metadata.src_node_id]
+            if weight != 1.0:
+                # Clip first, then weight: the wrapper's own clipping is then a no-op and
+                # a weight <= 1 can only shrink what one client contributes.
+                delta = clip_to_norm(delta, self.cfg.clip_norm) * weight
             msg.content = RecordDict({
                 "delta": ArrayRecord({"vector": Array(base + delta.astype(np.float64))}),
                 "metrics": msg.content["metrics"]})

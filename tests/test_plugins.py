@@ -47,7 +47,7 @@ def test_pruning_with_sample_dp_needs_an_explicit_caveat():
         _cfg(table, extra=())
     cfg = _cfg({**table, "allow_with_sample_dp": True}, extra=())
     (plugin,) = build_plugins(cfg)
-    extras = plugin.round_extras([])
+    extras = plugin.round_extras(1, [])
     assert "does not cover" in extras["privacy_caveats"][0]
     assert plugin.client_config(1, 0) == {"prune-keep": 0.5, "prune-every": 0}
 

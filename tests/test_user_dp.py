@@ -9,10 +9,9 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.app import clip_to_norm
 from fedtune.checkpoint import ServerState
 from fedtune.config import UserDPConfig, load_config
-from fedtune.delta import DeltaSpec, encode
+from fedtune.delta import DeltaSpec, clip_to_norm, encode
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from strategies import DeltaFedAvg
 from strategies.privacy_ledger import PrivacyLedger

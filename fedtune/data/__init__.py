@@ -4,6 +4,7 @@
 - `partition(dataset, scheme, num_partitions, seed=...)`: one index array per client
 - `tokenize_cached(dataset, tokenizer, max_length)`: token arrays, cached on disk
 - `tokenize_texts(texts, tokenizer, max_length)`: the same arrays, uncached
+- `partition_domains(dataset, data_cfg, seed)`: target clients, then source clients
 """
 
 from fedtune.data.corpora import (
@@ -13,6 +14,7 @@ from fedtune.data.corpora import (
     load_corpus,
     register_corpus,
 )
+from fedtune.data.domains import partition_domains, target_rows
 from fedtune.data.partition import (
     PartitionError,
     available_partitioners,
@@ -25,5 +27,6 @@ from fedtune.data.tokenize import default_cache_dir, tokenize_cached, tokenize_t
 __all__ = [
     "CorpusError", "PartitionError", "available_corpora", "available_partitioners",
     "corpus_options", "default_cache_dir", "load_corpus", "natural_groups", "partition",
-    "register_corpus", "register_partitioner", "tokenize_cached", "tokenize_texts",
+    "partition_domains", "register_corpus", "register_partitioner", "target_rows",
+    "tokenize_cached", "tokenize_texts",
 ]

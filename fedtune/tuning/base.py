@@ -15,9 +15,16 @@ class ClassificationHead(nn.Module):
 
     The pooled vector is standardised per example first (LayerNorm without parameters: no
     privacy cost). Sentence embeddings share a large common direction; without this, noisy
-    DP-SGD steps on the head are badly conditioned and accuracy swings between rounds."""
+    DP-SGD steps on the head are badly conditioned and accuracy swings between rounds.
 
-    def __init__(self, hidden_size: int, num_labels: int, hidden: int = 0) -> None:
+    With `domain=True` a second, zero-initialised linear layer scores target vs source
+    domain on the same standardised features. Its input is detached: the domain loss trains
+    that layer only, never the features the task depends on. The forward still returns the
+    task logits alone (what Opacus and evaluation expect); the domain logit of the last
+    forward is kept in `last_domain_logit`."""
+
+    def __init__(self, hidden_size: int, num_labels: int, hidden: int = 0,
+                 domain: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         layers: list[nn.Module] = []
@@ -30,9 +37,18 @@ class ClassificationHead(nn.Module):
         nn.init.zeros_(out.bias)
         layers.append(out)
         self.net = nn.Sequential(*layers)
+        self.domain: nn.Linear | None = None
+        if domain:
+            self.domain = nn.Linear(hidden_size, 1)
+            nn.init.zeros_(self.domain.weight)
+            nn.init.zeros_(self.domain.bias)
+        self.last_domain_logit: torch.Tensor | None = None
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.net(self.norm(pooled))
+        features = self.norm(pooled)
+        if self.domain is not None:
+            self.last_domain_logit = self.domain(features.detach()).squeeze(-1)
+        return self.net(features)
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,11 +97,11 @@ class EncoderClassifier(TunedModel):
     backbone_eval_in_training = False
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int,
-                 head_hidden: int, lr_scale: float = 1.0) -> None:
+                 head_hidden: int, lr_scale: float = 1.0, domain_head: bool = False) -> None:
         super().__init__()
         _disable_dropout(encoder)
         self.backbone = encoder
-        self.head = ClassificationHead(hidden_size, num_labels, head_hidden)
+        self.head = ClassificationHead(hidden_size, num_labels, head_hidden, domain_head)
         self.lr_scale = lr_scale
 
     def param_groups(self, lr: float) -> list[dict]:

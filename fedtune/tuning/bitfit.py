@@ -16,7 +16,7 @@ class BitFitModel(EncoderClassifier):
         for name, param in encoder.named_parameters():
             param.requires_grad_(name.endswith(".bias"))
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
-                         lr_scale=cfg.bitfit_lr_scale)
+                         lr_scale=cfg.bitfit_lr_scale, domain_head=cfg.domain_head)
 
 
 @register_method("bitfit")

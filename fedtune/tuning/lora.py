@@ -34,7 +34,7 @@ class LoRAModel(EncoderClassifier):
                 raise ConfigError(f"tuning.lora_targets={list(cfg.lora_targets)}: "
                                   f"{str(exc).splitlines()[0]}") from None
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
-                         lr_scale=cfg.lora_lr_scale)
+                         lr_scale=cfg.lora_lr_scale, domain_head=cfg.domain_head)
         self.lora_config = config
 
 

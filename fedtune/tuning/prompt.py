@@ -55,7 +55,8 @@ class PromptModel(TunedModel):
             init = words[rows].detach().clone()
         self.prompt = SoftPrompt(init)
         self.prompt_lr_scale = cfg.prompt_lr_scale
-        self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden)
+        self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
+                                       cfg.domain_head)
 
     def param_groups(self, lr: float) -> list[dict]:
         return [

@@ -58,7 +58,8 @@ class SlashModel(TunedModel):
             proj = torch.randn(cfg.slash_size, target.out_features, generator=generator)
             self.register_buffer(f"proj_{i}", proj / cfg.slash_size**0.5, persistent=False)
         self.z = SharedVector(cfg.slash_size)
-        self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden)
+        self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
+                                       cfg.domain_head)
         self.lr_scale = cfg.slash_lr_scale
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -1,6 +1,7 @@
 """Strategy plugins, registered by name and configured as `[[plugins]]` tables."""
 
 from strategies.plugins import el2n as _el2n  # noqa: F401  (registers itself)
+from strategies.plugins import expansion as _expansion  # noqa: F401
 from strategies.plugins.base import (
     Plugin,
     available_plugins,

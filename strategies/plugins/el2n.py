@@ -39,7 +39,7 @@ class EL2NPruning(Plugin):
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
         return {"prune-keep": self.keep, "prune-every": self.every}
 
-    def round_extras(self, clients: list[dict[str, Any]]) -> dict[str, Any]:
+    def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         pruned = [c for c in clients if "examples_kept" in c]
         extras: dict[str, Any] = {
             "pruning": {
