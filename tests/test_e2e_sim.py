@@ -252,3 +252,28 @@ def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_pa
         assert p["examples_trained"] <= p["examples_available"] / 2 + 32 * len(r["per_client"])
         assert r["epsilon_user"] is not None and r["epsilon_sample"] is None
     assert rounds[0]["pruning"]["clients_rescored"] == rounds[0]["clients"]
+
+
+@pytest.mark.slow
+def test_population_expansion_with_importance_weighting_composes_with_both_dp_levels(tmp_path):
+    sets = OVERRIDES + [
+        "data.num_clients=8", "train.clients_per_round=4", "train.rounds=2",
+        "train.local_steps=2", "data.partition=iid", "data.domain_by=collection",
+        "data.target_domain=set2", "data.target_clients=4", "tuning.domain_head=true",
+        "privacy.user.enabled=true",
+        'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]']
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "expanded", sets)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_domain"] == "collection=set2"
+    assert (summary["target_clients"], summary["source_clients"]) == (4, 4)
+    assert summary["epsilon_user"] is not None and summary["epsilon_sample"] is not None
+    # q = cohort / whole expanded population
+    assert rounds[0]["privacy_user"]["sample_rate"] == pytest.approx(4 / 8)
+    clients = [c for r in rounds for c in r["per_client"]]
+    assert clients and {c["partition_id"] < 4 for c in clients} == {True, False}
+    for c in clients:
+        source = c["partition_id"] >= 4
+        assert c["weight"] == (0.5 if source else 1.0)
+        assert c["importance_weight"] > 0 and (source or c["importance_weight"] == 1.0)
+    assert all(r["expansion"]["weighting"] == "importance" for r in rounds)

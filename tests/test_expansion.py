@@ -1,0 +1,153 @@
+"""Population expansion: two-domain partitions, the plugin's weights and schedule, weights
+applied after user-level clipping, and the importance-weighted loss."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FakeGrid
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from clients.importance import DomainWeighting
+from fedtune.config import ConfigError, UserDPConfig, load_config
+from fedtune.data import PartitionError, load_corpus, partition_domains
+from fedtune.delta import DeltaSpec, decode, encode
+from fedtune.tuning.base import ClassificationHead
+from strategies import DeltaFedAvg
+from strategies.plugins import build_plugins
+from strategies.user_dp import UserDPRounds
+
+DOMAINS = ["privacy.sample.enabled=false", "data.partition=iid", "train.clients_per_round=2",
+           "data.domain_by=collection", "data.target_domain=set2"]
+
+
+def _cfg(*extra, plugin=None):
+    cfg = load_config(None, [*DOMAINS, *extra])
+    if plugin is not None:
+        cfg.plugins = [plugin]
+        cfg.validate()
+    return cfg
+
+
+def test_target_clients_come_first_and_hold_only_target_rows():
+    cfg = _cfg("data.num_clients=12", "data.target_clients=4")
+    train = load_corpus("spamassassin")["train"]
+    parts = partition_domains(train, cfg.data, seed=0)
+    collection = np.asarray(train["collection"])
+    assert len(parts) == 12
+    assert all((collection[p] == "set2").all() for p in parts[:4])
+    assert all((collection[p] == "set1").all() for p in parts[4:])
+    everything = np.concatenate(parts)
+    assert len(everything) == len(train) == len(np.unique(everything))
+    # The target population is the one a target-only run gets.
+    alone = partition_domains(train, _cfg("data.num_clients=4", "data.target_clients=4").data, 0)
+    for a, b in zip(alone, parts[:4], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_domain_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="data.target_clients must be in"):
+        _cfg("data.num_clients=4", "data.target_clients=5")
+    with pytest.raises(ConfigError, match="need data.domain_by"):
+        load_config(None, ["data.target_clients=3"])
+    cfg = _cfg("data.num_clients=4", "data.target_clients=2", "data.target_domain=set9")
+    with pytest.raises(PartitionError, match="'set9' matches no row.*set1"):
+        partition_domains(load_corpus("spamassassin")["train"], cfg.data, 0)
+
+
+@pytest.mark.parametrize("table,extra,message", [
+    ({"weighting": "magic"}, (), "weighting='magic' is not one of"),
+    ({"lam": 1.5}, (), r"lam must be in \[0, 1\]"),
+    ({"weighting": "importance"}, (), "set tuning.domain_head = true"),
+    ({}, ("data.target_clients=20",), "needs a source population"),
+])
+def test_bad_expansion_params_are_named(table, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg("data.num_clients=20", "data.target_clients=5", *extra,
+             plugin={"name": "population_expansion", **table})
+
+
+def test_anneal_weights_fall_to_zero_and_then_source_clients_are_not_asked():
+    cfg = _cfg("data.num_clients=20", "data.target_clients=5", "train.rounds=5",
+               plugin={"name": "population_expansion", "weighting": "anneal", "lam": 0.8,
+                       "anneal_rounds": 4})
+    (plugin,) = build_plugins(cfg)
+    assert [plugin.client_weight(r, 7) for r in (1, 3, 5)] == pytest.approx([0.8, 0.4, 0.0])
+    assert plugin.client_weight(5, 2) == 1.0
+    assert plugin.select_cohort(4, [1, 6, 9]) == [1, 6, 9]
+    assert plugin.select_cohort(5, [1, 6, 9]) == [1]
+    extras = plugin.round_extras(3, [{"partition_id": 1}, {"partition_id": 6}])["expansion"]
+    assert extras["source_weight"] == pytest.approx(0.4)
+    assert (extras["target_clients"], extras["source_clients"]) == (1, 1)
+
+
+def test_importance_weighting_tells_each_client_its_domain():
+    cfg = _cfg("data.num_clients=20", "data.target_clients=5", "tuning.domain_head=true",
+               plugin={"name": "population_expansion", "weighting": "importance",
+                       "max_weight": 3.0})
+    (plugin,) = build_plugins(cfg)
+    assert plugin.client_config(1, 4) == {"domain-target": 1, "importance-max": 3.0}
+    assert plugin.client_config(1, 5) == {"domain-target": 0, "importance-max": 3.0}
+
+
+def _spec(size):
+    return DeltaSpec.from_state({"w": torch.zeros(size)}, "bb", {"m": 1})
+
+
+def _replies(msgs, deltas, spec):
+    out = []
+    for msg, delta in zip(msgs, deltas, strict=True):
+        content = RecordDict({
+            "delta": ArrayRecord({"vector": encode(np.asarray(delta, np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "flops": 1.0,
+                                     "partition-id": msg.metadata.dst_node_id - 100}),
+            "info": ConfigRecord({"spec-hash": spec.hash})})
+        out.append(Message(content=content, reply_to=msg))
+    return out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_user_dp_weights_apply_after_clipping():
+    spec = _spec(4)
+    strategy = DeltaFedAvg(spec, 2, seed=0)
+    strategy.roster = {0: 100, 1: 101}
+    strategy.client_weight = lambda rnd, pid: 0.5 if pid == 1 else 1.0
+    rounds = UserDPRounds(strategy, UserDPConfig(enabled=True, clip_norm=1.0), 0.0, 2)
+    base = np.zeros(4, np.float32)
+    msgs = list(rounds.configure_train(1, base, ConfigRecord({}), FakeGrid([])))
+    deltas = [np.array([0.3, 0, 0, 0]), np.array([0, 8.0, 0, 0])]
+    new = rounds.aggregate_train(1, _replies(msgs, deltas, spec))
+    # Source delta clipped to norm 1, then halved: it adds 0.5, not 4 or 1.
+    np.testing.assert_allclose(new, [0.3 / 2, 0.5 / 2, 0, 0], rtol=1e-6)
+    assert max(strategy.outcome.aggregated_norms) <= 1.0
+    assert [c["weight"] for c in strategy.outcome.accepted] == [1.0, 0.5]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedavg_weights_multiply_the_example_counts():
+    spec = _spec(2)
+    strategy = DeltaFedAvg(spec, 2, seed=0)
+    strategy.roster = {0: 100, 1: 101}
+    strategy.client_weight = lambda rnd, pid: 0.0 if pid == 1 else 1.0
+    msgs = list(strategy.configure_train(1, ArrayRecord({"vector": encode(np.zeros(2))}),
+                                         ConfigRecord({}), FakeGrid([])))
+    arrays, _ = strategy.aggregate_train(1, _replies(msgs, [[1.0, 0], [0, 5.0]], spec))
+    np.testing.assert_allclose(decode(arrays["vector"], spec), [1.0, 0.0])
+
+
+def test_source_examples_weigh_by_the_domain_odds_clipped():
+    head = ClassificationHead(4, 2, domain=True)
+    with torch.no_grad():
+        head.domain.weight.copy_(torch.tensor([[3.0, 0, 0, 0]]))
+    pooled = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    logits = head(pooled)
+    labels = torch.tensor([0, 1])
+    model = torch.nn.Module()
+    model.head = head
+    odds = head.last_domain_logit.detach().exp()
+    _, mean_source = DomainWeighting(False, 2.0).loss(model, logits, labels)
+    assert mean_source == pytest.approx(float(odds.clamp(max=2.0).mean()))
+    loss, mean_target = DomainWeighting(True, 2.0).loss(model, logits, labels)
+    assert mean_target == 1.0
+    loss.backward()
+    # The domain loss trains the domain layer, and never the pooled features.
+    assert head.domain.weight.grad.abs().sum() > 0
