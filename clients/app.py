@@ -23,7 +23,7 @@ from fedtune.delta import clip_to_norm, decode, encode
 from fedtune.privacy import DPHistory
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import get_task
-from fedtune.torch_setup import configure_torch
+from fedtune.torch_setup import client_device, configure_torch
 
 DP_STATE_KEY = "fedtune-dp-history"
 
@@ -34,6 +34,7 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
     configure_torch(num_threads=int(cfg.simulation.num_cpus_per_client))
+    device = client_device(cfg.simulation.num_gpus_per_client)
     task = get_task(cfg)
     partition_id = int(context.node_config["partition-id"])
     config = msg.content["config"]
@@ -44,7 +45,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         )
     global_vec = decode(msg.content["global"]["vector"], task.spec)
 
-    model = task.new_model()
+    # On a GPU worker this also moves the process's shared frozen backbone, once.
+    model = task.new_model().to(device)
     with torch.no_grad():
         for name, tensor in task.spec.unflatten(global_vec).items():
             model.get_parameter(name).copy_(tensor)

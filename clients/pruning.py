@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
 
 STATE_KEY = "fedtune-el2n"
@@ -31,13 +32,14 @@ class Selection:
 def el2n_scores(model: TunedModel, data: TensorDataset) -> np.ndarray:
     """||softmax(logits) - onehot(label)||_2 per example, one forward pass each."""
     model.eval()
-    ids, mask, labels = data.tensors
+    device = model_device(model)
+    ids, mask, labels = (t.to(device) for t in data.tensors)
     scores = []
     for start in range(0, len(labels), SCORE_BATCH):
         sl = slice(start, start + SCORE_BATCH)
         probs = torch.softmax(model(ids[sl], mask[sl]).float(), dim=-1)
         onehot = torch.nn.functional.one_hot(labels[sl], probs.shape[-1]).float()
-        scores.append(torch.linalg.vector_norm(probs - onehot, dim=-1).numpy())
+        scores.append(torch.linalg.vector_norm(probs - onehot, dim=-1).cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -67,7 +69,7 @@ _FORWARD_FLOPS: dict[tuple[str, int, int], float] = {}
 
 def forward_flops(model: TunedModel, data: TensorDataset) -> float:
     """FLOPs of one example's forward pass (torch's FlopCounterMode), cached per shape."""
-    ids, mask, _ = data[0]
+    ids, mask, _ = (t.to(model_device(model)) for t in data[0])
     key = (model.method, model.num_trainable(), int(ids.shape[0]))
     if key not in _FORWARD_FLOPS:
         counter = FlopCounterMode(display=False)

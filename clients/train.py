@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from clients.importance import DomainWeighting
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
+from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
 
 # Known, understood warnings that would otherwise print once per actor per round.
@@ -95,9 +96,11 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
             private.model, private.optimizer, private.loader, private.criterion)
 
     model.train()
+    device = model_device(model)
     losses, seen, weights = [], 0, []
     try:
-        for ids, mask, labels in _batches(loader, steps):
+        for batch in _batches(loader, steps):
+            ids, mask, labels = (t.to(device, non_blocking=True) for t in batch)
             optimizer.zero_grad(set_to_none=True)
             if labels.numel() == 0:
                 _empty_batch_step(optimizer, model, dp.grad_sample_mode)
@@ -143,7 +146,7 @@ def _empty_batch_step(optimizer: torch.optim.Optimizer, model: TunedModel, mode:
                            "supported; raise train.batch_size or use grad_sample_mode='hooks'")
     for p in model.parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
 
 
@@ -154,7 +157,7 @@ def flops_per_example(model: TunedModel, data: TensorDataset) -> float:
     """Forward + backward FLOPs of one training example, counted by torch's FlopCounterMode.
     Matmul FLOPs are linear in the batch, so examples x this is the exact count of the
     plain training step; it is measured once per (method, size, sequence length)."""
-    ids, mask, _ = data[0]
+    ids, mask, _ = (t.to(model_device(model)) for t in data[0])
     key = (model.method, model.num_trainable(), int(ids.shape[0]))
     if key not in _FLOPS_CACHE:
         counter = FlopCounterMode(display=False)

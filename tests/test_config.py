@@ -99,3 +99,16 @@ def test_flwr_run_config_path_reads_file_and_overrides():
 def test_lr_decay_range():
     with pytest.raises(ConfigError, match=r"train.lr_decay must be in \(0, 1\]"):
         load_config(None, ["train.lr_decay=1.5"])
+
+
+def test_a_gpu_client_without_cuda_gets_a_clear_error(monkeypatch):
+    import torch
+
+    from fedtune.torch_setup import client_device, model_device
+
+    assert client_device(0.0) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="num_gpus_per_client=0.5 but this process sees no"):
+        client_device(0.5)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    assert model_device(frozen) == torch.device("cpu")

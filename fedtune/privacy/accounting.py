@@ -7,6 +7,7 @@ records, so anyone can recompute each reported epsilon.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,10 +58,13 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
         return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
-    after `steps` steps at `sample_rate` is at most `target_epsilon`."""
+    after `steps` steps at `sample_rate` is at most `target_epsilon`. Cached: the search
+    can take longer than a whole GPU training round (benchmarks/gpu_check.py), and a
+    client asks the same question every round it takes part."""
     with np.errstate(divide="ignore"):
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.config import SampleDPConfig
+from fedtune.torch_setup import model_device
 
 
 @dataclass
@@ -46,7 +47,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=cfg.grad_sample_mode,
-        noise_generator=torch.Generator().manual_seed(seed),
+        # Opacus draws the noise on the gradients' device, with this generator.
+        noise_generator=torch.Generator(device=model_device(model)).manual_seed(seed),
     )
     if len(out) == 4:  # ghost clipping also wraps the criterion
         dp_model, dp_optimizer, criterion, dp_loader = out
