@@ -1,0 +1,96 @@
+"""Deployment on loopback: a SuperLink with TLS and SuperNode authentication, two
+registered SuperNodes (each its own partition) running the same ServerApp and ClientApp as
+the simulation, and a SuperNode with an unregistered key that must be refused. Every
+process is started by `LocalDeployment` and stopped by PID, also when a test fails."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedtune.deploy.address import DeployError, check_address, check_file
+from fedtune.deploy.certs import write_certs
+from fedtune.deploy.local import LocalDeployment
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ("name=deploy data.num_clients=2 train.clients_per_round=2 train.rounds=2 "
+             "train.local_steps=1 train.batch_size=8 model.max_length=16 "
+             "tuning.prompt_length=2 train.eval_max_examples=32")
+
+
+def test_certs_chain_to_the_ca_and_cover_loopback(tmp_path):
+    files = write_certs(tmp_path, hosts=["superlink.example", "10.0.0.5"], nodes=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink.example"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {"127.0.0.1", "10.0.0.5"} <= {str(ip) for ip in san.get_values_for_type(
+        x509.IPAddress)}
+    for key_path in files.node_keys:
+        key = load_ssh_private_key(key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert key_path.with_name(key_path.name + ".pub").read_text().startswith(
+            "ecdsa-sha2-nistp384 ")
+        assert key_path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:9092", "127.0.0.1", "host:99999",
+                                     ":9092", "127.0.0.1:0"])
+def test_bad_addresses_are_named(address):
+    with pytest.raises(DeployError, match="--superlink"):
+        check_address(address, "--superlink")
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(DeployError, match=r"--root-certificates: no such file: .*ca\.crt"):
+        check_file(tmp_path / "ca.crt", "--root-certificates")
+
+
+def test_worker_rejects_a_bad_address_before_importing_the_app():
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fedtune.deploy.worker",
+                           "--runtime-api-address", "https://127.0.0.1:9094"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--runtime-api-address" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    deployment = LocalDeployment(tmp_path_factory.mktemp("deploy"), nodes=2)
+    with deployment:
+        yield deployment
+
+
+@pytest.mark.slow
+def test_two_rounds_on_two_authenticated_supernodes(deployment):
+    out = deployment.root / "run"
+    res = deployment.run(ROOT, {"config": ROOT / "experiments" / "quickstart.toml",
+                                "overrides": OVERRIDES, "out": out}, timeout=600)
+    assert (out / "summary.json").exists(), \
+        f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        assert sorted(c["partition_id"] for c in r["per_client"]) == [0, 1]
+        assert r["bytes_up"] > 0 and r["epsilon_sample"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["method"] == "prompt"
+    assert (out / "config.toml").exists() and (out / "final_state.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_supernode_with_an_unregistered_key_is_refused(deployment):
+    node = deployment.unregistered_supernode(max_retries=0)
+    try:
+        code = node.popen.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the unregistered SuperNode is still running:\n{node.output()[-3000:]}")
+    assert code != 0
+    assert "Failed to activate SuperNode" in node.output(), node.output()[-3000:]
