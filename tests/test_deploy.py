@@ -60,9 +60,27 @@ def test_worker_rejects_a_bad_address_before_importing_the_app():
     assert proc.returncode == 2 and "--runtime-api-address" in proc.stderr
 
 
+NODE_FILE_EXAMPLES = 40
+
+
+def _write_node_file(path: Path) -> Path:
+    """A node's own data: the first training examples of the corpus, labels by name."""
+    from fedtune.data import load_corpus
+
+    train = load_corpus("spamassassin")["train"].select(range(NODE_FILE_EXAMPLES))
+    names = train.features["label"].names
+    path.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n"
+                            for t, y in zip(train["text"], train["label"], strict=True)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    deployment = LocalDeployment(tmp_path_factory.mktemp("deploy"), nodes=2)
+    root = tmp_path_factory.mktemp("deploy")
+    own = _write_node_file(root / "node-1-data.jsonl")
+    # Node 0 trains on its corpus partition, node 1 on its own file.
+    deployment = LocalDeployment(root, nodes=2, node_configs=[
+        "partition-id=0", f'partition-id=1 data-path="{own}"'])
     with deployment:
         yield deployment
 
@@ -80,6 +98,9 @@ def test_two_rounds_on_two_authenticated_supernodes(deployment):
         assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
         assert sorted(c["partition_id"] for c in r["per_client"]) == [0, 1]
         assert r["bytes_up"] > 0 and r["epsilon_sample"] is not None
+        by_pid = {c["partition_id"]: c for c in r["per_client"]}
+        assert by_pid[1]["num_examples"] == NODE_FILE_EXAMPLES
+        assert by_pid[0]["num_examples"] != NODE_FILE_EXAMPLES
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["method"] == "prompt"
     assert (out / "config.toml").exists() and (out / "final_state.safetensors").exists()
