@@ -5,6 +5,7 @@ process is started by `LocalDeployment` and stopped by PID, also when a test fai
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,35 @@ def test_missing_files_are_named(tmp_path):
         check_file(tmp_path / "ca.crt", "--root-certificates")
 
 
-def test_worker_rejects_a_bad_address_before_importing_the_app():
-    import sys
+def _deploy_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", "deploy", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
 
+
+def test_deploy_supernode_names_a_bad_address_and_missing_files(tmp_path):
+    files = write_certs(tmp_path, nodes=1)
+    good = ["--root-certificates", str(files.ca_cert), "--key", str(files.node_keys[0]),
+            "--partition-id", "0"]
+    proc = _deploy_cli("supernode", "--superlink", "https://127.0.0.1:9092", *good)
+    assert proc.returncode == 2 and "--superlink: 'https://127.0.0.1:9092' is not HOST:PORT" \
+        in proc.stdout
+    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good[:2], "--key",
+                       str(tmp_path / "node-7"), "--partition-id", "0")
+    assert proc.returncode == 2 and "--key: no such file:" in proc.stdout
+    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good, "--data-path",
+                       str(tmp_path / "mine.jsonl"))
+    assert proc.returncode == 2 and "--data-path: no such file:" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_deploy_certs_writes_the_files(tmp_path):
+    proc = _deploy_cli("certs", str(tmp_path), "--host", "10.1.2.3", "--nodes", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub"}
+
+
+def test_worker_rejects_a_bad_address_before_importing_the_app():
     proc = subprocess.run([sys.executable, "-m", "fedtune.deploy.worker",
                            "--runtime-api-address", "https://127.0.0.1:9094"],
                           capture_output=True, text=True, timeout=120)

@@ -77,6 +77,7 @@ class LocalDeployment:
     nodes: int = 2
     node_configs: Sequence[str] | None = None  # default: "partition-id=<i>"
     fast: bool = True
+    worker: bool = True  # with `fast`: a long-lived worker (False: flwr-clientapp per message)
     worker_args: Sequence[str] = ()            # e.g. an --app for another ClientApp
     env: Mapping[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -176,6 +177,9 @@ class LocalDeployment:
             common += ["--max-retries", str(max_retries)]
         if not self.fast:
             return self._spawn(f"supernode-{index}", [flower_bin("flower-supernode"), *common])
+        if not self.worker:
+            return self._spawn(f"supernode-{index}", [
+                sys.executable, "-m", "fedtune.deploy.supernode", *common])
         node = self._spawn(f"supernode-{index}", [
             sys.executable, "-m", "fedtune.deploy.supernode", *common,
             "--isolation", "process"])
