@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
@@ -90,7 +91,14 @@ class Worker:
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except httpx.TransportError as exc:
+                # The SuperNode restarts or is not up yet: keep asking, a bit slower.
+                log(logging.WARNING, "SuperNode Runtime API unreachable: %s", exc)
+                stop.wait(1.0)
+                continue
+            if not busy:
                 stop.wait(self.config.poll_s)
 
     def run_once(self) -> bool:
