@@ -142,3 +142,21 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment):
         pytest.fail(f"the unregistered SuperNode is still running:\n{node.output()[-3000:]}")
     assert code != 0
     assert "Failed to activate SuperNode" in node.output(), node.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_deploy_supernode_command_reports_the_refusal(deployment):
+    from fedtune.deploy.certs import write_node_key
+    from fedtune.deploy.local import free_port
+
+    key = write_node_key(deployment.root / "certs" / "node-stranger")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "deploy", "supernode",
+         "--superlink", f"127.0.0.1:{deployment.port}",
+         "--root-certificates", str(deployment.certs.ca_cert), "--key", str(key),
+         "--partition-id", "0", "--runtime-port", str(free_port())],
+        capture_output=True, text=True, timeout=300, env=deployment.environ(),
+        cwd=deployment.root)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Failed to activate SuperNode" in out and "is its public key registered?" in out
