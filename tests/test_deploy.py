@@ -160,3 +160,64 @@ def test_deploy_supernode_command_reports_the_refusal(deployment):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Failed to activate SuperNode" in out and "is its public key registered?" in out
+
+
+class _SlowGrid:
+    """Replies to message i become available `delays[i]` seconds after the push."""
+
+    def __init__(self, delays):
+        self.delays = delays
+
+    def push_messages(self, messages):
+        import time
+
+        self.t0 = time.monotonic()
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        import time
+        from types import SimpleNamespace
+
+        now = time.monotonic() - self.t0
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                for i in sorted(ids) if now >= self.delays[int(i[1:])]]
+
+
+def test_send_and_receive_polls_at_the_configured_interval(monkeypatch):
+    import time
+
+    from strategies.grid_io import send_and_receive
+
+    monkeypatch.setenv("FEDTUNE_GRID_POLL_S", "0.02")
+    t0 = time.monotonic()
+    replies = send_and_receive(_SlowGrid([0.05, 0.1]), ["a", "b"], timeout=10)
+    assert len(replies) == 2 and time.monotonic() - t0 < 1.0  # Flower's grid: >= 3 s
+    replies = send_and_receive(_SlowGrid([0.0, 60.0]), ["a", "b"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # late one left out
+
+
+def test_poll_intervals_are_validated(monkeypatch):
+    from fedtune.deploy import supernode
+    from strategies import grid_io
+
+    monkeypatch.setenv("FEDTUNE_GRID_POLL_S", "fast")
+    with pytest.raises(ValueError, match="FEDTUNE_GRID_POLL_S='fast'"):
+        grid_io.poll_interval()
+    monkeypatch.setenv("FEDTUNE_SUPERNODE_POLL_S", "0")
+    with pytest.raises(SystemExit, match="FEDTUNE_SUPERNODE_POLL_S='0'"):
+        supernode.poll_interval()
+
+
+def test_supernode_patch_caps_flowers_fixed_sleeps(monkeypatch):
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from fedtune.deploy.supernode import patch_poll_interval
+
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    patch_poll_interval(0.01)
+    t0 = time.monotonic()
+    start_client_internal.time.sleep(3)  # what the SuperNode's idle loop asks for
+    assert time.monotonic() - t0 < 0.5
+    assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
