@@ -6,6 +6,7 @@ Both nodes run `ray start --block` in their own process group and are stopped by
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,16 @@ OVERRIDES = ["name=ray-cluster", "data.num_clients=2", "train.clients_per_round=
              "train.rounds=2", "train.local_steps=1", "train.batch_size=8",
              "model.max_length=16", "tuning.prompt_length=2", "train.eval_max_examples=32",
              "simulation.num_cpus_per_client=1"]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"the Ray head did not listen on port {port} within {timeout:.0f} s")
 
 
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
@@ -70,8 +81,8 @@ def ray_cluster():
                 procs.append(subprocess.Popen([str(RAY), "start", *args, *common],
                                               stdout=log, stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True))
-            if name == "head":
-                time.sleep(5)  # the worker's `ray start` gives up if the GCS is not up yet
+            if name == "head":  # the worker's `ray start` gives up if the GCS is not up yet
+                wait_for_port(port, timeout=120)
         deadline = time.monotonic() + 180
         while _alive_nodes(address, env) < 2:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
