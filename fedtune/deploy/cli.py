@@ -91,7 +91,8 @@ def supernode(
             "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
     if worker:
         args += ["--isolation", "process"]
-    env = {**os.environ, "FEDTUNE_SUPERNODE_POLL_S": str(poll), "HF_HUB_OFFLINE": "1"}
+    env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
+           "FEDTUNE_SUPERNODE_POLL_S": str(poll), "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen(args, env=env)]
     if worker:
         procs.append(subprocess.Popen(

@@ -87,7 +87,8 @@ class LocalDeployment:
     # -- environment ------------------------------------------------------------------
     def environ(self) -> dict[str, str]:
         env = {**os.environ, "FLWR_HOME": str(self.root / "flwr-home"),
-               "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                # SuperLink and SuperNode start `flower-superexec` & co. by name.
