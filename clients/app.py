@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from clients import pruning
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting
+from clients.node_data import node_data
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import clip_to_norm, decode, encode
@@ -57,7 +58,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if fault in ("crash", "hang"):
         fail_before_training(fault, cfg.faults, server_round)
     history = _load_history(context, config)
-    data = task.client_data(partition_id)
+    data = node_data(context.node_config, task, partition_id)
+    num_examples = len(data)
     selection = None
     if "prune-keep" in config:
         selection = pruning.select(model, data, config, context, server_round)
@@ -78,7 +80,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         delta, spec_hash = corrupt(delta, spec_hash, fault)
         encoding = "float32"  # garbage as sent by a broken client, not refused by our encoder
     metrics = {
-        "num-examples": len(task.partitions[partition_id]),
+        "num-examples": num_examples,
         "partition-id": partition_id,
         "loss": result.loss,
         "steps": result.steps,

@@ -11,9 +11,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.config import ConfigError, ExperimentConfig, load_config
+from fedtune.deploy.cli import deploy_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
+app.add_typer(deploy_app, name="deploy")
 console = Console()
 
 # Errors a user can fix from their config or data: one red line, no traceback.

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedtune.delta import DeltaError, DeltaSpec, array_bytes, decode, encode
+from strategies.grid_io import send_and_receive
 
 
 @dataclass
@@ -88,7 +89,7 @@ class DeltaFedAvg(FedAvg):
         queries = [Message(content=RecordDict({"config": ConfigRecord({})}),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         roster: dict[int, int] = {}
-        for reply in grid.send_and_receive(queries, timeout=timeout):
+        for reply in send_and_receive(grid, queries, timeout):
             if reply.has_error():
                 log(WARNING, "node %d did not report its partition: %s",
                     reply.metadata.src_node_id, reply.error.reason)

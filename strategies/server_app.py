@@ -31,6 +31,7 @@ from fedtune.task import Task, evaluate, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
+from strategies.grid_io import send_and_receive
 from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserDPRounds
@@ -112,12 +113,12 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
     config = ConfigRecord({"lr": lr})
     if user_dp is not None:
         messages = user_dp.configure_train(rnd, state.vector, config, grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
+        replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
         new_vector = user_dp.aggregate_train(rnd, replies)
     else:
         messages = strategy.configure_train(
             rnd, ArrayRecord({"vector": encode(state.vector)}), config, grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)
+        replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         new_vector = None if arrays is None else decode(arrays["vector"], task.spec)
     if new_vector is not None:

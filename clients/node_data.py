@@ -1,0 +1,56 @@
+"""Which examples a SuperNode trains on: its share of the experiment's corpus (node config
+`partition-id`), or its own file (node config `data-path`, JSON lines with a `text` and a
+`label` on every line). The partition id is the client's identity either way: its cohort
+draws, seeds and DP history are keyed by it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedtune.data import tokenize_texts
+from fedtune.predict_input import PredictInputError, read_texts
+from fedtune.task import Task
+
+DATA_PATH_KEY = "data-path"
+
+
+def node_data(node_config: Mapping[str, object], task: Task, partition_id: int
+              ) -> TensorDataset:
+    path = node_config.get(DATA_PATH_KEY)
+    if path is None or path == "":
+        return task.client_data(partition_id)
+    file = Path(str(path)).expanduser().resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"node config {DATA_PATH_KEY}={path!r}: no such file")
+    stat = file.stat()
+    # A long-lived ClientApp process tokenizes the node's file once, not every round; a
+    # changed file or another backbone/length/label set is read again.
+    key = (str(file), stat.st_mtime_ns, stat.st_size, task.backbone.hash,
+           task.cfg.model.max_length, task.label_names)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _load(file, task)
+    return _CACHE[key]
+
+
+_CACHE: dict[tuple, TensorDataset] = {}
+
+
+def _load(file: Path, task: Task) -> TensorDataset:
+    path = str(file)
+    if file.suffix != ".jsonl":
+        raise PredictInputError(f"node config {DATA_PATH_KEY}={path!r}: expected a .jsonl "
+                                'file of {"text": ..., "label": ...} lines')
+    texts, labels = read_texts(file, task.label_names)
+    if labels is None or not texts:
+        raise PredictInputError(f"{path}: every line needs a \"label\" (one of "
+                                f"{list(task.label_names)} or its id) to train on")
+    tok = tokenize_texts(texts, task.backbone.tokenizer, task.cfg.model.max_length)
+    return TensorDataset(torch.from_numpy(tok["input_ids"].astype(np.int64)),
+                         torch.from_numpy(tok["attention_mask"].astype(np.int64)),
+                         torch.tensor(labels, dtype=torch.int64))

@@ -1,0 +1,160 @@
+"""`fedtune deploy ...`: certificates, a SuperNode with its worker, and a whole loopback
+deployment in one command. The SuperLink and `flwr run` are Flower's own commands (README:
+Deployment)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                         help="Run the same apps on a SuperLink and real SuperNodes.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@deploy_app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="Where to write the files.")],
+    host: Annotated[list[str] | None, typer.Option(
+        help="Name or IP the SuperNodes use to reach the SuperLink (repeatable; "
+             "localhost/127.0.0.1/::1 are always included).")] = None,
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make.")] = 2,
+    days: Annotated[int, typer.Option(help="Certificate lifetime in days.")] = 365,
+) -> None:
+    """CA, SuperLink TLS certificate and SuperNode authentication keys."""
+    from fedtune.deploy.certs import write_certs
+
+    if nodes < 0 or days < 1:
+        _fail(f"--nodes must be >= 0 and --days >= 1 (got {nodes}, {days})")
+    files = write_certs(folder, host or [], nodes, days)
+    console.print(f"[bold green]wrote[/] {files.ca_cert} (give to every SuperNode), "
+                  f"{files.server_cert} + {files.server_key} (SuperLink only), "
+                  f"{len(files.node_keys)} key pairs node-<i> / node-<i>.pub in {folder}")
+
+
+@deploy_app.command()
+def supernode(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's address, HOST:PORT.")],
+    root_certificates: Annotated[Path, typer.Option(
+        help="The CA certificate (ca.crt) that signed the SuperLink's certificate.")],
+    key: Annotated[Path, typer.Option(
+        help="This node's private key (node-<i>); its .pub must be registered.")],
+    partition_id: Annotated[int, typer.Option(
+        help="This client's id, 0 .. data.num_clients-1 (its corpus partition unless "
+             "--data-path is given).")],
+    data_path: Annotated[Path | None, typer.Option(
+        help='Train on this JSONL file ({"text": ..., "label": ...} lines) instead of '
+             "the partition.")] = None,
+    runtime_port: Annotated[int, typer.Option(
+        help="Loopback port of the SuperNode's Runtime API (one per node on a machine).")
+    ] = 9094,
+    poll: Annotated[float, typer.Option(
+        help="Seconds between the SuperNode's polls of the SuperLink.")] = 0.1,
+    worker: Annotated[bool, typer.Option(
+        help="Serve messages from one long-lived ClientApp process (off: a new "
+             "flwr-clientapp process per message, Flower's default).")] = True,
+) -> None:
+    """Start a SuperNode (and its ClientApp worker) until Ctrl-C or the SuperNode exits."""
+    from fedtune.deploy.address import DeployError, check_address, check_file
+
+    try:
+        check_address(superlink, "--superlink")
+        ca = check_file(root_certificates, "--root-certificates")
+        private = check_file(key, "--key")
+        check_file(private.with_name(private.name + ".pub"), "--key's public key (.pub)")
+        if data_path is not None:
+            data_path = check_file(data_path, "--data-path")
+    except DeployError as exc:
+        _fail(str(exc))
+    if partition_id < 0:
+        _fail(f"--partition-id must be >= 0, got {partition_id}")
+    if not 0 < poll <= 3:
+        _fail(f"--poll must be in (0, 3] seconds, got {poll}")
+    node_config = f"partition-id={partition_id}"
+    if data_path is not None:
+        node_config += f' data-path="{data_path}"'
+    args = [sys.executable, "-m", "fedtune.deploy.supernode", "--superlink", superlink,
+            "--root-certificates", str(ca), "--auth-supernode-private-key", str(private),
+            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if worker:
+        args += ["--isolation", "process"]
+    env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
+           "FEDTUNE_SUPERNODE_POLL_S": str(poll), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(args, env=env)]
+    if worker:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedtune.deploy.worker",
+             "--runtime-api-address", f"127.0.0.1:{runtime_port}"], env=env))
+    console.print(f"SuperNode (partition {partition_id}) -> {superlink}, "
+                  f"PIDs {', '.join(str(p.pid) for p in procs)}; Ctrl-C stops")
+    code = 0
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        code = next(p.returncode for p in procs if p.returncode is not None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if code:
+        _fail(f"the SuperNode or its worker exited with code {code} (see the log above; "
+              "305: the SuperLink refused the node: is its public key registered?)")
+
+
+@deploy_app.command()
+def local(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/deploy"),
+    nodes: Annotated[int, typer.Option(help="SuperNodes (= data.num_clients).")] = 2,
+) -> None:
+    """The whole deployment on this machine: SuperLink with TLS and node authentication,
+    `nodes` registered SuperNodes with workers, and `flwr run` of the experiment."""
+    from fedtune.config import ConfigError, load_config
+    from fedtune.deploy.local import LocalDeployment
+
+    project = Path(__file__).resolve().parents[2]
+    if not (project / "pyproject.toml").is_file():
+        _fail(f"{project} has no pyproject.toml: `flwr run` needs the source checkout")
+    overrides = list(set_ or [])
+    try:
+        cfg = load_config(config, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if cfg.data.num_clients != nodes:
+        _fail(f"data.num_clients={cfg.data.num_clients} but --nodes {nodes}: each SuperNode "
+              f"is one client; add --set data.num_clients={nodes} or change --nodes")
+    if (out / "rounds.jsonl").exists():
+        _fail(f"{out} already holds a run; choose another --out")
+    out = out.resolve()
+    deployment = LocalDeployment(out.parent / f"{out.name}-deployment", nodes=nodes)
+    console.print(f"starting SuperLink + {nodes} SuperNodes (logs: {deployment.root}/logs)")
+    with deployment:
+        res = deployment.run(project, {"config": Path(config).resolve(),
+                                       "overrides": shlex.join(overrides), "out": out},
+                             timeout=24 * 3600)
+    if not (out / "summary.json").exists():
+        _fail(f"the run ended without {out}/summary.json (flwr run exit {res.returncode}):\n"
+              f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    console.print(f"[bold green]done[/] -> {out}/summary.json")

@@ -1,0 +1,249 @@
+"""A whole deployment on this machine: SuperLink (TLS, SuperNode authentication), N
+registered SuperNodes, each with its own `partition-id` (or data file), and `flwr run`.
+
+Tests and `benchmarks/deploy_latency.py` use it; the README shows the same commands to
+type by hand on separate machines. Every process is started here, remembered by PID and
+stopped by PID in `stop()` (also when a start fails halfway).
+
+Two modes:
+- `fast=True` (default): SuperNodes via `fedtune.deploy.supernode` (0.1 s polling) with
+  `--isolation process` and one long-lived `fedtune.deploy.worker` each;
+- `fast=False`: Flower's defaults (`flower-supernode`, a new `flwr-clientapp` process per
+  message, 3 s polling on both sides), for comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fedtune.deploy.certs import CertFiles, write_certs, write_node_key
+
+CONNECTION = "fedtune-local"
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script from the running interpreter's environment (a venv's
+    bin/ need not be on PATH)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found next to {sys.executable}; install "
+                                "fedtune (it depends on flwr) into this environment")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode} before "
+                               f"listening on port {port}:\n{proc.output()[-3000:]}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.name} did not listen on port {port} within {timeout:.0f} s")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    _fh: IO[bytes]
+
+    def output(self) -> str:
+        self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class LocalDeployment:
+    root: Path
+    nodes: int = 2
+    node_configs: Sequence[str] | None = None  # default: "partition-id=<i>"
+    fast: bool = True
+    worker: bool = True  # with `fast`: a long-lived worker (False: flwr-clientapp per message)
+    worker_args: Sequence[str] = ()            # e.g. an --app for another ClientApp
+    env: Mapping[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    port: int = 0
+    certs: CertFiles | None = None
+
+    # -- environment ------------------------------------------------------------------
+    def environ(self) -> dict[str, str]:
+        env = {**os.environ, "FLWR_HOME": str(self.root / "flwr-home"),
+               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               # SuperLink and SuperNode start `flower-superexec` & co. by name.
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                        os.environ.get("PATH", "")])}
+        if self.fast:
+            # How often the SuperLink's SuperExec looks for a new ServerApp to start.
+            env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        else:
+            env["FEDTUNE_GRID_POLL_S"] = "3"  # what Flower's HttpGrid waits between pulls
+        env.update(self.env)
+        return env
+
+    def _spawn(self, name: str, args: Sequence[str]) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = log.open("wb")
+        # Own process group: stop() can end a process and the children it started
+        # (SuperExec, flwr-serverapp, flwr-clientapp) without touching anything else.
+        popen = subprocess.Popen(list(args), stdout=fh, stderr=subprocess.STDOUT,
+                                 env=self.environ(), cwd=self.root, start_new_session=True)
+        proc = Proc(name, popen, log, fh)
+        self.procs.append(proc)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True,
+                              env=self.environ(), cwd=self.root, timeout=timeout)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self, timeout: float = 120) -> LocalDeployment:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.certs = write_certs(self.root / "certs", nodes=self.nodes)
+        self.port = free_port()
+        link = self._spawn("superlink", [
+            flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--ssl-ca-certfile", str(self.certs.ca_cert),
+            "--ssl-certfile", str(self.certs.server_cert),
+            "--ssl-keyfile", str(self.certs.server_key),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation"])
+        wait_for_port(self.port, link, timeout)
+        self.write_connection()
+        for key in self.certs.node_keys:
+            self.register(key)
+        for i in range(self.nodes):
+            config = (self.node_configs[i] if self.node_configs is not None
+                      else f"partition-id={i}")
+            self.start_supernode(i, self.certs.node_keys[i], config)
+
+    def write_connection(self) -> Path:
+        """The `flwr` CLI's connection to this SuperLink, in $FLWR_HOME/config.toml."""
+        assert self.certs is not None
+        home = self.root / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / "config.toml"
+        path.write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs.ca_cert}"\n')
+        return path
+
+    def register(self, private_key: Path) -> None:
+        pub = private_key.with_name(private_key.name + ".pub")
+        res = self.flwr("supernode", "register", str(pub), CONNECTION)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {pub} failed:\n"
+                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+    def start_supernode(self, index: int | str, private_key: Path, node_config: str,
+                        max_retries: int | None = None) -> Proc:
+        assert self.certs is not None
+        runtime_port = free_port()
+        common = ["--superlink", f"127.0.0.1:{self.port}",
+                  "--root-certificates", str(self.certs.ca_cert),
+                  "--auth-supernode-private-key", str(private_key),
+                  "--node-config", node_config, "--host", "127.0.0.1",
+                  "--port", str(runtime_port)]
+        if max_retries is not None:
+            common += ["--max-retries", str(max_retries)]
+        if not self.fast:
+            return self._spawn(f"supernode-{index}", [flower_bin("flower-supernode"), *common])
+        if not self.worker:
+            return self._spawn(f"supernode-{index}", [
+                sys.executable, "-m", "fedtune.deploy.supernode", *common])
+        node = self._spawn(f"supernode-{index}", [
+            sys.executable, "-m", "fedtune.deploy.supernode", *common,
+            "--isolation", "process"])
+        self._spawn(f"worker-{index}", [
+            sys.executable, "-m", "fedtune.deploy.worker",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", *self.worker_args])
+        return node
+
+    def unregistered_supernode(self, max_retries: int = 0) -> Proc:
+        """A SuperNode with a fresh key that was never registered (it must be refused)."""
+        key = write_node_key(self.root / "certs" / "node-unregistered")
+        return self.start_supernode("unregistered", key, "partition-id=0",
+                                    max_retries=max_retries)
+
+    def run(self, project: Path, run_config: Mapping[str, object], timeout: float = 600
+            ) -> subprocess.CompletedProcess[str]:
+        """`flwr run PROJECT` on this SuperLink, streaming until the run ends."""
+        items = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        return self.flwr("run", str(project), CONNECTION, "--stream",
+                         "--run-config", items, timeout=timeout)
+
+    def stop(self, grace: float = 10) -> None:
+        """End every process this deployment started, by PID (its process group)."""
+        for proc in reversed(self.procs):
+            _signal_group(proc.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(self.procs):
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            # Children (SuperExec, ServerApp) may outlive their parent: end the group.
+            _signal_group(proc.popen, signal.SIGKILL)
+            if proc.popen.poll() is None:
+                proc.popen.wait(timeout=10)
+            proc._fh.close()
+        self.procs.clear()
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name} ({p.log}) ---\n{p.output()[-tail:]}"
+                         for p in self.procs)
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    # start_new_session=True made the child a group leader: its PGID is its PID.
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if "'" in text:
+        raise ValueError(f"run config value {text!r}: a single quote cannot be passed")
+    return f"'{text}'"  # a TOML literal string: backslashes and spaces stay as they are

@@ -1,0 +1,223 @@
+"""Deployment on loopback: a SuperLink with TLS and SuperNode authentication, two
+registered SuperNodes (each its own partition) running the same ServerApp and ClientApp as
+the simulation, and a SuperNode with an unregistered key that must be refused. Every
+process is started by `LocalDeployment` and stopped by PID, also when a test fails."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedtune.deploy.address import DeployError, check_address, check_file
+from fedtune.deploy.certs import write_certs
+from fedtune.deploy.local import LocalDeployment
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ("name=deploy data.num_clients=2 train.clients_per_round=2 train.rounds=2 "
+             "train.local_steps=1 train.batch_size=8 model.max_length=16 "
+             "tuning.prompt_length=2 train.eval_max_examples=32")
+
+
+def test_certs_chain_to_the_ca_and_cover_loopback(tmp_path):
+    files = write_certs(tmp_path, hosts=["superlink.example", "10.0.0.5"], nodes=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink.example"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {"127.0.0.1", "10.0.0.5"} <= {str(ip) for ip in san.get_values_for_type(
+        x509.IPAddress)}
+    for key_path in files.node_keys:
+        key = load_ssh_private_key(key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert key_path.with_name(key_path.name + ".pub").read_text().startswith(
+            "ecdsa-sha2-nistp384 ")
+        assert key_path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:9092", "127.0.0.1", "host:99999",
+                                     ":9092", "127.0.0.1:0"])
+def test_bad_addresses_are_named(address):
+    with pytest.raises(DeployError, match="--superlink"):
+        check_address(address, "--superlink")
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(DeployError, match=r"--root-certificates: no such file: .*ca\.crt"):
+        check_file(tmp_path / "ca.crt", "--root-certificates")
+
+
+def _deploy_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", "deploy", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_deploy_supernode_names_a_bad_address_and_missing_files(tmp_path):
+    files = write_certs(tmp_path, nodes=1)
+    good = ["--root-certificates", str(files.ca_cert), "--key", str(files.node_keys[0]),
+            "--partition-id", "0"]
+    proc = _deploy_cli("supernode", "--superlink", "https://127.0.0.1:9092", *good)
+    assert proc.returncode == 2 and "--superlink: 'https://127.0.0.1:9092' is not HOST:PORT" \
+        in proc.stdout
+    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good[:2], "--key",
+                       str(tmp_path / "node-7"), "--partition-id", "0")
+    assert proc.returncode == 2 and "--key: no such file:" in proc.stdout
+    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good, "--data-path",
+                       str(tmp_path / "mine.jsonl"))
+    assert proc.returncode == 2 and "--data-path: no such file:" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_deploy_certs_writes_the_files(tmp_path):
+    proc = _deploy_cli("certs", str(tmp_path), "--host", "10.1.2.3", "--nodes", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub"}
+
+
+def test_worker_rejects_a_bad_address_before_importing_the_app():
+    proc = subprocess.run([sys.executable, "-m", "fedtune.deploy.worker",
+                           "--runtime-api-address", "https://127.0.0.1:9094"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--runtime-api-address" in proc.stderr
+
+
+NODE_FILE_EXAMPLES = 40
+
+
+def _write_node_file(path: Path) -> Path:
+    """A node's own data: the first training examples of the corpus, labels by name."""
+    from fedtune.data import load_corpus
+
+    train = load_corpus("spamassassin")["train"].select(range(NODE_FILE_EXAMPLES))
+    names = train.features["label"].names
+    path.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n"
+                            for t, y in zip(train["text"], train["label"], strict=True)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    own = _write_node_file(root / "node-1-data.jsonl")
+    # Node 0 trains on its corpus partition, node 1 on its own file.
+    deployment = LocalDeployment(root, nodes=2, node_configs=[
+        "partition-id=0", f'partition-id=1 data-path="{own}"'])
+    with deployment:
+        yield deployment
+
+
+@pytest.mark.slow
+def test_two_rounds_on_two_authenticated_supernodes(deployment):
+    out = deployment.root / "run"
+    res = deployment.run(ROOT, {"config": ROOT / "experiments" / "quickstart.toml",
+                                "overrides": OVERRIDES, "out": out}, timeout=600)
+    assert (out / "summary.json").exists(), \
+        f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        assert sorted(c["partition_id"] for c in r["per_client"]) == [0, 1]
+        assert r["bytes_up"] > 0 and r["epsilon_sample"] is not None
+        by_pid = {c["partition_id"]: c for c in r["per_client"]}
+        assert by_pid[1]["num_examples"] == NODE_FILE_EXAMPLES
+        assert by_pid[0]["num_examples"] != NODE_FILE_EXAMPLES
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["method"] == "prompt"
+    assert (out / "config.toml").exists() and (out / "final_state.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_supernode_with_an_unregistered_key_is_refused(deployment):
+    node = deployment.unregistered_supernode(max_retries=0)
+    try:
+        code = node.popen.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the unregistered SuperNode is still running:\n{node.output()[-3000:]}")
+    assert code != 0
+    assert "Failed to activate SuperNode" in node.output(), node.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_deploy_supernode_command_reports_the_refusal(deployment):
+    from fedtune.deploy.certs import write_node_key
+    from fedtune.deploy.local import free_port
+
+    key = write_node_key(deployment.root / "certs" / "node-stranger")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "deploy", "supernode",
+         "--superlink", f"127.0.0.1:{deployment.port}",
+         "--root-certificates", str(deployment.certs.ca_cert), "--key", str(key),
+         "--partition-id", "0", "--runtime-port", str(free_port())],
+        capture_output=True, text=True, timeout=300, env=deployment.environ(),
+        cwd=deployment.root)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Failed to activate SuperNode" in out and "is its public key registered?" in out
+
+
+class _SlowGrid:
+    """Replies to message i become available `delays[i]` seconds after the push."""
+
+    def __init__(self, delays):
+        self.delays = delays
+
+    def push_messages(self, messages):
+        import time
+
+        self.t0 = time.monotonic()
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        import time
+        from types import SimpleNamespace
+
+        now = time.monotonic() - self.t0
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                for i in sorted(ids) if now >= self.delays[int(i[1:])]]
+
+
+def test_send_and_receive_polls_at_the_configured_interval(monkeypatch):
+    import time
+
+    from strategies.grid_io import send_and_receive
+
+    monkeypatch.setenv("FEDTUNE_GRID_POLL_S", "0.02")
+    t0 = time.monotonic()
+    replies = send_and_receive(_SlowGrid([0.05, 0.1]), ["a", "b"], timeout=10)
+    assert len(replies) == 2 and time.monotonic() - t0 < 1.0  # Flower's grid: >= 3 s
+    replies = send_and_receive(_SlowGrid([0.0, 60.0]), ["a", "b"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # late one left out
+
+
+def test_poll_intervals_are_validated(monkeypatch):
+    from fedtune.deploy import supernode
+    from strategies import grid_io
+
+    monkeypatch.setenv("FEDTUNE_GRID_POLL_S", "fast")
+    with pytest.raises(ValueError, match="FEDTUNE_GRID_POLL_S='fast'"):
+        grid_io.poll_interval()
+    monkeypatch.setenv("FEDTUNE_SUPERNODE_POLL_S", "0")
+    with pytest.raises(SystemExit, match="FEDTUNE_SUPERNODE_POLL_S='0'"):
+        supernode.poll_interval()
+
+
+def test_supernode_patch_caps_flowers_fixed_sleeps(monkeypatch):
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from fedtune.deploy.supernode import patch_poll_interval
+
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    patch_poll_interval(0.01)
+    t0 = time.monotonic()
+    start_client_internal.time.sleep(3)  # what the SuperNode's idle loop asks for
+    assert time.monotonic() - t0 < 0.5
+    assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
