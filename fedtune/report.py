@@ -1,7 +1,9 @@
 """`fedtune report`: a Markdown table and PNG plots from run folders.
 
-Runs are grouped by (method, DP level, target epsilon); seeds of a group give the error
-bars. The x position of a run without DP is "inf". Every number is read from the run
+Runs are grouped by (method, DP level, target epsilon, variant); seeds of a group give
+the error bars. The variant names the other settings the runs differ in (for example
+`data.num_clients=100`), so runs that differ in more than their seed are never averaged
+together. The x position of a run without DP is "inf". Every number is read from the run
 folders (summary.json, rounds.jsonl, config.toml), never recomputed.
 """
 
@@ -30,6 +32,8 @@ class RunResult:
     accuracy: float
     accuracy_by_round: list[float]
     cumulative_mb_up: list[float]
+    # Flattened config minus what the group key and the seed already say.
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Group:
     method: str
     level: str
     target_epsilon: float
+    variant: str = ""
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -81,7 +86,35 @@ def _load(folder: Path) -> RunResult:
         total += r["bytes_up"]
         up.append(total / 1e6)
     return RunResult(folder, cfg.tuning.method, level, target, max(eps) if eps else None,
-                     cfg.seed, summary["final_accuracy"], [r["accuracy"] for r in rounds], up)
+                     cfg.seed, summary["final_accuracy"], [r["accuracy"] for r in rounds], up,
+                     _settings(cfg))
+
+
+# Keys a group already shows (method, level, epsilon) or that differ between seeds by design.
+_NOT_A_VARIANT = {"name", "seed", "tuning.method", "privacy.sample.enabled",
+                  "privacy.user.enabled", "privacy.sample.target_epsilon",
+                  "privacy.user.target_epsilon"}
+
+
+def _settings(cfg: ExperimentConfig) -> dict[str, str]:
+    flat: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
+
+    walk(cfg.to_dict(), "")
+    return {k: v for k, v in flat.items() if k not in _NOT_A_VARIANT}
+
+
+def _variants(runs: list[RunResult]) -> dict[int, str]:
+    """A short label per run: the settings in which the runs differ, `key=value, ...`."""
+    keys = sorted({k for r in runs for k in r.settings})
+    differing = [k for k in keys if len({r.settings.get(k) for r in runs}) > 1]
+    return {id(r): ", ".join(f"{k}={r.settings.get(k)}" for k in differing) for r in runs}
 
 
 def _level(cfg: ExperimentConfig) -> tuple[str, float]:
@@ -96,22 +129,27 @@ def _level(cfg: ExperimentConfig) -> tuple[str, float]:
 
 
 def group(runs: list[RunResult]) -> list[Group]:
-    groups: dict[tuple[str, str, float], Group] = {}
+    variants = _variants(runs)
+    groups: dict[tuple[str, str, float, str], Group] = {}
     for run in runs:
-        key = (run.method, run.level, run.target_epsilon)
+        key = (run.method, run.level, run.target_epsilon, variants[id(run)])
         groups.setdefault(key, Group(*key)).runs.append(run)
-    return sorted(groups.values(), key=lambda g: (g.method, g.level, g.target_epsilon))
+    return sorted(groups.values(),
+                  key=lambda g: (g.method, g.variant, g.level, g.target_epsilon))
 
 
 def markdown_table(groups: list[Group]) -> str:
-    lines = ["| method | DP level | target epsilon | reported epsilon (max) | final accuracy "
+    with_variant = any(g.variant for g in groups)
+    head = "| method | " + ("variant | " if with_variant else "")
+    lines = [head + "DP level | target epsilon | reported epsilon (max) | final accuracy "
              "(mean +- std) | seeds | upload MB / run |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"]
     for g in groups:
         eps = [r.epsilon for r in g.runs if r.epsilon is not None]
         mb = statistics.fmean(r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up)
+        variant = f"{g.variant or '-'} | " if with_variant else ""
         lines.append(
-            f"| {g.method} | {g.level} | {_fmt_eps(g.target_epsilon)} | "
+            f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
             f"{f'{max(eps):.2f}' if eps else '-'} | {g.accuracy_mean:.4f} +- "
             f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb:.2f} |")
     return "\n".join(lines)
@@ -145,16 +183,17 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
     return [out / "report.md", *written]
 
 
-def _lines(groups: list[Group]) -> dict[tuple[str, str], list[Group]]:
-    """Groups of one method and DP level, by epsilon; the no-DP group joins every line of
-    its method as the epsilon = inf point."""
-    lines: dict[tuple[str, str], list[Group]] = {}
+def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:
+    """Groups of one method, variant and DP level, by epsilon; a no-DP group joins every
+    line of its method and variant as the epsilon = inf point."""
+    lines: dict[tuple[str, str, str], list[Group]] = {}
     for g in groups:
         if g.level != "none":
-            lines.setdefault((g.method, g.level), []).append(g)
+            lines.setdefault((g.method, g.variant, g.level), []).append(g)
     for g in groups:
         if g.level == "none":
-            keys = [k for k in lines if k[0] == g.method] or [(g.method, "none")]
+            keys = ([k for k in lines if k[:2] == (g.method, g.variant)]
+                    or [(g.method, g.variant, "none")])
             for key in keys:
                 lines.setdefault(key, []).append(g)
     return lines
@@ -163,11 +202,12 @@ def _lines(groups: list[Group]) -> dict[tuple[str, str], list[Group]]:
 def _plot_epsilon(ax, groups: list[Group]) -> None:
     finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)})
     inf_x = (max(finite) * 2.5) if finite else 1.0
-    for (method, level), gs in sorted(_lines(groups).items()):
+    for (method, variant, level), gs in sorted(_lines(groups).items()):
         gs = sorted(gs, key=lambda g: g.target_epsilon)
         xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
+        label = f"{method}, {level}-level DP" + (f"\n{variant}" if variant else "")
         ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
-                    marker="o", capsize=3, label=f"{method}, {level}-level DP")
+                    marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ticks = [*finite, inf_x]
     ax.set_xticks(ticks)
@@ -179,7 +219,8 @@ def _plot_epsilon(ax, groups: list[Group]) -> None:
 
 
 def _label(g: Group) -> str:
-    return f"{g.method}, {g.level}, eps {_fmt_eps(g.target_epsilon)}"
+    variant = f"\n{g.variant}" if g.variant else ""
+    return f"{g.method}, {g.level}, eps {_fmt_eps(g.target_epsilon)}{variant}"
 
 
 def _plot_rounds(ax, groups: list[Group]) -> None:

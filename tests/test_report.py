@@ -10,8 +10,8 @@ from fedtune.config import load_config
 from fedtune.report import collect, group, markdown_table, write_report
 
 
-def _run(folder, method, eps, seed, acc):
-    sets = [f"tuning.method={method}", f"seed={seed}"]
+def _run(folder, method, eps, seed, acc, extra=()):
+    sets = [f"tuning.method={method}", f"seed={seed}", *extra]
     sets += ["privacy.sample.enabled=false"] if eps is None else [
         f"privacy.sample.target_epsilon={eps}"]
     folder.mkdir(parents=True)
@@ -44,6 +44,17 @@ def test_groups_average_over_seeds(runs):
     table = markdown_table(groups)
     assert "| lora | sample | 8 | 6.40 | 0.9050 +- 0.0071 | 2 | 0.00 |" in table
     assert "| prompt | none | inf (no DP) | - | 0.9550 +- 0.0071 | 2 |" in table
+
+
+def test_runs_that_differ_beyond_the_seed_are_not_averaged(tmp_path):
+    for seed in (0, 1):
+        _run(tmp_path / f"small-{seed}", "prompt", 1, seed, 0.7)
+        _run(tmp_path / f"big-{seed}", "prompt", 1, seed, 0.8, ["data.num_clients=40"])
+    groups = group(collect([tmp_path]))
+    assert sorted((g.variant, len(g.runs), g.accuracy_mean) for g in groups) == [
+        ("data.num_clients=20", 2, pytest.approx(0.7)),
+        ("data.num_clients=40", 2, pytest.approx(0.8))]
+    assert "| prompt | data.num_clients=40 | sample | 1 |" in markdown_table(groups)
 
 
 def test_report_writes_table_and_readable_plots(runs, tmp_path):
