@@ -10,12 +10,20 @@ from fedtune.sweep import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_privacy_utility_sweep_loads_all_variants():
-    sweep = load_sweep(ROOT / "experiments/privacy_utility.toml")
+def test_dp_levels_sweep_loads_all_variants():
+    sweep = load_sweep(ROOT / "experiments/dp_levels.toml")
     assert sweep.base == ROOT / "experiments/quickstart.toml"
     names = [v.name for v in sweep.variants]
     assert names == ["no-dp", "sample-eps1", "sample-eps3", "sample-eps8",
                      "user-eps1", "user-eps3", "user-eps8"]
+
+
+def test_headline_sweep_is_three_methods_five_budgets_three_seeds():
+    sweep = load_sweep(ROOT / "experiments/privacy_utility.toml")
+    assert len(sweep.variants) == 3 * 5 * 3
+    overrides = {frozenset(v.overrides) for v in sweep.variants}
+    assert len(overrides) == 45
+    assert sum("privacy.sample.enabled=false" in v.overrides for v in sweep.variants) == 9
 
 
 @pytest.mark.parametrize("body,message", [
