@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import TensorDataset
 
-from clients import pruning
+from clients import pruning, split
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
@@ -59,9 +59,15 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if "prune-keep" in config:
         selection = pruning.select(model, data, config, context, server_round)
         data = TensorDataset(*(t[selection.indices] for t in data.tensors))
-    result = local_train(model, data, cfg, history, seed=seed,
-                         lr=float(config.get("lr", cfg.train.lr)))
+    trained, step = model, None
+    if cfg.split.enabled:
+        trained = split.split_view(model, task, cfg, context)
+        step = split.split_step(trained, cfg, local_steps(cfg, len(data)))
+    result = local_train(trained, data, cfg, history, seed=seed,
+                         lr=float(config.get("lr", cfg.train.lr)), step=step)
     _save_history(context, history)
+    if cfg.split.enabled:
+        split.save_aux(trained, context)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
     delta_norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -84,6 +90,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         "sample-rate": result.sample_rate,
         "dp-steps-total": history.steps,
         "delta-norm": delta_norm,
+        **result.extras,
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon

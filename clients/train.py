@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,6 +33,41 @@ class LocalResult:
     noise_multiplier: float
     sample_rate: float
     flops: float
+    # What the step reported besides the loss (split mode: smashed bytes, server FLOPs).
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class LocalStep(Protocol):
+    """One local training step's forward and backward; local_train owns sampling, the
+    optimizer and DP. Split mode swaps in a step that talks to the server body."""
+
+    def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        """Leave gradients on the trainable tensors; return the (detached) loss."""
+        ...
+
+    def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
+        """Client-side FLOPs of the steps taken on `examples` examples in all."""
+        ...
+
+    def extras(self) -> dict[str, float]:
+        ...
+
+
+class PlainStep:
+    """The whole model on the client: forward, loss, backward."""
+
+    def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        loss = criterion(model(ids, mask), labels)
+        loss.backward()
+        return loss.detach()
+
+    def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
+        return examples * flops_per_example(model, data)
+
+    def extras(self) -> dict[str, float]:
+        return {}
 
 
 def _optimizer(model: TunedModel, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
@@ -61,12 +97,15 @@ def local_steps(cfg: ExperimentConfig, n: int) -> int:
 
 
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
-                history: DPHistory, seed: int, lr: float | None = None) -> LocalResult:
+                history: DPHistory, seed: int, lr: float | None = None,
+                step: LocalStep | None = None) -> LocalResult:
     """Train `model`'s trainable tensors in place for `local_steps(cfg, len(data))` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
     ends at most at the target epsilon; `history` accumulates this round's steps.
+    `step` runs each step's forward and backward (default: the whole model, `PlainStep`).
     """
+    step = step or PlainStep()
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
@@ -92,13 +131,12 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     model.train()
     losses, seen = [], 0
     try:
-        for ids, mask, labels in _batches(loader, steps):
+        for index, (ids, mask, labels) in enumerate(_batches(loader, steps)):
             optimizer.zero_grad(set_to_none=True)
             if labels.numel() == 0:
                 _empty_batch_step(optimizer, model, dp.grad_sample_mode)
                 continue
-            loss = criterion(train_model(ids, mask), labels)
-            loss.backward()
+            loss = step(train_model, criterion, ids, mask, labels, index)
             optimizer.step()
             losses.append(loss.detach().item())
             seen += int(labels.numel())
@@ -109,10 +147,10 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     if dp.enabled:
         history.add(sigma, sample_rate, steps)
         epsilon = epsilon_of(history, dp.delta, dp.accountant)
-    flops = seen * flops_per_example(model, data)
     return LocalResult(
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
-        epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate, flops=flops,
+        epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate,
+        flops=step.flops(model, data, seen), extras=step.extras(),
     )
 
 
