@@ -59,7 +59,9 @@ class SplitStep:
         self.examples = {"split": 0, "local": 0}
         self.steps = {"split": 0, "local": 0}
         self._flops: SplitFlops | None = None
-        view.set_phase(local_loss=local_loss_steps > 0)
+        # Every tensor stays trainable until the first step: Opacus only hooks modules
+        # that are trainable when it wraps the model.
+        view.set_phase(local_loss=None)
 
     def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
                  mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
@@ -104,6 +106,8 @@ class SplitStep:
             "server-flops": self.examples["split"] * flops.server,
             "split-steps": self.steps["split"],
             "local-loss-steps": self.steps["local"],
+            "split-examples": self.examples["split"],
+            "local-loss-examples": self.examples["local"],
             "client-flops-per-example": flops.client_split,
             "full-model-flops-per-example": flops.full,
         }

@@ -33,6 +33,7 @@ from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
+from strategies.split_ledger import split_round_fields, split_summary_fields
 from strategies.user_dp import UserDPRounds
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -153,6 +154,8 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
     for plugin in plugins:
         record.update(plugin.round_extras(accepted))
+    record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
+                                     outcome.bytes_down))
     return record
 
 
@@ -182,6 +185,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "test_examples": n_test,
         "resumed_at_rounds": state.resumed_at,
         "wall_s": state.elapsed_s,
+        **split_summary_fields(history),
     }
 
 

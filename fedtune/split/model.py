@@ -59,10 +59,15 @@ class SplitPromptModel(PromptModel):
         smashed, mask = self.cut(input_ids, attention_mask)
         return self.tail(self.split.body(smashed, mask), attention_mask)
 
-    def set_phase(self, local_loss: bool) -> None:
-        """Which of tail / aux head trains this step. The idle one is frozen and its stale
-        gradients dropped: DP-SGD needs a per-sample gradient for every trainable tensor,
-        and the optimizer would otherwise re-apply an old gradient."""
+    def set_phase(self, local_loss: bool | None) -> None:
+        """Which of tail / aux head trains this step (None: both). The idle one is frozen
+        and its stale gradients dropped: DP-SGD needs a per-sample gradient for every
+        trainable tensor, and the optimizer would otherwise re-apply an old gradient."""
+        if local_loss is None:
+            for part in (self.head, self.aux):
+                if part is not None:
+                    part.requires_grad_(True)
+            return
         idle, active = (self.head, self.aux) if local_loss else (self.aux, self.head)
         if active is not None:
             active.requires_grad_(True)
