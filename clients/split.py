@@ -87,6 +87,8 @@ class SplitStep:
 
     def flops(self, model: nn.Module, data: TensorDataset, examples: int) -> float:
         self._flops = self._measure(data)
+        # Training is over: every tensor trainable again, so trainable_state() is whole.
+        self.view.set_phase(local_loss=None)
         return (self.examples["split"] * self._flops.client_split
                 + self.examples["local"] * self._flops.client_local)
 

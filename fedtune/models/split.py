@@ -20,9 +20,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from fedtune.config import ConfigError
 
-class SplitError(ValueError):
-    """The backbone cannot be cut as configured."""
+
+class SplitError(ConfigError):
+    """The backbone cannot be cut as configured (a config error: it names the field)."""
 
 
 @dataclass(frozen=True)

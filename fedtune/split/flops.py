@@ -67,6 +67,7 @@ def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
         view.set_phase(local_loss=True)
         local, _ = _count(lambda: _local_loss_pass(view, ids, mask))
     view.zero_grad(set_to_none=True)
+    view.set_phase(local_loss=None)  # trainable_state() reads requires_grad
     return SplitFlops(client_split=client, server=server, client_local=local,
                       full=full_finetune_flops(view, ids, mask))
 
