@@ -2,6 +2,7 @@
 unsplit deltas, DP-SGD still clips per sample, local-loss steps skip the server, and the
 FLOPs/bytes accounting matches the shapes."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -247,3 +248,34 @@ def test_client_flops_fraction_at_the_quickstart_shapes(minilm):
         assert flops.server > flops.client_split
     assert fractions[0] <= 0.01
     assert fractions[1] <= 0.20
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_fedtune_run_in_split_mode_with_local_loss_writes_the_split_ledger(tmp_path):
+    from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
+
+    sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
+        "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
+        "split.local_loss_fraction=0.5"]
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    hidden, tokens = 384, 32 + 4  # model.max_length + tuning.prompt_length
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        assert r["local_loss_steps"] == r["split_steps"] == 2 * 2  # 2 of 4 steps, 2 clients
+        assert r["delta_bytes_up"] == r["bytes_up"] > 0
+        for c in r["per_client"]:
+            n = c["split_examples"]
+            assert c["smashed_bytes_up"] == n * tokens * (2 * hidden * 4 + 8)
+            assert c["smashed_bytes_down"] == n * tokens * 2 * hidden * 4
+            assert c["examples_seen"] == n + c["local_loss_examples"]
+        assert r["smashed_bytes_up"] == sum(c["smashed_bytes_up"] for c in r["per_client"])
+        assert 0 < r["client_flops_fraction"] <= 0.20
+        assert r["server_flops"] > r["client_flops"]
+    assert summary["total_smashed_bytes_up"] == sum(r["smashed_bytes_up"] for r in rounds)
+    assert summary["method"] == "prompt" and summary["final_accuracy"] > 0
