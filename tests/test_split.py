@@ -106,6 +106,8 @@ def test_config_rejects_split_with_other_methods_ghost_clipping_and_bad_values()
         load_config(None, ["split.cut_layer=-1"])
     with pytest.raises(ConfigError, match="rounds down to no local-loss step"):
         load_config(None, ["split.enabled=true", "split.local_loss_fraction=0.05"])
+    with pytest.raises(ConfigError, match="el2n_pruning"):
+        load_config(None, ["split.enabled=true", 'plugins=[{name = "el2n_pruning"}]'])
     with pytest.raises(ConfigError, match="unknown key split.cut"):
         load_config(None, ["split.cut=1"])
     assert load_config(None, ["split.enabled=true", "split.cut_layer=0"]).split.cut_layer == 0
