@@ -67,7 +67,7 @@ def table(root: Path) -> str:
         eps = summary["epsilon_sample"]
         rows.append(f"| {name} | {cut} | {share} | {summary['final_accuracy']:.4f} | "
                     f"{summary['best_accuracy']:.4f} | {'-' if eps is None else f'{eps:.2f}'} | "
-                    f"{fraction:.2%} | {_mb(smashed)} | {_mb(delta)} | {_mb(total)} |")
+                    f"{fraction:.4%} | {_mb(smashed)} | {_mb(delta)} | {_mb(total)} |")
     summary, rounds, config = split[0]
     n_rounds = len(rounds)
     clients = statistics.fmean(r["clients"] for r in rounds)
@@ -76,7 +76,7 @@ def table(root: Path) -> str:
     full_vector = 4 * (summary["backbone_params"] + summary["trainable_params"] - prompt_values)
     full_round = 2 * clients * full_vector
     rows.append(f"| full fine-tuning (computed) | no split | - | not run | not run | - | "
-                f"100.00% | 0.0 | {_mb(full_round)} | {_mb(full_round * n_rounds)} |")
+                f"100% | 0.0 | {_mb(full_round)} | {_mb(full_round * n_rounds)} |")
     notes = [f"full fine-tuning FLOPs per example: {full_pe:.4g}; "
              f"full vector: {full_vector:,} bytes"]
     for name, smashed in smashed_per_round.items():
