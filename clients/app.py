@@ -14,9 +14,9 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import TensorDataset
 
-from clients import pruning
+from clients import pruning, split
 from clients.faults import corrupt, draw_fault, fail_before_training
-from clients.importance import DomainWeighting
+from clients.importance import DomainWeighting, ImportanceStep
 from clients.node_data import node_data
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
@@ -64,10 +64,18 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     if "prune-keep" in config:
         selection = pruning.select(model, data, config, context, server_round)
         data = TensorDataset(*(t[selection.indices] for t in data.tensors))
-    result = local_train(model, data, cfg, history, seed=seed,
-                         lr=float(config.get("lr", cfg.train.lr)),
-                         weighting=DomainWeighting.from_config(config))
+    trained, step = model, None
+    weighting = DomainWeighting.from_config(config)
+    if cfg.split.enabled:
+        trained = split.split_view(model, task, cfg, context)
+        step = split.split_step(trained, cfg, local_steps(cfg, len(data)))
+    elif weighting is not None:
+        step = ImportanceStep(weighting, model)
+    result = local_train(trained, data, cfg, history, seed=seed,
+                         lr=float(config.get("lr", cfg.train.lr)), step=step)
     _save_history(context, history)
+    if cfg.split.enabled:
+        split.save_aux(trained, context)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
     delta_norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -90,11 +98,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         "sample-rate": result.sample_rate,
         "dp-steps-total": history.steps,
         "delta-norm": delta_norm,
+        **result.extras,
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
-    if result.importance_weight is not None:
-        metrics["importance-weight"] = result.importance_weight
     if selection is not None:
         metrics.update(_pruning_metrics(selection, result, cfg, len(data)))
     content = RecordDict({

@@ -8,11 +8,14 @@ example's task loss by p(target|x) / p(source|x) = exp(domain logit), clipped at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import TensorDataset
 
+from clients.train import flops_per_example
 from fedtune.tuning import TunedModel
 
 
@@ -46,3 +49,30 @@ class DomainWeighting:
         else:
             weights = domain_logit.detach().exp().clamp(max=self.max_weight)
         return (weights * task_loss + domain_loss).mean(), float(weights.mean())
+
+
+@dataclass
+class ImportanceStep:
+    """A local step (clients.train.LocalStep) with the importance-weighted loss. `tuned` is
+    the unwrapped model, whose head keeps the last domain logit."""
+
+    weighting: DomainWeighting
+    tuned: TunedModel
+    _weights: list[tuple[float, int]] = field(default_factory=list)
+
+    def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        loss, mean_weight = self.weighting.loss(self.tuned, model(ids, mask), labels)
+        loss.backward()
+        self._weights.append((mean_weight, int(labels.numel())))
+        return loss.detach()
+
+    def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
+        return examples * flops_per_example(model, data)
+
+    def extras(self) -> dict[str, float]:
+        """The mean importance weight over the examples trained."""
+        seen = sum(n for _, n in self._weights)
+        if not seen:
+            return {}
+        return {"importance-weight": sum(w * n for w, n in self._weights) / seen}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from clients.importance import DomainWeighting
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
 from fedtune.torch_setup import model_device
@@ -34,8 +34,46 @@ class LocalResult:
     noise_multiplier: float
     sample_rate: float
     flops: float
-    # Mean importance weight over the examples trained (population expansion), if used.
-    importance_weight: float | None = None
+    # What the step reported besides the loss (split mode: smashed bytes, server FLOPs).
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class LocalStep(Protocol):
+    """One local training step's forward and backward; local_train owns sampling, the
+    optimizer and DP. Split mode swaps in a step that talks to the server body."""
+
+    def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        """Leave gradients on the trainable tensors; return the (detached) loss."""
+        ...
+
+    def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
+        """Client-side FLOPs of the steps taken on `examples` examples in all."""
+        ...
+
+    def extras(self) -> dict[str, float]:
+        ...
+
+
+class PlainStep:
+    """The whole model on the client: forward, loss, backward."""
+
+    def __init__(self, tuned: TunedModel | None = None) -> None:
+        self.tuned = tuned
+
+    def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        loss = criterion(model(ids, mask), labels)
+        if self.tuned is not None:
+            loss = loss + unused_domain_head(self.tuned)
+        loss.backward()
+        return loss.detach()
+
+    def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
+        return examples * flops_per_example(model, data)
+
+    def extras(self) -> dict[str, float]:
+        return {}
 
 
 def _optimizer(model: TunedModel, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
@@ -66,13 +104,14 @@ def local_steps(cfg: ExperimentConfig, n: int) -> int:
 
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                 history: DPHistory, seed: int, lr: float | None = None,
-                weighting: DomainWeighting | None = None) -> LocalResult:
+                step: LocalStep | None = None) -> LocalResult:
     """Train `model`'s trainable tensors in place for `local_steps(cfg, len(data))` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
-    ends at most at the target epsilon; `history` accumulates this round's steps. With
-    `weighting`, the loss is importance-weighted and trains the domain head too.
+    ends at most at the target epsilon; `history` accumulates this round's steps.
+    `step` runs each step's forward and backward (default: the whole model, `PlainStep`).
     """
+    step = step or PlainStep(model)
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
@@ -97,21 +136,15 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
 
     model.train()
     device = model_device(model)
-    losses, seen, weights = [], 0, []
+    losses, seen = [], 0
     try:
-        for batch in _batches(loader, steps):
+        for index, batch in enumerate(_batches(loader, steps)):
             ids, mask, labels = (t.to(device, non_blocking=True) for t in batch)
             optimizer.zero_grad(set_to_none=True)
             if labels.numel() == 0:
                 _empty_batch_step(optimizer, model, dp.grad_sample_mode)
                 continue
-            logits = train_model(ids, mask)
-            if weighting is None:
-                loss = criterion(logits, labels) + _unused_domain_head(model)
-            else:
-                loss, mean_weight = weighting.loss(model, logits, labels)
-                weights.append((mean_weight, int(labels.numel())))
-            loss.backward()
+            loss = step(train_model, criterion, ids, mask, labels, index)
             optimizer.step()
             losses.append(loss.detach().item())
             seen += int(labels.numel())
@@ -122,18 +155,17 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     if dp.enabled:
         history.add(sigma, sample_rate, steps)
         epsilon = epsilon_of(history, dp.delta, dp.accountant)
-    flops = seen * flops_per_example(model, data)
     return LocalResult(
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
-        epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate, flops=flops,
-        importance_weight=(sum(w * n for w, n in weights) / max(1, seen)) if weights else None,
+        epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate,
+        flops=step.flops(model, data, seen), extras=step.extras(),
     )
 
 
-def _unused_domain_head(model: TunedModel) -> torch.Tensor | float:
+def unused_domain_head(model: TunedModel) -> torch.Tensor | float:
     """A zero that still reaches the domain head when nothing weights by it: Opacus wants a
     (here zero) per-sample gradient for every trainable tensor."""
-    logit = getattr(model.head, "last_domain_logit", None)
+    logit = getattr(getattr(model, "head", None), "last_domain_logit", None)
     return 0.0 if logit is None else 0.0 * logit.mean()
 
 

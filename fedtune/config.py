@@ -20,6 +20,10 @@ import tomli_w
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
+# Methods whose trainable tensors all sit before the cut or in the tail.
+SPLIT_METHODS = ("prompt",)
+# Plugins whose client side runs the whole model (EL2N scoring), impossible under a split.
+WHOLE_MODEL_PLUGINS = ("el2n_pruning",)
 
 
 class ConfigError(ValueError):
@@ -244,6 +248,27 @@ class FaultConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Split learning (SFPrompt): the client runs the embeddings, the prompt and the first
+    cut_layer layers (the head) plus the pooling and classifier (the tail); the server runs
+    the remaining frozen layers (the body). Only the prompt + tail deltas are federated."""
+
+    enabled: bool = False
+    # Layers on the client; 0 leaves it only the embedding stage and the prompt.
+    cut_layer: int = 1
+    # Share of each round's local steps that train on a local loss (a small auxiliary
+    # classifier on cut-layer features) with no server round-trip; the rest are split
+    # steps. Must leave at least one split step, so the tail and the prompt synchronise.
+    local_loss_fraction: float = 0.0
+
+    def validate(self) -> None:
+        _nonnegative("split.cut_layer", self.cut_layer)
+        if not 0.0 <= self.local_loss_fraction < 1.0:
+            raise ConfigError(
+                f"split.local_loss_fraction must be in [0, 1), got {self.local_loss_fraction!r}")
+
+
+@dataclass
 class SimulationConfig:
     backend: str = "ray"
     # CPUs given to the whole simulation (0 = all cores of this machine).
@@ -271,6 +296,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # Strategy plugins, in order: [[plugins]] tables with a `name` and the plugin's params.
     plugins: list[dict[str, Any]] = field(default_factory=list)
@@ -278,7 +304,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         _nonnegative("seed", self.seed)
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.delta, self.faults, self.simulation):
+                        self.delta, self.faults, self.split, self.simulation):
             section.validate()
         from strategies.plugins import validate_plugins  # plugins live with the strategies
 
@@ -288,11 +314,37 @@ class ExperimentConfig:
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="
                 f"{self.train.round_timeout_s}: a hang shorter than the timeout is a slow reply"
             )
+        if self.split.enabled:
+            self._validate_split()
         if self.train.clients_per_round > self.data.num_clients:
             raise ConfigError(
                 f"train.clients_per_round={self.train.clients_per_round} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
+
+    def _validate_split(self) -> None:
+        if self.tuning.method not in SPLIT_METHODS:
+            raise ConfigError(
+                f"split.enabled=true needs tuning.method in: {', '.join(SPLIT_METHODS)} "
+                f"(got {self.tuning.method!r}): only a prompt lives before the cut")
+        if self.privacy.sample.enabled and self.privacy.sample.grad_sample_mode == "ghost":
+            raise ConfigError(
+                "split.enabled=true does not work with privacy.sample.grad_sample_mode="
+                "'ghost': ghost clipping owns the loss's backward, but a split step "
+                "back-propagates a gradient returned by the server; use one of: "
+                + ", ".join(m for m in GRAD_SAMPLE_MODES if m != "ghost"))
+        whole_model = [p["name"] for p in self.plugins if p.get("name") in WHOLE_MODEL_PLUGINS]
+        if whole_model:
+            raise ConfigError(
+                f"split.enabled=true does not work with plugin {whole_model[0]!r}: it runs the "
+                "whole model on the client, which a split client does not have")
+        steps = self.train.local_steps
+        if (self.train.local_epochs == 0 and self.split.local_loss_fraction > 0
+                and int(self.split.local_loss_fraction * steps) == 0):
+            raise ConfigError(
+                f"split.local_loss_fraction={self.split.local_loss_fraction} of "
+                f"train.local_steps={steps} rounds down to no local-loss step; raise it to "
+                f">= {1 / steps:.3g} or set it to 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -71,6 +71,15 @@ def check_user_budget(cfg: ExperimentConfig) -> None:
             f"{user.target_epsilon}; raise the noise or set it to 0 to calibrate")
 
 
+def check_split(cfg: ExperimentConfig, model: Any) -> None:
+    """A cut the backbone cannot take is reported before any actor starts, not as a
+    failure of every client."""
+    if cfg.split.enabled:
+        from fedtune.models.split import SplitBackbone
+
+        SplitBackbone(model, cfg.split.cut_layer)
+
+
 def prepare_resume(out_dir: Path, spec_hash: str) -> int:
     """Check that `out_dir` can be resumed and complete its ledger up to the checkpoint;
     returns the last completed round. Errors name what is wrong before any actor starts."""
@@ -103,6 +112,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # backbone or corpus fails here with its own message, and the token cache is warm.
     task = get_task(cfg)
     check_user_budget(cfg)
+    check_split(cfg, task.backbone.model)
     out_dir = Path(out_dir)
     if resume:
         prepare_resume(out_dir, task.spec.hash)

@@ -34,6 +34,7 @@ from strategies.delta_fedavg import DeltaFedAvg
 from strategies.grid_io import send_and_receive
 from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
+from strategies.split_ledger import split_round_fields, split_summary_fields
 from strategies.user_dp import UserDPRounds
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -155,6 +156,8 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
     for plugin in plugins:
         record.update(plugin.round_extras(rnd, accepted))
+    record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
+                                     outcome.bytes_down))
     return record
 
 
@@ -185,6 +188,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "resumed_at_rounds": state.resumed_at,
         "wall_s": state.elapsed_s,
         **_population(cfg),
+        **split_summary_fields(history),
     }
 
 

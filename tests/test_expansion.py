@@ -59,6 +59,8 @@ def test_domain_config_errors_name_the_field():
     ({"lam": 1.5}, (), r"lam must be in \[0, 1\]"),
     ({"weighting": "importance"}, (), "set tuning.domain_head = true"),
     ({}, ("data.target_clients=20",), "needs a source population"),
+    ({"weighting": "importance"}, ("tuning.domain_head=true", "split.enabled=true"),
+     "with split.enabled use 'fixed' or 'anneal'"),
 ])
 def test_bad_expansion_params_are_named(table, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -64,7 +64,9 @@ class PromptModel(TunedModel):
             {"params": list(self.head.parameters()), "lr": lr},
         ]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings with the prompt spliced in, and the matching attention mask."""
         batch, k = input_ids.shape[0], self.insert_at
         words = self.backbone.get_input_embeddings()(input_ids)
         prompt = self.prompt(batch)
@@ -73,10 +75,19 @@ class PromptModel(TunedModel):
         prompt_mask = torch.ones(batch, p, dtype=attention_mask.dtype,
                                  device=attention_mask.device)
         mask = torch.cat([attention_mask[:, :k], prompt_mask, attention_mask[:, k:]], dim=1)
-        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return embeds, mask
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the last hidden states (prompt positions included)."""
+        k, p = self.insert_at, self.prompt.embedding.num_embeddings
         # Pool over the input's own tokens only, as the sentence encoder was trained to.
         hidden = torch.cat([hidden[:, :k], hidden[:, k + p:]], dim=1)
         return self.head(masked_mean(hidden, attention_mask))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeds, mask = self.embed_inputs(input_ids, attention_mask)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.classify(hidden, attention_mask)
 
 
 @register_method("prompt")

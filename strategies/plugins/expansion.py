@@ -57,6 +57,10 @@ class PopulationExpansion(Plugin):
             if not cfg.tuning.domain_head:
                 raise ConfigError(f"{where}: weighting='importance' needs the domain "
                                   "classifier: set tuning.domain_head = true")
+            if cfg.split.enabled:
+                raise ConfigError(f"{where}: weighting='importance' needs the whole model on "
+                                  "the client (its domain head reads the pooled features); "
+                                  "with split.enabled use 'fixed' or 'anneal'")
             if cfg.privacy.sample.enabled and cfg.privacy.sample.grad_sample_mode == "ghost":
                 raise ConfigError(f"{where}: weighting='importance' weights each example's "
                                   "loss, which grad_sample_mode='ghost' cannot take; use "

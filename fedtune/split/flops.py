@@ -1,0 +1,105 @@
+"""FLOPs of split training, counted by torch's FlopCounterMode on one example.
+
+Matmul FLOPs are linear in the batch and sequences are padded to one length, so examples x
+these per-example counts are the exact totals of the steps taken. Client and server shares
+are counted under separate counters, in the order the split protocol runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedtune.split.body import BodyService
+from fedtune.split.model import SplitPromptModel
+from fedtune.tuning.base import masked_mean
+
+
+@dataclass(frozen=True)
+class SplitFlops:
+    """Per-example forward + backward FLOPs."""
+
+    client_split: float  # a split step on the client: head, tail and the head's backward
+    server: float  # a split step on the server: body forward + input-gradient backward
+    client_local: float  # a local-loss step: head + auxiliary classifier, no server
+    full: float  # federated full fine-tuning: every backbone weight + classifier trained
+
+    def client_fraction(self, local_loss: bool = False) -> float:
+        return (self.client_local if local_loss else self.client_split) / self.full
+
+
+_CACHE: dict[tuple[Any, ...], SplitFlops] = {}
+
+
+def split_flops(view: SplitPromptModel, body: BodyService, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> SplitFlops:
+    """Counts for one example (`input_ids`, `attention_mask` of shape (T,)); cached per
+    process by cut layer, sequence length and trainable layout."""
+    key = (view.split.cut_layer, int(input_ids.shape[0]), view.num_trainable(),
+           view.aux is not None, id(view.backbone))
+    if key not in _CACHE:
+        _CACHE[key] = _measure(view, body, input_ids.unsqueeze(0), attention_mask.unsqueeze(0))
+    return _CACHE[key]
+
+
+def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
+             mask: torch.Tensor) -> SplitFlops:
+    client = server = 0.0
+    view.set_phase(local_loss=False)
+    flops, (smashed, full_mask) = _count(lambda: view.cut(ids, mask))
+    client += flops
+    flops, output = _count(lambda: body.forward(smashed.detach(), full_mask))
+    server += flops
+    output = output.requires_grad_(True)
+    flops, _ = _count(lambda: view.tail(output, mask).sum().backward())
+    client += flops
+    flops, grad = _count(lambda: body.backward(output.grad))
+    server += flops
+    flops, _ = _count(lambda: smashed.backward(grad))
+    client += flops
+
+    local = 0.0
+    if view.aux is not None:
+        view.set_phase(local_loss=True)
+        local, _ = _count(lambda: _local_loss_pass(view, ids, mask))
+    view.zero_grad(set_to_none=True)
+    view.set_phase(local_loss=None)  # trainable_state() reads requires_grad
+    return SplitFlops(client_split=client, server=server, client_local=local,
+                      full=full_finetune_flops(view, ids, mask))
+
+
+def _local_loss_pass(view: SplitPromptModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    view.aux_logits(*view.cut(ids, mask)).sum().backward()
+
+
+def full_finetune_flops(view: SplitPromptModel, ids: torch.Tensor, mask: torch.Tensor
+                        ) -> float:
+    """One example through federated full fine-tuning: the whole backbone and the classifier
+    trainable, no prompt. The shared backbone is frozen again before returning."""
+    params = list(view.backbone.parameters())
+    try:
+        for p in params:
+            p.requires_grad_(True)
+
+        def step() -> None:
+            hidden = view.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            view.head(masked_mean(hidden, mask)).sum().backward()
+
+        flops, _ = _count(step)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        view.head.zero_grad(set_to_none=True)
+    return flops
+
+
+def _count(fn: Callable[[], Any]) -> tuple[float, Any]:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = fn()
+    return float(counter.get_total_flops()), result

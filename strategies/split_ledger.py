@@ -1,0 +1,53 @@
+"""Split-mode fields of the ledger: smashed-data traffic, server FLOPs and the client's
+FLOPs per example as a share of full fine-tuning, summed from what clients report.
+
+A round without split clients gets no extra fields, so non-split ledgers are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down: int
+                       ) -> dict[str, Any]:
+    """Round totals over every client that trained (accepted or rejected: a rejected delta
+    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes."""
+    split = [c for c in reports if "smashed_bytes_up" in c]
+    if not split:
+        return {}
+    examples = sum(int(c["examples_seen"]) for c in split)
+    client_flops = sum(float(c["flops"]) for c in split)
+    per_example = client_flops / max(1, examples)
+    full = float(split[0]["full_model_flops_per_example"])
+    up = sum(int(c["smashed_bytes_up"]) for c in split)
+    down = sum(int(c["smashed_bytes_down"]) for c in split)
+    return {
+        "smashed_bytes_up": up,
+        "smashed_bytes_down": down,
+        "delta_bytes_up": bytes_up,
+        "delta_bytes_down": bytes_down,
+        "total_bytes": up + down + bytes_up + bytes_down,
+        "server_flops": sum(float(c["server_flops"]) for c in split),
+        "client_flops_per_example": per_example,
+        "full_model_flops_per_example": full,
+        "client_flops_fraction": per_example / full,
+        "split_steps": sum(int(c["split_steps"]) for c in split),
+        "local_loss_steps": sum(int(c["local_loss_steps"]) for c in split),
+    }
+
+
+def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
+    rounds = [r for r in history if "smashed_bytes_up" in r]
+    if not rounds:
+        return {}
+    up = sum(r["smashed_bytes_up"] for r in rounds)
+    down = sum(r["smashed_bytes_down"] for r in rounds)
+    return {
+        "total_smashed_bytes_up": up,
+        "total_smashed_bytes_down": down,
+        "total_bytes": up + down + sum(r["delta_bytes_up"] + r["delta_bytes_down"]
+                                       for r in rounds),
+        "total_server_flops": sum(r["server_flops"] for r in rounds),
+        "client_flops_fraction": rounds[-1]["client_flops_fraction"],
+    }

@@ -1,0 +1,283 @@
+"""Split mode (SFPrompt): the cut composes to the full model, split training gives the
+unsplit deltas, DP-SGD still clips per sample, local-loss steps skip the server, and the
+FLOPs/bytes accounting matches the shapes."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients import split as split_client
+from clients.train import local_train
+from fedtune.config import ConfigError, SampleDPConfig, load_config
+from fedtune.models import Backbone, load_backbone
+from fedtune.models.split import SplitBackbone, SplitError
+from fedtune.privacy import DPHistory, make_private
+from fedtune.split import InProcessBody, SplitPromptModel, split_flops
+from fedtune.tuning import build_tuned_model
+
+BASE = ["train.batch_size=8", "tuning.prompt_length=4"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_backbone("minilm")
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    """A randomly initialised 3-layer GPT-2 (no download) with a stand-in tokenizer: the
+    prompt model only reads its special-token ids."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2Model(config).eval().requires_grad_(False)
+    tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
+    return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
+
+
+def _data(n=24, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2900, (n, length), generator=g)
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[: n // 4, length // 2:] = 0  # some padded rows
+    return TensorDataset(ids, mask, torch.randint(0, 2, (n,), generator=g))
+
+
+def _context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def _split_model(backbone, cfg, context=None):
+    model = build_tuned_model(backbone, cfg.tuning, 2, seed=cfg.seed)
+    task = SimpleNamespace(backbone=backbone, num_labels=2)
+    split = SplitBackbone(backbone.model, cfg.split.cut_layer)
+    aux = None
+    if cfg.split.local_loss_fraction > 0:
+        aux = split_client.split_view(model, task, cfg, context or _context()).aux
+    return model, SplitPromptModel(model, split, aux)
+
+
+def _train_split(backbone, cfg, data, steps, context=None, seed=5):
+    model, view = _split_model(backbone, cfg, context)
+    body = InProcessBody(view.split)
+    local = int(cfg.split.local_loss_fraction * steps)
+    step = split_client.SplitStep(view, body, local)
+    result = local_train(view, data, cfg, DPHistory(), seed=seed, step=step)
+    return model, view, result
+
+
+# ----------------------------------------------------------------------------- the cut
+
+
+@pytest.mark.parametrize("family", ["minilm", "tiny_decoder"])
+def test_head_then_body_is_the_models_own_forward_at_every_cut(family, request):
+    backbone = request.getfixturevalue(family)
+    model = backbone.model
+    ids, mask, _ = _data(4, 12).tensors
+    embeds = model.get_input_embeddings()(ids)
+    reference = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    layers = model.config.num_hidden_layers
+    for k in range(layers):
+        split = SplitBackbone(model, k)
+        out = split.body(split.head(split.embed(embeds), mask), mask)
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_a_cut_outside_the_model_names_the_field_and_range(minilm):
+    with pytest.raises(SplitError, match=r"split.cut_layer=6 .*allowed 0..5"):
+        SplitBackbone(minilm.model, 6)
+
+
+def test_config_rejects_split_with_other_methods_ghost_clipping_and_bad_values():
+    with pytest.raises(ConfigError, match="tuning.method"):
+        load_config(None, ["split.enabled=true", "tuning.method=lora"])
+    with pytest.raises(ConfigError, match="ghost"):
+        load_config(None, ["split.enabled=true", "privacy.sample.grad_sample_mode=ghost"])
+    with pytest.raises(ConfigError, match="split.local_loss_fraction"):
+        load_config(None, ["split.local_loss_fraction=1.0"])
+    with pytest.raises(ConfigError, match="split.cut_layer"):
+        load_config(None, ["split.cut_layer=-1"])
+    with pytest.raises(ConfigError, match="rounds down to no local-loss step"):
+        load_config(None, ["split.enabled=true", "split.local_loss_fraction=0.05"])
+    with pytest.raises(ConfigError, match="el2n_pruning"):
+        load_config(None, ["split.enabled=true", 'plugins=[{name = "el2n_pruning"}]'])
+    with pytest.raises(ConfigError, match="unknown key split.cut"):
+        load_config(None, ["split.cut=1"])
+    assert load_config(None, ["split.enabled=true", "split.cut_layer=0"]).split.cut_layer == 0
+
+
+def test_body_service_backward_is_the_gradient_through_the_body(minilm):
+    split = SplitBackbone(minilm.model, 2)
+    body = InProcessBody(split)
+    ids, mask, _ = _data(3, 10).tensors
+    smashed = torch.randn(3, 10, minilm.hidden_size, requires_grad=True)
+    grad_out = torch.randn(3, 10, minilm.hidden_size)
+    out = body.forward(smashed, mask)
+    assert not out.requires_grad  # what comes down is data, not a graph
+    grad = body.backward(grad_out)
+    (expected,) = torch.autograd.grad(split.body(smashed, mask), smashed, grad_out)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="without a forward"):
+        body.backward(grad_out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("cut,dp", [(0, False), (1, False), (1, True)])
+def test_split_and_unsplit_training_give_the_same_deltas(minilm, cut, dp):
+    sets = BASE + ["train.local_steps=3", f"privacy.sample.enabled={str(dp).lower()}",
+                   "split.enabled=true", f"split.cut_layer={cut}"]
+    cfg = load_config(None, sets)
+    data = _data()
+    plain = build_tuned_model(minilm, cfg.tuning, 2, seed=cfg.seed)
+    start = {n: t.detach().clone() for n, t in plain.trainable_state().items()}
+    expected = local_train(plain, data, cfg, DPHistory(), seed=5)
+    model, _, got = _train_split(minilm, cfg, data, steps=3)
+    assert list(model.trainable_state()) == list(plain.trainable_state())
+    for name, tensor in plain.trainable_state().items():
+        assert not torch.equal(tensor, start[name])  # it did train
+        torch.testing.assert_close(model.trainable_state()[name], tensor,
+                                   rtol=1e-5, atol=1e-6)
+    assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+    assert got.examples_seen == expected.examples_seen
+    # The client's and the server's FLOPs add up to the unsplit client's, give or take the
+    # head's backward that the unsplit prompt pays too.
+    total = got.flops + got.extras["server-flops"]
+    assert total == pytest.approx(expected.flops, rel=0.01)
+
+
+def test_decoder_split_training_gives_the_unsplit_deltas_under_dp(tiny_decoder):
+    cfg = load_config(None, BASE + ["train.local_steps=2", "split.enabled=true",
+                                    "split.cut_layer=1"])
+    data = _data()
+    plain = build_tuned_model(tiny_decoder, cfg.tuning, 2, seed=cfg.seed)
+    local_train(plain, data, cfg, DPHistory(), seed=5)
+    model, _, _ = _train_split(tiny_decoder, cfg, data, steps=2)
+    for name, tensor in plain.trainable_state().items():
+        torch.testing.assert_close(model.trainable_state()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_sgd_clips_each_examples_gradient_when_the_backward_comes_from_the_server(minilm):
+    """One DP step of a split model with zero noise must equal the mean of the per-example
+    gradients of the unsplit model, each clipped to max_grad_norm."""
+    clip = 1e-3
+    cfg = load_config(None, BASE + ["split.enabled=true", "split.cut_layer=1"])
+    data = _data(16)
+    _, view = _split_model(minilm, cfg)
+    optimizer = torch.optim.SGD(view.param_groups(0.1))
+    private = make_private(view, optimizer, DataLoader(data, batch_size=8),
+                           SampleDPConfig(max_grad_norm=clip), 0.0, seed=0)
+    step = split_client.SplitStep(view, InProcessBody(view.split), 0)
+    ids, mask, labels = (t[:8] for t in data.tensors)
+    try:
+        private.optimizer.zero_grad(set_to_none=True)
+        step(private.model, private.criterion, ids, mask, labels, 0)
+        private.optimizer.pre_step()  # clip per sample, add (zero) noise, average
+        got = torch.cat([p.grad.reshape(-1) for p in view.trainable_state().values()])
+    finally:
+        private.close()
+
+    reference = build_tuned_model(minilm, cfg.tuning, 2, seed=cfg.seed)
+    clipped, norms = [], []
+    for i in range(8):
+        reference.zero_grad(set_to_none=True)
+        logits = reference(ids[i:i + 1], mask[i:i + 1])
+        torch.nn.functional.cross_entropy(logits, labels[i:i + 1]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in reference.trainable_state().values()])
+        norms.append(float(g.norm()))
+        clipped.append(g * min(1.0, clip / (float(g.norm()) + 1e-6)))
+    assert min(norms) > 10 * clip  # every example was clipped
+    torch.testing.assert_close(got, torch.stack(clipped).sum(0) / 8, rtol=1e-3, atol=1e-9)
+    assert float(got.norm()) <= clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_local_loss_steps_skip_the_server_and_halve_the_smashed_bytes(minilm, dp):
+    flag = f"privacy.sample.enabled={str(dp).lower()}"
+    plain_cfg = load_config(None, BASE + ["train.local_steps=4", flag, "split.enabled=true"])
+    _, _, plain = _train_split(minilm, plain_cfg, _data(), steps=4)
+    cfg = load_config(None, BASE + ["train.local_steps=4", flag, "split.enabled=true",
+                                    "split.local_loss_fraction=0.5"])
+    context = _context()
+    model, view, got = _train_split(minilm, cfg, _data(), steps=4, context=context)
+    assert (got.extras["local-loss-steps"], got.extras["split-steps"]) == (2, 2)
+    plain_model = build_tuned_model(minilm, cfg.tuning, 2, seed=cfg.seed)
+    # The aux head is never federated; the tail is trainable again after the round.
+    assert list(model.trainable_state()) == list(plain_model.trainable_state())
+    assert list(view.trainable_state()) == list(model.trainable_state())
+    assert float(view.aux.net[0].weight.detach().abs().sum()) > 0  # it learned from the local loss
+    if not dp:  # fixed batches: exactly half the exchanges
+        assert got.extras["smashed-bytes-up"] * 2 == plain.extras["smashed-bytes-up"]
+        assert got.extras["smashed-bytes-down"] * 2 == plain.extras["smashed-bytes-down"]
+    split_client.save_aux(view, context)
+    reloaded = split_client.split_view(model, SimpleNamespace(backbone=minilm, num_labels=2),
+                                       cfg, context)
+    torch.testing.assert_close(reloaded.aux.state_dict(), view.aux.state_dict())
+
+
+def test_smashed_bytes_are_the_tensors_that_cross(minilm):
+    cfg = load_config(None, BASE + ["train.local_steps=2", "privacy.sample.enabled=false",
+                                    "split.enabled=true"])
+    _, _, got = _train_split(minilm, cfg, _data(), steps=2)
+    n, length = got.extras["split-examples"], 16 + 4  # tokens + prompt
+    states = n * length * minilm.hidden_size * 4  # float32 hidden states
+    mask = n * length * 8  # int64 attention mask
+    assert got.extras["smashed-bytes-up"] == states + mask + states  # smashed, mask, grad
+    assert got.extras["smashed-bytes-down"] == states + states  # body output, grad at cut
+
+
+def test_client_flops_fraction_at_the_quickstart_shapes(minilm):
+    """64 tokens + a 20-token prompt: k = 0 leaves the client almost nothing, k = 1 about
+    one layer's forward and input-gradient backward of six."""
+    ids = torch.randint(1000, 2900, (64,))
+    mask = torch.ones_like(ids)
+    fractions = {}
+    for cut in (0, 1):
+        cfg = load_config(None, ["split.enabled=true", f"split.cut_layer={cut}",
+                                 "split.local_loss_fraction=0.5"])
+        _, view = _split_model(minilm, cfg)
+        flops = split_flops(view, InProcessBody(view.split), ids, mask)
+        fractions[cut] = flops.client_fraction()
+        assert flops.client_fraction(local_loss=True) <= flops.client_fraction() * 1.01
+        assert flops.server > flops.client_split
+    assert fractions[0] <= 0.01
+    assert fractions[1] <= 0.20
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_fedtune_run_in_split_mode_with_local_loss_writes_the_split_ledger(tmp_path):
+    from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
+
+    sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
+        "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
+        "split.local_loss_fraction=0.5"]
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    hidden, tokens = 384, 32 + 4  # model.max_length + tuning.prompt_length
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        assert r["local_loss_steps"] == r["split_steps"] == 2 * 2  # 2 of 4 steps, 2 clients
+        assert r["delta_bytes_up"] == r["bytes_up"] > 0
+        for c in r["per_client"]:
+            n = c["split_examples"]
+            assert c["smashed_bytes_up"] == n * tokens * (2 * hidden * 4 + 8)
+            assert c["smashed_bytes_down"] == n * tokens * 2 * hidden * 4
+            assert c["examples_seen"] == n + c["local_loss_examples"]
+        assert r["smashed_bytes_up"] == sum(c["smashed_bytes_up"] for c in r["per_client"])
+        assert 0 < r["client_flops_fraction"] <= 0.20
+        assert r["server_flops"] > r["client_flops"]
+    assert summary["total_smashed_bytes_up"] == sum(r["smashed_bytes_up"] for r in rounds)
+    assert summary["method"] == "prompt" and summary["final_accuracy"] > 0
