@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
-    from fedtune.task import get_task
+    from fedtune.task import get_task, write_bundle
     from strategies.server_app import build_server_app
 
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
@@ -112,10 +113,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     import ray
 
+    # The actors read the task the driver just built (memory-mapped arrays) instead of each
+    # loading, hashing and partitioning the corpus again; it lives for this run only.
+    bundle_dir = tempfile.TemporaryDirectory(prefix="fedtune-task-")
     try:
+        bundle = str(write_bundle(task, bundle_dir.name))
         run_simulation(
             server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=build_client_app(cfg),
+            client_app=build_client_app(cfg, bundle),
             num_supernodes=cfg.data.num_clients,
             backend_config=backend_config(cfg),
             verbose_logging=verbose,
@@ -123,6 +128,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        bundle_dir.cleanup()
     summary_path = out_dir / SUMMARY_FILE
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; "
