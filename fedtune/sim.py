@@ -32,6 +32,13 @@ _ENV_DEFAULTS = {
 }
 
 
+# The ServerApp's pause between pulls for replies (strategies.grid_io). In simulation a
+# pull reads the in-process LinkState and costs microseconds, so a short pause only cuts
+# the wait after the last reply (half a pause on average per round trip: discovery, and
+# each round).
+SIM_POLL_S = "0.02"
+
+
 def quiet_environment() -> None:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -98,12 +105,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
 
     from clients.app import build_client_app
     from fedtune.task import get_task, write_bundle
+    from strategies.grid_io import POLL_ENV
     from strategies.server_app import build_server_app
 
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
     # backbone or corpus fails here with its own message, and the token cache is warm.
     task = get_task(cfg)
     check_user_budget(cfg)
+    os.environ.setdefault(POLL_ENV, SIM_POLL_S)
     out_dir = Path(out_dir)
     if resume:
         prepare_resume(out_dir, task.spec.hash)
