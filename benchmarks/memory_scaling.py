@@ -46,7 +46,8 @@ DEFAULT_SETS = [
     "train.eval_max_examples=128", "privacy.sample.enabled=false",
     "privacy.user.enabled=false",
 ]
-RAY_CORE = ("gcs_server", "raylet", "log_monitor", "dashboard", "agent", "monitor",
+# Ray's own processes; its agents also run as "ray::...Agent" workers.
+RAY_CORE = ("gcs_server", "raylet", "log_monitor", "dashboard", "Agent", "monitor.py",
             "runtime_env", "ray_client_server")
 
 
@@ -57,10 +58,10 @@ def _kind(proc: psutil.Process, root: int) -> str:
         cmd = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "worker"
-    if "default_worker.py" in cmd or cmd.startswith("ray::"):
-        return "worker"
     if any(name in cmd for name in RAY_CORE):
         return "ray core"
+    if "default_worker.py" in cmd or cmd.startswith("ray::"):
+        return "worker"
     return "other"
 
 
@@ -82,6 +83,7 @@ class Sampler(threading.Thread):
         self.peak_pss = 0
         self.max_worker = 0
         self.token_maps: dict[int, bool] = {}
+        self.actor_pids: set[int] = set()
         self._last_pss = 0.0
 
     def tree(self) -> list[psutil.Process]:
@@ -106,12 +108,21 @@ class Sampler(threading.Thread):
                 if kind == "worker":
                     self.max_worker = max(self.max_worker, rss)
                     self._check_maps(proc)
+                    if self._is_actor(proc):
+                        self.actor_pids.add(proc.pid)
             if sums["total"] > self.peak["total"]:
                 self.peak = sums
             if time.monotonic() - self._last_pss >= 1.0:
                 self._last_pss = time.monotonic()
                 self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in procs))
             self.stop.wait(self.period)
+
+    @staticmethod
+    def _is_actor(proc: psutil.Process) -> bool:
+        try:
+            return "ClientAppActor" in " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
 
     def _check_maps(self, proc: psutil.Process) -> None:
         """Whether this worker maps the token cache's .npy files (shared pages)."""
@@ -143,11 +154,11 @@ def run(n: int, sets: list[str], out: Path, env: dict[str, str]) -> dict[str, An
     if proc.returncode != 0:
         raise SystemExit(f"run with {n} clients failed; see {log}:\n{log.read_text()[-3000:]}")
     rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
-    actors = [pid for pid, mapped in sampler.token_maps.items()]
+    actors = sampler.actor_pids
     return {"n": n, "peak": sampler.peak, "peak_pss": sampler.peak_pss,
             "max_worker": sampler.max_worker, "total_s": time.perf_counter() - t0,
             "round_s": [r["wall_s"] for r in rounds],
-            "workers_mapping_tokens": sum(sampler.token_maps.values()),
+            "workers_mapping_tokens": sum(sampler.token_maps.get(pid, False) for pid in actors),
             "workers_seen": len(actors), "load": _load_avg()}
 
 
@@ -182,7 +193,7 @@ def main() -> None:
               f"{_mb(p.get('driver', 0))}, ray core {_mb(p.get('ray core', 0))}, workers "
               f"{_mb(p.get('worker', 0))}, other {_mb(p.get('other', 0))}), peak PSS sum "
               f"{_mb(r['peak_pss'])} MB, largest worker {_mb(r['max_worker'])} MB; token "
-              f"arrays mmapped in {r['workers_mapping_tokens']}/{r['workers_seen']} workers; "
+              f"arrays mmapped in {r['workers_mapping_tokens']}/{r['workers_seen']} actors; "
               f"{r['total_s']:.1f} s, rounds {' '.join(f'{w:.2f}' for w in r['round_s'])} s; "
               f"load avg {r['load']}", flush=True)
     lines = ["| virtual clients | peak RSS sum MB | driver MB | Ray core MB | workers MB | "

@@ -89,7 +89,7 @@ def get_task(cfg: ExperimentConfig, bundle: str | Path | None = None) -> Task:
     loading, tokenizing and partitioning the corpus; a bundle of another task, or one that
     is gone, is ignored."""
     key = task_key(cfg)
-    if bundle is not None and _bundle_key(Path(bundle)) == key:
+    if bundle is not None and _bundle_key(str(bundle)) == key:
         return _task_from_bundle(key, cfg.to_toml(), str(bundle))
     return _build_task(key, cfg.to_toml())
 
@@ -130,11 +130,18 @@ def _array_file(array: np.ndarray, folder: Path, name: str) -> str:
     return str(path)
 
 
-def _bundle_key(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / BUNDLE_META).read_text())["key"]
-    except (OSError, ValueError, KeyError):
-        return None
+_BUNDLE_KEYS: dict[str, str] = {}
+
+
+def _bundle_key(folder: str) -> str | None:
+    """The task key a bundle was written for; read once per folder, since a worker asks on
+    every message (a folder not written yet is asked again)."""
+    if folder not in _BUNDLE_KEYS:
+        try:
+            _BUNDLE_KEYS[folder] = json.loads((Path(folder) / BUNDLE_META).read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            return None
+    return _BUNDLE_KEYS[folder]
 
 
 @functools.lru_cache(maxsize=2)
