@@ -117,7 +117,9 @@ def run_bare(cfg_toml: str, out: Path) -> None:
     configure_torch()
     task = get_task(cfg)
     model = task.new_model()
-    # Spawned like Ray's workers: each imports and builds its task itself.
+    # Spawned like Ray's workers: each imports and builds its task itself, and gets
+    # OMP_NUM_THREADS set to its CPUs, as Ray sets it for an actor.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (cfg_toml, threads))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     strategy.roster = {pid: pid for pid in range(cfg.data.num_clients)}
