@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -51,7 +51,10 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
     save_file(tensors, str(folder / STATE_FILE), metadata={
         "format": FORMAT, "spec_hash": spec.hash, "backbone_hash": spec.backbone_hash,
         "method": model.method, "label_names": json.dumps(list(label_names))})
-    if isinstance(model.backbone, PeftModel):
+    # A PeftModel exists only once peft is imported; peft is not imported otherwise (it
+    # costs ~2 s of CPU at start-up).
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model.backbone, peft.PeftModel):
         with torch.no_grad():
             for name, tensor in tensors.items():
                 model.get_parameter(name).copy_(tensor)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,78 @@ _ENV_DEFAULTS = {
 }
 
 
+# The ServerApp's pause between pulls for replies (strategies.grid_io). In simulation a
+# pull reads the in-process LinkState and costs microseconds, so a short pause only cuts
+# the wait after the last reply (half a pause on average per round trip: discovery, and
+# each round).
+SIM_POLL_S = "0.02"
+
+
 def quiet_environment() -> None:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+# How often the simulation engine looks for new messages to hand to the actors (Flower: 0.1 s).
+DISPATCH_TICK_S = 0.02
+
+
+def _dispatch_messages(state: Any, queue: Any, nodes_mapping: dict[int, int],
+                       f_stop: threading.Event) -> None:
+    """Drop-in for Flower 1.41's `vce_api.add_messages_to_queue` (same arguments, same
+    result: each tick, at most one undelivered message per node is marked delivered and
+    queued for the actors).
+
+    Flower's loop asks the in-memory LinkState once per node and tick, and each ask scans
+    and validates every stored message: nodes x messages checks every 0.1 s. With 1,000
+    virtual clients that is 1,000,000 checks per tick while discovery has a message out to
+    every node (measured: minutes to discover 1,000 nodes), and tens of ms of a core per
+    tick during every round. This scans the store once per tick, with Flower's own expiry
+    check, under the state's lock."""
+    from flwr.supercore.date import now
+
+    nodes = set(nodes_mapping)
+    while not f_stop.is_set():
+        with state.lock:
+            ids = list(state.message_ins_store)
+            state._check_stored_messages(set(ids))  # drops expired / out-of-federation ones
+            batch, served = [], set()
+            for msg_id in ids:
+                msg = state.message_ins_store.get(msg_id)
+                if msg is None or msg.metadata.delivered_at != "":
+                    continue
+                node = msg.metadata.dst_node_id
+                if node in nodes and node not in served:
+                    served.add(node)
+                    batch.append(msg)
+            delivered_at = now().isoformat()
+            for msg in batch:
+                msg.metadata.delivered_at = delivered_at
+        for msg in batch:
+            queue.put(msg)
+        f_stop.wait(DISPATCH_TICK_S)
+
+
+def _patch_dispatch() -> None:
+    """Use `_dispatch_messages` in Flower's simulation engine where its in-memory LinkState
+    is the one we know; any other Flower keeps its own loop."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    original = getattr(vce_api, "_fedtune_original_dispatch", vce_api.add_messages_to_queue)
+    vce_api._fedtune_original_dispatch = original
+    known = all(hasattr(InMemoryLinkState, a) for a in ("_check_stored_messages",
+                                                        "get_message_ins"))
+
+    def dispatch(state: Any, queue: Any, nodes_mapping: dict[int, int],
+                 f_stop: threading.Event) -> None:
+        if known and isinstance(state, InMemoryLinkState) and hasattr(state,
+                                                                     "message_ins_store"):
+            _dispatch_messages(state, queue, nodes_mapping, f_stop)
+        else:
+            original(state, queue, nodes_mapping, f_stop)
+
+    vce_api.add_messages_to_queue = dispatch
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -104,8 +175,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     from flwr.simulation import run_simulation
 
+    _patch_dispatch()
+
     from clients.app import build_client_app
-    from fedtune.task import get_task
+    from fedtune.task import get_task, write_bundle
+    from strategies.grid_io import POLL_ENV
     from strategies.server_app import build_server_app
 
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
@@ -113,6 +187,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     task = get_task(cfg)
     check_user_budget(cfg)
     check_split(cfg, task.backbone.model)
+    os.environ.setdefault(POLL_ENV, SIM_POLL_S)
     out_dir = Path(out_dir)
     if resume:
         prepare_resume(out_dir, task.spec.hash)
@@ -122,10 +197,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     import ray
 
+    # The actors read the task the driver just built (memory-mapped arrays) instead of each
+    # loading, hashing and partitioning the corpus again; it lives for this run only.
+    bundle_dir = tempfile.TemporaryDirectory(prefix="fedtune-task-")
     try:
+        bundle = str(write_bundle(task, bundle_dir.name))
         run_simulation(
             server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=build_client_app(cfg),
+            client_app=build_client_app(cfg, bundle),
             num_supernodes=cfg.data.num_clients,
             backend_config=backend_config(cfg),
             verbose_logging=verbose,
@@ -133,6 +212,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        bundle_dir.cleanup()
     summary_path = out_dir / SUMMARY_FILE
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,8 +83,83 @@ def task_key(cfg: ExperimentConfig) -> str:
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
 
 
-def get_task(cfg: ExperimentConfig) -> Task:
-    return _build_task(task_key(cfg), cfg.to_toml())
+def get_task(cfg: ExperimentConfig, bundle: str | Path | None = None) -> Task:
+    """The task of `cfg`, built once per process. With `bundle` (a folder `write_bundle`
+    filled in another process for the same task), read the data from there instead of
+    loading, tokenizing and partitioning the corpus; a bundle of another task, or one that
+    is gone, is ignored."""
+    key = task_key(cfg)
+    if bundle is not None and _bundle_key(str(bundle)) == key:
+        return _task_from_bundle(key, cfg.to_toml(), str(bundle))
+    return _build_task(key, cfg.to_toml())
+
+
+BUNDLE_META = "task.json"
+
+
+def write_bundle(task: Task, folder: str | Path) -> Path:
+    """Write what a worker process needs to rebuild `task` without its corpus: the token
+    and label arrays (references to the token cache's files where the task reads them
+    from there, else .npy copies), the partitions' indices and the label names. Workers
+    memory-map the arrays, so they share the pages instead of each holding a copy, and
+    skip importing `datasets`/flwr-datasets, reading the corpus and partitioning it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split_name in ("train", "test"):
+        split = getattr(task, split_name)
+        for field in ("input_ids", "attention_mask", "labels"):
+            arrays[f"{split_name}.{field}"] = _array_file(getattr(split, field), folder,
+                                                          f"{split_name}.{field}")
+    sizes = np.asarray([len(p) for p in task.partitions], dtype=np.int64)
+    flat = (np.concatenate(task.partitions) if task.partitions else np.zeros(0)).astype(np.int64)
+    np.save(folder / "partitions.npy", flat)
+    np.save(folder / "partition_sizes.npy", sizes)
+    meta = {"key": task_key(task.cfg), "arrays": arrays, "label_names": list(task.label_names)}
+    (folder / BUNDLE_META).write_text(json.dumps(meta))
+    return folder
+
+
+def _array_file(array: np.ndarray, folder: Path, name: str) -> str:
+    # A whole .npy file opened with np.load(mmap_mode=...) is a memmap whose base is the
+    # mmap itself; anything else (a slice, a copy) is saved.
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+        return str(array.filename)
+    path = folder / f"{name}.npy"
+    np.save(path, np.ascontiguousarray(array))
+    return str(path)
+
+
+_BUNDLE_KEYS: dict[str, str] = {}
+
+
+def _bundle_key(folder: str) -> str | None:
+    """The task key a bundle was written for; read once per folder, since a worker asks on
+    every message (a folder not written yet is asked again)."""
+    if folder not in _BUNDLE_KEYS:
+        try:
+            _BUNDLE_KEYS[folder] = json.loads((Path(folder) / BUNDLE_META).read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            return None
+    return _BUNDLE_KEYS[folder]
+
+
+@functools.lru_cache(maxsize=2)
+def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
+    cfg = config_from_toml(cfg_toml)
+    root = Path(folder)
+    meta = json.loads((root / BUNDLE_META).read_text())
+    arrays = {name: np.load(path, mmap_mode="r") for name, path in meta["arrays"].items()}
+    splits = {name: Split(arrays[f"{name}.input_ids"], arrays[f"{name}.attention_mask"],
+                          arrays[f"{name}.labels"]) for name in ("train", "test")}
+    flat = np.load(root / "partitions.npy")
+    sizes = np.load(root / "partition_sizes.npy")
+    parts = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    backbone = load_backbone(cfg.model.backbone)
+    label_names = tuple(meta["label_names"])
+    model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed)
+    spec = model_spec(model, backbone, cfg, len(label_names))
+    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec)
 
 
 @functools.lru_cache(maxsize=2)

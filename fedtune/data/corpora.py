@@ -19,11 +19,14 @@ import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
-CorpusLoader = Callable[..., datasets.DatasetDict]
+# Imported where used: `datasets` (pyarrow, pandas) costs ~1 s of CPU to import, and Ray
+# actors that get their task from the driver (fedtune.task bundles) never load a corpus.
+CorpusLoader = Callable[..., "datasets.DatasetDict"]
 _CORPORA: dict[str, CorpusLoader] = {}
 SPAMASSASSIN_FILE = "spamassassin.jsonl.gz"
 
@@ -83,27 +86,31 @@ def _check_type(option: str, value: Any, kinds: type | tuple[type, ...]) -> None
 
 # --- spamassassin ---------------------------------------------------------------------------
 
-_SPAM_FEATURES = datasets.Features({
-    "id": datasets.Value("string"),
-    "text": datasets.Value("string"),
-    "label": datasets.ClassLabel(names=["ham", "spam"]),
-    "collection": datasets.Value("string"),
-    "group": datasets.Value("string"),
-    "mailing_list": datasets.Value("string"),
-})
+_SPAM_COLUMNS = ("id", "text", "label", "collection", "group", "mailing_list")
+
+
+def _spam_features() -> datasets.Features:
+    import datasets
+
+    string = datasets.Value("string")
+    return datasets.Features({name: datasets.ClassLabel(names=["ham", "spam"])
+                              if name == "label" else string for name in _SPAM_COLUMNS})
+
 _SPLITS = ("train", "test")
 
 
 def _read_spamassassin(file: Path) -> datasets.DatasetDict:
-    columns: dict[str, dict[str, list]] = {s: {k: [] for k in _SPAM_FEATURES} for s in _SPLITS}
+    import datasets
+
+    columns: dict[str, dict[str, list]] = {s: {k: [] for k in _SPAM_COLUMNS} for s in _SPLITS}
     try:
         with gzip.open(file, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 rec = json.loads(line)
                 split = rec.pop("split", None) if isinstance(rec, dict) else None
-                if split not in columns or set(rec) != set(_SPAM_FEATURES):
+                if split not in columns or set(rec) != set(_SPAM_COLUMNS):
                     raise CorpusError(f"corpus file {file} is malformed at line {lineno}: "
-                                      f"expected fields {sorted(_SPAM_FEATURES)} + split")
+                                      f"expected fields {sorted(_SPAM_COLUMNS)} + split")
                 if rec["label"] not in (0, 1):
                     raise CorpusError(f"corpus file {file} is malformed at line {lineno}: "
                                       f"label={rec['label']!r}, expected 0 or 1")
@@ -119,7 +126,7 @@ def _read_spamassassin(file: Path) -> datasets.DatasetDict:
         # any prefix of a split (a quick evaluation, a small run) a fair sample.
         order = sorted(range(len(cols["id"])), key=lambda i: _shuffle_key(cols["id"][i]))
         cols = {k: [v[i] for i in order] for k, v in cols.items()}
-        out[split] = datasets.Dataset.from_dict(cols, features=_SPAM_FEATURES)
+        out[split] = datasets.Dataset.from_dict(cols, features=_spam_features())
     return datasets.DatasetDict(out)
 
 
@@ -170,6 +177,8 @@ def _installed_copy() -> Path | None:
 # --- hf -------------------------------------------------------------------------------------
 
 def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    import datasets
+
     feature = ds.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return ds
@@ -194,6 +203,8 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     String labels become a ClassLabel with the sorted names; rows without an `id` column
     get "<split>-<row>".
     """
+    import datasets
+
     for option, value, kinds in (("path", path, str), ("name", name, str),
                                  ("text_field", text_field, str),
                                  ("label_field", label_field, str),

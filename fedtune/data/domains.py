@@ -14,12 +14,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from fedtune.data.partition import PartitionError, partition
 
 if TYPE_CHECKING:
+    import datasets
+
     from fedtune.config import DataConfig
 
 
@@ -66,6 +67,8 @@ def _side(ds: datasets.Dataset, rows: np.ndarray, clients: int, cfg: DataConfig,
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
+    import datasets  # not at the top: see fedtune.data.corpora
+
     was_enabled = datasets.utils.are_progress_bars_disabled() is False
     datasets.utils.disable_progress_bars()
     try:

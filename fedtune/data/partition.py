@@ -19,17 +19,18 @@ import functools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from unittest import mock
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    natural_id_partitioner,
-)
+
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
+
+# flwr-datasets is imported where used: its package import pulls in its plotting helpers
+# (seaborn, matplotlib, scipy.stats), ~2 s of CPU, in every process that reads the
+# partitioner registry (config validation included), Ray actors too.
 
 
 class PartitionError(ValueError):
@@ -41,7 +42,7 @@ OTHER = "other"
 DEFAULT_MIN_PARTITION_SIZE = 10
 
 # (dataset with an index column, num_partitions, options) -> a partitioner with the dataset set
-PartitionerFactory = Callable[..., Partitioner]
+PartitionerFactory = Callable[..., "Partitioner"]
 _SCHEMES: dict[str, PartitionerFactory] = {}
 
 
@@ -92,6 +93,8 @@ def natural_groups(dataset: datasets.Dataset, by: str = "mailing_list",
 
 @register_partitioner("iid")
 def _iid(ds: datasets.Dataset, num_partitions: int, *, seed: int, **_: object) -> Partitioner:
+    from flwr_datasets.partitioner import IidPartitioner
+
     partitioner = IidPartitioner(num_partitions=num_partitions)
     # IidPartitioner cuts contiguous shards in dataset order; shuffle so shards are random.
     partitioner.dataset = ds.shuffle(seed=seed)
@@ -110,6 +113,8 @@ def _dirichlet(ds: datasets.Dataset, num_partitions: int, *, seed: int, alpha: f
     if min_partition_size * num_partitions > len(ds):
         raise PartitionError(f"min_partition_size={min_partition_size} x data.num_clients="
                          f"{num_partitions} exceeds the {len(ds)} training examples")
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
                                        alpha=float(alpha), min_partition_size=min_partition_size,
                                        self_balancing=False, seed=seed)
@@ -138,6 +143,8 @@ def _natural(ds: datasets.Dataset, num_partitions: int, *, by: str,
         raise PartitionError(f"data.num_clients={num_partitions} but natural partitioning by "
                          f"{by!r} gives {found} groups; set data.num_clients={found} "
                          f"(groups: {listed})")
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     partitioner = NaturalIdPartitioner(partition_by=_GROUP)
     partitioner.dataset = ds.add_column(_GROUP, groups)
     return partitioner
@@ -147,6 +154,8 @@ def _natural(ds: datasets.Dataset, num_partitions: int, *, by: str,
 def _quiet_progress() -> Iterator[None]:
     """NaturalIdPartitioner draws a tqdm bar while indexing: one stray stderr line per Ray
     actor per run. Silence it (only where the module still uses a `tqdm` name)."""
+    from flwr_datasets.partitioner import natural_id_partitioner
+
     bar = getattr(natural_id_partitioner, "tqdm", None)
     if bar is None:
         yield

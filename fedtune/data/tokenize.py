@@ -15,10 +15,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 FIELDS = ("input_ids", "attention_mask")
 DTYPES = {"input_ids": np.int32, "attention_mask": np.int8}

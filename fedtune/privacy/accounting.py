@@ -11,8 +11,9 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+
+# Opacus is imported where it is used: it costs ~2 s of CPU to import, and every Ray actor
+# and driver imports this module, also for runs with sample-level DP off.
 
 
 @dataclass
@@ -52,6 +53,8 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
     accountant's upper bound, never its point estimate."""
     if not history.entries:
         return None
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history.entries)
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, by design
@@ -65,6 +68,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     after `steps` steps at `sample_rate` is at most `target_epsilon`. Cached: the search
     can take longer than a whole GPU training round (benchmarks/gpu_check.py), and a
     client asks the same question every round it takes part."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with np.errstate(divide="ignore"):
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.config import SampleDPConfig
 from fedtune.torch_setup import model_device
+
+if TYPE_CHECKING:  # imported when used: see fedtune.privacy.accounting
+    from opacus import PrivacyEngine
 
 
 @dataclass
@@ -35,6 +37,8 @@ class PrivateTraining:
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  cfg: SampleDPConfig, noise_multiplier: float, seed: int) -> PrivateTraining:
     """Poisson sampling, per-sample clipping at `cfg.max_grad_norm`, Gaussian noise."""
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant=cfg.accountant)
     model.train()  # Opacus refuses a model in eval mode
     criterion = nn.CrossEntropyLoss()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
@@ -22,6 +21,10 @@ class LoRAModel(EncoderClassifier):
 
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> None:
+        # peft is imported here, not at the top: it costs ~2 s of CPU in every process
+        # (Ray actors included) that imports the method registry, LoRA run or not.
+        from peft import LoraConfig, get_peft_model
+
         config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             target_modules=list(cfg.lora_targets), lora_dropout=0.0,
                             bias="none")
