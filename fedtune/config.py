@@ -8,6 +8,7 @@ what is allowed: a typo must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -354,6 +355,19 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def env_seconds(name: str, default: float, maximum: float) -> float:
+    """A positive number of seconds from environment variable `name` (default if unset);
+    a ValueError naming the variable for anything else or above `maximum`."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= maximum:
+        raise ValueError(f"{name}={raw!r}: expected seconds in (0, {maximum:g}]")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None

@@ -9,26 +9,20 @@ engine's Grid polls every 0.1 s already, so both paths behave alike.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedtune.config import env_seconds
+
 POLL_ENV = "FEDTUNE_GRID_POLL_S"
 DEFAULT_POLL_S = 0.1
 
 
 def poll_interval() -> float:
-    raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 60:
-        raise ValueError(f"{POLL_ENV}={raw!r}: expected seconds in (0, 60]")
-    return value
+    return env_seconds(POLL_ENV, DEFAULT_POLL_S, 60)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float

@@ -14,11 +14,12 @@ The price is one small Fleet API request per poll (10 a second per node at 0.1 s
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
 from types import ModuleType
+
+from fedtune.config import env_seconds
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.1
@@ -39,14 +40,10 @@ class _CappedSleep(ModuleType):
 
 
 def poll_interval() -> float:
-    raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL_S))
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3:
-        raise SystemExit(f"{POLL_ENV}={raw!r}: expected seconds in (0, 3]")
-    return value
+        return env_seconds(POLL_ENV, DEFAULT_POLL_S, 3)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def patch_poll_interval(cap: float) -> None:
