@@ -61,22 +61,24 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     history = _load_history(context, config)
     data = node_data(context.node_config, task, partition_id)
     num_examples = len(data)
-    selection = None
+    view = split.split_view(model, task, cfg, context) if cfg.split.enabled else None
+    selection = scorer = None
     if "prune-keep" in config:
-        selection = pruning.select(model, data, config, context, server_round)
+        scorer = split.SplitScorer(view, cfg) if view is not None else pruning.ModelScorer(model)
+        selection = pruning.select(scorer, data, config, context, server_round)
         data = TensorDataset(*(t[selection.indices] for t in data.tensors))
     trained, step = model, None
     weighting = DomainWeighting.from_config(config)
-    if cfg.split.enabled:
-        trained = split.split_view(model, task, cfg, context)
-        step = split.split_step(trained, cfg, local_steps(cfg, len(data)))
+    if view is not None:
+        trained = view
+        step = split.split_step(view, cfg, local_steps(cfg, len(data)))
     elif weighting is not None:
         step = ImportanceStep(weighting, model)
     result = local_train(trained, data, cfg, history, seed=seed,
                          lr=float(config.get("lr", cfg.train.lr)), step=step)
     _save_history(context, history)
-    if cfg.split.enabled:
-        split.save_aux(trained, context)
+    if view is not None:
+        split.save_aux(view, context)
 
     delta = task.spec.flatten(model.trainable_state()) - global_vec
     delta_norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -104,7 +106,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
     if selection is not None:
-        metrics.update(_pruning_metrics(selection, result, cfg, len(data)))
+        metrics.update(pruning.round_metrics(selection, result, cfg, len(data)))
+        if isinstance(scorer, split.SplitScorer):
+            split.add_scoring_costs(metrics, scorer, pruning.skipped_split_examples(
+                selection, result, cfg, len(data)))
     content = RecordDict({
         "delta": ArrayRecord({"vector": encode(delta, encoding, task.spec)}),
         "metrics": MetricRecord(metrics),
@@ -130,22 +135,6 @@ def worker_model(task: Task, device: torch.device) -> TunedModel:
         # On a GPU worker this also moves the process's shared frozen backbone, once.
         _MODELS[key] = task.new_model().to(device)
     return _MODELS[key]
-
-
-def _pruning_metrics(selection: pruning.Selection, result, cfg: ExperimentConfig,
-                     n_kept: int) -> dict[str, float | int]:
-    """What pruning changed this round. FLOPs saved are expected values: the steps an
-    unpruned client would take, at the measured per-example cost, minus scoring."""
-    batch = min(cfg.train.batch_size, n_kept)
-    per_example = result.flops / max(1, result.examples_seen)
-    skipped = (local_steps(cfg, selection.available) - result.steps) * batch
-    return {
-        "examples-available": selection.available,
-        "examples-kept": n_kept,
-        "rescored": int(selection.rescored),
-        "scoring-flops": selection.scoring_flops,
-        "flops-saved": skipped * per_example - selection.scoring_flops,
-    }
 
 
 def _load_history(context: Context, config: ConfigRecord) -> DPHistory:

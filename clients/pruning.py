@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
+from torch import nn
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from clients.train import LocalResult, local_steps
+from fedtune.config import ExperimentConfig
 from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
 
@@ -25,19 +29,46 @@ class Selection:
     indices: np.ndarray  # into the client's dataset, ascending
     available: int
     rescored: bool
-    scoring_flops: float
+    scoring_flops: float  # on this client
 
 
-@torch.inference_mode()
-def el2n_scores(model: TunedModel, data: TensorDataset) -> np.ndarray:
+class Scorer(Protocol):
+    """How a client gets logits for scoring: the whole model here, or a split pipeline."""
+
+    module: nn.Module  # the client-side model: its device and train/eval mode
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def client_flops(self, data: TensorDataset) -> float:
+        """This client's FLOPs for scoring all of `data` once."""
+        ...
+
+
+class ModelScorer:
+    """Scoring with the whole tuned model on the client."""
+
+    def __init__(self, model: TunedModel) -> None:
+        self.module = model
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids, attention_mask)
+
+    def client_flops(self, data: TensorDataset) -> float:
+        return len(data) * forward_flops(self.module, data)
+
+
+@torch.no_grad()
+def el2n_scores(scorer: Scorer | TunedModel, data: TensorDataset) -> np.ndarray:
     """||softmax(logits) - onehot(label)||_2 per example, one forward pass each."""
-    model.eval()
-    device = model_device(model)
+    if isinstance(scorer, nn.Module):
+        scorer = ModelScorer(scorer)
+    device = model_device(scorer.module)
     ids, mask, labels = (t.to(device) for t in data.tensors)
     scores = []
     for start in range(0, len(labels), SCORE_BATCH):
         sl = slice(start, start + SCORE_BATCH)
-        probs = torch.softmax(model(ids[sl], mask[sl]).float(), dim=-1)
+        probs = torch.softmax(scorer.logits(ids[sl], mask[sl]).float(), dim=-1)
         onehot = torch.nn.functional.one_hot(labels[sl], probs.shape[-1]).float()
         scores.append(torch.linalg.vector_norm(probs - onehot, dim=-1).cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
@@ -50,18 +81,25 @@ def keep_top(scores: np.ndarray, keep: float) -> np.ndarray:
     return np.sort(order[:n_keep])
 
 
-def select(model: TunedModel, data: TensorDataset, config: ConfigRecord, context: Context,
-           server_round: int) -> Selection:
+def select(scorer: Scorer | TunedModel, data: TensorDataset, config: ConfigRecord,
+           context: Context, server_round: int) -> Selection:
     """The examples to train on this round, rescoring when the rule says so."""
+    if isinstance(scorer, nn.Module):
+        scorer = ModelScorer(scorer)
     keep, every = float(config["prune-keep"]), int(config["prune-every"])
     record = context.state.config_records.get(STATE_KEY)
     due = record is None or (every > 0 and server_round - int(record["round"]) >= every)
     if not due:
         return Selection(np.asarray(record["indices"], dtype=np.int64), len(data), False, 0.0)
-    indices = keep_top(el2n_scores(model, data), keep)
+    was_training = scorer.module.training
+    scorer.module.eval()
+    try:
+        indices = keep_top(el2n_scores(scorer, data), keep)
+    finally:
+        scorer.module.train(was_training)
     context.state[STATE_KEY] = ConfigRecord({"indices": indices.tolist(),
                                              "round": server_round})
-    return Selection(indices, len(data), True, len(data) * forward_flops(model, data))
+    return Selection(indices, len(data), True, scorer.client_flops(data))
 
 
 _FORWARD_FLOPS: dict[tuple[str, int, int], float] = {}
@@ -77,3 +115,33 @@ def forward_flops(model: TunedModel, data: TensorDataset) -> float:
             model(ids.unsqueeze(0), mask.unsqueeze(0))
         _FORWARD_FLOPS[key] = float(counter.get_total_flops())
     return _FORWARD_FLOPS[key]
+
+
+def round_metrics(selection: Selection, result: LocalResult, cfg: ExperimentConfig,
+                  n_kept: int) -> dict[str, float | int]:
+    """What pruning changed this round. FLOPs saved are expected values: the steps an
+    unpruned client would take, at the measured per-example cost, minus scoring."""
+    per_example = result.flops / max(1, result.examples_seen)
+    skipped = (local_steps(cfg, selection.available) - result.steps) * _batch(cfg, n_kept)
+    return {
+        "examples-available": selection.available,
+        "examples-kept": n_kept,
+        "rescored": int(selection.rescored),
+        "scoring-flops": selection.scoring_flops,
+        "flops-saved": skipped * per_example - selection.scoring_flops,
+    }
+
+
+def skipped_split_examples(selection: Selection, result: LocalResult, cfg: ExperimentConfig,
+                           n_kept: int) -> int:
+    """Examples an unpruned split client would have sent through the body this round and a
+    pruned one did not (expected values; local-loss steps send nothing)."""
+    def split_steps(steps: int) -> int:
+        return steps - int(cfg.split.local_loss_fraction * steps)
+
+    full = split_steps(local_steps(cfg, selection.available))
+    return max(0, full - split_steps(result.steps)) * _batch(cfg, n_kept)
+
+
+def _batch(cfg: ExperimentConfig, n_kept: int) -> int:
+    return min(cfg.train.batch_size, n_kept)

@@ -31,6 +31,7 @@ from fedtune.split import (
     MeteredBody,
     SplitFlops,
     SplitPromptModel,
+    scoring_flops,
     split_flops,
 )
 from fedtune.task import Task
@@ -139,3 +140,41 @@ def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int) -> Spl
     on the local loss, the rest split steps."""
     local = int(cfg.split.local_loss_fraction * steps)
     return SplitStep(view, process_body(cfg.model.backbone, cfg.split.cut_layer), local)
+
+
+class SplitScorer:
+    """EL2N scoring for a split client: head and tail here, the body behind the service,
+    forward only. Its smashed traffic and server FLOPs are real costs and are metered."""
+
+    def __init__(self, view: SplitPromptModel, cfg: ExperimentConfig) -> None:
+        self.module = view
+        self.body = MeteredBody(process_body(cfg.model.backbone, cfg.split.cut_layer))
+        self.server_flops = 0.0
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        smashed, full_mask = self.module.cut(input_ids, attention_mask)
+        return self.module.tail(self.body.evaluate(smashed, full_mask), attention_mask)
+
+    def client_flops(self, data: TensorDataset) -> float:
+        ids, mask, _ = data[0]
+        client, server = scoring_flops(self.module, self.body.body, ids, mask)
+        self.server_flops = len(data) * server
+        return len(data) * client
+
+
+def add_scoring_costs(metrics: dict[str, float | int], scorer: SplitScorer,
+                      skipped_split_examples: int) -> None:
+    """Fold a pruned split client's scoring into its traffic and server FLOPs, and record
+    the smashed bytes and server FLOPs pruning saved: the skipped split steps' expected
+    cost, at this round's measured cost per split example, minus the scoring's."""
+    traffic = scorer.body.traffic
+    split_examples = max(1, int(metrics["split-examples"]))
+    per_example = (metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"]) / split_examples
+    metrics["server-flops-saved"] = (skipped_split_examples * metrics["server-flops"]
+                                     / split_examples - scorer.server_flops)
+    metrics["smashed-bytes-up"] += traffic.bytes_up
+    metrics["smashed-bytes-down"] += traffic.bytes_down
+    metrics["server-flops"] += scorer.server_flops
+    metrics["scoring-smashed-bytes"] = traffic.bytes_up + traffic.bytes_down
+    metrics["smashed-bytes-saved"] = (skipped_split_examples * per_example
+                                      - traffic.bytes_up - traffic.bytes_down)

@@ -23,8 +23,6 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 # Methods whose trainable tensors all sit before the cut or in the tail.
 SPLIT_METHODS = ("prompt",)
-# Plugins whose client side runs the whole model (EL2N scoring), impossible under a split.
-WHOLE_MODEL_PLUGINS = ("el2n_pruning",)
 
 
 class ConfigError(ValueError):
@@ -334,11 +332,6 @@ class ExperimentConfig:
                 "'ghost': ghost clipping owns the loss's backward, but a split step "
                 "back-propagates a gradient returned by the server; use one of: "
                 + ", ".join(m for m in GRAD_SAMPLE_MODES if m != "ghost"))
-        whole_model = [p["name"] for p in self.plugins if p.get("name") in WHOLE_MODEL_PLUGINS]
-        if whole_model:
-            raise ConfigError(
-                f"split.enabled=true does not work with plugin {whole_model[0]!r}: it runs the "
-                "whole model on the client, which a split client does not have")
         steps = self.train.local_steps
         if (self.train.local_epochs == 0 and self.split.local_loss_fraction > 0
                 and int(self.split.local_loss_fraction * steps) == 0):

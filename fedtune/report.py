@@ -83,11 +83,21 @@ def _load(folder: Path) -> RunResult:
            if e is not None]
     up, total = [], 0
     for r in rounds:
-        total += r["bytes_up"]
+        # Split mode also uploads smashed data every step: all of it counts as sent.
+        total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
         up.append(total / 1e6)
-    return RunResult(folder, cfg.tuning.method, level, target, max(eps) if eps else None,
+    return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
                      cfg.seed, summary["final_accuracy"], [r["accuracy"] for r in rounds], up,
                      _settings(cfg))
+
+
+def _method(cfg: ExperimentConfig) -> str:
+    """The tuning method, and the split it runs under: a split run is its own line."""
+    if not cfg.split.enabled:
+        return cfg.tuning.method
+    local = cfg.split.local_loss_fraction
+    return (f"{cfg.tuning.method} split k={cfg.split.cut_layer}"
+            + (f" local-loss {local:g}" if local > 0 else ""))
 
 
 # Keys a group already shows (method, level, epsilon) or that differ between seeds by design.
@@ -107,7 +117,8 @@ def _settings(cfg: ExperimentConfig) -> dict[str, str]:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
     walk(cfg.to_dict(), "")
-    return {k: v for k, v in flat.items() if k not in _NOT_A_VARIANT}
+    return {k: v for k, v in flat.items()
+            if k not in _NOT_A_VARIANT and not k.startswith("split.")}  # split: in _method
 
 
 def _variants(runs: list[RunResult]) -> dict[int, str]:

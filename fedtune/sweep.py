@@ -4,6 +4,7 @@ A sweep file is TOML:
 
     name = "privacy_utility"
     base = "quickstart.toml"          # experiment config, relative to this file
+    set = ["model.max_length=32"]     # optional: overrides every run starts from
     [[run]]
     name = "dp"
     set = ["privacy.sample.enabled=true"]
@@ -49,11 +50,14 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     raw = read_toml(path, "sweep file")
-    unknown = sorted(set(raw) - {"name", "base", "run"})
+    unknown = sorted(set(raw) - {"name", "base", "set", "run"})
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; allowed: name, base, run")
+        raise ConfigError(f"{path}: unknown keys {unknown}; allowed: name, base, set, run")
     if not isinstance(raw.get("name"), str) or not isinstance(raw.get("base"), str):
         raise ConfigError(f"{path}: needs `name` and `base` (an experiment file) as strings")
+    shared = raw.get("set", [])
+    if not isinstance(shared, list) or not all(isinstance(x, str) for x in shared):
+        raise ConfigError(f"{path}: top-level `set` must be a list of key=value strings")
     runs = raw.get("run")
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"{path}: needs at least one [[run]] with a name and a set list")
@@ -65,7 +69,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 or not all(isinstance(x, str) for x in run.get("set", []))):
             raise ConfigError(f"{path}: run {i + 1} must have a `name` string, a `set` "
                               "list of key=value strings and optionally a `grid` table")
-        variants += expand(run["name"], tuple(run.get("set", [])), run.get("grid", {}),
+        variants += expand(run["name"], (*shared, *run.get("set", [])), run.get("grid", {}),
                            f"{path}: run {run['name']!r}")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):

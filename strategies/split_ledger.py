@@ -17,7 +17,8 @@ def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down:
     if not split:
         return {}
     examples = sum(int(c["examples_seen"]) for c in split)
-    client_flops = sum(float(c["flops"]) for c in split)
+    # Per trained example: pruning's scoring pass (in `flops` too) is not a training step.
+    client_flops = sum(float(c["flops"]) - float(c.get("scoring_flops", 0.0)) for c in split)
     per_example = client_flops / max(1, examples)
     full = float(split[0]["full_model_flops_per_example"])
     up = sum(int(c["smashed_bytes_up"]) for c in split)

@@ -10,13 +10,14 @@ from fedtune.config import load_config
 from fedtune.report import collect, group, markdown_table, write_report
 
 
-def _run(folder, method, eps, seed, acc, extra=()):
+def _run(folder, method, eps, seed, acc, extra=(), smashed=0):
     sets = [f"tuning.method={method}", f"seed={seed}", *extra]
     sets += ["privacy.sample.enabled=false"] if eps is None else [
         f"privacy.sample.target_epsilon={eps}"]
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(load_config(None, sets).to_toml())
-    rounds = [{"round": r, "accuracy": acc - 0.1 / r, "bytes_up": 1000 * r} for r in (1, 2)]
+    rounds = [{"round": r, "accuracy": acc - 0.1 / r, "bytes_up": 1000 * r,
+               **({"smashed_bytes_up": smashed} if smashed else {})} for r in (1, 2)]
     (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     (folder / "summary.json").write_text(json.dumps({
         "final_accuracy": acc, "epsilon_sample": None if eps is None else eps * 0.8,
@@ -55,6 +56,18 @@ def test_runs_that_differ_beyond_the_seed_are_not_averaged(tmp_path):
         ("data.num_clients=20", 2, pytest.approx(0.7)),
         ("data.num_clients=40", 2, pytest.approx(0.8))]
     assert "| prompt | data.num_clients=40 | sample | 1 |" in markdown_table(groups)
+
+
+def test_a_split_run_is_its_own_line_and_its_smashed_upload_counts(tmp_path):
+    split = ["split.enabled=true", "split.cut_layer=1", "split.local_loss_fraction=0.5"]
+    for seed in (0, 1):
+        _run(tmp_path / f"prompt-{seed}", "prompt", 1, seed, 0.7)
+        _run(tmp_path / f"split-{seed}", "prompt", 1, seed, 0.8, split, smashed=10**6)
+    groups = group(collect([tmp_path]))
+    assert sorted((g.method, g.variant, len(g.runs)) for g in groups) == [
+        ("prompt", "", 2), ("prompt split k=1 local-loss 0.5", "", 2)]
+    split_group = next(g for g in groups if "split" in g.method)
+    assert split_group.mean_curve("cumulative_mb_up") == pytest.approx([1.001, 2.003])
 
 
 def test_report_writes_table_and_readable_plots(runs, tmp_path):

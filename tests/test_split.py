@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients import pruning
 from clients import split as split_client
-from clients.train import local_train
+from clients.train import LocalResult, local_train
 from fedtune.config import ConfigError, SampleDPConfig, load_config
 from fedtune.models import Backbone, load_backbone
 from fedtune.models.split import SplitBackbone, SplitError
@@ -106,8 +107,9 @@ def test_config_rejects_split_with_other_methods_ghost_clipping_and_bad_values()
         load_config(None, ["split.cut_layer=-1"])
     with pytest.raises(ConfigError, match="rounds down to no local-loss step"):
         load_config(None, ["split.enabled=true", "split.local_loss_fraction=0.05"])
-    with pytest.raises(ConfigError, match="el2n_pruning"):
-        load_config(None, ["split.enabled=true", 'plugins=[{name = "el2n_pruning"}]'])
+    pruned = load_config(None, ["split.enabled=true", "privacy.sample.enabled=false",
+                                'plugins=[{name = "el2n_pruning", keep = 0.5}]'])
+    assert pruned.split.enabled and pruned.plugins[0]["name"] == "el2n_pruning"
     with pytest.raises(ConfigError, match="unknown key split.cut"):
         load_config(None, ["split.cut=1"])
     assert load_config(None, ["split.enabled=true", "split.cut_layer=0"]).split.cut_layer == 0
@@ -252,16 +254,72 @@ def test_client_flops_fraction_at_the_quickstart_shapes(minilm):
     assert fractions[1] <= 0.20
 
 
+# ----------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("cut", [0, 1])
+def test_split_scoring_gives_the_whole_models_el2n_and_meters_its_traffic(minilm, cut):
+    cfg = load_config(None, BASE + ["split.enabled=true", f"split.cut_layer={cut}",
+                                    "privacy.sample.enabled=false"])
+    model, view = _split_model(minilm, cfg)
+    data = _data(n=20)
+    scorer = split_client.SplitScorer(view, cfg)
+    whole = pruning.el2n_scores(pruning.ModelScorer(model), data)
+    np_split = pruning.el2n_scores(scorer, data)
+    torch.testing.assert_close(torch.from_numpy(np_split), torch.from_numpy(whole),
+                               rtol=1e-5, atol=1e-6)
+    states = 20 * (16 + 4) * minilm.hidden_size * 4
+    assert scorer.body.traffic.bytes_up == states + 20 * (16 + 4) * 8  # smashed + mask
+    assert scorer.body.traffic.bytes_down == states  # body output; no backward
+    client = scorer.client_flops(data)
+    assert 0 < client < pruning.ModelScorer(model).client_flops(data)
+    assert scorer.server_flops > client
+
+
+def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(minilm):
+    """DP off and batches that divide the data: the expected saving is exact, so it must
+    equal the measured difference to an unpruned client minus the scoring traffic."""
+    cfg = load_config(None, BASE + ["split.enabled=true", "split.cut_layer=1",
+                                    "privacy.sample.enabled=false", "train.local_epochs=1",
+                                    "split.local_loss_fraction=0.5"])
+    data = _data(n=32)
+    _, _, full = _train_split(minilm, cfg, data, steps=4)
+
+    context = _context()
+    model, view = _split_model(minilm, cfg, context)
+    scorer = split_client.SplitScorer(view, cfg)
+    config = ConfigRecord({"prune-keep": 0.5, "prune-every": 0})
+    selection = pruning.select(scorer, data, config, context, server_round=1)
+    assert selection.rescored and len(selection.indices) == 16
+    kept = TensorDataset(*(t[selection.indices] for t in data.tensors))
+    step = split_client.split_step(view, cfg, 2)
+    result = local_train(view, kept, cfg, DPHistory(), seed=5, step=step)
+    assert isinstance(result, LocalResult) and result.steps == 2
+    metrics = {**result.extras, **pruning.round_metrics(selection, result, cfg, len(kept))}
+    trained_bytes = metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"]
+    split_client.add_scoring_costs(metrics, scorer, pruning.skipped_split_examples(
+        selection, result, cfg, len(kept)))
+    scoring = scorer.body.traffic.bytes_up + scorer.body.traffic.bytes_down
+    assert metrics["scoring-smashed-bytes"] == scoring > 0
+    assert metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"] == trained_bytes + scoring
+    full_bytes = full.extras["smashed-bytes-up"] + full.extras["smashed-bytes-down"]
+    assert metrics["smashed-bytes-saved"] == full_bytes - trained_bytes - scoring
+    assert metrics["server-flops-saved"] == pytest.approx(
+        full.extras["server-flops"] - result.extras["server-flops"] - scorer.server_flops)
+    assert metrics["examples-kept"] == 16 and metrics["examples-available"] == 32
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
 @pytest.mark.slow
-def test_fedtune_run_in_split_mode_with_local_loss_writes_the_split_ledger(tmp_path):
+def test_fedtune_run_in_split_mode_with_local_loss_and_pruning_writes_the_split_ledger(tmp_path):
     from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
-        "split.local_loss_fraction=0.5"]
+        "split.local_loss_fraction=0.5",
+        'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}]']
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -272,12 +330,21 @@ def test_fedtune_run_in_split_mode_with_local_loss_writes_the_split_ledger(tmp_p
         assert r["local_loss_steps"] == r["split_steps"] == 2 * 2  # 2 of 4 steps, 2 clients
         assert r["delta_bytes_up"] == r["bytes_up"] > 0
         for c in r["per_client"]:
-            n = c["split_examples"]
-            assert c["smashed_bytes_up"] == n * tokens * (2 * hidden * 4 + 8)
-            assert c["smashed_bytes_down"] == n * tokens * 2 * hidden * 4
+            # Scoring sends every local example through the body once, forward only.
+            n, scored = c["split_examples"], c["rescored"] * c["examples_available"]
+            assert c["smashed_bytes_up"] == (n * tokens * (2 * hidden * 4 + 8)
+                                             + scored * tokens * (hidden * 4 + 8))
+            assert c["smashed_bytes_down"] == (n * tokens * 2 * hidden * 4
+                                               + scored * tokens * hidden * 4)
+            assert c["scoring_smashed_bytes"] == scored * tokens * (2 * hidden * 4 + 8)
             assert c["examples_seen"] == n + c["local_loss_examples"]
+            assert c["examples_kept"] == -(-c["examples_available"] // 2)
         assert r["smashed_bytes_up"] == sum(c["smashed_bytes_up"] for c in r["per_client"])
         assert 0 < r["client_flops_fraction"] <= 0.20
         assert r["server_flops"] > r["client_flops"]
+        assert r["pruning"]["scoring_smashed_bytes"] == sum(
+            c["scoring_smashed_bytes"] for c in r["per_client"])
+        assert "smashed_bytes_saved" in r["pruning"]
+    assert rounds[0]["pruning"]["scoring_smashed_bytes"] > 0
     assert summary["total_smashed_bytes_up"] == sum(r["smashed_bytes_up"] for r in rounds)
     assert summary["method"] == "prompt" and summary["final_accuracy"] > 0

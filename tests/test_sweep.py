@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import ConfigError
+from fedtune.config import ConfigError, load_config
 from fedtune.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +18,25 @@ def test_dp_levels_sweep_loads_all_variants():
                      "user-eps1", "user-eps3", "user-eps8"]
 
 
-def test_headline_sweep_is_three_methods_five_budgets_three_seeds():
+def test_headline_sweep_is_four_methods_five_budgets_three_seeds():
     sweep = load_sweep(ROOT / "experiments/privacy_utility.toml")
-    assert len(sweep.variants) == 3 * 5 * 3
+    assert len(sweep.variants) == 4 * 5 * 3
     overrides = {frozenset(v.overrides) for v in sweep.variants}
-    assert len(overrides) == 45
-    assert sum("privacy.sample.enabled=false" in v.overrides for v in sweep.variants) == 9
+    assert len(overrides) == 60
+    assert sum("privacy.sample.enabled=false" in v.overrides for v in sweep.variants) == 12
+    assert sum("split.enabled=true" in v.overrides for v in sweep.variants) == 15
+    # The shared `set` comes first, so a run's own settings override it.
+    assert all(v.overrides[0] == "model.max_length=32" for v in sweep.variants)
+
+
+def test_a_runs_own_set_overrides_the_shared_set(tmp_path):
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\nbase = "q.toml"\nset = ["train.rounds=3", "seed=4"]\n'
+        '[[run]]\nname = "a"\nset = ["train.rounds=2"]\n')
+    (variant,) = load_sweep(tmp_path / "s.toml").variants
+    cfg = load_config(tmp_path / "q.toml", list(variant.overrides))
+    assert (cfg.train.rounds, cfg.seed) == (2, 4)
 
 
 @pytest.mark.parametrize("body,message", [
@@ -31,6 +44,7 @@ def test_headline_sweep_is_three_methods_five_budgets_three_seeds():
     ('name = "s"\nbase = "q.toml"\ncolour = 1\n[[run]]\nname = "a"', "unknown keys ['colour']"),
     ('name = "s"\nbase = "q.toml"\n[[run]]\nname = "a"\n[[run]]\nname = "a"', "names repeat"),
     ('name = "s"\nbase = "q.toml"\n[[run]]\nname = "a"\nset = [1]', "`set` list of key=value"),
+    ('name = "s"\nbase = "q.toml"\nset = "x=1"\n[[run]]\nname = "a"', "top-level `set`"),
     ('name = "s"\nbase = "q.toml"\n[[run]]\nname = "bad"\nset = ["train.rounds=0"]',
      "run 'bad': train.rounds must be > 0"),
 ])

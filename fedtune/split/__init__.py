@@ -2,8 +2,8 @@
 service and the FLOPs accounting."""
 
 from fedtune.split.body import BodyService, InProcessBody, MeteredBody, Traffic
-from fedtune.split.flops import SplitFlops, split_flops
+from fedtune.split.flops import SplitFlops, scoring_flops, split_flops
 from fedtune.split.model import SplitPromptModel
 
 __all__ = ["BodyService", "InProcessBody", "MeteredBody", "SplitFlops", "SplitPromptModel",
-           "Traffic", "split_flops"]
+           "Traffic", "scoring_flops", "split_flops"]

@@ -26,6 +26,10 @@ class BodyService(Protocol):
         w.r.t. its output."""
         ...
 
+    def evaluate(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The body's output with no backward to follow (scoring examples for pruning)."""
+        ...
+
 
 class InProcessBody:
     """The body run by the same process as the client (simulation: one per process,
@@ -50,6 +54,10 @@ class InProcessBody:
         # The body is frozen: only the input gradient is wanted, never weight gradients.
         (grad,) = torch.autograd.grad(output, inputs, grad_output)
         return grad
+
+    @torch.no_grad()
+    def evaluate(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.split.body(smashed, attention_mask)
 
     def discard(self) -> None:
         """Drop the graph of a forward that will get no backward (evaluation, errors)."""
@@ -85,6 +93,13 @@ class MeteredBody:
         grad = self.body.backward(grad_output)
         self.traffic.bytes_down += _nbytes(grad)
         return grad
+
+    def evaluate(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.traffic.bytes_up += _nbytes(smashed) + _nbytes(attention_mask)
+        output = self.body.evaluate(smashed, attention_mask)
+        self.traffic.bytes_down += _nbytes(output)
+        self.traffic.exchanges += 1
+        return output
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -72,6 +72,17 @@ def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
                       full=full_finetune_flops(view, ids, mask))
 
 
+def scoring_flops(view: SplitPromptModel, body: BodyService, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> tuple[float, float]:
+    """Forward-only FLOPs of scoring one example through the split: (client, server)."""
+    ids, mask = input_ids.unsqueeze(0), attention_mask.unsqueeze(0)
+    with torch.no_grad():
+        head, (smashed, full_mask) = _count(lambda: view.cut(ids, mask))
+        server, output = _count(lambda: body.evaluate(smashed, full_mask))
+        tail, _ = _count(lambda: view.tail(output, mask))
+    return head + tail, server
+
+
 def _local_loss_pass(view: SplitPromptModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
     view.aux_logits(*view.cut(ids, mask)).sum().backward()
 

@@ -3,7 +3,8 @@ examples under the current global model, ||softmax(f(x)) - onehot(y)||_2 from on
 pass, and trains only on the highest-scoring fraction `keep`.
 
 The server side only tells clients the rule (ConfigRecord entries); scoring and selection
-run on the client (`clients/pruning.py`), which rescores at its first participation and
+run on the client (`clients/pruning.py`; a split client scores through the body service,
+forward only), which rescores at its first participation and
 then whenever `every` rounds have passed since its last scoring (0: never again).
 """
 
@@ -51,6 +52,13 @@ class EL2NPruning(Plugin):
                 "scoring_flops": sum(c["scoring_flops"] for c in pruned),
                 "flops_saved": sum(c["flops_saved"] for c in pruned),
             }}
+        split = [c for c in pruned if "smashed_bytes_saved" in c]
+        if split:  # split mode: what scoring cost and pruning saved on the wire and server
+            extras["pruning"].update({
+                "scoring_smashed_bytes": sum(c["scoring_smashed_bytes"] for c in split),
+                "smashed_bytes_saved": sum(c["smashed_bytes_saved"] for c in split),
+                "server_flops_saved": sum(c["server_flops_saved"] for c in split),
+            })
         if self.cfg.privacy.sample.enabled:
             extras["privacy_caveats"] = [SELECTION_CAVEAT]
         return extras
