@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,16 +177,21 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.legend import Legend
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in zip(PLOTS, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        curves = draw is not _plot_epsilon
+        fig, ax = plt.subplots(figsize=(9.5, 4.8) if curves else (7, 4.5), dpi=120)
         draw(ax, groups)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if not curves:
+            ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        fig.savefig(out / name)
+        legends = [a for a in ax.get_children() if isinstance(a, Legend)]
+        # Tight bounds that take in the legends placed beside the axes.
+        fig.savefig(out / name, bbox_inches="tight", bbox_extra_artists=legends)
         plt.close(fig)
         written.append(out / name)
     body = [f"# {title}", "", markdown_table(groups), ""]
@@ -213,12 +219,15 @@ def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:
 def _plot_epsilon(ax, groups: list[Group]) -> None:
     finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)})
     inf_x = (max(finite) * 2.5) if finite else 1.0
+    colors, _ = _curve_styles(groups)  # the same colour per method in every plot
+    level_styles = {"sample": "-", "user": "--", "sample+user": "-.", "none": ":"}
     for (method, variant, level), gs in sorted(_lines(groups).items()):
         gs = sorted(gs, key=lambda g: g.target_epsilon)
         xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
         label = f"{method}, {level}-level DP" + (f"\n{variant}" if variant else "")
         ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
-                    marker="o", capsize=3, label=label)
+                    marker="o", capsize=3, label=label, color=colors[(method, variant)],
+                    linestyle=level_styles[level])
     ax.set_xscale("log")
     ticks = [*finite, inf_x]
     ax.set_xticks(ticks)
@@ -229,24 +238,64 @@ def _plot_epsilon(ax, groups: list[Group]) -> None:
     ax.set_title("Accuracy vs privacy budget (error bars: std over seeds)")
 
 
-def _label(g: Group) -> str:
-    variant = f"\n{g.variant}" if g.variant else ""
-    return f"{g.method}, {g.level}, eps {_fmt_eps(g.target_epsilon)}{variant}"
+def _curve_styles(groups: list[Group]) -> tuple[dict[tuple[str, str], str],
+                                                dict[tuple[str, float], dict[str, object]]]:
+    """Curves by round or bytes: one colour per method (and variant), one line style per
+    DP level and epsilon, so 4 methods x 5 budgets stay readable with two short legends."""
+    methods = sorted({(g.method, g.variant) for g in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    budgets = sorted({(g.level, g.target_epsilon) for g in groups},
+                     key=lambda b: (math.isinf(b[1]), b[0], b[1]))
+    dashes = [":", "-.", "--", (0, (8, 2))]
+    markers = [".", "x", "^", "s", "v"]
+    styles: dict[tuple[str, float], dict[str, object]] = {}
+    for i, budget in enumerate(budgets):
+        if budget[0] == "none":
+            styles[budget] = {"linestyle": "-", "marker": "o", "linewidth": 2.2}
+        else:
+            styles[budget] = {"linestyle": dashes[i % len(dashes)],
+                              "marker": markers[i % len(markers)],
+                              "linewidth": 1.4}
+    return colors, styles
+
+
+def _budget_label(level: str, eps: float) -> str:
+    return "no DP" if level == "none" else f"{level}-level DP, eps {_fmt_eps(eps)}"
+
+
+def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
+    from matplotlib.lines import Line2D
+
+    colors, styles = _curve_styles(groups)
+    for g in groups:
+        y = g.mean_curve("accuracy_by_round")
+        x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)
+        ax.plot(x, y, color=colors[(g.method, g.variant)], markersize=4,
+                **styles[(g.level, g.target_epsilon)])
+    method_handles = [Line2D([], [], color=c, linewidth=2.5,
+                             label=textwrap.fill(m, 24) + (f"\n{v}" if v else ""))
+                      for (m, v), c in colors.items()]
+    budget_handles = [Line2D([], [], color="0.3", markersize=4, label=_budget_label(*b), **st)
+                      for b, st in styles.items()]
+    first = ax.legend(handles=method_handles, title="method", fontsize=7, title_fontsize=8,
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=budget_handles, title="privacy", fontsize=7, title_fontsize=8,
+              loc="lower left", bbox_to_anchor=(1.01, 0.0))
 
 
 def _plot_rounds(ax, groups: list[Group]) -> None:
-    for g in groups:
-        curve = g.mean_curve("accuracy_by_round")
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=_label(g))
+    from matplotlib.ticker import MaxNLocator
+
+    _plot_curves(ax, groups, None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (fraction, mean over seeds)")
     ax.set_title("Accuracy vs round")
 
 
 def _plot_bytes(ax, groups: list[Group]) -> None:
-    for g in groups:
-        ax.plot(g.mean_curve("cumulative_mb_up"), g.mean_curve("accuracy_by_round"),
-                marker=".", label=_label(g))
+    _plot_curves(ax, groups, "cumulative_mb_up")
     ax.set_xscale("log")
     ax.set_xlabel("uploaded bytes, all clients so far (MB, log scale)")
     ax.set_ylabel("test accuracy (fraction, mean over seeds)")
