@@ -8,6 +8,7 @@ client. Labels never reach it: it sees cut-layer activations and output gradient
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,11 +83,7 @@ class MeteredBody:
         self.traffic = Traffic()
 
     def forward(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.traffic.bytes_up += _nbytes(smashed) + _nbytes(attention_mask)
-        output = self.body.forward(smashed, attention_mask)
-        self.traffic.bytes_down += _nbytes(output)
-        self.traffic.exchanges += 1
-        return output
+        return self._exchange(self.body.forward, smashed, attention_mask)
 
     def backward(self, grad_output: torch.Tensor) -> torch.Tensor:
         self.traffic.bytes_up += _nbytes(grad_output)
@@ -95,12 +92,15 @@ class MeteredBody:
         return grad
 
     def evaluate(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._exchange(self.body.evaluate, smashed, attention_mask)
+
+    def _exchange(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.traffic.bytes_up += _nbytes(smashed) + _nbytes(attention_mask)
-        output = self.body.evaluate(smashed, attention_mask)
+        output = run(smashed, attention_mask)
         self.traffic.bytes_down += _nbytes(output)
         self.traffic.exchanges += 1
         return output
-
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
