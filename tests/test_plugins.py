@@ -92,16 +92,22 @@ def test_selection_is_cached_until_the_rescore_interval(monkeypatch):
         return np.arange(len(data), dtype=float)[::-1] if len(calls) == 1 else \
             np.arange(len(data), dtype=float)
 
+    class Scorer:  # stands in for a model or a split pipeline: scores are faked above
+        module = torch.nn.Linear(1, 1)
+
+        def client_flops(self, data):
+            return 10.0 * len(data)
+
     monkeypatch.setattr(pruning, "el2n_scores", fake_scores)
-    monkeypatch.setattr(pruning, "forward_flops", lambda model, data: 10.0)
+    scorer = Scorer()
     ids = torch.arange(10).unsqueeze(1)
     data = TensorDataset(ids, torch.ones_like(ids), torch.zeros(10, dtype=torch.long))
     context = SimpleNamespace(state=RecordDict())
     config = ConfigRecord({"prune-keep": 0.3, "prune-every": 2})
-    first = pruning.select(None, data, config, context, 1)
+    first = pruning.select(scorer, data, config, context, 1)
     assert first.rescored and first.indices.tolist() == [0, 1, 2]
     assert first.scoring_flops == 100.0
-    cached = pruning.select(None, data, config, context, 2)
+    cached = pruning.select(scorer, data, config, context, 2)
     assert not cached.rescored and cached.indices.tolist() == [0, 1, 2]
-    again = pruning.select(None, data, config, context, 3)
+    again = pruning.select(scorer, data, config, context, 3)
     assert again.rescored and again.indices.tolist() == [7, 8, 9]
