@@ -114,3 +114,13 @@ def test_grid_values_read_back_through_set(value):
     from fedtune.sweep import _toml
 
     assert parse_override(f"k={_toml(value)}") == ("k", value)
+
+
+@pytest.mark.parametrize("name", ["dp_levels", "privacy_utility", "pruning", "expansion",
+                                  "split"])
+def test_every_committed_sweep_file_loads(name):
+    path = ROOT / "experiments" / f"{name}.toml"
+    if "[[run]]" not in path.read_text():
+        pytest.skip(f"{path.name} is an experiment, not a sweep")
+    sweep = load_sweep(path)
+    assert sweep.variants and all(v.name for v in sweep.variants)
