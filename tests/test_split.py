@@ -313,13 +313,15 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
 
 
 @pytest.mark.slow
-def test_fedtune_run_in_split_mode_with_local_loss_and_pruning_writes_the_split_ledger(tmp_path):
+def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansion(tmp_path):
     from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
-        "split.local_loss_fraction=0.5",
-        'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}]']
+        "split.local_loss_fraction=0.5", "data.partition=iid", "data.domain_by=collection",
+        "data.target_domain=set2", "data.target_clients=2",
+        'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}, '
+        '{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -339,12 +341,15 @@ def test_fedtune_run_in_split_mode_with_local_loss_and_pruning_writes_the_split_
             assert c["scoring_smashed_bytes"] == scored * tokens * (2 * hidden * 4 + 8)
             assert c["examples_seen"] == n + c["local_loss_examples"]
             assert c["examples_kept"] == -(-c["examples_available"] // 2)
+            assert c["weight"] == (0.5 if c["partition_id"] >= 2 else 1.0)  # source: lam
         assert r["smashed_bytes_up"] == sum(c["smashed_bytes_up"] for c in r["per_client"])
         assert 0 < r["client_flops_fraction"] <= 0.20
         assert r["server_flops"] > r["client_flops"]
         assert r["pruning"]["scoring_smashed_bytes"] == sum(
             c["scoring_smashed_bytes"] for c in r["per_client"])
         assert "smashed_bytes_saved" in r["pruning"]
+        assert r["expansion"]["weighting"] == "fixed"
     assert rounds[0]["pruning"]["scoring_smashed_bytes"] > 0
+    assert summary["eval_domain"] == "collection=set2"
     assert summary["total_smashed_bytes_up"] == sum(r["smashed_bytes_up"] for r in rounds)
     assert summary["method"] == "prompt" and summary["final_accuracy"] > 0
