@@ -166,7 +166,9 @@ def sweep(
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = Table(title=f"{spec.name} ({out})")
     for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds", "accuracy"):
-        table.add_column(column, justify="left" if column in ("run", "method") else "right")
+        # Run names carry the grid values: fold them rather than cut them off.
+        table.add_column(column, justify="left" if column in ("run", "method") else "right",
+                         overflow="fold" if column == "run" else "ellipsis")
     for row in rows:
         table.add_row(row["name"], row["method"], _eps(row["epsilon_sample"]),
                       _eps(row["epsilon_user"]), str(row["rounds"]),
