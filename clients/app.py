@@ -107,9 +107,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
         metrics["epsilon"] = result.epsilon
     if selection is not None:
         metrics.update(pruning.round_metrics(selection, result, cfg, len(data)))
-        if isinstance(scorer, split.SplitScorer):
-            split.add_scoring_costs(metrics, scorer, pruning.skipped_split_examples(
-                selection, result, cfg, len(data)))
+        scorer.add_costs(metrics, selection, result, cfg, len(data))
     content = RecordDict({
         "delta": ArrayRecord({"vector": encode(delta, encoding, task.spec)}),
         "metrics": MetricRecord(metrics),

@@ -44,6 +44,11 @@ class Scorer(Protocol):
         """This client's FLOPs for scoring all of `data` once."""
         ...
 
+    def add_costs(self, metrics: dict[str, float | int], selection: Selection,
+                  result: LocalResult, cfg: ExperimentConfig, n_kept: int) -> None:
+        """Fold what scoring cost beyond this client's FLOPs into the round's metrics."""
+        ...
+
 
 class ModelScorer:
     """Scoring with the whole tuned model on the client."""
@@ -56,6 +61,10 @@ class ModelScorer:
 
     def client_flops(self, data: TensorDataset) -> float:
         return len(data) * forward_flops(self.module, data)
+
+    def add_costs(self, metrics: dict[str, float | int], selection: Selection,
+                  result: LocalResult, cfg: ExperimentConfig, n_kept: int) -> None:
+        """Nothing crosses the network to score here: `round_metrics` has it all."""
 
 
 @torch.no_grad()
@@ -81,11 +90,9 @@ def keep_top(scores: np.ndarray, keep: float) -> np.ndarray:
     return np.sort(order[:n_keep])
 
 
-def select(scorer: Scorer | TunedModel, data: TensorDataset, config: ConfigRecord,
-           context: Context, server_round: int) -> Selection:
+def select(scorer: Scorer, data: TensorDataset, config: ConfigRecord, context: Context,
+           server_round: int) -> Selection:
     """The examples to train on this round, rescoring when the rule says so."""
-    if isinstance(scorer, nn.Module):
-        scorer = ModelScorer(scorer)
     keep, every = float(config["prune-keep"]), int(config["prune-every"])
     record = context.state.config_records.get(STATE_KEY)
     due = record is None or (every > 0 and server_round - int(record["round"]) >= every)
@@ -122,7 +129,7 @@ def round_metrics(selection: Selection, result: LocalResult, cfg: ExperimentConf
     """What pruning changed this round. FLOPs saved are expected values: the steps an
     unpruned client would take, at the measured per-example cost, minus scoring."""
     per_example = result.flops / max(1, result.examples_seen)
-    skipped = (local_steps(cfg, selection.available) - result.steps) * _batch(cfg, n_kept)
+    skipped = (local_steps(cfg, selection.available) - result.steps) * batch_size(cfg, n_kept)
     return {
         "examples-available": selection.available,
         "examples-kept": n_kept,
@@ -132,16 +139,6 @@ def round_metrics(selection: Selection, result: LocalResult, cfg: ExperimentConf
     }
 
 
-def skipped_split_examples(selection: Selection, result: LocalResult, cfg: ExperimentConfig,
-                           n_kept: int) -> int:
-    """Examples an unpruned split client would have sent through the body this round and a
-    pruned one did not (expected values; local-loss steps send nothing)."""
-    def split_steps(steps: int) -> int:
-        return steps - int(cfg.split.local_loss_fraction * steps)
-
-    full = split_steps(local_steps(cfg, selection.available))
-    return max(0, full - split_steps(result.steps)) * _batch(cfg, n_kept)
-
-
-def _batch(cfg: ExperimentConfig, n_kept: int) -> int:
+def batch_size(cfg: ExperimentConfig, n_kept: int) -> int:
+    """The batch a client with `n_kept` examples trains on (as `local_train` draws it)."""
     return min(cfg.train.batch_size, n_kept)

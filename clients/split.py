@@ -22,6 +22,8 @@ from flwr.app import ArrayRecord, Context
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from clients import pruning
+from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone
@@ -161,20 +163,32 @@ class SplitScorer:
         self.server_flops = len(data) * server
         return len(data) * client
 
+    def add_costs(self, metrics: dict[str, float | int], selection: pruning.Selection,
+                  result: LocalResult, cfg: ExperimentConfig, n_kept: int) -> None:
+        """Fold the scoring's traffic and server FLOPs into the round's, and record the
+        smashed bytes and server FLOPs pruning saved: the skipped split steps' expected
+        cost, at this round's measured cost per split example, minus the scoring's."""
+        skipped = _skipped_split_steps(cfg, selection.available, result.steps) * (
+            pruning.batch_size(cfg, n_kept))
+        traffic = self.body.traffic
+        split_examples = max(1, int(metrics["split-examples"]))
+        per_example = (metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"]
+                       ) / split_examples
+        metrics["server-flops-saved"] = (skipped * metrics["server-flops"] / split_examples
+                                         - self.server_flops)
+        metrics["smashed-bytes-up"] += traffic.bytes_up
+        metrics["smashed-bytes-down"] += traffic.bytes_down
+        metrics["server-flops"] += self.server_flops
+        metrics["scoring-smashed-bytes"] = traffic.bytes_up + traffic.bytes_down
+        metrics["smashed-bytes-saved"] = (skipped * per_example
+                                          - traffic.bytes_up - traffic.bytes_down)
 
-def add_scoring_costs(metrics: dict[str, float | int], scorer: SplitScorer,
-                      skipped_split_examples: int) -> None:
-    """Fold a pruned split client's scoring into its traffic and server FLOPs, and record
-    the smashed bytes and server FLOPs pruning saved: the skipped split steps' expected
-    cost, at this round's measured cost per split example, minus the scoring's."""
-    traffic = scorer.body.traffic
-    split_examples = max(1, int(metrics["split-examples"]))
-    per_example = (metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"]) / split_examples
-    metrics["server-flops-saved"] = (skipped_split_examples * metrics["server-flops"]
-                                     / split_examples - scorer.server_flops)
-    metrics["smashed-bytes-up"] += traffic.bytes_up
-    metrics["smashed-bytes-down"] += traffic.bytes_down
-    metrics["server-flops"] += scorer.server_flops
-    metrics["scoring-smashed-bytes"] = traffic.bytes_up + traffic.bytes_down
-    metrics["smashed-bytes-saved"] = (skipped_split_examples * per_example
-                                      - traffic.bytes_up - traffic.bytes_down)
+
+def _skipped_split_steps(cfg: ExperimentConfig, available: int, steps_taken: int) -> int:
+    """Split steps an unpruned client (all `available` examples) would have taken this
+    round beyond the pruned one's (expected; local-loss steps send nothing)."""
+    def split_steps(steps: int) -> int:
+        return steps - int(cfg.split.local_loss_fraction * steps)
+
+    return max(0, split_steps(local_steps(cfg, available)) - split_steps(steps_taken))
+

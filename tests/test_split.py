@@ -297,8 +297,7 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
     assert isinstance(result, LocalResult) and result.steps == 2
     metrics = {**result.extras, **pruning.round_metrics(selection, result, cfg, len(kept))}
     trained_bytes = metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"]
-    split_client.add_scoring_costs(metrics, scorer, pruning.skipped_split_examples(
-        selection, result, cfg, len(kept)))
+    scorer.add_costs(metrics, selection, result, cfg, len(kept))
     scoring = scorer.body.traffic.bytes_up + scorer.body.traffic.bytes_down
     assert metrics["scoring-smashed-bytes"] == scoring > 0
     assert metrics["smashed-bytes-up"] + metrics["smashed-bytes-down"] == trained_bytes + scoring
