@@ -207,6 +207,10 @@ class UserDPConfig:
 class PrivacyConfig:
     sample: SampleDPConfig = field(default_factory=SampleDPConfig)
     user: UserDPConfig = field(default_factory=UserDPConfig)
+    # DP noise and DP sampling come from the OS CSPRNG unless this is on: then they are
+    # derived from `seed`, runs re-run bit for bit, and every epsilon is marked as holding
+    # against nobody who has the config (fedtune.privacy.randomness). Simulation only.
+    reproducible_noise: bool = False
 
     def validate(self) -> None:
         self.sample.validate()
@@ -247,6 +251,27 @@ class FaultConfig:
 
 
 @dataclass
+class SmashedDPConfig:
+    """DP on what crosses the cut upward in split mode: every per-example cut-layer
+    activation and every per-example gradient at the body output is clipped to a norm and
+    gets Gaussian noise before it leaves the client."""
+
+    enabled: bool = False
+    # L2 bound on one example's cut-layer activations and on its output gradient.
+    activation_clip_norm: float = 1.0
+    gradient_clip_norm: float = 1.0
+    # Budget the smashed-data noise is calibrated to over the run's planned split steps
+    # (0 noise_multiplier = calibrate); composed with DP-SGD's into the data-level epsilon.
+    target_epsilon: float = 8.0
+    noise_multiplier: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("activation_clip_norm", "gradient_clip_norm", "target_epsilon"):
+            _positive(f"split.smashed_dp.{name}", getattr(self, name))
+        _nonnegative("split.smashed_dp.noise_multiplier", self.noise_multiplier)
+
+
+@dataclass
 class SplitConfig:
     """Split learning (SFPrompt): the client runs the embeddings, the prompt and the first
     cut_layer layers (the head) plus the pooling and classifier (the tail); the server runs
@@ -259,9 +284,11 @@ class SplitConfig:
     # classifier on cut-layer features) with no server round-trip; the rest are split
     # steps. Must leave at least one split step, so the tail and the prompt synchronise.
     local_loss_fraction: float = 0.0
+    smashed_dp: SmashedDPConfig = field(default_factory=lambda: SmashedDPConfig())
 
     def validate(self) -> None:
         _nonnegative("split.cut_layer", self.cut_layer)
+        self.smashed_dp.validate()
         if not 0.0 <= self.local_loss_fraction < 1.0:
             raise ConfigError(
                 f"split.local_loss_fraction must be in [0, 1), got {self.local_loss_fraction!r}")
