@@ -8,6 +8,7 @@ what is allowed: a typo must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -23,6 +24,8 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 # Methods whose trainable tensors all sit before the cut or in the tail.
 SPLIT_METHODS = ("prompt",)
+# numpy's legacy seeding (np.random.seed, RandomState) takes 32-bit seeds only.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -328,7 +331,8 @@ class ExperimentConfig:
     plugins: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
-        _nonnegative("seed", self.seed)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.split, self.simulation):
             section.validate()
@@ -476,6 +480,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (dict,) or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
+        _check_finite_tree(value, key)
         return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -495,12 +500,33 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        _check_finite(key, value)
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {hint!r}")
+
+
+def _check_finite(key: str, value: float) -> None:
+    # inf passes every "> 0" range check and nan fails none of the "not x > 0" ones the
+    # same way, so both are refused before any range is looked at.
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def _check_finite_tree(value: Any, key: str) -> None:
+    """Free-form tables (data.options, plugin parameters) get the same rule for every
+    number they hold, however deeply nested."""
+    if isinstance(value, float):
+        _check_finite(key, value)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite_tree(item, f"{key}.{name}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite_tree(item, f"{key}[{i}]")
 
 
 def _choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:
