@@ -110,6 +110,8 @@ class TunedClassifier:
         (truncated and padded to `model.max_length`); `on_batch(n)` follows progress."""
         if isinstance(texts, str):
             raise TypeError("predict_proba takes a list of texts, not one string")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.cfg.train.eval_batch_size
         self.model.eval()
         rows = []

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from fedtune.checkpoint import CHECKPOINT_FILE
 from fedtune.config import ConfigError, load_config, read_toml
-from fedtune.ledger import SUMMARY_FILE, read_rounds
+from fedtune.ledger import SUMMARY_FILE, count_rounds
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
         time.sleep(poll_s)
         for name, (variant, proc) in list(running.items()):
             if monitor is not None:
-                monitor.progressed(variant, len(read_rounds(out / name)))
+                monitor.progressed(variant, count_rounds(out / name))
             if proc.poll() is None:
                 continue
             del running[name]
