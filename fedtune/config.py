@@ -464,7 +464,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        keys = ", ".join(prefix + k for k in unknown)
+        # repr() for a key no terminal shows as written (a newline would split the line).
+        keys = ", ".join(prefix + k if k.isprintable() else repr(prefix + k) for k in unknown)
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys} in {where}; "
                           f"allowed: {', '.join(sorted(names))}")
     kwargs = {}

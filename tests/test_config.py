@@ -143,3 +143,9 @@ def test_seed_outside_numpys_range_is_refused_at_load(seed):
     with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967295\], got "):
         load_config(None, [f"seed={seed}"])
     assert load_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_an_unknown_key_with_a_newline_stays_on_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ['train={"a\\nb" = 1}'])  # TOML "a\nb": a key with a newline
+    assert "\n" not in str(info.value) and "'train.a\\nb'" in str(info.value)
