@@ -149,3 +149,12 @@ def test_an_unknown_key_with_a_newline_stays_on_one_line():
     with pytest.raises(ConfigError) as info:
         load_config(None, ['train={"a\\nb" = 1}'])  # TOML "a\nb": a key with a newline
     assert "\n" not in str(info.value) and "'train.a\\nb'" in str(info.value)
+
+
+def test_flwr_run_config_overrides_with_an_open_quote_are_a_config_error():
+    from fedtune.runconfig import config_from_run_config
+
+    with pytest.raises(ConfigError) as info:
+        config_from_run_config({"config": str(ROOT / "experiments" / "quickstart.toml"),
+                                "overrides": "train.rounds=2 'name=oops"})
+    assert "run config overrides=" in str(info.value) and "quotation" in str(info.value)
