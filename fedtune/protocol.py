@@ -59,13 +59,13 @@ class Scalar:
                 raise ProtocolError(f"{self.key} must be an int, got {_show(value)}")
         elif not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ProtocolError(f"{self.key} must be a number, got {_show(value)}")
-        elif not math.isfinite(value):
+        elif isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError(f"{self.key} must be finite, got {value!r}")
         low_ok = value > self.low if self.above_low else value >= self.low
         if not (low_ok and value <= self.high):
             bracket = "(" if self.above_low else "["
             raise ProtocolError(f"{self.key} must be in {bracket}{self.low:g}, {self.high:g}], "
-                                f"got {value!r}")
+                                f"got {_show(value)}")
         return int(value) if self.kind is int else float(value)
 
 
@@ -82,6 +82,12 @@ class Series:
         if len(value) > MAX_HISTORY:
             raise ProtocolError(f"{self.key} holds {len(value)} items, at most {MAX_HISTORY}")
         return [self.item.check(v) for v in value]
+
+
+def _names(keys: object) -> list[str]:
+    """At most five of a client's key names, each cut to 40 characters, for a reason line."""
+    names = sorted(str(k) for k in keys)  # type: ignore[attr-defined]
+    return [k if len(k) <= 40 else k[:40] + "..." for k in names[:5]]
 
 
 def _show(value: object) -> str:
@@ -370,7 +376,7 @@ class TrainReply:
         arrays = content.array_records[_DELTA]
         if list(arrays) != [_VECTOR]:
             raise ProtocolError(f"reply's {_DELTA!r} record must hold exactly one array "
-                                f"{_VECTOR!r}, got {sorted(arrays)[:5]} (arrays besides the "
+                                f"{_VECTOR!r}, got {_names(arrays)} (arrays besides the "
                                 "delta vector)")
         info = content.config_records[_INFO]
         _no_extra_keys(info, {_SPEC_HASH}, _INFO)
@@ -399,7 +405,7 @@ def _report(metrics: dict[str, Any], withheld: bool) -> tuple[TrainReport, Repor
     if unknown:
         why = " (withheld under privacy.user.withhold_metrics)" if withheld else ""
         raise ProtocolError(f"reply metrics hold keys the protocol does not allow{why}: "
-                            f"{unknown[:5]}")
+                            f"{_names(unknown)}")
     required = [STEPS] + ([] if withheld else [NUM_EXAMPLES, LOSS, EXAMPLES_SEEN, FLOPS])
     for rule in required:
         if rule.key not in metrics:
@@ -450,21 +456,23 @@ def _only(content: RecordDict, arrays: set[str] = frozenset(), metrics: set[str]
     if got != expected:
         extra = sorted(set(got) - set(expected))
         if extra and all(got[k] == "array" for k in extra):
-            raise ProtocolError(f"reply carries arrays besides the delta vector: {extra[:5]}")
+            raise ProtocolError(f"reply carries arrays besides the delta vector: "
+                                f"{_names(extra)}")
         raise ProtocolError(f"message records {_describe(got)} are not the expected "
                             f"{_describe(expected)}")
 
 
 def _describe(records: Mapping[str, str]) -> str:
     items = sorted(records.items())
-    text = ", ".join(f"{k!r}:{kind}" for k, kind in items[:6])
+    text = ", ".join(f"{_names([k])[0]!r}:{kind}" for k, kind in items[:6])
     return "{" + text + (", ..." if len(items) > 6 else "") + "}"
 
 
 def _no_extra_keys(record: Mapping[str, object], allowed: set[str], where: str) -> None:
     extra = sorted(set(record) - allowed)
     if extra:
-        raise ProtocolError(f"{where} holds keys the protocol does not allow: {extra[:5]}")
+        raise ProtocolError(f"{where} holds keys the protocol does not allow: "
+                            f"{_names(extra)}")
 
 
 # The instruction fields a strategy plugin may set (`Plugin.client_config`).
