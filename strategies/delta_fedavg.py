@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
+from fedtune.privacy import DPHistory
 from fedtune.protocol import (
     PartitionQuery,
     PartitionReply,
@@ -50,6 +51,8 @@ class RoundOutcome:
     aggregated_norms: list[float] = field(default_factory=list)
     # True when no client's delta moved the aggregate this round.
     no_contribution: bool = True
+    # Why the round's aggregate was not applied although clients contributed, if so.
+    update_refused: str | None = None
 
 
 @dataclass
@@ -77,9 +80,10 @@ class DeltaFedAvg:
         self.roster: dict[int, int] = {}
         # Claims refused at discovery (a partition another node already holds).
         self.refused_claims: list[dict[str, Any]] = []
-        # Instruction fields for one client, by partition id: its DP history and plugin
-        # settings (`TrainInstruction` field names).
-        self.client_settings: Callable[[int], dict[str, Any]] = lambda pid: {}
+        # The DP-SGD history the server holds for a partition, sent with its instruction.
+        self.dp_history: Callable[[int], DPHistory | None] = lambda pid: None
+        # Plugins' instruction fields for a partition, (round, pid) -> {field: settings}.
+        self.plugin_settings: Callable[[int, int], dict[str, Any]] = lambda rnd, pid: {}
         # Plugins' say over the sampled partition ids (round, pids) -> pids.
         self.select_cohort: Callable[[int, list[int]], list[int]] = lambda rnd, pids: pids
         # Plugins' factor in [0, 1] on a client's delta, (round, pid) -> weight.
@@ -165,9 +169,9 @@ class DeltaFedAvg:
         self._asked = {}
         for pid in cohort:
             node = self.roster[pid]
-            settings = self.client_settings(pid)
-            check_plugin_fields({k: v for k, v in settings.items() if k != "dp_history"})
-            instruction = replace(base, **settings)
+            settings = self.plugin_settings(server_round, pid)
+            check_plugin_fields(settings)
+            instruction = replace(base, dp_history=self.dp_history(pid), **settings)
             messages.append(Message(content=instruction.to_record(wire),
                                     message_type=MessageType.TRAIN, dst_node_id=node))
             sampled.append({"partition_id": pid, "node": node})
@@ -256,7 +260,16 @@ class DeltaFedAvg:
                        dtype=np.float64)
         if not accepted or not w.sum() > 0:  # nobody, or every client weighted 0
             return None
-        self.outcome.no_contribution = False
         deltas = np.stack([a.delta for a in accepted]).astype(np.float64)
         mean_delta = (deltas * (w / w.sum())[:, None]).sum(0)
-        return (self.global_vector + mean_delta).astype(np.float32)
+        with np.errstate(over="ignore"):
+            new = (self.global_vector + mean_delta).astype(np.float32)
+        if not np.isfinite(new).all():
+            # Finite float32 deltas near float32's limit can still average past it: keep
+            # the global vector rather than end the run on an inf next round.
+            self.outcome.update_refused = "the weighted mean delta overflows float32"
+            log(WARNING, "round %d: %s; the global vector is kept", server_round,
+                self.outcome.update_refused)
+            return None
+        self.outcome.no_contribution = False
+        return new

@@ -66,8 +66,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     privacy = PrivacyLedger(cfg, task, state)
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     plugins = build_plugins(cfg)
-    strategy.client_settings = lambda pid: _client_settings(pid, state, plugins,
-                                                            state.round + 1)
+    # A client restarted since its last round (its own record lost) resumes its DP
+    # accounting from what the server holds, never from zero.
+    strategy.dp_history = lambda pid: state.client_dp.get(pid)
+    strategy.plugin_settings = lambda rnd, pid: _plugin_settings(rnd, pid, plugins)
     strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
     strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
     driver: DeltaFedAvg | UserLevelDP = strategy
@@ -160,6 +162,8 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     }
     if outcome.unsolicited:
         record["unsolicited"] = outcome.unsolicited
+    if outcome.update_refused is not None:
+        record["update_refused"] = outcome.update_refused
     if strategy.refused_claims:  # once, in the first round after discovery
         record["refused_claims"], strategy.refused_claims = strategy.refused_claims, []
     record["privacy_in_clear"] = in_clear(cfg)
@@ -222,12 +226,9 @@ def _population(cfg: ExperimentConfig) -> dict[str, Any]:
             "target_clients": data.target_clients, "source_clients": data.source_clients}
 
 
-def _client_settings(pid: int, state: ServerState, plugins: list[Plugin], rnd: int
-                     ) -> dict[str, Any]:
-    """This client's `TrainInstruction` fields: the DP spend the server holds for it (a
-    client restarted since, its own record lost, resumes from here, never from zero) and
-    what the plugins ask of it."""
-    settings: dict[str, Any] = {"dp_history": state.client_dp.get(pid)}
+def _plugin_settings(rnd: int, pid: int, plugins: list[Plugin]) -> dict[str, Any]:
+    """What the plugins ask of this client: `TrainInstruction` fields by name."""
+    settings: dict[str, Any] = {}
     for plugin in plugins:
         settings.update(plugin.client_config(rnd, pid))
     return settings

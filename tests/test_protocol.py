@@ -136,7 +136,16 @@ def test_negative_weight_cannot_amplify_an_honest_delta():
     ({**honest_metrics(), "partition-id": 0}, r"does not allow.*\['partition-id'\]"),
     ({**honest_metrics(), "delta-norm": 0.0}, r"does not allow.*\['delta-norm'\]"),
     ({**honest_metrics(), "smashed-bytes-up": 3}, "part of the split figures"),
-    ({**honest_metrics(), "dp-history-steps": [1] * 100_001}, "part of the DP spend"),
+    ({**honest_metrics(), "dp-history-steps": [1] * 3}, "part of the DP spend"),
+    ({**honest_metrics(), "noise-multiplier": 1.0, "sample-rate": 0.1, "dp-steps": 1,
+      "dp-history-sigma": [1.0] * 100_001, "dp-history-q": [0.1] * 100_001,
+      "dp-history-steps": [1] * 100_001}, "holds 100001 items, at most 100000"),
+    ({**honest_metrics(), "noise-multiplier": 1.0, "sample-rate": 0.1, "dp-steps": 1,
+      "dp-history-sigma": [1.0], "dp-history-q": [0.1, 0.2],
+      "dp-history-steps": [1]}, "differ in length"),
+    ({**honest_metrics(), "noise-multiplier": 1.0, "sample-rate": 1.5, "dp-steps": 1,
+      "dp-history-sigma": [1.0], "dp-history-q": [0.1],
+      "dp-history-steps": [1]}, r"sample-rate must be in \(0, 1\]"),
 ])
 def test_a_malformed_report_is_rejected_with_its_reason_and_the_round_goes_on(metrics, reason):
     # main: KeyError / TypeError / OverflowError out of the strategy, ending the run.
@@ -187,7 +196,7 @@ def test_forged_dp_history_stays_a_report_and_is_never_sent_back():
     privacy.record_round(strategy.outcome.accepted)
     held = state.client_dp.get(0)
     assert held is None or (1e5, 1e-6, 1) not in held.entries
-    strategy.client_settings = lambda pid: {"dp_history": state.client_dp.get(pid)}
+    strategy.dp_history = lambda pid: state.client_dp.get(pid)
     for msg in _send(strategy, rnd=2):
         history = TrainInstruction.from_record(msg.content, SPEC).dp_history
         assert history is None or 1e5 not in history.to_lists()["sigma"]

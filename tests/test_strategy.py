@@ -129,3 +129,13 @@ def test_cohorts_follow_partitions_not_random_node_ids():
         strategy = _strategy(3, ids, seed=5)
         runs.append([strategy.sample(r, FakeGrid(ids)) for r in (1, 2, 3)])
     assert runs[0] == runs[1]
+
+
+def test_an_average_past_float32s_range_keeps_the_global_vector():
+    strategy = _strategy(2)
+    msgs = _configure(strategy, np.full(6, 3e38))
+    top = np.float32(3.4e38)
+    new = strategy.aggregate_train(1, [reply(msgs[0], np.full(6, top), SPEC),
+                                       reply(msgs[1], np.full(6, top), SPEC)])
+    assert new is None and strategy.outcome.no_contribution
+    assert "overflows float32" in strategy.outcome.update_refused
