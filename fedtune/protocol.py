@@ -1,5 +1,5 @@
 """The wire protocol between the ServerApp and a ClientApp: every message as a typed dataclass
-with `to_record()` / `from_record()`. No other module names a record key.
+with `to_record()` / `from_record()`. No other module names a message's record keys.
 
 Server -> client: `PartitionQuery` (which partition do you hold?) and `TrainInstruction`
 (the global vector and everything the round asks of the client). Client -> server:
