@@ -145,13 +145,15 @@ class DeltaFedAvg:
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """A seeded cohort of `clients_per_round` partition ids: the same seed gives the same
-        partitions in every re-run."""
+        partitions in every re-run. With fewer partitions bound at discovery (a node refused
+        or silent), all of them."""
         self.ensure_roster(grid)
-        if len(self.roster) < self.clients_per_round:
-            raise RuntimeError(f"only {len(self.roster)} clients available; "
-                               f"train.clients_per_round needs {self.clients_per_round}")
+        size = min(self.clients_per_round, len(self.roster))
+        if size < self.clients_per_round:
+            log(WARNING, "round %d: only %d partitions have a node; the cohort is %d, not "
+                "train.clients_per_round=%d", server_round, size, size, self.clients_per_round)
         rng = random.Random(self.seed * 7919 + server_round)
-        chosen = rng.sample(sorted(self.roster), self.clients_per_round)
+        chosen = rng.sample(sorted(self.roster), size)
         return self.select_cohort(server_round, chosen)
 
     # -- train

@@ -233,6 +233,9 @@ def test_a_second_claim_on_a_partition_is_refused_for_that_node_only():
     refused = {r["node"]: r["reason"] for r in strategy.refused_claims}
     assert set(refused) == {9, 10}
     assert "already held by node 8" in refused[9] and "partition-id must be an int" in refused[10]
+    # The run goes on with the partitions that have a node.
+    strategy.clients_per_round = 4
+    assert sorted(strategy.sample(1, grid)) == [0, 1, 2]
 
 
 def test_withheld_metrics_leave_the_client_and_are_refused_if_sent():
