@@ -196,8 +196,14 @@ class UserDPConfig:
     # 0 means: calibrate from target_epsilon over train.rounds; > 0 uses this as given.
     noise_multiplier: float = 0.0
     delta: float = 1e-5
+    # Replies carry only what the server needs under user-level DP (delta, steps, DP spend):
+    # no example count, loss, FLOPs or plugin figures leave the client.
+    withhold_metrics: bool = False
 
     def validate(self) -> None:
+        if self.withhold_metrics and not self.enabled:
+            raise ConfigError("privacy.user.withhold_metrics needs privacy.user.enabled = true "
+                              "(plain FedAvg weights clients by their example counts)")
         _choice("privacy.user.clipping", self.clipping, ("server", "client"))
         _positive("privacy.user.clip_norm", self.clip_norm)
         _positive("privacy.user.target_epsilon", self.target_epsilon)
