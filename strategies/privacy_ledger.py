@@ -13,7 +13,8 @@ User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.
 Before a round starts, `stop_reason` says whether it could push either level past its budget.
 
 Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
-the run dies in that round, a resume with secret noise charges them (the replayed round is
+the run dies in that round, a resume with secret noise charges them (every attempt, if it
+died in that round more than once) (the replayed round is
 a new release with fresh noise, and the lost one's uploads may have been seen); with
 `privacy.reproducible_noise` the replay redraws the very same noise and sampling, so the
 lost attempt is not a second release and is not charged twice.
@@ -117,12 +118,18 @@ class PrivacyLedger:
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
         """Charge every client asked to train in round `rnd` its planned release. Call it
-        before the instructions go out: the charges are on disk first."""
+        after the messages are built (they carry each client's history before this charge)
+        and before they go out: the charges are on disk first."""
         charges = {pid: self.planned(rnd, pid) for pid in partition_ids}
         charges = {pid: events for pid, events in charges.items() if events}
-        if self.folder is not None:
-            save_pending(self.folder, {"round": rnd, "charges": {
-                str(pid): [list(e) for e in events] for pid, events in charges.items()}})
+        if self.folder is not None and charges:
+            # Earlier attempts at this round that never completed (runs killed in it) stay
+            # on record until the round completes: each was a release of its own.
+            pending = load_pending(self.folder)
+            attempts = pending["attempts"] if pending and pending["round"] == rnd else []
+            attempts.append({str(pid): [list(e) for e in events]
+                             for pid, events in charges.items()})
+            save_pending(self.folder, {"round": rnd, "attempts": attempts})
         self._before = {pid: DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
                         for pid in charges}
         for pid, events in charges.items():
@@ -164,20 +171,18 @@ class PrivacyLedger:
         self._set_epsilon(pid)
 
     def _charge_interrupted(self, pending: dict[str, Any] | None) -> None:
-        """On a resume: charge the round that was sent but never completed (secret noise
-        only; see the module docstring)."""
+        """On a resume: charge every attempt at the round that was sent but never completed
+        (secret noise only; see the module docstring)."""
         if pending is None or int(pending["round"]) != self.state.round + 1:
             return  # none recorded, or that round completed and is in the checkpoint
         if self.cfg.privacy.reproducible_noise:
             return
-        if any(i["round"] == pending["round"] for i in self.state.interrupted):
-            return  # already charged by an earlier resume that died again before the round
-        charges = {int(pid): [tuple(e) for e in events]
-                   for pid, events in pending["charges"].items()}
-        for pid, events in charges.items():
-            self._charge(pid, events)
-        self.state.interrupted.append({"round": int(pending["round"]),
-                                       "partition_ids": sorted(charges)})
+        for attempt in pending["attempts"]:
+            charges = {int(pid): [tuple(e) for e in events] for pid, events in attempt.items()}
+            for pid, events in charges.items():
+                self._charge(pid, events)
+            self.state.interrupted.append({"round": int(pending["round"]),
+                                           "partition_ids": sorted(charges)})
 
     def fields(self) -> dict[str, Any]:
         """Both epsilons, the parameters that reproduce them, and what the noise is secret

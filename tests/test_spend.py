@@ -35,6 +35,12 @@ def _reply(pid, sigma, q, steps, history, epsilon=0.01):
         "history": h.to_lists()}}
 
 
+def _copy(state):
+    return ServerState(round=state.round, vector=state.vector, spec_hash="x", initial={},
+                       client_dp={k: DPHistory(list(v.entries))
+                                  for k, v in state.client_dp.items()})
+
+
 def _eps(cfg, entries):
     return epsilon_of(DPHistory(entries), cfg.privacy.sample.delta,
                       cfg.privacy.sample.accountant)
@@ -137,16 +143,18 @@ def test_a_round_killed_after_it_was_sent_is_charged_on_resume(tmp_path):
                                    for k, v in state.client_dp.items()})
     ledger.charge_sent(2, [1, 2])
     assert load_pending(tmp_path)["round"] == 2
-    resumed, _, state2 = _ledger(state=saved, folder=tmp_path)
+    resumed, _, state2 = _ledger(state=_copy(saved), folder=tmp_path)
     p1, p2 = planned_release(cfg, SIZES[1]), planned_release(cfg, SIZES[2])
     assert state2.client_dp[1].entries == [(p1[0], p1[1], 2 * p1[2])]
     assert state2.client_dp[2].entries == [p2]
     assert state2.interrupted == [{"round": 2, "partition_ids": [1, 2]}]
     assert resumed.fields()["privacy_sample"]["interrupted_rounds_charged"] == \
         state2.interrupted
-    # A second resume before round 2 completes does not charge it twice.
-    _ledger(state=state2, folder=tmp_path)
-    assert state2.client_dp[2].entries == [p2]
+    # The resumed run sends round 2 again and dies again: two lost attempts, two charges.
+    resumed.charge_sent(2, [1, 2])
+    _, _, state3 = _ledger(state=saved, folder=tmp_path)
+    assert state3.client_dp[2].entries == [(p2[0], p2[1], 2 * p2[2])]
+    assert [i["round"] for i in state3.interrupted] == [2, 2]
 
 
 def test_reproducible_noise_replays_the_killed_round_without_a_second_charge(tmp_path):
