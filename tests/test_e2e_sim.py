@@ -288,7 +288,8 @@ def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_c
     (out / "config.toml").write_text(config.replace("\nrounds = 3\n", "\nrounds = 5\n", 1))
     edited = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert edited.returncode != 0 and "train.rounds (3 -> 5)" in edited.stdout + edited.stderr
+    said = " ".join((edited.stdout + edited.stderr).split())  # rich wraps long lines
+    assert edited.returncode != 0 and "changed: train.rounds (3 -> 5)" in said
     (out / "config.toml").write_text(config)
     _resume(out, killed_at)
     cfg = load_config(out / "config.toml")
