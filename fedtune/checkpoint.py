@@ -122,23 +122,21 @@ def _atomic_write(path: Path, write: Callable[[str], None] | bytes) -> None:
 
 def privacy_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """Every config value a run's privacy accounting depends on, by dotted key: the noise
-    (calibrated over the planned rounds and steps; split mode's smashed-data noise
-    too), the sample rates (batch, partitions,
-    cohort, pruning plugins) and, in reproducible-noise mode, the seed the noise follows.
-    Past releases were accounted under these; a resume must not change them."""
+    (calibrated over the planned rounds and steps; split mode's smashed-data noise too), the
+    sample rates (batch, cohort, pruning plugins), and what decides which examples each
+    client holds (`data.*` and `seed`, which also fixes the noise in reproducible-noise
+    mode): a client's history describes its own partition. Past releases were accounted
+    under these; a resume must not change them."""
     train = cfg.train
-    values: dict[str, Any] = {
-        f"privacy.{key}": value for key, value in _flatten(asdict(cfg.privacy)).items()}
-    values.update({f"split.smashed_dp.{key}": value
-                   for key, value in _flatten(asdict(cfg.split.smashed_dp)).items()})
+    values: dict[str, Any] = {}
+    for section, tree in (("privacy", cfg.privacy), ("split.smashed_dp", cfg.split.smashed_dp),
+                          ("data", cfg.data)):
+        values.update({f"{section}.{k}": v for k, v in _flatten(asdict(tree)).items()})
     values.update({
         "train.rounds": train.rounds, "train.clients_per_round": train.clients_per_round,
         "train.local_steps": train.local_steps, "train.batch_size": train.batch_size,
-        "train.local_epochs": train.local_epochs, "data.num_clients": cfg.data.num_clients,
-        "plugins": cfg.plugins,
+        "train.local_epochs": train.local_epochs, "plugins": cfg.plugins, "seed": cfg.seed,
     })
-    if cfg.privacy.reproducible_noise:
-        values["seed"] = cfg.seed
     return json.loads(json.dumps(values, default=str))  # as the checkpoint stores it
 
 

@@ -99,20 +99,21 @@ def test_resume_refuses_changed_privacy_parameters_naming_them(tmp_path):
 
 @pytest.mark.parametrize("key", ["train.batch_size=16", "train.local_steps=3",
                                  "train.clients_per_round=2", "train.local_epochs=1",
-                                 "data.num_clients=10", "privacy.user.enabled=true",
-                                 "privacy.reproducible_noise=true",
+                                 "data.num_clients=10", "data.alpha=0.1",
+                                 "privacy.user.enabled=true", "privacy.reproducible_noise=true",
                                  "split.smashed_dp.enabled=true"])
 def test_every_privacy_parameter_is_in_the_fingerprint(key):
     assert privacy_fingerprint(load_config(None, [key])) != privacy_fingerprint(
         load_config(None, []))
 
 
-def test_the_seed_is_a_privacy_parameter_only_when_the_noise_follows_it():
-    assert privacy_fingerprint(load_config(None, ["seed=1"])) == \
+def test_the_seed_is_a_privacy_parameter_it_decides_the_partitions():
+    # Another seed deals other examples to each client (and, in reproducible-noise mode,
+    # other noise): the clients' histories would no longer describe their data.
+    assert privacy_fingerprint(load_config(None, ["seed=1"])) != \
         privacy_fingerprint(load_config(None, ["seed=2"]))
-    seeded = ["privacy.reproducible_noise=true"]
-    assert privacy_fingerprint(load_config(None, [*seeded, "seed=1"])) != \
-        privacy_fingerprint(load_config(None, [*seeded, "seed=2"]))
+    assert privacy_fingerprint(load_config(None, ["train.lr=0.1", "model.max_length=32"])) \
+        == privacy_fingerprint(load_config(None, []))
 
 
 def test_a_checkpoint_without_privacy_parameters_cannot_be_checked(tmp_path):
