@@ -143,7 +143,9 @@ class PrivacyLedger:
         client's charge to what the client says it spent: this round's release as reported,
         or its whole reported history, whichever gives the larger epsilon (the planned
         charge stays if it is larger). `partition_id` is the server's, not the client's."""
-        for report in reports:
+        # Without sample-level DP (and no hook's releases) there is no spend to settle.
+        counted = self.cfg.privacy.sample.enabled or bool(self.plan_hooks)
+        for report in reports if counted else []:
             reported = report.get("reported_dp")
             if report.get("partition_id") is None or reported is None:
                 continue  # failed: no reply, the planned charge stands

@@ -174,3 +174,17 @@ def test_a_completed_rounds_pending_file_is_not_charged_again(tmp_path):
     _, _, again = _ledger(state=state, folder=tmp_path)
     assert again.client_dp[0].entries == [planned_release(cfg, SIZES[0])]
     assert json.loads((tmp_path / PENDING_FILE).read_text())["round"] == 1
+
+
+def test_without_sample_level_dp_reports_charge_nothing():
+    ledger, cfg, state = _ledger(["privacy.sample.enabled=false", "privacy.user.enabled=true"])
+    ledger.charge_sent(1, [0, 1])
+    # What a non-DP client reports: sigma 0, no DP steps.
+    ledger.settle(1, [_reply(0, 0.0, 0.0, 5, [(0.0, 0.0, 0)])])
+    assert state.client_dp == {} and state.user_releases == 1
+    assert ledger.fields()["epsilon_sample"] is None
+
+
+def test_a_reported_history_of_no_steps_is_no_release():
+    assert DPHistory.from_lists({"sigma": [0.0, 1.0], "q": [0.0, 0.5],
+                                 "steps": [0, 3]}).entries == [(1.0, 0.5, 3)]

@@ -44,8 +44,12 @@ class DPHistory:
 
     @classmethod
     def from_lists(cls, data: dict[str, list]) -> DPHistory:
-        return cls([(float(s), float(q), int(n)) for s, q, n in
-                    zip(data["sigma"], data["q"], data["steps"], strict=True)])
+        """The history `to_lists` wrote; entries of no steps are no release and are left out
+        (as `add` leaves them out)."""
+        history = cls()
+        for s, q, n in zip(data["sigma"], data["q"], data["steps"], strict=True):
+            history.add(float(s), float(q), int(n))
+        return history
 
 
 def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
