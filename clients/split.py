@@ -37,8 +37,8 @@ from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone
-from fedtune.privacy import calibrate_noise
-from fedtune.privacy.randomness import dp_torch_generator
+from fedtune.privacy import calibrate_noise, planned_release
+from fedtune.privacy.randomness import dp_torch_generator, stream_seed
 from fedtune.split import (
     BodyService,
     InProcessBody,
@@ -78,6 +78,8 @@ class SplitStep:
                  smashed: SmashedRelease | None = None) -> None:
         self.view = view
         self.body = MeteredBody(body)
+        # Measuring FLOPs runs the body too, but it is not traffic: never through `body`.
+        self.measure_body = body
         self.local_loss_steps = local_loss_steps
         self.smashed = smashed
         self.examples = {"split": 0, "local": 0}
@@ -181,8 +183,7 @@ class SplitStep:
 
     def _measure(self, data: TensorDataset) -> SplitFlops:
         ids, mask, _ = data[0]
-        # The process body, unmetered: measuring is not traffic.
-        return split_flops(self.view, self.body.body, ids, mask)
+        return split_flops(self.view, self.measure_body, ids, mask)
 
     def extras(self) -> dict[str, float]:
         traffic = self.body.traffic
@@ -238,7 +239,7 @@ def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
         if seed is None:
             raise ValueError("privacy.reproducible_noise=true: split_step needs the client's "
                              "seed to derive the smashed-data noise from")
-        reproducible = seed + SMASHED_SEED_OFFSET
+        reproducible = stream_seed(seed, "smashed")
     plan = smashed_plan(cfg, n)
     device = next(view.prompt.parameters()).device
     noise = SmashedNoise(plan.sigma, cfg.split.smashed_dp.activation_clip_norm,
@@ -246,10 +247,6 @@ def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
                          dp_torch_generator(device, reproducible))
     release = SmashedRelease(noise, plan.joint_multiplier, plan.sample_rate, steps)
     return SplitStep(view, body, local, release)
-
-
-# Reproducible mode only: keeps the smashed noise apart from DP-SGD's draws of one seed.
-SMASHED_SEED_OFFSET = 7_919
 
 
 @dataclass(frozen=True)
@@ -279,13 +276,9 @@ def smashed_plan(cfg: ExperimentConfig, n: int) -> SmashedPlan:
     """The smashed-DP plan of a client with `n` examples: a pure function of the config and
     n, so the server computes a split client's planned spend itself."""
     dp, smashed = cfg.privacy.sample, cfg.split.smashed_dp
-    steps = local_steps(cfg, n)
+    # The DP-SGD release of the same steps: its rate is the Poisson batches' rate.
+    dpsgd, q, steps = planned_release(cfg, n)
     split_steps = steps - int(cfg.split.local_loss_fraction * steps)
-    batch = min(cfg.train.batch_size, n)
-    # local_train's accounted rate (>= the 1/ceil(n/B) Opacus' loader samples at).
-    q = batch / n
-    dpsgd = dp.noise_multiplier or calibrate_noise(
-        dp.target_epsilon, dp.delta, q, cfg.train.rounds * steps, dp.accountant)
     # Calibrated so the smashed pair alone, over the run's planned split steps, is at the
     # target; the joint event (with DP-SGD) then accounts for both together.
     sigma = smashed.noise_multiplier or math.sqrt(2.0) * calibrate_noise(

@@ -53,7 +53,7 @@ def slot_count(batch_size: int, overflow: float = OVERFLOW_PROBABILITY) -> int:
 
 def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Each example (first dimension) scaled to L2 norm at most `max_norm`."""
-    norms = x.reshape(x.shape[0], -1).norm(dim=1)
+    norms = x.flatten(1).norm(dim=1) if x.dim() > 1 else x.abs()
     scale = (max_norm / (norms + 1e-12)).clamp(max=1.0)
     return x * scale.view(-1, *([1] * (x.dim() - 1)))
 
