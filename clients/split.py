@@ -9,7 +9,7 @@ body-output gradients carry the labels (their direction against the tail the ser
 flips with the label). Without `split.smashed_dp` the server sees both in clear, and DP-SGD's
 epsilon covers the deltas only; with it, every row that goes up is clipped and noised
 (`fedtune.split.smashed_dp`) and each split step is accounted into the client's epsilon
-(`SplitStep.privacy_events`, `smashed_privacy_events`; audit: `fedtune audit split`).
+(`SplitStep.privacy_events`, `fedtune.split.plan`; audit: `fedtune audit split`).
 
 Under DP-SGD the head and tail run inside the Opacus-wrapped model, so their per-sample
 gradients are captured by its hooks as usual; the server's gradient enters through
@@ -24,7 +24,6 @@ rounds, never federated.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,6 @@ from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone
-from fedtune.privacy import calibrate_noise, planned_release
 from fedtune.privacy.randomness import dp_torch_generator, stream_seed
 from fedtune.split import (
     BodyService,
@@ -48,13 +46,8 @@ from fedtune.split import (
     scoring_flops,
     split_flops,
 )
-from fedtune.split.smashed_dp import (
-    SmashedNoise,
-    clip_rows,
-    joint_multiplier,
-    pair_multiplier,
-    slot_count,
-)
+from fedtune.split.plan import smashed_plan
+from fedtune.split.smashed_dp import SmashedNoise, clip_rows
 from fedtune.task import Task
 from fedtune.tuning.base import ClassificationHead
 from fedtune.tuning.prompt import PromptModel
@@ -258,45 +251,6 @@ class SmashedRelease:
     joint_multiplier: float
     sample_rate: float
     total_steps: int
-
-
-@dataclass(frozen=True)
-class SmashedPlan:
-    """What a client with n examples does and spends under smashed DP, per round."""
-
-    sigma: float  # smashed-data noise multiplier (activations and gradients)
-    dpsgd_sigma: float  # DP-SGD's, which the joint event includes
-    joint_multiplier: float  # one split step as one Gaussian
-    sample_rate: float  # the Poisson rate of the DP-SGD batches
-    split_steps: int  # split steps per round
-    slots: int  # rows each split step sends
-
-
-def smashed_plan(cfg: ExperimentConfig, n: int) -> SmashedPlan:
-    """The smashed-DP plan of a client with `n` examples: a pure function of the config and
-    n, so the server computes a split client's planned spend itself."""
-    dp, smashed = cfg.privacy.sample, cfg.split.smashed_dp
-    # The DP-SGD release of the same steps: its rate is the Poisson batches' rate.
-    dpsgd, q, steps = planned_release(cfg, n)
-    split_steps = steps - int(cfg.split.local_loss_fraction * steps)
-    # Calibrated so the smashed pair alone, over the run's planned split steps, is at the
-    # target; the joint event (with DP-SGD) then accounts for both together.
-    sigma = smashed.noise_multiplier or math.sqrt(2.0) * calibrate_noise(
-        smashed.target_epsilon, dp.delta, q, cfg.train.rounds * split_steps, dp.accountant)
-    return SmashedPlan(sigma=sigma, dpsgd_sigma=dpsgd,
-                       joint_multiplier=joint_multiplier(pair_multiplier(sigma), dpsgd),
-                       sample_rate=q, split_steps=split_steps,
-                       slots=slot_count(cfg.train.batch_size))
-
-
-def smashed_privacy_events(cfg: ExperimentConfig, n: int) -> list[tuple[float, float, int]]:
-    """A split client's planned smashed-DP events for one round, as (sigma, q, steps): what
-    the server charges a client with n examples that it asks to train (empty when the
-    smashed data goes up in clear)."""
-    if not (cfg.split.enabled and cfg.split.smashed_dp.enabled):
-        return []
-    plan = smashed_plan(cfg, n)
-    return [(plan.joint_multiplier, plan.sample_rate, plan.split_steps)]
 
 
 class SplitScorer:

@@ -367,6 +367,12 @@ class ExperimentConfig:
                 "split.smashed_dp.enabled=true needs privacy.sample.enabled=true: the smashed "
                 "data is released on DP-SGD's Poisson batches, and without DP-SGD the deltas "
                 "carry the data in clear, so no data-level epsilon exists")
+        scoring = [p["name"] for p in self.plugins if p.get("name") == "el2n_pruning"]
+        if self.split.smashed_dp.enabled and scoring:
+            raise ConfigError(
+                "split.smashed_dp.enabled=true does not work with the el2n_pruning plugin: "
+                "its scoring pass sends every local example's activations through the "
+                "server body without noise; drop the plugin or smashed DP")
         steps = self.train.local_steps
         if (self.train.local_epochs == 0 and self.split.local_loss_fraction > 0
                 and int(self.split.local_loss_fraction * steps) == 0):

@@ -18,6 +18,7 @@ from fedtune.models.split import SplitBackbone
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.split import InProcessBody, SplitPromptModel
 from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED, dp_level_label
+from fedtune.split.plan import smashed_plan, smashed_privacy_events
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows, slot_count
 from fedtune.tuning import build_tuned_model
 from strategies.split_ledger import split_round_fields, split_summary_fields
@@ -170,7 +171,7 @@ def test_separate_events_under_report_a_shared_poisson_batch():
 
 def test_epsilon_composes_dp_sgd_and_the_smashed_releases(minilm):
     cfg, step, _, history, result = _train(minilm, SMASHED)
-    plan = split_client.smashed_plan(cfg, 24)
+    plan = smashed_plan(cfg, 24)
     sigma, q, steps = planned_release(cfg, 24)
     assert plan.dpsgd_sigma == result.noise_multiplier == sigma
     joint = (2 / plan.sigma ** 2 + 1 / sigma ** 2) ** -0.5
@@ -179,7 +180,7 @@ def test_epsilon_composes_dp_sgd_and_the_smashed_releases(minilm):
     dp_only = epsilon_of(DPHistory([(sigma, q, steps)]), cfg.privacy.sample.delta, "prv")
     assert result.epsilon > dp_only * 1.5
     # The server's charge for a client it asks to train is the same event.
-    assert split_client.smashed_privacy_events(cfg, 24) == step.privacy_events()
+    assert smashed_privacy_events(cfg, 24) == step.privacy_events()
     # Calibration: the smashed pair alone, over the planned split steps, is at the target.
     pair = epsilon_of(DPHistory([(plan.sigma / math.sqrt(2), q, 3 * 2)]), 1e-5, "prv")
     assert pair == pytest.approx(cfg.split.smashed_dp.target_epsilon, rel=0.02)
@@ -189,7 +190,7 @@ def test_epsilon_composes_dp_sgd_and_the_smashed_releases(minilm):
 def test_no_smashed_events_without_smashed_dp(minilm):
     sets = [s for s in SMASHED if "smashed_dp" not in s]
     cfg, step, recorder, history, _ = _train(minilm, sets)
-    assert step.privacy_events() == [] == split_client.smashed_privacy_events(cfg, 24)
+    assert step.privacy_events() == [] == smashed_privacy_events(cfg, 24)
     assert len(history.entries) == 1
     assert _sent(recorder, "smashed")[0].shape[0] < slot_count(4)  # the batch, in clear
 
@@ -285,3 +286,9 @@ def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(m
     noised = attack(noised_cfg, _TinyTask(minilm, noised_cfg), _trained_state(task), 0, 64, 1)
     assert noised.smashed_dp and noised.token_recovery <= 0.02
     assert noised.label_balanced <= 0.8
+
+
+def test_smashed_dp_refuses_pruning_whose_scoring_sends_activations_in_clear():
+    with pytest.raises(ConfigError, match="el2n_pruning"):
+        load_config(None, SMASHED + ['plugins=[{name = "el2n_pruning", keep = 0.5, '
+                                     'allow_with_sample_dp = true}]'])
