@@ -80,6 +80,9 @@ class SplitStep:
         # Rows the body ran on: the examples, plus smashed DP's dummy rows.
         self.body_rows = 0
         self._next_index = 0
+        # Where the last split step's examples sat among the rows sent (an auditor's
+        # ground truth; the server is not told).
+        self.last_slots: torch.Tensor | None = None
         self._row_shape: tuple[int, ...] | None = None
         self._flops: SplitFlops | None = None
         # Every tensor stays trainable until the first step: Opacus only hooks modules
@@ -108,6 +111,7 @@ class SplitStep:
         smashed, full_mask = self.view.cut(ids, mask)
         output = self.body.forward(smashed.detach(), full_mask).requires_grad_(True)
         self.body_rows += int(labels.numel())
+        self.last_slots = torch.arange(int(labels.numel()))
         loss = criterion(self.view.tail(output, mask), labels)
         loss.backward()  # tail gradients, and output.grad to send up
         smashed.backward(self.body.backward(output.grad))
@@ -121,16 +125,18 @@ class SplitStep:
         self._row_shape = tuple(smashed.shape[1:])
         # Clipped inside the graph, so the head back-propagates through the clipping.
         clipped = clip_rows(smashed, noise.activation_clip)
-        sent = noise.activations(clipped)
+        slots = noise.place(b)
+        self.last_slots = slots
+        sent = noise.activations(clipped, slots)
         output = self.body.forward(sent, noise.mask(sent.shape[1], full_mask))
         self.body_rows += noise.slots
-        mine = output[:b].detach().requires_grad_(True)
+        mine = output[slots].detach().requires_grad_(True)
         loss = criterion(self.view.tail(mine, mask), labels)
         loss.backward()
         # The loss is the batch mean: b x the gradient is each example's own, which is
         # what the clip bounds. The server's answer is scaled back locally.
-        grad_cut = self.body.backward(noise.gradients(mine.grad * b))
-        clipped.backward(grad_cut[:b] / b)
+        grad_cut = self.body.backward(noise.gradients(mine.grad * b, slots))
+        clipped.backward(grad_cut[slots] / b)
         return loss.detach()
 
     def _release_skipped(self, upto: int, like: torch.Tensor) -> None:

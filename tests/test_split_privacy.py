@@ -84,18 +84,22 @@ def test_noise_has_the_calibrated_std_and_rows_are_clipped_and_padded():
     noise = SmashedNoise(sigma=0.5, activation_clip=2.0, gradient_clip=3.0, slots=400,
                          generator=torch.Generator().manual_seed(0))
     big = torch.full((7, 50), 10.0)
-    rows = noise.activations(big)
+    rows = noise.activations(big, noise.place(7))
     assert rows.shape == (400, 50)
-    pure = noise.gradients(torch.zeros(0, 50))  # dummy rows only: the noise itself
+    pure = noise.gradients(torch.zeros(0, 50), noise.place(0))  # the noise alone
     assert float(pure.std()) == pytest.approx(0.5 * 3.0, rel=0.02)
     assert float(pure.mean()) == pytest.approx(0.0, abs=0.02)
     # Real rows are the clipped input plus noise: the mean over many draws is the clip.
+    fixed = torch.arange(7)
     draws = torch.stack([SmashedNoise(0.5, 2.0, 3.0, 8, torch.Generator().manual_seed(s))
-                         .activations(big)[:7] for s in range(400)])
+                         .activations(big, fixed)[:7] for s in range(400)])
     assert float(draws.mean(0)[0].norm()) == pytest.approx(2.0, rel=0.03)
     assert float(clip_rows(big, 2.0)[0].norm()) == pytest.approx(2.0)
+    # The slots are a uniform draw: every slot is taken about equally often.
+    counts = torch.bincount(torch.cat([noise.place(2) for _ in range(4000)]), minlength=400)
+    assert counts.sum() == 8000 and int(counts.max()) <= 60
     with pytest.raises(RuntimeError, match="exceeds the 8 smashed-DP slots"):
-        SmashedNoise(0.5, 2.0, 3.0, 8, torch.Generator()).activations(torch.ones(9, 3))
+        SmashedNoise(0.5, 2.0, 3.0, 8, torch.Generator()).place(9)
 
 
 def test_slots_make_an_overflowing_batch_negligible():
@@ -120,12 +124,13 @@ def test_the_server_receives_only_clipped_noised_rows_in_fixed_slots(minilm):
         assert bool((mask == 1).all())  # no lengths leave
         norms = rows.reshape(slots, -1).norm(dim=1)
         assert float(norms.max()) <= 3.0 + 1e-3
-        # Real rows sit at the clip (MiniLM's states are far larger); the rest are dummies.
-        real = int((norms > 1.0).sum())
-        assert 0 < real < slots and torch.allclose(norms[:real], torch.full((real,), 3.0),
-                                                   atol=1e-3)
+        # Real rows sit at the clip (MiniLM's states are far larger); the rest are zero
+        # rows, and an example's gradient goes up in the slot of its activations.
+        real = norms > 1.0
+        assert 0 < int(real.sum()) < slots
+        assert torch.allclose(norms[real], torch.full((int(real.sum()),), 3.0), atol=1e-3)
         gnorms = grad.reshape(slots, -1).norm(dim=1)
-        assert float(gnorms.max()) <= 0.5 + 1e-3 and float(gnorms[real:].max()) < 1e-3
+        assert float(gnorms.max()) <= 0.5 + 1e-3 and float(gnorms[~real].max()) < 1e-3
     assert result.extras["server-flops"] > 0
 
 

@@ -45,6 +45,10 @@ class Exchange:
     output: torch.Tensor  # what the body computed (the server keeps it)
     grad: torch.Tensor | None = None  # the body-output gradient rows received
 
+    def select(self, slots: torch.Tensor) -> Exchange:
+        return Exchange(self.rows[slots], self.mask[slots], self.output[slots],
+                        None if self.grad is None else self.grad[slots])
+
 
 class RecordingBody:
     """A `BodyService` that keeps what the server receives: the attacker's view."""
@@ -72,13 +76,16 @@ class _Observed:
 
     def __init__(self, step: Any, body: RecordingBody) -> None:
         self.step, self.body = step, body
-        self.batches: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (exchange index, the batch's slots among the rows, ids, mask, labels)
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]] = []
 
     def __call__(self, model, criterion, ids, mask, labels, index):  # noqa: ANN001
         loss = self.step(model, criterion, ids, mask, labels, index)
         if index >= self.step.local_loss_steps:
             # Dummy exchanges of skipped steps go first; the batch's own is the last.
-            self.batches.append((len(self.body.exchanges) - 1, ids, mask, labels))
+            self.batches.append((len(self.body.exchanges) - 1, self.step.last_slots.cpu(),
+                                 ids, mask, labels))
         return loss
 
     def __getattr__(self, name: str) -> Any:
@@ -160,11 +167,13 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
     hits = total = 0
     examples = 0
     labels_all, guesses = [], []
-    for index, ids, mask, labels in observed.batches:
-        ex = recorder.exchanges[index]
+    for index, slots, ids, mask, labels in observed.batches:
+        # Scored on the victim's rows (the auditor knows where they sit; the attacker
+        # decodes every row the same way and is not told).
+        ex = recorder.exchanges[index].select(slots)
         b = labels.shape[0]
         positions = _token_positions(ids.shape[1], insert_at, prompt_len)
-        rows = ex.rows[:b][:, positions]  # (b, L, H): the victim's token positions
+        rows = ex.rows[:, positions]  # (b, L, H): the victim's token positions
         guess = decode(rows, positions)
         real = mask.bool()
         hits += int((guess[real] == ids[real]).sum())
@@ -179,7 +188,7 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
     public_ids, public_mask = public.tensors[0], public.tensors[1].bool()
     top_token = int(torch.mode(public_ids[public_mask]).values)
     token_base = sum(int((ids[mask.bool()] == top_token).sum())
-                     for _, ids, mask, _ in observed.batches) / max(1, total)
+                     for _, _, ids, mask, _ in observed.batches) / max(1, total)
     label_base = float(torch.bincount(truth, minlength=task.num_labels).max()) / max(
         1, examples)
     return AttackResult(
@@ -275,10 +284,10 @@ def _guess_labels(global_model: Any, ex: Exchange, b: int, positions: torch.Tens
     tail, on the output the server computed) is closest in direction to the uploaded one."""
     if ex.grad is None:
         return torch.full((b,), -1)
-    output = ex.output[:b]
+    output = ex.output
     # The token mask the tail pools with, as far as the server knows it: the mask it was
     # sent, at the token positions (all ones under smashed DP).
-    token_mask = ex.mask[:b][:, positions]
+    token_mask = ex.mask[:, positions]
     sims = []
     for label in range(num_labels):
         out = output.detach().clone().requires_grad_(True)
@@ -287,5 +296,5 @@ def _guess_labels(global_model: Any, ex: Exchange, b: int, positions: torch.Tens
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, out)
         sims.append(torch.nn.functional.cosine_similarity(
-            grad.reshape(b, -1), ex.grad[:b].reshape(b, -1), dim=1))
+            grad.reshape(b, -1), ex.grad.reshape(b, -1), dim=1))
     return torch.stack(sims, dim=1).argmax(dim=1)

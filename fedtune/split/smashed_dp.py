@@ -5,14 +5,17 @@ the cut-layer activations and the gradients at the body output of the step's Poi
 
 Mechanism, per split step. Each sampled example's activations (all positions, flattened) are
 clipped to L2 norm C_a and its body-output gradient (the gradient of its own loss, not the
-batch mean's) to C_g. The step always sends exactly `slots` rows: the b sampled examples,
-then `slots - b` dummy rows of zeros, and every row gets Gaussian noise of std sigma * C_a
-(activations) or sigma * C_g (gradients). The attention mask sent up is all ones, so it
-carries no sequence lengths. Rows are the only data-dependent thing that leaves.
+batch mean's) to C_g. The step always sends exactly `slots` rows: the b sampled examples at
+slots drawn uniformly at random from the secret DP generator (the same slots for both
+tensors of the step), zero rows in the others, and every row gets Gaussian noise of std
+sigma * C_a (activations) or sigma * C_g (gradients). The attention mask sent up is all
+ones, so it carries no sequence lengths. Rows are the only data-dependent thing that leaves.
 
 Accounting. Neighbouring relation: add or remove one example of the client's data (the
 relation Opacus' DP-SGD accounting uses). Adding example x, if it is sampled, turns one
-dummy row into x's row: L2 sensitivity C_a for the activations and C_g for the gradients,
+zero row into x's row (the random slots make the release the same as x taking a zero row's
+place, with no other row moving): L2 sensitivity C_a for the activations and C_g for the
+gradients,
 so each release is a Gaussian mechanism with noise multiplier sigma, and the pair of one
 step is one Gaussian with multiplier sigma / sqrt(2). The batch is the DP-SGD Poisson
 batch, shared with the DP-SGD update of the same step; releases that share one Poisson
@@ -82,33 +85,41 @@ class SmashedNoise:
         self.slots = slots
         self.generator = generator
 
-    def activations(self, smashed: torch.Tensor) -> torch.Tensor:
-        """The rows to send for a batch's cut-layer states: clipped, padded, noised."""
-        return self._release(smashed, self.activation_clip)
-
-    def gradients(self, grad: torch.Tensor) -> torch.Tensor:
-        """The rows to send for a batch's per-example body-output gradients."""
-        return self._release(grad, self.gradient_clip)
-
-    def dummy(self, shape: tuple[int, ...], clip: float, like: torch.Tensor) -> torch.Tensor:
-        """A release of no example at all (an empty Poisson batch still sends its rows)."""
-        zeros = torch.zeros((0, *shape), dtype=like.dtype, device=like.device)
-        return self._release(zeros, clip)
-
-    def mask(self, positions: int, like: torch.Tensor) -> torch.Tensor:
-        """The attention mask sent with the rows: all ones, so no lengths leave."""
-        return torch.ones((self.slots, positions), dtype=like.dtype, device=like.device)
-
-    def _release(self, rows: torch.Tensor, clip: float) -> torch.Tensor:
-        b = rows.shape[0]
+    def place(self, b: int) -> torch.Tensor:
+        """Slots for a step's b examples, drawn at random from the DP generator (secret):
+        where an example lands must not depend on the others in the batch."""
         if b > self.slots:
             raise RuntimeError(
                 f"a Poisson batch of {b} examples exceeds the {self.slots} smashed-DP slots "
                 f"of a split step (probability <= {OVERFLOW_PROBABILITY:g}); refusing to "
                 "send it, since a larger or truncated release is not what is accounted")
+        perm = torch.randperm(self.slots, generator=self.generator,
+                              device=self.generator.device)
+        return perm[:b]
+
+    def activations(self, smashed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The rows to send for a batch's cut-layer states: clipped, placed, noised."""
+        return self._release(smashed, self.activation_clip, slots)
+
+    def gradients(self, grad: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The rows to send for a batch's per-example body-output gradients."""
+        return self._release(grad, self.gradient_clip, slots)
+
+    def dummy(self, shape: tuple[int, ...], clip: float, like: torch.Tensor) -> torch.Tensor:
+        """A release of no example at all (an empty Poisson batch still sends its rows)."""
+        zeros = torch.zeros((0, *shape), dtype=like.dtype, device=like.device)
+        return self._release(zeros, clip, self.place(0))
+
+    def mask(self, positions: int, like: torch.Tensor) -> torch.Tensor:
+        """The attention mask sent with the rows: all ones, so no lengths leave."""
+        return torch.ones((self.slots, positions), dtype=like.dtype, device=like.device)
+
+    def _release(self, rows: torch.Tensor, clip: float, slots: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] != slots.shape[0]:
+            raise ValueError(f"{rows.shape[0]} rows for {slots.shape[0]} slots")
         padded = torch.zeros((self.slots, *rows.shape[1:]), dtype=rows.dtype,
                              device=rows.device)
-        padded[:b] = clip_rows(rows.detach(), clip)
+        padded[slots.to(rows.device)] = clip_rows(rows.detach(), clip)
         noise = torch.normal(0.0, self.sigma * clip, padded.shape, generator=self.generator,
                              device=padded.device, dtype=padded.dtype)
         return padded + noise
