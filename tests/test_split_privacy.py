@@ -297,3 +297,16 @@ def test_smashed_dp_refuses_pruning_whose_scoring_sends_activations_in_clear():
     with pytest.raises(ConfigError, match="el2n_pruning"):
         load_config(None, SMASHED + ['plugins=[{name = "el2n_pruning", keep = 0.5, '
                                      'allow_with_sample_dp = true}]'])
+
+
+def test_audit_cli_names_what_is_wrong_with_its_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedtune.audit.cli import audit_app
+
+    runner = CliRunner()
+    missing = runner.invoke(audit_app, ["split", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no config.toml" in missing.output
+    (tmp_path / "config.toml").write_text(load_config(None, []).to_toml())
+    plain = runner.invoke(audit_app, ["split", str(tmp_path)])
+    assert plain.exit_code == 2 and "not a split run" in plain.output

@@ -14,6 +14,11 @@ audit_app = typer.Typer(no_args_is_help=True, add_completion=False,
 console = Console()
 
 
+@audit_app.callback()
+def _root() -> None:
+    """Attacks shipped with fedtune, run against a run folder (`fedtune audit split RUN`)."""
+
+
 @audit_app.command()
 def split(
     run: Annotated[Path, typer.Argument(help="A split run's folder (its config.toml and, "
