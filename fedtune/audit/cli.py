@@ -44,7 +44,7 @@ def split(
     try:
         result = audit_run(run, set_ or [], victim=victim, public_examples=public)
     except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     if as_json:
         print(json.dumps(result.as_dict()))
