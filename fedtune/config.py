@@ -263,14 +263,17 @@ class FaultConfig:
 class SmashedDPConfig:
     """DP on what crosses the cut upward in split mode: every per-example cut-layer
     activation and every per-example gradient at the body output is clipped to a norm and
-    gets Gaussian noise before it leaves the client."""
+    gets Gaussian noise before it leaves the client (fedtune.split.smashed_dp). Each split
+    step is one Poisson-subsampled Gaussian release on the DP-SGD batch, composed with
+    DP-SGD's into the client's data-level epsilon; needs privacy.sample.enabled."""
 
     enabled: bool = False
-    # L2 bound on one example's cut-layer activations and on its output gradient.
+    # L2 bound on one example's cut-layer activations (all positions together) and on the
+    # gradient of its own loss at the body output.
     activation_clip_norm: float = 1.0
     gradient_clip_norm: float = 1.0
-    # Budget the smashed-data noise is calibrated to over the run's planned split steps
-    # (0 noise_multiplier = calibrate); composed with DP-SGD's into the data-level epsilon.
+    # Budget the smashed-data noise alone is calibrated to over the run's planned split
+    # steps (noise_multiplier = 0: calibrate); the reported epsilon joins it with DP-SGD's.
     target_epsilon: float = 8.0
     noise_multiplier: float = 0.0
 
@@ -369,6 +372,17 @@ class ExperimentConfig:
                 "'ghost': ghost clipping owns the loss's backward, but a split step "
                 "back-propagates a gradient returned by the server; use one of: "
                 + ", ".join(m for m in GRAD_SAMPLE_MODES if m != "ghost"))
+        if self.split.smashed_dp.enabled and not self.privacy.sample.enabled:
+            raise ConfigError(
+                "split.smashed_dp.enabled=true needs privacy.sample.enabled=true: the smashed "
+                "data is released on DP-SGD's Poisson batches, and without DP-SGD the deltas "
+                "carry the data in clear, so no data-level epsilon exists")
+        scoring = [p["name"] for p in self.plugins if p.get("name") == "el2n_pruning"]
+        if self.split.smashed_dp.enabled and scoring:
+            raise ConfigError(
+                "split.smashed_dp.enabled=true does not work with the el2n_pruning plugin: "
+                "its scoring pass sends every local example's activations through the "
+                "server body without noise; drop the plugin or smashed DP")
         steps = self.train.local_steps
         if (self.train.local_epochs == 0 and self.split.local_loss_fraction > 0
                 and int(self.split.local_loss_fraction * steps) == 0):

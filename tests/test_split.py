@@ -135,8 +135,10 @@ def test_body_service_backward_is_the_gradient_through_the_body(minilm):
 
 @pytest.mark.parametrize("cut,dp", [(0, False), (1, False), (1, True)])
 def test_split_and_unsplit_training_give_the_same_deltas(minilm, cut, dp):
+    # Reproducible noise: both runs must draw the same DP noise and Poisson batches.
     sets = BASE + ["train.local_steps=3", f"privacy.sample.enabled={str(dp).lower()}",
-                   "split.enabled=true", f"split.cut_layer={cut}"]
+                   "split.enabled=true", f"split.cut_layer={cut}",
+                   "privacy.reproducible_noise=true"]
     cfg = load_config(None, sets)
     data = _data()
     plain = build_tuned_model(minilm, cfg.tuning, 2, seed=cfg.seed)
@@ -158,7 +160,7 @@ def test_split_and_unsplit_training_give_the_same_deltas(minilm, cut, dp):
 
 def test_decoder_split_training_gives_the_unsplit_deltas_under_dp(tiny_decoder):
     cfg = load_config(None, BASE + ["train.local_steps=2", "split.enabled=true",
-                                    "split.cut_layer=1"])
+                                    "split.cut_layer=1", "privacy.reproducible_noise=true"])
     data = _data()
     plain = build_tuned_model(tiny_decoder, cfg.tuning, 2, seed=cfg.seed)
     local_train(plain, data, cfg, DPHistory(), seed=5)
@@ -176,7 +178,7 @@ def test_dp_sgd_clips_each_examples_gradient_when_the_backward_comes_from_the_se
     _, view = _split_model(minilm, cfg)
     optimizer = torch.optim.SGD(view.param_groups(0.1))
     private = make_private(view, optimizer, DataLoader(data, batch_size=8),
-                           SampleDPConfig(max_grad_norm=clip), 0.0, seed=0)
+                           SampleDPConfig(max_grad_norm=clip), 0.0, reproducible_seed=0)
     step = split_client.SplitStep(view, InProcessBody(view.split), 0)
     ids, mask, labels = (t[:8] for t in data.tensors)
     try:
