@@ -63,7 +63,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     weighting = DomainWeighting.from_settings(order.domain)
     if view is not None:
         trained = view
-        step = split.split_step(view, cfg, local_steps(cfg, len(data)))
+        step = split.split_step(view, cfg, local_steps(cfg, len(data)), n=len(data), seed=seed)
     elif weighting is not None:
         step = ImportanceStep(weighting, model)
     result = local_train(trained, data, cfg, history, seed=seed, lr=order.lr, step=step)

@@ -19,11 +19,17 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedtune.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from fedtune.checkpoint import (
+    ServerState,
+    load_checkpoint,
+    privacy_fingerprint,
+    save_checkpoint,
+)
 from fedtune.config import ExperimentConfig
 from fedtune.export import save_tuned_state
 from fedtune.ledger import CONFIG_FILE, Ledger
 from fedtune.runconfig import config_from_run_config
+from fedtune.split.plan import smashed_privacy_events
 from fedtune.task import Task, evaluate, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
@@ -55,7 +61,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     ledger = Ledger(out_dir)
     model = task.new_model()
     if resume:
-        state = load_checkpoint(out_dir, task.spec.hash)  # restores the RNG states too
+        # Refuses a config whose privacy parameters differ from the checkpoint's.
+        state = load_checkpoint(out_dir, task.spec.hash, privacy_fingerprint(cfg))
         ledger.restore(state.round, state.record)
         state.resumed_at.append(state.round)
     else:
@@ -63,7 +70,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         vector = task.initial_vector()
         state = ServerState(round=0, vector=vector, spec_hash=task.spec.hash,
                             initial=_evaluate(task, model, vector, cfg))
-    privacy = PrivacyLedger(cfg, task, state)
+    privacy = PrivacyLedger(cfg, task, state, out_dir)
+    if cfg.split.enabled:
+        # A split client that times out is charged its planned smashed-data releases too.
+        privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     plugins = build_plugins(cfg)
     # A client restarted since its last round (its own record lost) resumes its DP
@@ -127,6 +137,9 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     t_round = time.perf_counter()
     lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
     messages = driver.configure_train(rnd, state.vector, lr, cohort)
+    # After the messages are built (they carry each client's history before this round's
+    # charge) and before they go out: a client that never replies is charged all the same.
+    privacy.charge_sent(rnd, _sent_partitions(driver, messages))
     replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
     new_vector = driver.aggregate_train(rnd, replies)
     if new_vector is not None:
@@ -135,7 +148,7 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
         state.vector = new_vector
     strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
     outcome = strategy.outcome
-    privacy.record_round(outcome.accepted + outcome.rejected)
+    privacy.settle(rnd, outcome.accepted + outcome.rejected + outcome.failed)
     metrics = _evaluate(task, model, state.vector, cfg)
     accepted = outcome.accepted
     fields = privacy.fields()
@@ -172,8 +185,16 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     for plugin in plugins:
         record.update(plugin.round_extras(rnd, accepted))
     record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
-                                     outcome.bytes_down))
+                                     outcome.bytes_down, cfg))
     return record
+
+
+def _sent_partitions(driver: DeltaFedAvg | UserLevelDP, messages: list) -> list[int]:
+    """The partition ids the round's instructions go to (the server's roster, not what any
+    client claims)."""
+    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
+    partition_of = {node: pid for pid, node in strategy.roster.items()}
+    return [partition_of[m.metadata.dst_node_id] for m in messages]
 
 
 def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
@@ -199,6 +220,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "epsilon_sample": last["epsilon_sample"],
         "epsilon_user": last["epsilon_user"],
         "delta": last["delta"],
+        "noise": last.get("noise"),
         "privacy_sample": last.get("privacy_sample"),
         "privacy_user": last.get("privacy_user"),
         "rounds": len(history),

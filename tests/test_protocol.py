@@ -2,6 +2,7 @@
 real strategy (a client's metrics overrode the server's own fields, or crashed the run)."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from wire import honest_metrics, raw_reply, reply, spec_of, stray_message
 
 from fedtune.checkpoint import ServerState
 from fedtune.config import UserDPConfig, load_config
-from fedtune.privacy import DPHistory
+from fedtune.privacy import DPHistory, epsilon_of
 from fedtune.protocol import (
     EXTRAS,
     SERVER_OWNED,
@@ -179,12 +180,19 @@ def test_a_spoofed_node_or_partition_never_reaches_the_ledger():
     assert len(out.unsolicited) == 2 and outsider in {u["node"] for u in out.unsolicited}
 
 
-def test_forged_dp_history_stays_a_report_and_is_never_sent_back():
-    cfg = load_config(None, ["data.num_clients=2", "train.clients_per_round=2"])
+def test_forged_dp_history_stays_a_report_and_never_lowers_the_servers_charge():
+    """A forged history (huge sigma: almost no spend) is kept as the client's report only.
+    The server charged its own planned release when it sent the round; the forgery can
+    neither replace that charge nor reach the client as the server's history."""
+    cfg = load_config(None, ["data.num_clients=2", "train.clients_per_round=2",
+                             "privacy.sample.accountant=rdp"])
     state = ServerState(round=0, vector=np.zeros(6), spec_hash=SPEC.hash, initial={})
-    privacy = PrivacyLedger(cfg, task=None, state=state)
+    task = SimpleNamespace(partitions=[np.arange(64), np.arange(64)])
+    privacy = PrivacyLedger(cfg, task=task, state=state)
     strategy = _fedavg()
     msgs = _send(strategy)
+    privacy.charge_sent(1, [0, 1])
+    planned = epsilon_of(state.client_dp[0], 1e-5, "rdp")
     forged = ReportedDP(1e5, 1e-6, 1, 0.0, DPHistory([(1e5, 1e-6, 1)]))
     sent = TrainReply.build(np.ones(6, np.float32), SPEC.hash,
                             TrainReport(2, 10, 1.0, 20, 10.0), forged)
@@ -193,13 +201,14 @@ def test_forged_dp_history_stays_a_report_and_is_never_sent_back():
     entry = strategy.outcome.accepted[0]
     assert entry["reported_dp"]["history"] == {"sigma": [1e5], "q": [1e-6], "steps": [1]}
     assert "noise_multiplier" not in entry and "epsilon" not in entry
-    privacy.record_round(strategy.outcome.accepted)
-    held = state.client_dp.get(0)
-    assert held is None or (1e5, 1e-6, 1) not in held.entries
+    privacy.settle(1, strategy.outcome.accepted)
+    held = state.client_dp[0]
+    assert (1e5, 1e-6, 1) not in held.entries
+    assert epsilon_of(held, 1e-5, "rdp") >= planned > 0
     strategy.dp_history = lambda pid: state.client_dp.get(pid)
     for msg in _send(strategy, rnd=2):
         history = TrainInstruction.from_record(msg.content, SPEC).dp_history
-        assert history is None or 1e5 not in history.to_lists()["sigma"]
+        assert history is not None and 1e5 not in history.to_lists()["sigma"]
 
 
 class DiscoveryGrid(FakeGrid):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients import pruning
@@ -17,6 +17,7 @@ from fedtune.config import ConfigError, SampleDPConfig, load_config
 from fedtune.models import Backbone, load_backbone
 from fedtune.models.split import SplitBackbone, SplitError
 from fedtune.privacy import DPHistory, make_private
+from fedtune.protocol import PruneSettings
 from fedtune.split import InProcessBody, SplitPromptModel, split_flops
 from fedtune.tuning import build_tuned_model
 
@@ -290,8 +291,8 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
     context = _context()
     model, view = _split_model(minilm, cfg, context)
     scorer = split_client.SplitScorer(view, cfg)
-    config = ConfigRecord({"prune-keep": 0.5, "prune-every": 0})
-    selection = pruning.select(scorer, data, config, context, server_round=1)
+    selection = pruning.select(scorer, data, PruneSettings(keep=0.5, every=0), context,
+                               server_round=1)
     assert selection.rescored and len(selection.indices) == 16
     kept = TensorDataset(*(t[selection.indices] for t in data.tensors))
     step = split_client.split_step(view, cfg, 2)

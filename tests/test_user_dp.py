@@ -130,7 +130,7 @@ def test_budget_stop_names_the_round_and_the_level():
     ledger = PrivacyLedger(cfg, task=None, state=state)
     for rnd in (1, 2):
         assert ledger.stop_reason(rnd, [0, 1]) is None
-        ledger.record_round([])
+        ledger.settle(rnd, [])
     assert ledger.fields()["epsilon_user"] == pytest.approx(5.377, abs=1e-3)
     reason = ledger.stop_reason(3, [0, 1])
     assert "round 3 would raise the user-level epsilon to 6.48" in reason
