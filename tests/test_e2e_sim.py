@@ -137,10 +137,11 @@ def test_epsilon_is_the_accountants_and_within_budget(run_dir):
         assert r["epsilon_sample"] <= cfg.privacy.sample.target_epsilon
         for c in r["per_client"]:
             # What a client reports is never more than the server charged it.
-            hist = DPHistory([(c["noise_multiplier"], c["sample_rate"], int(c["dp_steps_total"]))])
+            reported = c["reported_dp"]
+            hist = DPHistory.from_lists(reported["history"])
             assert epsilon_of(hist, r["delta"], p["accountant"]) == \
-                pytest.approx(c["epsilon"], rel=1e-3)
-            assert c["epsilon"] <= eps[str(c["partition_id"])] * (1 + 1e-9)
+                pytest.approx(reported["epsilon"], rel=1e-3)
+            assert reported["epsilon"] <= eps[str(c["partition_id"])] * (1 + 1e-9)
     assert rounds[-1]["privacy_sample"]["histories"] == _charged(cfg, rounds)
     # And with an independent accountant: Google's dp-accounting PLD (PRV's upper bound
     # measured +0.13 % above it at these parameters).
@@ -186,7 +187,8 @@ def test_crashes_hangs_and_corrupt_deltas_are_recorded_and_the_run_completes(tmp
         assert r["clients"] + len(r["rejected"]) + len(r["failed"]) == r["sampled"] == 4
         assert r["bytes_up"] >= r["clients"] * 4 * trainable
     # Rejected clients' privacy spend is still on the ledger.
-    spent = [x["epsilon"] for r in rounds for x in r["rejected"] if "epsilon" in x]
+    spent = [x["reported_dp"]["epsilon"] for r in rounds for x in r["rejected"]
+             if x.get("reported_dp")]
     assert spent and all(e <= rounds[-1]["epsilon_sample"] for e in spent)
     # So is the spend of clients that crashed or replied after train.round_timeout_s: the
     # server charged every client it asked, when it asked (the late reply of round 2
