@@ -107,3 +107,32 @@ def test_a_local_simulation_listens_on_loopback_only(tmp_path):
     exposed = [str(x) for x in seen.values() if not x.loopback]
     assert not exposed, exposed
     print("listening:", sorted(str(x) for x in seen.values()))
+
+
+@pytest.mark.slow
+def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
+    certs = write_certs(tmp_path / "certs", nodes=0)
+    link_port, fleet_port = free_port(), free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "deploy", "superlink",
+                             "--certs", str(certs.ca_cert.parent), "--port", str(link_port),
+                             "--fleet-address", f"0.0.0.0:{fleet_port}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            found = listeners(descendants(proc.pid))
+            if {x.port for x in found} >= {link_port, fleet_port}:
+                break
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+        exposed = sorted((x.address, x.port) for x in found if not x.loopback)
+        assert exposed == [("0.0.0.0", fleet_port)], found
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
