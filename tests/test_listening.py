@@ -81,7 +81,8 @@ def test_a_local_simulation_listens_on_loopback_only(tmp_path):
                  "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
                  "tuning.prompt_length=2", "train.eval_max_examples=32"):
         args += ["--set", item]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    log = (tmp_path / "run.log").open("wb")  # a file, not a pipe: nothing blocks the run
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
     seen, commands = {}, set()
     try:
@@ -95,12 +96,13 @@ def test_a_local_simulation_listens_on_loopback_only(tmp_path):
             for x in listeners(pids):
                 seen[(x.command, x.proto, x.address, x.port)] = x
             time.sleep(0.3)
-        out = proc.stdout.read().decode(errors="replace")
     finally:
+        log.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+    out = (tmp_path / "run.log").read_text(errors="replace")
     assert proc.returncode == 0, out[-3000:]
     assert {"gcs_server", "raylet"} <= commands, commands  # Ray really ran and was watched
     assert len(seen) >= 4, seen
@@ -114,15 +116,16 @@ def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
     certs = write_certs(tmp_path / "certs", nodes=0)
     link_port, fleet_port = free_port(), free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    log = (tmp_path / "superlink.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "deploy", "superlink",
                              "--certs", str(certs.ca_cert.parent), "--port", str(link_port),
                              "--fleet-address", f"0.0.0.0:{fleet_port}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            assert proc.poll() is None, (tmp_path / "superlink.log").read_text()[-3000:]
             found = listeners(descendants(proc.pid))
             if {x.port for x in found} >= {link_port, fleet_port}:
                 break
@@ -136,3 +139,4 @@ def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
