@@ -238,9 +238,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # fedtune.interrupt): the task bundle the actors read (memory-mapped arrays, instead of
     # each loading, hashing and partitioning the corpus again) and, for a local Ray, Ray's
     # session folder.
-    temp_dir = tempfile.TemporaryDirectory(prefix="fedtune-task-", ignore_cleanup_errors=True)
+    temp_dir = tempfile.TemporaryDirectory(prefix="fedtune-", ignore_cleanup_errors=True)
     try:
-        with _ray_scope(cfg, Path(temp_dir.name) / "ray"):
+        # Ray adds ray/session_<date>_<pid>/sockets/...: kept short, as Unix socket paths
+        # are limited to 107 bytes.
+        with _ray_scope(cfg, Path(temp_dir.name)):
             bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
             start_ray(cfg)
             run_simulation(

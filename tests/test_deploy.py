@@ -235,7 +235,7 @@ def test_only_loopback_listens_and_the_gateway_hides_the_control_api(deployment)
     assert {x.port for x in found} >= {deployment.port, deployment.fleet_port}
     assert not [str(x) for x in found if not x.loopback], found
     verify = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
-    path = "/v1/control/list-supernodes"
+    path = "/v1/control/register-node"  # how an outsider registered its own key
     with httpx.Client(verify=verify) as client:
         assert client.post(f"https://127.0.0.1:{deployment.fleet_port}{path}",
                            content=b"").status_code == 404

@@ -51,7 +51,7 @@ def test_fleet_gateway_listens_where_asked_and_forwards_only_the_fleet_api(tmp_p
         assert [(x.address, x.port) for x in found] == [("0.0.0.0", port)], found
         verify = ssl.create_default_context(cafile=str(certs.ca_cert))
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=verify) as client:
-            for method, path in (("POST", "/v1/control/register-supernode"),
+            for method, path in (("POST", "/v1/control/register-node"),
                                  ("POST", "/v1/control/start-run"),
                                  ("POST", "/v1/runtime/acquire-task"),
                                  ("POST", "/v1/fleet/no-such-route"),

@@ -73,7 +73,10 @@ def superlink(
     if not 0 < port < 65536:
         _fail(f"--port must be 1-65535, got {port}")
     env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
-           **SUPERLINK_ENV}
+           **SUPERLINK_ENV,
+           # The SuperLink starts `flower-superexec` by name: the one next to this Python.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                    os.environ.get("PATH", "")])}
     procs = [subprocess.Popen(superlink_command(port, files), env=env)]
     procs.append(subprocess.Popen(
         gateway_command(fleet_address, f"127.0.0.1:{port}", files), env=env))
