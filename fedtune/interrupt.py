@@ -38,6 +38,19 @@ class RunInterrupted(BaseException):
 
 
 _active: list[Callable[[int, object], None]] = []
+_on_stop: list[Callable[[], None]] = []
+
+
+@contextmanager
+def on_stop(callback: Callable[[], None]) -> Iterator[None]:
+    """While inside, run `callback` (quick, no I/O) the moment a stop signal arrives, before
+    the interruption unwinds anything: e.g. to quiet loggers that other threads would fill
+    with the consequences of the stop."""
+    _on_stop.append(callback)
+    try:
+        yield
+    finally:
+        _on_stop.remove(callback)
 
 
 @contextmanager
@@ -50,6 +63,8 @@ def stop_on_signals(grace_s: float = 8.0) -> Iterator[None]:
             return  # already stopping
         fired.set()
         _start_watchdog(grace_s)
+        for callback in list(_on_stop):
+            callback()
         raise RunInterrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.interrupt import RunInterrupted
+from fedtune.interrupt import on_stop
 from fedtune.ledger import SUMMARY_FILE
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
@@ -173,6 +173,14 @@ def start_ray(cfg: ExperimentConfig) -> None:
         check_started()
 
 
+def _quiet_engine() -> None:
+    """On Ctrl-C/SIGTERM: the engine's threads would report every actor that the stop ends
+    as an error with a traceback (Flower shuts Ray down on its way out, while they still
+    wait); the user asked for exactly that, so they stay quiet."""
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _ray_scope(cfg: ExperimentConfig, ray_temp: Path) -> AbstractContextManager[None]:
     """A local Ray stays on loopback with its files under `ray_temp`; a cluster is used
     as it is."""
@@ -242,7 +250,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     try:
         # Ray adds ray/session_<date>_<pid>/sockets/...: kept short, as Unix socket paths
         # are limited to 107 bytes.
-        with _ray_scope(cfg, Path(temp_dir.name)):
+        with _ray_scope(cfg, Path(temp_dir.name)), on_stop(_quiet_engine):
             bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
             start_ray(cfg)
             run_simulation(
@@ -252,12 +260,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                 backend_config=backend_config(cfg),
                 verbose_logging=verbose,
             )
-    except RunInterrupted:
-        # The engine's threads report every actor that Ray's shutdown ends as an error
-        # with a traceback; the user asked for exactly that, so they stay quiet.
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        raise
     finally:
         try:
             if ray.is_initialized():
