@@ -160,6 +160,15 @@ def _descendants(root: int) -> set[int]:
     return descendants(root)
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an ended process its new parent has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _start_and_stop(out: Path, sig: int, whole_group: bool, tmp: Path):
     """Start a tiny run, wait for its first round, send `sig`; returns (process, output,
     seconds to stop, processes seen)."""
@@ -199,8 +208,9 @@ def _assert_clean_stop(proc, text, stop_s, seen, out, tmp, name):
     assert stop_s < STOP_LIMIT_S, f"stopped after {stop_s:.1f} s"
     assert f"stopped by {name}: {out} is resumable: fedtune run --resume {out}" in text
     assert "Traceback" not in text, text[-3000:]
-    time.sleep(0.5)
-    alive = [p for p in seen if Path(f"/proc/{p}").exists()]
+    deadline = time.monotonic() + 5  # orphans may take a moment to be reaped
+    while (alive := [p for p in seen if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in alive]
     # Only torch's own compile cache (torchinductor_<user>, reused by every run) may stay.
     left = [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
