@@ -12,7 +12,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
-from fedtune.interrupt import EXIT_CODE, RunInterrupted, end_children, stop_on_signals
+from fedtune.interrupt import (
+    EXIT_CODE,
+    RunInterrupted,
+    end_children,
+    on_stop,
+    received,
+    stop_on_signals,
+)
 from fedtune.run_folder import RunFolderError, claim_run_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -83,18 +90,19 @@ def run(
         except RunFolderError as exc:
             _fail(str(exc))
         try:
-            summary = _run_with_progress(cfg, out, verbose, resume is not None)
-        except RunInterrupted as stop:
-            _stopped(stop, out)
+            with on_stop(lambda: _stopped(out)):
+                summary = _run_with_progress(cfg, out, verbose, resume is not None)
+        except RunInterrupted:
+            _stopped(out)
         finally:
             folder.release()
     _print_summary(summary, out)
 
 
-def _stopped(stop: RunInterrupted, out: Path) -> None:
-    """One line, then exit at once: Ray and the temp folder are already gone, and the
-    ServerApp's thread, still waiting for replies that will not come, must not hold the
-    process until its round timeout."""
+def _stopped(out: Path) -> None:
+    """After the run's own stop callbacks (Ray's processes ended, temp folder removed): one
+    line, then exit at once. The ServerApp's thread, still waiting for replies that will not
+    come, must not hold the process until its round timeout."""
     import os
 
     from fedtune.run_folder import CHECKPOINT_FILE
@@ -104,7 +112,7 @@ def _stopped(stop: RunInterrupted, out: Path) -> None:
     else:
         where = f"no round finished, nothing to resume (remove {out} to start again)"
     end_children()  # a Ray interrupted while it was starting may have left some
-    console.print(f"[bold yellow]stopped[/] by {stop.name}: {where}", highlight=False,
+    console.print(f"[bold yellow]stopped[/] by {received()}: {where}", highlight=False,
                   soft_wrap=True)
     console.file.flush()
     os._exit(EXIT_CODE)

@@ -39,13 +39,20 @@ class RunInterrupted(BaseException):
 
 _active: list[Callable[[int, object], None]] = []
 _on_stop: list[Callable[[], None]] = []
+_received: list[int] = []
+
+
+def received() -> str:
+    """The name of the stop signal being handled ("" before one arrived)."""
+    return signal.Signals(_received[-1]).name if _received else ""
 
 
 @contextmanager
 def on_stop(callback: Callable[[], None]) -> Iterator[None]:
-    """While inside, run `callback` (quick, no I/O) the moment a stop signal arrives, before
-    the interruption unwinds anything: e.g. to quiet loggers that other threads would fill
-    with the consequences of the stop."""
+    """While inside, run `callback` the moment a stop signal arrives, before the interruption
+    unwinds anything (innermost registration first). Stopping from here, rather than from
+    `finally` blocks, keeps libraries' own teardown out of the way: Flower's engine shuts Ray
+    down while its threads still call Ray, and Ray then ends the process with code 1."""
     _on_stop.append(callback)
     try:
         yield
@@ -62,8 +69,10 @@ def stop_on_signals(grace_s: float = 8.0) -> Iterator[None]:
         if fired.is_set():
             return  # already stopping
         fired.set()
+        _received.append(signum)
         _start_watchdog(grace_s)
-        for callback in list(_on_stop):
+        # Innermost first, like a stack of `finally` blocks; a callback may end the process.
+        for callback in reversed(list(_on_stop)):
             callback()
         raise RunInterrupted(signum)
 

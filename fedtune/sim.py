@@ -19,7 +19,7 @@ from typing import Any
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.interrupt import on_stop
+from fedtune.interrupt import end_children, on_stop
 from fedtune.ledger import SUMMARY_FILE
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
@@ -250,7 +250,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     try:
         # Ray adds ray/session_<date>_<pid>/sockets/...: kept short, as Unix socket paths
         # are limited to 107 bytes.
-        with _ray_scope(cfg, Path(temp_dir.name)), on_stop(_quiet_engine):
+        with _ray_scope(cfg, Path(temp_dir.name)), on_stop(temp_dir.cleanup), \
+                on_stop(end_children), on_stop(_quiet_engine):
             bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
             start_ray(cfg)
             run_simulation(
