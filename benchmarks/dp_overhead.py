@@ -54,7 +54,7 @@ def dp_step(method: str, batch: tuple[torch.Tensor, ...], mode: str) -> Step:
     optimizer = torch.optim.SGD(model.param_groups(0.01))
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[2]))
     private = make_private(model, optimizer, loader, SampleDPConfig(grad_sample_mode=mode),
-                           noise_multiplier=1.0, seed=0)
+                           noise_multiplier=1.0)
     ids, mask, labels = batch
 
     def step() -> None:

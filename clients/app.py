@@ -7,21 +7,20 @@ the same handler.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch.utils.data import TensorDataset
 
 from clients import pruning, split
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting, ImportanceStep
-from clients.node_data import node_data
+from clients.node_data import node_data, node_partition
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
-from fedtune.delta import clip_to_norm, decode, encode
+from fedtune.delta import clip_to_norm
 from fedtune.privacy import DPHistory
+from fedtune.protocol import PartitionReply, ReportedDP, TrainInstruction, TrainReply, TrainReport
 from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, get_task
 from fedtune.torch_setup import client_device, configure_torch
@@ -39,81 +38,64 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     configure_torch(num_threads=int(cfg.simulation.num_cpus_per_client))
     device = client_device(cfg.simulation.num_gpus_per_client)
     task = get_task(cfg, task_bundle)
-    partition_id = int(context.node_config["partition-id"])
-    config = msg.content["config"]
-    if config["spec-hash"] != task.spec.hash:
-        raise ValueError(
-            f"server spec {config['spec-hash']} != client spec {task.spec.hash}: the client "
-            "runs another backbone, method or config than the server"
-        )
-    global_vec = decode(msg.content["global"]["vector"], task.spec)
+    partition_id = node_partition(context.node_config)
+    order = TrainInstruction.from_record(msg.content, task.spec)
 
     model = worker_model(task, device)
     with torch.no_grad():
-        for name, tensor in task.spec.unflatten(global_vec).items():
+        for name, tensor in task.spec.unflatten(order.vector).items():
             model.get_parameter(name).copy_(tensor)
 
-    server_round = int(config["server-round"])
-    seed = client_seed(cfg.seed, server_round, partition_id)
+    seed = client_seed(cfg.seed, order.server_round, partition_id)
     fault = draw_fault(cfg.faults, seed)
     if fault in ("crash", "hang"):
-        fail_before_training(fault, cfg.faults, server_round)
-    history = _load_history(context, config)
+        fail_before_training(fault, cfg.faults, order.server_round)
+    history = _load_history(context, order.dp_history)
     data = node_data(context.node_config, task, partition_id)
     num_examples = len(data)
     view = split.split_view(model, task, cfg, context) if cfg.split.enabled else None
     selection = scorer = None
-    if "prune-keep" in config:
+    if order.prune is not None:
         scorer = split.SplitScorer(view, cfg) if view is not None else pruning.ModelScorer(model)
-        selection = pruning.select(scorer, data, config, context, server_round)
+        selection = pruning.select(scorer, data, order.prune, context, order.server_round)
         data = TensorDataset(*(t[selection.indices] for t in data.tensors))
     trained, step = model, None
-    weighting = DomainWeighting.from_config(config)
+    weighting = DomainWeighting.from_settings(order.domain)
     if view is not None:
         trained = view
-        step = split.split_step(view, cfg, local_steps(cfg, len(data)))
+        step = split.split_step(view, cfg, local_steps(cfg, len(data)), n=len(data), seed=seed)
     elif weighting is not None:
         step = ImportanceStep(weighting, model)
-    result = local_train(trained, data, cfg, history, seed=seed,
-                         lr=float(config.get("lr", cfg.train.lr)), step=step)
+    result = local_train(trained, data, cfg, history, seed=seed, lr=order.lr, step=step)
     _save_history(context, history)
     if view is not None:
         split.save_aux(view, context)
 
-    delta = task.spec.flatten(model.trainable_state()) - global_vec
-    delta_norm = float(np.linalg.norm(delta.astype(np.float64)))
-    if KEY_CLIPPING_NORM in config:
-        # User-level DP with client-side clipping: Flower's wrapper sends the norm.
-        delta = clip_to_norm(delta, float(config[KEY_CLIPPING_NORM]))
+    delta = task.spec.flatten(model.trainable_state()) - order.vector
+    if order.clip_norm is not None:
+        # User-level DP with client-side clipping: the server rejects anything longer.
+        delta = clip_to_norm(delta, order.clip_norm)
     spec_hash = task.spec.hash
     encoding = cfg.delta.encoding
     if fault is not None:
         delta, spec_hash = corrupt(delta, spec_hash, fault)
         encoding = "float32"  # garbage as sent by a broken client, not refused by our encoder
-    metrics = {
-        "num-examples": num_examples,
-        "partition-id": partition_id,
-        "loss": result.loss,
-        "steps": result.steps,
-        "examples-seen": result.examples_seen,
-        "flops": result.flops + (selection.scoring_flops if selection is not None else 0.0),
-        "noise-multiplier": result.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "dp-steps-total": history.steps,
-        "delta-norm": delta_norm,
-        **result.extras,
-    }
-    if result.epsilon is not None:
-        metrics["epsilon"] = result.epsilon
-    if selection is not None:
-        metrics.update(pruning.round_metrics(selection, result, cfg, len(data)))
-        scorer.add_costs(metrics, selection, result, cfg, len(data))
-    content = RecordDict({
-        "delta": ArrayRecord({"vector": encode(delta, encoding, task.spec)}),
-        "metrics": MetricRecord(metrics),
-        "info": ConfigRecord({"spec-hash": spec_hash}),
-    })
-    return Message(content=content, reply_to=msg)
+    report = TrainReport(steps=result.steps)
+    if not order.withhold_metrics:
+        extras = dict(result.extras)
+        flops = result.flops + (selection.scoring_flops if selection is not None else 0.0)
+        if selection is not None:
+            extras.update(pruning.round_metrics(selection, result, cfg, len(data)))
+            scorer.add_costs(extras, selection, result, cfg, len(data))
+        report = TrainReport(steps=result.steps, num_examples=num_examples, loss=result.loss,
+                             examples_seen=result.examples_seen, flops=flops, extras=extras)
+    dp = None
+    if cfg.privacy.sample.enabled:
+        dp = ReportedDP(noise_multiplier=result.noise_multiplier,
+                        sample_rate=result.sample_rate, steps=result.steps,
+                        epsilon=result.epsilon, history=history)
+    reply = TrainReply.build(delta, spec_hash, report, dp, encoding, task.spec)
+    return Message(content=reply.to_record(), reply_to=msg)
 
 
 _MODELS: dict[tuple[str, str], TunedModel] = {}
@@ -135,18 +117,15 @@ def worker_model(task: Task, device: torch.device) -> TunedModel:
     return _MODELS[key]
 
 
-def _load_history(context: Context, config: ConfigRecord) -> DPHistory:
+def _load_history(context: Context, server: DPHistory | None) -> DPHistory:
     """This client's DP history: its own record, or the server's if that holds more steps
     (the client restarted and lost its own). Taking the longer one can only add spend."""
     own = DPHistory()
     record = context.state.config_records.get(DP_STATE_KEY)
     if record is not None:
         own = DPHistory.from_lists({k: list(record[k]) for k in ("sigma", "q", "steps")})
-    if "dp-history-steps" in config:
-        server = DPHistory.from_lists({k: list(config[f"dp-history-{k}"])
-                                       for k in ("sigma", "q", "steps")})
-        if server.steps > own.steps:
-            return server
+    if server is not None and server.steps > own.steps:
+        return server
     return own
 
 
@@ -157,9 +136,8 @@ def _save_history(context: Context, history: DPHistory) -> None:
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run)."""
-    pid = int(context.node_config["partition-id"])
-    return Message(content=RecordDict({"roster": MetricRecord({"partition-id": pid})}),
-                   reply_to=msg)
+    reply = PartitionReply(node_partition(context.node_config))
+    return Message(content=reply.to_record(), reply_to=msg)
 
 
 def build_client_app(cfg: ExperimentConfig | None = None, task_bundle: str | None = None

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from clients.train import flops_per_example
+from fedtune.protocol import DomainSettings
 from fedtune.tuning import TunedModel
 
 
@@ -25,12 +26,11 @@ class DomainWeighting:
     max_weight: float
 
     @classmethod
-    def from_config(cls, config: object) -> DomainWeighting | None:
-        """The weighting the server asked for in a ConfigRecord, if any."""
-        if "domain-target" not in config:  # type: ignore[operator]
+    def from_settings(cls, settings: DomainSettings | None) -> DomainWeighting | None:
+        """The weighting the server asked for, if any."""
+        if settings is None:
             return None
-        return cls(bool(config["domain-target"]),  # type: ignore[index]
-                   float(config["importance-max"]))  # type: ignore[index]
+        return cls(settings.is_target, settings.max_weight)
 
     def loss(self, model: TunedModel, logits: torch.Tensor, labels: torch.Tensor
              ) -> tuple[torch.Tensor, float]:

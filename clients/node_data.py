@@ -17,6 +17,15 @@ from fedtune.predict_input import PredictInputError, read_texts
 from fedtune.task import Task
 
 DATA_PATH_KEY = "data-path"
+PARTITION_KEY = "partition-id"
+
+
+def node_partition(node_config: Mapping[str, object]) -> int:
+    """The partition id this SuperNode was started with (node config `partition-id`)."""
+    if PARTITION_KEY not in node_config:
+        raise KeyError(f"node config has no {PARTITION_KEY}: start the SuperNode with "
+                       f'--node-config "{PARTITION_KEY}=<id>"')
+    return int(node_config[PARTITION_KEY])  # type: ignore[call-overload]
 
 
 def node_data(node_config: Mapping[str, object], task: Task, partition_id: int

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
+from fedtune.protocol import PruneSettings
 from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
 
@@ -90,10 +91,10 @@ def keep_top(scores: np.ndarray, keep: float) -> np.ndarray:
     return np.sort(order[:n_keep])
 
 
-def select(scorer: Scorer, data: TensorDataset, config: ConfigRecord, context: Context,
+def select(scorer: Scorer, data: TensorDataset, settings: PruneSettings, context: Context,
            server_round: int) -> Selection:
     """The examples to train on this round, rescoring when the rule says so."""
-    keep, every = float(config["prune-keep"]), int(config["prune-every"])
+    keep, every = settings.keep, settings.every
     record = context.state.config_records.get(STATE_KEY)
     due = record is None or (every > 0 and server_round - int(record["round"]) >= every)
     if not due:

@@ -1,12 +1,20 @@
 """The split-mode client (SFPrompt): the head and tail train here, the frozen body runs
-behind a `BodyService`, and the labels never leave this module.
+behind a `BodyService`.
 
 A split step: the head's cut-layer states go up, the body's output comes down, the tail
 computes the loss and sends the gradient w.r.t. the body output up, and the gradient at the
-cut comes down and finishes the backward through the head. Under DP-SGD the head and tail
-run inside the Opacus-wrapped model, so their per-sample gradients are captured by its
-hooks as usual; the server's gradient enters through `smashed.backward(grad)`, which the
-hooks see like any other backward. Clipping and noise then cover prompt and tail jointly.
+cut comes down and finishes the backward through the head. What goes up is per-example
+data: the cut-layer states carry the text (at cut 0 they are the token embeddings) and the
+body-output gradients carry the labels (their direction against the tail the server sent
+flips with the label). Without `split.smashed_dp` the server sees both in clear, and DP-SGD's
+epsilon covers the deltas only; with it, every row that goes up is clipped and noised
+(`fedtune.split.smashed_dp`) and each split step is accounted into the client's epsilon
+(`SplitStep.privacy_events`, `fedtune.split.plan`; audit: `fedtune audit split`).
+
+Under DP-SGD the head and tail run inside the Opacus-wrapped model, so their per-sample
+gradients are captured by its hooks as usual; the server's gradient enters through
+`smashed.backward(grad)`, which the hooks see like any other backward. Clipping and noise
+then cover prompt and tail jointly.
 
 A local-loss step trains the prompt against a small auxiliary classifier on the cut-layer
 features without any traffic. It is the client's own: kept in the node's state between
@@ -16,6 +24,7 @@ rounds, never federated.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -27,6 +36,7 @@ from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone
+from fedtune.privacy.randomness import dp_torch_generator, stream_seed
 from fedtune.split import (
     BodyService,
     InProcessBody,
@@ -36,6 +46,8 @@ from fedtune.split import (
     scoring_flops,
     split_flops,
 )
+from fedtune.split.plan import smashed_plan
+from fedtune.split.smashed_dp import SmashedNoise, clip_rows
 from fedtune.task import Task
 from fedtune.tuning.base import ClassificationHead
 from fedtune.tuning.prompt import PromptModel
@@ -52,15 +64,26 @@ def process_body(backbone: str, cut_layer: int) -> InProcessBody:
 
 class SplitStep:
     """The `LocalStep` of split mode: the first `local_loss_steps` steps of a round train
-    on the local loss, the rest are split steps through `body`."""
+    on the local loss, the rest are split steps through `body`. With `noise` (smashed DP)
+    every row that goes up is clipped and noised, and each split step is a privacy event."""
 
-    def __init__(self, view: SplitPromptModel, body: BodyService, local_loss_steps: int
-                 ) -> None:
+    def __init__(self, view: SplitPromptModel, body: BodyService, local_loss_steps: int,
+                 smashed: SmashedRelease | None = None) -> None:
         self.view = view
         self.body = MeteredBody(body)
+        # Measuring FLOPs runs the body too, but it is not traffic: never through `body`.
+        self.measure_body = body
         self.local_loss_steps = local_loss_steps
+        self.smashed = smashed
         self.examples = {"split": 0, "local": 0}
         self.steps = {"split": 0, "local": 0}
+        # Rows the body ran on: the examples, plus smashed DP's dummy rows.
+        self.body_rows = 0
+        self._next_index = 0
+        # Where the last split step's examples sat among the rows sent (an auditor's
+        # ground truth; the server is not told).
+        self.last_slots: torch.Tensor | None = None
+        self._row_shape: tuple[int, ...] | None = None
         self._flops: SplitFlops | None = None
         # Every tensor stays trainable until the first step: Opacus only hooks modules
         # that are trainable when it wraps the model.
@@ -68,6 +91,8 @@ class SplitStep:
 
     def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
                  mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        self._release_skipped(index, ids)
+        self._next_index = index + 1
         local = index < self.local_loss_steps
         self.view.set_phase(local_loss=local)
         kind = "local" if local else "split"
@@ -77,18 +102,78 @@ class SplitStep:
             loss = criterion(self.view.aux_logits(*self.view.cut(ids, mask)), labels)
             loss.backward()
             return loss.detach()
+        if self.smashed is not None:
+            return self._private_split_step(criterion, ids, mask, labels)
         return self._split_step(criterion, ids, mask, labels)
 
     def _split_step(self, criterion: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                     labels: torch.Tensor) -> torch.Tensor:
         smashed, full_mask = self.view.cut(ids, mask)
         output = self.body.forward(smashed.detach(), full_mask).requires_grad_(True)
+        self.body_rows += int(labels.numel())
+        self.last_slots = torch.arange(int(labels.numel()))
         loss = criterion(self.view.tail(output, mask), labels)
         loss.backward()  # tail gradients, and output.grad to send up
         smashed.backward(self.body.backward(output.grad))
         return loss.detach()
 
+    def _private_split_step(self, criterion: nn.Module, ids: torch.Tensor,
+                            mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        noise = self.smashed.noise
+        b = int(labels.numel())
+        smashed, full_mask = self.view.cut(ids, mask)
+        self._row_shape = tuple(smashed.shape[1:])
+        # Clipped inside the graph, so the head back-propagates through the clipping.
+        clipped = clip_rows(smashed, noise.activation_clip)
+        slots = noise.place(b)
+        self.last_slots = slots
+        sent = noise.activations(clipped, slots)
+        output = self.body.forward(sent, noise.mask(sent.shape[1], full_mask))
+        self.body_rows += noise.slots
+        mine = output[slots].detach().requires_grad_(True)
+        loss = criterion(self.view.tail(mine, mask), labels)
+        loss.backward()
+        # The loss is the batch mean: b x the gradient is each example's own, which is
+        # what the clip bounds. The server's answer is scaled back locally.
+        grad_cut = self.body.backward(noise.gradients(mine.grad * b, slots))
+        clipped.backward(grad_cut[slots] / b)
+        return loss.detach()
+
+    def _release_skipped(self, upto: int, like: torch.Tensor) -> None:
+        """Split steps local_train skipped (an empty Poisson batch) still send their rows
+        under smashed DP: a missing exchange would tell the server the batch was empty."""
+        if self.smashed is None:
+            return
+        for index in range(self._next_index, upto):
+            if index < self.local_loss_steps:
+                continue
+            if self._row_shape is None:
+                ids = torch.zeros((1, like.shape[1]), dtype=like.dtype, device=like.device)
+                with torch.no_grad():
+                    smashed, _ = self.view.cut(ids, torch.ones_like(ids))
+                self._row_shape = tuple(smashed.shape[1:])
+            noise = self.smashed.noise
+            ref = next(self.view.prompt.parameters())
+            rows = noise.dummy(self._row_shape, noise.activation_clip, ref.detach())
+            self.body.forward(rows, noise.mask(rows.shape[1], like))
+            self.body.backward(noise.dummy(self._row_shape, noise.gradient_clip, ref.detach()))
+            self.body_rows += noise.slots
+            self.steps["split"] += 1
+        self._next_index = max(self._next_index, upto)
+
+    def privacy_events(self) -> list[tuple[float, float, int]]:
+        """This round's smashed-data releases as (noise multiplier, sample rate, steps):
+        one joint event per split step (see fedtune.split.smashed_dp); none when the
+        smashed data goes up in clear (then no epsilon covers it)."""
+        if self.smashed is None or self.steps["split"] == 0:
+            return []
+        return [(self.smashed.joint_multiplier, self.smashed.sample_rate,
+                 self.steps["split"])]
+
     def flops(self, model: nn.Module, data: TensorDataset, examples: int) -> float:
+        if self.smashed is not None:
+            ids = data[0][0].unsqueeze(0)
+            self._release_skipped(self.smashed.total_steps, ids)
         self._flops = self._measure(data)
         # Training is over: every tensor trainable again, so trainable_state() is whole.
         self.view.set_phase(local_loss=None)
@@ -97,8 +182,7 @@ class SplitStep:
 
     def _measure(self, data: TensorDataset) -> SplitFlops:
         ids, mask, _ = data[0]
-        # The process body, unmetered: measuring is not traffic.
-        return split_flops(self.view, self.body.body, ids, mask)
+        return split_flops(self.view, self.measure_body, ids, mask)
 
     def extras(self) -> dict[str, float]:
         traffic = self.body.traffic
@@ -108,7 +192,7 @@ class SplitStep:
         return {
             "smashed-bytes-up": traffic.bytes_up,
             "smashed-bytes-down": traffic.bytes_down,
-            "server-flops": self.examples["split"] * flops.server,
+            "server-flops": self.body_rows * flops.server,
             "split-steps": self.steps["split"],
             "local-loss-steps": self.steps["local"],
             "split-examples": self.examples["split"],
@@ -137,11 +221,42 @@ def save_aux(view: SplitPromptModel, context: Context) -> None:
         context.state[AUX_STATE_KEY] = ArrayRecord(view.aux.state_dict())
 
 
-def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int) -> SplitStep:
+def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
+               n: int | None = None, seed: int | None = None) -> SplitStep:
     """The step of a round of `steps` local steps: int(local_loss_fraction * steps) of them
-    on the local loss, the rest split steps."""
+    on the local loss, the rest split steps. Smashed DP needs the client's example count
+    `n` (its sample rate and noise) and, in reproducible-noise mode only, its `seed`."""
     local = int(cfg.split.local_loss_fraction * steps)
-    return SplitStep(view, process_body(cfg.model.backbone, cfg.split.cut_layer), local)
+    body = process_body(cfg.model.backbone, cfg.split.cut_layer)
+    if not cfg.split.smashed_dp.enabled:
+        return SplitStep(view, body, local)
+    if n is None:
+        raise ValueError("split.smashed_dp.enabled=true: split_step needs the client's "
+                         "example count (n=len(data)) to set its sample rate and noise")
+    reproducible = None
+    if cfg.privacy.reproducible_noise:
+        if seed is None:
+            raise ValueError("privacy.reproducible_noise=true: split_step needs the client's "
+                             "seed to derive the smashed-data noise from")
+        reproducible = stream_seed(seed, "smashed")
+    plan = smashed_plan(cfg, n)
+    device = next(view.prompt.parameters()).device
+    noise = SmashedNoise(plan.sigma, cfg.split.smashed_dp.activation_clip_norm,
+                         cfg.split.smashed_dp.gradient_clip_norm, plan.slots,
+                         dp_torch_generator(device, reproducible))
+    release = SmashedRelease(noise, plan.joint_multiplier, plan.sample_rate, steps)
+    return SplitStep(view, body, local, release)
+
+
+@dataclass(frozen=True)
+class SmashedRelease:
+    """A round's smashed-DP setting on the client: the noise, the accounted event and the
+    round's step count (to release skipped steps' rows at its end)."""
+
+    noise: SmashedNoise
+    joint_multiplier: float
+    sample_rate: float
+    total_steps: int
 
 
 class SplitScorer:

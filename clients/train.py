@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -13,13 +12,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedtune.config import ExperimentConfig
-from fedtune.privacy import DPHistory, calibrate_noise, epsilon_of, make_private
+from fedtune.privacy import DPHistory, epsilon_of, make_private
+from fedtune.privacy.plan import Release, local_steps, planned_release
 from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
 
 # Known, understood warnings that would otherwise print once per actor per round.
+# (Opacus' "Secure RNG turned off" is handled where the engine is made: fedtune.privacy.dpsgd.)
 _EXPECTED_WARNINGS = (
-    "Secure RNG turned off",  # seeded noise is what makes runs reproducible
     "Full backward hook is firing",  # inputs of the frozen backbone never need grads
     "Optimal order is the largest alpha",  # RDP search range note; PRV is the default
 )
@@ -54,6 +54,10 @@ class LocalStep(Protocol):
     def extras(self) -> dict[str, float]:
         ...
 
+    # Optional: `privacy_events() -> list[Release]`, further DP releases of this round's
+    # steps as (sigma, q, steps) (split mode: the noised smashed data). local_train adds
+    # them to the client's history before it computes the epsilon.
+
 
 class PlainStep:
     """The whole model on the client: forward, loss, backward."""
@@ -75,6 +79,9 @@ class PlainStep:
     def extras(self) -> dict[str, float]:
         return {}
 
+    def privacy_events(self) -> list[Release]:
+        return []  # the whole step is DP-SGD: nothing released beside the update
+
 
 def _optimizer(model: TunedModel, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
     groups = model.param_groups(lr)
@@ -94,21 +101,16 @@ def _batches(loader: DataLoader, steps: int):
                 return
 
 
-def local_steps(cfg: ExperimentConfig, n: int) -> int:
-    """Steps a client with `n` examples takes in a round: `train.local_steps`, or with
-    `train.local_epochs` > 0 that many passes over its data."""
-    if cfg.train.local_epochs > 0:
-        return max(1, math.ceil(cfg.train.local_epochs * n / min(cfg.train.batch_size, n)))
-    return cfg.train.local_steps
-
-
 def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                 history: DPHistory, seed: int, lr: float | None = None,
                 step: LocalStep | None = None) -> LocalResult:
     """Train `model`'s trainable tensors in place for `local_steps(cfg, len(data))` steps.
 
     With sample-level DP, noise is calibrated so that a client taking part in every round
-    ends at most at the target epsilon; `history` accumulates this round's steps.
+    ends at most at the target epsilon (`planned_release`, which the server charges too);
+    `history` accumulates this round's steps. DP noise and Poisson batches are secret;
+    `seed` drives them only in `privacy.reproducible_noise` mode (it always drives the
+    shuffling of plain training).
     `step` runs each step's forward and backward (default: the whole model, `PlainStep`).
     """
     step = step or PlainStep(model)
@@ -116,21 +118,25 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
     steps = local_steps(cfg, n)
-    generator = torch.Generator().manual_seed(seed)
     batch_size = min(cfg.train.batch_size, n)
+    # Shuffling for plain training is not DP randomness: it follows the seed. With DP-SGD,
+    # make_private replaces it by Poisson sampling from a DP generator.
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = _optimizer(model, cfg, cfg.train.lr if lr is None else lr)
     dp = cfg.privacy.sample
-    sample_rate = batch_size / n
-    sigma = 0.0
+    sigma, sample_rate = 0.0, 0.0
     criterion: nn.Module = nn.CrossEntropyLoss()
     train_model: nn.Module = model
     private = None
     if dp.enabled:
-        planned = cfg.train.rounds * steps
-        sigma = dp.noise_multiplier or calibrate_noise(
-            dp.target_epsilon, dp.delta, sample_rate, planned, dp.accountant)
-        private = make_private(model, optimizer, loader, dp, sigma, seed)
+        sigma, sample_rate, steps = planned_release(cfg, n)
+        private = make_private(
+            model, optimizer, loader, dp, sigma,
+            reproducible_seed=seed if cfg.privacy.reproducible_noise else None)
+        if private.sample_rate != sample_rate:  # the accountant must be told the real rate
+            raise RuntimeError(f"the Poisson loader samples at {private.sample_rate}, but "
+                               f"the accounted rate is {sample_rate}")
         train_model, optimizer, loader, criterion = (
             private.model, private.optimizer, private.loader, private.criterion)
 
@@ -151,9 +157,13 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     finally:
         if private is not None:
             private.close()
-    epsilon = None
     if dp.enabled:
         history.add(sigma, sample_rate, steps)
+    events = getattr(step, "privacy_events", None)
+    for event in events() if events is not None else []:
+        history.add(*event)
+    epsilon = None
+    if dp.enabled or history.entries:
         epsilon = epsilon_of(history, dp.delta, dp.accountant)
     return LocalResult(
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,

@@ -1,10 +1,22 @@
 """The server's state after a round, in one file written atomically.
 
 `checkpoint.safetensors` in the run folder holds everything the next round depends on: the
-global trainable vector, each client's DP history (so privacy spend survives a restart), the
-per-client epsilons reported so far, the process RNG states, and the round's ledger record.
-It is written before that record is appended to `rounds.jsonl`, so after a kill at any
-point the ledger is at most one round behind the checkpoint and `--resume` can complete it.
+global trainable vector, each client's DP history as the server charged it (so privacy
+spend survives a restart), the per-client epsilons, the privacy parameters the run was
+accounted under (`privacy_fingerprint`: a resume with other ones is refused), the process
+RNG states, and the round's ledger record. It is written before that record is appended to
+`rounds.jsonl`, so after a kill at any point the ledger is at most one round behind the
+checkpoint and `--resume` can complete it.
+
+`privacy_pending.json` holds the DP charges of the round whose instructions were sent last
+(written before they are sent): if the run is killed in that round, its clients may have
+released updates already, and a resume with secret noise charges them (see
+`strategies.privacy_ledger`).
+
+The process RNG states (python, numpy, torch) are saved so that a resumed run continues
+the same draws for what is not DP randomness (initialisation, evaluation order, fault
+injection). No DP draw depends on them: DP noise and sampling come from
+`fedtune.privacy.randomness`, whose secret generators are never stored here.
 """
 
 from __future__ import annotations
@@ -13,7 +25,8 @@ import json
 import os
 import random
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +35,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT = "fedtune-checkpoint/1"
+PENDING_FILE = "privacy_pending.json"
+# /2: histories are the server's own charges, and the privacy fingerprint is stored.
+FORMAT = "fedtune-checkpoint/2"
 
 
 class CheckpointError(ValueError):
@@ -46,6 +62,10 @@ class ServerState:
     resumed_at: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
     user_releases: int = 0
+    # privacy_fingerprint(cfg) of the config this run is accounted under.
+    privacy: dict[str, Any] = field(default_factory=dict)
+    # Charges applied on a resume for a round that was sent but never completed.
+    interrupted: list[dict[str, Any]] = field(default_factory=list)
     # Set when a privacy budget stopped the run: {"before_round": r, "reason": "..."}.
     stopped: dict[str, Any] | None = None
 
@@ -64,6 +84,8 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "elapsed_s": state.elapsed_s,
         "user_releases": state.user_releases,
         "stopped": state.stopped,
+        "privacy": state.privacy,
+        "interrupted": state.interrupted,
         "python_rng": random.getstate(),
         "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
@@ -72,25 +94,80 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "torch_rng": torch.random.get_rng_state(),
         "numpy_rng_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=CHECKPOINT_FILE, suffix=".tmp")
+    _atomic_write(folder / CHECKPOINT_FILE,
+                  lambda tmp: save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)}))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None] | bytes) -> None:
+    """Write `path` through a temp file, fsync, rename: a kill leaves the old or the new."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)})
+        if isinstance(write, bytes):
+            Path(tmp).write_bytes(write)
+        else:
+            write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, folder / CHECKPOINT_FILE)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself must survive a power cut, not only the data
     finally:
         os.close(dir_fd)
 
 
-def load_checkpoint(folder: Path, spec_hash: str) -> ServerState:
-    """The state saved after the last completed round; restores the process RNG states."""
+def privacy_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every config value a run's privacy accounting depends on, by dotted key: the noise
+    (calibrated over the planned rounds and steps; split mode's smashed-data noise too), the
+    sample rates (batch, cohort, pruning plugins), and what decides which examples each
+    client holds (`data.*` and `seed`, which also fixes the noise in reproducible-noise
+    mode): a client's history describes its own partition. Past releases were accounted
+    under these; a resume must not change them."""
+    train = cfg.train
+    values: dict[str, Any] = {}
+    for section, tree in (("privacy", cfg.privacy), ("split.smashed_dp", cfg.split.smashed_dp),
+                          ("data", cfg.data)):
+        values.update({f"{section}.{k}": v for k, v in _flatten(asdict(tree)).items()})
+    values.update({
+        "train.rounds": train.rounds, "train.clients_per_round": train.clients_per_round,
+        "train.local_steps": train.local_steps, "train.batch_size": train.batch_size,
+        "train.local_epochs": train.local_epochs, "plugins": cfg.plugins, "seed": cfg.seed,
+    })
+    return json.loads(json.dumps(values, default=str))  # as the checkpoint stores it
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_privacy(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if not saved:
+        raise CheckpointError(f"{path} records no privacy parameters, so a resume cannot "
+                              "check them; start the run again")
+    keys = sorted(set(saved) | set(now))
+    changed = [f"{k} ({saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})"
+               for k in keys if saved.get(k) != now.get(k)]
+    if changed:
+        raise CheckpointError(
+            f"refusing to resume {path.parent}: the run's past releases were accounted under "
+            f"other privacy parameters; changed: {', '.join(changed)}")
+
+
+def load_checkpoint(folder: Path, spec_hash: str, privacy: dict[str, Any] | None = None
+                    ) -> ServerState:
+    """The state saved after the last completed round; restores the process RNG states.
+    With `privacy` (`privacy_fingerprint` of the config to resume with), refuses a config
+    whose privacy parameters differ from those the checkpoint was accounted under."""
     path = folder / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: no round finished before "
@@ -107,6 +184,8 @@ def load_checkpoint(folder: Path, spec_hash: str) -> ServerState:
         raise CheckpointError(
             f"{path} was written for spec {meta['spec_hash']}, but {folder}/config.toml "
             f"builds spec {spec_hash}: the checkpoint and the config do not belong together")
+    if privacy is not None:
+        _check_privacy(path, meta.get("privacy"), privacy)
     torch.random.set_rng_state(tensors["torch_rng"])
     kind, pos, has_gauss, cached = meta["numpy_rng"]
     np.random.set_state((kind, tensors["numpy_rng_keys"].numpy().astype(np.uint32), pos,
@@ -125,4 +204,22 @@ def load_checkpoint(folder: Path, spec_hash: str) -> ServerState:
         elapsed_s=float(meta["elapsed_s"]),
         user_releases=int(meta["user_releases"]),
         stopped=meta["stopped"],
+        privacy=meta["privacy"],
+        interrupted=list(meta["interrupted"]),
     )
+
+
+def save_pending(folder: Path, pending: dict[str, Any]) -> None:
+    """Write the DP charges of the round about to be sent, durably, before it is sent."""
+    _atomic_write(folder / PENDING_FILE, json.dumps(pending).encode())
+
+
+def load_pending(folder: Path) -> dict[str, Any] | None:
+    """The charges of the last round sent, or None if none was recorded."""
+    path = folder / PENDING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None

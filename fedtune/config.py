@@ -8,6 +8,7 @@ what is allowed: a typo must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -23,6 +24,8 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 # Methods whose trainable tensors all sit before the cut or in the tail.
 SPLIT_METHODS = ("prompt",)
+# numpy's legacy seeding (np.random.seed, RandomState) takes 32-bit seeds only.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -193,8 +196,14 @@ class UserDPConfig:
     # 0 means: calibrate from target_epsilon over train.rounds; > 0 uses this as given.
     noise_multiplier: float = 0.0
     delta: float = 1e-5
+    # Replies carry only what the server needs under user-level DP (delta, steps, DP spend):
+    # no example count, loss, FLOPs or plugin figures leave the client.
+    withhold_metrics: bool = False
 
     def validate(self) -> None:
+        if self.withhold_metrics and not self.enabled:
+            raise ConfigError("privacy.user.withhold_metrics needs privacy.user.enabled = true "
+                              "(plain FedAvg weights clients by their example counts)")
         _choice("privacy.user.clipping", self.clipping, ("server", "client"))
         _positive("privacy.user.clip_norm", self.clip_norm)
         _positive("privacy.user.target_epsilon", self.target_epsilon)
@@ -254,14 +263,17 @@ class FaultConfig:
 class SmashedDPConfig:
     """DP on what crosses the cut upward in split mode: every per-example cut-layer
     activation and every per-example gradient at the body output is clipped to a norm and
-    gets Gaussian noise before it leaves the client."""
+    gets Gaussian noise before it leaves the client (fedtune.split.smashed_dp). Each split
+    step is one Poisson-subsampled Gaussian release on the DP-SGD batch, composed with
+    DP-SGD's into the client's data-level epsilon; needs privacy.sample.enabled."""
 
     enabled: bool = False
-    # L2 bound on one example's cut-layer activations and on its output gradient.
+    # L2 bound on one example's cut-layer activations (all positions together) and on the
+    # gradient of its own loss at the body output.
     activation_clip_norm: float = 1.0
     gradient_clip_norm: float = 1.0
-    # Budget the smashed-data noise is calibrated to over the run's planned split steps
-    # (0 noise_multiplier = calibrate); composed with DP-SGD's into the data-level epsilon.
+    # Budget the smashed-data noise alone is calibrated to over the run's planned split
+    # steps (noise_multiplier = 0: calibrate); the reported epsilon joins it with DP-SGD's.
     target_epsilon: float = 8.0
     noise_multiplier: float = 0.0
 
@@ -328,7 +340,8 @@ class ExperimentConfig:
     plugins: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
-        _nonnegative("seed", self.seed)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.split, self.simulation):
             section.validate()
@@ -359,6 +372,17 @@ class ExperimentConfig:
                 "'ghost': ghost clipping owns the loss's backward, but a split step "
                 "back-propagates a gradient returned by the server; use one of: "
                 + ", ".join(m for m in GRAD_SAMPLE_MODES if m != "ghost"))
+        if self.split.smashed_dp.enabled and not self.privacy.sample.enabled:
+            raise ConfigError(
+                "split.smashed_dp.enabled=true needs privacy.sample.enabled=true: the smashed "
+                "data is released on DP-SGD's Poisson batches, and without DP-SGD the deltas "
+                "carry the data in clear, so no data-level epsilon exists")
+        scoring = [p["name"] for p in self.plugins if p.get("name") == "el2n_pruning"]
+        if self.split.smashed_dp.enabled and scoring:
+            raise ConfigError(
+                "split.smashed_dp.enabled=true does not work with the el2n_pruning plugin: "
+                "its scoring pass sends every local example's activations through the "
+                "server body without noise; drop the plugin or smashed DP")
         steps = self.train.local_steps
         if (self.train.local_epochs == 0 and self.split.local_loss_fraction > 0
                 and int(self.split.local_loss_fraction * steps) == 0):
@@ -460,7 +484,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        keys = ", ".join(prefix + k for k in unknown)
+        # repr() for a key no terminal shows as written (a newline would split the line).
+        keys = ", ".join(prefix + k if k.isprintable() else repr(prefix + k) for k in unknown)
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys} in {where}; "
                           f"allowed: {', '.join(sorted(names))}")
     kwargs = {}
@@ -476,6 +501,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (dict,) or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
+        _check_finite_tree(value, key)
         return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -495,12 +521,33 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        _check_finite(key, value)
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {hint!r}")
+
+
+def _check_finite(key: str, value: float) -> None:
+    # inf passes every "> 0" range check and nan fails none of the "not x > 0" ones the
+    # same way, so both are refused before any range is looked at.
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def _check_finite_tree(value: Any, key: str) -> None:
+    """Free-form tables (data.options, plugin parameters) get the same rule for every
+    number they hold, however deeply nested."""
+    if isinstance(value, float):
+        _check_finite(key, value)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite_tree(item, f"{key}.{name}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite_tree(item, f"{key}[{i}]")
 
 
 def _choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:

@@ -4,7 +4,9 @@ A run folder ends with `final_state.safetensors` (every federated tensor, by nam
 `config.toml`; peft-based methods also leave `adapter/` (PEFT `save_pretrained`). The
 model is rebuilt from the config (frozen backbone + seeded method modules, e.g. SLaSh's
 projections) and the tensors are loaded into it; the spec hash in the file's metadata
-proves the rebuilt layout, backbone weights and method config are the ones trained.
+proves the rebuilt layout, backbone weights and method config are the ones trained, and a
+sha256 of the tensors' bytes (`content_sha256`) that their values are the ones saved. That
+hash catches edits and damage, not a forger: anyone who can write the file can recompute it.
 
 `export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
 `load_tuned` opens either a run folder or an export.
@@ -12,6 +14,7 @@ proves the rebuilt layout, backbone weights and method config are the ones train
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -30,6 +33,7 @@ from fedtune.data import tokenize_texts
 from fedtune.delta import DeltaSpec
 from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
 from fedtune.models import load_backbone
+from fedtune.privacy.randomness import noise_note
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
 
@@ -50,6 +54,7 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / STATE_FILE), metadata={
         "format": FORMAT, "spec_hash": spec.hash, "backbone_hash": spec.backbone_hash,
+        "content_sha256": content_hash(tensors),
         "method": model.method, "label_names": json.dumps(list(label_names))})
     # A PeftModel exists only once peft is imported; peft is not imported otherwise (it
     # costs ~2 s of CPU at start-up).
@@ -59,6 +64,33 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
             for name, tensor in tensors.items():
                 model.get_parameter(name).copy_(tensor)
         model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+
+
+def content_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_values(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    expected = meta.get("content_sha256")
+    if not expected:
+        raise ExportError(f"{path} has no content hash of its tensor values (saved by an older "
+                          "fedtune, or rewritten outside it): its values cannot be verified")
+    if content_hash(state) != expected:
+        raise ExportError(f"{path}: the tensor values do not match the content hash saved with "
+                          "them: the file was changed after the run wrote it")
+    # A diverged run saves NaN honestly; a model made of it predicts nothing meaningful.
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in sorted(state.items())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
+        raise ExportError(f"{path} holds non-finite values (NaN or inf) in {listed}: the run "
+                          "diverged; this state is not a usable model")
 
 
 @dataclass
@@ -78,6 +110,8 @@ class TunedClassifier:
         (truncated and padded to `model.max_length`); `on_batch(n)` follows progress."""
         if isinstance(texts, str):
             raise TypeError("predict_proba takes a list of texts, not one string")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.cfg.train.eval_batch_size
         self.model.eval()
         rows = []
@@ -114,6 +148,7 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
     if meta.get("format") != FORMAT:
         raise ExportError(f"{folder / STATE_FILE} is not a {FORMAT} file "
                           f"(metadata format={meta.get('format')!r})")
+    _check_values(folder / STATE_FILE, meta, state)
     label_names = tuple(json.loads(meta["label_names"]))
     backbone = load_backbone(cfg.model.backbone)
     if backbone.hash != meta["backbone_hash"]:
@@ -141,9 +176,11 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Copy a run's tuned state into `out` with a manifest; returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    tuned = load_tuned(run_dir)  # validates before anything is written
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; choose a new output folder")
+    if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another output folder")
+    tuned = load_tuned(run_dir)  # validates before anything is written
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(run_dir / STATE_FILE, out / STATE_FILE)
     shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
@@ -166,9 +203,33 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         "source_run": str(run_dir.resolve()),
         "test_accuracy": summary.get("final_accuracy"),
         "test_examples": summary.get("test_examples"),
-        "epsilon_sample": summary.get("epsilon_sample"),
-        "epsilon_user": summary.get("epsilon_user"),
-        "delta": summary.get("delta"),
+        **privacy_statement(tuned.cfg, summary),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def privacy_statement(cfg: ExperimentConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The export's privacy fields: each epsilon (null when that DP level was off) with
+    the note on what its noise is secret from, and, for a split run, what the server saw."""
+    note = noise_note(cfg.privacy.reproducible_noise)
+    fields: dict[str, Any] = {}
+    for level in ("epsilon_sample", "epsilon_user"):
+        fields[level] = summary.get(level)
+        fields[f"{level}_note"] = None if fields[level] is None else note
+    fields["delta"] = summary.get("delta")
+    fields["privacy"] = {"reproducible_noise": cfg.privacy.reproducible_noise, "noise": note,
+                         "smashed_data": _smashed_data_line(cfg)}
+    return fields
+
+
+def _smashed_data_line(cfg: ExperimentConfig) -> str | None:
+    if not cfg.split.enabled:
+        return None
+    smashed = cfg.split.smashed_dp
+    if smashed.enabled:
+        return ("clipped and noised on the client before upload (split.smashed_dp: "
+                f"activation clip {smashed.activation_clip_norm:g}, gradient clip "
+                f"{smashed.gradient_clip_norm:g}, target epsilon {smashed.target_epsilon:g})")
+    return ("in clear: the server saw the cut-layer activations and uploaded gradients of "
+            "every trained example; no epsilon covers the raw training data against the server")

@@ -64,10 +64,41 @@ class Ledger:
 
 
 def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every round record of a run folder; a LedgerError naming the file and line for one
+    that is not a JSON object (a last line cut off mid-write is told apart)."""
     path = Path(run_dir) / ROUNDS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for num, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if num == len(lines) and not text.endswith("\n"):
+                raise LedgerError(
+                    f"{path}:{num} is cut off mid-write (the run was killed while writing "
+                    f"it); the {len(records)} round record(s) before it are complete"
+                ) from None
+            raise LedgerError(f"{path}:{num} is not JSON") from None
+        if not isinstance(record, dict) or "round" not in record:
+            raise LedgerError(f"{path}:{num} is not a round record (a JSON object with a "
+                              "round)")
+        records.append(record)
+    return records
+
+
+def count_rounds(run_dir: str | Path) -> int:
+    """Rounds a live run has completed: its complete lines (a line being written counts
+    once it ends), never an error; for progress displays only."""
+    path = Path(run_dir) / ROUNDS_FILE
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

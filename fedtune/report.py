@@ -5,6 +5,11 @@ the error bars. The variant names the other settings the runs differ in (for exa
 `data.num_clients=100`), so runs that differ in more than their seed are never averaged
 together. The x position of a run without DP is "inf". Every number is read from the run
 folders (summary.json, rounds.jsonl, config.toml), never recomputed.
+
+A split run's DP level says what its epsilon protects: with DP-SGD alone the server still
+holds every trained example's text and label (the smashed data goes up in clear), so such
+a run is labelled "sample-level DP on deltas only; smashed data in clear" and kept off the
+epsilon axis; with `split.smashed_dp` its epsilon covers the smashed data too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, read_rounds
+from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
 
@@ -26,7 +32,9 @@ PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.
 class RunResult:
     folder: Path
     method: str
-    level: str  # "none", "sample", "user" or "sample+user"
+    # "none", "sample", "user", "sample+user", or a split run's label (see the docstring),
+    # with "+user" when user-level DP is on too
+    level: str
     target_epsilon: float  # inf without DP
     epsilon: float | None  # reported at the run's level (max of both when both are on)
     seed: int
@@ -118,19 +126,32 @@ def _settings(cfg: ExperimentConfig) -> dict[str, str]:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
     walk(cfg.to_dict(), "")
+    # With smashed DP the target on the axis is the smashed one: DP-SGD's is a setting.
+    shown = _NOT_A_VARIANT - ({"privacy.sample.target_epsilon"}
+                              if protects_smashed_data(cfg) else set())
     return {k: v for k, v in flat.items()
-            if k not in _NOT_A_VARIANT and not k.startswith("split.")}  # split: in _method
+            if k not in shown and not k.startswith("split.")}  # split: in _method
 
 
 def _variants(runs: list[RunResult]) -> dict[int, str]:
     """A short label per run: the settings in which the runs differ, `key=value, ...`."""
     keys = sorted({k for r in runs for k in r.settings})
-    differing = [k for k in keys if len({r.settings.get(k) for r in runs}) > 1]
-    return {id(r): ", ".join(f"{k}={r.settings.get(k)}" for k in differing) for r in runs}
+    # A key only some runs show (smashed DP's DP-SGD target) varies among those runs only.
+    differing = [k for k in keys
+                 if len({r.settings[k] for r in runs if k in r.settings}) > 1]
+    return {id(r): ", ".join(f"{k}={r.settings[k]}" for k in differing if k in r.settings)
+            for r in runs}
 
 
 def _level(cfg: ExperimentConfig) -> tuple[str, float]:
     sample, user = cfg.privacy.sample, cfg.privacy.user
+    split_label = dp_level_label(cfg)
+    if split_label is not None:
+        target = (cfg.split.smashed_dp.target_epsilon if protects_smashed_data(cfg)
+                  else sample.target_epsilon)
+        if user.enabled:
+            return f"{split_label} + user", min(target, user.target_epsilon)
+        return split_label, target
     if sample.enabled and user.enabled:
         return "sample+user", min(sample.target_epsilon, user.target_epsilon)
     if sample.enabled:
@@ -160,11 +181,19 @@ def markdown_table(groups: list[Group]) -> str:
         eps = [r.epsilon for r in g.runs if r.epsilon is not None]
         mb = statistics.fmean(r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up)
         variant = f"{g.variant or '-'} | " if with_variant else ""
+        shown = f"{max(eps):.2f}" if eps else "-"
+        if eps and _deltas_only(g.level):
+            shown += " (deltas only)"
         lines.append(
             f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
-            f"{f'{max(eps):.2f}' if eps else '-'} | {g.accuracy_mean:.4f} +- "
+            f"{shown} | {g.accuracy_mean:.4f} +- "
             f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb:.2f} |")
     return "\n".join(lines)
+
+
+def _deltas_only(level: str) -> bool:
+    """A level whose epsilon does not cover the data the server holds (split, in clear)."""
+    return level.startswith(DELTAS_ONLY)
 
 
 def _fmt_eps(eps: float) -> str:
@@ -195,6 +224,12 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
         plt.close(fig)
         written.append(out / name)
     body = [f"# {title}", "", markdown_table(groups), ""]
+    if any(_deltas_only(g.level) for g in groups):
+        body += [f"Runs labelled \"{DELTAS_ONLY}\" are split runs without "
+                 "`split.smashed_dp`: their epsilon covers the uploaded deltas, but the "
+                 "server receives every trained example's cut-layer activations and "
+                 "body-output gradients in clear (text and labels are recoverable: "
+                 "`fedtune audit split`). They are not plotted against epsilon.", ""]
     body += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in written]
     (out / "report.md").write_text("\n".join(body) + "\n")
     return [out / "report.md", *written]
@@ -205,7 +240,7 @@ def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:
     line of its method and variant as the epsilon = inf point."""
     lines: dict[tuple[str, str, str], list[Group]] = {}
     for g in groups:
-        if g.level != "none":
+        if g.level != "none" and not _deltas_only(g.level):
             lines.setdefault((g.method, g.variant, g.level), []).append(g)
     for g in groups:
         if g.level == "none":
@@ -217,17 +252,18 @@ def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:
 
 
 def _plot_epsilon(ax, groups: list[Group]) -> None:
-    finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)})
+    finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)
+                     and not _deltas_only(g.level)})
     inf_x = (max(finite) * 2.5) if finite else 1.0
     colors, _ = _curve_styles(groups)  # the same colour per method in every plot
     level_styles = {"sample": "-", "user": "--", "sample+user": "-.", "none": ":"}
     for (method, variant, level), gs in sorted(_lines(groups).items()):
         gs = sorted(gs, key=lambda g: g.target_epsilon)
         xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
-        label = f"{method}, {level}-level DP" + (f"\n{variant}" if variant else "")
+        label = f"{method}, {_level_words(level)}" + (f"\n{variant}" if variant else "")
         ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
                     marker="o", capsize=3, label=label, color=colors[(method, variant)],
-                    linestyle=level_styles[level])
+                    linestyle=level_styles.get(level, (0, (5, 1, 1, 1))))
     ax.set_xscale("log")
     ticks = [*finite, inf_x]
     ax.set_xticks(ticks)
@@ -259,8 +295,15 @@ def _curve_styles(groups: list[Group]) -> tuple[dict[tuple[str, str], str],
     return colors, styles
 
 
+def _level_words(level: str) -> str:
+    """'sample' -> 'sample-level DP'; a split label is already a phrase."""
+    return level if "DP" in level else f"{level}-level DP"
+
+
 def _budget_label(level: str, eps: float) -> str:
-    return "no DP" if level == "none" else f"{level}-level DP, eps {_fmt_eps(eps)}"
+    if level == "none":
+        return "no DP"
+    return textwrap.fill(f"{_level_words(level)}, eps {_fmt_eps(eps)}", 40)
 
 
 def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:

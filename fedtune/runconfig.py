@@ -10,7 +10,7 @@ import functools
 import shlex
 from collections.abc import Mapping
 
-from fedtune.config import ExperimentConfig, load_config
+from fedtune.config import ConfigError, ExperimentConfig, load_config
 
 
 def config_from_run_config(run_config: Mapping[str, object]) -> ExperimentConfig:
@@ -21,4 +21,8 @@ def config_from_run_config(run_config: Mapping[str, object]) -> ExperimentConfig
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, overrides: str) -> ExperimentConfig:
-    return load_config(path, shlex.split(overrides))
+    try:
+        items = shlex.split(overrides)
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"run config overrides={overrides!r}: {exc}") from None
+    return load_config(path, items)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from fedtune.checkpoint import CHECKPOINT_FILE
 from fedtune.config import ConfigError, load_config, read_toml
-from fedtune.ledger import SUMMARY_FILE, read_rounds
+from fedtune.ledger import SUMMARY_FILE, count_rounds
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: unknown keys {unknown}; allowed: name, base, set, run")
     if not isinstance(raw.get("name"), str) or not isinstance(raw.get("base"), str):
         raise ConfigError(f"{path}: needs `name` and `base` (an experiment file) as strings")
+    check_folder_name(raw["name"], f"{path}: sweep name")
     shared = raw.get("set", [])
     if not isinstance(shared, list) or not all(isinstance(x, str) for x in shared):
         raise ConfigError(f"{path}: top-level `set` must be a list of key=value strings")
@@ -72,6 +73,8 @@ def load_sweep(path: str | Path) -> Sweep:
         variants += expand(run["name"], (*shared, *run.get("set", [])), run.get("grid", {}),
                            f"{path}: run {run['name']!r}")
     names = [v.name for v in variants]
+    for variant in variants:
+        check_folder_name(variant.name, f"{path}: run name")
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: run names repeat: {names}")
     sweep = Sweep(raw["name"], (path.parent / raw["base"]).resolve(), tuple(variants))
@@ -93,8 +96,10 @@ def expand(name: str, overrides: tuple[str, ...], grid: object, where: str) -> l
     keys = list(grid)
     variants = []
     for values in itertools.product(*(grid[k] for k in keys)):
+        # A value may be a path (a backbone folder): its separators must not nest folders.
         label = "-".join(f"{k.rsplit('.', 1)[-1]}={_toml(v)}" for k, v in zip(keys, values,
                                                                             strict=True))
+        label = label.replace("/", "_").replace("\\", "_")
         sets = tuple(f"{k}={_toml(v)}" for k, v in zip(keys, values, strict=True))
         variants.append(Variant(f"{name}-{label}", overrides + sets))
     return variants
@@ -113,6 +118,15 @@ def _toml(value: object, top: bool = True) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml(v, top=False)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def check_folder_name(name: str, what: str) -> None:
+    """`name` becomes a folder under the sweep's output: one path component that cannot
+    leave it (no separator, not "." or "..") and that a shell prints on one line."""
+    if (name in ("", ".", "..") or "/" in name or "\\" in name
+            or any(not ch.isprintable() for ch in name) or len(name.encode()) > 255):
+        raise ConfigError(f"{what} {name!r} must be a single folder name: not empty, "
+                          "'.' or '..', no '/' or '\\', printable, at most 255 bytes")
 
 
 class Monitor(Protocol):
@@ -148,7 +162,7 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
         time.sleep(poll_s)
         for name, (variant, proc) in list(running.items()):
             if monitor is not None:
-                monitor.progressed(variant, len(read_rounds(out / name)))
+                monitor.progressed(variant, count_rounds(out / name))
             if proc.poll() is None:
                 continue
             del running[name]

@@ -1,8 +1,10 @@
 """FedAvg over delta vectors: the server sends one flat global vector, clients reply with
 `local - global`, and the example-weighted mean delta is added to the global vector.
 
-Each reply is decoded and validated (spec hash, length, dtype, finiteness) before it can
-count; a bad one is recorded as rejected, never averaged in.
+Every reply passes the wire protocol (`fedtune.protocol`) and the delta codec before it can
+count; a bad one is recorded as rejected with its reason, never averaged in, and never
+raises. The ledger entry of a client is built from what it reported first and the fields
+the server owns last, so no reply can set a server-owned field.
 """
 
 from __future__ import annotations
@@ -10,75 +12,97 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedtune.delta import DeltaError, DeltaSpec, array_bytes, decode, encode
+from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
+from fedtune.privacy import DPHistory
+from fedtune.protocol import (
+    PartitionQuery,
+    PartitionReply,
+    ProtocolError,
+    TrainInstruction,
+    TrainReply,
+    check_plugin_fields,
+)
 from strategies.grid_io import send_and_receive
 
 
 @dataclass
 class RoundOutcome:
-    """What one round's aggregation saw, for the ledger."""
+    """What one round's aggregation saw, for the ledger. Every entry of `sampled`,
+    `accepted`, `rejected` and `failed` carries the server's `partition_id` and `node`."""
 
-    sampled: list[int] = field(default_factory=list)
-    accepted: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
+    sampled: list[dict[str, Any]] = field(default_factory=list)
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    # Replies from nodes that were not asked to train this round (or replied twice).
+    unsolicited: list[dict[str, Any]] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
-    # Norms of the deltas that entered a user-level-DP sum (after clipping).
+    # Norms of the deltas that entered a user-level-DP sum (after clipping and weighting).
     aggregated_norms: list[float] = field(default_factory=list)
+    # True when no client's delta moved the aggregate this round.
+    no_contribution: bool = True
+    # Why the round's aggregate was not applied although clients contributed, if so.
+    update_refused: str | None = None
 
 
-class DeltaFedAvg(FedAvg):
+@dataclass
+class Accepted:
+    """A reply that passed every check: its partition, node and decoded delta."""
+
+    partition_id: int
+    node: int
+    delta: np.ndarray
+    entry: dict[str, Any]
+
+
+class DeltaFedAvg:
     def __init__(self, spec: DeltaSpec, clients_per_round: int, seed: int,
                  wait_for_nodes_s: float = 120.0) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0,
-                         min_train_nodes=clients_per_round,
-                         min_available_nodes=clients_per_round)
         self.spec = spec
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
         self.outcome = RoundOutcome()
-        self._global: np.ndarray | None = None
-        # partition-id -> node id. Flower draws node ids at random in every run, so a
-        # cohort is drawn over partition ids and mapped to nodes through this roster.
+        self.global_vector: np.ndarray | None = None
+        self._asked: dict[int, int] = {}  # node -> partition id, this round
+        # partition-id -> node id, bound at discovery. Flower draws node ids at random in
+        # every run, so a cohort is drawn over partition ids and mapped through this roster.
         self.roster: dict[int, int] = {}
-        # Extra config entries for one client's task, by partition id (e.g. its DP history).
-        self.client_config: Callable[[int], dict[str, Any]] = lambda pid: {}
+        # Claims refused at discovery (a partition another node already holds).
+        self.refused_claims: list[dict[str, Any]] = []
+        # The DP-SGD history the server holds for a partition, sent with its instruction.
+        self.dp_history: Callable[[int], DPHistory | None] = lambda pid: None
+        # Plugins' instruction fields for a partition, (round, pid) -> {field: settings}.
+        self.plugin_settings: Callable[[int, int], dict[str, Any]] = lambda rnd, pid: {}
         # Plugins' say over the sampled partition ids (round, pids) -> pids.
         self.select_cohort: Callable[[int, list[int]], list[int]] = lambda rnd, pids: pids
         # Plugins' factor in [0, 1] on a client's delta, (round, pid) -> weight.
         self.client_weight: Callable[[int, int], float] = lambda rnd, pid: 1.0
-        # User-level DP: Poisson sampling at this rate, and a mean over this many clients.
-        self.poisson_rate: float | None = None
-        self.fixed_denominator: int | None = None
+        # Set by the user-level DP wrapper: client-side clipping's norm, and replies that
+        # carry only what the server needs.
+        self.clip_norm: float | None = None
+        self.withhold_metrics = False
 
     def summary(self) -> None:
         log(INFO, "DeltaFedAvg: %d clients/round, spec %s (%d values)",
             self.clients_per_round, self.spec.hash, self.spec.size)
 
-    # -- sampling
+    # -- discovery and sampling
 
     def discover(self, grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
-        """Ask every node for its partition id (one small QUERY message each)."""
+        """Ask every node for its partition id (one small QUERY message each) and bind each
+        partition to the first node that claims it; a second claim is refused for that node
+        only (logged and kept in `refused_claims`)."""
         deadline = time.monotonic() + self.wait_for_nodes_s
         while len(nodes := sorted(grid.get_node_ids())) < num_partitions:
             if time.monotonic() > deadline:
@@ -86,177 +110,168 @@ class DeltaFedAvg(FedAvg):
                     f"only {len(nodes)} of {num_partitions} nodes connected after "
                     f"{self.wait_for_nodes_s:.0f} s (data.num_clients)")
             time.sleep(0.5)
-        queries = [Message(content=RecordDict({"config": ConfigRecord({})}),
+        queries = [Message(content=PartitionQuery().to_record(),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        replies = send_and_receive(grid, queries, timeout)
+        # Node order, not arrival order: which claim is first must not depend on timing.
+        replies.sort(key=lambda m: m.metadata.src_node_id)
         roster: dict[int, int] = {}
-        for reply in send_and_receive(grid, queries, timeout):
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            reason = None
             if reply.has_error():
-                log(WARNING, "node %d did not report its partition: %s",
-                    reply.metadata.src_node_id, reply.error.reason)
-                continue
-            pid = int(reply.content["roster"]["partition-id"])
-            if pid in roster:
-                raise RuntimeError(f"partition {pid} is claimed by nodes {roster[pid]} and "
-                                   f"{reply.metadata.src_node_id}")
-            roster[pid] = reply.metadata.src_node_id
+                reason = f"did not report its partition: {reply.error.reason}"
+            elif node not in nodes or node in roster.values():
+                reason = "replied although not asked, or twice"
+            else:
+                try:
+                    pid = PartitionReply.from_record(reply.content, num_partitions).partition_id
+                except ProtocolError as exc:
+                    reason = f"sent a bad partition reply: {exc}"
+                else:
+                    if pid in roster:
+                        reason = f"claims partition {pid}, already held by node {roster[pid]}"
+                    else:
+                        roster[pid] = node
+            if reason is not None:
+                log(WARNING, "node %d %s; it takes no part in this run", node, reason)
+                self.refused_claims.append({"node": node, "reason": reason})
         self.roster = roster
         return roster
 
-    def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """A seeded cohort: the same seed gives the same partitions in every re-run. With
-        `poisson_rate` set, each client joins independently with that probability (the
-        cohort size varies); otherwise exactly `clients_per_round` are drawn."""
+    def ensure_roster(self, grid: Grid) -> None:
         if not self.roster:
             self.roster = {i: n for i, n in enumerate(sorted(grid.get_node_ids()))}
-        if len(self.roster) < self.clients_per_round:
-            raise RuntimeError(f"only {len(self.roster)} clients available; "
-                               f"train.clients_per_round needs {self.clients_per_round}")
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """A seeded cohort of `clients_per_round` partition ids: the same seed gives the same
+        partitions in every re-run. With fewer partitions bound at discovery (a node refused
+        or silent), all of them."""
+        self.ensure_roster(grid)
+        size = min(self.clients_per_round, len(self.roster))
+        if size < self.clients_per_round:
+            log(WARNING, "round %d: only %d partitions have a node; the cohort is %d, not "
+                "train.clients_per_round=%d", server_round, size, size, self.clients_per_round)
         rng = random.Random(self.seed * 7919 + server_round)
-        if self.poisson_rate is not None:
-            chosen = [pid for pid in sorted(self.roster) if rng.random() < self.poisson_rate]
-        else:
-            chosen = rng.sample(sorted(self.roster), self.clients_per_round)
-        return [self.roster[pid] for pid in self.select_cohort(server_round, chosen)]
+        chosen = rng.sample(sorted(self.roster), size)
+        return self.select_cohort(server_round, chosen)
 
     # -- train
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        # A DP wrapper hands the global vector on as a plain numpy array; clients always
-        # get it in the delta codec.
-        self._global = as_vector(arrays["vector"], self.spec)
-        wire = ArrayRecord({"vector": encode(self._global)})
-        config["server-round"] = server_round
-        config["spec-hash"] = self.spec.hash
-        nodes = self.sample(server_round, grid)
-        partition_of = {node: pid for pid, node in self.roster.items()}
-        messages = []
-        for node in nodes:
-            node_config = ConfigRecord({**config, **self.client_config(partition_of[node])})
-            record = RecordDict({"global": wire, "config": node_config})
-            messages.append(Message(content=record, message_type=MessageType.TRAIN,
-                                    dst_node_id=node))
-        self.outcome = RoundOutcome(sampled=nodes,
+    def configure_train(self, server_round: int, vector: np.ndarray, lr: float,
+                        cohort: list[int]) -> list[Message]:
+        """One train instruction per partition in `cohort` (already sampled)."""
+        self.spec.check_vector(vector)
+        self.global_vector = np.asarray(vector, dtype=np.float32)
+        wire = encode(self.global_vector)
+        base = TrainInstruction(vector=self.global_vector, server_round=server_round, lr=lr,
+                                spec_hash=self.spec.hash, clip_norm=self.clip_norm,
+                                withhold_metrics=self.withhold_metrics)
+        messages, sampled = [], []
+        self._asked = {}
+        for pid in cohort:
+            node = self.roster[pid]
+            settings = self.plugin_settings(server_round, pid)
+            check_plugin_fields(settings)
+            instruction = replace(base, dp_history=self.dp_history(pid), **settings)
+            messages.append(Message(content=instruction.to_record(wire),
+                                    message_type=MessageType.TRAIN, dst_node_id=node))
+            sampled.append({"partition_id": pid, "node": node})
+            self._asked[node] = pid
+        self.outcome = RoundOutcome(sampled=sampled,
                                     bytes_down=sum(array_bytes(m.content) for m in messages))
         return messages
 
-    def screen(self, server_round: int, replies: Iterable[Message]
-               ) -> list[tuple[Message, np.ndarray]]:
-        """Validate every reply; record failures, rejections and silent clients in
-        `outcome`; return the accepted (reply, delta) pairs in partition order."""
-        if self._global is None:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Accepted]:
+        """Check every reply; record failures, rejections, unsolicited and silent clients in
+        `outcome`; return the accepted ones in partition order. Never raises on a reply."""
+        if self.global_vector is None:
             raise RuntimeError("screen called before configure_train")
-        accepted: list[tuple[Message, np.ndarray]] = []
-        partition_of = {node: pid for pid, node in self.roster.items()}
+        accepted: list[Accepted] = []
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node not in self._asked or node in answered:
+                self.outcome.unsolicited.append({
+                    "node": node, "reason": "not asked to train this round, or replied twice"})
+                continue
+            answered.add(node)
+            pid = self._asked[node]
             if msg.has_error():
-                self.outcome.failed.append({"node": node, "partition_id": partition_of.get(node),
-                                            "reason": msg.error.reason})
+                self.outcome.failed.append({"reason": str(msg.error.reason)[:500],
+                                            "node": node, "partition_id": pid})
                 continue
-            self.outcome.bytes_up += array_bytes(msg.content)
+            size = array_bytes(msg.content)
+            self.outcome.bytes_up += size
+            owned = {"node": node, "partition_id": pid, "bytes_up": size}
             try:
-                delta, metrics = self._validated(msg)
-            except DeltaError as exc:
-                self.reject(server_round, msg, str(exc))
+                reply = TrainReply.from_record(msg.content, withheld=self.withhold_metrics)
+            except ProtocolError as exc:
+                self._reject(server_round, {}, owned, str(exc))
                 continue
-            accepted.append((msg, delta))
-            self.outcome.accepted.append({
-                "node": node, "bytes_up": array_bytes(msg.content),
-                "delta_norm": float(np.linalg.norm(delta)),
-                "weight": self.client_weight(server_round, partition_of.get(node, -1)),
-                **_plain(metrics)})
-        seen = {c["node"] for c in
-                self.outcome.accepted + self.outcome.rejected + self.outcome.failed}
-        for node in self.outcome.sampled:
-            if node not in seen:
-                self.outcome.failed.append({"node": node, "partition_id": partition_of.get(node),
-                                            "reason": "no reply within train.round_timeout_s"})
-        # Replies arrive in completion order; sum in a fixed order so a re-run with the
+            reported = {**reply.report.ledger(),
+                        "reported_dp": None if reply.dp is None else reply.dp.ledger()}
+            try:
+                delta = reply.decoded_delta(self.spec)
+            except (ProtocolError, DeltaError) as exc:
+                self._reject(server_round, reported, owned, str(exc))
+                continue
+            entry = {**reported, **owned,
+                     "delta_norm": float(np.linalg.norm(delta.astype(np.float64))),
+                     "weight": self._weight(server_round, pid)}
+            accepted.append(Accepted(pid, node, delta, entry))
+        for asked in self.outcome.sampled:
+            if asked["node"] not in answered:
+                self.outcome.failed.append({"reason": "no reply within train.round_timeout_s",
+                                            **asked})
+        # Replies arrive in completion order; sum in partition order so a re-run with the
         # same seed gives bit-identical global vectors.
-        def order(node: int) -> int:
-            return partition_of.get(node, node)
-
-        accepted.sort(key=lambda item: order(item[0].metadata.src_node_id))
-        self.outcome.accepted.sort(key=lambda c: order(c["node"]))
+        accepted.sort(key=lambda a: a.partition_id)
+        self.outcome.accepted = [a.entry for a in accepted]
         return accepted
 
-    def reject(self, server_round: int, msg: Message, reason: str) -> None:
-        """Leave a reply out of aggregation, keeping what it reported: a rejected client
-        still spent privacy budget."""
-        node = msg.metadata.src_node_id
-        log(WARNING, "round %d: rejected delta from node %d: %s", server_round, node, reason)
-        reported = msg.content.metric_records.get("metrics")
-        self.outcome.rejected.append({"node": node, "reason": reason,
-                                      **(_plain(reported) if reported else {})})
-        self.outcome.accepted = [c for c in self.outcome.accepted if c["node"] != node]
+    def _weight(self, server_round: int, pid: int) -> float:
+        weight = float(self.client_weight(server_round, pid))
+        if not 0.0 <= weight <= 1.0:
+            # A plugin's own bug, not a client's doing: a weight above 1 would raise a
+            # client's DP sensitivity, a negative one flip its delta.
+            raise ValueError(f"plugin weight {weight!r} for partition {pid} is not in [0, 1]")
+        return weight
+
+    def _reject(self, server_round: int, reported: dict[str, Any], owned: dict[str, Any],
+                reason: str) -> None:
+        log(WARNING, "round %d: rejected the reply of partition %d (node %d): %s",
+            server_round, owned["partition_id"], owned["node"], reason)
+        self.outcome.rejected.append({**reported, **owned, "reason": reason})
+
+    def reject(self, server_round: int, item: Accepted, reason: str) -> None:
+        """Leave an accepted reply out of aggregation after all, keeping what it reported:
+        a rejected client still spent privacy budget."""
+        self.outcome.accepted = [c for c in self.outcome.accepted if c is not item.entry]
+        entry = {k: v for k, v in item.entry.items() if k not in ("delta_norm", "weight")}
+        log(WARNING, "round %d: rejected the delta of partition %d (node %d): %s",
+            server_round, item.partition_id, item.node, reason)
+        self.outcome.rejected.append({**entry, "reason": reason})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        if self.fixed_denominator is not None:
-            return self._aggregate_clipped(list(replies))
+                        ) -> np.ndarray | None:
+        """The new global vector: the global plus the mean delta weighted by examples x
+        plugin weight; None when nothing moved it."""
         accepted = self.screen(server_round, replies)
-        if not accepted:
-            return None, None
-        w = np.asarray([c["num_examples"] * c["weight"] for c in self.outcome.accepted],
+        w = np.asarray([a.entry["num_examples"] * a.entry["weight"] for a in accepted],
                        dtype=np.float64)
-        if not w.sum() > 0:  # every client weighted 0: nothing to move the model by
-            return None, None
-        deltas = np.stack([d for _, d in accepted]).astype(np.float64)
+        if not accepted or not w.sum() > 0:  # nobody, or every client weighted 0
+            return None
+        deltas = np.stack([a.delta for a in accepted]).astype(np.float64)
         mean_delta = (deltas * (w / w.sum())[:, None]).sum(0)
-        new_global = (self._global + mean_delta).astype(np.float32)
-        return ArrayRecord({"vector": encode(new_global)}), self._metrics(w)
-
-    def _aggregate_clipped(self, replies: list[Message]
-                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """User-level DP: replies were screened, then clipped by the DP wrapper, and carry
-        `global + clipped delta` as float64. Every client weighs the same and the sum is
-        divided by the expected cohort, not by how many replied, so one client moves the
-        mean by at most clip_norm / cohort whoever else fails."""
-        if not replies:
-            return None, None
-        base = self._global.astype(np.float64)
-        deltas = np.stack([m.content["delta"]["vector"].numpy() - base for m in replies])
-        self.outcome.aggregated_norms = [float(np.linalg.norm(d)) for d in deltas]
-        new_global = base + deltas.sum(0) / self.fixed_denominator
-        w = np.ones(len(replies))
-        return ArrayRecord({"vector": Array(new_global)}), self._metrics(w)
-
-    def _metrics(self, weights: np.ndarray) -> MetricRecord:
-        return MetricRecord({
-            "num-examples": int(sum(c["num_examples"] for c in self.outcome.accepted)),
-            "loss": float(np.average([c["loss"] for c in self.outcome.accepted],
-                                     weights=weights)),
-        })
-
-    def _validated(self, msg: Message) -> tuple[np.ndarray, MetricRecord]:
-        content = msg.content
-        info = content.config_records.get("info")
-        if info is None or info.get("spec-hash") != self.spec.hash:
-            got = None if info is None else info.get("spec-hash")
-            raise DeltaError(f"spec hash {got!r} does not match the server's {self.spec.hash}")
-        if "delta" not in content.array_records or "vector" not in content["delta"]:
-            raise DeltaError("reply carries no 'delta' array record with a 'vector'")
-        if len(content.array_records) != 1 or len(content["delta"]) != 1:
-            raise DeltaError("reply carries arrays besides the delta vector")
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or "num-examples" not in metrics:
-            raise DeltaError("reply carries no metrics with 'num-examples'")
-        if not float(metrics["num-examples"]) > 0:
-            raise DeltaError(f"num-examples must be > 0, got {metrics['num-examples']}")
-        return decode(content["delta"]["vector"], self.spec), metrics
-
-
-def as_vector(array: Array, spec: DeltaSpec) -> np.ndarray:
-    """The float32 global vector from the delta codec or from a plain numpy Array."""
-    if array.stype == "numpy.ndarray":
-        flat = np.asarray(array.numpy(), dtype=np.float32)
-        spec.check_vector(flat)
-        return flat
-    return decode(array, spec)
-
-
-def _plain(metrics: MetricRecord) -> dict:
-    return {k.replace("-", "_"): v for k, v in metrics.items()}
+        with np.errstate(over="ignore"):
+            new = (self.global_vector + mean_delta).astype(np.float32)
+        if not np.isfinite(new).all():
+            # Finite float32 deltas near float32's limit can still average past it: keep
+            # the global vector rather than end the run on an inf next round.
+            self.outcome.update_refused = "the weighted mean delta overflows float32"
+            log(WARNING, "round %d: %s; the global vector is kept", server_round,
+                self.outcome.update_refused)
+            return None
+        self.outcome.no_contribution = False
+        return new

@@ -1,27 +1,59 @@
 """The server's view of privacy spend at both levels, and the budget stop.
 
-Sample level: each client runs DP-SGD and reports its epsilon; the server keeps the
-maximum per client and each client's (sigma, q, steps) history. User level: one
-Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`). Before a
-round starts, `stop_reason` says whether it could push either level past its budget.
+Sample level: the server counts each client's DP-SGD spend itself, as a (sigma, q, steps)
+history per client, from the same pure functions the client trains by
+(`fedtune.privacy.plan.planned_release`, on the partition sizes of `task.partitions`).
+A client is charged its planned release when the round's instruction is sent, so a client
+that replies late, crashes or is rejected is charged all the same (it may have trained and
+uploaded); when its reply comes, a reported history that holds more spend replaces the
+planned one (a report can add spend, never remove it). `epsilon_sample` is the largest
+epsilon over these server-side histories, never a client's own figure.
+
+User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
+Before a round starts, `stop_reason` says whether it could push either level past its budget.
+
+Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
+the run dies in that round, a resume with secret noise charges them (every attempt, if it
+died in that round more than once) (the replayed round is
+a new release with fresh noise, and the lost one's uploads may have been seen); with
+`privacy.reproducible_noise` the replay redraws the very same noise and sampling, so the
+lost attempt is not a second release and is not charged twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import ServerState
+from fedtune.checkpoint import ServerState, load_pending, privacy_fingerprint, save_pending
 from fedtune.config import ExperimentConfig
-from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy import DPHistory, epsilon_of, planned_release
+from fedtune.privacy.plan import Release
+from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.task import Task
 
+# (round, partition id, partition size) -> further DP releases the client makes in that
+# round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
+PlanHook = Callable[[int, int, int], list[Release]]
+
+SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus' Poisson "
+                    "loader (at most batch_size / n)")
+
 
 class PrivacyLedger:
-    def __init__(self, cfg: ExperimentConfig, task: Task, state: ServerState) -> None:
+    def __init__(self, cfg: ExperimentConfig, task: Task, state: ServerState,
+                 folder: Path | None = None) -> None:
+        """`folder` (the run folder) makes each round's charges durable before it is sent
+        and charges, on a resume, a round that was sent but never completed."""
         self.cfg = cfg
         self.task = task
         self.state = state
+        self.folder = folder
+        self.plan_hooks: list[PlanHook] = []
+        self._before: dict[int, DPHistory] = {}
+        state.privacy = privacy_fingerprint(cfg)
         user = cfg.privacy.user
         self.user: UserLevelAccount | None = None
         if user.enabled:
@@ -30,6 +62,34 @@ class PrivacyLedger:
                 user.target_epsilon, user.delta, cohort, population, cfg.train.rounds)
             self.user = UserLevelAccount(sigma, cohort, population, user.delta,
                                          releases=state.user_releases)
+        if folder is not None:
+            self._charge_interrupted(load_pending(folder))
+
+    # -- what a round costs
+
+    def planned(self, rnd: int, pid: int) -> list[Release]:
+        """What client `pid` releases if it trains in round `rnd`, as the server plans it:
+        DP-SGD over its whole partition (pruning only shrinks the steps with
+        `train.local_epochs`; a reply reporting more is charged more) and the hooks'."""
+        n = len(self.task.partitions[pid])
+        events = [planned_release(self.cfg, n)] if self.cfg.privacy.sample.enabled else []
+        for hook in self.plan_hooks:
+            events.extend(hook(rnd, pid, n))
+        return events
+
+    def _epsilon(self, history: DPHistory) -> float:
+        sample = self.cfg.privacy.sample
+        return float(epsilon_of(history, sample.delta, sample.accountant) or 0.0)
+
+    def _charge(self, pid: int, events: list[Release]) -> None:
+        history = self.state.client_dp.setdefault(pid, DPHistory())
+        for event in events:
+            history.add(*event)
+        self._set_epsilon(pid)
+
+    def _set_epsilon(self, pid: int) -> None:
+        eps = self._epsilon(self.state.client_dp[pid])
+        self.state.client_eps[pid] = max(self.state.client_eps.get(pid, 0.0), eps)
 
     # -- before a round
 
@@ -46,49 +106,97 @@ class PrivacyLedger:
         # by construction; a given noise multiplier has to be checked client by client.
         if sample.enabled and sample.noise_multiplier > 0:
             for pid in cohort:
-                after = self._projected_sample_epsilon(pid)
+                history = DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
+                for event in self.planned(rnd, pid):
+                    history.add(*event)
+                after = self._epsilon(history)
                 if after > sample.target_epsilon:
                     return (f"round {rnd} would raise client {pid}'s sample-level epsilon to "
                             f"{after:.4f}, over privacy.sample.target_epsilon="
                             f"{sample.target_epsilon}")
         return None
 
-    def _projected_sample_epsilon(self, pid: int) -> float:
-        sample = self.cfg.privacy.sample
-        n = len(self.task.partitions[pid])
-        history = DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
-        history.add(sample.noise_multiplier, min(self.cfg.train.batch_size, n) / n,
-                    self.cfg.train.local_steps)
-        return float(epsilon_of(history, sample.delta, sample.accountant) or 0.0)
+    def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
+        """Charge every client asked to train in round `rnd` its planned release. Call it
+        after the messages are built (they carry each client's history before this charge)
+        and before they go out: the charges are on disk first."""
+        charges = {pid: self.planned(rnd, pid) for pid in partition_ids}
+        charges = {pid: events for pid, events in charges.items() if events}
+        if self.folder is not None and charges:
+            # Earlier attempts at this round that never completed (runs killed in it) stay
+            # on record until the round completes: each was a release of its own.
+            pending = load_pending(self.folder)
+            attempts = pending["attempts"] if pending and pending["round"] == rnd else []
+            attempts.append({str(pid): [list(e) for e in events]
+                             for pid, events in charges.items()})
+            save_pending(self.folder, {"round": rnd, "attempts": attempts})
+        self._before = {pid: DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
+                        for pid in charges}
+        for pid, events in charges.items():
+            self._charge(pid, events)
 
     # -- after a round
 
-    def record_round(self, clients: list[dict[str, Any]]) -> None:
-        """Take in what this round's clients spent (accepted and rejected alike: a
-        rejected client trained on its data too), and one user-level release."""
-        for client in clients:
-            if "partition_id" not in client:
-                continue
-            pid = int(client["partition_id"])
-            if "epsilon" in client:
-                self.state.client_eps[pid] = max(self.state.client_eps.get(pid, 0.0),
-                                                 float(client["epsilon"]))
-            if float(client.get("noise_multiplier", 0.0)) > 0:
-                self.state.client_dp.setdefault(pid, DPHistory()).add(
-                    float(client["noise_multiplier"]), float(client["sample_rate"]),
-                    int(client["steps"]))
+    def settle(self, rnd: int, reports: list[dict[str, Any]]) -> None:
+        """Take in round `rnd`'s replies (accepted, rejected and failed alike) and record
+        the round's user-level release. A reply's validated `reported_dp` can raise its
+        client's charge to what the client says it spent: this round's release as reported,
+        or its whole reported history, whichever gives the larger epsilon (the planned
+        charge stays if it is larger). `partition_id` is the server's, not the client's."""
+        # Without sample-level DP (and no hook's releases) there is no spend to settle.
+        counted = self.cfg.privacy.sample.enabled or bool(self.plan_hooks)
+        for report in reports if counted else []:
+            reported = report.get("reported_dp")
+            if report.get("partition_id") is None or reported is None:
+                continue  # failed: no reply, the planned charge stands
+            pid = int(report["partition_id"])
+            self._settle_client(pid, reported)
+        self._before = {}
         if self.user is not None:
             self.user.record()
             self.state.user_releases = self.user.releases
 
+    def _settle_client(self, pid: int, reported: dict[str, Any]) -> None:
+        charged = self.state.client_dp.setdefault(pid, DPHistory())
+        before = self._before.get(pid, DPHistory(list(charged.entries)))
+        this_round = DPHistory(list(before.entries))
+        if float(reported["noise_multiplier"]) > 0:
+            this_round.add(float(reported["noise_multiplier"]), float(reported["sample_rate"]),
+                           int(reported["steps"]))
+        candidates = [this_round, DPHistory.from_lists(reported["history"])]
+        best, best_eps = charged, self._epsilon(charged)
+        for candidate in candidates:
+            eps = self._epsilon(candidate) if candidate.entries else 0.0
+            if eps > best_eps:
+                best, best_eps = candidate, eps
+        self.state.client_dp[pid] = best
+        self._set_epsilon(pid)
+
+    def _charge_interrupted(self, pending: dict[str, Any] | None) -> None:
+        """On a resume: charge every attempt at the round that was sent but never completed
+        (secret noise only; see the module docstring)."""
+        if pending is None or int(pending["round"]) != self.state.round + 1:
+            return  # none recorded, or that round completed and is in the checkpoint
+        if self.cfg.privacy.reproducible_noise:
+            return
+        for attempt in pending["attempts"]:
+            charges = {int(pid): [tuple(e) for e in events] for pid, events in attempt.items()}
+            for pid, events in charges.items():
+                self._charge(pid, events)
+            self.state.interrupted.append({"round": int(pending["round"]),
+                                           "partition_ids": sorted(charges)})
+
     def fields(self) -> dict[str, Any]:
-        """Both epsilons and the parameters that reproduce them, for the ledger."""
+        """Both epsilons, the parameters that reproduce them, and what the noise is secret
+        from, for the ledger."""
         sample, user = self.cfg.privacy.sample, self.cfg.privacy.user
         eps_sample = max(self.state.client_eps.values()) if self.state.client_eps else None
         return {
-            "epsilon_sample": eps_sample,
+            "epsilon_sample": eps_sample if sample.enabled else None,
             "epsilon_user": self.user.epsilon() if self.user is not None else None,
             "delta": sample.delta if sample.enabled else (user.delta if user.enabled else None),
+            "noise": (noise_note(self.cfg.privacy.reproducible_noise)
+                      if sample.enabled or user.enabled else None),
             "privacy_sample": self._sample_params() if sample.enabled else None,
             "privacy_user": self._user_params() if self.user is not None else None,
         }
@@ -100,9 +208,17 @@ class PrivacyLedger:
             "delta": dp.delta,
             "max_grad_norm": dp.max_grad_norm,
             "target_epsilon": dp.target_epsilon,
-            "noise_multiplier": dp.noise_multiplier or "calibrated per client (see per_client)",
-            "planned_steps": self.cfg.train.rounds * self.cfg.train.local_steps,
+            "noise_multiplier": dp.noise_multiplier or "calibrated per client (see histories)",
+            "planned_rounds": self.cfg.train.rounds,
+            "sample_rate": SAMPLE_RATE_NOTE,
             "grad_sample_mode": dp.grad_sample_mode,
+            # The server's own count per client: epsilon_sample is the largest epsilon of
+            # these at `delta`, recomputable with any accountant.
+            "histories": {str(pid): h.to_lists()
+                          for pid, h in sorted(self.state.client_dp.items())},
+            "epsilon_by_client": {str(pid): e
+                                  for pid, e in sorted(self.state.client_eps.items())},
+            "interrupted_rounds_charged": self.state.interrupted,
         }
 
     def _user_params(self) -> dict[str, Any]:

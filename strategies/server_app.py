@@ -14,36 +14,46 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedtune.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from fedtune.checkpoint import (
+    ServerState,
+    load_checkpoint,
+    privacy_fingerprint,
+    save_checkpoint,
+)
 from fedtune.config import ExperimentConfig
-from fedtune.delta import decode, encode
 from fedtune.export import save_tuned_state
 from fedtune.ledger import CONFIG_FILE, Ledger
-from fedtune.privacy import DPHistory
 from fedtune.runconfig import config_from_run_config
+from fedtune.split.plan import smashed_privacy_events
 from fedtune.task import Task, evaluate, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.grid_io import send_and_receive
+from strategies.in_clear import in_clear
 from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.split_ledger import split_round_fields, split_summary_fields
-from strategies.user_dp import UserDPRounds
+from strategies.user_dp import UserLevelDP
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class NoContributionError(RuntimeError):
+    """No client contributed to the model in any round of the run: nothing was learned."""
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                on_round: RoundCallback | None = None, resume: bool = False) -> dict[str, Any]:
     """Run every round of `cfg` on `grid`, writing the run folder; returns the summary.
-    With `resume`, continue the run in `out_dir` from its checkpoint."""
+    With `resume`, continue the run in `out_dir` from its checkpoint. Raises
+    `NoContributionError` (after writing the ledger) when no client contributed in any
+    round."""
     t0 = time.perf_counter()
     configure_torch()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,25 +61,33 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     ledger = Ledger(out_dir)
     model = task.new_model()
     if resume:
-        state = load_checkpoint(out_dir, task.spec.hash)  # restores the RNG states too
+        # Refuses a config whose privacy parameters differ from the checkpoint's.
+        state = load_checkpoint(out_dir, task.spec.hash, privacy_fingerprint(cfg))
         ledger.restore(state.round, state.record)
         state.resumed_at.append(state.round)
     else:
         (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
-        np.random.seed(cfg.seed)  # Flower's DP wrappers draw their noise from it
         vector = task.initial_vector()
         state = ServerState(round=0, vector=vector, spec_hash=task.spec.hash,
                             initial=_evaluate(task, model, vector, cfg))
-    privacy = PrivacyLedger(cfg, task, state)
+    privacy = PrivacyLedger(cfg, task, state, out_dir)
+    if cfg.split.enabled:
+        # A split client that times out is charged its planned smashed-data releases too.
+        privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     plugins = build_plugins(cfg)
-    strategy.client_config = lambda pid: _client_config(pid, state, plugins, state.round + 1)
+    # A client restarted since its last round (its own record lost) resumes its DP
+    # accounting from what the server holds, never from zero.
+    strategy.dp_history = lambda pid: state.client_dp.get(pid)
+    strategy.plugin_settings = lambda rnd, pid: _plugin_settings(rnd, pid, plugins)
     strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
     strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
-    user_dp = None
+    driver: DeltaFedAvg | UserLevelDP = strategy
     if privacy.user is not None:
-        user_dp = UserDPRounds(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
-                               cfg.data.num_clients)
+        driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
+                             cfg.data.num_clients,
+                             reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
+                             else None)
     if state.round < cfg.train.rounds and state.stopped is None:
         strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
     elapsed_before = state.elapsed_s
@@ -77,14 +95,15 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
         if state.stopped is not None:
             break
-        cohort = [pid for pid, node in strategy.roster.items()
-                  if node in strategy.sample(rnd, grid)]
+        # Sampled once, before anything is sent: the budget check and the instructions
+        # see the same cohort (under user-level DP it is a secret draw).
+        cohort = driver.sample(rnd, grid)
         reason = privacy.stop_reason(rnd, cohort)
         if reason is not None:
             log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
             state.stopped = {"before_round": rnd, "reason": reason}
             break
-        record = _play_round(rnd, grid, strategy, user_dp, privacy, plugins, task, model,
+        record = _play_round(rnd, cohort, grid, driver, privacy, plugins, task, model,
                              state, cfg)
         state.round, state.record = rnd, record
         state.elapsed_s = elapsed_before + time.perf_counter() - t0
@@ -96,6 +115,11 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     history = ledger.rounds()
     if not history:
         raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
+    if all(r.get("no_contribution") for r in history):
+        raise NoContributionError(
+            f"no client contributed in any of the {len(history)} rounds (every sampled "
+            f"client failed, was rejected or was not sampled); see the rejected and failed "
+            f"entries in {out_dir / 'rounds.jsonl'}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
@@ -104,33 +128,29 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     return summary
 
 
-def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRounds | None,
-                privacy: PrivacyLedger, plugins: list[Plugin], task: Task, model: TunedModel,
-                state: ServerState, cfg: ExperimentConfig) -> dict[str, Any]:
-    """One round: send the global vector, aggregate the replies, evaluate; updates `state`
-    and returns the round's ledger record."""
+def _play_round(rnd: int, cohort: list[int], grid: Grid,
+                driver: DeltaFedAvg | UserLevelDP, privacy: PrivacyLedger,
+                plugins: list[Plugin], task: Task, model: TunedModel, state: ServerState,
+                cfg: ExperimentConfig) -> dict[str, Any]:
+    """One round: send the global vector to `cohort`, aggregate the replies, evaluate;
+    updates `state` and returns the round's ledger record."""
     t_round = time.perf_counter()
     lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
-    config = ConfigRecord({"lr": lr})
-    if user_dp is not None:
-        messages = user_dp.configure_train(rnd, state.vector, config, grid)
-        replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
-        new_vector = user_dp.aggregate_train(rnd, replies)
-    else:
-        messages = strategy.configure_train(
-            rnd, ArrayRecord({"vector": encode(state.vector)}), config, grid)
-        replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
-        arrays, _ = strategy.aggregate_train(rnd, replies)
-        new_vector = None if arrays is None else decode(arrays["vector"], task.spec)
+    messages = driver.configure_train(rnd, state.vector, lr, cohort)
+    # After the messages are built (they carry each client's history before this round's
+    # charge) and before they go out: a client that never replies is charged all the same.
+    privacy.charge_sent(rnd, _sent_partitions(driver, messages))
+    replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
+    new_vector = driver.aggregate_train(rnd, replies)
     if new_vector is not None:
         for plugin in plugins:
             new_vector = plugin.transform(rnd, new_vector, state.vector)
         state.vector = new_vector
+    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
     outcome = strategy.outcome
-    privacy.record_round(outcome.accepted + outcome.rejected)
+    privacy.settle(rnd, outcome.accepted + outcome.rejected + outcome.failed)
     metrics = _evaluate(task, model, state.vector, cfg)
     accepted = outcome.accepted
-    examples = sum(c["num_examples"] for c in accepted)
     fields = privacy.fields()
     record = {
         "round": rnd,
@@ -142,23 +162,49 @@ def _play_round(rnd: int, grid: Grid, strategy: DeltaFedAvg, user_dp: UserDPRoun
         "clients": len(accepted),
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
-        "client_flops": sum(c["flops"] for c in accepted),
+        "client_flops": sum(c.get("flops", 0.0) for c in accepted),
         "wall_s": time.perf_counter() - t_round,
         "lr": lr,
-        "train_loss": sum(c["loss"] * c["num_examples"] for c in accepted) / max(1, examples),
+        "train_loss": _train_loss(accepted),
         "sampled": len(outcome.sampled),
+        "no_contribution": outcome.no_contribution,
         "rejected": outcome.rejected,
         "failed": outcome.failed,
         "per_client": accepted,
         **fields,
     }
-    if user_dp is not None:
+    if outcome.unsolicited:
+        record["unsolicited"] = outcome.unsolicited
+    if outcome.update_refused is not None:
+        record["update_refused"] = outcome.update_refused
+    if strategy.refused_claims:  # once, in the first round after discovery
+        record["refused_claims"], strategy.refused_claims = strategy.refused_claims, []
+    record["privacy_in_clear"] = in_clear(cfg)
+    if record["privacy_user"] is not None:
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
     for plugin in plugins:
         record.update(plugin.round_extras(rnd, accepted))
     record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
-                                     outcome.bytes_down))
+                                     outcome.bytes_down, cfg))
     return record
+
+
+def _sent_partitions(driver: DeltaFedAvg | UserLevelDP, messages: list) -> list[int]:
+    """The partition ids the round's instructions go to (the server's roster, not what any
+    client claims)."""
+    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
+    partition_of = {node: pid for pid, node in strategy.roster.items()}
+    return [partition_of[m.metadata.dst_node_id] for m in messages]
+
+
+def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
+    """Mean reported training loss over the accepted clients' examples; None when no
+    client reported one (none accepted, or losses withheld)."""
+    reported = [c for c in accepted if "loss" in c]
+    examples = sum(c["num_examples"] for c in reported)
+    if not examples:
+        return None
+    return sum(c["loss"] * c["num_examples"] for c in reported) / examples
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
@@ -174,6 +220,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "epsilon_sample": last["epsilon_sample"],
         "epsilon_user": last["epsilon_user"],
         "delta": last["delta"],
+        "noise": last.get("noise"),
         "privacy_sample": last.get("privacy_sample"),
         "privacy_user": last.get("privacy_user"),
         "rounds": len(history),
@@ -201,12 +248,12 @@ def _population(cfg: ExperimentConfig) -> dict[str, Any]:
             "target_clients": data.target_clients, "source_clients": data.source_clients}
 
 
-def _client_config(pid: int, state: ServerState, plugins: list[Plugin], rnd: int
-                   ) -> dict[str, Any]:
-    config = _dp_history_config(state.client_dp.get(pid))
+def _plugin_settings(rnd: int, pid: int, plugins: list[Plugin]) -> dict[str, Any]:
+    """What the plugins ask of this client: `TrainInstruction` fields by name."""
+    settings: dict[str, Any] = {}
     for plugin in plugins:
-        config.update(plugin.client_config(rnd, pid))
-    return config
+        settings.update(plugin.client_config(rnd, pid))
+    return settings
 
 
 def _select_cohort(rnd: int, pids: list[int], plugins: list[Plugin]) -> list[int]:
@@ -220,16 +267,6 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
     for plugin in plugins:
         weight *= plugin.client_weight(rnd, pid)
     return weight
-
-
-def _dp_history_config(history: DPHistory | None) -> dict[str, Any]:
-    """The DP spend the server has recorded for a client, sent with its next task: a client
-    restarted since (its own record lost) resumes accounting from here, never from zero."""
-    if history is None or not history.entries:
-        return {}
-    lists = history.to_lists()
-    return {"dp-history-sigma": lists["sigma"], "dp-history-q": lists["q"],
-            "dp-history-steps": lists["steps"]}
 
 
 def _evaluate(task: Task, model: torch.nn.Module, vector, cfg: ExperimentConfig

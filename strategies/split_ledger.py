@@ -1,21 +1,29 @@
 """Split-mode fields of the ledger: smashed-data traffic, server FLOPs and the client's
-FLOPs per example as a share of full fine-tuning, summed from what clients report.
+FLOPs per example as a share of full fine-tuning, summed from what clients report, and
+`split_privacy`: what the server saw in clear and what `epsilon_sample` covers, stated
+from the server's own config (never from what clients claim).
 
-A round without split clients gets no extra fields, so non-split ledgers are unchanged.
+A non-split run gets no extra fields, so non-split ledgers are unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fedtune.config import ExperimentConfig
+from fedtune.split.disclosure import in_clear_disclosure, split_disclosure
 
-def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down: int
-                       ) -> dict[str, Any]:
+
+def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down: int,
+                       cfg: ExperimentConfig | None = None) -> dict[str, Any]:
     """Round totals over every client that trained (accepted or rejected: a rejected delta
-    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes."""
+    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes. With the
+    run's `cfg`, every split round also states what the server saw in clear; a round with
+    split traffic but no cfg states the worst case (smashed data in clear)."""
     split = [c for c in reports if "smashed_bytes_up" in c]
+    privacy = _privacy(cfg, bool(split))
     if not split:
-        return {}
+        return privacy
     examples = sum(int(c["examples_seen"]) for c in split)
     # Per trained example: pruning's scoring pass (in `flops` too) is not a training step.
     client_flops = sum(float(c["flops"]) - float(c.get("scoring_flops", 0.0)) for c in split)
@@ -35,13 +43,26 @@ def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down:
         "client_flops_fraction": per_example / full,
         "split_steps": sum(int(c["split_steps"]) for c in split),
         "local_loss_steps": sum(int(c["local_loss_steps"]) for c in split),
+        **privacy,
     }
 
 
+def _privacy(cfg: ExperimentConfig | None, split_traffic: bool) -> dict[str, Any]:
+    if cfg is not None:
+        statement = split_disclosure(cfg)
+        return {"split_privacy": statement} if statement else {}
+    return {"split_privacy": in_clear_disclosure()} if split_traffic else {}
+
+
 def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run totals, and the last round's privacy statement (a config does not change
+    mid-run: resume refuses an edited one)."""
+    statement = next((r["split_privacy"] for r in reversed(history) if "split_privacy" in r),
+                     None)
+    privacy = {} if statement is None else {"split_privacy": statement}
     rounds = [r for r in history if "smashed_bytes_up" in r]
     if not rounds:
-        return {}
+        return privacy
     up = sum(r["smashed_bytes_up"] for r in rounds)
     down = sum(r["smashed_bytes_down"] for r in rounds)
     return {
@@ -51,4 +72,5 @@ def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
                                        for r in rounds),
         "total_server_flops": sum(r["server_flops"] for r in rounds),
         "client_flops_fraction": rounds[-1]["client_flops_fraction"],
+        **privacy,
     }

@@ -1,12 +1,17 @@
-"""User-level DP rounds: our delta strategy inside Flower's DP-FedAvg wrappers.
+"""User-level DP (DP-FedAvg) on delta vectors, end to end: Poisson cohort, clipping, equal
+weights, sum over the expected cohort, Gaussian noise.
 
-Flower's `DifferentialPrivacy{Server,Client}SideFixedClipping` clip and add noise to model
-arrays (`reply - current`), not to deltas. So each round the server (1) validates the raw
-delta replies with `DeltaFedAvg.screen`, (2) turns each accepted delta into the
-`global + delta` form the wrapper expects (float64, so clipping is exact), and (3) lets the
-wrapper clip (server side) and add noise N(0, (sigma C / cohort)^2) to the mean that
-`DeltaFedAvg` computes with a fixed denominator. With client-side clipping the clients clip
-(the wrapper sends them the norm) and the server rejects any delta over it.
+Each round every partition joins independently with probability q = cohort / population.
+Each accepted delta is clipped to L2 norm C (server side; with client-side clipping the
+server rejects any delta over C and clips the rest again, so float rounding cannot lift the
+bound); a plugin weight in [0, 1] may only shrink it. The sum is divided by the expected
+cohort, not by who replied, and gets noise N(0, (sigma C / cohort)^2): one client moves the
+release by at most C / cohort whoever else fails. Every round is a release, also one in
+which nobody contributed. Accounting: `fedtune.privacy.user_level`.
+
+The cohort draw and the noise are DP randomness: drawn from the OS CSPRNG
+(`fedtune.privacy.randomness`), never stored or sent. With `privacy.reproducible_noise`
+they derive statelessly from (seed, round), so a killed and resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -14,74 +19,95 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-)
 
 from fedtune.config import UserDPConfig
-from fedtune.delta import clip_to_norm
+from fedtune.privacy.randomness import dp_numpy_rng
 from strategies.delta_fedavg import DeltaFedAvg
 
-WRAPPERS = {"server": DifferentialPrivacyServerSideFixedClipping,
-            "client": DifferentialPrivacyClientSideFixedClipping}
 # Client-side clipping is checked to this relative tolerance (float32 rounding of the norm).
 CLIP_TOLERANCE = 1e-5
+# Independent streams of the reproducible mode's per-round seeds.
+COHORT_STREAM, NOISE_STREAM = 0, 1
 
 
-class UserDPRounds:
-    """Drives `inner` through Flower's DP wrapper, one round at a time."""
+def round_seed(seed: int, server_round: int, stream: int) -> int:
+    """A 128-bit seed for one round's draw in reproducible-noise mode, from (seed, round,
+    stream) alone: nothing carried between rounds, so a resumed run draws the same."""
+    words = np.random.SeedSequence([seed, server_round, stream]).generate_state(4, np.uint32)
+    return int.from_bytes(words.tobytes(), "little")
+
+
+def clip_exact(delta: np.ndarray, clip_norm: float) -> np.ndarray:
+    """`delta` in float64, scaled down to norm at most `clip_norm`."""
+    out = np.asarray(delta, dtype=np.float64)
+    norm = float(np.linalg.norm(out))
+    if norm > clip_norm:
+        out = out * (clip_norm / norm)
+        # One more shrink if rounding left it a hair over.
+        over = float(np.linalg.norm(out))
+        if over > clip_norm:
+            out = out * np.nextafter(clip_norm / over, 0.0)
+    return out
+
+
+class UserLevelDP:
+    """Wraps a `DeltaFedAvg`: its screening and plugin hooks, our sampling and release."""
 
     def __init__(self, inner: DeltaFedAvg, cfg: UserDPConfig, noise_multiplier: float,
-                 population: int) -> None:
+                 population: int, reproducible_seed: int | None = None) -> None:
         self.inner = inner
         self.cfg = cfg
-        cohort = inner.clients_per_round
-        inner.poisson_rate = cohort / population
-        inner.fixed_denominator = cohort
-        self.wrapper = WRAPPERS[cfg.clipping](inner, noise_multiplier, cfg.clip_norm, cohort)
+        self.noise_multiplier = noise_multiplier
+        self.cohort = inner.clients_per_round
+        self.population = population
+        self.rate = self.cohort / population
+        self.reproducible_seed = reproducible_seed
+        inner.clip_norm = cfg.clip_norm if cfg.clipping == "client" else None
+        inner.withhold_metrics = cfg.withhold_metrics
 
-    def configure_train(self, server_round: int, vector: np.ndarray, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        arrays = ArrayRecord({"vector": Array(np.asarray(vector, dtype=np.float64))})
-        return self.wrapper.configure_train(server_round, arrays, config, grid)
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.cfg.clip_norm / self.cohort
+
+    def _rng(self, server_round: int, stream: int) -> np.random.Generator:
+        if self.reproducible_seed is None:
+            return dp_numpy_rng()
+        return dp_numpy_rng(round_seed(self.reproducible_seed, server_round, stream))
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """Poisson cohort: each partition joins independently with probability q."""
+        self.inner.ensure_roster(grid)
+        pids = sorted(self.inner.roster)
+        joins = self._rng(server_round, COHORT_STREAM).random(len(pids)) < self.rate
+        chosen = [pid for pid, j in zip(pids, joins, strict=True) if j]
+        return self.inner.select_cohort(server_round, chosen)
+
+    def configure_train(self, server_round: int, vector: np.ndarray, lr: float,
+                        cohort: list[int]) -> list[Message]:
+        return self.inner.configure_train(server_round, vector, lr, cohort)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> np.ndarray:
-        """The new global vector: mean of the clipped deltas over the expected cohort,
-        plus noise; every round releases one, even with no valid reply."""
-        accepted = self.inner.screen(server_round, replies)
-        base = self.inner._global.astype(np.float64)  # noqa: SLF001 (set by configure_train)
-        limit = self.cfg.clip_norm * (1 + CLIP_TOLERANCE)
-        weights = {c["node"]: c["weight"] for c in self.inner.outcome.accepted}
-        as_model = []
-        for msg, delta in accepted:
-            norm = float(np.linalg.norm(delta.astype(np.float64)))
-            if self.cfg.clipping == "client" and norm > limit:
-                self.inner.reject(server_round, msg, f"delta norm {norm:.6g} exceeds "
-                                  f"privacy.user.clip_norm={self.cfg.clip_norm} "
-                                  "(client-side clipping)")
+        """The released global vector: global + (sum of clipped, weighted deltas) / expected
+        cohort + noise. Always a release, whoever replied."""
+        inner = self.inner
+        accepted = inner.screen(server_round, replies)
+        base = np.asarray(inner.global_vector, dtype=np.float64)
+        clip = self.cfg.clip_norm
+        total = np.zeros_like(base)
+        norms = []
+        for item in accepted:
+            norm = float(np.linalg.norm(item.delta.astype(np.float64)))
+            if self.cfg.clipping == "client" and norm > clip * (1 + CLIP_TOLERANCE):
+                inner.reject(server_round, item, f"delta norm {norm:.6g} exceeds "
+                             f"privacy.user.clip_norm={clip} (client-side clipping)")
                 continue
-            weight = weights[msg.metadata.src_node_id]
-            if weight != 1.0:
-                # Clip first, then weight: the wrapper's own clipping is then a no-op and
-                # a weight <= 1 can only shrink what one client contributes.
-                delta = clip_to_norm(delta, self.cfg.clip_norm) * weight
-            msg.content = RecordDict({
-                "delta": ArrayRecord({"vector": Array(base + delta.astype(np.float64))}),
-                "metrics": msg.content["metrics"]})
-            as_model.append(msg)
-        # Flower's flat clipping divides by the norm: a zero delta would crash it. It adds
-        # nothing to the sum (the denominator is fixed), so it skips the wrapper.
-        moved = [bool(np.any(m.content["delta"]["vector"].numpy() != base)) for m in as_model]
-        arrays, _ = self.wrapper.aggregate_train(
-            server_round, [m for m, keep in zip(as_model, moved, strict=True) if keep])
-        self.inner.outcome.aggregated_norms += [0.0] * moved.count(False)
-        if arrays is None:
-            # Nothing to average (nobody sampled, replied validly, or moved). The round is
-            # still a release, accounted like every other: the global vector plus the same
-            # noise, so whether anyone contributed stays hidden.
-            arrays = self.wrapper._add_noise_to_aggregated_arrays(  # noqa: SLF001
-                ArrayRecord({"vector": Array(base.copy())}))
-        return np.asarray(arrays["vector"].numpy(), dtype=np.float32)
+            # Clip first, then weight: a weight <= 1 can only shrink what one client adds.
+            contribution = clip_exact(item.delta, clip) * item.entry["weight"]
+            norms.append(float(np.linalg.norm(contribution)))
+            total += contribution
+        inner.outcome.aggregated_norms = norms
+        inner.outcome.no_contribution = not any(n > 0 for n in norms)
+        noise = self._rng(server_round, NOISE_STREAM).normal(0.0, self.noise_std, base.shape)
+        return (base + total / self.cohort + noise).astype(np.float32)

@@ -34,7 +34,8 @@ def dp_step():
         params = [p for p in model.parameters() if p.requires_grad]
         private = make_private(model, torch.optim.SGD(params, lr=lr),
                                DataLoader(data, batch_size=8),
-                               SampleDPConfig(grad_sample_mode=grad_sample_mode), 1.0, seed=0)
+                               SampleDPConfig(grad_sample_mode=grad_sample_mode), 1.0,
+                               reproducible_seed=0)
         try:
             for x, m, y in private.loader:
                 if y.numel():

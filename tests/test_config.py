@@ -112,3 +112,49 @@ def test_a_gpu_client_without_cuda_gets_a_clear_error(monkeypatch):
         client_device(0.5)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     assert model_device(frozen) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("key", ["privacy.sample.max_grad_norm", "train.local_epochs",
+                                 "privacy.sample.target_epsilon", "train.lr",
+                                 "privacy.user.clip_norm", "split.smashed_dp.target_epsilon"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "+inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    # inf passes every "> 0" check and gave silently wrong runs (infinite clipping bound,
+    # endless local training, an unreachable budget).
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={value}"])
+    message = str(info.value)
+    assert message.startswith(f"{key} must be a finite number, got ") and "\n" not in message
+
+
+def test_non_finite_numbers_in_files_and_free_form_tables_are_refused(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("[privacy.sample]\nmax_grad_norm = inf\n")
+    with pytest.raises(ConfigError, match=r"privacy.sample.max_grad_norm must be a finite"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"data.options.test_fraction must be a finite"):
+        load_config(None, ["data.options={test_fraction = nan}"])
+    with pytest.raises(ConfigError, match=r"plugins\[0\].ratio must be a finite"):
+        load_config(None, ['plugins=[{name = "pruning", ratio = inf}]'])
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**63 - 1])
+def test_seed_outside_numpys_range_is_refused_at_load(seed):
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967295\], got "):
+        load_config(None, [f"seed={seed}"])
+    assert load_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_an_unknown_key_with_a_newline_stays_on_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ['train={"a\\nb" = 1}'])  # TOML "a\nb": a key with a newline
+    assert "\n" not in str(info.value) and "'train.a\\nb'" in str(info.value)
+
+
+def test_flwr_run_config_overrides_with_an_open_quote_are_a_config_error():
+    from fedtune.runconfig import config_from_run_config
+
+    with pytest.raises(ConfigError) as info:
+        config_from_run_config({"config": str(ROOT / "experiments" / "quickstart.toml"),
+                                "overrides": "train.rounds=2 'name=oops"})
+    assert "run config overrides=" in str(info.value) and "quotation" in str(info.value)

@@ -222,3 +222,98 @@ def test_hf_loader_on_local_csv_train_and_test_files(tmp_path):
     assert corpus["test"]["text"] == ["cheap pills", "lunch?"]
     assert corpus["train"]["label"] == [0, 1, 0]
     assert corpus["train"]["id"] == ["train-0", "train-1", "train-2"]
+
+
+# --- bring-your-own files: every way a user's file can be wrong is one line naming it ----
+
+MAIL_ROWS = [("hello there", "ham"), ("buy now", "spam"), ("hi, lunch?", "ham"),
+             ("cheap pills", "spam"), ("meeting at 3", "ham"), ("win a cruise", "spam")]
+
+
+def _one_line(exc: BaseException) -> str:
+    message = str(exc)
+    assert "\n" not in message, message
+    return message
+
+
+def test_hf_loader_reads_csv_with_text_labels(tmp_path):
+    # datasets reads CSV text as large_string, which ClassLabel cannot be cast from: this
+    # was a 1,869-line ArrowInvalid traceback, while the same rows as JSON Lines loaded.
+    path = tmp_path / "mail.csv"
+    path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in MAIL_ROWS))
+    corpus = load_corpus("hf", path="csv", data_files=str(path), test_fraction=0.5,
+                         cache_dir=str(tmp_path / "hf"))
+    assert corpus["train"].features["label"].names == ["ham", "spam"]
+    texts = list(corpus["train"]["text"]) + list(corpus["test"]["text"])
+    labels = list(corpus["train"]["label"]) + list(corpus["test"]["label"])
+    assert sorted(zip(texts, labels, strict=True)) == sorted(
+        (t, ["ham", "spam"].index(y)) for t, y in MAIL_ROWS)
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("empty.csv", b"", "is empty"),
+    ("empty.jsonl", b"", "is empty"),
+    ("blank.json", b"\n  \n", "is empty"),
+    ("latin1.csv", "text,label\nCaf\u00e9 cr\u00e8me,ham\nhi,spam\n".encode("latin-1"),
+     "is not UTF-8 text"),
+    ("latin1.jsonl", '{"text": "Caf\u00e9", "label": "ham"}\n'.encode("latin-1"),
+     "is not UTF-8 text"),
+    ("broken.jsonl", b'{"text": "a", "label": "ham"}\n{"text": "b", lab\n', "could not be read"),
+])
+def test_bad_bring_your_own_files_are_one_line_naming_the_file(tmp_path, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    builder = "csv" if name.endswith(".csv") else "json"
+    with pytest.raises(CorpusError) as info:
+        load_corpus("hf", path=builder, data_files=str(path), cache_dir=str(tmp_path / "hf"))
+    message = _one_line(info.value)
+    assert str(path) in message and needle in message
+
+
+def test_missing_labels_and_texts_are_named(tmp_path):
+    for name, body, needle in (("no-label.csv", "hello,ham\nbuy now,\nhi,spam\n", "label"),
+                               ("no-text.csv", "hello,ham\n,spam\nhi,ham\n", "text")):
+        path = tmp_path / name
+        path.write_text("text,label\n" + body)
+        with pytest.raises(CorpusError) as info:
+            load_corpus("hf", path="csv", data_files={"train": str(path), "test": str(path)},
+                        cache_dir=str(tmp_path / "hf"))
+        assert f"{path} split 'train': data row 2 has an empty {needle}" in _one_line(info.value)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_one_class_training_data_is_refused_naming_the_label(tmp_path, suffix):
+    # One class trained a 1-class head and reported accuracy 1.0.
+    train, test = tmp_path / f"train.{suffix}", tmp_path / f"test.{suffix}"
+    if suffix == "csv":
+        train.write_text("text,label\nhello,ham\nhi,ham\nlunch,ham\n")
+        test.write_text("text,label\nbuy,spam\nhey,ham\n")
+    else:
+        train.write_text("".join(json.dumps({"text": t, "label": 1}) + "\n"
+                                 for t in ("a", "b", "c")))
+        test.write_text(json.dumps({"text": "d", "label": 0}) + "\n")
+    with pytest.raises(CorpusError) as info:
+        load_corpus("hf", path="csv" if suffix == "csv" else "json",
+                    data_files={"train": str(train), "test": str(test)},
+                    cache_dir=str(tmp_path / "hf"))
+    message = _one_line(info.value)
+    held = "'ham'" if suffix == "csv" else "1"
+    assert f"training split holds only label {held}" in message
+    assert "at least 2 classes" in message
+
+
+def test_bring_your_own_data_is_cached_under_fedtunes_cache(tmp_path, monkeypatch):
+    # Without a cache_dir, datasets copied the user's training text into its own cache in
+    # the home folder; it now lives under fedtune's cache (FEDTUNE_CACHE_DIR/datasets).
+    import datasets
+
+    hf_home = tmp_path / "hf-home-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_home)
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "fedtune-cache"))
+    path = tmp_path / "mail.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in MAIL_ROWS))
+    corpus = load_corpus("hf", path="json", data_files=str(path), test_fraction=0.5)
+    assert not hf_home.exists()
+    own = tmp_path / "fedtune-cache" / "datasets"
+    files = [Path(f["filename"]) for f in corpus["train"].cache_files]
+    assert files and all(own in f.parents for f in files)

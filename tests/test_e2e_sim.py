@@ -1,6 +1,10 @@
 """End to end: `fedtune run` through Flower's simulation engine (Ray), DP-SGD on, tiny
 cohort. Checks the run-folder contract, that learning happened, that epsilon is the
-accountant's and within budget, and that only the trainable vector crossed the wire."""
+accountant's and within budget, that only the trainable vector crossed the wire, and that
+privacy spend survives kills, resumes and lost replies.
+
+The shared run uses `privacy.reproducible_noise` (the tests that re-run or resume it compare
+numbers bit for bit); the secret-noise resume test runs the default."""
 
 import json
 import os
@@ -16,7 +20,8 @@ import pytest
 from clients.app import client_seed
 from clients.faults import draw_fault
 from fedtune.config import load_config
-from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy import DPHistory, epsilon_of, planned_release
+from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
 from fedtune.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +30,7 @@ OVERRIDES = [
     "train.local_steps=4", "train.batch_size=32", "model.max_length=32",
     "tuning.prompt_length=4", "train.eval_max_examples=256", "privacy.sample.target_epsilon=8",
 ]
+REPRODUCIBLE = ["privacy.reproducible_noise=true"]
 ROUND_KEYS = {"round", "accuracy", "loss", "epsilon_sample", "epsilon_user", "delta", "clients",
               "bytes_up", "bytes_down", "client_flops", "wall_s"}
 SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "epsilon_sample", "epsilon_user", "delta",
@@ -45,7 +51,25 @@ def _fedtune_run(config, out, overrides=()):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return _fedtune_run(ROOT / "experiments/quickstart.toml",
-                        tmp_path_factory.mktemp("run") / "e2e", OVERRIDES)
+                        tmp_path_factory.mktemp("run") / "e2e", OVERRIDES + REPRODUCIBLE)
+
+
+def _rounds(out):
+    return [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def _charged(cfg, rounds, interrupted=()):
+    """Each client's DP history as an uninterrupted count gives it: its planned release
+    for every round it was asked to train in (accepted, rejected or failed alike), and for
+    every round charged after a kill."""
+    sizes = {pid: len(part) for pid, part in enumerate(get_task(cfg).partitions)}
+    expected: dict[int, DPHistory] = {}
+    asked = [[c["partition_id"] for c in r["per_client"] + r["rejected"] + r["failed"]]
+             for r in rounds] + [i["partition_ids"] for i in interrupted]
+    for pids in asked:
+        for pid in pids:
+            expected.setdefault(pid, DPHistory()).add(*planned_release(cfg, sizes[pid]))
+    return {str(pid): h.to_lists() for pid, h in sorted(expected.items())}
 
 
 @pytest.mark.slow
@@ -70,6 +94,9 @@ def test_run_folder_contract(run_dir):
         assert r["clients"] == 2 and not r["rejected"] and not r["failed"]
     assert SUMMARY_KEYS <= set(summary)
     assert summary["epsilon_user"] is None and summary["method"] == "prompt"
+    # Reproducible noise: every epsilon carries the marker.
+    assert all(r["noise"] == SEEDED_NOISE_NOTE for r in rounds)
+    assert summary["noise"] == SEEDED_NOISE_NOTE
     assert (run_dir / "final_state.safetensors").stat().st_size > 0
     resolved = tomllib.loads((run_dir / "config.toml").read_text())
     assert resolved["train"]["rounds"] == 3 and resolved["data"]["num_clients"] == 4
@@ -99,17 +126,38 @@ def test_only_the_trainable_vector_crosses_the_wire(run_dir):
 @pytest.mark.slow
 def test_epsilon_is_the_accountants_and_within_budget(run_dir):
     cfg = load_config(run_dir / "config.toml")
-    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    best: dict[int, float] = {}
+    rounds = _rounds(run_dir)
     for r in rounds:
-        for c in r["per_client"]:
-            # Recompute from the logged parameters with the accountant itself.
-            hist = DPHistory([(c["noise_multiplier"], c["sample_rate"], int(c["dp_steps_total"]))])
-            eps = epsilon_of(hist, r["delta"], r["privacy_sample"]["accountant"])
-            assert c["epsilon"] == pytest.approx(eps, rel=1e-3)
-            best[c["partition_id"]] = max(best.get(c["partition_id"], 0.0), eps)
-        assert r["epsilon_sample"] == pytest.approx(max(best.values()), rel=1e-3)
+        p = r["privacy_sample"]
+        # The server's own count, recomputed from the logged histories with the accountant.
+        eps = {pid: epsilon_of(DPHistory.from_lists(h), r["delta"], p["accountant"])
+               for pid, h in p["histories"].items()}
+        assert eps == pytest.approx(p["epsilon_by_client"], rel=1e-3)
+        assert r["epsilon_sample"] == pytest.approx(max(eps.values()), rel=1e-3)
         assert r["epsilon_sample"] <= cfg.privacy.sample.target_epsilon
+        for c in r["per_client"]:
+            # What a client reports is never more than the server charged it.
+            hist = DPHistory([(c["noise_multiplier"], c["sample_rate"], int(c["dp_steps_total"]))])
+            assert epsilon_of(hist, r["delta"], p["accountant"]) == \
+                pytest.approx(c["epsilon"], rel=1e-3)
+            assert c["epsilon"] <= eps[str(c["partition_id"])] * (1 + 1e-9)
+    assert rounds[-1]["privacy_sample"]["histories"] == _charged(cfg, rounds)
+    # And with an independent accountant: Google's dp-accounting PLD (PRV's upper bound
+    # measured +0.13 % above it at these parameters).
+    assert rounds[-1]["privacy_sample"]["accountant"] == "prv"
+    last = rounds[-1]
+    pld = max(_pld_epsilon(h, last["delta"]) for h in last["privacy_sample"]["histories"].values())
+    assert last["epsilon_sample"] == pytest.approx(pld, rel=0.01)
+
+
+def _pld_epsilon(history, delta):
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+
+    acc = PLDAccountant(value_discretization_interval=1e-4)
+    for sigma, q, steps in zip(history["sigma"], history["q"], history["steps"], strict=True):
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
 
 
 @pytest.mark.slow
@@ -140,6 +188,14 @@ def test_crashes_hangs_and_corrupt_deltas_are_recorded_and_the_run_completes(tmp
     # Rejected clients' privacy spend is still on the ledger.
     spent = [x["epsilon"] for r in rounds for x in r["rejected"] if "epsilon" in x]
     assert spent and all(e <= rounds[-1]["epsilon_sample"] for e in spent)
+    # So is the spend of clients that crashed or replied after train.round_timeout_s: the
+    # server charged every client it asked, when it asked (the late reply of round 2
+    # included: its client trained for 80 s and its steps are on the ledger).
+    late = [c["partition_id"] for c in rounds[1]["failed"] if "round_timeout_s" in c["reason"]]
+    assert late
+    histories = rounds[-1]["privacy_sample"]["histories"]
+    assert histories == _charged(cfg, rounds)
+    assert all(sum(histories[str(pid)]["steps"]) >= cfg.train.local_steps for pid in late)
 
 
 @pytest.mark.slow
@@ -170,27 +226,11 @@ def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path
 
 @pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_path):
+    # Reproducible noise: the replayed round redraws the same noise, so the summary is the
+    # uninterrupted run's, bit for bit.
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
-            "--out", str(out)]
-    for item in OVERRIDES:
-        args += ["--set", item]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not (out / "rounds.jsonl").exists() or not (out / "rounds.jsonl").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, "no round finished"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and every actor, mid round 2
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    killed_at = len((out / "rounds.jsonl").read_text().splitlines())
-    assert killed_at < 3
-
-    resumed = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming after round {killed_at} of 3" in resumed.stdout
+    killed_at = _kill_after_first_round(out, OVERRIDES + REPRODUCIBLE)
+    _resume(out, killed_at)
     a = json.loads((run_dir / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert b.pop("resumed_at_rounds") == [killed_at] and a.pop("resumed_at_rounds") == []
@@ -206,7 +246,64 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_pat
 
     again = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already finished" in again.stdout
+    assert again.returncode == 2 and "already finished" in " ".join(again.stdout.split())
+
+
+def _kill_after_first_round(out, overrides):
+    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
+            "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "rounds.jsonl").exists() or not (out / "rounds.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and every actor, mid round 2
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    killed_at = len((out / "rounds.jsonl").read_text().splitlines())
+    assert killed_at < 3
+    return killed_at
+
+
+def _resume(out, killed_at, sets=()):
+    args = [sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming after round {killed_at} of 3" in resumed.stdout
+    return resumed
+
+
+@pytest.mark.slow
+def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_counted(
+        run_dir, tmp_path):
+    out = tmp_path / "secret"
+    killed_at = _kill_after_first_round(out, OVERRIDES)
+    # A resume with other privacy parameters is refused, naming them, before any actor.
+    config = (out / "config.toml").read_text()
+    (out / "config.toml").write_text(config.replace("\nrounds = 3\n", "\nrounds = 5\n", 1))
+    edited = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    said = " ".join((edited.stdout + edited.stderr).split())  # rich wraps long lines
+    assert edited.returncode != 0 and "changed: train.rounds (3 -> 5)" in said
+    (out / "config.toml").write_text(config)
+    _resume(out, killed_at)
+    cfg = load_config(out / "config.toml")
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    last = rounds[-1]
+    interrupted = last["privacy_sample"]["interrupted_rounds_charged"]
+    # Round 2's instructions may have gone out before the kill: then its clients may have
+    # uploaded updates with noise the replay does not redraw, and they are charged twice.
+    assert [i["round"] for i in interrupted] in ([], [killed_at + 1])
+    assert last["privacy_sample"]["histories"] == _charged(cfg, rounds, interrupted)
+    assert all(r["noise"] == SECRET_NOISE_NOTE for r in rounds)
+    # Secret noise: the same config and seed did not redraw the reproducible run's noise.
+    assert rounds[0]["loss"] != _rounds(run_dir)[0]["loss"]
 
 
 @pytest.mark.slow

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import FakeGrid
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from wire import reply, spec_of
 
 from clients.importance import DomainWeighting
 from fedtune.config import ConfigError, UserDPConfig, load_config
 from fedtune.data import PartitionError, load_corpus, partition_domains
-from fedtune.delta import DeltaSpec, decode, encode
+from fedtune.protocol import DomainSettings, TrainInstruction
 from fedtune.tuning.base import ClassificationHead
 from strategies import DeltaFedAvg
 from strategies.plugins import build_plugins
-from strategies.user_dp import UserDPRounds
+from strategies.user_dp import UserLevelDP
 
 DOMAINS = ["privacy.sample.enabled=false", "data.partition=iid", "train.clients_per_round=2",
            "data.domain_by=collection", "data.target_domain=set2"]
@@ -87,24 +87,18 @@ def test_importance_weighting_tells_each_client_its_domain():
                plugin={"name": "population_expansion", "weighting": "importance",
                        "max_weight": 3.0})
     (plugin,) = build_plugins(cfg)
-    assert plugin.client_config(1, 4) == {"domain-target": 1, "importance-max": 3.0}
-    assert plugin.client_config(1, 5) == {"domain-target": 0, "importance-max": 3.0}
+    assert plugin.client_config(1, 4) == {"domain": DomainSettings(True, 3.0)}
+    assert plugin.client_config(1, 5) == {"domain": DomainSettings(False, 3.0)}
+    # Through the wire and into the client's loss weighting.
+    spec = _spec(2)
+    order = TrainInstruction(np.zeros(2, np.float32), 1, 0.1, spec.hash,
+                             **plugin.client_config(1, 5))
+    received = TrainInstruction.from_record(order.to_record(), spec)
+    assert DomainWeighting.from_settings(received.domain) == DomainWeighting(False, 3.0)
 
 
 def _spec(size):
-    return DeltaSpec.from_state({"w": torch.zeros(size)}, "bb", {"m": 1})
-
-
-def _replies(msgs, deltas, spec):
-    out = []
-    for msg, delta in zip(msgs, deltas, strict=True):
-        content = RecordDict({
-            "delta": ArrayRecord({"vector": encode(np.asarray(delta, np.float32))}),
-            "metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "flops": 1.0,
-                                     "partition-id": msg.metadata.dst_node_id - 100}),
-            "info": ConfigRecord({"spec-hash": spec.hash})})
-        out.append(Message(content=content, reply_to=msg))
-    return out
+    return spec_of(size)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -113,11 +107,12 @@ def test_user_dp_weights_apply_after_clipping():
     strategy = DeltaFedAvg(spec, 2, seed=0)
     strategy.roster = {0: 100, 1: 101}
     strategy.client_weight = lambda rnd, pid: 0.5 if pid == 1 else 1.0
-    rounds = UserDPRounds(strategy, UserDPConfig(enabled=True, clip_norm=1.0), 0.0, 2)
+    rounds = UserLevelDP(strategy, UserDPConfig(enabled=True, clip_norm=1.0), 0.0, 2)
     base = np.zeros(4, np.float32)
-    msgs = list(rounds.configure_train(1, base, ConfigRecord({}), FakeGrid([])))
+    msgs = rounds.configure_train(1, base, 0.1, rounds.sample(1, FakeGrid([])))
     deltas = [np.array([0.3, 0, 0, 0]), np.array([0, 8.0, 0, 0])]
-    new = rounds.aggregate_train(1, _replies(msgs, deltas, spec))
+    new = rounds.aggregate_train(1, [reply(m, d, spec) for m, d in zip(msgs, deltas,
+                                                                          strict=True)])
     # Source delta clipped to norm 1, then halved: it adds 0.5, not 4 or 1.
     np.testing.assert_allclose(new, [0.3 / 2, 0.5 / 2, 0, 0], rtol=1e-6)
     assert max(strategy.outcome.aggregated_norms) <= 1.0
@@ -130,10 +125,10 @@ def test_fedavg_weights_multiply_the_example_counts():
     strategy = DeltaFedAvg(spec, 2, seed=0)
     strategy.roster = {0: 100, 1: 101}
     strategy.client_weight = lambda rnd, pid: 0.0 if pid == 1 else 1.0
-    msgs = list(strategy.configure_train(1, ArrayRecord({"vector": encode(np.zeros(2))}),
-                                         ConfigRecord({}), FakeGrid([])))
-    arrays, _ = strategy.aggregate_train(1, _replies(msgs, [[1.0, 0], [0, 5.0]], spec))
-    np.testing.assert_allclose(decode(arrays["vector"], spec), [1.0, 0.0])
+    msgs = strategy.configure_train(1, np.zeros(2, np.float32), 0.1, [0, 1])
+    new = strategy.aggregate_train(1, [reply(m, d, spec) for m, d in
+                                       zip(msgs, [[1.0, 0], [0, 5.0]], strict=True)])
+    np.testing.assert_allclose(new, [1.0, 0.0])
 
 
 def test_source_examples_weigh_by_the_domain_odds_clipped():

@@ -104,3 +104,119 @@ def test_read_texts_formats_and_errors(tmp_path):
         bad.write_text(body + "\n")
         with pytest.raises(PredictInputError, match=message):
             read_texts(bad, LABELS)
+
+
+# --- content hash, non-finite state, output folder, privacy statement ------------------------
+
+def _rewrite_state(folder, change):
+    """Edit the saved tensors in place, keeping the file's metadata (hashes included)."""
+    from safetensors import safe_open
+
+    path = folder / "final_state.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    change(state)
+    save_file(state, str(path), metadata=meta)
+
+
+def test_edited_tensor_values_are_refused_by_load_and_export(tmp_path):
+    # The spec hash covers names, shapes and the config: edited values loaded and were
+    # exported with the original run's accuracy and epsilon.
+    _saved_run(tmp_path / "run", "prompt")
+
+    def nudge(state):
+        name = sorted(state)[0]
+        state[name] = state[name] + 1e-3
+
+    _rewrite_state(tmp_path / "run", nudge)
+    with pytest.raises(ExportError) as info:
+        load_tuned(tmp_path / "run")
+    assert "content hash" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ExportError, match="content hash"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_non_finite_state_is_refused_even_with_a_matching_hash(tmp_path):
+    # A diverged run saves NaN tensors through the server's own save: "nan" predictions.
+    model, state = _saved_run(tmp_path / "run", "lora")
+    cfg = load_config(tmp_path / "run" / "config.toml")
+    backbone = load_backbone(cfg.model.backbone)
+    spec = model_spec(model, backbone, cfg, len(LABELS))
+    bad = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    save_tuned_state(tmp_path / "run", model, spec, bad, LABELS)
+    with pytest.raises(ExportError, match=r"non-finite values \(NaN or inf\)"):
+        load_tuned(tmp_path / "run")
+
+
+def test_a_state_without_content_hash_is_refused(tmp_path):
+    _saved_run(tmp_path / "run", "prompt")
+    path = tmp_path / "run" / "final_state.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = {k: v for k, v in fh.metadata().items() if k != "content_sha256"}
+        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(ExportError, match="has no content hash"):
+        load_tuned(tmp_path / "run")
+
+
+def test_export_into_a_file_is_one_line(tmp_path):
+    _saved_run(tmp_path / "run", "prompt")
+    target = tmp_path / "model.bin"
+    target.write_text("x")
+    with pytest.raises(ExportError, match="model.bin is a file, not a folder"):
+        export_run(tmp_path / "run", target)
+
+
+def test_reproducible_noise_runs_export_the_seeded_noise_note_with_every_epsilon(tmp_path):
+    from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
+
+    for name, seeded in (("seeded", True), ("secret", False)):
+        run = tmp_path / name
+        _saved_run(run, "prompt", **{"privacy.reproducible_noise": str(seeded).lower(),
+                                     "privacy.user.enabled": "true"})
+        (run / "summary.json").write_text(json.dumps(
+            {"final_accuracy": 0.8, "epsilon_sample": 2.5, "epsilon_user": 1.5,
+             "delta": 1e-5}))
+        manifest = json.loads((export_run(run, tmp_path / f"{name}-export")
+                               / "fedtune.json").read_text())
+        note = SEEDED_NOISE_NOTE if seeded else SECRET_NOISE_NOTE
+        assert manifest["epsilon_sample"] == 2.5 and manifest["epsilon_user"] == 1.5
+        assert manifest["epsilon_sample_note"] == note
+        assert manifest["epsilon_user_note"] == note
+        assert manifest["privacy"]["reproducible_noise"] is seeded
+        assert manifest["privacy"]["noise"] == note
+
+
+def test_dp_off_exports_null_epsilons_without_notes(tmp_path):
+    _saved_run(tmp_path / "run", "prompt", **{"privacy.sample.enabled": "false"})
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(
+        {"final_accuracy": 0.8, "epsilon_sample": None, "epsilon_user": None, "delta": None}))
+    manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
+                           / "fedtune.json").read_text())
+    assert manifest["epsilon_sample"] is None and manifest["epsilon_sample_note"] is None
+    assert manifest["epsilon_user"] is None and manifest["epsilon_user_note"] is None
+
+
+@pytest.mark.parametrize("smashed_dp", [False, True])
+def test_split_exports_say_whether_smashed_data_was_in_clear(tmp_path, smashed_dp):
+    _saved_run(tmp_path / "run", "prompt", **{"split.enabled": "true",
+                                              "split.smashed_dp.enabled": str(smashed_dp).lower()})
+    manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
+                           / "fedtune.json").read_text())
+    smashed = manifest["privacy"]["smashed_data"]
+    if smashed_dp:
+        assert smashed.startswith("clipped and noised on the client")
+    else:
+        assert smashed.startswith("in clear")
+        assert "no epsilon covers the raw training data against the server" in smashed
+
+
+def test_unsplit_exports_have_no_smashed_data_line(tmp_path):
+    _saved_run(tmp_path / "run", "prompt")
+    manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
+                           / "fedtune.json").read_text())
+    assert manifest["privacy"]["smashed_data"] is None

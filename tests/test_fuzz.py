@@ -128,3 +128,85 @@ def test_truncated_payloads_are_rejected(encoding):
     cut = Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data[:-1])
     with pytest.raises(DeltaError, match="bytes, expected"):
         decode(cut, SPEC)
+
+
+@FUZZ
+@given(mutated_configs())
+def test_every_accepted_config_holds_only_finite_numbers(raw):
+    import math
+
+    cfg = _one_line_config_error(config_from_dict, raw)
+    if cfg is None:
+        return
+
+    def numbers(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from numbers(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from numbers(item)
+        elif isinstance(value, float):
+            yield value
+
+    assert all(math.isfinite(x) for x in numbers(cfg.to_dict()))
+    assert 0 <= cfg.seed < 2**32
+
+
+# --- files a user hands fedtune: their bytes are read or refused in one line --------------
+
+FILES = settings(max_examples=200, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow,
+                                        HealthCheck.function_scoped_fixture])
+file_bytes = (st.binary(max_size=300)
+              | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
+              | st.lists(st.dictionaries(st.sampled_from(["text", "label", "x"]),
+                                         st.text(max_size=5) | st.integers(-2, 3),
+                                         max_size=3), max_size=4).map(
+                  lambda rows: "\n".join(map(__import__("json").dumps, rows)).encode()))
+
+
+def _one_line(error_type, fn, *args):
+    try:
+        return fn(*args)
+    except error_type as exc:
+        message = str(exc)
+        assert message and "\n" not in message, message
+        return None
+
+
+@FILES
+@given(data=file_bytes, suffix=st.sampled_from([".jsonl", ".txt", ".bin"]))
+def test_predict_input_is_read_or_refused_in_one_line(tmp_path, data, suffix):
+    from fedtune.predict_input import PredictInputError, read_texts
+
+    path = tmp_path / f"input{suffix}"
+    path.write_bytes(data)
+    got = _one_line(PredictInputError, read_texts, path, ("ham", "spam"))
+    if got is not None:
+        texts, labels = got
+        assert texts and all(isinstance(t, str) and "\0" not in t for t in texts)
+        assert labels is None or (len(labels) == len(texts)
+                                  and all(y in (0, 1) for y in labels))
+
+
+@FILES
+@given(data=file_bytes)
+def test_ledger_is_read_or_refused_in_one_line(tmp_path, data):
+    from fedtune.ledger import LedgerError, count_rounds, read_rounds
+
+    (tmp_path / "rounds.jsonl").write_bytes(data)
+    records = _one_line(LedgerError, read_rounds, tmp_path)
+    if records is not None:
+        assert all(isinstance(r, dict) and "round" in r for r in records)
+    assert count_rounds(tmp_path) >= 0
+
+
+@FILES
+@given(data=file_bytes, suffix=st.sampled_from([".csv", ".jsonl", ".parquet"]))
+def test_data_files_are_checked_or_refused_in_one_line(tmp_path, data, suffix):
+    from fedtune.data.local_files import DataFileError, check_text_file
+
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(data)
+    _one_line(DataFileError, check_text_file, path)

@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from torch.utils.data import TensorDataset
 
 from clients import pruning
 from fedtune.config import ConfigError, load_config
+from fedtune.protocol import PruneSettings
 from strategies.plugins import available_plugins, build_plugins
 
 NO_SAMPLE_DP = "privacy.sample.enabled=false"
@@ -49,7 +50,7 @@ def test_pruning_with_sample_dp_needs_an_explicit_caveat():
     (plugin,) = build_plugins(cfg)
     extras = plugin.round_extras(1, [])
     assert "does not cover" in extras["privacy_caveats"][0]
-    assert plugin.client_config(1, 0) == {"prune-keep": 0.5, "prune-every": 0}
+    assert plugin.client_config(1, 0) == {"prune": PruneSettings(keep=0.5, every=0)}
 
 
 def test_plugins_load_from_toml(tmp_path):
@@ -103,7 +104,7 @@ def test_selection_is_cached_until_the_rescore_interval(monkeypatch):
     ids = torch.arange(10).unsqueeze(1)
     data = TensorDataset(ids, torch.ones_like(ids), torch.zeros(10, dtype=torch.long))
     context = SimpleNamespace(state=RecordDict())
-    config = ConfigRecord({"prune-keep": 0.3, "prune-every": 2})
+    config = PruneSettings(keep=0.3, every=2)
     first = pruning.select(scorer, data, config, context, 1)
     assert first.rescored and first.indices.tolist() == [0, 1, 2]
     assert first.scoring_flops == 100.0

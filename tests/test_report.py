@@ -7,7 +7,8 @@ import matplotlib.image
 import pytest
 
 from fedtune.config import load_config
-from fedtune.report import collect, group, markdown_table, write_report
+from fedtune.report import _lines, collect, group, markdown_table, write_report
+from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED
 
 
 def _run(folder, method, eps, seed, acc, extra=(), smashed=0):
@@ -84,3 +85,28 @@ def test_report_writes_table_and_readable_plots(runs, tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run folders"):
         collect([tmp_path])
+
+
+def test_split_runs_are_labelled_by_what_their_epsilon_protects(tmp_path):
+    """A split run with DP-SGD alone is not data-level DP (the server holds the smashed
+    data): labelled so, marked in the table and kept off the epsilon axis; with smashed DP
+    it is, at the smashed target."""
+    split = ["split.enabled=true", "split.cut_layer=1"]
+    for seed in (0, 1):
+        _run(tmp_path / f"clear-{seed}", "prompt", 8, seed, 0.8, split, smashed=10)
+        _run(tmp_path / f"noised-{seed}", "prompt", 8, seed, 0.6,
+             [*split, "split.smashed_dp.enabled=true", "split.smashed_dp.target_epsilon=1"],
+             smashed=10)
+        _run(tmp_path / f"plain-{seed}", "prompt", 8, seed, 0.9)
+    groups = group(collect([tmp_path]))
+    levels = {g.level: g for g in groups}
+    assert set(levels) == {"sample", DELTAS_ONLY, WITH_SMASHED}
+    assert levels[WITH_SMASHED].target_epsilon == 1
+    table = markdown_table(groups)
+    assert f"| {DELTAS_ONLY} | 8 | 6.40 (deltas only) |" in table
+    assert f"| {WITH_SMASHED} | 1 | 6.40 |" in table
+    plotted = {level for (_, _, level) in _lines(groups)}
+    assert DELTAS_ONLY not in plotted and WITH_SMASHED in plotted
+    write_report(groups, tmp_path / "report", "split")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "not plotted against epsilon" in text and "sample-level DP\"" not in text

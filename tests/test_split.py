@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients import pruning
@@ -17,6 +17,7 @@ from fedtune.config import ConfigError, SampleDPConfig, load_config
 from fedtune.models import Backbone, load_backbone
 from fedtune.models.split import SplitBackbone, SplitError
 from fedtune.privacy import DPHistory, make_private
+from fedtune.protocol import PruneSettings
 from fedtune.split import InProcessBody, SplitPromptModel, split_flops
 from fedtune.tuning import build_tuned_model
 
@@ -135,8 +136,10 @@ def test_body_service_backward_is_the_gradient_through_the_body(minilm):
 
 @pytest.mark.parametrize("cut,dp", [(0, False), (1, False), (1, True)])
 def test_split_and_unsplit_training_give_the_same_deltas(minilm, cut, dp):
+    # Reproducible noise: both runs must draw the same DP noise and Poisson batches.
     sets = BASE + ["train.local_steps=3", f"privacy.sample.enabled={str(dp).lower()}",
-                   "split.enabled=true", f"split.cut_layer={cut}"]
+                   "split.enabled=true", f"split.cut_layer={cut}",
+                   "privacy.reproducible_noise=true"]
     cfg = load_config(None, sets)
     data = _data()
     plain = build_tuned_model(minilm, cfg.tuning, 2, seed=cfg.seed)
@@ -158,7 +161,7 @@ def test_split_and_unsplit_training_give_the_same_deltas(minilm, cut, dp):
 
 def test_decoder_split_training_gives_the_unsplit_deltas_under_dp(tiny_decoder):
     cfg = load_config(None, BASE + ["train.local_steps=2", "split.enabled=true",
-                                    "split.cut_layer=1"])
+                                    "split.cut_layer=1", "privacy.reproducible_noise=true"])
     data = _data()
     plain = build_tuned_model(tiny_decoder, cfg.tuning, 2, seed=cfg.seed)
     local_train(plain, data, cfg, DPHistory(), seed=5)
@@ -176,7 +179,7 @@ def test_dp_sgd_clips_each_examples_gradient_when_the_backward_comes_from_the_se
     _, view = _split_model(minilm, cfg)
     optimizer = torch.optim.SGD(view.param_groups(0.1))
     private = make_private(view, optimizer, DataLoader(data, batch_size=8),
-                           SampleDPConfig(max_grad_norm=clip), 0.0, seed=0)
+                           SampleDPConfig(max_grad_norm=clip), 0.0, reproducible_seed=0)
     step = split_client.SplitStep(view, InProcessBody(view.split), 0)
     ids, mask, labels = (t[:8] for t in data.tensors)
     try:
@@ -288,8 +291,8 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
     context = _context()
     model, view = _split_model(minilm, cfg, context)
     scorer = split_client.SplitScorer(view, cfg)
-    config = ConfigRecord({"prune-keep": 0.5, "prune-every": 0})
-    selection = pruning.select(scorer, data, config, context, server_round=1)
+    selection = pruning.select(scorer, data, PruneSettings(keep=0.5, every=0), context,
+                               server_round=1)
     assert selection.rescored and len(selection.indices) == 16
     kept = TensorDataset(*(t[selection.indices] for t in data.tensors))
     step = split_client.split_step(view, cfg, 2)

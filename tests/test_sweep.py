@@ -124,3 +124,34 @@ def test_every_committed_sweep_file_loads(name):
         pytest.skip(f"{path.name} is an experiment, not a sweep")
     sweep = load_sweep(path)
     assert sweep.variants and all(v.name for v in sweep.variants)
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", ".", "a/b", "a\\\\b", "", "/abs",
+                                  "tab\\there"])
+def test_run_names_must_be_one_safe_folder_name(tmp_path, name):
+    # A run named "../x" was run into a folder outside --out.
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text(f'name = "s"\nbase = "q.toml"\n[[run]]\nname = "{name}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_sweep(tmp_path / "s.toml")
+    message = str(info.value)
+    assert "must be a single folder name" in message and "\n" not in message
+
+
+def test_sweep_name_must_be_one_safe_folder_name(tmp_path):
+    # The sweep's name is the default output folder, runs/<name>.
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text('name = "../../tmp/x"\nbase = "q.toml"\n[[run]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match=r"sweep name '../../tmp/x' must be a single folder"):
+        load_sweep(tmp_path / "s.toml")
+
+
+def test_grid_values_with_path_separators_stay_inside_out(tmp_path):
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\nbase = "q.toml"\n[[run]]\nname = "m"\n'
+        'grid = {"model.backbone" = ["../models/a", "/opt/b"]}\n')
+    names = [v.name for v in load_sweep(tmp_path / "s.toml").variants]
+    assert names == ['m-backbone=".._models_a"', 'm-backbone="_opt_b"']
+    for name in names:
+        assert (tmp_path / name).resolve().parent == tmp_path.resolve()

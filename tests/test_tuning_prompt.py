@@ -69,7 +69,7 @@ def test_empty_poisson_batch_is_a_noised_accounted_step(backbone):
     data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (8,)))
     params = [p for p in model.parameters() if p.requires_grad]
     private = make_private(model, torch.optim.SGD(params, lr=0.1), DataLoader(data, batch_size=4),
-                           SampleDPConfig(), 1.0, seed=0)
+                           SampleDPConfig(), 1.0, reproducible_seed=0)
     before = model.head.net[0].weight.detach().clone()
     try:
         private.optimizer.zero_grad()

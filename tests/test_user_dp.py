@@ -2,55 +2,42 @@
 
 import numpy as np
 import pytest
-import torch
 from conftest import FakeGrid
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from wire import reply, spec_of
 
 from fedtune.checkpoint import ServerState
 from fedtune.config import UserDPConfig, load_config
-from fedtune.delta import DeltaSpec, clip_to_norm, encode
+from fedtune.delta import clip_to_norm
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
+from fedtune.protocol import TrainInstruction
 from strategies import DeltaFedAvg
 from strategies.privacy_ledger import PrivacyLedger
-from strategies.user_dp import UserDPRounds
+from strategies.user_dp import UserLevelDP
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _spec(size):
-    return DeltaSpec.from_state({"w": torch.zeros(size)}, "bb", {"m": 1})
-
-
-def _rounds(spec, clipping="server", sigma=0.0, clip=1.0, cohort=4, population=4, seed=0):
+def _rounds(spec, clipping="server", sigma=0.0, clip=1.0, cohort=4, population=4, seed=0,
+            reproducible=None):
     strategy = DeltaFedAvg(spec, cohort, seed=seed)
     strategy.roster = {pid: 100 + pid for pid in range(population)}
     cfg = UserDPConfig(enabled=True, clipping=clipping, clip_norm=clip)
-    return strategy, UserDPRounds(strategy, cfg, sigma, population)
-
-
-def _reply(msg, delta, spec, n=10):
-    content = RecordDict({
-        "delta": ArrayRecord({"vector": encode(np.asarray(delta, np.float32))}),
-        "metrics": MetricRecord({"num-examples": n, "loss": 1.0, "flops": 1.0,
-                                 "partition-id": msg.metadata.dst_node_id - 100}),
-        "info": ConfigRecord({"spec-hash": spec.hash}),
-    })
-    return Message(content=content, reply_to=msg)
+    return strategy, UserLevelDP(strategy, cfg, sigma, population, reproducible)
 
 
 def _round(rounds, spec, global_vec, deltas, rnd=1):
-    # Population == cohort with Poisson rate 1: every client is sampled.
-    msgs = list(rounds.configure_train(rnd, global_vec, ConfigRecord({}), FakeGrid([])))
+    # Population == cohort: Poisson rate 1, every client is sampled.
+    cohort = rounds.sample(rnd, FakeGrid([]))
+    msgs = rounds.configure_train(rnd, global_vec, 0.1, cohort)
     assert len(msgs) == len(deltas)
-    replies = [_reply(m, d, spec) for m, d in zip(msgs, deltas, strict=True)]
+    replies = [reply(m, d, spec) for m, d in zip(msgs, deltas, strict=True)]
     return msgs, rounds.aggregate_train(rnd, replies)
 
 
 def test_server_side_clipping_bounds_every_delta_and_divides_by_the_cohort():
-    spec = _spec(6)
+    spec = spec_of(6)
     strategy, rounds = _rounds(spec, clip=1.0)
     rng = np.random.default_rng(0)
     deltas = [rng.normal(size=6) * s for s in (0.1, 3.0, 10.0, 0.5)]
@@ -65,36 +52,58 @@ def test_server_side_clipping_bounds_every_delta_and_divides_by_the_cohort():
 @pytest.mark.parametrize("scale", [1e-4, 0.0])
 def test_noise_std_is_sigma_clip_over_cohort(scale):
     # scale 0: nobody moved; the round must still release noise, not the bare vector.
-    spec = _spec(40_000)
-    _, rounds = _rounds(spec, sigma=1.3, clip=2.0, cohort=4, population=4)
-    np.random.seed(0)
+    spec = spec_of(40_000)
+    strategy, rounds = _rounds(spec, sigma=1.3, clip=2.0, cohort=4, population=4)
     deltas = [np.random.default_rng(i).normal(size=spec.size) * scale for i in range(4)]
     _, new = _round(rounds, spec, np.zeros(spec.size, np.float32), deltas)
     noise = new - np.sum(deltas, 0) / 4
     expected = 1.3 * 2.0 / 4
     assert abs(float(np.std(noise)) / expected - 1) < 0.05
     assert abs(float(np.mean(noise))) < 5 * expected / np.sqrt(spec.size)
+    assert strategy.outcome.no_contribution is (scale == 0.0)
 
 
 def test_client_side_clipping_sends_the_norm_and_rejects_unclipped_deltas():
-    spec = _spec(6)
+    spec = spec_of(6)
     strategy, rounds = _rounds(spec, clipping="client", clip=1.0, cohort=2, population=2)
     ok = clip_to_norm(np.full(6, 3.0, np.float32), 1.0)
     assert np.linalg.norm(ok.astype(np.float64)) <= 1.0
     msgs, new = _round(rounds, spec, np.zeros(6, np.float32), [ok, np.full(6, 3.0)])
-    assert all(m.content["config"][KEY_CLIPPING_NORM] == 1.0 for m in msgs)
+    assert all(TrainInstruction.from_record(m.content, spec).clip_norm == 1.0 for m in msgs)
     assert [c["partition_id"] for c in strategy.outcome.accepted] == [0]
     assert "exceeds privacy.user.clip_norm=1.0" in strategy.outcome.rejected[0]["reason"]
     np.testing.assert_allclose(new, ok / 2, rtol=1e-6)
 
 
-def test_poisson_cohorts_are_seeded_and_average_the_rate():
-    strategy = DeltaFedAvg(_spec(2), 5, seed=3)
-    strategy.roster = {pid: pid for pid in range(20)}
-    strategy.poisson_rate = 0.25
-    sizes = [len(strategy.sample(r, FakeGrid([]))) for r in range(1, 401)]
-    assert sizes[:10] == [len(strategy.sample(r, FakeGrid([]))) for r in range(1, 11)]
+def test_poisson_cohorts_average_the_rate():
+    strategy, rounds = _rounds(spec_of(2), cohort=5, population=20)
+    sizes = [len(rounds.sample(r, FakeGrid([]))) for r in range(1, 401)]
     assert len(set(sizes)) > 3 and abs(np.mean(sizes) - 5) < 0.5
+
+
+def test_cohorts_and_noise_are_secret_unless_reproducible():
+    """Default: the same seed, round and inputs give other cohorts and other noise, and
+    noise regenerated from the seed does not remove it. Reproducible mode: identical,
+    including after a restart (a new wrapper: nothing carried between rounds)."""
+    spec = spec_of(1000)
+    deltas = [np.zeros(spec.size)] * 4
+
+    def release(reproducible, rnd=3):
+        strategy, rounds = _rounds(spec, sigma=1.0, clip=1.0, cohort=4, population=4,
+                                   seed=7, reproducible=reproducible)
+        return _round(rounds, spec, np.zeros(spec.size, np.float32), deltas, rnd=rnd)[1]
+
+    a, b = release(None), release(None)
+    assert not np.array_equal(a, b)
+    for guess in (np.random.default_rng(7), np.random.RandomState(7)):
+        regenerated = guess.normal(0.0, 0.25, spec.size)
+        assert np.std(a - regenerated) > 0.3  # nothing removed: var 2 x 0.25^2
+    assert np.array_equal(release(7), release(7))
+    assert not np.array_equal(release(7, rnd=3), release(7, rnd=4))
+    _, big = _rounds(spec_of(2), cohort=5, population=40, seed=7)
+    _, big2 = _rounds(spec_of(2), cohort=5, population=40, seed=7)
+    draws = [(big.sample(r, FakeGrid([])), big2.sample(r, FakeGrid([]))) for r in range(1, 9)]
+    assert any(x != y for x, y in draws)
 
 
 @pytest.mark.parametrize("sigma,cohort,population,rounds", [(0.87, 5, 20, 8), (2.0, 2, 4, 3)])
@@ -121,7 +130,7 @@ def test_budget_stop_names_the_round_and_the_level():
     ledger = PrivacyLedger(cfg, task=None, state=state)
     for rnd in (1, 2):
         assert ledger.stop_reason(rnd, [0, 1]) is None
-        ledger.record_round([])
+        ledger.settle(rnd, [])
     assert ledger.fields()["epsilon_user"] == pytest.approx(5.377, abs=1e-3)
     reason = ledger.stop_reason(3, [0, 1])
     assert "round 3 would raise the user-level epsilon to 6.48" in reason

@@ -21,6 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune.data.local_files import DataFileError, check_text_file, local_data_files
+from fedtune.data.tokenize import default_cache_dir
+
 if TYPE_CHECKING:
     import datasets
 
@@ -75,7 +78,22 @@ def load_corpus(name: str, /, **options: Any) -> datasets.DatasetDict:
                if params[k].default is inspect.Parameter.empty and k not in options]
     if missing:
         raise CorpusError(f"corpus {name!r} needs data.options {missing}")
-    return loader(**options)
+    corpus = loader(**options)
+    _check_classes(corpus["train"], name)
+    return corpus
+
+
+def _check_classes(train: datasets.Dataset, name: str) -> None:
+    """A classifier needs two classes to learn from: with one, the head has a single
+    output, every prediction is right and the run reports accuracy 1.0."""
+    present = sorted(set(train["label"]))
+    if len(present) >= 2:
+        return
+    names = getattr(train.features["label"], "names", None)
+    held = (f"only label {names[present[0]] if names else present[0]!r}" if present
+            else "no rows")
+    raise CorpusError(f"corpus {name!r}: the training split holds {held}; a classifier "
+                      "needs at least 2 classes in its training data")
 
 
 def _check_type(option: str, value: Any, kinds: type | tuple[type, ...]) -> None:
@@ -176,6 +194,30 @@ def _installed_copy() -> Path | None:
 
 # --- hf -------------------------------------------------------------------------------------
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost explicit cause, on one line: datasets wraps a parse error (the part
+    that says what is wrong) in a generic "error while generating the dataset"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split()) or "no data"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _is_string(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _check_no_nulls(ds: datasets.Dataset, where: str) -> None:
+    for column, what in (("text", "text"), ("label", "label")):
+        values = ds[column]
+        row = next((i for i, v in enumerate(values) if v is None), None)
+        if row is not None:
+            raise CorpusError(f"{where}: data row {row + 1} has an empty {what}; every row "
+                              "needs a text and a label")
+
+
 def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
     import datasets
 
@@ -216,12 +258,28 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         _check_type(option, value, kinds)
     if not 0 < test_fraction < 1:
         raise CorpusError(f"data.options.test_fraction={test_fraction} must be in (0, 1)")
+    if not 0 <= seed < 2**32:  # numpy's seed range (the held-out split is drawn by numpy)
+        raise CorpusError(f"data.options.seed={seed} must be in [0, {2**32 - 1}]")
+    local = Path(path).expanduser()
+    files = local_data_files(data_files, local if local.is_dir() else None)
+    try:
+        for file in files:
+            check_text_file(file)
+    except DataFileError as exc:
+        raise CorpusError(f"{exc} (data.options.data_files)") from None
+    if cache_dir is None and (files or local.exists()):
+        # The user's own texts: datasets would copy them into its cache in the home
+        # folder; they go with fedtune's other caches instead (README: Caches).
+        cache_dir = default_cache_dir() / "datasets"
+    source = (f"data file {files[0]}" if len(files) == 1
+              else f"data.options.path={path!r} (data_files={data_files!r})")
     try:
         loaded = datasets.load_dataset(path, name, data_files=data_files,
                                       cache_dir=str(cache_dir) if cache_dir else None)
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        raise CorpusError(f"data.options.path={path!r} (data_files={data_files!r}) could not "
-                          f"be loaded: {exc}") from None
+    except (FileNotFoundError, ValueError, ConnectionError, StopIteration,
+            datasets.exceptions.DatasetsError) as exc:
+        raise CorpusError(f"{source} could not be read as {path!r} data: "
+                          f"{_root_cause(exc)}") from None
     if not isinstance(loaded, datasets.DatasetDict):
         raise CorpusError(f"dataset {path!r} did not load as named splits")
     if train_split not in loaded:
@@ -255,10 +313,13 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         elif ds.features["id"] != datasets.Value("string"):
             ds = ds.cast_column("id", datasets.Value("string"))
         out[split] = ds
-    label = out["train"].features["label"]
-    if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string"):
+    for split, ds in out.items():
+        _check_no_nulls(ds, f"{source} split {split!r}")
+    if all(_is_string(ds.features["label"]) for ds in out.values()):
         names = sorted({str(v) for s in out.values() for v in s["label"]})
-        out = {s: ds.cast_column("label", datasets.ClassLabel(names=names))
+        # CSV text arrives as large_string, which ClassLabel cannot be cast from.
+        out = {s: ds.cast_column("label", datasets.Value("string"))
+               .cast_column("label", datasets.ClassLabel(names=names))
                for s, ds in out.items()}
     return datasets.DatasetDict({s: _as_label(ds, f"dataset {path!r} split {s!r}")
                                  for s, ds in out.items()})

@@ -9,6 +9,11 @@ Writes, into one folder:
   read.
 
 Run `python -m fedtune.deploy.certs DIR --host HOST --nodes N` (or `fedtune deploy certs`).
+
+Existing files are never replaced unless `force` is given (a replaced CA silently cuts off
+every node that trusts the old one), no file is written through a symlink (each is created
+with O_EXCL | O_NOFOLLOW; `force` removes the old entry, link or file, first), and private
+keys are created 0600, never readable by others even for an instant.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
+
+
+class CertsError(ValueError):
+    """A certificate or key file cannot be written; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +53,20 @@ def node_key_path(folder: Path, index: int) -> Path:
 
 
 def write_certs(folder: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
-                days: int = 365) -> CertFiles:
+                days: int = 365, force: bool = False) -> CertFiles:
     """Create the CA, the SuperLink's certificate for `hosts` (plus loopback) and `nodes`
-    SuperNode key pairs in `folder`; existing files are overwritten."""
+    SuperNode key pairs in `folder`. If any of these files exists, nothing is written and a
+    CertsError names them, unless `force` (then each is replaced)."""
     if nodes < 0:
         raise ValueError(f"nodes must be >= 0, got {nodes}")
     folder = Path(folder)
+    files = CertFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key",
+                      tuple(node_key_path(folder, i) for i in range(nodes)))
+    targets = [files.ca_cert, folder / "ca.key", files.server_cert, files.server_key]
+    for key in files.node_keys:
+        targets += [key, _public_path(key)]
+    if not force:
+        _refuse_existing(targets)
     folder.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys([*DEFAULT_HOSTS, *hosts]))
     now = dt.datetime.now(dt.UTC)
@@ -89,28 +109,40 @@ def write_certs(folder: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
         .sign(ca_key, hashes.SHA256())
     )
 
-    files = CertFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key",
-                      tuple(node_key_path(folder, i) for i in range(nodes)))
-    _write(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(folder / "ca.key", _pem_key(ca_key), private=True)
-    _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
-    _write(files.server_key, _pem_key(server_key), private=True)
+    _write(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), force)
+    _write(folder / "ca.key", _pem_key(ca_key), force, private=True)
+    _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), force)
+    _write(files.server_key, _pem_key(server_key), force, private=True)
     for path in files.node_keys:
-        write_node_key(path)
+        write_node_key(path, force)
     return files
 
 
-def write_node_key(path: str | Path) -> Path:
+def write_node_key(path: str | Path, force: bool = False) -> Path:
     """One SuperNode key pair: `path` (private, OpenSSH) and `path`.pub (public, OpenSSH).
-    P-384, because Flower accepts only NIST curves for SuperNode keys."""
+    P-384, because Flower accepts only NIST curves for SuperNode keys. An existing `path`
+    or `path`.pub is a CertsError unless `force`."""
     path = Path(path)
+    if not force:
+        _refuse_existing([path, _public_path(path)])
     key = ec.generate_private_key(ec.SECP384R1())
     _write(path, key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()), private=True)
-    _write(path.with_name(path.name + ".pub"), key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+                                   serialization.NoEncryption()), force, private=True)
+    _write(_public_path(path), key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", force)
     return path
+
+
+def _public_path(private: Path) -> Path:
+    return private.with_name(private.name + ".pub")
+
+
+def _refuse_existing(paths: Sequence[Path]) -> None:
+    existing = [str(p) for p in paths if os.path.lexists(p)]  # a dangling link counts
+    if existing:
+        raise CertsError(f"refusing to overwrite {', '.join(existing)}; nodes may trust or use "
+                         "them (choose another folder, or pass --force to replace them)")
 
 
 def _san(name: str) -> x509.GeneralName:
@@ -126,10 +158,25 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+def _write(path: Path, data: bytes, force: bool, private: bool = False) -> None:
+    """Create `path` as a new file (O_EXCL: never through a symlink, never into an existing
+    file) with its final mode from the first byte on; `force` unlinks an old entry first
+    (unlinking a symlink removes the link, not its target)."""
+    if force:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CertsError(f"cannot replace {path}: {exc.strerror}") from None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, PRIVATE_MODE if private else PUBLIC_MODE)
+    except FileExistsError:
+        raise CertsError(f"{path} appeared while the certificates were being written; "
+                         "nothing in it was followed or replaced") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -140,8 +187,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(repeatable; loopback is always included)")
     parser.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
     parser.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing certificate and key files")
     args = parser.parse_args(argv)
-    files = write_certs(args.folder, args.host, args.nodes, args.days)
+    try:
+        files = write_certs(args.folder, args.host, args.nodes, args.days, args.force)
+    except CertsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {files.ca_cert}, {files.server_cert}, {files.server_key} and "
           f"{len(files.node_keys)} SuperNode key pairs in {args.folder}")
 

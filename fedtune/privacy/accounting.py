@@ -44,8 +44,12 @@ class DPHistory:
 
     @classmethod
     def from_lists(cls, data: dict[str, list]) -> DPHistory:
-        return cls([(float(s), float(q), int(n)) for s, q, n in
-                    zip(data["sigma"], data["q"], data["steps"], strict=True)])
+        """The history `to_lists` wrote; entries of no steps are no release and are left out
+        (as `add` leaves them out)."""
+        history = cls()
+        for s, q, n in zip(data["sigma"], data["q"], data["steps"], strict=True):
+            history.add(float(s), float(q), int(n))
+        return history
 
 
 def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
@@ -53,10 +57,18 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
     accountant's upper bound, never its point estimate."""
     if not history.entries:
         return None
+    return _epsilon(tuple(history.entries), delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str
+             ) -> float:
+    """Cached: the server recomputes each charged client's epsilon every round it settles,
+    mostly for histories it has seen before."""
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(history.entries)
+    acc.history = list(entries)
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, by design
         return float(acc.get_epsilon(delta=delta))
 

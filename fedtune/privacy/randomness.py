@@ -16,6 +16,7 @@ injection) stays seeded from `seed` in both modes.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import numpy as np
@@ -51,3 +52,13 @@ def dp_numpy_rng(reproducible_seed: int | None = None) -> np.random.Generator:
     if reproducible_seed is None:
         return np.random.Generator(np.random.PCG64(secrets.randbits(_NUMPY_SEED_BITS)))
     return np.random.Generator(np.random.PCG64(reproducible_seed))
+
+
+def stream_seed(reproducible_seed: int | None, stream: str) -> int | None:
+    """In reproducible-noise mode, a seed of its own for each DP stream of one draw site
+    (e.g. "poisson" and "noise"), so that two generators on one device never repeat each
+    other's draws; None (secret) stays None."""
+    if reproducible_seed is None:
+        return None
+    digest = hashlib.sha256(f"{reproducible_seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are signed 64-bit

@@ -3,7 +3,8 @@ grad at the cut.
 
 Split clients talk to the body only through `BodyService`, so a networked body (a
 deployment server keyed by client) can replace the in-process one without touching the
-client. Labels never reach it: it sees cut-layer activations and output gradients only.
+client. It sees every trained example's cut-layer activations and body-output gradients,
+which carry its text and its label (see `fedtune.split.smashed_dp` for their protection).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 examples under the current global model, ||softmax(f(x)) - onehot(y)||_2 from one forward
 pass, and trains only on the highest-scoring fraction `keep`.
 
-The server side only tells clients the rule (ConfigRecord entries); scoring and selection
-run on the client (`clients/pruning.py`; a split client scores through the body service,
+The server side only tells clients the rule (`fedtune.protocol.PruneSettings`); scoring and
+selection run on the client (`clients/pruning.py`; a split client scores through the body service,
 forward only), which rescores at its first participation and
 then whenever `every` rounds have passed since its last scoring (0: never again).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.config import ConfigError
+from fedtune.protocol import PruneSettings
 from strategies.plugins.base import Plugin, register_plugin
 
 SELECTION_CAVEAT = ("el2n_pruning selects training examples by their loss outside DP-SGD: "
@@ -38,7 +39,7 @@ class EL2NPruning(Plugin):
                 "with that caveat in the ledger")
 
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
-        return {"prune-keep": self.keep, "prune-every": self.every}
+        return {"prune": PruneSettings(keep=self.keep, every=self.every)}
 
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         pruned = [c for c in clients if "examples_kept" in c]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import ConfigError
+from fedtune.protocol import DomainSettings
 from strategies.plugins.base import Plugin, register_plugin
 
 WEIGHTINGS = ("fixed", "anneal", "importance")
@@ -86,8 +87,8 @@ class PopulationExpansion(Plugin):
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
         if self.weighting != "importance":
             return {}
-        return {"domain-target": int(not self._is_source(pid)),
-                "importance-max": self.max_weight}
+        return {"domain": DomainSettings(is_target=not self._is_source(pid),
+                                         max_weight=self.max_weight)}
 
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         target = self.cfg.data.target_clients

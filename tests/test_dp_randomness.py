@@ -1,0 +1,107 @@
+"""DP-SGD noise and Poisson sampling are secret by default: nothing in the config (its
+`seed` included) determines them, so an adversary who re-runs the client's computation from
+the config cannot cancel the noise. `privacy.reproducible_noise = true` is the one mode
+where the same config gives the same draws. The accounted sample rate is the rate the
+Poisson loader really samples at."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from clients.train import local_train
+from fedtune.config import load_config
+from fedtune.models import Backbone
+from fedtune.privacy import DPHistory
+from fedtune.tuning import build_tuned_model
+
+BASE = ["tuning.prompt_length=4", "train.batch_size=8", "train.local_steps=2",
+        "train.optimizer=sgd", "train.lr=0.5", "privacy.sample.noise_multiplier=1.0",
+        "privacy.sample.target_epsilon=1000", "privacy.sample.max_grad_norm=1.0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """A randomly initialised 2-layer GPT-2 (no download); the prompt model only reads the
+    tokenizer's special-token ids."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2Model(config).eval().requires_grad_(False)
+    tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
+    return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
+
+
+def _data(n=24, length=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2900, (n, length), generator=g)
+    return TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (n,), generator=g))
+
+
+def _delta(backbone, sets, data=None, seed=5):
+    """The delta one client's round produces, as the adversary would recompute it from the
+    config, the seed, the data and the global model (all of which it has here)."""
+    cfg = load_config(None, BASE + sets)
+    model = build_tuned_model(backbone, cfg.tuning, 2, seed=cfg.seed)
+    start = torch.cat([t.detach().flatten().clone() for t in model.trainable_state().values()])
+    result = local_train(model, data or _data(), cfg, DPHistory(), seed=seed)
+    end = torch.cat([t.detach().flatten() for t in model.trainable_state().values()])
+    return end - start, result, cfg
+
+
+def _noise_norm(cfg, result, size):
+    """Norm of the Gaussian noise one DP-SGD step adds to the update: lr * sigma * C /
+    expected batch per coordinate (Opacus averages the noised sum over the expected batch)."""
+    per_coord = (cfg.train.lr * result.noise_multiplier * cfg.privacy.sample.max_grad_norm
+                 / (result.sample_rate * 24))
+    return per_coord * size ** 0.5
+
+
+def test_regenerating_the_noise_from_the_seed_does_not_remove_it(tiny_backbone):
+    # The audit's attack: re-run the client with everything the config fixes; if the noise
+    # and the Poisson masks followed from `seed`, the two deltas would be bit-identical and
+    # their difference would leave the exact sum of clipped gradients.
+    sets = ["train.local_steps=1"]
+    released, result, cfg = _delta(tiny_backbone, sets)
+    regenerated, _, _ = _delta(tiny_backbone, sets)
+    residual = float((released - regenerated).norm())
+    # Two independent noise draws differ by sqrt(2) x one draw's norm; allow a wide margin.
+    assert residual > 0.5 * _noise_norm(cfg, result, released.numel()), residual
+
+
+def test_two_default_runs_of_one_config_give_different_deltas(tiny_backbone):
+    a, _, _ = _delta(tiny_backbone, [])
+    b, _, _ = _delta(tiny_backbone, [])
+    assert not torch.equal(a, b)
+
+
+def test_reproducible_noise_gives_identical_deltas(tiny_backbone):
+    sets = ["privacy.reproducible_noise=true"]
+    a, _, _ = _delta(tiny_backbone, sets)
+    b, _, _ = _delta(tiny_backbone, sets)
+    assert torch.equal(a, b)
+    c, _, _ = _delta(tiny_backbone, sets, seed=6)  # another client seed: other draws
+    assert not torch.equal(a, c)
+
+
+def test_plain_training_stays_seeded(tiny_backbone):
+    # Shuffling without DP is not DP randomness: it follows `seed`, so runs reproduce.
+    sets = ["privacy.sample.enabled=false"]
+    a, _, _ = _delta(tiny_backbone, sets)
+    b, _, _ = _delta(tiny_backbone, sets)
+    assert torch.equal(a, b)
+
+
+def test_the_accounted_sample_rate_is_the_rate_the_loader_samples_at(tiny_backbone):
+    # n = 24, batch 10: B/n = 0.417, but a Poisson loader built from a DataLoader of
+    # ceil(24/10) = 3 batches samples at 1/3. The accountant must be told the real rate.
+    steps = 400
+    sets = ["train.batch_size=10", f"train.local_steps={steps}", "train.lr=1e-6"]
+    _, result, _ = _delta(tiny_backbone, sets)
+    trials = steps * 24
+    empirical = result.examples_seen / trials
+    std = (result.sample_rate * (1 - result.sample_rate) / trials) ** 0.5
+    assert abs(empirical - result.sample_rate) < 5 * std, (empirical, result.sample_rate)

@@ -1,0 +1,27 @@
+"""The ledger's list of what leaves a client in clear follows the configuration."""
+
+from fedtune.config import load_config
+from strategies.in_clear import in_clear
+
+
+def test_default_run_lists_counts_loss_and_the_reported_dp_spend():
+    listed = in_clear(load_config(None, []))
+    assert {"delta", "num_examples", "loss", "reported DP spend"} <= set(listed["sent"])
+    assert "reveals the data size n" in listed["sent"]["reported DP spend"]
+    assert listed["withheld"] == []
+
+
+def test_withholding_moves_counts_and_plugin_figures_to_withheld():
+    cfg = load_config(None, ["privacy.sample.enabled=false", "privacy.user.enabled=true",
+                             "privacy.user.clipping=client",
+                             "privacy.user.withhold_metrics=true"])
+    cfg.plugins = [{"name": "el2n_pruning", "keep": 0.5}]
+    listed = in_clear(cfg)
+    assert {"num_examples", "loss", "pruning figures"} <= set(listed["withheld"])
+    assert not {"num_examples", "loss", "reported DP spend"} & set(listed["sent"])
+    assert "clipped on the client" in listed["sent"]["delta"]
+
+
+def test_split_mode_points_at_the_smashed_data():
+    cfg = load_config(None, ["split.enabled=true"])
+    assert "every trained example" in in_clear(cfg)["sent"]["split-mode smashed data"]
