@@ -12,6 +12,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
+from fedtune.interrupt import (
+    EXIT_CODE,
+    RunInterrupted,
+    end_children,
+    on_stop,
+    received,
+    stop_on_signals,
+)
+from fedtune.run_folder import RunFolderError, claim_run_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
@@ -28,11 +37,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.delta import DeltaError
     from fedtune.export import ExportError
     from fedtune.ledger import LedgerError
+    from fedtune.local_ray import RayNotLoopbackError
     from fedtune.models import BackboneError
     from fedtune.predict_input import PredictInputError
 
     return _USER_ERRORS + (BackboneError, CheckpointError, CorpusError, DeltaError, ExportError,
-                           LedgerError, PartitionError, PredictInputError)
+                           LedgerError, PartitionError, PredictInputError, RayNotLoopbackError)
 
 
 @app.callback()
@@ -71,11 +81,41 @@ def run(
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if resume is None and (out / "rounds.jsonl").exists():
-        _fail(f"{out} already holds a run (rounds.jsonl); choose another --out, or "
-              f"--resume {out} to continue it")
-    summary = _run_with_progress(cfg, out, verbose, resume is not None)
+    with stop_on_signals():
+        try:
+            # Before Ray or the model start: a bad --out fails at once, and the lock keeps
+            # any other run out of the folder until this process ends.
+            folder = claim_run_folder(out, resume=resume is not None,
+                                      flag="--resume" if resume is not None else "--out")
+        except RunFolderError as exc:
+            _fail(str(exc))
+        try:
+            with on_stop(lambda: _stopped(out)):
+                summary = _run_with_progress(cfg, out, verbose, resume is not None)
+        except RunInterrupted:
+            _stopped(out)
+        finally:
+            folder.release()
     _print_summary(summary, out)
+
+
+def _stopped(out: Path) -> None:
+    """After the run's own stop callbacks (Ray's processes ended, temp folder removed): one
+    line, then exit at once. The ServerApp's thread, still waiting for replies that will not
+    come, must not hold the process until its round timeout."""
+    import os
+
+    from fedtune.run_folder import CHECKPOINT_FILE
+
+    if (out / CHECKPOINT_FILE).exists():
+        where = f"{out} is resumable: fedtune run --resume {out}"
+    else:
+        where = f"no round finished, nothing to resume (remove {out} to start again)"
+    end_children()  # a Ray interrupted while it was starting may have left some
+    console.print(f"[bold yellow]stopped[/] by {received()}: {where}", highlight=False,
+                  soft_wrap=True)
+    console.file.flush()
+    os._exit(EXIT_CODE)
 
 
 def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: bool
@@ -311,7 +351,8 @@ def predict(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line whatever the terminal's width, so it can be read and grepped whole.
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

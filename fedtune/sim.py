@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, ExperimentConfig
+from fedtune.interrupt import end_children, on_stop
 from fedtune.ledger import SUMMARY_FILE
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
@@ -151,6 +154,44 @@ def check_split(cfg: ExperimentConfig, model: Any) -> None:
         SplitBackbone(model, cfg.split.cut_layer)
 
 
+def start_ray(cfg: ExperimentConfig) -> None:
+    """Start Ray the way Flower's Ray backend would (`backend_config`'s init_args, the
+    driver's sys.path for the actors), so that Flower finds it running and fedtune owns
+    what started: a local Ray is checked to be on loopback, and Ctrl-C / SIGTERM keep
+    fedtune's handlers (`ray.init` replaces the SIGTERM one)."""
+    import ray
+
+    from fedtune.interrupt import rearm
+
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+             **backend_config(cfg)["init_args"])
+    rearm()
+    if not cfg.simulation.ray_address:
+        from fedtune.local_ray import check_started
+
+        check_started()
+
+
+def _quiet_engine() -> None:
+    """On Ctrl-C/SIGTERM: the engine's threads would report every actor that the stop ends
+    as an error with a traceback (Flower shuts Ray down on its way out, while they still
+    wait); the user asked for exactly that, so they stay quiet."""
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _ray_scope(cfg: ExperimentConfig, ray_temp: Path) -> AbstractContextManager[None]:
+    """A local Ray stays on loopback with its files under `ray_temp`; a cluster is used
+    as it is."""
+    if cfg.simulation.ray_address:
+        return nullcontext()
+    from fedtune.local_ray import loopback_ray
+
+    ray_temp.mkdir(parents=True, exist_ok=True)
+    return loopback_ray(ray_temp)
+
+
 def prepare_resume(out_dir: Path, spec_hash: str) -> int:
     """Check that `out_dir` can be resumed and complete its ledger up to the checkpoint;
     returns the last completed round. Errors name what is wrong before any actor starts."""
@@ -170,6 +211,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`.
     With `resume`, continue the interrupted run in `out_dir` from its checkpoint."""
     quiet_environment()
+    if not cfg.simulation.ray_address:
+        from fedtune.local_ray import prefer_loopback
+
+        prefer_loopback()  # before anything imports Ray (Flower's simulation does)
     if not verbose:
         # Actors read it when they import Flower: their shutdown notices stay quiet too.
         os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
@@ -197,22 +242,31 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     import ray
 
-    # The actors read the task the driver just built (memory-mapped arrays) instead of each
-    # loading, hashing and partitioning the corpus again; it lives for this run only.
-    bundle_dir = tempfile.TemporaryDirectory(prefix="fedtune-task-")
+    # One temp folder for the run, removed on the way out (also after Ctrl-C or SIGTERM:
+    # fedtune.interrupt): the task bundle the actors read (memory-mapped arrays, instead of
+    # each loading, hashing and partitioning the corpus again) and, for a local Ray, Ray's
+    # session folder.
+    temp_dir = tempfile.TemporaryDirectory(prefix="fedtune-", ignore_cleanup_errors=True)
     try:
-        bundle = str(write_bundle(task, bundle_dir.name))
-        run_simulation(
-            server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=build_client_app(cfg, bundle),
-            num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(cfg),
-            verbose_logging=verbose,
-        )
+        # Ray adds ray/session_<date>_<pid>/sockets/...: kept short, as Unix socket paths
+        # are limited to 107 bytes.
+        with _ray_scope(cfg, Path(temp_dir.name)), on_stop(temp_dir.cleanup), \
+                on_stop(end_children), on_stop(_quiet_engine):
+            bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
+            start_ray(cfg)
+            run_simulation(
+                server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
+                client_app=build_client_app(cfg, bundle),
+                num_supernodes=cfg.data.num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        bundle_dir.cleanup()
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            temp_dir.cleanup()
     summary_path = out_dir / SUMMARY_FILE
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; "

@@ -221,3 +221,49 @@ def test_supernode_patch_caps_flowers_fixed_sleeps(monkeypatch):
     start_client_internal.time.sleep(3)  # what the SuperNode's idle loop asks for
     assert time.monotonic() - t0 < 0.5
     assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
+
+
+@pytest.mark.slow
+def test_only_loopback_listens_and_the_gateway_hides_the_control_api(deployment):
+    import ssl
+
+    import httpx
+    from netstat import descendants, listeners
+
+    pids = set().union(*(descendants(p.popen.pid) for p in deployment.procs))
+    found = listeners(pids)
+    assert {x.port for x in found} >= {deployment.port, deployment.fleet_port}
+    assert not [str(x) for x in found if not x.loopback], found
+    verify = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    path = "/v1/control/register-node"  # how an outsider registered its own key
+    with httpx.Client(verify=verify) as client:
+        assert client.post(f"https://127.0.0.1:{deployment.fleet_port}{path}",
+                           content=b"").status_code == 404
+        # The same route on the SuperLink's own (loopback) port exists.
+        assert client.post(f"https://127.0.0.1:{deployment.port}{path}",
+                           content=b"").status_code != 404
+
+
+def test_deploy_local_refuses_seeded_noise(tmp_path):
+    proc = _deploy_cli("local", "experiments/quickstart.toml", "--out", str(tmp_path / "r"),
+                       "--set", "data.num_clients=2", "--set", "train.clients_per_round=2",
+                       "--set", "privacy.reproducible_noise=true")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: privacy.reproducible_noise = true: seeded noise is for simulation studies " \
+           "only" in proc.stdout
+    assert not (tmp_path / "r").exists() and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_seeded_noise_is_refused_outside_the_simulation_engine():
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedtune.config import load_config
+    from fedtune.deploy.seeded_noise import SeededNoiseRefused, check_server_runtime
+
+    seeded = load_config(ROOT / "experiments" / "quickstart.toml",
+                         ["privacy.reproducible_noise=true"])
+    secret = load_config(ROOT / "experiments" / "quickstart.toml", [])
+    with pytest.raises(SeededNoiseRefused, match="seeded noise is for simulation studies"):
+        check_server_runtime(seeded, object())  # a deployment's grid
+    check_server_runtime(secret, object())
+    check_server_runtime(seeded, InMemoryGrid.__new__(InMemoryGrid))  # the simulation's

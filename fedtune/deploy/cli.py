@@ -21,7 +21,7 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -43,6 +43,71 @@ def certs(
     console.print(f"[bold green]wrote[/] {files.ca_cert} (give to every SuperNode), "
                   f"{files.server_cert} + {files.server_key} (SuperLink only), "
                   f"{len(files.node_keys)} key pairs node-<i> / node-<i>.pub in {folder}")
+
+
+@deploy_app.command()
+def superlink(
+    certs: Annotated[Path, typer.Option(
+        help="Folder from `fedtune deploy certs` (ca.crt, server.pem, server.key).")],
+    fleet_address: Annotated[str, typer.Option(
+        help="Where SuperNodes connect (HOST:PORT): the only port that may face the network, "
+             "e.g. 0.0.0.0:9092. Default: loopback only.")] = "127.0.0.1:9092",
+    port: Annotated[int, typer.Option(
+        help="The SuperLink's own port on 127.0.0.1 (Control and ServerAppIo API: "
+             "`flwr` commands on this machine use it).")] = 9093,
+) -> None:
+    """Start the SuperLink on loopback and its Fleet gateway on --fleet-address, until
+    Ctrl-C. Only the Fleet API faces the network (README: Deployment)."""
+    from fedtune.deploy.address import DeployError, check_address, check_file
+    from fedtune.deploy.certs import CertFiles
+    from fedtune.deploy.local import SUPERLINK_ENV, gateway_command, superlink_command
+
+    try:
+        check_address(fleet_address, "--fleet-address")
+        files = CertFiles(ca_cert=check_file(certs / "ca.crt", "--certs"),
+                          server_cert=check_file(certs / "server.pem", "--certs"),
+                          server_key=check_file(certs / "server.key", "--certs"),
+                          node_keys=())
+    except DeployError as exc:
+        _fail(str(exc))
+    if not 0 < port < 65536:
+        _fail(f"--port must be 1-65535, got {port}")
+    env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
+           **SUPERLINK_ENV,
+           # The SuperLink starts `flower-superexec` by name: the one next to this Python.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                    os.environ.get("PATH", "")])}
+    procs = [subprocess.Popen(superlink_command(port, files), env=env)]
+    procs.append(subprocess.Popen(
+        gateway_command(fleet_address, f"127.0.0.1:{port}", files), env=env))
+    console.print(f"SuperLink on 127.0.0.1:{port} (Control, ServerAppIo: this machine only); "
+                  f"Fleet API for SuperNodes on {fleet_address}; PIDs "
+                  f"{', '.join(str(p.pid) for p in procs)}; Ctrl-C stops", highlight=False)
+    code = _wait_and_stop(procs)
+    if code:
+        _fail(f"the SuperLink or its Fleet gateway exited with code {code} (see the log above)")
+
+
+def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
+    """Wait until Ctrl-C or one process exits, then end them all (by PID); returns the
+    exit code of the one that ended first (0 after Ctrl-C)."""
+    code = 0
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        code = next(p.returncode for p in procs if p.returncode is not None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return code
 
 
 @deploy_app.command()
@@ -100,22 +165,7 @@ def supernode(
              "--runtime-api-address", f"127.0.0.1:{runtime_port}"], env=env))
     console.print(f"SuperNode (partition {partition_id}) -> {superlink}, "
                   f"PIDs {', '.join(str(p.pid) for p in procs)}; Ctrl-C stops")
-    code = 0
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        code = next(p.returncode for p in procs if p.returncode is not None)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    code = _wait_and_stop(procs)
     if code:
         _fail(f"the SuperNode or its worker exited with code {code} (see the log above; "
               "305: the SuperLink refused the node: is its public key registered?)")
@@ -132,7 +182,11 @@ def local(
     """The whole deployment on this machine: SuperLink with TLS and node authentication,
     `nodes` registered SuperNodes with workers, and `flwr run` of the experiment."""
     from fedtune.config import ConfigError, load_config
+    from fedtune.deploy.address import DeployError
     from fedtune.deploy.local import LocalDeployment
+    from fedtune.deploy.seeded_noise import refuse_seeded_noise
+    from fedtune.interrupt import RunInterrupted, stop_on_signals
+    from fedtune.run_folder import RunFolderError, claim_run_folder
 
     project = Path(__file__).resolve().parents[2]
     if not (project / "pyproject.toml").is_file():
@@ -142,18 +196,29 @@ def local(
         cfg = load_config(config, overrides)
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
+    try:
+        refuse_seeded_noise(cfg)
+    except DeployError as exc:
+        _fail(str(exc))
     if cfg.data.num_clients != nodes:
         _fail(f"data.num_clients={cfg.data.num_clients} but --nodes {nodes}: each SuperNode "
               f"is one client; add --set data.num_clients={nodes} or change --nodes")
-    if (out / "rounds.jsonl").exists():
-        _fail(f"{out} already holds a run; choose another --out")
+    try:
+        folder = claim_run_folder(out)  # checked and locked before anything starts
+    except RunFolderError as exc:
+        _fail(str(exc))
     out = out.resolve()
     deployment = LocalDeployment(out.parent / f"{out.name}-deployment", nodes=nodes)
     console.print(f"starting SuperLink + {nodes} SuperNodes (logs: {deployment.root}/logs)")
-    with deployment:
-        res = deployment.run(project, {"config": Path(config).resolve(),
-                                       "overrides": shlex.join(overrides), "out": out},
-                             timeout=24 * 3600)
+    try:
+        with stop_on_signals(), deployment:
+            res = deployment.run(project, {"config": Path(config).resolve(),
+                                           "overrides": shlex.join(overrides), "out": out},
+                                 timeout=24 * 3600)
+    except RunInterrupted as stop:
+        _fail(f"stopped by {stop.name}; every process of the deployment has ended")
+    finally:
+        folder.release()
     if not (out / "summary.json").exists():
         _fail(f"the run ended without {out}/summary.json (flwr run exit {res.returncode}):\n"
               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")

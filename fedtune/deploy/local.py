@@ -1,5 +1,7 @@
-"""A whole deployment on this machine: SuperLink (TLS, SuperNode authentication), N
-registered SuperNodes, each with its own `partition-id` (or data file), and `flwr run`.
+"""A whole deployment on this machine: SuperLink (TLS, SuperNode authentication) on
+loopback, its Fleet gateway (`fleet_gateway`, here on loopback too), N registered
+SuperNodes connecting through the gateway, each with its own `partition-id` (or data file),
+and `flwr run`.
 
 Tests and `benchmarks/deploy_latency.py` use it; the README shows the same commands to
 type by hand on separate machines. Every process is started here, remembered by PID and
@@ -28,6 +30,27 @@ from typing import IO
 from fedtune.deploy.certs import CertFiles, write_certs, write_node_key
 
 CONNECTION = "fedtune-local"
+
+
+# Flower 1.41 also starts its older gRPC Control and Fleet servers, on 0.0.0.0:9093 and
+# 0.0.0.0:9092, when these are "1"; they stay off whatever the caller's environment says.
+SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
+def superlink_command(port: int, certs: CertFiles) -> list[str]:
+    """`flower-superlink` on loopback only: with TLS and SuperNode authentication, without
+    runtime dependency installation. Its one port serves every API, the Control API
+    included; SuperNodes reach the Fleet API through `fedtune.deploy.fleet_gateway`."""
+    return [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+            "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"]
+
+
+def gateway_command(listen: str, superlink: str, certs: CertFiles) -> list[str]:
+    return [sys.executable, "-m", "fedtune.deploy.fleet_gateway", "--listen", listen,
+            "--superlink", superlink, "--ssl-certfile", str(certs.server_cert),
+            "--ssl-keyfile", str(certs.server_key), "--ssl-ca-certfile", str(certs.ca_cert)]
 
 
 def flower_bin(name: str) -> str:
@@ -81,7 +104,8 @@ class LocalDeployment:
     worker_args: Sequence[str] = ()            # e.g. an --app for another ClientApp
     env: Mapping[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
-    port: int = 0
+    port: int = 0        # the SuperLink (Control, ServerAppIo and Fleet API), loopback
+    fleet_port: int = 0  # the Fleet gateway, what SuperNodes connect to
     certs: CertFiles | None = None
 
     # -- environment ------------------------------------------------------------------
@@ -91,6 +115,7 @@ class LocalDeployment:
                "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               **SUPERLINK_ENV,
                # SuperLink and SuperNode start `flower-superexec` & co. by name.
                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                         os.environ.get("PATH", "")])}
@@ -131,13 +156,12 @@ class LocalDeployment:
         self.root.mkdir(parents=True, exist_ok=True)
         self.certs = write_certs(self.root / "certs", nodes=self.nodes)
         self.port = free_port()
-        link = self._spawn("superlink", [
-            flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-            "--ssl-ca-certfile", str(self.certs.ca_cert),
-            "--ssl-certfile", str(self.certs.server_cert),
-            "--ssl-keyfile", str(self.certs.server_key),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation"])
+        link = self._spawn("superlink", superlink_command(self.port, self.certs))
         wait_for_port(self.port, link, timeout)
+        self.fleet_port = free_port()
+        gateway = self._spawn("fleet-gateway", gateway_command(
+            f"127.0.0.1:{self.fleet_port}", f"127.0.0.1:{self.port}", self.certs))
+        wait_for_port(self.fleet_port, gateway, timeout)
         self.write_connection()
         for key in self.certs.node_keys:
             self.register(key)
@@ -169,7 +193,7 @@ class LocalDeployment:
                         max_retries: int | None = None) -> Proc:
         assert self.certs is not None
         runtime_port = free_port()
-        common = ["--superlink", f"127.0.0.1:{self.port}",
+        common = ["--superlink", f"127.0.0.1:{self.fleet_port}",
                   "--root-certificates", str(self.certs.ca_cert),
                   "--auth-supernode-private-key", str(private_key),
                   "--node-config", node_config, "--host", "127.0.0.1",

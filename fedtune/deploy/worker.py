@@ -40,6 +40,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedtune.deploy.address import DeployError, check_address, check_file
+from fedtune.deploy.seeded_noise import refuse_seeded_noise
+from fedtune.runconfig import config_from_run_config
 
 DEFAULT_APP = "clients.app:app"
 # The SuperNode drops a task whose process has been silent for 2 x 30 s; local training
@@ -115,6 +117,8 @@ class Worker:
             message, context, run, _fab = pull_task_input(client)
             try:
                 self._check_run(run.fab_id, run.fab_version)
+                if self.config.app_ref == DEFAULT_APP:  # fedtune's ClientApp: its config
+                    refuse_seeded_noise(config_from_run_config(context.run_config))
                 reply = self.app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
             except Exception as exc:  # noqa: BLE001 - the reply carries it to the server

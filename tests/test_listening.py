@@ -1,0 +1,142 @@
+"""What listens on the network. Only a deployment's Fleet API may face other machines, and
+only when asked; a local simulation (Ray's GCS, raylet, workers, the driver) and every other
+part of a deployment listen on loopback. Measured from /proc on the real processes."""
+
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from netstat import descendants, listeners
+
+from fedtune.deploy.certs import write_certs
+from fedtune.deploy.local import free_port, gateway_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait_listening(proc: subprocess.Popen, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        found = listeners(descendants(proc.pid))
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail("nothing listened")
+
+
+def test_readme_recipe_keeps_the_superlink_on_loopback():
+    readme = (ROOT / "README.md").read_text()
+    for command in re.findall(r"flower-superlink[^`]*?(?:\n\s*```|$)", readme, flags=re.S):
+        assert "0.0.0.0" not in command and "--host ::" not in command, command
+    assert "fedtune deploy superlink" in readme
+
+
+def test_fleet_gateway_listens_where_asked_and_forwards_only_the_fleet_api(tmp_path):
+    certs = write_certs(tmp_path / "certs", nodes=0)
+    port, closed = free_port(), free_port()  # nothing listens on `closed`: no SuperLink
+    proc = subprocess.Popen(gateway_command(f"0.0.0.0:{port}", f"127.0.0.1:{closed}", certs),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        found = _wait_listening(proc)
+        assert [(x.address, x.port) for x in found] == [("0.0.0.0", port)], found
+        verify = ssl.create_default_context(cafile=str(certs.ca_cert))
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=verify) as client:
+            for method, path in (("POST", "/v1/control/register-node"),
+                                 ("POST", "/v1/control/start-run"),
+                                 ("POST", "/v1/runtime/acquire-task"),
+                                 ("POST", "/v1/fleet/no-such-route"),
+                                 ("GET", "/v1/fleet/pull-messages"), ("GET", "/docs")):
+                assert client.request(method, path).status_code == 404, (method, path)
+            # A Fleet route is forwarded: with no SuperLink behind it, 502.
+            assert client.post("/v1/fleet/pull-messages", content=b"").status_code == 502
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_fleet_gateway_refuses_a_superlink_that_is_not_on_loopback(tmp_path):
+    certs = write_certs(tmp_path / "certs", nodes=0)
+    proc = subprocess.run(gateway_command("127.0.0.1:9092", "10.0.0.5:9093", certs),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--superlink: '10.0.0.5:9093' must be a loopback address" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_local_simulation_listens_on_loopback_only(tmp_path):
+    tmp = Path(tempfile.mkdtemp(prefix="ftls", dir="/tmp"))  # short: Ray's socket paths
+    args = [sys.executable, "-m", "fedtune.cli", "run", "experiments/quickstart.toml",
+            "--out", str(tmp_path / "run")]
+    for item in ("data.num_clients=3", "train.clients_per_round=3", "train.rounds=1",
+                 "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
+                 "tuning.prompt_length=2", "train.eval_max_examples=32"):
+        args += ["--set", item]
+    log = (tmp_path / "run.log").open("wb")  # a file, not a pipe: nothing blocks the run
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+    seen, commands = {}, set()
+    try:
+        while proc.poll() is None:
+            pids = descendants(proc.pid)
+            for pid in pids:
+                try:
+                    commands.add(Path(f"/proc/{pid}/comm").read_text().strip())
+                except OSError:
+                    pass
+            for x in listeners(pids):
+                seen[(x.command, x.proto, x.address, x.port)] = x
+            time.sleep(0.3)
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = (tmp_path / "run.log").read_text(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert {"gcs_server", "raylet"} <= commands, commands  # Ray really ran and was watched
+    assert len(seen) >= 4, seen
+    exposed = [str(x) for x in seen.values() if not x.loopback]
+    assert not exposed, exposed
+    print("listening:", sorted(str(x) for x in seen.values()))
+
+
+@pytest.mark.slow
+def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
+    certs = write_certs(tmp_path / "certs", nodes=0)
+    link_port, fleet_port = free_port(), free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    log = (tmp_path / "superlink.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "deploy", "superlink",
+                             "--certs", str(certs.ca_cert.parent), "--port", str(link_port),
+                             "--fleet-address", f"0.0.0.0:{fleet_port}"], cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "superlink.log").read_text()[-3000:]
+            found = listeners(descendants(proc.pid))
+            if {x.port for x in found} >= {link_port, fleet_port}:
+                break
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+        exposed = sorted((x.address, x.port) for x in found if not x.loopback)
+        assert exposed == [("0.0.0.0", fleet_port)], found
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
