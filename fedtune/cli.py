@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
 from fedtune.interrupt import (
@@ -25,6 +26,7 @@ from fedtune.run_folder import RunFolderError, claim_run_folder
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 # Errors a user can fix from their config or data: one red line, no traceback.
@@ -36,13 +38,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.data import CorpusError, PartitionError
     from fedtune.delta import DeltaError
     from fedtune.export import ExportError
-    from fedtune.ledger import LedgerError
+    from fedtune.ledger import LedgerError, NoContributionError
     from fedtune.local_ray import RayNotLoopbackError
     from fedtune.models import BackboneError
     from fedtune.predict_input import PredictInputError
 
     return _USER_ERRORS + (BackboneError, CheckpointError, CorpusError, DeltaError, ExportError,
-                           LedgerError, PartitionError, PredictInputError, RayNotLoopbackError)
+                           LedgerError, NoContributionError, PartitionError, PredictInputError,
+                           RayNotLoopbackError)
 
 
 @app.callback()
@@ -310,11 +313,12 @@ def predict(
     import json
 
     from fedtune.export import load_tuned
-    from fedtune.predict_input import read_texts
+    from fedtune.predict_input import check_predict_options, read_texts
 
     if not text and file is None:
         _fail("give texts with --text or a --file")
     try:
+        check_predict_options(batch_size, out)
         tuned = load_tuned(model_dir)
         texts: list[str] = list(text or [])
         labels: list[int | None] | None = None

@@ -20,6 +20,11 @@ class LedgerError(ValueError):
     """rounds.jsonl cannot be continued."""
 
 
+class NoContributionError(RuntimeError):
+    """No client contributed to the model in any round of the run: nothing was learned
+    (the ledger is written; no summary is)."""
+
+
 class Ledger:
     def __init__(self, out_dir: str | Path) -> None:
         self.dir = Path(out_dir)

@@ -26,8 +26,9 @@ from fedtune.checkpoint import (
     save_checkpoint,
 )
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.seeded_noise import check_server_runtime
 from fedtune.export import save_tuned_state
-from fedtune.ledger import CONFIG_FILE, Ledger
+from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
 from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.task import Task, evaluate, get_task
@@ -42,10 +43,6 @@ from strategies.split_ledger import split_round_fields, split_summary_fields
 from strategies.user_dp import UserLevelDP
 
 RoundCallback = Callable[[dict[str, Any]], None]
-
-
-class NoContributionError(RuntimeError):
-    """No client contributed to the model in any round of the run: nothing was learned."""
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
@@ -284,6 +281,7 @@ def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None =
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(context.run_config)
+        check_server_runtime(run_cfg, grid)  # seeded noise only in simulation
         folder = out_dir or Path(str(context.run_config.get("out", "") or
                                      f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
         run_server(grid, run_cfg, folder, on_round, resume=resume)

@@ -33,13 +33,19 @@ def certs(
              "localhost/127.0.0.1/::1 are always included).")] = None,
     nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make.")] = 2,
     days: Annotated[int, typer.Option(help="Certificate lifetime in days.")] = 365,
+    force: Annotated[bool, typer.Option(
+        help="Replace existing certificate and key files (nodes holding the old CA or "
+             "keys stop working).")] = False,
 ) -> None:
     """CA, SuperLink TLS certificate and SuperNode authentication keys."""
-    from fedtune.deploy.certs import write_certs
+    from fedtune.deploy.certs import CertsError, write_certs
 
     if nodes < 0 or days < 1:
         _fail(f"--nodes must be >= 0 and --days >= 1 (got {nodes}, {days})")
-    files = write_certs(folder, host or [], nodes, days)
+    try:
+        files = write_certs(folder, host or [], nodes, days, force=force)
+    except CertsError as exc:
+        _fail(str(exc))
     console.print(f"[bold green]wrote[/] {files.ca_cert} (give to every SuperNode), "
                   f"{files.server_cert} + {files.server_key} (SuperLink only), "
                   f"{len(files.node_keys)} key pairs node-<i> / node-<i>.pub in {folder}")

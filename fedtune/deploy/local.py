@@ -154,7 +154,7 @@ class LocalDeployment:
 
     def _start(self, timeout: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.certs = write_certs(self.root / "certs", nodes=self.nodes)
+        self.certs = write_certs(self.root / "certs", nodes=self.nodes, force=True)
         self.port = free_port()
         link = self._spawn("superlink", superlink_command(self.port, self.certs))
         wait_for_port(self.port, link, timeout)
@@ -215,7 +215,7 @@ class LocalDeployment:
 
     def unregistered_supernode(self, max_retries: int = 0) -> Proc:
         """A SuperNode with a fresh key that was never registered (it must be refused)."""
-        key = write_node_key(self.root / "certs" / "node-unregistered")
+        key = write_node_key(self.root / "certs" / "node-unregistered", force=True)
         return self.start_supernode("unregistered", key, "partition-id=0",
                                     max_retries=max_retries)
 
