@@ -38,6 +38,7 @@ class RunInterrupted(BaseException):
 
 
 _active: list[Callable[[int, object], None]] = []
+_watchdogs: list[threading.Timer] = []
 _on_stop: list[Callable[[], None]] = []
 _received: list[int] = []
 
@@ -135,7 +136,15 @@ def _start_watchdog(grace_s: float) -> None:
 
     timer = threading.Timer(grace_s, expire)
     timer.daemon = True
+    _watchdogs.append(timer)
     timer.start()
+
+
+def disarm() -> None:
+    """For a process that handled a stop and goes on living (tests): cancel the watchdogs,
+    which would otherwise end it `grace_s` seconds after the signal."""
+    while _watchdogs:
+        _watchdogs.pop().cancel()
 
 
 def _descendants(root: int) -> list[int]:

@@ -198,7 +198,7 @@ class DeltaFedAvg:
             answered.add(node)
             pid = self._asked[node]
             if msg.has_error():
-                self.outcome.failed.append({"reason": str(msg.error.reason)[:500],
+                self.outcome.failed.append({"reason": _error_tail(msg.error.reason),
                                             "node": node, "partition_id": pid})
                 continue
             size = array_bytes(msg.content)
@@ -275,3 +275,12 @@ class DeltaFedAvg:
             return None
         self.outcome.no_contribution = False
         return new
+
+
+# A client's error text is bounded in the ledger; a traceback's last lines name the error.
+MAX_REASON = 500
+
+
+def _error_tail(reason: object) -> str:
+    text = str(reason)
+    return text if len(text) <= MAX_REASON else "..." + text[-MAX_REASON:]
