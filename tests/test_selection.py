@@ -1,6 +1,10 @@
 """A sweep's settings are chosen on validation accuracy: seeds of one setting are averaged,
 test accuracy never moves the ranking, and runs without a validation split are not ranked."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,22 @@ def test_tune_defaults_sweep_loads_and_varies_only_what_it_tunes():
     rows = [_row(v.name, 0.5, 0.5) for v in sweep.variants]
     ranked = rank_by_validation(sweep.variants, rows)
     assert ranked and all("seed=" not in s for c in ranked for s in c.settings)
+
+
+def test_sweep_table_shows_validation_and_names_the_setting_it_picks(tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'name = "s"\nbase = "{ROOT / "experiments/quickstart.toml"}"\n'
+                     '[[run]]\nname = "lr"\ngrid = {"train.lr" = [0.3, 3.0], "seed" = [0, 1]}\n')
+    figures = {"lr-lr=0.3-seed=0": (0.81, 0.95), "lr-lr=0.3-seed=1": (0.83, 0.95),
+               "lr-lr=3.0-seed=0": (0.90, 0.80), "lr-lr=3.0-seed=1": (0.88, 0.80)}
+    for name, (val, test) in figures.items():  # finished runs: the sweep reuses them
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "summary.json").write_text(json.dumps({
+            "final_val_accuracy": val, "final_accuracy": test, "method": "prompt",
+            "epsilon_sample": 7.9, "epsilon_user": None, "rounds": 8}))
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "sweep", str(sweep), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "val accuracy" in proc.stdout and "0.8100" in proc.stdout
+    assert "best on validation: train.lr=3.0" in proc.stdout
