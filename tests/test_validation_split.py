@@ -155,3 +155,25 @@ def test_without_validation_nothing_is_selected():
                 "initial_val_accuracy"):
         assert fields[key] is None, key
     assert fields["final_accuracy"] == 0.91
+
+
+def test_report_curves_are_validation_figures_and_runs_without_them_draw_none(tmp_path):
+    import json
+
+    from fedtune.report import collect, group, write_report
+
+    for name, key in (("with", "val_accuracy"), ("old", "accuracy")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.toml").write_text(
+            load_config(None, [f"seed={int(name == 'old')}"]).to_toml())
+        (folder / "rounds.jsonl").write_text("".join(
+            json.dumps({"round": r, key: 0.5 + r / 10, "bytes_up": 1000}) + "\n"
+            for r in (1, 2)))
+        (folder / "summary.json").write_text(json.dumps({
+            "final_accuracy": 0.8, "epsilon_sample": 7.5, "epsilon_user": None}))
+    runs = {r.folder.name: r for r in collect([tmp_path])}
+    # A per-round test accuracy (folders from before the split) is never drawn as validation.
+    assert runs["with"].accuracy_by_round == [0.6, 0.7] and runs["old"].accuracy_by_round == []
+    written = write_report(group(list(runs.values())), tmp_path / "report")
+    assert all(p.stat().st_size > 0 for p in written)
