@@ -1,4 +1,5 @@
-"""The learning task an experiment defines: frozen backbone + tokenized corpus + partitions.
+"""The learning task an experiment defines: frozen backbone + tokenized corpus + the
+server's validation rows + the clients' partitions of the other training rows.
 
 Built once per process (the server's and each Ray actor's) and shared by every virtual
 client that process serves; a client then costs only its partition indices.
@@ -6,11 +7,15 @@ client that process serves; a client then costs only its partition indices.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import mmap
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +26,10 @@ from fedtune.data import load_corpus, partition, partition_domains, target_rows,
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, load_backbone
 from fedtune.tuning import TunedModel, build_tuned_model
+from fedtune.validation_split import carve_validation, client_rows
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,23 @@ class Task:
     partitions: list[np.ndarray]
     label_names: tuple[str, ...]
     spec: DeltaSpec
+    # Rows of `train` the server validates on (data.validation_fraction); no partition
+    # holds any of them. Empty when the fraction is 0.
+    validation_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @cached_property
+    def validation(self) -> Split | None:
+        """The server's validation split, or None when there is none (then nothing selects)."""
+        if self.validation_rows.size == 0:
+            return None
+        rows = self.validation_rows
+        return Split(np.asarray(self.train.input_ids[rows]),
+                     np.asarray(self.train.attention_mask[rows]),
+                     np.asarray(self.train.labels[rows]))
 
     def new_model(self) -> TunedModel:
         """A fresh tuned model; identical in every process for the same config (seeded)."""
@@ -95,26 +117,29 @@ def get_task(cfg: ExperimentConfig, bundle: str | Path | None = None) -> Task:
 
 
 BUNDLE_META = "task.json"
+VALIDATION_ROWS = "validation_rows.npy"
 
 
 def write_bundle(task: Task, folder: str | Path) -> Path:
     """Write what a worker process needs to rebuild `task` without its corpus: the token
     and label arrays (references to the token cache's files where the task reads them
-    from there, else .npy copies), the partitions' indices and the label names. Workers
-    memory-map the arrays, so they share the pages instead of each holding a copy, and
-    skip importing `datasets`/flwr-datasets, reading the corpus and partitioning it."""
+    from there, else .npy copies), the partitions' indices (which exclude the validation
+    rows), the validation rows and the label names. Workers memory-map the arrays, so they
+    share the pages instead of each holding a copy, and skip importing
+    `datasets`/flwr-datasets, reading the corpus and partitioning it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split_name in ("train", "test"):
         split = getattr(task, split_name)
-        for field in ("input_ids", "attention_mask", "labels"):
-            arrays[f"{split_name}.{field}"] = _array_file(getattr(split, field), folder,
-                                                          f"{split_name}.{field}")
+        for column in ("input_ids", "attention_mask", "labels"):
+            arrays[f"{split_name}.{column}"] = _array_file(getattr(split, column), folder,
+                                                           f"{split_name}.{column}")
     sizes = np.asarray([len(p) for p in task.partitions], dtype=np.int64)
     flat = (np.concatenate(task.partitions) if task.partitions else np.zeros(0)).astype(np.int64)
     np.save(folder / "partitions.npy", flat)
     np.save(folder / "partition_sizes.npy", sizes)
+    np.save(folder / VALIDATION_ROWS, task.validation_rows.astype(np.int64))
     meta = {"key": task_key(task.cfg), "arrays": arrays, "label_names": list(task.label_names)}
     (folder / BUNDLE_META).write_text(json.dumps(meta))
     return folder
@@ -159,7 +184,8 @@ def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
     label_names = tuple(meta["label_names"])
     model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed)
     spec = model_spec(model, backbone, cfg, len(label_names))
-    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec)
+    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec,
+                validation_rows=np.load(root / VALIDATION_ROWS))
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,21 +199,54 @@ def _build_task(key: str, cfg_toml: str) -> Task:
         tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length)
         splits[name] = Split(tok["input_ids"], tok["attention_mask"],
                              np.asarray(ds["label"], dtype=np.int64))
+    among = None
     if cfg.data.domain_by:
-        # With two domains, the utility that counts is the target domain's.
+        # With two domains, the utility that counts is the target domain's: test and
+        # validation rows are target rows.
         rows = target_rows(corpus["test"], cfg.data.domain_by, cfg.data.target_domain, "test")
         test = splits["test"]
         splits["test"] = Split(test.input_ids[rows], test.attention_mask[rows],
                                test.labels[rows])
-        parts = partition_domains(corpus["train"], cfg.data, cfg.seed)
-    else:
-        parts = partition(corpus["train"], cfg.data.partition, cfg.data.num_clients,
-                          seed=cfg.seed, alpha=cfg.data.alpha, by=cfg.data.by)
+        among = target_rows(corpus["train"], cfg.data.domain_by, cfg.data.target_domain,
+                            "train")
+    validation_rows = carve_validation(splits["train"].labels, cfg.data.validation_fraction,
+                                       cfg.seed, among)
+    parts = _client_partitions(corpus["train"], validation_rows, cfg)
     label_names = _label_names(corpus["train"])
     num_labels = len(label_names)
     model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)
     spec = model_spec(model, backbone, cfg, num_labels)
-    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec)
+    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec,
+                validation_rows=validation_rows)
+
+
+def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,
+                       cfg: ExperimentConfig) -> list[np.ndarray]:
+    """The clients' index arrays into the whole training split, cut from the rows the
+    validation split left."""
+    rest = client_rows(len(train), validation_rows)
+    with _no_progress_bars():  # a selected dataset draws a bar each time it is flattened
+        if validation_rows.size:
+            train = train.select(rest)
+        if cfg.data.domain_by:
+            parts = partition_domains(train, cfg.data, cfg.seed)
+        else:
+            parts = partition(train, cfg.data.partition, cfg.data.num_clients, seed=cfg.seed,
+                              alpha=cfg.data.alpha, by=cfg.data.by)
+    return [rest[p] for p in parts]
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    import datasets  # not at the top: bundle readers never import it
+
+    was_enabled = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.utils.enable_progress_bars()
 
 
 def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num_labels: int

@@ -1,5 +1,6 @@
-"""A worker rebuilds the driver's task from a bundle: same data, partitions and spec, arrays
-memory-mapped (shared pages), and no corpus loading; and it reuses one model per process."""
+"""A worker rebuilds the driver's task from a bundle: same data, partitions, validation rows
+and spec, arrays memory-mapped (shared pages), and no corpus loading; and it reuses one model
+per process."""
 
 import subprocess
 import sys
@@ -37,6 +38,11 @@ def test_bundle_rebuilds_the_same_task_memory_mapped(tmp_path):
     for t in (task.client_data(3).tensors, again.client_data(3).tensors):
         assert t[0].dtype == torch.int64
     np.testing.assert_array_equal(task.client_data(3).tensors[0], again.client_data(3).tensors[0])
+    # The server's validation rows travel too, and no actor's partition holds one.
+    assert task.validation_rows.size > 0
+    np.testing.assert_array_equal(again.validation_rows, task.validation_rows)
+    np.testing.assert_array_equal(again.validation.labels, task.validation.labels)
+    assert not np.intersect1d(np.concatenate(again.partitions), again.validation_rows).size
 
 
 def test_bundle_of_another_task_or_a_missing_one_is_ignored(tmp_path):
@@ -56,12 +62,12 @@ def test_worker_reads_a_bundle_without_importing_datasets(tmp_path):
         "from fedtune.task import get_task\n"
         "import clients.app\n"
         f"task = get_task(load_config({str(tmp_path / 'cfg.toml')!r}), {str(folder)!r})\n"
-        "print(len(task.partitions), sorted(m for m in ('datasets', 'flwr_datasets', 'peft',"
-        " 'opacus') if m in sys.modules))\n"
+        "print(len(task.partitions), task.validation_rows.size, sorted(m for m in ('datasets',"
+        " 'flwr_datasets', 'peft', 'opacus') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, check=True).stdout
-    assert out.strip().splitlines()[-1] == "7 []"
+    assert out.strip().splitlines()[-1] == f"7 {get_task(cfg).validation_rows.size} []"
 
 
 def test_worker_model_is_reused_and_reset_by_the_global_vector():
