@@ -188,8 +188,13 @@ def _watch(args: list[str], rounds_file: Path, env: dict[str, str]) -> dict[str,
             # Rounds 2.. as seen from outside: everything between two ledger lines
             # (checkpoint, ledger write, sampling), not only what `wall_s` times.
             "later_by_arrival": arrived[-1] - arrived[0],
-            "total": total, "final_accuracy": rounds[-1]["accuracy"],
-            "final_loss": rounds[-1]["loss"]}
+            # fedtune's rounds score the validation split, the bare loop's its own split.
+            "total": total, "final_accuracy": _last(rounds, "accuracy"),
+            "final_loss": _last(rounds, "loss")}
+
+
+def _last(rounds: list[dict[str, Any]], key: str) -> float:
+    return rounds[-1].get(f"val_{key}", rounds[-1].get(key))
 
 
 def run_fedtune(config: Path, sets: list[str], out: Path, env: dict[str, str]

@@ -1,12 +1,12 @@
 """The split-mode results table (experiments/RESULTS.md) from the run folders of
 `fedtune sweep experiments/split.toml`.
 
-Per variant: final and best accuracy, epsilon, the client's FLOPs per example as a share of
-federated full fine-tuning, smashed and delta bytes per round, and total bytes. Two rows are
-computed, not run: non-split prompt tuning's traffic is its measured delta bytes (read from
-its own folder when it ran), and federated full fine-tuning moves every backbone and
-classifier weight as float32 both ways for every client of every round, at the FLOPs share
-1 by definition.
+Per variant: final test and best validation accuracy, epsilon, the client's FLOPs per
+example as a share of federated full fine-tuning, smashed and delta bytes per round, and
+total bytes. Two rows are computed, not run: non-split prompt tuning's traffic is its
+measured delta bytes (read from its own folder when it ran), and federated full fine-tuning
+moves every backbone and classifier weight as float32 both ways for every client of every
+round, at the FLOPs share 1 by definition.
 
     python benchmarks/split_table.py runs/split
 """
@@ -39,13 +39,17 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f}"
 
 
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"  # None: the run had no validation split
+
+
 def table(root: Path) -> str:
     runs = {f.name: _load(f) for f in sorted(root.iterdir()) if (f / "summary.json").exists()}
     split = [r for r in runs.values() if "total_smashed_bytes_up" in r[0]]
     if not split:
         raise SystemExit(f"no finished split run under {root}")
     full_pe = split[0][1][0]["full_model_flops_per_example"]
-    rows = ["| run | cut layer | local-loss share | final acc. | best acc. | epsilon | "
+    rows = ["| run | cut layer | local-loss share | final test acc. | best val. acc. | epsilon | "
             "client FLOPs / full FT | smashed MB / round (up + down) | delta MB / round "
             "(up + down) | total MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -65,8 +69,9 @@ def table(root: Path) -> str:
             smashed, total = 0.0, summary["total_bytes_up"] + summary["total_bytes_down"]
             cut, share = "no split", "-"
         eps = summary["epsilon_sample"]
+        eps_text = "-" if eps is None else f"{eps:.2f}"
         rows.append(f"| {name} | {cut} | {share} | {summary['final_accuracy']:.4f} | "
-                    f"{summary['best_accuracy']:.4f} | {'-' if eps is None else f'{eps:.2f}'} | "
+                    f"{_acc(summary['best_val_accuracy'])} | {eps_text} | "
                     f"{fraction:.4%} | {_mb(smashed)} | {_mb(delta)} | {_mb(total)} |")
     summary, rounds, config = split[0]
     n_rounds = len(rounds)

@@ -151,8 +151,10 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
         eps = _eps(rec["epsilon_sample"])
         if rec["epsilon_user"] is not None:
             eps = f"{eps} (user {_eps(rec['epsilon_user'])})"
+        val = ("no validation split" if rec["val_accuracy"] is None else
+               f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
         progress.console.print(
-            f"round {rec['round']:>3}: acc {rec['accuracy']:.4f}  loss {rec['loss']:.4f}  "
+            f"round {rec['round']:>3}: {val}  "
             f"eps {eps}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
             f"{rec['wall_s']:.1f} s")
         progress.update(task_id, advance=1, description=f"round {rec['round']}")
@@ -171,9 +173,13 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         console.print(f"[bold yellow]stopped before round {stopped['before_round']}:[/] "
                       f"{stopped['reason']}", highlight=False)
     eps, user = summary["epsilon_sample"], summary.get("epsilon_user")
+    best = summary.get("best_val_accuracy")
+    val = "" if best is None else (
+        f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
+        f"{summary['best_round']}), ")
     console.print(
-        f"[bold green]done[/] in {summary['wall_s']:.0f} s: final accuracy "
-        f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), "
+        f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
+        f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), {val}"
         f"epsilon_sample {'null' if eps is None else f'{eps:.3f}'}, "
         f"epsilon_user {'null' if user is None else f'{user:.3f}'}, "
         f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
@@ -193,6 +199,7 @@ def sweep(
 
     from rich.table import Table
 
+    from fedtune.selection import SELECT_BY, rank_by_validation
     from fedtune.sweep import load_sweep, run_sweep
 
     try:
@@ -208,15 +215,30 @@ def sweep(
         _fail(str(exc))
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = Table(title=f"{spec.name} ({out})")
-    for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds", "accuracy"):
+    for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds",
+                   "val accuracy", "test accuracy"):
         # Run names carry the grid values: fold them rather than cut them off.
         table.add_column(column, justify="left" if column in ("run", "method") else "right",
                          overflow="fold" if column == "run" else "ellipsis")
     for row in rows:
+        val = row.get(SELECT_BY)
         table.add_row(row["name"], row["method"], _eps(row["epsilon_sample"]),
                       _eps(row["epsilon_user"]), str(row["rounds"]),
-                      f"{row['final_accuracy']:.4f}")
+                      "-" if val is None else f"{val:.4f}", f"{row['final_accuracy']:.4f}")
     console.print(table)
+    ranked = rank_by_validation(spec.variants, rows)
+    if len(ranked) > 1:
+        # Chosen on the validation split; the test column is there to report, not to pick.
+        ranking = Table(title="settings by validation accuracy of the final model "
+                              "(mean over seeds; test accuracy reported only)")
+        for column in ("settings", "runs", "val accuracy", "test accuracy"):
+            ranking.add_column(column, justify="left" if column == "settings" else "right",
+                               overflow="fold")
+        for c in ranked:
+            ranking.add_row(c.label, str(len(c.runs)), f"{c.val_accuracy:.4f}",
+                            f"{c.test_accuracy:.4f}")
+        console.print(ranking)
+        console.print(f"best on validation: {ranked[0].label}", highlight=False)
 
 
 class _SweepProgress:

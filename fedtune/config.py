@@ -58,6 +58,11 @@ class DataConfig:
     domain_by: str = ""
     target_domain: str = ""
     target_clients: int = 0
+    # Share of the training split the server holds out as its validation split (seeded,
+    # stratified by label, never from test; with two domains, from target rows): every
+    # selection (best round, sweep tuning) reads it, and the test split is read only for the
+    # final model. 0 disables it: then no round is evaluated and nothing selects.
+    validation_fraction: float = 0.1
 
     def validate(self) -> None:
         from fedtune.data import available_corpora, available_partitioners
@@ -66,6 +71,9 @@ class DataConfig:
         _choice("data.partition", self.partition, available_partitioners())
         _positive("data.num_clients", self.num_clients)
         _positive("data.alpha", self.alpha)
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError("data.validation_fraction must be in [0, 1) (0 = no validation "
+                              f"split), got {self.validation_fraction!r}")
         if not self.domain_by:
             if self.target_domain or self.target_clients:
                 raise ConfigError("data.target_domain and data.target_clients need "
@@ -136,7 +144,8 @@ class TrainConfig:
     lr_decay: float = 0.85
     optimizer: str = "sgd"
     eval_batch_size: int = 128
-    # Evaluate on at most this many test examples (0 = the whole test split).
+    # Evaluate on at most this many examples of each split (the validation split every
+    # round, the test split for the final model); 0 = the whole split.
     eval_max_examples: int = 0
     # How long the server waits for a round's replies before aggregating what came.
     round_timeout_s: float = 900.0

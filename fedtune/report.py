@@ -38,7 +38,9 @@ class RunResult:
     target_epsilon: float  # inf without DP
     epsilon: float | None  # reported at the run's level (max of both when both are on)
     seed: int
-    accuracy: float
+    accuracy: float  # final test accuracy
+    # Validation accuracy per round; empty for a run without a validation split (and for
+    # folders written before it existed, whose per-round figure was a test accuracy).
     accuracy_by_round: list[float]
     cumulative_mb_up: list[float]
     # Flattened config minus what the group key and the seed already say.
@@ -96,8 +98,9 @@ def _load(folder: Path) -> RunResult:
         total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
         up.append(total / 1e6)
     return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
-                     cfg.seed, summary["final_accuracy"], [r["accuracy"] for r in rounds], up,
-                     _settings(cfg))
+                     cfg.seed, summary["final_accuracy"],
+                     [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None],
+                     up, _settings(cfg))
 
 
 def _method(cfg: ExperimentConfig) -> str:
@@ -312,7 +315,9 @@ def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
     colors, styles = _curve_styles(groups)
     for g in groups:
         y = g.mean_curve("accuracy_by_round")
-        x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)
+        if not y:  # no validation split: no per-round figure to draw
+            continue
+        x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)[:len(y)]
         ax.plot(x, y, color=colors[(g.method, g.variant)], markersize=4,
                 **styles[(g.level, g.target_epsilon)])
     method_handles = [Line2D([], [], color=c, linewidth=2.5,
@@ -333,13 +338,13 @@ def _plot_rounds(ax, groups: list[Group]) -> None:
     _plot_curves(ax, groups, None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (fraction, mean over seeds)")
-    ax.set_title("Accuracy vs round")
+    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
+    ax.set_title("Validation accuracy vs round")
 
 
 def _plot_bytes(ax, groups: list[Group]) -> None:
     _plot_curves(ax, groups, "cumulative_mb_up")
     ax.set_xscale("log")
     ax.set_xlabel("uploaded bytes, all clients so far (MB, log scale)")
-    ax.set_ylabel("test accuracy (fraction, mean over seeds)")
-    ax.set_title("Accuracy vs uploaded bytes")
+    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
+    ax.set_title("Validation accuracy vs uploaded bytes")

@@ -1,5 +1,5 @@
 """The ServerApp: rounds of sample -> send global vector -> aggregate deltas -> evaluate
-centrally on the held-out split -> one ledger line.
+centrally on the validation split -> one ledger line; the final model on the test split.
 
 `build_server_app(cfg, out_dir)` is the `fedtune run` path; the module-level `app` reads
 the experiment from Flower's run config (the `flwr run` path).
@@ -14,7 +14,6 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -27,11 +26,18 @@ from fedtune.checkpoint import (
 )
 from fedtune.config import ExperimentConfig
 from fedtune.deploy.seeded_noise import check_server_runtime
+from fedtune.evaluation import (
+    accuracy_fields,
+    final_metrics,
+    initial_metrics,
+    round_metrics,
+    validation_examples,
+)
 from fedtune.export import save_tuned_state
 from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
 from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
-from fedtune.task import Task, evaluate, get_task
+from fedtune.task import Task, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from strategies.delta_fedavg import DeltaFedAvg
@@ -66,7 +72,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
         vector = task.initial_vector()
         state = ServerState(round=0, vector=vector, spec_hash=task.spec.hash,
-                            initial=_evaluate(task, model, vector, cfg))
+                            initial=initial_metrics(task, model, vector, cfg))
     privacy = PrivacyLedger(cfg, task, state, out_dir)
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
@@ -119,8 +125,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             f"entries in {out_dir / 'rounds.jsonl'}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
+    final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
-    summary = _summary(history, state, task, cfg)
+    summary = _summary(history, state, task, cfg, final_test)
     ledger.write_summary(summary)
     return summary
 
@@ -146,13 +153,13 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
     outcome = strategy.outcome
     privacy.settle(rnd, outcome.accepted + outcome.rejected + outcome.failed)
-    metrics = _evaluate(task, model, state.vector, cfg)
+    metrics = round_metrics(task, model, state.vector, cfg)  # validation, never test
     accepted = outcome.accepted
     fields = privacy.fields()
     record = {
         "round": rnd,
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
+        "val_accuracy": metrics["val_accuracy"],
+        "val_loss": metrics["val_loss"],
         "epsilon_sample": fields.pop("epsilon_sample"),
         "epsilon_user": fields.pop("epsilon_user"),
         "delta": fields.pop("delta"),
@@ -205,15 +212,10 @@ def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
-             cfg: ExperimentConfig) -> dict[str, Any]:
-    n_test = len(task.test)
-    if cfg.train.eval_max_examples > 0:
-        n_test = min(n_test, cfg.train.eval_max_examples)
+             cfg: ExperimentConfig, final_test: dict[str, float]) -> dict[str, Any]:
     last = history[-1]
     return {
-        "final_accuracy": last["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in history),
-        "initial_accuracy": state.initial["accuracy"],
+        **accuracy_fields(history, state.initial, final_test, validation_examples(task, cfg)),
         "epsilon_sample": last["epsilon_sample"],
         "epsilon_user": last["epsilon_user"],
         "delta": last["delta"],
@@ -228,7 +230,6 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "trainable_params": task.spec.size,
         "backbone_params": task.backbone.num_params,
         "method": cfg.tuning.method,
-        "test_examples": n_test,
         "resumed_at_rounds": state.resumed_at,
         "wall_s": state.elapsed_s,
         **_population(cfg),
@@ -264,14 +265,6 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
     for plugin in plugins:
         weight *= plugin.client_weight(rnd, pid)
     return weight
-
-
-def _evaluate(task: Task, model: torch.nn.Module, vector, cfg: ExperimentConfig
-              ) -> dict[str, float]:
-    with torch.no_grad():
-        for name, tensor in task.spec.unflatten(vector).items():
-            model.get_parameter(name).copy_(tensor)
-    return evaluate(model, task.test, cfg.train.eval_batch_size, cfg.train.eval_max_examples)
 
 
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,

@@ -31,10 +31,11 @@ OVERRIDES = [
     "tuning.prompt_length=4", "train.eval_max_examples=256", "privacy.sample.target_epsilon=8",
 ]
 REPRODUCIBLE = ["privacy.reproducible_noise=true"]
-ROUND_KEYS = {"round", "accuracy", "loss", "epsilon_sample", "epsilon_user", "delta", "clients",
-              "bytes_up", "bytes_down", "client_flops", "wall_s"}
-SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "epsilon_sample", "epsilon_user", "delta",
-                "rounds", "total_bytes_up", "total_bytes_down", "trainable_params",
+ROUND_KEYS = {"round", "val_accuracy", "val_loss", "epsilon_sample", "epsilon_user", "delta",
+              "clients", "bytes_up", "bytes_down", "client_flops", "wall_s"}
+SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "best_val_accuracy", "best_round",
+                "final_val_accuracy", "validation_examples", "epsilon_sample", "epsilon_user",
+                "delta", "rounds", "total_bytes_up", "total_bytes_down", "trainable_params",
                 "backbone_params", "method", "wall_s"}
 
 
@@ -78,8 +79,8 @@ def test_resolved_config_reruns_to_the_same_numbers(run_dir, tmp_path):
     first = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     second = [json.loads(x) for x in (again / "rounds.jsonl").read_text().splitlines()]
     for a, b in zip(first, second, strict=True):
-        assert (a["accuracy"], a["loss"], a["epsilon_sample"]) == \
-            (b["accuracy"], b["loss"], b["epsilon_sample"])
+        assert (a["val_accuracy"], a["val_loss"], a["epsilon_sample"]) == \
+            (b["val_accuracy"], b["val_loss"], b["epsilon_sample"])
         assert [c["partition_id"] for c in a["per_client"]] == \
             [c["partition_id"] for c in b["per_client"]]
 
@@ -93,6 +94,14 @@ def test_run_folder_contract(run_dir):
         assert ROUND_KEYS <= set(r)
         assert r["clients"] == 2 and not r["rejected"] and not r["failed"]
     assert SUMMARY_KEYS <= set(summary)
+    # Rounds are scored on the validation split; the test split only for the final model.
+    assert all("accuracy" not in r and 0 <= r["val_accuracy"] <= 1 for r in rounds)
+    best = max(rounds, key=lambda r: r["val_accuracy"])
+    assert summary["best_accuracy"] == summary["best_val_accuracy"] == best["val_accuracy"]
+    assert summary["best_round"] == best["round"]
+    assert summary["final_val_accuracy"] == rounds[-1]["val_accuracy"]
+    assert summary["validation_examples"] == min(256, get_task(load_config(
+        run_dir / "config.toml")).validation_rows.size)
     assert summary["epsilon_user"] is None and summary["method"] == "prompt"
     # Reproducible noise: every epsilon carries the marker.
     assert all(r["noise"] == SEEDED_NOISE_NOTE for r in rounds)
@@ -305,7 +314,7 @@ def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_c
     assert last["privacy_sample"]["histories"] == _charged(cfg, rounds, interrupted)
     assert all(r["noise"] == SECRET_NOISE_NOTE for r in rounds)
     # Secret noise: the same config and seed did not redraw the reproducible run's noise.
-    assert rounds[0]["loss"] != _rounds(run_dir)[0]["loss"]
+    assert rounds[0]["val_loss"] != _rounds(run_dir)[0]["val_loss"]
 
 
 @pytest.mark.slow

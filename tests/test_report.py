@@ -17,7 +17,7 @@ def _run(folder, method, eps, seed, acc, extra=(), smashed=0):
         f"privacy.sample.target_epsilon={eps}"]
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(load_config(None, sets).to_toml())
-    rounds = [{"round": r, "accuracy": acc - 0.1 / r, "bytes_up": 1000 * r,
+    rounds = [{"round": r, "val_accuracy": acc - 0.1 / r, "bytes_up": 1000 * r,
                **({"smashed_bytes_up": smashed} if smashed else {})} for r in (1, 2)]
     (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     (folder / "summary.json").write_text(json.dumps({
