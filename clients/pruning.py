@@ -4,7 +4,6 @@ rescores, so a pruned client trains on the same subset between scorings."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,7 +85,7 @@ def el2n_scores(scorer: Scorer | TunedModel, data: TensorDataset) -> np.ndarray:
 
 def keep_top(scores: np.ndarray, keep: float) -> np.ndarray:
     """Indices of the ceil(keep * n) highest scores (ties: lower index first), ascending."""
-    n_keep = max(1, math.ceil(keep * len(scores)))
+    n_keep = PruneSettings(keep, every=0).kept(len(scores))
     order = np.lexsort((np.arange(len(scores)), -scores))
     return np.sort(order[:n_keep])
 

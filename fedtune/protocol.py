@@ -218,6 +218,10 @@ class PruneSettings:
     keep: float
     every: int
 
+    def kept(self, n: int) -> int:
+        """Examples a client of `n` trains on once pruned (the server charges by it too)."""
+        return max(1, math.ceil(self.keep * n))
+
 
 @dataclass(frozen=True)
 class DomainSettings:

@@ -52,6 +52,8 @@ class PrivacyLedger:
         self.state = state
         self.folder = folder
         self.plan_hooks: list[PlanHook] = []
+        # Example counts a client of n may train on (plugins: pruning), n -> counts.
+        self.size_hooks: list[Callable[[int], list[int]]] = []
         self._before: dict[int, DPHistory] = {}
         state.privacy = privacy_fingerprint(cfg)
         user = cfg.privacy.user
@@ -72,10 +74,21 @@ class PrivacyLedger:
         DP-SGD over its whole partition (pruning only shrinks the steps with
         `train.local_epochs`; a reply reporting more is charged more) and the hooks'."""
         n = len(self.task.partitions[pid])
-        events = [planned_release(self.cfg, n)] if self.cfg.privacy.sample.enabled else []
+        events = [self._costliest(pid, n)] if self.cfg.privacy.sample.enabled else []
         for hook in self.plan_hooks:
             events.extend(hook(rnd, pid, n))
         return events
+
+    def _costliest(self, pid: int, n: int) -> Release:
+        """The planned DP-SGD release over every example count the client may train on
+        (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
+        the client the most epsilon on top of what it has spent."""
+        sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
+        releases = [planned_release(self.cfg, m) for m in sizes]
+        if len(releases) == 1:
+            return releases[0]
+        spent = list(self.state.client_dp.get(pid, DPHistory()).entries)
+        return max(releases, key=lambda r: self._epsilon(DPHistory([*spent, r])))
 
     def _epsilon(self, history: DPHistory) -> float:
         sample = self.cfg.privacy.sample

@@ -79,6 +79,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     plugins = build_plugins(cfg)
+    privacy.size_hooks += [plugin.trained_sizes for plugin in plugins]
     # A client restarted since its last round (its own record lost) resumes its DP
     # accounting from what the server holds, never from zero.
     strategy.dp_history = lambda pid: state.client_dp.get(pid)

@@ -188,3 +188,25 @@ def test_without_sample_level_dp_reports_charge_nothing():
 def test_a_reported_history_of_no_steps_is_no_release():
     assert DPHistory.from_lists({"sigma": [0.0, 1.0], "q": [0.0, 0.5],
                                  "steps": [0, 3]}).entries == [(1.0, 0.5, 3)]
+
+
+def test_a_pruning_client_is_charged_at_its_costliest_example_count():
+    """Pruning shrinks the data a client trains on, which raises q and changes sigma: the
+    charge made when the round is sent must be the costlier of the pruned and unpruned
+    releases, so a pruned client that never replies is not under-charged."""
+    from strategies.plugins import build_plugins
+
+    sets = ["privacy.sample.noise_multiplier=1.0",
+            'plugins=[{name="el2n_pruning", keep=0.25, allow_with_sample_dp=true}]']
+    ledger, cfg, state = _ledger(sets)
+    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    (planned,) = ledger.planned(1, 0)
+    whole, pruned = planned_release(cfg, SIZES[0]), planned_release(cfg, 25)
+    assert pruned[1] > whole[1]  # the pruned client samples each example more often
+
+    def eps(event):
+        return epsilon_of(DPHistory([event]), cfg.privacy.sample.delta, "rdp")
+
+    assert planned == max(whole, pruned, key=eps) and eps(pruned) > eps(whole)
+    ledger.charge_sent(1, [0])
+    assert state.client_dp[0].entries == [pruned]

@@ -57,6 +57,11 @@ class Plugin:
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
 
+    def trained_sizes(self, n: int) -> list[int]:
+        """How many examples a client holding `n` may train on in a round under this
+        plugin: the server charges its planned DP-SGD release at the costliest of them."""
+        return [n]
+
 
 _PLUGINS: dict[str, type[Plugin]] = {}
 

@@ -41,6 +41,10 @@ class EL2NPruning(Plugin):
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
         return {"prune": PruneSettings(keep=self.keep, every=self.every)}
 
+    def trained_sizes(self, n: int) -> list[int]:
+        # A client trains on all n until its first scoring, then on the kept share.
+        return [n, PruneSettings(self.keep, self.every).kept(n)]
+
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         pruned = [c for c in clients if "examples_kept" in c]
         extras: dict[str, Any] = {
