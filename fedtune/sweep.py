@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from fedtune.checkpoint import CHECKPOINT_FILE
 from fedtune.config import ConfigError, load_config, read_toml
 from fedtune.ledger import SUMMARY_FILE, count_rounds
+from fedtune.run_folder import RUN_FILES
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
         while pending and len(running) < parallel:
             variant = pending.pop(0)
             folder = out / variant.name
+            _set_aside_unstarted(folder)
             folder.mkdir(parents=True, exist_ok=True)
             if monitor is not None:
                 monitor.started(variant, folder)
@@ -176,6 +178,21 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
                            + "; ".join(failed))
     return [{"name": v.name, "folder": str(out / v.name),
              **json.loads((out / v.name / SUMMARY_FILE).read_text())} for v in sweep.variants]
+
+
+def _set_aside_unstarted(folder: Path) -> None:
+    """A variant that died before its first round completed left run files but no
+    checkpoint: `fedtune run` never writes into such a folder, so move it to
+    `<name>.unstarted-<n>` (kept: its `privacy_pending.json` records what the server had
+    already sent) and start the variant afresh."""
+    if not folder.is_dir() or (folder / CHECKPOINT_FILE).exists():
+        return
+    if not any((folder / name).exists() for name in RUN_FILES):
+        return
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}.unstarted-{n}")).exists():
+        n += 1
+    folder.rename(aside)
 
 
 def _launch(sweep: Sweep, variant: Variant, folder: Path, parallel: int, cpus: int

@@ -85,6 +85,8 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeyp
     (out / "a" / "summary.json").write_text(json.dumps({"final_accuracy": 0.9}))
     (out / "b").mkdir()
     (out / "b" / "checkpoint.safetensors").write_bytes(b"")
+    (out / "c").mkdir()  # died before its first round: a config but no checkpoint
+    (out / "c" / "config.toml").write_text("stale")
     launched = []
 
     class FakeProc:
@@ -105,6 +107,9 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeyp
                         ["run", str(spec.base), "--out", str(out / "c"), "--set", "seed=3"]]
     assert [(r["name"], r["final_accuracy"]) for r in rows] == [("a", 0.9), ("b", 0.5),
                                                                  ("c", 0.5)]
+    # The unstarted attempt was set aside, not written into (fedtune run refuses that).
+    assert (out / "c.unstarted-1" / "config.toml").read_text() == "stale"
+    assert not (out / "c" / "config.toml").exists()
 
 
 @pytest.mark.parametrize("value", ["lora", "a b", 3, 2.5, float("inf"), True,
