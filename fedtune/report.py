@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, read_rounds
+from fedtune.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, LedgerError, read_rounds
 from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
@@ -87,7 +87,11 @@ def collect(dirs: list[Path]) -> list[RunResult]:
 
 def _load(folder: Path) -> RunResult:
     cfg = load_config(folder / CONFIG_FILE)
-    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{folder / SUMMARY_FILE} is not JSON ({exc}); rerun or remove "
+                          "that run folder") from None
     rounds = read_rounds(folder)
     level, target = _level(cfg)
     eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))

@@ -110,3 +110,16 @@ def test_report_on_a_truncated_ledger_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "cut off mid-write" in result.output and "Traceback" not in result.output
+
+
+def test_report_on_a_damaged_summary_is_one_line(tmp_path):
+    from fedtune.cli import app
+    from fedtune.config import load_config
+
+    run = tmp_path / "run"
+    _ledger(run, json.dumps({"round": 1, "val_accuracy": 0.5, "bytes_up": 10}) + "\n")
+    (run / "config.toml").write_text(load_config(None).to_toml())
+    (run / "summary.json").write_text('{"final_accuracy": 0.6, "epsil')
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2, result.output
+    assert "summary.json is not JSON" in result.output and "Traceback" not in result.output
