@@ -108,9 +108,13 @@ def _stopped(out: Path) -> None:
     come, must not hold the process until its round timeout."""
     import os
 
+    from fedtune.ledger import SUMMARY_FILE
     from fedtune.run_folder import CHECKPOINT_FILE
 
-    if (out / CHECKPOINT_FILE).exists():
+    # The ServerApp's thread may finish the last round while Ray is being stopped.
+    if (out / SUMMARY_FILE).exists():
+        where = f"the run had already finished: {out / SUMMARY_FILE}"
+    elif (out / CHECKPOINT_FILE).exists():
         where = f"{out} is resumable: fedtune run --resume {out}"
     else:
         where = f"no round finished, nothing to resume (remove {out} to start again)"

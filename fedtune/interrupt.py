@@ -142,9 +142,11 @@ def _start_watchdog(grace_s: float) -> None:
 
 def disarm() -> None:
     """For a process that handled a stop and goes on living (tests): cancel the watchdogs,
-    which would otherwise end it `grace_s` seconds after the signal."""
+    which would otherwise end it `grace_s` seconds after the signal, and forget the signal
+    (a run started later in this process would otherwise stop before its first round)."""
     while _watchdogs:
         _watchdogs.pop().cancel()
+    _received.clear()
 
 
 def _descendants(root: int) -> list[int]:

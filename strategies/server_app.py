@@ -34,6 +34,7 @@ from fedtune.evaluation import (
     validation_examples,
 )
 from fedtune.export import save_tuned_state
+from fedtune.interrupt import received
 from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
 from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
@@ -97,7 +98,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     elapsed_before = state.elapsed_s
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
-        if state.stopped is not None:
+        if state.stopped is not None or received():
             break
         # Sampled once, before anything is sent: the budget check and the instructions
         # see the same cohort (under user-level DP it is a secret draw).
@@ -116,6 +117,11 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         if on_round is not None:
             on_round(record)
 
+    if received():
+        # Ctrl-C or SIGTERM: no new round starts and no summary is written; the folder
+        # stays resumable from its last checkpoint while the process ends.
+        log(WARNING, "stopped by %s after round %d", received(), state.round)
+        return {}
     history = ledger.rounds()
     if not history:
         raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")

@@ -111,7 +111,9 @@ def test_slots_make_an_overflowing_batch_negligible():
 
 
 def test_the_server_receives_only_clipped_noised_rows_in_fixed_slots(minilm):
-    sets = SMASHED + ["split.smashed_dp.noise_multiplier=1e-6",
+    # Reproducible draws: a secret Poisson batch of this tiny client is empty about once
+    # in a hundred runs, and an empty batch sends only zero rows (tested below).
+    sets = SMASHED + ["split.smashed_dp.noise_multiplier=1e-6", "privacy.reproducible_noise=true",
                       "privacy.sample.accountant=rdp",
                       "split.smashed_dp.activation_clip_norm=3.0",
                       "split.smashed_dp.gradient_clip_norm=0.5"]
@@ -278,8 +280,11 @@ def _trained_state(task):
 def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(minilm, cut):
     from fedtune.audit.split_attack import attack
 
+    # Reproducible draws: the figures below hold for every draw in expectation; fixed draws
+    # keep a handful of examples from making the test flaky.
     base = ["split.enabled=true", f"split.cut_layer={cut}", "train.batch_size=8",
-            "train.local_steps=2", "train.rounds=3", "tuning.prompt_length=4"]
+            "train.local_steps=2", "train.rounds=3", "tuning.prompt_length=4",
+            "privacy.reproducible_noise=true"]
     clear_cfg = load_config(None, base)
     task = _TinyTask(minilm, clear_cfg)
     clear = attack(clear_cfg, task, _trained_state(task), victim=0, public_examples=64,
