@@ -7,11 +7,9 @@ client that process serves; a client then costs only its partition indices.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import mmap
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch.utils.data import TensorDataset
 
 from fedtune.config import ExperimentConfig, config_from_toml
 from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
+from fedtune.data.domains import no_progress_bars
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, load_backbone
 from fedtune.tuning import TunedModel, build_tuned_model
@@ -225,7 +224,7 @@ def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,
     """The clients' index arrays into the whole training split, cut from the rows the
     validation split left."""
     rest = client_rows(len(train), validation_rows)
-    with _no_progress_bars():  # a selected dataset draws a bar each time it is flattened
+    with no_progress_bars():  # a selected dataset draws a bar each time it is flattened
         if validation_rows.size:
             train = train.select(rest)
         if cfg.data.domain_by:
@@ -234,19 +233,6 @@ def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,
             parts = partition(train, cfg.data.partition, cfg.data.num_clients, seed=cfg.seed,
                               alpha=cfg.data.alpha, by=cfg.data.by)
     return [rest[p] for p in parts]
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    import datasets  # not at the top: bundle readers never import it
-
-    was_enabled = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.utils.enable_progress_bars()
 
 
 def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num_labels: int

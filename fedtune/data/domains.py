@@ -56,7 +56,7 @@ def partition_domains(ds: datasets.Dataset, cfg: DataConfig, seed: int) -> list[
 def _side(ds: datasets.Dataset, rows: np.ndarray, clients: int, cfg: DataConfig, seed: int,
           side: str) -> list[np.ndarray]:
     try:
-        with _no_progress_bars():  # select + add_column draw a bar per actor otherwise
+        with no_progress_bars():  # select + add_column draw a bar per actor otherwise
             local = partition(ds.select(rows), cfg.partition, clients, seed=seed,
                               alpha=cfg.alpha, by=cfg.by)
     except PartitionError as exc:
@@ -66,7 +66,8 @@ def _side(ds: datasets.Dataset, rows: np.ndarray, clients: int, cfg: DataConfig,
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
+    """Silence `datasets`' progress bars inside the block (select and map draw one each)."""
     import datasets  # not at the top: see fedtune.data.corpora
 
     was_enabled = datasets.utils.are_progress_bars_disabled() is False
