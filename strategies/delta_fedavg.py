@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message, MessageType
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
 from fedtune.privacy import DPHistory

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
 
 from fedtune.checkpoint import (
     ServerState,

@@ -68,7 +68,9 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(entries)
+    # The accountant's public restore path (what Opacus' checkpoints use): the same
+    # (sigma, q, steps) list its own `step()` builds, one step at a time.
+    acc.load_state_dict({"history": list(entries), "mechanism": acc.mechanism()})
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, by design
         return float(acc.get_epsilon(delta=delta))
 

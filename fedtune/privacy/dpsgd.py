@@ -16,13 +16,14 @@ from fedtune.torch_setup import model_device
 
 if TYPE_CHECKING:  # imported when used: see fedtune.privacy.accounting
     from opacus import PrivacyEngine
+    from opacus.grad_sample import AbstractGradSampleModule
 
 
 @dataclass
 class PrivateTraining:
     """What `make_private` hands back: use these in place of the originals."""
 
-    model: nn.Module
+    model: AbstractGradSampleModule
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     criterion: Any
@@ -32,10 +33,10 @@ class PrivateTraining:
 
     def close(self) -> None:
         # Hooks live on the trainable modules; remove them so a later wrap of the same
-        # modules (next round in this process) starts clean.
-        closer = getattr(self.model, "_close", None)
-        if closer is not None:
-            closer()
+        # modules (next round in this process) starts clean. `to_standard_module` is Opacus'
+        # public way to strip the hooks and grad-sample attributes (every grad-sample mode's
+        # wrapper has it); it hands back the wrapped module, which the caller already holds.
+        self.model.to_standard_module()
 
 
 def _engine(accountant: str) -> PrivacyEngine:

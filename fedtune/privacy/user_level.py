@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flwr.supercore.privacy_accounting import (
+# Flower's public ServerApp API re-exports its privacy accounting (1.41 and 1.42).
+from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
     PrivacyConfig,
+    RdpAccountant,
     SamplingMethod,
 )
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 ACCOUNTANT = "rdp (flwr RdpAccountant / dp-accounting), poisson, add-or-remove-one"
 
