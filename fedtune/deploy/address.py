@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.supercore.address import parse_address
-
 
 class DeployError(ValueError):
     """A deployment argument that cannot work (bad address, missing file)."""
@@ -14,11 +12,24 @@ class DeployError(ValueError):
 
 def check_address(address: str, what: str) -> tuple[str, int]:
     """`address` as (host, port); HOST:PORT without a scheme, IPv6 in brackets."""
-    parsed = parse_address(address)
-    if parsed is None or not parsed[0] or parsed[1] == 0:
+    parsed = _host_port(address)
+    if parsed is None:
         raise DeployError(f"{what}: {address!r} is not HOST:PORT (e.g. 127.0.0.1:9092 or "
                           "[::1]:9092, no http:// prefix, port 1-65535)")
-    return parsed[0], parsed[1]
+    return parsed
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """HOST:PORT or [IPv6]:PORT, as (host without brackets, port); None for anything else."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return (host, int(port)) if ":" in host and "/" not in host else None
+    if not host or ":" in host or "/" in host or " " in host:
+        return None
+    return host, int(port)
 
 
 def check_file(path: str | Path | None, what: str) -> Path:

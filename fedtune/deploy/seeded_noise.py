@@ -16,6 +16,10 @@ REFUSAL = ("privacy.reproducible_noise = true: seeded noise is for simulation st
            "(anyone with the config can remove it); a deployment refuses it")
 
 
+# The class of the grid Flower's simulation engine hands a ServerApp (1.41, 1.42).
+IN_MEMORY_GRID = "InMemoryGrid"
+
+
 class SeededNoiseRefused(DeployError):
     """A deployment was asked to use seeded (reproducible) DP noise."""
 
@@ -28,8 +32,9 @@ def refuse_seeded_noise(cfg: ExperimentConfig) -> None:
 def check_server_runtime(cfg: ExperimentConfig, grid: object) -> None:
     """For the ServerApp: the simulation engine hands it Flower's in-memory grid (both
     `fedtune run` and `flwr run` on a `--simulation` SuperLink); any other grid talks to
-    real SuperNodes, where seeded noise is refused."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    if not isinstance(grid, InMemoryGrid):
+    real SuperNodes, where seeded noise is refused. Flower exports no public way to tell
+    the two apart, so this reads the grid's class name rather than importing Flower's
+    internal module: should a release rename the class, the check fails closed (seeded
+    noise refused in simulation too), never open."""
+    if type(grid).__name__ != IN_MEMORY_GRID:
         refuse_seeded_noise(cfg)
