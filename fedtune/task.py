@@ -101,6 +101,7 @@ class Task:
 def task_key(cfg: ExperimentConfig) -> str:
     """The parts of a config that change the task (not training hyper-parameters)."""
     d = cfg.to_dict()
+    d["tuning"] = cfg.tuning.fingerprint()  # other methods' tables change nothing here
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
 
 
@@ -238,9 +239,11 @@ def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,
 def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num_labels: int
                ) -> DeltaSpec:
     """The spec of `model`'s trainable tensors: the layout, bound to the backbone weights and
-    to everything in the config that shapes the model."""
+    to everything in the config that shapes the model: the shared tuning fields and the
+    active method's table, never another method's (changing `[tuning.lora] r` must not
+    orphan a prompt run's checkpoint or export)."""
     return DeltaSpec.from_state(model.trainable_state(), backbone.hash,
-                                {"tuning": cfg.to_dict()["tuning"], "num_labels": num_labels})
+                                {"tuning": cfg.tuning.fingerprint(), "num_labels": num_labels})
 
 
 def _label_names(ds: object) -> tuple[str, ...]:

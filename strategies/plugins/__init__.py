@@ -9,6 +9,11 @@ from strategies.plugins.base import (
     register_plugin,
     validate_plugins,
 )
+from fedtune.registry import register_config_check
+
+# Config validation checks plugin names and params once the app layer is loaded; the
+# library's config module never imports this package.
+register_config_check(validate_plugins)
 
 __all__ = ["Plugin", "available_plugins", "build_plugins", "register_plugin",
            "validate_plugins"]
