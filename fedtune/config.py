@@ -120,15 +120,28 @@ class TuningConfig:
     methods: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, name: str) -> Any:
-        """Method `name`'s settings (its defaults when the config has no table for it)."""
-        if name not in self.methods:
-            self.methods[name] = method_spec(name, f"tuning.{name}").config()
-        return self.methods[name]
+        """Method `name`'s settings. The active method's table is always held (its defaults
+        when the config gives none); another method without a table reads as a fresh copy
+        of its defaults, so reading never changes the config."""
+        if name in self.methods:
+            return self.methods[name]
+        defaults = method_spec(name, f"tuning.{name}").config()
+        if name == self.method:
+            self.methods[name] = defaults
+        return defaults
 
     @property
     def active(self) -> Any:
         """The active method's settings."""
         return self.settings(self.method)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A stale `cfg.tuning.lora_r = 4` must fail, not set an attribute nothing reads.
+        if name not in _TUNING_FIELDS:
+            moved = MOVED_TUNING_KEYS.get(name)
+            hint = f": use tuning.{moved[0]}.{moved[1]}" if moved else ""
+            raise AttributeError(f"TuningConfig has no field {name!r}{hint}")
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
         # `cfg.tuning.lora.r`: a method's table reads like a section. Only reached for
@@ -544,6 +557,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
     return cls(**kwargs)
+
+
+_TUNING_FIELDS = frozenset(f.name for f in dataclasses.fields(TuningConfig))
 
 
 def _build_tuning(raw: Any) -> TuningConfig:

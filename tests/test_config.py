@@ -14,10 +14,10 @@ def test_quickstart_file_equals_builtin_defaults():
 
 
 def test_resolved_toml_round_trips():
-    cfg = load_config(None, ["train.rounds=3", "tuning.prompt_length=7", "seed=4"])
+    cfg = load_config(None, ["train.rounds=3", "tuning.prompt.length=7", "seed=4"])
     again = config_from_toml(cfg.to_toml())
     assert again == cfg
-    assert (again.train.rounds, again.tuning.prompt_length, again.seed) == (3, 7, 4)
+    assert (again.train.rounds, again.tuning.prompt.length, again.seed) == (3, 7, 4)
 
 
 def test_override_values_are_typed():
