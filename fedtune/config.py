@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tomllib
 import types
 import typing
@@ -26,6 +25,7 @@ from fedtune.registry import (
     method_names,
     method_spec,
 )
+from fedtune.runtime_settings import RuntimeConfig
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -388,6 +388,8 @@ class ExperimentConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Poll intervals and the cache folder (environment variables override them).
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Strategy plugins, in order: [[plugins]] tables with a `name` and the plugin's params.
     plugins: list[dict[str, Any]] = field(default_factory=list)
 
@@ -395,7 +397,7 @@ class ExperimentConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.delta, self.faults, self.split, self.simulation):
+                        self.delta, self.faults, self.split, self.simulation, self.runtime):
             section.validate()
         self._validate_method_plugins()
         # Checks the app layer registered (strategies.plugins: plugin names and params).
@@ -464,19 +466,6 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def env_seconds(name: str, default: float, maximum: float) -> float:
-    """A positive number of seconds from environment variable `name` (default if unset);
-    a ValueError naming the variable for anything else or above `maximum`."""
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= maximum:
-        raise ValueError(f"{name}={raw!r}: expected seconds in (0, {maximum:g}]")
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None

@@ -24,6 +24,7 @@ from fedtune.data import load_corpus, partition, partition_domains, target_rows,
 from fedtune.data.domains import no_progress_bars
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, load_backbone
+from fedtune.runtime_settings import runtime_settings
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.validation_split import carve_validation, client_rows
 
@@ -196,7 +197,8 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     splits = {}
     for name in ("train", "test"):
         ds = corpus[name]
-        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length)
+        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length,
+                              runtime_settings(cfg).cache_dir)
         splits[name] = Split(tok["input_ids"], tok["attention_mask"],
                              np.asarray(ds["label"], dtype=np.int64))
     among = None

@@ -168,7 +168,7 @@ def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
     # Only the config and the name registry: no app layer (strategies, clients), no tuning
     # code (which imports fedtune.config back), no torch.
     assert json.loads(out.stdout.replace("'", '"')) == [
-        "fedtune", "fedtune.config", "fedtune.registry"]
+        "fedtune", "fedtune.config", "fedtune.registry", "fedtune.runtime_settings"]
     # The registry imports nothing of fedtune at load time, so config -> registry closes
     # no cycle.
     source = (ROOT / "fedtune" / "registry.py").read_text()
