@@ -155,17 +155,16 @@ class TuningConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Everything here that shapes the model: the shared fields and the active
         method's table only, so another method's settings never change a run's spec hash."""
-        return {"method": self.method, "head_hidden": self.head_hidden,
-                "domain_head": self.domain_head,
-                self.method: dataclasses.asdict(self.active)}
+        return {**self._shared(), self.method: dataclasses.asdict(self.active)}
+
+    def _shared(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "methods"}
 
     def to_dict(self) -> dict[str, Any]:
         self.settings(self.method)  # the active table is always written, defaults included
-        out: dict[str, Any] = {"method": self.method, "head_hidden": self.head_hidden,
-                               "domain_head": self.domain_head}
-        out.update({name: dataclasses.asdict(self.methods[name])
-                    for name in sorted(self.methods)})
-        return out
+        return {**self._shared(), **{name: dataclasses.asdict(self.methods[name])
+                                     for name in sorted(self.methods)}}
 
     def validate(self) -> None:
         method_spec(self.method)
@@ -399,10 +398,12 @@ class ExperimentConfig:
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.split, self.simulation, self.runtime):
             section.validate()
-        self._validate_method_plugins()
-        # Checks the app layer registered (strategies.plugins: plugin names and params).
+        # Checks the app layer registered (strategies.plugins: plugin names and params),
+        # then whether the method composes with each plugin (which also refuses an unknown
+        # name when the app layer is not loaded).
         for check in config_checks():
             check(self)
+        self._validate_method_plugins()
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="

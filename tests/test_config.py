@@ -182,7 +182,7 @@ def test_runtime_settings_defaults_config_and_environment(monkeypatch, tmp_path)
     assert settings.grid_poll_s == 0.5
     with pytest.raises(ValueError, match=r"FEDTUNE_SUPERNODE_POLL_S='4': expected seconds "
                                          r"in \(0, 3\]"):
-        settings.supernode_poll_s
+        _ = settings.supernode_poll_s
 
 
 @pytest.mark.parametrize(("override", "needle"), [

@@ -2,6 +2,7 @@
 prompt run's checkpoint and export survive an edit of `[tuning.lora]`; old flat keys name
 their new home; the config module imports nothing above the library."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import tomli_w
 import torch
 
+from fedtune import registry
 from fedtune.checkpoint import (
     ServerState,
     load_checkpoint,
@@ -141,7 +143,7 @@ def test_non_active_tables_are_validated_but_only_the_active_one_is_required():
     assert "lora" not in cfg.to_dict()["tuning"]  # absent tables stay absent
 
 
-def test_each_method_declares_split_support_and_plugins():
+def test_each_method_declares_split_support_and_plugins(monkeypatch):
     assert set(available_methods()) == {"prompt", "lora", "slash", "bitfit"}
     assert [m for m in available_methods() if method_spec(m).split] == ["prompt"]
     for method in ("lora", "slash", "bitfit"):
@@ -149,9 +151,16 @@ def test_each_method_declares_split_support_and_plugins():
             load_config(None, [f"tuning.method={method}", "split.enabled=true"])
         assert "split.enabled=true needs tuning.method in: prompt" in str(info.value)
         assert "\n" not in str(info.value)
-    with pytest.raises(ConfigError, match="plugins\\[0\\].name='nope' does not compose with "
-                                          "tuning.method='lora'"):
-        load_config(None, ["tuning.method=lora", "plugins=[{name = 'nope'}]"])
+    assert all(method_spec(m).plugins == ("el2n_pruning", "population_expansion")
+               for m in available_methods())  # what the code supports today
+    # A method that declares no plugins is refused with any of them, by name.
+    spec = method_spec("lora")
+    monkeypatch.setitem(registry._METHODS, "lora", dataclasses.replace(spec, plugins=()))
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["tuning.method=lora", "privacy.sample.enabled=false",
+                           "plugins=[{name = 'el2n_pruning', keep = 0.5}]"])
+    assert str(info.value) == ("plugins[0].name='el2n_pruning' does not compose with "
+                               "tuning.method='lora'; it composes with: none")
 
 
 def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
