@@ -2,6 +2,7 @@
 prompt run's checkpoint and export survive an edit of `[tuning.lora]`; old flat keys name
 their new home; the config module imports nothing above the library."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -182,3 +183,13 @@ def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
     # no cycle.
     source = (ROOT / "fedtune" / "registry.py").read_text()
     assert "from fedtune" not in source and "import fedtune" not in source
+    # What validation loads on demand (the registered library modules) imports no app layer
+    # either, at any depth: checked on the source, as a subprocess that imports torch would
+    # take seconds.
+    for path in [ROOT / "fedtune" / n for n in ("config.py", "registry.py",
+                                                 "runtime_settings.py")] + sorted(
+            (ROOT / "fedtune" / "tuning").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("strategies", "clients") for n in names), path
