@@ -76,7 +76,7 @@ def table(root: Path) -> str:
     summary, rounds, config = split[0]
     n_rounds = len(rounds)
     clients = statistics.fmean(r["clients"] for r in rounds)
-    prompt_values = config["tuning"]["prompt_length"] * _hidden_size(config["model"]["backbone"])
+    prompt_values = config["tuning"]["prompt"]["length"] * _hidden_size(config["model"]["backbone"])
     # Every backbone weight + the classifier, float32.
     full_vector = 4 * (summary["backbone_params"] + summary["trainable_params"] - prompt_values)
     full_round = 2 * clients * full_vector

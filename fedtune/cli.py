@@ -53,6 +53,12 @@ def _root() -> None:
     """fedtune: simulate and run federated DP fine-tuning (see README.md)."""
 
 
+def _with_app_checks() -> None:
+    """Load the app layer's config checks (plugin names and params) before a config is
+    validated: this CLI assembles the app, the library's config module never imports it."""
+    import strategies.plugins  # noqa: F401  (registers its check with fedtune.registry)
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(
@@ -79,6 +85,7 @@ def run(
         config, out = resume / "config.toml", resume
         if not config.is_file():
             _fail(f"{resume} holds no config.toml: not a run folder")
+    _with_app_checks()
     try:
         cfg = load_config(config, overrides)
     except _user_errors() as exc:
@@ -205,6 +212,8 @@ def sweep(
 
     from fedtune.selection import SELECT_BY, rank_by_validation
     from fedtune.sweep import load_sweep, run_sweep
+
+    _with_app_checks()
 
     try:
         spec = load_sweep(file)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tomllib
 import types
 import typing
@@ -19,17 +18,20 @@ from typing import Any
 
 import tomli_w
 
+from fedtune.registry import (
+    ConfigError,
+    available,
+    config_checks,
+    method_names,
+    method_spec,
+)
+from fedtune.runtime_settings import RuntimeConfig
+
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
-# Methods whose trainable tensors all sit before the cut or in the tail.
-SPLIT_METHODS = ("prompt",)
 # numpy's legacy seeding (np.random.seed, RandomState) takes 32-bit seeds only.
 SEED_MAX = 2**32 - 1
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and what is allowed."""
 
 
 @dataclass
@@ -65,10 +67,8 @@ class DataConfig:
     validation_fraction: float = 0.1
 
     def validate(self) -> None:
-        from fedtune.data import available_corpora, available_partitioners
-
-        _choice("data.corpus", self.corpus, available_corpora())
-        _choice("data.partition", self.partition, available_partitioners())
+        _choice("data.corpus", self.corpus, available("corpus"))
+        _choice("data.partition", self.partition, available("partitioner"))
         _positive("data.num_clients", self.num_clients)
         _positive("data.alpha", self.alpha)
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -89,47 +89,89 @@ class DataConfig:
         return self.num_clients - self.target_clients if self.domain_by else 0
 
 
+# Where each old flat `[tuning]` key lives now: a method's settings are its own table.
+MOVED_TUNING_KEYS: dict[str, tuple[str, str]] = {
+    "prompt_length": ("prompt", "length"), "prompt_lr_scale": ("prompt", "lr_scale"),
+    "lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"),
+    "lora_targets": ("lora", "targets"), "lora_lr_scale": ("lora", "lr_scale"),
+    "bitfit_lr_scale": ("bitfit", "lr_scale"),
+    "slash_size": ("slash", "size"), "slash_seed": ("slash", "seed"),
+    "slash_position": ("slash", "position"), "slash_lr_scale": ("slash", "lr_scale"),
+}
+
+
 @dataclass
 class TuningConfig:
+    """`[tuning]`: the method and what every method shares (the head). Each method's own
+    settings are its `[tuning.<method>]` table, a dataclass registered next to its builder
+    (fedtune.tuning.<method>). Tables of methods other than the active one may be present
+    (a sweep base can hold them); they are validated like the active one, so a typo fails
+    at load, but only the active method's table shapes the model and enters the spec hash
+    (`fingerprint`)."""
+
     method: str = "prompt"
-    prompt_length: int = 20
     # Hidden width of the classification head; 0 means a single linear layer.
     head_hidden: int = 0
-    # The prompt's learning rate is train.lr times this. Prompt rows live at the scale of
-    # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
-    # off that scale within a few steps and wreck the backbone's features.
-    prompt_lr_scale: float = 0.05
-    # LoRA (peft): rank, scaling numerator and the linear layers that get adapters.
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    # Learning rate of the adapters / biases relative to train.lr (the head's). At the
-    # head's SGD rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
-    lora_lr_scale: float = 0.02
-    bitfit_lr_scale: float = 0.02
-    # SLaSh: size of the shared vector z, seed of the fixed projections, the sub-layer whose
-    # output is shifted (output | attention | intermediate), and z's lr relative to train.lr.
-    slash_size: int = 1024
-    slash_seed: int = 0
-    slash_position: str = "output"
-    slash_lr_scale: float = 0.1
     # A federated domain classifier (target vs source) next to the task head, on the same
     # pooled features; the population-expansion plugin's importance weighting reads it.
     domain_head: bool = False
+    # [tuning.<method>] tables by method name: the active method's always (defaults filled
+    # in), other methods' only when given.
+    methods: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, name: str) -> Any:
+        """Method `name`'s settings. The active method's table is always held (its defaults
+        when the config gives none); another method without a table reads as a fresh copy
+        of its defaults, so reading never changes the config."""
+        if name in self.methods:
+            return self.methods[name]
+        defaults = method_spec(name, f"tuning.{name}").config()
+        if name == self.method:
+            self.methods[name] = defaults
+        return defaults
+
+    @property
+    def active(self) -> Any:
+        """The active method's settings."""
+        return self.settings(self.method)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A stale `cfg.tuning.lora_r = 4` must fail, not set an attribute nothing reads.
+        if name not in _TUNING_FIELDS:
+            moved = MOVED_TUNING_KEYS.get(name)
+            hint = f": use tuning.{moved[0]}.{moved[1]}" if moved else ""
+            raise AttributeError(f"TuningConfig has no field {name!r}{hint}")
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # `cfg.tuning.lora.r`: a method's table reads like a section. Only reached for
+        # names that are no field; private names never are method names (copy, pickle).
+        if name.startswith("_") or name in ("method", "methods"):
+            raise AttributeError(name)
+        if name not in method_names():
+            raise AttributeError(f"TuningConfig has no field or tuning method {name!r}")
+        return self.settings(name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything here that shapes the model: the shared fields and the active
+        method's table only, so another method's settings never change a run's spec hash."""
+        return {**self._shared(), self.method: dataclasses.asdict(self.active)}
+
+    def _shared(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "methods"}
+
+    def to_dict(self) -> dict[str, Any]:
+        self.settings(self.method)  # the active table is always written, defaults included
+        return {**self._shared(), **{name: dataclasses.asdict(self.methods[name])
+                                     for name in sorted(self.methods)}}
 
     def validate(self) -> None:
-        from fedtune.tuning import available_methods
-        from fedtune.tuning.slash import POSITIONS
-
-        _choice("tuning.method", self.method, available_methods())
-        for name in ("prompt_length", "prompt_lr_scale", "lora_r", "lora_alpha",
-                     "lora_lr_scale", "bitfit_lr_scale", "slash_size", "slash_lr_scale"):
-            _positive(f"tuning.{name}", getattr(self, name))
-        for name in ("head_hidden", "slash_seed"):
-            _nonnegative(f"tuning.{name}", getattr(self, name))
-        _choice("tuning.slash_position", self.slash_position, POSITIONS)
-        if not self.lora_targets:
-            raise ConfigError("tuning.lora_targets must name at least one module")
+        method_spec(self.method)
+        _nonnegative("tuning.head_hidden", self.head_hidden)
+        self.settings(self.method)  # fill in the active method's defaults
+        for name, settings in self.methods.items():
+            settings.validate(f"tuning.{name}")
 
 
 @dataclass
@@ -345,6 +387,8 @@ class ExperimentConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Poll intervals and the cache folder (environment variables override them).
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Strategy plugins, in order: [[plugins]] tables with a `name` and the plugin's params.
     plugins: list[dict[str, Any]] = field(default_factory=list)
 
@@ -352,11 +396,14 @@ class ExperimentConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.delta, self.faults, self.split, self.simulation):
+                        self.delta, self.faults, self.split, self.simulation, self.runtime):
             section.validate()
-        from strategies.plugins import validate_plugins  # plugins live with the strategies
-
-        validate_plugins(self)
+        # Checks the app layer registered (strategies.plugins: plugin names and params),
+        # then whether the method composes with each plugin (which also refuses an unknown
+        # name when the app layer is not loaded).
+        for check in config_checks():
+            check(self)
+        self._validate_method_plugins()
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="
@@ -370,11 +417,21 @@ class ExperimentConfig:
                 f"data.num_clients={self.data.num_clients}"
             )
 
+    def _validate_method_plugins(self) -> None:
+        allowed = method_spec(self.tuning.method).plugins
+        for i, table in enumerate(self.plugins):
+            name = table.get("name")
+            if name not in allowed:
+                raise ConfigError(
+                    f"plugins[{i}].name={name!r} does not compose with tuning.method="
+                    f"{self.tuning.method!r}; it composes with: {', '.join(allowed) or 'none'}")
+
     def _validate_split(self) -> None:
-        if self.tuning.method not in SPLIT_METHODS:
+        if not method_spec(self.tuning.method).split:
+            able = [m for m in method_names() if method_spec(m).split]
             raise ConfigError(
-                f"split.enabled=true needs tuning.method in: {', '.join(SPLIT_METHODS)} "
-                f"(got {self.tuning.method!r}): only a prompt lives before the cut")
+                f"split.enabled=true needs tuning.method in: {', '.join(able)} (got "
+                f"{self.tuning.method!r}): its trainable tensors must sit before the cut")
         if self.privacy.sample.enabled and self.privacy.sample.grad_sample_mode == "ghost":
             raise ConfigError(
                 "split.enabled=true does not work with privacy.sample.grad_sample_mode="
@@ -401,26 +458,15 @@ class ExperimentConfig:
                 f">= {1 / steps:.3g} or set it to 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["tuning"] = self.tuning.to_dict()  # method tables as [tuning.<method>]
+        return out
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def env_seconds(name: str, default: float, maximum: float) -> float:
-    """A positive number of seconds from environment variable `name` (default if unset);
-    a ValueError naming the variable for anything else or above `maximum`."""
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= maximum:
-        raise ValueError(f"{name}={raw!r}: expected seconds in (0, {maximum:g}]")
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None
@@ -503,7 +549,38 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_TUNING_FIELDS = frozenset(f.name for f in dataclasses.fields(TuningConfig))
+
+
+def _build_tuning(raw: Any) -> TuningConfig:
+    """`[tuning]`: its shared fields, then one `[tuning.<method>]` table per method given.
+    An old flat key (`lora_r`) is refused with the key that replaced it."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tuning must be a table, got {type(raw).__name__}")
+    for key in raw:
+        if key in MOVED_TUNING_KEYS:
+            table, name = MOVED_TUNING_KEYS[key]
+            raise ConfigError(f"tuning.{key} moved: use [tuning.{table}] {name} "
+                              f"(tuning.{table}.{name})")
+    shared = {f.name for f in dataclasses.fields(TuningConfig)} - {"methods"}
+    tables = {k: v for k, v in raw.items() if k not in shared}
+    names = method_names()
+    unknown = sorted(set(tables) - set(names))
+    if unknown:
+        keys = ", ".join("tuning." + k if k.isprintable() else repr("tuning." + k)
+                         for k in unknown)
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys} in tuning; "
+                          f"allowed: {', '.join(sorted(shared))} and the method tables "
+                          f"{', '.join(names)}")
+    cfg = _build(TuningConfig, {k: v for k, v in raw.items() if k in shared}, "tuning.")
+    for name, table in tables.items():
+        cfg.methods[name] = _build(method_spec(name).config, table, f"tuning.{name}.")
+    return cfg
+
+
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if hint is TuningConfig:
+        return _build_tuning(value)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
@@ -578,3 +655,9 @@ def _nonnegative(key: str, value: float) -> None:
 def _nonempty(key: str, value: str) -> None:
     if not value.strip():
         raise ConfigError(f"{key} must not be empty")
+
+
+# The same rules for the `[tuning.<method>]` dataclasses that live with their methods.
+require_positive = _positive
+require_nonnegative = _nonnegative
+require_choice = _choice

@@ -132,7 +132,10 @@ def _settings(cfg: ExperimentConfig) -> dict[str, str]:
         else:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
-    walk(cfg.to_dict(), "")
+    resolved = cfg.to_dict()
+    resolved["tuning"] = cfg.tuning.fingerprint()  # another method's table changes no result
+    del resolved["runtime"]  # poll intervals and cache folder change no result either
+    walk(resolved, "")
     # With smashed DP the target on the axis is the smashed one: DP-SGD's is a setting.
     shown = _NOT_A_VARIANT - ({"privacy.sample.target_epsilon"}
                               if protects_smashed_data(cfg) else set())

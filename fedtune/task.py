@@ -24,6 +24,7 @@ from fedtune.data import load_corpus, partition, partition_domains, target_rows,
 from fedtune.data.domains import no_progress_bars
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, load_backbone
+from fedtune.runtime_settings import runtime_settings
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.validation_split import carve_validation, client_rows
 
@@ -101,6 +102,7 @@ class Task:
 def task_key(cfg: ExperimentConfig) -> str:
     """The parts of a config that change the task (not training hyper-parameters)."""
     d = cfg.to_dict()
+    d["tuning"] = cfg.tuning.fingerprint()  # other methods' tables change nothing here
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
 
 
@@ -195,7 +197,8 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     splits = {}
     for name in ("train", "test"):
         ds = corpus[name]
-        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length)
+        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length,
+                              runtime_settings(cfg).cache_dir)
         splits[name] = Split(tok["input_ids"], tok["attention_mask"],
                              np.asarray(ds["label"], dtype=np.int64))
     among = None
@@ -238,9 +241,11 @@ def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,
 def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num_labels: int
                ) -> DeltaSpec:
     """The spec of `model`'s trainable tensors: the layout, bound to the backbone weights and
-    to everything in the config that shapes the model."""
+    to everything in the config that shapes the model: the shared tuning fields and the
+    active method's table, never another method's (changing `[tuning.lora] r` must not
+    orphan a prompt run's checkpoint or export)."""
     return DeltaSpec.from_state(model.trainable_state(), backbone.hash,
-                                {"tuning": cfg.to_dict()["tuning"], "num_labels": num_labels})
+                                {"tuning": cfg.tuning.fingerprint(), "num_labels": num_labels})
 
 
 def _label_names(ds: object) -> tuple[str, ...]:

@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.config import env_seconds
+from fedtune.runtime_settings import runtime_settings
 
 POLL_ENV = "FEDTUNE_GRID_POLL_S"
 DEFAULT_POLL_S = 0.1
 
 
 def poll_interval() -> float:
-    return env_seconds(POLL_ENV, DEFAULT_POLL_S, 60)
+    return runtime_settings().grid_poll_s
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float

@@ -14,10 +14,10 @@ def test_quickstart_file_equals_builtin_defaults():
 
 
 def test_resolved_toml_round_trips():
-    cfg = load_config(None, ["train.rounds=3", "tuning.prompt_length=7", "seed=4"])
+    cfg = load_config(None, ["train.rounds=3", "tuning.prompt.length=7", "seed=4"])
     again = config_from_toml(cfg.to_toml())
     assert again == cfg
-    assert (again.train.rounds, again.tuning.prompt_length, again.seed) == (3, 7, 4)
+    assert (again.train.rounds, again.tuning.prompt.length, again.seed) == (3, 7, 4)
 
 
 def test_override_values_are_typed():
@@ -158,3 +158,38 @@ def test_flwr_run_config_overrides_with_an_open_quote_are_a_config_error():
         config_from_run_config({"config": str(ROOT / "experiments" / "quickstart.toml"),
                                 "overrides": "train.rounds=2 'name=oops"})
     assert "run config overrides=" in str(info.value) and "quotation" in str(info.value)
+
+
+def test_runtime_settings_defaults_config_and_environment(monkeypatch, tmp_path):
+    from fedtune.runtime_settings import runtime_settings
+
+    for env in ("FEDTUNE_GRID_POLL_S", "FEDTUNE_SUPERNODE_POLL_S", "FEDTUNE_CACHE_DIR"):
+        monkeypatch.delenv(env, raising=False)
+    defaults = runtime_settings()
+    assert (defaults.grid_poll_s, defaults.supernode_poll_s) == (0.1, 0.1)
+    assert defaults.cache_dir == Path.home() / ".cache" / "fedtune"
+    cfg = load_config(None, ["runtime.grid_poll_s=2", f"runtime.cache_dir={tmp_path}"])
+    assert runtime_settings(cfg).grid_poll_s == 2.0
+    assert runtime_settings(cfg).cache_dir == tmp_path
+    # The environment overrides the config.
+    monkeypatch.setenv("FEDTUNE_GRID_POLL_S", "0.5")
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "env"))
+    assert runtime_settings(cfg).grid_poll_s == 0.5
+    assert runtime_settings(cfg).cache_dir == tmp_path / "env"
+    # A bad variable fails the setting it names, and only that one.
+    monkeypatch.setenv("FEDTUNE_SUPERNODE_POLL_S", "4")
+    settings = runtime_settings(cfg)
+    assert settings.grid_poll_s == 0.5
+    with pytest.raises(ValueError, match=r"FEDTUNE_SUPERNODE_POLL_S='4': expected seconds "
+                                         r"in \(0, 3\]"):
+        _ = settings.supernode_poll_s
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("runtime.grid_poll_s=0", "runtime.grid_poll_s must be in (0, 60] seconds, got 0.0"),
+    ("runtime.supernode_poll_s=5", "runtime.supernode_poll_s must be in (0, 3] seconds"),
+])
+def test_runtime_values_are_validated(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)

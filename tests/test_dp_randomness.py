@@ -16,7 +16,7 @@ from fedtune.models import Backbone
 from fedtune.privacy import DPHistory
 from fedtune.tuning import build_tuned_model
 
-BASE = ["tuning.prompt_length=4", "train.batch_size=8", "train.local_steps=2",
+BASE = ["tuning.prompt.length=4", "train.batch_size=8", "train.local_steps=2",
         "train.optimizer=sgd", "train.lr=0.5", "privacy.sample.noise_multiplier=1.0",
         "privacy.sample.target_epsilon=1000", "privacy.sample.max_grad_norm=1.0"]
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "name=e2e", "data.num_clients=4", "train.clients_per_round=2", "train.rounds=3",
     "train.local_steps=4", "train.batch_size=32", "model.max_length=32",
-    "tuning.prompt_length=4", "train.eval_max_examples=256", "privacy.sample.target_epsilon=8",
+    "tuning.prompt.length=4", "train.eval_max_examples=256", "privacy.sample.target_epsilon=8",
 ]
 REPRODUCIBLE = ["privacy.reproducible_noise=true"]
 ROUND_KEYS = {"round", "val_accuracy", "val_loss", "epsilon_sample", "epsilon_user", "delta",

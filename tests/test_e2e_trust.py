@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_clients=4", "train.clients_per_round=2", "train.rounds=2",
         "train.local_steps=2", "train.batch_size=16", "model.max_length=32",
-        "tuning.prompt_length=4", "train.eval_max_examples=128"]
+        "tuning.prompt.length=4", "train.eval_max_examples=128"]
 
 
 def _run(out, overrides):

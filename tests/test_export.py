@@ -22,7 +22,7 @@ TEXTS = ["Win a FREE cruise now!!! Click here", "Re: patch for the build script,
 
 def _saved_run(folder, method, **overrides):
     """A run folder as the server leaves it: config.toml + a perturbed final state."""
-    sets = [f"tuning.method={method}", "model.max_length=32", "tuning.slash_size=64",
+    sets = [f"tuning.method={method}", "model.max_length=32", "tuning.slash.size=64",
             *[f"{k}={v}" for k, v in overrides.items()]]
     cfg = load_config(None, sets)
     backbone = load_backbone(cfg.model.backbone)
@@ -74,7 +74,7 @@ def test_export_is_self_contained_and_loads_the_same(tmp_path):
 
 def test_state_and_config_that_do_not_belong_together_are_refused(tmp_path):
     _saved_run(tmp_path / "run", "lora")
-    other = load_config(None, ["tuning.method=lora", "model.max_length=32", "tuning.lora_r=4"])
+    other = load_config(None, ["tuning.method=lora", "model.max_length=32", "tuning.lora.r=4"])
     (tmp_path / "run" / "config.toml").write_text(other.to_toml())
     with pytest.raises(ExportError, match="do not belong together"):
         load_tuned(tmp_path / "run")

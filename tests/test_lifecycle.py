@@ -21,7 +21,7 @@ from fedtune.run_folder import LOCK_FILE, RunFolderError, claim_run_folder
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_clients=3", "train.clients_per_round=3", "train.rounds=2",
         "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
-        "tuning.prompt_length=2", "train.eval_max_examples=32"]
+        "tuning.prompt.length=2", "train.eval_max_examples=32"]
 STOP_LIMIT_S = 10.0
 
 

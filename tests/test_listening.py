@@ -79,7 +79,7 @@ def test_a_local_simulation_listens_on_loopback_only(tmp_path):
             "--out", str(tmp_path / "run")]
     for item in ("data.num_clients=3", "train.clients_per_round=3", "train.rounds=1",
                  "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
-                 "tuning.prompt_length=2", "train.eval_max_examples=32"):
+                 "tuning.prompt.length=2", "train.eval_max_examples=32"):
         args += ["--set", item]
     log = (tmp_path / "run.log").open("wb")  # a file, not a pipe: nothing blocks the run
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 OVERRIDES = ["name=ray-cluster", "data.num_clients=2", "train.clients_per_round=2",
              "train.rounds=2", "train.local_steps=1", "train.batch_size=8",
-             "model.max_length=16", "tuning.prompt_length=2", "train.eval_max_examples=32",
+             "model.max_length=16", "tuning.prompt.length=2", "train.eval_max_examples=32",
              "simulation.num_cpus_per_client=1"]
 
 

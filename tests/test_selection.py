@@ -59,7 +59,7 @@ def test_a_later_override_of_the_same_key_is_the_one_that_counts():
 def test_tune_defaults_sweep_loads_and_varies_only_what_it_tunes():
     sweep = load_sweep(ROOT / "experiments/tune_defaults.toml")
     keys = {item.split("=", 1)[0] for v in sweep.variants for item in v.overrides}
-    assert {"train.lr", "tuning.prompt_lr_scale"} <= keys
+    assert {"train.lr", "tuning.prompt.lr_scale"} <= keys
     assert not any(k.startswith("data.validation_fraction") for k in keys)
     rows = [_row(v.name, 0.5, 0.5) for v in sweep.variants]
     ranked = rank_by_validation(sweep.variants, rows)

@@ -21,7 +21,7 @@ from fedtune.protocol import PruneSettings
 from fedtune.split import InProcessBody, SplitPromptModel, split_flops
 from fedtune.tuning import build_tuned_model
 
-BASE = ["train.batch_size=8", "tuning.prompt_length=4"]
+BASE = ["train.batch_size=8", "tuning.prompt.length=4"]
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +327,7 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    hidden, tokens = 384, 32 + 4  # model.max_length + tuning.prompt_length
+    hidden, tokens = 384, 32 + 4  # model.max_length + tuning.prompt.length
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         assert r["clients"] == 2 and not r["failed"] and not r["rejected"]

@@ -24,7 +24,7 @@ from fedtune.tuning import build_tuned_model
 from strategies.split_ledger import split_round_fields, split_summary_fields
 
 SMASHED = ["split.enabled=true", "split.smashed_dp.enabled=true", "train.batch_size=4",
-           "tuning.prompt_length=4", "train.local_steps=2", "train.rounds=3"]
+           "tuning.prompt.length=4", "train.local_steps=2", "train.rounds=3"]
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(m
     # Reproducible draws: the figures below hold for every draw in expectation; fixed draws
     # keep a handful of examples from making the test flaky.
     base = ["split.enabled=true", f"split.cut_layer={cut}", "train.batch_size=8",
-            "train.local_steps=2", "train.rounds=3", "tuning.prompt_length=4",
+            "train.local_steps=2", "train.rounds=3", "tuning.prompt.length=4",
             "privacy.reproducible_noise=true"]
     clear_cfg = load_config(None, base)
     task = _TinyTask(minilm, clear_cfg)

@@ -13,7 +13,7 @@ from fedtune.config import load_config
 from fedtune.task import _task_from_bundle, get_task, task_key, write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt_length=4"]
+SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt.length=4"]
 
 
 def _cfg(*extra: str):

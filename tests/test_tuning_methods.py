@@ -13,11 +13,11 @@ def backbone():
     return load_backbone("minilm")
 
 
-def _model(backbone, method, seed=0, **tuning):
+def _model(backbone, method, seed=0, **settings):
     cfg = ExperimentConfig().tuning
     cfg.method = method
-    for key, value in tuning.items():
-        setattr(cfg, key, value)
+    for key, value in settings.items():  # the method's [tuning.<method>] table
+        setattr(cfg.settings(method), key, value)
     return build_tuned_model(backbone, cfg, num_labels=2, seed=seed)
 
 
@@ -41,8 +41,8 @@ def test_lora_trains_only_adapters_and_head(backbone):
 
 
 def test_lora_bad_target_is_a_config_error(backbone):
-    with pytest.raises(ConfigError, match=r"tuning.lora_targets=\['nope'\]"):
-        _model(backbone, "lora", lora_targets=["nope"])
+    with pytest.raises(ConfigError, match=r"tuning.lora.targets=\['nope'\]"):
+        _model(backbone, "lora", targets=["nope"])
 
 
 def test_bitfit_trains_only_biases_and_head(backbone):
@@ -66,12 +66,12 @@ def test_dp_step_changes_only_the_copy(backbone, method, dp_step):
 
 @pytest.mark.parametrize("position", ["output", "attention", "intermediate"])
 def test_slash_trains_one_vector_and_starts_as_the_backbone(backbone, position):
-    model = _model(backbone, "slash", slash_size=64, slash_position=position)
+    model = _model(backbone, "slash", size=64, position=position)
     assert list(model.trainable_state()) == ["z.embedding.weight", "head.net.0.weight",
                                              "head.net.0.bias"]
     assert model.num_trainable() == 64 + 2 * 384 + 2
     # Projections are buffers regenerated from the seed, not state that is sent.
-    again = _model(backbone, "slash", slash_size=64, slash_position=position)
+    again = _model(backbone, "slash", size=64, position=position)
     assert torch.equal(model.proj_0, again.proj_0)
     assert model.proj_0.std().item() == pytest.approx(64**-0.5, rel=0.1)
     ids = torch.randint(1000, 2000, (2, 8))
@@ -93,7 +93,7 @@ def test_slash_trains_one_vector_and_starts_as_the_backbone(backbone, position):
 
 
 def test_slash_dp_step_updates_z(backbone, dp_step):
-    model = _model(backbone, "slash", slash_size=64)
+    model = _model(backbone, "slash", size=64)
     dp_step(model)
     assert torch.count_nonzero(model.z.embedding.weight) > 0
 

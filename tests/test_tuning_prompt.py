@@ -17,7 +17,7 @@ def backbone():
 
 def _model(backbone, length=4, seed=0):
     cfg = ExperimentConfig().tuning
-    cfg.prompt_length = length
+    cfg.prompt.length = length
     return build_tuned_model(backbone, cfg, num_labels=2, seed=seed)
 
 

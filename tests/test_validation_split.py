@@ -14,7 +14,7 @@ from fedtune.task import Split, get_task
 from fedtune.validation_split import carve_validation
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt_length=4",
+SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt.length=4",
         "train.eval_max_examples=48", "train.eval_batch_size=48"]
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedtune.runtime_settings import runtime_settings
+
 if TYPE_CHECKING:
     import datasets
 
@@ -28,8 +30,8 @@ BATCH_SIZE = 1024
 
 
 def default_cache_dir() -> Path:
-    """`$FEDTUNE_CACHE_DIR` if set, else ~/.cache/fedtune."""
-    return Path(os.environ.get("FEDTUNE_CACHE_DIR") or Path.home() / ".cache" / "fedtune")
+    """`$FEDTUNE_CACHE_DIR` if set, else ~/.cache/fedtune (fedtune.runtime_settings)."""
+    return runtime_settings().cache_dir
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> bytes:

@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedtune.runtime_settings import RuntimeConfig
+
 deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Run the same apps on a SuperLink and real SuperNodes.")
 console = Console()
@@ -133,7 +135,8 @@ def supernode(
         help="Loopback port of the SuperNode's Runtime API (one per node on a machine).")
     ] = 9094,
     poll: Annotated[float, typer.Option(
-        help="Seconds between the SuperNode's polls of the SuperLink.")] = 0.1,
+        help="Seconds between the SuperNode's polls of the SuperLink.")
+    ] = RuntimeConfig.supernode_poll_s,
     worker: Annotated[bool, typer.Option(
         help="Serve messages from one long-lived ClientApp process (off: a new "
              "flwr-clientapp process per message, Flower's default).")] = True,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
-from fedtune.config import env_seconds
+from fedtune.runtime_settings import runtime_settings
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.1
@@ -41,7 +41,7 @@ class _CappedSleep(ModuleType):
 
 def poll_interval() -> float:
     try:
-        return env_seconds(POLL_ENV, DEFAULT_POLL_S, 3)
+        return runtime_settings().supernode_poll_s
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from fedtune.config import TuningConfig
+from dataclasses import dataclass
+
+from fedtune.config import TuningConfig, require_positive
 from fedtune.models import Backbone
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
+
+
+@dataclass
+class BitFitConfig:
+    """`[tuning.bitfit]`."""
+
+    # Learning rate of the biases relative to train.lr (the head's).
+    lr_scale: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.lr_scale", self.lr_scale)
 
 
 class BitFitModel(EncoderClassifier):
@@ -16,10 +29,10 @@ class BitFitModel(EncoderClassifier):
         for name, param in encoder.named_parameters():
             param.requires_grad_(name.endswith(".bias"))
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
-                         lr_scale=cfg.bitfit_lr_scale, domain_head=cfg.domain_head)
+                         lr_scale=cfg.settings("bitfit").lr_scale, domain_head=cfg.domain_head)
 
 
-@register_method("bitfit")
+@register_method("bitfit", BitFitConfig)
 def build_bitfit(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> TunedModel:
     return BitFitModel(backbone, cfg, num_labels)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
-from fedtune.config import ConfigError, TuningConfig
+from fedtune.config import ConfigError, TuningConfig, require_positive
 from fedtune.models import Backbone
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
@@ -14,6 +15,24 @@ from fedtune.tuning.registry import register_method
 # peft calls a transformers method that transformers has deprecated; the warning is about
 # peft's code, not the user's, and repeats on every client of every round.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@dataclass
+class LoRAConfig:
+    """`[tuning.lora]`: rank, scaling numerator and the linear layers that get adapters."""
+
+    r: int = 8
+    alpha: int = 16
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Learning rate of the adapters relative to train.lr (the head's). At the head's SGD
+    # rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
+    lr_scale: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        for name in ("r", "alpha", "lr_scale"):
+            require_positive(f"{prefix}.{name}", getattr(self, name))
+        if not self.targets:
+            raise ConfigError(f"{prefix}.targets must name at least one module")
 
 
 class LoRAModel(EncoderClassifier):
@@ -25,8 +44,9 @@ class LoRAModel(EncoderClassifier):
         # (Ray actors included) that imports the method registry, LoRA run or not.
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                            target_modules=list(cfg.lora_targets), lora_dropout=0.0,
+        settings: LoRAConfig = cfg.settings("lora")
+        config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
+                            target_modules=list(settings.targets), lora_dropout=0.0,
                             bias="none")
         # peft draws lora_A at random: seed it so every process builds the same start.
         with torch.random.fork_rng():
@@ -34,14 +54,14 @@ class LoRAModel(EncoderClassifier):
             try:
                 encoder = get_peft_model(encoder_copy(backbone.model), config)
             except ValueError as exc:
-                raise ConfigError(f"tuning.lora_targets={list(cfg.lora_targets)}: "
+                raise ConfigError(f"tuning.lora.targets={list(settings.targets)}: "
                                   f"{str(exc).splitlines()[0]}") from None
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
-                         lr_scale=cfg.lora_lr_scale, domain_head=cfg.domain_head)
+                         lr_scale=settings.lr_scale, domain_head=cfg.domain_head)
         self.lora_config = config
 
 
-@register_method("lora")
+@register_method("lora", LoRAConfig)
 def build_lora(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                ) -> TunedModel:
     return LoRAModel(backbone, cfg, num_labels, seed)

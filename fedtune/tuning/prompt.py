@@ -13,13 +13,31 @@ no prompt 0.959, prompt before [CLS] from random vocabulary rows 0.942, after [C
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fedtune.config import TuningConfig
+from fedtune.config import TuningConfig, require_positive
 from fedtune.models import Backbone
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.registry import register_method
+
+
+@dataclass
+class PromptConfig:
+    """`[tuning.prompt]`."""
+
+    # Soft-prompt tokens.
+    length: int = 20
+    # The prompt's learning rate is train.lr times this. Prompt rows live at the scale of
+    # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
+    # off that scale within a few steps and wreck the backbone's features.
+    lr_scale: float = 0.05
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.length", self.length)
+        require_positive(f"{prefix}.lr_scale", self.lr_scale)
 
 
 class SoftPrompt(nn.Module):
@@ -41,6 +59,7 @@ class PromptModel(TunedModel):
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> None:
         super().__init__()
+        settings: PromptConfig = cfg.settings("prompt")
         self.backbone = backbone.model
         words = self.backbone.get_input_embeddings().weight
         tok = backbone.tokenizer
@@ -48,13 +67,13 @@ class PromptModel(TunedModel):
         self.insert_at = 1 if tok.cls_token_id is not None else 0
         anchor = next((t for t in (tok.sep_token_id, tok.eos_token_id) if t is not None), None)
         if anchor is not None:
-            init = words[anchor].detach().expand(cfg.prompt_length, -1).clone()
+            init = words[anchor].detach().expand(settings.length, -1).clone()
         else:
             generator = torch.Generator().manual_seed(seed)
-            rows = torch.randint(0, words.shape[0], (cfg.prompt_length,), generator=generator)
+            rows = torch.randint(0, words.shape[0], (settings.length,), generator=generator)
             init = words[rows].detach().clone()
         self.prompt = SoftPrompt(init)
-        self.prompt_lr_scale = cfg.prompt_lr_scale
+        self.prompt_lr_scale = settings.lr_scale
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
                                        cfg.domain_head)
 
@@ -90,7 +109,9 @@ class PromptModel(TunedModel):
         return self.classify(hidden, attention_mask)
 
 
-@register_method("prompt")
+# Split mode runs the prompt only: its prompt sits before the cut and its head in the tail
+# (fedtune.split.SplitPromptModel is a view of a PromptModel).
+@register_method("prompt", PromptConfig, split=True)
 def build_prompt(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> TunedModel:
     return PromptModel(backbone, cfg, num_labels, seed)

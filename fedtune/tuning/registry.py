@@ -1,9 +1,12 @@
-"""Tuning methods register by name; config and CLI look them up here."""
+"""Tuning methods register by name, with their config dataclass; config and CLI look them
+up here (the config through `fedtune.registry`, which holds each method's spec)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from fedtune.registry import MethodSpec, register_method_spec
 
 if TYPE_CHECKING:
     from fedtune.config import TuningConfig
@@ -13,11 +16,21 @@ if TYPE_CHECKING:
 MethodBuilder = Callable[["Backbone", "TuningConfig", int, int], "TunedModel"]
 _METHODS: dict[str, MethodBuilder] = {}
 
+# Every strategy plugin today works on any model with a `head` (each method has one):
+# el2n_pruning scores with the model's forward, population_expansion's importance
+# weighting reads `head.last_domain_logit`.
+ALL_PLUGINS = ("el2n_pruning", "population_expansion")
 
-def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+
+def register_method(name: str, config: type, *, split: bool = False,
+                    plugins: tuple[str, ...] = ALL_PLUGINS
+                    ) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register a builder under `name` with its `[tuning.<name>]` config dataclass, whether
+    split mode can run it, and the plugins it composes with."""
     def deco(builder: MethodBuilder) -> MethodBuilder:
         if name in _METHODS:
             raise ValueError(f"tuning method {name!r} is registered twice")
+        register_method_spec(MethodSpec(name, config, split, tuple(plugins)))
         _METHODS[name] = builder
         return builder
 

@@ -3,7 +3,7 @@ and Private Tuning"): one trainable vector z, shared by all layers through fixed
 projections.
 
 Layer l adds the shift z @ W_l to the output of a dense sub-layer, before its residual
-LayerNorm. W_l (z_size x width) is drawn N(0, 1)/sqrt(z_size) from `tuning.slash_seed`, so
+LayerNorm. W_l (z_size x width) is drawn N(0, 1)/sqrt(z_size) from `tuning.slash.seed`, so
 every client regenerates the same projections; they are buffers, never trained and never
 sent. Only z and the head cross the wire.
 
@@ -15,10 +15,18 @@ backbone that other models share is never left modified.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fedtune.config import ConfigError, TuningConfig
+from fedtune.config import (
+    ConfigError,
+    TuningConfig,
+    require_choice,
+    require_nonnegative,
+    require_positive,
+)
 from fedtune.models import Backbone
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.registry import register_method
@@ -29,6 +37,24 @@ POSITIONS = {
     "attention": lambda layer: layer.attention.output.dense,
     "intermediate": lambda layer: layer.intermediate.dense,
 }
+
+
+@dataclass
+class SlashConfig:
+    """`[tuning.slash]`: size of the shared vector z, seed of the fixed projections, the
+    sub-layer whose output is shifted (output | attention | intermediate), and z's lr
+    relative to train.lr."""
+
+    size: int = 1024
+    seed: int = 0
+    position: str = "output"
+    lr_scale: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.size", self.size)
+        require_nonnegative(f"{prefix}.seed", self.seed)
+        require_choice(f"{prefix}.position", self.position, POSITIONS)
+        require_positive(f"{prefix}.lr_scale", self.lr_scale)
 
 
 class SharedVector(nn.Module):
@@ -47,20 +73,21 @@ class SlashModel(TunedModel):
 
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int) -> None:
         super().__init__()
+        settings: SlashConfig = cfg.settings("slash")
         self.backbone = backbone.model
         layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
         if layers is None:
             raise ConfigError(f"tuning.method='slash' needs a BERT-style encoder "
                               f"(encoder.layer[*]); {backbone.name!r} has none")
-        self._targets = [POSITIONS[cfg.slash_position](layer) for layer in layers]
-        generator = torch.Generator().manual_seed(cfg.slash_seed)
+        self._targets = [POSITIONS[settings.position](layer) for layer in layers]
+        generator = torch.Generator().manual_seed(settings.seed)
         for i, target in enumerate(self._targets):
-            proj = torch.randn(cfg.slash_size, target.out_features, generator=generator)
-            self.register_buffer(f"proj_{i}", proj / cfg.slash_size**0.5, persistent=False)
-        self.z = SharedVector(cfg.slash_size)
+            proj = torch.randn(settings.size, target.out_features, generator=generator)
+            self.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
+        self.z = SharedVector(settings.size)
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
                                        cfg.domain_head)
-        self.lr_scale = cfg.slash_lr_scale
+        self.lr_scale = settings.lr_scale
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": list(self.z.parameters()), "lr": lr * self.lr_scale},
@@ -81,7 +108,7 @@ class SlashModel(TunedModel):
         return self.head(masked_mean(hidden.last_hidden_state, attention_mask))
 
 
-@register_method("slash")
+@register_method("slash", SlashConfig)
 def build_slash(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                 ) -> TunedModel:
     return SlashModel(backbone, cfg, num_labels)

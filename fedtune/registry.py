@@ -1,0 +1,87 @@
+"""The names a config may use, looked up without importing what implements them.
+
+`fedtune.config` validates tuning methods, corpora, partitioners and plugins through this
+module, and this module imports nothing of fedtune at load time, so the config never
+imports the code it names (no import cycle, no upward import into the app layer):
+
+- tuning methods register a `MethodSpec` (their `[tuning.<method>]` config dataclass,
+  whether split mode can run them, which plugins they compose with) from their own module;
+  the library modules that hold methods, corpora and partitioners are imported on first
+  lookup (`_LIBRARY`);
+- the app layer (`strategies.plugins`) registers its own config checks with
+  `register_config_check` when it is imported; a config loaded before that gets those
+  checks when the app that uses it is assembled (the CLI, the ServerApp).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the config needs to know about a tuning method."""
+
+    name: str
+    # The dataclass read from `[tuning.<name>]`; it has `validate(prefix: str)`.
+    config: type
+    # True when every trainable tensor sits before the cut or in the tail (split mode).
+    split: bool
+    # Plugin names the method composes with.
+    plugins: tuple[str, ...]
+
+
+_METHODS: dict[str, MethodSpec] = {}
+_CHECKS: list[Callable[[Any], None]] = []
+# Library modules whose import registers each kind of name; (module, listing function).
+_LIBRARY: dict[str, tuple[str, str]] = {
+    "tuning method": ("fedtune.tuning", "available_methods"),
+    "corpus": ("fedtune.data", "available_corpora"),
+    "partitioner": ("fedtune.data", "available_partitioners"),
+}
+
+
+def register_method_spec(spec: MethodSpec) -> None:
+    if spec.name in _METHODS:
+        raise ValueError(f"tuning method {spec.name!r} is registered twice")
+    _METHODS[spec.name] = spec
+
+
+def available(kind: str) -> list[str]:
+    """The registered names of `kind` ("tuning method", "corpus", "partitioner")."""
+    module, listing = _LIBRARY[kind]
+    return list(getattr(importlib.import_module(module), listing)())
+
+
+def method_names() -> list[str]:
+    """Registered tuning methods. Imports `fedtune.tuning` (which registers them) on first
+    use; the registry itself stays free of torch."""
+    if not _METHODS:
+        importlib.import_module(_LIBRARY["tuning method"][0])
+    return sorted(_METHODS)
+
+
+def method_spec(name: str, key: str = "tuning.method") -> MethodSpec:
+    """The spec of tuning method `name`; a ConfigError naming `key` if there is none."""
+    names = method_names()
+    if name not in _METHODS:
+        raise ConfigError(f"{key}={name!r} is not one of: {', '.join(names)}")
+    return _METHODS[name]
+
+
+def register_config_check(check: Callable[[Any], None]) -> None:
+    """Run `check(cfg)` in every later `ExperimentConfig.validate()` (the app layer's
+    plugin validation registers itself here). Registering the same check twice is a no-op."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+
+
+def config_checks() -> list[Callable[[Any], None]]:
+    return list(_CHECKS)
