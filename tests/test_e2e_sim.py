@@ -74,18 +74,6 @@ def _charged(cfg, rounds, interrupted=()):
 
 
 @pytest.mark.slow
-def test_resolved_config_reruns_to_the_same_numbers(run_dir, tmp_path):
-    again = _fedtune_run(run_dir / "config.toml", tmp_path / "again")
-    first = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    second = [json.loads(x) for x in (again / "rounds.jsonl").read_text().splitlines()]
-    for a, b in zip(first, second, strict=True):
-        assert (a["val_accuracy"], a["val_loss"], a["epsilon_sample"]) == \
-            (b["val_accuracy"], b["val_loss"], b["epsilon_sample"])
-        assert [c["partition_id"] for c in a["per_client"]] == \
-            [c["partition_id"] for c in b["per_client"]]
-
-
-@pytest.mark.slow
 def test_run_folder_contract(run_dir):
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -171,6 +159,7 @@ def _pld_epsilon(history, delta):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_crashes_hangs_and_corrupt_deltas_are_recorded_and_the_run_completes(tmp_path):
     # Seed 23 draws, per round over the 4 clients: round 1 nan, crash, ok, nan; round 2
     # hang, crash, ok, crash; round 3 length, spec, ok, crash (>= 25% crashes every round).
@@ -235,13 +224,38 @@ def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path
     assert hits == correct
 
 
+@pytest.fixture(scope="module")
+def rerun_dir(run_dir, tmp_path_factory):
+    """The shared run's resolved config re-run, killed (-9) after its first round and resumed:
+    one run serves both the re-run and the resume checks (a Flower simulation each costs
+    about a minute). Returns (folder, the round it was killed at)."""
+    out = tmp_path_factory.mktemp("rerun") / "killed"
+    killed_at = _kill_after_first_round(out, [], config=run_dir / "config.toml")
+    _resume(out, killed_at)
+    return out, killed_at
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_path):
+@pytest.mark.long
+def test_resolved_config_reruns_to_the_same_numbers(run_dir, rerun_dir):
+    # Round 1 comes from the re-run itself, rounds 2-3 from its resume: both must replay the
+    # shared run's numbers.
+    again, _ = rerun_dir
+    first = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (again / "rounds.jsonl").read_text().splitlines()]
+    for a, b in zip(first, second, strict=True):
+        assert (a["val_accuracy"], a["val_loss"], a["epsilon_sample"]) == \
+            (b["val_accuracy"], b["val_loss"], b["epsilon_sample"])
+        assert [c["partition_id"] for c in a["per_client"]] == \
+            [c["partition_id"] for c in b["per_client"]]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_dir):
     # Reproducible noise: the replayed round redraws the same noise, so the summary is the
     # uninterrupted run's, bit for bit.
-    out = tmp_path / "killed"
-    killed_at = _kill_after_first_round(out, OVERRIDES + REPRODUCIBLE)
-    _resume(out, killed_at)
+    out, killed_at = rerun_dir
     a = json.loads((run_dir / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert b.pop("resumed_at_rounds") == [killed_at] and a.pop("resumed_at_rounds") == []
@@ -260,9 +274,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, tmp_pat
     assert again.returncode == 2 and "already finished" in " ".join(again.stdout.split())
 
 
-def _kill_after_first_round(out, overrides):
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
-            "--out", str(out)]
+def _kill_after_first_round(out, overrides, config=ROOT / "experiments/quickstart.toml"):
+    args = [sys.executable, "-m", "fedtune.cli", "run", str(config), "--out", str(out)]
     for item in overrides:
         args += ["--set", item]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -290,6 +303,7 @@ def _resume(out, killed_at, sets=()):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_counted(
         run_dir, tmp_path):
     out = tmp_path / "secret"

@@ -230,6 +230,7 @@ def short_tmp():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ctrl_c_stops_the_run_and_it_resumes(tmp_path, short_tmp):
     out = tmp_path / "run"
     proc, text, stop_s, seen = _start_and_stop(out, signal.SIGINT, True, short_tmp)
@@ -242,6 +243,7 @@ def test_ctrl_c_stops_the_run_and_it_resumes(tmp_path, short_tmp):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_stops_the_run_without_leftovers(tmp_path, short_tmp):
     out = tmp_path / "run"
     proc, text, stop_s, seen = _start_and_stop(out, signal.SIGTERM, False, short_tmp)

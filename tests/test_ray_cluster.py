@@ -96,6 +96,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_run_on_an_existing_ray_cluster(ray_cluster, tmp_path):
     address, env = ray_cluster
     out = tmp_path / "run"
