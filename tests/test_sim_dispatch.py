@@ -181,3 +181,40 @@ def test_run_simulation_deprecation_notice_is_dropped_and_other_notices_kept():
                                   "is deprecated and will be removed"))
     assert keep.filter(record("DEPRECATED FEATURE: %s", "`Grid.create_message` is deprecated"))
     assert keep.filter(record("Sampling failed: %s", "run_simulation"))
+
+
+def test_run_inprocess_passes_the_apps_through_without_the_deprecation_notice(monkeypatch):
+    import flwr.simulation
+
+    calls, seen = [], []
+
+    def fake_run_simulation(**kwargs):
+        calls.append(kwargs)
+        flwr_logger = logging.getLogger("flwr")
+        flwr_logger.warning("DEPRECATED FEATURE: %s", "The `run_simulation` function is "
+                            "deprecated and will be removed in a future version of Flower.")
+        flwr_logger.warning("sampling: %s", "kept")
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Catch()
+    logging.getLogger("flwr").addHandler(handler)
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    try:
+        flower_sim.run_inprocess("server", "client", 5, {"init_args": {}}, verbose=True)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert calls == [{"server_app": "server", "client_app": "client", "num_supernodes": 5,
+                      "backend_config": {"init_args": {}}, "verbose_logging": True}]
+    assert seen == ["sampling: kept"]
+    assert not logging.getLogger("flwr").filters  # the filter lives only for the call
+
+
+def test_run_inprocess_on_a_flower_without_run_simulation_says_so(monkeypatch):
+    import flwr.simulation
+
+    monkeypatch.delattr(flwr.simulation, "run_simulation")
+    with pytest.raises(RuntimeError, match="has no flwr.simulation.run_simulation"):
+        flower_sim.run_inprocess("server", "client", 5, {})

@@ -174,12 +174,15 @@ def run_inprocess(server_app: Any, client_app: Any, num_supernodes: int,
     """Run `server_app` against `num_supernodes` virtual clients running `client_app` on
     the Ray backend, in this process (see the module docstring for why this is Flower's
     deprecated `run_simulation`)."""
-    try:
-        from flwr.simulation import run_simulation
-    except ImportError as err:
+    import flwr.simulation
+
+    # Not `from ... import`: that would find the submodule of the same name when the
+    # function is gone.
+    run_simulation = getattr(flwr.simulation, "run_simulation", None)
+    if not callable(run_simulation):
         raise RuntimeError(f"Flower {flower_version()} has no flwr.simulation.run_simulation, "
                            "the in-process simulation fedtune runs on; install a Flower "
-                           "version fedtune supports (see pyproject.toml)") from err
+                           "version fedtune supports (see pyproject.toml)")
     flwr_logger = logging.getLogger("flwr")
     notice_filter = _DropRunSimulationNotice()
     flwr_logger.addFilter(notice_filter)
