@@ -54,7 +54,8 @@ def _flower_own_dispatch():
 @pytest.fixture
 def real_state():
     """Build Flower's in-memory LinkState the way its simulation engine does (run, task,
-    registered nodes) and push one message per node twice; returns (state, nodes)."""
+    registered nodes) and, with `push`, push one message per node twice; returns (state,
+    nodes, state factory, grid, run)."""
     from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task
@@ -71,7 +72,7 @@ def real_state():
     TaskIdentity.task_id, TaskIdentity.run_id = 11, 7
     TaskIdentity.node_id = SUPERLINK_NODE_ID  # what Messages the ServerApp sends carry
 
-    def build():
+    def build(num_nodes=3, push=True):
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
                                    ObjectStoreFactory())
         state = factory.state()
@@ -79,12 +80,13 @@ def real_state():
         run.primary_task_id, run.federation_id = 11, NOOP_FEDERATION_ID
         state.run_ids[7] = RunRecord(run=run)
         state.task_store[11] = Task(task_id=11, run_id=7)
-        nodes = vce_api._register_nodes(3, factory)
-        grid = InMemoryGrid(factory)
+        nodes = vce_api._register_nodes(num_nodes, factory)
+        grid = InMemoryGrid(factory, pull_interval=0.01)
         grid.set_run(run)
-        grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query")
-                            for n in [*nodes, *nodes]])
-        return state, nodes
+        if push:
+            grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query")
+                                for n in [*nodes, *nodes]])
+        return state, nodes, factory, grid, run
 
     try:
         yield build
@@ -127,8 +129,8 @@ def test_installed_on_the_running_flower_hands_out_what_flowers_own_loop_does(re
     assert patched is not FLOWER_OWN
     for _ in range(2):  # a second install keeps Flower's original to fall back to
         assert install_fast_dispatch() is True
-    state_a, nodes_a = real_state()
-    state_b, nodes_b = real_state()
+    state_a, nodes_a, *_ = real_state()
+    state_b, nodes_b, *_ = real_state()
     for tick in range(3):
         ours = _one_tick(patched, state_a, nodes_a)
         flowers = _one_tick(FLOWER_OWN, state_b, nodes_b)
@@ -139,6 +141,64 @@ def test_installed_on_the_running_flower_hands_out_what_flowers_own_loop_does(re
         assert all(m.metadata.delivered_at for m in ours)
     uninstall_fast_dispatch()
     assert vce_api.add_messages_to_queue is FLOWER_OWN and not fast_dispatch_installed()
+
+
+class _InThreadBackend:
+    """Flower's Backend interface, running the ClientApp in the engine's own worker threads
+    instead of Ray actors: the real engine (`vce_api.run_api`) without Ray's start-up."""
+
+    def __init__(self) -> None:
+        self.app = None
+
+    def build(self, app_fn) -> None:
+        self.app = app_fn()
+
+    @property
+    def num_workers(self) -> int:
+        return 2
+
+    def process_message(self, message, context):
+        return self.app(message, context), context
+
+    def terminate(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fedtune-hand-out", "flower-hand-out"])
+def test_the_real_engine_discovers_every_node_through_either_hand_out(real_state, fast):
+    """Flower's engine (hand-out, worker threads, reply writer, InMemoryGrid) with 60
+    virtual clients answering a partition query each, through fedtune's `send_and_receive`:
+    every node answers once with its own partition, with either hand-out."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+
+    from strategies.grid_io import send_and_receive
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        pid = context.node_config["partition-id"]
+        return Message(RecordDict({"m": MetricRecord({"pid": pid})}), reply_to=msg)
+
+    assert install_fast_dispatch(None if fast else "0.0.0") is fast
+    state, nodes, factory, grid, run = real_state(num_nodes=60, push=False)
+    stores = vce_api._register_node_info_stores(nodes, run)
+    f_stop = threading.Event()
+    engine = threading.Thread(target=vce_api.run_api, args=(
+        lambda: app, _InThreadBackend, nodes, factory, stores, f_stop, VceMetrics()))
+    engine.start()
+    try:
+        replies = send_and_receive(grid, [
+            Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes],
+            timeout=60)
+    finally:
+        f_stop.set()
+        engine.join(timeout=10)
+    assert not engine.is_alive()
+    got = {r.metadata.src_node_id: r.content["m"]["pid"] for r in replies}
+    assert len(replies) == 60 and got == nodes
 
 
 @pytest.mark.parametrize("other", ["1.43.0", "1.40.2", "2.0.0", ""])
