@@ -34,6 +34,17 @@ shared machine hits both sides alike. The last line is
 
     python benchmarks/sim_overhead.py [--config experiments/quickstart.toml]
         [--set key=value ...] [--dp] [--repeats 2] [--markdown benchmarks/RESULTS.md]
+
+`--discovery N` measures instead how long Flower's simulation engine takes to hand out
+fedtune's discovery (one partition query to each of N virtual clients, the real ClientApp's
+query handler on 2 Ray actors) and then one query round to a cohort of 4, in this process,
+with fedtune's message hand-out (`fedtune.compat.flower_sim`) or, with `--flower-dispatch`,
+Flower's own loop:
+
+    python benchmarks/sim_overhead.py --discovery 1000 [--flower-dispatch] [--no-ray]
+
+`--no-ray` runs the engine with an in-thread backend (the engine's message path only);
+`--hand-out N` times one tick of each hand-out on a LinkState holding a message per node.
 """
 
 from __future__ import annotations
@@ -161,6 +172,208 @@ def run_bare(cfg_toml: str, out: Path) -> None:
             ledger.flush()
 
 
+# -- discovery at scale ---------------------------------------------------------------------
+
+def run_discovery(config: Path, num_nodes: int, flower_dispatch: bool, sets: list[str]
+                  ) -> dict[str, Any]:
+    """Discovery of `num_nodes` virtual clients, then a 4-node query round, through
+    `fedtune.compat.flower_sim.run_inprocess` on a loopback Ray with 2 actors."""
+    from fedtune.config import load_config
+    from fedtune.local_ray import prefer_loopback
+    from fedtune.sim import _ray_scope, backend_config, quiet_environment, start_ray
+
+    quiet_environment()
+    prefer_loopback()
+    import logging
+
+    import ray
+    from flwr.app import Message, MessageType
+    from flwr.serverapp import ServerApp
+
+    from clients.app import build_client_app
+    from fedtune.compat.flower_sim import fast_dispatch_installed, install_fast_dispatch
+    from fedtune.protocol import PartitionQuery, PartitionReply
+    from strategies.grid_io import send_and_receive
+
+    if not flower_dispatch:
+        install_fast_dispatch()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    cfg = load_config(config, [*sets, f"data.num_clients={num_nodes}", "simulation.num_cpus=2"])
+    result: dict[str, Any] = {"nodes": num_nodes, "fedtune_dispatch": fast_dispatch_installed()}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        t0 = time.perf_counter()
+        while len(nodes := sorted(grid.get_node_ids())) < num_nodes:
+            time.sleep(0.05)
+        queries = [Message(content=PartitionQuery().to_record(),
+                           message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        replies = send_and_receive(grid, queries, timeout=3600)
+        result["discovery_s"] = time.perf_counter() - t0
+        result["replies"] = sum(1 for r in replies if not r.has_error())
+        result["partitions"] = len({PartitionReply.from_record(r.content, num_nodes)
+                                    .partition_id for r in replies if not r.has_error()})
+        t1 = time.perf_counter()
+        cohort = [Message(content=PartitionQuery().to_record(), message_type=MessageType.QUERY,
+                          dst_node_id=n) for n in nodes[:4]]
+        result["cohort_replies"] = len(send_and_receive(grid, cohort, timeout=3600))
+        result["query_round_s"] = time.perf_counter() - t1
+
+    from fedtune.compat.flower_sim import run_inprocess
+
+    with tempfile.TemporaryDirectory(prefix="fedtune-") as tmp:
+        try:
+            with _ray_scope(cfg, Path(tmp)):
+                t_start = time.perf_counter()
+                start_ray(cfg)
+                run_inprocess(app, build_client_app(cfg), num_nodes, backend_config(cfg))
+                result["total_s"] = time.perf_counter() - t_start
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    return result
+
+
+def _sim_state(num_nodes: int) -> tuple[Any, Any, Any, dict[int, int], Any]:
+    """Flower's in-memory LinkState with a run and `num_nodes` registered nodes, built as
+    its simulation engine builds them; returns (factory, state, run, node -> partition,
+    InMemoryGrid)."""
+    import secrets
+
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    TaskIdentity.task_id, TaskIdentity.run_id = 11, 7
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 11, NOOP_FEDERATION_ID
+    state.run_ids[7] = RunRecord(run=run)
+    state.task_store[11] = Task(task_id=11, run_id=7)
+    nodes = {state.create_node("noop", "noop", secrets.token_bytes(32), 1e9): i
+             for i in range(num_nodes)}
+    for node in nodes:
+        state.acknowledge_node_heartbeat(node_id=node, heartbeat_interval=1e9)
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    return factory, state, run, nodes, grid
+
+
+class _InThreadBackend:
+    """Flower's simulation Backend interface with the ClientApp run in the engine's worker
+    threads instead of Ray actors: the engine's own message path without Ray."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    def build(self, app_fn: Any) -> None:
+        self.app = app_fn()
+
+    @property
+    def num_workers(self) -> int:
+        return 2
+
+    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+        return self.app(message, context), context
+
+    def terminate(self) -> None:
+        pass
+
+
+def engine_discovery(num_nodes: int, flower_dispatch: bool) -> dict[str, Any]:
+    """Without Ray: Flower's engine (`vce_api.run_api`: hand-out, workers, reply writer)
+    with an in-thread backend running the real ClientApp's query handler; the seconds
+    `send_and_receive` takes to discover `num_nodes` nodes, then a 4-node query round."""
+    import threading
+
+    from flwr.app import Message, MessageType
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+
+    from clients.app import build_client_app
+    from fedtune.compat.flower_sim import fast_dispatch_installed, install_fast_dispatch
+    from fedtune.protocol import PartitionQuery
+    from strategies.grid_io import send_and_receive
+
+    if not flower_dispatch:
+        install_fast_dispatch()
+    factory, state, run, nodes, grid = _sim_state(num_nodes)
+    stores = vce_api._register_node_info_stores(nodes, run)
+    f_stop = threading.Event()
+    app = build_client_app()
+    engine = threading.Thread(target=vce_api.run_api, args=(
+        lambda: app, _InThreadBackend, nodes, factory, stores, f_stop, VceMetrics()))
+    engine.start()
+    result: dict[str, Any] = {"nodes": num_nodes, "engine": "in-thread backend, no Ray",
+                              "fedtune_dispatch": fast_dispatch_installed()}
+
+    def query(targets: list[int]) -> list[Message]:
+        return send_and_receive(grid, [Message(content=PartitionQuery().to_record(),
+                                               message_type=MessageType.QUERY, dst_node_id=n)
+                                       for n in targets], timeout=3600)
+    try:
+        t0 = time.perf_counter()
+        result["replies"] = len(query(sorted(nodes)))
+        result["discovery_s"] = round(time.perf_counter() - t0, 3)
+        t1 = time.perf_counter()
+        result["cohort_replies"] = len(query(sorted(nodes)[:4]))
+        result["query_round_s"] = round(time.perf_counter() - t1, 3)
+    finally:
+        f_stop.set()
+        engine.join()
+    return result
+
+
+def time_hand_out(num_nodes: int) -> dict[str, float]:
+    """Without Ray: one message stored for each of `num_nodes` nodes in Flower's in-memory
+    LinkState (built as its engine builds it), then the seconds one tick of the hand-out
+    takes to queue them all, for Flower's loop and for fedtune's (`dispatch_messages`), and
+    for one idle tick with the messages still stored (delivered, replies not yet pulled), as
+    during every round."""
+    from queue import Queue
+
+    from flwr.app import Message
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedtune.compat.flower_sim import dispatch_messages
+    from fedtune.protocol import PartitionQuery
+
+    class OneTick:
+        ticks = 0
+
+        def is_set(self) -> bool:
+            return self.ticks > 0
+
+        def wait(self, timeout: float) -> None:
+            self.ticks += 1
+
+    out: dict[str, float] = {"nodes": num_nodes}
+    flowers = getattr(vce_api, "_fedtune_original_dispatch", vce_api.add_messages_to_queue)
+    for name, dispatch in (("flower", flowers), ("fedtune", dispatch_messages)):
+        factory, state, run, nodes, grid = _sim_state(num_nodes)
+        grid.push_messages([Message(PartitionQuery().to_record(), dst_node_id=n,
+                                    message_type="query") for n in nodes])
+        for tick in ("discovery_tick_s", "idle_tick_s"):
+            queue: Queue = Queue()
+            t0 = time.perf_counter()
+            dispatch(state, queue, nodes, OneTick())
+            out[f"{name}_{tick}"] = time.perf_counter() - t0
+            if tick == "discovery_tick_s":
+                assert queue.qsize() == num_nodes, (name, queue.qsize())
+    return out
+
+
 # -- the parent: run both, time them -------------------------------------------------------
 
 def _watch(args: list[str], rounds_file: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -231,7 +444,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--bare", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--discovery", type=int, default=0, metavar="N",
+                        help="measure discovery of N virtual clients instead (see above)")
+    parser.add_argument("--flower-dispatch", action="store_true",
+                        help="with --discovery: Flower's own message hand-out")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="with --discovery: Flower's engine with an in-thread backend")
+    parser.add_argument("--hand-out", type=int, default=0, metavar="N",
+                        help="time one tick of the message hand-out for N nodes, no Ray")
     args = parser.parse_args()
+    if args.hand_out:
+        from fedtune.compat.flower_sim import flower_version
+
+        res = time_hand_out(args.hand_out)
+        print(f"flwr {flower_version()}, load avg {_load_avg()}: "
+              + json.dumps({k: round(v, 4) for k, v in res.items()}))
+        return
+    if args.discovery:
+        from fedtune.compat.flower_sim import flower_version
+        from fedtune.sim import SIM_POLL_S
+        from strategies.grid_io import POLL_ENV
+
+        os.environ.setdefault(POLL_ENV, SIM_POLL_S)  # as `fedtune run` sets it
+
+        res = (engine_discovery(args.discovery, args.flower_dispatch) if args.no_ray else
+               run_discovery(args.config, args.discovery, args.flower_dispatch, args.sets))
+        print(f"flwr {flower_version()}, load avg {_load_avg()}: " + json.dumps(res))
+        return
 
     from fedtune.config import load_config
 
@@ -240,6 +479,8 @@ def main() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         run_bare(load_config(args.config, sets).to_toml(), args.bare)
         return
+    from fedtune.compat.flower_sim import flower_version
+
     cfg = load_config(args.config, sets)  # fail here on a bad override, not in a child
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = args.out or Path(tempfile.mkdtemp(prefix="sim-overhead-"))
@@ -247,7 +488,8 @@ def main() -> None:
     print(f"{cfg.data.num_clients} clients, {cfg.train.clients_per_round}/round, "
           f"{cfg.train.rounds} rounds, {cfg.train.local_steps} steps of batch "
           f"{cfg.train.batch_size} x {cfg.model.max_length} tokens, DP "
-          f"{'on' if cfg.privacy.sample.enabled else 'off'}, {os.cpu_count()} cores; "
+          f"{'on' if cfg.privacy.sample.enabled else 'off'}, {os.cpu_count()} cores, "
+          f"flwr {flower_version()}; "
           f"load avg before: {_load_avg()}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {"fedtune": [], "bare": []}
     runners = {"fedtune": run_fedtune, "bare": run_bare_child}

@@ -11,8 +11,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -46,68 +44,6 @@ SIM_POLL_S = "0.02"
 def quiet_environment() -> None:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-# How often the simulation engine looks for new messages to hand to the actors (Flower: 0.1 s).
-DISPATCH_TICK_S = 0.02
-
-
-def _dispatch_messages(state: Any, queue: Any, nodes_mapping: dict[int, int],
-                       f_stop: threading.Event) -> None:
-    """Drop-in for Flower 1.41's `vce_api.add_messages_to_queue` (same arguments, same
-    result: each tick, at most one undelivered message per node is marked delivered and
-    queued for the actors).
-
-    Flower's loop asks the in-memory LinkState once per node and tick, and each ask scans
-    and validates every stored message: nodes x messages checks every 0.1 s. With 1,000
-    virtual clients that is 1,000,000 checks per tick while discovery has a message out to
-    every node (measured: minutes to discover 1,000 nodes), and tens of ms of a core per
-    tick during every round. This scans the store once per tick, with Flower's own expiry
-    check, under the state's lock."""
-    from flwr.supercore.date import now
-
-    nodes = set(nodes_mapping)
-    while not f_stop.is_set():
-        with state.lock:
-            ids = list(state.message_ins_store)
-            state._check_stored_messages(set(ids))  # drops expired / out-of-federation ones
-            batch, served = [], set()
-            for msg_id in ids:
-                msg = state.message_ins_store.get(msg_id)
-                if msg is None or msg.metadata.delivered_at != "":
-                    continue
-                node = msg.metadata.dst_node_id
-                if node in nodes and node not in served:
-                    served.add(node)
-                    batch.append(msg)
-            delivered_at = now().isoformat()
-            for msg in batch:
-                msg.metadata.delivered_at = delivered_at
-        for msg in batch:
-            queue.put(msg)
-        f_stop.wait(DISPATCH_TICK_S)
-
-
-def _patch_dispatch() -> None:
-    """Use `_dispatch_messages` in Flower's simulation engine where its in-memory LinkState
-    is the one we know; any other Flower keeps its own loop."""
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-
-    original = getattr(vce_api, "_fedtune_original_dispatch", vce_api.add_messages_to_queue)
-    vce_api._fedtune_original_dispatch = original
-    known = all(hasattr(InMemoryLinkState, a) for a in ("_check_stored_messages",
-                                                        "get_message_ins"))
-
-    def dispatch(state: Any, queue: Any, nodes_mapping: dict[int, int],
-                 f_stop: threading.Event) -> None:
-        if known and isinstance(state, InMemoryLinkState) and hasattr(state,
-                                                                     "message_ins_store"):
-            _dispatch_messages(state, queue, nodes_mapping, f_stop)
-        else:
-            original(state, queue, nodes_mapping, f_stop)
-
-    vce_api.add_messages_to_queue = dispatch
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -218,9 +154,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     if not verbose:
         # Actors read it when they import Flower: their shutdown notices stay quiet too.
         os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
-    from flwr.simulation import run_simulation
+    from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
 
-    _patch_dispatch()
+    install_fast_dispatch()
 
     from clients.app import build_client_app
     from fedtune.task import get_task, write_bundle
@@ -237,9 +173,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     if resume:
         prepare_resume(out_dir, task.spec.hash)
     if not verbose:
-        # Flower logs its own deprecation and sampling notices at WARNING on every run.
+        # Flower logs its own sampling notices at WARNING on every run.
         logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     import ray
 
     # One temp folder for the run, removed on the way out (also after Ctrl-C or SIGTERM:
@@ -254,12 +189,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                 on_stop(end_children), on_stop(_quiet_engine):
             bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
             start_ray(cfg)
-            run_simulation(
+            run_inprocess(
                 server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
                 client_app=build_client_app(cfg, bundle),
                 num_supernodes=cfg.data.num_clients,
                 backend_config=backend_config(cfg),
-                verbose_logging=verbose,
+                verbose=verbose,
             )
     finally:
         try:

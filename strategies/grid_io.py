@@ -1,10 +1,12 @@
 """`send_and_receive` with a short pull interval.
 
-Flower 1.41's deployment Grid (`HttpGrid`) waits a fixed 3 s between pulls for replies;
-on a round that takes well under a second of client work that wait dominates. This is the
-same push-then-pull loop with a configurable pause (`FEDTUNE_GRID_POLL_S`, default 0.1 s,
-read by the ServerApp process, which inherits the SuperLink's environment). The simulation
-engine's Grid polls every 0.1 s already, so both paths behave alike.
+Flower's deployment Grid (`HttpGrid`, 1.41 and 1.42 alike) waits a fixed 3 s between pulls
+for replies, and `Grid.send_and_receive` takes no interval; on a round that takes well under
+a second of client work that wait dominates. This is the same push-then-pull loop, on the
+public `Grid.push_messages` / `Grid.pull_messages` only, with a configurable pause
+(`FEDTUNE_GRID_POLL_S`, default 0.1 s, read by the ServerApp process, which inherits the
+SuperLink's environment). The simulation engine's Grid polls every 0.1 s already, so both
+paths behave alike.
 """
 
 from __future__ import annotations
