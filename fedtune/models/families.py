@@ -280,3 +280,41 @@ def _accepts(model: nn.Module, name: str) -> bool:
     import inspect
 
     return name in inspect.signature(model.forward).parameters
+
+
+def _all_linear_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(_leaf(n) for n, _ in _linears(model)))
+
+
+def resolve_lora_targets(model: nn.Module, requested: list[str] | tuple[str, ...],
+                         field: str = "tuning.lora_targets") -> list[str]:
+    """LoRA's target module names for `model`: the derived query/value-like projections
+    when `requested` is empty, else `requested` once every name is checked to match a
+    module (peft matches a name or a dotted suffix; a target that matches nothing would
+    otherwise be dropped silently when another one matches). Raises ConfigError naming
+    `field` and the linear layers the model does have."""
+    from fedtune.config import ConfigError
+
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or
+                     type(model).__name__)
+    try:
+        structure: Structure | None = derive_structure(model)
+    except FamilyError:
+        structure = None
+    if structure is not None:
+        have = (f"its attention projections are: {', '.join(structure.attention_names())}"
+                f"; its other linear layers: {', '.join(structure.other_linears) or 'none'}")
+    else:
+        have = f"its linear layers are: {', '.join(_all_linear_names(model)) or 'none'}"
+    if not requested:
+        if structure is None:
+            raise ConfigError(f"{field}=[] (derive) finds no attention projections in this "
+                              f"{model_type} model; name the targets: {have}")
+        return structure.lora_targets()
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in requested
+               if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"{field}={list(requested)}: {missing} match no module of this "
+                          f"{model_type} model; {have}")
+    return list(requested)

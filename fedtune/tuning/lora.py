@@ -8,6 +8,7 @@ import torch
 
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
+from fedtune.models.families import resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
 
@@ -25,8 +26,10 @@ class LoRAModel(EncoderClassifier):
         # (Ray actors included) that imports the method registry, LoRA run or not.
         from peft import LoraConfig, get_peft_model
 
+        # Empty targets: the model's own query/value-like projections (fedtune.models.families).
+        targets = resolve_lora_targets(backbone.model, list(cfg.lora_targets))
         config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                            target_modules=list(cfg.lora_targets), lora_dropout=0.0,
+                            target_modules=targets, lora_dropout=0.0,
                             bias="none")
         # peft draws lora_A at random: seed it so every process builds the same start.
         with torch.random.fork_rng():

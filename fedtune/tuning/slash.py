@@ -20,15 +20,14 @@ from torch import nn
 
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
+from fedtune.models.families import FamilyError, derive_structure, linear_shape
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.registry import register_method
 
-# Where the shift goes, per BERT-style layer: the sub-layer whose output is shifted.
-POSITIONS = {
-    "output": lambda layer: layer.output.dense,
-    "attention": lambda layer: layer.attention.output.dense,
-    "intermediate": lambda layer: layer.intermediate.dense,
-}
+# Where the shift goes in each block (the sub-layer whose output is shifted), found by
+# fedtune.models.families: "output" (MLP down), "attention" (attention output projection),
+# "intermediate" (MLP up).
+POSITIONS = ("output", "attention", "intermediate")
 
 
 class SharedVector(nn.Module):
@@ -48,14 +47,17 @@ class SlashModel(TunedModel):
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int) -> None:
         super().__init__()
         self.backbone = backbone.model
-        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
-        if layers is None:
-            raise ConfigError(f"tuning.method='slash' needs a BERT-style encoder "
-                              f"(encoder.layer[*]); {backbone.name!r} has none")
-        self._targets = [POSITIONS[cfg.slash_position](layer) for layer in layers]
+        try:
+            structure = derive_structure(self.backbone)
+            self._targets = [structure.sublayer(layer, cfg.slash_position)
+                             for layer in structure.layers]
+        except FamilyError as exc:
+            raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
+                              f"{backbone.name!r}: {exc}") from None
         generator = torch.Generator().manual_seed(cfg.slash_seed)
         for i, target in enumerate(self._targets):
-            proj = torch.randn(cfg.slash_size, target.out_features, generator=generator)
+            width = linear_shape(target)[1]  # type: ignore[index]
+            proj = torch.randn(cfg.slash_size, width, generator=generator)
             self.register_buffer(f"proj_{i}", proj / cfg.slash_size**0.5, persistent=False)
         self.z = SharedVector(cfg.slash_size)
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
