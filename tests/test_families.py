@@ -208,3 +208,26 @@ def test_split_refuses_an_unsupported_model_in_one_line():
     assert str(err.value) == (
         "split mode does not know how to cut a 'electra' model; supported families: "
         "bert, distilbert, gpt2, llama, mpnet, roberta")
+
+
+@pytest.mark.slow
+def test_fedtune_run_with_a_tiny_gpt2_folder_in_split_mode(folders, tmp_path):
+    """End to end through the Flower simulation: a decoder the package does not bundle,
+    given as a folder, trained in split mode under DP-SGD."""
+    import json
+
+    from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
+
+    sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
+        "train.rounds=2", f'model.backbone="{folders["gpt2"]}"', "split.enabled=true",
+        "split.cut_layer=1"]
+    out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "gpt2", sets)
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        assert r["split_steps"] > 0 and r["smashed_bytes_up"] > 0
+    backbone = load_backbone(folders["gpt2"])
+    assert summary["backbone_params"] == backbone.num_params
+    assert summary["method"] == "prompt" and summary["epsilon_sample"] > 0

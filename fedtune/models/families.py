@@ -23,6 +23,9 @@ listing, but split mode refuses it with the list of supported families.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -251,13 +254,19 @@ def capture_layer_inputs(model: nn.Module, structure: Structure,
     block's inputs: the embedding stage's output (with its autograd graph) and the other
     arguments. Nothing after the embedding stage runs."""
     captured: dict[str, Any] = {}
+    owner = threading.get_ident()
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Only this call's forward stops here: another thread running the shared model
+        # meanwhile (a server evaluating in the same process) passes through.
+        if threading.get_ident() != owner or "args" in captured:
+            return
         captured["args"], captured["kwargs"] = args, kwargs
         raise _Captured
 
     handle = structure.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    # No KV cache: its object would be captured and shared by every block and call.
+    extra = {"use_cache": False} if _accepts_use_cache(type(model)) else {}
     try:
         model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
     except _Captured:
@@ -276,10 +285,9 @@ def capture_layer_inputs(model: nn.Module, structure: Structure,
     return LayerInputs(hidden=hidden, args=rest, kwargs=kwargs)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(model.forward).parameters
+@functools.cache
+def _accepts_use_cache(model_class: type) -> bool:
+    return "use_cache" in inspect.signature(model_class.forward).parameters
 
 
 def _all_linear_names(model: nn.Module) -> list[str]:
