@@ -112,6 +112,17 @@ def test_structure_is_read_from_the_model(family, folders):
         p.requires_grad for p in same.model.parameters())
 
 
+def test_the_bundled_minilm_derives_what_was_hard_coded_for_it():
+    """Switching the config default to "derive" leaves MiniLM runs as they were: the same
+    LoRA targets and the same SLaSh sub-layers (so the same spec and projections)."""
+    structure = derive_structure(load_backbone("minilm").model)
+    assert structure.lora_targets() == ["query", "value"]
+    assert structure.sublayers == {"attention": "attention.output.dense",
+                                   "intermediate": "intermediate.dense",
+                                   "output": "output.dense"}
+    assert structure.layers_path == "encoder.layer" and len(structure.layers) == 6
+
+
 def test_lora_targets_the_model_lacks_are_one_line_listing_what_it_has(folders):
     model = load_backbone(folders["mpnet"]).model
     with pytest.raises(ConfigError) as err:
