@@ -242,3 +242,18 @@ def test_fedtune_run_with_a_tiny_gpt2_folder_in_split_mode(folders, tmp_path):
     backbone = load_backbone(folders["gpt2"])
     assert summary["backbone_params"] == backbone.num_params
     assert summary["method"] == "prompt" and summary["epsilon_sample"] > 0
+
+
+def test_a_cut_that_does_not_reproduce_the_forward_is_refused(folders, monkeypatch):
+    """Blocks run without the captured mask (as after an upgrade that changed what a block
+    takes) give other activations at the unpadded positions: refused when built."""
+    from fedtune.models.families import LayerInputs
+
+    def without_mask(self, block, hidden):
+        return block(hidden)
+
+    monkeypatch.setattr(LayerInputs, "call", without_mask)
+    with pytest.raises(SplitError, match=r"^split mode cannot reproduce this 'bert' model's "
+                                         r"forward when cut at split.cut_layer=1 .*"
+                                         r"supported families: bert, "):
+        SplitBackbone(load_backbone(folders["bert"]).model, 1)
