@@ -1,5 +1,5 @@
 """Frozen pretrained backbones, loaded once per process."""
 
-from fedtune.models.backbone import Backbone, BackboneError, load_backbone
+from fedtune.models.backbone import Backbone, BackboneError, backbone_from_model, load_backbone
 
-__all__ = ["Backbone", "BackboneError", "load_backbone"]
+__all__ = ["Backbone", "BackboneError", "backbone_from_model", "load_backbone"]

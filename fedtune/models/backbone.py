@@ -67,6 +67,13 @@ def load_backbone(name: str) -> Backbone:
             f"({', '.join(BUNDLED)}), a local model folder, nor in the local Hugging Face "
             f"cache ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from None
+    return backbone_from_model(name, model, tokenizer)
+
+
+def backbone_from_model(name: str, model: PreTrainedModel,
+                        tokenizer: PreTrainedTokenizerBase) -> Backbone:
+    """A frozen `Backbone` around an already loaded model (tests build tiny random ones
+    from a config). The model is put in eval mode and frozen in place."""
     model.eval()
     model.requires_grad_(False)
     return Backbone(name=name, model=model, tokenizer=tokenizer, hash=_weights_hash(model))

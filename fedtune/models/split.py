@@ -3,99 +3,36 @@
 head = the embedding stage + layers [0, k); body = layers [k, L) + the final norm; the
 tail (pooling + classifier) belongs to the tuning method, not to the backbone.
 
-Each architecture family registers how its embedding stage, attention mask and layer call
-look, so the composed parts compute exactly what the model's own `forward` computes (the
-split-vs-unsplit equality test relies on it). Only the frozen pretrained modules are
-touched here; nothing is copied: the parts are views of the process-wide backbone.
+The block list, the final norm and the blocks' call arguments come from the model itself
+(`fedtune.models.families`): the arguments are captured from the model's own forward at its
+first block, so the composed parts compute exactly what `forward` computes (the
+split-vs-unsplit equality tests rely on it, and each cut is checked against the model's
+forward once when it is built). Only the frozen pretrained modules are touched here;
+nothing is copied: the parts are views of the process-wide backbone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from fedtune.config import ConfigError
+from fedtune.models.families import (
+    FamilyError,
+    LayerInputs,
+    capture_layer_inputs,
+    derive_structure,
+    supported_families,
+)
 
 
 class SplitError(ConfigError):
     """The backbone cannot be cut as configured (a config error: it names the field)."""
 
 
-@dataclass(frozen=True)
-class Family:
-    """How one architecture family runs its stages.
-
-    layers(model) -> the ordered transformer blocks;
-    embed(model, inputs_embeds) -> the embedding stage's output (positions, norm, ...);
-    mask(model, hidden, mask_2d) -> whatever the blocks take as attention mask;
-    block(layer, hidden, mask) -> the block's output hidden states;
-    final(model, hidden) -> the post-stack norm (identity where there is none).
-    """
-
-    layers: Callable[[PreTrainedModel], nn.ModuleList]
-    embed: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
-    mask: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], Any]
-    block: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
-    final: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def register_family(model_type: str, family: Family) -> None:
-    if model_type in _FAMILIES:
-        raise ValueError(f"split family {model_type!r} is registered twice")
-    _FAMILIES[model_type] = family
-
-
 def splittable_types() -> list[str]:
-    return sorted(_FAMILIES)
-
-
-def _bert_mask(model: PreTrainedModel, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
-    # The same mask builder BertModel.forward uses, so sdpa/eager choices match it.
-    build = create_causal_mask if model.config.is_decoder else create_bidirectional_mask
-    kwargs = {"cache": None} if model.config.is_decoder else {}
-    return build(config=model.config, inputs_embeds=hidden, attention_mask=mask, **kwargs)
-
-
-register_family("bert", Family(
-    layers=lambda m: m.encoder.layer,
-    embed=lambda m, e: m.embeddings(inputs_embeds=e),
-    mask=_bert_mask,
-    block=lambda layer, h, mask: layer(h, mask),
-    final=lambda m, h: h,
-))
-
-
-def _gpt2_positions(hidden: torch.Tensor) -> torch.Tensor:
-    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-
-
-def _gpt2_embed(model: PreTrainedModel, embeds: torch.Tensor) -> torch.Tensor:
-    return model.drop(embeds + model.wpe(_gpt2_positions(embeds)))
-
-
-def _gpt2_mask(model: PreTrainedModel, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
-    positions = _gpt2_positions(hidden)
-    causal = create_causal_mask(config=model.config, inputs_embeds=hidden,
-                                attention_mask=mask, cache=None, position_ids=positions)
-    return causal, positions
-
-
-register_family("gpt2", Family(
-    layers=lambda m: m.h,
-    embed=_gpt2_embed,
-    mask=_gpt2_mask,
-    block=lambda layer, h, mask: layer(h, None, mask[0], position_ids=mask[1]),
-    final=lambda m, h: m.ln_f(h),
-))
+    return supported_families()
 
 
 class SplitBackbone:
@@ -103,22 +40,33 @@ class SplitBackbone:
 
     def __init__(self, model: PreTrainedModel, cut_layer: int) -> None:
         model_type = getattr(model.config, "model_type", "")
-        if model_type not in _FAMILIES:
-            raise SplitError(
-                f"split mode does not know how to cut a {model_type!r} model; splittable "
-                f"model types: {', '.join(splittable_types())}")
+        unsupported = SplitError(
+            f"split mode does not know how to cut a {model_type!r} model; supported "
+            f"families: {', '.join(splittable_types())}")
+        try:
+            structure = derive_structure(model)
+        except FamilyError:
+            raise unsupported from None
+        if not structure.supported:
+            raise unsupported
         self.model = model
-        self.family = _FAMILIES[model_type]
-        self.num_layers = len(self.family.layers(model))
+        self.structure = structure
+        self.num_layers = len(structure.layers)
         if not 0 <= cut_layer < self.num_layers:
             raise SplitError(
                 f"split.cut_layer={cut_layer} is out of range for this backbone "
                 f"({self.num_layers} layers): allowed 0..{self.num_layers - 1}, so the "
                 "server body keeps at least one layer")
         self.cut_layer = cut_layer
+        self._check_against_forward()
 
-    def embed(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self.model, inputs_embeds)
+    def embed(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """The embedding stage's output (positions, norm, ...) as the model computes it."""
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long,
+                                        device=inputs_embeds.device)
+        return self._inputs(inputs_embeds, attention_mask).hidden
 
     def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The client's share: embedded inputs through layers [0, k)."""
@@ -127,18 +75,43 @@ class SplitBackbone:
     def body(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The server's share: cut-layer states through layers [k, L) and the final norm."""
         out = self._run(hidden, mask, self.cut_layer, self.num_layers)
-        return self.family.final(self.model, out)
+        norm = self.structure.final_norm
+        return out if norm is None else norm(out)
 
     def head_modules(self) -> list[nn.Module]:
         """The frozen pretrained modules the client runs (embedding stage + k layers)."""
-        layers = list(self.family.layers(self.model))[:self.cut_layer]
+        layers = list(self.structure.layers)[:self.cut_layer]
         return [self.model.get_input_embeddings(), *layers]
+
+    def _inputs(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> LayerInputs:
+        return capture_layer_inputs(self.model, self.structure, inputs_embeds, mask)
 
     def _run(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, end: int
              ) -> torch.Tensor:
         if start == end:
             return hidden
-        block_mask = self.family.mask(self.model, hidden, mask)
-        for layer in list(self.family.layers(self.model))[start:end]:
-            hidden = self.family.block(layer, hidden, block_mask)
+        # The blocks' other inputs depend on the shape, dtype and mask only: capture them
+        # on a zero input (the embedding stage is cheap next to one block) without a graph.
+        with torch.no_grad():
+            inputs = self._inputs(torch.zeros_like(hidden), mask)
+        for layer in list(self.structure.layers)[start:end]:
+            hidden = inputs.call(layer, hidden)
         return hidden
+
+    @torch.no_grad()
+    def _check_against_forward(self) -> None:
+        """head -> body must be the model's own forward. A family whose blocks take
+        per-layer arguments, or a transformers upgrade that changes the forward, fails
+        here with one line, not later as silently wrong activations."""
+        embeds = self.model.get_input_embeddings().weight[:6].unsqueeze(0).clone()
+        mask = torch.ones(1, 6, dtype=torch.long, device=embeds.device)
+        mask[0, -2:] = 0
+        expected = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        got = self.body(self.head(self.embed(embeds, mask), mask), mask)
+        keep = mask[0].bool()
+        if not torch.allclose(got[:, keep], expected[:, keep], rtol=1e-4, atol=1e-5):
+            raise SplitError(
+                f"split mode cannot reproduce this {self.structure.model_type!r} model's "
+                f"forward when cut at split.cut_layer={self.cut_layer} (installed "
+                f"transformers changed its blocks' inputs?); supported families: "
+                f"{', '.join(splittable_types())}")

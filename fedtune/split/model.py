@@ -43,7 +43,7 @@ class SplitPromptModel(PromptModel):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Smashed data: the cut-layer hidden states, and the mask the body needs."""
         embeds, mask = self.embed_inputs(input_ids, attention_mask)
-        return self.split.head(self.split.embed(embeds), mask), mask
+        return self.split.head(self.split.embed(embeds, mask), mask), mask
 
     def tail(self, body_output: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classify(body_output, attention_mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config import TuningConfig, require_positive
+from fedtune.config import ConfigError, TuningConfig, require_positive
 from fedtune.models import Backbone
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
@@ -26,8 +26,14 @@ class BitFitModel(EncoderClassifier):
 
     def __init__(self, backbone: Backbone, cfg: TuningConfig, num_labels: int) -> None:
         encoder = encoder_copy(backbone.model)
+        biases = 0
         for name, param in encoder.named_parameters():
             param.requires_grad_(name.endswith(".bias"))
+            biases += name.endswith(".bias")
+        if not biases:
+            # Training the head alone under the name "bitfit" would be a silent surprise.
+            raise ConfigError(f"tuning.method='bitfit': {backbone.name!r} has no bias terms "
+                              "to train; use prompt, lora or slash with this backbone")
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
                          lr_scale=cfg.settings("bitfit").lr_scale, domain_head=cfg.domain_head)
 

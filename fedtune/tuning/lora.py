@@ -9,6 +9,7 @@ import torch
 
 from fedtune.config import ConfigError, TuningConfig, require_positive
 from fedtune.models import Backbone
+from fedtune.models.families import resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
 from fedtune.tuning.registry import register_method
 
@@ -23,7 +24,8 @@ class LoRAConfig:
 
     r: int = 8
     alpha: int = 16
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Empty: derived from the backbone's attention projections (query/value-like).
+    targets: list[str] = field(default_factory=list)
     # Learning rate of the adapters relative to train.lr (the head's). At the head's SGD
     # rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
     lr_scale: float = 0.02
@@ -31,8 +33,8 @@ class LoRAConfig:
     def validate(self, prefix: str) -> None:
         for name in ("r", "alpha", "lr_scale"):
             require_positive(f"{prefix}.{name}", getattr(self, name))
-        if not self.targets:
-            raise ConfigError(f"{prefix}.targets must name at least one module")
+        if any(not isinstance(t, str) or not t for t in self.targets):
+            raise ConfigError(f"{prefix}.targets must be module names (or [] to derive)")
 
 
 class LoRAModel(EncoderClassifier):
@@ -45,8 +47,11 @@ class LoRAModel(EncoderClassifier):
         from peft import LoraConfig, get_peft_model
 
         settings: LoRAConfig = cfg.settings("lora")
+        # Empty targets: the model's own query/value-like projections (fedtune.models.families).
+        targets = resolve_lora_targets(backbone.model, list(settings.targets),
+                                       field="tuning.lora.targets")
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
-                            target_modules=list(settings.targets), lora_dropout=0.0,
+                            target_modules=targets, lora_dropout=0.0,
                             bias="none")
         # peft draws lora_A at random: seed it so every process builds the same start.
         with torch.random.fork_rng():

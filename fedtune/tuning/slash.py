@@ -28,15 +28,14 @@ from fedtune.config import (
     require_positive,
 )
 from fedtune.models import Backbone
+from fedtune.models.families import FamilyError, derive_structure, linear_shape
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.registry import register_method
 
-# Where the shift goes, per BERT-style layer: the sub-layer whose output is shifted.
-POSITIONS = {
-    "output": lambda layer: layer.output.dense,
-    "attention": lambda layer: layer.attention.output.dense,
-    "intermediate": lambda layer: layer.intermediate.dense,
-}
+# Where the shift goes in each block (the sub-layer whose output is shifted), found by
+# fedtune.models.families: "output" (MLP down), "attention" (attention output projection),
+# "intermediate" (MLP up).
+POSITIONS = ("output", "attention", "intermediate")
 
 
 @dataclass
@@ -75,14 +74,17 @@ class SlashModel(TunedModel):
         super().__init__()
         settings: SlashConfig = cfg.settings("slash")
         self.backbone = backbone.model
-        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
-        if layers is None:
-            raise ConfigError(f"tuning.method='slash' needs a BERT-style encoder "
-                              f"(encoder.layer[*]); {backbone.name!r} has none")
-        self._targets = [POSITIONS[settings.position](layer) for layer in layers]
+        try:
+            structure = derive_structure(self.backbone)
+            self._targets = [structure.sublayer(layer, settings.position)
+                             for layer in structure.layers]
+        except FamilyError as exc:
+            raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
+                              f"{backbone.name!r}: {exc}") from None
         generator = torch.Generator().manual_seed(settings.seed)
         for i, target in enumerate(self._targets):
-            proj = torch.randn(settings.size, target.out_features, generator=generator)
+            width = linear_shape(target)[1]  # type: ignore[index]
+            proj = torch.randn(settings.size, width, generator=generator)
             self.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
         self.z = SharedVector(settings.size)
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
