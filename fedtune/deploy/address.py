@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.supercore.address import parse_address
-
 
 class DeployError(ValueError):
     """A deployment argument that cannot work (bad address, missing file)."""
@@ -14,11 +12,13 @@ class DeployError(ValueError):
 
 def check_address(address: str, what: str) -> tuple[str, int]:
     """`address` as (host, port); HOST:PORT without a scheme, IPv6 in brackets."""
-    parsed = parse_address(address)
-    if parsed is None or not parsed[0] or parsed[1] == 0:
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:9092, as Flower accepts it
+    number = int(port) if port.isascii() and port.isdigit() else 0
+    if "://" in address or not host or not 0 < number < 65536:
         raise DeployError(f"{what}: {address!r} is not HOST:PORT (e.g. 127.0.0.1:9092 or "
                           "[::1]:9092, no http:// prefix, port 1-65535)")
-    return parsed[0], parsed[1]
+    return host, number
 
 
 def check_file(path: str | Path | None, what: str) -> Path:

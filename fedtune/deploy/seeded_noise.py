@@ -9,6 +9,7 @@ deployment) stops on it with this one line.
 
 from __future__ import annotations
 
+from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
 from fedtune.deploy.address import DeployError
 
@@ -29,7 +30,5 @@ def check_server_runtime(cfg: ExperimentConfig, grid: object) -> None:
     """For the ServerApp: the simulation engine hands it Flower's in-memory grid (both
     `fedtune run` and `flwr run` on a `--simulation` SuperLink); any other grid talks to
     real SuperNodes, where seeded noise is refused."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    if not isinstance(grid, InMemoryGrid):
+    if not is_simulation_grid(grid):
         refuse_seeded_noise(cfg)
