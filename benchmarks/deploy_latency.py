@@ -2,7 +2,10 @@
 SuperNode authentication on) with a trivial ClientApp that echoes a 1,000-float vector.
 
     python benchmarks/deploy_latency.py            # fedtune's settings (see README)
-    python benchmarks/deploy_latency.py --defaults # Flower 1.41's defaults
+    python benchmarks/deploy_latency.py --defaults # Flower's defaults (1.41, 1.42)
+    python benchmarks/deploy_latency.py --public-only
+                        # fedtune's settings without the Flower patches of
+                        # fedtune.compat.flower_deploy (what an untested Flower version gets)
     python benchmarks/deploy_latency.py --no-worker --supernode-poll 3 --grid-poll 0.1
                                                    # one setting at a time
 
@@ -23,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from fedtune.compat.flower_deploy import enabled, flower_version  # noqa: E402
 from fedtune.deploy.local import LocalDeployment  # noqa: E402
 
 APP = ROOT / "benchmarks" / "deploy_latency_app"
@@ -34,6 +38,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--defaults", action="store_true",
                         help="Flower's defaults: flwr-clientapp per message, 3 s polling")
+    parser.add_argument("--public-only", action="store_true",
+                        help="no Flower patches: no worker, SuperNode sleeps not capped "
+                             "(the fallback on an untested Flower version)")
     parser.add_argument("--no-worker", action="store_true",
                         help="a new flwr-clientapp process per message (subprocess isolation)")
     parser.add_argument("--supernode-poll", type=float, default=None,
@@ -42,6 +49,9 @@ def main() -> None:
                         help="FEDTUNE_GRID_POLL_S (default 0.1; Flower: 3)")
     args = parser.parse_args()
     env = {}
+    if args.public_only:
+        # A cap of 3 s is no cap: Flower's SuperNode sleeps 3 s or 0.5 s.
+        args.no_worker, args.supernode_poll = True, args.supernode_poll or 3.0
     if args.supernode_poll is not None:
         env["FEDTUNE_SUPERNODE_POLL_S"] = str(args.supernode_poll)
     if args.grid_poll is not None:
@@ -63,8 +73,9 @@ def main() -> None:
                 sys.exit(f"the run wrote no {out} (flwr run exit {res.returncode}):\n"
                          f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}")
         times = json.loads(out.read_text())["round_s"]
-    mode = "Flower defaults" if args.defaults else (
-        f"worker {'off' if args.no_worker else 'on'}, SuperNode poll "
+    worker_on = not args.no_worker and enabled("long-lived-worker")
+    mode = f"Flower {flower_version()} defaults" if args.defaults else (
+        f"Flower {flower_version()}, worker {'on' if worker_on else 'off'}, SuperNode poll "
         f"{env.get('FEDTUNE_SUPERNODE_POLL_S', '0.1')} s, grid poll "
         f"{env.get('FEDTUNE_GRID_POLL_S', '0.1')} s")
     print(f"mode: {mode}; {args.nodes} SuperNodes; deployment started in {started:.1f} s")

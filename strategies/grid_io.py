@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 from fedtune.runtime_settings import runtime_settings
 
 POLL_ENV = "FEDTUNE_GRID_POLL_S"
-DEFAULT_POLL_S = 0.1
 
 
 def poll_interval() -> float:

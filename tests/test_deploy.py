@@ -208,19 +208,157 @@ def test_poll_intervals_are_validated(monkeypatch):
         supernode.poll_interval()
 
 
-def test_supernode_patch_caps_flowers_fixed_sleeps(monkeypatch):
+@pytest.fixture
+def fresh_notes(monkeypatch):
+    """Fallback log lines are written once per process: forget earlier ones."""
+    from fedtune.compat import flower_deploy
+
+    monkeypatch.setattr(flower_deploy, "_noted", set())
+    return flower_deploy
+
+
+@pytest.mark.parametrize("version", ["1.41.0", "1.42.0"])
+def test_supernode_poll_cap_patches_tested_flower_versions(monkeypatch, fresh_notes, version):
     import time
 
     from flwr.supernode import start_client_internal
 
-    from fedtune.deploy.supernode import patch_poll_interval
-
     monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
-    patch_poll_interval(0.01)
+    assert fresh_notes.cap_supernode_polls(0.01, version=version)
     t0 = time.monotonic()
     start_client_internal.time.sleep(3)  # what the SuperNode's idle loop asks for
     assert time.monotonic() - t0 < 0.5
     assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
+
+
+def test_supernode_poll_cap_leaves_an_untested_flower_alone(monkeypatch, fresh_notes, caplog):
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.setattr(start_client_internal, "time", time)
+    with caplog.at_level("WARNING", logger=fresh_notes.__name__):
+        assert not fresh_notes.cap_supernode_polls(0.01, version="1.43.0")
+        assert not fresh_notes.cap_supernode_polls(0.01, version="1.43.0")
+    assert start_client_internal.time is time
+    assert [r.getMessage() for r in caplog.records] == [
+        "fedtune: Flower 1.43.0 is untested for supernode-poll-cap (tested: 1.41, 1.42); "
+        "using plain flower-supernode (3 s / 0.5 s poll sleeps)"]
+
+
+def test_supernode_entry_point_runs_flowers_console_script(monkeypatch):
+    from fedtune.deploy import supernode
+
+    seen = []
+    monkeypatch.setattr(supernode, "cap_supernode_polls", seen.append)
+    monkeypatch.setattr(supernode, "console_script",
+                        lambda name: lambda: seen.append((name, list(sys.argv))))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    monkeypatch.setenv("FEDTUNE_SUPERNODE_POLL_S", "0.25")
+    supernode.main(["--insecure"])
+    assert seen == [0.25, ("flower-supernode", ["flower-supernode", "--insecure"])]
+    # The function behind Flower's declared `flower-supernode` script is found.
+    assert callable(supernode.console_script("flower-supernode"))
+
+
+@pytest.fixture
+def runtime_api():
+    """Flower's own SuperNode Runtime API (in-memory state, no tasks) on a loopback port."""
+    import threading
+    import time
+
+    import uvicorn
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.main import create_app
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    from fedtune.deploy.local import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(state_factory=NodeStateFactory(ObjectStoreFactory())), host="127.0.0.1",
+        port=port, log_level="warning", workers=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "Flower's Runtime API did not start"
+    yield f"127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+LATENCY_APP = ROOT / "benchmarks" / "deploy_latency_app"
+
+
+def test_worker_asks_flowers_runtime_api_for_tasks(runtime_api):
+    from fedtune.deploy.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(runtime_api, app_ref="latency_app:client",
+                                 app_dir=LATENCY_APP))
+    try:
+        assert worker.identity == ("fedtune/deploy-latency", "0.1.0")
+        assert worker.run_once() is False  # the SuperNode understood: no task for us
+    finally:
+        worker.close()
+
+
+def test_worker_refuses_an_untested_flower(monkeypatch, fresh_notes, capsys):
+    from fedtune.deploy import worker
+
+    monkeypatch.setattr(fresh_notes, "flower_version", lambda: "1.43.0")
+    with pytest.raises(fresh_notes.UnsupportedFlower, match="installed 1.43.0"):
+        fresh_notes.RuntimeApi("127.0.0.1:9094")
+    with pytest.raises(SystemExit) as stop:
+        worker.main(["--runtime-api-address", "127.0.0.1:9094"])
+    assert stop.value.code == 2
+    assert "start the SuperNode without --isolation process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("version", "worker"), [("1.41.0", True), ("1.42.1", True),
+                                                 ("1.43.0", False), ("2.0.0", False)])
+def test_local_deployment_uses_the_worker_only_on_tested_flower(
+        monkeypatch, fresh_notes, tmp_path, version, worker):
+    """Elsewhere each SuperNode runs Flower's own `flwr-clientapp` per message."""
+    from fedtune.deploy.certs import CertFiles
+
+    monkeypatch.setattr(fresh_notes, "flower_version", lambda: version)
+    spawned = []
+    deployment = LocalDeployment(tmp_path, certs=CertFiles(tmp_path / "ca", tmp_path / "s",
+                                                           tmp_path / "k", ()))
+    monkeypatch.setattr(deployment, "_spawn", lambda name, args: spawned.append((name, args)))
+    deployment.start_supernode(0, tmp_path / "node-0", "partition-id=0")
+    names = [name for name, _ in spawned]
+    assert names == (["supernode-0", "worker-0"] if worker else ["supernode-0"])
+    node_args = spawned[0][1]
+    assert node_args[1:3] == ["-m", "fedtune.deploy.supernode"]  # the poll cap decides itself
+    assert ("--isolation" in node_args) is worker
+
+
+def test_seeded_noise_check_tells_the_simulation_grid_apart():
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedtune.compat.flower_deploy import is_simulation_grid
+
+    assert is_simulation_grid(InMemoryGrid.__new__(InMemoryGrid))
+    assert not is_simulation_grid(object())
+
+
+def test_flower_private_names_only_in_the_compat_module():
+    """fedtune/deploy imports Flower's public packages only (flwr.app, flwr.clientapp,
+    flwr.common's exports); private ones go through fedtune.compat.flower_deploy."""
+    import ast
+
+    public = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.common"}
+    found = []
+    for path in sorted((ROOT / "fedtune" / "deploy").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flwr"):
+                found.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                found += [(path.name, a.name) for a in node.names if a.name.startswith("flwr")]
+    assert [f for f in found if f[1] not in public] == []
 
 
 @pytest.mark.slow

@@ -142,6 +142,7 @@ def supernode(
              "flwr-clientapp process per message, Flower's default).")] = True,
 ) -> None:
     """Start a SuperNode (and its ClientApp worker) until Ctrl-C or the SuperNode exits."""
+    from fedtune.compat.flower_deploy import enabled
     from fedtune.deploy.address import DeployError, check_address, check_file
 
     try:
@@ -163,6 +164,7 @@ def supernode(
     args = [sys.executable, "-m", "fedtune.deploy.supernode", "--superlink", superlink,
             "--root-certificates", str(ca), "--auth-supernode-private-key", str(private),
             "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    worker = worker and enabled("long-lived-worker")  # else: logs Flower's fallback
     if worker:
         args += ["--isolation", "process"]
     env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,

@@ -9,7 +9,8 @@ stopped by PID in `stop()` (also when a start fails halfway).
 
 Two modes:
 - `fast=True` (default): SuperNodes via `fedtune.deploy.supernode` (0.1 s polling) with
-  `--isolation process` and one long-lived `fedtune.deploy.worker` each;
+  `--isolation process` and one long-lived `fedtune.deploy.worker` each (on a Flower version
+  `fedtune.compat.flower_deploy` was not tested on: Flower's public behaviour, logged);
 - `fast=False`: Flower's defaults (`flower-supernode`, a new `flwr-clientapp` process per
   message, 3 s polling on both sides), for comparison.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from fedtune.compat.flower_deploy import enabled
 from fedtune.deploy.certs import CertFiles, write_certs, write_node_key
 
 CONNECTION = "fedtune-local"
@@ -202,7 +204,7 @@ class LocalDeployment:
             common += ["--max-retries", str(max_retries)]
         if not self.fast:
             return self._spawn(f"supernode-{index}", [flower_bin("flower-supernode"), *common])
-        if not self.worker:
+        if not (self.worker and enabled("long-lived-worker")):
             return self._spawn(f"supernode-{index}", [
                 sys.executable, "-m", "fedtune.deploy.supernode", *common])
         node = self._spawn(f"supernode-{index}", [

@@ -9,15 +9,12 @@ deployment) stops on it with this one line.
 
 from __future__ import annotations
 
+from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
 from fedtune.deploy.address import DeployError
 
 REFUSAL = ("privacy.reproducible_noise = true: seeded noise is for simulation studies only "
            "(anyone with the config can remove it); a deployment refuses it")
-
-
-# The class of the grid Flower's simulation engine hands a ServerApp (1.41, 1.42).
-IN_MEMORY_GRID = "InMemoryGrid"
 
 
 class SeededNoiseRefused(DeployError):
@@ -32,9 +29,6 @@ def refuse_seeded_noise(cfg: ExperimentConfig) -> None:
 def check_server_runtime(cfg: ExperimentConfig, grid: object) -> None:
     """For the ServerApp: the simulation engine hands it Flower's in-memory grid (both
     `fedtune run` and `flwr run` on a `--simulation` SuperLink); any other grid talks to
-    real SuperNodes, where seeded noise is refused. Flower exports no public way to tell
-    the two apart, so this reads the grid's class name rather than importing Flower's
-    internal module: should a release rename the class, the check fails closed (seeded
-    noise refused in simulation too), never open."""
-    if type(grid).__name__ != IN_MEMORY_GRID:
+    real SuperNodes, where seeded noise is refused."""
+    if not is_simulation_grid(grid):
         refuse_seeded_noise(cfg)

@@ -7,6 +7,10 @@ in a loop and runs them in one process, so the backbone, tokenized data and Opac
 stay loaded between rounds (the same "once per process" the simulation gets from Ray
 actors).
 
+Flower has no public long-running ClientApp mode (1.41, 1.42): the Runtime API calls live in
+`fedtune.compat.flower_deploy`, which refuses an untested Flower version (then start the
+SuperNode without `--isolation process`: Flower's own `flwr-clientapp` per message).
+
 It runs the ClientApp installed on this node (`clients.app:app` by default), not code from
 the run's FAB: the node's operator decides which code touches the node's data. Runs of
 another app, or of another fedtune version, are refused with an error reply.
@@ -19,26 +23,18 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import sys
 import threading
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from flwr.app import Message
-from flwr.app.error import Error
 from flwr.clientapp import ClientApp
-from flwr.common.config import get_metadata_from_config, get_project_config
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.object_ref import load_app
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common import log
 
+from fedtune.compat.flower_deploy import RuntimeApi, enabled, error_reply
 from fedtune.deploy.address import DeployError, check_address, check_file
 from fedtune.deploy.seeded_noise import refuse_seeded_noise
 from fedtune.runconfig import config_from_run_config
@@ -63,8 +59,28 @@ def app_identity(app_dir: Path | None) -> tuple[str, str]:
     installed fedtune's."""
     if app_dir is None:
         return "fedtune/fedtune", importlib.metadata.version("fedtune")
-    fab_id, version = get_metadata_from_config(get_project_config(app_dir))
-    return fab_id, version
+    path = app_dir / "pyproject.toml"
+    try:
+        project = tomllib.loads(path.read_text())
+        # How Flower names a FAB: "<publisher>/<project name>", at the project's version.
+        return (f"{project['tool']['flwr']['app']['publisher']}/{project['project']['name']}",
+                str(project["project"]["version"]))
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a Flower app project (needs [project] name and "
+                         f"version and [tool.flwr.app] publisher): {exc!r}") from None
+
+
+def load_app(ref: str, app_dir: Path | None) -> object:
+    """`module:attribute` (attribute may be dotted), imported from `app_dir` first."""
+    module_name, sep, attr = ref.partition(":")
+    if not (module_name and sep and attr):
+        raise ValueError(f"app reference {ref!r} is not MODULE:ATTRIBUTE")
+    if app_dir is not None and str(app_dir.resolve()) not in sys.path:
+        sys.path.insert(0, str(app_dir.resolve()))
+    obj: object = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class Worker:
@@ -74,21 +90,11 @@ class Worker:
         self.config = config
         self.identity = app_identity(config.app_dir)
         # Loaded once: importing it pulls in torch and the data/model caches.
-        app = load_app(config.app_ref, ValueError, config.app_dir)
+        app = load_app(config.app_ref, config.app_dir)
         if not isinstance(app, ClientApp):
             raise ValueError(f"{config.app_ref} is a {type(app).__name__}, not a ClientApp")
         self.app: ClientApp = app
-        self.runtime = self._client(token=None)
-
-    def _client(self, token: str | None) -> RuntimeHttpClient:
-        interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
-        if token is not None:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))
-        cert = self.config.root_certificates
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.config.runtime_api_address, insecure=cert is None,
-            root_certificates=cert, interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker())
+        self.runtime = RuntimeApi(config.runtime_api_address, config.root_certificates)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
@@ -105,33 +111,29 @@ class Worker:
 
     def run_once(self) -> bool:
         """Run one pending task if there is one; returns whether there was."""
-        res = self.runtime.AcquireTask(AcquireTaskRequest(
-            supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
-        if not (res.HasField("task") and res.token):
+        task = self.runtime.acquire()
+        if task is None:
             return False
-        client = self._client(token=res.token)
-        beat = _Heartbeat(client)
-        context, status, details = None, SubStatus.FAILED, "task failed before it ran"
+        beat = _Heartbeat(task.heartbeat)
+        context, completed, details = None, False, "task failed before it ran"
         try:
             beat.start()
-            message, context, run, _fab = pull_task_input(client)
+            message, context, fab_id, fab_version = task.pull()
             try:
-                self._check_run(run.fab_id, run.fab_version)
+                self._check_run(fab_id, fab_version)
                 if self.config.app_ref == DEFAULT_APP:  # fedtune's ClientApp: its config
                     refuse_seeded_noise(config_from_run_config(context.run_config))
                 reply = self.app(message=message, context=context)
-                status, details = SubStatus.COMPLETED, ""
+                completed, details = True, ""
             except Exception as exc:  # noqa: BLE001 - the reply carries it to the server
                 log(logging.ERROR, "ClientApp raised an exception", exc_info=exc)
                 details = f"{type(exc)}:<'{exc}'>"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=details), reply_to=message)
-            push_message(client, reply, context)
+                reply = error_reply(message, details)
+            task.reply(reply, context)
         finally:
             beat.stop()
-            push_task_output(client=client, context=context, sub_status=status,
-                             details=details)
-            client.close()
+            task.finish(context, completed, details)
+            task.close()
         return True
 
     def _check_run(self, fab_id: str, fab_version: str) -> None:
@@ -146,8 +148,8 @@ class Worker:
 
 
 class _Heartbeat:
-    def __init__(self, client: RuntimeHttpClient) -> None:
-        self.client = client
+    def __init__(self, send: Callable[[], None]) -> None:
+        self.send = send
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -162,7 +164,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_S):
             try:
-                self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+                self.send()
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried next time
                 log(logging.WARNING, "task heartbeat failed: %s", exc)
 
@@ -190,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_file(args.app_dir / "pyproject.toml", "--app-dir")
     except DeployError as exc:
         parser.error(str(exc))
+    if not enabled("long-lived-worker"):
+        parser.exit(2, "fedtune.deploy.worker: this Flower version is untested with the "
+                       "worker; start the SuperNode without --isolation process (`fedtune "
+                       "deploy supernode --no-worker`)\n")
     worker = Worker(WorkerConfig(args.runtime_api_address, args.root_certificates,
                                  args.app, args.app_dir, poll_s=args.poll_interval))
     log(logging.INFO, "fedtune worker: serving %s for the SuperNode at %s",
