@@ -51,8 +51,8 @@ class LoRAModel(EncoderClassifier):
         targets = resolve_lora_targets(backbone.model, list(settings.targets),
                                        field="tuning.lora.targets")
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
-                            target_modules=targets, lora_dropout=0.0,
-                            bias="none")
+                            target_modules=targets, lora_dropout=0.0, bias="none",
+                            fan_in_fan_out=_stores_weights_transposed(backbone.model, targets))
         # peft draws lora_A at random: seed it so every process builds the same start.
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -64,6 +64,15 @@ class LoRAModel(EncoderClassifier):
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
                          lr_scale=settings.lr_scale, domain_head=cfg.domain_head)
         self.lora_config = config
+
+
+def _stores_weights_transposed(model: torch.nn.Module, targets: list[str]) -> bool:
+    """True when the targets are GPT-2-style Conv1D layers (weight stored in x out); peft
+    needs to be told, and warns on every build when it has to guess."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for name, module in model.named_modules()
+               if any(name == t or name.endswith(f".{t}") for t in targets))
 
 
 @register_method("lora", LoRAConfig)
