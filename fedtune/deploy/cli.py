@@ -203,6 +203,8 @@ def local(
     if not (project / "pyproject.toml").is_file():
         _fail(f"{project} has no pyproject.toml: `flwr run` needs the source checkout")
     overrides = list(set_ or [])
+    import strategies.plugins  # noqa: F401  (plugin checks at load, as `fedtune run` does)
+
     try:
         cfg = load_config(config, overrides)
     except (ConfigError, FileNotFoundError) as exc:
