@@ -306,7 +306,9 @@ def _curve_styles(groups: list[Group]) -> tuple[dict[tuple[str, str], str],
 
 
 def _level_words(level: str) -> str:
-    """'sample' -> 'sample-level DP'; a split label is already a phrase."""
+    """'sample' -> 'sample-level DP', 'none' -> 'no DP'; a split label is already a phrase."""
+    if level == "none":
+        return "no DP"
     return level if "DP" in level else f"{level}-level DP"
 
 
