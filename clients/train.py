@@ -159,6 +159,9 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
             private.close()
     if dp.enabled:
         history.add(sigma, sample_rate, steps)
+    # Before the step's releases are read: a split step sends the rows of trailing skipped
+    # (empty-batch) steps when it is finished, and those are releases too.
+    flops = step.flops(model, data, seen)
     events = getattr(step, "privacy_events", None)
     for event in events() if events is not None else []:
         history.add(*event)
@@ -168,7 +171,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     return LocalResult(
         loss=sum(losses) / max(len(losses), 1), steps=steps, examples_seen=seen,
         epsilon=epsilon, noise_multiplier=sigma, sample_rate=sample_rate,
-        flops=step.flops(model, data, seen), extras=step.extras(),
+        flops=flops, extras=step.extras(),
     )
 
 

@@ -315,3 +315,17 @@ def test_audit_cli_names_what_is_wrong_with_its_input(tmp_path):
     (tmp_path / "config.toml").write_text(load_config(None, []).to_toml())
     plain = runner.invoke(audit_app, ["split", str(tmp_path)])
     assert plain.exit_code == 2 and "not a split run" in plain.output
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_split_release_is_in_the_clients_history_also_after_empty_batches(minilm, seed):
+    """A split step whose Poisson batch is empty still sends noise rows (so the server
+    cannot tell); the ones at the end of a round were sent after the client had read its
+    releases, so its own history missed them. Batch 1 of 16 examples: each step's batch is
+    empty with probability (15/16)^16 = 0.36."""
+    sets = SMASHED + ["train.batch_size=1", "privacy.reproducible_noise=true"]
+    _, step, _, history, _ = _train(minilm, sets, seed=seed, data=_data(16))
+    planned = step.smashed.total_steps
+    assert step.steps["split"] == planned
+    assert step.privacy_events()[0][2] == planned
+    assert history.entries[-1][2] == planned
