@@ -225,5 +225,15 @@ def test_epsilon_equals_opacus_stepping_its_own_accountant(accountant):
         for _ in range(steps):
             stepped.step(noise_multiplier=sigma, sample_rate=q)
     assert stepped.history == list(HISTORY)
-    assert epsilon_of(DPHistory(list(HISTORY)), 1e-5, accountant) == stepped.get_epsilon(
-        delta=1e-5)
+    ours = epsilon_of(DPHistory(list(HISTORY)), 1e-5, accountant)
+    if accountant == "prv":
+        # fedtune asks PRV for an error bound of 0.4% of epsilon where Opacus' default
+        # (0.01) is larger (fedtune.privacy.accounting): same history, tighter bound.
+        from fedtune.privacy.accounting import PRV_DEFAULT_ERROR, PRV_RELATIVE_ERROR
+
+        default = stepped.get_epsilon(delta=1e-5)
+        error = (max(PRV_RELATIVE_ERROR * default, 1e-4)
+                 if PRV_DEFAULT_ERROR > PRV_RELATIVE_ERROR * default else PRV_DEFAULT_ERROR)
+        assert ours == stepped.get_epsilon(delta=1e-5, eps_error=error)
+    else:
+        assert ours == stepped.get_epsilon(delta=1e-5)
