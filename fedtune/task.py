@@ -193,7 +193,8 @@ def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
 def _build_task(key: str, cfg_toml: str) -> Task:
     cfg = config_from_toml(cfg_toml)
     backbone = load_backbone(cfg.model.backbone)
-    corpus = load_corpus(cfg.data.corpus, **cfg.data.options)
+    corpus = load_corpus(cfg.data.corpus, cache_root=runtime_settings(cfg).cache_dir,
+                         **cfg.data.options)
     splits = {}
     for name in ("train", "test"):
         ds = corpus[name]

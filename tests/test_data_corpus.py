@@ -317,3 +317,29 @@ def test_bring_your_own_data_is_cached_under_fedtunes_cache(tmp_path, monkeypatc
     own = tmp_path / "fedtune-cache" / "datasets"
     files = [Path(f["filename"]) for f in corpus["train"].cache_files]
     assert files and all(own in f.parents for f in files)
+
+
+def test_bring_your_own_data_follows_the_configs_runtime_cache_dir(tmp_path, monkeypatch):
+    # `[runtime] cache_dir` is where the token cache goes; the Arrow copy of the user's own
+    # texts went to the environment's (or the default) cache instead.
+    import datasets
+
+    from fedtune.config import ExperimentConfig
+    from fedtune.task import get_task
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home-cache")
+    monkeypatch.delenv("FEDTUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "mail.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in MAIL_ROWS))
+    cfg = ExperimentConfig()
+    cfg.data.corpus, cfg.data.num_clients, cfg.data.partition = "hf", 2, "iid"
+    cfg.train.clients_per_round = 2
+    cfg.data.validation_fraction = 0.0
+    cfg.data.options = {"path": "json", "data_files": str(path), "test_fraction": 0.5}
+    cfg.model.max_length = 16
+    cfg.runtime.cache_dir = str(tmp_path / "configured")
+    get_task(cfg)
+    assert (tmp_path / "configured" / "datasets").is_dir()
+    assert (tmp_path / "configured" / "tokens").is_dir()
+    assert not (tmp_path / "home" / ".cache" / "fedtune").exists()

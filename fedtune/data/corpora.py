@@ -53,10 +53,16 @@ def available_corpora() -> list[str]:
     return sorted(_CORPORA)
 
 
+# Keyword arguments fedtune itself passes to a loader that declares them; never a
+# `data.options` key.
+RUN_ARGUMENTS = ("cache_root",)
+
+
 def corpus_options(name: str) -> list[str]:
     """The option names corpus `name` accepts."""
     params = inspect.signature(_loader(name)).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [p.name for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in RUN_ARGUMENTS]
 
 
 def _loader(name: str) -> CorpusLoader:
@@ -65,8 +71,11 @@ def _loader(name: str) -> CorpusLoader:
     return _CORPORA[name]
 
 
-def load_corpus(name: str, /, **options: Any) -> datasets.DatasetDict:
-    """Load corpus `name` with its `options` (`data.options` in an experiment config)."""
+def load_corpus(name: str, /, cache_root: Path | None = None, **options: Any
+                ) -> datasets.DatasetDict:
+    """Load corpus `name` with its `options` (`data.options` in an experiment config).
+    `cache_root` is fedtune's cache folder of the run (`[runtime] cache_dir`; default: the
+    environment's or ~/.cache/fedtune): loaders that copy the user's files keep them there."""
     loader = _loader(name)
     allowed = corpus_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -78,6 +87,8 @@ def load_corpus(name: str, /, **options: Any) -> datasets.DatasetDict:
                if params[k].default is inspect.Parameter.empty and k not in options]
     if missing:
         raise CorpusError(f"corpus {name!r} needs data.options {missing}")
+    if cache_root is not None and "cache_root" in params:
+        options = {**options, "cache_root": Path(cache_root)}
     corpus = loader(**options)
     _check_classes(corpus["train"], name)
     return corpus
@@ -236,7 +247,8 @@ def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
 def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
             text_field: str = "text", label_field: str = "label", train_split: str = "train",
             test_split: str | None = None, test_fraction: float = 0.2, seed: int = 0,
-            cache_dir: str | Path | None = None) -> datasets.DatasetDict:
+            cache_dir: str | Path | None = None, cache_root: Path | None = None
+            ) -> datasets.DatasetDict:
     """Any HF dataset as a corpus, with its text and label columns renamed to text/label.
 
     `path`/`name`/`data_files`/`cache_dir` go to `datasets.load_dataset` (e.g. path="csv",
@@ -270,7 +282,7 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     if cache_dir is None and (files or local.exists()):
         # The user's own texts: datasets would copy them into its cache in the home
         # folder; they go with fedtune's other caches instead (README: Caches).
-        cache_dir = default_cache_dir() / "datasets"
+        cache_dir = (cache_root or default_cache_dir()) / "datasets"
     source = (f"data file {files[0]}" if len(files) == 1
               else f"data.options.path={path!r} (data_files={data_files!r})")
     try:
