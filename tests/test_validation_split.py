@@ -43,7 +43,7 @@ def test_quickstart_holds_out_a_few_hundred_training_rows_no_client_sees():
 
 def test_validation_rows_are_never_test_rows():
     task = get_task(_cfg())
-    train_ids = load_corpus("spamassassin")["train"]["id"]
+    train_ids = list(load_corpus("spamassassin")["train"]["id"])
     test_ids = set(load_corpus("spamassassin")["test"]["id"])
     assert not {train_ids[i] for i in task.validation_rows} & test_ids
 
