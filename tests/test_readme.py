@@ -40,9 +40,9 @@ def _ranges() -> dict[str, Requirement]:
     return {canonicalize_name(r.name): r for r in map(Requirement, deps)}
 
 
-def _pins() -> dict[str, Version]:
+def _pins(path: Path = CONSTRAINTS) -> dict[str, Version]:
     pins = {}
-    for line in CONSTRAINTS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
@@ -55,10 +55,12 @@ def test_ci_runs_the_readme_test_command_in_both_legs():
     cmd = _test_command()
     assert cmd.startswith("python3 -m venv .venv && ") and "pytest" in cmd
     assert CI.count(cmd) == 2, "each leg of .ci/run runs the README's test command verbatim"
-    pinned, newest = CI.split(cmd)[:2]
+    pinned, newest, lowest = CI.split(cmd)
     assert "PIP_CONSTRAINT=.ci/constraints.txt" in pinned
     assert "PIP_UPGRADE=1" in newest and "PIP_UPGRADE_STRATEGY=eager" in newest
     assert "PIP_CONSTRAINT" not in newest
+    assert 'PIP_CONSTRAINT=.ci/lowest.txt' in lowest
+    assert '.venv/bin/python -m pytest -q -m "not slow"' in lowest
     assert 'pip freeze | grep -iE "flwr|ray|torch|transformers|opacus|peft"' in CI
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
@@ -80,6 +82,16 @@ def test_package_indexes_are_named_only_through_a_variable():
     for name, text in (("README.md Install", _section("Install")), (".ci/run", CI),
                        (".ci/constraints.txt", CONSTRAINTS.read_text())):
         assert "://" not in text, f"{name} writes an address"
+
+
+def test_the_lowest_leg_installs_each_ranges_lower_end():
+    lowest, ranges = _pins(ROOT / ".ci" / "lowest.txt"), _ranges()
+    assert set(lowest) == set(RANGED)
+    for name, requirement in ranges.items():
+        if name not in lowest:
+            continue
+        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert floors == [lowest[name]], f"{name}: lowest leg {lowest[name]}, range {requirement}"
 
 
 def test_constraints_pin_everything_and_fit_the_ranges():
