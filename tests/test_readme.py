@@ -54,13 +54,15 @@ def _pins(path: Path = CONSTRAINTS) -> dict[str, Version]:
 def test_ci_runs_the_readme_test_command_in_both_legs():
     cmd = _test_command()
     assert cmd.startswith("python3 -m venv .venv && ") and "pytest" in cmd
-    assert CI.count(cmd) == 2, "each leg of .ci/run runs the README's test command verbatim"
-    pinned, newest, lowest = CI.split(cmd)
+    # The full command in the pinned and newest legs; the lowest leg adds -m "not slow".
+    full = CI.count(cmd + "\n") + CI.count(cmd + ");")
+    assert full == 2, "the pinned and newest legs run the README's test command verbatim"
+    pinned, newest, lowest, rest = CI.split(cmd)
     assert "PIP_CONSTRAINT=.ci/constraints.txt" in pinned
     assert "PIP_UPGRADE=1" in newest and "PIP_UPGRADE_STRATEGY=eager" in newest
     assert "PIP_CONSTRAINT" not in newest
     assert 'PIP_CONSTRAINT=.ci/lowest.txt' in lowest
-    assert '.venv/bin/python -m pytest -q -m "not slow"' in lowest
+    assert rest.startswith(' -m "not slow")')
     assert 'pip freeze | grep -iE "flwr|ray|torch|transformers|opacus|peft"' in CI
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
