@@ -177,7 +177,7 @@ def table(results: list[Result]) -> list[str]:
     return lines
 
 
-def step_speed(sets: list[str], steps: int, repeats: int) -> None:
+def step_speed(sets: list[str], steps: int, repeats: int, layer: int = 3) -> None:
     """Client examples per second of local DP-SGD training in this one process, prompt at
     layer 0 against a prompt at block 3 from the cache, interleaved A/B so that load
     from other processes hits both alike. One thread (a client actor's share), the
@@ -193,16 +193,17 @@ def step_speed(sets: list[str], steps: int, repeats: int) -> None:
 
     torch.set_num_threads(1)
     base = ["privacy.sample.enabled=true", f"train.local_steps={steps}", *sets]
+    late = f"prompt@{layer}+cache"
     configs = {"prompt@0": load_config(CONFIG, base),
-               "prompt@3+cache": load_config(CONFIG, [*base, "tuning.prompt.layer=3",
-                                                      "train.prefix_cache=on"])}
+               late: load_config(CONFIG, [*base, f"tuning.prompt.layer={layer}",
+                                          "train.prefix_cache=on"])}
     tasks = {name: get_task(cfg) for name, cfg in configs.items()}
     models = {name: task.new_model() for name, task in tasks.items()}
     data = tasks["prompt@0"].client_data(0)
     t0 = time.perf_counter()
-    layer3 = models["prompt@3+cache"]
-    process_cache(configs["prompt@3+cache"]).states(layer3.prefix, *data.tensors[:2])
-    print(f"cache fill: {len(data)} examples through 3 blocks in "
+    prefix = models[late].prefix
+    process_cache(configs[late]).states(prefix, *data.tensors[:2])
+    print(f"cache fill: {len(data)} examples through {layer} blocks in "
           f"{time.perf_counter() - t0:.2f} s", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in configs}
     for rep in range(repeats):
@@ -214,8 +215,9 @@ def step_speed(sets: list[str], steps: int, repeats: int) -> None:
             print(f"{name:>15} rep {rep}: {rate:6.1f} examples/s "
                   f"({result.examples_seen} examples)", flush=True)
     best = {name: max(r) for name, r in rates.items()}
-    print(f"ratio (best of {repeats}) prompt@3+cache / prompt@0 = "
-          f"{best['prompt@3+cache'] / best['prompt@0']:.2f}")
+    pairs = [b / a for a, b in zip(rates["prompt@0"], rates[late], strict=True)]
+    print(f"ratio {late} / prompt@0: best of {repeats} {best[late] / best['prompt@0']:.2f}, "
+          f"per interleaved pair {', '.join(f'{r:.2f}' for r in pairs)}")
 
 
 def main() -> None:
@@ -224,6 +226,8 @@ def main() -> None:
                         help="only the in-process step-speed comparison (no simulation)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layer", type=int, default=3, help="--step-speed: the late "
+                        "prompt's block")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--privacy", nargs="+", default=list(PRIVACY), choices=list(PRIVACY))
     parser.add_argument("--set", dest="sets", action="append", default=[],
@@ -232,7 +236,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
     args = parser.parse_args()
     if args.step_speed:
-        step_speed(args.sets, args.steps, args.repeats)
+        step_speed(args.sets, args.steps, args.repeats, args.layer)
         return
     # Baselines run first, so each row's relative figures exist when it is printed.
     names = sorted(set(args.rows) | {ROWS[n].baseline for n in args.rows},

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-from transformers import AutoModel, AutoTokenizer, BertConfig, GPT2Config
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    DistilBertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MPNetConfig,
+)
 
 from clients.train import local_train
 from fedtune.config import ConfigError, load_config
@@ -44,15 +52,26 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
 
 
+def _family_config(family: str, vocab: int, layers: int):
+    small = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                 intermediate_size=48, max_position_embeddings=64)
+    return {
+        "bert": lambda: BertConfig(vocab_size=vocab, **small),
+        "gpt2": lambda: GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=2,
+                                   n_positions=64, bos_token_id=0, eos_token_id=0,
+                                   pad_token_id=0),
+        "llama": lambda: LlamaConfig(vocab_size=vocab, num_key_value_heads=1, pad_token_id=0,
+                                     bos_token_id=0, eos_token_id=0, **small),
+        "mpnet": lambda: MPNetConfig(vocab_size=vocab, pad_token_id=0, **small),
+        "distilbert": lambda: DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers,
+                                               n_heads=2, hidden_dim=48,
+                                               max_position_embeddings=64),
+    }[family]()
+
+
 def _backbone(tokenizer, family: str = "bert", layers: int = 3, seed: int = 0):
     torch.manual_seed(seed)
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=layers, n_head=2,
-                            n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    else:
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32,
-                            num_hidden_layers=layers, num_attention_heads=2,
-                            intermediate_size=48, max_position_embeddings=64)
+    config = _family_config(family, len(tokenizer), layers)
     return backbone_from_model(f"tiny-{family}-{seed}", AutoModel.from_config(config),
                                tokenizer)
 
@@ -250,14 +269,17 @@ def test_the_key_changes_with_max_length_backbone_and_layer(tokenizer, backbone,
     assert cache.stats.hits == 1
 
 
-def test_a_decoder_prompt_at_a_middle_layer_matches_its_cached_path(tokenizer):
-    gpt2 = _backbone(tokenizer, "gpt2")
-    cfg = _cfg("tuning.prompt.layer=1")
-    model = _model(gpt2, cfg)
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mpnet", "distilbert"])
+@pytest.mark.parametrize("method", ["prompt", "head"])
+def test_other_families_train_from_the_cache_with_the_same_logits(family, method, tokenizer):
+    """Decoders (final norm, rotary positions), relative position bias, DistilBERT."""
+    other = _backbone(tokenizer, family)
+    cfg = _cfg(*(["tuning.prompt.layer=1"] if method == "prompt" else METHODS["head"][0]))
+    model = _model(other, cfg)
     data = _data()
     cached, rows = training_view(model, data, cfg)
     torch.testing.assert_close(cached(rows.tensors[0], data.tensors[1]),
-                               model(*data.tensors[:2]))
+                               model(*data.tensors[:2]), rtol=1e-5, atol=1e-6)
 
 
 def test_ledger_field_is_the_servers_own_count(backbone):
