@@ -160,14 +160,16 @@ def test_layer_zero_prompt_is_unchanged_and_keeps_its_spec(backbone):
             != model_spec(model, backbone, cfg, 2).hash)
 
 
-@pytest.mark.parametrize("method", ["prompt", "head"])
-def test_dp_sgd_from_the_cache_takes_the_same_step(method, backbone):
+@pytest.mark.parametrize("method, mode", [("prompt", "hooks"), ("head", "hooks"),
+                                          ("lora", "ghost")])
+def test_dp_sgd_from_the_cache_takes_the_same_step(method, mode, backbone):
     """Same Poisson batches and the same noise (reproducible mode): cached and uncached
     training end at the same trainable state and the same epsilon."""
     sets, _ = METHODS[method]
     results = {}
     for setting in ("off", "on"):
-        cfg = _cfg(*sets, f"train.prefix_cache={setting}")
+        cfg = _cfg(*sets, f"train.prefix_cache={setting}",
+                   f"privacy.sample.grad_sample_mode={mode}")
         model = _model(backbone, cfg)
         before = {n: p.detach().clone() for n, p in model.trainable_state().items()}
         result = local_train(model, _data(16), cfg, DPHistory(), seed=3)
