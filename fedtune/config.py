@@ -466,10 +466,12 @@ class ExperimentConfig:
             raise ConfigError(
                 f"split.enabled=true needs tuning.method in: {', '.join(able)} (got "
                 f"{self.tuning.method!r}): its trainable tensors must sit before the cut")
-        if self.tuning.method == "prompt" and self.tuning.settings("prompt").layer > 0:
-            raise ConfigError("split.enabled=true needs tuning.prompt.layer = 0 (the split "
-                              f"client splices the prompt into its word embeddings), got "
-                              f"{self.tuning.settings('prompt').layer}")
+        if self.tuning.frozen_prefix():
+            raise ConfigError(
+                f"split.enabled=true needs tuning.method={self.tuning.method!r} to start at "
+                "the word embeddings (the split client splices it in before its layers), "
+                f"but [tuning.{self.tuning.method}] starts at a later block; set its layer "
+                "to 0")
         if self.privacy.sample.enabled and self.privacy.sample.grad_sample_mode == "ghost":
             raise ConfigError(
                 "split.enabled=true does not work with privacy.sample.grad_sample_mode="
