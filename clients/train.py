@@ -16,6 +16,7 @@ from fedtune.privacy import DPHistory, epsilon_of, make_private
 from fedtune.privacy.plan import Release, local_steps, planned_release
 from fedtune.torch_setup import model_device
 from fedtune.tuning import TunedModel
+from fedtune.tuning.prefix_cache import prefix_layer, training_view
 
 # Known, understood warnings that would otherwise print once per actor per round.
 # (Opacus' "Secure RNG turned off" is handled where the engine is made: fedtune.privacy.dpsgd.)
@@ -112,8 +113,15 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     `seed` drives them only in `privacy.reproducible_noise` mode (it always drives the
     shuffling of plain training).
     `step` runs each step's forward and backward (default: the whole model, `PlainStep`).
+    Where `train.prefix_cache` applies, the steps start from the cached states entering the
+    method's first trainable block (`fedtune.tuning.prefix_cache.training_view`): the
+    loader then carries row indices into the cache in place of token ids, so the batches
+    and Poisson samples pick the same examples.
     """
-    step = step or PlainStep(model)
+    step = step or PlainStep(model)  # the step keeps the tuned model (its domain head)
+    cached = training_view(model, data, cfg)
+    if cached is not None:
+        model, data = cached
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     n = len(data)
@@ -195,15 +203,18 @@ def _empty_batch_step(optimizer: torch.optim.Optimizer, model: TunedModel, mode:
     optimizer.step()
 
 
-_FLOPS_CACHE: dict[tuple[str, int, int], float] = {}
+_FLOPS_CACHE: dict[tuple[str, int, int, str], float] = {}
 
 
 def flops_per_example(model: TunedModel, data: TensorDataset) -> float:
     """Forward + backward FLOPs of one training example, counted by torch's FlopCounterMode.
     Matmul FLOPs are linear in the batch, so examples x this is the exact count of the
-    plain training step; it is measured once per (method, size, sequence length)."""
+    plain training step; it is measured once per (method, size, sequence length, model
+    class: a model fed from the prefix cache runs fewer blocks)."""
     ids, mask, _ = (t.to(model_device(model)) for t in data[0])
-    key = (model.method, model.num_trainable(), int(ids.shape[0]))
+    tuned = getattr(model, "tuned", model)  # a CachedForward runs its tuned model's suffix
+    key = (model.method, model.num_trainable(), int(mask.shape[0]),
+           f"{type(model).__name__}@{prefix_layer(tuned)}")
     if key not in _FLOPS_CACHE:
         counter = FlopCounterMode(display=False)
         with counter:

@@ -30,6 +30,9 @@ from fedtune.runtime_settings import RuntimeConfig
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
+# train.prefix_cache: "auto" = on when the method leaves a frozen prefix (and split mode is
+# off), "on" = the same but a config that cannot use it is an error, "off" = never.
+PREFIX_CACHE = ("auto", "on", "off")
 # numpy's legacy seeding (np.random.seed, RandomState) takes 32-bit seeds only.
 SEED_MAX = 2**32 - 1
 
@@ -155,7 +158,17 @@ class TuningConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Everything here that shapes the model: the shared fields and the active
         method's table only, so another method's settings never change a run's spec hash."""
-        return {**self._shared(), self.method: dataclasses.asdict(self.active)}
+        settings = self.active
+        # A method table may leave out a newer field at its default (`fingerprint()`), so
+        # adding a setting does not change the spec hash of the runs made before it.
+        own = getattr(settings, "fingerprint", None)
+        return {**self._shared(), self.method: own() if own else dataclasses.asdict(settings)}
+
+    def frozen_prefix(self) -> bool:
+        """Whether the active method leaves blocks [0, L > 0) with nothing trainable (its
+        table's `frozen_prefix()`; methods without one train every block)."""
+        check = getattr(self.active, "frozen_prefix", None)
+        return bool(check()) if check is not None else False
 
     def _shared(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -194,6 +207,11 @@ class TrainConfig:
     # > 0: each client trains this many passes over its (possibly pruned) data per round,
     # ceil(epochs * n / batch_size) steps, instead of a fixed train.local_steps.
     local_epochs: float = 0.0
+    # Frozen-prefix cache (fedtune.tuning.prefix_cache): when every trainable tensor sits
+    # at or above block L, the states entering block L are computed once per example and
+    # kept on disk ([runtime] cache_dir, bounded by prefix_cache_gb), and steps and the
+    # server's evaluation start from them. "auto": on when the method allows it.
+    prefix_cache: str = "auto"
 
     def validate(self) -> None:
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size",
@@ -206,6 +224,7 @@ class TrainConfig:
         _nonnegative("train.eval_max_examples", self.eval_max_examples)
         _nonnegative("train.local_epochs", self.local_epochs)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.prefix_cache", self.prefix_cache, PREFIX_CACHE)
 
 
 @dataclass
@@ -411,6 +430,7 @@ class ExperimentConfig:
             )
         if self.split.enabled:
             self._validate_split()
+        self._validate_prefix_cache()
         if self.train.clients_per_round > self.data.num_clients:
             raise ConfigError(
                 f"train.clients_per_round={self.train.clients_per_round} exceeds "
@@ -426,12 +446,32 @@ class ExperimentConfig:
                     f"plugins[{i}].name={name!r} does not compose with tuning.method="
                     f"{self.tuning.method!r}; it composes with: {', '.join(allowed) or 'none'}")
 
+    def _validate_prefix_cache(self) -> None:
+        if self.train.prefix_cache != "on":
+            return
+        if self.split.enabled:
+            raise ConfigError("train.prefix_cache='on' does not work with split.enabled=true "
+                              "(the client runs its layers on fresh inputs); use 'auto' or "
+                              "'off'")
+        if not self.tuning.frozen_prefix():
+            raise ConfigError(
+                f"train.prefix_cache='on' needs a method with a frozen prefix, but "
+                f"tuning.method={self.tuning.method!r} as configured trains the first block "
+                "(set [tuning.prompt] layer, [tuning.lora|bitfit] from_layer > 0, or use "
+                "method 'head'); or set train.prefix_cache to 'auto' or 'off'")
+
     def _validate_split(self) -> None:
         if not method_spec(self.tuning.method).split:
             able = [m for m in method_names() if method_spec(m).split]
             raise ConfigError(
                 f"split.enabled=true needs tuning.method in: {', '.join(able)} (got "
                 f"{self.tuning.method!r}): its trainable tensors must sit before the cut")
+        if self.tuning.frozen_prefix():
+            raise ConfigError(
+                f"split.enabled=true needs tuning.method={self.tuning.method!r} to start at "
+                "the word embeddings (the split client splices it in before its layers), "
+                f"but [tuning.{self.tuning.method}] starts at a later block; set its layer "
+                "to 0")
         if self.privacy.sample.enabled and self.privacy.sample.grad_sample_mode == "ghost":
             raise ConfigError(
                 "split.enabled=true does not work with privacy.sample.grad_sample_mode="

@@ -7,6 +7,10 @@
 
 Selecting on test accuracy makes the reported test accuracy an optimistic estimate: the
 audit found learning rates chosen that way that did not transfer to another corpus.
+
+Where the frozen-prefix cache applies (`train.prefix_cache`), each split's states entering
+the method's first trainable block are computed once (per process, kept on disk) and every
+evaluation runs only the blocks after it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 
 from fedtune.task import Split, evaluate
+from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
@@ -33,7 +38,34 @@ def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
 
 
 def _measure(model: TunedModel, split: Split, cfg: ExperimentConfig) -> dict[str, float]:
+    if cache_applies(cfg, model):
+        return _evaluate_cached(model, split, cfg.train.eval_batch_size,
+                                cfg.train.eval_max_examples, cfg)
     return evaluate(model, split, cfg.train.eval_batch_size, cfg.train.eval_max_examples)
+
+
+@torch.inference_mode()
+def _evaluate_cached(model: TunedModel, split: Split, batch_size: int, max_examples: int,
+                     cfg: ExperimentConfig) -> dict[str, float]:
+    """`fedtune.task.evaluate` from the split's cached prefix states (same rows, same
+    figures within float tolerance)."""
+    assert model.prefix is not None  # cache_applies checked it
+    model.eval()
+    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
+    states = process_cache(cfg).states(model.prefix, split.input_ids[:n],
+                                       split.attention_mask[:n])
+    device = next(model.parameters()).device
+    correct, loss_sum = 0, 0.0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        hidden = torch.from_numpy(np.array(states[start:stop])).to(device)
+        mask = torch.from_numpy(np.asarray(split.attention_mask[start:stop],
+                                           dtype=np.int64)).to(device)
+        labels = torch.from_numpy(np.asarray(split.labels[start:stop], dtype=np.int64))
+        logits = model.forward_from(hidden, mask).cpu()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}
 
 
 def round_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: ExperimentConfig

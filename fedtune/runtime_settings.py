@@ -23,6 +23,7 @@ ENVIRONMENT = {
     "grid_poll_s": "FEDTUNE_GRID_POLL_S",
     "supernode_poll_s": "FEDTUNE_SUPERNODE_POLL_S",
     "cache_dir": "FEDTUNE_CACHE_DIR",
+    "prefix_cache_gb": "FEDTUNE_PREFIX_CACHE_GB",
 }
 # Upper bounds of the poll intervals, in seconds: Flower's own fixed waits are 3 s, and a
 # pause longer than these only slows a round.
@@ -39,6 +40,9 @@ class RuntimeConfig:
     supernode_poll_s: float = 0.1
     # Token and dataset cache; empty = ~/.cache/fedtune.
     cache_dir: str = ""
+    # Bound on the frozen-prefix cache (cache_dir/prefix), in GB (10^9 bytes); the least
+    # recently used entries are evicted beyond it.
+    prefix_cache_gb: float = 4.0
 
     def validate(self) -> None:
         for name, maximum in MAXIMUM_S.items():
@@ -46,6 +50,9 @@ class RuntimeConfig:
             if not 0 < value <= maximum:
                 raise ConfigError(f"runtime.{name} must be in (0, {maximum:g}] seconds, "
                                   f"got {value!r}")
+        if not self.prefix_cache_gb > 0:
+            raise ConfigError(f"runtime.prefix_cache_gb must be > 0, got "
+                              f"{self.prefix_cache_gb!r}")
 
 
 class RuntimeSettings:
@@ -67,6 +74,20 @@ class RuntimeSettings:
     def cache_dir(self) -> Path:
         raw = os.environ.get(ENVIRONMENT["cache_dir"]) or self._cfg.cache_dir
         return Path(raw).expanduser() if raw else Path.home() / ".cache" / "fedtune"
+
+    @cached_property
+    def prefix_cache_bytes(self) -> int:
+        env = ENVIRONMENT["prefix_cache_gb"]
+        raw = os.environ.get(env)
+        if raw is None:
+            return int(self._cfg.prefix_cache_gb * 1e9)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{env}={raw!r}: expected a size in GB > 0")
+        return int(value * 1e9)
 
     def _seconds(self, name: str) -> float:
         env, maximum = ENVIRONMENT[name], MAXIMUM_S[name]

@@ -41,6 +41,7 @@ from fedtune.split.plan import smashed_privacy_events
 from fedtune.task import Task, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
+from fedtune.tuning.prefix_cache import skipped_layers
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.grid_io import send_and_receive
 from strategies.in_clear import in_clear
@@ -182,6 +183,7 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
         "rejected": outcome.rejected,
         "failed": outcome.failed,
         "per_client": accepted,
+        "forward_layers_skipped": skipped_layers(cfg, model),  # server's own, from cfg
         **fields,
     }
     if outcome.unsolicited:

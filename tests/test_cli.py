@@ -17,7 +17,7 @@ def test_bad_config_value_is_one_clear_line_not_a_traceback():
     proc = _fedtune("run", "--set", "tuning.method=nope")
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
-    assert "error: tuning.method='nope' is not one of: bitfit, lora, prompt, slash" in out
+    assert "error: tuning.method='nope' is not one of: bitfit, head, lora, prompt, slash" in out
     assert "Traceback" not in out
 
 

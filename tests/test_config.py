@@ -31,7 +31,8 @@ def test_override_values_are_typed():
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("tuning.method=nope", "tuning.method='nope' is not one of: bitfit, lora, prompt, slash"),
+        ("tuning.method=nope",
+         "tuning.method='nope' is not one of: bitfit, head, lora, prompt, slash"),
         ("data.partition=random", "data.partition='random' is not one of:"),
         ("privacy.sample.accountant=gdp",
          "privacy.sample.accountant='gdp' is not one of: prv, rdp"),

@@ -145,9 +145,9 @@ def test_non_active_tables_are_validated_but_only_the_active_one_is_required():
 
 
 def test_each_method_declares_split_support_and_plugins(monkeypatch):
-    assert set(available_methods()) == {"prompt", "lora", "slash", "bitfit"}
+    assert set(available_methods()) == {"prompt", "lora", "slash", "bitfit", "head"}
     assert [m for m in available_methods() if method_spec(m).split] == ["prompt"]
-    for method in ("lora", "slash", "bitfit"):
+    for method in ("lora", "slash", "bitfit", "head"):
         with pytest.raises(ConfigError) as info:
             load_config(None, [f"tuning.method={method}", "split.enabled=true"])
         assert "split.enabled=true needs tuning.method in: prompt" in str(info.value)

@@ -4,9 +4,13 @@ trainable tensors, which are the only thing federated."""
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedtune.tuning.prefix import FrozenPrefix
 
 
 class ClassificationHead(nn.Module):
@@ -66,6 +70,16 @@ class TunedModel(nn.Module):
     # trainable layers inside their own encoder copy turn this off: Opacus only records
     # activations of modules in training mode.
     backbone_eval_in_training: bool = True
+    # Set by methods whose trainable tensors all sit at or above a block L > 0: blocks
+    # [0, L) then give the same states in every step, and `forward_from` trains from them
+    # (fedtune.tuning.prefix_cache). None: the method trains something in every block.
+    prefix: FrozenPrefix | None = None
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        """Logits from the hidden states entering block `prefix.layer` (what
+        `prefix.states` computes); equal to `forward` on the same rows."""
+        raise NotImplementedError(f"tuning.method={self.method!r} has no frozen prefix")
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The federated tensors, in a fixed order (parameter registration order)."""
@@ -112,6 +126,13 @@ class EncoderClassifier(TunedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return self.head(masked_mean(hidden.last_hidden_state, attention_mask))
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        if self.prefix is None:
+            return super().forward_from(hidden, attention_mask)
+        return self.head(masked_mean(self.prefix.suffix(hidden, attention_mask),
+                                     attention_mask))
 
 
 def _disable_dropout(module: nn.Module) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from fedtune.config import ConfigError, TuningConfig, require_positive
+from fedtune.config import ConfigError, TuningConfig, require_nonnegative, require_positive
 from fedtune.models import Backbone
-from fedtune.models.families import resolve_lora_targets
+from fedtune.models.families import FamilyError, derive_structure, resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
+from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.registry import register_method
 
 # peft calls a transformers method that transformers has deprecated; the warning is about
@@ -29,12 +32,25 @@ class LoRAConfig:
     # Learning rate of the adapters relative to train.lr (the head's). At the head's SGD
     # rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
     lr_scale: float = 0.02
+    # Adapters only in blocks >= from_layer; blocks below it stay frozen (and cacheable).
+    from_layer: int = 0
 
     def validate(self, prefix: str) -> None:
         for name in ("r", "alpha", "lr_scale"):
             require_positive(f"{prefix}.{name}", getattr(self, name))
+        require_nonnegative(f"{prefix}.from_layer", self.from_layer)
         if any(not isinstance(t, str) or not t for t in self.targets):
             raise ConfigError(f"{prefix}.targets must be module names (or [] to derive)")
+
+    def frozen_prefix(self) -> bool:
+        return self.from_layer > 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        # Left out at its default: existing LoRA runs keep their spec hash.
+        out = dataclasses.asdict(self)
+        if self.from_layer == 0:
+            del out["from_layer"]
+        return out
 
 
 class LoRAModel(EncoderClassifier):
@@ -50,20 +66,50 @@ class LoRAModel(EncoderClassifier):
         # Empty targets: the model's own query/value-like projections (fedtune.models.families).
         targets = resolve_lora_targets(backbone.model, list(settings.targets),
                                        field="tuning.lora.targets")
+        base = encoder_copy(backbone.model)
+        layers: dict[str, Any] = {}
+        structure = None
+        if settings.from_layer > 0:
+            structure = _structure(base, settings.from_layer)
+            # peft picks blocks by their index under the block list's own name.
+            layers = {"layers_to_transform": list(range(settings.from_layer,
+                                                         len(structure.layers))),
+                      "layers_pattern": structure.layers_path.rsplit(".", 1)[-1]}
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
                             target_modules=targets, lora_dropout=0.0, bias="none",
-                            fan_in_fan_out=_stores_weights_transposed(backbone.model, targets))
+                            fan_in_fan_out=_stores_weights_transposed(backbone.model, targets),
+                            **layers)
         # peft draws lora_A at random: seed it so every process builds the same start.
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             try:
-                encoder = get_peft_model(encoder_copy(backbone.model), config)
+                encoder = get_peft_model(base, config)
             except ValueError as exc:
                 raise ConfigError(f"tuning.lora.targets={list(settings.targets)}: "
                                   f"{str(exc).splitlines()[0]}") from None
         super().__init__(encoder, backbone.hidden_size, num_labels, cfg.head_hidden,
                          lr_scale=settings.lr_scale, domain_head=cfg.domain_head)
         self.lora_config = config
+        if structure is not None:
+            # `base` is the model peft injected the adapters into (in place), so its
+            # blocks are the adapted ones.
+            self.prefix = FrozenPrefix(base, settings.from_layer, backbone.hash,
+                                       backbone.name, "tuning.lora.from_layer", structure)
+
+
+def _structure(model: torch.nn.Module, from_layer: int) -> Any:
+    """The block list of the plain encoder copy (read before peft wraps its layers)."""
+    try:
+        structure = derive_structure(model)
+    except FamilyError as exc:
+        raise ConfigError(f"tuning.lora.from_layer={from_layer}: cannot find this model's "
+                          f"blocks ({exc}); use from_layer = 0") from None
+    if from_layer >= len(structure.layers):
+        raise ConfigError(f"tuning.lora.from_layer={from_layer} is out of range for this "
+                          f"backbone ({len(structure.layers)} layers): allowed "
+                          f"0..{len(structure.layers) - 1} (the head-only method trains "
+                          "no block at all)")
+    return structure
 
 
 def _stores_weights_transposed(model: torch.nn.Module, targets: list[str]) -> bool:

@@ -9,18 +9,28 @@ features: the prompt goes right after [CLS] and starts as copies of the [SEP] em
 Measured on SpamAssassin (logistic-regression probe on the pooled features, 64 tokens):
 no prompt 0.959, prompt before [CLS] from random vocabulary rows 0.942, after [CLS] from
 [SEP] 0.954. DP-SGD then has less to repair.
+
+With `layer = L > 0` the prompt is spliced into the hidden states entering block L
+instead of into the word embeddings (blocks [0, L) see the input alone, blocks [L, N) see
+the prompt too, and the attention mask covers it from L on). Blocks [0, L) then hold
+nothing trainable and their states can be cached (fedtune.tuning.prefix_cache). The prompt
+starts as copies of the [SEP] token's state entering block L (of the input "[CLS] [SEP]"),
+the counterpart at that depth of the layer-0 [SEP] embedding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedtune.config import TuningConfig, require_positive
+from fedtune.config import ConfigError, TuningConfig, require_nonnegative, require_positive
 from fedtune.models import Backbone
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
+from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.registry import register_method
 
 
@@ -34,10 +44,25 @@ class PromptConfig:
     # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
     # off that scale within a few steps and wreck the backbone's features.
     lr_scale: float = 0.05
+    # The block whose input the prompt is spliced into; 0 = the word embeddings.
+    layer: int = 0
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.length", self.length)
         require_positive(f"{prefix}.lr_scale", self.lr_scale)
+        require_nonnegative(f"{prefix}.layer", self.layer)
+
+    def frozen_prefix(self) -> bool:
+        """Whether blocks below the prompt hold nothing trainable (a cacheable prefix)."""
+        return self.layer > 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        # `layer` is newer than the spec hashes of existing runs: at its default it is left
+        # out, so a layer-0 prompt keeps the spec (checkpoints, exports) it always had.
+        out = dataclasses.asdict(self)
+        if self.layer == 0:
+            del out["layer"]
+        return out
 
 
 class SoftPrompt(nn.Module):
@@ -66,16 +91,39 @@ class PromptModel(TunedModel):
         # Encoders start every input with [CLS]; keep it first so its role is unchanged.
         self.insert_at = 1 if tok.cls_token_id is not None else 0
         anchor = next((t for t in (tok.sep_token_id, tok.eos_token_id) if t is not None), None)
+        self.layer = settings.layer
+        if self.layer > 0:
+            self.prefix = FrozenPrefix(self.backbone, self.layer, backbone.hash,
+                                       backbone.name, "tuning.prompt.layer")
+            if self.layer >= self.prefix.num_layers:
+                # Nothing would read a prompt after the last block: pooling skips it.
+                raise ConfigError(f"tuning.prompt.layer={self.layer} is out of range for "
+                                  f"this backbone ({self.prefix.num_layers} layers): "
+                                  f"allowed 0..{self.prefix.num_layers - 1}")
         if anchor is not None:
-            init = words[anchor].detach().expand(settings.length, -1).clone()
+            init = self._initial_rows(torch.tensor([anchor] * settings.length), tok)
         else:
             generator = torch.Generator().manual_seed(seed)
             rows = torch.randint(0, words.shape[0], (settings.length,), generator=generator)
-            init = words[rows].detach().clone()
+            init = self._initial_rows(rows, tok)
         self.prompt = SoftPrompt(init)
         self.prompt_lr_scale = settings.lr_scale
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
                                        cfg.domain_head)
+
+    def _initial_rows(self, ids: torch.Tensor, tok: Any) -> torch.Tensor:
+        """The prompt's start: the rows of token `ids` where the prompt enters (word
+        embeddings at layer 0; at layer L each token's state entering block L, computed
+        after [CLS] where the tokenizer has one)."""
+        words = self.backbone.get_input_embeddings().weight
+        if self.prefix is None:
+            return words[ids].detach().clone()
+        lead = [tok.cls_token_id] if tok.cls_token_id is not None else []
+        state: dict[int, torch.Tensor] = {}
+        for token in dict.fromkeys(ids.tolist()):
+            seq = torch.tensor([lead + [token]], device=words.device)
+            state[token] = self.prefix.states(seq, torch.ones_like(seq))[0, -1]
+        return torch.stack([state[t] for t in ids.tolist()]).detach().clone()
 
     def param_groups(self, lr: float) -> list[dict]:
         return [
@@ -86,15 +134,21 @@ class PromptModel(TunedModel):
     def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with the prompt spliced in, and the matching attention mask."""
-        batch, k = input_ids.shape[0], self.insert_at
         words = self.backbone.get_input_embeddings()(input_ids)
+        return self.splice(words, attention_mask)
+
+    def splice(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden` (word embeddings, or the states entering block `layer`) with the
+        prompt spliced in after position `insert_at`, and the matching attention mask."""
+        batch, k = hidden.shape[0], self.insert_at
         prompt = self.prompt(batch)
         p = prompt.shape[1]
-        embeds = torch.cat([words[:, :k], prompt, words[:, k:]], dim=1)
+        spliced = torch.cat([hidden[:, :k], prompt, hidden[:, k:]], dim=1)
         prompt_mask = torch.ones(batch, p, dtype=attention_mask.dtype,
                                  device=attention_mask.device)
         mask = torch.cat([attention_mask[:, :k], prompt_mask, attention_mask[:, k:]], dim=1)
-        return embeds, mask
+        return spliced, mask
 
     def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden states (prompt positions included)."""
@@ -104,9 +158,19 @@ class PromptModel(TunedModel):
         return self.head(masked_mean(hidden, attention_mask))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.prefix is not None:
+            return self.forward_from(self.prefix.states(input_ids, attention_mask),
+                                     attention_mask)
         embeds, mask = self.embed_inputs(input_ids, attention_mask)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return self.classify(hidden, attention_mask)
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        if self.prefix is None:
+            return super().forward_from(hidden, attention_mask)
+        spliced, mask = self.splice(hidden, attention_mask)
+        return self.classify(self.prefix.suffix(spliced, mask), attention_mask)
 
 
 # Split mode runs the prompt only: its prompt sits before the cut and its head in the tail
