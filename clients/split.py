@@ -35,6 +35,7 @@ from clients import pruning
 from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
+from fedtune.models.layer_pruning import PruneKey, prune_key
 from fedtune.models.split import SplitBackbone
 from fedtune.privacy.randomness import dp_torch_generator, stream_seed
 from fedtune.split import (
@@ -56,10 +57,17 @@ AUX_STATE_KEY = "fedtune-split-aux"
 
 
 @functools.lru_cache(maxsize=2)
-def process_body(backbone: str, cut_layer: int) -> InProcessBody:
-    """One body per process, on the process-wide backbone, shared by its virtual clients
-    (a Ray actor serves one client at a time)."""
-    return InProcessBody(SplitBackbone(load_backbone(backbone).model, cut_layer))
+def process_body(backbone: str, prune: PruneKey, cut_layer: int) -> InProcessBody:
+    """One body per process, on the process-wide (pruned) backbone, shared by its virtual
+    clients (a Ray actor serves one client at a time)."""
+    return InProcessBody(SplitBackbone(load_backbone(backbone, prune).model, cut_layer))
+
+
+def config_body(cfg: ExperimentConfig) -> InProcessBody:
+    """`process_body` of `cfg`: its backbone as `model.prune_layers` leaves it, cut at
+    `split.cut_layer` (an index among the kept layers)."""
+    return process_body(cfg.model.backbone, prune_key(cfg.model.prune_layers),
+                        cfg.split.cut_layer)
 
 
 class SplitStep:
@@ -206,7 +214,7 @@ def split_view(model: PromptModel, task: Task, cfg: ExperimentConfig, context: C
                ) -> SplitPromptModel:
     """The client's training view of `model` cut at split.cut_layer, with this node's
     auxiliary classifier when local-loss updates are on."""
-    split = process_body(cfg.model.backbone, cfg.split.cut_layer).split
+    split = config_body(cfg).split
     aux = None
     if cfg.split.local_loss_fraction > 0:
         aux = ClassificationHead(task.backbone.hidden_size, task.num_labels)
@@ -227,7 +235,7 @@ def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
     on the local loss, the rest split steps. Smashed DP needs the client's example count
     `n` (its sample rate and noise) and, in reproducible-noise mode only, its `seed`."""
     local = int(cfg.split.local_loss_fraction * steps)
-    body = process_body(cfg.model.backbone, cfg.split.cut_layer)
+    body = config_body(cfg)
     if not cfg.split.smashed_dp.enabled:
         return SplitStep(view, body, local)
     if n is None:
@@ -265,7 +273,7 @@ class SplitScorer:
 
     def __init__(self, view: SplitPromptModel, cfg: ExperimentConfig) -> None:
         self.module = view
-        self.body = MeteredBody(process_body(cfg.model.backbone, cfg.split.cut_layer))
+        self.body = MeteredBody(config_body(cfg))
         self.server_flops = 0.0
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,18 @@ class ModelConfig:
     # "minilm" is the bundled all-MiniLM-L6-v2; anything else is an HF name or a local path.
     backbone: str = "minilm"
     max_length: int = 64
+    # Transformer blocks dropped at load (fedtune.models.layer_pruning): a list of indices
+    # (`[4, 5]`; `[]` keeps all) or a rule "<rule>:<k>" ("every:3", "top:2",
+    # "importance:2"). A run resolves a rule into the list at its start and records that.
+    prune_layers: list[int] | str = field(default_factory=list)
 
     def validate(self) -> None:
         _positive("model.max_length", self.max_length)
         _nonempty("model.backbone", self.backbone)
+        if self.prune_layers:
+            from fedtune.models.layer_pruning import check_setting
+
+            check_setting(self.prune_layers)
 
 
 @dataclass
@@ -635,7 +643,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"config field {key} uses a union type; not supported")
+        return _coerce_union(typing.get_args(hint), value, key)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -654,6 +662,17 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {hint!r}")
+
+
+def _coerce_union(members: tuple[Any, ...], value: Any, key: str) -> Any:
+    """A field that takes one of several shapes (`list[int] | str`): the member whose
+    base type the TOML value has decides; a value of none of them is refused."""
+    for member in members:
+        if isinstance(value, typing.get_origin(member) or member):
+            return _coerce(member, value, key)
+    names = {list: "a list", str: "a string", int: "an integer", float: "a number"}
+    shapes = " or ".join(names.get(typing.get_origin(m) or m, repr(m)) for m in members)
+    raise ConfigError(f"{key} must be {shapes}, got {value!r}")
 
 
 def _check_finite(key: str, value: float) -> None:

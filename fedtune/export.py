@@ -32,7 +32,7 @@ from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import tokenize_texts
 from fedtune.delta import DeltaSpec
 from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
-from fedtune.models import load_backbone
+from fedtune.models import backbone_for
 from fedtune.privacy.randomness import noise_note
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
@@ -150,7 +150,7 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
                           f"(metadata format={meta.get('format')!r})")
     _check_values(folder / STATE_FILE, meta, state)
     label_names = tuple(json.loads(meta["label_names"]))
-    backbone = load_backbone(cfg.model.backbone)
+    backbone = backbone_for(cfg.model)
     if backbone.hash != meta["backbone_hash"]:
         raise ExportError(
             f"model.backbone={cfg.model.backbone!r} here has weights hash {backbone.hash}, "

@@ -159,10 +159,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     install_fast_dispatch()
 
     from clients.app import build_client_app
+    from fedtune.models.layer_pruning import resolve_config
     from fedtune.task import get_task, write_bundle
     from strategies.grid_io import POLL_ENV
     from strategies.server_app import build_server_app
 
+    # A layer-pruning rule becomes its layer list once, here: the run's config.toml, its
+    # workers and whatever is rebuilt from the folder later all prune the same layers.
+    cfg = resolve_config(cfg)
     # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
     # backbone or corpus fails here with its own message, and the token cache is warm.
     task = get_task(cfg)

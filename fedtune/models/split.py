@@ -35,6 +35,12 @@ def splittable_types() -> list[str]:
     return supported_families()
 
 
+def _after_pruning(model: PreTrainedModel) -> str:
+    # A cut counts the layers model.prune_layers kept; say so when that is not all of them.
+    original = getattr(model.config, "fedtune_layers_kept", None)
+    return " after model.prune_layers" if original is not None else ""
+
+
 class SplitBackbone:
     """The frozen backbone seen as head layers [0, k) and body layers [k, L)."""
 
@@ -55,8 +61,8 @@ class SplitBackbone:
         if not 0 <= cut_layer < self.num_layers:
             raise SplitError(
                 f"split.cut_layer={cut_layer} is out of range for this backbone "
-                f"({self.num_layers} layers): allowed 0..{self.num_layers - 1}, so the "
-                "server body keeps at least one layer")
+                f"({self.num_layers} layers{_after_pruning(model)}): allowed "
+                f"0..{self.num_layers - 1}, so the server body keeps at least one layer")
         self.cut_layer = cut_layer
         self._check_against_forward()
 
