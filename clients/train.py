@@ -203,17 +203,19 @@ def _empty_batch_step(optimizer: torch.optim.Optimizer, model: TunedModel, mode:
     optimizer.step()
 
 
-_FLOPS_CACHE: dict[tuple[str, int, int, str], float] = {}
+_FLOPS_CACHE: dict[tuple[str, int, int, int, str], float] = {}
 
 
 def flops_per_example(model: TunedModel, data: TensorDataset) -> float:
     """Forward + backward FLOPs of one training example, counted by torch's FlopCounterMode.
     Matmul FLOPs are linear in the batch, so examples x this is the exact count of the
-    plain training step; it is measured once per (method, size, sequence length, model
-    class: a model fed from the prefix cache runs fewer blocks)."""
+    plain training step; it is measured once per (method, size, sequence length, all
+    parameters: a backbone with pruned layers has fewer, model class: a model fed from the
+    prefix cache runs fewer blocks)."""
     ids, mask, _ = (t.to(model_device(model)) for t in data[0])
     tuned = getattr(model, "tuned", model)  # a CachedForward runs its tuned model's suffix
     key = (model.method, model.num_trainable(), int(mask.shape[0]),
+           sum(p.numel() for p in tuned.parameters()),
            f"{type(model).__name__}@{prefix_layer(tuned)}")
     if key not in _FLOPS_CACHE:
         counter = FlopCounterMode(display=False)

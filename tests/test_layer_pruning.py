@@ -290,3 +290,21 @@ def test_export_and_predict_rebuild_the_pruning_of_the_run(folders, tmp_path):
     (run / CONFIG_FILE).write_text(_cfg(folders["bert"], "model.max_length=16").to_toml())
     with pytest.raises(ExportError, match="not the same backbone"):
         load_tuned(run)
+
+
+def test_client_flops_follow_the_pruning_in_one_process(folders):
+    # The per-process FLOPs memo was keyed by method, trainable size and sequence length:
+    # a pruned and an unpruned prompt model shared an entry, and the second reported the
+    # first's FLOPs.
+    from torch.utils.data import TensorDataset
+
+    from clients.train import flops_per_example
+
+    ids, mask = _tokens(1, 7)
+    data = TensorDataset(ids, mask, torch.zeros(1, dtype=torch.int64))
+    flops = {}
+    for prune in ((), (1, 2)):
+        cfg = _cfg(folders["bert"], f"model.prune_layers={list(prune)}")
+        model = build_tuned_model(backbone_for(cfg.model), cfg.tuning, 2, seed=0)
+        flops[prune] = flops_per_example(model, data)
+    assert flops[(1, 2)] < 0.75 * flops[()]
