@@ -81,6 +81,9 @@ class Result:
     ok: bool
     error: str = ""
     examples_per_s: float = 0.0
+    # Examples per CPU second of the client workers (their start-up and cache fill
+    # included): what other load on the machine cannot stretch, unlike wall time.
+    examples_per_cpu_s: float = 0.0
     peak_actor_rss: int = 0
     accuracy: float = 0.0
     epsilon: float | None = None
@@ -89,11 +92,13 @@ class Result:
 
 
 class ActorPeak:
-    """Peak RSS of any Ray worker process under a root pid, sampled in a thread."""
+    """Peak RSS of any Ray worker process under a root pid, and the CPU seconds the
+    workers used (their last reading each), sampled in a thread."""
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.peak = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -109,6 +114,8 @@ class ActorPeak:
                     cmd = " ".join(proc.cmdline())
                     if "default_worker" in cmd or "ray::" in cmd and "Agent" not in cmd:
                         self.peak = max(self.peak, proc.memory_info().rss)
+                        times = proc.cpu_times()
+                        self.cpu[proc.pid] = times.user + times.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             time.sleep(0.2)
@@ -136,6 +143,7 @@ def run_one(row: Row, privacy: str, sets: list[str], work: Path) -> Result:
     peak = ActorPeak(child.pid)
     output, _ = child.communicate()
     actor_rss = peak.stop()
+    worker_cpu = sum(peak.cpu.values())
     if child.returncode != 0:
         last = [line for line in output.strip().splitlines() if line.strip()][-1:] or ["?"]
         return Result(row.name, privacy, ok=False, error=last[0][:200])
@@ -145,6 +153,7 @@ def run_one(row: Row, privacy: str, sets: list[str], work: Path) -> Result:
     seen = sum(c.get("examples_seen", 0) for r in rounds for c in r.get("per_client", []))
     wall = sum(r["wall_s"] for r in rounds)
     return Result(row.name, privacy, ok=True, examples_per_s=seen / wall if wall else 0.0,
+                  examples_per_cpu_s=seen / worker_cpu if worker_cpu else 0.0,
                   peak_actor_rss=actor_rss, accuracy=summary["final_accuracy"],
                   epsilon=summary.get("epsilon_sample"),
                   skipped=max((r.get("forward_layers_skipped", 0) for r in rounds),
@@ -157,19 +166,21 @@ def _ratio(value: float, base: float) -> str:
 
 def table(results: list[Result]) -> list[str]:
     by = {(r.row, r.privacy): r for r in results}
-    lines = ["| method | privacy | examples/s | rel. | peak RSS/actor MB | rel. | accuracy "
-             "| vs base | epsilon | layers skipped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | privacy | examples/s | rel. | examples/worker CPU s | rel. "
+             "| peak RSS/actor MB | rel. | accuracy | vs base | epsilon | layers skipped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = by.get((ROWS[r.row].baseline, r.privacy))
         if not r.ok:
-            lines.append(f"| {r.row} | {r.privacy} | failed: {r.error} | | | | | | | |")
+            lines.append(f"| {r.row} | {r.privacy} | failed: {r.error} | | | | | | | | | |")
             continue
         ok = base is not None and base.ok
         eps = "-" if r.epsilon is None else f"{r.epsilon:.2f}"
         lines.append(
             f"| {r.row} | {r.privacy} | {r.examples_per_s:.1f} | "
             f"{_ratio(r.examples_per_s, base.examples_per_s) if ok else 'n/a'} | "
+            f"{r.examples_per_cpu_s:.1f} | "
+            f"{_ratio(r.examples_per_cpu_s, base.examples_per_cpu_s) if ok else 'n/a'} | "
             f"{r.peak_actor_rss / 2**20:.0f} | "
             f"{_ratio(r.peak_actor_rss, base.peak_actor_rss) if ok else 'n/a'} | "
             f"{r.accuracy:.4f} | "
