@@ -164,6 +164,10 @@ def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "n/a"
 
 
+def _versus(accuracy: float, base: float) -> str:
+    return f"{accuracy - base:+.4f} ({accuracy / base:.3f}x)" if base else "n/a"
+
+
 def table(results: list[Result]) -> list[str]:
     by = {(r.row, r.privacy): r for r in results}
     lines = ["| method | privacy | examples/s | rel. | examples/worker CPU s | rel. "
@@ -184,7 +188,7 @@ def table(results: list[Result]) -> list[str]:
             f"{r.peak_actor_rss / 2**20:.0f} | "
             f"{_ratio(r.peak_actor_rss, base.peak_actor_rss) if ok else 'n/a'} | "
             f"{r.accuracy:.4f} | "
-            f"{f'{r.accuracy - base.accuracy:+.4f}' if ok else 'n/a'} | {eps} | {r.skipped} |")
+            f"{_versus(r.accuracy, base.accuracy) if ok else 'n/a'} | {eps} | {r.skipped} |")
     return lines
 
 
