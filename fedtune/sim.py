@@ -172,6 +172,15 @@ class _Background:
         return self._value
 
 
+def _driver_task(cfg: ExperimentConfig) -> Any:
+    """The driver's heavy imports (torch, transformers, the apps) and its task."""
+    with phase("imports", "torch, transformers, Flower, the apps"):
+        import clients.app  # noqa: F401
+        import strategies.server_app  # noqa: F401
+        from fedtune.task import get_task
+    return get_task(cfg)
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                    verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`.
@@ -185,16 +194,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         # Actors read it when they import Flower: their shutdown notices stay quiet too.
         os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     check_user_budget(cfg)
-    with phase("imports", "Flower, Ray, torch, transformers"):
-        from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
-
-        install_fast_dispatch()
-
-        from clients.app import build_client_app
-        from fedtune.task import get_task, write_bundle
-        from strategies.grid_io import POLL_ENV
-        from strategies.server_app import build_server_app
-    os.environ.setdefault(POLL_ENV, SIM_POLL_S)
+    # The driver's imports and task (backbone, corpus, tokens, partitions) are built in a
+    # thread while this one starts Ray: `ray.init` mostly waits for the processes it
+    # launches, and on a small machine those and the imports share the cores. Both finish
+    # before any actor starts, so a bad backbone or corpus fails with its own message (after
+    # Ray started, which is stopped again: the price of the overlap) and the token cache
+    # is warm.
+    building = _Background(lambda: _driver_task(cfg))
     out_dir = Path(out_dir)
     if not verbose:
         # Flower logs its own sampling notices at WARNING on every run.
@@ -211,13 +217,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         # are limited to 107 bytes.
         with _ray_scope(cfg, Path(temp_dir.name)), on_stop(temp_dir.cleanup), \
                 on_stop(end_children), on_stop(_quiet_engine):
-            # The task (backbone, corpus, tokens, partitions) is built while Ray starts:
-            # `ray.init` mostly waits for the processes it launches, so the two overlap on
-            # a small machine. Both finish before any actor starts, so a bad backbone or
-            # corpus fails here with its own message and the token cache is warm.
-            # A config error found while building is reported after Ray has started (and
-            # is stopped again): the price of the overlap.
-            building = _Background(lambda: get_task(cfg))
             try:
                 with phase("ray", "local, loopback" if not cfg.simulation.ray_address
                            else f"cluster at {cfg.simulation.ray_address}"):
@@ -226,6 +225,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                 building.wait()
                 raise
             task = building.result()
+            from clients.app import build_client_app
+            from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
+            from fedtune.task import write_bundle
+            from strategies.grid_io import POLL_ENV
+            from strategies.server_app import build_server_app
+
+            install_fast_dispatch()
+            os.environ.setdefault(POLL_ENV, SIM_POLL_S)
             check_split(cfg, task.backbone.model)
             if resume:
                 prepare_resume(out_dir, task.spec.hash)
