@@ -135,6 +135,7 @@ def _stopped(out: Path) -> None:
 def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: bool
                        ) -> dict[str, Any]:
     from fedtune.sim import prepare_resume, run_experiment
+    from fedtune.startup import StartupReport, reporting
     from fedtune.task import get_task
 
     dp, user = cfg.privacy.sample, cfg.privacy.user
@@ -149,13 +150,18 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
                         TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
                         console=console, transient=False)
     done = 0
+    # One line per start-up phase (imports, Ray, model, data, workers, ...), printed as it
+    # ends: with a large backbone the start is otherwise minutes of silence.
+    startup = StartupReport(lambda line: progress.console.print(line, highlight=False,
+                                                                soft_wrap=True))
     if resume:
         try:
-            done = prepare_resume(out, get_task(cfg).spec.hash)
+            with reporting(startup):
+                done = prepare_resume(out, get_task(cfg).spec.hash)
         except _user_errors() as exc:
             _fail(str(exc))
         console.print(f"resuming after round {done} of {cfg.train.rounds}")
-    task_id = progress.add_task("starting (actors, data, model)", total=cfg.train.rounds,
+    task_id = progress.add_task("starting (data, model, workers)", total=cfg.train.rounds,
                                 completed=done)
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -171,7 +177,7 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
         progress.update(task_id, advance=1, description=f"round {rec['round']}")
 
     try:
-        with progress:
+        with progress, reporting(startup):
             return run_experiment(cfg, out, on_round=on_round, verbose=verbose, resume=resume)
     except _user_errors() as exc:
         _fail(str(exc))

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.interrupt import end_children, on_stop
 from fedtune.ledger import SUMMARY_FILE
+from fedtune.startup import phase
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
 _ENV_DEFAULTS = {
@@ -142,6 +145,42 @@ def prepare_resume(out_dir: Path, spec_hash: str) -> int:
     return state.round
 
 
+class _Background:
+    """Run `fn` in a thread; `result()` waits and returns its value or raises its error
+    (in the calling thread, so it reaches the CLI's one-line error handling)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
+                                        name="fedtune-task-build")
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller by result())
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _driver_task(cfg: ExperimentConfig) -> Any:
+    """The driver's heavy imports (torch, transformers, the apps) and its task."""
+    with phase("imports", "torch, transformers, Flower, the apps"):
+        import clients.app  # noqa: F401
+        import strategies.server_app  # noqa: F401
+        from fedtune.task import get_task
+    return get_task(cfg)
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                    verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """Simulate `cfg` with `data.num_clients` virtual clients; returns `summary.json`.
@@ -154,28 +193,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     if not verbose:
         # Actors read it when they import Flower: their shutdown notices stay quiet too.
         os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
-    from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
-
-    install_fast_dispatch()
-
-    from clients.app import build_client_app
     from fedtune.models.layer_pruning import resolve_config
-    from fedtune.task import get_task, write_bundle
-    from strategies.grid_io import POLL_ENV
-    from strategies.server_app import build_server_app
 
     # A layer-pruning rule becomes its layer list once, here: the run's config.toml, its
     # workers and whatever is rebuilt from the folder later all prune the same layers.
     cfg = resolve_config(cfg)
-    # Build the task (backbone, corpus, tokens, partitions) before any actor starts: a bad
-    # backbone or corpus fails here with its own message, and the token cache is warm.
-    task = get_task(cfg)
     check_user_budget(cfg)
-    check_split(cfg, task.backbone.model)
-    os.environ.setdefault(POLL_ENV, SIM_POLL_S)
+    # The driver's imports and task (backbone, corpus, tokens, partitions) are built in a
+    # thread while this one starts Ray: `ray.init` mostly waits for the processes it
+    # launches, and on a small machine those and the imports share the cores. Both finish
+    # before any actor starts, so a bad backbone or corpus fails with its own message (after
+    # Ray started, which is stopped again: the price of the overlap) and the token cache
+    # is warm.
+    building = _Background(lambda: _driver_task(cfg))
     out_dir = Path(out_dir)
-    if resume:
-        prepare_resume(out_dir, task.spec.hash)
     if not verbose:
         # Flower logs its own sampling notices at WARNING on every run.
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -191,8 +222,26 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
         # are limited to 107 bytes.
         with _ray_scope(cfg, Path(temp_dir.name)), on_stop(temp_dir.cleanup), \
                 on_stop(end_children), on_stop(_quiet_engine):
+            try:
+                with phase("ray", "local, loopback" if not cfg.simulation.ray_address
+                           else f"cluster at {cfg.simulation.ray_address}"):
+                    start_ray(cfg)
+            except BaseException:
+                building.wait()
+                raise
+            task = building.result()
+            from clients.app import build_client_app
+            from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
+            from fedtune.task import write_bundle
+            from strategies.grid_io import POLL_ENV
+            from strategies.server_app import build_server_app
+
+            install_fast_dispatch()
+            os.environ.setdefault(POLL_ENV, SIM_POLL_S)
+            check_split(cfg, task.backbone.model)
+            if resume:
+                prepare_resume(out_dir, task.spec.hash)
             bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
-            start_ray(cfg)
             run_inprocess(
                 server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
                 client_app=build_client_app(cfg, bundle),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import mmap
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedtune.data.domains import no_progress_bars
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, backbone_for
 from fedtune.runtime_settings import runtime_settings
+from fedtune.startup import phase, record_since
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.validation_split import carve_validation, client_rows
 
@@ -192,16 +194,22 @@ def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
 @functools.lru_cache(maxsize=2)
 def _build_task(key: str, cfg_toml: str) -> Task:
     cfg = config_from_toml(cfg_toml)
+    started = time.perf_counter()
     backbone = backbone_for(cfg.model)
-    corpus = load_corpus(cfg.data.corpus, cache_root=runtime_settings(cfg).cache_dir,
-                         **cfg.data.options)
+    record_since("model", started, lambda: _model_detail(backbone))
+    with phase("data", lambda: f"{cfg.data.corpus}, "
+               f"{sum(len(corpus[s]) for s in ('train', 'test')):,} rows"):
+        corpus = load_corpus(cfg.data.corpus, cache_root=runtime_settings(cfg).cache_dir,
+                             **cfg.data.options)
     splits = {}
-    for name in ("train", "test"):
-        ds = corpus[name]
-        tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length,
-                              runtime_settings(cfg).cache_dir)
-        splits[name] = Split(tok["input_ids"], tok["attention_mask"],
-                             np.asarray(ds["label"], dtype=np.int64))
+    with phase("tokenize", f"max_length {cfg.model.max_length}"):
+        for name in ("train", "test"):
+            ds = corpus[name]
+            tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length,
+                                  runtime_settings(cfg).cache_dir)
+            splits[name] = Split(tok["input_ids"], tok["attention_mask"],
+                                 np.asarray(ds["label"], dtype=np.int64))
+    started = time.perf_counter()
     among = None
     if cfg.data.domain_by:
         # With two domains, the utility that counts is the target domain's: test and
@@ -219,8 +227,14 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     num_labels = len(label_names)
     model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)
     spec = model_spec(model, backbone, cfg, num_labels)
+    record_since("partitions", started, f"{len(parts)} clients, "
+                 f"{validation_rows.size:,} validation rows")
     return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec,
                 validation_rows=validation_rows)
+
+
+def _model_detail(backbone: Backbone) -> str:
+    return f"{backbone.name}, {backbone.num_params / 1e6:.1f} M params"
 
 
 def _client_partitions(train: datasets.Dataset, validation_rows: np.ndarray,

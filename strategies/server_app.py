@@ -39,6 +39,7 @@ from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
 from fedtune.models.layer_pruning import pruning_record, resolve_config
 from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
+from fedtune.startup import mark, phase
 from fedtune.task import Task, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
@@ -74,9 +75,11 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         state.resumed_at.append(state.round)
     else:
         (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
-        vector = task.initial_vector()
-        state = ServerState(round=0, vector=vector, spec_hash=task.spec.hash,
-                            initial=initial_metrics(task, model, vector, cfg))
+        # The untrained model's figures are computed after the last round (`_initial`),
+        # not here: scoring the test and validation splits before round 1 kept every
+        # client waiting for it (seconds on the quickstart, minutes with a large model).
+        state = ServerState(round=0, vector=task.initial_vector(), spec_hash=task.spec.hash,
+                            initial={})
     privacy = PrivacyLedger(cfg, task, state, out_dir)
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
@@ -97,7 +100,11 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                              reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
                              else None)
     if state.round < cfg.train.rounds and state.stopped is None:
-        strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
+        # Most of this is the workers starting: Ray actors importing torch and the client
+        # code before they can answer their first message.
+        with phase("workers", lambda: f"{len(strategy.roster)} clients answered"):
+            strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
+        mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
@@ -135,6 +142,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             f"entries in {out_dir / 'rounds.jsonl'}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
+    if not state.initial:
+        state.initial = _initial(task, model, cfg)
     final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
     summary = _summary(history, state, task, cfg, final_test)
@@ -204,6 +213,15 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     return record
 
 
+def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The untrained model's baseline, computed at the end of the run: the seeded initial
+    vector is rebuilt, so the figures are those a start-of-run evaluation gives (nothing
+    trained reads them; the summary says when they were computed)."""
+    metrics = initial_metrics(task, model, task.initial_vector(), cfg)
+    return {**metrics, "evaluated": "after the last round (deferred from start-up; "
+                                    "same untrained model)"}
+
+
 def _sent_partitions(driver: DeltaFedAvg | UserLevelDP, messages: list) -> list[int]:
     """The partition ids the round's instructions go to (the server's roster, not what any
     client claims)."""
@@ -227,6 +245,8 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
     last = history[-1]
     return {
         **accuracy_fields(history, state.initial, final_test, validation_examples(task, cfg)),
+        # Runs checkpointed before the deferral scored the untrained model before round 1.
+        "initial_evaluated": state.initial.get("evaluated", "before round 1"),
         "epsilon_sample": last["epsilon_sample"],
         "epsilon_user": last["epsilon_user"],
         "delta": last["delta"],

@@ -1,0 +1,116 @@
+"""Start-up of `fedtune run`: every phase gets a progress line, the task is built while Ray
+starts (its errors still reach the caller), and the untrained model's figures, now computed
+after the last round instead of before round 1, are the figures a start-of-run evaluation
+gives."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune.config import load_config
+from fedtune.evaluation import initial_metrics, round_metrics
+from fedtune.sim import _Background
+from fedtune.startup import PREFIX, StartupReport, mark, phase, reporting
+from fedtune.task import get_task
+from strategies.server_app import _initial
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["data.num_clients=6", "model.max_length=32", "tuning.prompt.length=4",
+        "train.eval_max_examples=48"]
+LINE = re.compile(rf"^{PREFIX} (\S.*?) (\d+\.\d) s( \(.*\))? · (\d+\.\d) s since launch$")
+
+
+def _cfg(*extra: str):
+    return load_config(ROOT / "experiments/quickstart.toml", [*SETS, *extra])
+
+
+def test_a_task_build_reports_model_data_tokenize_partitions_in_order():
+    lines: list[str] = []
+    # A seed no other test builds: the task is built here, not taken from the process cache.
+    with reporting(StartupReport(lines.append)):
+        task = get_task(_cfg("seed=4242"))
+    names = [LINE.match(line).group(1) for line in lines]
+    assert names == ["model", "data", "tokenize", "partitions"], lines
+    assert "6 clients" in lines[-1] and f"{task.validation_rows.size:,} validation" in lines[-1]
+    assert "spamassassin" in lines[1] and "rows" in lines[1]
+    since = [float(LINE.match(line).group(4)) for line in lines]
+    assert since == sorted(since)
+    # Outside `reporting` nothing is printed and the cached task comes back.
+    assert get_task(_cfg("seed=4242")) is task and len(lines) == 4
+
+
+def test_phases_are_silent_without_a_report_and_a_failed_phase_is_not_reported():
+    with phase("quiet"):
+        pass
+    mark("quiet")  # no report active: nothing to do, no error
+    lines: list[str] = []
+    with reporting(StartupReport(lines.append)):
+        with pytest.raises(ValueError), phase("broken"):
+            raise ValueError("bad")
+        with phase("fine", lambda: "computed after"):
+            pass
+        mark("first round starts", "round 1")
+    assert len(lines) == 2 and lines[0].startswith(f"{PREFIX} fine ")
+    assert "(computed after)" in lines[0]
+    assert lines[1].startswith(f"{PREFIX} first round starts at ") and "(round 1)" in lines[1]
+
+
+def test_the_background_build_hands_back_its_value_or_its_error():
+    assert _Background(lambda: 41 + 1).result() == 42
+
+    def fail():
+        raise FileNotFoundError("data.options.path='/no/such' does not exist")
+
+    with pytest.raises(FileNotFoundError, match="no/such"):
+        _Background(fail).result()
+
+
+def test_deferred_untrained_figures_equal_a_start_of_run_evaluation():
+    cfg = _cfg()
+    task = get_task(cfg)
+    model = task.new_model()
+    at_start = initial_metrics(task, model, task.initial_vector(), cfg)
+    # What the server model holds at the end of a run: some trained vector.
+    noise = np.random.default_rng(0).normal(size=task.spec.size).astype(np.float32)
+    trained = task.initial_vector() + noise
+    after_training = round_metrics(task, model, trained, cfg)
+    deferred = _initial(task, model, cfg)
+    for key, value in at_start.items():
+        assert deferred[key] == value, key
+    assert "deferred" in deferred["evaluated"]
+    # The model really held the trained vector (else the check above proves nothing).
+    assert after_training["val_loss"] != at_start["val_loss"]
+
+
+@pytest.mark.slow
+def test_a_real_run_prints_each_start_up_phase_before_the_first_round(tmp_path):
+    """One short real run (serialise with other Ray runs: flock /tmp/fedtune-e2e.lock)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
+            "--out", str(out)]
+    for item in [*SETS, "data.num_clients=4", "train.clients_per_round=2", "train.rounds=1",
+                 "train.local_steps=2", "privacy.sample.enabled=false"]:
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(PREFIX)]
+    names = [lines[i].split(" ")[1] for i in starts]
+    # Imports and the task are built in a thread while Ray starts: their lines interleave.
+    assert names[-2:] == ["workers", "first"], names
+    assert sorted(names[:-2]) == sorted(["imports", "ray", "model", "data", "tokenize",
+                                         "partitions"]), names
+    assert names.index("imports") < names.index("model") < names.index("data")
+    first_round = next(i for i, line in enumerate(lines) if line.startswith("round   1:"))
+    assert starts[-1] < first_round
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["initial_accuracy"] <= 1.0
+    assert "deferred" in summary["initial_evaluated"]
