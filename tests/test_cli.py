@@ -2,17 +2,13 @@
 
 One error goes through a real `python -m fedtune.cli` process (the exit code and output a
 user sees); the others call the same typer app in this process, which skips the seconds of
-imports a new process pays (these errors come before any actor starts). In process, an
-uncaught exception would leave `exit_code` 1 and the exception, not `SystemExit(2)`."""
+imports a new process pays (these errors come before any actor starts); see the `cli`
+fixture in conftest.py."""
 
-import logging
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,34 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fedtune(*args):
     return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def cli(monkeypatch):
-    """`cli(*args)` runs `fedtune *args` in this process; returns (exit code, output).
-    What `fedtune run` sets up for a simulation before the error (environment variables,
-    Flower's log level, the fast message hand-out) is undone afterwards."""
-    from typer.testing import CliRunner
-
-    from fedtune.cli import app
-    from fedtune.compat.flower_sim import fast_dispatch_installed, uninstall_fast_dispatch
-
-    monkeypatch.chdir(ROOT)
-    environ, dispatch = dict(os.environ), fast_dispatch_installed()
-    levels = {n: logging.getLogger(n).level for n in ("flwr", "ray")}
-
-    def invoke(*args: str) -> tuple[int, str]:
-        result = CliRunner().invoke(app, list(args))
-        assert isinstance(result.exception, SystemExit), result.exception  # no traceback
-        return result.exit_code, result.output
-
-    yield invoke
-    os.environ.clear()
-    os.environ.update(environ)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    if not dispatch:
-        uninstall_fast_dispatch()
 
 
 def test_bad_config_value_is_one_clear_line_not_a_traceback():
@@ -59,13 +27,13 @@ def test_bad_config_value_is_one_clear_line_not_a_traceback():
 
 
 def test_missing_config_file(cli):
-    code, out = cli("run", "no/such/file.toml")
+    code, _, out = cli("run", "no/such/file.toml")
     assert code == 2
     assert "config file not found: no/such/file.toml" in out
 
 
 def test_unavailable_backbone_is_named(cli, tmp_path):
-    code, out = cli("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
+    code, _, out = cli("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
                     str(tmp_path / "run"))
     assert code == 2, out[-2000:]
     assert "model.backbone='no-such-org/no-such-model' is not available offline" in out
@@ -81,10 +49,10 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_data_errors_are_one_line(cli, tmp_path):
-    code, out = cli("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
+    code, _, out = cli("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
     assert code == 2, out[-2000:]
     assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
     assert "Traceback" not in out
-    code, out = cli("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
+    code, _, out = cli("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
                     str(tmp_path / "r2"))
     assert code == 2 and "corpus file not found: /no/such.jsonl.gz" in out
