@@ -213,25 +213,25 @@ def test_crashes_hangs_and_corrupt_deltas_are_recorded_and_the_run_completes(tmp
 
 
 @pytest.mark.slow
-def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path):
+def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path, cli):
+    # `fedtune export` and `predict` in this process (the conftest `cli` fixture): a new
+    # process would add seconds of imports to each and test nothing more.
     from fedtune.data import load_corpus
 
     export = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "export", str(run_dir),
-                           str(export)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = cli("export", str(run_dir), str(export))
+    assert res.code == 0, res.output
     summary = json.loads((run_dir / "summary.json").read_text())
     n = summary["test_examples"]
     test = load_corpus("spamassassin")["test"].select(range(n))
     texts = tmp_path / "test.jsonl"
     texts.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
                              for t, y in zip(test["text"], test["label"], strict=True)))
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "predict", str(export),
-                           "--file", str(texts), "--out", str(tmp_path / "pred.jsonl")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = cli("predict", str(export), "--file", str(texts), "--out",
+              str(tmp_path / "pred.jsonl"))
+    assert res.code == 0, res.output
     correct = round(summary["final_accuracy"] * n)
-    assert f"accuracy {summary['final_accuracy']:.4f} ({correct}/{n} labelled texts)" in proc.stdout
+    assert f"accuracy {summary['final_accuracy']:.4f} ({correct}/{n} labelled texts)" in res.stdout
     preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     names = json.loads((export / "fedtune.json").read_text())["label_names"]
     hits = sum(names.index(p["label"]) == y for p, y in zip(preds, test["label"], strict=True))
@@ -266,7 +266,7 @@ def test_resolved_config_reruns_to_the_same_numbers(run_dir, rerun_dir):
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_dir):
+def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_dir, cli):
     # Reproducible noise: the replayed round redraws the same noise, so the summary is the
     # uninterrupted run's, bit for bit.
     out, killed_at = rerun_dir
@@ -283,9 +283,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_d
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]  # none repeated, none lost
 
-    again = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already finished" in " ".join(again.stdout.split())
+    again = cli("run", "--resume", str(out))
+    assert again.code == 2 and "already finished" in " ".join(again.stdout.split())
 
 
 def _kill_after_first_round(out, overrides, config=ROOT / "experiments/quickstart.toml"):
@@ -319,16 +318,15 @@ def _resume(out, killed_at, sets=()):
 @pytest.mark.slow
 @pytest.mark.long
 def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_counted(
-        run_dir, tmp_path):
+        run_dir, tmp_path, cli):
     out = tmp_path / "secret"
     killed_at = _kill_after_first_round(out, OVERRIDES)
     # A resume with other privacy parameters is refused, naming them, before any actor.
     config = (out / "config.toml").read_text()
     (out / "config.toml").write_text(config.replace("\nrounds = 3\n", "\nrounds = 5\n", 1))
-    edited = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    said = " ".join((edited.stdout + edited.stderr).split())  # rich wraps long lines
-    assert edited.returncode != 0 and "changed: train.rounds (3 -> 5)" in said
+    edited = cli("run", "--resume", str(out))
+    said = " ".join(edited.output.split())  # rich wraps long lines
+    assert edited.code != 0 and "changed: train.rounds (3 -> 5)" in said
     (out / "config.toml").write_text(config)
     _resume(out, killed_at)
     cfg = load_config(out / "config.toml")
