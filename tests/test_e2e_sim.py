@@ -175,8 +175,8 @@ def test_crashes_hangs_and_corrupt_deltas_are_recorded_and_the_run_completes(tmp
     # Seed 1729 draws, per round over the 4 clients: round 1 hang, nan, ok, crash; round 2
     # crash, length, ok, spec: every fault kind, a crash in each round, and the hang in
     # round 1, whose timeout the run waits out anyway (actor start-up happens in that round
-    # too), so the hang costs no round of its own. The hanging client's late reply lands in
-    # round 2 and must not count there.
+    # too), so the hang costs no round of its own. The hanging client's reply comes 3 s
+    # after the timeout, while the run goes on, and must not count in round 2.
     faults = ["seed=1729", "train.clients_per_round=4", "train.rounds=2",
               "train.local_steps=2", "faults.crash_p=0.3", "faults.garbage_p=0.3",
               "faults.hang_p=0.1", f"faults.hang_s={FAULT_TIMEOUT_S + 3}",
