@@ -1,6 +1,8 @@
 """Test-wide settings: offline, quiet, and caches inside a per-session temp dir."""
 
+import logging
 import os
+from typing import NamedTuple
 
 import pytest
 
@@ -76,3 +78,43 @@ def _no_flush_denormal_leak():
     import torch
 
     torch.set_flush_denormal(False)
+
+
+class CliResult(NamedTuple):
+    code: int
+    stdout: str
+    output: str  # stdout and stderr
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """`cli(*args)` runs `fedtune *args` through the typer app in this process, from the
+    repository root: for errors that come before anything starts, without the seconds of
+    imports a new process pays. An uncaught exception (a traceback, in a real process)
+    fails the call: the app must return or end with SystemExit. What `fedtune run` sets up for a
+    simulation before such an error (environment variables, Flower's and Ray's log
+    levels, the fast message hand-out) is undone afterwards."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+    from fedtune.compat.flower_sim import fast_dispatch_installed, uninstall_fast_dispatch
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    environ, dispatch = dict(os.environ), fast_dispatch_installed()
+    levels = {name: logging.getLogger(name).level for name in ("flwr", "ray")}
+
+    def invoke(*args: str) -> CliResult:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exception is None or isinstance(result.exception, SystemExit), \
+            (result.exception, result.output)
+        return CliResult(result.exit_code, result.stdout, result.output)
+
+    yield invoke
+    os.environ.clear()
+    os.environ.update(environ)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    if not dispatch:
+        uninstall_fast_dispatch()

@@ -1,4 +1,9 @@
-"""CLI behaviour that needs no simulation: clear one-line errors, README/CI in step."""
+"""CLI behaviour that needs no simulation: clear one-line errors, README/CI in step.
+
+One error goes through a real `python -m fedtune.cli` process (the exit code and output a
+user sees); the others call the same typer app in this process, which skips the seconds of
+imports a new process pays (these errors come before any actor starts); see the `cli`
+fixture in conftest.py."""
 
 import re
 import subprocess
@@ -21,17 +26,16 @@ def test_bad_config_value_is_one_clear_line_not_a_traceback():
     assert "Traceback" not in out
 
 
-def test_missing_config_file():
-    proc = _fedtune("run", "no/such/file.toml")
-    assert proc.returncode == 2
-    assert "config file not found: no/such/file.toml" in proc.stdout + proc.stderr
+def test_missing_config_file(cli):
+    code, _, out = cli("run", "no/such/file.toml")
+    assert code == 2
+    assert "config file not found: no/such/file.toml" in out
 
 
-def test_unavailable_backbone_is_named(tmp_path):
-    proc = _fedtune("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
+def test_unavailable_backbone_is_named(cli, tmp_path):
+    code, _, out = cli("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
                     str(tmp_path / "run"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-2000:]
+    assert code == 2, out[-2000:]
     assert "model.backbone='no-such-org/no-such-model' is not available offline" in out
     assert "Traceback" not in out
 
@@ -44,13 +48,11 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
 
 
-def test_data_errors_are_one_line(tmp_path):
-    proc = _fedtune("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-2000:]
+def test_data_errors_are_one_line(cli, tmp_path):
+    code, _, out = cli("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
+    assert code == 2, out[-2000:]
     assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
     assert "Traceback" not in out
-    proc = _fedtune("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
+    code, _, out = cli("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
                     str(tmp_path / "r2"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "corpus file not found: /no/such.jsonl.gz" in out
+    assert code == 2 and "corpus file not found: /no/such.jsonl.gz" in out

@@ -52,30 +52,25 @@ def test_missing_files_are_named(tmp_path):
         check_file(tmp_path / "ca.crt", "--root-certificates")
 
 
-def _deploy_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", "deploy", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_deploy_supernode_names_a_bad_address_and_missing_files(tmp_path):
+def test_deploy_supernode_names_a_bad_address_and_missing_files(cli, tmp_path):
     files = write_certs(tmp_path, nodes=1)
     good = ["--root-certificates", str(files.ca_cert), "--key", str(files.node_keys[0]),
             "--partition-id", "0"]
-    proc = _deploy_cli("supernode", "--superlink", "https://127.0.0.1:9092", *good)
-    assert proc.returncode == 2 and "--superlink: 'https://127.0.0.1:9092' is not HOST:PORT" \
-        in proc.stdout
-    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good[:2], "--key",
-                       str(tmp_path / "node-7"), "--partition-id", "0")
-    assert proc.returncode == 2 and "--key: no such file:" in proc.stdout
-    proc = _deploy_cli("supernode", "--superlink", "127.0.0.1:9092", *good, "--data-path",
-                       str(tmp_path / "mine.jsonl"))
-    assert proc.returncode == 2 and "--data-path: no such file:" in proc.stdout
-    assert "Traceback" not in proc.stdout + proc.stderr
+    res = cli("deploy", "supernode", "--superlink", "https://127.0.0.1:9092", *good)
+    assert res.code == 2 and "--superlink: 'https://127.0.0.1:9092' is not HOST:PORT" \
+        in res.stdout
+    res = cli("deploy", "supernode", "--superlink", "127.0.0.1:9092", *good[:2], "--key",
+              str(tmp_path / "node-7"), "--partition-id", "0")
+    assert res.code == 2 and "--key: no such file:" in res.stdout
+    res = cli("deploy", "supernode", "--superlink", "127.0.0.1:9092", *good, "--data-path",
+              str(tmp_path / "mine.jsonl"))
+    assert res.code == 2 and "--data-path: no such file:" in res.stdout
+    assert "Traceback" not in res.output
 
 
-def test_deploy_certs_writes_the_files(tmp_path):
-    proc = _deploy_cli("certs", str(tmp_path), "--host", "10.1.2.3", "--nodes", "1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_deploy_certs_writes_the_files(cli, tmp_path):
+    res = cli("deploy", "certs", str(tmp_path), "--host", "10.1.2.3", "--nodes", "1")
+    assert res.code == 0, res.output
     assert {p.name for p in tmp_path.iterdir()} == {
         "ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub"}
 
@@ -382,14 +377,14 @@ def test_only_loopback_listens_and_the_gateway_hides_the_control_api(deployment)
                            content=b"").status_code != 404
 
 
-def test_deploy_local_refuses_seeded_noise(tmp_path):
-    proc = _deploy_cli("local", "experiments/quickstart.toml", "--out", str(tmp_path / "r"),
-                       "--set", "data.num_clients=2", "--set", "train.clients_per_round=2",
-                       "--set", "privacy.reproducible_noise=true")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+def test_deploy_local_refuses_seeded_noise(cli, tmp_path):
+    res = cli("deploy", "local", "experiments/quickstart.toml", "--out", str(tmp_path / "r"),
+              "--set", "data.num_clients=2", "--set", "train.clients_per_round=2",
+              "--set", "privacy.reproducible_noise=true")
+    assert res.code == 2, res.output
     assert "error: privacy.reproducible_noise = true: seeded noise is for simulation studies " \
-           "only" in proc.stdout
-    assert not (tmp_path / "r").exists() and "Traceback" not in proc.stdout + proc.stderr
+           "only" in res.stdout
+    assert not (tmp_path / "r").exists() and "Traceback" not in res.output
 
 
 def test_seeded_noise_is_refused_outside_the_simulation_engine():

@@ -11,9 +11,11 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from netstat import Listener, descendants, listeners
 
 from fedtune.interrupt import RunInterrupted, disarm, on_stop, rearm, received, stop_on_signals
 from fedtune.run_folder import LOCK_FILE, RunFolderError, claim_run_folder
@@ -157,12 +159,6 @@ def test_rearm_restores_the_handler_a_library_replaced():
 
 # -- a real run, stopped ---------------------------------------------------------------------
 
-def _descendants(root: int) -> set[int]:
-    from netstat import descendants
-
-    return descendants(root)
-
-
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an ended process its new parent has not reaped yet)."""
     try:
@@ -172,9 +168,34 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start_and_stop(out: Path, sig: int, whole_group: bool, tmp: Path):
-    """Start a tiny run, wait for its first round, send `sig`; returns (process, output,
-    seconds to stop, processes seen)."""
+@dataclass
+class Watched:
+    """What `_start_and_stop` saw of a run: its process, output, seconds to stop, the
+    processes below it, their command names and every socket they listened on."""
+
+    proc: subprocess.Popen
+    text: str
+    stop_s: float
+    seen: set[int]
+    commands: set[str] = field(default_factory=set)
+    listening: dict[tuple, Listener] = field(default_factory=dict)
+
+
+def _watch(pid: int, watched: Watched) -> None:
+    pids = descendants(pid)
+    watched.seen |= pids
+    for p in pids:
+        try:
+            watched.commands.add(Path(f"/proc/{p}/comm").read_text().strip())
+        except OSError:
+            pass
+    for x in listeners(pids):
+        watched.listening[(x.command, x.proto, x.address, x.port)] = x
+
+
+def _start_and_stop(out: Path, sig: int, whole_group: bool, tmp: Path) -> Watched:
+    """Start a tiny run, wait for its first round (watching its processes and what they
+    listen on), send `sig`."""
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *_run_args(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -182,31 +203,34 @@ def _start_and_stop(out: Path, sig: int, whole_group: bool, tmp: Path):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    seen: set[int] = set()
+    watched = Watched(proc, "", 0.0, set())
     deadline = time.monotonic() + 400
     try:
         while not any(line.startswith("round   1") for line in lines):
             assert proc.poll() is None, "".join(lines)[-3000:]
             assert time.monotonic() < deadline, "".join(lines)[-3000:]
-            seen |= _descendants(proc.pid)
+            _watch(proc.pid, watched)
             time.sleep(0.2)
-        seen |= _descendants(proc.pid)
+        _watch(proc.pid, watched)
         t0 = time.monotonic()
         if whole_group:  # what a terminal's Ctrl-C does
             os.killpg(proc.pid, sig)
         else:
             os.kill(proc.pid, sig)
         proc.wait(timeout=60)
-        stop_s = time.monotonic() - t0
+        watched.stop_s = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     reader.join(timeout=10)
-    return proc, "".join(lines), stop_s, seen - {proc.pid}
+    watched.text = "".join(lines)
+    watched.seen.discard(proc.pid)
+    return watched
 
 
-def _assert_clean_stop(proc, text, stop_s, seen, out, tmp, name):
+def _assert_clean_stop(watched: Watched, out, tmp, name):
+    proc, text, stop_s, seen = watched.proc, watched.text, watched.stop_s, watched.seen
     assert proc.returncode == 130, text[-3000:]
     assert stop_s < STOP_LIMIT_S, f"stopped after {stop_s:.1f} s"
     assert f"stopped by {name}: {out} is resumable: fedtune run --resume {out}" in text
@@ -233,8 +257,8 @@ def short_tmp():
 @pytest.mark.long
 def test_ctrl_c_stops_the_run_and_it_resumes(tmp_path, short_tmp):
     out = tmp_path / "run"
-    proc, text, stop_s, seen = _start_and_stop(out, signal.SIGINT, True, short_tmp)
-    _assert_clean_stop(proc, text, stop_s, seen, out, short_tmp, "SIGINT")
+    _assert_clean_stop(_start_and_stop(out, signal.SIGINT, True, short_tmp), out, short_tmp,
+                       "SIGINT")
     res = _fedtune("run", "--resume", str(out), timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
@@ -246,6 +270,14 @@ def test_ctrl_c_stops_the_run_and_it_resumes(tmp_path, short_tmp):
 @pytest.mark.long
 def test_sigterm_stops_the_run_without_leftovers(tmp_path, short_tmp):
     out = tmp_path / "run"
-    proc, text, stop_s, seen = _start_and_stop(out, signal.SIGTERM, False, short_tmp)
-    _assert_clean_stop(proc, text, stop_s, seen, out, short_tmp, "SIGTERM")
+    watched = _start_and_stop(out, signal.SIGTERM, False, short_tmp)
+    _assert_clean_stop(watched, out, short_tmp, "SIGTERM")
     assert (out / "checkpoint.safetensors").exists()
+    # What a local simulation listens on, from /proc on its real processes up to round 1
+    # (Ray's GCS, raylet, workers and the driver are all up by then): loopback only. This
+    # run is watched for it rather than a run of its own (tests/test_listening.py).
+    assert {"gcs_server", "raylet"} <= watched.commands, watched.commands
+    assert len(watched.listening) >= 4, watched.listening
+    exposed = [str(x) for x in watched.listening.values() if not x.loopback]
+    assert not exposed, exposed
+    print("listening:", sorted(str(x) for x in watched.listening.values()))

@@ -1,15 +1,17 @@
 """What listens on the network. Only a deployment's Fleet API may face other machines, and
 only when asked; a local simulation (Ray's GCS, raylet, workers, the driver) and every other
-part of a deployment listen on loopback. Measured from /proc on the real processes."""
+part of a deployment listen on loopback. Measured from /proc on the real processes.
+
+A local simulation's listeners are checked on a run another test starts anyway (a Flower
+simulation costs tens of seconds): `test_sigterm_stops_the_run_without_leftovers` in
+tests/test_lifecycle.py watches that run's processes and sockets."""
 
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,45 +72,6 @@ def test_fleet_gateway_refuses_a_superlink_that_is_not_on_loopback(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--superlink: '10.0.0.5:9093' must be a loopback address" in proc.stderr
-
-
-@pytest.mark.slow
-def test_a_local_simulation_listens_on_loopback_only(tmp_path):
-    tmp = Path(tempfile.mkdtemp(prefix="ftls", dir="/tmp"))  # short: Ray's socket paths
-    args = [sys.executable, "-m", "fedtune.cli", "run", "experiments/quickstart.toml",
-            "--out", str(tmp_path / "run")]
-    for item in ("data.num_clients=3", "train.clients_per_round=3", "train.rounds=1",
-                 "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
-                 "tuning.prompt.length=2", "train.eval_max_examples=32"):
-        args += ["--set", item]
-    log = (tmp_path / "run.log").open("wb")  # a file, not a pipe: nothing blocks the run
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
-    seen, commands = {}, set()
-    try:
-        while proc.poll() is None:
-            pids = descendants(proc.pid)
-            for pid in pids:
-                try:
-                    commands.add(Path(f"/proc/{pid}/comm").read_text().strip())
-                except OSError:
-                    pass
-            for x in listeners(pids):
-                seen[(x.command, x.proto, x.address, x.port)] = x
-            time.sleep(0.3)
-    finally:
-        log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = (tmp_path / "run.log").read_text(errors="replace")
-    assert proc.returncode == 0, out[-3000:]
-    assert {"gcs_server", "raylet"} <= commands, commands  # Ray really ran and was watched
-    assert len(seen) >= 4, seen
-    exposed = [str(x) for x in seen.values() if not x.loopback]
-    assert not exposed, exposed
-    print("listening:", sorted(str(x) for x in seen.values()))
 
 
 @pytest.mark.slow

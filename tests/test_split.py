@@ -320,18 +320,24 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
-        "split.local_loss_fraction=0.5", "data.partition=iid", "data.domain_by=collection",
+        # 8 partitions, not 4: every sampled client scores all of its examples.
+        "data.num_clients=8", "split.local_loss_fraction=0.5", "data.partition=iid",
+        "data.domain_by=collection",
         "data.target_domain=set2", "data.target_clients=2",
         'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}, '
         '{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    hidden, tokens = 384, 32 + 4  # model.max_length + tuning.prompt.length
+    cfg = load_config(out / "config.toml")
+    hidden = 384
+    tokens = cfg.model.max_length + cfg.tuning.prompt.length
+    steps = cfg.train.local_steps
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
-        assert r["local_loss_steps"] == r["split_steps"] == 2 * 2  # 2 of 4 steps, 2 clients
+        # local_loss_fraction 0.5 of each client's steps, 2 clients.
+        assert r["local_loss_steps"] == r["split_steps"] == 2 * (steps // 2)
         assert r["delta_bytes_up"] == r["bytes_up"] > 0
         for c in r["per_client"]:
             # Scoring sends every local example through the body once, forward only.
