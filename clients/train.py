@@ -148,6 +148,8 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
         train_model, optimizer, loader, criterion = (
             private.model, private.optimizer, private.loader, private.criterion)
 
+    clip_norm = 0.0 if dp.enabled else cfg.train.max_grad_norm
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     device = model_device(model)
     losses, seen = [], 0
@@ -159,6 +161,8 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                 _empty_batch_step(optimizer, model, dp.grad_sample_mode)
                 continue
             loss = step(train_model, criterion, ids, mask, labels, index)
+            if clip_norm:
+                nn.utils.clip_grad_norm_(trainable, clip_norm)
             optimizer.step()
             losses.append(loss.detach().item())
             seen += int(labels.numel())

@@ -206,6 +206,11 @@ class TrainConfig:
     # converged model instead of swinging it.
     lr_decay: float = 0.85
     optimizer: str = "sgd"
+    # Steps without DP-SGD clip the batch gradient to this norm (0 = off). train.lr is tuned
+    # for DP-SGD, whose steps are clipped per example; an unclipped step at the same lr can
+    # throw a run off (a pruned backbone's first round did). DP-SGD steps are not clipped
+    # again.
+    max_grad_norm: float = 1.0
     eval_batch_size: int = 128
     # Evaluate on at most this many examples of each split (the validation split every
     # round, the test split for the final model); 0 = the whole split.
@@ -230,6 +235,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr_decay must be in (0, 1], got {self.lr_decay!r}")
         _positive("train.round_timeout_s", self.round_timeout_s)
         _nonnegative("train.eval_max_examples", self.eval_max_examples)
+        _nonnegative("train.max_grad_norm", self.max_grad_norm)
         _nonnegative("train.local_epochs", self.local_epochs)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.prefix_cache", self.prefix_cache, PREFIX_CACHE)
