@@ -54,17 +54,27 @@ def _pins(path: Path = CONSTRAINTS) -> dict[str, Version]:
 def test_ci_runs_the_readme_test_command_in_both_legs():
     cmd = _test_command()
     assert cmd.startswith("python3 -m venv .venv && ") and "pytest" in cmd
-    # The full command in the pinned and newest legs; the lowest leg adds -m "not slow".
-    full = CI.count(cmd + "\n") + CI.count(cmd + ");")
-    assert full == 2, "the pinned and newest legs run the README's test command verbatim"
-    pinned, newest, lowest, rest = CI.split(cmd)
+    # The README's command leaves out the long end-to-end paths, and CI runs them after it,
+    # so nothing the suite tests is dropped from CI.
+    assert cmd.endswith('-m pytest -q -m "not long"')
+    long_run = cmd + " &&\n      .venv/bin/python -m pytest -q -m long);"
+    assert CI.count(long_run) == 2, "pinned and newest run the README command, then -m long"
+    pinned, newest, lowest = CI.split(long_run)
     assert "PIP_CONSTRAINT=.ci/constraints.txt" in pinned
     assert "PIP_UPGRADE=1" in newest and "PIP_UPGRADE_STRATEGY=eager" in newest
     assert "PIP_CONSTRAINT" not in newest
+    install = cmd.split(" && .venv/bin/python -m pytest")[0]
     assert 'PIP_CONSTRAINT=.ci/lowest.txt' in lowest
-    assert rest.startswith(' -m "not slow")')
+    assert install + ' &&\n      .venv/bin/python -m pytest -q -m "not slow");' in lowest
     assert 'pip freeze | grep -iE "flwr|ray|torch|transformers|opacus|peft"' in CI
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_the_long_marker_is_the_one_the_readme_leaves_out():
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"][
+        "ini_options"]["markers"]
+    assert any(m.startswith("long:") for m in markers)
+    assert "-m long" in README and '-m "not long"' in README
 
 
 def test_install_section_covers_pinned_newest_and_cpu_torch():
