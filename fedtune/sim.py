@@ -103,7 +103,10 @@ def start_ray(cfg: ExperimentConfig) -> None:
     from fedtune.interrupt import rearm
 
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    # The workers import the ClientApp's modules as they start (fedtune.worker_warmup), while
+    # the driver still builds its task, instead of on their first message.
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
+                          "worker_process_setup_hook": "fedtune.worker_warmup.import_client"},
              **backend_config(cfg)["init_args"])
     rearm()
     if not cfg.simulation.ray_address:
@@ -172,12 +175,21 @@ class _Background:
         return self._value
 
 
-def _driver_task(cfg: ExperimentConfig) -> Any:
-    """The driver's heavy imports (torch, transformers, the apps) and its task."""
-    with phase("imports", "torch, transformers, Flower, the apps"):
-        import clients.app  # noqa: F401
-        import strategies.server_app  # noqa: F401
-        from fedtune.task import get_task
+def _driver_task(cfg: ExperimentConfig, imported: threading.Event) -> Any:
+    """The driver's heavy imports (torch, transformers, the apps) and its task; `imported`
+    is set once the apps are imported, so that the main thread builds them without
+    importing the same modules at the same time."""
+    try:
+        with phase("imports", "torch, transformers, Flower, the apps"):
+            # transformers' model code, which fedtune.models imports only to load a model:
+            # most of the import time, reported here rather than as the model's loading.
+            from transformers import PreTrainedModel  # noqa: F401
+
+            import clients.app  # noqa: F401
+            import strategies.server_app  # noqa: F401
+            from fedtune.task import get_task
+    finally:
+        imported.set()
     return get_task(cfg)
 
 
@@ -200,12 +212,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     cfg = resolve_config(cfg)
     check_user_budget(cfg)
     # The driver's imports and task (backbone, corpus, tokens, partitions) are built in a
-    # thread while this one starts Ray: `ray.init` mostly waits for the processes it
-    # launches, and on a small machine those and the imports share the cores. Both finish
-    # before any actor starts, so a bad backbone or corpus fails with its own message (after
-    # Ray started, which is stopped again: the price of the overlap) and the token cache
-    # is warm.
-    building = _Background(lambda: _driver_task(cfg))
+    # thread while this one starts Ray and then the simulation: `ray.init` mostly waits for
+    # the processes it launches, and the workers import torch and the client code as they
+    # start (fedtune.worker_warmup); on a small machine all of it shares the cores. The
+    # ServerApp waits for the task before its first message (`prepare` below), so a bad
+    # backbone, corpus, cut or resume still fails with its own message (after Ray and the
+    # workers started, which are stopped again: the price of the overlap).
+    imported = threading.Event()
+    building = _Background(lambda: _driver_task(cfg, imported))
     out_dir = Path(out_dir)
     if not verbose:
         # Flower logs its own sampling notices at WARNING on every run.
@@ -229,7 +243,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
             except BaseException:
                 building.wait()
                 raise
-            task = building.result()
+            imported.wait()  # a failed import fails again below, in this thread
             from clients.app import build_client_app
             from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
             from fedtune.task import write_bundle
@@ -238,13 +252,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
 
             install_fast_dispatch()
             os.environ.setdefault(POLL_ENV, SIM_POLL_S)
-            check_split(cfg, task.backbone.model)
-            if resume:
-                prepare_resume(out_dir, task.spec.hash)
-            bundle = str(write_bundle(task, Path(temp_dir.name) / "bundle"))
+            bundle = Path(temp_dir.name) / "bundle"
+
+            def prepare() -> None:
+                # In the ServerApp's thread while the workers start and import (their
+                # first message waits for this): a bad backbone, corpus, cut or resume
+                # still ends the run with its own error before the run folder is touched.
+                task = building.result()
+                check_split(cfg, task.backbone.model)
+                if resume:
+                    prepare_resume(out_dir, task.spec.hash)
+                write_bundle(task, bundle)
+
             run_inprocess(
-                server_app=build_server_app(cfg, out_dir, on_round, resume=resume),
-                client_app=build_client_app(cfg, bundle),
+                server_app=build_server_app(cfg, out_dir, on_round, resume=resume,
+                                            prepare=prepare),
+                client_app=build_client_app(cfg, str(bundle)),
                 num_supernodes=cfg.data.num_clients,
                 backend_config=backend_config(cfg),
                 verbose=verbose,

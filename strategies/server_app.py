@@ -300,13 +300,19 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
 
 
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,
-                     on_round: RoundCallback | None = None, resume: bool = False) -> ServerApp:
+                     on_round: RoundCallback | None = None, resume: bool = False,
+                     prepare: Callable[[], None] | None = None) -> ServerApp:
+    """`prepare` runs first in the ServerApp's thread (the simulation's driver finishes
+    building its task there while the workers start); what it raises ends the run before
+    the run folder is touched."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(context.run_config)
         check_server_runtime(run_cfg, grid)  # seeded noise only in simulation
+        if prepare is not None:
+            prepare()
         folder = out_dir or Path(str(context.run_config.get("out", "") or
                                      f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
         run_server(grid, run_cfg, folder, on_round, resume=resume)

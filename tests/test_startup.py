@@ -70,6 +70,26 @@ def test_the_background_build_hands_back_its_value_or_its_error():
         _Background(fail).result()
 
 
+def test_workers_import_the_client_code_as_they_start(monkeypatch):
+    import ray
+
+    import fedtune.sim as sim
+    from fedtune.worker_warmup import import_client
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("fedtune.interrupt.rearm", lambda: None)
+    sim.start_ray(_cfg("simulation.ray_address=127.0.0.1:1"))
+    hook = seen["runtime_env"]["worker_process_setup_hook"]
+    assert hook == "fedtune.worker_warmup.import_client"
+    module, _, name = hook.rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is import_client
+    # A worker that cannot import the client code starts anyway: its first message then
+    # fails with the ClientApp's own error, not Ray's set-up hook error.
+    monkeypatch.setitem(sys.modules, "clients.app", None)
+    import_client()
+
+
 def test_deferred_untrained_figures_equal_a_start_of_run_evaluation():
     cfg = _cfg()
     task = get_task(cfg)

