@@ -4,15 +4,12 @@ the config cannot cancel the noise. `privacy.reproducible_noise = true` is the o
 where the same config gives the same draws. The accounted sample rate is the rate the
 Poisson loader really samples at."""
 
-from types import SimpleNamespace
 
-import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from clients.train import local_train
 from fedtune.config import load_config
-from fedtune.models import Backbone
 from fedtune.privacy import DPHistory
 from fedtune.tuning import build_tuned_model
 
@@ -21,18 +18,6 @@ BASE = ["tuning.prompt.length=4", "train.batch_size=8", "train.local_steps=2",
         "privacy.sample.target_epsilon=1000", "privacy.sample.max_grad_norm=1.0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone():
-    """A randomly initialised 2-layer GPT-2 (no download); the prompt model only reads the
-    tokenizer's special-token ids."""
-    from transformers import GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
-    model = GPT2Model(config).eval().requires_grad_(False)
-    tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
-    return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
 
 
 def _data(n=24, length=12):

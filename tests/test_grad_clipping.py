@@ -3,15 +3,12 @@ for DP-SGD, whose per-example clipping bounds each step, and the same rate on un
 gradients threw a pruned LoRA run off in its first round (benchmarks/RESULTS.md). DP-SGD
 steps are left to Opacus' clipping."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from clients.train import local_train
 from fedtune.config import ConfigError, load_config
-from fedtune.models import Backbone
 from fedtune.privacy import DPHistory
 from fedtune.tuning import build_tuned_model
 
@@ -19,16 +16,6 @@ PLAIN = ["tuning.prompt.length=4", "train.batch_size=8", "train.local_steps=1",
          "train.optimizer=sgd", "train.lr=0.5", "privacy.sample.enabled=false"]
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone():
-    from transformers import GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
-    model = GPT2Model(config).eval().requires_grad_(False)
-    tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
-    return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
 
 
 def _update(backbone, sets: list[str]) -> torch.Tensor:

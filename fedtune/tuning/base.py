@@ -103,6 +103,14 @@ class TunedModel(nn.Module):
         return self
 
 
+
+def pooled_head_from(prefix: FrozenPrefix, head: nn.Module, hidden: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+    """`head` on the mean-pooled output of the blocks above `prefix`, from the states
+    entering them: `forward_from` of the methods that classify the encoder's output."""
+    return head(masked_mean(prefix.suffix(hidden, attention_mask), attention_mask))
+
+
 class EncoderClassifier(TunedModel):
     """A tuned copy of the encoder + head on its mean-pooled output. For methods that change
     the encoder itself (LoRA layers, trainable biases): they get their own copy, so the
@@ -131,8 +139,7 @@ class EncoderClassifier(TunedModel):
                      ) -> torch.Tensor:
         if self.prefix is None:
             return super().forward_from(hidden, attention_mask)
-        return self.head(masked_mean(self.prefix.suffix(hidden, attention_mask),
-                                     attention_mask))
+        return pooled_head_from(self.prefix, self.head, hidden, attention_mask)
 
 
 def _disable_dropout(module: nn.Module) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -12,12 +10,12 @@ from fedtune.config import ConfigError, TuningConfig, require_nonnegative, requi
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
-from fedtune.tuning.prefix import FrozenPrefix
+from fedtune.tuning.prefix import FromLayerSettings, FrozenPrefix
 from fedtune.tuning.registry import register_method
 
 
 @dataclass
-class BitFitConfig:
+class BitFitConfig(FromLayerSettings):
     """`[tuning.bitfit]`."""
 
     # Learning rate of the biases relative to train.lr (the head's).
@@ -29,15 +27,6 @@ class BitFitConfig:
         require_positive(f"{prefix}.lr_scale", self.lr_scale)
         require_nonnegative(f"{prefix}.from_layer", self.from_layer)
 
-    def frozen_prefix(self) -> bool:
-        return self.from_layer > 0
-
-    def fingerprint(self) -> dict[str, Any]:
-        # Left out at its default: existing BitFit runs keep their spec hash.
-        out = dataclasses.asdict(self)
-        if self.from_layer == 0:
-            del out["from_layer"]
-        return out
 
 
 class BitFitModel(EncoderClassifier):

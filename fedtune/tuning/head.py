@@ -17,7 +17,7 @@ import torch
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
-from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
+from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean, pooled_head_from
 from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.registry import register_method
 
@@ -67,8 +67,7 @@ class HeadModel(TunedModel):
                      ) -> torch.Tensor:
         if self.prefix is None:
             return super().forward_from(hidden, attention_mask)
-        return self.head(masked_mean(self.prefix.suffix(hidden, attention_mask),
-                                     attention_mask))
+        return pooled_head_from(self.prefix, self.head, hidden, attention_mask)
 
 
 @register_method("head", HeadConfig)

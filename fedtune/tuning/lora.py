@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +12,7 @@ from fedtune.config import ConfigError, TuningConfig, require_nonnegative, requi
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure, resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
-from fedtune.tuning.prefix import FrozenPrefix
+from fedtune.tuning.prefix import FromLayerSettings, FrozenPrefix
 from fedtune.tuning.registry import register_method
 
 # peft calls a transformers method that transformers has deprecated; the warning is about
@@ -22,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(FromLayerSettings):
     """`[tuning.lora]`: rank, scaling numerator and the linear layers that get adapters."""
 
     r: int = 8
@@ -42,15 +41,6 @@ class LoRAConfig:
         if any(not isinstance(t, str) or not t for t in self.targets):
             raise ConfigError(f"{prefix}.targets must be module names (or [] to derive)")
 
-    def frozen_prefix(self) -> bool:
-        return self.from_layer > 0
-
-    def fingerprint(self) -> dict[str, Any]:
-        # Left out at its default: existing LoRA runs keep their spec hash.
-        out = dataclasses.asdict(self)
-        if self.from_layer == 0:
-            del out["from_layer"]
-        return out
 
 
 class LoRAModel(EncoderClassifier):
