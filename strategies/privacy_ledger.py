@@ -7,8 +7,7 @@ A client is charged its planned release when the round's instruction is sent, so
 that replies late, crashes or is rejected is charged all the same (it may have trained and
 uploaded); when its reply comes, a reported history that holds more spend replaces the
 planned one (a report can add spend, never remove it). `epsilon_sample` is the largest
-epsilon over these server-side histories (0 before anyone has spent), never a client's own
-figure.
+epsilon over these server-side histories, never a client's own figure.
 
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget.
@@ -204,8 +203,7 @@ class PrivacyLedger:
         """Both epsilons, the parameters that reproduce them, and what the noise is secret
         from, for the ledger."""
         sample, user = self.cfg.privacy.sample, self.cfg.privacy.user
-        # 0, not null, while nobody has spent (an empty Poisson cohort): null means DP off.
-        eps_sample = max(self.state.client_eps.values(), default=0.0)
+        eps_sample = max(self.state.client_eps.values()) if self.state.client_eps else None
         return {
             "epsilon_sample": eps_sample if sample.enabled else None,
             "epsilon_user": self.user.epsilon() if self.user is not None else None,

@@ -185,17 +185,6 @@ def test_without_sample_level_dp_reports_charge_nothing():
     assert ledger.fields()["epsilon_sample"] is None
 
 
-def test_with_sample_level_dp_on_and_nothing_spent_yet_epsilon_is_zero_not_null():
-    # A user-level Poisson cohort can be empty (q^0 chance: 1/256 for 8 clients at q = 1/2):
-    # DP-SGD is on and nobody has spent. null would read as "DP off" and broke a consumer
-    # that compares it with the budget (test_e2e_sim's user-level run, once).
-    ledger, _, state = _ledger(["privacy.user.enabled=true"])
-    ledger.charge_sent(1, [])
-    ledger.settle(1, [])
-    assert state.client_eps == {}
-    assert ledger.fields()["epsilon_sample"] == 0.0
-
-
 def test_a_reported_history_of_no_steps_is_no_release():
     assert DPHistory.from_lists({"sigma": [0.0, 1.0], "q": [0.0, 0.5],
                                  "steps": [0, 3]}).entries == [(1.0, 0.5, 3)]
