@@ -379,7 +379,14 @@ def test_user_level_dp_clips_accounts_and_stops_at_the_budget(user_dp_run):
         acc.compose(dp_event.PoissonSampledDpEvent(
             p["sample_rate"], dp_event.GaussianDpEvent(p["noise_multiplier"])), p["rounds"])
         assert r["epsilon_user"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=0.01)
-        assert r["epsilon_user"] <= 6.0 and r["epsilon_sample"] <= 8.0
+        assert r["epsilon_user"] <= 6.0
+        # The user-level cohort is a secret Poisson draw and can be empty (1/256 a round);
+        # until some client is charged, epsilon_sample is null (run-folder contract: an
+        # epsilon is never 0), and from then on within the budget.
+        if r["privacy_sample"]["histories"]:
+            assert r["epsilon_sample"] <= 8.0
+        else:
+            assert r["epsilon_sample"] is None and not r["per_client"]
     assert summary["epsilon_user"] == rounds[-1]["epsilon_user"]
 
 

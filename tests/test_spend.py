@@ -185,6 +185,15 @@ def test_without_sample_level_dp_reports_charge_nothing():
     assert ledger.fields()["epsilon_sample"] is None
 
 
+def test_with_sample_level_dp_on_and_nothing_spent_yet_epsilon_is_null_never_zero():
+    # An empty user-level Poisson cohort: DP-SGD is on and nobody has spent. The run-folder
+    # contract (DESIGN.md) makes an epsilon null or a figure, never 0.
+    ledger, _, state = _ledger(["privacy.user.enabled=true"])
+    ledger.charge_sent(1, [])
+    ledger.settle(1, [])
+    assert state.client_eps == {} and ledger.fields()["epsilon_sample"] is None
+
+
 def test_a_reported_history_of_no_steps_is_no_release():
     assert DPHistory.from_lists({"sigma": [0.0, 1.0], "q": [0.0, 0.5],
                                  "steps": [0, 3]}).entries == [(1.0, 0.5, 3)]
