@@ -168,6 +168,10 @@ class _Background:
     def wait(self) -> None:
         self._thread.join()
 
+    def failed(self) -> bool:
+        """True once `fn` has raised (never waits)."""
+        return not self._thread.is_alive() and self._error is not None
+
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
@@ -248,16 +252,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
             from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
             from fedtune.task import write_bundle
             from strategies.grid_io import POLL_ENV
-            from strategies.server_app import build_server_app
+            from strategies.server_app import Preparation, build_server_app
 
             install_fast_dispatch()
             os.environ.setdefault(POLL_ENV, SIM_POLL_S)
             bundle = Path(temp_dir.name) / "bundle"
 
-            def prepare() -> None:
-                # In the ServerApp's thread while the workers start and import (their
-                # first message waits for this): a bad backbone, corpus, cut or resume
-                # still ends the run with its own error before the run folder is touched.
+            def finish() -> None:
+                # In the ServerApp's thread once the workers answered discovery (their
+                # first training message waits for this): a bad backbone, corpus, cut or
+                # resume still ends the run with its own error before the run folder is
+                # touched.
                 task = building.result()
                 check_split(cfg, task.backbone.model)
                 if resume:
@@ -266,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
 
             run_inprocess(
                 server_app=build_server_app(cfg, out_dir, on_round, resume=resume,
-                                            prepare=prepare),
+                                            prepare=Preparation(finish, building.failed)),
                 client_app=build_client_app(cfg, str(bundle)),
                 num_supernodes=cfg.data.num_clients,
                 backend_config=backend_config(cfg),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import mmap
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedtune import task_cache
 from fedtune.config import ExperimentConfig, config_from_toml
 from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
 from fedtune.data.domains import no_progress_bars
+from fedtune.data.tokenize import tokenizer_fingerprint
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, backbone_for
 from fedtune.runtime_settings import runtime_settings
@@ -32,6 +35,8 @@ from fedtune.validation_split import carve_validation, client_rows
 
 if TYPE_CHECKING:
     import datasets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,13 +154,13 @@ def write_bundle(task: Task, folder: str | Path) -> Path:
 
 
 def _array_file(array: np.ndarray, folder: Path, name: str) -> str:
-    # A whole .npy file opened with np.load(mmap_mode=...) is a memmap whose base is the
-    # mmap itself; anything else (a slice, a copy) is saved.
+    """An absolute path for an array read from a file elsewhere (a whole .npy file opened
+    with np.load(mmap_mode=...) is a memmap whose base is the mmap itself), else the name
+    of the copy saved in `folder` (relative: a cached bundle is moved into place)."""
     if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
         return str(array.filename)
-    path = folder / f"{name}.npy"
-    np.save(path, np.ascontiguousarray(array))
-    return str(path)
+    np.save(folder / f"{name}.npy", np.ascontiguousarray(array))
+    return f"{name}.npy"
 
 
 _BUNDLE_KEYS: dict[str, str] = {}
@@ -172,23 +177,54 @@ def _bundle_key(folder: str) -> str | None:
     return _BUNDLE_KEYS[folder]
 
 
-@functools.lru_cache(maxsize=2)
-def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
-    cfg = config_from_toml(cfg_toml)
-    root = Path(folder)
+@dataclass(frozen=True)
+class _BundleData:
+    """What a bundle holds: everything of a task but the backbone and the model."""
+
+    train: Split
+    test: Split
+    partitions: list[np.ndarray]
+    validation_rows: np.ndarray
+    label_names: tuple[str, ...]
+
+
+def _read_bundle(root: Path, key: str | None = None) -> _BundleData:
+    """Read a bundle, memory-mapping its arrays; a ValueError if its parts disagree or it
+    was written for another task than `key`."""
     meta = json.loads((root / BUNDLE_META).read_text())
-    arrays = {name: np.load(path, mmap_mode="r") for name, path in meta["arrays"].items()}
+    if key is not None and meta["key"] != key:
+        raise ValueError(f"bundle {root} holds another task")
+    arrays = {name: np.load(root / path, mmap_mode="r") for name, path in meta["arrays"].items()}
     splits = {name: Split(arrays[f"{name}.input_ids"], arrays[f"{name}.attention_mask"],
                           arrays[f"{name}.labels"]) for name in ("train", "test")}
     flat = np.load(root / "partitions.npy")
     sizes = np.load(root / "partition_sizes.npy")
-    parts = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
-    backbone = backbone_for(cfg.model)
-    label_names = tuple(meta["label_names"])
-    model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed)
-    spec = model_spec(model, backbone, cfg, len(label_names))
-    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec,
-                validation_rows=np.load(root / VALIDATION_ROWS))
+    data = _BundleData(splits["train"], splits["test"],
+                       np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else [],
+                       np.load(root / VALIDATION_ROWS), tuple(meta["label_names"]))
+    rows = len(data.train)
+    for name, split in splits.items():
+        if not split.input_ids.shape[0] == split.attention_mask.shape[0] == len(split):
+            raise ValueError(f"bundle {root}: the {name} arrays differ in length")
+    if (flat.size and not 0 <= flat.min() <= flat.max() < rows) or int(sizes.sum()) != flat.size \
+            or (data.validation_rows.size and data.validation_rows.max() >= rows) \
+            or not data.label_names:
+        raise ValueError(f"bundle {root}: partitions, validation rows or labels out of range")
+    return data
+
+
+def _assemble(cfg: ExperimentConfig, backbone: Backbone, data: _BundleData) -> Task:
+    model = build_tuned_model(backbone, cfg.tuning, len(data.label_names), seed=cfg.seed)
+    spec = model_spec(model, backbone, cfg, len(data.label_names))
+    return Task(cfg, backbone, data.train, data.test, data.partitions, data.label_names, spec,
+                validation_rows=data.validation_rows)
+
+
+@functools.lru_cache(maxsize=2)
+def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
+    cfg = config_from_toml(cfg_toml)
+    data = _read_bundle(Path(folder))
+    return _assemble(cfg, backbone_for(cfg.model), data)
 
 
 @functools.lru_cache(maxsize=2)
@@ -197,16 +233,37 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     started = time.perf_counter()
     backbone = backbone_for(cfg.model)
     record_since("model", started, lambda: _model_detail(backbone))
+    cache_dir = runtime_settings(cfg).cache_dir
+    entry = task_cache.entry_key(key, cfg.data.corpus, cfg.data.options,
+                                 tokenizer_fingerprint(backbone.tokenizer))
+    if entry is not None and (folder := task_cache.lookup(cache_dir, entry)) is not None:
+        try:
+            with phase("task", lambda: f"from the cache: {cfg.data.corpus}, tokens, "
+                       f"{cfg.data.num_clients} partitions"):
+                return _assemble(cfg, backbone, _read_bundle(folder, key))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("task cache entry %s unreadable (%s); rebuilding it", folder, exc)
+            task_cache.discard(folder)
+    task = _load_task(cfg, backbone)
+    if entry is not None:
+        try:
+            task_cache.store(cache_dir, entry, lambda folder: write_bundle(task, folder))
+        except OSError as exc:  # a full or read-only cache slows the next run, nothing more
+            log.warning("task cache: could not store this task under %s: %s", cache_dir, exc)
+    return task
+
+
+def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
+    """Load, tokenize and partition the corpus of `cfg`."""
+    cache_dir = runtime_settings(cfg).cache_dir
     with phase("data", lambda: f"{cfg.data.corpus}, "
                f"{sum(len(corpus[s]) for s in ('train', 'test')):,} rows"):
-        corpus = load_corpus(cfg.data.corpus, cache_root=runtime_settings(cfg).cache_dir,
-                             **cfg.data.options)
+        corpus = load_corpus(cfg.data.corpus, cache_root=cache_dir, **cfg.data.options)
     splits = {}
     with phase("tokenize", f"max_length {cfg.model.max_length}"):
         for name in ("train", "test"):
             ds = corpus[name]
-            tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length,
-                                  runtime_settings(cfg).cache_dir)
+            tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length, cache_dir)
             splits[name] = Split(tok["input_ids"], tok["attention_mask"],
                                  np.asarray(ds["label"], dtype=np.int64))
     started = time.perf_counter()
@@ -223,14 +280,12 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     validation_rows = carve_validation(splits["train"].labels, cfg.data.validation_fraction,
                                        cfg.seed, among)
     parts = _client_partitions(corpus["train"], validation_rows, cfg)
-    label_names = _label_names(corpus["train"])
-    num_labels = len(label_names)
-    model = build_tuned_model(backbone, cfg.tuning, num_labels, seed=cfg.seed)
-    spec = model_spec(model, backbone, cfg, num_labels)
+    data = _BundleData(splits["train"], splits["test"], parts, validation_rows,
+                       _label_names(corpus["train"]))
+    task = _assemble(cfg, backbone, data)
     record_since("partitions", started, f"{len(parts)} clients, "
                  f"{validation_rows.size:,} validation rows")
-    return Task(cfg, backbone, splits["train"], splits["test"], parts, label_names, spec,
-                validation_rows=validation_rows)
+    return task
 
 
 def _model_detail(backbone: Backbone) -> str:

@@ -10,7 +10,6 @@ the server owns last, so no reply can set a server-owned field.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
@@ -24,14 +23,12 @@ from flwr.serverapp import Grid
 from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
 from fedtune.privacy import DPHistory
 from fedtune.protocol import (
-    PartitionQuery,
-    PartitionReply,
     ProtocolError,
     TrainInstruction,
     TrainReply,
     check_plugin_fields,
 )
-from strategies.grid_io import send_and_receive
+from strategies.discovery import Roster, discover
 
 
 @dataclass
@@ -100,44 +97,14 @@ class DeltaFedAvg:
     # -- discovery and sampling
 
     def discover(self, grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
-        """Ask every node for its partition id (one small QUERY message each) and bind each
-        partition to the first node that claims it; a second claim is refused for that node
-        only (logged and kept in `refused_claims`)."""
-        deadline = time.monotonic() + self.wait_for_nodes_s
-        while len(nodes := sorted(grid.get_node_ids())) < num_partitions:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} of {num_partitions} nodes connected after "
-                    f"{self.wait_for_nodes_s:.0f} s (data.num_clients)")
-            time.sleep(0.5)
-        queries = [Message(content=PartitionQuery().to_record(),
-                           message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        replies = send_and_receive(grid, queries, timeout)
-        # Node order, not arrival order: which claim is first must not depend on timing.
-        replies.sort(key=lambda m: m.metadata.src_node_id)
-        roster: dict[int, int] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            reason = None
-            if reply.has_error():
-                reason = f"did not report its partition: {reply.error.reason}"
-            elif node not in nodes or node in roster.values():
-                reason = "replied although not asked, or twice"
-            else:
-                try:
-                    pid = PartitionReply.from_record(reply.content, num_partitions).partition_id
-                except ProtocolError as exc:
-                    reason = f"sent a bad partition reply: {exc}"
-                else:
-                    if pid in roster:
-                        reason = f"claims partition {pid}, already held by node {roster[pid]}"
-                    else:
-                        roster[pid] = node
-            if reason is not None:
-                log(WARNING, "node %d %s; it takes no part in this run", node, reason)
-                self.refused_claims.append({"node": node, "reason": reason})
-        self.roster = roster
-        return roster
+        """Bind partitions to nodes (`strategies.discovery`); returns the roster."""
+        return self.adopt(discover(grid, num_partitions, timeout, self.wait_for_nodes_s))
+
+    def adopt(self, roster: Roster) -> dict[int, int]:
+        """Take a roster discovered earlier; its refused claims go to the next ledger line."""
+        self.roster = dict(roster.nodes)
+        self.refused_claims = list(roster.refused)
+        return self.roster
 
     def ensure_roster(self, grid: Grid) -> None:
         if not self.roster:

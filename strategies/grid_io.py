@@ -12,7 +12,7 @@ paths behave alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -26,9 +26,10 @@ def poll_interval() -> float:
     return runtime_settings().grid_poll_s
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float
-                     ) -> list[Message]:
-    """Push `messages`, then pull replies until all arrived or `timeout` seconds passed."""
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
+                     abort: Callable[[], bool] | None = None) -> list[Message]:
+    """Push `messages`, then pull replies until all arrived, `timeout` seconds passed or
+    `abort()` returns True."""
     pause = poll_interval()
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
@@ -37,7 +38,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float
         got = list(grid.pull_messages(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
+        if not pending or time.monotonic() >= deadline or (abort is not None and abort()):
             break
         time.sleep(pause)
     return replies

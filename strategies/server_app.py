@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from logging import WARNING
 from pathlib import Path
@@ -45,6 +46,7 @@ from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
 from strategies.delta_fedavg import DeltaFedAvg
+from strategies.discovery import Roster, discover
 from strategies.grid_io import send_and_receive
 from strategies.in_clear import in_clear
 from strategies.plugins import Plugin, build_plugins
@@ -56,9 +58,11 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
-               on_round: RoundCallback | None = None, resume: bool = False) -> dict[str, Any]:
+               on_round: RoundCallback | None = None, resume: bool = False,
+               roster: Roster | None = None) -> dict[str, Any]:
     """Run every round of `cfg` on `grid`, writing the run folder; returns the summary.
-    With `resume`, continue the run in `out_dir` from its checkpoint. Raises
+    With `resume`, continue the run in `out_dir` from its checkpoint. `roster`: the
+    partitions' nodes, if discovered already (else discovered here). Raises
     `NoContributionError` (after writing the ledger) when no client contributed in any
     round."""
     t0 = time.perf_counter()
@@ -100,10 +104,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                              reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
                              else None)
     if state.round < cfg.train.rounds and state.stopped is None:
-        # Most of this is the workers starting: Ray actors importing torch and the client
-        # code before they can answer their first message.
-        with phase("workers", lambda: f"{len(strategy.roster)} clients answered"):
-            strategy.discover(grid, cfg.data.num_clients, timeout=cfg.train.round_timeout_s)
+        strategy.adopt(roster or discover_workers(grid, cfg))
         mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s
 
@@ -213,6 +214,16 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     return record
 
 
+def discover_workers(grid: Grid, cfg: ExperimentConfig,
+                     abort: Callable[[], bool] | None = None) -> Roster:
+    """Discovery as a start-up phase: most of it is the workers starting (Ray actors
+    importing torch and the client code before they can answer their first message)."""
+    found = Roster()
+    with phase("workers", lambda: f"{len(found.nodes)} clients answered"):
+        found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort)
+    return found
+
+
 def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
     """The untrained model's baseline, computed at the end of the run: the seeded initial
     vector is rebuilt, so the figures are those a start-of-run evaluation gives (nothing
@@ -299,25 +310,44 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
     return weight
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """Work the ServerApp finishes before its first round (the simulation's driver builds
+    its task in another thread while the workers start): `finish()` waits for it and raises
+    its error; `failed()` says, without waiting, whether it has failed already."""
+
+    finish: Callable[[], None]
+    failed: Callable[[], bool]
+
+
 def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,
                      on_round: RoundCallback | None = None, resume: bool = False,
-                     prepare: Callable[[], None] | None = None) -> ServerApp:
-    """`prepare` runs first in the ServerApp's thread (the simulation's driver finishes
-    building its task there while the workers start); what it raises ends the run before
-    the run folder is touched."""
+                     prepare: Preparation | None = None) -> ServerApp:
+    """With `prepare`, the ServerApp first discovers the workers (discovery needs no task,
+    so the workers answer it while the task is still being built; a failed build cuts the
+    wait short), then finishes the preparation; what that raises ends the run before the
+    run folder is touched."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(context.run_config)
-        check_server_runtime(run_cfg, grid)  # seeded noise only in simulation
-        if prepare is not None:
-            prepare()
         folder = out_dir or Path(str(context.run_config.get("out", "") or
                                      f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
-        run_server(grid, run_cfg, folder, on_round, resume=resume)
+        serve(grid, run_cfg, folder, on_round, resume, prepare)
 
     return app
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallback | None,
+          resume: bool, prepare: Preparation | None) -> dict[str, Any]:
+    """The ServerApp's body (see `build_server_app`)."""
+    check_server_runtime(cfg, grid)  # seeded noise only in simulation
+    roster = None
+    if prepare is not None:
+        roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()))
+        prepare.finish()
+    return run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster)
 
 
 app = build_server_app()

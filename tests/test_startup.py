@@ -122,11 +122,13 @@ def test_a_real_run_prints_each_start_up_phase_before_the_first_round(tmp_path):
     lines = proc.stdout.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(PREFIX)]
     names = [lines[i].split(" ")[1] for i in starts]
-    # Imports and the task are built in a thread while Ray starts: their lines interleave.
-    assert names[-2:] == ["workers", "first"], names
-    assert sorted(names[:-2]) == sorted(["imports", "ray", "model", "data", "tokenize",
-                                         "partitions"]), names
-    assert names.index("imports") < names.index("model") < names.index("data")
+    # Imports and the task are built in a thread while Ray starts and the workers answer
+    # discovery: their lines interleave. The task comes from the task cache when an earlier
+    # test of this session built the same one.
+    assert names[-1] == "first", names
+    built = ["data", "tokenize", "partitions"] if "data" in names else ["task"]
+    assert sorted(names[:-1]) == sorted(["imports", "ray", "workers", "model", *built]), names
+    assert names.index("imports") < names.index("model") < names.index(built[0])
     first_round = next(i for i, line in enumerate(lines) if line.startswith("round   1:"))
     assert starts[-1] < first_round
     import json

@@ -11,6 +11,7 @@ from fedtune.data.corpora import (
     CorpusError,
     available_corpora,
     corpus_options,
+    corpus_sources,
     load_corpus,
     register_corpus,
 )
@@ -26,7 +27,8 @@ from fedtune.data.tokenize import default_cache_dir, tokenize_cached, tokenize_t
 
 __all__ = [
     "CorpusError", "PartitionError", "available_corpora", "available_partitioners",
-    "corpus_options", "default_cache_dir", "load_corpus", "natural_groups", "partition",
+    "corpus_options", "corpus_sources", "default_cache_dir", "load_corpus", "natural_groups",
+    "partition",
     "partition_domains", "register_corpus", "register_partitioner", "target_rows",
     "tokenize_cached", "tokenize_texts",
 ]

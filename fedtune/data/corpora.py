@@ -21,7 +21,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.data.local_files import DataFileError, check_text_file, local_data_files
+from fedtune.data.local_files import (
+    DataFileError,
+    check_text_file,
+    data_file_names,
+    local_data_files,
+)
 from fedtune.data.tokenize import default_cache_dir
 
 if TYPE_CHECKING:
@@ -38,14 +43,37 @@ class CorpusError(ValueError):
     """A corpus cannot be loaded as configured; the message names the file or option at fault."""
 
 
-def register_corpus(name: str) -> Callable[[CorpusLoader], CorpusLoader]:
-    """Register a loader under `name`. Its keyword-only parameters are the corpus options."""
+# (the corpus options) -> every local file the loader reads, or None when it cannot say
+# (e.g. a dataset from the Hugging Face cache): what a cache of its results is keyed by.
+SourceLister = Callable[..., "list[Path] | None"]
+_SOURCES: dict[str, SourceLister] = {}
+
+
+def register_corpus(name: str, sources: SourceLister | None = None
+                    ) -> Callable[[CorpusLoader], CorpusLoader]:
+    """Register a loader under `name`. Its keyword-only parameters are the corpus options.
+    `sources(**options)` lists the files the loader reads (None: unknown); a corpus without
+    it is never taken from the task cache (`fedtune.task_cache`)."""
 
     def deco(loader: CorpusLoader) -> CorpusLoader:
         _CORPORA[name] = loader
+        if sources is not None:
+            _SOURCES[name] = sources
         return loader
 
     return deco
+
+
+def corpus_sources(name: str, options: dict[str, Any]) -> list[Path] | None:
+    """The local files corpus `name` reads with `options`, or None when that cannot be
+    told without loading it (then nothing derived from it is cached across runs)."""
+    lister = _SOURCES.get(name)
+    if lister is None:
+        return None
+    try:
+        return lister(**options)
+    except (TypeError, OSError):  # options the loader will refuse with its own message
+        return None
 
 
 def available_corpora() -> list[str]:
@@ -163,7 +191,18 @@ def _shuffle_key(example_id: str) -> str:
     return hashlib.sha1(example_id.encode()).hexdigest()
 
 
-@register_corpus("spamassassin")
+def _spamassassin_sources(*, path: str | None = None) -> list[Path] | None:
+    if path is not None:
+        file = Path(path).expanduser() if isinstance(path, (str, Path)) else None
+    else:
+        ref = resources.files("fedtune.data").joinpath("spamassassin", SPAMASSASSIN_FILE)
+        file = ref if isinstance(ref, Path) else None  # a zipped install has no local path
+        if file is not None and not file.is_file():
+            file = _installed_copy()
+    return [file] if file is not None and file.is_file() else None
+
+
+@register_corpus("spamassassin", sources=_spamassassin_sources)
 def load_spamassassin(*, path: str | None = None) -> datasets.DatasetDict:
     """The bundled SpamAssassin corpus, or a file of the same format at `path` (e.g. one
     rebuilt with different settings by `python -m fedtune.data.build_spamassassin`).
@@ -243,7 +282,30 @@ def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
                       "or strings (strings become class names)")
 
 
-@register_corpus("hf")
+# `datasets`' packaged builders: with them, `data_files` are all the loader reads.
+PACKAGED_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas")
+
+
+def _hf_sources(*, path: str, data_files: Any = None, **_: Any) -> list[Path] | None:
+    """A local folder's files and the local `data_files`; None for a dataset from the
+    Hugging Face cache or any data file that is not local."""
+    if not isinstance(path, str):
+        return None
+    local = Path(path).expanduser()
+    files: list[Path] = []
+    if local.is_dir():
+        files += [p for p in sorted(local.rglob("*")) if p.is_file()]
+    elif path not in PACKAGED_BUILDERS:
+        return None
+    for name in data_file_names(data_files):
+        found = local_data_files(name, local if local.is_dir() else None)
+        if not found:
+            return None
+        files += found
+    return sorted(set(files)) or None
+
+
+@register_corpus("hf", sources=_hf_sources)
 def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
             text_field: str = "text", label_field: str = "label", train_split: str = "train",
             test_split: str | None = None, test_fraction: float = 0.2, seed: int = 0,

@@ -28,7 +28,7 @@ def local_data_files(data_files: Any, base: Path | None = None) -> list[Path]:
     `datasets.load_dataset` takes it) names; names that match no local file are left to
     `datasets` (it reports missing files itself, and may resolve remote ones)."""
     found: list[Path] = []
-    for name in _names(data_files):
+    for name in data_file_names(data_files):
         pattern = Path(name).expanduser()
         if base is not None and not pattern.is_absolute():
             pattern = base / pattern
@@ -39,15 +39,16 @@ def local_data_files(data_files: Any, base: Path | None = None) -> list[Path]:
     return [f for f in dict.fromkeys(found) if f.is_file()]
 
 
-def _names(data_files: Any) -> Iterator[str]:
+def data_file_names(data_files: Any) -> Iterator[str]:
+    """Each name (path or glob) in `data_files`, as `datasets.load_dataset` takes it."""
     if isinstance(data_files, (str, Path)):
         yield str(data_files)
     elif isinstance(data_files, list):
         for item in data_files:
-            yield from _names(item)
+            yield from data_file_names(item)
     elif isinstance(data_files, dict):
         for item in data_files.values():
-            yield from _names(item)
+            yield from data_file_names(item)
 
 
 def check_text_file(path: Path) -> None:

@@ -34,7 +34,7 @@ def default_cache_dir() -> Path:
     return runtime_settings().cache_dir
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
+def tokenizer_fingerprint(tokenizer: Any) -> bytes:
     """What makes two tokenizers tokenize alike: class, name/path, vocab size and, for a
     fast tokenizer, its full serialized pipeline (vocab, normalizer, post-processor), so a
     changed tokenizer in the same folder gets a new key."""
@@ -54,7 +54,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
 def cache_key(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -> str:
     """Hash of the tokenizer, `max_length` and the texts themselves (not the dataset's
     fingerprint, which datasets may randomise for in-memory tables)."""
-    digest = hashlib.sha256(_tokenizer_fingerprint(tokenizer))
+    digest = hashlib.sha256(tokenizer_fingerprint(tokenizer))
     digest.update(f"\0max_length={max_length}\0".encode())
     for text in dataset["text"]:
         digest.update(text.encode("utf-8", errors="surrogatepass"))

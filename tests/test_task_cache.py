@@ -1,0 +1,134 @@
+"""The task cache: a repeat run of a task reads its tokens, partitions, validation rows and
+labels from disk instead of loading, tokenizing and partitioning the corpus; the key
+changes with anything that shapes them, and a broken entry is rebuilt."""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedtune.task as task_module
+from fedtune import task_cache
+from fedtune.config import load_config
+from fedtune.data import corpus_sources
+from fedtune.data.corpora import SPAMASSASSIN_FILE
+from fedtune.startup import PREFIX, StartupReport, reporting
+from fedtune.task import task_key
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["data.num_clients=6", "model.max_length=32", "tuning.prompt.length=4"]
+BUNDLED = ROOT / "fedtune" / "data" / "spamassassin" / SPAMASSASSIN_FILE
+
+
+def _cfg(*extra: str):
+    return load_config(ROOT / "experiments/quickstart.toml", [*SETS, *extra])
+
+
+def _build(cfg) -> tuple[object, list[str]]:
+    """Build the task past the process cache, returning it and its start-up phases."""
+    lines: list[str] = []
+    with reporting(StartupReport(lines.append)):
+        task = task_module._build_task.__wrapped__(task_key(cfg), cfg.to_toml())
+    return task, [line[len(PREFIX) + 1:].split(" ")[0] for line in lines]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _same_task(a, b) -> None:
+    assert a.label_names == b.label_names and a.spec.hash == b.spec.hash
+    for split in ("train", "test"):
+        for column in ("input_ids", "attention_mask", "labels"):
+            np.testing.assert_array_equal(getattr(getattr(a, split), column),
+                                          getattr(getattr(b, split), column))
+    assert len(a.partitions) == len(b.partitions)
+    for p, q in zip(a.partitions, b.partitions, strict=True):
+        np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(a.validation_rows, b.validation_rows)
+
+
+def test_a_repeat_build_reads_the_task_from_the_cache_without_the_corpus(cache, monkeypatch):
+    cfg = _cfg("seed=11")
+    first, phases = _build(cfg)
+    assert phases == ["model", "data", "tokenize", "partitions"]
+    (entry,) = (cache / task_cache.FOLDER).iterdir()
+    assert not entry.name.startswith(".")  # renamed into place, no temporary left
+
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("the corpus was loaded although the task is cached")
+
+    monkeypatch.setattr(task_module, "load_corpus", no_corpus)
+    monkeypatch.setattr(task_module, "partition", no_corpus)
+    again, phases = _build(cfg)
+    assert phases == ["model", "task"]
+    _same_task(first, again)
+    assert isinstance(again.partitions[0], np.ndarray) and len(again.partitions) == 6
+    # Another seed is another task: built, not read.
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache))
+    assert _build(_cfg("seed=12"))[1] == ["model", "data", "tokenize", "partitions"]
+    assert len(list((cache / task_cache.FOLDER).iterdir())) == 2
+
+
+def test_the_key_follows_config_corpus_file_tokenizer_and_versions(tmp_path, monkeypatch):
+    corpus = tmp_path / SPAMASSASSIN_FILE
+    shutil.copy(BUNDLED, corpus)
+    options = {"path": str(corpus)}
+    fields = task_key(_cfg())
+    key = task_cache.entry_key(fields, "spamassassin", options, b"tok")
+    assert key == task_cache.entry_key(fields, "spamassassin", options, b"tok")
+    assert key != task_cache.entry_key(task_key(_cfg("seed=1")), "spamassassin", options, b"tok")
+    assert key != task_cache.entry_key(fields, "spamassassin", options, b"other tokenizer")
+    stat = corpus.stat()
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the file changed
+    assert key != (touched := task_cache.entry_key(fields, "spamassassin", options, b"tok"))
+    monkeypatch.setattr(task_cache, "_version", lambda name: "0.0.1")  # an upgrade
+    assert touched != task_cache.entry_key(fields, "spamassassin", options, b"tok")
+
+
+def test_only_corpora_that_list_their_local_files_are_cached(tmp_path):
+    assert corpus_sources("spamassassin", {}) == [BUNDLED]
+    assert corpus_sources("spamassassin", {"path": str(tmp_path / "none.gz")}) is None
+    data = tmp_path / "mail.csv"
+    data.write_text("text,label\nhi,0\n")
+    assert corpus_sources("hf", {"path": "csv", "data_files": str(data)}) == [data]
+    assert corpus_sources("hf", {"path": "csv", "data_files": [str(data), "remote.csv"]}) is None
+    assert corpus_sources("hf", {"path": "some-user/some-dataset"}) is None
+    assert corpus_sources("hf", {"path": str(tmp_path)}) == [data]
+    assert task_cache.entry_key("{}", "hf", {"path": "imdb"}, b"tok") is None
+
+
+def test_an_unreadable_entry_is_rebuilt_and_stored_again(cache, caplog):
+    cfg = _cfg("seed=13")
+    first, _ = _build(cfg)
+    (entry,) = (cache / task_cache.FOLDER).iterdir()
+    (entry / "partitions.npy").write_bytes(b"not an array")
+    with caplog.at_level(logging.WARNING, logger="fedtune.task"):
+        again, phases = _build(cfg)
+    assert phases == ["model", "data", "tokenize", "partitions"]
+    assert "unreadable" in caplog.text and entry.name in caplog.text
+    _same_task(first, again)
+    assert _build(cfg)[1] == ["model", "task"]  # the rebuilt entry reads again
+
+
+def test_an_entry_whose_parts_disagree_is_not_used(cache):
+    cfg = _cfg("seed=14")
+    _build(cfg)
+    (entry,) = (cache / task_cache.FOLDER).iterdir()
+    rows = np.load(entry / "validation_rows.npy")
+    np.save(entry / "validation_rows.npy", rows + 10**6)  # rows past the training split
+    assert _build(cfg)[1] == ["model", "data", "tokenize", "partitions"]
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(cache, caplog):
+    cache.mkdir(parents=True)
+    (cache / task_cache.FOLDER).write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger="fedtune.task"):
+        task, _ = _build(_cfg("seed=15"))
+    assert len(task.partitions) == 6 and "could not store" in caplog.text
