@@ -46,7 +46,10 @@ def entry_key(task_fields: str, corpus: str, options: dict[str, Any],
         return None
     digest = hashlib.sha256(task_fields.encode())
     for path in sources:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed: the loader will say so
+            return None
         digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     digest.update(b"\0" + tokenizer_fingerprint)
     for name in LIBRARIES:
