@@ -136,7 +136,6 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
                        ) -> dict[str, Any]:
     from fedtune.sim import prepare_resume, run_experiment
     from fedtune.startup import StartupReport, reporting
-    from fedtune.task import get_task
 
     dp, user = cfg.privacy.sample, cfg.privacy.user
     dp_txt = f"eps<={dp.target_epsilon}" if dp.enabled else "off"
@@ -155,6 +154,10 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     startup = StartupReport(lambda line: progress.console.print(line, highlight=False,
                                                                 soft_wrap=True))
     if resume:
+        # Imported here: fedtune.task imports torch and transformers, which a fresh run
+        # imports in a thread while Ray starts (fedtune.sim.run_experiment).
+        from fedtune.task import get_task
+
         try:
             with reporting(startup):
                 done = prepare_resume(out, get_task(cfg).spec.hash)

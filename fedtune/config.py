@@ -114,11 +114,11 @@ MOVED_TUNING_KEYS: dict[str, tuple[str, str]] = {
 @dataclass
 class TuningConfig:
     """`[tuning]`: the method and what every method shares (the head). Each method's own
-    settings are its `[tuning.<method>]` table, a dataclass registered next to its builder
-    (fedtune.tuning.<method>). Tables of methods other than the active one may be present
-    (a sweep base can hold them); they are validated like the active one, so a typo fails
-    at load, but only the active method's table shapes the model and enters the spec hash
-    (`fingerprint`)."""
+    settings are its `[tuning.<method>]` table, a dataclass registered with the method's
+    spec (fedtune.method_config for the built-in ones). Tables of methods other than the
+    active one may be present (a sweep base can hold them); they are validated like the
+    active one, so a typo fails at load, but only the active method's table shapes the model
+    and enters the spec hash (`fingerprint`)."""
 
     method: str = "prompt"
     # Hidden width of the classification head; 0 means a single linear layer.

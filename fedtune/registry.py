@@ -5,9 +5,10 @@ module, and this module imports nothing of fedtune at load time, so the config n
 imports the code it names (no import cycle, no upward import into the app layer):
 
 - tuning methods register a `MethodSpec` (their `[tuning.<method>]` config dataclass,
-  whether split mode can run them, which plugins they compose with) from their own module;
-  the library modules that hold methods, corpora and partitioners are imported on first
-  lookup (`_LIBRARY`);
+  whether split mode can run them, which plugins they compose with): the built-in ones from
+  `fedtune.method_config`, which imports no torch, so validating a config never loads the
+  code that builds the model; the library modules that hold the built-in methods' specs,
+  corpora and partitioners are imported on first lookup (`_BUILTIN_METHODS`, `_LIBRARY`);
 - the app layer (`strategies.plugins`) registers its own config checks with
   `register_config_check` when it is imported; a config loaded before that gets those
   checks when the app that uses it is assembled (the CLI, the ServerApp).
@@ -38,8 +39,16 @@ class MethodSpec:
     plugins: tuple[str, ...]
 
 
+# Every strategy plugin today works on any model with a `head` (each method has one):
+# el2n_pruning scores with the model's forward, population_expansion's importance
+# weighting reads `head.last_domain_logit`.
+ALL_PLUGINS = ("el2n_pruning", "population_expansion")
+
 _METHODS: dict[str, MethodSpec] = {}
 _CHECKS: list[Callable[[Any], None]] = []
+# The built-in methods' specs; always loaded before a lookup, so a method registered
+# elsewhere first (a third-party `register_method`) never hides them.
+_BUILTIN_METHODS = "fedtune.method_config"
 # Library modules whose import registers each kind of name; (module, listing function).
 _LIBRARY: dict[str, tuple[str, str]] = {
     "tuning method": ("fedtune.tuning", "available_methods"),
@@ -61,10 +70,9 @@ def available(kind: str) -> list[str]:
 
 
 def method_names() -> list[str]:
-    """Registered tuning methods. Imports `fedtune.tuning` (which registers them) on first
-    use; the registry itself stays free of torch."""
-    if not _METHODS:
-        importlib.import_module(_LIBRARY["tuning method"][0])
+    """Registered tuning methods (the built-in ones' specs loaded on first use, without
+    torch: their builders are `fedtune.tuning`'s)."""
+    importlib.import_module(_BUILTIN_METHODS)
     return sorted(_METHODS)
 
 

@@ -2,6 +2,10 @@
 
 Wires the ServerApp (`strategies/`) and ClientApp (`clients/`) built for one config, and
 keeps Flower, Ray and Hugging Face quiet, offline and inside temp dirs.
+
+Nothing here imports torch, transformers or Flower at load time or before `start_ray`:
+`fedtune run` imports this module before Ray can start, and the driver's heavy imports run
+in a thread while Ray starts (`_driver_task`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.interrupt import end_children, on_stop
 from fedtune.ledger import SUMMARY_FILE
@@ -69,11 +72,11 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
 def check_user_budget(cfg: ExperimentConfig) -> None:
     """A given user-level noise multiplier too small for even one round within the budget
     is a config error, reported before any actor starts."""
-    from fedtune.privacy.user_level import UserLevelAccount
-
     user = cfg.privacy.user
     if not (user.enabled and user.noise_multiplier > 0):
         return
+    from fedtune.privacy.user_level import UserLevelAccount
+
     account = UserLevelAccount(user.noise_multiplier, cfg.train.clients_per_round,
                                cfg.data.num_clients, user.delta)
     first = account.epsilon(1)
@@ -137,7 +140,7 @@ def _ray_scope(cfg: ExperimentConfig, ray_temp: Path) -> AbstractContextManager[
 def prepare_resume(out_dir: Path, spec_hash: str) -> int:
     """Check that `out_dir` can be resumed and complete its ledger up to the checkpoint;
     returns the last completed round. Errors name what is wrong before any actor starts."""
-    from fedtune.checkpoint import load_checkpoint
+    from fedtune.checkpoint import CheckpointError, load_checkpoint
     from fedtune.ledger import Ledger
 
     if (out_dir / SUMMARY_FILE).exists():

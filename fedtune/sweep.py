@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedtune.checkpoint import CHECKPOINT_FILE
 from fedtune.config import ConfigError, load_config, read_toml
 from fedtune.ledger import SUMMARY_FILE, count_rounds
-from fedtune.run_folder import RUN_FILES
+from fedtune.run_folder import CHECKPOINT_FILE, RUN_FILES
 
 
 @dataclass(frozen=True)

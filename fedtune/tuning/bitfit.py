@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from fedtune.config import ConfigError, TuningConfig, require_nonnegative, require_positive
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.method_config import BitFitConfig as BitFitConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
-from fedtune.tuning.prefix import FromLayerSettings, FrozenPrefix
-from fedtune.tuning.registry import register_method
-
-
-@dataclass
-class BitFitConfig(FromLayerSettings):
-    """`[tuning.bitfit]`."""
-
-    # Learning rate of the biases relative to train.lr (the head's).
-    lr_scale: float = 0.02
-    # Only biases in blocks >= from_layer (and after the blocks) train; 0 = every bias.
-    from_layer: int = 0
-
-    def validate(self, prefix: str) -> None:
-        require_positive(f"{prefix}.lr_scale", self.lr_scale)
-        require_nonnegative(f"{prefix}.from_layer", self.from_layer)
-
+from fedtune.tuning.prefix import FrozenPrefix
+from fedtune.tuning.registry import register_builder
 
 
 class BitFitModel(EncoderClassifier):
@@ -73,7 +57,7 @@ def _prefix_parameters(encoder: nn.Module, from_layer: int) -> set[str]:
     return {name for name, p in encoder.named_parameters() if id(p) not in late}
 
 
-@register_method("bitfit", BitFitConfig)
+@register_builder("bitfit")
 def build_bitfit(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> TunedModel:
     return BitFitModel(backbone, cfg, num_labels)

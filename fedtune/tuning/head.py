@@ -8,33 +8,15 @@ norm (decoders), the pooling and the head only.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from fedtune.config import ConfigError, TuningConfig
+from fedtune.method_config import HeadConfig as HeadConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean, pooled_head_from
 from fedtune.tuning.prefix import FrozenPrefix
-from fedtune.tuning.registry import register_method
-
-
-@dataclass
-class HeadConfig:
-    """`[tuning.head]`: nothing beyond the shared head settings (`tuning.head_hidden`,
-    `tuning.domain_head`)."""
-
-    def validate(self, prefix: str) -> None:
-        pass
-
-    def frozen_prefix(self) -> bool:
-        return True
-
-    def fingerprint(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from fedtune.tuning.registry import register_builder
 
 
 class HeadModel(TunedModel):
@@ -70,7 +52,7 @@ class HeadModel(TunedModel):
         return pooled_head_from(self.prefix, self.head, hidden, attention_mask)
 
 
-@register_method("head", HeadConfig)
+@register_builder("head")
 def build_head(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                ) -> TunedModel:
     return HeadModel(backbone, cfg, num_labels)

@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedtune.config import ConfigError, TuningConfig, require_nonnegative, require_positive
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.method_config import LoRAConfig as LoRAConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure, resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy
-from fedtune.tuning.prefix import FromLayerSettings, FrozenPrefix
-from fedtune.tuning.registry import register_method
+from fedtune.tuning.prefix import FrozenPrefix
+from fedtune.tuning.registry import register_builder
 
 # peft calls a transformers method that transformers has deprecated; the warning is about
 # peft's code, not the user's, and repeats on every client of every round.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-@dataclass
-class LoRAConfig(FromLayerSettings):
-    """`[tuning.lora]`: rank, scaling numerator and the linear layers that get adapters."""
-
-    r: int = 8
-    alpha: int = 16
-    # Empty: derived from the backbone's attention projections (query/value-like).
-    targets: list[str] = field(default_factory=list)
-    # Learning rate of the adapters relative to train.lr (the head's). At the head's SGD
-    # rate of 1.0, LoRA diverged on the quickstart (one-class predictions).
-    lr_scale: float = 0.02
-    # Adapters only in blocks >= from_layer; blocks below it stay frozen (and cacheable).
-    from_layer: int = 0
-
-    def validate(self, prefix: str) -> None:
-        for name in ("r", "alpha", "lr_scale"):
-            require_positive(f"{prefix}.{name}", getattr(self, name))
-        require_nonnegative(f"{prefix}.from_layer", self.from_layer)
-        if any(not isinstance(t, str) or not t for t in self.targets):
-            raise ConfigError(f"{prefix}.targets must be module names (or [] to derive)")
-
 
 
 class LoRAModel(EncoderClassifier):
@@ -111,7 +88,7 @@ def _stores_weights_transposed(model: torch.nn.Module, targets: list[str]) -> bo
                if any(name == t or name.endswith(f".{t}") for t in targets))
 
 
-@register_method("lora", LoRAConfig)
+@register_builder("lora")
 def build_lora(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                ) -> TunedModel:
     return LoRAModel(backbone, cfg, num_labels, seed)

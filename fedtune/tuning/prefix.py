@@ -13,13 +13,11 @@ misses fails at build with one line instead of training on wrong states.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import torch
 from torch import nn
 
 from fedtune.config import ConfigError
+from fedtune.method_config import FromLayerSettings as FromLayerSettings  # its former home
 from fedtune.models.families import (
     FamilyError,
     LayerInputs,
@@ -104,18 +102,3 @@ class FrozenPrefix:
                 f"{self.field}={self.layer}: running this {self.structure.model_type!r} "
                 "model from a middle layer does not reproduce its forward; use layer 0")
 
-
-class FromLayerSettings:
-    """For a method's config dataclass with a `from_layer` field (its trainable tensors only
-    in blocks >= from_layer): whether that leaves a frozen prefix, and a fingerprint that
-    leaves `from_layer` out at its default, so runs made before the field existed keep
-    their spec hash."""
-
-    def frozen_prefix(self) -> bool:
-        return self.from_layer > 0  # type: ignore[attr-defined]
-
-    def fingerprint(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        if out["from_layer"] == 0:
-            del out["from_layer"]
-        return out

@@ -20,49 +20,17 @@ the counterpart at that depth of the layer-0 [SEP] embedding.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedtune.config import ConfigError, TuningConfig, require_nonnegative, require_positive
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.method_config import PromptConfig as PromptConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.prefix import FrozenPrefix
-from fedtune.tuning.registry import register_method
-
-
-@dataclass
-class PromptConfig:
-    """`[tuning.prompt]`."""
-
-    # Soft-prompt tokens.
-    length: int = 20
-    # The prompt's learning rate is train.lr times this. Prompt rows live at the scale of
-    # token embeddings (~0.05 per coordinate); at the head's rate, DP noise would push them
-    # off that scale within a few steps and wreck the backbone's features.
-    lr_scale: float = 0.05
-    # The block whose input the prompt is spliced into; 0 = the word embeddings.
-    layer: int = 0
-
-    def validate(self, prefix: str) -> None:
-        require_positive(f"{prefix}.length", self.length)
-        require_positive(f"{prefix}.lr_scale", self.lr_scale)
-        require_nonnegative(f"{prefix}.layer", self.layer)
-
-    def frozen_prefix(self) -> bool:
-        """Whether blocks below the prompt hold nothing trainable (a cacheable prefix)."""
-        return self.layer > 0
-
-    def fingerprint(self) -> dict[str, Any]:
-        # `layer` is newer than the spec hashes of existing runs: at its default it is left
-        # out, so a layer-0 prompt keeps the spec (checkpoints, exports) it always had.
-        out = dataclasses.asdict(self)
-        if self.layer == 0:
-            del out["layer"]
-        return out
+from fedtune.tuning.registry import register_builder
 
 
 class SoftPrompt(nn.Module):
@@ -173,9 +141,7 @@ class PromptModel(TunedModel):
         return self.classify(self.prefix.suffix(spliced, mask), attention_mask)
 
 
-# Split mode runs the prompt only: its prompt sits before the cut and its head in the tail
-# (fedtune.split.SplitPromptModel is a view of a PromptModel).
-@register_method("prompt", PromptConfig, split=True)
+@register_builder("prompt")
 def build_prompt(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                  ) -> TunedModel:
     return PromptModel(backbone, cfg, num_labels, seed)

@@ -1,12 +1,18 @@
 """Tuning methods register by name, with their config dataclass; config and CLI look them
-up here (the config through `fedtune.registry`, which holds each method's spec)."""
+up here (the config through `fedtune.registry`, which holds each method's spec).
+
+A method's spec and its builder may come from two modules: the built-in methods' specs are
+registered without torch (`fedtune.method_config`), so that validating a config does not
+import what builds the model, and each builder module attaches its builder by name
+(`register_builder`). `register_method` does both in one call, for a method that lives in
+one module."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedtune.registry import MethodSpec, register_method_spec
+from fedtune.registry import ALL_PLUGINS, MethodSpec, method_names, register_method_spec
 
 if TYPE_CHECKING:
     from fedtune.config import TuningConfig
@@ -15,11 +21,6 @@ if TYPE_CHECKING:
 
 MethodBuilder = Callable[["Backbone", "TuningConfig", int, int], "TunedModel"]
 _METHODS: dict[str, MethodBuilder] = {}
-
-# Every strategy plugin today works on any model with a `head` (each method has one):
-# el2n_pruning scores with the model's forward, population_expansion's importance
-# weighting reads `head.last_domain_logit`.
-ALL_PLUGINS = ("el2n_pruning", "population_expansion")
 
 
 def register_method(name: str, config: type, *, split: bool = False,
@@ -31,6 +32,21 @@ def register_method(name: str, config: type, *, split: bool = False,
         if name in _METHODS:
             raise ValueError(f"tuning method {name!r} is registered twice")
         register_method_spec(MethodSpec(name, config, split, tuple(plugins)))
+        _METHODS[name] = builder
+        return builder
+
+    return deco
+
+
+def register_builder(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register the builder of method `name`, whose spec is already registered (the
+    built-in methods' in `fedtune.method_config`)."""
+    def deco(builder: MethodBuilder) -> MethodBuilder:
+        if name in _METHODS:
+            raise ValueError(f"tuning method {name!r} is registered twice")
+        if name not in method_names():
+            raise ValueError(f"tuning method {name!r} has no registered spec: register it "
+                             "with register_method(name, config, ...)")
         _METHODS[name] = builder
         return builder
 

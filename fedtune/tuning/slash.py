@@ -15,45 +15,15 @@ backbone that other models share is never left modified.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from fedtune.config import (
-    ConfigError,
-    TuningConfig,
-    require_choice,
-    require_nonnegative,
-    require_positive,
-)
+from fedtune.config import ConfigError, TuningConfig
+from fedtune.method_config import SlashConfig as SlashConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure, linear_shape
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
-from fedtune.tuning.registry import register_method
-
-# Where the shift goes in each block (the sub-layer whose output is shifted), found by
-# fedtune.models.families: "output" (MLP down), "attention" (attention output projection),
-# "intermediate" (MLP up).
-POSITIONS = ("output", "attention", "intermediate")
-
-
-@dataclass
-class SlashConfig:
-    """`[tuning.slash]`: size of the shared vector z, seed of the fixed projections, the
-    sub-layer whose output is shifted (output | attention | intermediate), and z's lr
-    relative to train.lr."""
-
-    size: int = 1024
-    seed: int = 0
-    position: str = "output"
-    lr_scale: float = 0.1
-
-    def validate(self, prefix: str) -> None:
-        require_positive(f"{prefix}.size", self.size)
-        require_nonnegative(f"{prefix}.seed", self.seed)
-        require_choice(f"{prefix}.position", self.position, POSITIONS)
-        require_positive(f"{prefix}.lr_scale", self.lr_scale)
+from fedtune.tuning.registry import register_builder
 
 
 class SharedVector(nn.Module):
@@ -110,7 +80,7 @@ class SlashModel(TunedModel):
         return self.head(masked_mean(hidden.last_hidden_state, attention_mask))
 
 
-@register_method("slash", SlashConfig)
+@register_builder("slash")
 def build_slash(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
                 ) -> TunedModel:
     return SlashModel(backbone, cfg, num_labels)

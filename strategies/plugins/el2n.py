@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.config import ConfigError
-from fedtune.protocol import PruneSettings
 from strategies.plugins.base import Plugin, register_plugin
+
+# fedtune.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
+# the plugins to validate a config before Ray starts.
 
 SELECTION_CAVEAT = ("el2n_pruning selects training examples by their loss outside DP-SGD: "
                     "the sample-level epsilon does not cover that selection")
@@ -39,9 +41,13 @@ class EL2NPruning(Plugin):
                 "with that caveat in the ledger")
 
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
+        from fedtune.protocol import PruneSettings
+
         return {"prune": PruneSettings(keep=self.keep, every=self.every)}
 
     def trained_sizes(self, n: int) -> list[int]:
+        from fedtune.protocol import PruneSettings
+
         # A client trains on all n until its first scoring, then on the kept share.
         return [n, PruneSettings(self.keep, self.every).kept(n)]
 

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import ConfigError
-from fedtune.protocol import DomainSettings
 from strategies.plugins.base import Plugin, register_plugin
+
+# fedtune.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
+# the plugins to validate a config before Ray starts.
 
 WEIGHTINGS = ("fixed", "anneal", "importance")
 
@@ -87,6 +89,8 @@ class PopulationExpansion(Plugin):
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
         if self.weighting != "importance":
             return {}
+        from fedtune.protocol import DomainSettings
+
         return {"domain": DomainSettings(is_target=not self._is_source(pid),
                                          max_weight=self.max_weight)}
 
