@@ -1,18 +1,18 @@
 """The ClientApp: receive the global trainable vector, train locally, reply with the delta.
 
-`build_client_app(cfg)` closes over an experiment config (the `fedtune run` path); the
-module-level `app` reads it from the run config instead (the `flwr run` path), so both run
-the same handler.
+`build_client_app(cfg)` (`clients.entry`) closes over an experiment config (the `fedtune
+run` path); the module-level `app` reads it from the run config instead (the `flwr run`
+path), so both run the same handlers.
 """
 
 from __future__ import annotations
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from clients import pruning, split
+from clients.entry import build_client_app
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting, ImportanceStep
 from clients.node_data import node_data, node_partition
@@ -21,7 +21,6 @@ from fedtune.config import ExperimentConfig
 from fedtune.delta import clip_to_norm
 from fedtune.privacy import DPHistory
 from fedtune.protocol import PartitionReply, ReportedDP, TrainInstruction, TrainReply, TrainReport
-from fedtune.runconfig import config_from_run_config
 from fedtune.task import Task, get_task
 from fedtune.torch_setup import client_device, configure_torch
 from fedtune.tuning import TunedModel
@@ -138,24 +137,6 @@ def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run)."""
     reply = PartitionReply(node_partition(context.node_config))
     return Message(content=reply.to_record(), reply_to=msg)
-
-
-def build_client_app(cfg: ExperimentConfig | None = None, task_bundle: str | None = None
-                     ) -> ClientApp:
-    """The ClientApp for `cfg` (else the run config's). `task_bundle` is a folder written
-    by `fedtune.task.write_bundle` that the workers read their task from."""
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, cfg or config_from_run_config(context.run_config),
-                            task_bundle)
-
-    return app
 
 
 app = build_client_app()

@@ -182,12 +182,22 @@ class _Background:
         return self._value
 
 
-def _driver_task(cfg: ExperimentConfig, imported: threading.Event) -> Any:
-    """The driver's heavy imports (torch, transformers, the apps) and its task; `imported`
-    is set once the apps are imported, so that the main thread builds them without
-    importing the same modules at the same time."""
+def _driver_task(cfg: ExperimentConfig, flower: threading.Event,
+                 imported: threading.Event) -> Any:
+    """The driver's imports and its task. Flower's modules and the light app entries come
+    first (`flower` is set then): the main thread builds the apps and starts the simulation
+    with them as soon as Ray is up, so the actors start while this thread still imports
+    torch, transformers and the apps' code (`imported` is set then; the ServerApp waits
+    for it, so that no module is imported by two threads at once)."""
     try:
         with phase("imports", "torch, transformers, Flower, the apps"):
+            try:
+                import clients.entry  # noqa: F401
+                import fedtune.compat.flower_sim  # noqa: F401
+                import strategies.grid_io  # noqa: F401
+                import strategies.server_entry  # noqa: F401
+            finally:
+                flower.set()
             # transformers' model code, which fedtune.models imports only to load a model:
             # most of the import time, reported here rather than as the model's loading.
             from transformers import PreTrainedModel  # noqa: F401
@@ -225,8 +235,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # ServerApp waits for the task before its first message (`prepare` below), so a bad
     # backbone, corpus, cut or resume still fails with its own message (after Ray and the
     # workers started, which are stopped again: the price of the overlap).
-    imported = threading.Event()
-    building = _Background(lambda: _driver_task(cfg, imported))
+    flower, imported = threading.Event(), threading.Event()
+    building = _Background(lambda: _driver_task(cfg, flower, imported))
     out_dir = Path(out_dir)
     if not verbose:
         # Flower logs its own sampling notices at WARNING on every run.
@@ -250,12 +260,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
             except BaseException:
                 building.wait()
                 raise
-            imported.wait()  # a failed import fails again below, in this thread
-            from clients.app import build_client_app
+            flower.wait()  # a failed import fails again below, in this thread
+            from clients.entry import build_client_app
             from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
-            from fedtune.task import write_bundle
             from strategies.grid_io import POLL_ENV
-            from strategies.server_app import Preparation, build_server_app
+            from strategies.server_entry import Preparation, build_server_app
 
             install_fast_dispatch()
             os.environ.setdefault(POLL_ENV, SIM_POLL_S)
@@ -266,15 +275,25 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                 # first training message waits for this): a bad backbone, corpus, cut or
                 # resume still ends the run with its own error before the run folder is
                 # touched.
+                from fedtune.task import write_bundle
+
                 task = building.result()
                 check_split(cfg, task.backbone.model)
                 if resume:
                     prepare_resume(out_dir, task.spec.hash)
                 write_bundle(task, bundle)
 
+            def imports_done() -> None:
+                # In the ServerApp's thread before it imports the server code: an import
+                # that failed in the other thread ends the run with its own error.
+                imported.wait()
+                if building.failed():
+                    building.result()
+
             run_inprocess(
                 server_app=build_server_app(cfg, out_dir, on_round, resume=resume,
-                                            prepare=Preparation(finish, building.failed)),
+                                            prepare=Preparation(finish, building.failed,
+                                                                imports_done)),
                 client_app=build_client_app(cfg, str(bundle)),
                 num_supernodes=cfg.data.num_clients,
                 backend_config=backend_config(cfg),

@@ -113,6 +113,15 @@ def task_key(cfg: ExperimentConfig) -> str:
     return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
 
 
+def data_key(cfg: ExperimentConfig) -> str:
+    """The parts of a config that shape a task's data (tokens, labels, partitions, validation
+    rows): the seed, the data table and the token length; the tokenizer is keyed apart
+    (`fedtune.task_cache`). Not the tuning method nor the rest of the model table."""
+    d = cfg.to_dict()
+    return json.dumps({"seed": d["seed"], "data": d["data"],
+                       "max_length": d["model"]["max_length"]}, sort_keys=True)
+
+
 def get_task(cfg: ExperimentConfig, bundle: str | Path | None = None) -> Task:
     """The task of `cfg`, built once per process. With `bundle` (a folder `write_bundle`
     filled in another process for the same task), read the data from there instead of
@@ -188,12 +197,9 @@ class _BundleData:
     label_names: tuple[str, ...]
 
 
-def _read_bundle(root: Path, key: str | None = None) -> _BundleData:
-    """Read a bundle, memory-mapping its arrays; a ValueError if its parts disagree or it
-    was written for another task than `key`."""
+def _read_bundle(root: Path) -> _BundleData:
+    """Read a bundle, memory-mapping its arrays; a ValueError if its parts disagree."""
     meta = json.loads((root / BUNDLE_META).read_text())
-    if key is not None and meta["key"] != key:
-        raise ValueError(f"bundle {root} holds another task")
     arrays = {name: np.load(root / path, mmap_mode="r") for name, path in meta["arrays"].items()}
     splits = {name: Split(arrays[f"{name}.input_ids"], arrays[f"{name}.attention_mask"],
                           arrays[f"{name}.labels"]) for name in ("train", "test")}
@@ -234,13 +240,13 @@ def _build_task(key: str, cfg_toml: str) -> Task:
     backbone = backbone_for(cfg.model)
     record_since("model", started, lambda: _model_detail(backbone))
     cache_dir = runtime_settings(cfg).cache_dir
-    entry = task_cache.entry_key(key, cfg.data.corpus, cfg.data.options,
+    entry = task_cache.entry_key(data_key(cfg), cfg.data.corpus, cfg.data.options,
                                  tokenizer_fingerprint(backbone.tokenizer))
     if entry is not None and (folder := task_cache.lookup(cache_dir, entry)) is not None:
         try:
             with phase("task", lambda: f"from the cache: {cfg.data.corpus}, tokens, "
                        f"{cfg.data.num_clients} partitions"):
-                return _assemble(cfg, backbone, _read_bundle(folder, key))
+                return _assemble(cfg, backbone, _read_bundle(folder))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("task cache entry %s unreadable (%s); rebuilding it", folder, exc)
             task_cache.discard(folder)

@@ -5,7 +5,8 @@ An entry is a task bundle (`fedtune.task.write_bundle`: token arrays, labels, pa
 validation rows, label names) under `<cache_dir>/tasks/<key>`. The key covers everything
 that shapes those arrays:
 
-- the config's task fields (`fedtune.task.task_key`: seed, model, data, tuning);
+- the config's fields that shape the data (`fedtune.task.data_key`: the seed, the data
+  table, the token length; so runs that differ only in their method or privacy share it);
 - each file the corpus reads, by path, size and modification time (a corpus that cannot
   list its files, such as a dataset from the Hugging Face cache, is never cached);
 - the tokenizer (its serialized pipeline, as the token cache keys it);
@@ -38,13 +39,13 @@ LIBRARIES = ("datasets", "flwr-datasets", "numpy")
 CODE = ("data", "validation_split.py", "task.py", "task_cache.py")
 
 
-def entry_key(task_fields: str, corpus: str, options: dict[str, Any],
+def entry_key(data_fields: str, corpus: str, options: dict[str, Any],
               tokenizer_fingerprint: bytes) -> str | None:
     """The cache key of a task, or None when its corpus cannot be keyed (never cached)."""
     sources = corpus_sources(corpus, options)
     if not sources:
         return None
-    digest = hashlib.sha256(task_fields.encode())
+    digest = hashlib.sha256(data_fields.encode())
     for path in sources:
         try:
             stat = path.stat()

@@ -1,23 +1,20 @@
 """The ServerApp: rounds of sample -> send global vector -> aggregate deltas -> evaluate
 centrally on the validation split -> one ledger line; the final model on the test split.
 
-`build_server_app(cfg, out_dir)` is the `fedtune run` path; the module-level `app` reads
-the experiment from Flower's run config (the `flwr run` path).
+`build_server_app(cfg, out_dir)` (`strategies.server_entry`) is the `fedtune run` path; the
+module-level `app` reads the experiment from Flower's run config (the `flwr run` path).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
 from flwr.common import log
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
 from fedtune.checkpoint import (
     ServerState,
@@ -38,7 +35,6 @@ from fedtune.export import save_tuned_state
 from fedtune.interrupt import received
 from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
 from fedtune.models.layer_pruning import pruning_record, resolve_config
-from fedtune.runconfig import config_from_run_config
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.startup import mark, phase
 from fedtune.task import Task, get_task
@@ -51,10 +47,9 @@ from strategies.grid_io import send_and_receive
 from strategies.in_clear import in_clear
 from strategies.plugins import Plugin, build_plugins
 from strategies.privacy_ledger import PrivacyLedger
+from strategies.server_entry import Preparation, RoundCallback, build_server_app
 from strategies.split_ledger import split_round_fields, split_summary_fields
 from strategies.user_dp import UserLevelDP
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
@@ -310,38 +305,9 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
     return weight
 
 
-@dataclass(frozen=True)
-class Preparation:
-    """Work the ServerApp finishes before its first round (the simulation's driver builds
-    its task in another thread while the workers start): `finish()` waits for it and raises
-    its error; `failed()` says, without waiting, whether it has failed already."""
-
-    finish: Callable[[], None]
-    failed: Callable[[], bool]
-
-
-def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,
-                     on_round: RoundCallback | None = None, resume: bool = False,
-                     prepare: Preparation | None = None) -> ServerApp:
-    """With `prepare`, the ServerApp first discovers the workers (discovery needs no task,
-    so the workers answer it while the task is still being built; a failed build cuts the
-    wait short), then finishes the preparation; what that raises ends the run before the
-    run folder is touched."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or config_from_run_config(context.run_config)
-        folder = out_dir or Path(str(context.run_config.get("out", "") or
-                                     f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
-        serve(grid, run_cfg, folder, on_round, resume, prepare)
-
-    return app
-
-
 def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallback | None,
           resume: bool, prepare: Preparation | None) -> dict[str, Any]:
-    """The ServerApp's body (see `build_server_app`)."""
+    """The ServerApp's body (`strategies.server_entry.build_server_app`)."""
     check_server_runtime(cfg, grid)  # seeded noise only in simulation
     roster = None
     if prepare is not None:

@@ -16,7 +16,7 @@ from fedtune.config import load_config
 from fedtune.data import corpus_sources
 from fedtune.data.corpora import SPAMASSASSIN_FILE
 from fedtune.startup import PREFIX, StartupReport, reporting
-from fedtune.task import task_key
+from fedtune.task import data_key, task_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_clients=6", "model.max_length=32", "tuning.prompt.length=4"]
@@ -69,6 +69,10 @@ def test_a_repeat_build_reads_the_task_from_the_cache_without_the_corpus(cache, 
     assert phases == ["model", "task"]
     _same_task(first, again)
     assert isinstance(again.partitions[0], np.ndarray) and len(again.partitions) == 6
+    # Another method on the same data reads the same entry, with its own model and spec.
+    lora, phases = _build(_cfg("seed=11", "tuning.method=lora"))
+    assert phases == ["model", "task"] and lora.spec.hash != first.spec.hash
+    np.testing.assert_array_equal(lora.validation_rows, first.validation_rows)
     # Another seed is another task: built, not read.
     monkeypatch.undo()
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache))
@@ -80,10 +84,13 @@ def test_the_key_follows_config_corpus_file_tokenizer_and_versions(tmp_path, mon
     corpus = tmp_path / SPAMASSASSIN_FILE
     shutil.copy(BUNDLED, corpus)
     options = {"path": str(corpus)}
-    fields = task_key(_cfg())
+    fields = data_key(_cfg())
     key = task_cache.entry_key(fields, "spamassassin", options, b"tok")
     assert key == task_cache.entry_key(fields, "spamassassin", options, b"tok")
-    assert key != task_cache.entry_key(task_key(_cfg("seed=1")), "spamassassin", options, b"tok")
+    for other in ("seed=1", "model.max_length=48", "data.alpha=0.3"):
+        assert key != task_cache.entry_key(data_key(_cfg(other)), "spamassassin", options, b"tok")
+    # The method and the privacy settings shape the model, not the data.
+    assert data_key(_cfg("tuning.method=lora", "privacy.sample.enabled=false")) == fields
     assert key != task_cache.entry_key(fields, "spamassassin", options, b"other tokenizer")
     stat = corpus.stat()
     os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the file changed

@@ -1,0 +1,36 @@
+"""The ClientApp object, built without importing what its handlers run.
+
+`fedtune run` builds it as soon as Ray is up, while the driver still imports torch and the
+client code in another thread; each handler imports `clients.app` where it runs (a worker
+has imported it as its process started: `fedtune.worker_warmup`).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune.config import ExperimentConfig
+
+
+def build_client_app(cfg: ExperimentConfig | None = None, task_bundle: str | None = None
+                     ) -> ClientApp:
+    """The ClientApp for `cfg` (else the run config's). `task_bundle` is a folder written
+    by `fedtune.task.write_bundle` that the workers read their task from."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from clients.app import handle_query
+
+        return handle_query(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from clients.app import handle_train
+        from fedtune.runconfig import config_from_run_config
+
+        return handle_train(msg, context, cfg or config_from_run_config(context.run_config),
+                            task_bundle)
+
+    return app

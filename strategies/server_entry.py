@@ -1,0 +1,59 @@
+"""The ServerApp object, built without importing what its main runs.
+
+`fedtune run` builds it as soon as Ray is up, while the driver still imports torch and the
+server code in another thread (`fedtune.sim`): the ServerApp's thread waits for those
+imports (`Preparation.imported`) before it imports `strategies.server_app`, so no module is
+imported by two threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import ExperimentConfig
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """Work the ServerApp finishes before its first round (the simulation's driver imports
+    its code and builds its task in another thread while the workers start): `finish()`
+    waits for the task and raises its error; `failed()` says, without waiting, whether it
+    has failed already; `imported()` waits for the imports."""
+
+    finish: Callable[[], None]
+    failed: Callable[[], bool]
+    imported: Callable[[], None] = field(default=lambda: None)
+
+
+def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None,
+                     on_round: RoundCallback | None = None, resume: bool = False,
+                     prepare: Preparation | None = None) -> ServerApp:
+    """The ServerApp for `cfg` (else the run config's), writing the run folder `out_dir`.
+    With `prepare`, it first discovers the workers (discovery needs no task, so the workers
+    answer it while the task is still being built; a failed build cuts the wait short),
+    then finishes the preparation; what that raises ends the run before the run folder is
+    touched (`strategies.server_app.serve`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if prepare is not None:
+            prepare.imported()
+        from fedtune.runconfig import config_from_run_config
+        from strategies.server_app import serve
+
+        run_cfg = cfg or config_from_run_config(context.run_config)
+        folder = out_dir or Path(str(context.run_config.get("out", "") or
+                                     f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
+        serve(grid, run_cfg, folder, on_round, resume, prepare)
+
+    return app
