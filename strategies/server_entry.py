@@ -46,14 +46,21 @@ def build_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None =
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if prepare is not None:
-            prepare.imported()
-        from fedtune.runconfig import config_from_run_config
-        from strategies.server_app import serve
-
-        run_cfg = cfg or config_from_run_config(context.run_config)
-        folder = out_dir or Path(str(context.run_config.get("out", "") or
-                                     f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
-        serve(grid, run_cfg, folder, on_round, resume, prepare)
+        run_when_imported(grid, context.run_config, cfg, out_dir, on_round, resume, prepare)
 
     return app
+
+
+def run_when_imported(grid: Grid, run_config: dict[str, Any], cfg: ExperimentConfig | None,
+                      out_dir: Path | None, on_round: RoundCallback | None, resume: bool,
+                      prepare: Preparation | None) -> None:
+    """The ServerApp's main: wait for the driver's imports, then import and run the server."""
+    if prepare is not None:
+        prepare.imported()
+    from fedtune.runconfig import config_from_run_config
+    from strategies.server_app import serve
+
+    run_cfg = cfg or config_from_run_config(run_config)
+    folder = out_dir or Path(str(run_config.get("out", "") or
+                                 f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
+    serve(grid, run_cfg, folder, on_round, resume, prepare)

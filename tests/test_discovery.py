@@ -11,6 +11,7 @@ import pytest
 from fedtune.config import load_config
 from strategies.discovery import discover
 from strategies.server_app import Preparation, serve
+from strategies.server_entry import run_when_imported
 from tests.conftest import FakeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,4 +61,31 @@ def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path):
     assert grid.pushed_at is not None and grid.pushed_at < finished_at[0]
     # Not the round timeout: the failed build ended the wait for the silent workers.
     assert finished_at[0] - started < 5 < cfg.train.round_timeout_s
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path):
+    cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
+                                                                  "train.clients_per_round=2"])
+    calls: list[str] = []
+
+    def imported():
+        calls.append("imported")
+
+    def finish():
+        calls.append("finish")
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_when_imported(SilentGrid([1, 2, 3]), {}, cfg, tmp_path / "run", None, False,
+                          Preparation(finish, lambda: True, imported))
+    assert calls == ["imported", "finish"]
+
+    def broken():
+        raise ImportError("torch is broken in this install")
+
+    # An import that failed in the driver's thread ends the run with its own error.
+    with pytest.raises(ImportError, match="torch is broken"):
+        run_when_imported(SilentGrid([1]), {}, cfg, tmp_path / "run", None, False,
+                          Preparation(finish, lambda: True, broken))
     assert not (tmp_path / "run").exists()
