@@ -120,10 +120,9 @@ def cli(monkeypatch):
         uninstall_fast_dispatch()
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone():
-    """A randomly initialised 2-layer GPT-2 (no download); the prompt model only reads the
-    tokenizer's special-token ids."""
+def tiny_gpt2(n_layer: int):
+    """A randomly initialised `n_layer`-layer GPT-2 (no download) with a stand-in
+    tokenizer: the prompt model only reads its special-token ids."""
     from types import SimpleNamespace
 
     import torch
@@ -132,8 +131,14 @@ def tiny_backbone():
     from fedtune.models import Backbone
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
                         bos_token_id=0, eos_token_id=0)
     model = GPT2Model(config).eval().requires_grad_(False)
     tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
     return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """A 2-layer `tiny_gpt2`."""
+    return tiny_gpt2(2)

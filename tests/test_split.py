@@ -14,12 +14,13 @@ from clients import pruning
 from clients import split as split_client
 from clients.train import LocalResult, local_train
 from fedtune.config import ConfigError, SampleDPConfig, load_config
-from fedtune.models import Backbone, load_backbone
+from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone, SplitError
 from fedtune.privacy import DPHistory, make_private
 from fedtune.protocol import PruneSettings
 from fedtune.split import InProcessBody, SplitPromptModel, split_flops
 from fedtune.tuning import build_tuned_model
+from tests.conftest import tiny_gpt2
 
 BASE = ["train.batch_size=8", "tuning.prompt.length=4"]
 
@@ -31,16 +32,8 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny_decoder():
-    """A randomly initialised 3-layer GPT-2 (no download) with a stand-in tokenizer: the
-    prompt model only reads its special-token ids."""
-    from transformers import GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=3000, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
-    model = GPT2Model(config).eval().requires_grad_(False)
-    tok = SimpleNamespace(cls_token_id=None, sep_token_id=None, eos_token_id=0)
-    return Backbone(name="tiny-gpt2", model=model, tokenizer=tok, hash="tiny-gpt2")
+    """A 3-layer `tiny_gpt2`."""
+    return tiny_gpt2(3)
 
 
 def _data(n=24, length=16, seed=0):
