@@ -28,7 +28,7 @@ from fedtune.protocol import (
     TrainReply,
     check_plugin_fields,
 )
-from strategies.discovery import Roster, discover
+from strategies.discovery import Roster
 
 
 @dataclass
@@ -63,12 +63,10 @@ class Accepted:
 
 
 class DeltaFedAvg:
-    def __init__(self, spec: DeltaSpec, clients_per_round: int, seed: int,
-                 wait_for_nodes_s: float = 120.0) -> None:
+    def __init__(self, spec: DeltaSpec, clients_per_round: int, seed: int) -> None:
         self.spec = spec
         self.clients_per_round = clients_per_round
         self.seed = seed
-        self.wait_for_nodes_s = wait_for_nodes_s
         self.outcome = RoundOutcome()
         self.global_vector: np.ndarray | None = None
         self._asked: dict[int, int] = {}  # node -> partition id, this round
@@ -96,12 +94,9 @@ class DeltaFedAvg:
 
     # -- discovery and sampling
 
-    def discover(self, grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
-        """Bind partitions to nodes (`strategies.discovery`); returns the roster."""
-        return self.adopt(discover(grid, num_partitions, timeout, self.wait_for_nodes_s))
-
     def adopt(self, roster: Roster) -> dict[int, int]:
-        """Take a roster discovered earlier; its refused claims go to the next ledger line."""
+        """Take the roster discovery bound (`strategies.discovery`); its refused claims go to
+        the next ledger line."""
         self.roster = dict(roster.nodes)
         self.refused_claims = list(roster.refused)
         return self.roster

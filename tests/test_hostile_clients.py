@@ -31,6 +31,7 @@ from fedtune.config import UserDPConfig
 from fedtune.delta import array_bytes, encode
 from fedtune.protocol import DP_KEYS, EXTRA_GROUPS, EXTRAS, SERVER_OWNED, PartitionReply
 from strategies import DeltaFedAvg
+from strategies.discovery import discover
 from strategies.user_dp import UserLevelDP
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -230,8 +231,8 @@ class ClaimGrid(FakeGrid):
     st.sampled_from(["partition-id", "node", "x"]), values | st.integers(0, 5), max_size=2),
     min_size=4, max_size=8))
 def test_discovery_binds_each_partition_to_one_node_whatever_nodes_claim(claims):
-    strategy = DeltaFedAvg(SPEC, 2, seed=0, wait_for_nodes_s=1)
-    roster = strategy.discover(ClaimGrid(claims), 4, timeout=1)
+    strategy = DeltaFedAvg(SPEC, 2, seed=0)
+    roster = strategy.adopt(discover(ClaimGrid(claims), 4, timeout=1, wait_for_nodes_s=1))
     assert set(roster) <= set(range(4)) and len(set(roster.values())) == len(roster)
     for pid, node in roster.items():
         assert PartitionReply.from_record(RecordDict({"roster": MetricRecord(claims[node])}),

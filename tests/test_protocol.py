@@ -28,6 +28,7 @@ from fedtune.protocol import (
     TrainReport,
 )
 from strategies import DeltaFedAvg
+from strategies.discovery import discover
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserLevelDP
 
@@ -236,8 +237,8 @@ class DiscoveryGrid(FakeGrid):
 def test_a_second_claim_on_a_partition_is_refused_for_that_node_only():
     # main: RuntimeError "partition 1 is claimed by nodes ..." ended the run.
     grid = DiscoveryGrid({7: 0, 8: 1, 9: 1, 10: {"partition-id": [2]}, 11: 2})
-    strategy = DeltaFedAvg(SPEC, 2, seed=0, wait_for_nodes_s=1)
-    roster = strategy.discover(grid, 3, timeout=1)
+    strategy = DeltaFedAvg(SPEC, 2, seed=0)
+    roster = strategy.adopt(discover(grid, 3, timeout=1, wait_for_nodes_s=1))
     assert roster == {0: 7, 1: 8, 2: 11}
     refused = {r["node"]: r["reason"] for r in strategy.refused_claims}
     assert set(refused) == {9, 10}
