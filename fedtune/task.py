@@ -318,6 +318,9 @@ def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
     copies_removed = {"validation": passed_over(train.labels, fraction, cfg.seed, among,
                                                 copied_train),
                       "test": int(np.count_nonzero(copied_test))}
+    if any(copies_removed.values()):
+        log.info("copies of training rows kept out of the task: %(validation)d validation "
+                 "draws passed over, %(test)d test rows removed", copies_removed)
     parts = _client_partitions(corpus["train"], validation_rows, cfg)
     data = _BundleData(splits["train"], splits["test"], parts, validation_rows,
                        _label_names(corpus["train"]), test_rows, copies_removed)

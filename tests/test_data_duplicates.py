@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedtune.config import load_config
-from fedtune.data import load_corpus, register_corpus
+from fedtune.data import load_corpus, register_corpus, target_rows
 from fedtune.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,18 @@ def test_the_default_task_has_no_copy_of_a_training_row_in_validation_or_test():
         np.sort(np.concatenate([*task.partitions, task.validation_rows])), np.arange(n_train))
     # The test split is the corpus' test rows less the copies, in corpus order.
     assert task.test_rows.size == len(task.test) and np.all(np.diff(task.test_rows) > 0)
+
+
+def test_with_two_domains_test_rows_are_target_rows_less_the_copies():
+    task = get_task(load_config(ROOT / "experiments/quickstart.toml", [
+        "data.num_clients=8", "data.partition=iid", "data.domain_by=collection",
+        "data.target_domain=set2", "data.target_clients=4", "model.max_length=32",
+        "tuning.prompt.length=4"]))
+    corpus = load_corpus("spamassassin")
+    target = target_rows(corpus["test"], "collection", "set2", "test")
+    assert set(task.test_rows.tolist()) < set(target.tolist())
+    assert task.copies_removed["test"] == target.size - task.test_rows.size > 0
+    assert _copies(task, list(corpus["train"]["text"]), list(corpus["test"]["text"])) == (0, 0)
 
 
 # --- a small corpus with planted copies -----------------------------------------------------

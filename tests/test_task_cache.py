@@ -51,6 +51,9 @@ def _same_task(a, b) -> None:
     for p, q in zip(a.partitions, b.partitions, strict=True):
         np.testing.assert_array_equal(p, q)
     np.testing.assert_array_equal(a.validation_rows, b.validation_rows)
+    np.testing.assert_array_equal(a.test_rows, b.test_rows)
+    assert a.copies_removed == b.copies_removed and set(a.copies_removed) == {"validation",
+                                                                               "test"}
 
 
 def test_a_repeat_build_reads_the_task_from_the_cache_without_the_corpus(cache, monkeypatch):
