@@ -36,6 +36,7 @@ def _copies(task, train_texts, test_texts) -> tuple[int, int]:
               for i in task.validation_rows)
     all_texts = {_norm(t) for t in train_texts}
     all_tokens = _token_rows(task.train, range(len(task.train)))
+    # Code from before the fix kept no test_rows: its test split was the whole corpus split.
     test_rows = getattr(task, "test_rows", np.arange(len(task.test)))
     test = sum(_norm(test_texts[r]) in all_texts or _token_rows(task.test, [i]) <= all_tokens
                for i, r in enumerate(test_rows))
@@ -127,6 +128,7 @@ def test_planted_copies_are_kept_out_of_validation_and_test_and_counted(seed):
     # Exactly the four planted test copies go; the near ones stay.
     assert task.test_rows.tolist() == [*range(36), 40, 41]
     assert task.copies_removed["test"] == 4
+    np.testing.assert_array_equal(task.test.labels, task.test_rows % 2)  # rows stay aligned
     # Each validation row the plain carve would draw from the 80 rows in copy pairs is
     # replaced by the next row of its label, and counted.
     labels = np.arange(len(TRAIN)) % 2
