@@ -1,6 +1,9 @@
 """The learning task an experiment defines: frozen backbone + tokenized corpus + the
 server's validation rows + the clients' partitions of the other training rows.
 
+No validation or test row is a copy of a training row (fedtune.data.duplicates): test rows
+that are go, validation draws pass over them; `Task.copies_removed` counts both.
+
 Built once per process (the server's and each Ray actor's) and shared by every virtual
 client that process serves; a client then costs only its partition indices.
 """
@@ -25,13 +28,14 @@ from fedtune import task_cache
 from fedtune.config import ExperimentConfig, config_from_toml
 from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
 from fedtune.data.domains import no_progress_bars
+from fedtune.data.duplicates import RowKeys
 from fedtune.data.tokenize import tokenizer_fingerprint
 from fedtune.delta import DeltaSpec
 from fedtune.models import Backbone, backbone_for
 from fedtune.runtime_settings import runtime_settings
 from fedtune.startup import phase, record_since
 from fedtune.tuning import TunedModel, build_tuned_model
-from fedtune.validation_split import carve_validation, client_rows
+from fedtune.validation_split import carve_validation, client_rows, passed_over
 
 if TYPE_CHECKING:
     import datasets
@@ -69,6 +73,12 @@ class Task:
     # Rows of `train` the server validates on (data.validation_fraction); no partition
     # holds any of them. Empty when the fraction is 0.
     validation_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Rows of the corpus' test split that `test` holds (target rows with two domains, less
+    # the copies of training rows), ascending; None where unknown.
+    test_rows: np.ndarray | None = None
+    # Copies of training rows kept out: "validation" = draws of the validation carve passed
+    # over, "test" = test rows removed.
+    copies_removed: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -135,6 +145,7 @@ def get_task(cfg: ExperimentConfig, bundle: str | Path | None = None) -> Task:
 
 BUNDLE_META = "task.json"
 VALIDATION_ROWS = "validation_rows.npy"
+TEST_ROWS = "test_rows.npy"
 
 
 def write_bundle(task: Task, folder: str | Path) -> Path:
@@ -157,7 +168,9 @@ def write_bundle(task: Task, folder: str | Path) -> Path:
     np.save(folder / "partitions.npy", flat)
     np.save(folder / "partition_sizes.npy", sizes)
     np.save(folder / VALIDATION_ROWS, task.validation_rows.astype(np.int64))
-    meta = {"key": task_key(task.cfg), "arrays": arrays, "label_names": list(task.label_names)}
+    np.save(folder / TEST_ROWS, np.asarray(task.test_rows, dtype=np.int64))
+    meta = {"key": task_key(task.cfg), "arrays": arrays, "label_names": list(task.label_names),
+            "copies_removed": task.copies_removed}
     (folder / BUNDLE_META).write_text(json.dumps(meta))
     return folder
 
@@ -195,6 +208,8 @@ class _BundleData:
     partitions: list[np.ndarray]
     validation_rows: np.ndarray
     label_names: tuple[str, ...]
+    test_rows: np.ndarray
+    copies_removed: dict[str, int]
 
 
 def _read_bundle(root: Path) -> _BundleData:
@@ -207,15 +222,18 @@ def _read_bundle(root: Path) -> _BundleData:
     sizes = np.load(root / "partition_sizes.npy")
     data = _BundleData(splits["train"], splits["test"],
                        np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else [],
-                       np.load(root / VALIDATION_ROWS), tuple(meta["label_names"]))
+                       np.load(root / VALIDATION_ROWS), tuple(meta["label_names"]),
+                       np.load(root / TEST_ROWS),
+                       {k: int(v) for k, v in meta["copies_removed"].items()})
     rows = len(data.train)
     for name, split in splits.items():
         if not split.input_ids.shape[0] == split.attention_mask.shape[0] == len(split):
             raise ValueError(f"bundle {root}: the {name} arrays differ in length")
     if (flat.size and not 0 <= flat.min() <= flat.max() < rows) or int(sizes.sum()) != flat.size \
             or (data.validation_rows.size and data.validation_rows.max() >= rows) \
-            or not data.label_names:
-        raise ValueError(f"bundle {root}: partitions, validation rows or labels out of range")
+            or not data.label_names or data.test_rows.size != len(data.test):
+        raise ValueError(f"bundle {root}: partitions, validation rows, test rows or labels "
+                         "out of range")
     return data
 
 
@@ -223,7 +241,8 @@ def _assemble(cfg: ExperimentConfig, backbone: Backbone, data: _BundleData) -> T
     model = build_tuned_model(backbone, cfg.tuning, len(data.label_names), seed=cfg.seed)
     spec = model_spec(model, backbone, cfg, len(data.label_names))
     return Task(cfg, backbone, data.train, data.test, data.partitions, data.label_names, spec,
-                validation_rows=data.validation_rows)
+                validation_rows=data.validation_rows, test_rows=data.test_rows,
+                copies_removed=data.copies_removed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -274,23 +293,42 @@ def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
                                  np.asarray(ds["label"], dtype=np.int64))
     started = time.perf_counter()
     among = None
+    test_rows = np.arange(len(splits["test"]), dtype=np.int64)
     if cfg.data.domain_by:
         # With two domains, the utility that counts is the target domain's: test and
         # validation rows are target rows.
-        rows = target_rows(corpus["test"], cfg.data.domain_by, cfg.data.target_domain, "test")
-        test = splits["test"]
-        splits["test"] = Split(test.input_ids[rows], test.attention_mask[rows],
-                               test.labels[rows])
+        test_rows = target_rows(corpus["test"], cfg.data.domain_by, cfg.data.target_domain,
+                                "test")
         among = target_rows(corpus["train"], cfg.data.domain_by, cfg.data.target_domain,
                             "train")
-    validation_rows = carve_validation(splits["train"].labels, cfg.data.validation_fraction,
-                                       cfg.seed, among)
+    train, test = splits["train"], splits["test"]
+    # Copies are looked for among all training rows, whichever client or domain holds them.
+    train_keys = RowKeys(list(corpus["train"]["text"]), train.input_ids, train.attention_mask)
+    test_texts = corpus["test"]["text"]
+    copied_test = RowKeys([test_texts[int(i)] for i in test_rows], test.input_ids[test_rows],
+                          test.attention_mask[test_rows]).found_in(train_keys)
+    test_rows = test_rows[~copied_test]
+    splits["test"] = Split(test.input_ids[test_rows], test.attention_mask[test_rows],
+                           test.labels[test_rows])
+    # A training row with a copy elsewhere in the training split is never drawn for
+    # validation: the copy would train on a client (or sit beside it in validation).
+    copied_train = train_keys.repeated()
+    fraction = cfg.data.validation_fraction
+    validation_rows = carve_validation(train.labels, fraction, cfg.seed, among, copied_train)
+    copies_removed = {"validation": passed_over(train.labels, fraction, cfg.seed, among,
+                                                copied_train),
+                      "test": int(np.count_nonzero(copied_test))}
+    if any(copies_removed.values()):
+        log.info("copies of training rows kept out of the task: %(validation)d validation "
+                 "draws passed over, %(test)d test rows removed", copies_removed)
     parts = _client_partitions(corpus["train"], validation_rows, cfg)
     data = _BundleData(splits["train"], splits["test"], parts, validation_rows,
-                       _label_names(corpus["train"]))
+                       _label_names(corpus["train"]), test_rows, copies_removed)
     task = _assemble(cfg, backbone, data)
     record_since("partitions", started, f"{len(parts)} clients, "
-                 f"{validation_rows.size:,} validation rows")
+                 f"{validation_rows.size:,} validation rows; copies of training rows kept "
+                 f"out: {copies_removed['validation']} validation, {copies_removed['test']} "
+                 "test")
     return task
 
 

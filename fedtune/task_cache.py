@@ -11,8 +11,8 @@ that shapes those arrays:
   list its files, such as a dataset from the Hugging Face cache, is never cached);
 - the tokenizer (its serialized pipeline, as the token cache keys it);
 - the versions of the libraries that cut the splits (`datasets`, flwr-datasets, numpy)
-  and the source of fedtune's data code, so an upgrade or a fix never serves stale
-  partitions.
+  and the source of fedtune's data code, so an upgrade or a fix (such as the rule that keeps
+  copies of training rows out of validation and test) never serves stale splits.
 
 Entries are written to a temporary folder and renamed into place, so a concurrent run sees
 a whole entry or none; one that cannot be read is rebuilt. The cache holds nothing the
@@ -97,8 +97,11 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
-def _code_digest() -> bytes:
-    package = Path(__file__).resolve().parent
+def _code_digest(package: Path | None = None) -> bytes:
+    """A digest of fedtune's data code (CODE, under `package`, default this package): the
+    splits' rules (the validation carve, the copy rule of `data/duplicates.py`) live there,
+    so changing one gives every task a new key and old entries are never read."""
+    package = package or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for name in CODE:
         path = package / name

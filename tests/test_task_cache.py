@@ -51,6 +51,9 @@ def _same_task(a, b) -> None:
     for p, q in zip(a.partitions, b.partitions, strict=True):
         np.testing.assert_array_equal(p, q)
     np.testing.assert_array_equal(a.validation_rows, b.validation_rows)
+    np.testing.assert_array_equal(a.test_rows, b.test_rows)
+    assert a.copies_removed == b.copies_removed and set(a.copies_removed) == {"validation",
+                                                                               "test"}
 
 
 def test_a_repeat_build_reads_the_task_from_the_cache_without_the_corpus(cache, monkeypatch):
@@ -139,3 +142,26 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(cache, caplo
     with caplog.at_level(logging.WARNING, logger="fedtune.task"):
         task, _ = _build(_cfg("seed=15"))
     assert len(task.partitions) == 6 and "could not store" in caplog.text
+
+
+def test_the_key_covers_the_code_that_carves_the_splits(tmp_path):
+    """A change to the split rules (the validation carve, the copy rule of issue 26 #6) gives
+    every task a new key, so entries written by older code are never read."""
+    package = Path(task_cache.__file__).resolve().parent
+    copy = tmp_path / "fedtune"
+    for name in task_cache.CODE:
+        source = package / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name)
+        else:
+            copy.mkdir(exist_ok=True)
+            shutil.copy(source, copy / name)
+    assert task_cache._code_digest(copy) == task_cache._code_digest()
+    digests = {task_cache._code_digest()}
+    for rule in ("data/duplicates.py", "validation_split.py", "task.py"):
+        path = copy / rule
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# changed\n")
+        digests.add(task_cache._code_digest(copy))
+        path.write_bytes(original)
+    assert len(digests) == 4

@@ -65,6 +65,24 @@ def test_carve_draws_only_among_the_given_rows():
     assert rows.size == 10 and set(rows) <= set(among)
 
 
+def test_carve_passes_over_rows_with_a_copy_and_keeps_its_size_and_order():
+    from fedtune.validation_split import passed_over
+
+    labels = np.repeat([0, 1], [700, 300])
+    plain = carve_validation(labels, 0.2, seed=3)
+    copied = np.zeros(labels.size, dtype=bool)
+    np.testing.assert_array_equal(carve_validation(labels, 0.2, seed=3, copied=copied), plain)
+    copied[plain[:5]] = True  # five rows the plain carve takes have a copy
+    copied[np.setdiff1d(np.arange(labels.size), plain)[:50]] = True  # and some it leaves
+    rows = carve_validation(labels, 0.2, seed=3, copied=copied)
+    assert not copied[rows].any() and rows.size == plain.size
+    assert (labels[rows] == 1).sum() == (labels[plain] == 1).sum()  # still stratified
+    # Every other draw stays: the seeded order only skips the marked rows.
+    assert np.setdiff1d(plain, rows).size == 5
+    np.testing.assert_array_equal(rows, carve_validation(labels, 0.2, seed=3, copied=copied))
+    assert passed_over(labels, 0.2, 3, None, copied) == 5
+
+
 def test_a_fraction_that_carves_nothing_is_an_error_naming_the_field():
     with pytest.raises(PartitionError, match="data.validation_fraction=0.001 .* 0 of 30"):
         carve_validation(np.zeros(30, dtype=np.int64), 0.001, seed=0)
