@@ -141,10 +141,11 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment):
 
 @pytest.mark.slow
 def test_deploy_supernode_command_reports_the_refusal(deployment):
-    from fedtune.deploy.certs import write_node_key
+    from fedtune.deploy.certs import load_ca, write_node_key
     from fedtune.deploy.local import free_port
 
-    key = write_node_key(deployment.root / "certs" / "node-stranger")
+    key = write_node_key(deployment.root / "certs" / "node-stranger",
+                         ca=load_ca(deployment.root / "certs"))
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune.cli", "deploy", "supernode",
          "--superlink", f"127.0.0.1:{deployment.port}",
@@ -367,7 +368,11 @@ def test_only_loopback_listens_and_the_gateway_hides_the_control_api(deployment)
     found = listeners(pids)
     assert {x.port for x in found} >= {deployment.port, deployment.fleet_port}
     assert not [str(x) for x in found if not x.loopback], found
+    from fedtune.deploy.certs import node_cert_paths
+
     verify = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    # Even a node's TLS client certificate does not open the Control API on the gateway.
+    verify.load_cert_chain(*(str(p) for p in node_cert_paths(deployment.certs.node_keys[0])))
     path = "/v1/control/register-node"  # how an outsider registered its own key
     with httpx.Client(verify=verify) as client:
         assert client.post(f"https://127.0.0.1:{deployment.fleet_port}{path}",

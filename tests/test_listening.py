@@ -19,7 +19,7 @@ import httpx
 import pytest
 from netstat import descendants, listeners
 
-from fedtune.deploy.certs import write_certs
+from fedtune.deploy.certs import node_cert_paths, write_certs
 from fedtune.deploy.local import free_port, gateway_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_readme_recipe_keeps_the_superlink_on_loopback():
 
 
 def test_fleet_gateway_listens_where_asked_and_forwards_only_the_fleet_api(tmp_path):
-    certs = write_certs(tmp_path / "certs", nodes=0)
+    certs = write_certs(tmp_path / "certs", nodes=1)
     port, closed = free_port(), free_port()  # nothing listens on `closed`: no SuperLink
     proc = subprocess.Popen(gateway_command(f"0.0.0.0:{port}", f"127.0.0.1:{closed}", certs),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -52,6 +52,8 @@ def test_fleet_gateway_listens_where_asked_and_forwards_only_the_fleet_api(tmp_p
         found = _wait_listening(proc)
         assert [(x.address, x.port) for x in found] == [("0.0.0.0", port)], found
         verify = ssl.create_default_context(cafile=str(certs.ca_cert))
+        # The gateway requires a node's TLS client certificate (tests/test_gateway.py).
+        verify.load_cert_chain(*(str(p) for p in node_cert_paths(certs.node_keys[0])))
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=verify) as client:
             for method, path in (("POST", "/v1/control/register-node"),
                                  ("POST", "/v1/control/start-run"),
