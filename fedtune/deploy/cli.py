@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,41 @@ def superlink(
     code = _wait_and_stop(procs)
     if code:
         _fail(f"the SuperLink or its Fleet gateway exited with code {code} (see the log above)")
+
+
+@deploy_app.command("sim-superlink")
+def sim_superlink(
+    port: Annotated[int, typer.Option(
+        help="The SuperLink's port on 127.0.0.1 (`flwr run` connects to it).")] = 9093,
+) -> None:
+    """Start a simulation SuperLink for `flwr run`, everything on loopback (its Ray too),
+    until Ctrl-C (README: Running with `flwr run`)."""
+    import tempfile
+
+    from fedtune.deploy.local import SIMULATION_ENV, simulation_superlink_command
+    from fedtune.local_ray import TMPDIR_ENV
+
+    if not 0 < port < 65536:
+        _fail(f"--port must be 1-65535, got {port}")
+    with tempfile.TemporaryDirectory(prefix="fedtune-ray-") as ray_tmp:
+        env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
+               **SIMULATION_ENV, TMPDIR_ENV: ray_tmp,  # Ray's session files, removed after
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                        os.environ.get("PATH", "")])}
+        # Own process group: its SuperExec, flwr-simulation and Ray end with it.
+        proc = subprocess.Popen(simulation_superlink_command(port), env=env,
+                                start_new_session=True)
+        console.print(f"simulation SuperLink on 127.0.0.1:{port} (PID {proc.pid}; its Ray on "
+                      "loopback only); Ctrl-C stops", highlight=False)
+        try:
+            code = _wait_and_stop([proc])
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    if code:
+        _fail(f"the SuperLink exited with code {code} (see the log above)")
 
 
 def _wait_and_stop(procs: list[subprocess.Popen]) -> int:

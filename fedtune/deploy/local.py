@@ -31,6 +31,7 @@ from typing import IO
 from fedtune.compat.flower_deploy import enabled
 from fedtune.deploy.certs import CertFiles, load_ca, node_cert_paths, write_certs, write_node_key
 from fedtune.deploy.fleet_gateway import Limits
+from fedtune.local_ray import SINGLE_MACHINE_ENV
 
 CONNECTION = "fedtune-local"
 
@@ -38,6 +39,22 @@ CONNECTION = "fedtune-local"
 # Flower 1.41 also starts its older gRPC Control and Fleet servers, on 0.0.0.0:9093 and
 # 0.0.0.0:9092, when these are "1"; they stay off whatever the caller's environment says.
 SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
+# `flwr run` on a simulation SuperLink (README: Running with `flwr run`): Flower's
+# `flwr-simulation`, started under the SuperLink, calls `ray.init()`, and a plain one gave
+# Ray's GCS, raylet, workers and the driver the host's address on every interface (8
+# non-loopback sockets measured). Ray's single-machine switch (fedtune.local_ray) reaches it
+# through the environment the SuperLink passes down to its SuperExec and flwr-simulation.
+SIMULATION_ENV = {SINGLE_MACHINE_ENV: "0", **SUPERLINK_ENV}
+
+
+def simulation_superlink_command(port: int) -> list[str]:
+    """`flower-superlink --simulation` on 127.0.0.1 (Control and ServerAppIo APIs there, no
+    TLS: nothing off this machine reaches loopback), without runtime dependency
+    installation; start it with `SIMULATION_ENV`."""
+    return [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--insecure", "--simulation", "--disable-runtime-dependency-installation"]
 
 
 def superlink_command(port: int, certs: CertFiles) -> list[str]:
