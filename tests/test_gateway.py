@@ -167,3 +167,57 @@ def test_body_limit_follows_the_model_size():
     # A 1 M-parameter model's float32 upload is 4 MB: the limit leaves room, not 512 MB.
     assert 8 * 2**20 < body_limit_for(1_000_000) < 10 * 2**20
     assert Limits().scaled(3).max_connections_per_peer == 3 * Limits().max_connections_per_peer
+
+
+# --- the SuperNode side: its certificate through fedtune.compat (tested Flower only) ---------
+
+def test_supernode_client_certificate_patch_on_tested_flower(tmp_path, monkeypatch):
+    from flwr.supernode import fleet_http_connection
+
+    from fedtune.compat import flower_deploy
+
+    certs = write_certs(tmp_path, nodes=1)
+    cert, key = node_cert_paths(certs.node_keys[0])
+    monkeypatch.setattr(fleet_http_connection, "FleetHttpClient",
+                        fleet_http_connection.FleetHttpClient)  # restored after the test
+    flower_deploy.use_client_certificate(str(cert), str(key), version="1.42.0")
+    patched = fleet_http_connection.FleetHttpClient
+    assert patched.__name__ == "FleetClientWithCertificate"
+    client = patched.from_server_address("127.0.0.1:1", False, str(certs.ca_cert), [])
+    assert isinstance(client, patched)
+    with pytest.raises(ValueError, match="needs TLS"):
+        patched.from_server_address("127.0.0.1:1", True, None, [])
+
+
+def test_supernode_client_certificate_refused_on_untested_flower(monkeypatch):
+    from flwr.supernode import fleet_http_connection
+
+    from fedtune.compat import flower_deploy
+
+    monkeypatch.setattr(flower_deploy, "_noted", set())
+    before = fleet_http_connection.FleetHttpClient
+    with pytest.raises(flower_deploy.UnsupportedFlower, match="Flower 1.43.0 is untested"):
+        flower_deploy.use_client_certificate("c", "k", version="1.43.0")
+    assert fleet_http_connection.FleetHttpClient is before  # Flower left alone
+
+
+def test_client_context_presents_the_node_certificate(gateway):
+    # What the patch hands Flower's client: a context that passes the gateway's handshake.
+    from fedtune.compat.flower_deploy import client_ssl_context
+
+    port, certs, _ = gateway
+    cert, key = node_cert_paths(certs.node_keys[0])
+    context = client_ssl_context(str(certs.ca_cert), str(cert), str(key))
+    with httpx.Client(verify=context) as client:
+        assert client.post(f"https://127.0.0.1:{port}/v1/fleet/get-run",
+                           content=b"").status_code == 502
+
+
+def test_supernode_entry_takes_the_certificate_flags_off_flowers_arguments():
+    from fedtune.deploy.supernode import split_client_cert
+
+    assert split_client_cert(["--superlink", "h:1", "--tls-client-cert", "a.crt",
+                              "--tls-client-key", "a.key", "--insecure"]) == (
+        "a.crt", "a.key", ["--superlink", "h:1", "--insecure"])
+    with pytest.raises(SystemExit, match="go together"):
+        split_client_cert(["--tls-client-cert", "a.crt"])
