@@ -35,6 +35,44 @@ OPTIMIZERS = ("sgd", "adam")
 PREFIX_CACHE = ("auto", "on", "off")
 # numpy's legacy seeding (np.random.seed, RandomState) takes 32-bit seeds only.
 SEED_MAX = 2**32 - 1
+# Ranges that fit one machine, checked before any other rule (THREATS.md 8): a value past
+# them is a typo or an attack, not an experiment (2^63 rounds, lr 1e308, a delta that is a
+# subnormal float). Each refusal names the key and its range. Keys: dotted config paths.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "model.max_length": (1, 65_536),
+    "data.num_clients": (1, 1_000_000),
+    "data.target_clients": (0, 1_000_000),
+    "train.rounds": (1, 100_000),
+    "train.clients_per_round": (1, 1_000_000),
+    "train.local_steps": (1, 1_000_000),
+    "train.local_epochs": (0, 10_000),
+    "train.batch_size": (1, 65_536),
+    "train.eval_batch_size": (1, 65_536),
+    "train.eval_max_examples": (0, 1_000_000_000),
+    "train.lr": (1e-12, 1e4),
+    "train.max_grad_norm": (0, 1e6),
+    "train.round_timeout_s": (1e-3, 7 * 86_400),
+    "privacy.sample.target_epsilon": (1e-6, 1e4),
+    "privacy.sample.noise_multiplier": (0, 1e6),
+    "privacy.sample.max_grad_norm": (1e-12, 1e6),
+    "privacy.sample.delta": (1e-30, 0.5),
+    "privacy.user.target_epsilon": (1e-6, 1e4),
+    "privacy.user.noise_multiplier": (0, 1e6),
+    "privacy.user.clip_norm": (1e-12, 1e6),
+    "privacy.user.delta": (1e-30, 0.5),
+    "faults.hang_s": (1e-3, 7 * 86_400),
+    "split.cut_layer": (0, 10_000),
+    "split.smashed_dp.activation_clip_norm": (1e-12, 1e6),
+    "split.smashed_dp.gradient_clip_norm": (1e-12, 1e6),
+    "split.smashed_dp.target_epsilon": (1e-6, 1e4),
+    "split.smashed_dp.noise_multiplier": (0, 1e6),
+    "simulation.num_cpus": (0, 65_536),
+    "simulation.num_cpus_per_client": (1e-3, 65_536),
+    "simulation.num_gpus_per_client": (0, 1_024),
+}
+# `name` becomes a folder (runs/<name>-<time>): one path component, as a sweep's run names
+# (fedtune.sweep.check_folder_name), with room for the time stamp.
+NAME_MAX_BYTES = 200
 
 
 @dataclass
@@ -426,11 +464,13 @@ class ExperimentConfig:
     plugins: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
+        check_name(self.name)
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.split, self.simulation, self.runtime):
             section.validate()
+        check_bounds(self)  # after the sections' own rules, before any cross-section rule
         # Checks the app layer registered (strategies.plugins: plugin names and params),
         # then whether the method composes with each plugin (which also refuses an unknown
         # name when the app layer is not loaded).
@@ -720,6 +760,27 @@ def _nonnegative(key: str, value: float) -> None:
 def _nonempty(key: str, value: str) -> None:
     if not value.strip():
         raise ConfigError(f"{key} must not be empty")
+
+
+def check_name(name: str) -> None:
+    """`name` is one safe folder name: it cannot leave the folder it is put in."""
+    if (name.strip() in ("", ".", "..") or "/" in name or "\\" in name
+            or any(not ch.isprintable() for ch in name)
+            or len(name.encode()) > NAME_MAX_BYTES):
+        raise ConfigError(f"name={name[:120]!r} must be a single folder name: not empty, '.' "
+                          f"or '..', no '/' or '\\', printable, 1-{NAME_MAX_BYTES} bytes")
+
+
+def check_bounds(cfg: ExperimentConfig) -> None:
+    """Every number in `BOUNDS` within its range (one line naming key and range)."""
+    for key, (low, high) in BOUNDS.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be in [{low:g}, {high:g}], got {value!r}"[:300])
 
 
 # The same rules for the `[tuning.<method>]` dataclasses that live with their methods.

@@ -5,8 +5,13 @@ A run folder ends with `final_state.safetensors` (every federated tensor, by nam
 model is rebuilt from the config (frozen backbone + seeded method modules, e.g. SLaSh's
 projections) and the tensors are loaded into it; the spec hash in the file's metadata
 proves the rebuilt layout, backbone weights and method config are the ones trained, and a
-sha256 of the tensors' bytes (`content_sha256`) that their values are the ones saved. That
-hash catches edits and damage, not a forger: anyone who can write the file can recompute it.
+sha256 of the tensors' bytes (`content_sha256`) that their values are the ones saved, and
+`prediction_sha256` binds everything else that changes a prediction: the label names, the
+config's `max_length`, backbone, layer pruning (and the layers kept), the method settings
+and seed, and the tokenizer's identity, next to the hashes above (`prediction_settings`).
+A state whose labels were reversed, or whose config.toml got another `max_length`, is
+refused by name. These hashes catch edits and damage, not a forger: anyone who can write
+the file can recompute them.
 
 `export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
 `load_tuned` opens either a run folder or an export.
@@ -48,14 +53,23 @@ class ExportError(ValueError):
 
 
 def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
-                     state: dict[str, torch.Tensor], label_names: tuple[str, ...]) -> None:
+                     state: dict[str, torch.Tensor], label_names: tuple[str, ...],
+                     cfg: ExperimentConfig | None = None) -> None:
     """Write `state` (the tensors of `spec`) into `folder`, and load it into `model` so a
-    peft-based model can also leave its standard adapter."""
+    peft-based model can also leave its standard adapter. The prediction settings are
+    bound from `cfg`, by default the run's `folder/config.toml` (without either the state
+    is saved unbound, and `load_tuned` refuses it)."""
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(tensors, str(folder / STATE_FILE), metadata={
-        "format": FORMAT, "spec_hash": spec.hash, "backbone_hash": spec.backbone_hash,
-        "content_sha256": content_hash(tensors),
-        "method": model.method, "label_names": json.dumps(list(label_names))})
+    meta = {"format": FORMAT, "spec_hash": spec.hash, "backbone_hash": spec.backbone_hash,
+            "content_sha256": content_hash(tensors),
+            "method": model.method, "label_names": json.dumps(list(label_names))}
+    if cfg is None and (folder / CONFIG_FILE).is_file():
+        cfg = load_config(folder / CONFIG_FILE)
+    if cfg is not None:
+        settings = prediction_settings(cfg, meta, backbone_for(cfg.model))
+        meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
+        meta[BINDING_KEY] = _settings_hash(settings)
+    save_file(tensors, str(folder / STATE_FILE), metadata=meta)
     # A PeftModel exists only once peft is imported; peft is not imported otherwise (it
     # costs ~2 s of CPU at start-up).
     peft = sys.modules.get("peft")
@@ -64,6 +78,74 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
             for name, tensor in tensors.items():
                 model.get_parameter(name).copy_(tensor)
         model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+
+
+BINDING_KEY = "prediction_sha256"
+SETTINGS_KEY = "prediction_settings"
+
+
+def prediction_settings(cfg: ExperimentConfig, meta: dict[str, str], backbone: Any
+                        ) -> dict[str, Any]:
+    """Every value besides the tensors that changes what the loaded model predicts."""
+    return {
+        "label_names": json.loads(meta["label_names"]),
+        "max_length": cfg.model.max_length,
+        "backbone": cfg.model.backbone,
+        "prune_layers": cfg.model.prune_layers,
+        "layers_kept": list(backbone.layers_kept),
+        "tuning": cfg.tuning.fingerprint(),
+        "seed": cfg.seed,
+        "tokenizer_sha256": tokenizer_hash(backbone.tokenizer),
+        **{key: meta[key] for key in ("spec_hash", "backbone_hash", "content_sha256",
+                                      "method")},
+    }
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's identity: its class, its full serialized pipeline (a fast
+    tokenizer's vocabulary, normalizer and post-processor) or else its vocabulary, special
+    tokens and padding/truncation sides."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        # Each call sets these on the shared tokenizer (fedtune pads and truncates to
+        # `max_length`, bound separately): state of the last call, not identity.
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+        digest.update(json.dumps(pipeline, sort_keys=True).encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps([str(tokenizer.special_tokens_map),
+                              getattr(tokenizer, "padding_side", None),
+                              getattr(tokenizer, "truncation_side", None)]).encode())
+    return digest.hexdigest()
+
+
+def _check_binding(path: Path, meta: dict[str, str], settings: dict[str, Any]) -> None:
+    expected = meta.get(BINDING_KEY)
+    if not expected:
+        raise ExportError(f"{path} has no prediction hash (labels, max_length, tokenizer, "
+                          "method settings): saved by an older fedtune or rewritten outside "
+                          "it; its predictions cannot be verified")
+    if _settings_hash(settings) == expected:
+        return
+    try:
+        saved = json.loads(meta.get(SETTINGS_KEY, "{}"))
+    except json.JSONDecodeError:
+        saved = {}
+    if _settings_hash(saved) != expected:
+        changed = "the state's metadata"
+    else:
+        keys = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        changed = ", ".join(keys)
+    raise ExportError(f"{path}: {changed[:200]} changed since the run saved this state (the "
+                      "prediction hash does not match): the labels, config.toml or tokenizer "
+                      "were edited or replaced; refusing a model that would predict otherwise")
 
 
 def content_hash(state: dict[str, torch.Tensor]) -> str:
@@ -167,10 +249,16 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
                           f"has {sorted(spec.names)}")
     # safetensors stores names sorted; the spec's order is the model's.
     spec.flatten({name: state[name] for name in spec.names})  # checks every shape
+    _check_binding(folder / STATE_FILE, meta, prediction_settings(cfg, meta, backbone))
     with torch.no_grad():
         for name, tensor in state.items():
             model.get_parameter(name).copy_(tensor)
     return TunedClassifier(model, cfg, label_names, spec, backbone.tokenizer)
+
+
+def _state_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata() or {}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -195,6 +283,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         "backbone": tuned.cfg.model.backbone,
         "backbone_hash": tuned.spec.backbone_hash,
         "spec_hash": tuned.spec.hash,
+        "prediction_sha256": _state_metadata(out / STATE_FILE).get(BINDING_KEY),
         "tensors": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in
                     zip(tuned.spec.names, tuned.spec.shapes, tuned.spec.dtypes, strict=True)],
         "label_names": list(tuned.label_names),

@@ -2,6 +2,11 @@
 
 Each round line is flushed and fsynced as soon as the round ends, so a crash or kill keeps
 every round completed so far; the summary is written atomically.
+
+No file is written through a symlink (THREATS.md 7: links planted in `--out` were followed
+and a run wrote `config.toml` and `rounds.jsonl` through them): `rounds.jsonl` is opened with
+O_NOFOLLOW, and whole files are written to a new temp file (O_EXCL | O_NOFOLLOW), fsynced and
+renamed over the name, which replaces a link instead of following it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
@@ -32,7 +38,9 @@ class Ledger:
         self.rounds_path = self.dir / ROUNDS_FILE
 
     def append_round(self, record: dict[str, Any]) -> None:
-        with self.rounds_path.open("a") as fh:
+        fd = os.open(self.rounds_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record, sort_keys=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -60,9 +68,7 @@ class Ledger:
                 f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
                 f"{completed_round}: the ledger does not match the checkpoint")
         if len(records) != len(lines) or records[-1] is last_record:
-            tmp = self.rounds_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, self.rounds_path)
+            write_text_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.dir / SUMMARY_FILE, summary)
@@ -107,6 +113,21 @@ def count_rounds(run_dir: str | Path) -> int:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a fresh temp file next to it (never through a link, never
+    an existing file), fsynced, then renamed over `path` (a link there is replaced, its
+    target untouched)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink()  # a stale temp file of a killed write, or a planted link: the entry goes
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)

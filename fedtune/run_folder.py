@@ -9,6 +9,10 @@ A new run never writes into a folder that already holds a run's files (not even
 `config.toml`): whatever is there belongs to another run and stays as it is. A resume needs
 the folder it continues. Problems (a file where the folder should be, no write access, a
 folder in use) are found here, before Ray or any model starts.
+
+A symlink as `--out` or inside it is refused (new run and resume), dangling or not: a run
+wrote `config.toml` and `rounds.jsonl` through planted links. The files themselves are
+opened without following links (`fedtune.ledger`), which also covers a link planted later.
 """
 
 from __future__ import annotations
@@ -56,10 +60,14 @@ class RunFolder:
 def claim_run_folder(path: Path, resume: bool = False, flag: str = "--out") -> RunFolder:
     """Lock `path` for one run. A new run needs a folder without run files (created if
     missing); `resume` needs an existing one. Raises RunFolderError naming the problem."""
+    if path.is_symlink():
+        raise RunFolderError(f"{flag} {path} is a symlink; give the real folder")
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{flag} {path} is a file, not a folder")
     if resume and not path.is_dir():
         raise RunFolderError(f"{flag} {path} does not exist: nothing to resume")
+    if path.is_dir():
+        _refuse_links(path, flag)
     if not resume:
         _refuse_taken(path, flag)
         try:
@@ -73,16 +81,27 @@ def claim_run_folder(path: Path, resume: bool = False, flag: str = "--out") -> R
             raise RunFolderError(f"{flag} {path} is not writable")
         if not resume:
             _refuse_taken(path, flag)  # another run may have written it before we locked
+        _refuse_links(path, flag)
     except BaseException:
         folder.release()
         raise
     return folder
 
 
+def _refuse_links(path: Path, flag: str) -> None:
+    links = sorted(entry.name for entry in os.scandir(path) if entry.is_symlink())
+    if links:
+        shown = ", ".join(repr(name[:80]) for name in links[:5])
+        more = ", ..." if len(links) > 5 else ""
+        raise RunFolderError(f"{flag} {path} holds symlinks ({shown}{more}); a run never "
+                             f"writes through a link: remove them or choose another {flag}")
+
+
 def _refuse_taken(path: Path, flag: str) -> None:
     if not path.is_dir():
         return
-    taken = [name for name in RUN_FILES if (path / name).exists()]
+    # lexists: a dangling link planted under a run file's name counts too.
+    taken = [name for name in RUN_FILES if os.path.lexists(path / name)]
     if not taken:
         return
     hint = (f"--resume {path} continues it" if (path / CHECKPOINT_FILE).exists()

@@ -33,7 +33,7 @@ from fedtune.evaluation import (
 )
 from fedtune.export import save_tuned_state
 from fedtune.interrupt import received
-from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError
+from fedtune.ledger import CONFIG_FILE, Ledger, NoContributionError, write_text_atomic
 from fedtune.models.layer_pruning import pruning_record, resolve_config
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.startup import mark, phase
@@ -73,7 +73,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         ledger.restore(state.round, state.record)
         state.resumed_at.append(state.round)
     else:
-        (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
+        write_text_atomic(out_dir / CONFIG_FILE, cfg.to_toml())  # never through a link
         # The untrained model's figures are computed after the last round (`_initial`),
         # not here: scoring the test and validation splits before round 1 kept every
         # client waiting for it (seconds on the quickstart, minutes with a large model).

@@ -194,3 +194,31 @@ def test_runtime_values_are_validated(override, needle):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert needle in str(info.value)
+
+
+# --- upper bounds and the name (THREATS.md 8; issue 27 #7) ------------------------------------
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("train.rounds=9223372036854775808", "train.rounds must be in [1, 100000]"),
+    ("train.local_steps=9223372036854775807", "train.local_steps must be in [1, 1e+06]"),
+    ("train.batch_size=9223372036854775807", "train.batch_size must be in [1, 65536]"),
+    ("data.num_clients=9223372036854775807", "data.num_clients must be in [1, 1e+06]"),
+    ("model.max_length=9223372036854775807", "model.max_length must be in [1, 65536]"),
+    ("train.lr=1e308", "train.lr must be in [1e-12, 10000]"),
+    ("privacy.sample.delta=1e-320", "privacy.sample.delta must be in [1e-30, 0.5]"),
+    ("privacy.user.delta=1e-320", "privacy.user.delta must be in [1e-30, 0.5]"),
+    ("name='../../escape'", "name='../../escape' must be a single folder name"),
+    ("name='..'", "name='..' must be a single folder name"),
+    ("name='a\\tb'", "must be a single folder name"),
+])
+def test_values_past_what_fits_the_machine_are_refused_in_one_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert needle in message and "\n" not in message and len(message) < 300
+
+
+def test_values_at_the_bounds_load():
+    cfg = load_config(None, ["train.rounds=100000", "privacy.sample.delta=1e-30",
+                             "train.batch_size=65536", "name=my-run_1.b"])
+    assert cfg.train.rounds == 100_000 and cfg.name == "my-run_1.b"

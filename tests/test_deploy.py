@@ -72,7 +72,38 @@ def test_deploy_certs_writes_the_files(cli, tmp_path):
     res = cli("deploy", "certs", str(tmp_path), "--host", "10.1.2.3", "--nodes", "1")
     assert res.code == 0, res.output
     assert {p.name for p in tmp_path.iterdir()} == {
-        "ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub"}
+        "ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub",
+        "node-0.crt", "node-0.key"}  # the node's TLS client certificate for the gateway
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--nodes", str(10**21)], "--nodes must be an integer in [0, 10000]"),
+    (["--nodes", "10001"], "--nodes must be an integer in [0, 10000]"),
+    (["--days", str(10**9)], "--days must be an integer in [1, 3650]"),
+    (["--days", "0"], "--days must be an integer in [1, 3650]"),
+])
+def test_deploy_certs_counts_and_days_are_bounded(cli, tmp_path, args, needle):
+    # --nodes 10**21 grew to 5.4 GB; --days 1e9 ended in a traceback.
+    res = cli("deploy", "certs", str(tmp_path / "c"), *args)
+    assert res.code == 2 and needle in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "c").exists()
+
+
+def test_node_client_certificates_are_for_client_use_and_chain_to_the_ca(tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from fedtune.deploy.certs import node_cert_paths
+
+    files = write_certs(tmp_path, nodes=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    for key in files.node_keys:
+        cert_path, key_path = node_cert_paths(key)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+        assert key_path.stat().st_mode & 0o077 == 0
 
 
 def test_worker_rejects_a_bad_address_before_importing_the_app():
@@ -141,10 +172,11 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment):
 
 @pytest.mark.slow
 def test_deploy_supernode_command_reports_the_refusal(deployment):
-    from fedtune.deploy.certs import write_node_key
+    from fedtune.deploy.certs import load_ca, write_node_key
     from fedtune.deploy.local import free_port
 
-    key = write_node_key(deployment.root / "certs" / "node-stranger")
+    key = write_node_key(deployment.root / "certs" / "node-stranger",
+                         ca=load_ca(deployment.root / "certs"))
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune.cli", "deploy", "supernode",
          "--superlink", f"127.0.0.1:{deployment.port}",
@@ -367,7 +399,11 @@ def test_only_loopback_listens_and_the_gateway_hides_the_control_api(deployment)
     found = listeners(pids)
     assert {x.port for x in found} >= {deployment.port, deployment.fleet_port}
     assert not [str(x) for x in found if not x.loopback], found
+    from fedtune.deploy.certs import node_cert_paths
+
     verify = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    # Even a node's TLS client certificate does not open the Control API on the gateway.
+    verify.load_cert_chain(*(str(p) for p in node_cert_paths(deployment.certs.node_keys[0])))
     path = "/v1/control/register-node"  # how an outsider registered its own key
     with httpx.Client(verify=verify) as client:
         assert client.post(f"https://127.0.0.1:{deployment.fleet_port}{path}",

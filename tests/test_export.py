@@ -220,3 +220,62 @@ def test_unsplit_exports_have_no_smashed_data_line(tmp_path):
     manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
                            / "fedtune.json").read_text())
     assert manifest["privacy"]["smashed_data"] is None
+
+
+# --- the prediction hash: labels, max_length and the rest are bound (issue 27 #6) ------------
+
+def _rewrite_metadata(folder, change):
+    from safetensors import safe_open
+
+    path = folder / "final_state.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+    change(meta)
+    save_file(state, str(path), metadata=meta)
+
+
+def test_reversed_label_names_are_refused_by_load_and_export(tmp_path):
+    # Reversing them turned accuracy 0.9336 into 0.0664, with every hash still matching.
+    _saved_run(tmp_path / "run", "prompt")
+    assert load_tuned(tmp_path / "run").label_names == LABELS
+    _rewrite_metadata(tmp_path / "run", lambda meta: meta.update(
+        label_names=json.dumps(list(reversed(LABELS)))))
+    with pytest.raises(ExportError) as info:
+        load_tuned(tmp_path / "run")
+    message = str(info.value)
+    assert "label_names changed since the run saved this state" in message
+    assert "\n" not in message
+    with pytest.raises(ExportError, match="label_names changed"):
+        export_run(tmp_path / "run", tmp_path / "export")
+
+
+@pytest.mark.parametrize("max_length", [8, 512])
+def test_an_edited_max_length_is_refused(tmp_path, max_length):
+    # 32 -> 8 changed 17 % of predictions; 512 ended in a raw RuntimeError.
+    _saved_run(tmp_path / "run", "prompt")
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace("max_length = 32",
+                                                 f"max_length = {max_length}"))
+    assert load_config(config).model.max_length == max_length
+    with pytest.raises(ExportError, match="max_length changed since the run saved"):
+        load_tuned(tmp_path / "run")
+
+
+def test_an_edited_seed_or_a_replaced_binding_is_refused(tmp_path):
+    _saved_run(tmp_path / "run", "prompt")
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace("seed = 0", "seed = 7"))
+    with pytest.raises(ExportError, match="seed changed"):
+        load_tuned(tmp_path / "run")
+    _saved_run(tmp_path / "run2", "prompt")
+    _rewrite_metadata(tmp_path / "run2", lambda meta: meta.pop("prediction_sha256"))
+    with pytest.raises(ExportError, match="has no prediction hash"):
+        load_tuned(tmp_path / "run2")
+
+
+def test_the_export_manifest_carries_the_prediction_hash(tmp_path):
+    _saved_run(tmp_path / "run", "prompt")
+    manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
+                           / "fedtune.json").read_text())
+    assert len(manifest["prediction_sha256"]) == 64

@@ -85,3 +85,47 @@ def test_module_entry_point_refuses_then_forces(tmp_path, capsys):
         main([str(tmp_path), "--nodes", "1"])
     assert info.value.code == 2 and "--force" in capsys.readouterr().err
     main([str(tmp_path), "--nodes", "1", "--force"])
+
+
+# --- run folders: planted symlinks are refused, never followed (THREATS.md 7; issue 27 #6) ---
+
+def _plant(out, outside):
+    out.mkdir()
+    for name in ("config.toml", "rounds.jsonl"):
+        os.symlink(outside / name, out / name)  # dangling: the targets do not exist yet
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_folder_with_planted_links_is_refused(tmp_path, resume):
+    from fedtune.run_folder import RunFolderError, claim_run_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(tmp_path / "out", outside)
+    with pytest.raises(RunFolderError) as info:
+        claim_run_folder(tmp_path / "out", resume=resume)
+    message = str(info.value)
+    assert "symlinks ('config.toml', 'rounds.jsonl')" in message and "\n" not in message
+    assert list(outside.iterdir()) == []
+    os.symlink(tmp_path / "real", tmp_path / "link-out")
+    with pytest.raises(RunFolderError, match="is a symlink"):
+        claim_run_folder(tmp_path / "link-out", resume=resume)
+
+
+def test_ledger_writes_never_follow_a_link_planted_after_the_claim(tmp_path):
+    from fedtune.ledger import Ledger, write_text_atomic
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(tmp_path / "out", outside)
+    ledger = Ledger(tmp_path / "out")
+    with pytest.raises(OSError):  # ELOOP: O_NOFOLLOW refuses the planted rounds.jsonl
+        ledger.append_round({"round": 1})
+    # A whole-file write replaces the link (config.toml, summary.json) instead of following
+    # it, also when the temp file's name was planted as a link.
+    os.symlink(outside / "tmp-target", tmp_path / "out" / "config.toml.tmp")
+    write_text_atomic(tmp_path / "out" / "config.toml", "name = 'x'\n")
+    assert not (tmp_path / "out" / "config.toml").is_symlink()
+    assert (tmp_path / "out" / "config.toml").read_text() == "name = 'x'\n"
+    ledger.write_summary({"ok": True})
+    assert list(outside.iterdir()) == []

@@ -12,6 +12,13 @@ Flower (1.41, 1.42) offers no public setting for two things the deployment needs
   fedtune's worker talks to the SuperNode's Runtime API itself (`flwr.proto.runtime_pb2`,
   `RuntimeHttpClient`, `run_clientapp.pull_task_input/push_*`) and stays loaded.
 
+- `supernode-client-cert`: Flower's SuperNode has no option for a TLS client certificate,
+  and the Fleet gateway requires one (mTLS, `fedtune.deploy.fleet_gateway`). The patch
+  gives the SuperNode's Fleet client (`flwr/supernode/fleet_http_connection.py`, its
+  `FleetHttpClient.from_server_address`) an SSL context holding the node's certificate.
+  There is no public fallback: on another Flower version a SuperNode asked for a client
+  certificate refuses to start, with one line (fail closed).
+
 Each is used only on the Flower versions it was tested on (`PATCHES`). On any other version
 `enabled()` says no, with one log line, and callers use Flower's public behaviour: plain
 `flower-supernode`, and a new `flwr-clientapp` per message (`--isolation subprocess`).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,6 +51,8 @@ PATCHES: dict[str, Patch] = {
         ("1.41", "1.42"), "plain flower-supernode (3 s / 0.5 s poll sleeps)"),
     "long-lived-worker": Patch(
         ("1.41", "1.42"), "a new flwr-clientapp per message (--isolation subprocess)"),
+    "supernode-client-cert": Patch(
+        ("1.41", "1.42"), "none: the SuperNode refuses to start (no client certificate)"),
 }
 
 _noted: set[str] = set()
@@ -108,6 +118,47 @@ def cap_supernode_polls(cap: float, version: str | None = None) -> bool:
 
     start_client_internal.time = _CappedSleep(cap)  # type: ignore[attr-defined]
     return True
+
+
+# -- supernode-client-cert -------------------------------------------------------------
+
+def client_ssl_context(root_certificates: bytes | str | None, certfile: str, keyfile: str
+                       ) -> ssl.SSLContext:
+    """Verify the server with `root_certificates` (a path or PEM bytes; None: the system's
+    CAs) and present `certfile`/`keyfile` as this client's certificate."""
+    if isinstance(root_certificates, bytes):
+        context = ssl.create_default_context(cadata=root_certificates.decode("ascii"))
+    else:
+        context = ssl.create_default_context(cafile=root_certificates)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def use_client_certificate(certfile: str, keyfile: str, version: str | None = None) -> None:
+    """Make this process's SuperNode present `certfile`/`keyfile` in its TLS handshakes
+    with the Fleet API. Raises UnsupportedFlower on an untested Flower version."""
+    version = flower_version() if version is None else version
+    if not enabled("supernode-client-cert", version):
+        raise UnsupportedFlower(
+            f"Flower {version} is untested for a SuperNode TLS client certificate (tested: "
+            f"{', '.join(PATCHES['supernode-client-cert'].tested)}); the Fleet gateway "
+            "refuses a SuperNode without one")
+    from flwr.supernode import fleet_http_connection
+
+    base: Any = fleet_http_connection.FleetHttpClient
+
+    class FleetClientWithCertificate(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def from_server_address(cls, server_address: str, insecure: bool,
+                                root_certificates: bytes | str | None,
+                                interceptors: Any, *, retry_invoker: Any = None) -> Any:
+            if insecure:
+                raise ValueError("a TLS client certificate needs TLS (drop --insecure)")
+            return cls(f"https://{server_address}", interceptors=interceptors,
+                       verify=client_ssl_context(root_certificates, certfile, keyfile),
+                       retry_invoker=retry_invoker)
+
+    fleet_http_connection.FleetHttpClient = FleetClientWithCertificate  # type: ignore[misc]
 
 
 # -- long-lived-worker -----------------------------------------------------------------

@@ -6,7 +6,13 @@ Writes, into one folder:
   `localhost`, `127.0.0.1`, `::1` and every `--host` given;
 - `node-<i>` / `node-<i>.pub`: one ECDSA P-384 key pair per SuperNode in OpenSSH format,
   the form `flower-supernode --auth-supernode-private-key` and `flwr supernode register`
-  read.
+  read;
+- `node-<i>.crt` / `node-<i>.key`: the node's TLS client certificate (the same key, PEM),
+  signed by the CA for client use only: the Fleet gateway refuses a TLS handshake without
+  one (`fedtune.deploy.fleet_gateway`).
+
+Counts and lifetimes are bounded (`MAX_NODES`, `MAX_DAYS`): `--nodes 10**21` filled a
+disk and `--days 1e9` overflowed the date arithmetic.
 
 Run `python -m fedtune.deploy.certs DIR --host HOST --nodes N` (or `fedtune deploy certs`).
 
@@ -34,6 +40,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
+MAX_NODES = 10_000  # key pairs per call (a few KB each)
+MAX_DAYS = 3_650    # ten years; far past it the date arithmetic overflows
 
 
 class CertsError(ValueError):
@@ -52,19 +60,32 @@ def node_key_path(folder: Path, index: int) -> Path:
     return folder / f"node-{index}"
 
 
+def node_cert_paths(private_key: Path) -> tuple[Path, Path]:
+    """The TLS client certificate and its PEM key next to a node's OpenSSH key."""
+    return (private_key.with_name(private_key.name + ".crt"),
+            private_key.with_name(private_key.name + ".key"))
+
+
+def check_counts(nodes: int, days: int) -> None:
+    """One line naming the argument and its range, for either CLI."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 0 <= nodes <= MAX_NODES:
+        raise CertsError(f"--nodes must be an integer in [0, {MAX_NODES}], got {nodes!r}")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise CertsError(f"--days must be an integer in [1, {MAX_DAYS}], got {days!r}")
+
+
 def write_certs(folder: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
                 days: int = 365, force: bool = False) -> CertFiles:
     """Create the CA, the SuperLink's certificate for `hosts` (plus loopback) and `nodes`
     SuperNode key pairs in `folder`. If any of these files exists, nothing is written and a
     CertsError names them, unless `force` (then each is replaced)."""
-    if nodes < 0:
-        raise ValueError(f"nodes must be >= 0, got {nodes}")
+    check_counts(nodes, days)
     folder = Path(folder)
     files = CertFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key",
                       tuple(node_key_path(folder, i) for i in range(nodes)))
     targets = [files.ca_cert, folder / "ca.key", files.server_cert, files.server_key]
     for key in files.node_keys:
-        targets += [key, _public_path(key)]
+        targets += [key, _public_path(key), *node_cert_paths(key)]
     if not force:
         _refuse_existing(targets)
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,24 +135,63 @@ def write_certs(folder: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
     _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), force)
     _write(files.server_key, _pem_key(server_key), force, private=True)
     for path in files.node_keys:
-        write_node_key(path, force)
+        write_node_key(path, force, ca=(ca_cert, ca_key), days=days)
     return files
 
 
-def write_node_key(path: str | Path, force: bool = False) -> Path:
-    """One SuperNode key pair: `path` (private, OpenSSH) and `path`.pub (public, OpenSSH).
-    P-384, because Flower accepts only NIST curves for SuperNode keys. An existing `path`
-    or `path`.pub is a CertsError unless `force`."""
+def load_ca(folder: str | Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA that `write_certs` left in `folder` (to issue more node certificates)."""
+    folder = Path(folder)
+    cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def write_node_key(path: str | Path, force: bool = False,
+                   ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+                   days: int = 365) -> Path:
+    """One SuperNode key pair: `path` (private, OpenSSH) and `path`.pub (public, OpenSSH),
+    and with `ca` its TLS client certificate `path`.crt + `path`.key (PEM). P-384, because
+    Flower accepts only NIST curves for SuperNode keys. An existing file is a CertsError
+    unless `force`."""
     path = Path(path)
+    cert_path, pem_key_path = node_cert_paths(path)
     if not force:
-        _refuse_existing([path, _public_path(path)])
+        _refuse_existing([path, _public_path(path),
+                          *((cert_path, pem_key_path) if ca is not None else ())])
     key = ec.generate_private_key(ec.SECP384R1())
+    if ca is not None:
+        _write(cert_path, _client_cert(key, path.name, ca, days), force)
+        _write(pem_key_path, _pem_key(key), force, private=True)
     _write(path, key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.OpenSSH,
                                    serialization.NoEncryption()), force, private=True)
     _write(_public_path(path), key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", force)
     return path
+
+
+def _client_cert(key: ec.EllipticCurvePrivateKey, name: str,
+                 ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], days: int) -> bytes:
+    ca_cert, ca_key = ca
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _public_path(private: Path) -> Path:
@@ -185,8 +245,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", action="append", default=[],
                         help="a name or IP the SuperNodes use to reach the SuperLink "
                              "(repeatable; loopback is always included)")
-    parser.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
-    parser.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    parser.add_argument("--nodes", type=int, default=2,
+                        help=f"SuperNode key pairs to make (0-{MAX_NODES})")
+    parser.add_argument("--days", type=int, default=365,
+                        help=f"certificate lifetime (1-{MAX_DAYS})")
     parser.add_argument("--force", action="store_true",
                         help="replace existing certificate and key files")
     args = parser.parse_args(argv)

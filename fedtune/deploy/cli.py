@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -42,15 +43,14 @@ def certs(
     """CA, SuperLink TLS certificate and SuperNode authentication keys."""
     from fedtune.deploy.certs import CertsError, write_certs
 
-    if nodes < 0 or days < 1:
-        _fail(f"--nodes must be >= 0 and --days >= 1 (got {nodes}, {days})")
     try:
         files = write_certs(folder, host or [], nodes, days, force=force)
     except CertsError as exc:
         _fail(str(exc))
     console.print(f"[bold green]wrote[/] {files.ca_cert} (give to every SuperNode), "
                   f"{files.server_cert} + {files.server_key} (SuperLink only), "
-                  f"{len(files.node_keys)} key pairs node-<i> / node-<i>.pub in {folder}")
+                  f"{len(files.node_keys)} key pairs node-<i> / node-<i>.pub with TLS client "
+                  f"certificates node-<i>.crt / node-<i>.key in {folder}")
 
 
 @deploy_app.command()
@@ -63,6 +63,9 @@ def superlink(
     port: Annotated[int, typer.Option(
         help="The SuperLink's own port on 127.0.0.1 (Control and ServerAppIo API: "
              "`flwr` commands on this machine use it).")] = 9093,
+    max_body_mb: Annotated[float, typer.Option(
+        help="Largest Fleet request body the gateway accepts (MiB; a SuperNode's largest "
+             "upload is 4 bytes per trainable parameter).")] = 32.0,
 ) -> None:
     """Start the SuperLink on loopback and its Fleet gateway on --fleet-address, until
     Ctrl-C. Only the Fleet API faces the network (README: Deployment)."""
@@ -80,6 +83,11 @@ def superlink(
         _fail(str(exc))
     if not 0 < port < 65536:
         _fail(f"--port must be 1-65535, got {port}")
+    if not 0 < max_body_mb <= 4096:
+        _fail(f"--max-body-mb must be in (0, 4096], got {max_body_mb}")
+    from fedtune.deploy.fleet_gateway import Limits
+
+    limits = Limits(max_body_bytes=int(max_body_mb * 2**20))
     env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
            **SUPERLINK_ENV,
            # The SuperLink starts `flower-superexec` by name: the one next to this Python.
@@ -87,13 +95,48 @@ def superlink(
                                     os.environ.get("PATH", "")])}
     procs = [subprocess.Popen(superlink_command(port, files), env=env)]
     procs.append(subprocess.Popen(
-        gateway_command(fleet_address, f"127.0.0.1:{port}", files), env=env))
+        gateway_command(fleet_address, f"127.0.0.1:{port}", files, limits), env=env))
     console.print(f"SuperLink on 127.0.0.1:{port} (Control, ServerAppIo: this machine only); "
                   f"Fleet API for SuperNodes on {fleet_address}; PIDs "
                   f"{', '.join(str(p.pid) for p in procs)}; Ctrl-C stops", highlight=False)
     code = _wait_and_stop(procs)
     if code:
         _fail(f"the SuperLink or its Fleet gateway exited with code {code} (see the log above)")
+
+
+@deploy_app.command("sim-superlink")
+def sim_superlink(
+    port: Annotated[int, typer.Option(
+        help="The SuperLink's port on 127.0.0.1 (`flwr run` connects to it).")] = 9093,
+) -> None:
+    """Start a simulation SuperLink for `flwr run`, everything on loopback (its Ray too),
+    until Ctrl-C (README: Running with `flwr run`)."""
+    import tempfile
+
+    from fedtune.deploy.local import SIMULATION_ENV, simulation_superlink_command
+    from fedtune.local_ray import TMPDIR_ENV
+
+    if not 0 < port < 65536:
+        _fail(f"--port must be 1-65535, got {port}")
+    with tempfile.TemporaryDirectory(prefix="fedtune-ray-") as ray_tmp:
+        env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ,
+               **SIMULATION_ENV, TMPDIR_ENV: ray_tmp,  # Ray's session files, removed after
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                        os.environ.get("PATH", "")])}
+        # Own process group: its SuperExec, flwr-simulation and Ray end with it.
+        proc = subprocess.Popen(simulation_superlink_command(port), env=env,
+                                start_new_session=True)
+        console.print(f"simulation SuperLink on 127.0.0.1:{port} (PID {proc.pid}; its Ray on "
+                      "loopback only); Ctrl-C stops", highlight=False)
+        try:
+            code = _wait_and_stop([proc])
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    if code:
+        _fail(f"the SuperLink exited with code {code} (see the log above)")
 
 
 def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
@@ -124,7 +167,8 @@ def supernode(
     root_certificates: Annotated[Path, typer.Option(
         help="The CA certificate (ca.crt) that signed the SuperLink's certificate.")],
     key: Annotated[Path, typer.Option(
-        help="This node's private key (node-<i>); its .pub must be registered.")],
+        help="This node's private key (node-<i>); its .pub must be registered, and its TLS "
+             "client certificate node-<i>.crt / node-<i>.key lie next to it.")],
     partition_id: Annotated[int, typer.Option(
         help="This client's id, 0 .. data.num_clients-1 (its corpus partition unless "
              "--data-path is given).")],
@@ -150,6 +194,10 @@ def supernode(
         ca = check_file(root_certificates, "--root-certificates")
         private = check_file(key, "--key")
         check_file(private.with_name(private.name + ".pub"), "--key's public key (.pub)")
+        tls_cert = check_file(private.with_name(private.name + ".crt"),
+                              "--key's TLS client certificate (.crt)")
+        tls_key = check_file(private.with_name(private.name + ".key"),
+                             "--key's TLS client key (.key)")
         if data_path is not None:
             data_path = check_file(data_path, "--data-path")
     except DeployError as exc:
@@ -163,7 +211,8 @@ def supernode(
         node_config += f' data-path="{data_path}"'
     args = [sys.executable, "-m", "fedtune.deploy.supernode", "--superlink", superlink,
             "--root-certificates", str(ca), "--auth-supernode-private-key", str(private),
-            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port),
+            "--tls-client-cert", str(tls_cert), "--tls-client-key", str(tls_key)]
     worker = worker and enabled("long-lived-worker")  # else: logs Flower's fallback
     if worker:
         args += ["--isolation", "process"]

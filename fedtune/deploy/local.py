@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import IO
 
 from fedtune.compat.flower_deploy import enabled
-from fedtune.deploy.certs import CertFiles, write_certs, write_node_key
+from fedtune.deploy.certs import CertFiles, load_ca, node_cert_paths, write_certs, write_node_key
+from fedtune.deploy.fleet_gateway import Limits
+from fedtune.local_ray import SINGLE_MACHINE_ENV
 
 CONNECTION = "fedtune-local"
 
@@ -37,6 +39,22 @@ CONNECTION = "fedtune-local"
 # Flower 1.41 also starts its older gRPC Control and Fleet servers, on 0.0.0.0:9093 and
 # 0.0.0.0:9092, when these are "1"; they stay off whatever the caller's environment says.
 SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
+# `flwr run` on a simulation SuperLink (README: Running with `flwr run`): Flower's
+# `flwr-simulation`, started under the SuperLink, calls `ray.init()`, and a plain one gave
+# Ray's GCS, raylet, workers and the driver the host's address on every interface (8
+# non-loopback sockets measured). Ray's single-machine switch (fedtune.local_ray) reaches it
+# through the environment the SuperLink passes down to its SuperExec and flwr-simulation.
+SIMULATION_ENV = {SINGLE_MACHINE_ENV: "0", **SUPERLINK_ENV}
+
+
+def simulation_superlink_command(port: int) -> list[str]:
+    """`flower-superlink --simulation` on 127.0.0.1 (Control and ServerAppIo APIs there, no
+    TLS: nothing off this machine reaches loopback), without runtime dependency
+    installation; start it with `SIMULATION_ENV`."""
+    return [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--insecure", "--simulation", "--disable-runtime-dependency-installation"]
 
 
 def superlink_command(port: int, certs: CertFiles) -> list[str]:
@@ -49,10 +67,16 @@ def superlink_command(port: int, certs: CertFiles) -> list[str]:
             "--disable-runtime-dependency-installation"]
 
 
-def gateway_command(listen: str, superlink: str, certs: CertFiles) -> list[str]:
+def gateway_command(listen: str, superlink: str, certs: CertFiles,
+                    limits: Limits | None = None) -> list[str]:
+    limits = limits or Limits()
     return [sys.executable, "-m", "fedtune.deploy.fleet_gateway", "--listen", listen,
             "--superlink", superlink, "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key), "--ssl-ca-certfile", str(certs.ca_cert)]
+            "--ssl-keyfile", str(certs.server_key), "--ssl-ca-certfile", str(certs.ca_cert),
+            "--max-body-bytes", str(limits.max_body_bytes),
+            "--max-connections-per-peer", str(limits.max_connections_per_peer),
+            "--max-requests-per-s", repr(limits.max_requests_per_s),
+            "--burst", str(limits.burst)]
 
 
 def flower_bin(name: str) -> str:
@@ -129,14 +153,16 @@ class LocalDeployment:
         env.update(self.env)
         return env
 
-    def _spawn(self, name: str, args: Sequence[str]) -> Proc:
+    def _spawn(self, name: str, args: Sequence[str],
+               env: Mapping[str, str] | None = None) -> Proc:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = log.open("wb")
         # Own process group: stop() can end a process and the children it started
         # (SuperExec, flwr-serverapp, flwr-clientapp) without touching anything else.
         popen = subprocess.Popen(list(args), stdout=fh, stderr=subprocess.STDOUT,
-                                 env=self.environ(), cwd=self.root, start_new_session=True)
+                                 env={**self.environ(), **(env or {})}, cwd=self.root,
+                                 start_new_session=True)
         proc = Proc(name, popen, log, fh)
         self.procs.append(proc)
         return proc
@@ -161,8 +187,10 @@ class LocalDeployment:
         link = self._spawn("superlink", superlink_command(self.port, self.certs))
         wait_for_port(self.port, link, timeout)
         self.fleet_port = free_port()
+        # Every node connects from 127.0.0.1 here: one peer address for all of them.
         gateway = self._spawn("fleet-gateway", gateway_command(
-            f"127.0.0.1:{self.fleet_port}", f"127.0.0.1:{self.port}", self.certs))
+            f"127.0.0.1:{self.fleet_port}", f"127.0.0.1:{self.port}", self.certs,
+            Limits().scaled(max(1, self.nodes + 1))))
         wait_for_port(self.fleet_port, gateway, timeout)
         self.write_connection()
         for key in self.certs.node_keys:
@@ -202,8 +230,15 @@ class LocalDeployment:
                   "--port", str(runtime_port)]
         if max_retries is not None:
             common += ["--max-retries", str(max_retries)]
+        # The gateway requires the node's TLS client certificate: Flower's SuperNode gets
+        # it through fedtune.deploy.supernode (there is no flower-supernode option).
+        cert, pem_key = node_cert_paths(private_key)
+        common += ["--tls-client-cert", str(cert), "--tls-client-key", str(pem_key)]
         if not self.fast:
-            return self._spawn(f"supernode-{index}", [flower_bin("flower-supernode"), *common])
+            # Flower's own 3 s / 0.5 s sleeps: a cap of 3 s leaves both as they are.
+            return self._spawn(f"supernode-{index}", [
+                sys.executable, "-m", "fedtune.deploy.supernode", *common],
+                env={"FEDTUNE_SUPERNODE_POLL_S": "3"})
         if not (self.worker and enabled("long-lived-worker")):
             return self._spawn(f"supernode-{index}", [
                 sys.executable, "-m", "fedtune.deploy.supernode", *common])
@@ -217,7 +252,8 @@ class LocalDeployment:
 
     def unregistered_supernode(self, max_retries: int = 0) -> Proc:
         """A SuperNode with a fresh key that was never registered (it must be refused)."""
-        key = write_node_key(self.root / "certs" / "node-unregistered", force=True)
+        key = write_node_key(self.root / "certs" / "node-unregistered", force=True,
+                             ca=load_ca(self.root / "certs"))
         return self.start_supernode("unregistered", key, "partition-id=0",
                                     max_retries=max_retries)
 

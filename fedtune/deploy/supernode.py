@@ -11,15 +11,25 @@ with the given arguments, unchanged otherwise:
         --auth-supernode-private-key node-0 --node-config "partition-id=0" ...
 
 The price is one small Fleet API request per poll (10 a second per node at 0.1 s).
+
+`--tls-client-cert node-0.crt --tls-client-key node-0.key` (taken off the arguments before
+Flower sees them) make the SuperNode present its TLS client certificate, which the Fleet
+gateway requires (`fedtune.compat.flower_deploy.use_client_certificate`; on an untested
+Flower version the SuperNode refuses to start).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 
-from fedtune.compat.flower_deploy import cap_supernode_polls
+from fedtune.compat.flower_deploy import (
+    UnsupportedFlower,
+    cap_supernode_polls,
+    use_client_certificate,
+)
 from fedtune.runtime_settings import runtime_settings
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
@@ -42,10 +52,27 @@ def console_script(name: str) -> Callable[[], None]:
     return entries[0].load()
 
 
+def split_client_cert(argv: Sequence[str]) -> tuple[str | None, str | None, list[str]]:
+    """(--tls-client-cert, --tls-client-key, the rest for Flower)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tls-client-cert")
+    parser.add_argument("--tls-client-key")
+    known, rest = parser.parse_known_args(list(argv))
+    if (known.tls_client_cert is None) != (known.tls_client_key is None):
+        raise SystemExit("--tls-client-cert and --tls-client-key go together")
+    return known.tls_client_cert, known.tls_client_key, rest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    cert, key, rest = split_client_cert(sys.argv[1:] if argv is None else argv)
+    if cert is not None and key is not None:
+        try:
+            use_client_certificate(cert, key)
+        except UnsupportedFlower as exc:
+            raise SystemExit(str(exc)) from None
     cap_supernode_polls(poll_interval())
     flower_supernode = console_script("flower-supernode")
-    sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 
 

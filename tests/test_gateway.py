@@ -1,0 +1,223 @@
+"""The Fleet gateway sheds what it should (THREATS.md 6; issue 27 #5, #6): no TLS handshake
+without a node certificate from the deployment's CA, a body over the limit refused with 413
+without being read (declared size) or as soon as the streamed count passes it (chunked),
+with the gateway's peak memory bounded, and per-peer request and connection limits.
+Loopback only, bounded loops; the gateway runs alone (a closed upstream port: 502)."""
+
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedtune.deploy.certs import node_cert_paths, write_certs
+from fedtune.deploy.fleet_gateway import Limits, body_limit_for
+from fedtune.deploy.local import free_port, gateway_command, wait_for_port
+
+LIMIT = 2**20  # 1 MiB
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    certs = write_certs(tmp_path / "certs", nodes=1)
+    port, closed = free_port(), free_port()
+    limits = Limits(max_body_bytes=LIMIT, max_connections_per_peer=4, max_requests_per_s=5,
+                    burst=20)
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(gateway_command(f"127.0.0.1:{port}", f"127.0.0.1:{closed}", certs,
+                                            limits), stdout=log, stderr=subprocess.STDOUT)
+
+    class P:  # what wait_for_port needs
+        name, popen = "fleet-gateway", proc
+
+        @staticmethod
+        def output():
+            return (tmp_path / "gateway.log").read_text()
+
+    try:
+        wait_for_port(port, P, 60)
+        yield port, certs, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _context(certs, client_cert=True):
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    if client_cert:
+        cert, key = node_cert_paths(certs.node_keys[0])
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _tls(port, certs, client_cert=True):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return _context(certs, client_cert).wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_no_client_certificate_no_request(gateway):
+    port, certs, _ = gateway
+    # TLS 1.3 reports the missing certificate after the client's handshake: the first read
+    # or write fails, and nothing was parsed.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with _tls(port, certs, client_cert=False) as conn:
+            conn.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+            assert conn.recv(100) == b""  # closed (no HTTP answer) also counts as refused
+            raise ConnectionError("closed without an answer")
+    # The server's own certificate is for server use only: not a client certificate.
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    with pytest.raises((ssl.SSLError, ConnectionError, httpx.TransportError)):
+        with httpx.Client(verify=context) as client:
+            client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages", content=b"")
+    # A node certificate gets through to the routing (502: no SuperLink behind it).
+    with httpx.Client(verify=_context(certs)) as client:
+        assert client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages",
+                           content=b"").status_code == 502
+
+
+def _status(conn) -> bytes:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_declared_512_mb_body_is_refused_before_it_is_read(gateway):
+    port, certs, proc = gateway
+    before = _peak_rss_mb(proc.pid)
+    t0 = time.perf_counter()
+    with _tls(port, certs) as conn:
+        conn.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 536870912\r\n\r\n" + b"\0" * 65536)
+        status = _status(conn)
+    elapsed = time.perf_counter() - t0
+    print(f"declared 512 MB: {status!r} in {elapsed:.3f} s, gateway peak RSS "
+          f"{before:.0f} -> {_peak_rss_mb(proc.pid):.0f} MB")
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert elapsed < 5
+    assert _peak_rss_mb(proc.pid) < before + 20
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(gateway):
+    port, certs, proc = gateway
+    before = _peak_rss_mb(proc.pid)
+    sent = 0
+
+    def body():  # chunked (no Content-Length); 512 MB at most, bounded even if never cut
+        nonlocal sent
+        while sent < 512 * 2**20:
+            sent += 65536
+            yield b"\0" * 65536
+
+    t0 = time.perf_counter()
+    try:
+        status = httpx.post(f"https://127.0.0.1:{port}/v1/fleet/push-object", content=body(),
+                            verify=_context(certs), timeout=30).status_code
+    except httpx.TransportError:  # the connection was cut before the response was read
+        status = 413 if sent < 512 * 2**20 else 0
+    elapsed = time.perf_counter() - t0
+    print(f"chunked: {status} after {sent / 2**20:.1f} MB sent, {elapsed:.3f} s, gateway "
+          f"peak RSS {before:.0f} -> {_peak_rss_mb(proc.pid):.0f} MB")
+    assert status == 413
+    assert sent < 64 * LIMIT  # socket buffers hold a few MB; never the whole body
+    assert _peak_rss_mb(proc.pid) < before + 20
+
+
+def test_requests_past_the_per_peer_rate_get_429(gateway):
+    port, certs, _ = gateway
+    with httpx.Client(verify=_context(certs), base_url=f"https://127.0.0.1:{port}") as client:
+        codes = [client.post("/v1/fleet/get-run", content=b"").status_code for _ in range(40)]
+    assert codes[0] == 502 and 429 in codes, codes
+    assert codes.count(502) <= 20 + 5, codes  # the burst plus what the rate refilled
+
+
+def test_connections_past_the_per_peer_limit_are_closed(gateway):
+    port, certs, _ = gateway
+    held = [_tls(port, certs) for _ in range(4)]
+    try:
+        extra = _tls(port, certs)
+        extra.settimeout(5)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            extra.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 0\r\n\r\n")
+            if not extra.recv(100):
+                raise ConnectionError("closed")
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_body_limit_follows_the_model_size():
+    # A 1 M-parameter model's float32 upload is 4 MB: the limit leaves room, not 512 MB.
+    assert 8 * 2**20 < body_limit_for(1_000_000) < 10 * 2**20
+    assert Limits().scaled(3).max_connections_per_peer == 3 * Limits().max_connections_per_peer
+
+
+# --- the SuperNode side: its certificate through fedtune.compat (tested Flower only) ---------
+
+def test_supernode_client_certificate_patch_on_tested_flower(tmp_path, monkeypatch):
+    from flwr.supernode import fleet_http_connection
+
+    from fedtune.compat import flower_deploy
+
+    certs = write_certs(tmp_path, nodes=1)
+    cert, key = node_cert_paths(certs.node_keys[0])
+    monkeypatch.setattr(fleet_http_connection, "FleetHttpClient",
+                        fleet_http_connection.FleetHttpClient)  # restored after the test
+    flower_deploy.use_client_certificate(str(cert), str(key), version="1.42.0")
+    patched = fleet_http_connection.FleetHttpClient
+    assert patched.__name__ == "FleetClientWithCertificate"
+    client = patched.from_server_address("127.0.0.1:1", False, str(certs.ca_cert), [])
+    assert isinstance(client, patched)
+    with pytest.raises(ValueError, match="needs TLS"):
+        patched.from_server_address("127.0.0.1:1", True, None, [])
+
+
+def test_supernode_client_certificate_refused_on_untested_flower(monkeypatch):
+    from flwr.supernode import fleet_http_connection
+
+    from fedtune.compat import flower_deploy
+
+    monkeypatch.setattr(flower_deploy, "_noted", set())
+    before = fleet_http_connection.FleetHttpClient
+    with pytest.raises(flower_deploy.UnsupportedFlower, match="Flower 1.43.0 is untested"):
+        flower_deploy.use_client_certificate("c", "k", version="1.43.0")
+    assert fleet_http_connection.FleetHttpClient is before  # Flower left alone
+
+
+def test_client_context_presents_the_node_certificate(gateway):
+    # What the patch hands Flower's client: a context that passes the gateway's handshake.
+    from fedtune.compat.flower_deploy import client_ssl_context
+
+    port, certs, _ = gateway
+    cert, key = node_cert_paths(certs.node_keys[0])
+    context = client_ssl_context(str(certs.ca_cert), str(cert), str(key))
+    with httpx.Client(verify=context) as client:
+        assert client.post(f"https://127.0.0.1:{port}/v1/fleet/get-run",
+                           content=b"").status_code == 502
+
+
+def test_supernode_entry_takes_the_certificate_flags_off_flowers_arguments():
+    from fedtune.deploy.supernode import split_client_cert
+
+    assert split_client_cert(["--superlink", "h:1", "--tls-client-cert", "a.crt",
+                              "--tls-client-key", "a.key", "--insecure"]) == (
+        "a.crt", "a.key", ["--superlink", "h:1", "--insecure"])
+    with pytest.raises(SystemExit, match="go together"):
+        split_client_cert(["--tls-client-cert", "a.crt"])
