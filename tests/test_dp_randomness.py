@@ -90,3 +90,63 @@ def test_the_accounted_sample_rate_is_the_rate_the_loader_samples_at(tiny_backbo
     empirical = result.examples_seen / trials
     std = (result.sample_rate * (1 - result.sample_rate) / trials) ** 0.5
     assert abs(empirical - result.sample_rate) < 5 * std, (empirical, result.sample_rate)
+
+
+# ------------------------------------------------------------------ 128-bit secret state
+# The audit's seed-space attack: torch's CPU generator keeps only the low 32 bits of its
+# seed, so a 64-bit CSPRNG seed gave 2^32 candidate noise streams. The tests below fix the
+# OS entropy (secrets) to two values that differ only above bit 32, or only above bit 64,
+# and require different DP draws.
+
+import secrets  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from fedtune.config import SampleDPConfig  # noqa: E402
+from fedtune.privacy import make_private  # noqa: E402
+
+_BASE_ENTROPY = int.from_bytes(bytes(range(1, 33)), "little")  # any fixed 256-bit value
+ABOVE_32, ABOVE_64 = 1 << 40, 1 << 100
+
+
+def _fix_entropy(monkeypatch, flip: int) -> None:
+    """Make the OS CSPRNG return `_BASE_ENTROPY ^ flip` (truncated to what is asked)."""
+    value = _BASE_ENTROPY ^ flip
+    monkeypatch.setattr(secrets, "randbits", lambda k: value & ((1 << k) - 1))
+    monkeypatch.setattr(secrets, "token_bytes",
+                        lambda n=32: (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little"))
+
+
+def _opacus_draws(n: int = 64, batch: int = 8):
+    """What one secret-mode make_private draws: the Poisson batches of one pass and
+    the noise Opacus adds to a zero gradient sum (an empty batch's step)."""
+    from clients.train import _empty_batch_step
+
+    torch.manual_seed(0)  # the model's init only: the same in every call
+    model = nn.Linear(6, 3)
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1).repeat(1, 6)
+    data = TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    private = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                           DataLoader(data, batch_size=batch), SampleDPConfig(), 1.0)
+    try:
+        picks = [xs[:, 0].tolist() for xs, _ in private.loader]
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        private.optimizer.zero_grad()
+        _empty_batch_step(private.optimizer, model, "hooks")
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    finally:
+        private.close()
+    return picks, after - before
+
+
+@pytest.mark.parametrize("flip", [ABOVE_32, ABOVE_64], ids=["above-bit-32", "above-bit-64"])
+def test_opacus_noise_and_poisson_batches_depend_on_high_key_bits(monkeypatch, flip):
+    _fix_entropy(monkeypatch, 0)
+    picks_a, noise_a = _opacus_draws()
+    _fix_entropy(monkeypatch, flip)
+    picks_b, noise_b = _opacus_draws()
+    assert float(noise_a.abs().min()) > 0  # a noised step
+    assert not torch.equal(noise_a, noise_b)
+    assert picks_a != picks_b
