@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.train import _empty_batch_step, local_train
-from fedtune.config import SampleDPConfig, UserDPConfig, load_config
+from fedtune.config import GRAD_SAMPLE_MODES, SampleDPConfig, UserDPConfig, load_config
 from fedtune.privacy import DPHistory, make_private
 from fedtune.privacy.randomness import KEY_BYTES, DPRandom, dp_source
 from fedtune.split.smashed_dp import SmashedNoise
@@ -294,3 +294,41 @@ def test_a_secret_key_never_leaves_its_object(monkeypatch):
         assert private.optimizer.generator is None
     finally:
         private.close()
+
+
+def _one_step(mode: str, sigma: float, seed: int) -> tuple[torch.Tensor, float]:
+    """One reproducible-mode DP-SGD step of a linear model at lr 1 under grad-sample mode
+    `mode`: the parameter change and the expected batch size."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    private = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                           DataLoader(data, batch_size=8), SampleDPConfig(grad_sample_mode=mode),
+                           sigma, reproducible_seed=seed)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    try:
+        assert type(private.optimizer).__name__.startswith("SecretNoise")
+        assert private.optimizer.generator is None
+        for x, y in private.loader:
+            if y.numel():
+                private.optimizer.zero_grad()
+                private.criterion(private.model(x), y).backward()
+                private.optimizer.step()
+                break
+    finally:
+        private.close()
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return after - before, private.optimizer.expected_batch_size
+
+
+@pytest.mark.parametrize("mode", sorted(GRAD_SAMPLE_MODES))
+def test_every_grad_sample_mode_adds_the_sources_noise(mode):
+    """Same seed, same Poisson batch: the noised step minus the noiseless one is exactly
+    the source's noise (over the expected batch), in every grad-sample mode."""
+    noised, batch = _one_step(mode, 1.0, seed=3)
+    clean, _ = _one_step(mode, 0.0, seed=3)
+    noise = dp_source("noise", 3).normal(noised.shape, 1.0)  # sigma 1 x C 1
+    torch.testing.assert_close(clean - noised, noise / batch, rtol=1e-4, atol=1e-6)
+    again, _ = _one_step(mode, 1.0, seed=3)
+    assert torch.equal(noised, again)
