@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,13 +83,15 @@ class DPRandom:
     """ChaCha20 keystream turned into the values DP mechanisms consume. Build it with
     `secret` or `seeded` (or `dp_source`); each method call is one independent draw."""
 
-    __slots__ = ("_cipher_key", "_draws", "reproducible", "stream")
+    __slots__ = ("_cipher_key", "_draws", "_lock", "reproducible", "stream")
 
     def __init__(self, key: bytes, stream: str, reproducible: bool) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError(f"a DP randomness key has {KEY_BYTES} bytes, got {len(key)}")
         self._cipher_key = bytes(key)
         self._draws = 0
+        # A nonce used twice would repeat a draw: allocate them under a lock.
+        self._lock = threading.Lock()
         self.stream = stream
         self.reproducible = reproducible
 
@@ -119,10 +122,12 @@ class DPRandom:
         if nbytes > _MAX_DRAW_BYTES:
             raise ValueError(f"one DP draw of {nbytes} bytes exceeds ChaCha20's "
                              f"{_MAX_DRAW_BYTES} per nonce; draw in parts")
-        if self._draws >= _MAX_DRAWS:
-            raise RuntimeError("DP randomness source exhausted its nonces; make a new one")
-        nonce = bytes(4) + self._draws.to_bytes(12, "little")  # block counter 0, draw no.
-        self._draws += 1
+        with self._lock:
+            if self._draws >= _MAX_DRAWS:
+                raise RuntimeError("DP randomness source exhausted its nonces; make a new one")
+            draw = self._draws
+            self._draws += 1
+        nonce = bytes(4) + draw.to_bytes(12, "little")  # block counter 0, then the draw number
         encryptor = Cipher(algorithms.ChaCha20(self._cipher_key, nonce), mode=None).encryptor()
         return encryptor.update(bytes(nbytes))
 
