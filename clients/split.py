@@ -37,7 +37,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.models import load_backbone
 from fedtune.models.layer_pruning import PruneKey, prune_key
 from fedtune.models.split import SplitBackbone
-from fedtune.privacy.randomness import dp_torch_generator, stream_seed
+from fedtune.privacy.randomness import dp_source
 from fedtune.split import (
     BodyService,
     InProcessBody,
@@ -246,12 +246,12 @@ def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
         if seed is None:
             raise ValueError("privacy.reproducible_noise=true: split_step needs the client's "
                              "seed to derive the smashed-data noise from")
-        reproducible = stream_seed(seed, "smashed")
+        reproducible = seed
     plan = smashed_plan(cfg, n)
     device = next(view.prompt.parameters()).device
     noise = SmashedNoise(plan.sigma, cfg.split.smashed_dp.activation_clip_norm,
                          cfg.split.smashed_dp.gradient_clip_norm, plan.slots,
-                         dp_torch_generator(device, reproducible))
+                         dp_source("smashed", reproducible), device)
     release = SmashedRelease(noise, plan.joint_multiplier, plan.sample_rate, steps)
     return SplitStep(view, body, local, release)
 

@@ -9,9 +9,10 @@ cohort, not by who replied, and gets noise N(0, (sigma C / cohort)^2): one clien
 release by at most C / cohort whoever else fails. Every round is a release, also one in
 which nobody contributed. Accounting: `fedtune.privacy.user_level`.
 
-The cohort draw and the noise are DP randomness: drawn from the OS CSPRNG
-(`fedtune.privacy.randomness`), never stored or sent. With `privacy.reproducible_noise`
-they derive statelessly from (seed, round), so a killed and resumed run draws the same.
+The cohort draw and the noise are DP randomness: drawn from `fedtune.privacy.randomness`
+(256-bit keys from the OS CSPRNG, fresh per round and draw), never stored or sent. With
+`privacy.reproducible_noise` they derive statelessly from (seed, round), so a killed and
+resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -19,24 +20,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.config import UserDPConfig
-from fedtune.privacy.randomness import dp_numpy_rng
+from fedtune.privacy.randomness import DPRandom, dp_source
 from strategies.delta_fedavg import DeltaFedAvg
 
 # Client-side clipping is checked to this relative tolerance (float32 rounding of the norm).
 CLIP_TOLERANCE = 1e-5
-# Independent streams of the reproducible mode's per-round seeds.
-COHORT_STREAM, NOISE_STREAM = 0, 1
-
-
-def round_seed(seed: int, server_round: int, stream: int) -> int:
-    """A 128-bit seed for one round's draw in reproducible-noise mode, from (seed, round,
-    stream) alone: nothing carried between rounds, so a resumed run draws the same."""
-    words = np.random.SeedSequence([seed, server_round, stream]).generate_state(4, np.uint32)
-    return int.from_bytes(words.tobytes(), "little")
+# The DP streams of one round (named with the round: nothing carried between rounds).
+COHORT_STREAM, NOISE_STREAM = "user-cohort", "user-noise"
 
 
 def clip_exact(delta: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -71,16 +66,14 @@ class UserLevelDP:
     def noise_std(self) -> float:
         return self.noise_multiplier * self.cfg.clip_norm / self.cohort
 
-    def _rng(self, server_round: int, stream: int) -> np.random.Generator:
-        if self.reproducible_seed is None:
-            return dp_numpy_rng()
-        return dp_numpy_rng(round_seed(self.reproducible_seed, server_round, stream))
+    def _source(self, server_round: int, stream: str) -> DPRandom:
+        return dp_source(f"{stream}/round-{server_round}", self.reproducible_seed)
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """Poisson cohort: each partition joins independently with probability q."""
         self.inner.ensure_roster(grid)
         pids = sorted(self.inner.roster)
-        joins = self._rng(server_round, COHORT_STREAM).random(len(pids)) < self.rate
+        joins = self._source(server_round, COHORT_STREAM).bernoulli(len(pids), self.rate)
         chosen = [pid for pid, j in zip(pids, joins, strict=True) if j]
         return self.inner.select_cohort(server_round, chosen)
 
@@ -109,5 +102,6 @@ class UserLevelDP:
             total += contribution
         inner.outcome.aggregated_norms = norms
         inner.outcome.no_contribution = not any(n > 0 for n in norms)
-        noise = self._rng(server_round, NOISE_STREAM).normal(0.0, self.noise_std, base.shape)
+        noise = self._source(server_round, NOISE_STREAM).normal(
+            base.shape, self.noise_std, dtype=torch.float64).numpy()
         return (base + total / self.cohort + noise).astype(np.float32)

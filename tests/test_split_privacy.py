@@ -16,6 +16,7 @@ from fedtune.config import ConfigError, load_config
 from fedtune.models import load_backbone
 from fedtune.models.split import SplitBackbone
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
+from fedtune.privacy.randomness import DPRandom
 from fedtune.split import InProcessBody, SplitPromptModel
 from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED, dp_level_label
 from fedtune.split.plan import smashed_plan, smashed_privacy_events
@@ -82,7 +83,7 @@ def _sent(recorder, kind):
 
 def test_noise_has_the_calibrated_std_and_rows_are_clipped_and_padded():
     noise = SmashedNoise(sigma=0.5, activation_clip=2.0, gradient_clip=3.0, slots=400,
-                         generator=torch.Generator().manual_seed(0))
+                         source=DPRandom.seeded(0, "test"))
     big = torch.full((7, 50), 10.0)
     rows = noise.activations(big, noise.place(7))
     assert rows.shape == (400, 50)
@@ -91,7 +92,7 @@ def test_noise_has_the_calibrated_std_and_rows_are_clipped_and_padded():
     assert float(pure.mean()) == pytest.approx(0.0, abs=0.02)
     # Real rows are the clipped input plus noise: the mean over many draws is the clip.
     fixed = torch.arange(7)
-    draws = torch.stack([SmashedNoise(0.5, 2.0, 3.0, 8, torch.Generator().manual_seed(s))
+    draws = torch.stack([SmashedNoise(0.5, 2.0, 3.0, 8, DPRandom.seeded(s, "test"))
                          .activations(big, fixed)[:7] for s in range(400)])
     assert float(draws.mean(0)[0].norm()) == pytest.approx(2.0, rel=0.03)
     assert float(clip_rows(big, 2.0)[0].norm()) == pytest.approx(2.0)
@@ -99,7 +100,7 @@ def test_noise_has_the_calibrated_std_and_rows_are_clipped_and_padded():
     counts = torch.bincount(torch.cat([noise.place(2) for _ in range(4000)]), minlength=400)
     assert counts.sum() == 8000 and int(counts.max()) <= 60
     with pytest.raises(RuntimeError, match="exceeds the 8 smashed-DP slots"):
-        SmashedNoise(0.5, 2.0, 3.0, 8, torch.Generator()).place(9)
+        SmashedNoise(0.5, 2.0, 3.0, 8, DPRandom.secret("test")).place(9)
 
 
 def test_slots_make_an_overflowing_batch_negligible():

@@ -6,7 +6,7 @@ the cut-layer activations and the gradients at the body output of the step's Poi
 Mechanism, per split step. Each sampled example's activations (all positions, flattened) are
 clipped to L2 norm C_a and its body-output gradient (the gradient of its own loss, not the
 batch mean's) to C_g. The step always sends exactly `slots` rows: the b sampled examples at
-slots drawn uniformly at random from the secret DP generator (the same slots for both
+slots drawn uniformly at random from the secret DP source (the same slots for both
 tensors of the step), zero rows in the others, and every row gets Gaussian noise of std
 sigma * C_a (activations) or sigma * C_g (gradients). The attention mask sent up is all
 ones, so it carries no sequence lengths. Rows are the only data-dependent thing that leaves.
@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from fedtune.privacy.randomness import DPRandom
 
 # Upper bound on P(Poisson batch > slots) per split step (it adds at most this per step to
 # delta; the ledger states it).
@@ -76,26 +78,26 @@ class SmashedNoise:
     """Clips and noises what a split client sends up; one per client and round."""
 
     def __init__(self, sigma: float, activation_clip: float, gradient_clip: float,
-                 slots: int, generator: torch.Generator) -> None:
+                 slots: int, source: DPRandom, device: torch.device | str = "cpu") -> None:
         if sigma <= 0:
             raise ValueError(f"smashed-data noise multiplier must be > 0, got {sigma}")
         self.sigma = sigma
         self.activation_clip = activation_clip
         self.gradient_clip = gradient_clip
         self.slots = slots
-        self.generator = generator
+        # Slots and noise: `fedtune.privacy.randomness`, never a torch generator.
+        self.source = source
+        self.device = torch.device(device)
 
     def place(self, b: int) -> torch.Tensor:
-        """Slots for a step's b examples, drawn at random from the DP generator (secret):
+        """Slots for a step's b examples, drawn at random from the DP source (secret):
         where an example lands must not depend on the others in the batch."""
         if b > self.slots:
             raise RuntimeError(
                 f"a Poisson batch of {b} examples exceeds the {self.slots} smashed-DP slots "
                 f"of a split step (probability <= {OVERFLOW_PROBABILITY:g}); refusing to "
                 "send it, since a larger or truncated release is not what is accounted")
-        perm = torch.randperm(self.slots, generator=self.generator,
-                              device=self.generator.device)
-        return perm[:b]
+        return self.source.permutation(self.slots, device=self.device)[:b]
 
     def activations(self, smashed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The rows to send for a batch's cut-layer states: clipped, placed, noised."""
@@ -120,6 +122,6 @@ class SmashedNoise:
         padded = torch.zeros((self.slots, *rows.shape[1:]), dtype=rows.dtype,
                              device=rows.device)
         padded[slots.to(rows.device)] = clip_rows(rows.detach(), clip)
-        noise = torch.normal(0.0, self.sigma * clip, padded.shape, generator=self.generator,
-                             device=padded.device, dtype=padded.dtype)
+        noise = self.source.normal(padded.shape, self.sigma * clip, dtype=padded.dtype,
+                                   device=padded.device)
         return padded + noise
