@@ -52,12 +52,47 @@ class DPHistory:
         return history
 
 
+# Physical ranges of an accounted history. Below sigma 0.1 a release is worth hundreds of
+# epsilon (RDP: 586 for 10 steps at q 0.5) and the accountants degrade (PRV returns inf at
+# 0.05, Opacus divides by zero near 1e-200); above 1e3 it is no release worth counting, and
+# calibrated noise for any target epsilon up to 100 sits near 0.3-2. Entries and steps bound
+# the accountant's time and memory (a forged long or huge history stalled it for minutes or
+# asked for 145 GiB, issue 27). The server accounts only its own plan; these catch a config
+# or a plan outside them with a clear error instead of a crash deep inside Opacus.
+SIGMA_RANGE = (0.1, 1e3)
+MAX_ENTRIES = 4096
+MAX_STEPS = 10**8
+
+
+def check_history(entries: tuple[tuple[float, float, int], ...] | list) -> None:
+    """Raise ValueError naming the first (sigma, q, steps) entry outside the ranges the
+    accountants are run on (`SIGMA_RANGE`, q in (0, 1], 1..`MAX_STEPS` steps in all)."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"DP history of {len(entries)} entries, at most {MAX_ENTRIES}")
+    total = 0
+    for i, (sigma, q, steps) in enumerate(entries):
+        low, high = SIGMA_RANGE
+        if not low <= sigma <= high:
+            raise ValueError(f"DP history entry {i}: noise multiplier {sigma!r} is outside "
+                             f"[{low:g}, {high:g}]")
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"DP history entry {i}: sample rate {q!r} is outside (0, 1]")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"DP history entry {i}: steps {steps!r} is not a positive integer")
+        total += int(steps)
+    if total > MAX_STEPS:
+        raise ValueError(f"DP history of {total} steps, at most {MAX_STEPS}")
+
+
 def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
     """Epsilon at `delta` after `history` (None before any step). For PRV this is the
-    accountant's upper bound, never its point estimate."""
+    accountant's upper bound, never its point estimate. Raises ValueError for a history
+    outside `check_history`'s ranges."""
     if not history.entries:
         return None
-    return _epsilon(tuple(history.entries), delta, accountant)
+    entries = tuple(history.entries)
+    check_history(entries)
+    return _epsilon(entries, delta, accountant)
 
 
 # Opacus' PRV default error bound (absolute), and the relative bound fedtune keeps to.
