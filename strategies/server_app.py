@@ -24,6 +24,7 @@ from fedtune.checkpoint import (
 )
 from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.address import DeployError
 from fedtune.deploy.seeded_noise import check_server_runtime
 from fedtune.evaluation import (
     accuracy_fields,
@@ -220,14 +221,21 @@ def discover_workers(grid: Grid, cfg: ExperimentConfig,
                      assigned: Mapping[int, int] | None = None) -> Roster:
     """Discovery as a start-up phase: most of it is the workers starting (Ray actors
     importing torch and the client code before they can answer their first message)."""
-    if assigned is None and not is_simulation_grid(grid):
-        log(WARNING, "no operator roster (run config `roster`): every node's partition is "
-            "its own claim; pass a roster file to bind registered nodes to partitions")
+    _require_operator_roster(grid, assigned)
     found = Roster()
     with phase("workers", lambda: f"{len(found.nodes)} clients answered"):
         found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort,
                          assigned=assigned)
     return found
+
+
+def _require_operator_roster(grid: Grid, assigned: Mapping[int, int] | None) -> None:
+    """A deployment's nodes hold the partitions the operator's roster assigns them, never
+    the ones they claim (the simulation engine assigns its nodes' partitions itself)."""
+    if assigned is None and not is_simulation_grid(grid):
+        raise DeployError("a deployment binds nodes to partitions from an operator roster: "
+                          "pass run config roster='/abs/roster.json' (registered node id -> "
+                          "partition id; README, Node data)")
 
 
 def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -324,6 +332,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallb
     check_server_runtime(cfg, grid)  # seeded noise only in simulation
     assigned = (load_operator_roster(roster_file, cfg.data.num_clients)
                 if roster_file else None)
+    _require_operator_roster(grid, assigned)  # before the run folder or the task
     roster = None
     if prepare is not None:
         roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()),

@@ -54,7 +54,10 @@ def test_discovery_stops_waiting_once_aborted():
     assert roster.nodes == {}
 
 
-def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path):
+def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path, monkeypatch):
+    import strategies.server_app as server_app
+
+    monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
                                                                   "train.clients_per_round=2"])
     grid, built = SilentGrid([1, 2, 3]), threading.Event()
@@ -74,7 +77,10 @@ def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path):
+def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path, monkeypatch):
+    import strategies.server_app as server_app
+
+    monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
                                                                   "train.clients_per_round=2"])
     calls: list[str] = []
@@ -211,3 +217,14 @@ def test_a_node_reports_its_own_files_count_and_a_partition_node_builds_no_task(
     monkeypatch.setattr(client_app, "get_task", lambda cfg, bundle=None: task)
     monkeypatch.setattr(node_data, "_load", lambda file, task: TensorDataset(torch.zeros(37)))
     assert answer({"partition-id": 3, "data-path": str(own)}) == PartitionReply(3, 37)
+
+
+def test_a_deployment_without_an_operator_roster_is_refused_before_discovery(tmp_path):
+    from fedtune.deploy.address import DeployError
+
+    cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=2",
+                                                             "train.clients_per_round=2"])
+    grid = ClaimGrid({5: PartitionReply(0), 900: PartitionReply(1)})  # not the sim's grid
+    with pytest.raises(DeployError, match="operator roster"):
+        serve(grid, cfg, tmp_path / "run", None, False, None)
+    assert grid.sent == [] and not (tmp_path / "run").exists()
