@@ -417,6 +417,8 @@ def test_sampling_without_a_roster_is_an_error_not_an_invented_roster():
 def test_the_accountant_refuses_histories_outside_physical_ranges():
     from fedtune.privacy.accounting import check_history
 
+    with pytest.raises(ValueError, match="outside \\[0.1, 1000\\] \\(prv"):
+        epsilon_of(DPHistory([(0.05, 0.5, 1)]), 1e-5, "prv")  # PRV: inf or MemoryError
     for entries, what in [([(1e-200, 0.5, 1)], "noise multiplier"),
                           ([(1e6, 0.5, 1)], "noise multiplier"),
                           ([(1.0, 0.0, 1)], "sample rate"), ([(1.0, 1.5, 1)], "sample rate"),
@@ -425,5 +427,5 @@ def test_the_accountant_refuses_histories_outside_physical_ranges():
         with pytest.raises(ValueError, match=what):
             epsilon_of(DPHistory(entries), 1e-5, "rdp")
         with pytest.raises(ValueError):
-            check_history(entries)
+            check_history(entries, "rdp")
     assert epsilon_of(DPHistory([(1.0, 0.5, 10)]), 1e-5, "rdp") > 0
