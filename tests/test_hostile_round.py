@@ -58,7 +58,8 @@ CFG = ["data.num_clients=4", "train.clients_per_round=4", f"train.rounds={ROUNDS
 def world(tmp_path_factory):
     """The config, a tiny task, and `run_server` patched to use it (module-wide)."""
     import strategies.server_app as server_app
-    from fedtune.task import Split, _assemble, _BundleData
+    from fedtune.task import Split, Task, model_spec
+    from fedtune.tuning import build_tuned_model
 
     cfg = load_config(None, CFG)
     TMP[:] = [tmp_path_factory.mktemp("hostile-rounds")]
@@ -70,9 +71,11 @@ def world(tmp_path_factory):
 
     parts = [np.arange(i * SIZE, (i + 1) * SIZE) for i in range(POPULATION)]
     validation = np.arange(POPULATION * SIZE, POPULATION * SIZE + 8)
-    data = _BundleData(split(POPULATION * SIZE + 8), split(8), parts, validation,
-                       ("ham", "spam"))
-    task = _assemble(cfg, tiny_gpt2(1), data)
+    backbone = tiny_gpt2(1)
+    spec = model_spec(build_tuned_model(backbone, cfg.tuning, 2, seed=cfg.seed), backbone,
+                      cfg, 2)
+    task = Task(cfg, backbone, split(POPULATION * SIZE + 8), split(8), parts, ("ham", "spam"),
+                spec, validation_rows=validation)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads on a shared machine only cost
     real_save = server_app.save_checkpoint
