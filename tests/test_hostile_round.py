@@ -327,7 +327,7 @@ def test_whole_rounds_survive_generated_hostile_replies_with_the_honest_result(
             baselines[pattern] = (vector, summary["epsilon_sample"])
         return baselines[pattern]
 
-    @settings(max_examples=90, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def attack(data):
