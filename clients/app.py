@@ -15,7 +15,7 @@ from clients import pruning, split
 from clients.entry import build_client_app
 from clients.faults import corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting, ImportanceStep
-from clients.node_data import node_data, node_partition
+from clients.node_data import has_own_data, node_data, node_partition, own_example_count
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import clip_to_norm
@@ -133,9 +133,19 @@ def _save_history(context: Context, history: DPHistory) -> None:
         context.state[DP_STATE_KEY] = ConfigRecord(history.to_lists())
 
 
-def handle_query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random per run)."""
-    reply = PartitionReply(node_partition(context.node_config))
+def handle_query(msg: Message, context: Context, cfg: ExperimentConfig | None = None,
+                 task_bundle: str | None = None) -> Message:
+    """Tell the server which partition this node holds (node ids are random per run) and,
+    for a node with its own data file, how many examples it trains on: the server fixes the
+    node's weight and DP plan by that count for the run. A node on a corpus partition
+    answers without building its task (the server knows the partition's size)."""
+    own = None
+    if has_own_data(context.node_config):
+        from fedtune.runconfig import config_from_run_config
+
+        task = get_task(cfg or config_from_run_config(context.run_config), task_bundle)
+        own = own_example_count(context.node_config, task)
+    reply = PartitionReply(node_partition(context.node_config), own)
     return Message(content=reply.to_record(), reply_to=msg)
 
 

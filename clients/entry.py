@@ -23,7 +23,7 @@ def build_client_app(cfg: ExperimentConfig | None = None, task_bundle: str | Non
     def query(msg: Message, context: Context) -> Message:
         from clients.app import handle_query
 
-        return handle_query(msg, context)
+        return handle_query(msg, context, cfg, task_bundle)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -1,7 +1,12 @@
 """Which examples a SuperNode trains on: its share of the experiment's corpus (node config
 `partition-id`), or its own file (node config `data-path`, JSON lines with a `text` and a
 `label` on every line). The partition id is the client's identity either way: its cohort
-draws, seeds and DP history are keyed by it."""
+draws, seeds and DP history are keyed by it. Which node holds which partition is not the
+node's say: the simulation engine writes `partition-id` into each node's config, and a
+deployment's server checks each claim against its operator roster
+(`strategies.discovery`). A node with its own file tells the server the file's example
+count once, at discovery (`own_example_count`); the server weights it and plans its DP
+charges by that count for the whole run."""
 
 from __future__ import annotations
 
@@ -28,11 +33,25 @@ def node_partition(node_config: Mapping[str, object]) -> int:
     return int(node_config[PARTITION_KEY])  # type: ignore[call-overload]
 
 
+def has_own_data(node_config: Mapping[str, object]) -> bool:
+    """Whether this node trains on its own file (node config `data-path`)."""
+    path = node_config.get(DATA_PATH_KEY)
+    return path is not None and path != ""
+
+
+def own_example_count(node_config: Mapping[str, object], task: Task) -> int | None:
+    """The examples this node trains on when it has its own file (the rows `node_data`
+    reads from it), else None: the server knows a corpus partition's size itself."""
+    if not has_own_data(node_config):
+        return None
+    return len(node_data(node_config, task, node_partition(node_config)))
+
+
 def node_data(node_config: Mapping[str, object], task: Task, partition_id: int
               ) -> TensorDataset:
-    path = node_config.get(DATA_PATH_KEY)
-    if path is None or path == "":
+    if not has_own_data(node_config):
         return task.client_data(partition_id)
+    path = node_config[DATA_PATH_KEY]
     file = Path(str(path)).expanduser().resolve()
     if not file.is_file():
         raise FileNotFoundError(f"node config {DATA_PATH_KEY}={path!r}: no such file")

@@ -33,11 +33,16 @@ SERVER_OWNED = frozenset({"node", "partition_id", "bytes_up", "delta_norm", "wei
 MAX_COUNT = 10**12
 MAX_FLOAT = 1e30
 # (sigma, q, steps) entries in one client's DP history. A real history has one entry per
-# change of (sigma, q): a few per run. The server runs the accountant on a reported one,
-# and PRV took 2.7 s on 64 distinct entries and over 120 s on 1,000, so a long forged
-# history would stall the run: it is refused instead.
+# change of (sigma, q): a few per run. The server never runs the accountant on a reported
+# history (it charges from its own plan); the bound keeps the record it logs small.
 MAX_HISTORY = 64
 MAX_NOISE = 1e6
+# Examples a node may declare at discovery for its own data file (`PartitionReply`): far
+# above a device's fine-tuning set, and the weight and DP plan of a node come from it.
+MAX_NODE_EXAMPLES = 10**7
+# Characters of any client-controlled text (names, reasons, array metadata) that reach a
+# rejection reason or a log line (`bounded`).
+MAX_SHOWN = 200
 
 
 class ProtocolError(ValueError):
@@ -88,15 +93,24 @@ class Series:
         return [self.item.check(v) for v in value]
 
 
+def bounded(text: object, limit: int = MAX_SHOWN) -> str:
+    """`text` as it may appear in a rejection reason or a log line: client-controlled text
+    (key names, array metadata, error messages) is cut to `limit` characters, and the cut
+    says how long the original was, so a 5 MB string costs a reason of ~250 bytes."""
+    shown = str(text)
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}... ({len(shown):,} characters)"
+
+
 def _names(keys: object) -> list[str]:
     """At most five of a client's key names, each cut to 40 characters, for a reason line."""
-    names = sorted(str(k) for k in keys)  # type: ignore[attr-defined]
+    names = sorted(str(k)[:41] for k in keys)  # type: ignore[attr-defined]
     return [k if len(k) <= 40 else k[:40] + "..." for k in names[:5]]
 
 
 def _show(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+    return f"{bounded(type(value).__name__, 40)} {bounded(repr(value), 40)}"
 
 
 def _count(key: str, name: str, low: int = 0) -> Scalar:
@@ -149,7 +163,8 @@ EXTRA_GROUPS: dict[str, tuple[Scalar, ...]] = {
 GROUP_NEEDS = {"pruning_split": ("pruning", "split")}
 EXTRAS = {s.key: s for group in EXTRA_GROUPS.values() for s in group}
 
-# The client's own account of its DP-SGD spend: kept for the record, never trusted.
+# The client's own account of its DP-SGD spend: kept for the record (bounded in size),
+# never accounted: the server charges from its own plan (`strategies.privacy_ledger`).
 DP_SIGMA = Scalar("noise-multiplier", "noise_multiplier", float, 0.0, MAX_NOISE, True)
 DP_RATE = Scalar("sample-rate", "sample_rate", float, 0.0, 1.0, True)
 DP_STEPS = _count("dp-steps", "steps")
@@ -173,6 +188,7 @@ def _history(values: Mapping[str, list]) -> DPHistory:
 
 _ROSTER = "roster"
 _PARTITION = "partition-id"
+_OWN_EXAMPLES = "own-examples"
 _CONFIG = "config"
 
 
@@ -186,23 +202,35 @@ class PartitionQuery:
 
 @dataclass(frozen=True)
 class PartitionReply:
-    """Client -> server: the partition this node holds."""
+    """Client -> server: the partition this node holds, and, for a node that trains on its
+    own data file (node config `data-path`), that file's example count. The server takes
+    the count once, at discovery: it weights the node and plans its DP charges by it for
+    the whole run, and refuses a later reply that reports another count. A node training on
+    its corpus partition sends no count (the server knows the partition's size)."""
 
     partition_id: int
+    own_examples: int | None = None
 
     def to_record(self) -> RecordDict:
-        return RecordDict({_ROSTER: MetricRecord({_PARTITION: self.partition_id})})
+        record: dict[str, int] = {_PARTITION: self.partition_id}
+        if self.own_examples is not None:
+            record[_OWN_EXAMPLES] = self.own_examples
+        return RecordDict({_ROSTER: MetricRecord(record)})
 
     @classmethod
     def from_record(cls, content: RecordDict, num_partitions: int) -> PartitionReply:
         _only(content, metrics={_ROSTER})
         record = content.metric_records[_ROSTER]
-        _no_extra_keys(record, {_PARTITION}, _ROSTER)
+        _no_extra_keys(record, {_PARTITION, _OWN_EXAMPLES}, _ROSTER)
         if _PARTITION not in record:
             raise ProtocolError(f"{_ROSTER} carries no {_PARTITION}")
         pid = Scalar(_PARTITION, "partition_id", int, 0, num_partitions - 1).check(
             record[_PARTITION])
-        return cls(int(pid))
+        own = None
+        if _OWN_EXAMPLES in record:
+            own = int(Scalar(_OWN_EXAMPLES, "own_examples", int, 1, MAX_NODE_EXAMPLES).check(
+                record[_OWN_EXAMPLES]))
+        return cls(int(pid), own)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -300,8 +328,9 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class ReportedDP:
-    """A client's own account of its DP-SGD spend. The server computes spend itself; this
-    is kept in the ledger as `reported_dp`, under that name only."""
+    """A client's own account of its DP-SGD spend. The server computes spend itself and
+    never runs an accountant on this; it is kept in the ledger as `reported_dp`, under that
+    name only (at most `MAX_HISTORY` entries of finite, range-checked numbers)."""
 
     noise_multiplier: float
     sample_rate: float

@@ -1,6 +1,11 @@
 """FedAvg over delta vectors: the server sends one flat global vector, clients reply with
 `local - global`, and the example-weighted mean delta is added to the global vector.
 
+The weights are the server's: a partition's example count as the server knows it (its
+partition size, or the count a node with its own data file reported once at discovery),
+times the plugins' weight; never a count from a reply. A reply reporting another count than
+the server holds is rejected.
+
 Every reply passes the wire protocol (`fedtune.protocol`) and the delta codec before it can
 count; a bad one is recorded as rejected with its reason, never averaged in, and never
 raises. The ledger entry of a client is built from what it reported first and the fields
@@ -10,7 +15,7 @@ the server owns last, so no reply can set a server-owned field.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
@@ -26,6 +31,7 @@ from fedtune.protocol import (
     ProtocolError,
     TrainInstruction,
     TrainReply,
+    bounded,
     check_plugin_fields,
 )
 from strategies.discovery import Roster
@@ -73,6 +79,10 @@ class DeltaFedAvg:
         # partition-id -> node id, bound at discovery. Flower draws node ids at random in
         # every run, so a cohort is drawn over partition ids and mapped through this roster.
         self.roster: dict[int, int] = {}
+        # partition-id -> the examples the server weights it by and plans its DP charges
+        # from (`adopt`). A roster set without counts (a strategy driven alone, in tests)
+        # weights every client equally.
+        self.examples: dict[int, int] = {}
         # Claims refused at discovery (a partition another node already holds).
         self.refused_claims: list[dict[str, Any]] = []
         # The DP-SGD history the server holds for a partition, sent with its instruction.
@@ -94,22 +104,28 @@ class DeltaFedAvg:
 
     # -- discovery and sampling
 
-    def adopt(self, roster: Roster) -> dict[int, int]:
+    def adopt(self, roster: Roster, sizes: Sequence[int] | None = None) -> dict[int, int]:
         """Take the roster discovery bound (`strategies.discovery`); its refused claims go to
-        the next ledger line."""
+        the next ledger line. `sizes`: the corpus partitions' sizes (`task.partitions`), the
+        example count of every partition whose node trains on it; a node with its own data
+        file counts what it reported at discovery."""
         self.roster = dict(roster.nodes)
         self.refused_claims = list(roster.refused)
+        if sizes is not None:
+            self.examples = {pid: roster.own_examples.get(pid, int(sizes[pid]))
+                             for pid in self.roster}
         return self.roster
 
-    def ensure_roster(self, grid: Grid) -> None:
+    def require_roster(self) -> None:
         if not self.roster:
-            self.roster = {i: n for i, n in enumerate(sorted(grid.get_node_ids()))}
+            raise RuntimeError("no partition has a node: discovery bound none (see the refused "
+                               "claims), so no round can be sampled")
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """A seeded cohort of `clients_per_round` partition ids: the same seed gives the same
         partitions in every re-run. With fewer partitions bound at discovery (a node refused
         or silent), all of them."""
-        self.ensure_roster(grid)
+        self.require_roster()
         size = min(self.clients_per_round, len(self.roster))
         if size < self.clients_per_round:
             log(WARNING, "round %d: only %d partitions have a node; the cohort is %d, not "
@@ -173,6 +189,10 @@ class DeltaFedAvg:
                 continue
             reported = {**reply.report.ledger(),
                         "reported_dp": None if reply.dp is None else reply.dp.ledger()}
+            mismatch = self._count_mismatch(pid, reply.report.num_examples)
+            if mismatch is not None:
+                self._reject(server_round, reported, owned, mismatch)
+                continue
             try:
                 delta = reply.decoded_delta(self.spec)
             except (ProtocolError, DeltaError) as exc:
@@ -192,6 +212,19 @@ class DeltaFedAvg:
         self.outcome.accepted = [a.entry for a in accepted]
         return accepted
 
+    def _count_mismatch(self, pid: int, reported: int | None) -> str | None:
+        """Why a reply's example count is refused: the server fixed the partition's count
+        (partition size, or the node's report at discovery) for the run."""
+        known = self.examples.get(pid)
+        if reported is None or known is None or reported == known:
+            return None
+        return (f"reports {reported} examples; the server holds {known} for partition {pid} "
+                "for this run (a node's count is fixed at discovery)")
+
+    def _examples(self, pid: int) -> int:
+        """The server's example count for `pid` (1 each when it holds none: equal weights)."""
+        return self.examples.get(pid, 1)
+
     def _weight(self, server_round: int, pid: int) -> float:
         weight = float(self.client_weight(server_round, pid))
         if not 0.0 <= weight <= 1.0:
@@ -202,6 +235,8 @@ class DeltaFedAvg:
 
     def _reject(self, server_round: int, reported: dict[str, Any], owned: dict[str, Any],
                 reason: str) -> None:
+        # A reason may quote what the client sent (array metadata, key names): bounded.
+        reason = bounded(reason)
         log(WARNING, "round %d: rejected the reply of partition %d (node %d): %s",
             server_round, owned["partition_id"], owned["node"], reason)
         self.outcome.rejected.append({**reported, **owned, "reason": reason})
@@ -217,10 +252,10 @@ class DeltaFedAvg:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> np.ndarray | None:
-        """The new global vector: the global plus the mean delta weighted by examples x
-        plugin weight; None when nothing moved it."""
+        """The new global vector: the global plus the mean delta weighted by the server's
+        example count x plugin weight; None when nothing moved it."""
         accepted = self.screen(server_round, replies)
-        w = np.asarray([a.entry["num_examples"] * a.entry["weight"] for a in accepted],
+        w = np.asarray([self._examples(a.partition_id) * a.entry["weight"] for a in accepted],
                        dtype=np.float64)
         if not accepted or not w.sum() > 0:  # nobody, or every client weighted 0
             return None
@@ -245,4 +280,6 @@ MAX_REASON = 500
 
 def _error_tail(reason: object) -> str:
     text = str(reason)
-    return text if len(text) <= MAX_REASON else "..." + text[-MAX_REASON:]
+    if len(text) <= MAX_REASON:
+        return text
+    return f"... ({len(text):,} characters) {text[-MAX_REASON:]}"

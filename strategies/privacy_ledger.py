@@ -2,12 +2,17 @@
 
 Sample level: the server counts each client's DP-SGD spend itself, as a (sigma, q, steps)
 history per client, from the same pure functions the client trains by
-(`fedtune.privacy.plan.planned_release`, on the partition sizes of `task.partitions`).
-A client is charged its planned release when the round's instruction is sent, so a client
-that replies late, crashes or is rejected is charged all the same (it may have trained and
-uploaded); when its reply comes, a reported history that holds more spend replaces the
-planned one (a report can add spend, never remove it). `epsilon_sample` is the largest
-epsilon over these server-side histories, never a client's own figure.
+(`fedtune.privacy.plan.planned_release`, on the example count the server holds for it:
+the partition size from `task.partitions`, or for a deployment node with its own data file
+the count it reported once at discovery, `use_example_counts`). A client is charged its
+planned release when the round's instruction is sent, so a client that replies late,
+crashes or is rejected is charged all the same (it may have trained and uploaded). The
+plan covers what an honest client can release: the costliest of the example counts the
+plugins allow (pruning) with the steps `train.local_steps` or `train.local_epochs` give
+for it, and the hooks' releases (split mode). What a reply reports about its own spend
+(`reported_dp`) is kept in the ledger as the client's word and never accounted: a forged
+history can neither lower the charge nor make the server's accountant fail or stall
+(issue 27). `epsilon_sample` is the largest epsilon over the server-side histories.
 
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget.
@@ -22,8 +27,9 @@ lost attempt is not a second release and is not charged twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from fedtune.checkpoint import ServerState, load_pending, privacy_fingerprint, save_pending
@@ -69,11 +75,25 @@ class PrivacyLedger:
 
     # -- what a round costs
 
+    # Partition id -> examples, for the nodes that train on their own data file (a
+    # deployment): the count each reported at discovery. Others train on their partition.
+    _example_counts: Mapping[int, int] = MappingProxyType({})
+
+    def use_example_counts(self, counts: Mapping[int, int]) -> None:
+        """Plan every charge from these counts (partition id -> examples, the server's own,
+        fixed at discovery: `DeltaFedAvg.examples`) instead of the partition sizes."""
+        self._example_counts = MappingProxyType(dict(counts))
+
+    def example_count(self, pid: int) -> int:
+        """The examples the server plans client `pid`'s DP-SGD over."""
+        known = self._example_counts.get(pid)
+        return known if known is not None else len(self.task.partitions[pid])
+
     def planned(self, rnd: int, pid: int) -> list[Release]:
         """What client `pid` releases if it trains in round `rnd`, as the server plans it:
-        DP-SGD over its whole partition (pruning only shrinks the steps with
-        `train.local_epochs`; a reply reporting more is charged more) and the hooks'."""
-        n = len(self.task.partitions[pid])
+        DP-SGD over the examples it holds (`example_count`; at the costliest size a plugin
+        allows) and the hooks' releases."""
+        n = self.example_count(pid)
         events = [self._costliest(pid, n)] if self.cfg.privacy.sample.enabled else []
         for hook in self.plan_hooks:
             events.extend(hook(rnd, pid, n))
@@ -87,8 +107,8 @@ class PrivacyLedger:
         releases = [planned_release(self.cfg, m) for m in sizes]
         if len(releases) == 1:
             return releases[0]
-        spent = list(self.state.client_dp.get(pid, DPHistory()).entries)
-        return max(releases, key=lambda r: self._epsilon(DPHistory([*spent, r])))
+        spent = self.state.client_dp.get(pid, DPHistory()).entries
+        return max(releases, key=lambda r: self._epsilon(_after(spent, r)))
 
     def _epsilon(self, history: DPHistory) -> float:
         sample = self.cfg.privacy.sample
@@ -119,10 +139,8 @@ class PrivacyLedger:
         # by construction; a given noise multiplier has to be checked client by client.
         if sample.enabled and sample.noise_multiplier > 0:
             for pid in cohort:
-                history = DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
-                for event in self.planned(rnd, pid):
-                    history.add(*event)
-                after = self._epsilon(history)
+                spent = self.state.client_dp.get(pid, DPHistory()).entries
+                after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
                 if after > sample.target_epsilon:
                     return (f"round {rnd} would raise client {pid}'s sample-level epsilon to "
                             f"{after:.4f}, over privacy.sample.target_epsilon="
@@ -151,39 +169,16 @@ class PrivacyLedger:
     # -- after a round
 
     def settle(self, rnd: int, reports: list[dict[str, Any]]) -> None:
-        """Take in round `rnd`'s replies (accepted, rejected and failed alike) and record
-        the round's user-level release. A reply's validated `reported_dp` can raise its
-        client's charge to what the client says it spent: this round's release as reported,
-        or its whole reported history, whichever gives the larger epsilon (the planned
-        charge stays if it is larger). `partition_id` is the server's, not the client's."""
-        # Without sample-level DP (and no hook's releases) there is no spend to settle.
-        counted = self.cfg.privacy.sample.enabled or bool(self.plan_hooks)
-        for report in reports if counted else []:
-            reported = report.get("reported_dp")
-            if report.get("partition_id") is None or reported is None:
-                continue  # failed: no reply, the planned charge stands
-            pid = int(report["partition_id"])
-            self._settle_client(pid, reported)
+        """Close round `rnd` and record its user-level release. Sample-level spend was
+        charged in full when the round was sent (`charge_sent`); the replies (accepted,
+        rejected and failed alike) change nothing in it: a `reported_dp` is the client's word,
+        kept in its ledger entry and never run through the accountant, so settling costs no
+        accountant call whatever a reply holds."""
+        del rnd, reports  # the charge is the server's plan, made before the round was sent
         self._before = {}
         if self.user is not None:
             self.user.record()
             self.state.user_releases = self.user.releases
-
-    def _settle_client(self, pid: int, reported: dict[str, Any]) -> None:
-        charged = self.state.client_dp.setdefault(pid, DPHistory())
-        before = self._before.get(pid, DPHistory(list(charged.entries)))
-        this_round = DPHistory(list(before.entries))
-        if float(reported["noise_multiplier"]) > 0:
-            this_round.add(float(reported["noise_multiplier"]), float(reported["sample_rate"]),
-                           int(reported["steps"]))
-        candidates = [this_round, DPHistory.from_lists(reported["history"])]
-        best, best_eps = charged, self._epsilon(charged)
-        for candidate in candidates:
-            eps = self._epsilon(candidate) if candidate.entries else 0.0
-            if eps > best_eps:
-                best, best_eps = candidate, eps
-        self.state.client_dp[pid] = best
-        self._set_epsilon(pid)
 
     def _charge_interrupted(self, pending: dict[str, Any] | None) -> None:
         """On a resume: charge every attempt at the round that was sent but never completed
@@ -240,3 +235,13 @@ class PrivacyLedger:
         return {**self.user.params(), "clipping": user.clipping, "clip_norm": user.clip_norm,
                 "target_epsilon": user.target_epsilon,
                 "noise_std": self.user.noise_multiplier * user.clip_norm / self.user.cohort}
+
+
+def _after(spent: list[Release], *events: Release) -> DPHistory:
+    """`spent` and then `events`, merged as `DPHistory.add` merges them: the same entries,
+    so the cached epsilon of a planned history is the one the charge looks up again (one
+    accountant call per history and round, not one per use)."""
+    history = DPHistory(list(spent))
+    for event in events:
+        history.add(*event)
+    return history

@@ -8,7 +8,7 @@ module-level `app` reads the experiment from Flower's run config (the `flwr run`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from fedtune.checkpoint import (
     privacy_fingerprint,
     save_checkpoint,
 )
+from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.address import DeployError
 from fedtune.deploy.seeded_noise import check_server_runtime
 from fedtune.evaluation import (
     accuracy_fields,
@@ -42,7 +44,7 @@ from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
 from strategies.delta_fedavg import DeltaFedAvg
-from strategies.discovery import Roster, discover
+from strategies.discovery import Roster, discover, load_operator_roster
 from strategies.grid_io import send_and_receive
 from strategies.in_clear import in_clear
 from strategies.plugins import Plugin, build_plugins
@@ -54,10 +56,12 @@ from strategies.user_dp import UserLevelDP
 
 def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                on_round: RoundCallback | None = None, resume: bool = False,
-               roster: Roster | None = None) -> dict[str, Any]:
+               roster: Roster | None = None,
+               assigned: Mapping[int, int] | None = None) -> dict[str, Any]:
     """Run every round of `cfg` on `grid`, writing the run folder; returns the summary.
     With `resume`, continue the run in `out_dir` from its checkpoint. `roster`: the
-    partitions' nodes, if discovered already (else discovered here). Raises
+    partitions' nodes, if discovered already (else discovered here, binding each node to
+    the partition `assigned` gives it: a deployment's operator roster). Raises
     `NoContributionError` (after writing the ledger) when no client contributed in any
     round."""
     t0 = time.perf_counter()
@@ -99,7 +103,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                              reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
                              else None)
     if state.round < cfg.train.rounds and state.stopped is None:
-        strategy.adopt(roster or discover_workers(grid, cfg))
+        strategy.adopt(roster or discover_workers(grid, cfg, assigned=assigned),
+                       [len(p) for p in task.partitions])
+        # Weights and DP plans from the counts the server holds, fixed for the run.
+        privacy.use_example_counts(strategy.examples)
         mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s
 
@@ -210,13 +217,25 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
 
 
 def discover_workers(grid: Grid, cfg: ExperimentConfig,
-                     abort: Callable[[], bool] | None = None) -> Roster:
+                     abort: Callable[[], bool] | None = None,
+                     assigned: Mapping[int, int] | None = None) -> Roster:
     """Discovery as a start-up phase: most of it is the workers starting (Ray actors
     importing torch and the client code before they can answer their first message)."""
+    _require_operator_roster(grid, assigned)
     found = Roster()
     with phase("workers", lambda: f"{len(found.nodes)} clients answered"):
-        found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort)
+        found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort,
+                         assigned=assigned)
     return found
+
+
+def _require_operator_roster(grid: Grid, assigned: Mapping[int, int] | None) -> None:
+    """A deployment's nodes hold the partitions the operator's roster assigns them, never
+    the ones they claim (the simulation engine assigns its nodes' partitions itself)."""
+    if assigned is None and not is_simulation_grid(grid):
+        raise DeployError("a deployment binds nodes to partitions from an operator roster: "
+                          "pass run config roster='/abs/roster.json' (registered node id -> "
+                          "partition id; README, Node data)")
 
 
 def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -306,14 +325,21 @@ def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallback | None,
-          resume: bool, prepare: Preparation | None) -> dict[str, Any]:
-    """The ServerApp's body (`strategies.server_entry.build_server_app`)."""
+          resume: bool, prepare: Preparation | None, roster_file: str | None = None
+          ) -> dict[str, Any]:
+    """The ServerApp's body (`strategies.server_entry.build_server_app`). `roster_file`:
+    a deployment's operator roster (`strategies.discovery.load_operator_roster`)."""
     check_server_runtime(cfg, grid)  # seeded noise only in simulation
+    assigned = (load_operator_roster(roster_file, cfg.data.num_clients)
+                if roster_file else None)
+    _require_operator_roster(grid, assigned)  # before the run folder or the task
     roster = None
     if prepare is not None:
-        roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()))
+        roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()),
+                                  assigned=assigned)
         prepare.finish()
-    return run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster)
+    return run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster,
+                      assigned=assigned)
 
 
 app = build_server_app()

@@ -63,4 +63,5 @@ def run_when_imported(grid: Grid, run_config: dict[str, Any], cfg: ExperimentCon
     run_cfg = cfg or config_from_run_config(run_config)
     folder = out_dir or Path(str(run_config.get("out", "") or
                                  f"runs/{run_cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"))
-    serve(grid, run_cfg, folder, on_round, resume, prepare)
+    roster = run_config.get("roster")  # a deployment's operator roster file, if any
+    serve(grid, run_cfg, folder, on_round, resume, prepare, str(roster) if roster else None)

@@ -71,7 +71,7 @@ class UserLevelDP:
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """Poisson cohort: each partition joins independently with probability q."""
-        self.inner.ensure_roster(grid)
+        self.inner.require_roster()
         pids = sorted(self.inner.roster)
         joins = self._source(server_round, COHORT_STREAM).bernoulli(len(pids), self.rate)
         chosen = [pid for pid, j in zip(pids, joins, strict=True) if j]

@@ -2,14 +2,24 @@
 the workers for their partitions first and waits for the task after; a task that fails
 cuts the wait short and its own error ends the run before the run folder exists."""
 
+import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from flwr.app import Message, MessageType
+from wire import reply, spec_of
 
+from fedtune.checkpoint import ServerState
 from fedtune.config import load_config
-from strategies.discovery import discover
+from fedtune.privacy import DPHistory, epsilon_of, planned_release
+from fedtune.protocol import PartitionReply
+from strategies import DeltaFedAvg
+from strategies.discovery import discover, load_operator_roster
+from strategies.privacy_ledger import PrivacyLedger
 from strategies.server_app import Preparation, serve
 from strategies.server_entry import run_when_imported
 from tests.conftest import FakeGrid
@@ -44,7 +54,10 @@ def test_discovery_stops_waiting_once_aborted():
     assert roster.nodes == {}
 
 
-def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path):
+def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path, monkeypatch):
+    import strategies.server_app as server_app
+
+    monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
                                                                   "train.clients_per_round=2"])
     grid, built = SilentGrid([1, 2, 3]), threading.Event()
@@ -64,7 +77,10 @@ def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path):
+def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path, monkeypatch):
+    import strategies.server_app as server_app
+
+    monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
                                                                   "train.clients_per_round=2"])
     calls: list[str] = []
@@ -89,3 +105,126 @@ def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path
         run_when_imported(SilentGrid([1]), {}, cfg, tmp_path / "run", None, False,
                           Preparation(finish, lambda: True, broken))
     assert not (tmp_path / "run").exists()
+
+
+# -- identity and the example counts a node declares (issues 26 #3, 27 #6) -------------------
+
+class ClaimGrid(FakeGrid):
+    """Nodes that answer the partition query with a given `PartitionReply`."""
+
+    def __init__(self, claims):
+        super().__init__(list(claims))
+        self.claims, self.sent = claims, []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        return ["" for _ in self.sent]
+
+    def pull_messages(self, ids):
+        return [Message(content=self.claims[m.metadata.dst_node_id].to_record(), reply_to=m)
+                for m in self.sent]
+
+
+def test_the_operator_roster_assigns_partitions_and_a_claim_cannot_take_one():
+    # main: ids were self-declared and the lowest node id won: attacker node 5 took
+    # partition 0 and honest node 900 was refused (issue 27 #6).
+    grid = ClaimGrid({5: PartitionReply(0), 900: PartitionReply(0), 901: PartitionReply(1),
+                      7: PartitionReply(1)})
+    roster = discover(grid, 2, timeout=1, wait_for_nodes_s=1, assigned={900: 0, 901: 1})
+    assert roster.nodes == {0: 900, 1: 901}
+    refused = {r["node"]: r["reason"] for r in roster.refused}
+    assert set(refused) == {5, 7}
+    assert "not in the operator roster" in refused[5]
+    # A registered node claiming another's partition is refused with its reason.
+    grid = ClaimGrid({900: PartitionReply(1), 901: PartitionReply(1)})
+    roster = discover(grid, 2, timeout=1, wait_for_nodes_s=1, assigned={900: 0, 901: 1})
+    assert roster.nodes == {1: 901}
+    assert "claims partition 1; the operator roster assigns it partition 0" in \
+        roster.refused[0]["reason"]
+
+
+def test_an_operator_roster_file_is_read_or_refused_with_a_reason(tmp_path):
+    path = tmp_path / "roster.json"
+    path.write_text(json.dumps({"900": 0, "901": 1}))
+    assert load_operator_roster(path, 2) == {900: 0, 901: 1}
+    for text, what in [('{"900": 0, "901": 0}', "more than one node"),
+                       ('{"900": 2}', "not an integer in \\[0, 1\\]"),
+                       ('{"x": 0}', "is not an integer"), ("[1]", "JSON object"),
+                       ("{", "roster.json")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=what):
+            load_operator_roster(path, 2)
+
+
+def test_a_lost_reply_of_a_data_path_node_is_charged_at_its_true_example_count():
+    # main: the server planned from the corpus partition's size (164 rows) although the node
+    # trained on its own file (400 rows): 19-42 % below the truth (issue 26 #3).
+    cfg = load_config(None, ["data.num_clients=2", "train.clients_per_round=2",
+                             "train.local_epochs=1", "train.batch_size=32",
+                             "privacy.sample.accountant=rdp"])
+    sizes = [164, 164]
+    grid = ClaimGrid({11: PartitionReply(0), 12: PartitionReply(1, own_examples=400)})
+    strategy = DeltaFedAvg(spec_of(6), 2, seed=0)
+    strategy.adopt(discover(grid, 2, timeout=1, wait_for_nodes_s=1), sizes)
+    assert strategy.examples == {0: 164, 1: 400}
+    state = ServerState(round=0, vector=np.zeros(6), spec_hash="x", initial={})
+    privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
+                            state)
+    privacy.use_example_counts(strategy.examples)
+    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1])
+    privacy.charge_sent(1, [0, 1])
+    # Node 12's reply is lost; node 11 answers. The charge stands as planned.
+    strategy.aggregate_train(1, [reply(msgs[0], np.ones(6), spec_of(6), n=164)])
+    privacy.settle(1, strategy.outcome.accepted + strategy.outcome.failed)
+    assert state.client_dp[1].entries == [planned_release(cfg, 400)]
+    assert state.client_dp[0].entries == [planned_release(cfg, 164)]
+    truth = epsilon_of(DPHistory([planned_release(cfg, 400)]), cfg.privacy.sample.delta, "rdp")
+    assert state.client_eps[1] == pytest.approx(truth)
+    # A later reply of another count is refused: the count is fixed for the run.
+    msgs = strategy.configure_train(2, np.zeros(6, np.float32), 0.1, [1])
+    strategy.aggregate_train(2, [reply(msgs[0], np.ones(6), spec_of(6), n=401)])
+    assert "the server holds 400" in strategy.outcome.rejected[0]["reason"]
+
+
+def test_a_node_reports_its_own_files_count_and_a_partition_node_builds_no_task(
+        monkeypatch, tmp_path):
+    import torch
+    from flwr.app import Context, RecordDict
+    from torch.utils.data import TensorDataset
+
+    import clients.app as client_app
+    import clients.node_data as node_data
+    from fedtune.protocol import PartitionQuery
+
+    def no_task(*args):
+        raise AssertionError("a node on a corpus partition built its task to answer")
+
+    monkeypatch.setattr(client_app, "get_task", no_task)
+    query = Message(content=PartitionQuery().to_record(), message_type=MessageType.QUERY,
+                    dst_node_id=1)
+
+    def answer(node_config):
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                          run_config={})
+        out = client_app.handle_query(query, context, cfg=load_config(None, []))
+        return PartitionReply.from_record(out.content, 4)
+
+    assert answer({"partition-id": 2}) == PartitionReply(2)
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"text": "a", "label": 0}\n')
+    task = SimpleNamespace(backbone=SimpleNamespace(hash="h"), label_names=("a", "b"),
+                           cfg=load_config(None, []))
+    monkeypatch.setattr(client_app, "get_task", lambda cfg, bundle=None: task)
+    monkeypatch.setattr(node_data, "_load", lambda file, task: TensorDataset(torch.zeros(37)))
+    assert answer({"partition-id": 3, "data-path": str(own)}) == PartitionReply(3, 37)
+
+
+def test_a_deployment_without_an_operator_roster_is_refused_before_discovery(tmp_path):
+    from fedtune.deploy.address import DeployError
+
+    cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=2",
+                                                             "train.clients_per_round=2"])
+    grid = ClaimGrid({5: PartitionReply(0), 900: PartitionReply(1)})  # not the sim's grid
+    with pytest.raises(DeployError, match="operator roster"):
+        serve(grid, cfg, tmp_path / "run", None, False, None)
+    assert grid.sent == [] and not (tmp_path / "run").exists()

@@ -210,3 +210,38 @@ def test_data_files_are_checked_or_refused_in_one_line(tmp_path, data, suffix):
     path = tmp_path / f"data{suffix}"
     path.write_bytes(data)
     _one_line(DataFileError, check_text_file, path)
+
+
+# The accountant's input: a history is refused in one line, or its epsilon comes fast.
+sigmas = st.sampled_from([1e-200, 5e-324, 0.0, 0.05, 0.1, 0.5, 1.0, 7.0, 1e3, 1e6,
+                          float("nan"), float("inf")]) | st.floats(0.09, 1001.0)
+rates = st.sampled_from([0.0, 1e-300, 1e-6, 0.5, 1.0, 1.5, float("nan")]) | st.floats(0, 1)
+steps = st.sampled_from([0, 1, 10, 10**7, 10**8, 10**9, -1]) | st.integers(1, 1000)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(sigmas, rates, steps), min_size=1, max_size=8)
+       | st.just([(1.0, 0.5, 1)] * 5000))
+def test_any_history_is_refused_in_one_line_or_accounted_fast(entries):
+    import time
+
+    from fedtune.privacy import DPHistory, epsilon_of
+
+    started = time.perf_counter()
+    try:
+        epsilon = epsilon_of(DPHistory(list(entries)), 1e-5, "rdp")
+    except ValueError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 200, str(exc)
+        return
+    assert epsilon is not None and epsilon >= 0 and not np.isnan(epsilon)
+    assert time.perf_counter() - started < 5.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=2000) | st.binary(max_size=2000), st.integers(1, 300))
+def test_bounded_text_is_short_and_says_it_was_cut(text, limit):
+    from fedtune.protocol import bounded
+
+    shown = bounded(text, limit)
+    assert len(shown) <= limit + 40
+    assert shown == str(text) or "characters)" in shown

@@ -228,13 +228,23 @@ class ClaimGrid(FakeGrid):
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.integers(1, 50), st.dictionaries(
-    st.sampled_from(["partition-id", "node", "x"]), values | st.integers(0, 5), max_size=2),
+    st.sampled_from(["partition-id", "own-examples", "node", "x"]),
+    values | st.integers(0, 5) | st.sampled_from([1, 10**7, 10**7 + 1]), max_size=3),
     min_size=4, max_size=8))
 def test_discovery_binds_each_partition_to_one_node_whatever_nodes_claim(claims):
     strategy = DeltaFedAvg(SPEC, 2, seed=0)
-    roster = strategy.adopt(discover(ClaimGrid(claims), 4, timeout=1, wait_for_nodes_s=1))
+    found = discover(ClaimGrid(claims), 4, timeout=1, wait_for_nodes_s=1)
+    roster = strategy.adopt(found, sizes=[7, 8, 9, 10])
     assert set(roster) <= set(range(4)) and len(set(roster.values())) == len(roster)
     for pid, node in roster.items():
-        assert PartitionReply.from_record(RecordDict({"roster": MetricRecord(claims[node])}),
-                                          4).partition_id == pid
+        claim = PartitionReply.from_record(RecordDict({"roster": MetricRecord(claims[node])}),
+                                           4)
+        assert claim.partition_id == pid
+        # The server's count: the partition's size, or a node's own file's (bounded) count.
+        assert strategy.examples[pid] == (7 + pid if claim.own_examples is None
+                                          else claim.own_examples)
+        assert 1 <= strategy.examples[pid] <= 10**7
+    assert set(found.own_examples) <= set(roster)
     assert len(roster) + len(strategy.refused_claims) == len(claims)
+    for refused in strategy.refused_claims:
+        assert len(refused["reason"]) < 400

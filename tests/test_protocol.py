@@ -1,13 +1,15 @@
 """The wire protocol: round trips, and each finding of issue 17 item 1 reproduced against the
 real strategy (a client's metrics overrode the server's own fields, or crashed the run)."""
 
+import functools
 import re
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import FakeGrid
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from wire import honest_metrics, raw_reply, reply, spec_of, stray_message
 
 from fedtune.checkpoint import ServerState
@@ -26,9 +28,10 @@ from fedtune.protocol import (
     TrainInstruction,
     TrainReply,
     TrainReport,
+    bounded,
 )
 from strategies import DeltaFedAvg
-from strategies.discovery import discover
+from strategies.discovery import Roster, discover
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserLevelDP
 
@@ -274,3 +277,155 @@ def test_info_record_with_extra_keys_is_rejected():
     bad.content["info"] = ConfigRecord({"spec-hash": SPEC.hash, "weight": "1000"})
     strategy.aggregate_train(1, [bad, reply(msgs[1], np.ones(6), SPEC)])
     assert "info holds keys" in strategy.outcome.rejected[0]["reason"]
+
+
+# -- issue 27: the server owns counts, weights and its accounting ----------------------------
+
+def _dp_reply(msg, dp, n=10):
+    sent = TrainReply.build(np.ones(6, np.float32), SPEC.hash,
+                            TrainReport(2, n, 1.0, 2 * n, 10.0), dp)
+    return Message(content=sent.to_record(), reply_to=msg)
+
+
+def _ledger_for(strategy, accountant="rdp"):
+    cfg = load_config(None, ["data.num_clients=2", "train.clients_per_round=2",
+                             f"privacy.sample.accountant={accountant}"])
+    state = ServerState(round=0, vector=np.zeros(6), spec_hash=SPEC.hash, initial={})
+    task = SimpleNamespace(partitions=[np.arange(64), np.arange(64)])
+    return PrivacyLedger(cfg, task=task, state=state), state
+
+
+def test_a_forged_history_at_sigma_1e_200_neither_crashes_nor_changes_the_charge():
+    # main: ZeroDivisionError in the accountant ended the run after round 1 (issue 27 #1).
+    strategy = _fedavg()
+    privacy, state = _ledger_for(strategy)
+    msgs = _send(strategy)
+    privacy.charge_sent(1, [0, 1])
+    planned = {pid: list(h.entries) for pid, h in state.client_dp.items()}
+    forged = ReportedDP(1e-200, 0.5, 1, 0.0, DPHistory([(1e-200, 0.5, 1)]))
+    strategy.aggregate_train(1, [_dp_reply(msgs[0], forged), _dp_reply(msgs[1], forged)])
+    privacy.settle(1, strategy.outcome.accepted + strategy.outcome.rejected)
+    assert {pid: h.entries for pid, h in state.client_dp.items()} == planned
+    assert all(e["reported_dp"]["noise_multiplier"] == 1e-200
+               for e in strategy.outcome.accepted)
+
+
+def test_a_long_reported_history_costs_the_server_no_accountant_call(monkeypatch):
+    # main: 64 distinct entries took 38.8 s (RDP) to 158 s (PRV) per epsilon, at least
+    # twice per reply (issue 27 #2). Now settling runs no accountant at all.
+    import strategies.privacy_ledger as ledger_module
+
+    strategy = _fedavg()
+    privacy, state = _ledger_for(strategy, "prv")
+    msgs = _send(strategy)
+    privacy.charge_sent(1, [0, 1])
+    sigmas = [1.0 + 0.01 * i for i in range(64)]
+    long = DPHistory([(s, 0.5, 1) for s in sigmas])
+    reported = ReportedDP(1.0, 0.5, 64, 3.0, long)
+
+    def no_accountant(*args, **kwargs):
+        raise AssertionError("the server ran its accountant on a client's report")
+
+    monkeypatch.setattr(ledger_module, "epsilon_of", no_accountant)
+    started = time.perf_counter()
+    strategy.aggregate_train(1, [_dp_reply(msgs[0], reported), _dp_reply(msgs[1], reported)])
+    privacy.settle(1, strategy.outcome.accepted)
+    assert time.perf_counter() - started < 1.0
+    assert len(strategy.outcome.accepted) == 2
+    assert strategy.outcome.accepted[0]["reported_dp"]["history"]["sigma"] == sigmas
+
+
+def test_the_planned_charge_is_one_accountant_call_per_history_and_round(monkeypatch):
+    import fedtune.privacy.accounting as accounting
+
+    calls: list[tuple] = []
+    real = accounting._epsilon.__wrapped__
+
+    def counted(entries, delta, accountant):
+        calls.append(entries)
+        return real(entries, delta, accountant)
+
+    monkeypatch.setattr(accounting, "_epsilon", functools.lru_cache(maxsize=64)(counted))
+    strategy = _fedavg()
+    privacy, state = _ledger_for(strategy)
+    for rnd in (1, 2):
+        msgs = _send(strategy, rnd=rnd)
+        assert privacy.stop_reason(rnd, [0, 1]) is None
+        privacy.charge_sent(rnd, [0, 1])
+        strategy.aggregate_train(rnd, [reply(m, np.ones(6), SPEC) for m in msgs])
+        privacy.settle(rnd, strategy.outcome.accepted)
+        privacy.fields()
+    # Both partitions have the same size, so the same history: one call per round.
+    assert len(calls) == len(set(calls)) == 2
+
+
+def test_the_aggregation_weight_is_the_servers_count_never_the_replys():
+    # main: the weight was the reply's num_examples (accepted up to 1e12): one client of
+    # five took the model over (issue 27 #3).
+    strategy = _fedavg()
+    strategy.adopt(Roster(nodes=dict(strategy.roster)), sizes=[10, 10])
+    msgs = _send(strategy)
+    honest = reply(msgs[1], np.full(6, 2.0), SPEC, n=10)
+    new = strategy.aggregate_train(1, [reply(msgs[0], np.full(6, -1e3), SPEC, n=10**11),
+                                       honest])
+    np.testing.assert_array_equal(new, np.full(6, 2.0, np.float32))
+    (rejected,) = strategy.outcome.rejected
+    assert "reports 100000000000 examples; the server holds 10" in rejected["reason"]
+    # An honest count is weighted by the server's figure, equal here: a plain mean.
+    new = strategy.aggregate_train(1, [reply(m, np.full(6, float(i)), SPEC, n=10)
+                                       for i, m in enumerate(_send(strategy))])
+    np.testing.assert_allclose(new, np.full(6, 0.5))
+
+
+def test_client_array_metadata_reaches_a_reason_bounded():
+    # main: stype/dtype/shape were copied whole into the reason and the log (a 5 MB reason).
+    strategy = _fedavg()
+    msgs = _send(strategy)
+    huge = "x" * 5_000_000
+    bad = raw_reply(msgs[0], np.ones(6), SPEC.hash, honest_metrics())
+    bad.content["delta"] = ArrayRecord({"vector": Array(dtype=huge, shape=(6,), stype=huge,
+                                                        data=b"\0" * 24)})
+    odd = raw_reply(msgs[1], np.ones(6), SPEC.hash, {**honest_metrics(), huge: 1})
+    strategy.aggregate_train(1, [bad, odd])
+    reasons = [r["reason"] for r in strategy.outcome.rejected]
+    assert len(reasons) == 2 and all(len(r) < 400 for r in reasons), [len(r) for r in reasons]
+    assert "(5,000,0" in reasons[0] or "..." in reasons[0]
+
+
+def test_bounded_cuts_text_and_says_how_long_it_was():
+    assert bounded("short") == "short"
+    cut = bounded("y" * 1000, 10)
+    assert cut == "yyyyyyyyyy... (1,000 characters)"
+
+
+def test_a_partition_reply_carries_an_own_data_count_within_bounds():
+    assert PartitionReply.from_record(PartitionReply(1, 400).to_record(), 2) == \
+        PartitionReply(1, 400)
+    assert PartitionReply.from_record(PartitionReply(1).to_record(), 2).own_examples is None
+    for bad in (0, 10**7 + 1, 2**70):
+        with pytest.raises(ProtocolError, match="own-examples must be in"):
+            PartitionReply.from_record(PartitionReply(1, bad).to_record(), 2)
+
+
+def test_sampling_without_a_roster_is_an_error_not_an_invented_roster():
+    # main: ensure_roster bound partitions to sorted node ids when discovery bound nobody.
+    strategy = DeltaFedAvg(SPEC, 2, seed=0)
+    with pytest.raises(RuntimeError, match="no partition has a node"):
+        strategy.sample(1, FakeGrid([5, 6]))
+
+
+def test_the_accountant_refuses_histories_outside_physical_ranges():
+    from fedtune.privacy.accounting import check_history
+
+    with pytest.raises(ValueError, match="outside \\[0.1, 1000\\] \\(prv"):
+        epsilon_of(DPHistory([(0.05, 0.5, 1)]), 1e-5, "prv")  # PRV: inf or MemoryError
+    for entries, what in [([(1e-200, 0.5, 1)], "noise multiplier"),
+                          ([(1e6, 0.5, 1)], "noise multiplier"),
+                          ([(1.0, 0.0, 1)], "sample rate"), ([(1.0, 1.5, 1)], "sample rate"),
+                          ([(1.0, 0.5, 0)], "steps"), ([(1.0, 0.5, 10**9)], "steps"),
+                          ([(1.0, 0.5, 1)] * 5000, "entries")]:
+        with pytest.raises(ValueError, match=what):
+            epsilon_of(DPHistory(entries), 1e-5, "rdp")
+        with pytest.raises(ValueError):
+            check_history(entries, "rdp")
+    assert epsilon_of(DPHistory([(1.0, 0.5, 10)]), 1e-5, "rdp") > 0

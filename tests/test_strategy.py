@@ -52,6 +52,9 @@ def test_weighted_mean_delta_is_added_to_global():
     strategy = _strategy(2)
     msgs = _configure(strategy, np.ones(6))
     assert len(msgs) == 2
+    # The weights are the server's example counts (partition sizes, set at discovery).
+    first, second = (s["partition_id"] for s in strategy.outcome.sampled)
+    strategy.examples = {first: 30, second: 10}
     replies = [reply(msgs[0], np.full(6, 1.0), SPEC, n=30),
                reply(msgs[1], np.full(6, 4.0), SPEC, n=10)]
     new = strategy.aggregate_train(1, replies)

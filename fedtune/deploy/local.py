@@ -17,12 +17,15 @@ Two modes:
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,12 +196,17 @@ class LocalDeployment:
             Limits().scaled(max(1, self.nodes + 1))))
         wait_for_port(self.fleet_port, gateway, timeout)
         self.write_connection()
-        for key in self.certs.node_keys:
-            self.register(key)
+        node_ids = [self.register(key) for key in self.certs.node_keys]
+        assigned = {}
         for i in range(self.nodes):
             config = (self.node_configs[i] if self.node_configs is not None
                       else f"partition-id={i}")
             self.start_supernode(i, self.certs.node_keys[i], config)
+            found = re.search(r"partition-id=(\d+)", config)
+            if found is not None:
+                assigned[str(node_ids[i])] = int(found.group(1))
+        # The operator roster the ServerApp binds partitions by (strategies.discovery).
+        self.roster_file.write_text(json.dumps(assigned))
 
     def write_connection(self) -> Path:
         """The `flwr` CLI's connection to this SuperLink, in $FLWR_HOME/config.toml."""
@@ -212,12 +220,19 @@ class LocalDeployment:
             f'root-certificates = "{self.certs.ca_cert}"\n')
         return path
 
-    def register(self, private_key: Path) -> None:
+    @property
+    def roster_file(self) -> Path:
+        return self.root / "roster.json"
+
+    def register(self, private_key: Path) -> int:
+        """Register a node's public key; returns the node id the SuperLink gave it."""
         pub = private_key.with_name(private_key.name + ".pub")
-        res = self.flwr("supernode", "register", str(pub), CONNECTION)
-        if res.returncode != 0:
+        res = self.flwr("supernode", "register", str(pub), CONNECTION, "--format", "json")
+        try:
+            return int(json.loads(res.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError):
             raise RuntimeError(f"flwr supernode register {pub} failed:\n"
-                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}") from None
 
     def start_supernode(self, index: int | str, private_key: Path, node_config: str,
                         max_retries: int | None = None) -> Proc:
@@ -259,7 +274,10 @@ class LocalDeployment:
 
     def run(self, project: Path, run_config: Mapping[str, object], timeout: float = 600
             ) -> subprocess.CompletedProcess[str]:
-        """`flwr run PROJECT` on this SuperLink, streaming until the run ends."""
+        """`flwr run PROJECT` on this SuperLink, streaming until the run ends. A project
+        whose run config has a `roster` key (fedtune's) gets this deployment's roster."""
+        if "roster" in _run_config_keys(project) and "roster" not in run_config:
+            run_config = {**run_config, "roster": self.roster_file}
         items = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         return self.flwr("run", str(project), CONNECTION, "--stream",
                          "--run-config", items, timeout=timeout)
@@ -298,6 +316,15 @@ def _signal_group(popen: subprocess.Popen, sig: int) -> None:
         os.killpg(popen.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _run_config_keys(project: Path) -> set[str]:
+    """The run config keys a Flower project declares (`[tool.flwr.app.config]`)."""
+    try:
+        data = tomllib.loads((Path(project) / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()
+    return set(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
 
 def _toml_value(value: object) -> str:

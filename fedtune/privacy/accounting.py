@@ -52,12 +52,53 @@ class DPHistory:
         return history
 
 
+# Physical ranges of an accounted history. Below sigma 0.1 a release is worth hundreds of
+# epsilon (RDP: 586 for 10 steps at q 0.5) and PRV breaks down (inf at 0.05; at 7e-7 it
+# asks for 32e15 floats, below 1e-9 "Maximum allowed size exceeded"); RDP stays finite and
+# fast far lower, and is what tests of a noise-free mechanism use (sigma ~1e-6), but divides
+# by zero near 1e-200. Above 1e3 a release is no release worth counting; calibrated noise
+# for any target epsilon up to 100 sits near 0.3-2. Entries and steps bound the
+# accountant's time and memory (a forged long or huge history stalled it for minutes or
+# asked for 145 GiB, issue 27). The server accounts only its own plan; these catch a config
+# or a plan outside them with a clear error instead of a crash deep inside Opacus.
+SIGMA_FLOOR = {"rdp": 1e-9}
+DEFAULT_SIGMA_FLOOR = 0.1
+SIGMA_MAX = 1e3
+MAX_ENTRIES = 4096
+MAX_STEPS = 10**8
+
+
+def check_history(entries: tuple[tuple[float, float, int], ...] | list,
+                  accountant: str = "prv") -> None:
+    """Raise ValueError naming the first (sigma, q, steps) entry outside the ranges
+    `accountant` is run on (sigma in [its floor, `SIGMA_MAX`], q in (0, 1], 1..`MAX_STEPS`
+    steps in all, at most `MAX_ENTRIES` entries)."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"DP history of {len(entries)} entries, at most {MAX_ENTRIES}")
+    low, high = SIGMA_FLOOR.get(accountant, DEFAULT_SIGMA_FLOOR), SIGMA_MAX
+    total = 0
+    for i, (sigma, q, steps) in enumerate(entries):
+        if not low <= sigma <= high:
+            raise ValueError(f"DP history entry {i}: noise multiplier {sigma!r} is outside "
+                             f"[{low:g}, {high:g}] ({accountant} accountant)")
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"DP history entry {i}: sample rate {q!r} is outside (0, 1]")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"DP history entry {i}: steps {steps!r} is not a positive integer")
+        total += int(steps)
+    if total > MAX_STEPS:
+        raise ValueError(f"DP history of {total} steps, at most {MAX_STEPS}")
+
+
 def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
     """Epsilon at `delta` after `history` (None before any step). For PRV this is the
-    accountant's upper bound, never its point estimate."""
+    accountant's upper bound, never its point estimate. Raises ValueError for a history
+    outside `check_history`'s ranges."""
     if not history.entries:
         return None
-    return _epsilon(tuple(history.entries), delta, accountant)
+    entries = tuple(history.entries)
+    check_history(entries, accountant)
+    return _epsilon(entries, delta, accountant)
 
 
 # Opacus' PRV default error bound (absolute), and the relative bound fedtune keeps to.
