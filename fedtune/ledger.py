@@ -53,13 +53,13 @@ class Ledger:
                 if num != len(lines):
                     raise LedgerError(f"{self.rounds_path}:{num} is not JSON") from None
         rounds = [r.get("round") for r in records]
-        if rounds == list(range(1, completed_round)):
-            records.append(last_record)
+        if completed_round and rounds == list(range(1, completed_round)):
+            records.append(last_record)  # (round 0, the start-of-run checkpoint: no record)
         elif rounds != list(range(1, completed_round + 1)):
             raise LedgerError(
                 f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
                 f"{completed_round}: the ledger does not match the checkpoint")
-        if len(records) != len(lines) or records[-1] is last_record:
+        if len(records) != len(lines) or (records and records[-1] is last_record):
             tmp = self.rounds_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(tmp, self.rounds_path)

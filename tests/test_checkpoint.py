@@ -129,3 +129,16 @@ def test_pending_charges_round_trip(tmp_path):
     (tmp_path / PENDING_FILE).write_text("{")
     with pytest.raises(CheckpointError, match="privacy_pending.json is not readable JSON"):
         load_pending(tmp_path)
+
+
+def test_ledger_restore_at_round_0_adds_no_record(tmp_path):
+    # The checkpoint written before round 1 (so a run killed in round 1 stays resumable)
+    # has no round record: restoring at it leaves an empty ledger, a torn line dropped.
+    Ledger(tmp_path).restore(0, {})
+    assert not (tmp_path / "rounds.jsonl").exists()
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1, "acc')
+    Ledger(tmp_path).restore(0, {})
+    assert (tmp_path / "rounds.jsonl").read_text() == ""
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(LedgerError, match="does not match the checkpoint"):
+        Ledger(tmp_path).restore(0, {})
