@@ -170,8 +170,13 @@ def load_checkpoint(folder: Path, spec_hash: str, privacy: dict[str, Any] | None
     whose privacy parameters differ from those the checkpoint was accounted under."""
     path = folder / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: no round finished before "
-                              "the run stopped; start it again instead of resuming")
+        if (folder / PENDING_FILE).is_file():  # an older fedtune: no round-0 checkpoint
+            raise CheckpointError(
+                f"{folder} has no {CHECKPOINT_FILE} but DP charges in {PENDING_FILE}: start "
+                f"the run again in a new --out folder holding a copy of that file, so the "
+                "new run charges them (fedtune sweep does this itself)")
+        raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: the run stopped before "
+                              "it started; start it again instead of resuming")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["fedtune"])

@@ -123,8 +123,8 @@ def _stopped(out: Path) -> None:
         where = f"the run had already finished: {out / SUMMARY_FILE}"
     elif (out / CHECKPOINT_FILE).exists():
         where = f"{out} is resumable: fedtune run --resume {out}"
-    else:
-        where = f"no round finished, nothing to resume (remove {out} to start again)"
+    else:  # the first checkpoint is written before anything is charged or sent
+        where = f"it stopped before round 1, nothing to resume (remove {out} to start again)"
     end_children()  # a Ray interrupted while it was starting may have left some
     console.print(f"[bold yellow]stopped[/] by {received()}: {where}", highlight=False,
                   soft_wrap=True)

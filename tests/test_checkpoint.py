@@ -45,7 +45,11 @@ def test_round_trip_restores_state_and_every_rng(tmp_path):
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
-    with pytest.raises(CheckpointError, match="no round finished"):
+    with pytest.raises(CheckpointError, match="stopped before it started"):
+        load_checkpoint(tmp_path, "abc")
+    save_pending(tmp_path, {"round": 1, "attempts": [{"0": [[1.0, 0.5, 2]]}]})
+    with pytest.raises(CheckpointError, match="DP charges in privacy_pending.json: start "
+                                              "the run again in a new --out folder"):
         load_checkpoint(tmp_path, "abc")
     save_checkpoint(tmp_path, _state())
     with pytest.raises(CheckpointError, match="do not belong together"):
