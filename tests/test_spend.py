@@ -360,3 +360,71 @@ def test_the_round_0_checkpoint_is_on_disk_before_round_1_is_charged(
     assert seen == [True]
     state = load_checkpoint(out, server_app.get_task(cfg).spec.hash, privacy_fingerprint(cfg))
     assert state.round == 0 and state.client_dp == {} and state.record == {}
+
+
+# -- the real thing: kill -9 in round 1, then --resume ---------------------------------------
+
+E2E_SETS = ["data.num_clients=3", "train.clients_per_round=2", "train.rounds=2",
+            "train.local_steps=20", "train.batch_size=8", "model.max_length=16",
+            "tuning.prompt.length=2", "train.eval_max_examples=16",
+            "privacy.sample.accountant=rdp"]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_kill_9_in_round_1_then_resume_charges_every_release(tmp_path):
+    """`fedtune run` killed (-9, the driver, Ray and every actor) once round 1's
+    instructions are charged, before round 1 completes: `--resume` continues from the
+    round-0 checkpoint and every client ends at or above the accountant's value for the
+    instructions that went out (the lost attempt and the replayed rounds)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedtune.ledger import read_rounds
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fedtune.cli", "run", "experiments/quickstart.toml",
+            "--out", str(out)]
+    for item in E2E_SETS:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / PENDING_FILE).exists():
+            assert proc.poll() is None, "the run ended before round 1 was sent"
+            assert time.monotonic() < deadline, "round 1 was never sent"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert read_rounds(out) == [], "round 1 completed before the kill: not a round-1 kill"
+    attempted = [sorted(int(p) for p in a) for a in load_pending(out)["attempts"]]
+    assert len(attempted) == 1
+
+    resumed = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume",
+                              str(out)], cwd=root, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after round 0 of 2" in resumed.stdout
+    cfg = load_config(out / "config.toml")
+    rounds = read_rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    last = rounds[-1]["privacy_sample"]
+    assert last["interrupted_rounds_charged"] == [{"round": 1,
+                                                   "partition_ids": attempted[0]}]
+    asked = [[c["partition_id"] for c in r["per_client"] + r["rejected"] + r["failed"]]
+             for r in rounds]
+    expected = _planned_histories(cfg, attempted + asked)
+    assert last["histories"] == {str(p): h.to_lists() for p, h in sorted(expected.items())}
+    for pid, history in expected.items():
+        truth = epsilon_of(history, cfg.privacy.sample.delta, "rdp")
+        assert last["epsilon_by_client"][str(pid)] >= truth > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_at_rounds"] == [0]
+    assert summary["epsilon_sample"] == max(last["epsilon_by_client"].values())
