@@ -326,3 +326,29 @@ def _get(cfg, key):
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def test_pending_charges_and_checkpoint_are_fsynced_before_they_replace_the_old(
+        tmp_path, monkeypatch):
+    """A charge is durable before its instruction leaves: the data is fsynced before the
+    rename, and the folder after it (a power cut keeps the old file or the new one)."""
+    import os
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_pending(tmp_path, {"round": 1, "attempts": [{"0": [[1.0, 0.5, 2]]}]})
+    save_checkpoint(tmp_path, _state(0))
+    assert calls == [("fsync", "file"), ("replace", PENDING_FILE), ("fsync", "dir"),
+                     ("fsync", "file"), ("replace", "checkpoint.safetensors"),
+                     ("fsync", "dir")]
