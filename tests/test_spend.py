@@ -428,3 +428,28 @@ def test_kill_9_in_round_1_then_resume_charges_every_release(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_at_rounds"] == [0]
     assert summary["epsilon_sample"] == max(last["epsilon_by_client"].values())
+
+
+def test_a_resume_that_changes_a_mechanism_is_refused_before_anything_starts(
+        tmp_path, task_identity, cli, monkeypatch):
+    """Killed in round 1, then resumed with `split.local_loss_fraction` edited: one line
+    naming it, before Ray starts (no simulation is launched)."""
+    import fedtune.sim
+
+    cfg = load_config(None, KILL_SETS)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        _serve(SilentGrid("pull"), cfg, out)
+    config = (out / "config.toml").read_text()
+    assert "\nlocal_loss_fraction = 0.0\n" in config
+    (out / "config.toml").write_text(config.replace("\nlocal_loss_fraction = 0.0\n",
+                                                    "\nlocal_loss_fraction = 0.5\n", 1))
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(fedtune.sim, "run_experiment", no_simulation)
+    res = cli("run", "--resume", str(out))
+    said = " ".join(res.output.split())
+    assert res.code != 0 and "changed: split.local_loss_fraction (0.0 -> 0.5)" in said, said
+    assert load_pending(out)["round"] == 1  # the charges stay for a resume that is allowed
