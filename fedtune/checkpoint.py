@@ -8,10 +8,14 @@ RNG states, and the round's ledger record. It is written before that record is a
 `rounds.jsonl`, so after a kill at any point the ledger is at most one round behind the
 checkpoint and `--resume` can complete it.
 
+The first checkpoint (round 0: the initial vector, the privacy fingerprint, no histories)
+is written before round 1 is charged or sent, so a run killed in round 1 is resumable too.
+
 `privacy_pending.json` holds the DP charges of the round whose instructions were sent last
-(written before they are sent): if the run is killed in that round, its clients may have
-released updates already, and a resume with secret noise charges them (see
-`strategies.privacy_ledger`).
+(written and fsynced before they are sent): if the run is killed in that round, its clients
+may have released updates already, and a resume with secret noise charges them (see
+`strategies.privacy_ledger`). Both files go through `_atomic_write` (temp file, fsync,
+rename, fsync of the folder).
 
 The process RNG states (python, numpy, torch) are saved so that a resumed run continues
 the same draws for what is not DP randomness (initialisation, evaluation order, fault
