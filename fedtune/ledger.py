@@ -59,7 +59,9 @@ class Ledger:
             raise LedgerError(
                 f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
                 f"{completed_round}: the ledger does not match the checkpoint")
-        if len(records) != len(lines) or (records and records[-1] is last_record):
+        if not lines:
+            return  # round 0 (the checkpoint written before round 1): nothing to restore
+        if len(records) != len(lines) or records[-1] is last_record:
             tmp = self.rounds_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(tmp, self.rounds_path)
