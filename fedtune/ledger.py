@@ -59,7 +59,7 @@ class Ledger:
             raise LedgerError(
                 f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
                 f"{completed_round}: the ledger does not match the checkpoint")
-        if not lines:
+        if not records and not lines:
             return  # round 0 (the checkpoint written before round 1): nothing to restore
         if len(records) != len(lines) or records[-1] is last_record:
             tmp = self.rounds_path.with_suffix(".jsonl.tmp")

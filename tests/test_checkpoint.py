@@ -147,6 +147,10 @@ def test_ledger_restore_at_round_0_adds_no_record(tmp_path):
     (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
     with pytest.raises(LedgerError, match="does not match the checkpoint"):
         Ledger(tmp_path).restore(0, {})
+    # Round 1's checkpoint with no ledger line yet: its record is appended.
+    (tmp_path / "rounds.jsonl").unlink()
+    Ledger(tmp_path).restore(1, {"round": 1})
+    assert Ledger(tmp_path).rounds() == [{"round": 1}]
 
 
 # -- the privacy fingerprint is the table of what the mechanisms read -------------------------
