@@ -8,10 +8,14 @@ RNG states, and the round's ledger record. It is written before that record is a
 `rounds.jsonl`, so after a kill at any point the ledger is at most one round behind the
 checkpoint and `--resume` can complete it.
 
+The first checkpoint (round 0: the initial vector, the privacy fingerprint, no histories)
+is written before round 1 is charged or sent, so a run killed in round 1 is resumable too.
+
 `privacy_pending.json` holds the DP charges of the round whose instructions were sent last
-(written before they are sent): if the run is killed in that round, its clients may have
-released updates already, and a resume with secret noise charges them (see
-`strategies.privacy_ledger`).
+(written and fsynced before they are sent): if the run is killed in that round, its clients
+may have released updates already, and a resume with secret noise charges them (see
+`strategies.privacy_ledger`). Both files go through `_atomic_write` (temp file, fsync,
+rename, fsync of the folder).
 
 The process RNG states (python, numpy, torch) are saved so that a resumed run continues
 the same draws for what is not DP randomness (initialisation, evaluation order, fault
@@ -120,24 +124,37 @@ def _atomic_write(path: Path, write: Callable[[str], None] | bytes) -> None:
         os.close(dir_fd)
 
 
+# Every config value a privacy mechanism reads, by mechanism: the one table the privacy
+# fingerprint is built from. A dotted key names one value or a whole section. Each mechanism
+# is traced on a recording config (tests/test_checkpoint.py): reading a value outside this
+# table fails that test, so a new parameter cannot be left out of the resume check.
+PRIVACY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    # fedtune.privacy.plan (planned_release, local_steps), fedtune.privacy.dpsgd,
+    # clients.train: the noise is calibrated over the planned rounds and steps.
+    "dp_sgd": ("privacy.sample", "privacy.reproducible_noise", "train.rounds",
+               "train.local_steps", "train.local_epochs", "train.batch_size"),
+    # fedtune.split.plan (smashed_plan, smashed_privacy_events), fedtune.split.smashed_dp:
+    # the share of split steps sets the steps the smashed noise is calibrated over.
+    "smashed_dp": ("split.enabled", "split.local_loss_fraction", "split.smashed_dp"),
+    # strategies.privacy_ledger (noise calibration, budget stop), strategies.user_dp.
+    "user_level": ("privacy", "train.clients_per_round", "train.rounds", "data.num_clients"),
+    # Strategy plugins: pruning changes the example count a client trains on (q and
+    # sigma), cohort plugins who is asked to train.
+    "plugins": ("plugins",),
+    # What decides which examples each client holds (a history describes its own
+    # partition); the seed also fixes every DP draw in reproducible-noise mode.
+    "partitions": ("data", "seed"),
+}
+
+
 def privacy_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Every config value a run's privacy accounting depends on, by dotted key: the noise
-    (calibrated over the planned rounds and steps; split mode's smashed-data noise too), the
-    sample rates (batch, cohort, pruning plugins), and what decides which examples each
-    client holds (`data.*` and `seed`, which also fixes the noise in reproducible-noise
-    mode): a client's history describes its own partition. Past releases were accounted
-    under these; a resume must not change them."""
-    train = cfg.train
-    values: dict[str, Any] = {}
-    for section, tree in (("privacy", cfg.privacy), ("split.smashed_dp", cfg.split.smashed_dp),
-                          ("data", cfg.data)):
-        values.update({f"{section}.{k}": v for k, v in _flatten(asdict(tree)).items()})
-    values.update({
-        "train.rounds": train.rounds, "train.clients_per_round": train.clients_per_round,
-        "train.local_steps": train.local_steps, "train.batch_size": train.batch_size,
-        "train.local_epochs": train.local_epochs, "plugins": cfg.plugins, "seed": cfg.seed,
-    })
-    return json.loads(json.dumps(values, default=str))  # as the checkpoint stores it
+    """Every config value a run's privacy accounting depends on (`PRIVACY_PARAMETERS`), by
+    dotted key, as the checkpoint stores it. Past releases were accounted under these; a
+    resume must not change them."""
+    everything = _flatten(json.loads(json.dumps(asdict(cfg), default=str)))
+    prefixes = [p for keys in PRIVACY_PARAMETERS.values() for p in keys]
+    return {key: value for key, value in everything.items()
+            if any(key == p or key.startswith(p + ".") for p in prefixes)}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -170,8 +187,13 @@ def load_checkpoint(folder: Path, spec_hash: str, privacy: dict[str, Any] | None
     whose privacy parameters differ from those the checkpoint was accounted under."""
     path = folder / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: no round finished before "
-                              "the run stopped; start it again instead of resuming")
+        if (folder / PENDING_FILE).is_file():  # an older fedtune: no round-0 checkpoint
+            raise CheckpointError(
+                f"{folder} has no {CHECKPOINT_FILE} but DP charges in {PENDING_FILE}: start "
+                f"the run again in a new --out folder holding a copy of that file, so the "
+                "new run charges them (fedtune sweep does this itself)")
+        raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: the run stopped before "
+                              "it started; start it again instead of resuming")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["fedtune"])

@@ -123,8 +123,8 @@ def _stopped(out: Path) -> None:
         where = f"the run had already finished: {out / SUMMARY_FILE}"
     elif (out / CHECKPOINT_FILE).exists():
         where = f"{out} is resumable: fedtune run --resume {out}"
-    else:
-        where = f"no round finished, nothing to resume (remove {out} to start again)"
+    else:  # the first checkpoint is written before anything is charged or sent
+        where = f"it stopped before round 1, nothing to resume (remove {out} to start again)"
     end_children()  # a Ray interrupted while it was starting may have left some
     console.print(f"[bold yellow]stopped[/] by {received()}: {where}", highlight=False,
                   soft_wrap=True)
@@ -156,11 +156,16 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     if resume:
         # Imported here: fedtune.task imports torch and transformers, which a fresh run
         # imports in a thread while Ray starts (fedtune.sim.run_experiment).
+        from fedtune.checkpoint import load_checkpoint, privacy_fingerprint
         from fedtune.task import get_task
 
         try:
             with reporting(startup):
-                done = prepare_resume(out, get_task(cfg).spec.hash)
+                spec_hash = get_task(cfg).spec.hash
+                done = prepare_resume(out, spec_hash)
+                # Here, before Ray or any actor starts (the server checks it again): a
+                # config that changes what a privacy mechanism reads is refused.
+                load_checkpoint(out, spec_hash, privacy_fingerprint(cfg))
         except _user_errors() as exc:
             _fail(str(exc))
         console.print(f"resuming after round {done} of {cfg.train.rounds}")

@@ -61,12 +61,14 @@ class Ledger:
                 if num != len(lines):
                     raise LedgerError(f"{self.rounds_path}:{num} is not JSON") from None
         rounds = [r.get("round") for r in records]
-        if rounds == list(range(1, completed_round)):
-            records.append(last_record)
+        if completed_round and rounds == list(range(1, completed_round)):
+            records.append(last_record)  # (round 0, the start-of-run checkpoint: no record)
         elif rounds != list(range(1, completed_round + 1)):
             raise LedgerError(
                 f"{self.rounds_path} holds rounds {rounds}, but the checkpoint is at round "
                 f"{completed_round}: the ledger does not match the checkpoint")
+        if not records and not lines:
+            return  # round 0 (the checkpoint written before round 1): nothing to restore
         if len(records) != len(lines) or records[-1] is last_record:
             write_text_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in records))
 

@@ -14,7 +14,11 @@ A run with a `grid` expands into one variant per combination of the grid's value
 the order written), named `dp-target_epsilon=1-seed=0` and so on. Every variant is checked
 (config loads) before the first one starts. A variant whose
 folder already holds a summary.json is not run again, so an interrupted sweep resumes;
-one with a checkpoint but no summary is resumed from it.
+one with a checkpoint but no summary is resumed from it (a run writes its first checkpoint
+before round 1 is charged or sent, so a variant killed in round 1 is resumed too). A folder
+without a checkpoint is set aside and the variant started afresh; DP charges it recorded
+(`privacy_pending.json`, from a run killed before a checkpoint existed) are carried into the
+new folder, where the new run charges them, and `sweep.log` says so: spend is never dropped.
 """
 
 from __future__ import annotations
@@ -155,8 +159,10 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
         while pending and len(running) < parallel:
             variant = pending.pop(0)
             folder = out / variant.name
-            _set_aside_unstarted(folder)
+            carried = _set_aside_unstarted(folder)
             folder.mkdir(parents=True, exist_ok=True)
+            if carried is not None:
+                _carry_pending(carried, folder)
             if monitor is not None:
                 monitor.started(variant, folder)
             running[variant.name] = (variant, _launch(sweep, variant, folder, parallel, cpus))
@@ -179,19 +185,44 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
              **json.loads((out / v.name / SUMMARY_FILE).read_text())} for v in sweep.variants]
 
 
-def _set_aside_unstarted(folder: Path) -> None:
-    """A variant that died before its first round completed left run files but no
-    checkpoint: `fedtune run` never writes into such a folder, so move it to
-    `<name>.unstarted-<n>` (kept: its `privacy_pending.json` records what the server had
-    already sent) and start the variant afresh."""
+# fedtune.checkpoint.PENDING_FILE, spelled out: that module imports torch (tests keep them equal).
+PENDING_FILE = "privacy_pending.json"
+
+
+def _set_aside_unstarted(folder: Path) -> Path | None:
+    """A variant that died before its first checkpoint left run files but no checkpoint:
+    `fedtune run` never writes into such a folder, so move it to `<name>.unstarted-<n>`
+    (kept as it is) and start the variant afresh. Returns the moved folder when it holds DP
+    charges the server had already made (`privacy_pending.json`), to be carried over."""
     if not folder.is_dir() or (folder / CHECKPOINT_FILE).exists():
-        return
-    if not any((folder / name).exists() for name in RUN_FILES):
-        return
+        return None
+    if not any((folder / name).exists() for name in (*RUN_FILES, PENDING_FILE)):
+        return None
     n = 1
     while (aside := folder.with_name(f"{folder.name}.unstarted-{n}")).exists():
         n += 1
     folder.rename(aside)
+    return aside if (aside / PENDING_FILE).exists() else None
+
+
+def _carry_pending(aside: Path, folder: Path) -> None:
+    """Carry the set-aside attempt's round-1 charges into the variant's new folder (written
+    durably before the new run starts): the new run charges them as an interrupted round
+    (`strategies.privacy_ledger`), so its epsilons include the releases the dead attempt may
+    have made. Charges of a later round cannot belong to a folder without a checkpoint (it
+    was edited): refused rather than dropped."""
+    from fedtune.checkpoint import load_pending, save_pending  # torch: only on this path
+
+    pending = load_pending(aside)
+    if pending is None or pending.get("round") != 1:
+        raise RuntimeError(
+            f"{aside / PENDING_FILE} holds charges of round {(pending or {}).get('round')!r} "
+            "but its folder has no checkpoint: it was edited; restore the checkpoint or "
+            "resume that folder by hand")
+    save_pending(folder, pending)
+    with (folder / LOG_FILE).open("a") as log:
+        log.write(f"sweep: carried {len(pending['attempts'])} unfinished attempt(s) at round 1 "
+                  f"from {aside} ({PENDING_FILE}); the new run charges them\n")
 
 
 def _launch(sweep: Sweep, variant: Variant, folder: Path, parallel: int, cpus: int

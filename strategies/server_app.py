@@ -82,7 +82,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         # not here: scoring the test and validation splits before round 1 kept every
         # client waiting for it (seconds on the quickstart, minutes with a large model).
         state = ServerState(round=0, vector=task.initial_vector(), spec_hash=task.spec.hash,
-                            initial={})
+                            initial={}, privacy=privacy_fingerprint(cfg))
+        # Before round 1 is charged or sent: a run killed in round 1 stays resumable, and
+        # the resume charges round 1's pending attempts (never dropped with the folder).
+        save_checkpoint(out_dir, state)
     privacy = PrivacyLedger(cfg, task, state, out_dir)
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.

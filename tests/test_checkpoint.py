@@ -3,6 +3,7 @@ privacy parameters a resume must not change."""
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -45,7 +46,11 @@ def test_round_trip_restores_state_and_every_rng(tmp_path):
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
-    with pytest.raises(CheckpointError, match="no round finished"):
+    with pytest.raises(CheckpointError, match="stopped before it started"):
+        load_checkpoint(tmp_path, "abc")
+    save_pending(tmp_path, {"round": 1, "attempts": [{"0": [[1.0, 0.5, 2]]}]})
+    with pytest.raises(CheckpointError, match="DP charges in privacy_pending.json: start "
+                                              "the run again in a new --out folder"):
         load_checkpoint(tmp_path, "abc")
     save_checkpoint(tmp_path, _state())
     with pytest.raises(CheckpointError, match="do not belong together"):
@@ -129,3 +134,225 @@ def test_pending_charges_round_trip(tmp_path):
     (tmp_path / PENDING_FILE).write_text("{")
     with pytest.raises(CheckpointError, match="privacy_pending.json is not readable JSON"):
         load_pending(tmp_path)
+
+
+def test_ledger_restore_at_round_0_adds_no_record(tmp_path):
+    # The checkpoint written before round 1 (so a run killed in round 1 stays resumable)
+    # has no round record: restoring at it leaves an empty ledger, a torn line dropped.
+    Ledger(tmp_path).restore(0, {})
+    assert not (tmp_path / "rounds.jsonl").exists()
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1, "acc')
+    Ledger(tmp_path).restore(0, {})
+    assert (tmp_path / "rounds.jsonl").read_text() == ""
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(LedgerError, match="does not match the checkpoint"):
+        Ledger(tmp_path).restore(0, {})
+    # Round 1's checkpoint with no ledger line yet: its record is appended.
+    (tmp_path / "rounds.jsonl").unlink()
+    Ledger(tmp_path).restore(1, {"round": 1})
+    assert Ledger(tmp_path).rounds() == [{"round": 1}]
+
+
+# -- the privacy fingerprint is the table of what the mechanisms read -------------------------
+
+def test_resume_refuses_a_changed_local_loss_fraction(tmp_path):
+    # It decides how many of a round's steps are split steps: the smashed-data noise is
+    # calibrated over them, so the past releases were accounted under the old fraction.
+    sets = ["split.enabled=true", "split.smashed_dp.enabled=true", "train.local_steps=10"]
+    state = _state()
+    state.privacy = privacy_fingerprint(load_config(None, sets))
+    save_checkpoint(tmp_path, state)
+    edited = load_config(None, [*sets, "split.local_loss_fraction=0.5"])
+    with pytest.raises(CheckpointError, match=r"split.local_loss_fraction \(0.0 -> 0.5\)"):
+        load_checkpoint(tmp_path, "abc", privacy_fingerprint(edited))
+
+
+class Tracing:
+    """A config that records the dotted key of every value read through it."""
+
+    def __init__(self, obj, seen, path=""):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_seen", seen)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name):
+        import dataclasses
+
+        value = getattr(self._obj, name)
+        path = f"{self._path}.{name}" if self._path else name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return Tracing(value, self._seen, path)
+        self._seen.add(path)
+        return value
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"a mechanism wrote the config ({name})")
+
+
+def _covered(key, table):
+    return any(key == p or key.startswith(p + ".") for keys in table.values() for p in keys)
+
+
+def _trace_dp_sgd(cfg):
+    from fedtune.privacy.plan import local_steps, planned_release
+
+    for n in (40, 100):
+        planned_release(cfg, n), local_steps(cfg, n)
+
+
+def _trace_smashed_dp(cfg):
+    from fedtune.split.plan import smashed_plan, smashed_privacy_events
+
+    for n in (40, 100):
+        smashed_plan(cfg, n), smashed_privacy_events(cfg, n)
+
+
+def _trace_server_ledger(cfg):
+    """The server's ledger over a round (charges, budget stop, settle, fields), the pruning
+    plugin's example counts and the user-level wrapper, on partitions of 3 sizes."""
+    from types import SimpleNamespace
+
+    from fedtune.checkpoint import ServerState
+    from strategies import privacy_ledger
+    from strategies.plugins import build_plugins
+    from strategies.user_dp import UserLevelDP
+
+    task = SimpleNamespace(partitions=[np.arange(n) for n in (40, 100, 100)])
+    state = ServerState(round=0, vector=np.zeros(1, np.float32), spec_hash="x", initial={})
+    ledger = privacy_ledger.PrivacyLedger(cfg, task, state)
+    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    if cfg.split.enabled:
+        from fedtune.split.plan import smashed_privacy_events
+
+        ledger.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
+    ledger.stop_reason(1, [0, 1, 2])
+    ledger.charge_sent(1, [0, 1, 2])
+    ledger.settle(1, [])
+    ledger.fields()
+    if ledger.user is not None:
+        UserLevelDP(SimpleNamespace(clients_per_round=cfg.train.clients_per_round),
+                    cfg.privacy.user, ledger.user.noise_multiplier, cfg.data.num_clients)
+
+
+# Every mechanism of the table, traced: a mechanism added to the table needs its tracer.
+TRACERS = {"dp_sgd": _trace_dp_sgd, "smashed_dp": _trace_smashed_dp,
+           "user_level": _trace_server_ledger, "plugins": _trace_server_ledger,
+           "partitions": None}  # the partitioner's inputs: the whole data section and seed
+TRACED_CONFIGS = [
+    [],
+    ["privacy.sample.noise_multiplier=1.1", "train.local_epochs=1"],
+    ["split.enabled=true", "split.smashed_dp.enabled=true", "split.local_loss_fraction=0.5",
+     "split.cut_layer=0"],
+    ["privacy.user.enabled=true", "privacy.user.clipping=client", "privacy.sample.enabled=false"],
+    ["privacy.reproducible_noise=true", "privacy.user.enabled=true",
+     "privacy.user.noise_multiplier=1.0"],
+    ['plugins=[{name="el2n_pruning", keep=0.5, allow_with_sample_dp=true}]',
+     "privacy.sample.accountant=rdp"],
+]
+
+
+@pytest.mark.parametrize("sets", TRACED_CONFIGS, ids=lambda s: ",".join(s) or "default")
+def test_no_mechanism_reads_a_config_value_outside_the_privacy_table(sets, monkeypatch):
+    from fedtune.checkpoint import PRIVACY_PARAMETERS
+    from strategies import privacy_ledger
+
+    assert set(TRACERS) == set(PRIVACY_PARAMETERS)
+    # The ledger stores the fingerprint (which reads the whole table by construction):
+    # left out of the trace, so that what is traced is what the mechanisms read.
+    monkeypatch.setattr(privacy_ledger, "privacy_fingerprint", lambda cfg: {})
+    seen: set[str] = set()
+    cfg = Tracing(load_config(None, ["data.num_clients=4", "train.clients_per_round=2",
+                                     "train.rounds=3", "privacy.sample.accountant=rdp",
+                                     *sets]), seen)
+    for tracer in {t for t in TRACERS.values() if t is not None}:
+        tracer(cfg)
+    # What every run's plan reads, and what each setting adds.
+    assert {"privacy.sample.enabled", "privacy.user.enabled", "train.batch_size",
+            "privacy.sample.delta", "privacy.reproducible_noise"} <= seen, sorted(seen)
+    if "split.enabled=true" in sets:
+        assert {"split.local_loss_fraction", "split.smashed_dp.target_epsilon"} <= seen
+    if any(s.startswith("privacy.user.enabled=true") for s in sets):
+        assert {"privacy.user.clip_norm", "data.num_clients"} <= seen
+    outside = sorted(k for k in seen if not _covered(k, PRIVACY_PARAMETERS))
+    assert not outside, f"mechanisms read config values outside PRIVACY_PARAMETERS: {outside}"
+
+
+def test_a_read_outside_the_table_is_caught():
+    from fedtune.checkpoint import PRIVACY_PARAMETERS
+
+    seen: set[str] = set()
+    cfg = Tracing(load_config(None, []), seen)
+    _ = cfg.train.lr, cfg.split.smashed_dp.target_epsilon
+    assert sorted(k for k in seen if not _covered(k, PRIVACY_PARAMETERS)) == ["train.lr"]
+
+
+def _perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, {"name": "other"}]
+    raise AssertionError(f"no perturbation for {value!r}")
+
+
+def _set_key(cfg, key, value):
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+def test_perturbing_any_mechanism_parameter_changes_the_fingerprint_and_is_refused(tmp_path):
+    import copy
+
+    base = load_config(None, TRACED_CONFIGS[2] + ["privacy.user.enabled=true"])
+    saved = privacy_fingerprint(base)
+    state = _state()
+    state.privacy = saved
+    save_checkpoint(tmp_path, state)
+    assert {"split.local_loss_fraction", "split.enabled", "privacy.sample.delta",
+            "split.smashed_dp.activation_clip_norm", "privacy.user.clip_norm", "seed",
+            "train.batch_size", "plugins", "data.alpha"} <= set(saved)
+    for key in saved:
+        cfg = copy.deepcopy(base)
+        _set_key(cfg, key, _perturbed(_get(cfg, key)))
+        assert privacy_fingerprint(cfg) != saved, key
+        with pytest.raises(CheckpointError, match=f"changed: {re.escape(key)} "):
+            load_checkpoint(tmp_path, "abc", privacy_fingerprint(cfg))
+
+
+def _get(cfg, key):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_pending_charges_and_checkpoint_are_fsynced_before_they_replace_the_old(
+        tmp_path, monkeypatch):
+    """A charge is durable before its instruction leaves: the data is fsynced before the
+    rename, and the folder after it (a power cut keeps the old file or the new one)."""
+    import os
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_pending(tmp_path, {"round": 1, "attempts": [{"0": [[1.0, 0.5, 2]]}]})
+    save_checkpoint(tmp_path, _state(0))
+    assert calls == [("fsync", "file"), ("replace", PENDING_FILE), ("fsync", "dir"),
+                     ("fsync", "file"), ("replace", "checkpoint.safetensors"),
+                     ("fsync", "dir")]

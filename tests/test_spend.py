@@ -221,3 +221,237 @@ def test_a_pruning_client_is_charged_at_its_costliest_example_count():
     assert planned == max(whole, pruned, key=eps) and eps(pruned) > eps(whole)
     ledger.charge_sent(1, [0])
     assert state.client_dp[0].entries == [pruned]
+
+
+# -- kills in round 1, before any round completed ----------------------------------------
+# run_server itself, in process, on a Grid whose clients never answer: the server is
+# "killed" (an exception out of run_server: what kill -9 leaves on disk is what was written
+# before it) at one point of round 1, then resumed. Every client's final epsilon must be at
+# least the accountant's value for the instructions that went out.
+
+KILL_SETS = ["data.num_clients=3", "train.clients_per_round=2", "train.rounds=2",
+             "train.local_steps=1", "train.batch_size=8", "model.max_length=16",
+             "tuning.prompt.length=2", "train.eval_max_examples=16",
+             "train.round_timeout_s=0.05", "privacy.sample.accountant=rdp"]
+NODES = {0: 100, 1: 101, 2: 102}
+
+
+class Killed(Exception):
+    """The server process dies here (kill -9): nothing after this point runs."""
+
+
+class SilentGrid:
+    """A Flower Grid whose nodes never reply; `kill_at` ("push": while the instructions go
+    out, "pull": after they went out, waiting for replies) raises `error` there, once."""
+
+    def __init__(self, kill_at=None, error=Killed):
+        self.kill_at, self.error = kill_at, error
+        self.sent: list[list[int]] = []  # the partitions each push went to
+
+    def get_node_ids(self):
+        return list(NODES.values())
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if self.kill_at == "push":
+            self.kill_at = None
+            raise self.error("killed while the instructions go out")
+        pid_of = {n: p for p, n in NODES.items()}
+        self.sent.append([pid_of[m.metadata.dst_node_id] for m in messages])
+        return [f"m{len(self.sent)}-{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids):
+        if self.kill_at == "pull":
+            self.kill_at = None
+            raise self.error("killed while waiting for replies")
+        return []
+
+
+def _serve(grid, cfg, out, resume=False):
+    from fedtune.ledger import NoContributionError
+    from strategies.discovery import Roster
+    from strategies.server_app import run_server
+
+    try:
+        return run_server(grid, cfg, out, resume=resume, roster=Roster(nodes=dict(NODES)))
+    except NoContributionError:  # nobody ever replies: the ledger is written all the same
+        return None
+
+
+def _planned_histories(cfg, sends):
+    """The uninterrupted accounting of `sends` (the partitions of each instruction batch
+    that went out): each client's planned release, once per instruction it was sent."""
+    from fedtune.task import get_task
+
+    sizes = [len(p) for p in get_task(cfg).partitions]
+    expected: dict[int, DPHistory] = {}
+    for pids in sends:
+        for pid in pids:
+            expected.setdefault(pid, DPHistory()).add(*planned_release(cfg, sizes[pid]))
+    return expected
+
+
+@pytest.mark.parametrize(("kill_at", "error"), [
+    ("push", Killed),  # after the pending charge is on disk, while the instructions go out
+    ("pull", Killed),  # after they went out, before any reply
+    ("checkpoint", Killed),  # after the replies, before round 1's checkpoint
+    ("pull", KeyboardInterrupt),  # Ctrl-C / an exception in the round: the same path
+])
+def test_a_run_killed_in_round_1_resumes_and_charges_every_release(
+        tmp_path, monkeypatch, task_identity, kill_at, error):
+    import strategies.server_app as server_app
+    from fedtune.checkpoint import CHECKPOINT_FILE
+    from fedtune.ledger import read_rounds
+
+    cfg = load_config(None, KILL_SETS)
+    out = tmp_path / "run"
+    killed = SilentGrid(kill_at if kill_at != "checkpoint" else None, error)
+    if kill_at == "checkpoint":
+        real_save = server_app.save_checkpoint
+
+        def save(folder, state):
+            if state.round >= 1:
+                raise Killed("killed before round 1's checkpoint")
+            real_save(folder, state)
+
+        monkeypatch.setattr(server_app, "save_checkpoint", save)
+    with pytest.raises(error):
+        _serve(killed, cfg, out)
+    monkeypatch.undo()
+    # The folder stays resumable: the round-0 checkpoint was written before round 1's
+    # charges, and round 1's charges are on disk.
+    assert (out / CHECKPOINT_FILE).exists() and load_pending(out)["round"] == 1
+    attempted = [sorted(int(p) for p in a) for a in load_pending(out)["attempts"]]
+    assert len(attempted) == 1 and len(attempted[0]) == cfg.train.clients_per_round
+
+    resumed = SilentGrid()
+    _serve(resumed, cfg, out, resume=True)
+    rounds = read_rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    last = rounds[-1]["privacy_sample"]
+    assert last["interrupted_rounds_charged"] == [{"round": 1,
+                                                   "partition_ids": attempted[0]}]
+    # The killed attempt counts whether or not its instructions left (a push that died
+    # half way may have delivered some): its charge was made before the push.
+    expected = _planned_histories(cfg, attempted + resumed.sent)
+    assert last["histories"] == {str(p): h.to_lists() for p, h in sorted(expected.items())}
+    for pid, history in expected.items():
+        truth = epsilon_of(history, cfg.privacy.sample.delta, "rdp")
+        assert last["epsilon_by_client"][str(pid)] >= truth > 0
+
+
+def test_the_round_0_checkpoint_is_on_disk_before_round_1_is_charged(
+        tmp_path, monkeypatch, task_identity):
+    """Order: checkpoint (round 0) -> pending charges -> instructions out."""
+    import strategies.server_app as server_app
+    from fedtune import checkpoint
+    from fedtune.checkpoint import CHECKPOINT_FILE, load_checkpoint, privacy_fingerprint
+
+    cfg = load_config(None, KILL_SETS)
+    out = tmp_path / "run"
+    seen = []
+    real_save_pending = checkpoint.save_pending
+
+    def save_pending(folder, pending):
+        seen.append((out / CHECKPOINT_FILE).exists())
+        real_save_pending(folder, pending)
+
+    monkeypatch.setattr("strategies.privacy_ledger.save_pending", save_pending)
+    with pytest.raises(Killed):
+        _serve(SilentGrid("push"), cfg, out)
+    assert seen == [True]
+    state = load_checkpoint(out, server_app.get_task(cfg).spec.hash, privacy_fingerprint(cfg))
+    assert state.round == 0 and state.client_dp == {} and state.record == {}
+
+
+# -- the real thing: kill -9 in round 1, then --resume ---------------------------------------
+
+E2E_SETS = ["data.num_clients=3", "train.clients_per_round=2", "train.rounds=2",
+            "train.local_steps=20", "train.batch_size=8", "model.max_length=16",
+            "tuning.prompt.length=2", "train.eval_max_examples=16",
+            "privacy.sample.accountant=rdp"]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_kill_9_in_round_1_then_resume_charges_every_release(tmp_path):
+    """`fedtune run` killed (-9, the driver, Ray and every actor) once round 1's
+    instructions are charged, before round 1 completes: `--resume` continues from the
+    round-0 checkpoint and every client ends at or above the accountant's value for the
+    instructions that went out (the lost attempt and the replayed rounds)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedtune.ledger import read_rounds
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fedtune.cli", "run", "experiments/quickstart.toml",
+            "--out", str(out)]
+    for item in E2E_SETS:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / PENDING_FILE).exists():
+            assert proc.poll() is None, "the run ended before round 1 was sent"
+            assert time.monotonic() < deadline, "round 1 was never sent"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert read_rounds(out) == [], "round 1 completed before the kill: not a round-1 kill"
+    attempted = [sorted(int(p) for p in a) for a in load_pending(out)["attempts"]]
+    assert len(attempted) == 1
+
+    resumed = subprocess.run([sys.executable, "-m", "fedtune.cli", "run", "--resume",
+                              str(out)], cwd=root, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after round 0 of 2" in resumed.stdout
+    cfg = load_config(out / "config.toml")
+    rounds = read_rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    last = rounds[-1]["privacy_sample"]
+    assert last["interrupted_rounds_charged"] == [{"round": 1,
+                                                   "partition_ids": attempted[0]}]
+    asked = [[c["partition_id"] for c in r["per_client"] + r["rejected"] + r["failed"]]
+             for r in rounds]
+    expected = _planned_histories(cfg, attempted + asked)
+    assert last["histories"] == {str(p): h.to_lists() for p, h in sorted(expected.items())}
+    for pid, history in expected.items():
+        truth = epsilon_of(history, cfg.privacy.sample.delta, "rdp")
+        assert last["epsilon_by_client"][str(pid)] >= truth > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_at_rounds"] == [0]
+    assert summary["epsilon_sample"] == max(last["epsilon_by_client"].values())
+
+
+def test_a_resume_that_changes_a_mechanism_is_refused_before_anything_starts(
+        tmp_path, task_identity, cli, monkeypatch):
+    """Killed in round 1, then resumed with `split.local_loss_fraction` edited: one line
+    naming it, before Ray starts (no simulation is launched)."""
+    import fedtune.sim
+
+    cfg = load_config(None, KILL_SETS)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        _serve(SilentGrid("pull"), cfg, out)
+    config = (out / "config.toml").read_text()
+    assert "\nlocal_loss_fraction = 0.0\n" in config
+    (out / "config.toml").write_text(config.replace("\nlocal_loss_fraction = 0.0\n",
+                                                    "\nlocal_loss_fraction = 0.5\n", 1))
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(fedtune.sim, "run_experiment", no_simulation)
+    res = cli("run", "--resume", str(out))
+    said = " ".join(res.output.split())
+    assert res.code != 0 and "changed: split.local_loss_fraction (0.0 -> 0.5)" in said, said
+    assert load_pending(out)["round"] == 1  # the charges stay for a resume that is allowed

@@ -160,3 +160,88 @@ def test_grid_values_with_path_separators_stay_inside_out(tmp_path):
     assert names == ['m-backbone=".._models_a"', 'm-backbone="_opt_b"']
     for name in names:
         assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_a_restarted_variant_keeps_the_spend_its_dead_attempt_recorded(tmp_path, monkeypatch):
+    """A variant killed before any checkpoint existed (an older fedtune, or a checkpoint
+    lost) left `privacy_pending.json`: the sweep sets the folder aside and starts afresh,
+    carrying the charges into the new folder, where the new run charges them."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedtune import checkpoint
+    from fedtune import sweep as sweep_mod
+    from fedtune.config import load_config
+    from fedtune.privacy import DPHistory, planned_release
+    from strategies.privacy_ledger import PrivacyLedger
+
+    assert sweep_mod.PENDING_FILE == checkpoint.PENDING_FILE
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text('name = "s"\nbase = "q.toml"\n[[run]]\nname = "d"\n')
+    spec = load_sweep(tmp_path / "s.toml")
+    out = tmp_path / "runs"
+    (out / "d").mkdir(parents=True)
+    (out / "d" / "config.toml").write_text("stale")
+    attempt = {"0": [[1.2, 0.25, 10]], "3": [[1.3, 0.5, 10]]}
+    checkpoint.save_pending(out / "d", {"round": 1, "attempts": [attempt]})
+    launched = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, args, **kwargs):
+            launched.append(args[3:])
+            folder = Path(args[args.index("--out") + 1])
+            # What the new run finds in its folder when its ledger starts.
+            cfg = load_config(None, ["data.num_clients=4", "train.clients_per_round=2",
+                                     "privacy.sample.noise_multiplier=1.0"])
+            task = SimpleNamespace(partitions=[np.arange(50)] * 4)
+            state = checkpoint.ServerState(round=0, vector=np.zeros(1, np.float32),
+                                           spec_hash="x", initial={})
+            PrivacyLedger(cfg, task, state, folder).charge_sent(1, [0, 1])
+            (folder / "summary.json").write_text(json.dumps({
+                "charged": {str(k): v.to_lists() for k, v in state.client_dp.items()},
+                "interrupted": state.interrupted,
+                "planned": list(planned_release(cfg, 50))}))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    (row,) = sweep_mod.run_sweep(spec, out, poll_s=0)
+    assert launched == [["run", str(spec.base), "--out", str(out / "d")]]
+    assert (out / "d.unstarted-1" / "config.toml").read_text() == "stale"
+    assert "carried 1 unfinished attempt(s) at round 1" in (out / "d" / "sweep.log").read_text()
+    planned = tuple(row["planned"])
+    assert row["interrupted"] == [{"round": 1, "partition_ids": [0, 3]}]
+    assert row["charged"] == {"0": DPHistory([(1.2, 0.25, 10), planned]).to_lists(),
+                              "1": DPHistory([planned]).to_lists(),
+                              "3": DPHistory([(1.3, 0.5, 10)]).to_lists()}
+    # Both attempts stay on record in the new folder until round 1 completes there.
+    assert len(checkpoint.load_pending(out / "d")["attempts"]) == 2
+
+
+def test_a_folder_without_checkpoint_with_later_charges_is_refused_not_dropped(
+        tmp_path, monkeypatch):
+    import subprocess
+
+    from fedtune import checkpoint
+    from fedtune import sweep as sweep_mod
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the variant must not start")
+
+    monkeypatch.setattr(subprocess, "Popen", launch)
+
+    (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
+    (tmp_path / "s.toml").write_text('name = "s"\nbase = "q.toml"\n[[run]]\nname = "d"\n')
+    out = tmp_path / "runs"
+    (out / "d").mkdir(parents=True)
+    checkpoint.save_pending(out / "d", {"round": 3, "attempts": [{"0": [[1.0, 0.5, 2]]}]})
+    with pytest.raises(RuntimeError, match="holds charges of round 3 but its folder has no "
+                                           "checkpoint"):
+        sweep_mod.run_sweep(load_sweep(tmp_path / "s.toml"), out, poll_s=0)
+    assert (out / "d.unstarted-1" / "privacy_pending.json").exists()
