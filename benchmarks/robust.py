@@ -1,0 +1,121 @@
+"""Poisoning table: final test accuracy of honest runs and of runs with one attacker, per
+aggregation rule, cohort size and privacy setting (issue 27 #3, THREATS.md class 5).
+
+Every cell is a real `fedtune run` through the simulation (tiny: few rounds and steps, short
+max_length), each under `flock /tmp/fedtune-e2e.lock` so it never overlaps another
+end-to-end run on the machine. The attacker is partition 0 of a cohort that is the whole
+population (`num_clients = clients_per_round`), so it attacks every round:
+- flip: it sends -k x its honest delta (default k = 10), dragging the model back;
+- boost: it sends k x its honest delta (default k = 100), a model-replacement attempt.
+Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped to the
+cohort's median norm), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
+
+Run folders go under --out; a cell whose summary.json exists is not run again, so an
+interrupted table resumes. The table is printed (and written to OUT/table.md) after every
+run, with each attacked cell's difference to the honest run of the same rule.
+
+    python benchmarks/robust.py --out /tmp/robust-runs
+    python benchmarks/robust.py --out /tmp/robust-runs --cohorts 5 --privacy nodp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = "/tmp/fedtune-e2e.lock"
+RULES = {
+    "mean": ["aggregation.rule=mean"],
+    "norm_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive"],
+    "median": ["aggregation.rule=median"],
+    "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
+}
+PRIVACY = {
+    "nodp": ["privacy.sample.enabled=false"],
+    "dp": ["privacy.sample.enabled=true", "privacy.sample.target_epsilon=8"],
+}
+ATTACKS = ("honest", "flip", "boost")
+TINY = ["train.rounds=3", "train.local_steps=3", "train.batch_size=32", "model.max_length=32",
+        "tuning.prompt.length=4", "train.eval_max_examples=256", "simulation.num_cpus=2",
+        "seed=0"]
+
+
+def overrides(cohort: int, privacy: str, rule: str, attack: str, scale: dict[str, float]
+              ) -> list[str]:
+    sets = [f"name=robust-{cohort}-{privacy}-{rule}-{attack}", f"data.num_clients={cohort}",
+            f"train.clients_per_round={cohort}", *TINY, *PRIVACY[privacy], *RULES[rule]]
+    if attack != "honest":
+        sets += [f"faults.attack_simulation.kind={attack}",
+                 f"faults.attack_simulation.scale={scale[attack]}",
+                 "faults.attack_simulation.partitions=[0]"]
+    return sets
+
+
+def run_cell(folder: Path, sets: list[str]) -> dict:
+    summary = folder / "summary.json"
+    if not summary.exists():
+        cmd = ["flock", LOCK, sys.executable, "-m", "fedtune.cli", "run", "--out", str(folder)]
+        for item in sets:
+            cmd += ["--set", item]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{folder.name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        print(f"# {folder.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads(summary.read_text())
+
+
+def table(results: dict[tuple[int, str, str, str], dict]) -> str:
+    rows = ["| attackers | privacy | rule | honest | flip | vs honest | boost | vs honest |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    keys = sorted({k[:3] for k in results}, key=lambda k: (k[0], k[1] != "nodp",
+                                                           list(RULES).index(k[2])))
+    for cohort, privacy, rule in keys:
+        honest = results.get((cohort, privacy, rule, "honest"))
+        cells = [_acc(honest)]
+        for attack in ATTACKS[1:]:
+            got = results.get((cohort, privacy, rule, attack))
+            diff = ("-" if got is None or honest is None else
+                    f"{100 * (got['final_accuracy'] - honest['final_accuracy']):+.1f} pt")
+            cells += [_acc(got), diff]
+        rows.append(f"| 1 of {cohort} | {privacy} | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _acc(summary: dict | None) -> str:
+    return "-" if summary is None else f"{summary['final_accuracy']:.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cohorts", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--privacy", nargs="+", default=list(PRIVACY), choices=list(PRIVACY))
+    ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--flip-scale", type=float, default=10.0)
+    ap.add_argument("--boost-scale", type=float, default=100.0)
+    args = ap.parse_args()
+    scale = {"flip": args.flip_scale, "boost": args.boost_scale}
+    results: dict[tuple[int, str, str, str], dict] = {}
+    # The 1-of-5 rows without DP first: the acceptance rows, if time runs short.
+    for cohort in args.cohorts:
+        for privacy in args.privacy:
+            for rule in args.rules:
+                for attack in ATTACKS:
+                    key = (cohort, privacy, rule, attack)
+                    folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}"
+                    results[key] = run_cell(folder, overrides(*key, scale))
+                    text = table(results)
+                    (args.out / "table.md").write_text(text + "\n")
+            print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
