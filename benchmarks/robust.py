@@ -71,13 +71,19 @@ def run_cell(folder: Path, sets: list[str]) -> dict:
     for attempt in range(1, TRIES + 1):
         if not summary.exists():
             _run(folder, sets)
-        lost = sum(len(json.loads(line)["failed"])
-                   for line in (folder / "rounds.jsonl").read_text().splitlines())
-        if lost == 0 or attempt == TRIES:
-            break
-        print(f"# {folder.name}: {lost} client replies lost; running it again", flush=True)
+        done = _done(folder)
+        if done["lost_clients"] == 0 or attempt == TRIES:
+            return done
+        print(f"# {folder.name}: {done['lost_clients']} client replies lost; running it "
+              "again", flush=True)
         shutil.rmtree(folder)
-    return {**json.loads(summary.read_text()), "lost_clients": lost}
+    raise AssertionError("unreachable")
+
+
+def _done(folder: Path) -> dict:
+    lost = sum(len(json.loads(line)["failed"])
+               for line in (folder / "rounds.jsonl").read_text().splitlines())
+    return {**json.loads((folder / "summary.json").read_text()), "lost_clients": lost}
 
 
 def _run(folder: Path, sets: list[str]) -> None:
@@ -93,7 +99,10 @@ def _run(folder: Path, sets: list[str]) -> None:
 
 
 def table(results: dict[tuple[int, str, str, str], dict]) -> str:
-    rows = ["| attackers | privacy | rule | honest | flip | vs honest | boost | vs honest |",
+    """Final test accuracy (test loss) per cell, and each attacked cell's accuracy
+    difference to the honest run of the same rule, cohort and privacy setting."""
+    rows = ["| attackers | privacy | rule | honest acc. (loss) | flip acc. (loss) | vs honest "
+            "| boost acc. (loss) | vs honest |",
             "|---|---|---|---:|---:|---:|---:|---:|"]
     keys = sorted({k[:3] for k in results}, key=lambda k: (k[0], k[1] != "nodp",
                                                            list(RULES).index(k[2])))
@@ -113,8 +122,8 @@ def _acc(summary: dict | None) -> str:
     if summary is None:
         return "-"
     # A cell that still lost client replies after TRIES runs is marked, not hidden.
-    mark = f" ({summary['lost_clients']} lost)" if summary["lost_clients"] else ""
-    return f"{summary['final_accuracy']:.4f}{mark}"
+    mark = f", {summary['lost_clients']} replies lost" if summary["lost_clients"] else ""
+    return f"{summary['final_accuracy']:.4f} ({summary['final_loss']:.3g}{mark})"
 
 
 def main() -> None:
@@ -125,6 +134,8 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     ap.add_argument("--flip-scale", type=float, default=10.0)
     ap.add_argument("--boost-scale", type=float, default=100.0)
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table of the cells already run; run nothing")
     args = ap.parse_args()
     scale = {"flip": args.flip_scale, "boost": args.boost_scale}
     results: dict[tuple[int, str, str, str], dict] = {}
@@ -135,10 +146,13 @@ def main() -> None:
                 for attack in ATTACKS:
                     key = (cohort, privacy, rule, attack)
                     folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}"
+                    if args.table_only:
+                        if (folder / "summary.json").exists():
+                            results[key] = _done(folder)
+                        continue
                     results[key] = run_cell(folder, overrides(*key, scale))
-                    text = table(results)
-                    (args.out / "table.md").write_text(text + "\n")
-            print(text, flush=True)
+                    (args.out / "table.md").write_text(table(results) + "\n")
+    print(table(results), flush=True)
 
 
 if __name__ == "__main__":
