@@ -16,6 +16,7 @@ run, with each attacked cell's difference to the honest run of the same rule.
 
     python benchmarks/robust.py --out /tmp/robust-runs
     python benchmarks/robust.py --out /tmp/robust-runs --cohorts 5 --privacy nodp
+    flock /tmp/fedtune-e2e.lock python benchmarks/robust.py --out /tmp/robust-runs --lock-held
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def overrides(cohort: int, privacy: str, rule: str, attack: str, scale: dict[str
 # shared with other jobs that dropped clients from whole rounds, which is no attack.
 ENV = {"HF_HUB_OFFLINE": "1", "RAY_memory_usage_threshold": "0.995"}
 TRIES = 3
+# --lock-held: the caller holds LOCK for the whole table (`flock LOCK python ... --lock-held`),
+# so the cells run back to back instead of each waiting for the lock again.
+LOCK_HELD = False
 
 
 def run_cell(folder: Path, sets: list[str]) -> dict:
@@ -87,7 +91,8 @@ def _done(folder: Path) -> dict:
 
 
 def _run(folder: Path, sets: list[str]) -> None:
-    cmd = ["flock", LOCK, sys.executable, "-m", "fedtune.cli", "run", "--out", str(folder)]
+    lock = [] if LOCK_HELD else ["flock", LOCK]
+    cmd = [*lock, sys.executable, "-m", "fedtune.cli", "run", "--out", str(folder)]
     for item in sets:
         cmd += ["--set", item]
     t0 = time.perf_counter()
@@ -136,7 +141,11 @@ def main() -> None:
     ap.add_argument("--boost-scale", type=float, default=100.0)
     ap.add_argument("--table-only", action="store_true",
                     help="print the table of the cells already run; run nothing")
+    ap.add_argument("--lock-held", action="store_true",
+                    help=f"the caller holds {LOCK} (flock it around this script)")
     args = ap.parse_args()
+    global LOCK_HELD
+    LOCK_HELD = args.lock_held
     scale = {"flip": args.flip_scale, "boost": args.boost_scale}
     results: dict[tuple[int, str, str, str], dict] = {}
     # The 1-of-5 rows without DP first: the acceptance rows, if time runs short.
