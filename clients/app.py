@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from clients import pruning, split
 from clients.entry import build_client_app
-from clients.faults import corrupt, draw_fault, fail_before_training
+from clients.faults import attack, corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting, ImportanceStep
 from clients.node_data import has_own_data, node_data, node_partition, own_example_count
 from clients.train import local_steps, local_train
@@ -74,6 +74,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     if order.clip_norm is not None:
         # User-level DP with client-side clipping: the server rejects anything longer.
         delta = clip_to_norm(delta, order.clip_norm)
+    delta = attack(cfg.faults.attack_simulation, partition_id, delta)  # benchmarks only
     spec_hash = task.spec.hash
     encoding = cfg.delta.encoding
     if fault is not None:

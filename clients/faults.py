@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from fedtune.config import FaultConfig
+from fedtune.config import AttackSimulationConfig, FaultConfig
 
 GARBAGE_KINDS = ("nan", "length", "spec")
 
@@ -53,3 +53,18 @@ def corrupt(delta: np.ndarray, spec_hash: str, kind: str) -> tuple[np.ndarray, s
     if kind == "spec":
         return delta, "0" * len(spec_hash)
     raise ValueError(f"unknown fault kind {kind!r}")
+
+
+# Attack simulation (`[faults.attack_simulation]`, benchmarks and tests only): a poisoning
+# client scales its honest delta. flip: -scale x (drags the model back), boost: scale x
+# (model replacement). It ignores a client-side clip, as a real attacker would.
+ATTACKS = {"flip": lambda delta, k: -k * delta, "boost": lambda delta, k: k * delta}
+
+
+def attack(cfg: AttackSimulationConfig, partition_id: int, delta: np.ndarray) -> np.ndarray:
+    """What the client of `partition_id` sends instead of its honest `delta`: the delta
+    itself unless that partition is a configured attacker."""
+    if cfg.kind == "none" or partition_id not in cfg.partitions:
+        return delta
+    with np.errstate(over="ignore"):  # overflow to inf is what the server then rejects
+        return ATTACKS[cfg.kind](delta, np.float32(cfg.scale)).astype(np.float32)

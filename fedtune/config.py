@@ -358,6 +358,92 @@ class DeltaConfig:
         _choice("delta.encoding", self.encoding, ("float32", "float16", "int8"))
 
 
+# [aggregation] rule: the names of `strategies.robust.RULES` (a test keeps them equal; the
+# config imports nothing of the app layer).
+AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+NORM_BOUND_MODES = ("off", "adaptive")
+ADAPTIVE_FACTOR_MAX = 1e3
+ATTACK_SCALE_MAX = 1e9
+
+
+@dataclass
+class AggregationConfig:
+    """`[aggregation]`: how the server combines the cohort's deltas without user-level DP
+    (strategies.robust). A norm bound scales each delta down to `norm_bound` (or to
+    `adaptive_factor` x the cohort's median norm with "adaptive") before the rule runs."""
+
+    rule: str = "mean"
+    # "off", "adaptive", or a number > 0 (an L2 norm).
+    norm_bound: float | int | str = "off"
+    adaptive_factor: float = 1.0
+    # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
+    trim_beta: float = 0.2
+    # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
+    # multi_krum_m deltas (0 = cohort - krum_f).
+    krum_f: int = 1
+    multi_krum_m: int = 0
+
+    def validate(self) -> None:
+        _choice("aggregation.rule", self.rule, AGGREGATION_RULES)
+        if isinstance(self.norm_bound, str):
+            if self.norm_bound not in NORM_BOUND_MODES:
+                raise ConfigError(f"aggregation.norm_bound={self.norm_bound!r} must be a number "
+                                  "> 0, 'adaptive' or 'off'")
+        else:
+            _check_finite("aggregation.norm_bound", self.norm_bound)
+            _positive("aggregation.norm_bound", self.norm_bound)
+            self.norm_bound = float(self.norm_bound)
+        if not 0.0 < self.adaptive_factor <= ADAPTIVE_FACTOR_MAX:
+            raise ConfigError(f"aggregation.adaptive_factor must be in (0, "
+                              f"{ADAPTIVE_FACTOR_MAX:g}], got {self.adaptive_factor!r}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"aggregation.trim_beta must be in [0, 0.5), got "
+                              f"{self.trim_beta!r}")
+        _nonnegative("aggregation.krum_f", self.krum_f)
+        _nonnegative("aggregation.multi_krum_m", self.multi_krum_m)
+
+    @property
+    def default(self) -> bool:
+        """Plain FedAvg: the weighted mean, no bound."""
+        return self.rule == "mean" and self.norm_bound == "off"
+
+    def check_cohort(self, cohort: int) -> None:
+        """The rule's parameters against the configured cohort size."""
+        if self.rule == "trimmed_mean" and int(self.trim_beta * cohort) == 0:
+            raise ConfigError(
+                f"aggregation.trim_beta={self.trim_beta} trims no delta from a cohort of "
+                f"train.clients_per_round={cohort} (it cuts floor(beta x cohort) per side); "
+                f"use >= {1 / cohort:.3g}")
+        if self.rule in ("krum", "multi_krum") and cohort < 2 * self.krum_f + 3:
+            raise ConfigError(
+                f"aggregation.krum_f={self.krum_f} needs train.clients_per_round >= "
+                f"2 x krum_f + 3 = {2 * self.krum_f + 3}, got {cohort}")
+        if self.rule == "multi_krum" and self.multi_krum_m > cohort - self.krum_f:
+            raise ConfigError(
+                f"aggregation.multi_krum_m={self.multi_krum_m} must be <= train."
+                f"clients_per_round - aggregation.krum_f = {cohort - self.krum_f}")
+
+
+@dataclass
+class AttackSimulationConfig:
+    """`[faults.attack_simulation]`, for benchmarks and tests only: the clients of the
+    partitions listed send `scale` x their honest delta ("boost") or -`scale` x it ("flip")
+    instead of it (clients.faults.attack)."""
+
+    kind: str = "none"
+    scale: float = 10.0
+    partitions: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _choice("faults.attack_simulation.kind", self.kind, ("none", "flip", "boost"))
+        if not 0.0 < self.scale <= ATTACK_SCALE_MAX:
+            raise ConfigError(f"faults.attack_simulation.scale must be in (0, "
+                              f"{ATTACK_SCALE_MAX:g}], got {self.scale!r}")
+        if self.kind != "none" and not self.partitions:
+            raise ConfigError(f"faults.attack_simulation.kind={self.kind!r} needs "
+                              "faults.attack_simulation.partitions (the attackers' ids)")
+
+
 @dataclass
 class FaultConfig:
     """Fault injection for robustness tests: each sampled client independently (seeded)
@@ -369,8 +455,11 @@ class FaultConfig:
     garbage_p: float = 0.0
     hang_p: float = 0.0
     hang_s: float = 60.0
+    attack_simulation: AttackSimulationConfig = field(
+        default_factory=lambda: AttackSimulationConfig())
 
     def validate(self) -> None:
+        self.attack_simulation.validate()
         names = ("crash_p", "garbage_p", "hang_p")
         for name in names:
             value = getattr(self, name)
@@ -456,6 +545,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # Poll intervals and the cache folder (environment variables override them).
@@ -468,7 +558,8 @@ class ExperimentConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
         for section in (self.model, self.data, self.tuning, self.train, self.privacy,
-                        self.delta, self.faults, self.split, self.simulation, self.runtime):
+                        self.delta, self.faults, self.aggregation, self.split,
+                        self.simulation, self.runtime):
             section.validate()
         check_bounds(self)  # after the sections' own rules, before any cross-section rule
         # Checks the app layer registered (strategies.plugins: plugin names and params),
@@ -482,6 +573,7 @@ class ExperimentConfig:
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="
                 f"{self.train.round_timeout_s}: a hang shorter than the timeout is a slow reply"
             )
+        self._validate_aggregation()
         if self.split.enabled:
             self._validate_split()
         self._validate_prefix_cache()
@@ -499,6 +591,20 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"plugins[{i}].name={name!r} does not compose with tuning.method="
                     f"{self.tuning.method!r}; it composes with: {', '.join(allowed) or 'none'}")
+
+    def _validate_aggregation(self) -> None:
+        self.aggregation.check_cohort(self.train.clients_per_round)
+        for i, pid in enumerate(self.faults.attack_simulation.partitions):
+            if not 0 <= pid < self.data.num_clients:
+                raise ConfigError(f"faults.attack_simulation.partitions[{i}]={pid} must be in "
+                                  f"[0, data.num_clients={self.data.num_clients})")
+        if self.privacy.user.enabled and not self.aggregation.default:
+            # User-level DP's sensitivity (one client moves the release by at most C /
+            # cohort) is proven for the clipped sum only: its clip is the norm bound.
+            raise ConfigError(
+                "aggregation.rule and aggregation.norm_bound must stay 'mean' and 'off' with "
+                "privacy.user.enabled=true: user-level DP clips every delta to "
+                "privacy.user.clip_norm and its epsilon holds for that sum only")
 
     def _validate_prefix_cache(self) -> None:
         if self.train.prefix_cache != "on":

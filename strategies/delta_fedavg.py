@@ -25,6 +25,7 @@ from flwr.app import Message, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedtune.config import AggregationConfig
 from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
 from fedtune.privacy import DPHistory
 from fedtune.protocol import (
@@ -34,6 +35,7 @@ from fedtune.protocol import (
     bounded,
     check_plugin_fields,
 )
+from strategies import robust
 from strategies.discovery import Roster
 
 
@@ -56,6 +58,8 @@ class RoundOutcome:
     no_contribution: bool = True
     # Why the round's aggregate was not applied although clients contributed, if so.
     update_refused: str | None = None
+    # The aggregation rule that ran and its figures (strategies.robust), if one ran.
+    aggregation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -97,6 +101,8 @@ class DeltaFedAvg:
         # carry only what the server needs.
         self.clip_norm: float | None = None
         self.withhold_metrics = False
+        # The rule that combines the deltas (`[aggregation]`); the default is FedAvg.
+        self.aggregation = AggregationConfig()
 
     def summary(self) -> None:
         log(INFO, "DeltaFedAvg: %d clients/round, spec %s (%d values)",
@@ -252,21 +258,23 @@ class DeltaFedAvg:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> np.ndarray | None:
-        """The new global vector: the global plus the mean delta weighted by the server's
-        example count x plugin weight; None when nothing moved it."""
+        """The new global vector: the global plus the deltas combined by the configured
+        rule (`strategies.robust`; by default their mean weighted by the server's example
+        count x plugin weight); None when nothing moved it."""
         accepted = self.screen(server_round, replies)
         w = np.asarray([self._examples(a.partition_id) * a.entry["weight"] for a in accepted],
                        dtype=np.float64)
         if not accepted or not w.sum() > 0:  # nobody, or every client weighted 0
             return None
-        deltas = np.stack([a.delta for a in accepted]).astype(np.float64)
-        mean_delta = (deltas * (w / w.sum())[:, None]).sum(0)
+        result = robust.aggregate(np.stack([a.delta for a in accepted]), w, self.aggregation,
+                                  [a.partition_id for a in accepted])
+        self.outcome.aggregation = result.figures
         with np.errstate(over="ignore"):
-            new = (self.global_vector + mean_delta).astype(np.float32)
+            new = (self.global_vector + result.delta).astype(np.float32)
         if not np.isfinite(new).all():
             # Finite float32 deltas near float32's limit can still average past it: keep
             # the global vector rather than end the run on an inf next round.
-            self.outcome.update_refused = "the weighted mean delta overflows float32"
+            self.outcome.update_refused = "the aggregated delta overflows float32"
             log(WARNING, "round %d: %s; the global vector is kept", server_round,
                 self.outcome.update_refused)
             return None

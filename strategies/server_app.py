@@ -99,6 +99,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     strategy.plugin_settings = lambda rnd, pid: _plugin_settings(rnd, pid, plugins)
     strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
     strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
+    strategy.aggregation = cfg.aggregation
     driver: DeltaFedAvg | UserLevelDP = strategy
     if privacy.user is not None:
         driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
@@ -205,6 +206,8 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     }
     if outcome.unsolicited:
         record["unsolicited"] = outcome.unsolicited
+    if outcome.aggregation is not None:
+        record["aggregation"] = outcome.aggregation
     if outcome.update_refused is not None:
         record["update_refused"] = outcome.update_refused
     if strategy.refused_claims:  # once, in the first round after discovery

@@ -1,0 +1,168 @@
+"""Poisoning table: final test accuracy of honest runs and of runs with one attacker, per
+aggregation rule, cohort size and privacy setting (issue 27 #3, THREATS.md class 5).
+
+Every cell is a real `fedtune run` through the simulation (tiny: few rounds and steps, short
+max_length), each under `flock /tmp/fedtune-e2e.lock` so it never overlaps another
+end-to-end run on the machine. The attacker is partition 0 of a cohort that is the whole
+population (`num_clients = clients_per_round`), so it attacks every round:
+- flip: it sends -k x its honest delta (default k = 10), dragging the model back;
+- boost: it sends k x its honest delta (default k = 100), a model-replacement attempt.
+Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped to the
+cohort's median norm), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
+
+Run folders go under --out; a cell whose summary.json exists is not run again, so an
+interrupted table resumes. The table is printed (and written to OUT/table.md) after every
+run, with each attacked cell's difference to the honest run of the same rule.
+
+    python benchmarks/robust.py --out /tmp/robust-runs
+    python benchmarks/robust.py --out /tmp/robust-runs --cohorts 5 --privacy nodp
+    flock /tmp/fedtune-e2e.lock python benchmarks/robust.py --out /tmp/robust-runs --lock-held
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = "/tmp/fedtune-e2e.lock"
+RULES = {
+    "mean": ["aggregation.rule=mean"],
+    "norm_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive"],
+    "median": ["aggregation.rule=median"],
+    "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
+}
+PRIVACY = {
+    "nodp": ["privacy.sample.enabled=false"],
+    "dp": ["privacy.sample.enabled=true", "privacy.sample.target_epsilon=8"],
+}
+ATTACKS = ("honest", "flip", "boost")
+TINY = ["train.rounds=3", "train.local_steps=3", "train.batch_size=32", "model.max_length=32",
+        "tuning.prompt.length=4", "train.eval_max_examples=256", "simulation.num_cpus=2",
+        "seed=0"]
+
+
+def overrides(cohort: int, privacy: str, rule: str, attack: str, scale: dict[str, float]
+              ) -> list[str]:
+    sets = [f"name=robust-{cohort}-{privacy}-{rule}-{attack}", f"data.num_clients={cohort}",
+            f"train.clients_per_round={cohort}", *TINY, *PRIVACY[privacy], *RULES[rule]]
+    if attack != "honest":
+        sets += [f"faults.attack_simulation.kind={attack}",
+                 f"faults.attack_simulation.scale={scale[attack]}",
+                 "faults.attack_simulation.partitions=[0]"]
+    return sets
+
+
+# Ray kills workers when the machine's memory passes 95 % (its default): on a machine
+# shared with other jobs that dropped clients from whole rounds, which is no attack.
+ENV = {"HF_HUB_OFFLINE": "1", "RAY_memory_usage_threshold": "0.995"}
+TRIES = 3
+# --lock-held: the caller holds LOCK for the whole table (`flock LOCK python ... --lock-held`),
+# so the cells run back to back instead of each waiting for the lock again.
+LOCK_HELD = False
+
+
+def run_cell(folder: Path, sets: list[str]) -> dict:
+    """The run's summary, with `lost_clients`: client replies that failed (crash, timeout,
+    a worker killed), which a cell must not have to count; it is re-run up to TRIES times."""
+    summary = folder / "summary.json"
+    for attempt in range(1, TRIES + 1):
+        if not summary.exists():
+            _run(folder, sets)
+        done = _done(folder)
+        if done["lost_clients"] == 0 or attempt == TRIES:
+            return done
+        print(f"# {folder.name}: {done['lost_clients']} client replies lost; running it "
+              "again", flush=True)
+        shutil.rmtree(folder)
+    raise AssertionError("unreachable")
+
+
+def _done(folder: Path) -> dict:
+    lost = sum(len(json.loads(line)["failed"])
+               for line in (folder / "rounds.jsonl").read_text().splitlines())
+    return {**json.loads((folder / "summary.json").read_text()), "lost_clients": lost}
+
+
+def _run(folder: Path, sets: list[str]) -> None:
+    lock = [] if LOCK_HELD else ["flock", LOCK]
+    cmd = [*lock, sys.executable, "-m", "fedtune.cli", "run", "--out", str(folder)]
+    for item in sets:
+        cmd += ["--set", item]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **ENV})
+    if proc.returncode != 0:
+        raise SystemExit(f"{folder.name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    print(f"# {folder.name}: {time.perf_counter() - t0:.0f} s (lock wait included)", flush=True)
+
+
+def table(results: dict[tuple[int, str, str, str], dict]) -> str:
+    """Final test accuracy (test loss) per cell, and each attacked cell's accuracy
+    difference to the honest run of the same rule, cohort and privacy setting."""
+    rows = ["| attackers | privacy | rule | honest acc. (loss) | flip acc. (loss) | vs honest "
+            "| boost acc. (loss) | vs honest |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    keys = sorted({k[:3] for k in results}, key=lambda k: (k[0], k[1] != "nodp",
+                                                           list(RULES).index(k[2])))
+    for cohort, privacy, rule in keys:
+        honest = results.get((cohort, privacy, rule, "honest"))
+        cells = [_acc(honest)]
+        for attack in ATTACKS[1:]:
+            got = results.get((cohort, privacy, rule, attack))
+            diff = ("-" if got is None or honest is None else
+                    f"{100 * (got['final_accuracy'] - honest['final_accuracy']):+.1f} pt")
+            cells += [_acc(got), diff]
+        rows.append(f"| 1 of {cohort} | {privacy} | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _acc(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    # A cell that still lost client replies after TRIES runs is marked, not hidden.
+    mark = f", {summary['lost_clients']} replies lost" if summary["lost_clients"] else ""
+    return f"{summary['final_accuracy']:.4f} ({summary['final_loss']:.3g}{mark})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cohorts", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--privacy", nargs="+", default=list(PRIVACY), choices=list(PRIVACY))
+    ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--flip-scale", type=float, default=10.0)
+    ap.add_argument("--boost-scale", type=float, default=100.0)
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table of the cells already run; run nothing")
+    ap.add_argument("--lock-held", action="store_true",
+                    help=f"the caller holds {LOCK} (flock it around this script)")
+    args = ap.parse_args()
+    global LOCK_HELD
+    LOCK_HELD = args.lock_held
+    scale = {"flip": args.flip_scale, "boost": args.boost_scale}
+    results: dict[tuple[int, str, str, str], dict] = {}
+    # The 1-of-5 rows without DP first: the acceptance rows, if time runs short.
+    for cohort in args.cohorts:
+        for privacy in args.privacy:
+            for rule in args.rules:
+                for attack in ATTACKS:
+                    key = (cohort, privacy, rule, attack)
+                    folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}"
+                    if args.table_only:
+                        if (folder / "summary.json").exists():
+                            results[key] = _done(folder)
+                        continue
+                    results[key] = run_cell(folder, overrides(*key, scale))
+                    (args.out / "table.md").write_text(table(results) + "\n")
+    print(table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

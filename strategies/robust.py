@@ -1,0 +1,164 @@
+"""Robust aggregation: pure functions on a stack of client deltas, chosen by name.
+
+`aggregate(deltas, weights, cfg, ids)` runs one round's aggregation step: the optional norm
+bound first (each delta scaled down to a fixed bound, or to `adaptive_factor` x the median
+norm of the cohort), then the rule `cfg.rule` from `RULES`. It returns the aggregated
+delta (float64) and the figures the round record keeps (`Aggregated`).
+
+What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
+- `mean`: nothing on its own; with a norm bound B and equal weights one client moves the
+  aggregate by at most B / n (by B x its share of the weights in general).
+- `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot
+  move any coordinate outside the honest clients' range, whatever they send.
+- `trimmed_mean` (coordinate-wise, Flower's FedTrimmedAvg `trim_mean`): the
+  floor(beta x n) largest and smallest values of each coordinate are dropped, so up to that
+  many attackers are cut per coordinate.
+- `krum` / `multi_krum` (Flower's Krum / MultiKrum `select_multikrum`): the m deltas with
+  the smallest summed squared distance to their n - f - 2 nearest neighbours are averaged;
+  an outlier is far from everyone and is not selected.
+
+The coordinate-wise rules and Krum's selection count each client once (as Flower's do):
+the weights only drop clients weighted 0 and weight the mean of `mean` and of Multi-Krum's
+selection. A weight is a lever too, so the rules that bound influence do not use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+from fedtune.config import AggregationConfig
+
+
+@dataclass
+class Aggregated:
+    """One round's aggregated delta and what the round record says about how."""
+
+    delta: np.ndarray
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+# A rule: (deltas (n, d) float64, weights (n,) > 0, settings, ids) -> aggregated delta and
+# the rule's own figures.
+Rule = Callable[[np.ndarray, np.ndarray, AggregationConfig, list[Any]],
+                tuple[np.ndarray, dict[str, Any]]]
+RULES: dict[str, Rule] = {}
+
+
+def register(name: str) -> Callable[[Rule], Rule]:
+    def add(rule: Rule) -> Rule:
+        if name in RULES:
+            raise ValueError(f"aggregation rule {name!r} is registered twice")
+        RULES[name] = rule
+        return rule
+    return add
+
+
+@register("mean")
+def weighted_mean(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
+                  ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """FedAvg: the weighted mean delta."""
+    return (deltas * (weights / weights.sum())[:, None]).sum(0), {}
+
+
+@register("median")
+def coordinate_median(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
+                      ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinate-wise median, as Flower's FedMedian computes it (`np.median`)."""
+    return np.median(deltas, axis=0), {}
+
+
+@register("trimmed_mean")
+def coordinate_trimmed_mean(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
+                            ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinate-wise trimmed mean: Flower's `trim_mean` (FedTrimmedAvg's own function)."""
+    cut = int(cfg.trim_beta * len(deltas))
+    return trim_mean(deltas, cfg.trim_beta), {"trim_beta": cfg.trim_beta,
+                                               "trimmed_per_side": cut}
+
+
+@register("krum")
+def krum(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
+         ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Krum: the one delta closest to its n - f - 2 nearest neighbours."""
+    return _multi_krum(deltas, weights, cfg.krum_f, 1, ids)
+
+
+@register("multi_krum")
+def multi_krum(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
+               ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Multi-Krum: the weighted mean of the m best-scored deltas (m = 0: n - f)."""
+    m = cfg.multi_krum_m or len(deltas) - cfg.krum_f
+    return _multi_krum(deltas, weights, cfg.krum_f, max(1, min(m, len(deltas))), ids)
+
+
+def krum_scores(deltas: np.ndarray, f: int) -> np.ndarray:
+    """Each delta's sum of squared distances to its n - f - 2 nearest others (at least
+    one), Flower's `select_multikrum` score. Distances are taken as ||x - y||^2 directly:
+    Flower's ||x||^2 + ||y||^2 - 2xy cancels to noise next to a delta of norm 1e9."""
+    n = len(deltas)
+    dist = np.empty((n, n))
+    for i in range(n):
+        diff = deltas - deltas[i]
+        dist[i] = np.einsum("ij,ij->i", diff, diff)
+    closest = max(1, n - f - 2)
+    # Column 0 of each sorted row is the delta itself (distance 0), as in Flower.
+    return np.sort(dist, axis=1)[:, 1:closest + 1].sum(1)
+
+
+def _multi_krum(deltas: np.ndarray, weights: np.ndarray, f: int, m: int,
+                ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    scores = krum_scores(deltas, f)
+    chosen = np.argsort(scores, kind="stable")[:m]
+    delta, _ = weighted_mean(deltas[chosen], weights[chosen], AggregationConfig(), [])
+    return delta, {"krum_f": f, "selected": [ids[i] for i in sorted(chosen)]}
+
+
+# -- norm bound
+
+
+def resolve_bound(cfg: AggregationConfig, norms: np.ndarray) -> float | None:
+    """The round's norm bound: None (off), the configured number, or `adaptive_factor` x
+    the cohort's median norm (honest when fewer than half of the cohort attack)."""
+    if cfg.norm_bound == "off":
+        return None
+    if cfg.norm_bound == "adaptive":
+        return float(cfg.adaptive_factor * np.median(norms))
+    return float(cfg.norm_bound)
+
+
+def clip_rows(deltas: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each row scaled down to L2 norm at most `bound`; the rows clipped (a mask). Rounding
+    cannot lift a clipped row over the bound: its scale is rounded down."""
+    norms = np.linalg.norm(deltas, axis=1)
+    over = norms > bound
+    scale = np.ones_like(norms)
+    scale[over] = np.nextafter(bound / norms[over], 0.0)
+    return deltas * scale[:, None], over
+
+
+def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
+              ids: Sequence[Any] | None = None) -> Aggregated | None:
+    """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
+    when no delta has one. `ids` name the rows in the figures (partition ids)."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    names = list(range(len(deltas))) if ids is None else list(ids)
+    keep = w > 0
+    if not keep.any():
+        return None
+    deltas, w = deltas[keep], w[keep]
+    names = [n for n, k in zip(names, keep, strict=True) if k]
+    figures: dict[str, Any] = {"rule": cfg.rule, "deltas": len(deltas)}
+    bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
+    if bound is not None:
+        deltas, clipped = clip_rows(deltas, bound)
+        figures["norm_bound"] = {"setting": cfg.norm_bound, "bound": bound,
+                                 "clipped": [n for n, c in zip(names, clipped, strict=True)
+                                             if c]}
+    delta, own = RULES[cfg.rule](deltas, w, cfg, names)
+    return Aggregated(delta, {**figures, **own})

@@ -1,0 +1,249 @@
+"""Robust aggregation (strategies.robust): each rule against Flower's own strategy on the same
+deltas, the bound on one client's influence, the wiring into DeltaFedAvg, the attack
+simulation, and the `[aggregation]` config's refusals."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FakeGrid
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from wire import reply
+
+from clients.faults import attack
+from fedtune.config import (
+    AGGREGATION_RULES,
+    AggregationConfig,
+    AttackSimulationConfig,
+    ConfigError,
+    load_config,
+)
+from fedtune.delta import DeltaSpec
+from strategies import DeltaFedAvg, robust
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _deltas(n=5, d=40, seed=0, outlier=None):
+    deltas = np.random.default_rng(seed).normal(size=(n, d))
+    if outlier is not None:
+        deltas[0] = deltas[0] / np.linalg.norm(deltas[0]) * outlier
+    return deltas
+
+
+def _flower(strategy, deltas, weights):
+    """Flower's strategy aggregating `deltas` sent as replies (num-examples = weights)."""
+    replies = []
+    for i, (delta, w) in enumerate(zip(deltas, weights, strict=True)):
+        asked = Message(content=RecordDict({"config": ConfigRecord({})}),
+                        message_type=MessageType.TRAIN, dst_node_id=i + 1)
+        content = RecordDict({"arrays": ArrayRecord({"v": Array(np.asarray(delta))}),
+                              "metrics": MetricRecord({"num-examples": int(w)})})
+        replies.append(Message(content=content, reply_to=asked))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays["v"].numpy()
+
+
+def _ours(deltas, weights, **settings):
+    cfg = AggregationConfig(**settings)
+    cfg.validate()
+    return robust.aggregate(deltas, weights, cfg)
+
+
+def test_registry_names_are_the_configs():
+    assert set(robust.RULES) == set(AGGREGATION_RULES)
+
+
+@pytest.mark.parametrize("n", [5, 6, 10])
+@pytest.mark.parametrize(("settings", "flower"), [
+    ({"rule": "mean"}, lambda n: FedAvg()),
+    ({"rule": "median"}, lambda n: FedMedian()),
+    ({"rule": "trimmed_mean", "trim_beta": 0.2}, lambda n: FedTrimmedAvg(beta=0.2)),
+    ({"rule": "trimmed_mean", "trim_beta": 0.4}, lambda n: FedTrimmedAvg(beta=0.4)),
+    ({"rule": "krum", "krum_f": 1}, lambda n: Krum(num_malicious_nodes=1)),
+    ({"rule": "multi_krum", "krum_f": 1, "multi_krum_m": 3},
+     lambda n: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3)),
+    ({"rule": "multi_krum", "krum_f": 1},  # m = 0: n - f
+     lambda n: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=n - 1)),
+])
+def test_each_rule_matches_flowers_strategy(n, settings, flower):
+    deltas = _deltas(n, outlier=50.0)
+    weights = np.arange(1, n + 1) * 7  # uneven weights: only mean and Multi-Krum use them
+    ours = _ours(deltas, weights, **settings)
+    np.testing.assert_allclose(ours.delta, _flower(flower(n), deltas, weights), rtol=1e-12,
+                               atol=1e-12)
+    assert ours.figures["rule"] == settings["rule"]
+
+
+def test_trimmed_mean_and_krum_figures():
+    deltas = _deltas(10, outlier=1e9)
+    trimmed = _ours(deltas, np.ones(10), rule="trimmed_mean", trim_beta=0.2)
+    assert (trimmed.figures["trim_beta"], trimmed.figures["trimmed_per_side"]) == (0.2, 2)
+    chosen = robust.aggregate(deltas, np.ones(10), AggregationConfig(rule="multi_krum",
+                                                                     multi_krum_m=4),
+                              ids=list(range(100, 110)))
+    assert len(chosen.figures["selected"]) == 4 and 100 not in chosen.figures["selected"]
+
+
+def test_krum_distances_survive_a_huge_outlier():
+    # Flower's ||x||^2 + ||y||^2 - 2xy loses the honest distances next to a 1e9 norm;
+    # the direct differences keep them, so Krum still picks an honest delta.
+    deltas = _deltas(5, outlier=1e9)
+    scores = robust.krum_scores(deltas, f=1)
+    assert np.argmax(scores) == 0
+    honest = deltas[1:]
+    expected = robust.krum_scores(honest, f=0)  # 4 honest, n - f - 2 = 2 neighbours each
+    np.testing.assert_allclose(scores[1:], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+def test_norm_bound_limits_one_clients_influence_to_bound_over_cohort(rule):
+    bound, n = 2.0, 5
+    attacked = _deltas(n, outlier=1e9)
+    silent = attacked.copy()
+    silent[0] = 0.0  # the attacker sending nothing
+    a = _ours(attacked, np.ones(n), rule=rule, norm_bound=bound)
+    b = _ours(silent, np.ones(n), rule=rule, norm_bound=bound)
+    moved = float(np.linalg.norm(a.delta - b.delta))
+    assert moved <= bound / n * (1 + 1e-12) if rule == "mean" else moved <= bound
+    assert 0 in a.figures["norm_bound"]["clipped"]
+    assert a.figures["norm_bound"] == {"setting": bound, "bound": bound,
+                                       "clipped": a.figures["norm_bound"]["clipped"]}
+
+
+def test_without_a_bound_the_mean_is_the_attackers():
+    # The finding: at an honest weight, one delta of norm 1e6 becomes the aggregate.
+    attacked = _deltas(5, outlier=1e6)
+    plain = _ours(attacked, np.ones(5), rule="mean")
+    assert np.linalg.norm(plain.delta) > 1e5
+    bounded = _ours(attacked, np.ones(5), rule="mean", norm_bound="adaptive")
+    honest_median = np.median(np.linalg.norm(attacked, axis=1))
+    assert bounded.figures["norm_bound"]["bound"] == pytest.approx(honest_median)
+    assert np.linalg.norm(bounded.delta) <= honest_median
+
+
+def test_clipped_rows_never_exceed_the_bound():
+    deltas = _deltas(20, d=1000, seed=3) * np.logspace(-3, 30, 20)[:, None]
+    clipped, over = robust.clip_rows(deltas, 1.7)
+    assert np.all(np.linalg.norm(clipped, axis=1) <= 1.7)
+    np.testing.assert_array_equal(clipped[~over], deltas[~over])
+
+
+def test_median_ignores_one_outlier_of_five():
+    for outlier in (1e3, 1e9, -1e9):
+        deltas = _deltas(5, outlier=outlier)
+        got = _ours(deltas, np.ones(5), rule="median").delta
+        honest = deltas[1:]
+        assert np.all(got >= honest.min(0)) and np.all(got <= honest.max(0))
+
+
+def test_zero_weight_clients_are_left_out_and_none_when_nobody_counts():
+    deltas = _deltas(5, outlier=1e9)
+    got = _ours(deltas, [0, 1, 1, 1, 1], rule="median")
+    np.testing.assert_array_equal(got.delta, np.median(deltas[1:], axis=0))
+    assert got.figures["deltas"] == 4
+    assert robust.aggregate(deltas, np.zeros(5), AggregationConfig()) is None
+
+
+# -- wired into the round
+
+SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})
+
+
+def _round(settings, deltas):
+    strategy = DeltaFedAvg(SPEC, len(deltas), seed=0)
+    strategy.roster = {i: 11 + i for i in range(len(deltas))}
+    strategy.aggregation = AggregationConfig(**settings)
+    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
+    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
+    by_pid = {strategy._asked[m.metadata.dst_node_id]: m for m in msgs}
+    replies = [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)]
+    return strategy.aggregate_train(1, replies), strategy.outcome
+
+
+def test_delta_fedavg_runs_the_configured_rule_and_records_it():
+    deltas = np.tile(np.arange(1.0, 6.0)[:, None], (1, 6))  # client i sends i+1 everywhere
+    deltas[0] = 1e30  # finite in float32, the attacker
+    new, outcome = _round({"rule": "median"}, deltas)
+    np.testing.assert_array_equal(new, np.full(6, 4.0, np.float32))  # median of 1e30,2..5
+    assert outcome.aggregation == {"rule": "median", "deltas": 5}
+    new, outcome = _round({"rule": "mean", "norm_bound": 1.0}, deltas)
+    assert np.linalg.norm(new) <= 1.0 + 1e-6
+    assert outcome.aggregation["norm_bound"]["clipped"] == [0, 1, 2, 3, 4]
+
+
+def test_delta_fedavg_default_is_fedavg_and_keeps_the_overflow_guard():
+    new, outcome = _round({}, np.array([[1.0] * 6, [3.0] * 6]))
+    np.testing.assert_array_equal(new, np.full(6, 2.0, np.float32))
+    assert outcome.aggregation == {"rule": "mean", "deltas": 2}
+    # A finite aggregate that takes the global past float32's limit keeps the global.
+    strategy = DeltaFedAvg(SPEC, 2, seed=0)
+    strategy.roster = {0: 11, 1: 12}
+    msgs = strategy.configure_train(1, np.full(6, 3e38, np.float32), 0.1, [0, 1])
+    assert strategy.aggregate_train(1, [reply(m, np.full(6, 3.4e38), SPEC) for m in msgs]) is None
+    assert strategy.outcome.update_refused == "the aggregated delta overflows float32"
+
+
+# -- attack simulation
+
+
+def test_attack_simulation_flips_or_boosts_only_the_listed_partitions():
+    delta = np.arange(4, dtype=np.float32)
+    flip = AttackSimulationConfig(kind="flip", scale=10.0, partitions=[2])
+    boost = AttackSimulationConfig(kind="boost", scale=100.0, partitions=[2])
+    np.testing.assert_array_equal(attack(flip, 2, delta), -10 * delta)
+    np.testing.assert_array_equal(attack(boost, 2, delta), 100 * delta)
+    assert attack(flip, 1, delta) is delta
+    assert attack(AttackSimulationConfig(), 2, delta) is delta
+    assert attack(boost, 2, delta).dtype == np.float32
+
+
+# -- config
+
+
+def test_aggregation_config_loads():
+    cfg = load_config(None, ["aggregation.rule=trimmed_mean", "aggregation.norm_bound=3",
+                             "privacy.sample.enabled=false"])
+    assert (cfg.aggregation.rule, cfg.aggregation.norm_bound) == ("trimmed_mean", 3.0)
+    assert load_config(None).aggregation.default
+
+
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["aggregation.rule=bulyan"], "aggregation.rule='bulyan' is not one of: mean, median"),
+    (["aggregation.norm_bound=auto"], "aggregation.norm_bound='auto' must be a number > 0"),
+    (["aggregation.norm_bound=0"], "aggregation.norm_bound must be > 0"),
+    (["aggregation.norm_bound=-1.5"], "aggregation.norm_bound must be > 0"),
+    (["aggregation.norm_bound=nan"], "aggregation.norm_bound must be a finite number"),
+    (["aggregation.norm_bound=true"], "aggregation.norm_bound must be"),
+    (["aggregation.adaptive_factor=0"], "aggregation.adaptive_factor must be in (0, 1000]"),
+    (["aggregation.trim_beta=0.5"], "aggregation.trim_beta must be in [0, 0.5)"),
+    (["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.1"],
+     "aggregation.trim_beta=0.1 trims no delta from a cohort of train.clients_per_round=5"),
+    (["aggregation.rule=krum", "aggregation.krum_f=2"],
+     "aggregation.krum_f=2 needs train.clients_per_round >= 2 x krum_f + 3 = 7, got 5"),
+    (["aggregation.krum_f=-1"], "aggregation.krum_f must be >= 0"),
+    (["aggregation.rule=multi_krum", "aggregation.multi_krum_m=5"],
+     "aggregation.multi_krum_m=5 must be <= train.clients_per_round - aggregation.krum_f = 4"),
+    (["privacy.user.enabled=true", "aggregation.rule=median"],
+     "must stay 'mean' and 'off' with privacy.user.enabled=true"),
+    (["privacy.user.enabled=true", "aggregation.norm_bound=adaptive"],
+     "must stay 'mean' and 'off' with privacy.user.enabled=true"),
+    (["faults.attack_simulation.kind=swap"], "faults.attack_simulation.kind='swap' is not one"),
+    (["faults.attack_simulation.kind=flip"], "needs faults.attack_simulation.partitions"),
+    (["faults.attack_simulation.kind=flip", "faults.attack_simulation.partitions=[20]"],
+     "faults.attack_simulation.partitions[0]=20 must be in [0, data.num_clients=20)"),
+    (["faults.attack_simulation.scale=0"], "faults.attack_simulation.scale must be in (0, 1e+09]"),
+    (["aggregation.typo=1"], "unknown key aggregation.typo"),
+])
+def test_aggregation_config_refusals_are_one_line(sets, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    assert needle in str(err.value) and "\n" not in str(err.value)
