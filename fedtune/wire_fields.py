@@ -150,9 +150,9 @@ def _body(call: str, item: str, reveals_clear: str, gradients: bool = True
             WireField(BODY, f"{item}: attention masks", (f"body.{call}.attention_mask",),
                       f"attention masks of {reveals_clear} (each example's length)",
                       ALL_ONES if smashed else IN_CLEAR, "example")]
-        if gradients:
+        if gradients:  # sent by the backward call that follows each forward
             fields.append(WireField(
-                BODY, f"{item}: body-output gradients", (f"body.{call}.gradients",),
+                BODY, f"{item}: body-output gradients", ("body.backward.gradients",),
                 f"per-example gradients at the body output of {reveals_clear} (they "
                 "reveal each example's label against the tail the server sent)",
                 SMASHED_DP if smashed else IN_CLEAR, "example"))

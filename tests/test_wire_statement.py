@@ -46,7 +46,10 @@ def test_flop_measurement_sends_no_client_data_and_is_counted(minilm, monkeypatc
     cfg = load_config(None, ["split.enabled=true", "split.smashed_dp.enabled=true",
                              "train.batch_size=4", "tuning.prompt.length=4",
                              "train.local_steps=2", "privacy.reproducible_noise=true",
-                             "split.smashed_dp.activation_clip_norm=3.0"])
+                             "split.smashed_dp.activation_clip_norm=3.0",
+                             # Tiny noise: rows at the clip are what the check sees.
+                             "split.smashed_dp.noise_multiplier=1e-6",
+                             "privacy.sample.accountant=rdp"])
     model = build_tuned_model(minilm, cfg.tuning, 2, seed=0)
     view = SplitPromptModel(model, SplitBackbone(minilm.model, cfg.split.cut_layer))
     recorder = RecordingBody(InProcessBody(view.split))
@@ -190,7 +193,9 @@ def test_under_dp_every_example_field_is_protected_or_withheld():
     examples or the Poisson draw is sent in clear, in any combination of settings."""
     from fedtune.wire_fields import examples_in_clear, withheld_fields
 
-    plugins = ['plugins=[{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
+    plugins = ["data.domain_by=collection", "data.target_domain=set2",
+               "data.target_clients=2",
+               'plugins=[{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
     for sets in ([], SMASHED, ["train.local_epochs=1"], plugins,
                  ["privacy.user.enabled=true"]):
         cfg = load_config(None, sets)
