@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.config import ExperimentConfig
+from fedtune.config import ExperimentConfig, load_config
 from fedtune.protocol import (
     DP_KEYS,
     EXAMPLES_SEEN,
@@ -276,3 +276,44 @@ def markdown(cfg: ExperimentConfig) -> str:
         lines.append(f"| train reply | withheld (stay on the client) | "
                      f"{', '.join(withheld)} | not sent |")
     return "\n".join(lines)
+
+
+# The modes the README's statement shows, as `--set` overrides of the defaults.
+README_MODES: dict[str, tuple[str, ...]] = {
+    "plain (no DP)": ("privacy.sample.enabled=false",),
+    "sample-level DP (default)": (),
+    "sample-level DP, `privacy.disclose_counts = true`": ("privacy.disclose_counts=true",),
+    "split, no DP": ("split.enabled=true", "privacy.sample.enabled=false"),
+    "split + DP-SGD, smashed data in clear": ("split.enabled=true",),
+    "split + `split.smashed_dp`": ("split.enabled=true", "split.smashed_dp.enabled=true"),
+    "user-level DP": ("privacy.sample.enabled=false", "privacy.user.enabled=true"),
+    "user-level DP, `withhold_metrics`": ("privacy.sample.enabled=false",
+                                          "privacy.user.enabled=true",
+                                          "privacy.user.withhold_metrics=true"),
+}
+README_START, README_END = "<!-- wire-fields:start -->", "<!-- wire-fields:end -->"
+
+
+def readme_table() -> str:
+    """The README's statement, one line per mode (generated: `python -m
+    fedtune.wire_fields`; tests/test_wire_statement.py checks the README holds it)."""
+    def names(fields: list[WireField]) -> str:
+        return ", ".join(f"`{f.item}`" for f in fields) or "-"
+
+    lines = [README_START,
+             "| mode | sent in clear: about examples | in clear: data size / public | "
+             "clipped and noised (or synthetic) | withheld (stay on the client) |",
+             "|---|---|---|---|---|"]
+    for mode, sets in README_MODES.items():
+        cfg = load_config(None, list(sets))
+        sent = wire_fields(cfg)
+        lines.append(
+            f"| {mode} | {names([f for f in sent if f.in_clear and f.about == 'example'])} | "
+            f"{names([f for f in sent if f.in_clear and f.about != 'example'])} | "
+            f"{names([f for f in sent if not f.in_clear])} | "
+            f"{', '.join(f'`{w}`' for w in withheld_fields(cfg)) or '-'} |")
+    return "\n".join([*lines, README_END])
+
+
+if __name__ == "__main__":
+    print(readme_table())
