@@ -312,6 +312,7 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
+        "privacy.disclose_counts=true",  # the test reads the split and pruning figures
         # 8 partitions, not 4: every sampled client scores all of its examples.
         "data.num_clients=8", "split.local_loss_fraction=0.5", "data.partition=iid",
         "data.domain_by=collection",
