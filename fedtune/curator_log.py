@@ -1,7 +1,7 @@
 """Who a run folder is for. Under user-level DP the cohort is a secret Poisson draw, and the
 epsilon_user promise holds only while nobody outside the curator (the server) learns who
-was in it: a reader who knows a client was in 4 of 8 rounds holds it at epsilon 11.93, not
-the 7.99 reported. So each round's cohort and per-client figures (partition ids, node ids,
+was in it (issue 26's audit: a reader who knows a client was in 4 of 8 rounds holds it at
+epsilon 11.93, not the 7.99 reported). So each round's cohort and per-client figures (partition ids, node ids,
 norms, losses, counts, DP histories by client) go to `curator_log.jsonl`, never into
 rounds.jsonl, unless `privacy.user.log_cohorts = true`. `fedtune report` and exports read
 config.toml, rounds.jsonl and summary.json only.
