@@ -1,10 +1,10 @@
 """Who a run folder is for. Under user-level DP the cohort is a secret Poisson draw, and the
 epsilon_user promise holds only while nobody outside the curator (the server) learns who
 was in it (issue 26's audit: a reader who knows a client was in 4 of 8 rounds holds it at
-epsilon 11.93, not the 7.99 reported). So each round's cohort and per-client figures (partition ids, node ids,
-norms, losses, counts, DP histories by client) go to `curator_log.jsonl`, never into
-rounds.jsonl, unless `privacy.user.log_cohorts = true`. `fedtune report` and exports read
-config.toml, rounds.jsonl and summary.json only.
+epsilon 11.93, not the 7.99 reported). So each round's cohort and per-client figures
+(partition ids, node ids, norms, losses, counts, DP histories by client) go to
+`curator_log.jsonl`, never into rounds.jsonl, unless `privacy.user.log_cohorts = true`.
+`fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
 report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
