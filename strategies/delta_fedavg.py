@@ -220,7 +220,8 @@ class DeltaFedAvg:
         """The new global vector: the global plus the mean delta weighted by examples x
         plugin weight; None when nothing moved it."""
         accepted = self.screen(server_round, replies)
-        w = np.asarray([a.entry["num_examples"] * a.entry["weight"] for a in accepted],
+        # Withheld counts (fedtune.wire_fields): equal weights until the server owns them.
+        w = np.asarray([a.entry.get("num_examples", 1) * a.entry["weight"] for a in accepted],
                        dtype=np.float64)
         if not accepted or not w.sum() > 0:  # nobody, or every client weighted 0
             return None
