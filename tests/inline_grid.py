@@ -115,6 +115,11 @@ def inline_run(cfg: ExperimentConfig, out: Path, monkeypatch: Any
         recorder = RecordingBody(body)
         monkeypatch.setattr(split_client, "config_body", lambda _cfg: recorder)
         split_flops_module._CACHE.clear()  # measured once per process: measure in this run
+    from strategies.discovery import discover
+
     grid = InlineGrid(cfg)
-    summary = run_server(grid, cfg, out)  # type: ignore[arg-type]
+    # Discovery here (its replies are recorded too), then the round loop on its roster:
+    # a grid that is not the simulation engine's is otherwise a deployment.
+    roster = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s)  # type: ignore
+    summary = run_server(grid, cfg, out, roster=roster)  # type: ignore[arg-type]
     return summary, grid, recorder
