@@ -24,6 +24,7 @@ from fedtune.protocol import PartitionReply, ReportedDP, TrainInstruction, Train
 from fedtune.task import Task, get_task
 from fedtune.torch_setup import client_device, configure_torch
 from fedtune.tuning import TunedModel
+from fedtune.wire_fields import withholds_counts
 
 DP_STATE_KEY = "fedtune-dp-history"
 
@@ -81,7 +82,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
         delta, spec_hash = corrupt(delta, spec_hash, fault)
         encoding = "float32"  # garbage as sent by a broken client, not refused by our encoder
     report = TrainReport(steps=result.steps)
-    if not order.withhold_metrics:
+    # Counts, real-row counts, FLOPs and the loss stay here when the server asks (user
+    # level) or this client's own config withholds them (DP without
+    # privacy.disclose_counts): none is covered by an epsilon (fedtune.wire_fields).
+    if not (order.withhold_metrics or withholds_counts(cfg)):
         extras = dict(result.extras)
         flops = result.flops + (selection.scoring_flops if selection is not None else 0.0)
         if selection is not None:

@@ -79,8 +79,9 @@ class SplitStep:
                  smashed: SmashedRelease | None = None) -> None:
         self.view = view
         self.body = MeteredBody(body)
-        # Measuring FLOPs runs the body too, but it is not traffic: never through `body`.
-        self.measure_body = body
+        # The FLOP probe (synthetic text, fedtune.split.flops) crosses the same wire: it
+        # is metered too, on its own meter (it runs once per process, not per round).
+        self.probe = MeteredBody(body)
         self.local_loss_steps = local_loss_steps
         self.smashed = smashed
         self.examples = {"split": 0, "local": 0}
@@ -189,8 +190,8 @@ class SplitStep:
                 + self.examples["local"] * self._flops.client_local)
 
     def _measure(self, data: TensorDataset) -> SplitFlops:
-        ids, mask, _ = data[0]
-        return split_flops(self.view, self.measure_body, ids, mask)
+        # The sequence length only: the measurement runs on a synthetic probe.
+        return split_flops(self.view, self.probe, int(data.tensors[0].shape[1]))
 
     def extras(self) -> dict[str, float]:
         traffic = self.body.traffic
@@ -207,6 +208,7 @@ class SplitStep:
             "local-loss-examples": self.examples["local"],
             "client-flops-per-example": flops.client_split,
             "full-model-flops-per-example": flops.full,
+            "probe-bytes": self.probe.traffic.bytes_up + self.probe.traffic.bytes_down,
         }
 
 
@@ -274,6 +276,7 @@ class SplitScorer:
     def __init__(self, view: SplitPromptModel, cfg: ExperimentConfig) -> None:
         self.module = view
         self.body = MeteredBody(config_body(cfg))
+        self.probe = MeteredBody(self.body.body)  # the FLOP probe's own meter
         self.server_flops = 0.0
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -281,8 +284,8 @@ class SplitScorer:
         return self.module.tail(self.body.evaluate(smashed, full_mask), attention_mask)
 
     def client_flops(self, data: TensorDataset) -> float:
-        ids, mask, _ = data[0]
-        client, server = scoring_flops(self.module, self.body.body, ids, mask)
+        # Measured on a synthetic probe through the metered body: no client row leaves.
+        client, server = scoring_flops(self.module, self.probe, int(data.tensors[0].shape[1]))
         self.server_flops = len(data) * server
         return len(data) * client
 
@@ -303,6 +306,7 @@ class SplitScorer:
         metrics["smashed-bytes-down"] += traffic.bytes_down
         metrics["server-flops"] += self.server_flops
         metrics["scoring-smashed-bytes"] = traffic.bytes_up + traffic.bytes_down
+        metrics["probe-bytes"] += self.probe.traffic.bytes_up + self.probe.traffic.bytes_down
         metrics["smashed-bytes-saved"] = (skipped * per_example
                                           - traffic.bytes_up - traffic.bytes_down)
 

@@ -106,7 +106,7 @@ def run(
             _stopped(out)
         finally:
             folder.release()
-    _print_summary(summary, out)
+    _print_summary(summary, out, cfg)
 
 
 def _stopped(out: Path) -> None:
@@ -173,15 +173,7 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
                                 completed=done)
 
     def on_round(rec: dict[str, Any]) -> None:
-        eps = _eps(rec["epsilon_sample"])
-        if rec["epsilon_user"] is not None:
-            eps = f"{eps} (user {_eps(rec['epsilon_user'])})"
-        val = ("no validation split" if rec["val_accuracy"] is None else
-               f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
-        progress.console.print(
-            f"round {rec['round']:>3}: {val}  "
-            f"eps {eps}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
-            f"{rec['wall_s']:.1f} s")
+        progress.console.print(round_line(rec, cfg), highlight=False, markup=False)
         progress.update(task_id, advance=1, description=f"round {rec['round']}")
 
     try:
@@ -192,23 +184,51 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     raise AssertionError("unreachable")
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    stopped = summary.get("stopped_early")
-    if stopped:
-        console.print(f"[bold yellow]stopped before round {stopped['before_round']}:[/] "
-                      f"{stopped['reason']}", highlight=False)
-    eps, user = summary["epsilon_sample"], summary.get("epsilon_user")
+def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """The console's line for one round; each epsilon with its marks."""
+    from fedtune.epsilon_marks import epsilon_marks, render_epsilon
+
+    eps = render_epsilon(rec["epsilon_sample"],
+                         epsilon_marks(cfg, "sample", rec["epsilon_sample"]))
+    if rec["epsilon_user"] is not None:
+        user = render_epsilon(rec["epsilon_user"],
+                              epsilon_marks(cfg, "user", rec["epsilon_user"]))
+        eps = f"{eps} (user {user})"
+    val = ("no validation split" if rec["val_accuracy"] is None else
+           f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
+    return (f"round {rec['round']:>3}: {val}  "
+            f"eps {eps}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
+            f"{rec['wall_s']:.1f} s")
+
+
+def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> str:
+    """The console's final line; each epsilon with its marks."""
+    from rich.markup import escape
+
+    from fedtune.epsilon_marks import epsilon_marks, render_epsilon
+
+    eps = {level: escape(render_epsilon(summary.get(f"epsilon_{level}"),
+                                 epsilon_marks(cfg, level, summary.get(f"epsilon_{level}")),
+                                 digits=3, off="null"))
+           for level in ("sample", "user")}
     best = summary.get("best_val_accuracy")
     val = "" if best is None else (
         f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
         f"{summary['best_round']}), ")
-    console.print(
+    return (
         f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
         f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), {val}"
-        f"epsilon_sample {'null' if eps is None else f'{eps:.3f}'}, "
-        f"epsilon_user {'null' if user is None else f'{user:.3f}'}, "
+        f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+def _print_summary(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> None:
+    stopped = summary.get("stopped_early")
+    if stopped:
+        console.print(f"[bold yellow]stopped before round {stopped['before_round']}:[/] "
+                      f"{stopped['reason']}", highlight=False)
+    console.print(summary_line(summary, out, cfg), highlight=False)
 
 
 @app.command()
@@ -249,8 +269,7 @@ def sweep(
                          overflow="fold" if column == "run" else "ellipsis")
     for row in rows:
         val = row.get(SELECT_BY)
-        table.add_row(row["name"], row["method"], _eps(row["epsilon_sample"]),
-                      _eps(row["epsilon_user"]), str(row["rounds"]),
+        table.add_row(row["name"], row["method"], *sweep_epsilons(row), str(row["rounds"]),
                       "-" if val is None else f"{val:.4f}", f"{row['final_accuracy']:.4f}")
     console.print(table)
     ranked = rank_by_validation(spec.variants, rows)
@@ -324,8 +343,14 @@ def report(
     console.print(f"[bold green]wrote[/] {', '.join(str(p) for p in written)}")
 
 
-def _eps(value: float | None) -> str:
-    return "off" if value is None else f"{value:.2f}"
+def sweep_epsilons(row: dict[str, Any]) -> tuple[str, str]:
+    """A sweep row's two epsilons, marked from its run folder's config."""
+    from fedtune.epsilon_marks import folder_marks, render_epsilon
+
+    return tuple(render_epsilon(row.get(f"epsilon_{level}"),  # type: ignore[return-value]
+                                folder_marks(row["folder"], level,
+                                             row.get(f"epsilon_{level}")))
+                 for level in ("sample", "user"))
 
 
 @app.command()

@@ -321,6 +321,9 @@ class UserDPConfig:
     # Replies carry only what the server needs under user-level DP (delta, steps, DP spend):
     # no example count, loss, FLOPs or plugin figures leave the client.
     withhold_metrics: bool = False
+    # The secret cohort and each client's figures (partition ids, norms, losses, counts)
+    # are the curator's log (`curator_log.jsonl`); true also writes them into rounds.jsonl.
+    log_cohorts: bool = False
 
     def validate(self) -> None:
         if self.withhold_metrics and not self.enabled:
@@ -342,6 +345,10 @@ class PrivacyConfig:
     # derived from `seed`, runs re-run bit for bit, and every epsilon is marked as holding
     # against nobody who has the config (fedtune.privacy.randomness). Simulation only.
     reproducible_noise: bool = False
+    # Under sample-level DP (and smashed DP) replies carry no example count, real-row
+    # count, FLOPs or loss: none is covered by epsilon. True sends them, and every
+    # epsilon is then marked "counts disclosed" (fedtune.wire_fields).
+    disclose_counts: bool = False
 
     def validate(self) -> None:
         self.sample.validate()

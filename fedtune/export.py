@@ -301,14 +301,20 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 def privacy_statement(cfg: ExperimentConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """The export's privacy fields: each epsilon (null when that DP level was off) with
     the note on what its noise is secret from, and, for a split run, what the server saw."""
+    from fedtune.epsilon_marks import epsilon_note
+    from fedtune.wire_fields import statement
+
     note = noise_note(cfg.privacy.reproducible_noise)
     fields: dict[str, Any] = {}
-    for level in ("epsilon_sample", "epsilon_user"):
-        fields[level] = summary.get(level)
-        fields[f"{level}_note"] = None if fields[level] is None else note
+    for level in ("sample", "user"):
+        value = fields[f"epsilon_{level}"] = summary.get(f"epsilon_{level}")
+        # What weakens it too (seeded noise, data in clear, disclosed counts).
+        fields[f"epsilon_{level}_note"] = epsilon_note(cfg, level, value)
     fields["delta"] = summary.get("delta")
     fields["privacy"] = {"reproducible_noise": cfg.privacy.reproducible_noise, "noise": note,
-                         "smashed_data": _smashed_data_line(cfg)}
+                         "smashed_data": _smashed_data_line(cfg),
+                         # What the clients' messages carried (fedtune.wire_fields).
+                         "in_clear": statement(cfg)}
     return fields
 
 

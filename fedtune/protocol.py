@@ -143,6 +143,8 @@ EXTRA_GROUPS: dict[str, tuple[Scalar, ...]] = {
         _amount("client-flops-per-example", "client_flops_per_example"),
         _amount("full-model-flops-per-example", "full_model_flops_per_example",
                 above_low=True),
+        # The FLOP probe's bytes (synthetic text, fedtune.split.flops): traffic too.
+        _count("probe-bytes", "probe_bytes"),
     ),
     "pruning": (
         _count("examples-available", "examples_available"),

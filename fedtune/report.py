@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.epsilon_marks import LEVELS, MARKS, Mark, epsilon_marks, render_epsilon
 from fedtune.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, LedgerError, read_rounds
 from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
@@ -45,6 +46,8 @@ class RunResult:
     cumulative_mb_up: list[float]
     # Flattened config minus what the group key and the seed already say.
     settings: dict[str, str] = field(default_factory=dict)
+    # What weakens the epsilon (fedtune.epsilon_marks), from the run's config.
+    marks: tuple[Mark, ...] = ()
 
 
 @dataclass
@@ -54,6 +57,12 @@ class Group:
     target_epsilon: float
     variant: str = ""
     runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def marks(self) -> list[Mark]:
+        """Every mark any of its runs' epsilons carries, in registry order."""
+        seen = {m for r in self.runs for m in r.marks}
+        return [m for m in MARKS if m in seen]
 
     @property
     def accuracy_mean(self) -> float:
@@ -101,10 +110,12 @@ def _load(folder: Path) -> RunResult:
         # Split mode also uploads smashed data every step: all of it counts as sent.
         total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
         up.append(total / 1e6)
+    marks = {m for lvl in LEVELS
+             for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
     return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
                      cfg.seed, summary["final_accuracy"],
                      [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None],
-                     up, _settings(cfg))
+                     up, _settings(cfg), tuple(m for m in MARKS if m in marks))
 
 
 def _method(cfg: ExperimentConfig) -> str:
@@ -191,7 +202,7 @@ def markdown_table(groups: list[Group]) -> str:
         eps = [r.epsilon for r in g.runs if r.epsilon is not None]
         mb = statistics.fmean(r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up)
         variant = f"{g.variant or '-'} | " if with_variant else ""
-        shown = f"{max(eps):.2f}" if eps else "-"
+        shown = render_epsilon(max(eps) if eps else None, g.marks, off="-")
         if eps and _deltas_only(g.level):
             shown += " (deltas only)"
         lines.append(
@@ -204,6 +215,12 @@ def markdown_table(groups: list[Group]) -> str:
 def _deltas_only(level: str) -> bool:
     """A level whose epsilon does not cover the data the server holds (split, in clear)."""
     return level.startswith(DELTAS_ONLY)
+
+
+def _mark_tags(groups: list[Group]) -> str:
+    """' [seeded noise]': the marks of a plotted line's epsilons (render_epsilon's tags)."""
+    marks = [m for m in MARKS if any(m in g.marks for g in groups)]
+    return render_epsilon(0.0, marks)[len(render_epsilon(0.0, [])):]
 
 
 def _fmt_eps(eps: float) -> str:
@@ -240,6 +257,10 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
                  "server receives every trained example's cut-layer activations and "
                  "body-output gradients in clear (text and labels are recoverable: "
                  "`fedtune audit split`). They are not plotted against epsilon.", ""]
+    marks = [m for m in MARKS if any(m in g.marks for g in groups)]
+    if marks:  # the legend of the marks beside the epsilons above and in the plots
+        body += ["Marks beside an epsilon:", ""]
+        body += [f"- [{m.tag}] {m.text}" for m in marks] + [""]
     body += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in written]
     (out / "report.md").write_text("\n".join(body) + "\n")
     return [out / "report.md", *written]
@@ -270,7 +291,8 @@ def _plot_epsilon(ax, groups: list[Group]) -> None:
     for (method, variant, level), gs in sorted(_lines(groups).items()):
         gs = sorted(gs, key=lambda g: g.target_epsilon)
         xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
-        label = f"{method}, {_level_words(level)}" + (f"\n{variant}" if variant else "")
+        label = (f"{method}, {_level_words(level)}{_mark_tags(gs)}"
+                 + (f"\n{variant}" if variant else ""))
         ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
                     marker="o", capsize=3, label=label, color=colors[(method, variant)],
                     linestyle=level_styles.get(level, (0, (5, 1, 1, 1))))
@@ -312,10 +334,10 @@ def _level_words(level: str) -> str:
     return level if "DP" in level else f"{level}-level DP"
 
 
-def _budget_label(level: str, eps: float) -> str:
+def _budget_label(level: str, eps: float, marks: str = "") -> str:
     if level == "none":
         return "no DP"
-    return textwrap.fill(f"{_level_words(level)}, eps {_fmt_eps(eps)}", 40)
+    return textwrap.fill(f"{_level_words(level)}, eps {_fmt_eps(eps)}{marks}", 40)
 
 
 def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
@@ -332,7 +354,8 @@ def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
     method_handles = [Line2D([], [], color=c, linewidth=2.5,
                              label=textwrap.fill(m, 24) + (f"\n{v}" if v else ""))
                       for (m, v), c in colors.items()]
-    budget_handles = [Line2D([], [], color="0.3", markersize=4, label=_budget_label(*b), **st)
+    budget_handles = [Line2D([], [], color="0.3", markersize=4, **st, label=_budget_label(
+        *b, _mark_tags([g for g in groups if (g.level, g.target_epsilon) == b])))
                       for b, st in styles.items()]
     first = ax.legend(handles=method_handles, title="method", fontsize=7, title_fontsize=8,
                       loc="upper left", bbox_to_anchor=(1.01, 1.0))

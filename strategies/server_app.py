@@ -24,8 +24,10 @@ from fedtune.checkpoint import (
 )
 from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
+from fedtune.curator_log import append_curator, split_record
 from fedtune.deploy.address import DeployError
 from fedtune.deploy.seeded_noise import check_server_runtime
+from fedtune.epsilon_marks import note_fields
 from fedtune.evaluation import (
     accuracy_fields,
     final_metrics,
@@ -43,6 +45,7 @@ from fedtune.task import Task, get_task
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
+from fedtune.wire_fields import withholds_counts
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.discovery import Roster, discover, load_operator_roster
 from strategies.grid_io import send_and_receive
@@ -106,6 +109,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                              cfg.data.num_clients,
                              reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
                              else None)
+    strategy.withhold_metrics = withholds_counts(cfg)  # what replies leave out (wire_fields)
     if state.round < cfg.train.rounds and state.stopped is None:
         strategy.adopt(roster or discover_workers(grid, cfg, assigned=assigned),
                        [len(p) for p in task.partitions])
@@ -127,9 +131,13 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             break
         record = _play_round(rnd, cohort, grid, driver, privacy, plugins, task, model,
                              state, cfg)
+        # Under user-level DP the cohort and per-client figures are the curator's log.
+        record, curator = split_record(record, cfg)
         state.round, state.record = rnd, record
         state.elapsed_s = elapsed_before + time.perf_counter() - t0
         save_checkpoint(out_dir, state)  # first: a kill between the two loses nothing
+        if curator is not None:
+            append_curator(out_dir, curator)
         ledger.append_round(record)
         if on_round is not None:
             on_round(record)
@@ -213,6 +221,7 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     if strategy.refused_claims:  # once, in the first round after discovery
         record["refused_claims"], strategy.refused_claims = strategy.refused_claims, []
     record["privacy_in_clear"] = in_clear(cfg)
+    record.update(note_fields(cfg, record))  # beside each epsilon: what weakens it
     if record["privacy_user"] is not None:
         record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
     for plugin in plugins:
@@ -274,6 +283,7 @@ def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
              cfg: ExperimentConfig, final_test: dict[str, float]) -> dict[str, Any]:
     last = history[-1]
+    notes = note_fields(cfg, last)
     return {
         **accuracy_fields(history, state.initial, final_test, validation_examples(task, cfg)),
         # Runs checkpointed before the deferral scored the untrained model before round 1.
@@ -281,6 +291,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "epsilon_sample": last["epsilon_sample"],
         "epsilon_user": last["epsilon_user"],
         "delta": last["delta"],
+        **notes,
         "noise": last.get("noise"),
         "privacy_sample": last.get("privacy_sample"),
         "privacy_user": last.get("privacy_user"),

@@ -31,12 +31,15 @@ def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down:
     full = float(split[0]["full_model_flops_per_example"])
     up = sum(int(c["smashed_bytes_up"]) for c in split)
     down = sum(int(c["smashed_bytes_down"]) for c in split)
+    # The FLOP probe (synthetic text, once per worker process) crossed the wire too.
+    probe = sum(int(c.get("probe_bytes", 0)) for c in split)
     return {
         "smashed_bytes_up": up,
         "smashed_bytes_down": down,
+        "probe_bytes": probe,
         "delta_bytes_up": bytes_up,
         "delta_bytes_down": bytes_down,
-        "total_bytes": up + down + bytes_up + bytes_down,
+        "total_bytes": up + down + probe + bytes_up + bytes_down,
         "server_flops": sum(float(c["server_flops"]) for c in split),
         "client_flops_per_example": per_example,
         "full_model_flops_per_example": full,
@@ -68,8 +71,9 @@ def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "total_smashed_bytes_up": up,
         "total_smashed_bytes_down": down,
+        "total_probe_bytes": sum(r.get("probe_bytes", 0) for r in rounds),
         "total_bytes": up + down + sum(r["delta_bytes_up"] + r["delta_bytes_down"]
-                                       for r in rounds),
+                                       + r.get("probe_bytes", 0) for r in rounds),
         "total_server_flops": sum(r["server_flops"] for r in rounds),
         "client_flops_fraction": rounds[-1]["client_flops_fraction"],
         **privacy,

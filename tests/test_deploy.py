@@ -20,7 +20,8 @@ from fedtune.deploy.local import LocalDeployment
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ("name=deploy data.num_clients=2 train.clients_per_round=2 train.rounds=2 "
              "train.local_steps=1 train.batch_size=8 model.max_length=16 "
-             "tuning.prompt.length=2 train.eval_max_examples=32")
+             "tuning.prompt.length=2 train.eval_max_examples=32 "
+             "privacy.disclose_counts=true")  # the tests read each node's example count
 
 
 def test_certs_chain_to_the_ca_and_cover_loopback(tmp_path):

@@ -355,6 +355,8 @@ def user_dp_run(tmp_path_factory):
         "data.target_domain=set2", "data.target_clients=4", "tuning.domain_head=true",
         "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
         "privacy.user.target_epsilon=6.0", "privacy.user.clip_norm=0.5",
+        # The tests read per-client figures: sent, and logged in rounds.jsonl.
+        "privacy.disclose_counts=true", "privacy.user.log_cohorts=true",
         'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]']
     return _fedtune_run(ROOT / "experiments/quickstart.toml",
                         tmp_path_factory.mktemp("user") / "user", sets)
@@ -397,6 +399,7 @@ def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_pa
     sets = OVERRIDES + [
         "data.num_clients=20", "train.clients_per_round=4", "train.rounds=2",
         "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
+        "privacy.user.log_cohorts=true",  # the test reads the per-client figures
         'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]']
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "pruned", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]

@@ -48,7 +48,8 @@ def test_withheld_metrics_never_reach_the_server(tmp_path):
     out = tmp_path / "withheld"
     proc = _run(out, [*TINY, "privacy.sample.enabled=false", "privacy.user.enabled=true",
                       "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=50",
-                      "privacy.user.withhold_metrics=true", "train.clients_per_round=4"])
+                      "privacy.user.withhold_metrics=true", "train.clients_per_round=4",
+                      "privacy.user.log_cohorts=true"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rounds = _rounds(out)
     clients = [c for r in rounds for c in r["per_client"]]

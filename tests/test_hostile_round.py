@@ -51,7 +51,9 @@ TMP: list[Path] = []  # the run folders' parent (pytest's tmp_path for the modul
 CFG = ["data.num_clients=4", "train.clients_per_round=4", f"train.rounds={ROUNDS}",
        "tuning.method=bitfit", "model.max_length=8", "train.batch_size=8",
        "train.local_steps=2", "privacy.sample.accountant=rdp", "train.eval_max_examples=8",
-       "train.round_timeout_s=5"]
+       "train.round_timeout_s=5",
+       # The honest replies carry their counts (the hostile ones forge them).
+       "privacy.disclose_counts=true"]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,19 @@ from fedtune.config import load_config
 from strategies.in_clear import in_clear
 
 
-def test_default_run_lists_counts_loss_and_the_reported_dp_spend():
-    listed = in_clear(load_config(None, []))
-    assert {"delta", "num_examples", "loss", "reported DP spend"} <= set(listed["sent"])
+def test_default_run_withholds_counts_and_loss_and_lists_the_reported_dp_spend():
+    listed = in_clear(load_config(None, []))  # sample-level DP on
+    assert {"delta", "reported DP spend"} <= set(listed["sent"])
     assert "reveals the data size n" in listed["sent"]["reported DP spend"]
-    assert listed["withheld"] == []
+    assert {"num_examples", "loss", "examples_seen, flops"} <= set(listed["withheld"])
+    assert not {"num_examples", "loss"} & set(listed["sent"])
+
+
+def test_disclose_counts_sends_them_and_says_so():
+    listed = in_clear(load_config(None, ["privacy.disclose_counts=true"]))
+    assert {"delta", "num_examples", "loss", "reported DP spend"} <= set(listed["sent"])
+    assert listed["withheld"] == [] and listed["disclose_counts"] is True
+    assert listed["sent"]["loss"].endswith("[in clear]")
 
 
 def test_withholding_moves_counts_and_plugin_figures_to_withheld():
@@ -24,4 +32,7 @@ def test_withholding_moves_counts_and_plugin_figures_to_withheld():
 
 def test_split_mode_points_at_the_smashed_data():
     cfg = load_config(None, ["split.enabled=true"])
-    assert "every trained example" in in_clear(cfg)["sent"]["split-mode smashed data"]
+    sent = in_clear(cfg)["sent"]
+    assert "every trained example" in sent["split training: cut-layer activations"]
+    assert sent["split training: cut-layer activations"].endswith("[in clear]")
+    assert "synthetic" in sent["FLOP probe"]

@@ -103,10 +103,29 @@ def test_split_runs_are_labelled_by_what_their_epsilon_protects(tmp_path):
     assert set(levels) == {"sample", DELTAS_ONLY, WITH_SMASHED}
     assert levels[WITH_SMASHED].target_epsilon == 1
     table = markdown_table(groups)
-    assert f"| {DELTAS_ONLY} | 8 | 6.40 (deltas only) |" in table
+    assert f"| {DELTAS_ONLY} | 8 | 6.40 [data in clear] (deltas only) |" in table
     assert f"| {WITH_SMASHED} | 1 | 6.40 |" in table
     plotted = {level for (_, _, level) in _lines(groups)}
     assert DELTAS_ONLY not in plotted and WITH_SMASHED in plotted
     write_report(groups, tmp_path / "report", "split")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "not plotted against epsilon" in text and "sample-level DP\"" not in text
+
+
+def test_seeded_and_split_in_clear_epsilons_are_marked_in_the_table_legend_and_plots(tmp_path):
+    """26 #6: seeded-noise epsilons were unmarked in report.md."""
+    _run(tmp_path / "seeded", "prompt", 8, 0, 0.8, ["privacy.reproducible_noise=true"])
+    _run(tmp_path / "clear", "prompt", None, 0, 0.7, ["split.enabled=true"], smashed=10)
+    _run(tmp_path / "secret", "prompt", 8, 1, 0.8)
+    groups = group(collect([tmp_path]))
+    table = markdown_table(groups)
+    assert "| 6.40 [seeded noise] |" in table
+    assert "| - [data in clear] |" in table  # DP off, split in clear: still labelled
+    assert "| prompt | privacy.reproducible_noise=false | sample | 8 | 6.40 |" in table
+    write_report(groups, tmp_path / "report", "marks")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "- [seeded noise] seeded noise: not a guarantee" in text
+    assert "- [data in clear] data in clear:" in text
+    from fedtune.report import _lines, _mark_tags
+    labels = {_mark_tags(gs) for gs in _lines(groups).values()}
+    assert " [seeded noise]" in labels

@@ -236,13 +236,12 @@ def test_client_flops_fraction_at_the_quickstart_shapes(minilm):
     """64 tokens + a 20-token prompt: k = 0 leaves the client almost nothing, k = 1 about
     one layer's forward and input-gradient backward of six."""
     ids = torch.randint(1000, 2900, (64,))
-    mask = torch.ones_like(ids)
     fractions = {}
     for cut in (0, 1):
         cfg = load_config(None, ["split.enabled=true", f"split.cut_layer={cut}",
                                  "split.local_loss_fraction=0.5"])
         _, view = _split_model(minilm, cfg)
-        flops = split_flops(view, InProcessBody(view.split), ids, mask)
+        flops = split_flops(view, InProcessBody(view.split), int(ids.shape[0]))
         fractions[cut] = flops.client_fraction()
         assert flops.client_fraction(local_loss=True) <= flops.client_fraction() * 1.01
         assert flops.server > flops.client_split
@@ -313,6 +312,7 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
+        "privacy.disclose_counts=true",  # the test reads the split and pruning figures
         # 8 partitions, not 4: every sampled client scores all of its examples.
         "data.num_clients=8", "split.local_loss_fraction=0.5", "data.partition=iid",
         "data.domain_by=collection",

@@ -294,9 +294,14 @@ def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(m
     assert clear.token_recovery >= 0.95 and clear.label_balanced >= 0.95
     noised_cfg = load_config(None, [*base, "split.smashed_dp.enabled=true",
                                     "split.smashed_dp.target_epsilon=1"])
+    from fedtune.split import flops
+
+    flops._CACHE.clear()  # measured once per process: make this round measure
     noised = attack(noised_cfg, _TinyTask(minilm, noised_cfg), _trained_state(task), 0, 64, 1)
     assert noised.smashed_dp and noised.token_recovery <= 0.02
     assert noised.label_balanced <= 0.8
+    # The attacker records the FLOP probe too (synthetic text, not the victim's rows).
+    assert noised.probe_exchanges == 1 and noised.exchanges > noised.probe_exchanges
 
 
 def test_smashed_dp_refuses_pruning_whose_scoring_sends_activations_in_clear():

@@ -34,6 +34,7 @@ from torch.utils.data import TensorDataset
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
 from fedtune.split import InProcessBody
+from fedtune.split.flops import probing
 
 RIDGE = 1e-2  # ridge penalty relative to the mean diagonal of the Gram matrix
 
@@ -44,14 +45,16 @@ class Exchange:
     mask: torch.Tensor  # the attention mask sent with them
     output: torch.Tensor  # what the body computed (the server keeps it)
     grad: torch.Tensor | None = None  # the body-output gradient rows received
+    probe: bool = False  # the FLOP probe (synthetic text), not a training exchange
 
     def select(self, slots: torch.Tensor) -> Exchange:
         return Exchange(self.rows[slots], self.mask[slots], self.output[slots],
-                        None if self.grad is None else self.grad[slots])
+                        None if self.grad is None else self.grad[slots], self.probe)
 
 
 class RecordingBody:
-    """A `BodyService` that keeps what the server receives: the attacker's view."""
+    """A `BodyService` that keeps what the server receives: the attacker's view, every
+    call (training, scoring and the FLOP probe alike)."""
 
     def __init__(self, body: InProcessBody) -> None:
         self.body = body
@@ -59,16 +62,21 @@ class RecordingBody:
 
     def forward(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.body.forward(smashed, attention_mask)
-        self.exchanges.append(Exchange(smashed.detach().clone(), attention_mask.clone(),
-                                       output.clone()))
+        self._keep(smashed, attention_mask, output)
         return output
+
+    def _keep(self, smashed: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> None:
+        self.exchanges.append(Exchange(smashed.detach().clone(), mask.clone(),
+                                       output.clone(), probe=probing()))
 
     def backward(self, grad_output: torch.Tensor) -> torch.Tensor:
         self.exchanges[-1].grad = grad_output.detach().clone()
         return self.body.backward(grad_output)
 
     def evaluate(self, smashed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.body.evaluate(smashed, attention_mask)
+        output = self.body.evaluate(smashed, attention_mask)
+        self._keep(smashed, attention_mask, output)
+        return output
 
 
 class _Observed:
@@ -105,6 +113,10 @@ class AttackResult:
     # Mean of per-label recall: 1 / num_labels for a guess that ignores the traffic.
     label_balanced: float
     epsilon: float | None
+    # Every exchange the body received, and how many were the FLOP probe (synthetic text:
+    # fedtune.split.flops; once per process, so 0 when an earlier round measured).
+    exchanges: int = 0
+    probe_exchanges: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +164,7 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
     step = split_client.split_step(view, cfg, steps, n=len(data), seed=seed)
     recorder = RecordingBody(InProcessBody(view.split))
     step.body.body = recorder
+    step.probe.body = recorder  # what measuring FLOPs sends is traffic too
     observed = _Observed(step, recorder)
     result = local_train(view, data, cfg, DPHistory(), seed=seed, step=observed)
 
@@ -197,7 +210,9 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
         token_baseline=token_base,
         label_recovery=float((guess == truth).sum()) / max(1, examples),
         label_baseline=label_base,
-        label_balanced=sum(recalls) / max(1, len(recalls)), epsilon=result.epsilon)
+        label_balanced=sum(recalls) / max(1, len(recalls)), epsilon=result.epsilon,
+        exchanges=len(recorder.exchanges),
+        probe_exchanges=sum(ex.probe for ex in recorder.exchanges))
 
 
 def _token_positions(length: int, insert_at: int, prompt_len: int) -> torch.Tensor:

@@ -1,27 +1,21 @@
 """What a split run shows the server, and what its epsilon covers: one statement, used by the
-ledger, the summary and `fedtune report`, computed from the server's own config.
+ledger, the summary and `fedtune report`, generated from the wire-field table
+(`fedtune.wire_fields`) of the server's own config.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fedtune.config import ExperimentConfig
+from fedtune.config import ExperimentConfig, load_config
 from fedtune.split.smashed_dp import OVERFLOW_PROBABILITY, slot_count
+from fedtune.wire_fields import examples_in_clear, wire_fields
 
 # The DP level a split run with DP-SGD but no smashed DP gets in reports: its epsilon is
 # real, but it is about the deltas, while the server holds the text and labels in clear.
 DELTAS_ONLY = "sample-level DP on deltas only; smashed data in clear"
 # A split run with DP-SGD and smashed DP: the epsilon covers everything the client sends.
 WITH_SMASHED = "sample-level DP on deltas and smashed data"
-
-IN_CLEAR = [
-    "cut-layer activations of every trained example (they carry its text: tokens are "
-    "recoverable, see `fedtune audit split`)",
-    "per-example gradients at the body output (they reveal each example's label against "
-    "the tail the server sent)",
-    "attention masks (each example's length)",
-]
 
 
 def protects_smashed_data(cfg: ExperimentConfig) -> bool:
@@ -33,12 +27,14 @@ def split_disclosure(cfg: ExperimentConfig) -> dict[str, Any]:
     if not cfg.split.enabled:
         return {}
     if not protects_smashed_data(cfg):
-        return in_clear_disclosure(cfg.privacy.sample.enabled)
+        return _in_clear_statement(cfg)
     smashed = cfg.split.smashed_dp
     return {
-        "server_sees_in_clear": [],
+        # Empty unless privacy.disclose_counts sends counts and losses in clear.
+        "server_sees_in_clear": [f.reveals for f in examples_in_clear(cfg)],
         "epsilon_sample_covers": "deltas and smashed data (cut-layer activations and "
                                  "body-output gradients, clipped and noised per example)",
+        "server_sees_data_size": _data_size(cfg),
         "smashed_dp": {
             "activation_clip_norm": smashed.activation_clip_norm,
             "gradient_clip_norm": smashed.gradient_clip_norm,
@@ -56,10 +52,22 @@ def split_disclosure(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def in_clear_disclosure(sample_dp: bool = True) -> dict[str, Any]:
-    """The statement for split traffic without smashed DP."""
-    covers = "deltas only; smashed data in clear" if sample_dp else "nothing: DP-SGD is off"
-    return {"server_sees_in_clear": list(IN_CLEAR), "epsilon_sample_covers": covers,
+    """The statement for split traffic without smashed DP (a round whose config is not at
+    hand states the worst case)."""
+    sets = ["split.enabled=true", f"privacy.sample.enabled={str(sample_dp).lower()}"]
+    return _in_clear_statement(load_config(None, sets))
+
+
+def _in_clear_statement(cfg: ExperimentConfig) -> dict[str, Any]:
+    covers = ("deltas only; smashed data in clear" if cfg.privacy.sample.enabled
+              else "nothing: DP-SGD is off")
+    return {"server_sees_in_clear": [f.reveals for f in examples_in_clear(cfg)],
+            "epsilon_sample_covers": covers, "server_sees_data_size": _data_size(cfg),
             "smashed_dp": None}
+
+
+def _data_size(cfg: ExperimentConfig) -> list[str]:
+    return [f.reveals for f in wire_fields(cfg) if f.about == "size"]
 
 
 def dp_level_label(cfg: ExperimentConfig) -> str | None:

@@ -3,11 +3,18 @@
 Matmul FLOPs are linear in the batch and sequences are padded to one length, so examples x
 these per-example counts are the exact totals of the steps taken. Client and server shares
 are counted under separate counters, in the order the split protocol runs them.
+
+The example is a synthetic probe (`probe_input`: fixed token ids, all-ones mask), never a
+client's row: the body the probe runs through is the server's, and a client row sent for
+measuring would leave unclipped and unnoised whatever `split.smashed_dp` says. FLOPs do not
+depend on the token values, only on the shape. Callers pass the metered body, so the probe
+is counted as traffic; `probing()` tells a recorder which exchange is the probe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +40,43 @@ class SplitFlops:
 
 
 _CACHE: dict[tuple[Any, ...], SplitFlops] = {}
+# Token id of the probe: 0 exists in every vocabulary; the value changes no FLOP count.
+PROBE_TOKEN_ID = 0
+_probing = False
 
 
-def split_flops(view: SplitPromptModel, body: BodyService, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> SplitFlops:
-    """Counts for one example (`input_ids`, `attention_mask` of shape (T,)); cached per
-    process by cut layer, sequence length and trainable layout."""
-    key = (view.split.cut_layer, int(input_ids.shape[0]), view.num_trainable(),
+def probing() -> bool:
+    """True while a FLOP probe is crossing the body (for recorders and audits)."""
+    return _probing
+
+
+@contextlib.contextmanager
+def _probe_running() -> Iterator[None]:
+    global _probing
+    _probing = True
+    try:
+        yield
+    finally:
+        _probing = False
+
+
+def probe_input(view: SplitPromptModel, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic row of `length` fixed token ids and its all-ones mask, shape (1, T):
+    what FLOPs are measured on, in every mode."""
+    device = next(view.parameters()).device
+    ids = torch.full((1, length), PROBE_TOKEN_ID, dtype=torch.long, device=device)
+    return ids, torch.ones_like(ids)
+
+
+def split_flops(view: SplitPromptModel, body: BodyService, length: int) -> SplitFlops:
+    """Counts for one example of `length` tokens, measured on the synthetic probe through
+    `body` (pass the metered body: the probe is traffic); cached per process by cut layer,
+    sequence length and trainable layout."""
+    key = (view.split.cut_layer, int(length), view.num_trainable(),
            view.aux is not None, id(view.backbone))
     if key not in _CACHE:
-        _CACHE[key] = _measure(view, body, input_ids.unsqueeze(0), attention_mask.unsqueeze(0))
+        with _probe_running():
+            _CACHE[key] = _measure(view, body, *probe_input(view, length))
     return _CACHE[key]
 
 
@@ -72,11 +106,12 @@ def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
                       full=full_finetune_flops(view, ids, mask))
 
 
-def scoring_flops(view: SplitPromptModel, body: BodyService, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> tuple[float, float]:
-    """Forward-only FLOPs of scoring one example through the split: (client, server)."""
-    ids, mask = input_ids.unsqueeze(0), attention_mask.unsqueeze(0)
-    with torch.no_grad():
+def scoring_flops(view: SplitPromptModel, body: BodyService, length: int
+                  ) -> tuple[float, float]:
+    """Forward-only FLOPs of scoring one example of `length` tokens through the split,
+    measured on the synthetic probe: (client, server)."""
+    ids, mask = probe_input(view, length)
+    with torch.no_grad(), _probe_running():
         head, (smashed, full_mask) = _count(lambda: view.cut(ids, mask))
         server, output = _count(lambda: body.evaluate(smashed, full_mask))
         tail, _ = _count(lambda: view.tail(output, mask))

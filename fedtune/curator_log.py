@@ -1,0 +1,72 @@
+"""Who a run folder is for. Under user-level DP the cohort is a secret Poisson draw, and the
+epsilon_user promise holds only while nobody outside the curator (the server) learns who
+was in it (issue 26's audit: a reader who knows a client was in 4 of 8 rounds holds it at
+epsilon 11.93, not the 7.99 reported). So each round's cohort and per-client figures
+(partition ids, node ids, norms, losses, counts, DP histories by client) go to
+`curator_log.jsonl`, never into rounds.jsonl, unless `privacy.user.log_cohorts = true`.
+`fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
+
+Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
+report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import ExperimentConfig
+
+CURATOR_FILE = "curator_log.jsonl"
+# Round-record keys that name the cohort or a client's own figures.
+COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
+# Within the privacy sections: (section, key) that list clients by partition.
+COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "histories"),
+                ("privacy_sample", "epsilon_by_client"),
+                ("privacy_sample", "interrupted_rounds_charged"))
+MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
+
+
+def keeps_cohorts_apart(cfg: ExperimentConfig) -> bool:
+    user = cfg.privacy.user
+    return user.enabled and not user.log_cohorts
+
+
+def split_record(record: dict[str, Any], cfg: ExperimentConfig
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the round record for rounds.jsonl, the curator's entry or None). The release
+    keeps every key, with each moved figure replaced by a pointer to the curator's log."""
+    if not keeps_cohorts_apart(cfg):
+        return record, None
+    public = copy.deepcopy(record)
+    curator: dict[str, Any] = {"round": record.get("round")}
+    for key in COHORT_KEYS:
+        if key in public:
+            curator[key] = public[key]
+            public[key] = MOVED_NOTE
+    for section, key in COHORT_PARTS:
+        part = public.get(section)
+        if isinstance(part, dict) and key in part:
+            curator.setdefault(section, {})[key] = part[key]
+            part[key] = MOVED_NOTE
+    return public, curator
+
+
+def append_curator(out_dir: str | Path, entry: dict[str, Any]) -> None:
+    """One line of the curator's log, flushed to disk."""
+    path = Path(out_dir) / CURATOR_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_curator(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / CURATOR_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
