@@ -1,0 +1,43 @@
+"""Attack (THREATS.md class 7): writes under --out must never follow a planted symlink."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedtune import sweep as sweep_mod
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    return victim
+
+
+def test_sweep_never_writes_through_planted_link(tmp_path: Path, monkeypatch) -> None:
+    """A sweep's log/sweep files under its --out are never written through a planted link."""
+    out = tmp_path / "sweep"
+    (out / "v1").mkdir(parents=True)
+    victim = _victim(tmp_path)
+    os.symlink(victim, out / "v1" / sweep_mod.LOG_FILE)
+
+    class Dead:
+        returncode = 1
+
+        def poll(self) -> int:
+            return 1
+
+    def launch(*args, stdout, **kwargs) -> Dead:
+        stdout.write("the variant's output\n")  # what the real child writes to the log
+        stdout.flush()
+        return Dead()
+
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", launch)
+    spec = sweep_mod.Sweep(name="s", base=tmp_path / "base.toml",
+                           variants=(sweep_mod.Variant(name="v1", overrides=()),))
+    try:
+        sweep_mod.run_sweep(spec, out, poll_s=0.0)
+    except (RuntimeError, OSError):
+        pass
+    assert victim.read_text() == "precious\n"
