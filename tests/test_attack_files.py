@@ -41,3 +41,33 @@ def test_sweep_never_writes_through_planted_link(tmp_path: Path, monkeypatch) ->
     except (RuntimeError, OSError):
         pass
     assert victim.read_text() == "precious\n"
+
+
+def test_export_never_writes_through_a_symlinked_out_folder(tmp_path: Path, monkeypatch) -> None:
+    """`fedtune export RUN OUT` refuses an OUT that is a symlink (as `fedtune run --out` does)."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fedtune import export as export_mod
+    from fedtune.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.zeros(2)}, str(run / export_mod.STATE_FILE), metadata={})
+    (run / export_mod.CONFIG_FILE).write_text("")
+    cfg = load_config(None, [])
+    spec = SimpleNamespace(backbone_hash="b", hash="h", names=["w"], shapes=[(2,)],
+                           dtypes=["float32"])
+    monkeypatch.setattr(export_mod, "load_tuned", lambda folder: SimpleNamespace(
+        cfg=cfg, spec=spec, label_names=("a", "b")))
+    elsewhere = tmp_path / "outside"
+    elsewhere.mkdir()
+    link = tmp_path / "export"
+    os.symlink(elsewhere, link)
+    try:
+        export_mod.export_run(run, link)
+    except (export_mod.ExportError, OSError):
+        pass
+    assert list(elsewhere.iterdir()) == []
