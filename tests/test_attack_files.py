@@ -71,3 +71,30 @@ def test_export_never_writes_through_a_symlinked_out_folder(tmp_path: Path, monk
     except (export_mod.ExportError, OSError):
         pass
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_peft_adapter_is_never_written_through_a_link_planted_in_out(tmp_path: Path) -> None:
+    """A link planted inside --out/adapter/ (a folder: the claim scans the top level only) is
+    not followed when the run saves its adapter."""
+    from types import SimpleNamespace
+
+    import peft
+    import torch
+    from torch import nn
+
+    from fedtune.export import ADAPTER_DIR, save_tuned_state
+
+    out = tmp_path / "run"
+    (out / ADAPTER_DIR).mkdir(parents=True)
+    victim = _victim(tmp_path)
+    os.symlink(victim, out / ADAPTER_DIR / "adapter_config.json")
+    base = nn.Sequential(nn.Linear(4, 4))
+    backbone = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
+    model = SimpleNamespace(method="lora", backbone=backbone,
+                            get_parameter=lambda name: torch.zeros(2))
+    spec = SimpleNamespace(hash="h", backbone_hash="b")
+    try:
+        save_tuned_state(out, model, spec, {"w": torch.zeros(2)}, ("a", "b"))
+    except OSError:
+        pass
+    assert victim.read_text() == "precious\n"
