@@ -66,3 +66,27 @@ def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
     # The server charges planned_release(cfg, 1000) (q = 1/32); training on 50 rows
     # releases at q = 1/2 with the same sigma: far more epsilon than charged.
     assert trained_on in ([], [1000]), f"trained on {trained_on} rows after reporting 1000"
+
+
+def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(tmp_path):
+    """Seeded noise: a client asked in a killed attempt but not in its replay is still charged."""
+    from fedtune.checkpoint import ServerState
+    from strategies.privacy_ledger import PrivacyLedger
+
+    sets = ["data.num_clients=3", "train.clients_per_round=2", "train.rounds=4",
+            "train.local_steps=5", "train.batch_size=32", "privacy.sample.accountant=rdp",
+            "privacy.reproducible_noise=true"]
+    cfg = load_config(None, sets)
+    task = SimpleNamespace(partitions=[np.arange(n) for n in (100, 70, 40)])
+
+    def fresh():
+        return ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
+
+    PrivacyLedger(cfg, task, fresh(), tmp_path).charge_sent(1, [0, 1])  # sent, then kill -9
+    # The resume replays round 1 with another cohort (e.g. a node missed discovery this time,
+    # so the seeded sample is drawn from another roster): client 1's upload went out once.
+    state = fresh()
+    resumed = PrivacyLedger(cfg, task, state, tmp_path)
+    resumed.charge_sent(1, [0, 2])
+    resumed.settle(1, [])
+    assert state.client_eps.get(1, 0.0) > 0.0, "client 1 released in the lost attempt, uncharged"
