@@ -81,3 +81,28 @@ def test_attackb_robust_rule_with_expansion_weights_is_refused(rule):
                     "anneal_rounds": 4}]
     with pytest.raises(ConfigError, match="aggregation"):
         cfg.validate()
+
+
+def test_attackb_own_data_count_claim_does_not_buy_the_whole_norm_bound():
+    """With mean + a fixed norm bound B, one node of five moves the aggregate by at most
+    B / cohort, also when it claims the largest allowed own-data count at discovery (a
+    client's claim must not set its own weight share)."""
+    from fedtune.protocol import MAX_NODE_EXAMPLES
+    from strategies.discovery import Roster
+
+    bound = 1.0
+    strategy = DeltaFedAvg(SPEC, 5, seed=0)
+    roster = Roster(nodes={i: 11 + i for i in range(5)},
+                    own_examples={0: MAX_NODE_EXAMPLES})  # the attacker's claim
+    strategy.adopt(roster, sizes=[100] * 5)
+    strategy.aggregation = load_config(None, [f"aggregation.norm_bound={bound}"]).aggregation
+    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
+    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
+    by_pid = {strategy._asked[m.metadata.dst_node_id]: m for m in msgs}
+    replies = [reply(by_pid[pid], np.full(6, ATTACK) if pid == 0 else np.zeros(6), SPEC,
+                     n=MAX_NODE_EXAMPLES if pid == 0 else 100) for pid in sorted(by_pid)]
+    new = strategy.aggregate_train(1, replies)
+    moved = float(np.linalg.norm(new.astype(np.float64)))
+    assert moved <= bound / 5 * (1 + 1e-6), (
+        f"one node's own-data count claim moved the aggregate by {moved:.4g} > B/5 = "
+        f"{bound / 5}")
