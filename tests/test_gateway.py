@@ -29,13 +29,24 @@ def _peak_rss_mb(pid: int) -> float:
 
 @pytest.fixture
 def gateway(tmp_path):
+    yield from _gateway(tmp_path)
+
+
+@pytest.fixture
+def quick_gateway(tmp_path):
+    """The gateway with 1 s handshake and header timeouts (the defaults are 5 s and 10 s)."""
+    yield from _gateway(tmp_path, ["--handshake-timeout-s", "1", "--header-timeout-s", "1"])
+
+
+def _gateway(tmp_path, extra_args=()):
     certs = write_certs(tmp_path / "certs", nodes=1)
     port, closed = free_port(), free_port()
     limits = Limits(max_body_bytes=LIMIT, max_connections_per_peer=4, max_requests_per_s=5,
                     burst=20)
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(gateway_command(f"127.0.0.1:{port}", f"127.0.0.1:{closed}", certs,
-                                            limits), stdout=log, stderr=subprocess.STDOUT)
+                                            limits) + list(extra_args),
+                            stdout=log, stderr=subprocess.STDOUT)
 
     class P:  # what wait_for_port needs
         name, popen = "fleet-gateway", proc
@@ -151,9 +162,10 @@ def test_connections_past_the_per_peer_limit_are_closed(gateway):
     port, certs, _ = gateway
     held = [_tls(port, certs) for _ in range(4)]
     try:
-        extra = _tls(port, certs)
-        extra.settimeout(5)
+        # The extra connection is closed at accept: its handshake (or first use) fails.
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            extra = _tls(port, certs)
+            extra.settimeout(5)
             extra.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 0\r\n\r\n")
             if not extra.recv(100):
@@ -161,6 +173,55 @@ def test_connections_past_the_per_peer_limit_are_closed(gateway):
     finally:
         for conn in held:
             conn.close()
+
+
+def _closed_within(sock: socket.socket, seconds: float, send: bytes = b"") -> float | None:
+    """Seconds until the gateway closes `sock` (None: still open after `seconds`), sending
+    `send` one byte every 0.1 s meanwhile."""
+    t0 = time.monotonic()
+    sock.settimeout(0.1)
+    for i in range(int(seconds / 0.1)):  # bounded
+        try:
+            if i < len(send):
+                sock.sendall(send[i:i + 1])
+            if sock.recv(1) == b"":
+                return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except (ssl.SSLError, OSError):
+            return time.monotonic() - t0
+    return None
+
+
+def test_a_half_done_handshake_is_closed_after_the_handshake_timeout(quick_gateway):
+    """Connections that never finish the TLS handshake take the peer's slots (4) for the
+    handshake timeout only; then a node gets through again."""
+    port, certs, _ = quick_gateway
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b"\x16\x03\x01")  # a ClientHello's first bytes, then silence
+        closed = [_closed_within(sock, 4.0) for sock in held]
+        assert all(t is not None and t < 3.0 for t in closed), closed
+        with httpx.Client(verify=_context(certs)) as client:
+            assert client.post(f"https://127.0.0.1:{port}/v1/fleet/get-run",
+                               content=b"").status_code == 502
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_certified_peer_sending_headers_slowly_is_cut_off(quick_gateway):
+    """Slowloris: a node that trickles a request's headers loses the connection at the
+    header timeout; one that sends them at once is answered on the same kind of connection."""
+    port, certs, _ = quick_gateway
+    with _tls(port, certs) as conn:
+        slow = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 60
+        elapsed = _closed_within(conn, 4.0, send=slow)
+    assert elapsed is not None and elapsed < 3.0, elapsed
+    with _tls(port, certs) as conn:
+        conn.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert _status(conn) == b"HTTP/1.1 502 Bad Gateway"
 
 
 def test_body_limit_follows_the_model_size():

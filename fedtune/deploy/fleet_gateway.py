@@ -18,8 +18,12 @@ What an outsider meets, in order (THREATS.md 6; issue 27 #5, #6):
    use (`fedtune deploy certs` issues `node-<i>.crt`); without one nothing is parsed, and
    Flower's node-auth headers (a signed timestamp, replayable for minutes) replayed by an
    outsider fail here;
-2. connections per peer address (`--max-connections-per-peer`, extra ones are closed at
-   once) and requests per second per peer (`--max-requests-per-s`, then 429);
+2. connections per peer address (`--max-connections-per-peer`), counted at accept, before
+   the handshake: extra ones are closed at once, and a handshake gets
+   `--handshake-timeout-s` (5 s), so a peer without a certificate holds at most its limit
+   for at most that long; a certified peer gets `--header-timeout-s` (10 s) for each
+   request's headers (slowloris); then requests per second per peer
+   (`--max-requests-per-s`, then 429);
 3. a request body limit (`--max-body-bytes`): a larger Content-Length gets 413 before one
    byte of the body is read, and a body without one is counted while it streams and cut
    off with 413 at the limit, so the gateway never holds more than the limit per request.
@@ -36,9 +40,10 @@ import asyncio
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 import httpx
@@ -66,6 +71,12 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
 # httpx hands back the decoded body: its length and encoding are recomputed.
 _NOT_FORWARDED_BACK = _HOP_BY_HOP | {"content-encoding"}
 UPSTREAM_TIMEOUT_S = 120.0
+# An outsider's half-done handshake holds one of its peer's connections this long at most
+# (asyncio's default is 60 s); a certified peer has this long to send a request's headers.
+HANDSHAKE_TIMEOUT_S = 5.0
+HEADER_TIMEOUT_S = 10.0
+# What may arrive between the end of a handshake and the hand-over to HTTP (one TLS read).
+EARLY_DATA_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -189,22 +200,72 @@ def build_app(superlink: str, ca_certfile: str, limits: Limits = Limits()) -> St
     ])
 
 
-def peer_limited_protocol(max_per_peer: int) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a peer's connection beyond `max_per_peer` open ones
-    at once (after the TLS handshake, before any byte of HTTP is parsed)."""
+def server_tls_context(certfile: str, keyfile: str, ca_certfile: str) -> ssl.SSLContext:
+    """The gateway's TLS: its certificate, and CERT_REQUIRED: a client without a certificate
+    signed by the CA (for client use) is refused in the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=ca_certfile)
+    return context
+
+
+def peer_limited_protocol(max_per_peer: int, tls: ssl.SSLContext,
+                          handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                          header_timeout_s: float = HEADER_TIMEOUT_S) -> type[asyncio.Protocol]:
+    """The protocol uvicorn runs for each accepted TCP connection (uvicorn itself is given no
+    TLS settings). A peer's connection beyond `max_per_peer` open ones is aborted at accept,
+    before a byte of TLS is read: counting only after the handshake let an outsider without a
+    certificate hold any number of half-done handshakes (asyncio waits 60 s by default). The
+    handshake (`loop.start_tls`) gets `handshake_timeout_s`, and a certified peer
+    `header_timeout_s` to send each request's headers (slowloris)."""
     open_by_peer: Counter[str] = Counter()
 
-    class PeerLimited(H11Protocol):
-        _peer: str | None = None
+    def releaser(peer: str) -> Callable[[], None]:
+        done = False
+
+        def release() -> None:  # once per connection, whichever protocol sees it end
+            nonlocal done
+            if done:
+                return
+            done = True
+            open_by_peer[peer] -= 1
+            if open_by_peer[peer] <= 0:
+                del open_by_peer[peer]
+        return release
+
+    class Http(H11Protocol):
+        """uvicorn's h11 protocol on a connection whose TLS handshake has finished."""
+
+        release: Callable[[], None] = staticmethod(lambda: None)
+        _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            peer = str((transport.get_extra_info("peername") or ("?",))[0])
-            if open_by_peer[peer] >= max_per_peer:
-                transport.abort()
-                return
-            open_by_peer[peer] += 1
-            self._peer = peer
             super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Headers still incomplete: the clock runs from the first byte of this request.
+            if self.conn.their_state is h11.IDLE:
+                self._arm()
+            else:
+                self._disarm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.abort()
 
         def on_response_complete(self) -> None:
             # A response that closes the connection while the peer is still sending its
@@ -215,19 +276,96 @@ def peer_limited_protocol(max_per_peer: int) -> type[H11Protocol]:
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._peer is None:
-                return  # refused in connection_made: uvicorn never saw it
-            open_by_peer[self._peer] -= 1
-            if open_by_peer[self._peer] <= 0:
-                del open_by_peer[self._peer]
-            self._peer = None
+            self._disarm()
+            self.release()
             super().connection_lost(exc)
+
+    class PeerLimited(asyncio.Protocol):
+        """Counts the peer at accept, runs the TLS handshake, then hands over to Http. What
+        arrives between the handshake's end and the hand-over (asyncio delivers it at once)
+        is kept and passed on."""
+
+        def __init__(self, config: Any, server_state: Any, app_state: Any,
+                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+            self._args = (config, server_state, app_state)
+            self._loop = _loop or asyncio.get_event_loop()
+            self._release: Callable[[], None] = lambda: None
+            self._http: Http | None = None
+            self._early = bytearray()
+            self._eof = self._lost = self._started = False
+            self._raw: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            # (uvloop's transports are not asyncio.Transport subclasses, but behave as one)
+            peer = str((transport.get_extra_info("peername") or ("?",))[0])
+            if open_by_peer[peer] >= max_per_peer:
+                transport.abort()
+                return
+            open_by_peer[peer] += 1
+            self._release = releaser(peer)
+            self._raw = transport
+            transport.pause_reading()  # start_tls reads the ClientHello
+            self._loop.create_task(self._handshake(transport))
+
+        async def _handshake(self, raw: asyncio.Transport) -> None:
+            self._started = True
+            try:
+                wrapped = await self._loop.start_tls(
+                    raw, self, tls, server_side=True,
+                    ssl_handshake_timeout=handshake_timeout_s)
+            except Exception:  # refused, timed out or gone: asyncio logs the TLS error
+                raw.abort()
+                self._release()
+                return
+            if self._lost or wrapped is None:  # None: the peer closed during the handshake
+                raw.abort()
+                self._release()
+                return
+            config, server_state, app_state = self._args
+            http = Http(config=config, server_state=server_state, app_state=app_state,
+                        _loop=self._loop)
+            http.release = self._release
+            self._http = http
+            wrapped.set_protocol(http)
+            http.connection_made(wrapped)  # type: ignore[arg-type]
+            if self._early:
+                http.data_received(bytes(self._early))
+                self._early.clear()
+            if self._eof:
+                http.eof_received()
+
+        def data_received(self, data: bytes) -> None:
+            if self._http is not None:
+                self._http.data_received(data)
+                return
+            if not self._started:  # raw TLS bytes past pause_reading: fail closed
+                assert self._raw is not None
+                self._raw.abort()
+                return
+            self._early += data
+            if len(self._early) > EARLY_DATA_LIMIT:
+                assert self._raw is not None
+                self._raw.abort()
+
+        def eof_received(self) -> None:
+            if self._http is not None:
+                self._http.eof_received()
+            else:
+                self._eof = True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._http is not None:
+                self._http.connection_lost(exc)
+            else:
+                self._lost = True
+                self._release()
 
     return PeerLimited
 
 
 def serve(listen: str, superlink: str, certfile: str, keyfile: str, ca_certfile: str,
-          limits: Limits = Limits()) -> None:
+          limits: Limits = Limits(), handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+          header_timeout_s: float = HEADER_TIMEOUT_S) -> None:
     host, port = check_address(listen, "--listen")
     up_host, _ = check_address(superlink, "--superlink")
     if up_host not in ("127.0.0.1", "localhost", "::1"):
@@ -236,14 +374,18 @@ def serve(listen: str, superlink: str, certfile: str, keyfile: str, ca_certfile:
     for path, what in ((certfile, "--ssl-certfile"), (keyfile, "--ssl-keyfile"),
                        (ca_certfile, "--ssl-ca-certfile")):
         check_file(path, what)
-    # CERT_REQUIRED: a client without a certificate signed by the CA (for client use) is
-    # refused in the TLS handshake.
+    # TLS is run by the protocol (peer_limited_protocol), so that a peer is counted and
+    # limited at accept, before its handshake.
+    tls = server_tls_context(certfile, keyfile, ca_certfile)
     uvicorn.run(build_app(superlink, ca_certfile, limits), host=host, port=port,
-                ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_ca_certs=ca_certfile,
-                ssl_cert_reqs=ssl.CERT_REQUIRED,
-                http=peer_limited_protocol(limits.max_connections_per_peer),
+                http=peer_limited_protocol(limits.max_connections_per_peer, tls,
+                                           handshake_timeout_s, header_timeout_s),
                 h11_max_incomplete_event_size=64 * 1024, timeout_keep_alive=15,
-                limit_concurrency=4096, log_level="warning", access_log=False)
+                limit_concurrency=4096, log_level="warning", access_log=False,
+                # asyncio's loop: uvloop starts reading a new connection after
+                # connection_made even when it paused reading, so the ClientHello missed
+                # start_tls and handshakes stalled (measured: 13 of 20 hit the timeout).
+                loop="asyncio")
 
 
 def _positive_int(text: str) -> int:
@@ -257,6 +399,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1e6:
         raise argparse.ArgumentTypeError(f"must be in (0, 1e6], got {value}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 300:
+        raise argparse.ArgumentTypeError(f"must be in [0.1, 300] seconds, got {value}")
     return value
 
 
@@ -280,12 +429,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=default.max_requests_per_s, help="per peer address")
     parser.add_argument("--burst", type=_positive_int, default=default.burst,
                         help="requests a peer may send at once before the rate applies")
+    parser.add_argument("--handshake-timeout-s", type=_timeout, default=HANDSHAKE_TIMEOUT_S,
+                        help="longest TLS handshake (an unfinished one holds a connection)")
+    parser.add_argument("--header-timeout-s", type=_timeout, default=HEADER_TIMEOUT_S,
+                        help="longest wait for a request's headers (slowloris)")
     args = parser.parse_args(argv)
     limits = Limits(args.max_body_bytes, args.max_connections_per_peer,
                     args.max_requests_per_s, args.burst)
     try:
         serve(args.listen, args.superlink, args.ssl_certfile, args.ssl_keyfile,
-              args.ssl_ca_certfile, limits)
+              args.ssl_ca_certfile, limits, args.handshake_timeout_s, args.header_timeout_s)
     except DeployError as exc:
         parser.error(str(exc))
 
