@@ -44,6 +44,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "data.target_clients": (0, 1_000_000),
     "train.rounds": (1, 100_000),
     "train.clients_per_round": (1, 1_000_000),
+    "aggregation.tolerate": (0, 1_000_000),  # attackers, at most a cohort of them
     "train.local_steps": (1, 1_000_000),
     "train.local_epochs": (0, 10_000),
     "train.batch_size": (1, 65_536),
@@ -365,6 +366,8 @@ class DeltaConfig:
         _choice("delta.encoding", self.encoding, ("float32", "float16", "int8"))
 
 
+# Strategy plugins that weight clients' deltas: only the weighted `mean` rule uses weights.
+CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 # [aggregation] rule: the names of `strategies.robust.RULES` (a test keeps them equal; the
 # config imports nothing of the app layer).
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
@@ -389,6 +392,9 @@ class AggregationConfig:
     # multi_krum_m deltas (0 = cohort - krum_f).
     krum_f: int = 1
     multi_krum_m: int = 0
+    # median, trimmed_mean and the adaptive bound: the attackers f the round must tolerate.
+    # A round with fewer deltas than the rule needs for f is refused (`shortfall`).
+    tolerate: int = 1
 
     def validate(self) -> None:
         _choice("aggregation.rule", self.rule, AGGREGATION_RULES)
@@ -408,27 +414,54 @@ class AggregationConfig:
                               f"{self.trim_beta!r}")
         _nonnegative("aggregation.krum_f", self.krum_f)
         _nonnegative("aggregation.multi_krum_m", self.multi_krum_m)
+        _nonnegative("aggregation.tolerate", self.tolerate)
 
     @property
     def default(self) -> bool:
         """Plain FedAvg: the weighted mean, no bound."""
         return self.rule == "mean" and self.norm_bound == "off"
 
+    def trimmed_per_side(self, n: int) -> int:
+        """trimmed_mean's cut at each end of every coordinate of n deltas: floor(beta x n),
+        but never fewer than the `tolerate` attackers (a smaller cohort would trim none)."""
+        return max(self.tolerate, int(self.trim_beta * n))
+
+    def shortfall(self, n: int, label: str) -> str | None:
+        """Why n deltas (`label` names the count) are too few for the rule and bound to
+        hold against their attackers, or None. The one test of both the configured cohort
+        (`check_cohort`) and each round's replies (strategies.robust refuses the update)."""
+        f = self.tolerate
+        if self.norm_bound == "adaptive" and n < 2 * f + 1:
+            # The median norm is an honest one only while honest deltas are the majority.
+            return (f"aggregation.norm_bound='adaptive' tolerates aggregation.tolerate={f} "
+                    f"only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+        if self.rule == "median" and n < 2 * f + 1:
+            return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
+                    f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+        if self.rule == "trimmed_mean":
+            cut = self.trimmed_per_side(n)
+            if cut == 0:
+                return (f"aggregation.trim_beta={self.trim_beta} with aggregation.tolerate=0 "
+                        f"trims no delta from {label}={n} (it cuts max(tolerate, floor(beta "
+                        f"x cohort)) per side); set aggregation.tolerate >= 1")
+            if n <= 2 * cut:
+                return (f"aggregation.rule='trimmed_mean' cuts {cut} per side (max(aggregation."
+                        f"tolerate={f}, floor(trim_beta={self.trim_beta} x {n}))) and needs "
+                        f"{label} > {2 * cut}, got {n}")
+        if self.rule in ("krum", "multi_krum") and n < 2 * self.krum_f + 3:
+            return (f"aggregation.krum_f={self.krum_f} needs {label} >= 2 x krum_f + 3 = "
+                    f"{2 * self.krum_f + 3}, got {n}")
+        if self.rule == "multi_krum" and self.multi_krum_m > n - self.krum_f:
+            return (f"aggregation.multi_krum_m={self.multi_krum_m} must be <= {label} - "
+                    f"aggregation.krum_f = {n - self.krum_f}")
+        return None
+
     def check_cohort(self, cohort: int) -> None:
-        """The rule's parameters against the configured cohort size."""
-        if self.rule == "trimmed_mean" and int(self.trim_beta * cohort) == 0:
-            raise ConfigError(
-                f"aggregation.trim_beta={self.trim_beta} trims no delta from a cohort of "
-                f"train.clients_per_round={cohort} (it cuts floor(beta x cohort) per side); "
-                f"use >= {1 / cohort:.3g}")
-        if self.rule in ("krum", "multi_krum") and cohort < 2 * self.krum_f + 3:
-            raise ConfigError(
-                f"aggregation.krum_f={self.krum_f} needs train.clients_per_round >= "
-                f"2 x krum_f + 3 = {2 * self.krum_f + 3}, got {cohort}")
-        if self.rule == "multi_krum" and self.multi_krum_m > cohort - self.krum_f:
-            raise ConfigError(
-                f"aggregation.multi_krum_m={self.multi_krum_m} must be <= train."
-                f"clients_per_round - aggregation.krum_f = {cohort - self.krum_f}")
+        """The rule's parameters against the configured cohort size (each round's replies
+        are checked again at aggregation: clients drop)."""
+        reason = self.shortfall(cohort, "train.clients_per_round")
+        if reason is not None:
+            raise ConfigError(reason)
 
 
 @dataclass
@@ -601,6 +634,14 @@ class ExperimentConfig:
 
     def _validate_aggregation(self) -> None:
         self.aggregation.check_cohort(self.train.clients_per_round)
+        for i, table in enumerate(self.plugins):
+            if table.get("name") in CLIENT_WEIGHTING_PLUGINS and self.aggregation.rule != "mean":
+                # Its weights (< 1 for source clients, 0 = left out) are ignored by the
+                # coordinate-wise and Krum rules, and the cohort shrinks below the checked size.
+                raise ConfigError(
+                    f"aggregation.rule={self.aggregation.rule!r} does not compose with "
+                    f"plugins[{i}].name={table['name']!r}, which weights clients; use "
+                    "aggregation.rule='mean' (with an aggregation.norm_bound)")
         for i, pid in enumerate(self.faults.attack_simulation.partitions):
             if not 0 <= pid < self.data.num_clients:
                 raise ConfigError(f"faults.attack_simulation.partitions[{i}]={pid} must be in "

@@ -269,6 +269,11 @@ class DeltaFedAvg:
         result = robust.aggregate(np.stack([a.delta for a in accepted]), w, self.aggregation,
                                   [a.partition_id for a in accepted])
         self.outcome.aggregation = result.figures
+        if result.delta is None:  # too few deltas for the rule's bound: keep the global
+            self.outcome.update_refused = result.figures["refused"]
+            log(WARNING, "round %d: %s; the global vector is kept", server_round,
+                self.outcome.update_refused)
+            return None
         with np.errstate(over="ignore"):
             new = (self.global_vector + result.delta).astype(np.float32)
         if not np.isfinite(new).all():

@@ -10,12 +10,19 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
   aggregate by at most B / n (by B x its share of the weights in general).
 - `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot
   move any coordinate outside the honest clients' range, whatever they send.
-- `trimmed_mean` (coordinate-wise, Flower's FedTrimmedAvg `trim_mean`): the
-  floor(beta x n) largest and smallest values of each coordinate are dropped, so up to that
-  many attackers are cut per coordinate.
+- `trimmed_mean` (coordinate-wise, as Flower's FedTrimmedAvg `trim_mean`): the
+  max(f, floor(beta x n)) largest and smallest values of each coordinate are dropped, so up
+  to that many attackers are cut per coordinate.
 - `krum` / `multi_krum` (Flower's Krum / MultiKrum `select_multikrum`): the m deltas with
   the smallest summed squared distance to their n - f - 2 nearest neighbours are averaged;
   an outlier is far from everyone and is not selected.
+
+Each rule holds its bound only with enough deltas for its f attackers (`cfg.tolerate`; Krum's
+`krum_f`): median and the adaptive bound need n >= 2f + 1, trimmed_mean n > 2 x its cut,
+Krum n >= 2f + 3 (and Multi-Krum m <= n - f). The configured cohort is checked at load, but
+clients drop, so `aggregate` checks the deltas it has (`AggregationConfig.shortfall`) and
+with too few refuses the round's update (delta None, the reason in the figures) rather than
+run a rule whose bound no longer holds.
 
 The coordinate-wise rules and Krum's selection count each client once (as Flower's do):
 the weights only drop clients weighted 0 and weight the mean of `mean` and of Multi-Krum's
@@ -29,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedtune.config import AggregationConfig
 
@@ -38,7 +44,8 @@ from fedtune.config import AggregationConfig
 class Aggregated:
     """One round's aggregated delta and what the round record says about how."""
 
-    delta: np.ndarray
+    # None: the update is refused (too few deltas for the rule; figures["refused"] says why).
+    delta: np.ndarray | None
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,10 +82,11 @@ def coordinate_median(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationC
 @register("trimmed_mean")
 def coordinate_trimmed_mean(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
                             ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Coordinate-wise trimmed mean: Flower's `trim_mean` (FedTrimmedAvg's own function)."""
-    cut = int(cfg.trim_beta * len(deltas))
-    return trim_mean(deltas, cfg.trim_beta), {"trim_beta": cfg.trim_beta,
-                                               "trimmed_per_side": cut}
+    """Coordinate-wise trimmed mean, as Flower's `trim_mean` (FedTrimmedAvg's own function)
+    computes it, cutting `cfg.trimmed_per_side(n)` per side: at least the tolerated f."""
+    cut = cfg.trimmed_per_side(len(deltas))
+    kept = np.sort(deltas, axis=0)[cut:len(deltas) - cut]
+    return kept.mean(axis=0), {"trim_beta": cfg.trim_beta, "trimmed_per_side": cut}
 
 
 @register("krum")
@@ -92,8 +100,9 @@ def krum(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
 def multi_krum(deltas: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
                ids: list[Any]) -> tuple[np.ndarray, dict[str, Any]]:
     """Multi-Krum: the weighted mean of the m best-scored deltas (m = 0: n - f)."""
+    # `aggregate` has checked 1 <= m <= n - f (`AggregationConfig.shortfall`).
     m = cfg.multi_krum_m or len(deltas) - cfg.krum_f
-    return _multi_krum(deltas, weights, cfg.krum_f, max(1, min(m, len(deltas))), ids)
+    return _multi_krum(deltas, weights, cfg.krum_f, m, ids)
 
 
 def krum_scores(deltas: np.ndarray, f: int) -> np.ndarray:
@@ -144,7 +153,8 @@ def clip_rows(deltas: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
               ids: Sequence[Any] | None = None) -> Aggregated | None:
     """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
-    when no delta has one. `ids` name the rows in the figures (partition ids)."""
+    when no delta has one; a refused update (delta None) when they are too few for the rule
+    and bound to tolerate `cfg.tolerate` attackers. `ids` name the rows in the figures."""
     deltas = np.asarray(deltas, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     names = list(range(len(deltas))) if ids is None else list(ids)
@@ -154,6 +164,9 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
     deltas, w = deltas[keep], w[keep]
     names = [n for n, k in zip(names, keep, strict=True) if k]
     figures: dict[str, Any] = {"rule": cfg.rule, "deltas": len(deltas)}
+    refused = cfg.shortfall(len(deltas), "deltas this round")
+    if refused is not None:
+        return Aggregated(None, {**figures, "refused": refused})
     bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
     if bound is not None:
         deltas, clipped = clip_rows(deltas, bound)

@@ -153,6 +153,40 @@ def test_zero_weight_clients_are_left_out_and_none_when_nobody_counts():
     assert robust.aggregate(deltas, np.zeros(5), AggregationConfig()) is None
 
 
+@pytest.mark.parametrize(("settings", "fewest"), [
+    ({"rule": "median"}, 3),  # n >= 2f + 1
+    ({"rule": "median", "tolerate": 2}, 5),
+    ({"rule": "mean", "norm_bound": "adaptive"}, 3),  # the median norm: an honest one
+    ({"rule": "trimmed_mean", "trim_beta": 0.2}, 3),  # cuts max(1, floor(0.2 n)) < n / 2
+    ({"rule": "trimmed_mean", "trim_beta": 0.4, "tolerate": 0}, 3),  # floor(0.4 n) >= 1
+    ({"rule": "krum", "krum_f": 1}, 5),  # n >= 2f + 3
+    ({"rule": "multi_krum", "krum_f": 1, "multi_krum_m": 5}, 6),  # m <= n - f
+    ({"rule": "mean", "norm_bound": 1.0}, 1),
+])
+def test_too_few_deltas_for_the_rules_bound_refuse_the_update(settings, fewest):
+    cfg = AggregationConfig(**settings)
+    cfg.validate()
+    deltas = _deltas(10, outlier=1e9)
+    ran = robust.aggregate(deltas[:fewest], np.ones(fewest), cfg)
+    assert ran.delta is not None and "refused" not in ran.figures
+    if fewest > 1:
+        refused = robust.aggregate(deltas[:fewest - 1], np.ones(fewest - 1), cfg)
+        assert refused.delta is None
+        assert "deltas this round" in refused.figures["refused"]
+        # The configured cohort is refused by the same rule, at load.
+        with pytest.raises(ConfigError, match="train.clients_per_round"):
+            cfg.check_cohort(fewest - 1)
+    cfg.check_cohort(fewest)
+
+
+def test_trimmed_mean_cuts_at_least_the_tolerated_attackers():
+    # 4 deltas x beta 0.2 would cut floor(0.8) = 0 (the mean); tolerating 1 it cuts 1.
+    deltas = _deltas(4, outlier=1e9)
+    got = _ours(deltas, np.ones(4), rule="trimmed_mean", trim_beta=0.2)
+    assert got.figures["trimmed_per_side"] == 1
+    np.testing.assert_allclose(got.delta, np.sort(deltas, axis=0)[1:3].mean(0), rtol=1e-12)
+
+
 # -- wired into the round
 
 SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})
@@ -192,6 +226,34 @@ def test_delta_fedavg_default_is_fedavg_and_keeps_the_overflow_guard():
     assert strategy.outcome.update_refused == "the aggregated delta overflows float32"
 
 
+def test_delta_fedavg_refuses_a_round_with_too_few_deltas_for_the_rule():
+    deltas = np.array([[1e30] * 6, [1.0] * 6])  # the attacker and one honest client
+    new, outcome = _round({"rule": "median"}, deltas)
+    assert new is None and outcome.no_contribution
+    reason = ("aggregation.rule='median' tolerates aggregation.tolerate=1 only with deltas this "
+              "round >= 2 x tolerate + 1 = 3, got 2")
+    assert outcome.update_refused == reason
+    assert outcome.aggregation == {"rule": "median", "deltas": 2, "refused": reason}
+
+
+def test_only_the_mean_takes_population_expansion_weights():
+    sets = ["privacy.sample.enabled=false", "data.partition=iid", "train.clients_per_round=5",
+            "data.domain_by=collection", "data.target_domain=set2", "data.num_clients=20",
+            "data.target_clients=5"]
+    expansion = [{"name": "population_expansion", "weighting": "fixed", "lam": 0.5}]
+    cfg = load_config(None, [*sets, "aggregation.norm_bound=adaptive"])
+    cfg.plugins = expansion
+    cfg.validate()
+    cfg = load_config(None, [*sets, "aggregation.rule=median"])
+    cfg.plugins = expansion
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert str(err.value) == (
+        "aggregation.rule='median' does not compose with plugins[0].name="
+        "'population_expansion', which weights clients; use aggregation.rule='mean' (with an "
+        "aggregation.norm_bound)")
+
+
 # -- attack simulation
 
 
@@ -225,8 +287,20 @@ def test_aggregation_config_loads():
     (["aggregation.norm_bound=true"], "aggregation.norm_bound must be"),
     (["aggregation.adaptive_factor=0"], "aggregation.adaptive_factor must be in (0, 1000]"),
     (["aggregation.trim_beta=0.5"], "aggregation.trim_beta must be in [0, 0.5)"),
-    (["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.1"],
-     "aggregation.trim_beta=0.1 trims no delta from a cohort of train.clients_per_round=5"),
+    # With the default tolerate=1 it cuts max(1, floor(0.5)) = 1; tolerating 0 it cuts none.
+    (["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.1", "aggregation.tolerate=0"],
+     "aggregation.trim_beta=0.1 with aggregation.tolerate=0 trims no delta from "
+     "train.clients_per_round=5"),
+    (["aggregation.rule=trimmed_mean", "aggregation.tolerate=3"],
+     "aggregation.rule='trimmed_mean' cuts 3 per side (max(aggregation.tolerate=3, floor("
+     "trim_beta=0.2 x 5))) and needs train.clients_per_round > 6, got 5"),
+    (["aggregation.rule=median", "aggregation.tolerate=3"],
+     "aggregation.rule='median' tolerates aggregation.tolerate=3 only with "
+     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.norm_bound=adaptive", "aggregation.tolerate=3"],
+     "aggregation.norm_bound='adaptive' tolerates aggregation.tolerate=3 only with "
+     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.tolerate=-1"], "aggregation.tolerate must be >= 0"),
     (["aggregation.rule=krum", "aggregation.krum_f=2"],
      "aggregation.krum_f=2 needs train.clients_per_round >= 2 x krum_f + 3 = 7, got 5"),
     (["aggregation.krum_f=-1"], "aggregation.krum_f must be >= 0"),
