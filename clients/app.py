@@ -8,14 +8,21 @@ path), so both run the same handlers.
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.common.constant import ErrorCode
 from torch.utils.data import TensorDataset
 
 from clients import pruning, split
 from clients.entry import build_client_app
 from clients.faults import attack, corrupt, draw_fault, fail_before_training
 from clients.importance import DomainWeighting, ImportanceStep
-from clients.node_data import has_own_data, node_data, node_partition, own_example_count
+from clients.node_data import (
+    ExampleCountError,
+    has_own_data,
+    node_partition,
+    own_example_count,
+    training_data,
+)
 from clients.train import local_steps, local_train
 from fedtune.config import ExperimentConfig
 from fedtune.delta import clip_to_norm
@@ -40,6 +47,11 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     task = get_task(cfg, task_bundle)
     partition_id = node_partition(context.node_config)
     order = TrainInstruction.from_record(msg.content, task.spec)
+    try:
+        # Before any training: the server charged this client for `order.examples` rows.
+        data = training_data(context.node_config, task, partition_id, order.examples)
+    except ExampleCountError as exc:
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=msg)
 
     model = worker_model(task, device)
     with torch.no_grad():
@@ -51,7 +63,6 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     if fault in ("crash", "hang"):
         fail_before_training(fault, cfg.faults, order.server_round)
     history = _load_history(context, order.dp_history)
-    data = node_data(context.node_config, task, partition_id)
     num_examples = len(data)
     view = split.split_view(model, task, cfg, context) if cfg.split.enabled else None
     selection = scorer = None

@@ -6,7 +6,10 @@ node's say: the simulation engine writes `partition-id` into each node's config,
 deployment's server checks each claim against its operator roster
 (`strategies.discovery`). A node with its own file tells the server the file's example
 count once, at discovery (`own_example_count`); the server weights it and plans its DP
-charges by that count for the whole run."""
+charges by that count for the whole run, sends it back in every train instruction, and the
+node trains only when its data still has exactly that many rows (`training_data`): a file
+edited between discovery and a round is refused, not trained on at a sample rate the
+server never charged."""
 
 from __future__ import annotations
 
@@ -45,6 +48,30 @@ def own_example_count(node_config: Mapping[str, object], task: Task) -> int | No
     if not has_own_data(node_config):
         return None
     return len(node_data(node_config, task, node_partition(node_config)))
+
+
+class ExampleCountError(ValueError):
+    """The node's data holds another number of rows than the server charges it for."""
+
+
+def training_data(node_config: Mapping[str, object], task: Task, partition_id: int,
+                  examples: int | None) -> TensorDataset:
+    """The rows this node trains on this round, checked against `examples`, the count the
+    server holds for it (from the instruction). A node with its own file must be sent one:
+    without it the server's charge and the node's sample rate could disagree unseen."""
+    data = node_data(node_config, task, partition_id)
+    if examples is None:
+        if has_own_data(node_config):
+            raise ExampleCountError(
+                f"node config {DATA_PATH_KEY}: the train instruction carries no example "
+                "count; refusing to train on a count the server did not charge")
+        return data
+    if len(data) != examples:
+        raise ExampleCountError(
+            f"partition {partition_id} holds {len(data)} training examples, the server "
+            f"charges it for {examples} (the count fixed at discovery); refusing to train "
+            "(restart the run after changing a node's data)")
+    return data
 
 
 def node_data(node_config: Mapping[str, object], task: Task, partition_id: int

@@ -243,6 +243,7 @@ _DELTA = "delta"
 _METRICS = "metrics"
 _INFO = "info"
 _SPEC_HASH = "spec-hash"
+_EXAMPLES = "examples"
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,10 @@ class TrainInstruction:
     domain: DomainSettings | None = None
     # Reply with only what the server needs under user-level DP (`WITHHOLDABLE` stay home).
     withhold_metrics: bool = False
+    # The examples the server holds for this client (its partition's size, or the count a
+    # node with its own data file reported at discovery): the server charges its DP spend
+    # by this count, so the client trains on exactly this many or refuses the round.
+    examples: int | None = None
 
     def to_record(self, wire: Array | None = None) -> RecordDict:
         """The message content; `wire` is the vector already encoded (shared by a cohort)."""
@@ -289,6 +294,8 @@ class TrainInstruction:
                                   "withhold-metrics": self.withhold_metrics}
         if self.clip_norm is not None:
             config["clip-norm"] = float(self.clip_norm)
+        if self.examples is not None:
+            config[_EXAMPLES] = int(self.examples)
         if self.dp_history is not None and self.dp_history.entries:
             config.update({s.key: values for s, values in zip(
                 DP_HISTORY.values(), self.dp_history.to_lists().values(), strict=True)})
@@ -320,12 +327,14 @@ class TrainInstruction:
             domain = DomainSettings(bool(config["domain-target"]),
                                     float(config["importance-max"]))
         clip = config.get("clip-norm")
+        examples = config.get(_EXAMPLES)
         return cls(vector=decode(content[_GLOBAL][_VECTOR], spec),
                    server_round=int(config["server-round"]), lr=float(config["lr"]),
                    spec_hash=str(config[_SPEC_HASH]),
                    clip_norm=None if clip is None else float(clip), dp_history=history,
                    prune=prune, domain=domain,
-                   withhold_metrics=bool(config["withhold-metrics"]))
+                   withhold_metrics=bool(config["withhold-metrics"]),
+                   examples=None if examples is None else int(examples))
 
 
 @dataclass(frozen=True)

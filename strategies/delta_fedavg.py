@@ -2,8 +2,10 @@
 `local - global`, and the example-weighted mean delta is added to the global vector.
 
 The weights are the server's: a partition's example count as the server knows it (its
-partition size, or the count a node with its own data file reported once at discovery),
-times the plugins' weight; never a count from a reply. A reply reporting another count than
+partition size, or the count a node with its own data file reported once at discovery,
+capped at the largest corpus partition so one node's claim cannot take the aggregate),
+times the plugins' weight; never a count from a reply. The count goes out in every train
+instruction (the client refuses to train on another); a reply reporting another count than
 the server holds is rejected.
 
 Every reply passes the wire protocol (`fedtune.protocol`) and the delta codec before it can
@@ -87,6 +89,10 @@ class DeltaFedAvg:
         # from (`adopt`). A roster set without counts (a strategy driven alone, in tests)
         # weights every client equally.
         self.examples: dict[int, int] = {}
+        # The most examples one client's weight counts (`adopt`: the largest corpus
+        # partition). A node with its own file may report up to MAX_NODE_EXAMPLES; it is
+        # charged by its true count, but weighted no heavier than the largest partition.
+        self.weight_cap: int | None = None
         # Claims refused at discovery (a partition another node already holds).
         self.refused_claims: list[dict[str, Any]] = []
         # The DP-SGD history the server holds for a partition, sent with its instruction.
@@ -120,6 +126,7 @@ class DeltaFedAvg:
         if sizes is not None:
             self.examples = {pid: roster.own_examples.get(pid, int(sizes[pid]))
                              for pid in self.roster}
+            self.weight_cap = max([1, *(int(n) for n in sizes)])
         return self.roster
 
     def require_roster(self) -> None:
@@ -157,7 +164,8 @@ class DeltaFedAvg:
             node = self.roster[pid]
             settings = self.plugin_settings(server_round, pid)
             check_plugin_fields(settings)
-            instruction = replace(base, dp_history=self.dp_history(pid), **settings)
+            instruction = replace(base, dp_history=self.dp_history(pid),
+                                  examples=self.examples.get(pid), **settings)
             messages.append(Message(content=instruction.to_record(wire),
                                     message_type=MessageType.TRAIN, dst_node_id=node))
             sampled.append({"partition_id": pid, "node": node})
@@ -228,8 +236,10 @@ class DeltaFedAvg:
                 "for this run (a node's count is fixed at discovery)")
 
     def _examples(self, pid: int) -> int:
-        """The server's example count for `pid` (1 each when it holds none: equal weights)."""
-        return self.examples.get(pid, 1)
+        """The examples `pid`'s weight counts: the server's count, at most `weight_cap`
+        (1 each when it holds none: equal weights)."""
+        n = self.examples.get(pid, 1)
+        return n if self.weight_cap is None else min(n, self.weight_cap)
 
     def _weight(self, server_round: int, pid: int) -> float:
         weight = float(self.client_weight(server_round, pid))

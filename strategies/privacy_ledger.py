@@ -18,11 +18,14 @@ User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.
 Before a round starts, `stop_reason` says whether it could push either level past its budget.
 
 Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
-the run dies in that round, a resume with secret noise charges them (every attempt, if it
-died in that round more than once) (the replayed round is
-a new release with fresh noise, and the lost one's uploads may have been seen); with
-`privacy.reproducible_noise` the replay redraws the very same noise and sampling, so the
-lost attempt is not a second release and is not charged twice.
+the run dies in that round, a resume charges them (every attempt, if it died in that round
+more than once): the lost one's uploads may have been seen, and the replayed round is
+charged again when it is sent. This holds in every noise mode. With
+`privacy.reproducible_noise` a replay that re-sends a client the identical instruction
+redraws the same noise, so charging it twice over-counts; but a replay's cohort can differ
+(another roster at discovery draws another seeded sample), and a client of the lost
+attempt that the replay leaves out released once all the same. Over-charging a seeded
+replay is the safe side.
 """
 
 from __future__ import annotations
@@ -181,12 +184,11 @@ class PrivacyLedger:
             self.state.user_releases = self.user.releases
 
     def _charge_interrupted(self, pending: dict[str, Any] | None) -> None:
-        """On a resume: charge every attempt at the round that was sent but never completed
-        (secret noise only; see the module docstring)."""
+        """On a resume: charge every attempt at the round that was sent but never completed,
+        in every noise mode (see the module docstring: a seeded replay may leave out a
+        client the lost attempt asked, so it is over-charged rather than under-charged)."""
         if pending is None or int(pending["round"]) != self.state.round + 1:
             return  # none recorded, or that round completed and is in the checkpoint
-        if self.cfg.privacy.reproducible_noise:
-            return
         for attempt in pending["attempts"]:
             charges = {int(pid): [tuple(e) for e in events] for pid, events in attempt.items()}
             for pid, events in charges.items():

@@ -51,21 +51,37 @@ def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
 
     monkeypatch.setattr(client_app, "local_train", local_train)
     monkeypatch.setattr(client_app, "worker_model", lambda task, device: None)
+    # The server sends back the count it fixed at discovery (and charges by).
     order = SimpleNamespace(vector=np.zeros(1, np.float32), server_round=1, lr=None,
                             clip_norm=None, dp_history=None, prune=None, domain=None,
-                            withhold_metrics=False)
+                            withhold_metrics=False, examples=1000)
     monkeypatch.setattr(client_app.TrainInstruction, "from_record",
                         classmethod(lambda cls, content, spec: order))
     train = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1)
+    answer = None
     try:
-        client_app.handle_train(train, context, cfg)
+        answer = client_app.handle_train(train, context, cfg)
     except Trained:
-        pass
-    except Exception:  # a refusal of the changed file is the fix
         pass
     # The server charges planned_release(cfg, 1000) (q = 1/32); training on 50 rows
     # releases at q = 1/2 with the same sigma: far more epsilon than charged.
     assert trained_on in ([], [1000]), f"trained on {trained_on} rows after reporting 1000"
+    # The refusal is an error reply, one line naming both counts.
+    assert answer is not None and answer.has_error()
+    assert "holds 50 training examples" in answer.error.reason
+    assert "charges it for 1000" in answer.error.reason
+
+    # An instruction without the server's count is refused too (own data file) ...
+    order.examples = None
+    answer = client_app.handle_train(train, context, cfg)
+    assert trained_on == [] and answer.has_error() and "no example count" in answer.error.reason
+    # ... and the count the server holds is trained on.
+    order.examples = 50
+    try:
+        client_app.handle_train(train, context, cfg)
+    except Trained:
+        pass
+    assert trained_on == [50]
 
 
 def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(tmp_path):

@@ -16,7 +16,7 @@ from wire import reply, spec_of
 from fedtune.checkpoint import ServerState
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
-from fedtune.protocol import PartitionReply
+from fedtune.protocol import PartitionReply, TrainInstruction
 from strategies import DeltaFedAvg
 from strategies.discovery import discover, load_operator_roster
 from strategies.privacy_ledger import PrivacyLedger
@@ -184,6 +184,40 @@ def test_a_lost_reply_of_a_data_path_node_is_charged_at_its_true_example_count()
     msgs = strategy.configure_train(2, np.zeros(6, np.float32), 0.1, [1])
     strategy.aggregate_train(2, [reply(msgs[0], np.ones(6), spec_of(6), n=401)])
     assert "the server holds 400" in strategy.outcome.rejected[0]["reason"]
+
+
+def test_a_node_claiming_1e7_examples_is_weighted_as_the_largest_partition_charged_in_full():
+    # main: a node could claim up to 1e7 examples at discovery and take ~all the FedAvg
+    # weight (164 vs 1e7: 99.998 %). Its weight is capped, its charge is not.
+    cfg = load_config(None, ["data.num_clients=3", "train.clients_per_round=3",
+                             "train.local_steps=5", "train.batch_size=32",
+                             "privacy.sample.accountant=rdp"])
+    sizes = [164, 100, 120]
+    claim = 10**7
+    grid = ClaimGrid({11: PartitionReply(0), 12: PartitionReply(1, own_examples=claim),
+                      13: PartitionReply(2, own_examples=50)})
+    strategy = DeltaFedAvg(spec_of(6), 3, seed=0)
+    strategy.adopt(discover(grid, 3, timeout=1, wait_for_nodes_s=1), sizes)
+    assert strategy.examples == {0: 164, 1: claim, 2: 50}
+    state = ServerState(round=0, vector=np.zeros(6), spec_hash="x", initial={})
+    privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
+                            state)
+    privacy.use_example_counts(strategy.examples)
+    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1, 2])
+    # Every instruction carries the count the server charges by (the client checks it).
+    assert [TrainInstruction.from_record(m.content, spec_of(6)).examples for m in msgs] == \
+        [164, claim, 50]
+    privacy.charge_sent(1, [0, 1, 2])
+    new = strategy.aggregate_train(1, [
+        reply(msgs[0], np.full(6, 1.0), spec_of(6), n=164),
+        reply(msgs[1], np.full(6, 3.0), spec_of(6), n=claim),
+        reply(msgs[2], np.full(6, 5.0), spec_of(6), n=50)])
+    assert len(strategy.outcome.accepted) == 3
+    # Weights 164 : 164 (capped at the largest partition) : 50, not 164 : 1e7 : 50.
+    expected = (164 * 1.0 + 164 * 3.0 + 50 * 5.0) / (164 + 164 + 50)
+    assert new == pytest.approx(np.full(6, expected, np.float32))
+    assert state.client_dp[1].entries == [planned_release(cfg, claim)]
+    assert state.client_dp[2].entries == [planned_release(cfg, 50)]
 
 
 def test_a_node_reports_its_own_files_count_and_a_partition_node_builds_no_task(

@@ -14,6 +14,10 @@ honestly exactly in the rounds it was accepted, silent otherwise): an accepted h
 carries the honest delta, so forged metadata changes nothing. The time of each round's
 screening and settling is measured per reply and printed (acceptance: under 1 s per reply).
 
+Both count paths run: the default under sample-level DP (honest replies withhold their
+example count, loss and FLOPs, so any count a reply carries is refused) and
+`privacy.disclose_counts = true` (honest replies carry them, a forged count is refused).
+
 The task is built on a 1-layer random GPT-2 (no download), so the suite takes seconds.
 """
 
@@ -36,7 +40,8 @@ from hypothesis import strategies as st
 from fedtune.config import load_config
 from fedtune.delta import encode
 from fedtune.privacy import DPHistory, planned_release
-from fedtune.protocol import ReportedDP, TrainReply, TrainReport
+from fedtune.protocol import WITHHOLDABLE, ReportedDP, TrainReply, TrainReport
+from fedtune.wire_fields import withholds_counts
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -51,19 +56,22 @@ TMP: list[Path] = []  # the run folders' parent (pytest's tmp_path for the modul
 CFG = ["data.num_clients=4", "train.clients_per_round=4", f"train.rounds={ROUNDS}",
        "tuning.method=bitfit", "model.max_length=8", "train.batch_size=8",
        "train.local_steps=2", "privacy.sample.accountant=rdp", "train.eval_max_examples=8",
-       "train.round_timeout_s=5",
-       # The honest replies carry their counts (the hostile ones forge them).
-       "privacy.disclose_counts=true"]
+       "train.round_timeout_s=5"]
+# The default withholds counts under sample-level DP; disclosed, honest replies carry them
+# (the hostile ones forge them either way).
+COUNT_PATHS = {"counts-withheld": [], "counts-disclosed": ["privacy.disclose_counts=true"]}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The config, a tiny task, and `run_server` patched to use it (module-wide)."""
+@pytest.fixture(scope="module", params=sorted(COUNT_PATHS))
+def world(request, tmp_path_factory):
+    """The config, a tiny task, and `run_server` patched to use it (module-wide), once per
+    count path."""
     import strategies.server_app as server_app
     from fedtune.task import Split, Task, model_spec
     from fedtune.tuning import build_tuned_model
 
-    cfg = load_config(None, CFG)
+    cfg = load_config(None, CFG + COUNT_PATHS[request.param])
+    assert withholds_counts(cfg) == (request.param == "counts-withheld")
     TMP[:] = [tmp_path_factory.mktemp("hostile-rounds")]
     rng = np.random.default_rng(0)
 
@@ -101,7 +109,8 @@ def honest_delta(spec_size: int, rnd: int, pid: int) -> np.ndarray:
 
 def honest_reply(msg: Message, task, cfg, rnd: int, pid: int) -> Message:
     sigma, q, steps = planned_release(cfg, SIZE)
-    report = TrainReport(steps, SIZE, 0.69, steps * 8, 1e6)
+    report = (TrainReport(steps) if withholds_counts(cfg)
+              else TrainReport(steps, SIZE, 0.69, steps * 8, 1e6))
     dp = ReportedDP(sigma, q, steps, 1.0, DPHistory([(sigma, q, steps * rnd)]))
     built = TrainReply.build(honest_delta(task.spec.size, rnd, pid), task.spec.hash, report, dp)
     return Message(content=built.to_record(), reply_to=msg)
@@ -158,6 +167,10 @@ def hostile_content(draw, task, cfg, rnd: int) -> RecordDict | Error | None:
     array = encode(delta)
     records: dict = {}
     info = {"spec-hash": task.spec.hash}
+    if withholds_counts(cfg) and kind != "count":
+        # What an honest reply of this path leaves home (a "count" reply sends one anyway).
+        for rule in WITHHOLDABLE:
+            del metrics[rule.key]
     if kind == "forged_dp":
         for key in [k for k in metrics if k.startswith(("noise", "sample", "dp-"))]:
             del metrics[key]
@@ -363,8 +376,10 @@ def test_whole_rounds_survive_generated_hostile_replies_with_the_honest_result(
 
     attack()
     per_reply = timing.per_reply()
+    path = "counts withheld" if withholds_counts(cfg) else "counts disclosed"
     with capsys.disabled():
-        print(f"\nwhole-round hostile suite: {seen['runs']} runs, {seen['replies']} generated "
+        print(f"\nwhole-round hostile suite ({path}): {seen['runs']} runs, "
+              f"{seen['replies']} generated "
               f"replies ({seen['accepted_hostile']} hostile rounds accepted with forged "
               f"metadata), {len(baselines)} honest baselines; screening + settling per reply: "
               f"mean {1e3 * float(np.mean(per_reply)):.3f} ms, max "
