@@ -19,6 +19,8 @@ before round 1 is charged or sent, so a variant killed in round 1 is resumed too
 without a checkpoint is set aside and the variant started afresh; DP charges it recorded
 (`privacy_pending.json`, from a run killed before a checkpoint existed) are carried into the
 new folder, where the new run charges them, and `sweep.log` says so: spend is never dropped.
+A sweep never writes through a symlink: its folder or a variant's that is (or holds) one is
+refused before anything runs, and `sweep.log` is opened with O_NOFOLLOW.
 """
 
 from __future__ import annotations
