@@ -26,9 +26,7 @@ injection). No DP draw depends on them: DP noise and sampling come from
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedtune.config import ExperimentConfig
+from fedtune.ledger import write_atomic
 from fedtune.privacy import DPHistory
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -103,25 +102,9 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None] | bytes) -> None:
-    """Write `path` through a temp file, fsync, rename: a kill leaves the old or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        if isinstance(write, bytes):
-            Path(tmp).write_bytes(write)
-        else:
-            write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut, not only the data
-    finally:
-        os.close(dir_fd)
+    """Write `path` through a temp file, fsync, rename: a kill leaves the old or the new
+    (`fedtune.ledger.write_atomic`, the one whole-file writer: never through a link)."""
+    write_atomic(path, write)
 
 
 # Every config value a privacy mechanism reads, by mechanism: the one table the privacy

@@ -244,6 +244,7 @@ def sweep(
 
     from rich.table import Table
 
+    from fedtune.ledger import write_text_atomic
     from fedtune.selection import SELECT_BY, rank_by_validation
     from fedtune.sweep import load_sweep, run_sweep
 
@@ -254,13 +255,16 @@ def sweep(
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / spec.name
+    if out.is_symlink():  # as `fedtune run --out`: a sweep never writes through a link
+        _fail(f"--out {out} is a symlink; give the real folder")
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _SweepProgress(spec, out) as monitor:
             rows = run_sweep(spec, out, parallel=parallel, monitor=monitor)
     except (RuntimeError, ConfigError) as exc:
         _fail(str(exc))
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    # Never through a link planted as sweep.json: replaced, not followed.
+    write_text_atomic(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
     table = Table(title=f"{spec.name} ({out})")
     for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds",
                    "val accuracy", "test accuracy"):

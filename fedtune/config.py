@@ -70,6 +70,13 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "simulation.num_cpus": (0, 65_536),
     "simulation.num_cpus_per_client": (1e-3, 65_536),
     "simulation.num_gpus_per_client": (0, 1_024),
+    # A head of 16k hidden units is ~50 MB with a 768-wide backbone; its per-example
+    # gradients at a batch of 64 already take gigabytes of a 24 GiB machine.
+    "tuning.head_hidden": (0, 16_384),
+    # Dirichlet concentration: 1e-6 already puts each client on one label, 1e6 is IID.
+    "data.alpha": (1e-6, 1e6),
+    # The frozen-prefix cache on disk, in GB: 1 TB is more than any one machine's disk.
+    "runtime.prefix_cache_gb": (1e-6, 1_024),
 }
 # `name` becomes a folder (runs/<name>-<time>): one path component, as a sweep's run names
 # (fedtune.sweep.check_folder_name), with room for the time stamp.
@@ -232,6 +239,7 @@ class TuningConfig:
         self.settings(self.method)  # fill in the active method's defaults
         for name, settings in self.methods.items():
             settings.validate(f"tuning.{name}")
+            check_table_bounds(settings, f"tuning.{name}")
 
 
 @dataclass
@@ -931,10 +939,28 @@ def check_bounds(cfg: ExperimentConfig) -> None:
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if not low <= value <= high:
-            raise ConfigError(f"{key} must be in [{low:g}, {high:g}], got {value!r}"[:300])
+        require_in_range(key, value, low, high)
+
+
+def check_table_bounds(table: Any, prefix: str) -> None:
+    """A `[tuning.<method>]` table's numbers within its class's `BOUNDS` (field name ->
+    range): the same rule, kept next to the fields it bounds (fedtune.method_config)."""
+    for name, (low, high) in getattr(type(table), "BOUNDS", {}).items():
+        require_in_range(f"{prefix}.{name}", getattr(table, name), low, high)
+
+
+def require_in_range(key: str, value: Any, low: float, high: float) -> None:
+    """One line naming the key and its range for a number outside [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be in [{_num(low)}, {_num(high)}], got {value!r}"[:300])
+
+
+def _num(bound: float) -> str:
+    # Short where exact (1e+06), every digit where not (a 32-bit seed's 4294967295).
+    short = f"{bound:g}"
+    return short if float(short) == bound else str(bound)
 
 
 # The same rules for the `[tuning.<method>]` dataclasses that live with their methods.

@@ -36,9 +36,16 @@ from safetensors.torch import save_file
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import tokenize_texts
 from fedtune.delta import DeltaSpec
-from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
+from fedtune.ledger import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    write_atomic,
+    write_folder_atomic,
+    write_text_atomic,
+)
 from fedtune.models import backbone_for
 from fedtune.privacy.randomness import noise_note
+from fedtune.run_folder import LOCK_FILE, RunFolderError, claim_run_folder
 from fedtune.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
 
@@ -69,7 +76,8 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
         settings = prediction_settings(cfg, meta, backbone_for(cfg.model))
         meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
         meta[BINDING_KEY] = _settings_hash(settings)
-    save_file(tensors, str(folder / STATE_FILE), metadata=meta)
+    # Through the one atomic writer: a link planted under the name is replaced, not followed.
+    write_atomic(folder / STATE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     # A PeftModel exists only once peft is imported; peft is not imported otherwise (it
     # costs ~2 s of CPU at start-up).
     peft = sys.modules.get("peft")
@@ -77,7 +85,9 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
         with torch.no_grad():
             for name, tensor in tensors.items():
                 model.get_parameter(name).copy_(tensor)
-        model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+        # peft writes by name: into a fresh folder (nothing planted there), moved into place.
+        write_folder_atomic(folder / ADAPTER_DIR,
+                            lambda tmp: model.backbone.save_pretrained(str(tmp)))
 
 
 BINDING_KEY = "prediction_sha256"
@@ -264,16 +274,32 @@ def _state_metadata(path: Path) -> dict[str, str]:
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Copy a run's tuned state into `out` with a manifest; returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
+    if out.is_symlink():
+        raise ExportError(f"OUT {out} is a symlink; give the real folder")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder; choose a new output folder")
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another output folder")
     tuned = load_tuned(run_dir)  # validates before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(run_dir / STATE_FILE, out / STATE_FILE)
-    shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
+    try:  # claimed as `fedtune run --out` is: locked, no link in it, then checked empty again
+        folder = claim_run_folder(out, flag="OUT")
+    except RunFolderError as exc:
+        raise ExportError(str(exc)) from None
+    with folder:
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise ExportError(f"{out} exists and is not empty; choose another output folder")
+        _write_export(run_dir, out, tuned)
+        (out / LOCK_FILE).unlink()  # the export holds the model only
+    return out
+
+
+def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
+    # Every file through the one atomic writer (a fresh temp name, renamed into place).
+    for name in (STATE_FILE, CONFIG_FILE):
+        write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(run_dir / name, tmp))
     if (run_dir / ADAPTER_DIR).is_dir():
-        shutil.copytree(run_dir / ADAPTER_DIR, out / ADAPTER_DIR)
+        write_folder_atomic(out / ADAPTER_DIR, lambda tmp: shutil.copytree(
+            run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True))
     summary = {}
     if (run_dir / SUMMARY_FILE).is_file():
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -294,8 +320,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         "test_examples": summary.get("test_examples"),
         **privacy_statement(tuned.cfg, summary),
     }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def privacy_statement(cfg: ExperimentConfig, summary: dict[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from fedtune.config import ConfigError, require_choice, require_nonnegative, require_positive
+from fedtune.config import (
+    SEED_MAX,
+    ConfigError,
+    require_choice,
+    require_nonnegative,
+    require_positive,
+)
 from fedtune.registry import ALL_PLUGINS, MethodSpec, register_method_spec
 
 _Config = TypeVar("_Config", bound=type)
+
+# Upper bounds that fit one 24 GiB machine, per `[tuning.<method>]` field (checked by
+# fedtune.config.check_table_bounds after each table's own rules, one line naming key and
+# range). A relative learning rate past 100 is a typo (the built-in ones are 0.02-0.1);
+# a block index past 10_000 names no block of any model (as split.cut_layer).
+LR_SCALE = (1e-9, 100.0)
+BLOCK = (0, 10_000)
+Bounds = dict[str, tuple[float, float]]
 
 
 def _method(name: str, *, split: bool = False, plugins: tuple[str, ...] = ALL_PLUGINS
@@ -54,6 +68,7 @@ class BitFitConfig(FromLayerSettings):
     lr_scale: float = 0.02
     # Only biases in blocks >= from_layer (and after the blocks) train; 0 = every bias.
     from_layer: int = 0
+    BOUNDS: ClassVar[Bounds] = {"lr_scale": LR_SCALE, "from_layer": BLOCK}
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.lr_scale", self.lr_scale)
@@ -90,6 +105,10 @@ class LoRAConfig(FromLayerSettings):
     lr_scale: float = 0.02
     # Adapters only in blocks >= from_layer; blocks below it stay frozen (and cacheable).
     from_layer: int = 0
+    # Rank 1024 is past any useful rank (the adapted widths); its per-example gradients at
+    # rank 1024 already take gigabytes. alpha only scales the update (alpha / r).
+    BOUNDS: ClassVar[Bounds] = {
+        "r": (1, 1_024), "alpha": (1, 65_536), "lr_scale": LR_SCALE, "from_layer": BLOCK}
 
     def validate(self, prefix: str) -> None:
         for name in ("r", "alpha", "lr_scale"):
@@ -114,6 +133,8 @@ class PromptConfig:
     lr_scale: float = 0.05
     # The block whose input the prompt is spliced into; 0 = the word embeddings.
     layer: int = 0
+    # 4096 prompt tokens are more than any backbone's positions, let alone max_length.
+    BOUNDS: ClassVar[Bounds] = {"length": (1, 4_096), "lr_scale": LR_SCALE, "layer": BLOCK}
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.length", self.length)
@@ -150,6 +171,9 @@ class SlashConfig:
     seed: int = 0
     position: str = "output"
     lr_scale: float = 0.1
+    # Each block holds a fixed size x width fp32 projection: 16k x 3072 is 200 MB a block,
+    # ~5 GB for 24 blocks. The seed is numpy-seedable (as the run's seed).
+    BOUNDS: ClassVar[Bounds] = {"size": (1, 16_384), "seed": (0, SEED_MAX), "lr_scale": LR_SCALE}
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.size", self.size)

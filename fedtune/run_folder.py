@@ -10,8 +10,9 @@ A new run never writes into a folder that already holds a run's files (not even
 the folder it continues. Problems (a file where the folder should be, no write access, a
 folder in use) are found here, before Ray or any model starts.
 
-A symlink as `--out` or inside it is refused (new run and resume), dangling or not: a run
-wrote `config.toml` and `rounds.jsonl` through planted links. The files themselves are
+A symlink as `--out` or anywhere inside it (a bounded walk of the whole tree: peft writes
+into `adapter/` by name) is refused (new run and resume), dangling or not: a run wrote
+`config.toml` and `rounds.jsonl` through planted links. The files themselves are
 opened without following links (`fedtune.ledger`), which also covers a link planted later.
 """
 
@@ -67,7 +68,7 @@ def claim_run_folder(path: Path, resume: bool = False, flag: str = "--out") -> R
     if resume and not path.is_dir():
         raise RunFolderError(f"{flag} {path} does not exist: nothing to resume")
     if path.is_dir():
-        _refuse_links(path, flag)
+        refuse_links(path, flag)
     if not resume:
         _refuse_taken(path, flag)
         try:
@@ -81,20 +82,49 @@ def claim_run_folder(path: Path, resume: bool = False, flag: str = "--out") -> R
             raise RunFolderError(f"{flag} {path} is not writable")
         if not resume:
             _refuse_taken(path, flag)  # another run may have written it before we locked
-        _refuse_links(path, flag)
+        refuse_links(path, flag)
     except BaseException:
         folder.release()
         raise
     return folder
 
 
-def _refuse_links(path: Path, flag: str) -> None:
-    links = sorted(entry.name for entry in os.scandir(path) if entry.is_symlink())
+# Entries the link check walks at most: a run folder holds tens (an adapter a few); a tree
+# past this is not a run's, and walking it without end would be a denial of service.
+MAX_TREE_ENTRIES = 10_000
+
+
+def find_links(path: Path, what: str = "folder") -> list[str]:
+    """Every symlink anywhere under `path` (relative names), found without following any
+    link (a linked folder is reported, never entered). Raises RunFolderError past
+    MAX_TREE_ENTRIES entries."""
+    links: list[str] = []
+    stack, seen = [Path(path)], 0
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_TREE_ENTRIES:
+                    raise RunFolderError(f"{what} {path} holds more than {MAX_TREE_ENTRIES} "
+                                         "entries: not a run folder, choose another")
+                if entry.is_symlink():
+                    links.append(os.path.relpath(entry.path, path))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return sorted(links)
+
+
+def refuse_links(path: Path, flag: str) -> None:
+    """A RunFolderError naming the links planted anywhere under `path` (a run, an export
+    and a sweep never write through one; peft writes into `adapter/` by name)."""
+    links = find_links(path, flag)
     if links:
         shown = ", ".join(repr(name[:80]) for name in links[:5])
         more = ", ..." if len(links) > 5 else ""
         raise RunFolderError(f"{flag} {path} holds symlinks ({shown}{more}); a run never "
                              f"writes through a link: remove them or choose another {flag}")
+
 
 
 def _refuse_taken(path: Path, flag: str) -> None:

@@ -19,6 +19,8 @@ before round 1 is charged or sent, so a variant killed in round 1 is resumed too
 without a checkpoint is set aside and the variant started afresh; DP charges it recorded
 (`privacy_pending.json`, from a run killed before a checkpoint existed) are carried into the
 new folder, where the new run charges them, and `sweep.log` says so: spend is never dropped.
+A sweep never writes through a symlink: its folder or a variant's that is (or holds) one is
+refused before anything runs, and `sweep.log` is opened with O_NOFOLLOW.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedtune.config import ConfigError, load_config, read_toml
-from fedtune.ledger import SUMMARY_FILE, count_rounds
-from fedtune.run_folder import CHECKPOINT_FILE, RUN_FILES
+from fedtune.ledger import SUMMARY_FILE, count_rounds, open_append
+from fedtune.run_folder import CHECKPOINT_FILE, RUN_FILES, RunFolderError, refuse_links
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,10 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
     Returns one row per variant: its name, folder and summary."""
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+    _refuse_links(out, top_only=True)
     pending = [v for v in sweep.variants if not (out / v.name / SUMMARY_FILE).exists()]
+    for variant in pending:  # all refused before the first starts, and each again at its start
+        _refuse_links(out / variant.name)
     cpus = max(1, (os.cpu_count() or 1) // parallel)
     running: dict[str, tuple[Variant, subprocess.Popen]] = {}
     failed: list[str] = []
@@ -159,6 +164,7 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
         while pending and len(running) < parallel:
             variant = pending.pop(0)
             folder = out / variant.name
+            _refuse_links(folder)
             carried = _set_aside_unstarted(folder)
             folder.mkdir(parents=True, exist_ok=True)
             if carried is not None:
@@ -220,7 +226,7 @@ def _carry_pending(aside: Path, folder: Path) -> None:
             "but its folder has no checkpoint: it was edited; restore the checkpoint or "
             "resume that folder by hand")
     save_pending(folder, pending)
-    with (folder / LOG_FILE).open("a") as log:
+    with open_append(folder / LOG_FILE) as log:
         log.write(f"sweep: carried {len(pending['attempts'])} unfinished attempt(s) at round 1 "
                   f"from {aside} ({PENDING_FILE}); the new run charges them\n")
 
@@ -235,6 +241,21 @@ def _launch(sweep: Sweep, variant: Variant, folder: Path, parallel: int, cpus: i
             args += ["--set", item]
         if parallel > 1:  # share the cores instead of each run claiming all of them
             args += ["--set", f"simulation.num_cpus={cpus}"]
-    log = (folder / LOG_FILE).open("a")
-    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open_append(folder / LOG_FILE) as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def _refuse_links(folder: Path, top_only: bool = False) -> None:
+    """A sweep never writes through a link (THREATS.md 7): its --out and a variant's folder
+    must not be links, nor hold one anywhere (a bounded walk, as `fedtune run --out` is
+    checked); the logs are also opened without following links (`open_append`)."""
+    if folder.is_symlink():
+        raise RuntimeError(f"sweep folder {folder} is a symlink; a sweep never writes "
+                           "through a link: give the real folder")
+    if top_only or not folder.is_dir():
+        return
+    try:
+        refuse_links(folder, "sweep folder")
+    except RunFolderError as exc:
+        raise RuntimeError(str(exc)) from None

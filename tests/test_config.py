@@ -222,3 +222,57 @@ def test_values_at_the_bounds_load():
     cfg = load_config(None, ["train.rounds=100000", "privacy.sample.delta=1e-30",
                              "train.batch_size=65536", "name=my-run_1.b"])
     assert cfg.train.rounds == 100_000 and cfg.name == "my-run_1.b"
+
+
+# Every number has an upper bound, the per-method tables' too (fedtune.method_config BOUNDS);
+# moved here from the attack's tests/test_attack_config.py (assertions kept).
+HUGE = {
+    "tuning.head_hidden": ([], 10**15),  # a head of 10^15 hidden units
+    "tuning.lora.r": (["tuning.method=lora"], 10**15),
+    "tuning.lora.alpha": (["tuning.method=lora"], 10**15),
+    "tuning.lora.lr_scale": (["tuning.method=lora"], 1e300),  # lr 1e300 past train.lr's bound
+    "tuning.prompt.length": (["tuning.method=prompt"], 10**15),
+    "tuning.prompt.lr_scale": (["tuning.method=prompt"], 1e300),
+    "tuning.slash.size": (["tuning.method=slash"], 10**15),
+    "tuning.bitfit.lr_scale": (["tuning.method=bitfit"], 1e300),
+    "data.alpha": ([], 1e300),
+    "runtime.prefix_cache_gb": ([], 1e300),
+}
+
+
+@pytest.mark.parametrize("key", HUGE)
+def test_a_huge_number_is_refused_naming_its_key(key):
+    """A number far past what fits one machine is refused by load_config, naming the key."""
+    sets, value = HUGE[key]
+    with pytest.raises(ConfigError, match=key.rsplit(".", 1)[-1]):
+        load_config(None, [*sets, f"{key}={value}"])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("tuning.head_hidden=16385", "tuning.head_hidden must be in [0, 16384], got 16385"),
+    ("tuning.lora.r=1025", "tuning.lora.r must be in [1, 1024], got 1025"),
+    ("tuning.lora.from_layer=10001", "tuning.lora.from_layer must be in [0, 10000]"),
+    ("tuning.bitfit.from_layer=10001", "tuning.bitfit.from_layer must be in [0, 10000]"),
+    ("tuning.prompt.layer=10001", "tuning.prompt.layer must be in [0, 10000]"),
+    ("tuning.prompt.length=4097", "tuning.prompt.length must be in [1, 4096]"),
+    ("tuning.slash.seed=4294967296", "tuning.slash.seed must be in [0, 4294967295]"),
+    ("tuning.slash.size=16385", "tuning.slash.size must be in [1, 16384]"),
+    ("tuning.slash.lr_scale=101", "tuning.slash.lr_scale must be in [1e-09, 100]"),
+    ("data.alpha=1e7", "data.alpha must be in [1e-06, 1e+06]"),
+    ("runtime.prefix_cache_gb=1025", "runtime.prefix_cache_gb must be in [1e-06, 1024]"),
+])
+def test_method_and_section_bounds_name_key_and_range_in_one_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_method_values_at_their_bounds_load():
+    cfg = load_config(None, ["tuning.head_hidden=16384", "tuning.lora.r=1024",
+                             "tuning.lora.alpha=65536", "tuning.prompt.length=4096",
+                             "tuning.slash.size=16384", "tuning.slash.seed=4294967295",
+                             "tuning.bitfit.lr_scale=100", "data.alpha=1e6",
+                             "runtime.prefix_cache_gb=1024"])
+    assert cfg.tuning.settings("lora").r == 1024 and cfg.tuning.head_hidden == 16_384
+    assert cfg.tuning.settings("slash").seed == 2**32 - 1

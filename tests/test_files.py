@@ -1,11 +1,14 @@
 """Files fedtune writes for a user: certificates and keys never replace what exists unless
-asked, never write through a symlink, and private keys are never readable by others."""
+asked, never write through a symlink (nor do run, export and sweep folders), and private
+keys are never readable by others."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
+from fedtune import sweep as sweep_mod
 from fedtune.deploy.certs import CertsError, main, write_certs, write_node_key
 
 EVERY_FILE = ("ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub")
@@ -129,3 +132,183 @@ def test_ledger_writes_never_follow_a_link_planted_after_the_claim(tmp_path):
     assert (tmp_path / "out" / "config.toml").read_text() == "name = 'x'\n"
     ledger.write_summary({"ok": True})
     assert list(outside.iterdir()) == []
+
+
+# --- sweep, export and the peft adapter never write through a planted link ----------------
+# (moved here from the attack's tests/test_attack_files.py, assertions kept)
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    return victim
+
+
+def test_sweep_never_writes_through_planted_link(tmp_path: Path, monkeypatch) -> None:
+    """A sweep's log/sweep files under its --out are never written through a planted link."""
+    out = tmp_path / "sweep"
+    (out / "v1").mkdir(parents=True)
+    victim = _victim(tmp_path)
+    os.symlink(victim, out / "v1" / sweep_mod.LOG_FILE)
+
+    class Dead:
+        returncode = 1
+
+        def poll(self) -> int:
+            return 1
+
+    def launch(*args, stdout, **kwargs) -> Dead:
+        stdout.write("the variant's output\n")  # what the real child writes to the log
+        stdout.flush()
+        return Dead()
+
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", launch)
+    spec = sweep_mod.Sweep(name="s", base=tmp_path / "base.toml",
+                           variants=(sweep_mod.Variant(name="v1", overrides=()),))
+    try:
+        sweep_mod.run_sweep(spec, out, poll_s=0.0)
+    except (RuntimeError, OSError):
+        pass
+    assert victim.read_text() == "precious\n"
+
+
+def test_export_never_writes_through_a_symlinked_out_folder(tmp_path: Path, monkeypatch) -> None:
+    """`fedtune export RUN OUT` refuses an OUT that is a symlink (as `fedtune run --out` does)."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fedtune import export as export_mod
+    from fedtune.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.zeros(2)}, str(run / export_mod.STATE_FILE), metadata={})
+    (run / export_mod.CONFIG_FILE).write_text("")
+    cfg = load_config(None, [])
+    spec = SimpleNamespace(backbone_hash="b", hash="h", names=["w"], shapes=[(2,)],
+                           dtypes=["float32"])
+    monkeypatch.setattr(export_mod, "load_tuned", lambda folder: SimpleNamespace(
+        cfg=cfg, spec=spec, label_names=("a", "b")))
+    elsewhere = tmp_path / "outside"
+    elsewhere.mkdir()
+    link = tmp_path / "export"
+    os.symlink(elsewhere, link)
+    try:
+        export_mod.export_run(run, link)
+    except (export_mod.ExportError, OSError):
+        pass
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_peft_adapter_is_never_written_through_a_link_planted_in_out(tmp_path: Path) -> None:
+    """A link planted inside --out/adapter/ (a folder: the claim scans the top level only) is
+    not followed when the run saves its adapter."""
+    from types import SimpleNamespace
+
+    import peft
+    import torch
+    from torch import nn
+
+    from fedtune.export import ADAPTER_DIR, save_tuned_state
+
+    out = tmp_path / "run"
+    (out / ADAPTER_DIR).mkdir(parents=True)
+    victim = _victim(tmp_path)
+    os.symlink(victim, out / ADAPTER_DIR / "adapter_config.json")
+    base = nn.Sequential(nn.Linear(4, 4))
+    backbone = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
+    model = SimpleNamespace(method="lora", backbone=backbone,
+                            get_parameter=lambda name: torch.zeros(2))
+    spec = SimpleNamespace(hash="h", backbone_hash="b")
+    try:
+        save_tuned_state(out, model, spec, {"w": torch.zeros(2)}, ("a", "b"))
+    except OSError:
+        pass
+    assert victim.read_text() == "precious\n"
+
+
+def test_sweep_refuses_a_symlinked_variant_folder(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    elsewhere = tmp_path / "outside"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, out / "v1")
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", lambda *a, **k: pytest.fail("ran"))
+    spec = sweep_mod.Sweep(name="s", base=tmp_path / "base.toml",
+                           variants=(sweep_mod.Variant(name="v1", overrides=()),))
+    with pytest.raises(RuntimeError, match="is a symlink") as info:
+        sweep_mod.run_sweep(spec, out, poll_s=0.0)
+    assert "\n" not in str(info.value)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_link_nested_anywhere_in_the_run_folder_is_refused(tmp_path, resume):
+    from fedtune.run_folder import RunFolderError, claim_run_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out" / "adapter" / "deep").mkdir(parents=True)
+    os.symlink(outside / "x", tmp_path / "out" / "adapter" / "deep" / "adapter_config.json")
+    if not resume:
+        os.rename(tmp_path / "out" / "adapter", tmp_path / "out" / "other")
+    with pytest.raises(RunFolderError, match="holds symlinks") as info:
+        claim_run_folder(tmp_path / "out", resume=resume)
+    assert "adapter_config.json" in str(info.value) and "\n" not in str(info.value)
+    assert list(outside.iterdir()) == []
+
+
+def test_the_link_walk_is_bounded(tmp_path, monkeypatch):
+    from fedtune import run_folder
+    from fedtune.run_folder import RunFolderError, claim_run_folder
+
+    monkeypatch.setattr(run_folder, "MAX_TREE_ENTRIES", 5)
+    for i in range(3):
+        (tmp_path / "out" / f"d{i}" / "e").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match="more than 5 entries"):
+        claim_run_folder(tmp_path / "out", resume=True)
+
+
+def test_a_folder_write_replaces_a_planted_link_and_leaves_its_target(tmp_path):
+    from fedtune.ledger import write_folder_atomic
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / "adapter")
+    write_folder_atomic(tmp_path / "out" / "adapter",
+                        lambda tmp: (tmp / "adapter_config.json").write_text("{}"))
+    adapter = tmp_path / "out" / "adapter"
+    assert adapter.is_dir() and not adapter.is_symlink()
+    assert [p.name for p in adapter.iterdir()] == ["adapter_config.json"]
+    assert [p.name for p in outside.iterdir()] == ["keep"]
+    assert (outside / "keep").read_text() == "precious\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter"]  # no temp left
+
+
+def test_an_export_holds_no_lock_file_and_a_second_export_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fedtune import export as export_mod
+    from fedtune.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.zeros(2)}, str(run / export_mod.STATE_FILE), metadata={})
+    (run / export_mod.CONFIG_FILE).write_text("")
+    spec = SimpleNamespace(backbone_hash="b", hash="h", names=["w"], shapes=[(2,)],
+                           dtypes=["float32"])
+    monkeypatch.setattr(export_mod, "load_tuned", lambda folder: SimpleNamespace(
+        cfg=load_config(None, []), spec=spec, label_names=("a", "b")))
+    out = export_mod.export_run(run, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [export_mod.STATE_FILE, export_mod.CONFIG_FILE, export_mod.MANIFEST_FILE])
+    with pytest.raises(export_mod.ExportError, match="not empty"):
+        export_mod.export_run(run, out)
+
