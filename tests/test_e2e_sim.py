@@ -223,7 +223,9 @@ def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path
     assert res.code == 0, res.output
     summary = json.loads((run_dir / "summary.json").read_text())
     n = summary["test_examples"]
-    test = load_corpus("spamassassin")["test"].select(range(n))
+    # The run's test rows: the corpus' test split less the copies of training rows.
+    rows = get_task(load_config(run_dir / "config.toml")).test_rows[:n]
+    test = load_corpus("spamassassin")["test"].select([int(i) for i in rows])
     texts = tmp_path / "test.jsonl"
     texts.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
                              for t, y in zip(test["text"], test["label"], strict=True)))
