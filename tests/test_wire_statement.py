@@ -140,7 +140,7 @@ def test_what_a_real_run_sends_is_what_its_statement_says(tmp_path, monkeypatch,
     assert rounds[0]["privacy_in_clear"] == json.loads(json.dumps(statement(cfg)))
     _check_marks(mode, cfg, out, rounds, summary, console_mark)
     if mode == "user-dp":
-        _check_curator_log(out, rounds, summary)
+        _check_curator_log(out, rounds, summary, cfg)
 
 
 def _check_marks(mode, cfg, out, rounds, summary, console_mark):
@@ -170,7 +170,7 @@ def _check_marks(mode, cfg, out, rounds, summary, console_mark):
         assert "[" not in line and "[" not in sweep[0] + sweep[1]
 
 
-def _check_curator_log(out, rounds, summary):
+def _check_curator_log(out, rounds, summary, cfg):
     """26 #6: under user-level DP rounds.jsonl named the secret Poisson cohort and each
     client's unclipped norm, loss and n."""
     from fedtune.curator_log import read_curator
@@ -182,6 +182,14 @@ def _check_curator_log(out, rounds, summary):
     assert [c["round"] for c in curator] == [r["round"] for r in rounds]
     assert sorted(c["partition_id"] for c in curator[0]["per_client"]) == [0, 1, 2]
     assert curator[0]["privacy_user"]["aggregated_delta_norms"]
+    # The cohort's size, sums and unnoised loss: null in the release, kept for the curator.
+    from fedtune.cli import round_line
+    from fedtune.curator_log import COHORT_FIGURES
+
+    assert all(r[k] is None for r in rounds for k in COHORT_FIGURES)
+    assert curator[0]["clients"] == curator[0]["sampled"] == 3 and curator[0]["bytes_up"] > 0
+    assert summary["total_bytes_up"] is summary["total_client_flops"] is None
+    assert "clients" not in round_line(rounds[0], cfg)
 
 
 def test_log_cohorts_keeps_them_in_the_rounds_file(tmp_path, monkeypatch):
@@ -190,6 +198,10 @@ def test_log_cohorts_keeps_them_in_the_rounds_file(tmp_path, monkeypatch):
     rounds = _rounds(tmp_path / "run")
     assert sorted(c["partition_id"] for c in rounds[0]["per_client"]) == [0, 1, 2]
     assert not (tmp_path / "run" / "curator_log.jsonl").exists()
+    from fedtune.cli import round_line
+
+    assert rounds[0]["clients"] == 3 and rounds[0]["bytes_up"] > 0
+    assert "clients 3" in round_line(rounds[0], cfg)
 
 
 def test_under_dp_every_example_field_is_protected_or_withheld():
