@@ -196,9 +196,10 @@ def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
         eps = f"{eps} (user {user})"
     val = ("no validation split" if rec["val_accuracy"] is None else
            f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
-    return (f"round {rec['round']:>3}: {val}  "
-            f"eps {eps}  clients {rec['clients']}  up {rec['bytes_up']:,} B  "
-            f"{rec['wall_s']:.1f} s")
+    # Null under user-level DP without log_cohorts: the secret cohort's size and sums.
+    cohort = ("" if rec["clients"] is None else
+              f"clients {rec['clients']}  up {rec['bytes_up']:,} B  ")
+    return f"round {rec['round']:>3}: {val}  eps {eps}  {cohort}{rec['wall_s']:.1f} s"
 
 
 def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> str:
@@ -219,7 +220,8 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
         f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
         f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), {val}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
-        f"{summary['total_bytes_up']:,} B up, {summary['trainable_params']:,} trainable params"
+        + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
+        + f"{summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
 
 

@@ -4,6 +4,9 @@ was in it (issue 26's audit: a reader who knows a client was in 4 of 8 rounds ho
 epsilon 11.93, not the 7.99 reported). So each round's cohort and per-client figures
 (partition ids, node ids, norms, losses, counts, DP histories by client) go to
 `curator_log.jsonl`, never into rounds.jsonl, unless `privacy.user.log_cohorts = true`.
+So do the figures of the cohort as a whole (its size, sums over its members, their
+unnoised mean loss): the release keeps each key with null, and summary.json's totals of
+them are null too (`release_total`); the noised aggregate is all it says of the cohort.
 `fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
@@ -27,6 +30,11 @@ COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claim
 COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "histories"),
                 ("privacy_sample", "epsilon_by_client"),
                 ("privacy_sample", "interrupted_rounds_charged"))
+# Round-record figures of the whole cohort: its size (`clients`, `sampled`), sums over its
+# members (the bytes scale with the cohort size) and their unnoised mean loss. Moved with
+# null left behind (the run-folder contract's "not applicable"), so readers keep the keys.
+COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
+                  "train_loss")
 MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
 
 
@@ -47,12 +55,24 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
         if key in public:
             curator[key] = public[key]
             public[key] = MOVED_NOTE
+    for key in COHORT_FIGURES:
+        if key in public:
+            curator[key], public[key] = public[key], None
     for section, key in COHORT_PARTS:
         part = public.get(section)
         if isinstance(part, dict) and key in part:
             curator.setdefault(section, {})[key] = part[key]
             part[key] = MOVED_NOTE
     return public, curator
+
+
+def release_total(history: list[dict[str, Any]], key: str) -> float | int | None:
+    """summary.json's total of a round figure: null when any round's release holds none
+    (a cohort figure kept for the curator's log)."""
+    values = [r.get(key) for r in history]
+    if any(v is None for v in values):
+        return None
+    return sum(values)  # type: ignore[arg-type]
 
 
 def append_curator(out_dir: str | Path, entry: dict[str, Any]) -> None:

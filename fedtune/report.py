@@ -107,6 +107,9 @@ def _load(folder: Path) -> RunResult:
            if e is not None]
     up, total = [], 0
     for r in rounds:
+        if r["bytes_up"] is None:  # user-level DP: a cohort sum, kept for the curator
+            up = []
+            break
         # Split mode also uploads smashed data every step: all of it counts as sent.
         total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
         up.append(total / 1e6)
@@ -200,7 +203,8 @@ def markdown_table(groups: list[Group]) -> str:
              "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"]
     for g in groups:
         eps = [r.epsilon for r in g.runs if r.epsilon is not None]
-        mb = statistics.fmean(r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up)
+        sent = [r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up]
+        mb = f"{statistics.fmean(sent):.2f}" if sent else "-"
         variant = f"{g.variant or '-'} | " if with_variant else ""
         shown = render_epsilon(max(eps) if eps else None, g.marks, off="-")
         if eps and _deltas_only(g.level):
@@ -208,7 +212,7 @@ def markdown_table(groups: list[Group]) -> str:
         lines.append(
             f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
             f"{shown} | {g.accuracy_mean:.4f} +- "
-            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb:.2f} |")
+            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,10 @@ A field's `about` says whose secret it can carry:
   client's DP charge from the partition size, or the count a node gave at discovery).
 - "public": nothing beyond the run's config.
 
+A field with `only_when` is sent by some nodes only, for a reason the server's config cannot
+show (a node that trains on its own data file): the statement lists it with that condition,
+and a recorder finds it only where the condition holds (`conditional_keys`).
+
 Keys are `record.key` for reply records (fedtune.protocol) and `body.<call>.<tensor>` for
 what the split body receives (`probe`: the FLOP measurement, synthetic text).
 """
@@ -57,14 +61,22 @@ class WireField:
     reveals: str
     protection: str
     about: str  # "example", "size" or "public" (module docstring)
+    only_when: str = ""  # sent only by nodes where this holds; "" = always (docstring)
 
     @property
     def in_clear(self) -> bool:
         return self.protection not in (DP_SGD, SMASHED_DP, ALL_ONES, SYNTHETIC, USER_CLIENT)
 
+    @property
+    def shown(self) -> str:
+        """What it reveals, with the condition it is sent under."""
+        return (f"{self.reveals} (sent only {self.only_when})" if self.only_when
+                else self.reveals)
+
     def row(self) -> dict[str, Any]:
         return {"message": self.message, "keys": list(self.keys), "reveals": self.reveals,
-                "protection": self.protection, "about": self.about}
+                "protection": self.protection, "about": self.about,
+                "only_when": self.only_when}
 
 
 def withholds_counts(cfg: ExperimentConfig) -> bool:
@@ -184,6 +196,19 @@ def _partition(cfg: ExperimentConfig) -> WireField:
                      "public")
 
 
+OWN_FILE = "when the node trains on its own data file (node config data-path)"
+
+
+def _own_examples(cfg: ExperimentConfig) -> WireField:
+    # The client sends it whatever the config says: the server weights the node and plans
+    # its DP charges by it, and cannot tell from its config which nodes have their own file.
+    # The exact count is of individual examples (it differs between neighbouring datasets),
+    # so under DP it is outside epsilon_sample, like `num_examples` with disclose_counts.
+    return WireField(DISCOVERY, "own-data example count", ("roster.own-examples",),
+                     "the node's exact number of training examples in its own data file",
+                     IN_CLEAR, "example", only_when=OWN_FILE)
+
+
 def _spec_hash(cfg: ExperimentConfig) -> WireField:
     return WireField(TRAIN, "spec hash", ("info.spec-hash",),
                      "the backbone, method and config the client runs", IN_CLEAR, "public")
@@ -193,6 +218,7 @@ Rule = Callable[[ExperimentConfig], Any]
 # In statement order. `_counted` rules are what withholding keeps on the client.
 RULES: tuple[Rule, ...] = (
     _partition,
+    _own_examples,
     _delta,
     _spec_hash,
     _steps,
@@ -245,10 +271,20 @@ def withheld_fields(cfg: ExperimentConfig) -> list[str]:
 
 
 def expected_keys(cfg: ExperimentConfig) -> dict[str, set[str]]:
-    """{message: every key it carries under `cfg`}: what a recorder must find."""
+    """{message: every key it carries under `cfg`}: what a recorder must find, but for
+    `conditional_keys` (sent only by some nodes)."""
     out: dict[str, set[str]] = {}
     for f in wire_fields(cfg):
         out.setdefault(f.message, set()).update(f.keys)
+    return out
+
+
+def conditional_keys(cfg: ExperimentConfig) -> dict[str, set[str]]:
+    """{message: the keys of `expected_keys` only some nodes send} (`only_when`)."""
+    out: dict[str, set[str]] = {}
+    for f in wire_fields(cfg):
+        if f.only_when:
+            out.setdefault(f.message, set()).update(f.keys)
     return out
 
 
@@ -261,7 +297,7 @@ def examples_in_clear(cfg: ExperimentConfig) -> list[WireField]:
 def statement(cfg: ExperimentConfig) -> dict[str, Any]:
     """`privacy_in_clear` of the ledger: {"sent": {item: what it reveals [protection]},
     "withheld": [items kept on the client], "disclose_counts": the opt-in}."""
-    return {"sent": {f.item: f"{f.reveals} [{f.protection}]" for f in wire_fields(cfg)},
+    return {"sent": {f.item: f"{f.shown} [{f.protection}]" for f in wire_fields(cfg)},
             "withheld": withheld_fields(cfg),
             "disclose_counts": cfg.privacy.disclose_counts}
 
@@ -269,7 +305,7 @@ def statement(cfg: ExperimentConfig) -> dict[str, Any]:
 def markdown(cfg: ExperimentConfig) -> str:
     """The statement as a Markdown table (README, `fedtune report`)."""
     lines = ["| message | field | reveals | protection |", "|---|---|---|---|"]
-    lines += [f"| {f.message} | {f.item} | {f.reveals} | {f.protection} |"
+    lines += [f"| {f.message} | {f.item} | {f.shown} | {f.protection} |"
               for f in wire_fields(cfg)]
     withheld = withheld_fields(cfg)
     if withheld:
@@ -298,7 +334,8 @@ def readme_table() -> str:
     """The README's statement, one line per mode (generated: `python -m
     fedtune.wire_fields`; tests/test_wire_statement.py checks the README holds it)."""
     def names(fields: list[WireField]) -> str:
-        return ", ".join(f"`{f.item}`" for f in fields) or "-"
+        return ", ".join(f"`{f.item}`" + (" (own-file nodes)" if f.only_when else "")
+                         for f in fields) or "-"
 
     lines = [README_START,
              "| mode | sent in clear: about examples | in clear: data size / public | "

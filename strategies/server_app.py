@@ -24,7 +24,7 @@ from fedtune.checkpoint import (
 )
 from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
-from fedtune.curator_log import append_curator, split_record
+from fedtune.curator_log import append_curator, release_total, split_record
 from fedtune.deploy.address import DeployError
 from fedtune.deploy.seeded_noise import check_server_runtime
 from fedtune.epsilon_marks import note_fields
@@ -297,9 +297,10 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         "privacy_user": last.get("privacy_user"),
         "rounds": len(history),
         "stopped_early": state.stopped,
-        "total_bytes_up": sum(r["bytes_up"] for r in history),
-        "total_bytes_down": sum(r["bytes_down"] for r in history),
-        "total_client_flops": sum(r["client_flops"] for r in history),
+        # Null under user-level DP without log_cohorts (cohort sums: the curator's log).
+        "total_bytes_up": release_total(history, "bytes_up"),
+        "total_bytes_down": release_total(history, "bytes_down"),
+        "total_client_flops": release_total(history, "client_flops"),
         "trainable_params": task.spec.size,
         "backbone_params": task.backbone.num_params,
         "method": cfg.tuning.method,

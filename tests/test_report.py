@@ -48,6 +48,18 @@ def test_groups_average_over_seeds(runs):
     assert "| prompt | none | inf (no DP) | - | 0.9550 +- 0.0071 | 2 |" in table
 
 
+def test_a_user_level_release_without_cohort_bytes_is_reported(tmp_path):
+    """Under user-level DP without log_cohorts rounds.jsonl holds null bytes (a sum over the
+    secret cohort): the report shows no upload figure instead of failing."""
+    _run(tmp_path / "user", "prompt", None, 0, 0.9, ["privacy.user.enabled=true"])
+    rounds = (tmp_path / "user" / "rounds.jsonl").read_text().replace('"bytes_up": 1000',
+                                                                     '"bytes_up": null')
+    (tmp_path / "user" / "rounds.jsonl").write_text(rounds)
+    [run] = collect([tmp_path])
+    assert run.cumulative_mb_up == []
+    assert markdown_table(group([run])).splitlines()[-1].endswith("| 1 | - |")
+
+
 def test_runs_that_differ_beyond_the_seed_are_not_averaged(tmp_path):
     for seed in (0, 1):
         _run(tmp_path / f"small-{seed}", "prompt", 1, seed, 0.7)

@@ -237,7 +237,10 @@ def test_the_ledger_says_what_the_server_sees_in_clear():
     assert split_round_fields([report], 1, 1)["split_privacy"]["smashed_dp"] is None
     protected = load_config(None, ["split.enabled=true", "split.smashed_dp.enabled=true"])
     statement = split_round_fields([report], 1, 1, protected)["split_privacy"]
-    assert statement["server_sees_in_clear"] == []
+    # Only what a node with its own data file sends at discovery, stated with that condition.
+    assert len(statement["server_sees_in_clear"]) == 1
+    assert "sent only when the node trains on its own data file" in (
+        statement["server_sees_in_clear"][0])
     assert statement["smashed_dp"]["rows_per_split_step"] == slot_count(32)
     summary = split_summary_fields([{**fields, "delta_bytes_up": 1, "delta_bytes_down": 1}])
     assert summary["split_privacy"] == fields["split_privacy"]

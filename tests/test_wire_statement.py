@@ -117,14 +117,18 @@ def test_what_a_real_run_sends_is_what_its_statement_says(tmp_path, monkeypatch,
     body receives in a real (in-process) run, and compare with the generated statement.
     26 #5: under DP no count, real-row count or loss leaves the client (this failed for
     sample-level DP and smashed DP before `privacy.disclose_counts`)."""
-    from fedtune.wire_fields import expected_keys, statement, withholds_counts
+    from fedtune.wire_fields import conditional_keys, expected_keys, statement, withholds_counts
 
     sets, console_mark = MODES[mode]
     cfg = load_config(None, [*TINY, *sets])
     out = tmp_path / "run"
     summary, grid, body = inline_run(cfg, out, monkeypatch)
     expected = expected_keys(cfg)
-    assert grid.keys["discovery reply"] == expected["discovery reply"]
+    # No node of the inline run trains on its own file, so none sends its own count.
+    own_file = conditional_keys(cfg)
+    assert own_file == {"discovery reply": {"roster.own-examples"}}
+    assert grid.keys["discovery reply"] == expected["discovery reply"] - own_file[
+        "discovery reply"]
     assert grid.keys["train reply"] == expected["train reply"]
     if cfg.split.enabled:
         assert body.keys == expected["split body"]
@@ -136,7 +140,7 @@ def test_what_a_real_run_sends_is_what_its_statement_says(tmp_path, monkeypatch,
     assert rounds[0]["privacy_in_clear"] == json.loads(json.dumps(statement(cfg)))
     _check_marks(mode, cfg, out, rounds, summary, console_mark)
     if mode == "user-dp":
-        _check_curator_log(out, rounds, summary)
+        _check_curator_log(out, rounds, summary, cfg)
 
 
 def _check_marks(mode, cfg, out, rounds, summary, console_mark):
@@ -166,7 +170,7 @@ def _check_marks(mode, cfg, out, rounds, summary, console_mark):
         assert "[" not in line and "[" not in sweep[0] + sweep[1]
 
 
-def _check_curator_log(out, rounds, summary):
+def _check_curator_log(out, rounds, summary, cfg):
     """26 #6: under user-level DP rounds.jsonl named the secret Poisson cohort and each
     client's unclipped norm, loss and n."""
     from fedtune.curator_log import read_curator
@@ -178,6 +182,14 @@ def _check_curator_log(out, rounds, summary):
     assert [c["round"] for c in curator] == [r["round"] for r in rounds]
     assert sorted(c["partition_id"] for c in curator[0]["per_client"]) == [0, 1, 2]
     assert curator[0]["privacy_user"]["aggregated_delta_norms"]
+    # The cohort's size, sums and unnoised loss: null in the release, kept for the curator.
+    from fedtune.cli import round_line
+    from fedtune.curator_log import COHORT_FIGURES
+
+    assert all(r[k] is None for r in rounds for k in COHORT_FIGURES)
+    assert curator[0]["clients"] == curator[0]["sampled"] == 3 and curator[0]["bytes_up"] > 0
+    assert summary["total_bytes_up"] is summary["total_client_flops"] is None
+    assert "clients" not in round_line(rounds[0], cfg)
 
 
 def test_log_cohorts_keeps_them_in_the_rounds_file(tmp_path, monkeypatch):
@@ -186,11 +198,17 @@ def test_log_cohorts_keeps_them_in_the_rounds_file(tmp_path, monkeypatch):
     rounds = _rounds(tmp_path / "run")
     assert sorted(c["partition_id"] for c in rounds[0]["per_client"]) == [0, 1, 2]
     assert not (tmp_path / "run" / "curator_log.jsonl").exists()
+    from fedtune.cli import round_line
+
+    assert rounds[0]["clients"] == 3 and rounds[0]["bytes_up"] > 0
+    assert "clients 3" in round_line(rounds[0], cfg)
 
 
 def test_under_dp_every_example_field_is_protected_or_withheld():
     """The table itself: under sample-level DP without the opt-in, nothing about individual
-    examples or the Poisson draw is sent in clear, in any combination of settings."""
+    examples or the Poisson draw is sent in clear, in any combination of settings, but for
+    the exact count a node with its own data file sends at discovery (listed, with that
+    condition, as in clear: tests/test_attackb_discovery_count.py)."""
     from fedtune.wire_fields import examples_in_clear, withheld_fields
 
     plugins = ["data.domain_by=collection", "data.target_domain=set2",
@@ -199,7 +217,8 @@ def test_under_dp_every_example_field_is_protected_or_withheld():
     for sets in ([], SMASHED, ["train.local_epochs=1"], plugins,
                  ["privacy.user.enabled=true"]):
         cfg = load_config(None, sets)
-        assert examples_in_clear(cfg) == [], sets
+        assert [f.item for f in examples_in_clear(cfg)] == ["own-data example count"], sets
+        assert all(f.only_when for f in examples_in_clear(cfg)), sets
         assert "num_examples" in withheld_fields(cfg) and "loss" in withheld_fields(cfg)
     disclosed = load_config(None, [*SMASHED, "privacy.disclose_counts=true"])
     assert {f.item for f in examples_in_clear(disclosed)} >= {"num_examples", "loss",

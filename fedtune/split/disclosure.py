@@ -31,7 +31,7 @@ def split_disclosure(cfg: ExperimentConfig) -> dict[str, Any]:
     smashed = cfg.split.smashed_dp
     return {
         # Empty unless privacy.disclose_counts sends counts and losses in clear.
-        "server_sees_in_clear": [f.reveals for f in examples_in_clear(cfg)],
+        "server_sees_in_clear": [f.shown for f in examples_in_clear(cfg)],
         "epsilon_sample_covers": "deltas and smashed data (cut-layer activations and "
                                  "body-output gradients, clipped and noised per example)",
         "server_sees_data_size": _data_size(cfg),
@@ -61,7 +61,7 @@ def in_clear_disclosure(sample_dp: bool = True) -> dict[str, Any]:
 def _in_clear_statement(cfg: ExperimentConfig) -> dict[str, Any]:
     covers = ("deltas only; smashed data in clear" if cfg.privacy.sample.enabled
               else "nothing: DP-SGD is off")
-    return {"server_sees_in_clear": [f.reveals for f in examples_in_clear(cfg)],
+    return {"server_sees_in_clear": [f.shown for f in examples_in_clear(cfg)],
             "epsilon_sample_covers": covers, "server_sees_data_size": _data_size(cfg),
             "smashed_dp": None}
 
