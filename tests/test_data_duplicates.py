@@ -112,11 +112,17 @@ def _planted() -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": split(TRAIN, "train"), "test": split(TEST, "test")})
 
 
-register_corpus("planted-copies")(lambda: _planted())
+@pytest.fixture
+def planted_corpus(monkeypatch):
+    """The planted corpus, registered for one test only (the registry is global)."""
+    from fedtune.data import corpora
+
+    monkeypatch.setitem(corpora._CORPORA, "planted-copies", None)  # removed after the test
+    register_corpus("planted-copies")(lambda: _planted())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_planted_copies_are_kept_out_of_validation_and_test_and_counted(seed):
+def test_planted_copies_are_kept_out_of_validation_and_test_and_counted(seed, planted_corpus):
     from fedtune.validation_split import carve_validation
 
     task = get_task(load_config(None, [

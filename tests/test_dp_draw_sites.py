@@ -7,7 +7,8 @@ flags each call that could draw randomness from somewhere else, with import alia
 `normal`, `bernoulli`, `poisson`, `multinomial`, ...) and in-place fills, any
 `torch.distributions` object (its `sample`/`rsample`), `numpy.random`, Python's `random`,
 `secrets` and `os.urandom` outside the source module, random samplers, `shuffle=` and a
-dataset's `.shuffle`, and any `generator=` / `noise_generator=` argument that is not None. A flagged call is allowed only where ALLOWED names it with the
+dataset's `.shuffle`, and any `generator=` / `noise_generator=` argument that is not None.
+A flagged call is allowed only where ALLOWED names it with the
 reason it is not DP randomness; in the DP modules nothing is allowed. Each DP module must
 get its draws from the source (`dp_source` / `DPRandom`).
 """
@@ -56,6 +57,8 @@ ALLOWED = {
     ("fedtune/checkpoint.py", "random.setstate"): "resume of non-DP global RNG state",
     ("fedtune/checkpoint.py", "torch.random.get_rng_state"): "resume of non-DP global state",
     ("fedtune/checkpoint.py", "torch.random.set_rng_state"): "resume of non-DP global state",
+    ("fedtune/ledger.py", "secrets.token_hex"):
+        "unguessable temp file names (no planted link can wait for one), not a DP draw",
 }
 # torch's random functions (also under torch.random / torch.cuda): every rand*, and these.
 TORCH_RANDOM = {"normal", "bernoulli", "multinomial", "poisson", "seed", "get_rng_state",
