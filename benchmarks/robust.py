@@ -43,15 +43,19 @@ PRIVACY = {
     "dp": ["privacy.sample.enabled=true", "privacy.sample.target_epsilon=8"],
 }
 ATTACKS = ("honest", "flip", "boost")
-TINY = ["train.rounds=3", "train.local_steps=3", "train.batch_size=32", "model.max_length=32",
-        "tuning.prompt.length=4", "train.eval_max_examples=256", "simulation.num_cpus=2",
-        "seed=0"]
+TINY = ["train.local_steps=3", "train.batch_size=32", "model.max_length=32",
+        "tuning.prompt.length=4", "simulation.num_cpus=2"]
+# Set by main(): the test rows scored (0 = the whole test split), and whether the DP noise is
+# the seeded simulation kind, so that an honest cell and its attacked cells draw the same
+# noise and batches and their difference is the attack's, not the noise's (a paired design).
+EXTRA: list[str] = []
 
 
-def overrides(cohort: int, privacy: str, rule: str, attack: str, scale: dict[str, float]
-              ) -> list[str]:
-    sets = [f"name=robust-{cohort}-{privacy}-{rule}-{attack}", f"data.num_clients={cohort}",
-            f"train.clients_per_round={cohort}", *TINY, *PRIVACY[privacy], *RULES[rule]]
+def overrides(cohort: int, privacy: str, rule: str, attack: str, scale: dict[str, float],
+              seed: int = 0) -> list[str]:
+    sets = [f"name=robust-{cohort}-{privacy}-{rule}-{attack}-s{seed}",
+            f"data.num_clients={cohort}", f"train.clients_per_round={cohort}", *TINY,
+            f"seed={seed}", *EXTRA, *PRIVACY[privacy], *RULES[rule]]
     if attack != "honest":
         sets += [f"faults.attack_simulation.kind={attack}",
                  f"faults.attack_simulation.scale={scale[attack]}",
@@ -103,32 +107,47 @@ def _run(folder: Path, sets: list[str]) -> None:
     print(f"# {folder.name}: {time.perf_counter() - t0:.0f} s (lock wait included)", flush=True)
 
 
-def table(results: dict[tuple[int, str, str, str], dict]) -> str:
+def table(results: dict[tuple[int, str, str, str, int], dict]) -> str:
     """Final test accuracy (test loss) per cell, and each attacked cell's accuracy
-    difference to the honest run of the same rule, cohort and privacy setting."""
+    difference to the honest run of the same rule, cohort, privacy setting and seed; with
+    several seeds, the means over the seeds that have both cells, and the range of the
+    differences in brackets."""
     rows = ["| attackers | privacy | rule | honest acc. (loss) | flip acc. (loss) | vs honest "
             "| boost acc. (loss) | vs honest |",
             "|---|---|---|---:|---:|---:|---:|---:|"]
     keys = sorted({k[:3] for k in results}, key=lambda k: (k[0], k[1] != "nodp",
                                                            list(RULES).index(k[2])))
+    seeds = sorted({k[4] for k in results})
     for cohort, privacy, rule in keys:
-        honest = results.get((cohort, privacy, rule, "honest"))
-        cells = [_acc(honest)]
+        honest = [results.get((cohort, privacy, rule, "honest", s)) for s in seeds]
+        cells = [_acc([h for h in honest if h])]
         for attack in ATTACKS[1:]:
-            got = results.get((cohort, privacy, rule, attack))
-            diff = ("-" if got is None or honest is None else
-                    f"{100 * (got['final_accuracy'] - honest['final_accuracy']):+.1f} pt")
-            cells += [_acc(got), diff]
+            got = [results.get((cohort, privacy, rule, attack, s)) for s in seeds]
+            diffs = [100 * (g["final_accuracy"] - h["final_accuracy"])
+                     for g, h in zip(got, honest, strict=True) if g and h]
+            cells += [_acc([g for g in got if g]), _diff(diffs)]
         rows.append(f"| 1 of {cohort} | {privacy} | {rule} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def _acc(summary: dict | None) -> str:
-    if summary is None:
+def _diff(diffs: list[float]) -> str:
+    if not diffs:
         return "-"
+    mean = f"{sum(diffs) / len(diffs):+.1f} pt"
+    return mean if len(diffs) == 1 else f"{mean} ({min(diffs):+.1f} to {max(diffs):+.1f})"
+
+
+def _acc(summaries: list[dict]) -> str:
+    if not summaries:
+        return "-"
+    n = len(summaries)
+    acc = sum(s["final_accuracy"] for s in summaries) / n
+    loss = sum(s["final_loss"] for s in summaries) / n
     # A cell that still lost client replies after TRIES runs is marked, not hidden.
-    mark = f", {summary['lost_clients']} replies lost" if summary["lost_clients"] else ""
-    return f"{summary['final_accuracy']:.4f} ({summary['final_loss']:.3g}{mark})"
+    lost = sum(s["lost_clients"] for s in summaries)
+    mark = f", {lost} replies lost" if lost else ""
+    runs = f", {n} seeds" if n > 1 else ""
+    return f"{acc:.4f} ({loss:.3g}{runs}{mark})"
 
 
 def main() -> None:
@@ -137,6 +156,13 @@ def main() -> None:
     ap.add_argument("--cohorts", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--privacy", nargs="+", default=list(PRIVACY), choices=list(PRIVACY))
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eval-max", type=int, default=256,
+                    help="test rows scored per cell (0: the whole test split)")
+    ap.add_argument("--paired-noise", action="store_true",
+                    help="seeded DP noise (privacy.reproducible_noise, a simulation mode): "
+                         "each attacked cell draws the noise of its honest cell")
     ap.add_argument("--flip-scale", type=float, default=10.0)
     ap.add_argument("--boost-scale", type=float, default=100.0)
     ap.add_argument("--table-only", action="store_true",
@@ -147,20 +173,23 @@ def main() -> None:
     global LOCK_HELD
     LOCK_HELD = args.lock_held
     scale = {"flip": args.flip_scale, "boost": args.boost_scale}
-    results: dict[tuple[int, str, str, str], dict] = {}
+    EXTRA[:] = [f"train.rounds={args.rounds}", f"train.eval_max_examples={args.eval_max}",
+                *(["privacy.reproducible_noise=true"] if args.paired_noise else [])]
+    results: dict[tuple[int, str, str, str, int], dict] = {}
     # The 1-of-5 rows without DP first: the acceptance rows, if time runs short.
     for cohort in args.cohorts:
         for privacy in args.privacy:
-            for rule in args.rules:
-                for attack in ATTACKS:
-                    key = (cohort, privacy, rule, attack)
-                    folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}"
-                    if args.table_only:
-                        if (folder / "summary.json").exists():
-                            results[key] = _done(folder)
-                        continue
-                    results[key] = run_cell(folder, overrides(*key, scale))
-                    (args.out / "table.md").write_text(table(results) + "\n")
+            for seed in args.seeds:
+                for rule in args.rules:
+                    for attack in ATTACKS:
+                        key = (cohort, privacy, rule, attack, seed)
+                        folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}-s{seed}"
+                        if args.table_only:
+                            if (folder / "summary.json").exists():
+                                results[key] = _done(folder)
+                            continue
+                        results[key] = run_cell(folder, overrides(*key[:4], scale, seed))
+                        (args.out / "table.md").write_text(table(results) + "\n")
     print(table(results), flush=True)
 
 
