@@ -87,7 +87,7 @@ def write_section(path: Path, name: str, body: str) -> None:
 def head_params() -> int:
     """Full-model FedAvg sends every backbone weight plus the same classification head."""
     from fedtune.config import load_config
-    from fedtune.task import get_task
+    from fedtune.task.task import get_task
 
     model = get_task(load_config(ROOT / "experiments/quickstart.toml")).new_model()
     return sum(p.numel() for p in model.head.parameters())

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.config import GRAD_SAMPLE_MODES, SampleDPConfig, load_config
 from fedtune.privacy import make_private
-from fedtune.task import get_task
-from fedtune.torch_setup import configure_torch
+from fedtune.runtime.torch_setup import configure_torch
+from fedtune.task.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 Step = Callable[[], None]

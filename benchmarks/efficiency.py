@@ -208,7 +208,7 @@ def step_speed(sets: list[str], steps: int, repeats: int, layer: int = 3) -> Non
     from clients.train import local_train
     from fedtune.config import load_config
     from fedtune.privacy import DPHistory
-    from fedtune.task import get_task
+    from fedtune.task.task import get_task
     from fedtune.tuning.prefix_cache import process_cache
 
     torch.set_num_threads(1)

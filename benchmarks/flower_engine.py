@@ -77,9 +77,9 @@ def engine_discovery(num_nodes: int, flower_dispatch: bool) -> dict[str, Any]:
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
 
-    from clients.app import build_client_app
+    from clients.handlers import build_client_app
     from fedtune.compat.flower_sim import fast_dispatch_installed, install_fast_dispatch
-    from fedtune.protocol import PartitionQuery
+    from fedtune.wire.protocol import PartitionQuery
     from strategies.grid_io import send_and_receive
 
     if not flower_dispatch:
@@ -123,7 +123,7 @@ def time_hand_out(num_nodes: int) -> dict[str, float]:
     from flwr.server.superlink.fleet.vce import vce_api
 
     from fedtune.compat.flower_sim import dispatch_messages
-    from fedtune.protocol import PartitionQuery
+    from fedtune.wire.protocol import PartitionQuery
 
     class OneTick:
         ticks = 0

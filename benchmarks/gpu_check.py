@@ -57,7 +57,7 @@ def _data(vocab: int) -> TensorDataset:
 
 
 def _flat(model: torch.nn.Module) -> np.ndarray:
-    # fedtune.delta would do, but it imports Flower, which a bare GPU box may not have.
+    # fedtune.wire.delta would do, but it imports Flower, which a bare GPU box may not have.
     return torch.cat([t.detach().float().cpu().reshape(-1)
                       for t in model.trainable_state().values()]).numpy()
 

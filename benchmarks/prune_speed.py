@@ -22,7 +22,7 @@ from clients.train import local_train
 from fedtune.config import load_config
 from fedtune.models import backbone_for
 from fedtune.privacy import DPHistory
-from fedtune.torch_setup import configure_torch
+from fedtune.runtime.torch_setup import configure_torch
 from fedtune.tuning import build_tuned_model
 
 

@@ -10,7 +10,7 @@ Both sides run as child processes of this script, from the same config and overr
 The work is the same on both sides: the same cohorts (drawn by `DeltaFedAvg.sample`), the
 same `clients.train.local_train` calls with the same seeds (`client_seed`) and learning
 rates, the same delta codec, the same example-weighted mean, and the same central
-evaluation (`fedtune.task.evaluate`) after every round. Both end at the same accuracy
+evaluation (`fedtune.task.task.evaluate`) after every round. Both end at the same accuracy
 (printed, as a check that the work really was equal).
 
 Parallelism is matched: Ray runs `simulation.num_cpus / num_cpus_per_client` actors (2 x 1
@@ -81,8 +81,8 @@ def _init_worker(cfg_toml: str, threads: int) -> None:
     """Once per pool process, as an actor does on its first message: torch settings, the
     task (backbone, tokens, partitions) and one model."""
     from fedtune.config import config_from_toml
-    from fedtune.task import get_task
-    from fedtune.torch_setup import configure_torch
+    from fedtune.runtime.torch_setup import configure_torch
+    from fedtune.task.task import get_task
 
     configure_torch(num_threads=threads)
     cfg = config_from_toml(cfg_toml)
@@ -95,10 +95,10 @@ def _train_client(job: tuple[int, int, Any, float, dict | None]) -> dict[str, An
     import numpy as np
     import torch
 
-    from clients.app import client_seed
+    from clients.handlers import client_seed
     from clients.train import local_train
-    from fedtune.delta import decode, encode
     from fedtune.privacy import DPHistory
+    from fedtune.wire.delta import decode, encode
 
     pid, rnd, global_vec, lr, history_lists = job
     cfg, task, model = _WORKER["cfg"], _WORKER["task"], _WORKER["model"]
@@ -120,9 +120,9 @@ def run_bare(cfg_toml: str, out: Path) -> None:
     import numpy as np
 
     from fedtune.config import config_from_toml
-    from fedtune.evaluation import final_metrics, initial_metrics, round_metrics
-    from fedtune.task import get_task
-    from fedtune.torch_setup import configure_torch
+    from fedtune.runtime.torch_setup import configure_torch
+    from fedtune.task.evaluation import final_metrics, initial_metrics, round_metrics
+    from fedtune.task.task import get_task
     from strategies.delta_fedavg import DeltaFedAvg
 
     cfg = config_from_toml(cfg_toml)
@@ -174,8 +174,8 @@ def run_discovery(config: Path, num_nodes: int, flower_dispatch: bool, sets: lis
     """Discovery of `num_nodes` virtual clients, then a 4-node query round, through
     `fedtune.compat.flower_sim.run_inprocess` on a loopback Ray with 2 actors."""
     from fedtune.config import load_config
-    from fedtune.local_ray import prefer_loopback
-    from fedtune.sim import _ray_scope, backend_config, quiet_environment, start_ray
+    from fedtune.runtime.local_ray import prefer_loopback
+    from fedtune.sim.driver import _ray_scope, backend_config, quiet_environment, start_ray
 
     quiet_environment()
     prefer_loopback()
@@ -185,9 +185,9 @@ def run_discovery(config: Path, num_nodes: int, flower_dispatch: bool, sets: lis
     from flwr.app import Message, MessageType
     from flwr.serverapp import ServerApp
 
-    from clients.app import build_client_app
+    from clients.handlers import build_client_app
     from fedtune.compat.flower_sim import fast_dispatch_installed, install_fast_dispatch
-    from fedtune.protocol import PartitionQuery, PartitionReply
+    from fedtune.wire.protocol import PartitionQuery, PartitionReply
     from strategies.grid_io import send_and_receive
 
     if not flower_dispatch:
@@ -316,7 +316,7 @@ def main() -> None:
         return
     if args.discovery:
         from fedtune.compat.flower_sim import flower_version
-        from fedtune.sim import SIM_POLL_S
+        from fedtune.sim.driver import SIM_POLL_S
         from strategies.grid_io import POLL_ENV
 
         os.environ.setdefault(POLL_ENV, SIM_POLL_S)  # as `fedtune run` sets it

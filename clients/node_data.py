@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.data import tokenize_texts
-from fedtune.predict_input import PredictInputError, read_texts
-from fedtune.task import Task
+from fedtune.data.predict_input import PredictInputError, read_texts
+from fedtune.task.task import Task
 
 DATA_PATH_KEY = "data-path"
 PARTITION_KEY = "partition-id"

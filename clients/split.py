@@ -31,12 +31,11 @@ from flwr.app import ArrayRecord, Context
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients import pruning
+from clients.plugins import el2n as pruning
 from clients.train import LocalResult, local_steps
 from fedtune.config import ExperimentConfig
+from fedtune.config.pruning import PruneKey, prune_key
 from fedtune.models import load_backbone
-from fedtune.models.layer_pruning import PruneKey, prune_key
-from fedtune.models.split import SplitBackbone
 from fedtune.privacy.randomness import dp_source
 from fedtune.split import (
     BodyService,
@@ -47,9 +46,10 @@ from fedtune.split import (
     scoring_flops,
     split_flops,
 )
+from fedtune.split.cut import SplitBackbone
 from fedtune.split.plan import smashed_plan
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows
-from fedtune.task import Task
+from fedtune.task.task import Task
 from fedtune.tuning.base import ClassificationHead
 from fedtune.tuning.prompt import PromptModel
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, epsilon_of, make_private
 from fedtune.privacy.plan import Release, local_steps, planned_release
-from fedtune.torch_setup import model_device
+from fedtune.runtime.torch_setup import model_device
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import prefix_layer, training_view
 

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
-from fedtune.interrupt import (
+from fedtune.run.folder import RunFolderError, claim_run_folder
+from fedtune.runtime.interrupt import (
     EXIT_CODE,
     RunInterrupted,
     end_children,
@@ -21,7 +22,6 @@ from fedtune.interrupt import (
     received,
     stop_on_signals,
 )
-from fedtune.run_folder import RunFolderError, claim_run_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
@@ -34,14 +34,14 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from fedtune.checkpoint import CheckpointError
     from fedtune.data import CorpusError, PartitionError
-    from fedtune.delta import DeltaError
-    from fedtune.export import ExportError
-    from fedtune.ledger import LedgerError, NoContributionError
-    from fedtune.local_ray import RayNotLoopbackError
+    from fedtune.data.predict_input import PredictInputError
     from fedtune.models import BackboneError
-    from fedtune.predict_input import PredictInputError
+    from fedtune.run.checkpoint import CheckpointError
+    from fedtune.run.export import ExportError
+    from fedtune.run.ledger import LedgerError, NoContributionError
+    from fedtune.runtime.local_ray import RayNotLoopbackError
+    from fedtune.wire.delta import DeltaError
 
     return _USER_ERRORS + (BackboneError, CheckpointError, CorpusError, DeltaError, ExportError,
                            LedgerError, NoContributionError, PartitionError, PredictInputError,
@@ -56,7 +56,7 @@ def _root() -> None:
 def _with_app_checks() -> None:
     """Load the app layer's config checks (plugin names and params) before a config is
     validated: this CLI assembles the app, the library's config module never imports it."""
-    import strategies.plugins  # noqa: F401  (registers its check with fedtune.registry)
+    import strategies.plugins  # noqa: F401  (registers its check with fedtune.config.registry)
 
 
 @app.command()
@@ -115,8 +115,8 @@ def _stopped(out: Path) -> None:
     come, must not hold the process until its round timeout."""
     import os
 
-    from fedtune.ledger import SUMMARY_FILE
-    from fedtune.run_folder import CHECKPOINT_FILE
+    from fedtune.run.folder import CHECKPOINT_FILE
+    from fedtune.run.ledger import SUMMARY_FILE
 
     # The ServerApp's thread may finish the last round while Ray is being stopped.
     if (out / SUMMARY_FILE).exists():
@@ -134,8 +134,8 @@ def _stopped(out: Path) -> None:
 
 def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: bool
                        ) -> dict[str, Any]:
-    from fedtune.sim import prepare_resume, run_experiment
-    from fedtune.startup import StartupReport, reporting
+    from fedtune.runtime.startup import StartupReport, reporting
+    from fedtune.sim.driver import prepare_resume, run_experiment
 
     dp, user = cfg.privacy.sample, cfg.privacy.user
     dp_txt = f"eps<={dp.target_epsilon}" if dp.enabled else "off"
@@ -154,10 +154,10 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     startup = StartupReport(lambda line: progress.console.print(line, highlight=False,
                                                                 soft_wrap=True))
     if resume:
-        # Imported here: fedtune.task imports torch and transformers, which a fresh run
-        # imports in a thread while Ray starts (fedtune.sim.run_experiment).
-        from fedtune.checkpoint import load_checkpoint, privacy_fingerprint
-        from fedtune.task import get_task
+        # Imported here: fedtune.task.task imports torch and transformers, which a fresh run
+        # imports in a thread while Ray starts (fedtune.sim.driver.run_experiment).
+        from fedtune.run.checkpoint import load_checkpoint, privacy_fingerprint
+        from fedtune.task.task import get_task
 
         try:
             with reporting(startup):
@@ -186,7 +186,7 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
 
 def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
     """The console's line for one round; each epsilon with its marks."""
-    from fedtune.epsilon_marks import epsilon_marks, render_epsilon
+    from fedtune.run.epsilon_marks import epsilon_marks, render_epsilon
 
     eps = render_epsilon(rec["epsilon_sample"],
                          epsilon_marks(cfg, "sample", rec["epsilon_sample"]))
@@ -206,7 +206,7 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
     """The console's final line; each epsilon with its marks."""
     from rich.markup import escape
 
-    from fedtune.epsilon_marks import epsilon_marks, render_epsilon
+    from fedtune.run.epsilon_marks import epsilon_marks, render_epsilon
 
     eps = {level: escape(render_epsilon(summary.get(f"epsilon_{level}"),
                                  epsilon_marks(cfg, level, summary.get(f"epsilon_{level}")),
@@ -246,9 +246,9 @@ def sweep(
 
     from rich.table import Table
 
-    from fedtune.ledger import write_text_atomic
-    from fedtune.selection import SELECT_BY, rank_by_validation
-    from fedtune.sweep import load_sweep, run_sweep
+    from fedtune.run.ledger import write_text_atomic
+    from fedtune.study.selection import SELECT_BY, rank_by_validation
+    from fedtune.study.sweep import load_sweep, run_sweep
 
     _with_app_checks()
 
@@ -297,7 +297,7 @@ class _SweepProgress:
     """One progress view for a sweep: runs done overall, and rounds of each active run."""
 
     def __init__(self, spec: Any, out: Path) -> None:
-        from fedtune.ledger import SUMMARY_FILE
+        from fedtune.run.ledger import SUMMARY_FILE
 
         self.rounds = {v.name: load_config(spec.base, list(v.overrides)).train.rounds
                        for v in spec.variants}
@@ -338,7 +338,7 @@ def report(
     title: Annotated[str, typer.Option(help="Heading of report.md.")] = "fedtune report",
 ) -> None:
     """Markdown table and plots (accuracy vs epsilon, vs round, vs uploaded bytes)."""
-    from fedtune.report import collect, group, markdown_table, write_report
+    from fedtune.study.report import collect, group, markdown_table, write_report
 
     try:
         groups = group(collect(dirs))
@@ -351,7 +351,7 @@ def report(
 
 def sweep_epsilons(row: dict[str, Any]) -> tuple[str, str]:
     """A sweep row's two epsilons, marked from its run folder's config."""
-    from fedtune.epsilon_marks import folder_marks, render_epsilon
+    from fedtune.run.epsilon_marks import folder_marks, render_epsilon
 
     return tuple(render_epsilon(row.get(f"epsilon_{level}"),  # type: ignore[return-value]
                                 folder_marks(row["folder"], level,
@@ -365,7 +365,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="New folder for the exported model.")],
 ) -> None:
     """Write a run's tuned model as a self-contained folder (see README: Export)."""
-    from fedtune.export import export_run
+    from fedtune.run.export import export_run
 
     try:
         folder = export_run(run_dir, out)
@@ -392,8 +392,8 @@ def predict(
     """Classify texts with a tuned model."""
     import json
 
-    from fedtune.export import load_tuned
-    from fedtune.predict_input import check_predict_options, read_texts
+    from fedtune.data.predict_input import check_predict_options, read_texts
+    from fedtune.run.export import load_tuned
 
     if not text and file is None:
         _fail("give texts with --text or a --file")

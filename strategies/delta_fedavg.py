@@ -8,7 +8,7 @@ times the plugins' weight; never a count from a reply. The count goes out in eve
 instruction (the client refuses to train on another); a reply reporting another count than
 the server holds is rejected.
 
-Every reply passes the wire protocol (`fedtune.protocol`) and the delta codec before it can
+Every reply passes the wire protocol (`fedtune.wire.protocol`) and the delta codec before it can
 count; a bad one is recorded as rejected with its reason, never averaged in, and never
 raises. The ledger entry of a client is built from what it reported first and the fields
 the server owns last, so no reply can set a server-owned field.
@@ -28,9 +28,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedtune.config import AggregationConfig
-from fedtune.delta import DeltaError, DeltaSpec, array_bytes, encode
 from fedtune.privacy import DPHistory
-from fedtune.protocol import (
+from fedtune.wire.delta import DeltaError, DeltaSpec, array_bytes, encode
+from fedtune.wire.protocol import (
     ProtocolError,
     TrainInstruction,
     TrainReply,

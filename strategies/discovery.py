@@ -27,7 +27,7 @@ from flwr.app import Message, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedtune.protocol import PartitionQuery, PartitionReply, ProtocolError, bounded
+from fedtune.wire.protocol import PartitionQuery, PartitionReply, ProtocolError, bounded
 from strategies.grid_io import send_and_receive
 
 

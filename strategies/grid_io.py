@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.runtime_settings import runtime_settings
+from fedtune.config.runtime import runtime_settings
 
 POLL_ENV = "FEDTUNE_GRID_POLL_S"
 

@@ -35,13 +35,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedtune.checkpoint import ServerState, load_pending, privacy_fingerprint, save_pending
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.plan import Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
-from fedtune.task import Task
+from fedtune.run.checkpoint import ServerState, load_pending, privacy_fingerprint, save_pending
+from fedtune.task.task import Task
 
 # (round, partition id, partition size) -> further DP releases the client makes in that
 # round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).

@@ -1,8 +1,8 @@
 """A real run in one process, with a recorder on every wire: the real ServerApp round loop
-(`strategies.server_app.run_server`) drives the real ClientApp handlers through a Grid that
+(`strategies.server.run_server`) drives the real ClientApp handlers through a Grid that
 calls them directly (no Ray), and every record key a reply carries and every tensor the
 split body receives is written down under the name the wire-field table uses
-(`fedtune.wire_fields`)."""
+(`fedtune.wire.fields`)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class InlineGrid:
         return list(self.nodes)
 
     def push_messages(self, messages: Any) -> list[str]:
-        from clients.app import handle_query, handle_train
+        from clients.handlers import handle_query, handle_train
 
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -107,7 +107,7 @@ def inline_run(cfg: ExperimentConfig, out: Path, monkeypatch: Any
                ) -> tuple[dict[str, Any], InlineGrid, RecordingBody | None]:
     """Run `cfg` in process into `out`; returns (summary, grid, body recorder)."""
     from clients import split as split_client
-    from strategies.server_app import run_server
+    from strategies.server import run_server
 
     recorder = None
     if cfg.split.enabled:

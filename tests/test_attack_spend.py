@@ -11,7 +11,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from torch.utils.data import TensorDataset
 
 from fedtune.config import load_config
-from fedtune.protocol import PartitionQuery, PartitionReply
+from fedtune.wire.protocol import PartitionQuery, PartitionReply
 
 
 class Trained(Exception):
@@ -21,7 +21,7 @@ class Trained(Exception):
 def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
         monkeypatch, tmp_path, task_identity):
     """The count a node reports at discovery is the one it trains on (the server charges by it)."""
-    import clients.app as client_app
+    import clients.handlers as client_app
     import clients.node_data as node_data
 
     cfg = load_config(None, ["privacy.sample.noise_multiplier=1.0"])
@@ -86,7 +86,7 @@ def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
 
 def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(tmp_path):
     """Seeded noise: a client asked in a killed attempt but not in its replay is still charged."""
-    from fedtune.checkpoint import ServerState
+    from fedtune.run.checkpoint import ServerState
     from strategies.privacy_ledger import PrivacyLedger
 
     sets = ["data.num_clients=3", "train.clients_per_round=2", "train.rounds=4",

@@ -11,15 +11,15 @@ from inline_grid import record_keys
 from torch.utils.data import TensorDataset
 
 from fedtune.config import load_config
-from fedtune.protocol import PartitionQuery
-from fedtune.wire_fields import examples_in_clear, expected_keys, statement
+from fedtune.wire.fields import examples_in_clear, expected_keys, statement
+from fedtune.wire.protocol import PartitionQuery
 
 
 def test_attackb_own_data_discovery_reply_is_in_the_statement(monkeypatch, tmp_path,
                                                                task_identity):
     """Every key a discovery reply carries is in the generated statement, and an exact
     example count sent in clear under DP is listed as in clear (or not sent)."""
-    import clients.app as client_app
+    import clients.handlers as client_app
     import clients.node_data as node_data
 
     cfg = load_config(None, [])  # sample-level DP on, counts not disclosed

@@ -11,7 +11,7 @@ from conftest import FakeGrid
 from wire import reply
 
 from fedtune.config import ConfigError, load_config
-from fedtune.delta import DeltaSpec
+from fedtune.wire.delta import DeltaSpec
 from strategies import DeltaFedAvg
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -87,7 +87,7 @@ def test_attackb_own_data_count_claim_does_not_buy_the_whole_norm_bound():
     """With mean + a fixed norm bound B, one node of five moves the aggregate by at most
     B / cohort, also when it claims the largest allowed own-data count at discovery (a
     client's claim must not set its own weight share)."""
-    from fedtune.protocol import MAX_NODE_EXAMPLES
+    from fedtune.wire.protocol import MAX_NODE_EXAMPLES
     from strategies.discovery import Roster
 
     bound = 1.0

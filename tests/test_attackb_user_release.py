@@ -1,5 +1,5 @@
 """Attack (class 3, user-level DP): the release (rounds.jsonl, summary.json: "may be
-shared", fedtune.curator_log) must carry nothing about the secret Poisson cohort beyond the
+shared", fedtune.run.curator_log) must carry nothing about the secret Poisson cohort beyond the
 noised aggregate. A real in-process run shows it still carries the cohort's exact size
 (`clients`, `sampled`), sums over its members (`bytes_up`, `client_flops`, and their
 totals) and the unnoised mean of its members' losses (`train_loss`)."""
@@ -11,7 +11,7 @@ import pytest
 from inline_grid import TINY, inline_run
 
 from fedtune.config import load_config
-from fedtune.curator_log import read_curator
+from fedtune.run.curator_log import read_curator
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.checkpoint import (
+from fedtune.config import load_config
+from fedtune.privacy import DPHistory
+from fedtune.run.checkpoint import (
     PENDING_FILE,
     CheckpointError,
     ServerState,
@@ -19,9 +21,7 @@ from fedtune.checkpoint import (
     save_checkpoint,
     save_pending,
 )
-from fedtune.config import load_config
-from fedtune.ledger import Ledger, LedgerError
-from fedtune.privacy import DPHistory
+from fedtune.run.ledger import Ledger, LedgerError
 
 
 def _state(rnd=2):
@@ -212,7 +212,7 @@ def _trace_server_ledger(cfg):
     plugin's example counts and the user-level wrapper, on partitions of 3 sizes."""
     from types import SimpleNamespace
 
-    from fedtune.checkpoint import ServerState
+    from fedtune.run.checkpoint import ServerState
     from strategies import privacy_ledger
     from strategies.plugins import build_plugins
     from strategies.user_dp import UserLevelDP
@@ -253,7 +253,7 @@ TRACED_CONFIGS = [
 
 @pytest.mark.parametrize("sets", TRACED_CONFIGS, ids=lambda s: ",".join(s) or "default")
 def test_no_mechanism_reads_a_config_value_outside_the_privacy_table(sets, monkeypatch):
-    from fedtune.checkpoint import PRIVACY_PARAMETERS
+    from fedtune.run.checkpoint import PRIVACY_PARAMETERS
     from strategies import privacy_ledger
 
     assert set(TRACERS) == set(PRIVACY_PARAMETERS)
@@ -278,7 +278,7 @@ def test_no_mechanism_reads_a_config_value_outside_the_privacy_table(sets, monke
 
 
 def test_a_read_outside_the_table_is_caught():
-    from fedtune.checkpoint import PRIVACY_PARAMETERS
+    from fedtune.run.checkpoint import PRIVACY_PARAMETERS
 
     seen: set[str] = set()
     cfg = Tracing(load_config(None, []), seen)

@@ -72,7 +72,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_every_experiment_file_is_valid():
-    from fedtune.sweep import load_sweep
+    from fedtune.study.sweep import load_sweep
 
     for path in sorted((ROOT / "experiments").glob("*.toml")):
         if "base" in tomllib.loads(path.read_text()):
@@ -88,7 +88,7 @@ def test_defaults_are_the_quickstart():
 
 
 def test_flwr_run_config_path_reads_file_and_overrides():
-    from fedtune.runconfig import config_from_run_config
+    from fedtune.config.flower_run import config_from_run_config
 
     cfg = config_from_run_config({
         "config": str(ROOT / "experiments" / "quickstart.toml"),
@@ -105,7 +105,7 @@ def test_lr_decay_range():
 def test_a_gpu_client_without_cuda_gets_a_clear_error(monkeypatch):
     import torch
 
-    from fedtune.torch_setup import client_device, model_device
+    from fedtune.runtime.torch_setup import client_device, model_device
 
     assert client_device(0.0) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -153,7 +153,7 @@ def test_an_unknown_key_with_a_newline_stays_on_one_line():
 
 
 def test_flwr_run_config_overrides_with_an_open_quote_are_a_config_error():
-    from fedtune.runconfig import config_from_run_config
+    from fedtune.config.flower_run import config_from_run_config
 
     with pytest.raises(ConfigError) as info:
         config_from_run_config({"config": str(ROOT / "experiments" / "quickstart.toml"),
@@ -162,7 +162,7 @@ def test_flwr_run_config_overrides_with_an_open_quote_are_a_config_error():
 
 
 def test_runtime_settings_defaults_config_and_environment(monkeypatch, tmp_path):
-    from fedtune.runtime_settings import runtime_settings
+    from fedtune.config.runtime import runtime_settings
 
     for env in ("FEDTUNE_GRID_POLL_S", "FEDTUNE_SUPERNODE_POLL_S", "FEDTUNE_CACHE_DIR"):
         monkeypatch.delenv(env, raising=False)
@@ -224,7 +224,7 @@ def test_values_at_the_bounds_load():
     assert cfg.train.rounds == 100_000 and cfg.name == "my-run_1.b"
 
 
-# Every number has an upper bound, the per-method tables' too (fedtune.method_config BOUNDS);
+# Every number has an upper bound, the per-method tables' too (fedtune.config.methods BOUNDS);
 # moved here from the attack's tests/test_attack_config.py (assertions kept).
 HUGE = {
     "tuning.head_hidden": ([], 10**15),  # a head of 10^15 hidden units

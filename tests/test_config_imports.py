@@ -1,6 +1,6 @@
 """`fedtune run` starts Ray only after its config is loaded and validated, so nothing on that
 path may import torch or transformers (over a second of CPU): the method settings and their
-specs are registered without them (fedtune.method_config), and the builders, registered by
+specs are registered without them (fedtune.config.methods), and the builders, registered by
 fedtune.tuning, match them. Each check runs in a fresh interpreter: this one has torch."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_every_experiment_and_sweep_loads_and_validates_without_torch(tmp_path):
         import json, os, sys
         import strategies.plugins  # the app's plugin checks, as `fedtune run` validates
         from fedtune.config import ConfigError, load_config
-        from fedtune.sweep import load_sweep
+        from fedtune.study.sweep import load_sweep
 
         loaded = {{}}
         for path in {EXPERIMENTS!r}:
@@ -55,7 +55,7 @@ def test_fedtune_run_reaches_start_ray_without_torch(tmp_path):
     # are stubbed: what is left is everything the main thread runs before `start_ray`.
     out = _python(f"""
         import json, os, sys
-        import fedtune.sim as sim
+        import fedtune.sim.driver as sim
 
         class NoBuild:
             def __init__(self, fn): pass
@@ -78,7 +78,7 @@ def test_fedtune_run_reaches_start_ray_without_torch(tmp_path):
 def test_builtin_method_specs_are_the_same_before_and_after_the_builders_load(tmp_path):
     out = _python("""
         import dataclasses, json, os, sys
-        from fedtune.registry import method_names, method_spec
+        from fedtune.config.registry import method_names, method_spec
 
         def specs():
             out = {}

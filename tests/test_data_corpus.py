@@ -325,7 +325,7 @@ def test_bring_your_own_data_follows_the_configs_runtime_cache_dir(tmp_path, mon
     import datasets
 
     from fedtune.config import ExperimentConfig
-    from fedtune.task import get_task
+    from fedtune.task.task import get_task
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home-cache")
     monkeypatch.delenv("FEDTUNE_CACHE_DIR", raising=False)

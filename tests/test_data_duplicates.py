@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.config import load_config
 from fedtune.data import load_corpus, register_corpus, target_rows
-from fedtune.task import get_task
+from fedtune.task.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def planted_corpus(monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_planted_copies_are_kept_out_of_validation_and_test_and_counted(seed, planted_corpus):
-    from fedtune.validation_split import carve_validation
+    from fedtune.data.validation_split import carve_validation
 
     task = get_task(load_config(None, [
         "data.corpus=planted-copies", "data.partition=iid", "data.num_clients=4",

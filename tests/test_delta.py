@@ -3,7 +3,7 @@ import pytest
 import torch
 from flwr.app import Array
 
-from fedtune.delta import STYPE, DeltaError, DeltaSpec, decode, encode
+from fedtune.wire.delta import STYPE, DeltaError, DeltaSpec, decode, encode
 
 
 def _state():

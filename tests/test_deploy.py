@@ -428,7 +428,7 @@ def test_seeded_noise_is_refused_outside_the_simulation_engine():
     from flwr.superlink.grid import InMemoryGrid
 
     from fedtune.config import load_config
-    from fedtune.deploy.seeded_noise import SeededNoiseRefused, check_server_runtime
+    from fedtune.privacy.seeded_noise import SeededNoiseRefused, check_server_runtime
 
     seeded = load_config(ROOT / "experiments" / "quickstart.toml",
                          ["privacy.reproducible_noise=true"])

@@ -13,15 +13,16 @@ import pytest
 from flwr.app import Message, MessageType
 from wire import reply, spec_of
 
-from fedtune.checkpoint import ServerState
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
-from fedtune.protocol import PartitionReply, TrainInstruction
+from fedtune.run.checkpoint import ServerState
+from fedtune.wire.protocol import PartitionReply, TrainInstruction
 from strategies import DeltaFedAvg
 from strategies.discovery import discover, load_operator_roster
+from strategies.preparation import Preparation
 from strategies.privacy_ledger import PrivacyLedger
-from strategies.server_app import Preparation, serve
-from strategies.server_entry import run_when_imported
+from strategies.server import serve
+from strategies.server_app import run_when_imported
 from tests.conftest import FakeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_discovery_stops_waiting_once_aborted():
 
 
 def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path, monkeypatch):
-    import strategies.server_app as server_app
+    import strategies.server as server_app
 
     monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
@@ -78,7 +79,7 @@ def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path, monk
 
 
 def test_the_server_app_imports_its_code_only_after_the_drivers_imports(tmp_path, monkeypatch):
-    import strategies.server_app as server_app
+    import strategies.server as server_app
 
     monkeypatch.setattr(server_app, "is_simulation_grid", lambda grid: True)  # the sim path
     cfg = load_config(ROOT / "experiments/quickstart.toml", ["data.num_clients=3",
@@ -226,9 +227,9 @@ def test_a_node_reports_its_own_files_count_and_a_partition_node_builds_no_task(
     from flwr.app import Context, RecordDict
     from torch.utils.data import TensorDataset
 
-    import clients.app as client_app
+    import clients.handlers as client_app
     import clients.node_data as node_data
-    from fedtune.protocol import PartitionQuery
+    from fedtune.wire.protocol import PartitionQuery
 
     def no_task(*args):
         raise AssertionError("a node on a corpus partition built its task to answer")

@@ -50,14 +50,14 @@ ALLOWED = {
     ("clients/faults.py", "random.Random"): "simulated fault injection, not a release",
     ("strategies/delta_fedavg.py", "random.Random"):
         "client selection without user-level DP (sample-level DP does not rely on it)",
-    ("fedtune/validation_split.py", "np.random.default_rng"): "validation/train partitioning",
-    ("fedtune/checkpoint.py", "np.random.get_state"): "resume of non-DP global RNG state",
-    ("fedtune/checkpoint.py", "np.random.set_state"): "resume of non-DP global RNG state",
-    ("fedtune/checkpoint.py", "random.getstate"): "resume of non-DP global RNG state",
-    ("fedtune/checkpoint.py", "random.setstate"): "resume of non-DP global RNG state",
-    ("fedtune/checkpoint.py", "torch.random.get_rng_state"): "resume of non-DP global state",
-    ("fedtune/checkpoint.py", "torch.random.set_rng_state"): "resume of non-DP global state",
-    ("fedtune/ledger.py", "secrets.token_hex"):
+    ("fedtune/data/validation_split.py", "np.random.default_rng"): "validation/train partitioning",
+    ("fedtune/run/checkpoint.py", "np.random.get_state"): "resume of non-DP global RNG state",
+    ("fedtune/run/checkpoint.py", "np.random.set_state"): "resume of non-DP global RNG state",
+    ("fedtune/run/checkpoint.py", "random.getstate"): "resume of non-DP global RNG state",
+    ("fedtune/run/checkpoint.py", "random.setstate"): "resume of non-DP global RNG state",
+    ("fedtune/run/checkpoint.py", "torch.random.get_rng_state"): "resume of non-DP global state",
+    ("fedtune/run/checkpoint.py", "torch.random.set_rng_state"): "resume of non-DP global state",
+    ("fedtune/run/ledger.py", "secrets.token_hex"):
         "unguessable temp file names (no planted link can wait for one), not a DP draw",
 }
 # torch's random functions (also under torch.random / torch.cuda): every rand*, and these.

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from clients.app import client_seed
 from clients.faults import draw_fault
+from clients.handlers import client_seed
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
-from fedtune.task import get_task
+from fedtune.task.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # As small as each assertion allows: every round costs client steps and a validation pass,

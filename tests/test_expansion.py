@@ -7,11 +7,11 @@ import torch
 from conftest import FakeGrid
 from wire import reply, spec_of
 
-from clients.importance import DomainWeighting
+from clients.plugins.expansion import DomainWeighting
 from fedtune.config import ConfigError, UserDPConfig, load_config
 from fedtune.data import PartitionError, load_corpus, partition_domains
-from fedtune.protocol import DomainSettings, TrainInstruction
 from fedtune.tuning.base import ClassificationHead
+from fedtune.wire.protocol import DomainSettings, TrainInstruction
 from strategies import DeltaFedAvg
 from strategies.plugins import build_plugins
 from strategies.user_dp import UserLevelDP

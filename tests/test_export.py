@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from fedtune.config import load_config
-from fedtune.export import ExportError, export_run, load_tuned, save_tuned_state
+from fedtune.data.predict_input import PredictInputError, read_texts
 from fedtune.models import load_backbone
-from fedtune.predict_input import PredictInputError, read_texts
-from fedtune.task import model_spec
+from fedtune.run.export import ExportError, export_run, load_tuned, save_tuned_state
+from fedtune.task.task import model_spec
 from fedtune.tuning import build_tuned_model
 
 LABELS = ("ham", "spam")

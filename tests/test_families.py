@@ -28,9 +28,9 @@ from fedtune.config import ConfigError, load_config
 from fedtune.models import backbone_from_model, load_backbone
 from fedtune.models.backbone import resolve_backbone_path
 from fedtune.models.families import derive_structure, resolve_lora_targets
-from fedtune.models.split import SplitBackbone, SplitError
 from fedtune.privacy import DPHistory
-from fedtune.task import Split, evaluate, model_spec
+from fedtune.split.cut import SplitBackbone, SplitError
+from fedtune.task.task import Split, evaluate, model_spec
 from fedtune.tuning import build_tuned_model
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune import sweep as sweep_mod
 from fedtune.deploy.certs import CertsError, main, write_certs, write_node_key
+from fedtune.study import sweep as sweep_mod
 
 EVERY_FILE = ("ca.crt", "ca.key", "server.pem", "server.key", "node-0", "node-0.pub")
 
@@ -100,7 +100,7 @@ def _plant(out, outside):
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_folder_with_planted_links_is_refused(tmp_path, resume):
-    from fedtune.run_folder import RunFolderError, claim_run_folder
+    from fedtune.run.folder import RunFolderError, claim_run_folder
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -116,7 +116,7 @@ def test_a_run_folder_with_planted_links_is_refused(tmp_path, resume):
 
 
 def test_ledger_writes_never_follow_a_link_planted_after_the_claim(tmp_path):
-    from fedtune.ledger import Ledger, write_text_atomic
+    from fedtune.run.ledger import Ledger, write_text_atomic
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -179,8 +179,8 @@ def test_export_never_writes_through_a_symlinked_out_folder(tmp_path: Path, monk
     import torch
     from safetensors.torch import save_file
 
-    from fedtune import export as export_mod
     from fedtune.config import load_config
+    from fedtune.run import export as export_mod
 
     run = tmp_path / "run"
     run.mkdir()
@@ -211,7 +211,7 @@ def test_the_peft_adapter_is_never_written_through_a_link_planted_in_out(tmp_pat
     import torch
     from torch import nn
 
-    from fedtune.export import ADAPTER_DIR, save_tuned_state
+    from fedtune.run.export import ADAPTER_DIR, save_tuned_state
 
     out = tmp_path / "run"
     (out / ADAPTER_DIR).mkdir(parents=True)
@@ -246,7 +246,7 @@ def test_sweep_refuses_a_symlinked_variant_folder(tmp_path: Path, monkeypatch) -
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_link_nested_anywhere_in_the_run_folder_is_refused(tmp_path, resume):
-    from fedtune.run_folder import RunFolderError, claim_run_folder
+    from fedtune.run.folder import RunFolderError, claim_run_folder
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -261,8 +261,8 @@ def test_a_link_nested_anywhere_in_the_run_folder_is_refused(tmp_path, resume):
 
 
 def test_the_link_walk_is_bounded(tmp_path, monkeypatch):
-    from fedtune import run_folder
-    from fedtune.run_folder import RunFolderError, claim_run_folder
+    from fedtune.run import folder as run_folder
+    from fedtune.run.folder import RunFolderError, claim_run_folder
 
     monkeypatch.setattr(run_folder, "MAX_TREE_ENTRIES", 5)
     for i in range(3):
@@ -272,7 +272,7 @@ def test_the_link_walk_is_bounded(tmp_path, monkeypatch):
 
 
 def test_a_folder_write_replaces_a_planted_link_and_leaves_its_target(tmp_path):
-    from fedtune.ledger import write_folder_atomic
+    from fedtune.run.ledger import write_folder_atomic
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -295,8 +295,8 @@ def test_an_export_holds_no_lock_file_and_a_second_export_is_refused(tmp_path, m
     import torch
     from safetensors.torch import save_file
 
-    from fedtune import export as export_mod
     from fedtune.config import load_config
+    from fedtune.run import export as export_mod
 
     run = tmp_path / "run"
     run.mkdir()

@@ -16,7 +16,7 @@ from fedtune.config import (
     config_from_toml,
     parse_override,
 )
-from fedtune.delta import ENCODINGS, DeltaError, DeltaSpec, decode, encode
+from fedtune.wire.delta import ENCODINGS, DeltaError, DeltaSpec, decode, encode
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -178,7 +178,7 @@ def _one_line(error_type, fn, *args):
 @FILES
 @given(data=file_bytes, suffix=st.sampled_from([".jsonl", ".txt", ".bin"]))
 def test_predict_input_is_read_or_refused_in_one_line(tmp_path, data, suffix):
-    from fedtune.predict_input import PredictInputError, read_texts
+    from fedtune.data.predict_input import PredictInputError, read_texts
 
     path = tmp_path / f"input{suffix}"
     path.write_bytes(data)
@@ -193,7 +193,7 @@ def test_predict_input_is_read_or_refused_in_one_line(tmp_path, data, suffix):
 @FILES
 @given(data=file_bytes)
 def test_ledger_is_read_or_refused_in_one_line(tmp_path, data):
-    from fedtune.ledger import LedgerError, count_rounds, read_rounds
+    from fedtune.run.ledger import LedgerError, count_rounds, read_rounds
 
     (tmp_path / "rounds.jsonl").write_bytes(data)
     records = _one_line(LedgerError, read_rounds, tmp_path)
@@ -205,7 +205,7 @@ def test_ledger_is_read_or_refused_in_one_line(tmp_path, data):
 @FILES
 @given(data=file_bytes, suffix=st.sampled_from([".csv", ".jsonl", ".parquet"]))
 def test_data_files_are_checked_or_refused_in_one_line(tmp_path, data, suffix):
-    from fedtune.data.local_files import DataFileError, check_text_file
+    from fedtune.data.text_files import DataFileError, check_text_file
 
     path = tmp_path / f"data{suffix}"
     path.write_bytes(data)
@@ -240,7 +240,7 @@ def test_any_history_is_refused_in_one_line_or_accounted_fast(entries):
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=2000) | st.binary(max_size=2000), st.integers(1, 300))
 def test_bounded_text_is_short_and_says_it_was_cut(text, limit):
-    from fedtune.protocol import bounded
+    from fedtune.wire.protocol import bounded
 
     shown = bounded(text, limit)
     assert len(shown) <= limit + 40

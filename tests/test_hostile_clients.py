@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from wire import reply, spec_of, stray_message
 
 from fedtune.config import UserDPConfig
-from fedtune.delta import array_bytes, encode
-from fedtune.protocol import DP_KEYS, EXTRA_GROUPS, EXTRAS, SERVER_OWNED, PartitionReply
+from fedtune.wire.delta import array_bytes, encode
+from fedtune.wire.protocol import DP_KEYS, EXTRA_GROUPS, EXTRAS, SERVER_OWNED, PartitionReply
 from strategies import DeltaFedAvg
 from strategies.discovery import discover
 from strategies.user_dp import UserLevelDP

@@ -1,5 +1,5 @@
 """Whole rounds under attack (issue 27 #4): the REAL ServerApp round loop
-(`strategies.server_app.run_server`: sampling, the budget check, the durable DP charge,
+(`strategies.server.run_server`: sampling, the budget check, the durable DP charge,
 screening, aggregation, settling, evaluation, the checkpoint, `rounds.jsonl` and
 `summary.json`) on an in-process Grid whose replies are generated. Three honest clients
 reply with real-shaped deltas; the fourth node replies with what hypothesis draws: forged
@@ -38,10 +38,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune.config import load_config
-from fedtune.delta import encode
 from fedtune.privacy import DPHistory, planned_release
-from fedtune.protocol import WITHHOLDABLE, ReportedDP, TrainReply, TrainReport
-from fedtune.wire_fields import withholds_counts
+from fedtune.wire.delta import encode
+from fedtune.wire.fields import withholds_counts
+from fedtune.wire.protocol import WITHHOLDABLE, ReportedDP, TrainReply, TrainReport
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -66,8 +66,8 @@ COUNT_PATHS = {"counts-withheld": [], "counts-disclosed": ["privacy.disclose_cou
 def world(request, tmp_path_factory):
     """The config, a tiny task, and `run_server` patched to use it (module-wide), once per
     count path."""
-    import strategies.server_app as server_app
-    from fedtune.task import Split, Task, model_spec
+    import strategies.server as server_app
+    from fedtune.task.task import Split, Task, model_spec
     from fedtune.tuning import build_tuned_model
 
     cfg = load_config(None, CFG + COUNT_PATHS[request.param])

@@ -1,7 +1,7 @@
 """The ledger's list of what leaves a client in clear follows the configuration."""
 
 from fedtune.config import load_config
-from strategies.in_clear import in_clear
+from fedtune.wire.in_clear import in_clear
 
 
 def test_default_run_withholds_counts_and_loss_and_lists_the_reported_dp_spend():

@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fedtune.ledger import LedgerError, count_rounds, read_rounds
-from fedtune.predict_input import PredictInputError, check_predict_options, read_texts
+from fedtune.data.predict_input import PredictInputError, check_predict_options, read_texts
+from fedtune.run.ledger import LedgerError, count_rounds, read_rounds
 
 LABELS = ("ham", "spam")
 
@@ -62,7 +62,7 @@ def test_out_that_is_a_folder_or_has_no_folder_is_refused(tmp_path):
 
 
 def test_predict_proba_refuses_a_batch_size_below_one():
-    from fedtune.export import TunedClassifier
+    from fedtune.run.export import TunedClassifier
 
     with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
         TunedClassifier.predict_proba(None, ["a"], batch_size=-1)  # type: ignore[arg-type]

@@ -23,16 +23,12 @@ from fedtune.config import ConfigError, config_from_toml, load_config
 from fedtune.models import backbone_for, load_backbone
 from fedtune.models.backbone import resolve_backbone_path
 from fedtune.models.families import derive_structure
-from fedtune.models.layer_pruning import (
-    available_rules,
-    layer_importance,
-    pruning_record,
-    resolve_config,
-)
-from fedtune.models.split import SplitBackbone, SplitError
-from fedtune.protocol import ProtocolError, TrainInstruction
-from fedtune.task import model_spec
+from fedtune.models.layer_pruning import available_rules, layer_importance
+from fedtune.models.pruning_setup import pruning_record, resolve_config
+from fedtune.split.cut import SplitBackbone, SplitError
+from fedtune.task.task import model_spec
 from fedtune.tuning import build_tuned_model
+from fedtune.wire.protocol import ProtocolError, TrainInstruction
 
 LAYERS = 4
 SMALL = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
@@ -270,8 +266,8 @@ def test_the_ledger_record_is_the_servers_own_count(folders):
 
 
 def test_export_and_predict_rebuild_the_pruning_of_the_run(folders, tmp_path):
-    from fedtune.export import ExportError, export_run, load_tuned, save_tuned_state
-    from fedtune.ledger import CONFIG_FILE
+    from fedtune.run.export import ExportError, export_run, load_tuned, save_tuned_state
+    from fedtune.run.ledger import CONFIG_FILE
 
     cfg = _cfg(folders["bert"], "model.prune_layers=[1]", "model.max_length=16")
     backbone = backbone_for(cfg.model)

@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 from netstat import Listener, descendants, listeners
 
-from fedtune.interrupt import RunInterrupted, disarm, on_stop, rearm, received, stop_on_signals
-from fedtune.run_folder import LOCK_FILE, RunFolderError, claim_run_folder
+from fedtune.run.folder import LOCK_FILE, RunFolderError, claim_run_folder
+from fedtune.runtime.interrupt import (
+    RunInterrupted,
+    disarm,
+    on_stop,
+    rearm,
+    received,
+    stop_on_signals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_clients=3", "train.clients_per_round=3", "train.rounds=2",
@@ -94,7 +101,7 @@ def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path):
 def test_the_lock_dies_with_its_process(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from fedtune.run_folder import "
+        "import sys, time; from pathlib import Path; from fedtune.run.folder import "
         "claim_run_folder; f = claim_run_folder(Path(sys.argv[1])); print('locked', "
         "flush=True); time.sleep(600)"), str(out)], stdout=subprocess.PIPE, text=True,
         cwd=ROOT)
@@ -110,7 +117,8 @@ def test_the_lock_dies_with_its_process(tmp_path):
 
 
 def test_run_folder_names_match_the_modules_that_write_them():
-    from fedtune import checkpoint, export, run_folder
+    from fedtune.run import checkpoint, export
+    from fedtune.run import folder as run_folder
 
     assert run_folder.CHECKPOINT_FILE == checkpoint.CHECKPOINT_FILE
     assert (run_folder.STATE_FILE, run_folder.ADAPTER_DIR) == (export.STATE_FILE,

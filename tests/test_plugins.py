@@ -8,9 +8,9 @@ import torch
 from flwr.app import RecordDict
 from torch.utils.data import TensorDataset
 
-from clients import pruning
+from clients.plugins import el2n as pruning
 from fedtune.config import ConfigError, load_config
-from fedtune.protocol import PruneSettings
+from fedtune.wire.protocol import PruneSettings
 from strategies.plugins import available_plugins, build_plugins
 
 NO_SAMPLE_DP = "privacy.sample.enabled=false"

@@ -23,11 +23,11 @@ from transformers import (
 
 from clients.train import local_train
 from fedtune.config import ConfigError, load_config
-from fedtune.evaluation import _measure
 from fedtune.models import backbone_from_model
 from fedtune.models.backbone import resolve_backbone_path
 from fedtune.privacy import DPHistory
-from fedtune.task import Split, model_spec
+from fedtune.task.evaluation import _measure
+from fedtune.task.task import Split, model_spec
 from fedtune.tuning import build_tuned_model
 from fedtune.tuning.prefix_cache import (
     CachedForward,

@@ -12,10 +12,10 @@ from conftest import FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from wire import honest_metrics, raw_reply, reply, spec_of, stray_message
 
-from fedtune.checkpoint import ServerState
 from fedtune.config import UserDPConfig, load_config
 from fedtune.privacy import DPHistory, epsilon_of
-from fedtune.protocol import (
+from fedtune.run.checkpoint import ServerState
+from fedtune.wire.protocol import (
     EXTRAS,
     SERVER_OWNED,
     WITHHOLDABLE,

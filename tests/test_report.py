@@ -7,8 +7,8 @@ import matplotlib.image
 import pytest
 
 from fedtune.config import load_config
-from fedtune.report import _lines, collect, group, markdown_table, write_report
 from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED
+from fedtune.study.report import _lines, collect, group, markdown_table, write_report
 
 
 def _run(folder, method, eps, seed, acc, extra=(), smashed=0):
@@ -138,6 +138,6 @@ def test_seeded_and_split_in_clear_epsilons_are_marked_in_the_table_legend_and_p
     text = (tmp_path / "report" / "report.md").read_text()
     assert "- [seeded noise] seeded noise: not a guarantee" in text
     assert "- [data in clear] data in clear:" in text
-    from fedtune.report import _lines, _mark_tags
+    from fedtune.study.report import _lines, _mark_tags
     labels = {_mark_tags(gs) for gs in _lines(groups).values()}
     assert " [seeded noise]" in labels

@@ -26,7 +26,7 @@ from fedtune.config import (
     ConfigError,
     load_config,
 )
-from fedtune.delta import DeltaSpec
+from fedtune.wire.delta import DeltaSpec
 from strategies import DeltaFedAvg, robust
 
 pytestmark = pytest.mark.usefixtures("task_identity")

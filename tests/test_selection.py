@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.selection import rank_by_validation
-from fedtune.sweep import Variant, load_sweep
+from fedtune.study.selection import rank_by_validation
+from fedtune.study.sweep import Variant, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("train.rounds=3",)

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedtune.checkpoint import PENDING_FILE, ServerState, load_pending
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release, poisson_sample_rate
 from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
+from fedtune.run.checkpoint import PENDING_FILE, ServerState, load_pending
 from strategies.privacy_ledger import PrivacyLedger
 
 SIZES = [100, 70, 40]
@@ -271,9 +271,9 @@ class SilentGrid:
 
 
 def _serve(grid, cfg, out, resume=False):
-    from fedtune.ledger import NoContributionError
+    from fedtune.run.ledger import NoContributionError
     from strategies.discovery import Roster
-    from strategies.server_app import run_server
+    from strategies.server import run_server
 
     try:
         return run_server(grid, cfg, out, resume=resume, roster=Roster(nodes=dict(NODES)))
@@ -284,7 +284,7 @@ def _serve(grid, cfg, out, resume=False):
 def _planned_histories(cfg, sends):
     """The uninterrupted accounting of `sends` (the partitions of each instruction batch
     that went out): each client's planned release, once per instruction it was sent."""
-    from fedtune.task import get_task
+    from fedtune.task.task import get_task
 
     sizes = [len(p) for p in get_task(cfg).partitions]
     expected: dict[int, DPHistory] = {}
@@ -302,9 +302,9 @@ def _planned_histories(cfg, sends):
 ])
 def test_a_run_killed_in_round_1_resumes_and_charges_every_release(
         tmp_path, monkeypatch, task_identity, kill_at, error):
-    import strategies.server_app as server_app
-    from fedtune.checkpoint import CHECKPOINT_FILE
-    from fedtune.ledger import read_rounds
+    import strategies.server as server_app
+    from fedtune.run.checkpoint import CHECKPOINT_FILE
+    from fedtune.run.ledger import read_rounds
 
     cfg = load_config(None, KILL_SETS)
     out = tmp_path / "run"
@@ -346,9 +346,9 @@ def test_a_run_killed_in_round_1_resumes_and_charges_every_release(
 def test_the_round_0_checkpoint_is_on_disk_before_round_1_is_charged(
         tmp_path, monkeypatch, task_identity):
     """Order: checkpoint (round 0) -> pending charges -> instructions out."""
-    import strategies.server_app as server_app
-    from fedtune import checkpoint
-    from fedtune.checkpoint import CHECKPOINT_FILE, load_checkpoint, privacy_fingerprint
+    import strategies.server as server_app
+    from fedtune.run import checkpoint
+    from fedtune.run.checkpoint import CHECKPOINT_FILE, load_checkpoint, privacy_fingerprint
 
     cfg = load_config(None, KILL_SETS)
     out = tmp_path / "run"
@@ -389,7 +389,7 @@ def test_kill_9_in_round_1_then_resume_charges_every_release(tmp_path):
     import time
     from pathlib import Path
 
-    from fedtune.ledger import read_rounds
+    from fedtune.run.ledger import read_rounds
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
@@ -439,7 +439,7 @@ def test_a_resume_that_changes_a_mechanism_is_refused_before_anything_starts(
         tmp_path, task_identity, cli, monkeypatch):
     """Killed in round 1, then resumed with `split.local_loss_fraction` edited: one line
     naming it, before Ray starts (no simulation is launched)."""
-    import fedtune.sim
+    import fedtune.sim.driver
 
     cfg = load_config(None, KILL_SETS)
     out = tmp_path / "run"
@@ -453,7 +453,7 @@ def test_a_resume_that_changes_a_mechanism_is_refused_before_anything_starts(
     def no_simulation(*args, **kwargs):
         raise AssertionError("the simulation started")
 
-    monkeypatch.setattr(fedtune.sim, "run_experiment", no_simulation)
+    monkeypatch.setattr(fedtune.sim.driver, "run_experiment", no_simulation)
     res = cli("run", "--resume", str(out))
     said = " ".join(res.output.split())
     assert res.code != 0 and "changed: split.local_loss_fraction (0.0 -> 0.5)" in said, said

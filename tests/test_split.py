@@ -10,16 +10,16 @@ import torch
 from flwr.app import Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients import pruning
 from clients import split as split_client
+from clients.plugins import el2n as pruning
 from clients.train import LocalResult, local_train
 from fedtune.config import ConfigError, SampleDPConfig, load_config
 from fedtune.models import load_backbone
-from fedtune.models.split import SplitBackbone, SplitError
 from fedtune.privacy import DPHistory, make_private
-from fedtune.protocol import PruneSettings
 from fedtune.split import InProcessBody, SplitPromptModel, split_flops
+from fedtune.split.cut import SplitBackbone, SplitError
 from fedtune.tuning import build_tuned_model
+from fedtune.wire.protocol import PruneSettings
 from tests.conftest import tiny_gpt2
 
 BASE = ["train.batch_size=8", "tuning.prompt.length=4"]

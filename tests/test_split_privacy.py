@@ -14,15 +14,15 @@ from clients import split as split_client
 from clients.train import local_train
 from fedtune.config import ConfigError, load_config
 from fedtune.models import load_backbone
-from fedtune.models.split import SplitBackbone
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.randomness import DPRandom
 from fedtune.split import InProcessBody, SplitPromptModel
+from fedtune.split.cut import SplitBackbone
 from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED, dp_level_label
+from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
 from fedtune.split.plan import smashed_plan, smashed_privacy_events
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows, slot_count
 from fedtune.tuning import build_tuned_model
-from strategies.split_ledger import split_round_fields, split_summary_fields
 
 SMASHED = ["split.enabled=true", "split.smashed_dp.enabled=true", "train.batch_size=4",
            "tuning.prompt.length=4", "train.local_steps=2", "train.rounds=3"]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from fedtune.config import load_config
-from fedtune.evaluation import initial_metrics, round_metrics
-from fedtune.sim import _Background
-from fedtune.startup import PREFIX, StartupReport, mark, phase, reporting
-from fedtune.task import get_task
-from strategies.server_app import _initial
+from fedtune.runtime.startup import PREFIX, StartupReport, mark, phase, reporting
+from fedtune.sim.driver import _Background
+from fedtune.task.evaluation import initial_metrics, round_metrics
+from fedtune.task.task import get_task
+from strategies.server import _initial
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_clients=6", "model.max_length=32", "tuning.prompt.length=4",
@@ -73,20 +73,20 @@ def test_the_background_build_hands_back_its_value_or_its_error():
 def test_workers_import_the_client_code_as_they_start(monkeypatch):
     import ray
 
-    import fedtune.sim as sim
-    from fedtune.worker_warmup import import_client
+    import fedtune.sim.driver as sim
+    from fedtune.sim.warmup import import_client
 
     seen = {}
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr("fedtune.interrupt.rearm", lambda: None)
+    monkeypatch.setattr("fedtune.runtime.interrupt.rearm", lambda: None)
     sim.start_ray(_cfg("simulation.ray_address=127.0.0.1:1"))
     hook = seen["runtime_env"]["worker_process_setup_hook"]
-    assert hook == "fedtune.worker_warmup.import_client"
+    assert hook == "fedtune.sim.warmup.import_client"
     module, _, name = hook.rpartition(".")
     assert getattr(__import__(module, fromlist=[name]), name) is import_client
     # A worker that cannot import the client code starts anyway: its first message then
     # fails with the ClientApp's own error, not Ray's set-up hook error.
-    monkeypatch.setitem(sys.modules, "clients.app", None)
+    monkeypatch.setitem(sys.modules, "clients.handlers", None)
     import_client()
 
 

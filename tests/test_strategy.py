@@ -7,8 +7,8 @@ from conftest import FakeGrid
 from flwr.app import Array, ArrayRecord, Error, Message
 from wire import honest_metrics, raw_reply, reply
 
-from fedtune.delta import DeltaSpec
-from fedtune.protocol import TrainInstruction
+from fedtune.wire.delta import DeltaSpec
+from fedtune.wire.protocol import TrainInstruction
 from strategies import DeltaFedAvg
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import ConfigError, load_config
-from fedtune.sweep import load_sweep
+from fedtune.study.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeyp
     import json
     import subprocess
 
-    from fedtune import sweep as sweep_mod
+    from fedtune.study import sweep as sweep_mod
 
     (tmp_path / "q.toml").write_text((ROOT / "experiments/quickstart.toml").read_text())
     (tmp_path / "s.toml").write_text(
@@ -116,7 +116,7 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(tmp_path, monkeyp
                                    [1, "x"], [{"name": "el2n_pruning", "keep": 0.5}]])
 def test_grid_values_read_back_through_set(value):
     from fedtune.config import parse_override
-    from fedtune.sweep import _toml
+    from fedtune.study.sweep import _toml
 
     assert parse_override(f"k={_toml(value)}") == ("k", value)
 
@@ -172,10 +172,10 @@ def test_a_restarted_variant_keeps_the_spend_its_dead_attempt_recorded(tmp_path,
 
     import numpy as np
 
-    from fedtune import checkpoint
-    from fedtune import sweep as sweep_mod
     from fedtune.config import load_config
     from fedtune.privacy import DPHistory, planned_release
+    from fedtune.run import checkpoint
+    from fedtune.study import sweep as sweep_mod
     from strategies.privacy_ledger import PrivacyLedger
 
     assert sweep_mod.PENDING_FILE == checkpoint.PENDING_FILE
@@ -228,8 +228,8 @@ def test_a_folder_without_checkpoint_with_later_charges_is_refused_not_dropped(
         tmp_path, monkeypatch):
     import subprocess
 
-    from fedtune import checkpoint
-    from fedtune import sweep as sweep_mod
+    from fedtune.run import checkpoint
+    from fedtune.study import sweep as sweep_mod
 
     def launch(*args, **kwargs):
         raise AssertionError("the variant must not start")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedtune.config import load_config
-from fedtune.task import _task_from_bundle, get_task, task_key, write_bundle
+from fedtune.task.task import _task_from_bundle, get_task, task_key, write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt.length=4"]
@@ -59,8 +59,8 @@ def test_worker_reads_a_bundle_without_importing_datasets(tmp_path):
     code = (
         "import sys\n"
         "from fedtune.config import load_config\n"
-        "from fedtune.task import get_task\n"
-        "import clients.app\n"
+        "from fedtune.task.task import get_task\n"
+        "import clients.handlers\n"
         f"task = get_task(load_config({str(tmp_path / 'cfg.toml')!r}), {str(folder)!r})\n"
         "print(len(task.partitions), task.validation_rows.size, sorted(m for m in ('datasets',"
         " 'flwr_datasets', 'peft', 'opacus') if m in sys.modules))\n"
@@ -71,7 +71,7 @@ def test_worker_reads_a_bundle_without_importing_datasets(tmp_path):
 
 
 def test_worker_model_is_reused_and_reset_by_the_global_vector():
-    from clients.app import worker_model
+    from clients.handlers import worker_model
 
     task = get_task(_cfg())
     model = worker_model(task, torch.device("cpu"))

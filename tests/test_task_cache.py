@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedtune.task as task_module
-from fedtune import task_cache
+import fedtune.task.task as task_module
 from fedtune.config import load_config
 from fedtune.data import corpus_sources
 from fedtune.data.corpora import SPAMASSASSIN_FILE
-from fedtune.startup import PREFIX, StartupReport, reporting
-from fedtune.task import data_key, task_key
+from fedtune.runtime.startup import PREFIX, StartupReport, reporting
+from fedtune.task import cache as task_cache
+from fedtune.task.task import data_key, task_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_clients=6", "model.max_length=32", "tuning.prompt.length=4"]
@@ -119,7 +119,7 @@ def test_an_unreadable_entry_is_rebuilt_and_stored_again(cache, caplog):
     first, _ = _build(cfg)
     (entry,) = (cache / task_cache.FOLDER).iterdir()
     (entry / "partitions.npy").write_bytes(b"not an array")
-    with caplog.at_level(logging.WARNING, logger="fedtune.task"):
+    with caplog.at_level(logging.WARNING, logger="fedtune.task.task"):
         again, phases = _build(cfg)
     assert phases == ["model", "data", "tokenize", "partitions"]
     assert "unreadable" in caplog.text and entry.name in caplog.text
@@ -139,7 +139,7 @@ def test_an_entry_whose_parts_disagree_is_not_used(cache):
 def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(cache, caplog):
     cache.mkdir(parents=True)
     (cache / task_cache.FOLDER).write_text("a file where the folder should be")
-    with caplog.at_level(logging.WARNING, logger="fedtune.task"):
+    with caplog.at_level(logging.WARNING, logger="fedtune.task.task"):
         task, _ = _build(_cfg("seed=15"))
     assert len(task.partitions) == 6 and "could not store" in caplog.text
 
@@ -147,18 +147,18 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(cache, caplo
 def test_the_key_covers_the_code_that_carves_the_splits(tmp_path):
     """A change to the split rules (the validation carve, the copy rule of issue 26 #6) gives
     every task a new key, so entries written by older code are never read."""
-    package = Path(task_cache.__file__).resolve().parent
+    package = Path(task_cache.__file__).resolve().parents[1]
     copy = tmp_path / "fedtune"
     for name in task_cache.CODE:
         source = package / name
         if source.is_dir():
             shutil.copytree(source, copy / name)
         else:
-            copy.mkdir(exist_ok=True)
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, copy / name)
     assert task_cache._code_digest(copy) == task_cache._code_digest()
     digests = {task_cache._code_digest()}
-    for rule in ("data/duplicates.py", "validation_split.py", "task.py"):
+    for rule in ("data/duplicates.py", "data/validation_split.py", "task/task.py"):
         path = copy / rule
         original = path.read_bytes()
         path.write_bytes(original + b"\n# changed\n")

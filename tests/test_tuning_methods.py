@@ -104,8 +104,8 @@ def test_lora_run_folder_gets_a_peft_adapter(tmp_path, backbone):
     from peft import PeftModel
 
     from fedtune.config import load_config
-    from fedtune.export import save_tuned_state
-    from fedtune.task import get_task
+    from fedtune.run.export import save_tuned_state
+    from fedtune.task.task import get_task
 
     cfg = load_config(None, ["tuning.method=lora", "model.max_length=32"])
     task = get_task(cfg)

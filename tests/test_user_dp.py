@@ -7,11 +7,11 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from wire import reply, spec_of
 
-from fedtune.checkpoint import ServerState
 from fedtune.config import UserDPConfig, load_config
-from fedtune.delta import clip_to_norm
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
-from fedtune.protocol import TrainInstruction
+from fedtune.run.checkpoint import ServerState
+from fedtune.wire.delta import clip_to_norm
+from fedtune.wire.protocol import TrainInstruction
 from strategies import DeltaFedAvg
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserLevelDP
@@ -139,7 +139,7 @@ def test_budget_stop_names_the_round_and_the_level():
 
 def test_noise_too_small_for_one_round_is_a_config_error():
     from fedtune.config import ConfigError
-    from fedtune.sim import check_user_budget
+    from fedtune.sim.driver import check_user_budget
 
     cfg = load_config(None, ["privacy.user.enabled=true", "privacy.user.noise_multiplier=0.3",
                              "privacy.user.target_epsilon=1"])

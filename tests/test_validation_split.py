@@ -9,9 +9,9 @@ import pytest
 
 from fedtune.config import ConfigError, load_config
 from fedtune.data import PartitionError, load_corpus, target_rows
-from fedtune.evaluation import accuracy_fields, final_metrics, initial_metrics, round_metrics
-from fedtune.task import Split, get_task
-from fedtune.validation_split import carve_validation
+from fedtune.data.validation_split import carve_validation
+from fedtune.task.evaluation import accuracy_fields, final_metrics, initial_metrics, round_metrics
+from fedtune.task.task import Split, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_clients=7", "model.max_length=32", "tuning.prompt.length=4",
@@ -66,7 +66,7 @@ def test_carve_draws_only_among_the_given_rows():
 
 
 def test_carve_passes_over_rows_with_a_copy_and_keeps_its_size_and_order():
-    from fedtune.validation_split import passed_over
+    from fedtune.data.validation_split import passed_over
 
     labels = np.repeat([0, 1], [700, 300])
     plain = carve_validation(labels, 0.2, seed=3)
@@ -178,7 +178,7 @@ def test_without_validation_nothing_is_selected():
 def test_report_curves_are_validation_figures_and_runs_without_them_draw_none(tmp_path):
     import json
 
-    from fedtune.report import collect, group, write_report
+    from fedtune.study.report import collect, group, write_report
 
     for name, key in (("with", "val_accuracy"), ("old", "accuracy")):
         folder = tmp_path / name

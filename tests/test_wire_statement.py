@@ -13,10 +13,10 @@ from clients import split as split_client
 from clients.train import local_train
 from fedtune.config import load_config
 from fedtune.models import load_backbone
-from fedtune.models.split import SplitBackbone
 from fedtune.privacy import DPHistory
 from fedtune.split import InProcessBody, SplitPromptModel
 from fedtune.split import flops as split_flops_module
+from fedtune.split.cut import SplitBackbone
 from fedtune.tuning import build_tuned_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -117,7 +117,7 @@ def test_what_a_real_run_sends_is_what_its_statement_says(tmp_path, monkeypatch,
     body receives in a real (in-process) run, and compare with the generated statement.
     26 #5: under DP no count, real-row count or loss leaves the client (this failed for
     sample-level DP and smashed DP before `privacy.disclose_counts`)."""
-    from fedtune.wire_fields import conditional_keys, expected_keys, statement, withholds_counts
+    from fedtune.wire.fields import conditional_keys, expected_keys, statement, withholds_counts
 
     sets, console_mark = MODES[mode]
     cfg = load_config(None, [*TINY, *sets])
@@ -146,7 +146,7 @@ def test_what_a_real_run_sends_is_what_its_statement_says(tmp_path, monkeypatch,
 def _check_marks(mode, cfg, out, rounds, summary, console_mark):
     """26 #6: every output of the run shows each epsilon's marks."""
     from fedtune.cli import round_line, summary_line, sweep_epsilons
-    from fedtune.export import export_run
+    from fedtune.run.export import export_run
 
     line = round_line(rounds[0], cfg)
     final = summary_line(summary, out, cfg)
@@ -173,7 +173,7 @@ def _check_marks(mode, cfg, out, rounds, summary, console_mark):
 def _check_curator_log(out, rounds, summary, cfg):
     """26 #6: under user-level DP rounds.jsonl named the secret Poisson cohort and each
     client's unclipped norm, loss and n."""
-    from fedtune.curator_log import read_curator
+    from fedtune.run.curator_log import read_curator
 
     text = (out / "rounds.jsonl").read_text() + (out / "summary.json").read_text()
     assert '"partition_id"' not in text and '"delta_norm"' not in text
@@ -184,7 +184,7 @@ def _check_curator_log(out, rounds, summary, cfg):
     assert curator[0]["privacy_user"]["aggregated_delta_norms"]
     # The cohort's size, sums and unnoised loss: null in the release, kept for the curator.
     from fedtune.cli import round_line
-    from fedtune.curator_log import COHORT_FIGURES
+    from fedtune.run.curator_log import COHORT_FIGURES
 
     assert all(r[k] is None for r in rounds for k in COHORT_FIGURES)
     assert curator[0]["clients"] == curator[0]["sampled"] == 3 and curator[0]["bytes_up"] > 0
@@ -209,7 +209,7 @@ def test_under_dp_every_example_field_is_protected_or_withheld():
     examples or the Poisson draw is sent in clear, in any combination of settings, but for
     the exact count a node with its own data file sends at discovery (listed, with that
     condition, as in clear: tests/test_attackb_discovery_count.py)."""
-    from fedtune.wire_fields import examples_in_clear, withheld_fields
+    from fedtune.wire.fields import examples_in_clear, withheld_fields
 
     plugins = ["data.domain_by=collection", "data.target_domain=set2",
                "data.target_clients=2",
@@ -228,7 +228,7 @@ def test_under_dp_every_example_field_is_protected_or_withheld():
 def test_the_readme_statement_is_the_generated_one():
     from pathlib import Path
 
-    from fedtune.wire_fields import readme_table
+    from fedtune.wire.fields import readme_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert readme_table() in readme, "run `python -m fedtune.wire_fields` and paste it"
+    assert readme_table() in readme, "run `python -m fedtune.wire.fields` and paste it"

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.delta import DeltaSpec, encode
-from fedtune.protocol import TrainReply, TrainReport
+from fedtune.wire.delta import DeltaSpec, encode
+from fedtune.wire.protocol import TrainReply, TrainReport
 
 
 def spec_of(size: int) -> DeltaSpec:

@@ -32,7 +32,7 @@ from flwr.app import Context, RecordDict
 from torch.utils.data import TensorDataset
 
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.ledger import CONFIG_FILE, SUMMARY_FILE
+from fedtune.run.ledger import CONFIG_FILE, SUMMARY_FILE
 from fedtune.split import InProcessBody
 from fedtune.split.flops import probing
 
@@ -126,8 +126,8 @@ def audit_run(run: str | Path, overrides: list[str] | None = None, victim: int =
               public_examples: int = 256, seed: int = 0) -> AttackResult:
     """Attack one round of client `victim` of run folder `run` (its config, with
     `overrides`, and its final trainable state as the global state the server sent)."""
-    from fedtune.export import load_tuned
-    from fedtune.task import get_task
+    from fedtune.run.export import load_tuned
+    from fedtune.task.task import get_task
 
     run = Path(run)
     if not (run / CONFIG_FILE).is_file():

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.data.local_files import (
+from fedtune.data.text_files import (
     DataFileError,
     check_text_file,
     data_file_names,
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import datasets
 
 # Imported where used: `datasets` (pyarrow, pandas) costs ~1 s of CPU to import, and Ray
-# actors that get their task from the driver (fedtune.task bundles) never load a corpus.
+# actors that get their task from the driver (fedtune.task.task bundles) never load a corpus.
 CorpusLoader = Callable[..., "datasets.DatasetDict"]
 _CORPORA: dict[str, CorpusLoader] = {}
 SPAMASSASSIN_FILE = "spamassassin.jsonl.gz"
@@ -53,7 +53,7 @@ def register_corpus(name: str, sources: SourceLister | None = None
                     ) -> Callable[[CorpusLoader], CorpusLoader]:
     """Register a loader under `name`. Its keyword-only parameters are the corpus options.
     `sources(**options)` lists the files the loader reads (None: unknown); a corpus without
-    it is never taken from the task cache (`fedtune.task_cache`)."""
+    it is never taken from the task cache (`fedtune.task.cache`)."""
 
     def deco(loader: CorpusLoader) -> CorpusLoader:
         _CORPORA[name] = loader

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedtune.runtime_settings import runtime_settings
+from fedtune.config.runtime import runtime_settings
 
 if TYPE_CHECKING:
     import datasets
@@ -30,7 +30,7 @@ BATCH_SIZE = 1024
 
 
 def default_cache_dir() -> Path:
-    """`$FEDTUNE_CACHE_DIR` if set, else ~/.cache/fedtune (fedtune.runtime_settings)."""
+    """`$FEDTUNE_CACHE_DIR` if set, else ~/.cache/fedtune (fedtune.config.runtime)."""
     return runtime_settings().cache_dir
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class DeployError(ValueError):
-    """A deployment argument that cannot work (bad address, missing file)."""
+from fedtune.config.errors import DeployError
 
 
 def check_address(address: str, what: str) -> tuple[str, int]:

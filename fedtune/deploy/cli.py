@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedtune.runtime_settings import RuntimeConfig
+from fedtune.config.runtime import RuntimeConfig
 
 deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Run the same apps on a SuperLink and real SuperNodes.")
@@ -114,7 +114,7 @@ def sim_superlink(
     import tempfile
 
     from fedtune.deploy.local import SIMULATION_ENV, simulation_superlink_command
-    from fedtune.local_ray import TMPDIR_ENV
+    from fedtune.runtime.local_ray import TMPDIR_ENV
 
     if not 0 < port < 65536:
         _fail(f"--port must be 1-65535, got {port}")
@@ -244,9 +244,9 @@ def local(
     from fedtune.config import ConfigError, load_config
     from fedtune.deploy.address import DeployError
     from fedtune.deploy.local import LocalDeployment
-    from fedtune.deploy.seeded_noise import refuse_seeded_noise
-    from fedtune.interrupt import RunInterrupted, stop_on_signals
-    from fedtune.run_folder import RunFolderError, claim_run_folder
+    from fedtune.privacy.seeded_noise import refuse_seeded_noise
+    from fedtune.run.folder import RunFolderError, claim_run_folder
+    from fedtune.runtime.interrupt import RunInterrupted, stop_on_signals
 
     project = Path(__file__).resolve().parents[2]
     if not (project / "pyproject.toml").is_file():

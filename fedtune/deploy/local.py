@@ -34,7 +34,7 @@ from typing import IO
 from fedtune.compat.flower_deploy import enabled
 from fedtune.deploy.certs import CertFiles, load_ca, node_cert_paths, write_certs, write_node_key
 from fedtune.deploy.fleet_gateway import Limits
-from fedtune.local_ray import SINGLE_MACHINE_ENV
+from fedtune.runtime.local_ray import SINGLE_MACHINE_ENV
 
 CONNECTION = "fedtune-local"
 
@@ -47,7 +47,7 @@ SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEE
 # `flwr run` on a simulation SuperLink (README: Running with `flwr run`): Flower's
 # `flwr-simulation`, started under the SuperLink, calls `ray.init()`, and a plain one gave
 # Ray's GCS, raylet, workers and the driver the host's address on every interface (8
-# non-loopback sockets measured). Ray's single-machine switch (fedtune.local_ray) reaches it
+# non-loopback sockets measured). Ray's single-machine switch (fedtune.runtime.local_ray) reaches it
 # through the environment the SuperLink passes down to its SuperExec and flwr-simulation.
 SIMULATION_ENV = {SINGLE_MACHINE_ENV: "0", **SUPERLINK_ENV}
 

@@ -30,7 +30,7 @@ from fedtune.compat.flower_deploy import (
     cap_supernode_polls,
     use_client_certificate,
 )
-from fedtune.runtime_settings import runtime_settings
+from fedtune.config.runtime import runtime_settings
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 

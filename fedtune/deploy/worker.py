@@ -35,9 +35,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedtune.compat.flower_deploy import RuntimeApi, enabled, error_reply
+from fedtune.config.flower_run import config_from_run_config
 from fedtune.deploy.address import DeployError, check_address, check_file
-from fedtune.deploy.seeded_noise import refuse_seeded_noise
-from fedtune.runconfig import config_from_run_config
+from fedtune.privacy.seeded_noise import refuse_seeded_noise
 
 DEFAULT_APP = "clients.app:app"
 # The SuperNode drops a task whose process has been silent for 2 x 30 s; local training

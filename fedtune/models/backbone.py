@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedtune.config.pruning import PruneKey, prune_key
 from fedtune.models.families import FamilyError, derive_structure
-from fedtune.models.layer_pruning import PruneKey, layers_to_drop, prune_key, prune_model
+from fedtune.models.layer_pruning import layers_to_drop, prune_model
 
 if TYPE_CHECKING:
     # transformers' model classes are imported where a model is loaded: importing them costs
-    # about 2 CPU-s, and config validation imports this module (fedtune.startup's profile).
+    # about 2 CPU-s, and config validation imports this module (fedtune.runtime.startup's profile).
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from fedtune.config import ModelConfig

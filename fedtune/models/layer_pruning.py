@@ -15,25 +15,15 @@ strings through `check_setting` without loading a model.
 
 from __future__ import annotations
 
-import copy
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedtune.registry import ConfigError
+from fedtune.config.errors import ConfigError
+from fedtune.config.pruning import FIELD, PruneKey, show, split_rule
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from fedtune.config import ExperimentConfig
-    from fedtune.models.backbone import Backbone
-
-FIELD = "model.prune_layers"
-# What `load_backbone` takes (hashable, for its per-process cache): sorted indices to drop,
-# or a rule string.
-PruneKey = tuple[int, ...] | str
-
 
 @dataclass(frozen=True)
 class RuleContext:
@@ -91,41 +81,10 @@ def _importance(k: int, ctx: RuleContext) -> list[int]:
     return sorted(ranked[:k])
 
 
-_RULE_SYNTAX = re.compile(r"^([a-z_]+):(-?\d+)$")
-
-
 def parse_rule(text: str) -> tuple[Rule, int]:
     """`"every:3"` -> (the rule, 3); a ConfigError naming `model.prune_layers` otherwise."""
-    match = _RULE_SYNTAX.match(text.strip())
-    if match is None:
-        raise ConfigError(f"{FIELD}={text!r} is neither a list of layer indices nor a rule "
-                          f"'<rule>:<k>' with rule one of: {', '.join(available_rules())}")
-    name, k = match.group(1), int(match.group(2))
-    if name not in _RULES:
-        raise ConfigError(f"{FIELD}={text!r}: unknown rule {name!r}; rules: "
-                          f"{', '.join(available_rules())}")
-    if k < 1:
-        raise ConfigError(f"{FIELD}={text!r}: k must be >= 1, got {k}")
+    name, k = split_rule(text)
     return _RULES[name], k
-
-
-def check_setting(value: Sequence[int] | str) -> None:
-    """What can be checked without the model: a known rule with k >= 1, or indices that
-    are >= 0 and distinct. The layer count is checked when the backbone is loaded."""
-    if isinstance(value, str):
-        parse_rule(value)
-        return
-    negative = [i for i in value if i < 0]
-    if negative:
-        raise ConfigError(f"{FIELD}={list(value)}: layer indices must be >= 0, got {negative}")
-    duplicates = sorted({i for i in value if list(value).count(i) > 1})
-    if duplicates:
-        raise ConfigError(f"{FIELD}={list(value)}: layer {duplicates} listed more than once")
-
-
-def prune_key(value: Sequence[int] | str) -> PruneKey:
-    """The cache key `load_backbone` takes for a `prune_layers` setting."""
-    return value if isinstance(value, str) else tuple(sorted(value))
 
 
 def layers_to_drop(value: PruneKey, model: nn.Module, tokenizer: Any) -> list[int]:
@@ -136,7 +95,7 @@ def layers_to_drop(value: PruneKey, model: nn.Module, tokenizer: Any) -> list[in
     try:
         num_layers = len(derive_structure(model).layers)
     except FamilyError as exc:
-        raise ConfigError(f"{FIELD}={_show(value)} cannot prune this model: {exc}") from None
+        raise ConfigError(f"{FIELD}={show(value)} cannot prune this model: {exc}") from None
     if isinstance(value, str):
         rule, k = parse_rule(value)
         drop = sorted(set(rule.drop(k, RuleContext(num_layers, model, tokenizer))))
@@ -144,16 +103,12 @@ def layers_to_drop(value: PruneKey, model: nn.Module, tokenizer: Any) -> list[in
         drop = sorted(value)
         outside = [i for i in drop if i >= num_layers]
         if outside:
-            raise ConfigError(f"{FIELD}={_show(value)}: index {outside} out of range for this "
+            raise ConfigError(f"{FIELD}={show(value)}: index {outside} out of range for this "
                               f"backbone's {num_layers} layers (allowed 0..{num_layers - 1})")
     if len(drop) >= num_layers:
-        raise ConfigError(f"{FIELD}={_show(value)} drops all {num_layers} layers of this "
+        raise ConfigError(f"{FIELD}={show(value)} drops all {num_layers} layers of this "
                           "backbone; at least one must stay")
     return drop
-
-
-def _show(value: PruneKey) -> str:
-    return repr(value) if isinstance(value, str) else str(list(value))
 
 
 # Config fields holding one entry per block (decoders: full vs sliding-window attention).
@@ -254,39 +209,3 @@ def layer_importance(model: nn.Module, tokenizer: Any) -> list[float]:
             scores.append(float((1.0 - cos).mean()))
     model.train(was_training)
     return scores
-
-
-def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` with a rule in `model.prune_layers` replaced by the explicit indices it drops
-    (a copy; `cfg` itself when it already holds a list). Run once at a run's start, so the
-    run's config.toml, its workers and anything rebuilt from it use the same layers."""
-    value = cfg.model.prune_layers
-    if not isinstance(value, str):
-        return cfg
-    from fedtune.models.backbone import load_pretrained
-
-    model, tokenizer = load_pretrained(cfg.model.backbone)  # unpruned, not kept in the cache
-    resolved = copy.deepcopy(cfg)
-    resolved.model.prune_layers = layers_to_drop(value, model, tokenizer)
-    return resolved
-
-
-def pruning_record(backbone: Backbone, max_length: int) -> dict[str, Any]:
-    """The ledger's pruning fields, computed by the server from its own backbone:
-    `layers_kept` (original indices) and `backbone_flops_per_example`, the forward FLOPs
-    of the (pruned) backbone on one example of `max_length` tokens (torch's FlopCounterMode,
-    as clients count theirs)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fedtune.models.families import _accepts_use_cache
-
-    model = backbone.model
-    extra = {"use_cache": False} if _accepts_use_cache(type(model)) else {}
-    ids = torch.full((1, max_length), 1000 % model.get_input_embeddings().num_embeddings,
-                     dtype=torch.long, device=model.device)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
-    return {"layers_kept": list(backbone.layers_kept),
-            "backbone_flops_per_example": float(counter.get_total_flops())}

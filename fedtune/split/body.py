@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from fedtune.models.split import SplitBackbone
+from fedtune.split.cut import SplitBackbone
 
 
 class BodyService(Protocol):

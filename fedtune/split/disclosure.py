@@ -1,6 +1,6 @@
 """What a split run shows the server, and what its epsilon covers: one statement, used by the
 ledger, the summary and `fedtune report`, generated from the wire-field table
-(`fedtune.wire_fields`) of the server's own config.
+(`fedtune.wire.fields`) of the server's own config.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.split.smashed_dp import OVERFLOW_PROBABILITY, slot_count
-from fedtune.wire_fields import examples_in_clear, wire_fields
+from fedtune.wire.fields import examples_in_clear, wire_fields
 
 # The DP level a split run with DP-SGD but no smashed DP gets in reports: its epsilon is
 # real, but it is about the deltas, while the server holds the text and labels in clear.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedtune.models.split import SplitBackbone
+from fedtune.split.cut import SplitBackbone
 from fedtune.tuning.base import ClassificationHead, masked_mean
 from fedtune.tuning.prompt import PromptModel
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedtune.config import ConfigError, TuningConfig
-from fedtune.method_config import BitFitConfig as BitFitConfig  # its former home
+from fedtune.config.methods import BitFitConfig as BitFitConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy

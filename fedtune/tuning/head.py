@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fedtune.config import ConfigError, TuningConfig
-from fedtune.method_config import HeadConfig as HeadConfig  # its former home
+from fedtune.config.methods import HeadConfig as HeadConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean, pooled_head_from

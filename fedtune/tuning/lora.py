@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fedtune.config import ConfigError, TuningConfig
-from fedtune.method_config import LoRAConfig as LoRAConfig  # its former home
+from fedtune.config.methods import LoRAConfig as LoRAConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure, resolve_lora_targets
 from fedtune.tuning.base import EncoderClassifier, TunedModel, encoder_copy

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedtune.config import ConfigError
-from fedtune.method_config import FromLayerSettings as FromLayerSettings  # its former home
+from fedtune.config.methods import FromLayerSettings as FromLayerSettings  # its former home
 from fedtune.models.families import (
     FamilyError,
     LayerInputs,

@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.config import ConfigError
-from fedtune.runtime_settings import runtime_settings
-from fedtune.torch_setup import model_device
+from fedtune.config.runtime import runtime_settings
+from fedtune.runtime.torch_setup import model_device
 from fedtune.tuning.base import TunedModel
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fedtune.config import ConfigError, TuningConfig
-from fedtune.method_config import PromptConfig as PromptConfig  # its former home
+from fedtune.config.methods import PromptConfig as PromptConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean
 from fedtune.tuning.prefix import FrozenPrefix

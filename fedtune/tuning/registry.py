@@ -1,8 +1,8 @@
 """Tuning methods register by name, with their config dataclass; config and CLI look them
-up here (the config through `fedtune.registry`, which holds each method's spec).
+up here (the config through `fedtune.config.registry`, which holds each method's spec).
 
 A method's spec and its builder may come from two modules: the built-in methods' specs are
-registered without torch (`fedtune.method_config`), so that validating a config does not
+registered without torch (`fedtune.config.methods`), so that validating a config does not
 import what builds the model, and each builder module attaches its builder by name
 (`register_builder`). `register_method` does both in one call, for a method that lives in
 one module."""
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedtune.registry import ALL_PLUGINS, MethodSpec, method_names, register_method_spec
+from fedtune.config.registry import ALL_PLUGINS, MethodSpec, method_names, register_method_spec
 
 if TYPE_CHECKING:
     from fedtune.config import TuningConfig
@@ -40,7 +40,7 @@ def register_method(name: str, config: type, *, split: bool = False,
 
 def register_builder(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
     """Register the builder of method `name`, whose spec is already registered (the
-    built-in methods' in `fedtune.method_config`)."""
+    built-in methods' in `fedtune.config.methods`)."""
     def deco(builder: MethodBuilder) -> MethodBuilder:
         if name in _METHODS:
             raise ValueError(f"tuning method {name!r} is registered twice")

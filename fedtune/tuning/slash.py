@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fedtune.config import ConfigError, TuningConfig
-from fedtune.method_config import SlashConfig as SlashConfig  # its former home
+from fedtune.config.methods import SlashConfig as SlashConfig  # its former home
 from fedtune.models import Backbone
 from fedtune.models.families import FamilyError, derive_structure, linear_shape
 from fedtune.tuning.base import ClassificationHead, TunedModel, masked_mean

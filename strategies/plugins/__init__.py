@@ -1,6 +1,6 @@
 """Strategy plugins, registered by name and configured as `[[plugins]]` tables."""
 
-from fedtune.registry import register_config_check
+from fedtune.config.registry import register_config_check
 from strategies.plugins import el2n as _el2n  # noqa: F401  (registers itself)
 from strategies.plugins import expansion as _expansion  # noqa: F401
 from strategies.plugins.base import (

@@ -4,7 +4,7 @@ A plugin is built from its `[[plugins]]` table and the experiment config. The se
 its hooks each round; every hook has a no-op default, so a plugin overrides only what it
 changes:
 
-- `client_config(rnd, pid)`: fields of that client's `fedtune.protocol.TrainInstruction`
+- `client_config(rnd, pid)`: fields of that client's `fedtune.wire.protocol.TrainInstruction`
   (only `protocol.PLUGIN_FIELDS`: the settings objects a plugin owns);
 - `select_cohort(rnd, pids)`: choose the cohort from the sampled partition ids;
 - `client_weight(rnd, pid)`: a factor in [0, 1] on that client's delta in the aggregate

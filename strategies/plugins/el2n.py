@@ -2,10 +2,10 @@
 examples under the current global model, ||softmax(f(x)) - onehot(y)||_2 from one forward
 pass, and trains only on the highest-scoring fraction `keep`.
 
-The server side only tells clients the rule (`fedtune.protocol.PruneSettings`); scoring and
-selection run on the client (`clients/pruning.py`; a split client scores through the body service,
-forward only), which rescores at its first participation and
-then whenever `every` rounds have passed since its last scoring (0: never again).
+The server side only tells clients the rule (`fedtune.wire.protocol.PruneSettings`);
+scoring and selection run on the client (`clients/plugins/el2n.py`; a split client scores
+through the body service, forward only), which rescores at its first participation and then
+whenever `every` rounds have passed since its last scoring (0: never again).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from fedtune.config import ConfigError
 from strategies.plugins.base import Plugin, register_plugin
 
-# fedtune.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
+# fedtune.wire.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
 # the plugins to validate a config before Ray starts.
 
 SELECTION_CAVEAT = ("el2n_pruning selects training examples by their loss outside DP-SGD: "
@@ -41,12 +41,12 @@ class EL2NPruning(Plugin):
                 "with that caveat in the ledger")
 
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
-        from fedtune.protocol import PruneSettings
+        from fedtune.wire.protocol import PruneSettings
 
         return {"prune": PruneSettings(keep=self.keep, every=self.every)}
 
     def trained_sizes(self, n: int) -> list[int]:
-        from fedtune.protocol import PruneSettings
+        from fedtune.wire.protocol import PruneSettings
 
         # A client trains on all n until its first scoring, then on the kept share.
         return [n, PruneSettings(self.keep, self.every).kept(n)]

@@ -27,7 +27,7 @@ import numpy as np
 from fedtune.config import ConfigError
 from strategies.plugins.base import Plugin, register_plugin
 
-# fedtune.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
+# fedtune.wire.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
 # the plugins to validate a config before Ray starts.
 
 WEIGHTINGS = ("fixed", "anneal", "importance")
@@ -89,7 +89,7 @@ class PopulationExpansion(Plugin):
     def client_config(self, rnd: int, pid: int) -> dict[str, Any]:
         if self.weighting != "importance":
             return {}
-        from fedtune.protocol import DomainSettings
+        from fedtune.wire.protocol import DomainSettings
 
         return {"domain": DomainSettings(is_target=not self._is_source(pid),
                                          max_weight=self.max_weight)}

@@ -1,0 +1,102 @@
+"""Every epsilon is shown with what weakens it: ONE renderer (`render_epsilon`) for the
+console's round and final lines, the sweep table, `report.md` and its plots, and ONE note
+(`epsilon_note`) beside each epsilon in rounds.jsonl, summary.json and exports.
+
+Marks, each decided from the run's config alone (a registry: add one here and every
+output shows it):
+- "seeded noise": `privacy.reproducible_noise`; the noise and sampling follow the config's
+  seed, so the epsilon holds against nobody who has the config.
+- "data in clear": a split run without `split.smashed_dp`; the server saw every trained
+  example's smashed data, and epsilon_sample covers the deltas only (shown also when
+  DP-SGD is off, so a split run in clear is never unlabelled).
+- "counts disclosed": `privacy.disclose_counts` sent example counts, real-row counts,
+  FLOPs and losses in clear under DP, outside this epsilon (fedtune.wire.fields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.privacy.randomness import SEEDED_NOISE_NOTE, noise_note
+from fedtune.split.disclosure import protects_smashed_data
+from fedtune.wire.fields import TRAIN, examples_in_clear
+
+LEVELS = ("sample", "user")
+
+
+@dataclass(frozen=True)
+class Mark:
+    tag: str  # what the console and tables show, in brackets
+    text: str  # the full note (JSON, report legend)
+    # (cfg, level) -> whether the epsilon of that level carries the mark
+    applies: Callable[[ExperimentConfig, str], bool]
+    shown_when_off: bool = False  # also beside a null epsilon ("off [data in clear]")
+
+
+def _split_in_clear(cfg: ExperimentConfig, level: str) -> bool:
+    return level == "sample" and cfg.split.enabled and not protects_smashed_data(cfg)
+
+
+def _counts_disclosed(cfg: ExperimentConfig, level: str) -> bool:
+    return (level == "sample" and cfg.privacy.sample.enabled
+            and any(f.message == TRAIN for f in examples_in_clear(cfg)))
+
+
+MARKS: tuple[Mark, ...] = (
+    Mark("seeded noise", SEEDED_NOISE_NOTE,
+         lambda cfg, level: cfg.privacy.reproducible_noise),
+    Mark("data in clear",
+         "data in clear: a split run without split.smashed_dp; the server saw every trained "
+         "example's cut-layer activations, masks and body-output gradients, so this epsilon "
+         "covers the deltas only", _split_in_clear, shown_when_off=True),
+    Mark("counts disclosed",
+         "counts disclosed: privacy.disclose_counts = true sent example counts, real-row "
+         "counts, FLOPs and losses to the server in clear, outside this epsilon",
+         _counts_disclosed),
+)
+
+
+def epsilon_marks(cfg: ExperimentConfig, level: str, value: float | None = 0.0
+                  ) -> list[Mark]:
+    """The marks the epsilon of `level` ("sample" or "user") carries; for a null epsilon
+    only those shown when off."""
+    if level not in LEVELS:
+        raise ValueError(f"epsilon level must be one of {LEVELS}, got {level!r}")
+    return [m for m in MARKS if m.applies(cfg, level)
+            and (value is not None or m.shown_when_off)]
+
+
+def folder_marks(folder: str | Path, level: str, value: float | None = 0.0) -> list[Mark]:
+    """`epsilon_marks` of a run folder's config.toml (none if it has none)."""
+    path = Path(folder) / "config.toml"
+    if not path.is_file():
+        return []
+    return epsilon_marks(load_config(path), level, value)
+
+
+def render_epsilon(value: float | None, marks: Sequence[Mark], digits: int = 2,
+                   off: str = "off") -> str:
+    """An epsilon as every output shows it: `7.99`, `7.99 [seeded noise]`, `off`,
+    `off [data in clear]`."""
+    text = off if value is None else f"{value:.{digits}f}"
+    tags = [m.tag for m in marks if value is not None or m.shown_when_off]
+    return f"{text} [{'; '.join(tags)}]" if tags else text
+
+
+def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str | None:
+    """The note beside an epsilon in JSON: what its noise is secret from, and every mark's
+    text; null when the epsilon is null (off)."""
+    if value is None:
+        return None
+    texts = [noise_note(cfg.privacy.reproducible_noise)]
+    texts += [m.text for m in epsilon_marks(cfg, level, value) if m.text not in texts]
+    return "; ".join(texts)
+
+
+def note_fields(cfg: ExperimentConfig, record: dict) -> dict[str, str | None]:
+    """`epsilon_sample_note` and `epsilon_user_note` for a record holding both epsilons."""
+    return {f"epsilon_{level}_note": epsilon_note(cfg, level, record.get(f"epsilon_{level}"))
+            for level in LEVELS}

@@ -1,0 +1,1 @@
+"""Studies over many runs: sweeps, selection on validation figures, reports and plots."""

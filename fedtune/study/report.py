@@ -1,0 +1,386 @@
+"""`fedtune report`: a Markdown table and PNG plots from run folders.
+
+Runs are grouped by (method, DP level, target epsilon, variant); seeds of a group give
+the error bars. The variant names the other settings the runs differ in (for example
+`data.num_clients=100`), so runs that differ in more than their seed are never averaged
+together. The x position of a run without DP is "inf". Every number is read from the run
+folders (summary.json, rounds.jsonl, config.toml), never recomputed.
+
+A split run's DP level says what its epsilon protects: with DP-SGD alone the server still
+holds every trained example's text and label (the smashed data goes up in clear), so such
+a run is labelled "sample-level DP on deltas only; smashed data in clear" and kept off the
+epsilon axis; with `split.smashed_dp` its epsilon covers the smashed data too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.run.epsilon_marks import LEVELS, MARKS, Mark, epsilon_marks, render_epsilon
+from fedtune.run.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, LedgerError, read_rounds
+from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
+
+PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    method: str
+    # "none", "sample", "user", "sample+user", or a split run's label (see the docstring),
+    # with "+user" when user-level DP is on too
+    level: str
+    target_epsilon: float  # inf without DP
+    epsilon: float | None  # reported at the run's level (max of both when both are on)
+    seed: int
+    accuracy: float  # final test accuracy
+    # Validation accuracy per round; empty for a run without a validation split (and for
+    # folders written before it existed, whose per-round figure was a test accuracy).
+    accuracy_by_round: list[float]
+    cumulative_mb_up: list[float]
+    # Flattened config minus what the group key and the seed already say.
+    settings: dict[str, str] = field(default_factory=dict)
+    # What weakens the epsilon (fedtune.run.epsilon_marks), from the run's config.
+    marks: tuple[Mark, ...] = ()
+
+
+@dataclass
+class Group:
+    method: str
+    level: str
+    target_epsilon: float
+    variant: str = ""
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def marks(self) -> list[Mark]:
+        """Every mark any of its runs' epsilons carries, in registry order."""
+        seen = {m for r in self.runs for m in r.marks}
+        return [m for m in MARKS if m in seen]
+
+    @property
+    def accuracy_mean(self) -> float:
+        return statistics.fmean(r.accuracy for r in self.runs)
+
+    @property
+    def accuracy_std(self) -> float:
+        return statistics.stdev(r.accuracy for r in self.runs) if len(self.runs) > 1 else 0.0
+
+    def mean_curve(self, attr: str) -> list[float]:
+        curves = [getattr(r, attr) for r in self.runs]
+        n = min(len(c) for c in curves)
+        return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+
+
+def collect(dirs: list[Path]) -> list[RunResult]:
+    """Every finished run folder under `dirs` (searched recursively)."""
+    found = []
+    for d in dirs:
+        if not d.exists():
+            raise FileNotFoundError(f"report input not found: {d}")
+        for summary in sorted(d.rglob(SUMMARY_FILE)):
+            folder = summary.parent
+            if (folder / CONFIG_FILE).exists() and (folder / ROUNDS_FILE).exists():
+                found.append(_load(folder))
+    if not found:
+        raise FileNotFoundError(f"no finished run folders (with {SUMMARY_FILE}) under "
+                                f"{', '.join(map(str, dirs))}")
+    return found
+
+
+def _load(folder: Path) -> RunResult:
+    cfg = load_config(folder / CONFIG_FILE)
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{folder / SUMMARY_FILE} is not JSON ({exc}); rerun or remove "
+                          "that run folder") from None
+    rounds = read_rounds(folder)
+    level, target = _level(cfg)
+    eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))
+           if e is not None]
+    up, total = [], 0
+    for r in rounds:
+        if r["bytes_up"] is None:  # user-level DP: a cohort sum, kept for the curator
+            up = []
+            break
+        # Split mode also uploads smashed data every step: all of it counts as sent.
+        total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
+        up.append(total / 1e6)
+    marks = {m for lvl in LEVELS
+             for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
+    return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
+                     cfg.seed, summary["final_accuracy"],
+                     [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None],
+                     up, _settings(cfg), tuple(m for m in MARKS if m in marks))
+
+
+def _method(cfg: ExperimentConfig) -> str:
+    """The tuning method, and the split it runs under: a split run is its own line."""
+    if not cfg.split.enabled:
+        return cfg.tuning.method
+    local = cfg.split.local_loss_fraction
+    return (f"{cfg.tuning.method} split k={cfg.split.cut_layer}"
+            + (f" local-loss {local:g}" if local > 0 else ""))
+
+
+# Keys a group already shows (method, level, epsilon) or that differ between seeds by design.
+_NOT_A_VARIANT = {"name", "seed", "tuning.method", "privacy.sample.enabled",
+                  "privacy.user.enabled", "privacy.sample.target_epsilon",
+                  "privacy.user.target_epsilon"}
+
+
+def _settings(cfg: ExperimentConfig) -> dict[str, str]:
+    flat: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
+
+    resolved = cfg.to_dict()
+    resolved["tuning"] = cfg.tuning.fingerprint()  # another method's table changes no result
+    del resolved["runtime"]  # poll intervals and cache folder change no result either
+    walk(resolved, "")
+    # With smashed DP the target on the axis is the smashed one: DP-SGD's is a setting.
+    shown = _NOT_A_VARIANT - ({"privacy.sample.target_epsilon"}
+                              if protects_smashed_data(cfg) else set())
+    return {k: v for k, v in flat.items()
+            if k not in shown and not k.startswith("split.")}  # split: in _method
+
+
+def _variants(runs: list[RunResult]) -> dict[int, str]:
+    """A short label per run: the settings in which the runs differ, `key=value, ...`."""
+    keys = sorted({k for r in runs for k in r.settings})
+    # A key only some runs show (smashed DP's DP-SGD target) varies among those runs only.
+    differing = [k for k in keys
+                 if len({r.settings[k] for r in runs if k in r.settings}) > 1]
+    return {id(r): ", ".join(f"{k}={r.settings[k]}" for k in differing if k in r.settings)
+            for r in runs}
+
+
+def _level(cfg: ExperimentConfig) -> tuple[str, float]:
+    sample, user = cfg.privacy.sample, cfg.privacy.user
+    split_label = dp_level_label(cfg)
+    if split_label is not None:
+        target = (cfg.split.smashed_dp.target_epsilon if protects_smashed_data(cfg)
+                  else sample.target_epsilon)
+        if user.enabled:
+            return f"{split_label} + user", min(target, user.target_epsilon)
+        return split_label, target
+    if sample.enabled and user.enabled:
+        return "sample+user", min(sample.target_epsilon, user.target_epsilon)
+    if sample.enabled:
+        return "sample", sample.target_epsilon
+    if user.enabled:
+        return "user", user.target_epsilon
+    return "none", math.inf
+
+
+def group(runs: list[RunResult]) -> list[Group]:
+    variants = _variants(runs)
+    groups: dict[tuple[str, str, float, str], Group] = {}
+    for run in runs:
+        key = (run.method, run.level, run.target_epsilon, variants[id(run)])
+        groups.setdefault(key, Group(*key)).runs.append(run)
+    return sorted(groups.values(),
+                  key=lambda g: (g.method, g.variant, g.level, g.target_epsilon))
+
+
+def markdown_table(groups: list[Group]) -> str:
+    with_variant = any(g.variant for g in groups)
+    head = "| method | " + ("variant | " if with_variant else "")
+    lines = [head + "DP level | target epsilon | reported epsilon (max) | final accuracy "
+             "(mean +- std) | seeds | upload MB / run |",
+             "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        eps = [r.epsilon for r in g.runs if r.epsilon is not None]
+        sent = [r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up]
+        mb = f"{statistics.fmean(sent):.2f}" if sent else "-"
+        variant = f"{g.variant or '-'} | " if with_variant else ""
+        shown = render_epsilon(max(eps) if eps else None, g.marks, off="-")
+        if eps and _deltas_only(g.level):
+            shown += " (deltas only)"
+        lines.append(
+            f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
+            f"{shown} | {g.accuracy_mean:.4f} +- "
+            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb} |")
+    return "\n".join(lines)
+
+
+def _deltas_only(level: str) -> bool:
+    """A level whose epsilon does not cover the data the server holds (split, in clear)."""
+    return level.startswith(DELTAS_ONLY)
+
+
+def _mark_tags(groups: list[Group]) -> str:
+    """' [seeded noise]': the marks of a plotted line's epsilons (render_epsilon's tags)."""
+    marks = [m for m in MARKS if any(m in g.marks for g in groups)]
+    return render_epsilon(0.0, marks)[len(render_epsilon(0.0, [])):]
+
+
+def _fmt_eps(eps: float) -> str:
+    return "inf (no DP)" if math.isinf(eps) else f"{eps:g}"
+
+
+def write_report(groups: list[Group], out: Path, title: str = "fedtune report") -> list[Path]:
+    """Write `report.md` and the PNG plots into `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.legend import Legend
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in zip(PLOTS, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
+        curves = draw is not _plot_epsilon
+        fig, ax = plt.subplots(figsize=(9.5, 4.8) if curves else (7, 4.5), dpi=120)
+        draw(ax, groups)
+        ax.grid(True, alpha=0.3)
+        if not curves:
+            ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        legends = [a for a in ax.get_children() if isinstance(a, Legend)]
+        # Tight bounds that take in the legends placed beside the axes.
+        fig.savefig(out / name, bbox_inches="tight", bbox_extra_artists=legends)
+        plt.close(fig)
+        written.append(out / name)
+    body = [f"# {title}", "", markdown_table(groups), ""]
+    if any(_deltas_only(g.level) for g in groups):
+        body += [f"Runs labelled \"{DELTAS_ONLY}\" are split runs without "
+                 "`split.smashed_dp`: their epsilon covers the uploaded deltas, but the "
+                 "server receives every trained example's cut-layer activations and "
+                 "body-output gradients in clear (text and labels are recoverable: "
+                 "`fedtune audit split`). They are not plotted against epsilon.", ""]
+    marks = [m for m in MARKS if any(m in g.marks for g in groups)]
+    if marks:  # the legend of the marks beside the epsilons above and in the plots
+        body += ["Marks beside an epsilon:", ""]
+        body += [f"- [{m.tag}] {m.text}" for m in marks] + [""]
+    body += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in written]
+    (out / "report.md").write_text("\n".join(body) + "\n")
+    return [out / "report.md", *written]
+
+
+def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:
+    """Groups of one method, variant and DP level, by epsilon; a no-DP group joins every
+    line of its method and variant as the epsilon = inf point."""
+    lines: dict[tuple[str, str, str], list[Group]] = {}
+    for g in groups:
+        if g.level != "none" and not _deltas_only(g.level):
+            lines.setdefault((g.method, g.variant, g.level), []).append(g)
+    for g in groups:
+        if g.level == "none":
+            keys = ([k for k in lines if k[:2] == (g.method, g.variant)]
+                    or [(g.method, g.variant, "none")])
+            for key in keys:
+                lines.setdefault(key, []).append(g)
+    return lines
+
+
+def _plot_epsilon(ax, groups: list[Group]) -> None:
+    finite = sorted({g.target_epsilon for g in groups if not math.isinf(g.target_epsilon)
+                     and not _deltas_only(g.level)})
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    colors, _ = _curve_styles(groups)  # the same colour per method in every plot
+    level_styles = {"sample": "-", "user": "--", "sample+user": "-.", "none": ":"}
+    for (method, variant, level), gs in sorted(_lines(groups).items()):
+        gs = sorted(gs, key=lambda g: g.target_epsilon)
+        xs = [inf_x if math.isinf(g.target_epsilon) else g.target_epsilon for g in gs]
+        label = (f"{method}, {_level_words(level)}{_mark_tags(gs)}"
+                 + (f"\n{variant}" if variant else ""))
+        ax.errorbar(xs, [g.accuracy_mean for g in gs], yerr=[g.accuracy_std for g in gs],
+                    marker="o", capsize=3, label=label, color=colors[(method, variant)],
+                    linestyle=level_styles.get(level, (0, (5, 1, 1, 1))))
+    ax.set_xscale("log")
+    ticks = [*finite, inf_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in finite] + ["inf\n(no DP)"])
+    ax.minorticks_off()
+    ax.set_xlabel("target epsilon (delta = 1e-5), log scale")
+    ax.set_ylabel("final test accuracy (fraction)")
+    ax.set_title("Accuracy vs privacy budget (error bars: std over seeds)")
+
+
+def _curve_styles(groups: list[Group]) -> tuple[dict[tuple[str, str], str],
+                                                dict[tuple[str, float], dict[str, object]]]:
+    """Curves by round or bytes: one colour per method (and variant), one line style per
+    DP level and epsilon, so 4 methods x 5 budgets stay readable with two short legends."""
+    methods = sorted({(g.method, g.variant) for g in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    budgets = sorted({(g.level, g.target_epsilon) for g in groups},
+                     key=lambda b: (math.isinf(b[1]), b[0], b[1]))
+    dashes = [":", "-.", "--", (0, (8, 2))]
+    markers = [".", "x", "^", "s", "v"]
+    styles: dict[tuple[str, float], dict[str, object]] = {}
+    for i, budget in enumerate(budgets):
+        if budget[0] == "none":
+            styles[budget] = {"linestyle": "-", "marker": "o", "linewidth": 2.2}
+        else:
+            styles[budget] = {"linestyle": dashes[i % len(dashes)],
+                              "marker": markers[i % len(markers)],
+                              "linewidth": 1.4}
+    return colors, styles
+
+
+def _level_words(level: str) -> str:
+    """'sample' -> 'sample-level DP', 'none' -> 'no DP'; a split label is already a phrase."""
+    if level == "none":
+        return "no DP"
+    return level if "DP" in level else f"{level}-level DP"
+
+
+def _budget_label(level: str, eps: float, marks: str = "") -> str:
+    if level == "none":
+        return "no DP"
+    return textwrap.fill(f"{_level_words(level)}, eps {_fmt_eps(eps)}{marks}", 40)
+
+
+def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
+    from matplotlib.lines import Line2D
+
+    colors, styles = _curve_styles(groups)
+    for g in groups:
+        y = g.mean_curve("accuracy_by_round")
+        if not y:  # no validation split: no per-round figure to draw
+            continue
+        x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)[:len(y)]
+        ax.plot(x, y, color=colors[(g.method, g.variant)], markersize=4,
+                **styles[(g.level, g.target_epsilon)])
+    method_handles = [Line2D([], [], color=c, linewidth=2.5,
+                             label=textwrap.fill(m, 24) + (f"\n{v}" if v else ""))
+                      for (m, v), c in colors.items()]
+    budget_handles = [Line2D([], [], color="0.3", markersize=4, **st, label=_budget_label(
+        *b, _mark_tags([g for g in groups if (g.level, g.target_epsilon) == b])))
+                      for b, st in styles.items()]
+    first = ax.legend(handles=method_handles, title="method", fontsize=7, title_fontsize=8,
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=budget_handles, title="privacy", fontsize=7, title_fontsize=8,
+              loc="lower left", bbox_to_anchor=(1.01, 0.0))
+
+
+def _plot_rounds(ax, groups: list[Group]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    _plot_curves(ax, groups, None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
+    ax.set_title("Validation accuracy vs round")
+
+
+def _plot_bytes(ax, groups: list[Group]) -> None:
+    _plot_curves(ax, groups, "cumulative_mb_up")
+    ax.set_xscale("log")
+    ax.set_xlabel("uploaded bytes, all clients so far (MB, log scale)")
+    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
+    ax.set_title("Validation accuracy vs uploaded bytes")

@@ -1,0 +1,112 @@
+"""Built tasks kept on disk across runs: a repeat run of a task skips loading the corpus,
+tokenizing and partitioning it (and importing `datasets` and flwr-datasets to do so).
+
+An entry is a task bundle (`fedtune.task.task.write_bundle`: token arrays, labels, partitions,
+validation rows, label names) under `<cache_dir>/tasks/<key>`. The key covers everything
+that shapes those arrays:
+
+- the config's fields that shape the data (`fedtune.task.task.data_key`: the seed, the data
+  table, the token length; so runs that differ only in their method or privacy share it);
+- each file the corpus reads, by path, size and modification time (a corpus that cannot
+  list its files, such as a dataset from the Hugging Face cache, is never cached);
+- the tokenizer (its serialized pipeline, as the token cache keys it);
+- the versions of the libraries that cut the splits (`datasets`, flwr-datasets, numpy)
+  and the source of fedtune's data code, so an upgrade or a fix (such as the rule that keeps
+  copies of training rows out of validation and test) never serves stale splits.
+
+Entries are written to a temporary folder and renamed into place, so a concurrent run sees
+a whole entry or none; one that cannot be read is rebuilt. The cache holds nothing the
+token cache beside it does not already derive from the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedtune.data.corpora import corpus_sources
+
+FOLDER = "tasks"
+# Libraries whose behaviour shapes the splits and partitions.
+LIBRARIES = ("datasets", "flwr-datasets", "numpy")
+# fedtune's code that shapes them (relative to the package).
+CODE = ("data", "task/task.py", "task/cache.py")
+
+
+def entry_key(data_fields: str, corpus: str, options: dict[str, Any],
+              tokenizer_fingerprint: bytes) -> str | None:
+    """The cache key of a task, or None when its corpus cannot be keyed (never cached)."""
+    sources = corpus_sources(corpus, options)
+    if not sources:
+        return None
+    digest = hashlib.sha256(data_fields.encode())
+    for path in sources:
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed: the loader will say so
+            return None
+        digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    digest.update(b"\0" + tokenizer_fingerprint)
+    for name in LIBRARIES:
+        digest.update(f"\0{name}={_version(name)}".encode())
+    digest.update(b"\0" + _code_digest())
+    return digest.hexdigest()[:24]
+
+
+def lookup(cache_dir: Path, key: str) -> Path | None:
+    """The entry's folder if it was written completely, else None."""
+    folder = cache_dir / FOLDER / key
+    return folder if folder.is_dir() else None
+
+
+def store(cache_dir: Path, key: str, write: Callable[[Path], Any]) -> Path:
+    """Write an entry with `write(folder)` into a temporary folder and rename it into place;
+    a concurrent run that stored the same key first keeps its entry. Returns the entry."""
+    root = cache_dir / FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # stored by another run meanwhile: same key, same content
+            if not final.is_dir():
+                raise
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+    return final
+
+
+def discard(folder: Path) -> None:
+    """Remove an entry that could not be read (it is rebuilt and stored again)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _code_digest(package: Path | None = None) -> bytes:
+    """A digest of fedtune's data code (CODE, under `package`, default the `fedtune` package): the
+    splits' rules (the validation carve, the copy rule of `data/duplicates.py`) live there,
+    so changing one gives every task a new key and old entries are never read."""
+    package = package or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in CODE:
+        path = package / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"\0{file.relative_to(package)}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.digest()

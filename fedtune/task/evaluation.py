@@ -1,0 +1,132 @@
+"""The server's central evaluation: which split is read when, and what the summary reports.
+
+- every round: the validation split (`round_metrics`), the figure everything that selects
+  reads (the best round, a sweep's choice of settings);
+- at the start and the end: the test split (`initial_metrics`, `final_metrics`), for the
+  untrained baseline and the released model only, never to choose anything.
+
+Selecting on test accuracy makes the reported test accuracy an optimistic estimate: the
+audit found learning rates chosen that way that did not transfer to another corpus.
+
+Where the frozen-prefix cache applies (`train.prefix_cache`), each split's states entering
+the method's first trainable block are computed once (per process, kept on disk) and every
+evaluation runs only the blocks after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedtune.task.task import Split, evaluate
+from fedtune.tuning.prefix_cache import cache_applies, process_cache
+
+if TYPE_CHECKING:
+    from fedtune.config import ExperimentConfig
+    from fedtune.task.task import Task
+    from fedtune.tuning import TunedModel
+
+
+def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
+    """Write the flat trainable `vector` into `model`'s trainable tensors."""
+    with torch.no_grad():
+        for name, tensor in task.spec.unflatten(vector).items():
+            model.get_parameter(name).copy_(tensor)
+
+
+def _measure(model: TunedModel, split: Split, cfg: ExperimentConfig) -> dict[str, float]:
+    if cache_applies(cfg, model):
+        return _evaluate_cached(model, split, cfg.train.eval_batch_size,
+                                cfg.train.eval_max_examples, cfg)
+    return evaluate(model, split, cfg.train.eval_batch_size, cfg.train.eval_max_examples)
+
+
+@torch.inference_mode()
+def _evaluate_cached(model: TunedModel, split: Split, batch_size: int, max_examples: int,
+                     cfg: ExperimentConfig) -> dict[str, float]:
+    """`fedtune.task.task.evaluate` from the split's cached prefix states (same rows, same
+    figures within float tolerance)."""
+    assert model.prefix is not None  # cache_applies checked it
+    model.eval()
+    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
+    states = process_cache(cfg).states(model.prefix, split.input_ids[:n],
+                                       split.attention_mask[:n])
+    device = next(model.parameters()).device
+    correct, loss_sum = 0, 0.0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        hidden = torch.from_numpy(np.array(states[start:stop])).to(device)
+        mask = torch.from_numpy(np.asarray(split.attention_mask[start:stop],
+                                           dtype=np.int64)).to(device)
+        labels = torch.from_numpy(np.asarray(split.labels[start:stop], dtype=np.int64))
+        logits = model.forward_from(hidden, mask).cpu()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}
+
+
+def round_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: ExperimentConfig
+                  ) -> dict[str, float | None]:
+    """A round's ledger fields `val_accuracy`, `val_loss`: `vector` on the validation split,
+    both None when there is none (data.validation_fraction = 0: no round is evaluated)."""
+    if task.validation is None:
+        return {"val_accuracy": None, "val_loss": None}
+    load_vector(model, task, vector)
+    metrics = _measure(model, task.validation, cfg)
+    return {"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"]}
+
+
+def final_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: ExperimentConfig
+                  ) -> dict[str, float]:
+    """Accuracy, loss and example count of `vector` on the test split: for the final model
+    (and the untrained baseline) only."""
+    load_vector(model, task, vector)
+    return _measure(model, task.test, cfg)
+
+
+def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
+                    cfg: ExperimentConfig) -> dict[str, float | None]:
+    """The untrained model's baseline: test figures (the final test accuracy is compared
+    with them) and validation figures (the round-0 point of the validation curve)."""
+    test = final_metrics(task, model, vector, cfg)
+    val = round_metrics(task, model, vector, cfg)
+    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **val}
+
+
+def validation_examples(task: Task, cfg: ExperimentConfig) -> int:
+    """How many validation examples each round's evaluation reads (0 without a split)."""
+    n = 0 if task.validation is None else len(task.validation)
+    cap = cfg.train.eval_max_examples
+    return min(n, cap) if cap > 0 else n
+
+
+def accuracy_fields(history: Sequence[dict[str, Any]], initial: dict[str, Any],
+                    final_test: dict[str, float], validation_examples: int
+                    ) -> dict[str, Any]:
+    """The summary's accuracy fields.
+
+    `final_accuracy`/`final_loss`: the final model on the test split. `best_val_accuracy`
+    and `best_round`: the best validation accuracy over the rounds and the first round
+    that reached it; `best_accuracy` is the same validation figure (kept for readers of
+    older summaries, where it was a max over test evaluations). `final_val_accuracy`: the
+    final model on the validation split, the figure a sweep ranks settings by. Every
+    validation figure is None when the run has no validation split.
+    """
+    scored = [r for r in history if r.get("val_accuracy") is not None]
+    best = max(scored, key=lambda r: r["val_accuracy"], default=None)  # first of equals
+    last = history[-1] if history else {}
+    return {
+        "final_accuracy": final_test["accuracy"],
+        "final_loss": final_test["loss"],
+        "test_examples": int(final_test["examples"]),
+        "initial_accuracy": initial["test_accuracy"],
+        "final_val_accuracy": last.get("val_accuracy"),
+        "best_val_accuracy": None if best is None else best["val_accuracy"],
+        "best_round": None if best is None else best["round"],
+        "best_accuracy": None if best is None else best["val_accuracy"],
+        "initial_val_accuracy": initial.get("val_accuracy"),
+        "validation_examples": validation_examples,
+    }

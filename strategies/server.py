@@ -1,0 +1,360 @@
+"""The server's round loop: rounds of sample -> send global vector -> aggregate deltas ->
+evaluate centrally on the validation split -> one ledger line; the final model on the test
+split. `strategies.server_app` holds the ServerApp object and imports this module when its
+main runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedtune.compat.flower_deploy import is_simulation_grid
+from fedtune.config import ExperimentConfig
+from fedtune.config.errors import DeployError
+from fedtune.models.pruning_setup import pruning_record, resolve_config
+from fedtune.privacy.seeded_noise import check_server_runtime
+from fedtune.run.checkpoint import (
+    ServerState,
+    load_checkpoint,
+    privacy_fingerprint,
+    save_checkpoint,
+)
+from fedtune.run.curator_log import append_curator, release_total, split_record
+from fedtune.run.epsilon_marks import note_fields
+from fedtune.run.export import save_tuned_state
+from fedtune.run.ledger import CONFIG_FILE, Ledger, NoContributionError, write_text_atomic
+from fedtune.runtime.interrupt import received
+from fedtune.runtime.startup import mark, phase
+from fedtune.runtime.torch_setup import configure_torch
+from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
+from fedtune.split.plan import smashed_privacy_events
+from fedtune.task.evaluation import (
+    accuracy_fields,
+    final_metrics,
+    initial_metrics,
+    round_metrics,
+    validation_examples,
+)
+from fedtune.task.task import Task, get_task
+from fedtune.tuning import TunedModel
+from fedtune.tuning.prefix_cache import skipped_layers
+from fedtune.wire.fields import withholds_counts
+from fedtune.wire.in_clear import in_clear
+from strategies.delta_fedavg import DeltaFedAvg
+from strategies.discovery import Roster, discover, load_operator_roster
+from strategies.grid_io import send_and_receive
+from strategies.plugins import Plugin, build_plugins
+from strategies.preparation import Preparation, RoundCallback
+from strategies.privacy_ledger import PrivacyLedger
+from strategies.user_dp import UserLevelDP
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
+               on_round: RoundCallback | None = None, resume: bool = False,
+               roster: Roster | None = None,
+               assigned: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """Run every round of `cfg` on `grid`, writing the run folder; returns the summary.
+    With `resume`, continue the run in `out_dir` from its checkpoint. `roster`: the
+    partitions' nodes, if discovered already (else discovered here, binding each node to
+    the partition `assigned` gives it: a deployment's operator roster). Raises
+    `NoContributionError` (after writing the ledger) when no client contributed in any
+    round."""
+    t0 = time.perf_counter()
+    configure_torch()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_config(cfg)  # a pruning rule -> its layer list, as config.toml records it
+    task = get_task(cfg)
+    ledger = Ledger(out_dir)
+    model = task.new_model()
+    if resume:
+        # Refuses a config whose privacy parameters differ from the checkpoint's.
+        state = load_checkpoint(out_dir, task.spec.hash, privacy_fingerprint(cfg))
+        ledger.restore(state.round, state.record)
+        state.resumed_at.append(state.round)
+    else:
+        write_text_atomic(out_dir / CONFIG_FILE, cfg.to_toml())  # never through a link
+        # The untrained model's figures are computed after the last round (`_initial`),
+        # not here: scoring the test and validation splits before round 1 kept every
+        # client waiting for it (seconds on the quickstart, minutes with a large model).
+        state = ServerState(round=0, vector=task.initial_vector(), spec_hash=task.spec.hash,
+                            initial={}, privacy=privacy_fingerprint(cfg))
+        # Before round 1 is charged or sent: a run killed in round 1 stays resumable, and
+        # the resume charges round 1's pending attempts (never dropped with the folder).
+        save_checkpoint(out_dir, state)
+    privacy = PrivacyLedger(cfg, task, state, out_dir)
+    if cfg.split.enabled:
+        # A split client that times out is charged its planned smashed-data releases too.
+        privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
+    strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
+    plugins = build_plugins(cfg)
+    privacy.size_hooks += [plugin.trained_sizes for plugin in plugins]
+    # A client restarted since its last round (its own record lost) resumes its DP
+    # accounting from what the server holds, never from zero.
+    strategy.dp_history = lambda pid: state.client_dp.get(pid)
+    strategy.plugin_settings = lambda rnd, pid: _plugin_settings(rnd, pid, plugins)
+    strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
+    strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
+    strategy.aggregation = cfg.aggregation
+    driver: DeltaFedAvg | UserLevelDP = strategy
+    if privacy.user is not None:
+        driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
+                             cfg.data.num_clients,
+                             reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
+                             else None)
+    strategy.withhold_metrics = withholds_counts(cfg)  # what replies leave out (wire_fields)
+    if state.round < cfg.train.rounds and state.stopped is None:
+        strategy.adopt(roster or discover_workers(grid, cfg, assigned=assigned),
+                       [len(p) for p in task.partitions])
+        # Weights and DP plans from the counts the server holds, fixed for the run.
+        privacy.use_example_counts(strategy.examples)
+        mark("first round starts", f"round {state.round + 1}")
+    elapsed_before = state.elapsed_s
+
+    for rnd in range(state.round + 1, cfg.train.rounds + 1):
+        if state.stopped is not None or received():
+            break
+        # Sampled once, before anything is sent: the budget check and the instructions
+        # see the same cohort (under user-level DP it is a secret draw).
+        cohort = driver.sample(rnd, grid)
+        reason = privacy.stop_reason(rnd, cohort)
+        if reason is not None:
+            log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
+            state.stopped = {"before_round": rnd, "reason": reason}
+            break
+        record = _play_round(rnd, cohort, grid, driver, privacy, plugins, task, model,
+                             state, cfg)
+        # Under user-level DP the cohort and per-client figures are the curator's log.
+        record, curator = split_record(record, cfg)
+        state.round, state.record = rnd, record
+        state.elapsed_s = elapsed_before + time.perf_counter() - t0
+        save_checkpoint(out_dir, state)  # first: a kill between the two loses nothing
+        if curator is not None:
+            append_curator(out_dir, curator)
+        ledger.append_round(record)
+        if on_round is not None:
+            on_round(record)
+
+    if received():
+        # Ctrl-C or SIGTERM: no new round starts and no summary is written; the folder
+        # stays resumable from its last checkpoint while the process ends.
+        log(WARNING, "stopped by %s after round %d", received(), state.round)
+        return {}
+    history = ledger.rounds()
+    if not history:
+        raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
+    if all(r.get("no_contribution") for r in history):
+        raise NoContributionError(
+            f"no client contributed in any of the {len(history)} rounds (every sampled "
+            f"client failed, was rejected or was not sampled); see the rejected and failed "
+            f"entries in {out_dir / 'rounds.jsonl'}")
+    save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
+                     task.label_names)
+    if not state.initial:
+        state.initial = _initial(task, model, cfg)
+    final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
+    state.elapsed_s = elapsed_before + time.perf_counter() - t0
+    summary = _summary(history, state, task, cfg, final_test)
+    ledger.write_summary(summary)
+    return summary
+
+
+def _play_round(rnd: int, cohort: list[int], grid: Grid,
+                driver: DeltaFedAvg | UserLevelDP, privacy: PrivacyLedger,
+                plugins: list[Plugin], task: Task, model: TunedModel, state: ServerState,
+                cfg: ExperimentConfig) -> dict[str, Any]:
+    """One round: send the global vector to `cohort`, aggregate the replies, evaluate;
+    updates `state` and returns the round's ledger record."""
+    t_round = time.perf_counter()
+    lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
+    messages = driver.configure_train(rnd, state.vector, lr, cohort)
+    # After the messages are built (they carry each client's history before this round's
+    # charge) and before they go out: a client that never replies is charged all the same.
+    privacy.charge_sent(rnd, _sent_partitions(driver, messages))
+    replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
+    new_vector = driver.aggregate_train(rnd, replies)
+    if new_vector is not None:
+        for plugin in plugins:
+            new_vector = plugin.transform(rnd, new_vector, state.vector)
+        state.vector = new_vector
+    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
+    outcome = strategy.outcome
+    privacy.settle(rnd, outcome.accepted + outcome.rejected + outcome.failed)
+    metrics = round_metrics(task, model, state.vector, cfg)  # validation, never test
+    accepted = outcome.accepted
+    fields = privacy.fields()
+    record = {
+        "round": rnd,
+        "val_accuracy": metrics["val_accuracy"],
+        "val_loss": metrics["val_loss"],
+        "epsilon_sample": fields.pop("epsilon_sample"),
+        "epsilon_user": fields.pop("epsilon_user"),
+        "delta": fields.pop("delta"),
+        "clients": len(accepted),
+        "bytes_up": outcome.bytes_up,
+        "bytes_down": outcome.bytes_down,
+        "client_flops": sum(c.get("flops", 0.0) for c in accepted),
+        "wall_s": time.perf_counter() - t_round,
+        "lr": lr,
+        "train_loss": _train_loss(accepted),
+        "sampled": len(outcome.sampled),
+        "no_contribution": outcome.no_contribution,
+        "rejected": outcome.rejected,
+        "failed": outcome.failed,
+        "per_client": accepted,
+        "forward_layers_skipped": skipped_layers(cfg, model),  # server's own, from cfg
+        **fields,
+    }
+    if outcome.unsolicited:
+        record["unsolicited"] = outcome.unsolicited
+    if outcome.aggregation is not None:
+        record["aggregation"] = outcome.aggregation
+    if outcome.update_refused is not None:
+        record["update_refused"] = outcome.update_refused
+    if strategy.refused_claims:  # once, in the first round after discovery
+        record["refused_claims"], strategy.refused_claims = strategy.refused_claims, []
+    record["privacy_in_clear"] = in_clear(cfg)
+    record.update(note_fields(cfg, record))  # beside each epsilon: what weakens it
+    if record["privacy_user"] is not None:
+        record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
+    for plugin in plugins:
+        record.update(plugin.round_extras(rnd, accepted))
+    record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
+                                     outcome.bytes_down, cfg))
+    return record
+
+
+def discover_workers(grid: Grid, cfg: ExperimentConfig,
+                     abort: Callable[[], bool] | None = None,
+                     assigned: Mapping[int, int] | None = None) -> Roster:
+    """Discovery as a start-up phase: most of it is the workers starting (Ray actors
+    importing torch and the client code before they can answer their first message)."""
+    _require_operator_roster(grid, assigned)
+    found = Roster()
+    with phase("workers", lambda: f"{len(found.nodes)} clients answered"):
+        found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort,
+                         assigned=assigned)
+    return found
+
+
+def _require_operator_roster(grid: Grid, assigned: Mapping[int, int] | None) -> None:
+    """A deployment's nodes hold the partitions the operator's roster assigns them, never
+    the ones they claim (the simulation engine assigns its nodes' partitions itself)."""
+    if assigned is None and not is_simulation_grid(grid):
+        raise DeployError("a deployment binds nodes to partitions from an operator roster: "
+                          "pass run config roster='/abs/roster.json' (registered node id -> "
+                          "partition id; README, Node data)")
+
+
+def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The untrained model's baseline, computed at the end of the run: the seeded initial
+    vector is rebuilt, so the figures are those a start-of-run evaluation gives (nothing
+    trained reads them; the summary says when they were computed)."""
+    metrics = initial_metrics(task, model, task.initial_vector(), cfg)
+    return {**metrics, "evaluated": "after the last round (deferred from start-up; "
+                                    "same untrained model)"}
+
+
+def _sent_partitions(driver: DeltaFedAvg | UserLevelDP, messages: list) -> list[int]:
+    """The partition ids the round's instructions go to (the server's roster, not what any
+    client claims)."""
+    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
+    partition_of = {node: pid for pid, node in strategy.roster.items()}
+    return [partition_of[m.metadata.dst_node_id] for m in messages]
+
+
+def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
+    """Mean reported training loss over the accepted clients' examples; None when no
+    client reported one (none accepted, or losses withheld)."""
+    reported = [c for c in accepted if "loss" in c]
+    examples = sum(c["num_examples"] for c in reported)
+    if not examples:
+        return None
+    return sum(c["loss"] * c["num_examples"] for c in reported) / examples
+
+
+def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
+             cfg: ExperimentConfig, final_test: dict[str, float]) -> dict[str, Any]:
+    last = history[-1]
+    notes = note_fields(cfg, last)
+    return {
+        **accuracy_fields(history, state.initial, final_test, validation_examples(task, cfg)),
+        # Runs checkpointed before the deferral scored the untrained model before round 1.
+        "initial_evaluated": state.initial.get("evaluated", "before round 1"),
+        "epsilon_sample": last["epsilon_sample"],
+        "epsilon_user": last["epsilon_user"],
+        "delta": last["delta"],
+        **notes,
+        "noise": last.get("noise"),
+        "privacy_sample": last.get("privacy_sample"),
+        "privacy_user": last.get("privacy_user"),
+        "rounds": len(history),
+        "stopped_early": state.stopped,
+        # Null under user-level DP without log_cohorts (cohort sums: the curator's log).
+        "total_bytes_up": release_total(history, "bytes_up"),
+        "total_bytes_down": release_total(history, "bytes_down"),
+        "total_client_flops": release_total(history, "client_flops"),
+        "trainable_params": task.spec.size,
+        "backbone_params": task.backbone.num_params,
+        "method": cfg.tuning.method,
+        "resumed_at_rounds": state.resumed_at,
+        "wall_s": state.elapsed_s,
+        **_population(cfg),
+        **split_summary_fields(history),
+        **pruning_record(task.backbone, cfg.model.max_length),
+    }
+
+
+def _population(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Who the accuracy is about: with two domains, the target domain's test rows only."""
+    data = cfg.data
+    if not data.domain_by:
+        return {}
+    return {"eval_domain": f"{data.domain_by}={data.target_domain}",
+            "target_clients": data.target_clients, "source_clients": data.source_clients}
+
+
+def _plugin_settings(rnd: int, pid: int, plugins: list[Plugin]) -> dict[str, Any]:
+    """What the plugins ask of this client: `TrainInstruction` fields by name."""
+    settings: dict[str, Any] = {}
+    for plugin in plugins:
+        settings.update(plugin.client_config(rnd, pid))
+    return settings
+
+
+def _select_cohort(rnd: int, pids: list[int], plugins: list[Plugin]) -> list[int]:
+    for plugin in plugins:
+        pids = plugin.select_cohort(rnd, pids)
+    return pids
+
+
+def _client_weight(rnd: int, pid: int, plugins: list[Plugin]) -> float:
+    weight = 1.0
+    for plugin in plugins:
+        weight *= plugin.client_weight(rnd, pid)
+    return weight
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallback | None,
+          resume: bool, prepare: Preparation | None, roster_file: str | None = None
+          ) -> dict[str, Any]:
+    """The ServerApp's body (`strategies.server_app.build_server_app`). `roster_file`:
+    a deployment's operator roster (`strategies.discovery.load_operator_roster`)."""
+    check_server_runtime(cfg, grid)  # seeded noise only in simulation
+    assigned = (load_operator_roster(roster_file, cfg.data.num_clients)
+                if roster_file else None)
+    _require_operator_roster(grid, assigned)  # before the run folder or the task
+    roster = None
+    if prepare is not None:
+        roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()),
+                                  assigned=assigned)
+        prepare.finish()
+    return run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster,
+                      assigned=assigned)
+

@@ -1,0 +1,146 @@
+"""The house stays one-way (issue 28): every module sits in the folder of its capability, and
+imports, read from the code itself (module level, inside functions, and under
+TYPE_CHECKING alike), form no cycle and never point upward in the layer order below.
+
+A lower layer that must reach a higher one at run time does it by name through a registry
+(`fedtune.config.registry`), which this test does not see: that is the one sanctioned way.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP = ("fedtune", "clients", "strategies")
+# Lowest first; a module may import its own layer's packages and every layer below.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("fedtune.config", "fedtune.runtime", "fedtune.compat"),
+    ("fedtune.privacy", "fedtune.wire", "fedtune.data", "fedtune.models"),
+    ("fedtune.tuning",),
+    ("fedtune.split", "fedtune.task"),
+    ("fedtune.run",),
+    ("clients",),
+    ("strategies", "fedtune.study", "fedtune.audit"),
+    ("fedtune.sim", "fedtune.deploy"),
+    ("fedtune.cli", "fedtune"),
+)
+# Modules allowed outside a capability folder: the package root and the CLI at the top.
+LOOSE = {"fedtune", "fedtune.cli"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for top in TOP for p in (ROOT / top).rglob("*.py")}
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Each module's imports of modules in this tree (a `from pkg import name` counts as
+    pkg.name when that is a module, else as pkg)."""
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package[: len(package) - node.level + 1]
+                    base = ".".join([*parent, base] if base else parent)
+                found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules
+                             else base for alias in node.names)
+        graph[name] = {r for r in map(resolve, found) if r and r != name}
+    return graph
+
+
+def _layer(module: str) -> tuple[int, str]:
+    best = None
+    for level, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                if best is None or len(package) > len(best[1]):
+                    best = (level, package)
+    assert best is not None, f"{module} is in no layer of tests/test_architecture.py"
+    return best
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+GRAPH = _imports(_modules())
+
+
+def test_every_module_sits_in_a_capability_folder() -> None:
+    loose = sorted(m for m in GRAPH if m.startswith("fedtune.") and m.count(".") == 1
+                   and m not in LOOSE and not (ROOT / m.replace(".", "/")).is_dir())
+    assert not loose, f"modules outside a capability folder: {loose}"
+
+
+def test_no_module_import_cycle() -> None:
+    assert not _cycles(GRAPH), f"import cycles: {_cycles(GRAPH)}"
+
+
+def test_no_cycle_between_capabilities() -> None:
+    packages: dict[str, set[str]] = {}
+    for module, targets in GRAPH.items():
+        own = _layer(module)[1]
+        packages.setdefault(own, set()).update(
+            t for t in map(lambda m: _layer(m)[1], targets) if t != own)
+    assert not _cycles(packages), f"capabilities import each other: {_cycles(packages)}"
+
+
+def test_no_upward_import() -> None:
+    upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
+                    if _layer(t)[0] > _layer(m)[0])
+    assert not upward, "imports that point upward:\n" + "\n".join(upward)
+
+
+def test_the_checker_sees_cycles_and_upward_imports() -> None:
+    """The checks themselves: a planted cycle and a planted upward edge are found."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _layer("fedtune.config.registry")[0] < _layer("fedtune.models.backbone")[0]
+    assert _layer("fedtune.sim.driver")[0] > _layer("strategies.server")[0]
