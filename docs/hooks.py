@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import re
 
+from mkdocs.config.defaults import MkDocsConfig
+
 SPECIAL_TOKENS = ("CLS", "SEP", "PAD", "MASK", "UNK", "BOS", "EOS")
 _TOKEN_REFERENCE = re.compile(
-    r"Could not find cross-reference target '(?:%s)'$" % "|".join(SPECIAL_TOKENS))
+    rf"Could not find cross-reference target '(?:{'|'.join(SPECIAL_TOKENS)})'$")
 
 
 class _SpecialTokenReferences(logging.Filter):
@@ -22,7 +24,11 @@ class _SpecialTokenReferences(logging.Filter):
         return not _TOKEN_REFERENCE.search(record.getMessage())
 
 
-def on_startup(command: str, dirty: bool) -> None:
-    # get_plugin_logger(__name__) in mkdocs_autorefs/_internal/plugin.py.
-    logging.getLogger("mkdocs.plugins.mkdocs_autorefs._internal.plugin").addFilter(
-        _SpecialTokenReferences())
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+    # autorefs logs through get_plugin_logger(__name__): "mkdocs.plugins.mkdocs_autorefs..."
+    # with a module path that moves between its releases, so every such logger gets the filter
+    # (the plugin is imported by now; a filter on a parent logger would not apply).
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("mkdocs.plugins.mkdocs_autorefs"):
+            logging.getLogger(name).addFilter(_SpecialTokenReferences())
+    return config
