@@ -42,6 +42,13 @@ def _modules() -> tuple[list[tuple[str, ...]], list[str]]:
     return sorted(set(found)), outside
 
 
+def _child_link(child: tuple[str, ...]) -> str:
+    """The link from a package's page to a direct child's page, beside it."""
+    if (ROOT.joinpath(*child) / "__init__.py").is_file():
+        return f"{child[-1]}/index.md"
+    return f"{child[-1]}.md"
+
+
 def main() -> None:
     nav = mkdocs_gen_files.Nav()
     modules, outside = _modules()
@@ -51,6 +58,10 @@ def main() -> None:
         nav[parts] = doc.as_posix()
         with mkdocs_gen_files.open(Path("reference", doc), "w") as page:
             page.write(f"# `{'.'.join(parts)}`\n\n::: {'.'.join(parts)}\n")
+            children = [m for m in modules if m[:-1] == parts]
+            if is_package and children:
+                page.write("\n## Modules\n\n" + "".join(
+                    f"- [`{'.'.join(child)}`]({_child_link(child)})\n" for child in children))
 
     with mkdocs_gen_files.open("reference/index.md", "w") as page:
         page.write("# API reference\n\nGenerated from the docstrings of every module in "
