@@ -66,7 +66,9 @@ def main() -> None:
     with mkdocs_gen_files.open("reference/index.md", "w") as page:
         page.write("# API reference\n\nGenerated from the docstrings of every module in "
                    "`fedtune/`, `clients/` and `strategies/` each time the site is built "
-                   "(`docs/gen_ref_pages.py`), so it follows the package tree as it is.\n")
+                   "(`docs/gen_ref_pages.py`), so it follows the package tree as it is.\n\n")
+        page.writelines(f"- [`{top}`]({top}/index.md)\n" for top in PACKAGES
+                        if (top,) in modules)
         if outside:
             page.write("\nNot documented here, because a folder above them has no "
                        "`__init__.py`:\n\n" + "".join(f"- `{p}`\n" for p in outside))
