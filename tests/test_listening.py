@@ -36,11 +36,19 @@ def _wait_listening(proc: subprocess.Popen, timeout: float = 60):
     pytest.fail("nothing listened")
 
 
-def test_readme_recipe_keeps_the_superlink_on_loopback():
-    readme = (ROOT / "README.md").read_text()
-    for command in re.findall(r"flower-superlink[^`]*?(?:\n\s*```|$)", readme, flags=re.S):
+def test_documented_recipes_keep_the_superlink_on_loopback():
+    """The README and every docs page: the recipes live in docs/running.md (`flwr run`)
+    and docs/deployment.md (real SuperNodes)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
+    blocks = re.findall(r"```.*?```", text, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands = [c for c in blocks + spans if "flower-superlink" in c]
+    assert any("--host 127.0.0.1" in c for c in commands), commands
+    for command in commands:
         assert "0.0.0.0" not in command and "--host ::" not in command, command
-    assert "fedtune deploy superlink" in readme
+    assert "fedtune deploy superlink" in (ROOT / "docs" / "deployment.md").read_text()
+    assert "fedtune deploy sim-superlink" in (ROOT / "docs" / "running.md").read_text()
 
 
 def test_fleet_gateway_listens_where_asked_and_forwards_only_the_fleet_api(tmp_path):

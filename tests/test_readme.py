@@ -1,5 +1,6 @@
 """The README's install and test recipes, `.ci/run`, `pyproject.toml` and
-`.ci/constraints.txt` stay in step."""
+`.ci/constraints.txt` stay in step; the README stays one page and its details live in the
+documentation site (`docs/`, `mkdocs.yml`), which CI builds with `mkdocs build --strict`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 CI = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
+DOCS = ROOT / "docs"
+INSTALL_PAGE = (DOCS / "install.md").read_text(encoding="utf-8")
+# The site's folders that `docs/gen_*.py` write at build time (not in the tree).
+GENERATED = ("reference/", "results/")
 # The dependencies whose ranges the README names and `.ci/run` tests at both ends.
 RANGED = ("torch", "transformers", "flwr", "ray", "opacus", "peft", "datasets", "flwr-datasets")
 
@@ -78,20 +83,22 @@ def test_the_long_marker_is_the_one_the_readme_leaves_out():
 
 
 def test_install_section_covers_pinned_newest_and_cpu_torch():
-    install = _section("Install")
-    commands = "\n".join(_bash_blocks(install))
-    assert "-c .ci/constraints.txt -e ." in commands
-    assert "--upgrade --upgrade-strategy eager -e ." in commands
-    assert '--index-url "$TORCH_CPU_INDEX"' in commands
+    for install in (_section("Install"), INSTALL_PAGE):
+        commands = "\n".join(_bash_blocks(install))
+        assert "-c .ci/constraints.txt -e ." in commands
+        assert "--upgrade --upgrade-strategy eager -e ." in commands
+        assert '--index-url "$TORCH_CPU_INDEX"' in commands
 
 
 def test_package_indexes_are_named_only_through_a_variable():
     """No package index address is written down: the reader takes it from PyTorch's selector."""
-    for name, text in (("README.md", README), (".ci/run", CI)):
+    pages = [(f"docs/{p.name}", p.read_text(encoding="utf-8")) for p in DOCS.glob("*.md")]
+    for name, text in (("README.md", README), (".ci/run", CI), *pages):
         for flag, value in re.findall(r"(--(?:extra-)?index-url)[ =]+(\S+)", text):
             assert value.startswith('"$'), f"{name}: {flag} {value}"
         assert not re.search(r"PIP_(?:EXTRA_)?INDEX_URL=(?!\"\$)", text), name
     for name, text in (("README.md Install", _section("Install")), (".ci/run", CI),
+                       ("docs/install.md", INSTALL_PAGE),
                        (".ci/constraints.txt", CONSTRAINTS.read_text())):
         assert "://" not in text, f"{name} writes an address"
 
@@ -134,3 +141,61 @@ def test_ranges_are_the_documented_ones(name, allowed, refused):
     assert [v for v in refused if v in spec] == []
     assert _ranges()["flwr"].extras == {"simulation", "dp"}
     assert set(RANGED) <= set(_ranges())
+
+
+def _nav_pages() -> list[str]:
+    """The pages `mkdocs.yml`'s nav names (`Title: page.md` or a generated `folder/`)."""
+    return re.findall(r"^\s*- [^:\n]+: (\S+)$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+
+
+def test_the_readme_is_one_page_that_links_into_the_docs():
+    assert len(README.splitlines()) <= 250, "the README is one page: move detail to docs/"
+    links = re.findall(r"\]\((docs/[^)#\s]+)", README)
+    # Every page is one click from the README (its own Quickstart is the quickstart page).
+    pages = {f"docs/{p.name}" for p in DOCS.glob("*.md")} - {"docs/quickstart.md"}
+    assert pages <= set(links), f"not linked from the README: {sorted(pages - set(links))}"
+    for link in links:
+        assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
+    for title in ("Quickstart", "Install", "What each epsilon promises", "Running experiments",
+                  "The run folder", "Where things are"):
+        assert _section(title).strip()
+
+
+def test_every_docs_page_is_in_the_nav_and_every_nav_page_exists():
+    nav = _nav_pages()
+    written = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    listed = {p for p in nav if not p.startswith(GENERATED)}
+    assert listed == written, (f"in docs/ but not in the nav: {sorted(written - listed)}; "
+                               f"in the nav but not in docs/: {sorted(listed - written)}")
+    assert {"reference/", "results/experiments.md", "results/benchmarks.md"} <= set(nav)
+    for script in re.findall(r"^\s*- (docs/\S+\.py)$", (ROOT / "mkdocs.yml").read_text(),
+                             flags=re.M):
+        assert (ROOT / script).is_file(), script
+
+
+def test_docs_links_point_at_pages_that_exist():
+    """`mkdocs build --strict` checks links and anchors in CI; this is the fast half of it
+    (files only), which needs no MkDocs."""
+    for page in DOCS.rglob("*.md"):
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if "://" in target or not path:
+                continue
+            resolved = (page.parent / path).resolve().relative_to(DOCS.resolve()).as_posix()
+            assert resolved.startswith(GENERATED) or (DOCS / resolved).is_file(), (
+                f"{page.relative_to(ROOT)} links to {target}")
+
+
+def test_ci_builds_the_docs_strictly_with_the_docs_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["docs"]
+    names = {canonicalize_name(Requirement(r).name) for r in extras}
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocs-gen-files",
+            "mkdocs-literate-nav"} <= names
+    assert "python" in next(Requirement(r) for r in extras
+                            if Requirement(r).name == "mkdocstrings").extras
+    assert ".venv/bin/pip install -q -e '.[docs]' &&" in CI
+    assert ".venv/bin/mkdocs build --strict" in CI
+    assert "failed+=(docs)" in CI
+    assert re.search(r"^strict: true$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)

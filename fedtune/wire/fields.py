@@ -1,6 +1,6 @@
 """The one table of what crosses the wire: every field each message carries under a run's
 settings, what it reveals and whether it is clipped and noised. The privacy statements
-(`privacy_in_clear` in every round line, `split_privacy`, the README's table) are generated
+(`privacy_in_clear` in every round line, `split_privacy`, the table in docs/wire.md) are generated
 from it, and tests/test_wire_statement.py records every key a reply carries and every
 tensor the split body receives in real runs and compares them with it.
 
@@ -303,7 +303,7 @@ def statement(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def markdown(cfg: ExperimentConfig) -> str:
-    """The statement as a Markdown table (README, `fedtune report`)."""
+    """The statement as a Markdown table (`fedtune report`)."""
     lines = ["| message | field | reveals | protection |", "|---|---|---|---|"]
     lines += [f"| {f.message} | {f.item} | {f.shown} | {f.protection} |"
               for f in wire_fields(cfg)]
@@ -314,7 +314,7 @@ def markdown(cfg: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-# The modes the README's statement shows, as `--set` overrides of the defaults.
+# The modes the documented statement (docs/wire.md) shows, as `--set` overrides of the defaults.
 README_MODES: dict[str, tuple[str, ...]] = {
     "plain (no DP)": ("privacy.sample.enabled=false",),
     "sample-level DP (default)": (),
@@ -331,8 +331,8 @@ README_START, README_END = "<!-- wire-fields:start -->", "<!-- wire-fields:end -
 
 
 def readme_table() -> str:
-    """The README's statement, one line per mode (generated: `python -m
-    fedtune.wire.fields`; tests/test_wire_statement.py checks the README holds it)."""
+    """The statement in docs/wire.md, one line per mode (generated: `python -m
+    fedtune.wire.fields`; tests/test_wire_statement.py checks the page holds it)."""
     def names(fields: list[WireField]) -> str:
         return ", ".join(f"`{f.item}`" + (" (own-file nodes)" if f.only_when else "")
                          for f in fields) or "-"
