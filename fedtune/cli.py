@@ -364,7 +364,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Argument(help="New folder for the exported model.")],
 ) -> None:
-    """Write a run's tuned model as a self-contained folder (see README: Export)."""
+    """Write a run's tuned model as a self-contained folder (docs/export.md)."""
     from fedtune.run.export import export_run
 
     try:

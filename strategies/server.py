@@ -249,7 +249,7 @@ def _require_operator_roster(grid: Grid, assigned: Mapping[int, int] | None) -> 
     if assigned is None and not is_simulation_grid(grid):
         raise DeployError("a deployment binds nodes to partitions from an operator roster: "
                           "pass run config roster='/abs/roster.json' (registered node id -> "
-                          "partition id; README, Node data)")
+                          "partition id; docs/deployment.md, Node data)")
 
 
 def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -343,7 +343,7 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         raise CorpusError(f"{exc} (data.options.data_files)") from None
     if cache_dir is None and (files or local.exists()):
         # The user's own texts: datasets would copy them into its cache in the home
-        # folder; they go with fedtune's other caches instead (README: Caches).
+        # folder; they go with fedtune's other caches instead (docs/data.md: Caches).
         cache_dir = (cache_root or default_cache_dir()) / "datasets"
     source = (f"data file {files[0]}" if len(files) == 1
               else f"data.options.path={path!r} (data_files={data_files!r})")

@@ -1,6 +1,6 @@
 """`fedtune deploy ...`: certificates, a SuperNode with its worker, and a whole loopback
-deployment in one command. The SuperLink and `flwr run` are Flower's own commands (README:
-Deployment)."""
+deployment in one command. The SuperLink and `flwr run` are Flower's own commands
+(docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def superlink(
              "upload is 4 bytes per trainable parameter).")] = 32.0,
 ) -> None:
     """Start the SuperLink on loopback and its Fleet gateway on --fleet-address, until
-    Ctrl-C. Only the Fleet API faces the network (README: Deployment)."""
+    Ctrl-C. Only the Fleet API faces the network (docs/deployment.md)."""
     from fedtune.deploy.address import DeployError, check_address, check_file
     from fedtune.deploy.certs import CertFiles
     from fedtune.deploy.local import SUPERLINK_ENV, gateway_command, superlink_command
@@ -110,7 +110,7 @@ def sim_superlink(
         help="The SuperLink's port on 127.0.0.1 (`flwr run` connects to it).")] = 9093,
 ) -> None:
     """Start a simulation SuperLink for `flwr run`, everything on loopback (its Ray too),
-    until Ctrl-C (README: Running with `flwr run`)."""
+    until Ctrl-C (docs/running.md: Running with `flwr run`)."""
     import tempfile
 
     from fedtune.deploy.local import SIMULATION_ENV, simulation_superlink_command

@@ -3,7 +3,7 @@ loopback, its Fleet gateway (`fleet_gateway`, here on loopback too), N registere
 SuperNodes connecting through the gateway, each with its own `partition-id` (or data file),
 and `flwr run`.
 
-Tests and `benchmarks/deploy_latency.py` use it; the README shows the same commands to
+Tests and `benchmarks/deploy_latency.py` use it; docs/deployment.md shows the same commands to
 type by hand on separate machines. Every process is started here, remembered by PID and
 stopped by PID in `stop()` (also when a start fails halfway).
 
@@ -44,7 +44,7 @@ CONNECTION = "fedtune-local"
 SUPERLINK_ENV = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
 
 
-# `flwr run` on a simulation SuperLink (README: Running with `flwr run`): Flower's
+# `flwr run` on a simulation SuperLink (docs/running.md: Running with `flwr run`): Flower's
 # `flwr-simulation`, started under the SuperLink, calls `ray.init()`, and a plain one gave
 # Ray's GCS, raylet, workers and the driver the host's address on every interface (8
 # non-loopback sockets measured). Ray's single-machine switch (fedtune.runtime.local_ray) reaches it

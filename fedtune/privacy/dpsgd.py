@@ -49,7 +49,7 @@ def _engine(accountant: str) -> PrivacyEngine:
         # "Secure RNG turned off" is about Opacus' secure_mode, which needs torchcsprng
         # (not installed). Our noise and Poisson masks come from fedtune's own CSPRNG
         # (fedtune.privacy.randomness) instead; that does not add secure_mode's
-        # floating-point hardening, and the README says so.
+        # floating-point hardening, and docs/privacy.md says so.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         return PrivacyEngine(accountant=accountant)
 
