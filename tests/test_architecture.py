@@ -144,3 +144,17 @@ def test_the_checker_sees_cycles_and_upward_imports() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _layer("fedtune.config.registry")[0] < _layer("fedtune.models.backbone")[0]
     assert _layer("fedtune.sim.driver")[0] > _layer("strategies.server")[0]
+
+
+def test_the_readme_tree_is_the_tree() -> None:
+    """README's "Where things are" names every capability folder of fedtune/ and nothing
+    that is not there, so the map a newcomer reads is the house as it is."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Where things are", 1)[1].split("```")[1]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines()
+              if line.startswith("  ") and line.split() and not line.startswith("   ")}
+    folders = {p.name for p in (ROOT / "fedtune").iterdir()
+               if p.is_dir() and (p / "__init__.py").exists()}
+    assert listed - {"cli.py"} == folders
+    # ... and in the test's layer order, every folder has its place.
+    assert {f"fedtune.{f}" for f in folders} <= {p for layer in LAYERS for p in layer}
