@@ -8,6 +8,10 @@
 Selecting on test accuracy makes the reported test accuracy an optimistic estimate: the
 audit found learning rates chosen that way that did not transfer to another corpus.
 
+The untrained model's figures are the same for every run of a task (the seeded initial
+vector on the same rows): `untrained_metrics` reads them from the task cache when an earlier
+run computed them (`fedtune.task_cache.untrained_key` names what they depend on).
+
 Where the frozen-prefix cache applies (`train.prefix_cache`), each split's states entering
 the method's first trainable block are computed once (per process, kept on disk) and every
 evaluation runs only the blocks after it.
@@ -15,19 +19,25 @@ evaluation runs only the blocks after it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedtune.task import Split, evaluate
+from fedtune import task_cache
+from fedtune.data.tokenize import tokenizer_fingerprint
+from fedtune.runtime_settings import runtime_settings
+from fedtune.task import Split, data_key, evaluate, task_key
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
     from fedtune.task import Task
     from fedtune.tuning import TunedModel
+
+log = logging.getLogger(__name__)
 
 
 def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
@@ -94,6 +104,46 @@ def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
     test = final_metrics(task, model, vector, cfg)
     val = round_metrics(task, model, vector, cfg)
     return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **val}
+
+
+def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
+                      ) -> dict[str, float | None]:
+    """`initial_metrics` of the task's seeded initial vector, read from the task cache when
+    an earlier run of the same task stored them (else computed and stored). `model` may be
+    left holding the initial vector or not: callers load the vector they evaluate next."""
+    key = untrained_cache_key(task, model, cfg)
+    cache_dir = runtime_settings(cfg).cache_dir
+    if key is not None and (cached := task_cache.read_untrained(cache_dir, key)) is not None:
+        return cached
+    metrics = initial_metrics(task, model, task.initial_vector(), cfg)
+    if key is not None:
+        try:
+            task_cache.store_untrained(cache_dir, key, metrics)
+        except OSError as exc:  # a full or read-only cache costs the next run the evaluation
+            log.warning("task cache: could not store the untrained figures under %s: %s",
+                        cache_dir, exc)
+    return metrics
+
+
+def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) -> str | None:
+    """The key of the task's untrained figures, or None when its data cannot be keyed (a
+    corpus that cannot list its files: never cached). Covers the data (the task's entry key),
+    the model and method with their initialisation (`task_key`: seed, model, data and the
+    method's table; the spec's hash: backbone weights and layout), the evaluation's batch
+    size, cap and path (the frozen-prefix cache gives equal figures only within float
+    tolerance), the thread count and device (a CPU matmul's rounding may follow the split of
+    its work), and the versions and code `task_cache.untrained_key` adds."""
+    entry = task_cache.entry_key(data_key(cfg), cfg.data.corpus, cfg.data.options,
+                                 tokenizer_fingerprint(task.backbone.tokenizer))
+    if entry is None:
+        return None
+    device = next(model.parameters()).device
+    return task_cache.untrained_key(entry, {
+        "task": task_key(cfg), "spec": task.spec.hash,
+        "eval_batch_size": cfg.train.eval_batch_size,
+        "eval_max_examples": cfg.train.eval_max_examples,
+        "prefix_cache": cache_applies(cfg, model), "threads": torch.get_num_threads(),
+        "device": str(device), "dtype": str(next(model.parameters()).dtype)})
 
 
 def validation_examples(task: Task, cfg: ExperimentConfig) -> int:
