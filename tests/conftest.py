@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` deselected: the slow tests that will run count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, the files with the most end-to-end runs (marked slow) first: the
     README's command hands out whole files in collection order (`--dist loadfile
