@@ -10,7 +10,7 @@ audit found learning rates chosen that way that did not transfer to another corp
 
 The untrained model's figures are the same for every run of a task (the seeded initial
 vector on the same rows): `untrained_metrics` reads them from the task cache when an earlier
-run computed them (`fedtune.task_cache.untrained_key` names what they depend on).
+run computed them (`untrained_cache_key` names what they depend on).
 
 Where the frozen-prefix cache applies (`train.prefix_cache`), each split's states entering
 the method's first trainable block are computed once (per process, kept on disk) and every
@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from fedtune import task_cache
-from fedtune.data.tokenize import tokenizer_fingerprint
 from fedtune.runtime_settings import runtime_settings
-from fedtune.task import Split, data_key, evaluate, task_key
+from fedtune.task import Split, evaluate
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
@@ -113,37 +112,44 @@ def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
     left holding the initial vector or not: callers load the vector they evaluate next."""
     key = untrained_cache_key(task, model, cfg)
     cache_dir = runtime_settings(cfg).cache_dir
-    if key is not None and (cached := task_cache.read_untrained(cache_dir, key)) is not None:
+    if (cached := task_cache.read_untrained(cache_dir, key)) is not None:
         return cached
     metrics = initial_metrics(task, model, task.initial_vector(), cfg)
-    if key is not None:
-        try:
-            task_cache.store_untrained(cache_dir, key, metrics)
-        except OSError as exc:  # a full or read-only cache costs the next run the evaluation
-            log.warning("task cache: could not store the untrained figures under %s: %s",
-                        cache_dir, exc)
+    try:
+        task_cache.store_untrained(cache_dir, key, metrics)
+    except OSError as exc:  # a full or read-only cache costs the next run the evaluation
+        log.warning("task cache: could not store the untrained figures under %s: %s",
+                    cache_dir, exc)
     return metrics
 
 
-def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) -> str | None:
-    """The key of the task's untrained figures, or None when its data cannot be keyed (a
-    corpus that cannot list its files: never cached). Covers the data (the task's entry key),
-    the model and method with their initialisation (`task_key`: seed, model, data and the
-    method's table; the spec's hash: backbone weights and layout), the evaluation's batch
-    size, cap and path (the frozen-prefix cache gives equal figures only within float
-    tolerance), the thread count and device (a CPU matmul's rounding may follow the split of
-    its work), and the versions and code `task_cache.untrained_key` adds."""
-    entry = task_cache.entry_key(data_key(cfg), cfg.data.corpus, cfg.data.options,
-                                 tokenizer_fingerprint(task.backbone.tokenizer))
-    if entry is None:
-        return None
-    device = next(model.parameters()).device
-    return task_cache.untrained_key(entry, {
-        "task": task_key(cfg), "spec": task.spec.hash,
+def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) -> str:
+    """The key of the task's untrained figures (`task_cache.untrained_key`): the test and
+    validation rows evaluated (their contents, whatever corpus, tokenizer or carve made
+    them); the model: the backbone's weights hash, the model table (token length, pruning),
+    the method's table, the seed and the spec's hash (the trainable layout); the
+    evaluation's batch size, cap and path (the frozen-prefix cache gives equal figures only
+    within float tolerance); the thread count and device (a CPU kernel's rounding may follow
+    the split of its work)."""
+    rows = []
+    for split in (task.test, task.validation):
+        if split is not None:
+            n = _evaluated(len(split), cfg.train.eval_max_examples)
+            rows += [split.input_ids[:n], split.attention_mask[:n], split.labels[:n]]
+    parameter = next(model.parameters())
+    return task_cache.untrained_key(rows, {
+        "backbone": task.backbone.hash, "spec": task.spec.hash,
+        "model": cfg.to_dict()["model"], "tuning": cfg.tuning.fingerprint(),
+        "seed": cfg.seed, "labels": task.num_labels, "validation": task.validation is not None,
         "eval_batch_size": cfg.train.eval_batch_size,
         "eval_max_examples": cfg.train.eval_max_examples,
         "prefix_cache": cache_applies(cfg, model), "threads": torch.get_num_threads(),
-        "device": str(device), "dtype": str(next(model.parameters()).dtype)})
+        "device": str(parameter.device), "dtype": str(parameter.dtype)})
+
+
+def _evaluated(rows: int, max_examples: int) -> int:
+    """How many of a split's `rows` an evaluation reads (its first ones)."""
+    return rows if max_examples <= 0 else min(max_examples, rows)
 
 
 def validation_examples(task: Task, cfg: ExperimentConfig) -> int:

@@ -21,8 +21,9 @@ token cache beside it does not already derive from the same data.
 Beside the tasks, `<cache_dir>/untrained/<key>` keeps the untrained model's validation and
 test figures (`fedtune.evaluation.untrained_metrics`): every run of a task scores the same
 seeded untrained model on the same rows, so a repeat run reads them instead of running both
-evaluations again. Their key (`untrained_key`) adds to the task's entry key everything else
-that changes those figures: the model, the method and its initialisation, the evaluation's
+evaluations again. Their key (`untrained_key`) is a digest of the rows evaluated themselves
+(tokens, masks, labels: whatever built them) and of everything else that changes the
+figures: the backbone's weights hash, the method and its initialisation, the evaluation's
 batch size, cap and path, the thread count, the libraries that compute them and fedtune's
 code.
 """
@@ -36,9 +37,11 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedtune.data.corpora import corpus_sources
 
@@ -110,11 +113,15 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def untrained_key(task_entry: str, fields: Mapping[str, Any]) -> str:
-    """The key of a task's untrained figures: its entry key (`entry_key`: the data) and
-    `fields` (JSON values: the task's model and method, the evaluation's settings, the
-    thread count), with the versions of UNTRAINED_LIBRARIES and a digest of UNTRAINED_CODE."""
-    digest = hashlib.sha256(task_entry.encode())
+def untrained_key(rows: Iterable[np.ndarray], fields: Mapping[str, Any]) -> str:
+    """The key of a task's untrained figures: a digest of the arrays evaluated (`rows`:
+    dtype, shape and bytes of each), of `fields` (JSON values: the model, the method, the
+    evaluation's settings), of the versions of UNTRAINED_LIBRARIES and of UNTRAINED_CODE."""
+    digest = hashlib.sha256()
+    for array in rows:
+        array = np.ascontiguousarray(array)
+        digest.update(f"\0{array.dtype.str}{array.shape}\0".encode())
+        digest.update(array.tobytes())
     digest.update(b"\0" + json.dumps(dict(fields), sort_keys=True).encode())
     for name in UNTRAINED_LIBRARIES:
         digest.update(f"\0{name}={_version(name)}".encode())

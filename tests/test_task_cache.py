@@ -204,32 +204,52 @@ def test_cached_untrained_figures_equal_a_fresh_evaluation_bit_for_bit(tmp_path,
 
 
 def test_the_untrained_key_follows_everything_that_changes_the_figures(monkeypatch):
+    import dataclasses
+
     import torch
 
     from fedtune.evaluation import untrained_cache_key
-    from fedtune.task import get_task
+    from fedtune.task import Split, get_task
 
-    base_cfg = _cfg(*EVAL)
-    base_task = get_task(base_cfg)
+    base_task = get_task(_cfg(*EVAL))
     base_model = base_task.new_model()
 
-    def key(*extra: str, rebuild: bool = False) -> str:
-        """The key under `extra`; the task and model are rebuilt only where `extra` shapes
-        the model (the data's part of the key is read from the config: no corpus build)."""
+    def key(*extra: str, task=None, rebuild: bool = False) -> str:
+        """The key under `extra`, with `task` (default: the base task); the task and model
+        are rebuilt only where `extra` shapes the model."""
         cfg = _cfg(*EVAL, *extra)
-        if not rebuild:
-            return untrained_cache_key(base_task, base_model, cfg)
-        task = get_task(cfg)
-        return untrained_cache_key(task, task.new_model(), cfg)
+        if rebuild:
+            task = get_task(cfg)
+            return untrained_cache_key(task, task.new_model(), cfg)
+        return untrained_cache_key(task or base_task, base_model, cfg)
 
     base = key()
-    assert base is not None and base == key()
-    # Training, privacy and run settings never touch the untrained model's figures.
+    assert base == key()
+    # Training, privacy and run settings, and the partitions, never touch the figures.
     assert key("train.rounds=7", "train.lr=0.5", "privacy.sample.enabled=false",
-               "train.clients_per_round=3", "name=other") == base
-    changed = {extra: key(extra) for extra in (
-        "seed=3", "model.max_length=24", "data.validation_fraction=0.2", "data.num_clients=5",
-        "train.eval_batch_size=16", "train.eval_max_examples=40")}
+               "train.clients_per_round=3", "name=other", "data.num_clients=5") == base
+
+    def edited(split: str, column: str, row: int) -> object:
+        """The base task with one evaluated value changed."""
+        old = getattr(base_task, split)
+        arrays = {c: np.array(getattr(old, c)) for c in ("input_ids", "attention_mask",
+                                                         "labels")}
+        arrays[column][row] = 1 - arrays[column][row] if column == "labels" else \
+            arrays[column][row] + 1
+        task = dataclasses.replace(base_task, **({"test": Split(**arrays)} if split == "test"
+                                                 else {}))
+        if split == "validation":
+            task.__dict__["validation"] = Split(**arrays)  # the cached property's value
+        return task
+
+    changed = {f"{split}.{column}": key(task=edited(split, column, 0))
+               for split in ("test", "validation")
+               for column in ("input_ids", "attention_mask", "labels")}
+    # Rows past the evaluation's cap are not read: they change nothing.
+    assert key(task=edited("test", "labels", len(base_task.test) - 1)) == base
+    changed |= {extra: key(extra) for extra in (
+        "seed=3", "model.max_length=24", "train.eval_batch_size=16",
+        "train.eval_max_examples=40")}
     changed |= {extra: key(extra, rebuild=True) for extra in (
         "tuning.prompt.length=5", "tuning.method=lora", "tuning.prompt.layer=2")}
     # The evaluation's path counts, not the setting: with a frozen prefix, the cached states
@@ -254,9 +274,11 @@ def test_the_untrained_key_follows_everything_that_changes_the_figures(monkeypat
     monkeypatch.setattr(task_cache, "_code_digest", code_changed)  # a fix in the model code
     changed["code"] = key()
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
-    # The key's own parts: the task's entry (the data) and every field.
-    fields = {"task": "t", "spec": "s", "eval_batch_size": 64}
-    assert task_cache.untrained_key("e", fields) != task_cache.untrained_key("f", fields)
+    # The key's own parts: the rows' values, dtype and shape, and every field.
+    rows, fields = [np.arange(6).reshape(2, 3)], {"backbone": "b", "spec": "s", "threads": 2}
+    first = task_cache.untrained_key(rows, fields)
+    for other in ([np.arange(1, 7).reshape(2, 3)], [np.arange(6).reshape(3, 2)],
+                  [np.arange(6, dtype=np.int8).reshape(2, 3)]):
+        assert task_cache.untrained_key(other, fields) != first
     for name in fields:
-        assert task_cache.untrained_key("e", fields) != \
-            task_cache.untrained_key("e", {**fields, name: "other"})
+        assert task_cache.untrained_key(rows, {**fields, name: "other"}) != first
