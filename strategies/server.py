@@ -38,8 +38,8 @@ from fedtune.split.plan import smashed_privacy_events
 from fedtune.task.evaluation import (
     accuracy_fields,
     final_metrics,
-    initial_metrics,
     round_metrics,
+    untrained_metrics,
     validation_examples,
 )
 from fedtune.task.task import Task, get_task
@@ -255,8 +255,9 @@ def _require_operator_roster(grid: Grid, assigned: Mapping[int, int] | None) -> 
 def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, Any]:
     """The untrained model's baseline, computed at the end of the run: the seeded initial
     vector is rebuilt, so the figures are those a start-of-run evaluation gives (nothing
-    trained reads them; the summary says when they were computed)."""
-    metrics = initial_metrics(task, model, task.initial_vector(), cfg)
+    trained reads them; the summary says when they were computed). A repeat run of the task
+    reads them from the task cache (`untrained_metrics`): the same figures, bit for bit."""
+    metrics = untrained_metrics(task, model, cfg)
     return {**metrics, "evaluated": "after the last round (deferred from start-up; "
                                     "same untrained model)"}
 

@@ -14,10 +14,44 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: torch's intra-op
+# threads are split between them, as oversubscribed OpenMP threads spin and wait on each
+# other. Set before torch is imported; the end-to-end runs' processes inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(
+        1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` deselected: the slow tests that will run count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the files with the most end-to-end runs (marked slow) first: the
+    README's command hands out whole files in collection order (`--dist loadfile
+    --no-loadscope-reorder`: a file's module fixtures, such as a shared run, run once), so
+    the longest files start first and the unit tests fill in around them, instead of one
+    end-to-end file starting last while the other worker has nothing left. Every worker
+    sorts the same collection the same way, as xdist requires."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow: dict[object, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: file order kept among equals
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _fedtune_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if "FEDTUNE_TEST_KEEP_CACHE" not in os.environ:
+    """fedtune's cache (tokens, tasks, the untrained model's figures, frozen-prefix states)
+    in this test run's temp folder. Under pytest-xdist (`-n 2`) every worker uses the same
+    one, in the folder above the workers' own: a task tokenized or scored by one is read by
+    the other. Every entry is written aside and renamed into place (concurrent Ray workers
+    rely on that already), so two workers never see half an entry."""
+    if "FEDTUNE_TEST_KEEP_CACHE" in os.environ:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "fedtune-cache"
+        shared.mkdir(exist_ok=True)
+        os.environ["FEDTUNE_CACHE_DIR"] = str(shared)
+    else:
         os.environ["FEDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtune-cache"))
 
 

@@ -24,6 +24,10 @@ INSTALL_PAGE = (DOCS / "install.md").read_text(encoding="utf-8")
 GENERATED = ("reference/", "results/")
 # The dependencies whose ranges the README names and `.ci/run` tests at both ends.
 RANGED = ("torch", "transformers", "flwr", "ray", "opacus", "peft", "datasets", "flwr-datasets")
+# The test extra's packages whose lower ends the lowest leg installs too.
+TEST_RANGED = ("pytest-xdist",)
+# Both cores, whole files in collection order (tests/conftest.py puts the slow ones first).
+XDIST = "-n 2 --dist loadfile --no-loadscope-reorder"
 
 
 def _bash_blocks(text: str) -> list[str]:
@@ -40,8 +44,9 @@ def _test_command() -> str:
     return next(b for b in _bash_blocks(README) if "pytest" in b).strip()
 
 
-def _ranges() -> dict[str, Requirement]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def _ranges(extra: str | None = None) -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["optional-dependencies"][extra] if extra else project["dependencies"]
     return {canonicalize_name(r.name): r for r in map(Requirement, deps)}
 
 
@@ -61,7 +66,7 @@ def test_ci_runs_the_readme_test_command_in_both_legs():
     assert cmd.startswith("python3 -m venv .venv && ") and "pytest" in cmd
     # The README's command leaves out the long end-to-end paths, and CI runs them after it,
     # so nothing the suite tests is dropped from CI.
-    assert cmd.endswith('-m pytest -q -m "not long"')
+    assert cmd.endswith(f'-m pytest -q {XDIST} -m "not long"')
     long_run = cmd + " &&\n      .venv/bin/python -m pytest -q -m long);"
     assert CI.count(long_run) == 2, "pinned and newest run the README command, then -m long"
     pinned, newest, lowest = CI.split(long_run)
@@ -70,7 +75,7 @@ def test_ci_runs_the_readme_test_command_in_both_legs():
     assert "PIP_CONSTRAINT" not in newest
     install = cmd.split(" && .venv/bin/python -m pytest")[0]
     assert 'PIP_CONSTRAINT=.ci/lowest.txt' in lowest
-    assert install + ' &&\n      .venv/bin/python -m pytest -q -m "not slow");' in lowest
+    assert install + f' &&\n      .venv/bin/python -m pytest -q {XDIST} -m "not slow");' in lowest
     assert 'pip freeze | grep -iE "flwr|ray|torch|transformers|opacus|peft"' in CI
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
@@ -104,8 +109,8 @@ def test_package_indexes_are_named_only_through_a_variable():
 
 
 def test_the_lowest_leg_installs_each_ranges_lower_end():
-    lowest, ranges = _pins(ROOT / ".ci" / "lowest.txt"), _ranges()
-    assert set(lowest) == set(RANGED)
+    lowest, ranges = _pins(ROOT / ".ci" / "lowest.txt"), {**_ranges(), **_ranges("test")}
+    assert set(lowest) == set(RANGED) | set(TEST_RANGED)
     for name, requirement in ranges.items():
         if name not in lowest:
             continue
@@ -121,8 +126,10 @@ def test_constraints_pin_everything_and_fit_the_ranges():
         assert name in pins, f"{name} is a dependency but not pinned in .ci/constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{name}=={pins[name]} (constraints) is outside {requirement} (pyproject)")
-    for extra in ("pytest", "ruff", "hypothesis"):
-        assert extra in pins
+    for extra, requirement in _ranges("test").items():
+        assert extra in pins, f"{extra} (test extra) is not pinned in .ci/constraints.txt"
+        assert requirement.specifier.contains(pins[extra], prereleases=True), extra
+    assert {"pytest", "ruff", "hypothesis", "pytest-xdist"} <= set(pins)
 
 
 @pytest.mark.parametrize(("name", "allowed", "refused"), [

@@ -15,7 +15,7 @@ from fedtune.config import load_config
 from fedtune.data import corpus_sources
 from fedtune.data.corpora import SPAMASSASSIN_FILE
 from fedtune.runtime.startup import PREFIX, StartupReport, reporting
-from fedtune.task import cache as task_cache
+from fedtune.task.task import cache as task_cache
 from fedtune.task.task import data_key, task_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +165,120 @@ def test_the_key_covers_the_code_that_carves_the_splits(tmp_path):
         digests.add(task_cache._code_digest(copy))
         path.write_bytes(original)
     assert len(digests) == 4
+
+
+# The untrained model's figures (issue 28 #5): computed once per task, read by every later run.
+EVAL = ["train.eval_max_examples=48"]
+
+
+def test_cached_untrained_figures_equal_a_fresh_evaluation_bit_for_bit(tmp_path, monkeypatch):
+    import fedtune.task.evaluation as evaluation
+    from fedtune.task.task import get_task
+
+    cfg = _cfg(*EVAL)
+    task = get_task(cfg)  # built with the session's cache; the figures go to an empty one
+    model = task.new_model()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache))
+    first = evaluation.untrained_metrics(task, model, cfg)  # computed, then stored
+    key = evaluation.untrained_cache_key(task, model, cfg)
+    stored = cache / task_cache.UNTRAINED_FOLDER / key / task_cache.UNTRAINED_FILE
+    assert stored.is_file()
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the untrained model was evaluated although its figures are cached")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluation, "initial_metrics", no_evaluation)
+        again = evaluation.untrained_metrics(task, model, cfg)
+    fresh = evaluation.initial_metrics(task, model, task.initial_vector(), cfg)
+    assert first == again == fresh and again.keys() == fresh.keys()  # equal floats: same bits
+    assert all(type(again[k]) is type(fresh[k]) for k in fresh)
+    # An entry that cannot be read is computed again, never trusted.
+    for broken in ('{"test_accuracy": 0.5}', '{"test_accuracy": "0.5", "test_loss": 1.0, '
+                   '"val_accuracy": null, "val_loss": null}', "not json"):
+        stored.write_text(broken)
+        assert task_cache.read_untrained(cache, key) is None
+    assert evaluation.untrained_metrics(task, model, cfg) == fresh
+    assert task_cache.read_untrained(cache, key) == fresh  # and stored again
+
+
+def test_the_untrained_key_follows_everything_that_changes_the_figures(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from fedtune.task.evaluation import untrained_cache_key
+    from fedtune.task.task import Split, get_task
+
+    base_task = get_task(_cfg(*EVAL))
+    base_model = base_task.new_model()
+
+    def key(*extra: str, task=None, rebuild: bool = False) -> str:
+        """The key under `extra`, with `task` (default: the base task); the task and model
+        are rebuilt only where `extra` shapes the model."""
+        cfg = _cfg(*EVAL, *extra)
+        if rebuild:
+            task = get_task(cfg)
+            return untrained_cache_key(task, task.new_model(), cfg)
+        return untrained_cache_key(task or base_task, base_model, cfg)
+
+    base = key()
+    assert base == key()
+    # Training, privacy and run settings, and the partitions, never touch the figures.
+    assert key("train.rounds=7", "train.lr=0.5", "privacy.sample.enabled=false",
+               "train.clients_per_round=3", "name=other", "data.num_clients=5") == base
+
+    def edited(split: str, column: str, row: int) -> object:
+        """The base task with one evaluated value changed."""
+        old = getattr(base_task, split)
+        arrays = {c: np.array(getattr(old, c)) for c in ("input_ids", "attention_mask",
+                                                         "labels")}
+        arrays[column][row] = 1 - arrays[column][row] if column == "labels" else \
+            arrays[column][row] + 1
+        task = dataclasses.replace(base_task, **({"test": Split(**arrays)} if split == "test"
+                                                 else {}))
+        if split == "validation":
+            task.__dict__["validation"] = Split(**arrays)  # the cached property's value
+        return task
+
+    changed = {f"{split}.{column}": key(task=edited(split, column, 0))
+               for split in ("test", "validation")
+               for column in ("input_ids", "attention_mask", "labels")}
+    # Rows past the evaluation's cap are not read: they change nothing.
+    assert key(task=edited("test", "labels", len(base_task.test) - 1)) == base
+    changed |= {extra: key(extra) for extra in (
+        "seed=3", "model.max_length=24", "train.eval_batch_size=16",
+        "train.eval_max_examples=40")}
+    changed |= {extra: key(extra, rebuild=True) for extra in (
+        "tuning.prompt.length=5", "tuning.method=lora", "tuning.prompt.layer=2")}
+    # The evaluation's path counts, not the setting: with a frozen prefix, the cached states
+    # (equal within float tolerance) or the whole model; without one, the same path.
+    changed["prefix cache off"] = key("tuning.prompt.layer=2", "train.prefix_cache=off",
+                                      rebuild=True)
+    assert key("train.prefix_cache=off") == base
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        changed["threads"] = key()
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(task_cache, "_version", lambda name: "0.0.1")  # an upgrade
+    changed["versions"] = key()
+    monkeypatch.undo()
+    digest = task_cache._code_digest
+
+    def code_changed(package=None, names=task_cache.CODE):
+        return digest(package, names) + (b"x" if names == task_cache.UNTRAINED_CODE else b"")
+
+    monkeypatch.setattr(task_cache, "_code_digest", code_changed)  # a fix in the model code
+    changed["code"] = key()
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+    # The key's own parts: the rows' values, dtype and shape, and every field.
+    rows, fields = [np.arange(6).reshape(2, 3)], {"backbone": "b", "spec": "s", "threads": 2}
+    first = task_cache.untrained_key(rows, fields)
+    for other in ([np.arange(1, 7).reshape(2, 3)], [np.arange(6).reshape(3, 2)],
+                  [np.arange(6, dtype=np.int8).reshape(2, 3)]):
+        assert task_cache.untrained_key(other, fields) != first
+    for name in fields:
+        assert task_cache.untrained_key(rows, {**fields, name: "other"}) != first

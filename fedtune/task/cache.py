@@ -17,6 +17,15 @@ that shapes those arrays:
 Entries are written to a temporary folder and renamed into place, so a concurrent run sees
 a whole entry or none; one that cannot be read is rebuilt. The cache holds nothing the
 token cache beside it does not already derive from the same data.
+
+Beside the tasks, `<cache_dir>/untrained/<key>` keeps the untrained model's validation and
+test figures (`fedtune.task.evaluation.untrained_metrics`): every run of a task scores the same
+seeded untrained model on the same rows, so a repeat run reads them instead of running both
+evaluations again. Their key (`untrained_key`) is a digest of the rows evaluated themselves
+(tokens, masks, labels: whatever built them) and of everything else that changes the
+figures: the backbone's weights hash, the method and its initialisation, the evaluation's
+batch size, cap and path, the thread count, the libraries that compute them and fedtune's
+code.
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
+import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedtune.data.corpora import corpus_sources
 
@@ -37,6 +50,15 @@ FOLDER = "tasks"
 LIBRARIES = ("datasets", "flwr-datasets", "numpy")
 # fedtune's code that shapes them (relative to the package).
 CODE = ("data", "task/task.py", "task/cache.py")
+UNTRAINED_FOLDER = "untrained"
+UNTRAINED_FILE = "metrics.json"
+# What the untrained model's figures hold: test and validation accuracy and loss.
+UNTRAINED_FIELDS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss")
+# Libraries whose arithmetic or initialisation shapes those figures.
+UNTRAINED_LIBRARIES = ("torch", "transformers", "peft", "numpy")
+# fedtune's code that builds, initialises and evaluates the model: the whole package, as that
+# code spans many modules (a few milliseconds to read).
+UNTRAINED_CODE = (".",)
 
 
 def entry_key(data_fields: str, corpus: str, options: dict[str, Any],
@@ -65,10 +87,11 @@ def lookup(cache_dir: Path, key: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def store(cache_dir: Path, key: str, write: Callable[[Path], Any]) -> Path:
+def store(cache_dir: Path, key: str, write: Callable[[Path], Any], folder: str = FOLDER
+          ) -> Path:
     """Write an entry with `write(folder)` into a temporary folder and rename it into place;
     a concurrent run that stored the same key first keeps its entry. Returns the entry."""
-    root = cache_dir / FOLDER
+    root = cache_dir / folder
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
@@ -90,6 +113,51 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def untrained_key(rows: Iterable[np.ndarray], fields: Mapping[str, Any]) -> str:
+    """The key of a task's untrained figures: a digest of the arrays evaluated (`rows`:
+    dtype, shape and bytes of each), of `fields` (JSON values: the model, the method, the
+    evaluation's settings), of the versions of UNTRAINED_LIBRARIES and of UNTRAINED_CODE."""
+    digest = hashlib.sha256()
+    for array in rows:
+        array = np.ascontiguousarray(array)
+        digest.update(f"\0{array.dtype.str}{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    digest.update(b"\0" + json.dumps(dict(fields), sort_keys=True).encode())
+    for name in UNTRAINED_LIBRARIES:
+        digest.update(f"\0{name}={_version(name)}".encode())
+    import fedtune  # the whole package, wherever this module sits in it
+
+    digest.update(b"\0" + _code_digest(Path(fedtune.__file__).resolve().parent,
+                                        UNTRAINED_CODE))
+    return digest.hexdigest()[:24]
+
+
+def read_untrained(cache_dir: Path, key: str) -> dict[str, float | None] | None:
+    """The untrained figures stored under `key`, or None when there are none or they cannot
+    be read (then they are computed and stored again)."""
+    path = cache_dir / UNTRAINED_FOLDER / key / UNTRAINED_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or sorted(metrics) != sorted(UNTRAINED_FIELDS) or not all(
+            value is None or (isinstance(value, float) and math.isfinite(value))
+            for value in metrics.values()):
+        return None
+    return metrics
+
+
+def store_untrained(cache_dir: Path, key: str, metrics: Mapping[str, float | None]) -> None:
+    """Store a task's untrained figures under `key` (renamed into place, as a task entry).
+    JSON writes a float as its shortest repr, which reads back to the same float: a run that
+    reads them reports the very figures the run that computed them did."""
+    text = json.dumps({name: metrics[name] for name in UNTRAINED_FIELDS})
+    # Stored after a miss: an entry there could not be read, and would block the rename.
+    discard(cache_dir / UNTRAINED_FOLDER / key)
+    store(cache_dir, key, lambda folder: (folder / UNTRAINED_FILE).write_text(text),
+          folder=UNTRAINED_FOLDER)
+
+
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)
@@ -97,13 +165,14 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
-def _code_digest(package: Path | None = None) -> bytes:
-    """A digest of fedtune's data code (CODE, under `package`, default the `fedtune` package): the
-    splits' rules (the validation carve, the copy rule of `data/duplicates.py`) live there,
-    so changing one gives every task a new key and old entries are never read."""
+def _code_digest(package: Path | None = None, names: tuple[str, ...] = CODE) -> bytes:
+    """A digest of fedtune's data code (`names`, default CODE, under `package`, default the
+    `fedtune` package): the splits' rules (the validation carve, the copy rule of
+    `data/duplicates.py`) live there, so changing one gives every task a new key and old
+    entries are never read."""
     package = package or Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for name in CODE:
+    for name in names:
         path = package / name
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for file in files:

@@ -8,6 +8,10 @@
 Selecting on test accuracy makes the reported test accuracy an optimistic estimate: the
 audit found learning rates chosen that way that did not transfer to another corpus.
 
+The untrained model's figures are the same for every run of a task (the seeded initial
+vector on the same rows): `untrained_metrics` reads them from the task cache when an earlier
+run computed them (`untrained_cache_key` names what they depend on).
+
 Where the frozen-prefix cache applies (`train.prefix_cache`), each split's states entering
 the method's first trainable block are computed once (per process, kept on disk) and every
 evaluation runs only the blocks after it.
@@ -15,19 +19,24 @@ evaluation runs only the blocks after it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from fedtune.config.runtime import runtime_settings
 from fedtune.task.task import Split, evaluate
+from fedtune.task.task import cache as task_cache
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
     from fedtune.task.task import Task
     from fedtune.tuning import TunedModel
+
+log = logging.getLogger(__name__)
 
 
 def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
@@ -94,6 +103,53 @@ def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
     test = final_metrics(task, model, vector, cfg)
     val = round_metrics(task, model, vector, cfg)
     return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **val}
+
+
+def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
+                      ) -> dict[str, float | None]:
+    """`initial_metrics` of the task's seeded initial vector, read from the task cache when
+    an earlier run of the same task stored them (else computed and stored). `model` may be
+    left holding the initial vector or not: callers load the vector they evaluate next."""
+    key = untrained_cache_key(task, model, cfg)
+    cache_dir = runtime_settings(cfg).cache_dir
+    if (cached := task_cache.read_untrained(cache_dir, key)) is not None:
+        return cached
+    metrics = initial_metrics(task, model, task.initial_vector(), cfg)
+    try:
+        task_cache.store_untrained(cache_dir, key, metrics)
+    except OSError as exc:  # a full or read-only cache costs the next run the evaluation
+        log.warning("task cache: could not store the untrained figures under %s: %s",
+                    cache_dir, exc)
+    return metrics
+
+
+def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) -> str:
+    """The key of the task's untrained figures (`task_cache.untrained_key`): the test and
+    validation rows evaluated (their contents, whatever corpus, tokenizer or carve made
+    them); the model: the backbone's weights hash, the model table (token length, pruning),
+    the method's table, the seed and the spec's hash (the trainable layout); the
+    evaluation's batch size, cap and path (the frozen-prefix cache gives equal figures only
+    within float tolerance); the thread count and device (a CPU kernel's rounding may follow
+    the split of its work)."""
+    rows = []
+    for split in (task.test, task.validation):
+        if split is not None:
+            n = _evaluated(len(split), cfg.train.eval_max_examples)
+            rows += [split.input_ids[:n], split.attention_mask[:n], split.labels[:n]]
+    parameter = next(model.parameters())
+    return task_cache.untrained_key(rows, {
+        "backbone": task.backbone.hash, "spec": task.spec.hash,
+        "model": cfg.to_dict()["model"], "tuning": cfg.tuning.fingerprint(),
+        "seed": cfg.seed, "labels": task.num_labels, "validation": task.validation is not None,
+        "eval_batch_size": cfg.train.eval_batch_size,
+        "eval_max_examples": cfg.train.eval_max_examples,
+        "prefix_cache": cache_applies(cfg, model), "threads": torch.get_num_threads(),
+        "device": str(parameter.device), "dtype": str(parameter.dtype)})
+
+
+def _evaluated(rows: int, max_examples: int) -> int:
+    """How many of a split's `rows` an evaluation reads (its first ones)."""
+    return rows if max_examples <= 0 else min(max_examples, rows)
 
 
 def validation_examples(task: Task, cfg: ExperimentConfig) -> int:
