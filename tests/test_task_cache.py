@@ -15,7 +15,7 @@ from fedtune.config import load_config
 from fedtune.data import corpus_sources
 from fedtune.data.corpora import SPAMASSASSIN_FILE
 from fedtune.runtime.startup import PREFIX, StartupReport, reporting
-from fedtune.task.task import cache as task_cache
+from fedtune.task import cache as task_cache
 from fedtune.task.task import data_key, task_key
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -125,10 +125,8 @@ def untrained_key(rows: Iterable[np.ndarray], fields: Mapping[str, Any]) -> str:
     digest.update(b"\0" + json.dumps(dict(fields), sort_keys=True).encode())
     for name in UNTRAINED_LIBRARIES:
         digest.update(f"\0{name}={_version(name)}".encode())
-    import fedtune  # the whole package, wherever this module sits in it
-
-    digest.update(b"\0" + _code_digest(Path(fedtune.__file__).resolve().parent,
-                                        UNTRAINED_CODE))
+    # The whole fedtune package (this module's grandparent folder).
+    digest.update(b"\0" + _code_digest(Path(__file__).resolve().parents[1], UNTRAINED_CODE))
     return digest.hexdigest()[:24]
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from fedtune.config.runtime import runtime_settings
+from fedtune.task import cache as task_cache
 from fedtune.task.task import Split, evaluate
-from fedtune.task.task import cache as task_cache
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
