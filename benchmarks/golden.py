@@ -16,14 +16,14 @@ refactor that changes one summation order, one draw or one default shows up here
 How (the CLI runs as a subprocess with this interpreter and this PYTHONPATH, so it tests
 whatever tree is on the path; each run takes `flock /tmp/fedtune-e2e.lock` on its own):
 
-    python benchmarks/golden.py --record               # write benchmarks/golden.json
+    python benchmarks/golden.py --record               # write golden.json (--only: that case)
     python benchmarks/golden.py                        # --check: compare, exit 1 on a diff
     python benchmarks/golden.py --only quickstart      # one case
-    python benchmarks/golden.py --twice                # determinism: each case run twice
+    python benchmarks/golden.py --twice --record       # record only what re-runs identically
     python benchmarks/golden.py --out /tmp/g           # keep the run folders there
 
 The figures hold for one set of library versions on one CPU kind: `golden.json` records them
-(`ENVIRONMENT`) and a check on another environment says so first (tests/test_golden.py skips
+(`environment()`) and a check on another environment says so first (tests/test_golden.py skips
 there). Runs pin the driver's torch threads (`THREADS`): the clients' count is the config's.
 """
 
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--record", action="store_true", help=f"write {GOLDEN.name}")
     mode.add_argument("--check", action="store_true", help="compare (the default)")
-    mode.add_argument("--twice", action="store_true",
-                      help="run each case twice and compare the two (determinism)")
+    parser.add_argument("--twice", action="store_true",
+                        help="run each case twice, the two must agree (determinism); then "
+                             "record or check the first")
     parser.add_argument("--only", choices=sorted(CASES), action="append",
                         help="run this case only (repeatable)")
     parser.add_argument("--out", type=Path, help="keep the run folders here")
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.only or list(CASES)
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"cases": {}}
-    if not args.record and not args.twice:
+    if not args.record:
         if missing := [n for n in names if n not in golden["cases"]]:
             print(f"{GOLDEN} has no figures for {missing}: run --record first")
             return 1
@@ -238,23 +239,26 @@ def main(argv: list[str] | None = None) -> int:
             took = run_case(name, out, lock=not args.no_lock)
             print(f"{name}: ran in {took:.1f} s -> {out}", flush=True)
             runs.append(figures(out))
-        want = runs[0] if args.twice else golden["cases"].get(name, {})
-        if args.record:
-            golden["cases"][name] = runs[0]
-            continue
-        if lines := diff(want, runs[-1]):
+        if args.twice and (lines := diff(runs[0], runs[1])):
             failed.append(name)
-            print(f"{name}: {len(lines)} figure(s) differ:", *lines, sep="\n")
+            print(f"{name}: NOT DETERMINISTIC, {len(lines)} figure(s) differ between the two "
+                  "runs:", *lines, sep="\n")
+        elif args.record:
+            golden["cases"][name] = runs[0]
+        elif lines := diff(golden["cases"][name], runs[0]):
+            failed.append(name)
+            print(f"{name}: {len(lines)} figure(s) differ from {GOLDEN.name} "
+                  "(recorded -> now):", *lines, sep="\n")
         else:
-            print(f"{name}: {len(runs[-1])} figures identical")
-    if args.record:
+            print(f"{name}: {len(runs[0])} figures identical")
+    temp.cleanup()
+    if args.record and not failed:
         golden["environment"] = environment()
         golden["cases"] = dict(sorted(golden["cases"].items()))
-        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=False) + "\n")
+        GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
         print(f"wrote {GOLDEN}")
-    temp.cleanup()
     if failed:
-        print(f"DIFFERENT: {failed}")
+        print(f"DIFFERENT: {failed}" + (" (nothing recorded)" if args.record else ""))
         return 1
     return 0
 
