@@ -80,8 +80,7 @@ VARYING = {
 # Packages whose versions change the figures; with the CPU's vector unit, the environment
 # the golden figures hold for.
 PACKAGES = ("torch", "numpy", "scipy", "opacus", "transformers", "tokenizers", "peft",
-            "safetensors", "flwr", "flwr-datasets", "datasets", "dp-accounting",
-            "prv-accountant")
+            "safetensors", "flwr", "flwr-datasets", "datasets", "dp-accounting")
 RECORDS = ("rounds.jsonl", "summary.json", "curator_log.jsonl")
 STATES = {"checkpoint.safetensors": ("vector",), "final_state.safetensors": None}
 
@@ -90,7 +89,7 @@ def environment() -> dict[str, str]:
     import torch
 
     env = {"machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
-           "python": platform.python_version()}
+           "python": ".".join(platform.python_version_tuple()[:2])}
     for name in PACKAGES:
         try:
             env[name] = metadata.version(name)
@@ -253,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(runs[0])} figures identical")
     temp.cleanup()
     if args.record and not failed:
-        golden["environment"] = environment()
-        golden["cases"] = dict(sorted(golden["cases"].items()))
+        golden = {"environment": environment(), "cases": dict(sorted(golden["cases"].items()))}
         GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
         print(f"wrote {GOLDEN}")
     if failed:
