@@ -194,7 +194,8 @@ def figures(out: Path) -> dict[str, Any]:
         else:
             flatten(json.loads(text), name, flat)
     for name, arrays in STATES.items():
-        flat[f"{name} sha256"] = state_sha256(out / name, arrays)
+        label = name if arrays is None else f"{name}:{','.join(arrays)}"
+        flat[f"{label} sha256"] = state_sha256(out / name, arrays)
     return flat
 
 

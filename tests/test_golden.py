@@ -31,5 +31,5 @@ def test_quickstart_reruns_to_its_golden_figures(tmp_path):
     # The caller holds the machine's e2e lock if it uses one (as for every slow test).
     golden.run_case("quickstart", out, lock=False)
     got, want = golden.figures(out), recorded["cases"]["quickstart"]
-    assert len(want) > 100 and "checkpoint.safetensors sha256" in want
+    assert len(want) > 100 and "checkpoint.safetensors:vector sha256" in want
     assert not golden.diff(want, got), "\n".join(golden.diff(want, got))
