@@ -51,6 +51,7 @@ GOLDEN = ROOT / "benchmarks" / "golden.json"
 LOCK = "/tmp/fedtune-e2e.lock"
 EXPERIMENTS = ROOT / "experiments"
 # The driver's (server's) torch thread count; clients use simulation.num_cpus_per_client.
+# 1 and 2 gave identical figures on a 2-core machine; pinned so a bigger CI box does too.
 THREADS = "1"
 # Every case: few clients, 2 rounds of 2 steps, 32 tokens, 64 evaluation examples.
 TINY = ["privacy.reproducible_noise=true", "data.num_clients=4", "train.clients_per_round=2",
@@ -61,18 +62,18 @@ CASES: dict[str, tuple[str, str | None, list[str]]] = {
     "quickstart": ("quickstart.toml", None, []),
     # Split after layer 1, half the local steps on the local loss, DP-SGD on the deltas.
     "split": ("split.toml", "split-k1-local", []),
-    # User-level DP (server clipping, calibrated seeded noise, Poisson cohort) over 2 domains.
-    "user_dp": ("target_population.toml", None,
-                ["data.target_clients=4"]),
+    # User-level DP (server clipping, calibrated seeded noise, seeded Poisson cohort, the
+    # cohort in curator_log.jsonl), the target domain's clients only.
+    "user_dp": ("target_population.toml", None, ["data.target_clients=4"]),
     # Population expansion, importance weighting, a domain head, under user-level DP.
     "expansion": ("expansion.toml", "expanded-importance",
                   ["data.num_clients=8", "data.target_clients=4", "train.clients_per_round=4"]),
     # EL2N pruning (keep half, one epoch of the kept examples), split after layer 1, no DP:
     # 24 clients keep each epoch to a few steps.
-    "pruning": ("pruning.toml", "split-keep-0.5",
-                ["data.num_clients=24"]),
+    "pruning": ("pruning.toml", "split-keep-0.5", ["data.num_clients=24"]),
 }
-# Keys (at any depth) whose values differ between two runs of the same code, left out.
+# Keys (at any depth) whose values differ between two runs of the same code, left out (found
+# by --twice on every case: nothing else differed). Dict order is not compared (`flatten`).
 VARYING = {
     "wall_s": "a duration (perf_counter): machine load",
     "node": "a Flower node id: the simulation engine draws them at random per run",
@@ -82,6 +83,8 @@ VARYING = {
 PACKAGES = ("torch", "numpy", "scipy", "opacus", "transformers", "tokenizers", "peft",
             "safetensors", "flwr", "flwr-datasets", "datasets", "dp-accounting")
 RECORDS = ("rounds.jsonl", "summary.json", "curator_log.jsonl")
+# The final global vector, and the exported state (arrays and metadata). The checkpoint's other
+# arrays are the server process's RNG states and its metadata holds wall times: not results.
 STATES = {"checkpoint.safetensors": ("vector",), "final_state.safetensors": None}
 
 
