@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from fedtune.config.registry import ConfigError
+from fedtune.config.errors import ConfigError
 
 # Setting -> the environment variable that overrides it.
 ENVIRONMENT = {
