@@ -19,9 +19,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.compat.flower_deploy import is_simulation_grid
-from fedtune.config.runtime import ENVIRONMENT, runtime_settings
-
-POLL_ENV = ENVIRONMENT["grid_poll_s"]
+from fedtune.config.runtime import runtime_settings
 
 
 def poll_interval(grid: object = None, cfg: Any = None) -> float:

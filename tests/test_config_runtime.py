@@ -132,3 +132,30 @@ def test_the_simulation_no_longer_sets_the_override():
     grid."""
     source = (ROOT / "fedtune" / "sim" / "driver.py").read_text()
     assert "POLL_ENV" not in source and "FEDTUNE_GRID_POLL_S" not in source
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "0.25"), ("0.5", "0.5")])
+def test_deploy_local_hands_the_configs_supernode_poll_to_its_nodes(cli, tmp_path,
+                                                                     monkeypatch, env,
+                                                                     expected):
+    """A SuperNode reads no experiment config; `fedtune deploy local` has one and passes
+    its `runtime.supernode_poll_s` (or the environment's override) to the nodes it starts."""
+    import fedtune.deploy.local as local
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, root, nodes, env):
+            seen.update(env)
+            raise SystemExit(7)  # nothing is started
+
+    monkeypatch.setattr(local, "LocalDeployment", Recorder)
+    if env is None:
+        monkeypatch.delenv("FEDTUNE_SUPERNODE_POLL_S", raising=False)
+    else:
+        monkeypatch.setenv("FEDTUNE_SUPERNODE_POLL_S", env)
+    res = cli("deploy", "local", "experiments/quickstart.toml", "--out", str(tmp_path / "r"),
+              "--set", "data.num_clients=2", "--set", "train.clients_per_round=2",
+              "--set", "runtime.supernode_poll_s=0.25")
+    assert res.code == 7, res.output
+    assert seen == {"FEDTUNE_SUPERNODE_POLL_S": expected}
