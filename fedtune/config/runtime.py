@@ -8,7 +8,8 @@ one), the environment variable. Each value is resolved when first read, so a mal
 `FEDTUNE_SUPERNODE_POLL_S` fails only the code that polls the SuperLink. Every process that
 has the experiment config passes it (`runtime_settings(cfg)`): the ServerApp's grid
 (strategies.grid_io), the task's token and dataset caches, the frozen-prefix cache. A
-SuperNode has none (it serves any run): it reads the defaults and the environment.
+SuperNode has none (it serves any run): it reads the defaults and the environment, which
+`fedtune deploy local` sets from its config (fedtune.deploy.cli).
 
 `grid_poll_s = "auto"` (the default) is the one setting whose default depends on where it
 runs: a pull from the simulation's in-memory grid costs microseconds, one from a
