@@ -315,14 +315,12 @@ def main() -> None:
               + json.dumps({k: round(v, 4) for k, v in res.items()}))
         return
     if args.discovery:
-        from fedtune.compat.flower_sim import flower_version
-        from fedtune.sim.driver import SIM_POLL_S
-        from strategies.grid_io import POLL_ENV
-
-        os.environ.setdefault(POLL_ENV, SIM_POLL_S)  # as `fedtune run` sets it
-
         from flower_engine import engine_discovery
 
+        from fedtune.compat.flower_sim import flower_version
+
+        # The pause between pulls: runtime.grid_poll_s "auto", 0.02 s on the simulation's
+        # grid (strategies.grid_io), as in `fedtune run`.
         res = (engine_discovery(args.discovery, args.flower_dispatch) if args.no_ray else
                run_discovery(args.config, args.discovery, args.flower_dispatch, args.sets))
         print(f"flwr {flower_version()}, load avg {_load_avg()}: " + json.dumps(res))

@@ -73,12 +73,14 @@ def load_operator_roster(path: str | Path, num_partitions: int) -> dict[int, int
 
 def discover(grid: Grid, num_partitions: int, timeout: float, wait_for_nodes_s: float = 120.0,
              abort: Callable[[], bool] | None = None,
-             assigned: Mapping[int, int] | None = None) -> Roster:
+             assigned: Mapping[int, int] | None = None,
+             pause: float | None = None) -> Roster:
     """Wait for `num_partitions` nodes to connect, ask each for its partition and bind the
     claims in node order (not arrival order: which claim is first must not depend on
     timing). With `assigned` (the operator roster, node id -> partition id) a node binds
     only the partition it was assigned. `abort()` returning True ends the waiting early
-    with what arrived (the caller's own failure then says why)."""
+    with what arrived (the caller's own failure then says why). `pause`: seconds between
+    pulls for the replies (strategies.grid_io.poll_interval)."""
     stop = abort or (lambda: False)
     deadline = time.monotonic() + wait_for_nodes_s
     while len(nodes := sorted(grid.get_node_ids())) < num_partitions:
@@ -91,7 +93,7 @@ def discover(grid: Grid, num_partitions: int, timeout: float, wait_for_nodes_s: 
         time.sleep(0.5)
     queries = [Message(content=PartitionQuery().to_record(),
                        message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    replies = send_and_receive(grid, queries, timeout, abort=stop)
+    replies = send_and_receive(grid, queries, timeout, abort=stop, pause=pause)
     replies.sort(key=lambda m: m.metadata.src_node_id)
     roster = Roster()
     for reply in replies:

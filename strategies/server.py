@@ -49,7 +49,7 @@ from fedtune.wire.fields import withholds_counts
 from fedtune.wire.in_clear import in_clear
 from strategies.delta_fedavg import DeltaFedAvg
 from strategies.discovery import Roster, discover, load_operator_roster
-from strategies.grid_io import send_and_receive
+from strategies.grid_io import poll_interval, send_and_receive
 from strategies.plugins import Plugin, build_plugins
 from strategies.preparation import Preparation, RoundCallback
 from strategies.privacy_ledger import PrivacyLedger
@@ -177,7 +177,8 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
     # After the messages are built (they carry each client's history before this round's
     # charge) and before they go out: a client that never replies is charged all the same.
     privacy.charge_sent(rnd, _sent_partitions(driver, messages))
-    replies = send_and_receive(grid, messages, cfg.train.round_timeout_s)
+    replies = send_and_receive(grid, messages, cfg.train.round_timeout_s,
+                               pause=poll_interval(grid, cfg))
     new_vector = driver.aggregate_train(rnd, replies)
     if new_vector is not None:
         for plugin in plugins:
@@ -239,7 +240,7 @@ def discover_workers(grid: Grid, cfg: ExperimentConfig,
     found = Roster()
     with phase("workers", lambda: f"{len(found.nodes)} clients answered"):
         found = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s, abort=abort,
-                         assigned=assigned)
+                         assigned=assigned, pause=poll_interval(grid, cfg))
     return found
 
 

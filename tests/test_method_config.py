@@ -177,8 +177,9 @@ def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
     # Only the config and the name registry: no app layer (strategies, clients), no tuning
     # code (which imports fedtune.config back), no torch.
     assert json.loads(out.stdout.replace("'", '"')) == [
-        "fedtune", "fedtune.config", "fedtune.config.errors", "fedtune.config.pruning",
-        "fedtune.config.registry", "fedtune.config.runtime"]
+        "fedtune", "fedtune.config", "fedtune.config.checks", "fedtune.config.errors",
+        "fedtune.config.load", "fedtune.config.pruning", "fedtune.config.registry",
+        "fedtune.config.runtime", "fedtune.config.schema"]
     # The registry imports nothing of fedtune at load time but the error classes at the
     # bottom, so config -> registry closes no cycle.
     source = (ROOT / "fedtune" / "config" / "registry.py").read_text()

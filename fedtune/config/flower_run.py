@@ -10,7 +10,9 @@ import functools
 import shlex
 from collections.abc import Mapping
 
-from fedtune.config import ConfigError, ExperimentConfig, load_config
+from fedtune.config.errors import ConfigError
+from fedtune.config.load import load_config
+from fedtune.config.schema import ExperimentConfig
 
 
 def config_from_run_config(run_config: Mapping[str, object]) -> ExperimentConfig:

@@ -13,19 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from fedtune.config import (
+from fedtune.config.checks import (
     SEED_MAX,
-    ConfigError,
     require_choice,
     require_nonnegative,
     require_positive,
 )
+from fedtune.config.errors import ConfigError
 from fedtune.config.registry import ALL_PLUGINS, MethodSpec, register_method_spec
 
 _Config = TypeVar("_Config", bound=type)
 
 # Upper bounds that fit one 24 GiB machine, per `[tuning.<method>]` field (checked by
-# fedtune.config.check_table_bounds after each table's own rules, one line naming key and
+# fedtune.config.checks.check_table_bounds after each table's own rules, one line naming key and
 # range). A relative learning rate past 100 is a typo (the built-in ones are 0.02-0.1);
 # a block index past 10_000 names no block of any model (as split.cut_layer).
 LR_SCALE = (1e-9, 100.0)

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedtune.config.runtime import RuntimeConfig
+from fedtune.config.runtime import ENVIRONMENT, RuntimeConfig, runtime_settings
 
 deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Run the same apps on a SuperLink and real SuperNodes.")
@@ -262,6 +262,10 @@ def local(
         refuse_seeded_noise(cfg)
     except DeployError as exc:
         _fail(str(exc))
+    try:  # the SuperNodes read no experiment config: they get the run's setting by name
+        supernode_poll = runtime_settings(cfg).supernode_poll_s
+    except ValueError as exc:  # a malformed FEDTUNE_SUPERNODE_POLL_S
+        _fail(str(exc))
     if cfg.data.num_clients != nodes:
         _fail(f"data.num_clients={cfg.data.num_clients} but --nodes {nodes}: each SuperNode "
               f"is one client; add --set data.num_clients={nodes} or change --nodes")
@@ -270,7 +274,8 @@ def local(
     except RunFolderError as exc:
         _fail(str(exc))
     out = out.resolve()
-    deployment = LocalDeployment(out.parent / f"{out.name}-deployment", nodes=nodes)
+    deployment = LocalDeployment(out.parent / f"{out.name}-deployment", nodes=nodes,
+                                 env={ENVIRONMENT["supernode_poll_s"]: str(supernode_poll)})
     console.print(f"starting SuperLink + {nodes} SuperNodes (logs: {deployment.root}/logs)")
     try:
         with stop_on_signals(), deployment:

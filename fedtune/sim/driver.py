@@ -40,13 +40,6 @@ _ENV_DEFAULTS = {
 }
 
 
-# The ServerApp's pause between pulls for replies (strategies.grid_io). In simulation a
-# pull reads the in-process LinkState and costs microseconds, so a short pause only cuts
-# the wait after the last reply (half a pause on average per round trip: discovery, and
-# each round).
-SIM_POLL_S = "0.02"
-
-
 def quiet_environment() -> None:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -263,12 +256,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
             flower.wait()  # a failed import fails again below, in this thread
             from clients.app import build_client_app
             from fedtune.compat.flower_sim import install_fast_dispatch, run_inprocess
-            from strategies.grid_io import POLL_ENV
             from strategies.preparation import Preparation
             from strategies.server_app import build_server_app
 
             install_fast_dispatch()
-            os.environ.setdefault(POLL_ENV, SIM_POLL_S)
             bundle = Path(temp_dir.name) / "bundle"
 
             def finish() -> None:
