@@ -116,7 +116,8 @@ def test_a_run_folder_with_planted_links_is_refused(tmp_path, resume):
 
 
 def test_ledger_writes_never_follow_a_link_planted_after_the_claim(tmp_path):
-    from fedtune.run.ledger import Ledger, write_text_atomic
+    from fedtune.run.atomic import write_text_atomic
+    from fedtune.run.ledger import Ledger
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -272,7 +273,7 @@ def test_the_link_walk_is_bounded(tmp_path, monkeypatch):
 
 
 def test_a_folder_write_replaces_a_planted_link_and_leaves_its_target(tmp_path):
-    from fedtune.run.ledger import write_folder_atomic
+    from fedtune.run.atomic import write_folder_atomic
 
     outside = tmp_path / "outside"
     outside.mkdir()

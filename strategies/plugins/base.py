@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-
 from fedtune.config import ConfigError
 
 if TYPE_CHECKING:
@@ -50,9 +48,6 @@ class Plugin:
 
     def client_weight(self, rnd: int, pid: int) -> float:
         return 1.0
-
-    def transform(self, rnd: int, new: np.ndarray, old: np.ndarray) -> np.ndarray:
-        return new
 
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
