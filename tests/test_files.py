@@ -150,7 +150,7 @@ def test_sweep_never_writes_through_planted_link(tmp_path: Path, monkeypatch) ->
     out = tmp_path / "sweep"
     (out / "v1").mkdir(parents=True)
     victim = _victim(tmp_path)
-    os.symlink(victim, out / "v1" / sweep_mod.LOG_FILE)
+    os.symlink(victim, out / "v1" / sweep_mod.SWEEP_LOG)
 
     class Dead:
         returncode = 1
@@ -221,7 +221,7 @@ def test_the_peft_adapter_is_never_written_through_a_link_planted_in_out(tmp_pat
     base = nn.Sequential(nn.Linear(4, 4))
     backbone = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
     model = SimpleNamespace(method="lora", backbone=backbone,
-                            get_parameter=lambda name: torch.zeros(2))
+                            load_trainable=lambda tensors: None)
     spec = SimpleNamespace(hash="h", backbone_hash="b")
     try:
         save_tuned_state(out, model, spec, {"w": torch.zeros(2)}, ("a", "b"))
