@@ -9,7 +9,6 @@ changes:
 - `select_cohort(rnd, pids)`: choose the cohort from the sampled partition ids;
 - `client_weight(rnd, pid)`: a factor in [0, 1] on that client's delta in the aggregate
   (after user-level clipping, so a client's DP sensitivity never grows);
-- `transform(rnd, new, old)`: change the aggregated global vector;
 - `round_extras(rnd, clients)`: fields added to the round's ledger line.
 """
 
