@@ -58,9 +58,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=msg)
 
     model = worker_model(task, device)
-    with torch.no_grad():
-        for name, tensor in task.spec.unflatten(order.vector).items():
-            model.get_parameter(name).copy_(tensor)
+    model.load_trainable(task.spec.unflatten(order.vector))
 
     seed = client_seed(cfg.seed, order.server_round, partition_id)
     fault = draw_fault(cfg.faults, seed)

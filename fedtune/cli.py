@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
-from fedtune.run.folder import RunFolderError, claim_run_folder
+from fedtune.run.folder import CONFIG_FILE, RunFolderError, claim_run_folder
 from fedtune.runtime.interrupt import (
     EXIT_CODE,
     RunInterrupted,
@@ -82,9 +82,9 @@ def run(
         if config is not None or set_ or out is not None:
             _fail("--resume continues a run with its own config.toml; it takes no config, "
                   "--set or --out")
-        config, out = resume / "config.toml", resume
+        config, out = resume / CONFIG_FILE, resume
         if not config.is_file():
-            _fail(f"{resume} holds no config.toml: not a run folder")
+            _fail(f"{resume} holds no {CONFIG_FILE}: not a run folder")
     _with_app_checks()
     try:
         cfg = load_config(config, overrides)
@@ -115,8 +115,7 @@ def _stopped(out: Path) -> None:
     come, must not hold the process until its round timeout."""
     import os
 
-    from fedtune.run.folder import CHECKPOINT_FILE
-    from fedtune.run.ledger import SUMMARY_FILE
+    from fedtune.run.folder import CHECKPOINT_FILE, SUMMARY_FILE
 
     # The ServerApp's thread may finish the last round while Ray is being stopped.
     if (out / SUMMARY_FILE).exists():
@@ -242,11 +241,11 @@ def sweep(
         help="Runs at a time; the machine's cores are split between them.")] = 1,
 ) -> None:
     """Run every variant of a sweep (finished ones are reused, interrupted ones resumed)."""
-    import json
 
     from rich.table import Table
 
-    from fedtune.run.ledger import write_text_atomic
+    from fedtune.run.atomic import write_json_atomic
+    from fedtune.run.folder import SWEEP_RESULTS
     from fedtune.study.selection import SELECT_BY, rank_by_validation
     from fedtune.study.sweep import load_sweep, run_sweep
 
@@ -266,7 +265,7 @@ def sweep(
     except (RuntimeError, ConfigError) as exc:
         _fail(str(exc))
     # Never through a link planted as sweep.json: replaced, not followed.
-    write_text_atomic(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    write_json_atomic(out / SWEEP_RESULTS, rows)
     table = Table(title=f"{spec.name} ({out})")
     for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds",
                    "val accuracy", "test accuracy"):
@@ -297,7 +296,7 @@ class _SweepProgress:
     """One progress view for a sweep: runs done overall, and rounds of each active run."""
 
     def __init__(self, spec: Any, out: Path) -> None:
-        from fedtune.run.ledger import SUMMARY_FILE
+        from fedtune.run.folder import SUMMARY_FILE
 
         self.rounds = {v.name: load_config(spec.base, list(v.overrides)).train.rounds
                        for v in spec.variants}
@@ -418,11 +417,12 @@ def predict(
                                     on_batch=lambda n: progress.advance(bar, n))
     predicted = probs.argmax(axis=1)
     if out is not None:
-        with out.open("w") as fh:
-            for i, row in enumerate(probs):
-                fh.write(json.dumps({
-                    "label": tuned.label_names[predicted[i]],
-                    "probs": dict(zip(tuned.label_names, map(float, row), strict=True))}) + "\n")
+        from fedtune.run.atomic import write_text_atomic
+
+        write_text_atomic(out, "".join(json.dumps({
+            "label": tuned.label_names[predicted[i]],
+            "probs": dict(zip(tuned.label_names, map(float, row), strict=True))}) + "\n"
+            for i, row in enumerate(probs)))
     if file is None or out is None:
         for i, t in enumerate(texts):
             snippet = " ".join(t.split())[:70]

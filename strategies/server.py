@@ -181,8 +181,6 @@ def _play_round(rnd: int, cohort: list[int], grid: Grid,
                                pause=poll_interval(grid, cfg))
     new_vector = driver.aggregate_train(rnd, replies)
     if new_vector is not None:
-        for plugin in plugins:
-            new_vector = plugin.transform(rnd, new_vector, state.vector)
         state.vector = new_vector
     strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
     outcome = strategy.outcome

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP = ("fedtune", "clients", "strategies")
 # Lowest first; a module may import its own layer's packages and every layer below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fedtune.config", "fedtune.runtime", "fedtune.compat"),
+    # fedtune.run.atomic: the one file writer (standard library only), for caches below run too.
+    ("fedtune.config", "fedtune.runtime", "fedtune.compat", "fedtune.run.atomic"),
     ("fedtune.privacy", "fedtune.wire", "fedtune.data", "fedtune.models"),
     ("fedtune.tuning",),
     ("fedtune.split", "fedtune.task"),

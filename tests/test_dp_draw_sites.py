@@ -57,7 +57,7 @@ ALLOWED = {
     ("fedtune/run/checkpoint.py", "random.setstate"): "resume of non-DP global RNG state",
     ("fedtune/run/checkpoint.py", "torch.random.get_rng_state"): "resume of non-DP global state",
     ("fedtune/run/checkpoint.py", "torch.random.set_rng_state"): "resume of non-DP global state",
-    ("fedtune/run/ledger.py", "secrets.token_hex"):
+    ("fedtune/run/atomic.py", "secrets.token_hex"):
         "unguessable temp file names (no planted link can wait for one), not a DP draw",
 }
 # torch's random functions (also under torch.random / torch.cuda): every rand*, and these.

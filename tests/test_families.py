@@ -30,7 +30,8 @@ from fedtune.models.backbone import resolve_backbone_path
 from fedtune.models.families import derive_structure, resolve_lora_targets
 from fedtune.privacy import DPHistory
 from fedtune.split.cut import SplitBackbone, SplitError
-from fedtune.task.task import Split, evaluate, model_spec
+from fedtune.task.evaluation import evaluate
+from fedtune.task.task import Split, model_spec
 from fedtune.tuning import build_tuned_model
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

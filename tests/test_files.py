@@ -116,7 +116,8 @@ def test_a_run_folder_with_planted_links_is_refused(tmp_path, resume):
 
 
 def test_ledger_writes_never_follow_a_link_planted_after_the_claim(tmp_path):
-    from fedtune.run.ledger import Ledger, write_text_atomic
+    from fedtune.run.atomic import write_text_atomic
+    from fedtune.run.ledger import Ledger
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -149,7 +150,7 @@ def test_sweep_never_writes_through_planted_link(tmp_path: Path, monkeypatch) ->
     out = tmp_path / "sweep"
     (out / "v1").mkdir(parents=True)
     victim = _victim(tmp_path)
-    os.symlink(victim, out / "v1" / sweep_mod.LOG_FILE)
+    os.symlink(victim, out / "v1" / sweep_mod.SWEEP_LOG)
 
     class Dead:
         returncode = 1
@@ -220,7 +221,7 @@ def test_the_peft_adapter_is_never_written_through_a_link_planted_in_out(tmp_pat
     base = nn.Sequential(nn.Linear(4, 4))
     backbone = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
     model = SimpleNamespace(method="lora", backbone=backbone,
-                            get_parameter=lambda name: torch.zeros(2))
+                            load_trainable=lambda tensors: None)
     spec = SimpleNamespace(hash="h", backbone_hash="b")
     try:
         save_tuned_state(out, model, spec, {"w": torch.zeros(2)}, ("a", "b"))
@@ -272,7 +273,7 @@ def test_the_link_walk_is_bounded(tmp_path, monkeypatch):
 
 
 def test_a_folder_write_replaces_a_planted_link_and_leaves_its_target(tmp_path):
-    from fedtune.run.ledger import write_folder_atomic
+    from fedtune.run.atomic import write_folder_atomic
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -80,9 +80,7 @@ def test_worker_model_is_reused_and_reset_by_the_global_vector():
         for p in model.trainable_state().values():
             p.add_(1.0)
     vector = task.initial_vector()
-    with torch.no_grad():
-        for name, tensor in task.spec.unflatten(vector).items():
-            model.get_parameter(name).copy_(tensor)
+    model.load_trainable(task.spec.unflatten(vector))
     fresh = task.new_model()
     for (n, p), (m, q) in zip(model.state_dict().items(), fresh.state_dict().items(),
                               strict=True):

@@ -150,9 +150,7 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
 
     model = task.new_model()
     if state is not None:
-        with torch.no_grad():
-            for name, tensor in state.items():
-                model.get_parameter(name).copy_(tensor)
+        model.load_trainable(state)
     global_model = task.new_model()
     global_model.load_state_dict(model.state_dict())
     global_model.requires_grad_(False)

@@ -14,15 +14,14 @@ Schemes (registered by name, see `available_partitioners`):
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import numpy as np
+
+from fedtune.compat.flwr_datasets import quiet_natural_partitioner
 
 if TYPE_CHECKING:
     import datasets
@@ -150,20 +149,6 @@ def _natural(ds: datasets.Dataset, num_partitions: int, *, by: str,
     return partitioner
 
 
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """NaturalIdPartitioner draws a tqdm bar while indexing: one stray stderr line per Ray
-    actor per run. Silence it (only where the module still uses a `tqdm` name)."""
-    from flwr_datasets.partitioner import natural_id_partitioner
-
-    bar = getattr(natural_id_partitioner, "tqdm", None)
-    if bar is None:
-        yield
-        return
-    with mock.patch.object(natural_id_partitioner, "tqdm", functools.partial(bar, disable=True)):
-        yield
-
-
 def partition(dataset: datasets.Dataset, scheme: str, num_partitions: int, *, seed: int,
               alpha: float = 0.5, by: str = "mailing_list",
               min_partition_size: int | None = None) -> list[np.ndarray]:
@@ -193,6 +178,6 @@ def partition(dataset: datasets.Dataset, scheme: str, num_partitions: int, *, se
     ds = dataset.add_column(_INDEX, np.arange(len(dataset), dtype=np.int64))
     partitioner = _SCHEMES[scheme](ds, int(num_partitions), seed=seed, alpha=alpha, by=by,
                                    min_partition_size=min_partition_size)
-    with _quiet_progress():
+    with quiet_natural_partitioner():
         parts = [partitioner.load_partition(i)[_INDEX] for i in range(num_partitions)]
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]

@@ -9,17 +9,15 @@ complete file or none.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedtune.config.runtime import runtime_settings
+from fedtune.run.atomic import write_stream_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -74,18 +72,6 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[st
     return out
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def tokenize_cached(dataset: datasets.Dataset, tokenizer: Any, max_length: int,
                     cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     """`input_ids` (int32) and `attention_mask` (int8), shape [N, max_length], padded and
@@ -107,5 +93,5 @@ def tokenize_cached(dataset: datasets.Dataset, tokenizer: Any, max_length: int,
         arrays = tokenize_texts(list(dataset["text"]), tokenizer, max_length)
         folder.mkdir(parents=True, exist_ok=True)
         for f, array in arrays.items():
-            _save_atomic(paths[f], array)
+            write_stream_atomic(paths[f], lambda fh, array=array: np.save(fh, array))
     return {f: np.load(p, mmap_mode="r") for f, p in paths.items()}

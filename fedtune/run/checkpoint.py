@@ -14,7 +14,7 @@ is written before round 1 is charged or sent, so a run killed in round 1 is resu
 `privacy_pending.json` holds the DP charges of the round whose instructions were sent last
 (written and fsynced before they are sent): if the run is killed in that round, its clients
 may have released updates already, and a resume with secret noise charges them (see
-`strategies.privacy_ledger`). Both files go through `_atomic_write` (temp file, fsync,
+`strategies.privacy_ledger`). Both files go through `fedtune.run.atomic` (temp file, fsync,
 rename, fsync of the folder).
 
 The process RNG states (python, numpy, torch) are saved so that a resumed run continues
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,9 @@ from safetensors.torch import save_file
 
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory
-from fedtune.run.ledger import write_atomic
+from fedtune.run.atomic import write_atomic
+from fedtune.run.folder import CHECKPOINT_FILE, PENDING_FILE
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-PENDING_FILE = "privacy_pending.json"
 # /2: histories are the server's own charges, and the privacy fingerprint is stored.
 FORMAT = "fedtune-checkpoint/2"
 
@@ -97,14 +95,8 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "torch_rng": torch.random.get_rng_state(),
         "numpy_rng_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
     }
-    _atomic_write(folder / CHECKPOINT_FILE,
-                  lambda tmp: save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)}))
-
-
-def _atomic_write(path: Path, write: Callable[[str], None] | bytes) -> None:
-    """Write `path` through a temp file, fsync, rename: a kill leaves the old or the new
-    (`fedtune.run.ledger.write_atomic`, the one whole-file writer: never through a link)."""
-    write_atomic(path, write)
+    write_atomic(folder / CHECKPOINT_FILE,
+                 lambda tmp: save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)}))
 
 
 # Every config value a privacy mechanism reads, by mechanism: the one table the privacy
@@ -216,7 +208,7 @@ def load_checkpoint(folder: Path, spec_hash: str, privacy: dict[str, Any] | None
 
 def save_pending(folder: Path, pending: dict[str, Any]) -> None:
     """Write the DP charges of the round about to be sent, durably, before it is sent."""
-    _atomic_write(folder / PENDING_FILE, json.dumps(pending).encode())
+    write_atomic(folder / PENDING_FILE, json.dumps(pending).encode())
 
 
 def load_pending(folder: Path) -> dict[str, Any] | None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import ExperimentConfig
+from fedtune.run.atomic import append_line
+from fedtune.run.folder import CURATOR_FILE
 
-CURATOR_FILE = "curator_log.jsonl"
 # Round-record keys that name the cohort or a client's own figures.
 COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
 # Within the privacy sections: (section, key) that list clients by partition.
@@ -78,11 +78,7 @@ def release_total(history: list[dict[str, Any]], key: str) -> float | int | None
 def append_curator(out_dir: str | Path, entry: dict[str, Any]) -> None:
     """One line of the curator's log, flushed to disk."""
     path = Path(out_dir) / CURATOR_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_line(path, json.dumps(entry), mode=0o600)
 
 
 def read_curator(out_dir: str | Path) -> list[dict[str, Any]]:

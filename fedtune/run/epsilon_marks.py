@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.privacy.randomness import SEEDED_NOISE_NOTE, noise_note
+from fedtune.run.folder import CONFIG_FILE
 from fedtune.split.disclosure import protects_smashed_data
 from fedtune.wire.fields import TRAIN, examples_in_clear
 
@@ -71,7 +72,7 @@ def epsilon_marks(cfg: ExperimentConfig, level: str, value: float | None = 0.0
 
 def folder_marks(folder: str | Path, level: str, value: float | None = 0.0) -> list[Mark]:
     """`epsilon_marks` of a run folder's config.toml (none if it has none)."""
-    path = Path(folder) / "config.toml"
+    path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         return []
     return epsilon_marks(load_config(path), level, value)

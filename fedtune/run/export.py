@@ -37,21 +37,21 @@ from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import tokenize_texts
 from fedtune.models import backbone_for
 from fedtune.privacy.randomness import noise_note
-from fedtune.run.folder import LOCK_FILE, RunFolderError, claim_run_folder
-from fedtune.run.ledger import (
+from fedtune.run.atomic import write_atomic, write_folder_atomic, write_json_atomic
+from fedtune.run.folder import (
+    ADAPTER_DIR,
     CONFIG_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    STATE_FILE,
     SUMMARY_FILE,
-    write_atomic,
-    write_folder_atomic,
-    write_text_atomic,
+    RunFolderError,
+    claim_run_folder,
 )
 from fedtune.runtime.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.wire.delta import DeltaSpec
 
-STATE_FILE = "final_state.safetensors"
-ADAPTER_DIR = "adapter"
-MANIFEST_FILE = "fedtune.json"
 FORMAT = "fedtune-tuned-state/1"
 
 
@@ -82,9 +82,7 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
     # costs ~2 s of CPU at start-up).
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model.backbone, peft.PeftModel):
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                model.get_parameter(name).copy_(tensor)
+        model.load_trainable(tensors)
         # peft writes by name: into a fresh folder (nothing planted there), moved into place.
         write_folder_atomic(folder / ADAPTER_DIR,
                             lambda tmp: model.backbone.save_pretrained(str(tmp)))
@@ -260,9 +258,7 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
     # safetensors stores names sorted; the spec's order is the model's.
     spec.flatten({name: state[name] for name in spec.names})  # checks every shape
     _check_binding(folder / STATE_FILE, meta, prediction_settings(cfg, meta, backbone))
-    with torch.no_grad():
-        for name, tensor in state.items():
-            model.get_parameter(name).copy_(tensor)
+    model.load_trainable(state)
     return TunedClassifier(model, cfg, label_names, spec, backbone.tokenizer)
 
 
@@ -320,7 +316,7 @@ def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
         "test_examples": summary.get("test_examples"),
         **privacy_statement(tuned.cfg, summary),
     }
-    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(out / MANIFEST_FILE, manifest)
 
 
 def privacy_statement(cfg: ExperimentConfig, summary: dict[str, Any]) -> dict[str, Any]:

@@ -23,14 +23,21 @@ import fcntl
 import os
 from pathlib import Path
 
-from fedtune.run.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE
-
-LOCK_FILE = ".fedtune.lock"
-# fedtune.run.checkpoint.CHECKPOINT_FILE, fedtune.run.export.STATE_FILE / ADAPTER_DIR, spelled out
-# because those modules import torch and the claim must be instant (tests keep them equal).
-CHECKPOINT_FILE = "checkpoint.safetensors"
-STATE_FILE = "final_state.safetensors"
-ADAPTER_DIR = "adapter"
+# Every file name of a run folder (and of an export and a sweep folder), named once here;
+# this module imports no torch, so the claim and the CLI read them instantly.
+CONFIG_FILE = "config.toml"  # the experiment config the run ran under
+ROUNDS_FILE = "rounds.jsonl"  # one ledger line per round (fedtune.run.ledger)
+SUMMARY_FILE = "summary.json"  # written once, when the run ends
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the server state after a round (.checkpoint)
+PENDING_FILE = "privacy_pending.json"  # the DP charges of the round sent last (.checkpoint)
+CURATOR_FILE = "curator_log.jsonl"  # the curator's log of cohort figures (.curator_log)
+STATE_FILE = "final_state.safetensors"  # the final trainable tensors (.export)
+ADAPTER_DIR = "adapter"  # peft's save_pretrained of a peft-based method (.export)
+MANIFEST_FILE = "fedtune.json"  # an export folder's manifest (.export)
+LOCK_FILE = ".fedtune.lock"  # the claim's flock
+SWEEP_LOG = "sweep.log"  # a sweep variant's output (fedtune.study.sweep)
+SWEEP_RESULTS = "sweep.json"  # a sweep folder's table (fedtune sweep)
+REPORT_FILE = "report.md"  # a report folder's page (fedtune.study.report)
 # What a run writes into its folder: any of them marks the folder as taken.
 RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, STATE_FILE, ADAPTER_DIR)
 

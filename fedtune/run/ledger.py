@@ -3,27 +3,19 @@
 Each round line is flushed and fsynced as soon as the round ends, so a crash or kill keeps
 every round completed so far; the summary is written atomically.
 
-No file is written through a symlink (THREATS.md 7: links planted in `--out` were followed
-and a run wrote `config.toml` and `rounds.jsonl` through them): `rounds.jsonl` is opened with
-O_NOFOLLOW (`open_append`), and whole files are written to a new temp file (O_EXCL |
-O_NOFOLLOW), fsynced and renamed over the name, which replaces a link instead of following it
-(`write_atomic`: the one whole-file writer of run, export and sweep folders and checkpoints).
+No file is written through a symlink (THREATS.md 7): both go through `fedtune.run.atomic`,
+the one writer (`append_line` for a round, `write_json_atomic` for the summary).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-ROUNDS_FILE = "rounds.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.toml"
+from fedtune.run.atomic import append_line, write_json_atomic, write_text_atomic
+from fedtune.run.folder import CONFIG_FILE as CONFIG_FILE  # re-exported for older imports
+from fedtune.run.folder import ROUNDS_FILE, SUMMARY_FILE
 
 
 class LedgerError(ValueError):
@@ -42,10 +34,7 @@ class Ledger:
         self.rounds_path = self.dir / ROUNDS_FILE
 
     def append_round(self, record: dict[str, Any]) -> None:
-        with open_append(self.rounds_path) as fh:
-            fh.write(json.dumps(record, sort_keys=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.rounds_path, json.dumps(record, sort_keys=False))
 
     def rounds(self) -> list[dict[str, Any]]:
         return read_rounds(self.dir)
@@ -114,102 +103,3 @@ def count_rounds(run_dir: str | Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` (`write_atomic`)."""
-    write_atomic(path, text.encode("utf-8"))
-
-
-def write_atomic(path: Path, content: bytes | Callable[[str], None]) -> None:
-    """The one way a file in a run, export or sweep folder is written whole: `content` (or
-    what `content(temp_path)` writes) goes to a fresh temp file next to `path` (a new name,
-    O_EXCL | O_NOFOLLOW: never through a link, never an existing file), is fsynced and
-    renamed over `path` (a link there is replaced, its target untouched), and the folder is
-    fsynced so the rename survives a power cut. A kill leaves the old file or the new."""
-    path = Path(path)
-    fd, tmp = _fresh_temp(path)
-    try:
-        if isinstance(content, bytes):
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
-        else:
-            os.close(fd)
-            content(str(tmp))  # a library writer (safetensors) given the fresh name
-            fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def _fresh_temp(path: Path) -> tuple[int, Path]:
-    for _ in range(100):
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
-                           | os.O_CLOEXEC, 0o644), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{path.parent}: no free temp file name for {path.name}")
-
-
-def fsync_folder(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def open_append(path: Path) -> TextIO:
-    """`path` opened to append text, created if missing, never through a link (O_NOFOLLOW:
-    a link planted under its name is an OSError, its target untouched)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    return os.fdopen(fd, "a", encoding="utf-8")
-
-
-def write_folder_atomic(path: Path, fill: Callable[[Path], None]) -> None:
-    """Make the folder `path` from what `fill(temp_folder)` writes into a fresh temp folder
-    next to it (a new name: nothing planted in it), then renamed into place. What was at
-    `path` (an older folder, or a link planted there) is moved aside first and removed, its
-    contents and any link target untouched: a library that writes by name (peft's
-    save_pretrained) never writes through a link."""
-    path = Path(path)
-    tmp = _fresh_folder(path, "tmp")
-    try:
-        fill(tmp)
-        old = None
-        if os.path.lexists(path):
-            old = _fresh_folder(path, "old")
-            os.rename(path, old / "entry")  # the entry itself moves, never what it links to
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old)  # rmtree removes links, never follows them
-    fsync_folder(path.parent)
-
-
-def _fresh_folder(path: Path, what: str) -> Path:
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{what}-{secrets.token_hex(6)}")
-        try:
-            os.mkdir(tmp)  # O_EXCL semantics: a planted name fails instead of being reused
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{path.parent}: no free temp folder name for {path.name}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from fedtune.config import ConfigError
 from fedtune.models.families import (
@@ -87,11 +86,6 @@ class SplitBackbone:
         out = self._run(hidden, mask, self.cut_layer, self.num_layers)
         norm = self.structure.final_norm
         return out if norm is None else norm(out)
-
-    def head_modules(self) -> list[nn.Module]:
-        """The frozen pretrained modules the client runs (embedding stage + k layers)."""
-        layers = list(self.structure.layers)[:self.cut_layer]
-        return [self.model.get_input_embeddings(), *layers]
 
     def _inputs(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> LayerInputs:
         return capture_layer_inputs(self.model, self.structure, inputs_embeds, mask)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.run.atomic import write_atomic, write_text_atomic
 from fedtune.run.epsilon_marks import LEVELS, MARKS, Mark, epsilon_marks, render_epsilon
-from fedtune.run.ledger import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, LedgerError, read_rounds
+from fedtune.run.folder import CONFIG_FILE, REPORT_FILE, ROUNDS_FILE, SUMMARY_FILE
+from fedtune.run.ledger import LedgerError, read_rounds
 from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
@@ -251,7 +253,8 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
         fig.tight_layout()
         legends = [a for a in ax.get_children() if isinstance(a, Legend)]
         # Tight bounds that take in the legends placed beside the axes.
-        fig.savefig(out / name, bbox_inches="tight", bbox_extra_artists=legends)
+        write_atomic(out / name, lambda tmp, fig=fig, legends=legends: fig.savefig(
+            tmp, format="png", bbox_inches="tight", bbox_extra_artists=legends))
         plt.close(fig)
         written.append(out / name)
     body = [f"# {title}", "", markdown_table(groups), ""]
@@ -266,8 +269,8 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
         body += ["Marks beside an epsilon:", ""]
         body += [f"- [{m.tag}] {m.text}" for m in marks] + [""]
     body += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in written]
-    (out / "report.md").write_text("\n".join(body) + "\n")
-    return [out / "report.md", *written]
+    write_text_atomic(out / REPORT_FILE, "\n".join(body) + "\n")
+    return [out / REPORT_FILE, *written]
 
 
 def _lines(groups: list[Group]) -> dict[tuple[str, str, str], list[Group]]:

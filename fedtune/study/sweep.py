@@ -36,8 +36,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedtune.config import ConfigError, load_config, read_toml
-from fedtune.run.folder import CHECKPOINT_FILE, RUN_FILES, RunFolderError, refuse_links
-from fedtune.run.ledger import SUMMARY_FILE, count_rounds, open_append
+from fedtune.run.atomic import open_append
+from fedtune.run.folder import (
+    CHECKPOINT_FILE,
+    PENDING_FILE,
+    RUN_FILES,
+    SUMMARY_FILE,
+    SWEEP_LOG,
+    RunFolderError,
+    refuse_links,
+)
+from fedtune.run.ledger import count_rounds
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,6 @@ class Monitor(Protocol):
     def finished(self, variant: Variant, ok: bool) -> None: ...
 
 
-LOG_FILE = "sweep.log"
 
 
 def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | None = None,
@@ -181,7 +189,7 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
             del running[name]
             ok = proc.returncode == 0 and (out / name / SUMMARY_FILE).exists()
             if not ok:
-                failed.append(f"{name} (exit {proc.returncode}, see {out / name / LOG_FILE})")
+                failed.append(f"{name} (exit {proc.returncode}, see {out / name / SWEEP_LOG})")
             if monitor is not None:
                 monitor.finished(variant, ok)
     if failed:
@@ -191,9 +199,6 @@ def run_sweep(sweep: Sweep, out: Path, parallel: int = 1, monitor: Monitor | Non
              **json.loads((out / v.name / SUMMARY_FILE).read_text())} for v in sweep.variants]
 
 
-# fedtune.run.checkpoint.PENDING_FILE, spelled out: that module imports torch (tests keep
-# them equal).
-PENDING_FILE = "privacy_pending.json"
 
 
 def _set_aside_unstarted(folder: Path) -> Path | None:
@@ -227,7 +232,7 @@ def _carry_pending(aside: Path, folder: Path) -> None:
             "but its folder has no checkpoint: it was edited; restore the checkpoint or "
             "resume that folder by hand")
     save_pending(folder, pending)
-    with open_append(folder / LOG_FILE) as log:
+    with open_append(folder / SWEEP_LOG) as log:
         log.write(f"sweep: carried {len(pending['attempts'])} unfinished attempt(s) at round 1 "
                   f"from {aside} ({PENDING_FILE}); the new run charges them\n")
 
@@ -242,7 +247,7 @@ def _launch(sweep: Sweep, variant: Variant, folder: Path, parallel: int, cpus: i
             args += ["--set", item]
         if parallel > 1:  # share the cores instead of each run claiming all of them
             args += ["--set", f"simulation.num_cpus={cpus}"]
-    with open_append(folder / LOG_FILE) as log:  # the child keeps its own copy of the fd
+    with open_append(folder / SWEEP_LOG) as log:  # the child keeps its own copy of the fd
         return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=log,
                                 stderr=subprocess.STDOUT)
 

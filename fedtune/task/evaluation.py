@@ -28,7 +28,7 @@ import torch
 
 from fedtune.config.runtime import runtime_settings
 from fedtune.task import cache as task_cache
-from fedtune.task.task import Split, evaluate
+from fedtune.task.task import Split
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
 if TYPE_CHECKING:
@@ -41,37 +41,46 @@ log = logging.getLogger(__name__)
 
 def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
     """Write the flat trainable `vector` into `model`'s trainable tensors."""
-    with torch.no_grad():
-        for name, tensor in task.spec.unflatten(vector).items():
-            model.get_parameter(name).copy_(tensor)
+    model.load_trainable(task.spec.unflatten(vector))
 
 
 def _measure(model: TunedModel, split: Split, cfg: ExperimentConfig) -> dict[str, float]:
+    states = None
     if cache_applies(cfg, model):
-        return _evaluate_cached(model, split, cfg.train.eval_batch_size,
-                                cfg.train.eval_max_examples, cfg)
-    return evaluate(model, split, cfg.train.eval_batch_size, cfg.train.eval_max_examples)
+        assert model.prefix is not None  # cache_applies checked it
+        n = _examples(split, cfg.train.eval_max_examples)
+        states = process_cache(cfg).states(model.prefix, split.input_ids[:n],
+                                           split.attention_mask[:n])
+    return evaluate(model, split, cfg.train.eval_batch_size, cfg.train.eval_max_examples,
+                    states)
+
+
+def _examples(split: Split, max_examples: int) -> int:
+    return len(split) if max_examples <= 0 else min(max_examples, len(split))
 
 
 @torch.inference_mode()
-def _evaluate_cached(model: TunedModel, split: Split, batch_size: int, max_examples: int,
-                     cfg: ExperimentConfig) -> dict[str, float]:
-    """`fedtune.task.task.evaluate` from the split's cached prefix states (same rows, same
-    figures within float tolerance)."""
-    assert model.prefix is not None  # cache_applies checked it
+def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0,
+             states: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy, mean cross-entropy and example count on `split` (its first `max_examples`
+    if > 0): the one evaluation loop. With `states` (the split's cached prefix states,
+    row for row) the model runs only the blocks above its frozen prefix
+    (`forward_from`): same rows, same figures within float tolerance."""
     model.eval()
-    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
-    states = process_cache(cfg).states(model.prefix, split.input_ids[:n],
-                                       split.attention_mask[:n])
-    device = next(model.parameters()).device
+    n = _examples(split, max_examples)
+    device = next(model.parameters()).device if states is not None else None
     correct, loss_sum = 0, 0.0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        hidden = torch.from_numpy(np.array(states[start:stop])).to(device)
-        mask = torch.from_numpy(np.asarray(split.attention_mask[start:stop],
-                                           dtype=np.int64)).to(device)
-        labels = torch.from_numpy(np.asarray(split.labels[start:stop], dtype=np.int64))
-        logits = model.forward_from(hidden, mask).cpu()
+        if states is None:
+            ids, mask, labels = split.tensors(np.arange(start, stop)).tensors
+            logits = model(ids, mask)
+        else:
+            hidden = torch.from_numpy(np.array(states[start:stop])).to(device)
+            mask = torch.from_numpy(np.asarray(split.attention_mask[start:stop],
+                                               dtype=np.int64)).to(device)
+            labels = torch.from_numpy(np.asarray(split.labels[start:stop], dtype=np.int64))
+            logits = model.forward_from(hidden, mask).cpu()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}

@@ -32,6 +32,7 @@ from fedtune.data.duplicates import RowKeys
 from fedtune.data.tokenize import tokenizer_fingerprint
 from fedtune.data.validation_split import carve_validation, client_rows, passed_over
 from fedtune.models import Backbone, backbone_for
+from fedtune.run.atomic import write_stream_atomic, write_text_atomic
 from fedtune.runtime.startup import phase, record_since
 from fedtune.task import cache as task_cache
 from fedtune.tuning import TunedModel, build_tuned_model
@@ -102,11 +103,6 @@ class Task:
     def initial_vector(self) -> np.ndarray:
         return self.spec.flatten(self.new_model().trainable_state())
 
-    def is_source(self, partition_id: int) -> bool:
-        """Whether a client belongs to the source domain of an expanded population."""
-        data = self.cfg.data
-        return bool(data.domain_by) and partition_id >= data.target_clients
-
     def client_data(self, partition_id: int) -> TensorDataset:
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
@@ -165,13 +161,13 @@ def write_bundle(task: Task, folder: str | Path) -> Path:
                                                            f"{split_name}.{column}")
     sizes = np.asarray([len(p) for p in task.partitions], dtype=np.int64)
     flat = (np.concatenate(task.partitions) if task.partitions else np.zeros(0)).astype(np.int64)
-    np.save(folder / "partitions.npy", flat)
-    np.save(folder / "partition_sizes.npy", sizes)
-    np.save(folder / VALIDATION_ROWS, task.validation_rows.astype(np.int64))
-    np.save(folder / TEST_ROWS, np.asarray(task.test_rows, dtype=np.int64))
+    _save_array(folder / "partitions.npy", flat)
+    _save_array(folder / "partition_sizes.npy", sizes)
+    _save_array(folder / VALIDATION_ROWS, task.validation_rows.astype(np.int64))
+    _save_array(folder / TEST_ROWS, np.asarray(task.test_rows, dtype=np.int64))
     meta = {"key": task_key(task.cfg), "arrays": arrays, "label_names": list(task.label_names),
             "copies_removed": task.copies_removed}
-    (folder / BUNDLE_META).write_text(json.dumps(meta))
+    write_text_atomic(folder / BUNDLE_META, json.dumps(meta))
     return folder
 
 
@@ -181,8 +177,12 @@ def _array_file(array: np.ndarray, folder: Path, name: str) -> str:
     of the copy saved in `folder` (relative: a cached bundle is moved into place)."""
     if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
         return str(array.filename)
-    np.save(folder / f"{name}.npy", np.ascontiguousarray(array))
+    _save_array(folder / f"{name}.npy", np.ascontiguousarray(array))
     return f"{name}.npy"
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    write_stream_atomic(path, lambda fh: np.save(fh, array))
 
 
 _BUNDLE_KEYS: dict[str, str] = {}
@@ -369,18 +369,3 @@ def _label_names(ds: object) -> tuple[str, ...]:
     if names:
         return tuple(str(n) for n in names)
     return tuple(str(i) for i in range(int(max(ds["label"])) + 1))  # type: ignore[index]
-
-
-@torch.inference_mode()
-def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0
-             ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy on `split` (its first `max_examples` if > 0)."""
-    model.eval()
-    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
-    correct, loss_sum = 0, 0.0
-    for start in range(0, n, batch_size):
-        ids, mask, labels = split.tensors(np.arange(start, min(start + batch_size, n))).tensors
-        logits = model(ids, mask)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}

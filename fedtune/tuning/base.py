@@ -4,6 +4,7 @@ trainable tensors, which are the only thing federated."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,6 +85,15 @@ class TunedModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The federated tensors, in a fixed order (parameter registration order)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy `tensors` (name -> value, e.g. `DeltaSpec.unflatten(vector)`) into this
+        model's trainable tensors, in place: the one way a federated vector or a saved
+        state enters a model (global vector before training and evaluation, a checkpoint
+        or an exported state)."""
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                self.get_parameter(name).copy_(tensor)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser parameter groups; methods whose tensors live on another scale than

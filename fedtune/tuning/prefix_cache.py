@@ -36,6 +36,7 @@ from torch.utils.data import TensorDataset
 
 from fedtune.config import ConfigError
 from fedtune.config.runtime import runtime_settings
+from fedtune.run.atomic import write_atomic
 from fedtune.runtime.torch_setup import model_device
 from fedtune.tuning.base import TunedModel
 
@@ -192,7 +193,7 @@ class PrefixCache:
             raise
         meta = {"format": FORMAT, "key": key, "data": data_name, "shape": list(shape),
                 "dtype": np.dtype(DTYPE).str, "sha256": sha}
-        _atomic_write(self.root / f"{name}.json", json.dumps(meta).encode())
+        write_atomic(self.root / f"{name}.json", json.dumps(meta).encode())
         _touch(self.root / f"{name}.json")
         self._evict(keep=name)
         array = np.load(self.root / data_name, mmap_mode="r")
@@ -288,17 +289,6 @@ def _touch(path: Path) -> None:
     # here), and two entries used within one tick would tie in the LRU order.
     now = time.time_ns()
     os.utime(path, ns=(now, now))
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CACHES: dict[tuple[str, int], PrefixCache] = {}

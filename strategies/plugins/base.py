@@ -9,15 +9,12 @@ changes:
 - `select_cohort(rnd, pids)`: choose the cohort from the sampled partition ids;
 - `client_weight(rnd, pid)`: a factor in [0, 1] on that client's delta in the aggregate
   (after user-level clipping, so a client's DP sensitivity never grows);
-- `transform(rnd, new, old)`: change the aggregated global vector;
 - `round_extras(rnd, clients)`: fields added to the round's ledger line.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
 
 from fedtune.config import ConfigError
 
@@ -50,9 +47,6 @@ class Plugin:
 
     def client_weight(self, rnd: int, pid: int) -> float:
         return 1.0
-
-    def transform(self, rnd: int, new: np.ndarray, old: np.ndarray) -> np.ndarray:
-        return new
 
     def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
         return {}

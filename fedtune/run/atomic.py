@@ -1,0 +1,148 @@
+"""The one way fedtune writes a file: whole and durably, never through a link.
+
+A whole file goes to a fresh temp file next to its name (a new name, O_EXCL | O_NOFOLLOW:
+never through a link, never an existing file), is fsynced and renamed over the name (a link
+planted there is replaced, its target untouched), and the folder is fsynced so the rename
+survives a power cut: a kill leaves the old file or the new, never half of one. A log line
+is appended with O_NOFOLLOW and fsynced before the call returns.
+
+Why: THREATS.md 7 (links planted in `--out` were followed and a run wrote `config.toml` and
+`rounds.jsonl` through them) and issue 28 (five writers, one of them fsynced). Every file a
+run, export or sweep writes, checkpoints, and the caches (token arrays, task bundles, the
+prefix cache's index) go through here.
+
+This module imports only the standard library, so every layer may use it (it sits in the
+lowest layer of tests/test_architecture.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_atomic(path: str | Path, content: bytes | Callable[[str], None]) -> None:
+    """Replace `path` with `content`, or with what `content(temp_path)` writes by name (a
+    library writer such as safetensors' `save_file`, given the fresh temp name)."""
+    if isinstance(content, bytes):
+        write_stream_atomic(path, lambda fh: fh.write(content))
+        return
+    path = Path(path)
+    fd, tmp = _fresh_temp(path)
+    try:
+        os.close(fd)
+        content(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def write_stream_atomic(path: str | Path, fill: Callable[[BinaryIO], Any]) -> None:
+    """Replace `path` with what `fill(binary_file)` writes (e.g. `np.save(fh, array)`)."""
+    path = Path(path)
+    fd, tmp = _fresh_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8)."""
+    write_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Replace `path` with `data` as indented JSON and a final newline."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def open_append(path: str | Path, mode: int = 0o644) -> TextIO:
+    """`path` opened to append text, created (with `mode`) if missing, never through a link
+    (O_NOFOLLOW: a link planted under its name is an OSError, its target untouched)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def append_line(path: str | Path, line: str, mode: int = 0o644) -> None:
+    """Append `line` and a newline to `path` (`open_append`), on disk when this returns:
+    a crash or kill keeps every line appended so far."""
+    with open_append(path, mode) as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_folder_atomic(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Make the folder `path` from what `fill(temp_folder)` writes into a fresh temp folder
+    next to it (a new name: nothing planted in it), then renamed into place. What was at
+    `path` (an older folder, or a link planted there) is moved aside first and removed, its
+    contents and any link target untouched: a library that writes by name (peft's
+    save_pretrained) never writes through a link."""
+    path = Path(path)
+    tmp = _fresh_folder(path, "tmp")
+    try:
+        fill(tmp)
+        old = None
+        if os.path.lexists(path):
+            old = _fresh_folder(path, "old")
+            os.rename(path, old / "entry")  # the entry itself moves, never what it links to
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)  # rmtree removes links, never follows them
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename or a new entry in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _fresh_temp(path: Path) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+                           | os.O_CLOEXEC, 0o644), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temp file name for {path.name}")
+
+
+def _fresh_folder(path: Path, what: str) -> Path:
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{what}-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(tmp)  # O_EXCL semantics: a planted name fails instead of being reused
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temp folder name for {path.name}")
