@@ -10,7 +10,7 @@ Both sides run as child processes of this script, from the same config and overr
 The work is the same on both sides: the same cohorts (drawn by `DeltaFedAvg.sample`), the
 same `clients.train.local_train` calls with the same seeds (`client_seed`) and learning
 rates, the same delta codec, the same example-weighted mean, and the same central
-evaluation (`fedtune.task.task.evaluate`) after every round. Both end at the same accuracy
+evaluation (`fedtune.task.evaluation.evaluate`) after every round. Both end at the same accuracy
 (printed, as a check that the work really was equal).
 
 Parallelism is matched: Ray runs `simulation.num_cpus / num_cpus_per_client` actors (2 x 1
@@ -93,7 +93,6 @@ def _init_worker(cfg_toml: str, threads: int) -> None:
 def _train_client(job: tuple[int, int, Any, float, dict | None]) -> dict[str, Any]:
     """One client's round: load the global vector, `local_train`, encoded delta."""
     import numpy as np
-    import torch
 
     from clients.handlers import client_seed
     from clients.train import local_train
@@ -102,9 +101,7 @@ def _train_client(job: tuple[int, int, Any, float, dict | None]) -> dict[str, An
 
     pid, rnd, global_vec, lr, history_lists = job
     cfg, task, model = _WORKER["cfg"], _WORKER["task"], _WORKER["model"]
-    with torch.no_grad():
-        for name, tensor in task.spec.unflatten(global_vec).items():
-            model.get_parameter(name).copy_(tensor)
+    model.load_trainable(task.spec.unflatten(global_vec))
     history = DPHistory.from_lists(history_lists) if history_lists else DPHistory()
     data = task.client_data(pid)
     result = local_train(model, data, cfg, history, seed=client_seed(cfg.seed, rnd, pid), lr=lr)

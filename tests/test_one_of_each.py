@@ -80,7 +80,6 @@ def test_every_file_write_goes_through_the_atomic_writer():
 # another session owns (to switch to fedtune.run.folder).
 NAMES_ELSEWHERE = {
     ("fedtune/deploy/local.py", "config.toml"): "Flower's home config, not a run file",
-    ("fedtune/deploy/cli.py", "summary.json"): "to switch to folder.SUMMARY_FILE (lead)",
     ("strategies/server.py", "rounds.jsonl"): "to switch to folder.ROUNDS_FILE (lead)",
 }
 

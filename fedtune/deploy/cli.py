@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from fedtune.config.runtime import ENVIRONMENT, RuntimeConfig, runtime_settings
+from fedtune.run.folder import SUMMARY_FILE
 
 deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Run the same apps on a SuperLink and real SuperNodes.")
@@ -286,7 +287,7 @@ def local(
         _fail(f"stopped by {stop.name}; every process of the deployment has ended")
     finally:
         folder.release()
-    if not (out / "summary.json").exists():
-        _fail(f"the run ended without {out}/summary.json (flwr run exit {res.returncode}):\n"
+    if not (out / SUMMARY_FILE).exists():
+        _fail(f"the run ended without {out}/{SUMMARY_FILE} (flwr run exit {res.returncode}):\n"
               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
     console.print(f"[bold green]done[/] -> {out}/summary.json")
