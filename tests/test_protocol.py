@@ -317,7 +317,8 @@ def test_a_forged_history_at_sigma_1e_200_neither_crashes_nor_changes_the_charge
     privacy.charge_sent(1, [0, 1])
     planned = {pid: list(h.entries) for pid, h in state.client_dp.items()}
     forged = ReportedDP(1e-200, 0.5, 1, 0.0, DPHistory([(1e-200, 0.5, 1)]))
-    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], forged), _dp_reply(msgs[1], forged)])
+    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], forged),
+                                             _dp_reply(msgs[1], forged)])
     privacy.settle(1)
     assert {pid: h.entries for pid, h in state.client_dp.items()} == planned
     assert all(e["reported_dp"]["noise_multiplier"] == 1e-200
@@ -343,7 +344,8 @@ def test_a_long_reported_history_costs_the_server_no_accountant_call(monkeypatch
 
     monkeypatch.setattr(ledger_module, "epsilon_of", no_accountant)
     started = time.perf_counter()
-    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], reported), _dp_reply(msgs[1], reported)])
+    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], reported),
+                                             _dp_reply(msgs[1], reported)])
     privacy.settle(1)
     assert time.perf_counter() - started < 1.0
     assert len(result.outcome.accepted) == 2
@@ -368,7 +370,7 @@ def test_the_planned_charge_is_one_accountant_call_per_history_and_round(monkeyp
         msgs = sent.messages
         assert privacy.stop_reason(rnd, [0, 1]) is None
         privacy.charge_sent(rnd, [0, 1])
-        result = strategy.aggregate_train(sent, [reply(m, np.ones(6), SPEC) for m in msgs])
+        strategy.aggregate_train(sent, [reply(m, np.ones(6), SPEC) for m in msgs])
         privacy.settle(rnd)
         privacy.fields()
     # Both partitions have the same size, so the same history: one call per round.
