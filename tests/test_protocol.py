@@ -163,7 +163,7 @@ def test_a_malformed_report_is_rejected_with_its_reason_and_the_round_goes_on(me
     sent = _send(strategy)
     msgs = sent.messages
     result = strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, 0.5), SPEC),
-                                       raw_reply(msgs[1], np.ones(6), SPEC.hash, metrics)])
+                                             raw_reply(msgs[1], np.ones(6), SPEC.hash, metrics)])
     new = result.vector
     np.testing.assert_allclose(new, 0.5, rtol=1e-6)
     (rejected,) = result.outcome.rejected
@@ -269,7 +269,7 @@ def test_withheld_metrics_leave_the_client_and_are_refused_if_sent():
     assert all(TrainInstruction.from_record(m.content, SPEC).withhold_metrics for m in msgs)
     lean = TrainReply.build(np.ones(6, np.float32), SPEC.hash, TrainReport(steps=3))
     result = rounds.aggregate_train(sent, [Message(content=lean.to_record(), reply_to=msgs[0]),
-                               reply(msgs[1], np.ones(6), SPEC)])
+                                           reply(msgs[1], np.ones(6), SPEC)])
     (accepted,) = result.outcome.accepted
     assert accepted["steps"] == 3 and "num_examples" not in accepted and "loss" not in accepted
     assert "withheld" in result.outcome.rejected[0]["reason"]
@@ -386,7 +386,7 @@ def test_the_aggregation_weight_is_the_servers_count_never_the_replys():
     msgs = sent.messages
     honest = reply(msgs[1], np.full(6, 2.0), SPEC, n=10)
     result = strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, -1e3), SPEC, n=10**11),
-                                       honest])
+                                             honest])
     new = result.vector
     np.testing.assert_array_equal(new, np.full(6, 2.0, np.float32))
     (rejected,) = result.outcome.rejected

@@ -74,7 +74,8 @@ def test_bytes_are_counted_from_the_messages():
     sent = _configure(strategy, np.zeros(6))
     msgs = sent.messages
     assert sent.bytes_down == 3 * 6 * 4
-    out = strategy.aggregate_train(sent, [reply(m, np.zeros(6), SPEC, n=5) for m in msgs]).outcome
+    out = strategy.aggregate_train(sent, [reply(m, np.zeros(6), SPEC, n=5)
+                                          for m in msgs]).outcome
     assert out.bytes_up == 3 * 6 * 4
     assert all(c["bytes_up"] == 6 * 4 for c in out.accepted)
 
@@ -119,8 +120,8 @@ def test_smuggled_arrays_are_rejected():
     sent = _configure(strategy, np.zeros(6))
     msgs = sent.messages
     extra = {"weights": ArrayRecord({"x": Array(np.zeros(3, np.float32))})}
-    new, out = _result(strategy.aggregate_train(sent, [raw_reply(msgs[0], np.ones(6), SPEC.hash,
-                                                 honest_metrics(), extra_arrays=extra)]))
+    new, out = _result(strategy.aggregate_train(sent, [raw_reply(
+        msgs[0], np.ones(6), SPEC.hash, honest_metrics(), extra_arrays=extra)]))
     assert new is None and out.no_contribution
     assert "besides the delta" in out.rejected[0]["reason"]
 
@@ -150,6 +151,6 @@ def test_an_average_past_float32s_range_keeps_the_global_vector():
     msgs = sent.messages
     top = np.float32(3.4e38)
     new, out = _result(strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, top), SPEC),
-                                       reply(msgs[1], np.full(6, top), SPEC)]))
+                                                       reply(msgs[1], np.full(6, top), SPEC)]))
     assert new is None and out.no_contribution
     assert "overflows float32" in out.update_refused
