@@ -21,3 +21,5 @@ class Preparation:
     finish: Callable[[], None]
     failed: Callable[[], bool]
     imported: Callable[[], None] = field(default=lambda: None)
+    # Takes the summary `run_server` returns (the driver returns it, not a re-read file).
+    summary: Callable[[dict[str, Any]], None] = field(default=lambda summary: None)

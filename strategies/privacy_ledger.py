@@ -171,13 +171,13 @@ class PrivacyLedger:
 
     # -- after a round
 
-    def settle(self, rnd: int, reports: list[dict[str, Any]]) -> None:
+    def settle(self, rnd: int) -> None:
         """Close round `rnd` and record its user-level release. Sample-level spend was
         charged in full when the round was sent (`charge_sent`); the replies (accepted,
-        rejected and failed alike) change nothing in it: a `reported_dp` is the client's word,
-        kept in its ledger entry and never run through the accountant, so settling costs no
-        accountant call whatever a reply holds."""
-        del rnd, reports  # the charge is the server's plan, made before the round was sent
+        rejected and failed alike) change nothing in it, so settling takes none of them: a
+        `reported_dp` is the client's word, kept in its ledger entry and never run through
+        the accountant, so settling costs no accountant call whatever a reply holds."""
+        del rnd  # the charge is the server's plan, made before the round was sent
         self._before = {}
         if self.user is not None:
             self.user.record()

@@ -20,6 +20,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.config.errors import DeployError
 from fedtune.models.pruning_setup import pruning_record, resolve_config
 from fedtune.privacy.seeded_noise import check_server_runtime
+from fedtune.run.atomic import write_text_atomic
 from fedtune.run.checkpoint import (
     ServerState,
     load_checkpoint,
@@ -29,10 +30,13 @@ from fedtune.run.checkpoint import (
 from fedtune.run.curator_log import append_curator, release_total, split_record
 from fedtune.run.epsilon_marks import note_fields
 from fedtune.run.export import save_tuned_state
-from fedtune.run.ledger import CONFIG_FILE, Ledger, NoContributionError, write_text_atomic
+from fedtune.run.folder import CONFIG_FILE, ROUNDS_FILE
+from fedtune.run.ledger import Ledger, NoContributionError
+from fedtune.run.records import RoundRecord, Summary
 from fedtune.runtime.interrupt import received
 from fedtune.runtime.startup import mark, phase
 from fedtune.runtime.torch_setup import configure_torch
+from fedtune.split.disclosure import split_disclosure
 from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.task.evaluation import (
@@ -47,7 +51,7 @@ from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
 from fedtune.wire.fields import withholds_counts
 from fedtune.wire.in_clear import in_clear
-from strategies.delta_fedavg import DeltaFedAvg
+from strategies.delta_fedavg import DeltaFedAvg, RoundHooks
 from strategies.discovery import Roster, discover, load_operator_roster
 from strategies.grid_io import poll_interval, send_and_receive
 from strategies.plugins import Plugin, build_plugins
@@ -92,30 +96,37 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
         privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
-    strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed)
     plugins = build_plugins(cfg)
     privacy.size_hooks += [plugin.trained_sizes for plugin in plugins]
-    # A client restarted since its last round (its own record lost) resumes its DP
-    # accounting from what the server holds, never from zero.
-    strategy.dp_history = lambda pid: state.client_dp.get(pid)
-    strategy.plugin_settings = lambda rnd, pid: _plugin_settings(rnd, pid, plugins)
-    strategy.select_cohort = lambda rnd, pids: _select_cohort(rnd, pids, plugins)
-    strategy.client_weight = lambda rnd, pid: _client_weight(rnd, pid, plugins)
-    strategy.aggregation = cfg.aggregation
+    hooks = RoundHooks(
+        # A client restarted since its last round (its own record lost) resumes its DP
+        # accounting from what the server holds, never from zero.
+        dp_history=lambda pid: state.client_dp.get(pid),
+        plugin_settings=lambda rnd, pid: _plugin_settings(rnd, pid, plugins),
+        select_cohort=lambda rnd, pids: _select_cohort(rnd, pids, plugins),
+        client_weight=lambda rnd, pid: _client_weight(rnd, pid, plugins))
+    strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed, hooks,
+                           cfg.aggregation,
+                           withhold_metrics=withholds_counts(cfg))  # (wire_fields)
     driver: DeltaFedAvg | UserLevelDP = strategy
     if privacy.user is not None:
         driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
                              cfg.data.num_clients,
                              reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise
                              else None)
-    strategy.withhold_metrics = withholds_counts(cfg)  # what replies leave out (wire_fields)
+    # Discovery's refused claims, for the first round record after it.
+    refused_claims: list[dict[str, Any]] = []
     if state.round < cfg.train.rounds and state.stopped is None:
         strategy.adopt(roster or discover_workers(grid, cfg, assigned=assigned),
                        [len(p) for p in task.partitions])
+        refused_claims = list(strategy.refused_claims)
         # Weights and DP plans from the counts the server holds, fixed for the run.
         privacy.use_example_counts(strategy.examples)
         mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s
+    # The rounds as rounds.jsonl holds them: a resumed run's earlier rounds, read once.
+    history = ledger.rounds() if resume else []
+    split_statement = split_disclosure(cfg)  # what each split round states, from cfg
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
         if state.stopped is not None or received():
@@ -129,7 +140,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             state.stopped = {"before_round": rnd, "reason": reason}
             break
         record = _play_round(rnd, cohort, grid, driver, privacy, plugins, task, model,
-                             state, cfg)
+                             state, cfg, refused_claims, split_statement).to_json()
+        refused_claims = []
         # Under user-level DP the cohort and per-client figures are the curator's log.
         record, curator = split_record(record, cfg)
         state.round, state.record = rnd, record
@@ -138,6 +150,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         if curator is not None:
             append_curator(out_dir, curator)
         ledger.append_round(record)
+        history.append(record)
         if on_round is not None:
             on_round(record)
 
@@ -146,21 +159,20 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         # stays resumable from its last checkpoint while the process ends.
         log(WARNING, "stopped by %s after round %d", received(), state.round)
         return {}
-    history = ledger.rounds()
     if not history:
         raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
     if all(r.get("no_contribution") for r in history):
         raise NoContributionError(
             f"no client contributed in any of the {len(history)} rounds (every sampled "
             f"client failed, was rejected or was not sampled); see the rejected and failed "
-            f"entries in {out_dir / 'rounds.jsonl'}")
+            f"entries in {out_dir / ROUNDS_FILE}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
     if not state.initial:
         state.initial = _initial(task, model, cfg)
     final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
-    summary = _summary(history, state, task, cfg, final_test)
+    summary = _summary(history, state, task, cfg, final_test).to_json()
     ledger.write_summary(summary)
     return summary
 
@@ -168,65 +180,64 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
 def _play_round(rnd: int, cohort: list[int], grid: Grid,
                 driver: DeltaFedAvg | UserLevelDP, privacy: PrivacyLedger,
                 plugins: list[Plugin], task: Task, model: TunedModel, state: ServerState,
-                cfg: ExperimentConfig) -> dict[str, Any]:
+                cfg: ExperimentConfig, refused_claims: list[dict[str, Any]],
+                split_statement: dict[str, Any]) -> RoundRecord:
     """One round: send the global vector to `cohort`, aggregate the replies, evaluate;
-    updates `state` and returns the round's ledger record."""
+    updates `state` and returns the round's record."""
     t_round = time.perf_counter()
     lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
-    messages = driver.configure_train(rnd, state.vector, lr, cohort)
+    sent = driver.configure_train(rnd, state.vector, lr, cohort)
     # After the messages are built (they carry each client's history before this round's
     # charge) and before they go out: a client that never replies is charged all the same.
-    privacy.charge_sent(rnd, _sent_partitions(driver, messages))
-    replies = send_and_receive(grid, messages, cfg.train.round_timeout_s,
+    privacy.charge_sent(rnd, sent.partition_ids)
+    replies = send_and_receive(grid, sent.messages, cfg.train.round_timeout_s,
                                pause=poll_interval(grid, cfg))
-    new_vector = driver.aggregate_train(rnd, replies)
-    if new_vector is not None:
-        state.vector = new_vector
-    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
-    outcome = strategy.outcome
-    privacy.settle(rnd, outcome.accepted + outcome.rejected + outcome.failed)
+    result = driver.aggregate_train(sent, replies)
+    if result.vector is not None:
+        state.vector = result.vector
+    outcome = result.outcome
+    privacy.settle(rnd)
     metrics = round_metrics(task, model, state.vector, cfg)  # validation, never test
     accepted = outcome.accepted
     fields = privacy.fields()
-    record = {
-        "round": rnd,
-        "val_accuracy": metrics["val_accuracy"],
-        "val_loss": metrics["val_loss"],
-        "epsilon_sample": fields.pop("epsilon_sample"),
-        "epsilon_user": fields.pop("epsilon_user"),
-        "delta": fields.pop("delta"),
-        "clients": len(accepted),
-        "bytes_up": outcome.bytes_up,
-        "bytes_down": outcome.bytes_down,
-        "client_flops": sum(c.get("flops", 0.0) for c in accepted),
-        "wall_s": time.perf_counter() - t_round,
-        "lr": lr,
-        "train_loss": _train_loss(accepted),
-        "sampled": len(outcome.sampled),
-        "no_contribution": outcome.no_contribution,
-        "rejected": outcome.rejected,
-        "failed": outcome.failed,
-        "per_client": accepted,
-        "forward_layers_skipped": skipped_layers(cfg, model),  # server's own, from cfg
-        **fields,
-    }
-    if outcome.unsolicited:
-        record["unsolicited"] = outcome.unsolicited
-    if outcome.aggregation is not None:
-        record["aggregation"] = outcome.aggregation
-    if outcome.update_refused is not None:
-        record["update_refused"] = outcome.update_refused
-    if strategy.refused_claims:  # once, in the first round after discovery
-        record["refused_claims"], strategy.refused_claims = strategy.refused_claims, []
-    record["privacy_in_clear"] = in_clear(cfg)
-    record.update(note_fields(cfg, record))  # beside each epsilon: what weakens it
-    if record["privacy_user"] is not None:
-        record["privacy_user"]["aggregated_delta_norms"] = outcome.aggregated_norms
+    if fields["privacy_user"] is not None:
+        fields["privacy_user"] = {**fields["privacy_user"],
+                                  "aggregated_delta_norms": outcome.aggregated_norms}
+    epsilons = {"epsilon_sample": fields.pop("epsilon_sample"),
+                "epsilon_user": fields.pop("epsilon_user")}
+    extras: dict[str, Any] = {}
     for plugin in plugins:
-        record.update(plugin.round_extras(rnd, accepted))
-    record.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
-                                     outcome.bytes_down, cfg))
-    return record
+        extras.update(plugin.round_extras(rnd, accepted))
+    extras.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
+                                     outcome.bytes_down, split_statement))
+    return RoundRecord(
+        round=rnd,
+        val_accuracy=metrics["val_accuracy"],
+        val_loss=metrics["val_loss"],
+        **epsilons,
+        delta=fields.pop("delta"),
+        clients=len(accepted),
+        bytes_up=outcome.bytes_up,
+        bytes_down=outcome.bytes_down,
+        client_flops=sum(c.get("flops", 0.0) for c in accepted),
+        wall_s=time.perf_counter() - t_round,
+        lr=lr,
+        train_loss=_train_loss(accepted),
+        sampled=len(outcome.sampled),
+        no_contribution=outcome.no_contribution,
+        rejected=outcome.rejected,
+        failed=outcome.failed,
+        per_client=accepted,
+        forward_layers_skipped=skipped_layers(cfg, model),  # server's own, from cfg
+        privacy=fields,
+        privacy_in_clear=in_clear(cfg),
+        notes=note_fields(cfg, epsilons),  # beside each epsilon: what weakens it
+        unsolicited=outcome.unsolicited,
+        aggregation=outcome.aggregation,
+        update_refused=outcome.update_refused,
+        refused_claims=refused_claims,
+        extras=extras,
+    )
 
 
 def discover_workers(grid: Grid, cfg: ExperimentConfig,
@@ -261,14 +272,6 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
                                     "same untrained model)"}
 
 
-def _sent_partitions(driver: DeltaFedAvg | UserLevelDP, messages: list) -> list[int]:
-    """The partition ids the round's instructions go to (the server's roster, not what any
-    client claims)."""
-    strategy = driver.inner if isinstance(driver, UserLevelDP) else driver
-    partition_of = {node: pid for pid, node in strategy.roster.items()}
-    return [partition_of[m.metadata.dst_node_id] for m in messages]
-
-
 def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
     """Mean reported training loss over the accepted clients' examples; None when no
     client reported one (none accepted, or losses withheld)."""
@@ -280,35 +283,34 @@ def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
-             cfg: ExperimentConfig, final_test: dict[str, float]) -> dict[str, Any]:
+             cfg: ExperimentConfig, final_test: dict[str, float]) -> Summary:
     last = history[-1]
-    notes = note_fields(cfg, last)
-    return {
-        **accuracy_fields(history, state.initial, final_test, validation_examples(task, cfg)),
+    return Summary(
+        accuracy=accuracy_fields(history, state.initial, final_test,
+                                 validation_examples(task, cfg)),
         # Runs checkpointed before the deferral scored the untrained model before round 1.
-        "initial_evaluated": state.initial.get("evaluated", "before round 1"),
-        "epsilon_sample": last["epsilon_sample"],
-        "epsilon_user": last["epsilon_user"],
-        "delta": last["delta"],
-        **notes,
-        "noise": last.get("noise"),
-        "privacy_sample": last.get("privacy_sample"),
-        "privacy_user": last.get("privacy_user"),
-        "rounds": len(history),
-        "stopped_early": state.stopped,
-        # Null under user-level DP without log_cohorts (cohort sums: the curator's log).
-        "total_bytes_up": release_total(history, "bytes_up"),
-        "total_bytes_down": release_total(history, "bytes_down"),
-        "total_client_flops": release_total(history, "client_flops"),
-        "trainable_params": task.spec.size,
-        "backbone_params": task.backbone.num_params,
-        "method": cfg.tuning.method,
-        "resumed_at_rounds": state.resumed_at,
-        "wall_s": state.elapsed_s,
-        **_population(cfg),
-        **split_summary_fields(history),
-        **pruning_record(task.backbone, cfg.model.max_length),
-    }
+        initial_evaluated=state.initial.get("evaluated", "before round 1"),
+        epsilon_sample=last["epsilon_sample"],
+        epsilon_user=last["epsilon_user"],
+        delta=last["delta"],
+        notes=note_fields(cfg, last),
+        noise=last.get("noise"),
+        privacy_sample=last.get("privacy_sample"),
+        privacy_user=last.get("privacy_user"),
+        rounds=len(history),
+        stopped_early=state.stopped,
+        total_bytes_up=release_total(history, "bytes_up"),
+        total_bytes_down=release_total(history, "bytes_down"),
+        total_client_flops=release_total(history, "client_flops"),
+        trainable_params=task.spec.size,
+        backbone_params=task.backbone.num_params,
+        method=cfg.tuning.method,
+        resumed_at_rounds=state.resumed_at,
+        wall_s=state.elapsed_s,
+        population=_population(cfg),
+        split=split_summary_fields(history),
+        pruning=pruning_record(task.backbone, cfg.model.max_length),
+    )
 
 
 def _population(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -355,6 +357,9 @@ def serve(grid: Grid, cfg: ExperimentConfig, out_dir: Path, on_round: RoundCallb
         roster = discover_workers(grid, cfg, abort=lambda: prepare.failed() or bool(received()),
                                   assigned=assigned)
         prepare.finish()
-    return run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster,
-                      assigned=assigned)
+    summary = run_server(grid, cfg, out_dir, on_round, resume=resume, roster=roster,
+                         assigned=assigned)
+    if prepare is not None:
+        prepare.summary(summary)
+    return summary
 

@@ -26,29 +26,20 @@ from flwr.serverapp import Grid
 
 from fedtune.config import UserDPConfig
 from fedtune.privacy.randomness import DPRandom, dp_source
+from strategies import pipeline
 from strategies.delta_fedavg import DeltaFedAvg
+from strategies.pipeline import CLIP_TOLERANCE, Round, RoundOutcome, Sent, clip_exact
 
-# Client-side clipping is checked to this relative tolerance (float32 rounding of the norm).
-CLIP_TOLERANCE = 1e-5
+__all__ = ["CLIP_TOLERANCE", "UserLevelDP", "clip_exact"]
+
 # The DP streams of one round (named with the round: nothing carried between rounds).
 COHORT_STREAM, NOISE_STREAM = "user-cohort", "user-noise"
 
 
-def clip_exact(delta: np.ndarray, clip_norm: float) -> np.ndarray:
-    """`delta` in float64, scaled down to norm at most `clip_norm`."""
-    out = np.asarray(delta, dtype=np.float64)
-    norm = float(np.linalg.norm(out))
-    if norm > clip_norm:
-        out = out * (clip_norm / norm)
-        # One more shrink if rounding left it a hair over.
-        over = float(np.linalg.norm(out))
-        if over > clip_norm:
-            out = out * np.nextafter(clip_norm / over, 0.0)
-    return out
-
-
 class UserLevelDP:
-    """Wraps a `DeltaFedAvg`: its screening and plugin hooks, our sampling and release."""
+    """Wraps a `DeltaFedAvg` through its public methods (its roster, plugin hooks,
+    instructions and screening); draws the cohort and composes the release from the
+    pipeline's steps (`strategies.pipeline`): clip -> weight -> sum -> noise -> release."""
 
     def __init__(self, inner: DeltaFedAvg, cfg: UserDPConfig, noise_multiplier: float,
                  population: int, reproducible_seed: int | None = None) -> None:
@@ -59,8 +50,8 @@ class UserLevelDP:
         self.population = population
         self.rate = self.cohort / population
         self.reproducible_seed = reproducible_seed
-        inner.clip_norm = cfg.clip_norm if cfg.clipping == "client" else None
-        inner.withhold_metrics = cfg.withhold_metrics
+        # Told to every client under client-side clipping (and checked on its delta).
+        self.client_clip_norm = cfg.clip_norm if cfg.clipping == "client" else None
 
     @property
     def noise_std(self) -> float:
@@ -71,37 +62,29 @@ class UserLevelDP:
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """Poisson cohort: each partition joins independently with probability q."""
-        self.inner.require_roster()
-        pids = sorted(self.inner.roster)
+        pids = self.inner.partitions()
         joins = self._source(server_round, COHORT_STREAM).bernoulli(len(pids), self.rate)
         chosen = [pid for pid, j in zip(pids, joins, strict=True) if j]
-        return self.inner.select_cohort(server_round, chosen)
+        return self.inner.select(server_round, chosen)
 
     def configure_train(self, server_round: int, vector: np.ndarray, lr: float,
-                        cohort: list[int]) -> list[Message]:
-        return self.inner.configure_train(server_round, vector, lr, cohort)
+                        cohort: list[int]) -> Sent:
+        return self.inner.configure_train(server_round, vector, lr, cohort,
+                                          clip_norm=self.client_clip_norm,
+                                          withhold_metrics=self.cfg.withhold_metrics)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> np.ndarray:
+    def aggregate_train(self, sent: Sent, replies: Iterable[Message]) -> Round:
         """The released global vector: global + (sum of clipped, weighted deltas) / expected
         cohort + noise. Always a release, whoever replied."""
-        inner = self.inner
-        accepted = inner.screen(server_round, replies)
-        base = np.asarray(inner.global_vector, dtype=np.float64)
-        clip = self.cfg.clip_norm
-        total = np.zeros_like(base)
-        norms = []
-        for item in accepted:
-            norm = float(np.linalg.norm(item.delta.astype(np.float64)))
-            if self.cfg.clipping == "client" and norm > clip * (1 + CLIP_TOLERANCE):
-                inner.reject(server_round, item, f"delta norm {norm:.6g} exceeds "
-                             f"privacy.user.clip_norm={clip} (client-side clipping)")
-                continue
-            # Clip first, then weight: a weight <= 1 can only shrink what one client adds.
-            contribution = clip_exact(item.delta, clip) * item.entry["weight"]
-            norms.append(float(np.linalg.norm(contribution)))
-            total += contribution
-        inner.outcome.aggregated_norms = norms
-        inner.outcome.no_contribution = not any(n > 0 for n in norms)
-        noise = self._source(server_round, NOISE_STREAM).normal(
+        screened = self.inner.screen(sent, replies)
+        base = np.asarray(sent.vector, dtype=np.float64)
+        clipped = pipeline.clip(screened.accepted, self.cfg.clip_norm,
+                                client_side=self.cfg.clipping == "client")
+        screened = screened.refuse(sent.server_round, clipped.refused)
+        summed, norms = pipeline.total(pipeline.weight(clipped), base.size)
+        noise = self._source(sent.server_round, NOISE_STREAM).normal(
             base.shape, self.noise_std, dtype=torch.float64).numpy()
-        return (base + total / self.cohort + noise).astype(np.float32)
+        released = pipeline.release(base, summed, self.cohort, noise)
+        return Round(released, RoundOutcome.of(
+            sent, screened, aggregated_norms=norms,
+            no_contribution=not any(n > 0 for n in norms)))

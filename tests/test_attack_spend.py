@@ -104,5 +104,5 @@ def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(
     state = fresh()
     resumed = PrivacyLedger(cfg, task, state, tmp_path)
     resumed.charge_sent(1, [0, 2])
-    resumed.settle(1, [])
+    resumed.settle(1)
     assert state.client_eps.get(1, 0.0) > 0.0, "client 1 released in the lost attempt, uncharged"

@@ -26,18 +26,17 @@ def _round(settings: dict, answering: list[int]) -> np.ndarray | None:
     (the rest drop, as a crashed or slow honest node does). Partition 0 is the attacker."""
     cfg = load_config(None, [f"aggregation.{k}={v}" for k, v in settings.items()])
     assert cfg.train.clients_per_round == 5  # check_cohort passed for 5
-    strategy = DeltaFedAvg(SPEC, 5, seed=0)
+    strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg.aggregation)
     strategy.roster = {i: 11 + i for i in range(5)}
-    strategy.aggregation = cfg.aggregation
     cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
-    by_pid = {strategy._asked[m.metadata.dst_node_id]: m for m in msgs}
+    sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
+    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
     rng = np.random.default_rng(1)
     replies = []
     for pid in answering:
         delta = np.full(6, ATTACK) if pid == 0 else rng.choice([-HONEST, HONEST], 6)
         replies.append(reply(by_pid[pid], delta, SPEC, n=10))
-    return strategy.aggregate_train(1, replies)
+    return strategy.aggregate_train(sent, replies).vector
 
 
 @pytest.mark.parametrize(("settings", "answering"), [
@@ -91,17 +90,18 @@ def test_attackb_own_data_count_claim_does_not_buy_the_whole_norm_bound():
     from strategies.discovery import Roster
 
     bound = 1.0
-    strategy = DeltaFedAvg(SPEC, 5, seed=0)
+    strategy = DeltaFedAvg(
+        SPEC, 5, seed=0,
+        aggregation=load_config(None, [f"aggregation.norm_bound={bound}"]).aggregation)
     roster = Roster(nodes={i: 11 + i for i in range(5)},
                     own_examples={0: MAX_NODE_EXAMPLES})  # the attacker's claim
     strategy.adopt(roster, sizes=[100] * 5)
-    strategy.aggregation = load_config(None, [f"aggregation.norm_bound={bound}"]).aggregation
     cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
-    by_pid = {strategy._asked[m.metadata.dst_node_id]: m for m in msgs}
+    sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
+    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
     replies = [reply(by_pid[pid], np.full(6, ATTACK) if pid == 0 else np.zeros(6), SPEC,
                      n=MAX_NODE_EXAMPLES if pid == 0 else 100) for pid in sorted(by_pid)]
-    new = strategy.aggregate_train(1, replies)
+    new = strategy.aggregate_train(sent, replies).vector
     moved = float(np.linalg.norm(new.astype(np.float64)))
     assert moved <= bound / 5 * (1 + 1e-6), (
         f"one node's own-data count claim moved the aggregate by {moved:.4g} > B/5 = "

@@ -227,7 +227,7 @@ def _trace_server_ledger(cfg):
         ledger.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     ledger.stop_reason(1, [0, 1, 2])
     ledger.charge_sent(1, [0, 1, 2])
-    ledger.settle(1, [])
+    ledger.settle(1)
     ledger.fields()
     if ledger.user is not None:
         UserLevelDP(SimpleNamespace(clients_per_round=cfg.train.clients_per_round),

@@ -172,19 +172,22 @@ def test_a_lost_reply_of_a_data_path_node_is_charged_at_its_true_example_count()
     privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
                             state)
     privacy.use_example_counts(strategy.examples)
-    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1])
-    privacy.charge_sent(1, [0, 1])
+    sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1])
+    privacy.charge_sent(1, sent.partition_ids)
     # Node 12's reply is lost; node 11 answers. The charge stands as planned.
-    strategy.aggregate_train(1, [reply(msgs[0], np.ones(6), spec_of(6), n=164)])
-    privacy.settle(1, strategy.outcome.accepted + strategy.outcome.failed)
+    result = strategy.aggregate_train(sent, [reply(sent.messages[0], np.ones(6), spec_of(6),
+                                                   n=164)])
+    assert [f["partition_id"] for f in result.outcome.failed] == [1]
+    privacy.settle(1)
     assert state.client_dp[1].entries == [planned_release(cfg, 400)]
     assert state.client_dp[0].entries == [planned_release(cfg, 164)]
     truth = epsilon_of(DPHistory([planned_release(cfg, 400)]), cfg.privacy.sample.delta, "rdp")
     assert state.client_eps[1] == pytest.approx(truth)
     # A later reply of another count is refused: the count is fixed for the run.
-    msgs = strategy.configure_train(2, np.zeros(6, np.float32), 0.1, [1])
-    strategy.aggregate_train(2, [reply(msgs[0], np.ones(6), spec_of(6), n=401)])
-    assert "the server holds 400" in strategy.outcome.rejected[0]["reason"]
+    sent = strategy.configure_train(2, np.zeros(6, np.float32), 0.1, [1])
+    result = strategy.aggregate_train(sent, [reply(sent.messages[0], np.ones(6), spec_of(6),
+                                                   n=401)])
+    assert "the server holds 400" in result.outcome.rejected[0]["reason"]
 
 
 def test_a_node_claiming_1e7_examples_is_weighted_as_the_largest_partition_charged_in_full():
@@ -204,16 +207,18 @@ def test_a_node_claiming_1e7_examples_is_weighted_as_the_largest_partition_charg
     privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
                             state)
     privacy.use_example_counts(strategy.examples)
-    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1, 2])
+    sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1, 2])
+    msgs = sent.messages
     # Every instruction carries the count the server charges by (the client checks it).
     assert [TrainInstruction.from_record(m.content, spec_of(6)).examples for m in msgs] == \
         [164, claim, 50]
     privacy.charge_sent(1, [0, 1, 2])
-    new = strategy.aggregate_train(1, [
+    result = strategy.aggregate_train(sent, [
         reply(msgs[0], np.full(6, 1.0), spec_of(6), n=164),
         reply(msgs[1], np.full(6, 3.0), spec_of(6), n=claim),
         reply(msgs[2], np.full(6, 5.0), spec_of(6), n=50)])
-    assert len(strategy.outcome.accepted) == 3
+    new = result.vector
+    assert len(result.outcome.accepted) == 3
     # Weights 164 : 164 (capped at the largest partition) : 50, not 164 : 1e7 : 50.
     expected = (164 * 1.0 + 164 * 3.0 + 50 * 5.0) / (164 + 164 + 50)
     assert new == pytest.approx(np.full(6, expected, np.float32))

@@ -199,8 +199,8 @@ def test_secret_sources_of_every_mechanism_depend_on_high_entropy_bits(monkeypat
         user = UserLevelDP(strategy, UserDPConfig(enabled=True, clip_norm=1.0), 1.0,
                            population)
         cohort = user.sample(1, FakeGrid([]))
-        strategy.global_vector = np.zeros(spec_size, np.float32)
-        released = user.aggregate_train(1, [])
+        sent = user.configure_train(1, np.zeros(spec_size, np.float32), 0.1, [])
+        released = user.aggregate_train(sent, []).vector
         return slots, rows, cohort, released
 
     _fix_entropy(monkeypatch, 0)

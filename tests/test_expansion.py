@@ -13,6 +13,7 @@ from fedtune.data import PartitionError, load_corpus, partition_domains
 from fedtune.tuning.base import ClassificationHead
 from fedtune.wire.protocol import DomainSettings, TrainInstruction
 from strategies import DeltaFedAvg
+from strategies.delta_fedavg import RoundHooks
 from strategies.plugins import build_plugins
 from strategies.user_dp import UserLevelDP
 
@@ -104,30 +105,31 @@ def _spec(size):
 @pytest.mark.usefixtures("task_identity")
 def test_user_dp_weights_apply_after_clipping():
     spec = _spec(4)
-    strategy = DeltaFedAvg(spec, 2, seed=0)
+    strategy = DeltaFedAvg(spec, 2, seed=0, hooks=RoundHooks(
+        client_weight=lambda rnd, pid: 0.5 if pid == 1 else 1.0))
     strategy.roster = {0: 100, 1: 101}
-    strategy.client_weight = lambda rnd, pid: 0.5 if pid == 1 else 1.0
     rounds = UserLevelDP(strategy, UserDPConfig(enabled=True, clip_norm=1.0), 0.0, 2)
     base = np.zeros(4, np.float32)
-    msgs = rounds.configure_train(1, base, 0.1, rounds.sample(1, FakeGrid([])))
+    sent = rounds.configure_train(1, base, 0.1, rounds.sample(1, FakeGrid([])))
     deltas = [np.array([0.3, 0, 0, 0]), np.array([0, 8.0, 0, 0])]
-    new = rounds.aggregate_train(1, [reply(m, d, spec) for m, d in zip(msgs, deltas,
-                                                                          strict=True)])
+    result = rounds.aggregate_train(sent, [reply(m, d, spec) for m, d in
+                                           zip(sent.messages, deltas, strict=True)])
     # Source delta clipped to norm 1, then halved: it adds 0.5, not 4 or 1.
-    np.testing.assert_allclose(new, [0.3 / 2, 0.5 / 2, 0, 0], rtol=1e-6)
-    assert max(strategy.outcome.aggregated_norms) <= 1.0
-    assert [c["weight"] for c in strategy.outcome.accepted] == [1.0, 0.5]
+    np.testing.assert_allclose(result.vector, [0.3 / 2, 0.5 / 2, 0, 0], rtol=1e-6)
+    assert max(result.outcome.aggregated_norms) <= 1.0
+    assert [c["weight"] for c in result.outcome.accepted] == [1.0, 0.5]
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_fedavg_weights_multiply_the_example_counts():
     spec = _spec(2)
-    strategy = DeltaFedAvg(spec, 2, seed=0)
+    strategy = DeltaFedAvg(spec, 2, seed=0, hooks=RoundHooks(
+        client_weight=lambda rnd, pid: 0.0 if pid == 1 else 1.0))
     strategy.roster = {0: 100, 1: 101}
-    strategy.client_weight = lambda rnd, pid: 0.0 if pid == 1 else 1.0
-    msgs = strategy.configure_train(1, np.zeros(2, np.float32), 0.1, [0, 1])
-    new = strategy.aggregate_train(1, [reply(m, d, spec) for m, d in
-                                       zip(msgs, [[1.0, 0], [0, 5.0]], strict=True)])
+    sent = strategy.configure_train(1, np.zeros(2, np.float32), 0.1, [0, 1])
+    new = strategy.aggregate_train(sent, [reply(m, d, spec) for m, d in
+                                          zip(sent.messages, [[1.0, 0], [0, 5.0]],
+                                              strict=True)]).vector
     np.testing.assert_allclose(new, [1.0, 0.0])
 
 

@@ -32,6 +32,7 @@ from fedtune.wire.delta import array_bytes, encode
 from fedtune.wire.protocol import DP_KEYS, EXTRA_GROUPS, EXTRAS, SERVER_OWNED, PartitionReply
 from strategies import DeltaFedAvg
 from strategies.discovery import discover
+from strategies.pipeline import Round, RoundOutcome
 from strategies.user_dp import UserLevelDP
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -127,17 +128,18 @@ def replies_of(draw, msg: Message) -> list[Message]:
     return out
 
 
-def _round(driver, hostile_replies) -> tuple[object, list[Message]]:
+def _round(driver, hostile_replies) -> tuple[Round, list[Message]]:
     cohort = driver.sample(1, FakeGrid([]))
-    msgs = driver.configure_train(1, np.full(SPEC.size, 0.5, np.float32), 0.1, cohort)
+    sent = driver.configure_train(1, np.full(SPEC.size, 0.5, np.float32), 0.1, cohort)
+    msgs = sent.messages
     honest = [reply(m, d, SPEC) for m, d in zip(msgs[:HOSTILE_PID], HONEST, strict=True)]
     extra = hostile_replies(msgs[HOSTILE_PID]) if hostile_replies else []
-    return driver.aggregate_train(1, honest + extra), msgs
+    return driver.aggregate_train(sent, honest + extra), msgs
 
 
-def _check_ledger(strategy: DeltaFedAvg, msgs: list[Message], sent: list[Message]) -> None:
+def _check_ledger(strategy: DeltaFedAvg, out: RoundOutcome, msgs: list[Message],
+                  sent: list[Message]) -> None:
     """Every server-owned field holds what the server computed, and the ledger is JSON."""
-    out = strategy.outcome
     asked = {s["node"]: s["partition_id"] for s in out.sampled}
     assert sorted(asked) == sorted(m.metadata.dst_node_id for m in msgs)
     first = {}
@@ -180,14 +182,14 @@ def test_one_hostile_client_moves_the_user_level_release_by_at_most_its_bound(da
         return got
 
     with_it = _user_dp(clipping)
-    released, msgs = _round(with_it, hostile)
-    without, _ = _round(_user_dp(clipping), None)
+    result, msgs = _round(with_it, hostile)
+    released, without = result.vector, _round(_user_dp(clipping), None)[0].vector
     moved = float(np.linalg.norm(released.astype(np.float64) - without.astype(np.float64)))
     # float32 rounding of a release near 0.5: a few ulps per coordinate.
     assert moved <= CLIP / POPULATION + 1e-6, moved
-    assert max(with_it.inner.outcome.aggregated_norms) <= CLIP * (1 + 1e-12)
+    assert max(result.outcome.aggregated_norms) <= CLIP * (1 + 1e-12)
     honest_sent = [reply(m, d, SPEC) for m, d in zip(msgs[:HOSTILE_PID], HONEST, strict=True)]
-    _check_ledger(with_it.inner, msgs, honest_sent + sent)
+    _check_ledger(with_it.inner, result.outcome, msgs, honest_sent + sent)
 
 
 @HOSTILE
@@ -202,13 +204,14 @@ def test_plain_fedavg_survives_any_reply_and_stays_finite(data):
 
     strategy = DeltaFedAvg(SPEC, POPULATION, seed=0)
     strategy.roster = {pid: 100 + pid for pid in range(POPULATION)}
-    new, msgs = _round(strategy, hostile)
+    result, msgs = _round(strategy, hostile)
+    new = result.vector
     if new is None:  # only an update past float32's range is refused
-        assert "overflows float32" in strategy.outcome.update_refused
+        assert "overflows float32" in result.outcome.update_refused
     else:
         assert np.isfinite(new).all()
     honest_sent = [reply(m, d, SPEC) for m, d in zip(msgs[:HOSTILE_PID], HONEST, strict=True)]
-    _check_ledger(strategy, msgs, honest_sent + sent)
+    _check_ledger(strategy, result.outcome, msgs, honest_sent + sent)
 
 
 class ClaimGrid(FakeGrid):

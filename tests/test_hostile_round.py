@@ -276,17 +276,17 @@ def _timed(monkeypatch, timing: Timing) -> None:
 
     screen, settle, charge = DeltaFedAvg.screen, PrivacyLedger.settle, PrivacyLedger.charge_sent
 
-    def timed_screen(self, server_round, replies):
+    def timed_screen(self, sent, replies):
         replies = list(replies)
         started = time.perf_counter()
         try:
-            return screen(self, server_round, replies)
+            return screen(self, sent, replies)
         finally:
             timing._screen, timing._n = time.perf_counter() - started, len(replies)
 
-    def timed_settle(self, rnd, reports):
+    def timed_settle(self, rnd):
         started = time.perf_counter()
-        settle(self, rnd, reports)
+        settle(self, rnd)
         timing.rounds.append((timing._screen + time.perf_counter() - started, timing._n))
 
     def timed_charge(self, rnd, pids):

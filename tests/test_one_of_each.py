@@ -76,11 +76,9 @@ def test_every_file_write_goes_through_the_atomic_writer():
     assert not found, "writes outside fedtune.run.atomic:\n" + "\n".join(found)
 
 
-# Run-file names spelled elsewhere on purpose: Flower's own config.toml, and a file
-# another session owns (to switch to fedtune.run.folder).
+# Run-file names spelled elsewhere on purpose: Flower's own config.toml.
 NAMES_ELSEWHERE = {
     ("fedtune/deploy/local.py", "config.toml"): "Flower's home config, not a run file",
-    ("strategies/server.py", "rounds.jsonl"): "to switch to folder.ROUNDS_FILE (lead)",
 }
 
 

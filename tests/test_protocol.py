@@ -31,6 +31,7 @@ from fedtune.wire.protocol import (
     bounded,
 )
 from strategies import DeltaFedAvg
+from strategies.delta_fedavg import RoundHooks
 from strategies.discovery import Roster, discover
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.user_dp import UserLevelDP
@@ -39,8 +40,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 SPEC = spec_of(6)
 
 
-def _fedavg(cohort=2, population=2):
-    strategy = DeltaFedAvg(SPEC, cohort, seed=0)
+def _fedavg(cohort=2, population=2, hooks=None):
+    strategy = DeltaFedAvg(SPEC, cohort, seed=0, hooks=hooks)
     strategy.roster = {pid: 100 + pid for pid in range(population)}
     return strategy
 
@@ -108,24 +109,28 @@ def test_no_reported_field_has_a_server_owned_name():
 def test_weight_1000_cannot_break_the_user_level_bound():
     # main: the aggregate moved by 500 against a bound of clip / cohort = 0.5.
     strategy, rounds = _user_dp(clipping="client", clip=1.0)
-    msgs = _send(rounds)
+    sent = _send(rounds)
+    msgs = sent.messages
     honest = np.full(6, 1 / np.sqrt(6), np.float32) * 0.999
     hostile = raw_reply(msgs[1], honest, SPEC.hash, {**honest_metrics(), "weight": 1000.0})
-    new = rounds.aggregate_train(1, [reply(msgs[0], honest, SPEC), hostile])
+    result = rounds.aggregate_train(sent, [reply(msgs[0], honest, SPEC), hostile])
+    new = result.vector
     assert np.linalg.norm(new.astype(np.float64)) <= 1.0 / 2 + 1e-9
-    (rejected,) = strategy.outcome.rejected
+    (rejected,) = result.outcome.rejected
     assert "['weight']" in rejected["reason"] and rejected["partition_id"] == 1
-    assert [c["weight"] for c in strategy.outcome.accepted] == [1.0]
+    assert [c["weight"] for c in result.outcome.accepted] == [1.0]
 
 
 def test_negative_weight_cannot_amplify_an_honest_delta():
     # main: weight -0.999 left a denominator of 0.01 and multiplied the honest delta by 1000.
     strategy = _fedavg()
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     hostile = raw_reply(msgs[1], np.zeros(6), SPEC.hash, {**honest_metrics(), "weight": -0.999})
-    new = strategy.aggregate_train(1, [reply(msgs[0], np.full(6, 0.1), SPEC), hostile])
+    result = strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, 0.1), SPEC), hostile])
+    new = result.vector
     np.testing.assert_allclose(new, 0.1, rtol=1e-6)
-    assert len(strategy.outcome.rejected) == 1
+    assert len(result.outcome.rejected) == 1
 
 
 @pytest.mark.parametrize("metrics,reason", [
@@ -155,18 +160,21 @@ def test_negative_weight_cannot_amplify_an_honest_delta():
 def test_a_malformed_report_is_rejected_with_its_reason_and_the_round_goes_on(metrics, reason):
     # main: KeyError / TypeError / OverflowError out of the strategy, ending the run.
     strategy = _fedavg()
-    msgs = _send(strategy)
-    new = strategy.aggregate_train(1, [reply(msgs[0], np.full(6, 0.5), SPEC),
-                                       raw_reply(msgs[1], np.ones(6), SPEC.hash, metrics)])
+    sent = _send(strategy)
+    msgs = sent.messages
+    result = strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, 0.5), SPEC),
+                                             raw_reply(msgs[1], np.ones(6), SPEC.hash, metrics)])
+    new = result.vector
     np.testing.assert_allclose(new, 0.5, rtol=1e-6)
-    (rejected,) = strategy.outcome.rejected
+    (rejected,) = result.outcome.rejected
     assert rejected["partition_id"] == 1 and rejected["node"] == 101
     assert re.search(reason, rejected["reason"]), rejected["reason"]
 
 
 def test_a_spoofed_node_or_partition_never_reaches_the_ledger():
     strategy = _fedavg(cohort=2, population=3)
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     asked = {m.metadata.dst_node_id for m in msgs}
     (outsider,) = {100, 101, 102} - asked
     spoof = {**honest_metrics(), "partition-id": 2, "node": outsider}
@@ -174,9 +182,10 @@ def test_a_spoofed_node_or_partition_never_reaches_the_ledger():
                reply(msgs[1], np.ones(6), SPEC),
                reply(msgs[1], np.full(6, 9.0), SPEC),  # a second reply from one node
                reply(stray_message(outsider), np.full(6, 9.0), SPEC)]  # not asked
-    new = strategy.aggregate_train(1, replies)
+    result = strategy.aggregate_train(sent, replies)
+    new = result.vector
     np.testing.assert_allclose(new, 1.0)
-    out = strategy.outcome
+    out = result.outcome
     assert [c["node"] for c in out.accepted] == [msgs[1].metadata.dst_node_id]
     assert out.rejected[0]["node"] == msgs[0].metadata.dst_node_id
     pid_of = {node: pid for pid, node in strategy.roster.items()}
@@ -194,23 +203,25 @@ def test_forged_dp_history_stays_a_report_and_never_lowers_the_servers_charge():
     task = SimpleNamespace(partitions=[np.arange(64), np.arange(64)])
     privacy = PrivacyLedger(cfg, task=task, state=state)
     strategy = _fedavg()
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     privacy.charge_sent(1, [0, 1])
     planned = epsilon_of(state.client_dp[0], 1e-5, "rdp")
     forged = ReportedDP(1e5, 1e-6, 1, 0.0, DPHistory([(1e5, 1e-6, 1)]))
-    sent = TrainReply.build(np.ones(6, np.float32), SPEC.hash,
-                            TrainReport(2, 10, 1.0, 20, 10.0), forged)
-    strategy.aggregate_train(1, [Message(content=sent.to_record(), reply_to=msgs[0]),
-                                 reply(msgs[1], np.ones(6), SPEC)])
-    entry = strategy.outcome.accepted[0]
+    forged_reply = TrainReply.build(np.ones(6, np.float32), SPEC.hash,
+                                    TrainReport(2, 10, 1.0, 20, 10.0), forged)
+    result = strategy.aggregate_train(
+        sent, [Message(content=forged_reply.to_record(), reply_to=msgs[0]),
+               reply(msgs[1], np.ones(6), SPEC)])
+    entry = result.outcome.accepted[0]
     assert entry["reported_dp"]["history"] == {"sigma": [1e5], "q": [1e-6], "steps": [1]}
     assert "noise_multiplier" not in entry and "epsilon" not in entry
-    privacy.settle(1, strategy.outcome.accepted)
+    privacy.settle(1)
     held = state.client_dp[0]
     assert (1e5, 1e-6, 1) not in held.entries
     assert epsilon_of(held, 1e-5, "rdp") >= planned > 0
-    strategy.dp_history = lambda pid: state.client_dp.get(pid)
-    for msg in _send(strategy, rnd=2):
+    strategy = _fedavg(hooks=RoundHooks(dp_history=lambda pid: state.client_dp.get(pid)))
+    for msg in _send(strategy, rnd=2).messages:
         history = TrainInstruction.from_record(msg.content, SPEC).dp_history
         assert history is not None and 1e5 not in history.to_lists()["sigma"]
 
@@ -253,14 +264,15 @@ def test_a_second_claim_on_a_partition_is_refused_for_that_node_only():
 
 def test_withheld_metrics_leave_the_client_and_are_refused_if_sent():
     strategy, rounds = _user_dp(clipping="server", withhold_metrics=True)
-    msgs = _send(rounds)
+    sent = _send(rounds)
+    msgs = sent.messages
     assert all(TrainInstruction.from_record(m.content, SPEC).withhold_metrics for m in msgs)
     lean = TrainReply.build(np.ones(6, np.float32), SPEC.hash, TrainReport(steps=3))
-    rounds.aggregate_train(1, [Message(content=lean.to_record(), reply_to=msgs[0]),
-                               reply(msgs[1], np.ones(6), SPEC)])
-    (accepted,) = strategy.outcome.accepted
+    result = rounds.aggregate_train(sent, [Message(content=lean.to_record(), reply_to=msgs[0]),
+                                           reply(msgs[1], np.ones(6), SPEC)])
+    (accepted,) = result.outcome.accepted
     assert accepted["steps"] == 3 and "num_examples" not in accepted and "loss" not in accepted
-    assert "withheld" in strategy.outcome.rejected[0]["reason"]
+    assert "withheld" in result.outcome.rejected[0]["reason"]
 
 
 def test_withholding_needs_user_level_dp():
@@ -272,11 +284,12 @@ def test_withholding_needs_user_level_dp():
 
 def test_info_record_with_extra_keys_is_rejected():
     strategy = _fedavg()
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     bad = raw_reply(msgs[0], np.ones(6), SPEC.hash, honest_metrics())
     bad.content["info"] = ConfigRecord({"spec-hash": SPEC.hash, "weight": "1000"})
-    strategy.aggregate_train(1, [bad, reply(msgs[1], np.ones(6), SPEC)])
-    assert "info holds keys" in strategy.outcome.rejected[0]["reason"]
+    result = strategy.aggregate_train(sent, [bad, reply(msgs[1], np.ones(6), SPEC)])
+    assert "info holds keys" in result.outcome.rejected[0]["reason"]
 
 
 # -- issue 27: the server owns counts, weights and its accounting ----------------------------
@@ -299,15 +312,17 @@ def test_a_forged_history_at_sigma_1e_200_neither_crashes_nor_changes_the_charge
     # main: ZeroDivisionError in the accountant ended the run after round 1 (issue 27 #1).
     strategy = _fedavg()
     privacy, state = _ledger_for(strategy)
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     privacy.charge_sent(1, [0, 1])
     planned = {pid: list(h.entries) for pid, h in state.client_dp.items()}
     forged = ReportedDP(1e-200, 0.5, 1, 0.0, DPHistory([(1e-200, 0.5, 1)]))
-    strategy.aggregate_train(1, [_dp_reply(msgs[0], forged), _dp_reply(msgs[1], forged)])
-    privacy.settle(1, strategy.outcome.accepted + strategy.outcome.rejected)
+    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], forged),
+                                             _dp_reply(msgs[1], forged)])
+    privacy.settle(1)
     assert {pid: h.entries for pid, h in state.client_dp.items()} == planned
     assert all(e["reported_dp"]["noise_multiplier"] == 1e-200
-               for e in strategy.outcome.accepted)
+               for e in result.outcome.accepted)
 
 
 def test_a_long_reported_history_costs_the_server_no_accountant_call(monkeypatch):
@@ -317,7 +332,8 @@ def test_a_long_reported_history_costs_the_server_no_accountant_call(monkeypatch
 
     strategy = _fedavg()
     privacy, state = _ledger_for(strategy, "prv")
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     privacy.charge_sent(1, [0, 1])
     sigmas = [1.0 + 0.01 * i for i in range(64)]
     long = DPHistory([(s, 0.5, 1) for s in sigmas])
@@ -328,11 +344,12 @@ def test_a_long_reported_history_costs_the_server_no_accountant_call(monkeypatch
 
     monkeypatch.setattr(ledger_module, "epsilon_of", no_accountant)
     started = time.perf_counter()
-    strategy.aggregate_train(1, [_dp_reply(msgs[0], reported), _dp_reply(msgs[1], reported)])
-    privacy.settle(1, strategy.outcome.accepted)
+    result = strategy.aggregate_train(sent, [_dp_reply(msgs[0], reported),
+                                             _dp_reply(msgs[1], reported)])
+    privacy.settle(1)
     assert time.perf_counter() - started < 1.0
-    assert len(strategy.outcome.accepted) == 2
-    assert strategy.outcome.accepted[0]["reported_dp"]["history"]["sigma"] == sigmas
+    assert len(result.outcome.accepted) == 2
+    assert result.outcome.accepted[0]["reported_dp"]["history"]["sigma"] == sigmas
 
 
 def test_the_planned_charge_is_one_accountant_call_per_history_and_round(monkeypatch):
@@ -349,11 +366,12 @@ def test_the_planned_charge_is_one_accountant_call_per_history_and_round(monkeyp
     strategy = _fedavg()
     privacy, state = _ledger_for(strategy)
     for rnd in (1, 2):
-        msgs = _send(strategy, rnd=rnd)
+        sent = _send(strategy, rnd=rnd)
+        msgs = sent.messages
         assert privacy.stop_reason(rnd, [0, 1]) is None
         privacy.charge_sent(rnd, [0, 1])
-        strategy.aggregate_train(rnd, [reply(m, np.ones(6), SPEC) for m in msgs])
-        privacy.settle(rnd, strategy.outcome.accepted)
+        strategy.aggregate_train(sent, [reply(m, np.ones(6), SPEC) for m in msgs])
+        privacy.settle(rnd)
         privacy.fields()
     # Both partitions have the same size, so the same history: one call per round.
     assert len(calls) == len(set(calls)) == 2
@@ -364,30 +382,35 @@ def test_the_aggregation_weight_is_the_servers_count_never_the_replys():
     # five took the model over (issue 27 #3).
     strategy = _fedavg()
     strategy.adopt(Roster(nodes=dict(strategy.roster)), sizes=[10, 10])
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     honest = reply(msgs[1], np.full(6, 2.0), SPEC, n=10)
-    new = strategy.aggregate_train(1, [reply(msgs[0], np.full(6, -1e3), SPEC, n=10**11),
-                                       honest])
+    result = strategy.aggregate_train(sent, [reply(msgs[0], np.full(6, -1e3), SPEC, n=10**11),
+                                             honest])
+    new = result.vector
     np.testing.assert_array_equal(new, np.full(6, 2.0, np.float32))
-    (rejected,) = strategy.outcome.rejected
+    (rejected,) = result.outcome.rejected
     assert "reports 100000000000 examples; the server holds 10" in rejected["reason"]
     # An honest count is weighted by the server's figure, equal here: a plain mean.
-    new = strategy.aggregate_train(1, [reply(m, np.full(6, float(i)), SPEC, n=10)
-                                       for i, m in enumerate(_send(strategy))])
+    sent = _send(strategy)
+    result = strategy.aggregate_train(sent, [reply(m, np.full(6, float(i)), SPEC, n=10)
+                                             for i, m in enumerate(sent.messages)])
+    new = result.vector
     np.testing.assert_allclose(new, np.full(6, 0.5))
 
 
 def test_client_array_metadata_reaches_a_reason_bounded():
     # main: stype/dtype/shape were copied whole into the reason and the log (a 5 MB reason).
     strategy = _fedavg()
-    msgs = _send(strategy)
+    sent = _send(strategy)
+    msgs = sent.messages
     huge = "x" * 5_000_000
     bad = raw_reply(msgs[0], np.ones(6), SPEC.hash, honest_metrics())
     bad.content["delta"] = ArrayRecord({"vector": Array(dtype=huge, shape=(6,), stype=huge,
                                                         data=b"\0" * 24)})
     odd = raw_reply(msgs[1], np.ones(6), SPEC.hash, {**honest_metrics(), huge: 1})
-    strategy.aggregate_train(1, [bad, odd])
-    reasons = [r["reason"] for r in strategy.outcome.rejected]
+    result = strategy.aggregate_train(sent, [bad, odd])
+    reasons = [r["reason"] for r in result.outcome.rejected]
     assert len(reasons) == 2 and all(len(r) < 400 for r in reasons), [len(r) for r in reasons]
     assert "(5,000,0" in reasons[0] or "..." in reasons[0]
 

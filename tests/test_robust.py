@@ -193,14 +193,15 @@ SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"
 
 
 def _round(settings, deltas):
-    strategy = DeltaFedAvg(SPEC, len(deltas), seed=0)
+    strategy = DeltaFedAvg(SPEC, len(deltas), seed=0,
+                           aggregation=AggregationConfig(**settings))
     strategy.roster = {i: 11 + i for i in range(len(deltas))}
-    strategy.aggregation = AggregationConfig(**settings)
     cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    msgs = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
-    by_pid = {strategy._asked[m.metadata.dst_node_id]: m for m in msgs}
+    sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, cohort)
+    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
     replies = [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)]
-    return strategy.aggregate_train(1, replies), strategy.outcome
+    result = strategy.aggregate_train(sent, replies)
+    return result.vector, result.outcome
 
 
 def test_delta_fedavg_runs_the_configured_rule_and_records_it():
@@ -221,9 +222,11 @@ def test_delta_fedavg_default_is_fedavg_and_keeps_the_overflow_guard():
     # A finite aggregate that takes the global past float32's limit keeps the global.
     strategy = DeltaFedAvg(SPEC, 2, seed=0)
     strategy.roster = {0: 11, 1: 12}
-    msgs = strategy.configure_train(1, np.full(6, 3e38, np.float32), 0.1, [0, 1])
-    assert strategy.aggregate_train(1, [reply(m, np.full(6, 3.4e38), SPEC) for m in msgs]) is None
-    assert strategy.outcome.update_refused == "the aggregated delta overflows float32"
+    sent = strategy.configure_train(1, np.full(6, 3e38, np.float32), 0.1, [0, 1])
+    result = strategy.aggregate_train(sent, [reply(m, np.full(6, 3.4e38), SPEC)
+                                             for m in sent.messages])
+    assert result.vector is None
+    assert result.outcome.update_refused == "the aggregated delta overflows float32"
 
 
 def test_delta_fedavg_refuses_a_round_with_too_few_deltas_for_the_rule():

@@ -18,7 +18,12 @@ from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.randomness import DPRandom
 from fedtune.split import InProcessBody, SplitPromptModel
 from fedtune.split.cut import SplitBackbone
-from fedtune.split.disclosure import DELTAS_ONLY, WITH_SMASHED, dp_level_label
+from fedtune.split.disclosure import (
+    DELTAS_ONLY,
+    WITH_SMASHED,
+    dp_level_label,
+    split_disclosure,
+)
 from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
 from fedtune.split.plan import smashed_plan, smashed_privacy_events
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows, slot_count
@@ -229,14 +234,14 @@ def test_the_ledger_says_what_the_server_sees_in_clear():
               "flops": 1.0, "full_model_flops_per_example": 4.0, "server_flops": 2.0,
               "split_steps": 1, "local_loss_steps": 0}
     clear = load_config(None, ["split.enabled=true"])
-    fields = split_round_fields([report], 1, 1, clear)
+    fields = split_round_fields([report], 1, 1, split_disclosure(clear))
     assert fields["split_privacy"]["epsilon_sample_covers"] == (
         "deltas only; smashed data in clear")
     assert any("label" in s for s in fields["split_privacy"]["server_sees_in_clear"])
     # Without the config the statement is the worst case, never a claim of protection.
     assert split_round_fields([report], 1, 1)["split_privacy"]["smashed_dp"] is None
     protected = load_config(None, ["split.enabled=true", "split.smashed_dp.enabled=true"])
-    statement = split_round_fields([report], 1, 1, protected)["split_privacy"]
+    statement = split_round_fields([report], 1, 1, split_disclosure(protected))["split_privacy"]
     # Only what a node with its own data file sends at discovery, stated with that condition.
     assert len(statement["server_sees_in_clear"]) == 1
     assert "sent only when the node trains on its own data file" in (
@@ -244,7 +249,7 @@ def test_the_ledger_says_what_the_server_sees_in_clear():
     assert statement["smashed_dp"]["rows_per_split_step"] == slot_count(32)
     summary = split_summary_fields([{**fields, "delta_bytes_up": 1, "delta_bytes_down": 1}])
     assert summary["split_privacy"] == fields["split_privacy"]
-    assert split_round_fields([], 1, 1, load_config(None, [])) == {}
+    assert split_round_fields([], 1, 1, split_disclosure(load_config(None, []))) == {}
     assert dp_level_label(clear) == DELTAS_ONLY and dp_level_label(protected) == WITH_SMASHED
     assert dp_level_label(load_config(None, [])) is None
 

@@ -30,10 +30,12 @@ def _rounds(spec, clipping="server", sigma=0.0, clip=1.0, cohort=4, population=4
 def _round(rounds, spec, global_vec, deltas, rnd=1):
     # Population == cohort: Poisson rate 1, every client is sampled.
     cohort = rounds.sample(rnd, FakeGrid([]))
-    msgs = rounds.configure_train(rnd, global_vec, 0.1, cohort)
+    sent = rounds.configure_train(rnd, global_vec, 0.1, cohort)
+    msgs = sent.messages
     assert len(msgs) == len(deltas)
     replies = [reply(m, d, spec) for m, d in zip(msgs, deltas, strict=True)]
-    return msgs, rounds.aggregate_train(rnd, replies)
+    result = rounds.aggregate_train(sent, replies)
+    return msgs, result.vector, result.outcome
 
 
 def test_server_side_clipping_bounds_every_delta_and_divides_by_the_cohort():
@@ -42,8 +44,8 @@ def test_server_side_clipping_bounds_every_delta_and_divides_by_the_cohort():
     rng = np.random.default_rng(0)
     deltas = [rng.normal(size=6) * s for s in (0.1, 3.0, 10.0, 0.5)]
     global_vec = np.full(6, 0.5, np.float32)
-    _, new = _round(rounds, spec, global_vec, deltas)
-    norms = strategy.outcome.aggregated_norms
+    _, new, outcome = _round(rounds, spec, global_vec, deltas)
+    norms = outcome.aggregated_norms
     assert len(norms) == 4 and max(norms) <= 1.0 + 1e-12
     clipped = [d * min(1.0, 1.0 / np.linalg.norm(d)) for d in deltas]
     np.testing.assert_allclose(new, global_vec + np.sum(clipped, 0) / 4, rtol=1e-6)
@@ -55,12 +57,12 @@ def test_noise_std_is_sigma_clip_over_cohort(scale):
     spec = spec_of(40_000)
     strategy, rounds = _rounds(spec, sigma=1.3, clip=2.0, cohort=4, population=4)
     deltas = [np.random.default_rng(i).normal(size=spec.size) * scale for i in range(4)]
-    _, new = _round(rounds, spec, np.zeros(spec.size, np.float32), deltas)
+    _, new, outcome = _round(rounds, spec, np.zeros(spec.size, np.float32), deltas)
     noise = new - np.sum(deltas, 0) / 4
     expected = 1.3 * 2.0 / 4
     assert abs(float(np.std(noise)) / expected - 1) < 0.05
     assert abs(float(np.mean(noise))) < 5 * expected / np.sqrt(spec.size)
-    assert strategy.outcome.no_contribution is (scale == 0.0)
+    assert outcome.no_contribution is (scale == 0.0)
 
 
 def test_client_side_clipping_sends_the_norm_and_rejects_unclipped_deltas():
@@ -68,10 +70,10 @@ def test_client_side_clipping_sends_the_norm_and_rejects_unclipped_deltas():
     strategy, rounds = _rounds(spec, clipping="client", clip=1.0, cohort=2, population=2)
     ok = clip_to_norm(np.full(6, 3.0, np.float32), 1.0)
     assert np.linalg.norm(ok.astype(np.float64)) <= 1.0
-    msgs, new = _round(rounds, spec, np.zeros(6, np.float32), [ok, np.full(6, 3.0)])
+    msgs, new, outcome = _round(rounds, spec, np.zeros(6, np.float32), [ok, np.full(6, 3.0)])
     assert all(TrainInstruction.from_record(m.content, spec).clip_norm == 1.0 for m in msgs)
-    assert [c["partition_id"] for c in strategy.outcome.accepted] == [0]
-    assert "exceeds privacy.user.clip_norm=1.0" in strategy.outcome.rejected[0]["reason"]
+    assert [c["partition_id"] for c in outcome.accepted] == [0]
+    assert "exceeds privacy.user.clip_norm=1.0" in outcome.rejected[0]["reason"]
     np.testing.assert_allclose(new, ok / 2, rtol=1e-6)
 
 
@@ -130,7 +132,7 @@ def test_budget_stop_names_the_round_and_the_level():
     ledger = PrivacyLedger(cfg, task=None, state=state)
     for rnd in (1, 2):
         assert ledger.stop_reason(rnd, [0, 1]) is None
-        ledger.settle(rnd, [])
+        ledger.settle(rnd)
     assert ledger.fields()["epsilon_user"] == pytest.approx(5.377, abs=1e-3)
     reason = ledger.stop_reason(3, [0, 1])
     assert "round 3 would raise the user-level epsilon to 6.48" in reason

@@ -10,7 +10,6 @@ in a thread while Ray starts (`_driver_task`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import ConfigError, ExperimentConfig
-from fedtune.run.ledger import SUMMARY_FILE
+from fedtune.run.folder import SUMMARY_FILE
 from fedtune.runtime.interrupt import end_children, on_stop
 from fedtune.runtime.startup import phase
 
@@ -241,6 +240,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # each loading, hashing and partitioning the corpus again) and, for a local Ray, Ray's
     # session folder.
     temp_dir = tempfile.TemporaryDirectory(prefix="fedtune-", ignore_cleanup_errors=True)
+    summaries: list[dict[str, Any]] = []  # what run_server returns, as it wrote it
     try:
         # Ray adds ray/session_<date>_<pid>/sockets/...: kept short, as Unix socket paths
         # are limited to 107 bytes.
@@ -285,7 +285,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
             run_inprocess(
                 server_app=build_server_app(cfg, out_dir, on_round, resume=resume,
                                             prepare=Preparation(finish, building.failed,
-                                                                imports_done)),
+                                                                imports_done,
+                                                                summaries.append)),
                 client_app=build_client_app(cfg, str(bundle)),
                 num_supernodes=cfg.data.num_clients,
                 backend_config=backend_config(cfg),
@@ -297,8 +298,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
                 ray.shutdown()
         finally:
             temp_dir.cleanup()
-    summary_path = out_dir / SUMMARY_FILE
-    if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
+    if not summaries or not summaries[-1]:  # the ServerApp failed or was stopped
+        raise RuntimeError(f"the simulation ended without writing {out_dir / SUMMARY_FILE}; "
                            "see the log above for the ServerApp's error")
-    return json.loads(summary_path.read_text())
+    return summaries[-1]

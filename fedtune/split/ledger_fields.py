@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.config import ExperimentConfig
-from fedtune.split.disclosure import in_clear_disclosure, split_disclosure
+from fedtune.split.disclosure import in_clear_disclosure
 
 
 def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down: int,
-                       cfg: ExperimentConfig | None = None) -> dict[str, Any]:
+                       statement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Round totals over every client that trained (accepted or rejected: a rejected delta
-    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes. With the
-    run's `cfg`, every split round also states what the server saw in clear; a round with
-    split traffic but no cfg states the worst case (smashed data in clear)."""
+    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes.
+    `statement`: what the server saw in clear, from the run's config
+    (`fedtune.split.disclosure.split_disclosure`, empty for a non-split run); every split
+    round states it. Without one, a round with split traffic states the worst case
+    (smashed data in clear)."""
     split = [c for c in reports if "smashed_bytes_up" in c]
-    privacy = _privacy(cfg, bool(split))
+    privacy = _privacy(statement, bool(split))
     if not split:
         return privacy
     examples = sum(int(c["examples_seen"]) for c in split)
@@ -50,9 +51,8 @@ def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down:
     }
 
 
-def _privacy(cfg: ExperimentConfig | None, split_traffic: bool) -> dict[str, Any]:
-    if cfg is not None:
-        statement = split_disclosure(cfg)
+def _privacy(statement: dict[str, Any] | None, split_traffic: bool) -> dict[str, Any]:
+    if statement is not None:
         return {"split_privacy": statement} if statement else {}
     return {"split_privacy": in_clear_disclosure()} if split_traffic else {}
 
