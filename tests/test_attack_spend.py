@@ -50,7 +50,8 @@ def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
         raise Trained
 
     monkeypatch.setattr(client_app, "local_train", local_train)
-    monkeypatch.setattr(client_app, "worker_model", lambda task, device: None)
+    monkeypatch.setattr(client_app, "worker_model",
+                        lambda task, device: SimpleNamespace(load_trainable=lambda tensors: None))
     # The server sends back the count it fixed at discovery (and charges by).
     order = SimpleNamespace(vector=np.zeros(1, np.float32), server_round=1, lr=None,
                             clip_norm=None, dp_history=None, prune=None, domain=None,

@@ -18,6 +18,13 @@ def _fedtune(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+def _run_fresh(*args: str) -> tuple[int, str]:
+    """`fedtune` in its own process: a run starts Ray, which a test process that already
+    started Ray (another test file on the same xdist worker) refuses to start again."""
+    proc = _fedtune(*args)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def test_bad_config_value_is_one_clear_line_not_a_traceback():
     proc = _fedtune("run", "--set", "tuning.method=nope")
     assert proc.returncode == 2
@@ -32,8 +39,8 @@ def test_missing_config_file(cli):
     assert "config file not found: no/such/file.toml" in out
 
 
-def test_unavailable_backbone_is_named(cli, tmp_path):
-    code, _, out = cli("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
+def test_unavailable_backbone_is_named(tmp_path):
+    code, out = _run_fresh("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
                     str(tmp_path / "run"))
     assert code == 2, out[-2000:]
     assert "model.backbone='no-such-org/no-such-model' is not available offline" in out
@@ -48,11 +55,12 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
 
 
-def test_data_errors_are_one_line(cli, tmp_path):
-    code, _, out = cli("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r"))
+def test_data_errors_are_one_line(tmp_path):
+    code, out = _run_fresh("run", "--set", "data.partition=natural", "--out",
+                           str(tmp_path / "r"))
     assert code == 2, out[-2000:]
     assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
     assert "Traceback" not in out
-    code, _, out = cli("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
-                    str(tmp_path / "r2"))
+    code, out = _run_fresh("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
+                           str(tmp_path / "r2"))
     assert code == 2 and "corpus file not found: /no/such.jsonl.gz" in out
