@@ -78,9 +78,13 @@ def test_write_atomic_by_name_never_writes_through_a_swapped_temp_name(tmp_path:
         os.symlink(victim, tmp)
         shutil.copyfile(source, tmp)  # what export's writer does (save_file alike)
 
-    with pytest.raises(OSError):
+    # FIX28A: the by-name form is gone (writers hand bytes or write into the writer's own
+    # file object), so handing a name-writer is refused before any temp file exists: a
+    # TypeError, not an OSError. The racer never runs and nothing lands in the folder.
+    with pytest.raises((OSError, TypeError)):
         write_atomic(out / "final_state.safetensors", racer_then_library_writer)
     assert victim.read_text() == "untouched", "write_atomic wrote through the swapped temp name"
+    assert list(out.iterdir()) == [], "a temp file or a planted link was left in the folder"
 
 
 def test_fedtune_report_never_writes_through_a_link_planted_in_the_run_folder(tmp_path: Path):
