@@ -343,7 +343,10 @@ def report(
         groups = group(collect(dirs))
     except _user_errors() as exc:
         _fail(str(exc))
-    written = write_report(groups, out or dirs[0] / "report", title)
+    try:  # the output folder is claimed as a run's --out is (no link, no run's files)
+        written = write_report(groups, out or dirs[0] / "report", title)
+    except RunFolderError as exc:
+        _fail(str(exc))
     print(markdown_table(groups))
     console.print(f"[bold green]wrote[/] {', '.join(str(p) for p in written)}")
 

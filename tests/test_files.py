@@ -313,3 +313,100 @@ def test_an_export_holds_no_lock_file_and_a_second_export_is_refused(tmp_path, m
     with pytest.raises(export_mod.ExportError, match="not empty"):
         export_mod.export_run(run, out)
 
+
+
+# --- FIX28A: what is written in place is the folder's own regular file --------------------
+
+def test_a_lock_file_planted_as_a_hard_link_or_fifo_is_refused_never_truncated(tmp_path):
+    from fedtune.run.folder import LOCK_FILE, RunFolderError, claim_run_folder
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the planter's victim")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(outside, out / LOCK_FILE)  # the claim truncates and writes its pid into the lock
+    with pytest.raises(RunFolderError, match="hard links") as info:
+        claim_run_folder(out)
+    assert "\n" not in str(info.value) and LOCK_FILE in str(info.value)
+    assert outside.read_text() == "the planter's victim"
+    (out / LOCK_FILE).unlink()
+    os.mkfifo(out / LOCK_FILE)
+    with pytest.raises(RunFolderError, match="not a regular file"):
+        claim_run_folder(out)
+
+
+def test_append_line_refuses_a_hard_linked_log_on_resume_with_one_line(tmp_path):
+    from fedtune.run.atomic import UnsafeFileError, append_line
+    from fedtune.run.folder import ROUNDS_FILE
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    os.link(outside, tmp_path / ROUNDS_FILE)  # an existing folder: the claim's names pass
+    with pytest.raises(UnsafeFileError) as info:
+        append_line(tmp_path / ROUNDS_FILE, '{"round": 1}')
+    assert str(tmp_path / ROUNDS_FILE) in str(info.value) and "\n" not in str(info.value)
+    assert outside.read_text() == ""
+    append_line(tmp_path / "own.jsonl", "a")  # a file of its own is appended as before
+    assert (tmp_path / "own.jsonl").read_text() == "a\n"
+
+
+def _safetensors_parts(raw: bytes) -> tuple[dict, bytes]:
+    import json
+    import struct
+
+    size = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def test_safetensors_bytes_are_the_file_save_file_writes(tmp_path):
+    """The checkpoint and the final state are written from safetensors' `save` bytes: the
+    same file as `save_file` (golden hashes of both stay as they were). With one metadata
+    key (the checkpoint's) the bytes are identical; with several (the final state's) both
+    writers order the header's metadata as a Rust HashMap iterates, so the same header
+    and the same tensor bytes are compared (benchmarks/golden.py hashes exactly these)."""
+    import torch
+    from safetensors.torch import save, save_file
+
+    tensors = {"vector": torch.randn(257), "torch_rng": torch.random.get_rng_state(),
+               "keys": torch.arange(7, dtype=torch.int64)}
+    one = {"fedtune": '{"round": 3}'}
+    save_file(tensors, tmp_path / "one.safetensors", metadata=one)
+    assert save(tensors, metadata=one) == (tmp_path / "one.safetensors").read_bytes()
+    several = {**one, "format": "x", "spec_hash": "abc"}
+    save_file(tensors, tmp_path / "several.safetensors", metadata=several)
+    by_name = _safetensors_parts((tmp_path / "several.safetensors").read_bytes())
+    assert _safetensors_parts(save(tensors, metadata=several)) == by_name
+
+
+def _report_run(run: Path) -> None:
+    import json
+
+    from fedtune.config import load_config
+
+    run.mkdir()
+    (run / "config.toml").write_text(load_config(None).to_toml())
+    (run / "rounds.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5,
+                                                  "bytes_up": 10}) + "\n")
+    (run / "summary.json").write_text(json.dumps({"final_accuracy": 0.5, "epsilon_sample": 1.0,
+                                                  "epsilon_user": None}))
+
+
+def test_fedtune_report_refuses_a_linked_out_in_one_line_and_rewrites_its_own(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+    from fedtune.run.folder import LOCK_FILE, REPORT_FILE
+
+    run = tmp_path / "run"
+    _report_run(run)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (run / "report").symlink_to(victim)
+    result = CliRunner().invoke(app, ["report", str(run)])  # the default: RUN/report
+    assert result.exit_code == 2 and "is a symlink" in result.output, result.output
+    assert "Traceback" not in result.output and list(victim.iterdir()) == []
+    (run / "report").unlink()
+    for _ in range(2):  # a report folder of its own is written, then rewritten
+        result = CliRunner().invoke(app, ["report", str(run)])
+        assert result.exit_code == 0, result.output
+    assert (run / "report" / REPORT_FILE).is_file() and not (run / "report" / LOCK_FILE).exists()

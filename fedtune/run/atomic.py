@@ -3,8 +3,10 @@
 A whole file goes to a fresh temp file next to its name (a new name, O_EXCL | O_NOFOLLOW:
 never through a link, never an existing file), is fsynced and renamed over the name (a link
 planted there is replaced, its target untouched), and the folder is fsynced so the rename
-survives a power cut: a kill leaves the old file or the new, never half of one. A log line
-is appended with O_NOFOLLOW and fsynced before the call returns.
+survives a power cut: a kill leaves the old file or the new, never half of one. A library's
+output reaches it as bytes or through the file object it opened, never by the temp name. A
+log line is appended with O_NOFOLLOW, only into a regular file with no other hard link, and
+fsynced before the call returns.
 
 Why: THREATS.md 7 (links planted in `--out` were followed and a run wrote `config.toml` and
 `rounds.jsonl` through them) and issue 28 (five writers, one of them fsynced). Every file a
@@ -17,10 +19,12 @@ lowest layer of tests/test_architecture.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -28,27 +32,21 @@ from typing import Any, BinaryIO, TextIO
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def write_atomic(path: str | Path, content: bytes | Callable[[str], None]) -> None:
-    """Replace `path` with `content`, or with what `content(temp_path)` writes by name (a
-    library writer such as safetensors' `save_file`, given the fresh temp name)."""
-    if isinstance(content, bytes):
-        write_stream_atomic(path, lambda fh: fh.write(content))
-        return
-    path = Path(path)
-    fd, tmp = _fresh_temp(path)
-    try:
-        os.close(fd)
-        content(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
+class UnsafeFileError(OSError):
+    """A file fedtune would write in place is not its own regular file (named in the
+    message: `[Errno n] why: 'path'`)."""
+
+
+def write_atomic(path: str | Path, content: bytes) -> None:
+    """Replace `path` with `content`. A library's output is serialized to bytes first
+    (safetensors' `save`, a file's bytes): no writer is ever handed a temp file's NAME,
+    which anyone with write access to the folder could swap for a link between our
+    O_EXCL create and the library's own open (ATTACK28)."""
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise TypeError(f"write_atomic({path}): content must be bytes, not "
+                        f"{type(content).__name__} (serialize first; use write_stream_atomic "
+                        "for a writer that takes a file object)")
+    write_stream_atomic(path, lambda fh: fh.write(content))
 
 
 def write_stream_atomic(path: str | Path, fill: Callable[[BinaryIO], Any]) -> None:
@@ -79,10 +77,33 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def open_append(path: str | Path, mode: int = 0o644) -> TextIO:
     """`path` opened to append text, created (with `mode`) if missing, never through a link
-    (O_NOFOLLOW: a link planted under its name is an OSError, its target untouched)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+    (O_NOFOLLOW: a link planted under its name is an OSError, its target untouched), and
+    only into a regular file of its own: a FIFO (O_NONBLOCK: the open never waits for a
+    reader) or a file with another hard link (its other name may be anyone's, outside the
+    folder) is refused with an OSError naming it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | _NOFOLLOW
+                 | os.O_CLOEXEC, mode)
+    try:
+        refuse_shared_or_special(fd, path)
+        # Back to blocking writes: O_NONBLOCK was there for the open only.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def refuse_shared_or_special(fd: int, path: str | Path) -> None:
+    """An OSError naming `path` unless the open `fd` is a regular file with one link: what
+    is written in place (an appended log, the claim's lock file) must land in the run
+    folder only, never in a FIFO, a device, or a file hard-linked from elsewhere."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFileError(errno.EINVAL, "not a regular file (a FIFO, device or socket "
+                              "planted under a run file's name); refusing to write it", str(path))
+    if st.st_nlink > 1:
+        raise UnsafeFileError(errno.EMLINK, f"has {st.st_nlink} hard links (another name may "
+                              "be outside the folder); refusing to write it", str(path))
 
 
 def append_line(path: str | Path, line: str, mode: int = 0o644) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes  # the file's bytes, no write
 
 from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory
@@ -95,8 +95,10 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "torch_rng": torch.random.get_rng_state(),
         "numpy_rng_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
     }
+    # The bytes save_file would write, through the atomic writer's own descriptor: no
+    # library is handed a temp name that could be swapped for a link.
     write_atomic(folder / CHECKPOINT_FILE,
-                 lambda tmp: save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)}))
+                 safetensors_bytes(tensors, metadata={"fedtune": json.dumps(meta)}))
 
 
 # Every config value a privacy mechanism reads, by mechanism: the one table the privacy

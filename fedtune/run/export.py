@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes  # the file's bytes, no write
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import tokenize_texts
@@ -76,8 +76,9 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
         settings = prediction_settings(cfg, meta, backbone_for(cfg.model))
         meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
         meta[BINDING_KEY] = _settings_hash(settings)
-    # Through the one atomic writer: a link planted under the name is replaced, not followed.
-    write_atomic(folder / STATE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # Through the one atomic writer: a link planted under the name is replaced, not followed;
+    # as the bytes save_file would write, so no library is handed a swappable temp name.
+    write_atomic(folder / STATE_FILE, safetensors_bytes(tensors, metadata=meta))
     # A PeftModel exists only once peft is imported; peft is not imported otherwise (it
     # costs ~2 s of CPU at start-up).
     peft = sys.modules.get("peft")
@@ -290,9 +291,10 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
-    # Every file through the one atomic writer (a fresh temp name, renamed into place).
+    # Every file through the one atomic writer (a fresh temp name, renamed into place), as
+    # bytes: no copier is handed the temp name.
     for name in (STATE_FILE, CONFIG_FILE):
-        write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(run_dir / name, tmp))
+        write_atomic(out / name, (run_dir / name).read_bytes())
     if (run_dir / ADAPTER_DIR).is_dir():
         write_folder_atomic(out / ADAPTER_DIR, lambda tmp: shutil.copytree(
             run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True))

@@ -14,6 +14,9 @@ A symlink as `--out` or anywhere inside it (a bounded walk of the whole tree: pe
 into `adapter/` by name) is refused (new run and resume), dangling or not: a run wrote
 `config.toml` and `rounds.jsonl` through planted links. The files themselves are
 opened without following links (`fedtune.run.ledger`), which also covers a link planted later.
+A hard link is no symlink: one planted under any run file's name makes a new run refuse the
+folder (RUN_FILES), and what is written in place (the logs, the lock file) is refused unless
+it is a regular file with no other link (`fedtune.run.atomic.refuse_shared_or_special`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import errno
 import fcntl
 import os
 from pathlib import Path
+
+from fedtune.run.atomic import refuse_shared_or_special
 
 # Every file name of a run folder (and of an export and a sweep folder), named once here;
 # this module imports no torch, so the claim and the CLI read them instantly.
@@ -38,8 +43,13 @@ LOCK_FILE = ".fedtune.lock"  # the claim's flock
 SWEEP_LOG = "sweep.log"  # a sweep variant's output (fedtune.study.sweep)
 SWEEP_RESULTS = "sweep.json"  # a sweep folder's table (fedtune sweep)
 REPORT_FILE = "report.md"  # a report folder's page (fedtune.study.report)
-# What a run writes into its folder: any of them marks the folder as taken.
-RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, STATE_FILE, ADAPTER_DIR)
+# What a run writes into its folder: any of them marks the folder as taken, so a new run
+# never writes into a file planted under one of these names (a hard link to a file outside
+# it, which no link check sees). PENDING_FILE is left out on purpose: a sweep carries a dead
+# attempt's charges into the new run's folder before that run starts (fedtune.study.sweep);
+# it is only ever replaced whole (a planted file's other names stay untouched).
+RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, CURATOR_FILE, STATE_FILE,
+             ADAPTER_DIR)
 
 
 class RunFolderError(ValueError):
@@ -151,12 +161,19 @@ def _lock(path: Path, flag: str) -> int:
     lock_path = path / LOCK_FILE
     try:
         # O_NOFOLLOW: a symlink planted as the lock file is refused, never followed.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # O_NONBLOCK: a FIFO planted as the lock file never makes the open wait.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise RunFolderError(f"{flag} {path} is not writable") from None
         raise RunFolderError(f"{flag} {path}: cannot create {LOCK_FILE}: "
                              f"{exc.strerror or exc}") from None
+    try:  # truncated and written below: never a FIFO or a file hard-linked from elsewhere
+        refuse_shared_or_special(fd, lock_path)
+    except OSError as exc:
+        os.close(fd)
+        raise RunFolderError(f"{flag} {path}: {LOCK_FILE} {exc.strerror}; remove it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -22,9 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.run.atomic import write_atomic, write_text_atomic
+from fedtune.run.atomic import write_stream_atomic, write_text_atomic
 from fedtune.run.epsilon_marks import LEVELS, MARKS, Mark, epsilon_marks, render_epsilon
-from fedtune.run.folder import CONFIG_FILE, REPORT_FILE, ROUNDS_FILE, SUMMARY_FILE
+from fedtune.run.folder import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    REPORT_FILE,
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    claim_run_folder,
+)
 from fedtune.run.ledger import LedgerError, read_rounds
 from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
@@ -233,15 +240,26 @@ def _fmt_eps(eps: float) -> str:
     return "inf (no DP)" if math.isinf(eps) else f"{eps:g}"
 
 
-def write_report(groups: list[Group], out: Path, title: str = "fedtune report") -> list[Path]:
-    """Write `report.md` and the PNG plots into `out`; returns the files written."""
+def write_report(groups: list[Group], out: Path, title: str = "fedtune report",
+                 flag: str = "--out") -> list[Path]:
+    """Write `report.md` and the PNG plots into `out`; returns the files written. `out` is
+    claimed as a run's `--out` is (a link there or inside it, a file, a run's folder or one
+    in use is a RunFolderError naming it): its default sits in a run folder that may be
+    shared, and a link planted as `report` was followed."""
+    with claim_run_folder(out, flag=flag):
+        try:
+            return _write_report(groups, out, title)
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # the folder holds the report only
+
+
+def _write_report(groups: list[Group], out: Path, title: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.legend import Legend
 
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in zip(PLOTS, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
         curves = draw is not _plot_epsilon
@@ -253,8 +271,9 @@ def write_report(groups: list[Group], out: Path, title: str = "fedtune report") 
         fig.tight_layout()
         legends = [a for a in ax.get_children() if isinstance(a, Legend)]
         # Tight bounds that take in the legends placed beside the axes.
-        write_atomic(out / name, lambda tmp, fig=fig, legends=legends: fig.savefig(
-            tmp, format="png", bbox_inches="tight", bbox_extra_artists=legends))
+        # Into the atomic writer's own file object: matplotlib never gets a name to open.
+        write_stream_atomic(out / name, lambda fh, fig=fig, legends=legends: fig.savefig(
+            fh, format="png", bbox_inches="tight", bbox_extra_artists=legends))
         plt.close(fig)
         written.append(out / name)
     body = [f"# {title}", "", markdown_table(groups), ""]
