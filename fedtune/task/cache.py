@@ -154,7 +154,7 @@ def read_untrained(cache_dir: Path, key: str) -> dict[str, float | None] | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > UNTRAINED_MAX_BYTES:
             return None
         metrics = json.loads(os.read(fd, UNTRAINED_MAX_BYTES + 1))
-    except Exception:  # noqa: BLE001 - any unreadable entry is a miss (why: module doc)
+    except Exception:  # noqa: BLE001 - an unreadable entry is recomputed, never a failed run
         return None
     finally:
         os.close(fd)
