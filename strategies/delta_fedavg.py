@@ -167,11 +167,22 @@ class DeltaFedAvg:
         unsolicited: list[dict[str, Any]] = []
         bytes_up = 0
         answered: set[int] = set()
+        # (message id, node) of each instruction this round sent: a reply counts only as
+        # the answer to one of them, from the node it went to, so a late reply to an earlier
+        # round or a forged reply_to never reaches the aggregate (the Grid's pull filters
+        # too, but the trust boundary is here).
+        instructions = sent.instruction_ids()
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in sent.asked or node in answered:
                 unsolicited.append({
                     "node": node, "reason": "not asked to train this round, or replied twice"})
+                continue
+            if (msg.metadata.reply_to_message_id, node) not in instructions:
+                unsolicited.append({
+                    "node": node, "reason": "answers no instruction this round sent to it "
+                                            "(a reply to an earlier round, or a forged "
+                                            "reply_to)"})
                 continue
             answered.add(node)
             pid = sent.asked[node]

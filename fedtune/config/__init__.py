@@ -11,7 +11,7 @@ This package's modules, lowest first (none imports one above it):
 - `pruning`, `runtime`: the layer-pruning rule grammar, the `[runtime]` table and how its
   settings resolve against the environment;
 - `schema`: one dataclass per table, each with its own `validate()`;
-- `methods`: the built-in `[tuning.<method>]` tables (loaded through the registry);
+- `methods`: the built-in `[tuning.<method>]` tables (registered as the package loads);
 - `load`: TOML and `--set` overrides into a validated ExperimentConfig;
 - `flower_run`: the config of a `flwr run` (its run config).
 
@@ -20,6 +20,9 @@ The names below are the public API, imported as `from fedtune.config import X`.
 
 from __future__ import annotations
 
+# Registers the built-in methods' specs as the package loads, before any lookup and before a
+# third-party `register_method` (the registry itself never imports it: no cycle).
+from fedtune.config import methods as _methods  # noqa: F401
 from fedtune.config.checks import (
     BOUNDS,
     NAME_MAX_BYTES,

@@ -8,8 +8,9 @@ import into the app layer):
 - tuning methods register a `MethodSpec` (their `[tuning.<method>]` config dataclass,
   whether split mode can run them, which plugins they compose with): the built-in ones from
   `fedtune.config.methods`, which imports no torch, so validating a config never loads the
-  code that builds the model; the library modules that hold the built-in methods' specs,
-  corpora and partitioners are imported on first lookup (`_BUILTIN_METHODS`, `_LIBRARY`);
+  code that builds the model (`fedtune.config` imports it as it loads, so its specs are
+  registered before any lookup); the library modules that hold the corpora and
+  partitioners are imported on first lookup (`_LIBRARY`);
 - the app layer (`strategies.plugins`) registers its own config checks with
   `register_config_check` when it is imported; a config loaded before that gets those
   checks when the app that uses it is assembled (the CLI, the ServerApp).
@@ -45,9 +46,6 @@ ALL_PLUGINS = ("el2n_pruning", "population_expansion")
 
 _METHODS: dict[str, MethodSpec] = {}
 _CHECKS: list[Callable[[Any], None]] = []
-# The built-in methods' specs; always loaded before a lookup, so a method registered
-# elsewhere first (a third-party `register_method`) never hides them.
-_BUILTIN_METHODS = "fedtune.config.methods"
 # Library modules whose import registers each kind of name; (module, listing function).
 _LIBRARY: dict[str, tuple[str, str]] = {
     "tuning method": ("fedtune.tuning", "available_methods"),
@@ -70,9 +68,8 @@ def available(kind: str) -> list[str]:
 
 
 def method_names() -> list[str]:
-    """Registered tuning methods (the built-in ones' specs loaded on first use, without
-    torch: their builders are `fedtune.tuning`'s)."""
-    importlib.import_module(_BUILTIN_METHODS)
+    """Registered tuning methods (the built-in ones' specs registered as `fedtune.config`
+    loads, without torch: their builders are `fedtune.tuning`'s)."""
     return sorted(_METHODS)
 
 

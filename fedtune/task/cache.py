@@ -35,7 +35,9 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.data.corpora import corpus_sources
+from fedtune.run.atomic import write_folder_atomic, write_text_atomic
 
 FOLDER = "tasks"
 # Libraries whose behaviour shapes the splits and partitions.
@@ -54,6 +57,8 @@ UNTRAINED_FOLDER = "untrained"
 UNTRAINED_FILE = "metrics.json"
 # What the untrained model's figures hold: test and validation accuracy and loss.
 UNTRAINED_FIELDS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss")
+# An untrained entry is four floats (about 150 bytes); a larger file is not one of ours.
+UNTRAINED_MAX_BYTES = 4096
 # Libraries whose arithmetic or initialisation shapes those figures.
 UNTRAINED_LIBRARIES = ("torch", "transformers", "peft", "numpy")
 # fedtune's code that builds, initialises and evaluates the model: the whole package, as that
@@ -132,12 +137,27 @@ def untrained_key(rows: Iterable[np.ndarray], fields: Mapping[str, Any]) -> str:
 
 def read_untrained(cache_dir: Path, key: str) -> dict[str, float | None] | None:
     """The untrained figures stored under `key`, or None when there are none or they cannot
-    be read (then they are computed and stored again)."""
-    path = cache_dir / UNTRAINED_FOLDER / key / UNTRAINED_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
+    be read (then they are computed and stored again). Anything else planted there is a miss,
+    never a crash or a hang: a link on the path below `cache_dir` (never followed), a FIFO
+    or device (opened non-blocking, refused by its type), an entry over UNTRAINED_MAX_BYTES
+    or one JSON cannot parse (deep nesting raises RecursionError)."""
+    folder = cache_dir / UNTRAINED_FOLDER / key
+    if not (_real_folder(folder.parent) and _real_folder(folder)):
         return None
+    try:
+        fd = os.open(folder / UNTRAINED_FILE,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > UNTRAINED_MAX_BYTES:
+            return None
+        metrics = json.loads(os.read(fd, UNTRAINED_MAX_BYTES + 1))
+    except Exception:  # noqa: BLE001 - an unreadable entry is recomputed, never a failed run
+        return None
+    finally:
+        os.close(fd)
     if not isinstance(metrics, dict) or sorted(metrics) != sorted(UNTRAINED_FIELDS) or not all(
             value is None or (isinstance(value, float) and math.isfinite(value))
             for value in metrics.values()):
@@ -146,14 +166,30 @@ def read_untrained(cache_dir: Path, key: str) -> dict[str, float | None] | None:
 
 
 def store_untrained(cache_dir: Path, key: str, metrics: Mapping[str, float | None]) -> None:
-    """Store a task's untrained figures under `key` (renamed into place, as a task entry).
-    JSON writes a float as its shortest repr, which reads back to the same float: a run that
-    reads them reports the very figures the run that computed them did."""
+    """Store a task's untrained figures under `key`: the entry's folder is made whole in a
+    fresh temp folder and renamed into place, replacing what was there (an entry that could
+    not be read, or a link planted under the key: moved aside, its target untouched), by
+    `fedtune.run.atomic`'s writers. Raises OSError when `<cache_dir>/untrained` is a link
+    (never written through). JSON writes a float as its shortest repr, which reads back to
+    the same float: a run that reads them reports the very figures the run that computed
+    them did."""
     text = json.dumps({name: metrics[name] for name in UNTRAINED_FIELDS})
-    # Stored after a miss: an entry there could not be read, and would block the rename.
-    discard(cache_dir / UNTRAINED_FOLDER / key)
-    store(cache_dir, key, lambda folder: (folder / UNTRAINED_FILE).write_text(text),
-          folder=UNTRAINED_FOLDER)
+    root = cache_dir / UNTRAINED_FOLDER
+    if not os.path.islink(root):
+        root.mkdir(parents=True, exist_ok=True)
+    if not _real_folder(root):
+        raise OSError(f"{root} is a link or not a folder: the untrained figures are not "
+                      "written through it")
+    write_folder_atomic(root / key,
+                        lambda folder: write_text_atomic(folder / UNTRAINED_FILE, text))
+
+
+def _real_folder(path: Path) -> bool:
+    """True when `path` is a folder itself, not a link to one (lstat: never followed)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _version(distribution: str) -> str:
