@@ -140,6 +140,9 @@ def sim_superlink(
         _fail(f"the SuperLink exited with code {code} (see the log above)")
 
 
+STOP_GRACE_S = 10.0
+
+
 def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
     """Wait until Ctrl-C or one process exits, then end them all (by PID); returns the
     exit code of the one that ended first (0 after Ctrl-C)."""
@@ -154,11 +157,15 @@ def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+        # One grace period for all of them (not one each), so Ctrl-C ends within seconds
+        # however many processes are slow to stop; what is still running then is killed.
+        deadline = time.monotonic() + STOP_GRACE_S
         for p in procs:
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
     return code
 
 
