@@ -94,7 +94,10 @@ def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
                              "--certs", str(certs.ca_cert.parent), "--port", str(link_port),
                              "--fleet-address", f"0.0.0.0:{fleet_port}"], cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # Started with SIGINT ignored (as nohup or a test worker would):
+                            # Ctrl-C must still stop it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 120
         while True:

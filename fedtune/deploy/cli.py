@@ -18,6 +18,7 @@ from rich.console import Console
 
 from fedtune.config.runtime import ENVIRONMENT, RuntimeConfig, runtime_settings
 from fedtune.run.folder import SUMMARY_FILE
+from fedtune.runtime.interrupt import RunInterrupted, stop_on_signals
 
 deploy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Run the same apps on a SuperLink and real SuperNodes.")
@@ -140,7 +141,8 @@ def sim_superlink(
         _fail(f"the SuperLink exited with code {code} (see the log above)")
 
 
-STOP_GRACE_S = 10.0
+# Below stop_on_signals' watchdog (8 s), so what is still running is killed by us first.
+STOP_GRACE_S = 6.0
 
 
 def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
@@ -148,10 +150,13 @@ def _wait_and_stop(procs: list[subprocess.Popen]) -> int:
     exit code of the one that ended first (0 after Ctrl-C)."""
     code = 0
     try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+        # Explicit handlers, not Python's default SIGINT one: a process started with SIGINT
+        # ignored (nohup, a test runner's worker) gets none, and Ctrl-C would do nothing.
+        with stop_on_signals():
+            while all(p.poll() is None for p in procs):
+                time.sleep(0.5)
         code = next(p.returncode for p in procs if p.returncode is not None)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted):
         pass
     finally:
         for p in procs:
@@ -254,7 +259,6 @@ def local(
     from fedtune.deploy.local import LocalDeployment
     from fedtune.privacy.seeded_noise import refuse_seeded_noise
     from fedtune.run.folder import RunFolderError, claim_run_folder
-    from fedtune.runtime.interrupt import RunInterrupted, stop_on_signals
 
     project = Path(__file__).resolve().parents[2]
     if not (project / "pyproject.toml").is_file():
