@@ -39,7 +39,7 @@ from fedtune.wire.protocol import (
 )
 from strategies import pipeline
 from strategies.discovery import Roster
-from strategies.pipeline import Accepted, Round, RoundOutcome, Screened, Sent
+from strategies.pipeline import Accepted, ClientReport, Round, RoundOutcome, Screened, Sent
 
 __all__ = ["Accepted", "DeltaFedAvg", "RoundHooks", "RoundOutcome", "Screened", "Sent"]
 
@@ -163,6 +163,7 @@ class DeltaFedAvg:
         server_round = sent.server_round
         accepted: list[Accepted] = []
         rejected: list[dict[str, Any]] = []
+        rejected_reports: list[ClientReport] = []
         failed: list[dict[str, Any]] = []
         unsolicited: list[dict[str, Any]] = []
         bytes_up = 0
@@ -203,23 +204,25 @@ class DeltaFedAvg:
             mismatch = self._count_mismatch(pid, reply.report.num_examples)
             if mismatch is not None:
                 rejected.append(_rejected(server_round, reported, owned, mismatch))
+                rejected_reports.append(ClientReport(pid, reply.report))
                 continue
             try:
                 delta = reply.decoded_delta(self.spec)
             except (ProtocolError, DeltaError) as exc:
                 rejected.append(_rejected(server_round, reported, owned, str(exc)))
+                rejected_reports.append(ClientReport(pid, reply.report))
                 continue
             entry = {**reported, **owned,
                      "delta_norm": float(np.linalg.norm(delta.astype(np.float64))),
                      "weight": self._weight(server_round, pid)}
-            accepted.append(Accepted(pid, node, delta, entry))
+            accepted.append(Accepted(pid, node, delta, entry, reply.report))
         for asked in sent.sampled:
             if asked["node"] not in answered:
                 failed.append({"reason": "no reply within train.round_timeout_s", **asked})
         # Replies arrive in completion order; sum in partition order so a re-run with the
         # same seed gives bit-identical global vectors.
         accepted.sort(key=lambda a: a.partition_id)
-        return Screened(accepted, rejected, failed, unsolicited, bytes_up)
+        return Screened(accepted, rejected, failed, unsolicited, bytes_up, rejected_reports)
 
     def _count_mismatch(self, pid: int, reported: int | None) -> str | None:
         """Why a reply's example count is refused: the server fixed the partition's count

@@ -39,6 +39,7 @@ from flwr.app import Message
 from flwr.common import log
 
 from fedtune.config import AggregationConfig
+from fedtune.wire.protocol import TrainReport
 from strategies import robust
 
 # Client-side clipping is checked to this relative tolerance (float32 rounding of the norm).
@@ -72,14 +73,29 @@ class Sent:
 
 
 @dataclass(frozen=True)
+class ClientReport:
+    """What a client reported about its round (typed, checked at the boundary), with the
+    partition the server asked it for. The ledger's sums (`round_extras`, split mode's
+    fields, the training loss) read these, never the ledger entries' keys."""
+
+    partition_id: int
+    report: TrainReport
+
+
+@dataclass(frozen=True)
 class Accepted:
-    """A reply that passed every check: its partition, node and decoded delta, and its
-    ledger entry (the reported figures first, the server-owned ones last)."""
+    """A reply that passed every check: its partition, node and decoded delta, its ledger
+    entry (the reported figures first, the server-owned ones last) and its typed report."""
 
     partition_id: int
     node: int
     delta: np.ndarray
     entry: dict[str, Any]
+    report: TrainReport
+
+    @property
+    def reported(self) -> ClientReport:
+        return ClientReport(self.partition_id, self.report)
 
     @property
     def weight(self) -> float:
@@ -98,6 +114,9 @@ class Screened:
     # that answer no message this round sent them (an earlier round's, a forged reply_to).
     unsolicited: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
+    # The typed reports of the rejected replies that parsed, in `rejected`'s order: a
+    # rejected client's traffic and work still count in the round's totals.
+    rejected_reports: list[ClientReport] = field(default_factory=list)
 
     def refuse(self, server_round: int, refused: Sequence[tuple[Accepted, str]]
                ) -> Screened:
@@ -107,13 +126,15 @@ class Screened:
             return self
         out = {id(item) for item, _ in refused}
         rejected = list(self.rejected)
+        reports = list(self.rejected_reports)
         for item, reason in refused:
             log(WARNING, "round %d: rejected the delta of partition %d (node %d): %s",
                 server_round, item.partition_id, item.node, reason)
             entry = {k: v for k, v in item.entry.items() if k not in ("delta_norm", "weight")}
             rejected.append({**entry, "reason": reason})
+            reports.append(item.reported)
         return replace(self, accepted=[a for a in self.accepted if id(a) not in out],
-                       rejected=rejected)
+                       rejected=rejected, rejected_reports=reports)
 
 
 @dataclass(frozen=True)
@@ -136,6 +157,10 @@ class RoundOutcome:
     update_refused: str | None = None
     # The aggregation rule that ran and its figures (strategies.robust), if one ran.
     aggregation: dict[str, Any] | None = None
+    # The typed reports: of `accepted` (same order), and of the rejected replies that
+    # parsed (`Screened.rejected_reports`).
+    accepted_reports: list[ClientReport] = field(default_factory=list)
+    rejected_reports: list[ClientReport] = field(default_factory=list)
 
     @classmethod
     def of(cls, sent: Sent, screened: Screened, **figures: Any) -> RoundOutcome:
@@ -143,7 +168,9 @@ class RoundOutcome:
         return cls(sampled=sent.sampled, accepted=[a.entry for a in screened.accepted],
                    rejected=screened.rejected, failed=screened.failed,
                    unsolicited=screened.unsolicited, bytes_down=sent.bytes_down,
-                   bytes_up=screened.bytes_up, **figures)
+                   bytes_up=screened.bytes_up,
+                   accepted_reports=[a.reported for a in screened.accepted],
+                   rejected_reports=screened.rejected_reports, **figures)
 
 
 @dataclass(frozen=True)

@@ -30,18 +30,16 @@ replay is the safe side.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedtune.config import ExperimentConfig
-from fedtune.privacy import DPHistory, epsilon_of, planned_release
-from fedtune.privacy.plan import Release
+from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
-from fedtune.run.checkpoint import ServerState, load_pending, privacy_fingerprint, save_pending
-from fedtune.task.task import Task
+from fedtune.run.checkpoint import ServerState, load_pending, save_pending
 
 # (round, partition id, partition size) -> further DP releases the client makes in that
 # round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
@@ -52,25 +50,28 @@ SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus
 
 
 class PrivacyLedger:
-    def __init__(self, cfg: ExperimentConfig, task: Task, state: ServerState,
+    def __init__(self, plan: PrivacyPlan, partition_sizes: Sequence[int], state: ServerState,
                  folder: Path | None = None) -> None:
-        """`folder` (the run folder) makes each round's charges durable before it is sent
-        and charges, on a resume, a round that was sent but never completed."""
-        self.cfg = cfg
-        self.task = task
+        """`plan`: the run's privacy settings and schedule; `partition_sizes`: the examples
+        of each partition (simulation), what a client is planned on unless a deployment node
+        reported its own count (`use_example_counts`). `folder` (the run folder) makes each
+        round's charges durable before it is sent and charges, on a resume, a round that was
+        sent but never completed."""
+        self.plan = plan
+        self.privacy = plan.privacy
+        self.partition_sizes = tuple(int(n) for n in partition_sizes)
         self.state = state
         self.folder = folder
         self.plan_hooks: list[PlanHook] = []
         # Example counts a client of n may train on (plugins: pruning), n -> counts.
         self.size_hooks: list[Callable[[int], list[int]]] = []
         self._before: dict[int, DPHistory] = {}
-        state.privacy = privacy_fingerprint(cfg)
-        user = cfg.privacy.user
+        user = plan.privacy.user
         self.user: UserLevelAccount | None = None
         if user.enabled:
-            cohort, population = cfg.train.clients_per_round, cfg.data.num_clients
+            cohort, population = plan.cohort, plan.population
             sigma = user.noise_multiplier or calibrate_user_noise(
-                user.target_epsilon, user.delta, cohort, population, cfg.train.rounds)
+                user.target_epsilon, user.delta, cohort, population, plan.rounds)
             self.user = UserLevelAccount(sigma, cohort, population, user.delta,
                                          releases=state.user_releases)
         if folder is not None:
@@ -90,14 +91,14 @@ class PrivacyLedger:
     def example_count(self, pid: int) -> int:
         """The examples the server plans client `pid`'s DP-SGD over."""
         known = self._example_counts.get(pid)
-        return known if known is not None else len(self.task.partitions[pid])
+        return known if known is not None else self.partition_sizes[pid]
 
     def planned(self, rnd: int, pid: int) -> list[Release]:
         """What client `pid` releases if it trains in round `rnd`, as the server plans it:
         DP-SGD over the examples it holds (`example_count`; at the costliest size a plugin
         allows) and the hooks' releases."""
         n = self.example_count(pid)
-        events = [self._costliest(pid, n)] if self.cfg.privacy.sample.enabled else []
+        events = [self._costliest(pid, n)] if self.privacy.sample.enabled else []
         for hook in self.plan_hooks:
             events.extend(hook(rnd, pid, n))
         return events
@@ -107,14 +108,14 @@ class PrivacyLedger:
         (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
         the client the most epsilon on top of what it has spent."""
         sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
-        releases = [planned_release(self.cfg, m) for m in sizes]
+        releases = [self.plan.release(m) for m in sizes]
         if len(releases) == 1:
             return releases[0]
         spent = self.state.client_dp.get(pid, DPHistory()).entries
         return max(releases, key=lambda r: self._epsilon(_after(spent, r)))
 
     def _epsilon(self, history: DPHistory) -> float:
-        sample = self.cfg.privacy.sample
+        sample = self.privacy.sample
         return float(epsilon_of(history, sample.delta, sample.accountant) or 0.0)
 
     def _charge(self, pid: int, events: list[Release]) -> None:
@@ -131,13 +132,13 @@ class PrivacyLedger:
 
     def stop_reason(self, rnd: int, cohort: list[int]) -> str | None:
         """Why round `rnd` must not run (its spend could exceed a budget), or None."""
-        user = self.cfg.privacy.user
+        user = self.privacy.user
         if self.user is not None:
             after = self.user.epsilon(self.user.releases + 1)
             if after is not None and after > user.target_epsilon:
                 return (f"round {rnd} would raise the user-level epsilon to {after:.4f}, over "
                         f"privacy.user.target_epsilon={user.target_epsilon}")
-        sample = self.cfg.privacy.sample
+        sample = self.privacy.sample
         # Calibrated noise keeps a client that trains in every round within its target
         # by construction; a given noise multiplier has to be checked client by client.
         if sample.enabled and sample.noise_multiplier > 0:
@@ -199,27 +200,27 @@ class PrivacyLedger:
     def fields(self) -> dict[str, Any]:
         """Both epsilons, the parameters that reproduce them, and what the noise is secret
         from, for the ledger."""
-        sample, user = self.cfg.privacy.sample, self.cfg.privacy.user
+        sample, user = self.privacy.sample, self.privacy.user
         eps_sample = max(self.state.client_eps.values()) if self.state.client_eps else None
         return {
             "epsilon_sample": eps_sample if sample.enabled else None,
             "epsilon_user": self.user.epsilon() if self.user is not None else None,
             "delta": sample.delta if sample.enabled else (user.delta if user.enabled else None),
-            "noise": (noise_note(self.cfg.privacy.reproducible_noise)
+            "noise": (noise_note(self.privacy.reproducible_noise)
                       if sample.enabled or user.enabled else None),
             "privacy_sample": self._sample_params() if sample.enabled else None,
             "privacy_user": self._user_params() if self.user is not None else None,
         }
 
     def _sample_params(self) -> dict[str, Any]:
-        dp = self.cfg.privacy.sample
+        dp = self.privacy.sample
         return {
             "accountant": dp.accountant,
             "delta": dp.delta,
             "max_grad_norm": dp.max_grad_norm,
             "target_epsilon": dp.target_epsilon,
             "noise_multiplier": dp.noise_multiplier or "calibrated per client (see histories)",
-            "planned_rounds": self.cfg.train.rounds,
+            "planned_rounds": self.plan.rounds,
             "sample_rate": SAMPLE_RATE_NOTE,
             "grad_sample_mode": dp.grad_sample_mode,
             # The server's own count per client: epsilon_sample is the largest epsilon of
@@ -233,7 +234,7 @@ class PrivacyLedger:
 
     def _user_params(self) -> dict[str, Any]:
         assert self.user is not None
-        user = self.cfg.privacy.user
+        user = self.privacy.user
         return {**self.user.params(), "clipping": user.clipping, "clip_norm": user.clip_norm,
                 "target_epsilon": user.target_epsilon,
                 "noise_std": self.user.noise_multiplier * user.clip_norm / self.user.cohort}

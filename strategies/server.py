@@ -19,6 +19,7 @@ from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
 from fedtune.config.errors import DeployError
 from fedtune.models.pruning_setup import pruning_record, resolve_config
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.seeded_noise import check_server_runtime
 from fedtune.run.atomic import write_text_atomic
 from fedtune.run.checkpoint import (
@@ -32,12 +33,12 @@ from fedtune.run.epsilon_marks import note_fields
 from fedtune.run.export import save_tuned_state
 from fedtune.run.folder import CONFIG_FILE, ROUNDS_FILE
 from fedtune.run.ledger import Ledger, NoContributionError
-from fedtune.run.records import RoundRecord, Summary
+from fedtune.run.records import Summary
 from fedtune.runtime.interrupt import received
 from fedtune.runtime.startup import mark, phase
 from fedtune.runtime.torch_setup import configure_torch
 from fedtune.split.disclosure import split_disclosure
-from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
+from fedtune.split.ledger_fields import split_summary_fields
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.task.evaluation import (
     accuracy_fields,
@@ -53,10 +54,11 @@ from fedtune.wire.fields import withholds_counts
 from fedtune.wire.in_clear import in_clear
 from strategies.delta_fedavg import DeltaFedAvg, RoundHooks
 from strategies.discovery import Roster, discover, load_operator_roster
-from strategies.grid_io import poll_interval, send_and_receive
+from strategies.grid_io import poll_interval
 from strategies.plugins import Plugin, build_plugins
 from strategies.preparation import Preparation, RoundCallback
 from strategies.privacy_ledger import PrivacyLedger
+from strategies.round import RoundSettings, play_round
 from strategies.user_dp import UserLevelDP
 
 
@@ -92,7 +94,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         # Before round 1 is charged or sent: a run killed in round 1 stays resumable, and
         # the resume charges round 1's pending attempts (never dropped with the folder).
         save_checkpoint(out_dir, state)
-    privacy = PrivacyLedger(cfg, task, state, out_dir)
+    state.privacy = privacy_fingerprint(cfg)
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), [len(p) for p in task.partitions], state,
+                            out_dir)
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
         privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
@@ -126,7 +130,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     elapsed_before = state.elapsed_s
     # The rounds as rounds.jsonl holds them: a resumed run's earlier rounds, read once.
     history = ledger.rounds() if resume else []
-    split_statement = split_disclosure(cfg)  # what each split round states, from cfg
+    settings = _round_settings(cfg, grid, task, model)
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
         if state.stopped is not None or received():
@@ -139,8 +143,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
             log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
             state.stopped = {"before_round": rnd, "reason": reason}
             break
-        record = _play_round(rnd, cohort, grid, driver, privacy, plugins, task, model,
-                             state, cfg, refused_claims, split_statement).to_json()
+        record = play_round(rnd, cohort, grid, driver, privacy, plugins, state, settings,
+                            refused_claims).to_json()
         refused_claims = []
         # Under user-level DP the cohort and per-client figures are the curator's log.
         record, curator = split_record(record, cfg)
@@ -177,67 +181,18 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     return summary
 
 
-def _play_round(rnd: int, cohort: list[int], grid: Grid,
-                driver: DeltaFedAvg | UserLevelDP, privacy: PrivacyLedger,
-                plugins: list[Plugin], task: Task, model: TunedModel, state: ServerState,
-                cfg: ExperimentConfig, refused_claims: list[dict[str, Any]],
-                split_statement: dict[str, Any]) -> RoundRecord:
-    """One round: send the global vector to `cohort`, aggregate the replies, evaluate;
-    updates `state` and returns the round's record."""
-    t_round = time.perf_counter()
-    lr = cfg.train.lr * cfg.train.lr_decay ** (rnd - 1)
-    sent = driver.configure_train(rnd, state.vector, lr, cohort)
-    # After the messages are built (they carry each client's history before this round's
-    # charge) and before they go out: a client that never replies is charged all the same.
-    privacy.charge_sent(rnd, sent.partition_ids)
-    replies = send_and_receive(grid, sent.messages, cfg.train.round_timeout_s,
-                               pause=poll_interval(grid, cfg))
-    result = driver.aggregate_train(sent, replies)
-    if result.vector is not None:
-        state.vector = result.vector
-    outcome = result.outcome
-    privacy.settle(rnd)
-    metrics = round_metrics(task, model, state.vector, cfg)  # validation, never test
-    accepted = outcome.accepted
-    fields = privacy.fields()
-    if fields["privacy_user"] is not None:
-        fields["privacy_user"] = {**fields["privacy_user"],
-                                  "aggregated_delta_norms": outcome.aggregated_norms}
-    epsilons = {"epsilon_sample": fields.pop("epsilon_sample"),
-                "epsilon_user": fields.pop("epsilon_user")}
-    extras: dict[str, Any] = {}
-    for plugin in plugins:
-        extras.update(plugin.round_extras(rnd, accepted))
-    extras.update(split_round_fields(accepted + outcome.rejected, outcome.bytes_up,
-                                     outcome.bytes_down, split_statement))
-    return RoundRecord(
-        round=rnd,
-        val_accuracy=metrics["val_accuracy"],
-        val_loss=metrics["val_loss"],
-        **epsilons,
-        delta=fields.pop("delta"),
-        clients=len(accepted),
-        bytes_up=outcome.bytes_up,
-        bytes_down=outcome.bytes_down,
-        client_flops=sum(c.get("flops", 0.0) for c in accepted),
-        wall_s=time.perf_counter() - t_round,
-        lr=lr,
-        train_loss=_train_loss(accepted),
-        sampled=len(outcome.sampled),
-        no_contribution=outcome.no_contribution,
-        rejected=outcome.rejected,
-        failed=outcome.failed,
-        per_client=accepted,
-        forward_layers_skipped=skipped_layers(cfg, model),  # server's own, from cfg
-        privacy=fields,
+def _round_settings(cfg: ExperimentConfig, grid: Grid, task: Task, model: TunedModel
+                    ) -> RoundSettings:
+    """What every round needs from the run's config, read once."""
+    train = cfg.train
+    return RoundSettings(
+        lr=train.lr, lr_decay=train.lr_decay, timeout_s=train.round_timeout_s,
+        poll_s=poll_interval(grid, cfg),
+        evaluate=lambda vector: round_metrics(task, model, vector, cfg),
+        notes=lambda record: note_fields(cfg, dict(record)),
+        forward_layers_skipped=skipped_layers(cfg, model),
         privacy_in_clear=in_clear(cfg),
-        notes=note_fields(cfg, epsilons),  # beside each epsilon: what weakens it
-        unsolicited=outcome.unsolicited,
-        aggregation=outcome.aggregation,
-        update_refused=outcome.update_refused,
-        refused_claims=refused_claims,
-        extras=extras,
-    )
+        split_statement=split_disclosure(cfg))
 
 
 def discover_workers(grid: Grid, cfg: ExperimentConfig,
@@ -270,16 +225,6 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
     metrics = untrained_metrics(task, model, cfg)
     return {**metrics, "evaluated": "after the last round (deferred from start-up; "
                                     "same untrained model)"}
-
-
-def _train_loss(accepted: list[dict[str, Any]]) -> float | None:
-    """Mean reported training loss over the accepted clients' examples; None when no
-    client reported one (none accepted, or losses withheld)."""
-    reported = [c for c in accepted if "loss" in c]
-    examples = sum(c["num_examples"] for c in reported)
-    if not examples:
-        return None
-    return sum(c["loss"] * c["num_examples"] for c in reported) / examples
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,

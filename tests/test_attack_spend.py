@@ -87,6 +87,7 @@ def test_an_own_data_node_never_trains_on_another_count_than_it_reported(
 
 def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(tmp_path):
     """Seeded noise: a client asked in a killed attempt but not in its replay is still charged."""
+    from fedtune.privacy.plan import PrivacyPlan
     from fedtune.run.checkpoint import ServerState
     from strategies.privacy_ledger import PrivacyLedger
 
@@ -99,11 +100,12 @@ def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(
     def fresh():
         return ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
 
-    PrivacyLedger(cfg, task, fresh(), tmp_path).charge_sent(1, [0, 1])  # sent, then kill -9
+    sizes = [len(p) for p in task.partitions]
+    PrivacyLedger(PrivacyPlan.of(cfg), sizes, fresh(), tmp_path).charge_sent(1, [0, 1])  # kill -9
     # The resume replays round 1 with another cohort (e.g. a node missed discovery this time,
     # so the seeded sample is drawn from another roster): client 1's upload went out once.
     state = fresh()
-    resumed = PrivacyLedger(cfg, task, state, tmp_path)
+    resumed = PrivacyLedger(PrivacyPlan.of(cfg), sizes, state, tmp_path)
     resumed.charge_sent(1, [0, 2])
     resumed.settle(1)
     assert state.client_eps.get(1, 0.0) > 0.0, "client 1 released in the lost attempt, uncharged"

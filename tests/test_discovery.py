@@ -15,6 +15,7 @@ from wire import reply, spec_of
 
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from fedtune.wire.protocol import PartitionReply, TrainInstruction
 from strategies import DeltaFedAvg
@@ -169,7 +170,7 @@ def test_a_lost_reply_of_a_data_path_node_is_charged_at_its_true_example_count()
     strategy.adopt(discover(grid, 2, timeout=1, wait_for_nodes_s=1), sizes)
     assert strategy.examples == {0: 164, 1: 400}
     state = ServerState(round=0, vector=np.zeros(6), spec_hash="x", initial={})
-    privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), sizes,
                             state)
     privacy.use_example_counts(strategy.examples)
     sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1])
@@ -204,7 +205,7 @@ def test_a_node_claiming_1e7_examples_is_weighted_as_the_largest_partition_charg
     strategy.adopt(discover(grid, 3, timeout=1, wait_for_nodes_s=1), sizes)
     assert strategy.examples == {0: 164, 1: claim, 2: 50}
     state = ServerState(round=0, vector=np.zeros(6), spec_hash="x", initial={})
-    privacy = PrivacyLedger(cfg, SimpleNamespace(partitions=[np.arange(n) for n in sizes]),
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), sizes,
                             state)
     privacy.use_example_counts(strategy.examples)
     sent = strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1, 2])

@@ -11,9 +11,10 @@ from clients.plugins.expansion import DomainWeighting
 from fedtune.config import ConfigError, UserDPConfig, load_config
 from fedtune.data import PartitionError, load_corpus, partition_domains
 from fedtune.tuning.base import ClassificationHead
-from fedtune.wire.protocol import DomainSettings, TrainInstruction
+from fedtune.wire.protocol import DomainSettings, TrainInstruction, TrainReport
 from strategies import DeltaFedAvg
 from strategies.delta_fedavg import RoundHooks
+from strategies.pipeline import ClientReport
 from strategies.plugins import build_plugins
 from strategies.user_dp import UserLevelDP
 
@@ -78,7 +79,10 @@ def test_anneal_weights_fall_to_zero_and_then_source_clients_are_not_asked():
     assert plugin.client_weight(5, 2) == 1.0
     assert plugin.select_cohort(4, [1, 6, 9]) == [1, 6, 9]
     assert plugin.select_cohort(5, [1, 6, 9]) == [1]
-    extras = plugin.round_extras(3, [{"partition_id": 1}, {"partition_id": 6}])["expansion"]
+    clients = [ClientReport(1, TrainReport(steps=1)),
+               ClientReport(6, TrainReport(steps=1, extras={"importance-weight": 2.5}))]
+    extras = plugin.round_extras(3, clients)["expansion"]
+    assert extras["source_importance_weight_mean"] == 2.5  # the source client's, typed
     assert extras["source_weight"] == pytest.approx(0.4)
     assert (extras["target_clients"], extras["source_clients"]) == (1, 1)
 

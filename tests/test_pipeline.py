@@ -89,9 +89,11 @@ def test_the_user_level_release_is_its_steps_composed():
 
 
 def test_client_side_clipping_refuses_by_returning_not_by_writing():
-    accepted = [pipeline.Accepted(0, 10, np.full(4, 0.1, np.float32), {"weight": 1.0}),
+    accepted = [pipeline.Accepted(0, 10, np.full(4, 0.1, np.float32), {"weight": 1.0},
+                                  TrainReport(steps=1)),
                 pipeline.Accepted(1, 11, np.full(4, 9.0, np.float32),
-                                  {"steps": 2, "delta_norm": 18.0, "weight": 1.0})]
+                                  {"steps": 2, "delta_norm": 18.0, "weight": 1.0},
+                                  TrainReport(steps=2))]
     clipped = pipeline.clip(accepted, 1.0, client_side=True)
     assert [item.partition_id for item, _ in clipped.kept] == [0]
     ((item, reason),) = clipped.refused
@@ -100,6 +102,8 @@ def test_client_side_clipping_refuses_by_returning_not_by_writing():
     after = screened.refuse(1, clipped.refused)
     assert [a.partition_id for a in after.accepted] == [0]
     assert after.rejected == [{"steps": 2, "reason": reason}]
+    # The refused reply's typed report goes with it: its work still counts in the totals.
+    assert after.rejected_reports == [pipeline.ClientReport(1, TrainReport(steps=2))]
     assert len(screened.accepted) == 2 and screened.rejected == []  # the input unchanged
 
 

@@ -14,6 +14,7 @@ from wire import honest_metrics, raw_reply, reply, spec_of, stray_message
 
 from fedtune.config import UserDPConfig, load_config
 from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from fedtune.wire.protocol import (
     EXTRAS,
@@ -201,7 +202,7 @@ def test_forged_dp_history_stays_a_report_and_never_lowers_the_servers_charge():
                              "privacy.sample.accountant=rdp"])
     state = ServerState(round=0, vector=np.zeros(6), spec_hash=SPEC.hash, initial={})
     task = SimpleNamespace(partitions=[np.arange(64), np.arange(64)])
-    privacy = PrivacyLedger(cfg, task=task, state=state)
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), [len(p) for p in task.partitions], state)
     strategy = _fedavg()
     sent = _send(strategy)
     msgs = sent.messages
@@ -305,7 +306,7 @@ def _ledger_for(strategy, accountant="rdp"):
                              f"privacy.sample.accountant={accountant}"])
     state = ServerState(round=0, vector=np.zeros(6), spec_hash=SPEC.hash, initial={})
     task = SimpleNamespace(partitions=[np.arange(64), np.arange(64)])
-    return PrivacyLedger(cfg, task=task, state=state), state
+    return PrivacyLedger(PrivacyPlan.of(cfg), [len(p) for p in task.partitions], state), state
 
 
 def test_a_forged_history_at_sigma_1e_200_neither_crashes_nor_changes_the_charge():

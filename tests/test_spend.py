@@ -11,6 +11,7 @@ import pytest
 
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release, poisson_sample_rate
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
 from fedtune.run.checkpoint import PENDING_FILE, ServerState, load_pending
 from strategies.privacy_ledger import PrivacyLedger
@@ -26,7 +27,8 @@ def _ledger(sets=(), state=None, folder=None):
     task = SimpleNamespace(partitions=[np.arange(n) for n in SIZES])
     state = state or ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x",
                                  initial={})
-    return PrivacyLedger(cfg, task, state, folder), cfg, state
+    sizes = [len(p) for p in task.partitions]
+    return PrivacyLedger(PrivacyPlan.of(cfg), sizes, state, folder), cfg, state
 
 
 def _copy(state):

@@ -28,6 +28,7 @@ from fedtune.split.ledger_fields import split_round_fields, split_summary_fields
 from fedtune.split.plan import smashed_plan, smashed_privacy_events
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows, slot_count
 from fedtune.tuning import build_tuned_model
+from fedtune.wire.protocol import EXTRA_GROUPS, TrainReport
 
 SMASHED = ["split.enabled=true", "split.smashed_dp.enabled=true", "train.batch_size=4",
            "tuning.prompt.length=4", "train.local_steps=2", "train.rounds=3"]
@@ -230,9 +231,13 @@ def test_an_empty_poisson_batch_still_sends_its_rows(minilm):
 
 
 def test_the_ledger_says_what_the_server_sees_in_clear():
-    report = {"smashed_bytes_up": 10, "smashed_bytes_down": 10, "examples_seen": 4,
-              "flops": 1.0, "full_model_flops_per_example": 4.0, "server_flops": 2.0,
-              "split_steps": 1, "local_loss_steps": 0}
+    figures = {"smashed_bytes_up": 10, "smashed_bytes_down": 10, "server_flops": 2.0,
+               "split_steps": 1, "local_loss_steps": 0, "split_examples": 4,
+               "local_loss_examples": 0, "client_flops_per_example": 0.25,
+               "full_model_flops_per_example": 4.0, "probe_bytes": 0}
+    report = TrainReport(steps=1, examples_seen=4, flops=1.0,
+                         extras={s.key: figures[s.name] for s in EXTRA_GROUPS["split"]})
+    assert report.split is not None and report.split.smashed_bytes_up == 10
     clear = load_config(None, ["split.enabled=true"])
     fields = split_round_fields([report], 1, 1, split_disclosure(clear))
     assert fields["split_privacy"]["epsilon_sample_covers"] == (

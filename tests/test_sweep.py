@@ -174,6 +174,7 @@ def test_a_restarted_variant_keeps_the_spend_its_dead_attempt_recorded(tmp_path,
 
     from fedtune.config import load_config
     from fedtune.privacy import DPHistory, planned_release
+    from fedtune.privacy.plan import PrivacyPlan
     from fedtune.run import checkpoint
     from fedtune.study import sweep as sweep_mod
     from strategies.privacy_ledger import PrivacyLedger
@@ -201,7 +202,8 @@ def test_a_restarted_variant_keeps_the_spend_its_dead_attempt_recorded(tmp_path,
             task = SimpleNamespace(partitions=[np.arange(50)] * 4)
             state = checkpoint.ServerState(round=0, vector=np.zeros(1, np.float32),
                                            spec_hash="x", initial={})
-            PrivacyLedger(cfg, task, state, folder).charge_sent(1, [0, 1])
+            sizes = [len(p) for p in task.partitions]
+            PrivacyLedger(PrivacyPlan.of(cfg), sizes, state, folder).charge_sent(1, [0, 1])
             (folder / "summary.json").write_text(json.dumps({
                 "charged": {str(k): v.to_lists() for k, v in state.client_dp.items()},
                 "interrupted": state.interrupted,

@@ -8,6 +8,7 @@ from dp_accounting.rdp import RdpAccountant
 from wire import reply, spec_of
 
 from fedtune.config import UserDPConfig, load_config
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState
 from fedtune.wire.delta import clip_to_norm
@@ -129,7 +130,7 @@ def test_budget_stop_names_the_round_and_the_level():
                              "privacy.user.noise_multiplier=1.0",
                              "privacy.user.target_epsilon=6.0"])
     state = ServerState(round=0, vector=np.zeros(1), spec_hash="x", initial={})
-    ledger = PrivacyLedger(cfg, task=None, state=state)
+    ledger = PrivacyLedger(PrivacyPlan.of(cfg), [], state)
     for rnd in (1, 2):
         assert ledger.stop_reason(rnd, [0, 1]) is None
         ledger.settle(rnd)

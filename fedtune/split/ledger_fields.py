@@ -8,32 +8,34 @@ A non-split run gets no extra fields, so non-split ledgers are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fedtune.split.disclosure import in_clear_disclosure
+from fedtune.wire.protocol import TrainReport
 
 
-def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down: int,
+def split_round_fields(reports: Sequence[TrainReport], bytes_up: int, bytes_down: int,
                        statement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Round totals over every client that trained (accepted or rejected: a rejected delta
-    still cost its traffic). `bytes_up`/`bytes_down` are the round's delta bytes.
-    `statement`: what the server saw in clear, from the run's config
+    still cost its traffic), from their typed reports. `bytes_up`/`bytes_down` are the
+    round's delta bytes. `statement`: what the server saw in clear, from the run's config
     (`fedtune.split.disclosure.split_disclosure`, empty for a non-split run); every split
     round states it. Without one, a round with split traffic states the worst case
     (smashed data in clear)."""
-    split = [c for c in reports if "smashed_bytes_up" in c]
+    split = [(r, r.split) for r in reports if r.split is not None]
     privacy = _privacy(statement, bool(split))
     if not split:
         return privacy
-    examples = sum(int(c["examples_seen"]) for c in split)
+    examples = sum(int(r.examples_seen or 0) for r, _ in split)
     # Per trained example: pruning's scoring pass (in `flops` too) is not a training step.
-    client_flops = sum(float(c["flops"]) - float(c.get("scoring_flops", 0.0)) for c in split)
+    client_flops = sum(float(r.flops or 0.0) - _scoring_flops(r) for r, _ in split)
     per_example = client_flops / max(1, examples)
-    full = float(split[0]["full_model_flops_per_example"])
-    up = sum(int(c["smashed_bytes_up"]) for c in split)
-    down = sum(int(c["smashed_bytes_down"]) for c in split)
+    full = float(split[0][1].full_model_flops_per_example)
+    up = sum(int(f.smashed_bytes_up) for _, f in split)
+    down = sum(int(f.smashed_bytes_down) for _, f in split)
     # The FLOP probe (synthetic text, once per worker process) crossed the wire too.
-    probe = sum(int(c.get("probe_bytes", 0)) for c in split)
+    probe = sum(int(f.probe_bytes) for _, f in split)
     return {
         "smashed_bytes_up": up,
         "smashed_bytes_down": down,
@@ -41,14 +43,19 @@ def split_round_fields(reports: list[dict[str, Any]], bytes_up: int, bytes_down:
         "delta_bytes_up": bytes_up,
         "delta_bytes_down": bytes_down,
         "total_bytes": up + down + probe + bytes_up + bytes_down,
-        "server_flops": sum(float(c["server_flops"]) for c in split),
+        "server_flops": sum(float(f.server_flops) for _, f in split),
         "client_flops_per_example": per_example,
         "full_model_flops_per_example": full,
         "client_flops_fraction": per_example / full,
-        "split_steps": sum(int(c["split_steps"]) for c in split),
-        "local_loss_steps": sum(int(c["local_loss_steps"]) for c in split),
+        "split_steps": sum(int(f.split_steps) for _, f in split),
+        "local_loss_steps": sum(int(f.local_loss_steps) for _, f in split),
         **privacy,
     }
+
+
+def _scoring_flops(report: TrainReport) -> float:
+    pruning = report.pruning
+    return 0.0 if pruning is None else float(pruning.scoring_flops)
 
 
 def _privacy(statement: dict[str, Any] | None, split_traffic: bool) -> dict[str, Any]:

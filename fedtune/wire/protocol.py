@@ -24,6 +24,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.privacy import DPHistory
 from fedtune.wire.delta import DeltaSpec, decode, encode
+from fedtune.wire.figures import (
+    FIGURE_TYPES,
+    ImportanceFigures,
+    PruningFigures,
+    PruningSplitFigures,
+    SplitFigures,
+)
 
 # Ledger keys the server computes for every client; the protocol has no field by these names.
 SERVER_OWNED = frozenset({"node", "partition_id", "bytes_up", "delta_norm", "weight",
@@ -386,6 +393,30 @@ class TrainReport:
                 out[rule.name] = value
         out.update({EXTRAS[k].name: v for k, v in self.extras.items()})
         return out
+
+    def _group(self, name: str) -> object | None:
+        """The reported figures of group `name` as its type, None when not reported (a
+        group is all or nothing: `_report` checked that)."""
+        group = EXTRA_GROUPS[name]
+        if group[0].key not in self.extras:
+            return None
+        return FIGURE_TYPES[name](**{s.name: self.extras[s.key] for s in group})
+
+    @property
+    def split(self) -> SplitFigures | None:
+        return self._group("split")  # type: ignore[return-value]
+
+    @property
+    def pruning(self) -> PruningFigures | None:
+        return self._group("pruning")  # type: ignore[return-value]
+
+    @property
+    def pruning_split(self) -> PruningSplitFigures | None:
+        return self._group("pruning_split")  # type: ignore[return-value]
+
+    @property
+    def importance(self) -> ImportanceFigures | None:
+        return self._group("importance")  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

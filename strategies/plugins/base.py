@@ -9,17 +9,20 @@ changes:
 - `select_cohort(rnd, pids)`: choose the cohort from the sampled partition ids;
 - `client_weight(rnd, pid)`: a factor in [0, 1] on that client's delta in the aggregate
   (after user-level clipping, so a client's DP sensitivity never grows);
-- `round_extras(rnd, clients)`: fields added to the round's ledger line.
+- `round_extras(rnd, clients)`: fields added to the round's ledger line, from the accepted
+  clients' typed reports (`strategies.pipeline.ClientReport`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedtune.config import ConfigError
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
+    from strategies.pipeline import ClientReport
 
 
 class Plugin:
@@ -48,7 +51,7 @@ class Plugin:
     def client_weight(self, rnd: int, pid: int) -> float:
         return 1.0
 
-    def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
+    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         return {}
 
     def trained_sizes(self, n: int) -> list[int]:

@@ -10,10 +10,14 @@ whenever `every` rounds have passed since its last scoring (0: never again).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ConfigError
 from strategies.plugins.base import Plugin, register_plugin
+
+if TYPE_CHECKING:
+    from strategies.pipeline import ClientReport
 
 # fedtune.wire.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
 # the plugins to validate a config before Ray starts.
@@ -51,24 +55,24 @@ class EL2NPruning(Plugin):
         # A client trains on all n until its first scoring, then on the kept share.
         return [n, PruneSettings(self.keep, self.every).kept(n)]
 
-    def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
-        pruned = [c for c in clients if "examples_kept" in c]
+    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+        pruned = [(c.report, c.report.pruning) for c in clients if c.report.pruning is not None]
         extras: dict[str, Any] = {
             "pruning": {
                 "keep": self.keep,
-                "examples_available": sum(c["examples_available"] for c in pruned),
-                "examples_kept": sum(c["examples_kept"] for c in pruned),
-                "examples_trained": sum(c["examples_seen"] for c in pruned),
-                "clients_rescored": sum(int(c["rescored"]) for c in pruned),
-                "scoring_flops": sum(c["scoring_flops"] for c in pruned),
-                "flops_saved": sum(c["flops_saved"] for c in pruned),
+                "examples_available": sum(p.examples_available for _, p in pruned),
+                "examples_kept": sum(p.examples_kept for _, p in pruned),
+                "examples_trained": sum(r.examples_seen or 0 for r, _ in pruned),
+                "clients_rescored": sum(int(p.rescored) for _, p in pruned),
+                "scoring_flops": sum(p.scoring_flops for _, p in pruned),
+                "flops_saved": sum(p.flops_saved for _, p in pruned),
             }}
-        split = [c for c in pruned if "smashed_bytes_saved" in c]
+        split = [r.pruning_split for r, _ in pruned if r.pruning_split is not None]
         if split:  # split mode: what scoring cost and pruning saved on the wire and server
             extras["pruning"].update({
-                "scoring_smashed_bytes": sum(c["scoring_smashed_bytes"] for c in split),
-                "smashed_bytes_saved": sum(c["smashed_bytes_saved"] for c in split),
-                "server_flops_saved": sum(c["server_flops_saved"] for c in split),
+                "scoring_smashed_bytes": sum(s.scoring_smashed_bytes for s in split),
+                "smashed_bytes_saved": sum(s.smashed_bytes_saved for s in split),
+                "server_flops_saved": sum(s.server_flops_saved for s in split),
             })
         if self.cfg.privacy.sample.enabled:
             extras["privacy_caveats"] = [SELECTION_CAVEAT]

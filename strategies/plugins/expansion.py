@@ -20,12 +20,16 @@ same release as adding its delta times 0, so the accounting is unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedtune.config import ConfigError
 from strategies.plugins.base import Plugin, register_plugin
+
+if TYPE_CHECKING:
+    from strategies.pipeline import ClientReport
 
 # fedtune.wire.protocol (torch, Flower) is imported where a round uses it: `fedtune run` imports
 # the plugins to validate a config before Ray starts.
@@ -94,16 +98,17 @@ class PopulationExpansion(Plugin):
         return {"domain": DomainSettings(is_target=not self._is_source(pid),
                                          max_weight=self.max_weight)}
 
-    def round_extras(self, rnd: int, clients: list[dict[str, Any]]) -> dict[str, Any]:
+    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         target = self.cfg.data.target_clients
-        source = [c for c in clients if c.get("partition_id", 0) >= target]
+        source = [c for c in clients if c.partition_id >= target]
         extras: dict[str, Any] = {
             "weighting": self.weighting,
             "source_weight": self.source_weight(rnd),
             "target_clients": len(clients) - len(source),
             "source_clients": len(source),
         }
-        weights = [c["importance_weight"] for c in source if "importance_weight" in c]
+        weights = [c.report.importance.importance_weight for c in source
+                   if c.report.importance is not None]
         if weights:
             extras["source_importance_weight_mean"] = float(np.mean(weights))
         return {"expansion": extras}
