@@ -3,6 +3,7 @@
 Flower draws node ids at random in every run, so the server asks each node for its
 partition id (one small QUERY message each). Who may hold a partition is the server's
 decision, never a node's claim:
+
 - in simulation the engine writes `partition-id` into each node's config, so a claim is
   what the engine assigned (a second claim on a partition is refused for that node only);
 - in a deployment the operator's roster (`load_operator_roster`: registered node id ->

@@ -6,6 +6,7 @@ norm of the cohort), then the rule `cfg.rule` from `RULES`. It returns the aggre
 delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
+
 - `mean`: nothing on its own; with a norm bound B and equal weights one client moves the
   aggregate by at most B / n (by B x its share of the weights in general).
 - `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot

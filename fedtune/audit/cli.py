@@ -32,9 +32,9 @@ def split(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Replay one round of a client through the real split client and attack what the
-    server receives: token recovery (cut 0: nearest neighbour on the embedding table; cut
-    >= 1: a ridge map fitted on public text) and label recovery (gradient direction
-    against the global tail)."""
+    server receives: token recovery (cut 0: nearest neighbour on the embedding table;
+    cut 1 or more: a ridge map fitted on public text) and label recovery (gradient
+    direction against the global tail)."""
     from fedtune.audit.split_attack import audit_run
 
     if victim < 0 or public < 1:

@@ -5,6 +5,7 @@ tests/test_public_api.py reads the source of fedtune/, clients/, strategies/ and
 and fails on a private import or attribute of theirs anywhere outside this package.
 
 One module per dependency (`flower_sim`, `flower_deploy`, ...). Each patch in it:
+
 - checks the installed version against the range it was written for,
 - falls back to a public way (or fails with a one-line error naming the version) outside
   that range, never silently,

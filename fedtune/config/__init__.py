@@ -5,6 +5,7 @@ types and out-of-range values are rejected with a `ConfigError` naming the dotte
 what is allowed: a typo must never silently fall back to a default.
 
 This package's modules, lowest first (none imports one above it):
+
 - `errors`: ConfigError, DeployError;
 - `registry`: the names a config may use (methods, corpora, plugins), looked up by name;
 - `checks`: the range and shape rules (BOUNDS, require_*, check_name);

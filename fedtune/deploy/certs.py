@@ -1,6 +1,7 @@
 """TLS certificates for a SuperLink and authentication keys for SuperNodes.
 
 Writes, into one folder:
+
 - `ca.crt` / `ca.key`: a private certificate authority (keep `ca.key` off the nodes);
 - `server.pem` / `server.key`: the SuperLink's certificate, signed by the CA, valid for
   `localhost`, `127.0.0.1`, `::1` and every `--host` given;

@@ -14,6 +14,7 @@ is untouched: the SuperLink checks each request's signature and the registered k
 (the signed headers pass through unchanged).
 
 What an outsider meets, in order (THREATS.md 6; issue 27 #5, #6):
+
 1. client-certificate TLS: the handshake needs a certificate signed by `ca.crt` for client
    use (`fedtune deploy certs` issues `node-<i>.crt`); without one nothing is parsed, and
    Flower's node-auth headers (a signed timestamp, replayable for minutes) replayed by an

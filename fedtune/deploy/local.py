@@ -8,6 +8,7 @@ type by hand on separate machines. Every process is started here, remembered by 
 stopped by PID in `stop()` (also when a start fails halfway).
 
 Two modes:
+
 - `fast=True` (default): SuperNodes via `fedtune.deploy.supernode` (0.1 s polling) with
   `--isolation process` and one long-lived `fedtune.deploy.worker` each (on a Flower version
   `fedtune.compat.flower_deploy` was not tested on: Flower's public behaviour, logged);

@@ -13,6 +13,7 @@ user-level cohorts and noise) comes from a `DPRandom`: ChaCha20 in counter mode,
 256 bits. ChaCha20 (RFC 8439, via the `cryptography` package, i.e. OpenSSL) is a stream
 cipher: its keystream is indistinguishable from uniform bits without the key, and seeing
 any amount of it reveals nothing about the key or about another part of it. So:
+
 - the secret state is the whole 256-bit key (no library truncates it: we never hand it to
   a library generator), and brute force costs 2^255 trials on average; >= 128 bits is the
   usual bar past which exhaustive search is out of reach for any adversary, 256 leaves

@@ -4,6 +4,7 @@ console's round and final lines, the sweep table, `report.md` and its plots, and
 
 Marks, each decided from the run's config alone (a registry: add one here and every
 output shows it):
+
 - "seeded noise": `privacy.reproducible_noise`; the noise and sampling follow the config's
   seed, so the epsilon holds against nobody who has the config.
 - "data in clear": a split run without `split.smashed_dp`; the server saw every trained

@@ -5,6 +5,7 @@ from it, and tests/test_wire_statement.py records every key a reply carries and 
 tensor the split body receives in real runs and compares them with it.
 
 A field's `about` says whose secret it can carry:
+
 - "example": something of individual examples or of the secret Poisson draw (text,
   labels, lengths, how many rows a round really trained on, a loss). In clear it is
   outside every epsilon; under DP it stays on the client unless `privacy.disclose_counts`.

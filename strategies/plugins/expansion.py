@@ -4,6 +4,7 @@ related source domain (the other ids), and domain adaptation decides how much ea
 client counts.
 
 `weighting`:
+
 - `fixed`: every source client's delta counts `lam` times a target client's.
 - `anneal`: the source weight falls linearly from `lam` in round 1 to 0 after
   `anneal_rounds` rounds; from then on source clients are not asked to train at all.
