@@ -453,3 +453,22 @@ def test_the_accountant_refuses_histories_outside_physical_ranges():
         with pytest.raises(ValueError):
             check_history(entries, "rdp")
     assert epsilon_of(DPHistory([(1.0, 0.5, 10)]), 1e-5, "rdp") > 0
+
+
+def test_each_figure_group_has_its_type_with_the_ledger_names_in_order():
+    """The typed groups (`fedtune.wire.figures`) and the wire's scalars stay one schema: a
+    scalar added to a group without its field (or the reverse) fails here, not in a round."""
+    from dataclasses import fields
+
+    from fedtune.wire.figures import FIGURE_TYPES
+    from fedtune.wire.protocol import EXTRA_GROUPS, TrainReport
+
+    assert set(FIGURE_TYPES) == set(EXTRA_GROUPS)
+    for name, group in EXTRA_GROUPS.items():
+        assert [f.name for f in fields(FIGURE_TYPES[name])] == [s.name for s in group], name
+        # A report carrying the group gives it typed, with each value under its name.
+        values = {s.key: s.kind(i + 1) for i, s in enumerate(group)}
+        report = TrainReport(steps=1, extras=values)
+        typed = getattr(report, name)
+        assert [getattr(typed, s.name) for s in group] == list(values.values())
+        assert getattr(TrainReport(steps=1), name) is None

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SplitFigures:
+    """Split mode's round: smashed-data traffic, server FLOPs, steps and examples."""
+
     smashed_bytes_up: int
     smashed_bytes_down: int
     server_flops: float
@@ -26,6 +28,8 @@ class SplitFigures:
 
 @dataclass(frozen=True)
 class PruningFigures:
+    """EL2N pruning's round: examples available and kept, scoring cost, FLOPs saved."""
+
     examples_available: int
     examples_kept: int
     rescored: int  # 0 or 1
@@ -35,6 +39,8 @@ class PruningFigures:
 
 @dataclass(frozen=True)
 class PruningSplitFigures:
+    """Pruning in split mode: the server FLOPs and smashed bytes scoring cost or saved."""
+
     server_flops_saved: float
     scoring_smashed_bytes: int
     smashed_bytes_saved: float
@@ -42,6 +48,8 @@ class PruningSplitFigures:
 
 @dataclass(frozen=True)
 class ImportanceFigures:
+    """Population expansion: the mean importance weight of the examples trained."""
+
     importance_weight: float
 
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 
 class Plugin:
+    """A strategy plugin: its params from its `[[plugins]]` table, and the hooks the server
+    calls each round (each a no-op here)."""
+
     name: ClassVar[str] = ""
     # Param name -> (type, default). A param without default (None) is required.
     params: ClassVar[dict[str, tuple[type, Any]]] = {}
