@@ -2,7 +2,9 @@
 
 `aggregate(deltas, weights, cfg, ids)` runs one round's aggregation step: the optional norm
 bound first (each delta scaled down to a fixed bound, or to `adaptive_factor` x the median
-norm of the cohort), then the rule `cfg.rule` from `RULES`. It returns the aggregated
+norm of the cohort; with `norm_bound_center = "median"` each delta's distance from the
+cohort's coordinate-wise median instead: `centred_clip`), then the rule `cfg.rule` from
+`RULES`. It returns the aggregated
 delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
@@ -151,6 +153,22 @@ def clip_rows(deltas: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]
     return deltas * scale[:, None], over
 
 
+def centred_clip(deltas: np.ndarray, cfg: AggregationConfig
+                 ) -> tuple[np.ndarray, float, np.ndarray]:
+    """Centred clipping (Karimireddy et al. 2021, one step): each delta's difference from the
+    cohort's coordinate-wise median scaled down to the bound (a number, or `adaptive_factor`
+    x the median distance), added back to the median. The deltas, the bound, the clipped
+    mask. Against f < n / 2 attackers the median and the median distance are honest ones,
+    so whatever an attacker sends, its row ends within the bound of the honest centre and
+    moves the mean by at most bound / n from it: a reversed step is cut to the honest
+    spread, where a bound around zero keeps its full honest-sized reversal."""
+    center = np.median(deltas, axis=0)
+    bound = resolve_bound(cfg, np.linalg.norm(deltas - center, axis=1))
+    assert bound is not None  # validate(): a centre needs a bound
+    clipped, over = clip_rows(deltas - center, bound)
+    return center + clipped, bound, over
+
+
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
               ids: Sequence[Any] | None = None) -> Aggregated | None:
     """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
@@ -168,11 +186,17 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
     refused = cfg.shortfall(len(deltas), "deltas this round")
     if refused is not None:
         return Aggregated(None, {**figures, "refused": refused})
-    bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
+    if cfg.norm_bound_center == "median":
+        deltas, bound, clipped = centred_clip(deltas, cfg)
+    else:
+        bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
+        if bound is not None:
+            deltas, clipped = clip_rows(deltas, bound)
     if bound is not None:
-        deltas, clipped = clip_rows(deltas, bound)
         figures["norm_bound"] = {"setting": cfg.norm_bound, "bound": bound,
                                  "clipped": [n for n, c in zip(names, clipped, strict=True)
                                              if c]}
+        if cfg.norm_bound_center != "zero":
+            figures["norm_bound"]["center"] = cfg.norm_bound_center
     delta, own = RULES[cfg.rule](deltas, w, cfg, names)
     return Aggregated(delta, {**figures, **own})

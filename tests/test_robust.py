@@ -119,6 +119,57 @@ def test_norm_bound_limits_one_clients_influence_to_bound_over_cohort(rule):
                                        "clipped": a.figures["norm_bound"]["clipped"]}
 
 
+def _honest_step(n=5, d=40, seed=0, spread=0.3):
+    """Honest deltas: one shared step plus each client's own noise (DP-SGD's, its data's)."""
+    rng = np.random.default_rng(seed)
+    step = rng.normal(size=d)
+    return step, step + spread * rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("bound", ["adaptive", 2.0])
+def test_centred_bound_keeps_any_attacker_within_bound_over_cohort_of_the_honest_centre(bound):
+    """Whatever client 0 sends, the centred bound puts its row within the bound of the
+    cohort's median, so the mean moves at most bound / n from where a centred row would."""
+    n = 5
+    _, honest = _honest_step(n)
+    for sent in (-10 * honest[0], 1e9 * honest[0], np.full(40, 3e7), honest[0]):
+        attacked = honest.copy()
+        attacked[0] = sent
+        out = _ours(attacked, np.ones(n), norm_bound=bound, norm_bound_center="median")
+        center = np.median(attacked, axis=0)
+        assert out.figures["norm_bound"]["center"] == "median"
+        used = out.figures["norm_bound"]["bound"]
+        if bound == "adaptive":
+            assert used == pytest.approx(np.median(np.linalg.norm(attacked - center, axis=1)))
+        # The attacker's row after clipping is within the bound of the centre ...
+        others = (attacked[1:] - center)
+        scale = np.minimum(1.0, used / np.linalg.norm(others, axis=1))
+        rest = (center + others * scale[:, None]).sum(0)
+        row0 = out.delta * n - rest
+        assert np.linalg.norm(row0 - center) <= used * (1 + 1e-9)
+
+
+def test_centred_bound_cuts_a_reversed_step_that_a_bound_around_zero_keeps():
+    """The flip attack of the poisoning table: one client of five sends -10 x its step. A
+    bound around zero clips it to an honest norm, and that still cancels about one honest
+    client; the centred bound leaves at most the honest spread of it."""
+    n = 5
+    step, honest = _honest_step(n, spread=0.3)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    clean = _ours(honest, np.ones(n), norm_bound="adaptive").delta
+    zero = _ours(attacked, np.ones(n), norm_bound="adaptive").delta
+    centred = _ours(attacked, np.ones(n), norm_bound="adaptive", norm_bound_center="median")
+    along = step / np.linalg.norm(step)
+    progress = {name: float(v @ along) / float(clean @ along)
+                for name, v in (("zero", zero), ("centred", centred.delta))}
+    assert progress["zero"] < 0.65  # about 3/5 of the honest step
+    assert progress["centred"] > 0.9, progress
+    # With nobody attacking, nothing is clipped beyond the honest spread: about the mean.
+    calm = _ours(honest, np.ones(n), norm_bound="adaptive", norm_bound_center="median")
+    assert float(calm.delta @ along) / float(clean @ along) > 0.95
+
+
 def test_without_a_bound_the_mean_is_the_attackers():
     # The finding: at an honest weight, one delta of norm 1e6 becomes the aggregate.
     attacked = _deltas(5, outlier=1e6)
@@ -302,6 +353,15 @@ def test_aggregation_config_loads():
      "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
     (["aggregation.norm_bound=adaptive", "aggregation.tolerate=3"],
      "aggregation.norm_bound='adaptive' tolerates aggregation.tolerate=3 only with "
+     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.norm_bound_center=mean"],
+     "aggregation.norm_bound_center='mean' is not one of: zero, median"),
+    (["aggregation.norm_bound_center=median"],
+     "aggregation.norm_bound_center='median' measures a norm bound: set aggregation."
+     "norm_bound to 'adaptive' or a number"),
+    (["aggregation.norm_bound=2", "aggregation.norm_bound_center=median",
+      "aggregation.tolerate=3"],
+     "aggregation.norm_bound_center='median' tolerates aggregation.tolerate=3 only with "
      "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
     (["aggregation.tolerate=-1"], "aggregation.tolerate must be >= 0"),
     (["aggregation.rule=krum", "aggregation.krum_f=2"],

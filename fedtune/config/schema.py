@@ -332,6 +332,7 @@ CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 # config imports nothing of the app layer).
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
+NORM_BOUND_CENTERS = ("zero", "median")
 ADAPTIVE_FACTOR_MAX = 1e3
 ATTACK_SCALE_MAX = 1e9
 
@@ -346,6 +347,11 @@ class AggregationConfig:
     # "off", "adaptive", or a number > 0 (an L2 norm).
     norm_bound: float | int | str = "off"
     adaptive_factor: float = 1.0
+    # What the bound is measured from: "zero" bounds each delta's norm (one client moves
+    # the mean by at most bound / n); "median" bounds each delta's distance from the
+    # cohort's coordinate-wise median (centred clipping), which also bounds a client that
+    # sends the honest step reversed (the adaptive bound is then the median distance).
+    norm_bound_center: str = "zero"
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
     # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
@@ -366,6 +372,12 @@ class AggregationConfig:
             require_finite("aggregation.norm_bound", self.norm_bound)
             require_positive("aggregation.norm_bound", self.norm_bound)
             self.norm_bound = float(self.norm_bound)
+        require_choice("aggregation.norm_bound_center", self.norm_bound_center,
+                       NORM_BOUND_CENTERS)
+        if self.norm_bound_center != "zero" and self.norm_bound == "off":
+            raise ConfigError(f"aggregation.norm_bound_center={self.norm_bound_center!r} "
+                              "measures a norm bound: set aggregation.norm_bound to "
+                              "'adaptive' or a number")
         if not 0.0 < self.adaptive_factor <= ADAPTIVE_FACTOR_MAX:
             raise ConfigError(f"aggregation.adaptive_factor must be in (0, "
                               f"{ADAPTIVE_FACTOR_MAX:g}], got {self.adaptive_factor!r}")
@@ -395,6 +407,9 @@ class AggregationConfig:
             # The median norm is an honest one only while honest deltas are the majority.
             return (f"aggregation.norm_bound='adaptive' tolerates aggregation.tolerate={f} "
                     f"only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+        if self.norm_bound_center == "median" and n < 2 * f + 1:
+            return (f"aggregation.norm_bound_center='median' tolerates aggregation.tolerate="
+                    f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
