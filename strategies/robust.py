@@ -154,19 +154,29 @@ def clip_rows(deltas: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def centred_clip(deltas: np.ndarray, cfg: AggregationConfig
-                 ) -> tuple[np.ndarray, float, np.ndarray]:
-    """Centred clipping (Karimireddy et al. 2021, one step): each delta's difference from the
-    cohort's coordinate-wise median scaled down to the bound (a number, or `adaptive_factor`
-    x the median distance), added back to the median. The deltas, the bound, the clipped
-    mask. Against f < n / 2 attackers the median and the median distance are honest ones,
-    so whatever an attacker sends, its row ends within the bound of the honest centre and
-    moves the mean by at most bound / n from it: a reversed step is cut to the honest
-    spread, where a bound around zero keeps its full honest-sized reversal."""
+                 ) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """Centred clipping (Karimireddy et al. 2021, one step), then the bound around zero:
+    each delta's difference from the cohort's coordinate-wise median scaled down to the
+    bound (a number, or `adaptive_factor` x the median distance) and added back to the
+    median; then each row scaled down to the bound around zero (the same number, or
+    `adaptive_factor` x the median norm), as without a centre. The rows, the centred bound,
+    the rows clipped by either, and the bound around zero.
+
+    What it bounds: every row has norm <= the bound around zero, so the aggregate does and
+    one client moves the mean by at most 2 x bound / n, however many attack (the guarantee
+    of the bound around zero). With f < n / 2 attackers the median stays inside the honest
+    clients' range on every coordinate (as the `median` rule) and every row ends within the
+    centred bound of it, so a client that sends the honest step reversed is pulled back to
+    the honest spread instead of cancelling an honest client's step. The centre is not an
+    honest point: f coordinated attackers can shift it within the honest spread on every
+    coordinate (as they can the median rule's result), which a small bound cannot undo."""
     center = np.median(deltas, axis=0)
     bound = resolve_bound(cfg, np.linalg.norm(deltas - center, axis=1))
-    assert bound is not None  # validate(): a centre needs a bound
-    clipped, over = clip_rows(deltas - center, bound)
-    return center + clipped, bound, over
+    zero_bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
+    assert bound is not None and zero_bound is not None  # validate(): a centre needs a bound
+    moved, over = clip_rows(deltas - center, bound)
+    rows, over_zero = clip_rows(center + moved, zero_bound)
+    return rows, bound, over | over_zero, zero_bound
 
 
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
@@ -186,8 +196,9 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
     refused = cfg.shortfall(len(deltas), "deltas this round")
     if refused is not None:
         return Aggregated(None, {**figures, "refused": refused})
+    zero_bound = None
     if cfg.norm_bound_center == "median":
-        deltas, bound, clipped = centred_clip(deltas, cfg)
+        deltas, bound, clipped, zero_bound = centred_clip(deltas, cfg)
     else:
         bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
         if bound is not None:
@@ -197,6 +208,6 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                  "clipped": [n for n, c in zip(names, clipped, strict=True)
                                              if c]}
         if cfg.norm_bound_center != "zero":
-            figures["norm_bound"]["center"] = cfg.norm_bound_center
+            figures["norm_bound"].update(center=cfg.norm_bound_center, bound_zero=zero_bound)
     delta, own = RULES[cfg.rule](deltas, w, cfg, names)
     return Aggregated(delta, {**figures, **own})
