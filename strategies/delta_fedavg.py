@@ -63,16 +63,21 @@ class DeltaFedAvg:
     def __init__(self, spec: DeltaSpec, clients_per_round: int, seed: int,
                  hooks: RoundHooks | None = None,
                  aggregation: AggregationConfig | None = None,
-                 withhold_metrics: bool = False) -> None:
+                 withhold_metrics: bool = False,
+                 report_groups: Iterable[str] = ()) -> None:
         """`aggregation`: the rule that combines the deltas (`[aggregation]`; the default
         is FedAvg). `withhold_metrics`: replies carry only what the server needs
-        (`fedtune.wire.fields.withholds_counts`)."""
+        (`fedtune.wire.fields.withholds_counts`). `report_groups`: the optional figure
+        groups (`fedtune.wire.protocol.EXTRA_GROUPS`) this run's clients report (split
+        mode, a plugin's); a reply with any other group is rejected, so a client cannot
+        add split or pruning figures to a run that has none."""
         self.spec = spec
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.hooks = hooks or RoundHooks()
         self.aggregation = aggregation or AggregationConfig()
         self.withhold_metrics = withhold_metrics
+        self.report_groups = frozenset(report_groups)
         # partition-id -> node id, bound at discovery. Flower draws node ids at random in
         # every run, so a cohort is drawn over partition ids and mapped through this roster.
         self.roster: dict[int, int] = {}
@@ -201,6 +206,13 @@ class DeltaFedAvg:
                 continue
             reported = {**reply.report.ledger(),
                         "reported_dp": None if reply.dp is None else reply.dp.ledger()}
+            unexpected = sorted(reply.report.groups() - self.report_groups)
+            if unexpected:
+                rejected.append(_rejected(
+                    server_round, reported, owned,
+                    f"reports {', '.join(unexpected)} figures, which this run does not use "
+                    f"(it expects {sorted(self.report_groups) or 'none'})"))
+                continue
             mismatch = self._count_mismatch(pid, reply.report.num_examples)
             if mismatch is not None:
                 rejected.append(_rejected(server_round, reported, owned, mismatch))

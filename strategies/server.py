@@ -111,7 +111,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         client_weight=lambda rnd, pid: _client_weight(rnd, pid, plugins))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed, hooks,
                            cfg.aggregation,
-                           withhold_metrics=withholds_counts(cfg))  # (wire_fields)
+                           withhold_metrics=withholds_counts(cfg),  # (wire_fields)
+                           report_groups=_report_groups(cfg.split.enabled, plugins))
     driver: DeltaFedAvg | UserLevelDP = strategy
     if privacy.user is not None:
         driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
@@ -179,6 +180,17 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     summary = _summary(history, state, task, cfg, final_test).to_json()
     ledger.write_summary(summary)
     return summary
+
+
+def _report_groups(split: bool, plugins: list[Plugin]) -> set[str]:
+    """The figure groups this run's clients report: split mode's, the plugins', and pruning
+    in split mode's savings when both run."""
+    groups = {group for plugin in plugins for group in plugin.report_groups()}
+    if split:
+        groups.add("split")
+        if "pruning" in groups:
+            groups.add("pruning_split")
+    return groups
 
 
 def _round_settings(cfg: ExperimentConfig, grid: Grid, task: Task, model: TunedModel

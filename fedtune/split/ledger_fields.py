@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fedtune.split.disclosure import in_clear_disclosure
 from fedtune.wire.protocol import TrainReport
 
@@ -31,7 +33,9 @@ def split_round_fields(reports: Sequence[TrainReport], bytes_up: int, bytes_down
     # Per trained example: pruning's scoring pass (in `flops` too) is not a training step.
     client_flops = sum(float(r.flops or 0.0) - _scoring_flops(r) for r, _ in split)
     per_example = client_flops / max(1, examples)
-    full = float(split[0][1].full_model_flops_per_example)
+    # A property of the model, reported by every split client alike: the median, so that
+    # no one client sets the round's denominator.
+    full = float(np.median([f.full_model_flops_per_example for _, f in split]))
     up = sum(int(f.smashed_bytes_up) for _, f in split)
     down = sum(int(f.smashed_bytes_down) for _, f in split)
     # The FLOP probe (synthetic text, once per worker process) crossed the wire too.

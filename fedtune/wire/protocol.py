@@ -148,8 +148,8 @@ EXTRA_GROUPS: dict[str, tuple[Scalar, ...]] = {
         _count("split-examples", "split_examples"),
         _count("local-loss-examples", "local_loss_examples"),
         _amount("client-flops-per-example", "client_flops_per_example"),
-        _amount("full-model-flops-per-example", "full_model_flops_per_example",
-                above_low=True),
+        # At least one FLOP: the denominator of the round's client_flops_fraction.
+        _amount("full-model-flops-per-example", "full_model_flops_per_example", low=1.0),
         # The FLOP probe's bytes (synthetic text, fedtune.split.flops): traffic too.
         _count("probe-bytes", "probe_bytes"),
     ),
@@ -394,6 +394,11 @@ class TrainReport:
         out.update({EXTRAS[k].name: v for k, v in self.extras.items()})
         return out
 
+    def groups(self) -> frozenset[str]:
+        """The optional figure groups this report carries (`EXTRA_GROUPS` names)."""
+        return frozenset(name for name, group in EXTRA_GROUPS.items()
+                         if group[0].key in self.extras)
+
     def _group(self, name: str) -> object | None:
         """The reported figures of group `name` as its type, None when not reported (a
         group is all or nothing: `_report` checked that)."""
@@ -503,6 +508,10 @@ def _report(metrics: dict[str, Any], withheld: bool) -> tuple[TrainReport, Repor
         if needs:
             raise ProtocolError(f"reply metrics report {name} figures without {needs}")
         extras.update({s.key: s.check(metrics[s.key]) for s in group})
+    scoring = extras.get("scoring-flops")
+    if scoring is not None and values.get("flops") is not None and scoring > values["flops"]:
+        raise ProtocolError(f"reply reports scoring-flops {scoring:.6g} above its flops "
+                            f"{values['flops']:.6g} (scoring is part of the round's FLOPs)")
     report = TrainReport(extras=extras, **values)
     return report, _reported_dp(metrics)
 

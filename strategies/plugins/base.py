@@ -57,6 +57,11 @@ class Plugin:
     def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         return {}
 
+    def report_groups(self) -> tuple[str, ...]:
+        """The figure groups (`fedtune.wire.protocol.EXTRA_GROUPS`) this plugin's clients
+        report; the server rejects a reply carrying any group no part of the run uses."""
+        return ()
+
     def trained_sizes(self, n: int) -> list[int]:
         """How many examples a client holding `n` may train on in a round under this
         plugin: the server charges its planned DP-SGD release at the costliest of them."""

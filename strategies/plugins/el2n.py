@@ -55,6 +55,9 @@ class EL2NPruning(Plugin):
         # A client trains on all n until its first scoring, then on the kept share.
         return [n, PruneSettings(self.keep, self.every).kept(n)]
 
+    def report_groups(self) -> tuple[str, ...]:
+        return ("pruning",)
+
     def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         pruned = [(c.report, c.report.pruning) for c in clients if c.report.pruning is not None]
         extras: dict[str, Any] = {

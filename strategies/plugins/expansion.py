@@ -99,6 +99,9 @@ class PopulationExpansion(Plugin):
         return {"domain": DomainSettings(is_target=not self._is_source(pid),
                                          max_weight=self.max_weight)}
 
+    def report_groups(self) -> tuple[str, ...]:
+        return ("importance",) if self.weighting == "importance" else ()
+
     def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         target = self.cfg.data.target_clients
         source = [c for c in clients if c.partition_id >= target]
