@@ -2,12 +2,13 @@
 uses the inner strategy's public methods only, and the records are typed."""
 
 import copy
+from uuid import uuid4
 
 import numpy as np
 import pytest
 from conftest import FakeGrid
 from flwr.app import Message
-from wire import reply, spec_of
+from wire import reply, spec_of, stray_message
 
 from fedtune.config import UserDPConfig
 from fedtune.run.records import RoundRecord, Summary
@@ -131,3 +132,36 @@ def test_the_records_write_the_contract_keys_in_order():
     assert {"final_accuracy", "best_val_accuracy", "best_round", "epsilon_sample",
             "epsilon_user", "delta", "noise", "rounds", "total_bytes_up", "total_bytes_down",
             "trainable_params", "backbone_params", "method", "wall_s"} <= set(summary.to_json())
+
+
+# Moved here from tests/test_attack28_pipeline.py (a review's reproducers, assertions kept):
+# ATTACK28 (issue 28, target 1): the new round pipeline as a malicious client sees it.
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+def _pushed(sent):
+    """Give each message the id a Grid's push gives it (Flower's InMemoryGrid does this)."""
+    for m in sent.messages:
+        m.metadata.__dict__["_message_id"] = str(uuid4())
+    return sent
+
+
+def test_a_late_reply_to_an_earlier_round_never_reaches_this_rounds_aggregate():
+    """A reply to round 1's message never enters round 2, even from a node round 2 asked."""
+    strategy = _fedavg()
+    first = _pushed(strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0, 1]))
+    second = _pushed(strategy.configure_train(2, np.ones(6, np.float32), 0.1, [0]))
+    late = reply(first.messages[0], np.full(6, 5.0), SPEC)  # node 100, computed on round 1
+    result = strategy.aggregate_train(second, [late])
+    assert result.outcome.accepted == [], "round 1's reply was averaged into round 2"
+    assert result.vector is None
+
+
+def test_a_reply_to_a_message_never_sent_never_reaches_the_aggregate():
+    """A reply whose reply_to names no message of this round is never accepted."""
+    strategy = _fedavg()
+    sent = _pushed(strategy.configure_train(1, np.zeros(6, np.float32), 0.1, [0]))
+    forged = stray_message(100)
+    forged.metadata.__dict__["_message_id"] = str(uuid4())
+    result = strategy.aggregate_train(sent, [reply(forged, np.full(6, 5.0), SPEC)])
+    assert result.outcome.accepted == [], "a reply to an unsent message was averaged in"

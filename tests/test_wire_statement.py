@@ -208,7 +208,7 @@ def test_under_dp_every_example_field_is_protected_or_withheld():
     """The table itself: under sample-level DP without the opt-in, nothing about individual
     examples or the Poisson draw is sent in clear, in any combination of settings, but for
     the exact count a node with its own data file sends at discovery (listed, with that
-    condition, as in clear: tests/test_attackb_discovery_count.py)."""
+    condition, as in clear: tests/test_discovery.py)."""
     from fedtune.wire.fields import examples_in_clear, withheld_fields
 
     plugins = ["data.domain_by=collection", "data.target_domain=set2",
