@@ -159,24 +159,34 @@ def centred_clip(deltas: np.ndarray, cfg: AggregationConfig
     each delta's difference from the cohort's coordinate-wise median scaled down to the
     bound (a number, or `adaptive_factor` x the median distance) and added back to the
     median; then each row scaled down to the bound around zero (the same number, or
-    `adaptive_factor` x the median norm), as without a centre. The rows, the centred bound,
-    the rows clipped by either, and the bound around zero.
+    `_largest_honest_norm`). The rows, the centred bound, the rows clipped by either, and
+    the bound around zero.
 
     What it bounds: every row has norm <= the bound around zero, so the aggregate does and
-    one client moves the mean by at most 2 x bound / n, however many attack (the guarantee
-    of the bound around zero). With f < n / 2 attackers the median stays inside the honest
-    clients' range on every coordinate (as the `median` rule) and every row ends within the
-    centred bound of it, so a client that sends the honest step reversed is pulled back to
-    the honest spread instead of cancelling an honest client's step. The centre is not an
+    one client moves the mean by at most 2 x bound / n: a numeric bound however many attack,
+    the adaptive one while at most `tolerate` do (it is then an honest client's norm).
+    With f < n / 2 attackers the median stays inside the honest clients' range on every
+    coordinate (as the `median` rule) and every row ends within the centred bound of it,
+    so a client that sends the honest step reversed is pulled back to the honest spread
+    instead of cancelling an honest client's step. The centre is not an
     honest point: f coordinated attackers can shift it within the honest spread on every
     coordinate (as they can the median rule's result), which a small bound cannot undo."""
     center = np.median(deltas, axis=0)
     bound = resolve_bound(cfg, np.linalg.norm(deltas - center, axis=1))
-    zero_bound = resolve_bound(cfg, np.linalg.norm(deltas, axis=1))
-    assert bound is not None and zero_bound is not None  # validate(): a centre needs a bound
+    assert bound is not None  # validate(): a centre needs a bound
+    zero_bound = bound if cfg.norm_bound != "adaptive" else _largest_honest_norm(deltas, cfg)
     moved, over = clip_rows(deltas - center, bound)
     rows, over_zero = clip_rows(center + moved, zero_bound)
     return rows, bound, over | over_zero, zero_bound
+
+
+def _largest_honest_norm(deltas: np.ndarray, cfg: AggregationConfig) -> float:
+    """`adaptive_factor` x the (n - tolerate)-th smallest norm: with at most `tolerate`
+    attackers an honest client's norm, and no honest row above it but the largest ones, so
+    the bound around zero caps an attacker without shortening the honest rows (the median
+    norm would shorten half of them, which centring has already pulled in)."""
+    norms = np.sort(np.linalg.norm(deltas, axis=1))
+    return float(cfg.adaptive_factor * norms[len(norms) - 1 - cfg.tolerate])
 
 
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,

@@ -143,7 +143,8 @@ def test_centred_bound_pulls_any_row_to_the_centre_and_bounds_every_row_around_z
         norms = np.linalg.norm(attacked, axis=1)
         if bound == "adaptive":
             assert used == pytest.approx(np.median(np.linalg.norm(attacked - center, axis=1)))
-            assert zero_bound == pytest.approx(np.median(norms))
+            # The largest norm that is an honest one with tolerate = 1 of 5 attacking.
+            assert zero_bound == pytest.approx(np.sort(norms)[3])
         else:
             assert used == zero_bound == bound
         assert (np.linalg.norm(rows, axis=1) <= zero_bound * (1 + 1e-12)).all()
