@@ -70,6 +70,16 @@ def test_two_training_files_each_row_keeps_its_own_file(tmp_path):
     assert f"{second} line 4" in _message(info) and "empty text" in _message(info)
 
 
+def test_a_glob_names_the_file_each_row_came_from(tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _csv(parts / "b.csv", [*ROWS[5:], ("no label", "")])
+    _csv(parts / "a.csv", ROWS[:5])
+    with pytest.raises(CorpusError) as info:
+        _load(tmp_path, str(parts / "*.csv"), test_fraction=0.2)
+    assert f"{parts / 'b.csv'} line 7: empty label" in _message(info)
+
+
 # --- delimiters ---------------------------------------------------------------------------
 
 def test_tsv_is_read_as_tab_separated(tmp_path):

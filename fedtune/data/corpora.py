@@ -387,17 +387,20 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     try:
         for file in files:
             check_text_file(file)
-        sep = csv_delimiter(path, files, delimiter)
-    except (DataFileError, DelimiterError) as exc:
+    except DataFileError as exc:
         raise CorpusError(f"{exc} (data.options.data_files)") from None
+    try:
+        sep = csv_delimiter(path, files, delimiter)
+    except DelimiterError as exc:
+        raise CorpusError(str(exc)) from None
     if cache_dir is None and (files or local.exists()):
         # The user's own texts: datasets would copy them into its cache in the home
         # folder; they go with fedtune's other caches instead (docs/data.md: Caches).
         cache_dir = (cache_root or default_cache_dir()) / "datasets"
     source = (f"data file {files[0]}" if len(files) == 1
               else f"data.options.path={path!r} (data_files={data_files!r})")
-    # Local files are handed to datasets one by one, in the order they are scanned for
-    # each row's line (fedtune.data.row_origin).
+    # Local CSV/JSON files go to datasets as the explicit list (globs expanded) that is
+    # scanned for each row's line (fedtune.data.row_origin), so both read the same order.
     by_split = local_files_by_split(data_files, base)
     scanned = (sep if path == "csv" else None if path == "json" else "")
     if by_split is not None and scanned != "":
