@@ -383,8 +383,9 @@ def predict(
     text: Annotated[list[str] | None, typer.Option(
         "--text", help="A text to classify (repeatable).")] = None,
     file: Annotated[Path | None, typer.Option(
-        help='Texts to classify: .jsonl lines {"text": ..., "label": ...} (label optional; '
-             "with labels, accuracy is reported) or any other file, one text per line.")
+        help="Texts to classify: .csv or .tsv with a header row, or .jsonl lines, with a "
+             "text column (the run's text_field, or text) and optionally a label column "
+             "(then accuracy is reported); or .txt, one text per line.")
     ] = None,
     out: Annotated[Path | None, typer.Option(
         help="Write one JSON line per text (label, probabilities) here.")] = None,
@@ -394,7 +395,7 @@ def predict(
     """Classify texts with a tuned model."""
     import json
 
-    from fedtune.data.predict_input import check_predict_options, read_texts
+    from fedtune.data.predict_input import check_predict_options, input_columns, read_texts
     from fedtune.run.export import load_tuned
 
     if not text and file is None:
@@ -405,7 +406,8 @@ def predict(
         texts: list[str] = list(text or [])
         labels: list[int | None] | None = None
         if file is not None:
-            file_texts, file_labels = read_texts(file, tuned.label_names)
+            file_texts, file_labels = read_texts(file, tuned.label_names,
+                                                 input_columns(tuned.cfg))
             if file_labels is not None:
                 labels = [None] * len(texts) + list(file_labels)
             texts += file_texts
@@ -433,8 +435,8 @@ def predict(
     if labels is not None:
         scored = [(int(p), y) for p, y in zip(predicted, labels, strict=True) if y is not None]
         correct = sum(p == y for p, y in scored)
-        console.print(f"accuracy {correct / len(scored):.4f} ({correct}/{len(scored)} "
-                      f"labelled texts)")
+        console.print(f"accuracy {correct / len(scored):.4f} on {len(scored)} labelled rows "
+                      f"({correct} right)")
 
 
 def _fail(message: str) -> None:

@@ -278,7 +278,8 @@ def test_missing_labels_and_texts_are_named(tmp_path):
         with pytest.raises(CorpusError) as info:
             load_corpus("hf", path="csv", data_files={"train": str(path), "test": str(path)},
                         cache_dir=str(tmp_path / "hf"))
-        assert f"{path} split 'train': data row 2 has an empty {needle}" in _one_line(info.value)
+        # the line of the file (header = line 1), not a row counted after loading
+        assert f"data file {path} line 3: empty {needle}" in _one_line(info.value)
 
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])

@@ -233,7 +233,8 @@ def test_export_then_predict_reproduces_the_runs_test_accuracy(run_dir, tmp_path
               str(tmp_path / "pred.jsonl"))
     assert res.code == 0, res.output
     correct = round(summary["final_accuracy"] * n)
-    assert f"accuracy {summary['final_accuracy']:.4f} ({correct}/{n} labelled texts)" in res.stdout
+    assert (f"accuracy {summary['final_accuracy']:.4f} on {n} labelled rows ({correct} right)"
+            in res.stdout)
     preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     names = json.loads((export / "fedtune.json").read_text())["label_names"]
     hits = sum(names.index(p["label"]) == y for p, y in zip(preds, test["label"], strict=True))

@@ -22,10 +22,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a TOML file (or the defaults when `path` is None), apply `key=value` overrides,
     and validate."""
     raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
+    if path is not None:
+        # The config's own data paths are the config file's folder's, wherever it is run
+        # from; a path given with --set is the current folder's (as the shell completes it).
+        _resolve_data_paths(raw, Path(path).resolve().parent)
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        over: dict[str, Any] = {}
+        _set_dotted(over, key, value)
+        _resolve_data_paths(over, Path.cwd())
+        _set_dotted(raw, key, _get_dotted(over, key))
     return config_from_dict(raw)
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the local paths of `raw`'s `data.options` absolute against `base`, so that the
+    run's config.toml names the same files from any folder: every relative `data_files`
+    name (a path or a glob; not a URL), and `path` when it names a file or folder in `base`
+    (otherwise it is a builder such as "csv" or a hub dataset name)."""
+    data = raw.get("data")
+    options = data.get("options") if isinstance(data, dict) else None
+    if not isinstance(options, dict):
+        return
+    if "data_files" in options:
+        options["data_files"] = _resolve_files(options["data_files"], base)
+    local = options.get("path")
+    if (isinstance(local, str) and local and not Path(local).expanduser().is_absolute()
+            and (base / local).exists()):
+        options["path"] = str(base / local)
+
+
+def _resolve_files(value: Any, base: Path) -> Any:
+    if isinstance(value, str):
+        if "://" in value or Path(value).expanduser().is_absolute():
+            return value
+        return str(base / value)
+    if isinstance(value, list):
+        return [_resolve_files(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_files(v, base) for k, v in value.items()}
+    return value  # a wrong type is refused by the corpus with its own message
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

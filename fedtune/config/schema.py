@@ -34,6 +34,9 @@ OPTIMIZERS = ("sgd", "adam")
 # train.prefix_cache: "auto" = on when the method leaves a frozen prefix (and split mode is
 # off), "on" = the same but a config that cannot use it is an error, "off" = never.
 PREFIX_CACHE = ("auto", "on", "off")
+# data.labels: a classifier head's outputs, and names that reach every export and report.
+MAX_LABELS = 10_000
+MAX_LABEL_CHARS = 200
 
 
 @dataclass
@@ -74,9 +77,14 @@ class DataConfig:
     # selection (best round, sweep tuning) reads it, and the test split is read only for the
     # final model. 0 disables it: then no round is evaluated and nothing selects.
     validation_fraction: float = 0.1
+    # The classes, in order (class id = position): every row's label must be one of them
+    # (or an integer id into them). Empty: the training split's labels, sorted; a label
+    # only in the test split, or two that differ only in case or spaces, is refused.
+    labels: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require_choice("data.corpus", self.corpus, available("corpus"))
+        self._check_labels()
         require_choice("data.partition", self.partition, available("partitioner"))
         require_positive("data.num_clients", self.num_clients)
         require_positive("data.alpha", self.alpha)
@@ -92,6 +100,24 @@ class DataConfig:
         if not 1 <= self.target_clients <= self.num_clients:
             raise ConfigError(f"data.target_clients must be in [1, data.num_clients="
                               f"{self.num_clients}], got {self.target_clients!r}")
+
+    def _check_labels(self) -> None:
+        if not self.labels:
+            return
+        if not 2 <= len(self.labels) <= MAX_LABELS:
+            raise ConfigError(f"data.labels needs at least 2 and at most {MAX_LABELS} labels "
+                              f"(a classifier's classes), got {len(self.labels)}")
+        seen: dict[str, str] = {}
+        for label in self.labels:
+            if not label.strip() or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+                raise ConfigError(f"data.labels: {label!r} is empty, longer than "
+                                  f"{MAX_LABEL_CHARS} characters or not printable")
+            key = label.strip().casefold()  # as fedtune.data.labels.label_key
+            if key in seen:
+                twice = ("twice" if seen[key] == label else
+                         f"beside {seen[key]!r}: they differ only in case or spaces")
+                raise ConfigError(f"data.labels lists {label!r} {twice}")
+            seen[key] = label
 
     @property
     def source_clients(self) -> int:

@@ -21,11 +21,21 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune.data.delimited import TAB_HINT, DelimiterError, csv_delimiter, looks_tab_separated
+from fedtune.data.labels import (
+    LabelError,
+    as_class_label,
+    check_class_names,
+    check_label_ids,
+    check_string_labels,
+)
+from fedtune.data.row_origin import ROW_COLUMN, Place, RowOrigins
 from fedtune.data.text_files import (
     DataFileError,
     check_text_file,
     data_file_names,
     local_data_files,
+    local_files_by_split,
 )
 from fedtune.data.tokenize import default_cache_dir
 
@@ -83,7 +93,7 @@ def available_corpora() -> list[str]:
 
 # Keyword arguments fedtune itself passes to a loader that declares them; never a
 # `data.options` key.
-RUN_ARGUMENTS = ("cache_root",)
+RUN_ARGUMENTS = ("cache_root", "labels")
 
 
 def corpus_options(name: str) -> list[str]:
@@ -99,11 +109,13 @@ def _loader(name: str) -> CorpusLoader:
     return _CORPORA[name]
 
 
-def load_corpus(name: str, /, cache_root: Path | None = None, **options: Any
-                ) -> datasets.DatasetDict:
+def load_corpus(name: str, /, cache_root: Path | None = None,
+                labels: list[str] | None = None, **options: Any) -> datasets.DatasetDict:
     """Load corpus `name` with its `options` (`data.options` in an experiment config).
     `cache_root` is fedtune's cache folder of the run (`[runtime] cache_dir`; default: the
-    environment's or ~/.cache/fedtune): loaders that copy the user's files keep them there."""
+    environment's or ~/.cache/fedtune): loaders that copy the user's files keep them there.
+    `labels` (`data.labels`): the declared classes, in order; a loader that takes them
+    checks every row against them, any other corpus must have exactly these classes."""
     loader = _loader(name)
     allowed = corpus_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -117,7 +129,15 @@ def load_corpus(name: str, /, cache_root: Path | None = None, **options: Any
         raise CorpusError(f"corpus {name!r} needs data.options {missing}")
     if cache_root is not None and "cache_root" in params:
         options = {**options, "cache_root": Path(cache_root)}
+    if labels and "labels" in params:
+        options = {**options, "labels": list(labels)}
     corpus = loader(**options)
+    if labels and "labels" not in params:
+        try:
+            check_class_names(getattr(corpus["train"].features["label"], "names", []),
+                              labels, f"corpus {name!r}")
+        except LabelError as exc:
+            raise CorpusError(str(exc)) from None
     _check_classes(corpus["train"], name)
     return corpus
 
@@ -259,13 +279,14 @@ def _is_string(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _check_no_nulls(ds: datasets.Dataset, where: str) -> None:
+def _check_no_nulls(ds: datasets.Dataset, split: str, locate: Callable[[str, int], Place]
+                    ) -> None:
     for column, what in (("text", "text"), ("label", "label")):
         values = ds[column]
         row = next((i for i, v in enumerate(values) if v is None), None)
         if row is not None:
-            raise CorpusError(f"{where}: data row {row + 1} has an empty {what}; every row "
-                              "needs a text and a label")
+            raise CorpusError(f"{locate(split, row)}: empty {what}; every row needs a text "
+                              "and a label")
 
 
 def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -280,6 +301,28 @@ def _as_label(ds: datasets.Dataset, where: str) -> datasets.Dataset:
         return ds.cast_column("label", datasets.Value("int64"))
     raise CorpusError(f"{where}: label column has type {feature}; expected integers, booleans "
                       "or strings (strings become class names)")
+
+
+def _classes(out: dict[str, datasets.Dataset], labels: list[str] | None, path: str,
+             locate: Callable[[str, int], Place]) -> dict[str, datasets.Dataset]:
+    """The label column of each split as classes, checked (fedtune.data.labels)."""
+    import datasets
+
+    try:
+        if all(_is_string(ds.features["label"]) for ds in out.values()):
+            names = check_string_labels({s: [str(v) for v in ds["label"]]
+                                         for s, ds in out.items()}, labels, locate)
+            return {s: as_class_label(ds, names) for s, ds in out.items()}
+        out = {s: _as_label(ds, f"dataset {path!r} split {s!r}") for s, ds in out.items()}
+        features = {s: ds.features["label"] for s, ds in out.items()}
+        if all(isinstance(f, datasets.ClassLabel) for f in features.values()):
+            check_class_names(features["train"].names, labels, f"dataset {path!r}")
+        check_label_ids({s: ds["label"] for s, ds in out.items()}, labels, locate)
+    except LabelError as exc:
+        raise CorpusError(str(exc)) from None
+    if labels and not isinstance(features["train"], datasets.ClassLabel):
+        return {s: as_class_label(ds, labels) for s, ds in out.items()}
+    return out
 
 
 # `datasets`' packaged builders: with them, `data_files` are all the loader reads.
@@ -309,15 +352,18 @@ def _hf_sources(*, path: str, data_files: Any = None, **_: Any) -> list[Path] | 
 def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
             text_field: str = "text", label_field: str = "label", train_split: str = "train",
             test_split: str | None = None, test_fraction: float = 0.2, seed: int = 0,
-            cache_dir: str | Path | None = None, cache_root: Path | None = None
+            delimiter: str | None = None, cache_dir: str | Path | None = None,
+            cache_root: Path | None = None, labels: list[str] | None = None
             ) -> datasets.DatasetDict:
     """Any HF dataset as a corpus, with its text and label columns renamed to text/label.
 
     `path`/`name`/`data_files`/`cache_dir` go to `datasets.load_dataset` (e.g. path="csv",
     data_files="mail.csv"). The test split is `test_split` if given (it must exist), else a
     "test" split when the dataset has one, else a seeded `test_fraction` of `train_split`.
-    String labels become a ClassLabel with the sorted names; rows without an `id` column
-    get "<split>-<row>".
+    `delimiter`: CSV's field separator (default: a tab for .tsv files, else a comma).
+    String labels become a ClassLabel: `labels` (`data.labels`, the declared classes in
+    order) or the sorted training labels (fedtune.data.labels checks them); rows without
+    an `id` column get "<split>-<row>". An error about a row names its file and line.
     """
     import datasets
 
@@ -328,6 +374,7 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
                                  ("test_split", test_split, str),
                                  ("test_fraction", test_fraction, (int, float)),
                                  ("seed", seed, int), ("cache_dir", cache_dir, (str, Path)),
+                                 ("delimiter", delimiter, str),
                                  ("data_files", data_files, (str, list, dict))):
         _check_type(option, value, kinds)
     if not 0 < test_fraction < 1:
@@ -335,25 +382,41 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     if not 0 <= seed < 2**32:  # numpy's seed range (the held-out split is drawn by numpy)
         raise CorpusError(f"data.options.seed={seed} must be in [0, {2**32 - 1}]")
     local = Path(path).expanduser()
-    files = local_data_files(data_files, local if local.is_dir() else None)
+    base = local if local.is_dir() else None
+    files = local_data_files(data_files, base)
     try:
         for file in files:
             check_text_file(file)
     except DataFileError as exc:
         raise CorpusError(f"{exc} (data.options.data_files)") from None
+    try:
+        sep = csv_delimiter(path, files, delimiter)
+    except DelimiterError as exc:
+        raise CorpusError(str(exc)) from None
     if cache_dir is None and (files or local.exists()):
         # The user's own texts: datasets would copy them into its cache in the home
         # folder; they go with fedtune's other caches instead (docs/data.md: Caches).
         cache_dir = (cache_root or default_cache_dir()) / "datasets"
     source = (f"data file {files[0]}" if len(files) == 1
               else f"data.options.path={path!r} (data_files={data_files!r})")
+    # Local CSV/JSON files go to datasets as the explicit list (globs expanded) that is
+    # scanned for each row's line (fedtune.data.row_origin), so both read the same order.
+    by_split = local_files_by_split(data_files, base)
+    scanned = (sep if path == "csv" else None if path == "json" else "")
+    if by_split is not None and scanned != "":
+        data_files = {split: [str(f) for f in found] for split, found in by_split.items()}
+    else:
+        by_split = None
+    extra = {"delimiter": sep} if sep not in (None, ",") else {}
     try:
         loaded = datasets.load_dataset(path, name, data_files=data_files,
-                                      cache_dir=str(cache_dir) if cache_dir else None)
+                                      cache_dir=str(cache_dir) if cache_dir else None, **extra)
     except (FileNotFoundError, ValueError, ConnectionError, StopIteration,
             datasets.exceptions.DatasetsError) as exc:
+        tabbed = [f for f in files if sep is not None and looks_tab_separated(f, sep)]
+        hint = f"; {tabbed[0]} looks tab-separated: {TAB_HINT}" if tabbed else ""
         raise CorpusError(f"{source} could not be read as {path!r} data: "
-                          f"{_root_cause(exc)}") from None
+                          f"{_root_cause(exc)}{hint}") from None
     if not isinstance(loaded, datasets.DatasetDict):
         raise CorpusError(f"dataset {path!r} did not load as named splits")
     if train_split not in loaded:
@@ -363,18 +426,27 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         raise CorpusError(f"dataset {path!r} has no split test_split={test_split!r}; "
                           f"splits: {list(loaded)}")
     test_name = test_split or ("test" if "test" in loaded else None)
+    # Each row keeps its index in its split as loaded through the held-out draw, so an
+    # error names its file and line, not its place after the seeded shuffle.
+    origins = RowOrigins(by_split, scanned or None, f"dataset {path!r}")
+    sizes = {s: len(loaded[s]) for s in {train_split, test_name} - {None}}
+    numbered = {s: loaded[s].add_column(ROW_COLUMN, range(n)) for s, n in sizes.items()}
     if test_name is not None:
-        train, test = loaded[train_split], loaded[test_name]
+        train, test = numbered[train_split], numbered[test_name]
+        loaded_as = {"train": train_split, "test": test_name}
     else:
-        parts = loaded[train_split].train_test_split(test_size=test_fraction, seed=seed)
+        parts = numbered[train_split].train_test_split(test_size=test_fraction, seed=seed)
         train, test = parts["train"], parts["test"]
+        loaded_as = {"train": train_split, "test": train_split}
     out = {}
     for split, ds in (("train", train), ("test", test)):
         where = f"dataset {path!r} split {split!r}"
         for option, field in (("text_field", text_field), ("label_field", label_field)):
             if field not in ds.column_names:
+                tabbed = next((c for c in ds.column_names if "\t" in c), None)
+                hint = f" (column {tabbed!r} looks tab-separated: {TAB_HINT})" if tabbed else ""
                 raise CorpusError(f"{where} has no column {option}={field!r}; "
-                                  f"columns: {ds.column_names}")
+                                  f"columns: {ds.column_names}{hint}")
         renames = {k: v for k, v in ((text_field, "text"), (label_field, "label")) if k != v}
         clash = [v for v in renames.values() if v in ds.column_names]
         ds = ds.remove_columns(clash).rename_columns(renames)
@@ -387,13 +459,13 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         elif ds.features["id"] != datasets.Value("string"):
             ds = ds.cast_column("id", datasets.Value("string"))
         out[split] = ds
+    rows = {s: ds[ROW_COLUMN] for s, ds in out.items()}
+
+    def locate(split: str, row: int) -> Place:
+        loaded_split = loaded_as[split]
+        return origins.place(loaded_split, rows[split][row], sizes[loaded_split])
+
     for split, ds in out.items():
-        _check_no_nulls(ds, f"{source} split {split!r}")
-    if all(_is_string(ds.features["label"]) for ds in out.values()):
-        names = sorted({str(v) for s in out.values() for v in s["label"]})
-        # CSV text arrives as large_string, which ClassLabel cannot be cast from.
-        out = {s: ds.cast_column("label", datasets.Value("string"))
-               .cast_column("label", datasets.ClassLabel(names=names))
-               for s, ds in out.items()}
-    return datasets.DatasetDict({s: _as_label(ds, f"dataset {path!r} split {s!r}")
-                                 for s, ds in out.items()})
+        _check_no_nulls(ds, split, locate)
+    out = _classes(out, labels, path, locate)
+    return datasets.DatasetDict({s: ds.remove_columns(ROW_COLUMN) for s, ds in out.items()})

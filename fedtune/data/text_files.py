@@ -75,3 +75,23 @@ def check_text_file(path: Path) -> None:
             offset += len(chunk)
     if not content:
         raise DataFileError(f"data file {path} is empty")
+
+
+def local_files_by_split(data_files: Any, base: Path | None = None
+                         ) -> dict[str, list[Path]] | None:
+    """`data_files` as split -> its local files, in the order `datasets` reads them when
+    given this table (a path, glob or list is the "train" split); None when a name matches
+    no local file (a remote file, or one `datasets` will report missing)."""
+    if data_files is None:
+        return None
+    table = data_files if isinstance(data_files, dict) else {"train": data_files}
+    out: dict[str, list[Path]] = {}
+    for split, names in table.items():
+        files: list[Path] = []
+        for name in data_file_names(names):
+            found = local_data_files(name, base)
+            if not found:
+                return None
+            files += found
+        out[str(split)] = files
+    return out

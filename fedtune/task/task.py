@@ -283,7 +283,8 @@ def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
     cache_dir = runtime_settings(cfg).cache_dir
     with phase("data", lambda: f"{cfg.data.corpus}, "
                f"{sum(len(corpus[s]) for s in ('train', 'test')):,} rows"):
-        corpus = load_corpus(cfg.data.corpus, cache_root=cache_dir, **cfg.data.options)
+        corpus = load_corpus(cfg.data.corpus, cache_root=cache_dir, labels=cfg.data.labels,
+                             **cfg.data.options)
     splits = {}
     with phase("tokenize", f"max_length {cfg.model.max_length}"):
         for name in ("train", "test"):
