@@ -21,8 +21,26 @@ def _fedtune(*args):
 def _run_fresh(*args: str) -> tuple[int, str]:
     """`fedtune` in its own process: a run starts Ray, which a test process that already
     started Ray (another test file on the same xdist worker) refuses to start again."""
-    proc = _fedtune(*args)
-    return proc.returncode, proc.stdout + proc.stderr
+    return _run_fresh_together(args)[0]
+
+
+def _run_fresh_together(*commands: tuple[str, ...]) -> list[tuple[int, str]]:
+    """`_run_fresh` of several commands at once, each in its own process (its own Ray):
+    each mostly waits for Ray to start and stop again, so they overlap well."""
+    procs = [subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            results.append((proc.returncode, stdout + stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def test_bad_config_value_is_one_clear_line_not_a_traceback():
@@ -56,11 +74,10 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_data_errors_are_one_line(tmp_path):
-    code, out = _run_fresh("run", "--set", "data.partition=natural", "--out",
-                           str(tmp_path / "r"))
+    (code, out), (code2, out2) = _run_fresh_together(
+        ("run", "--set", "data.partition=natural", "--out", str(tmp_path / "r")),
+        ("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out", str(tmp_path / "r2")))
     assert code == 2, out[-2000:]
     assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
     assert "Traceback" not in out
-    code, out = _run_fresh("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
-                           str(tmp_path / "r2"))
-    assert code == 2 and "corpus file not found: /no/such.jsonl.gz" in out
+    assert code2 == 2 and "corpus file not found: /no/such.jsonl.gz" in out2

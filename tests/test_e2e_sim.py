@@ -60,10 +60,15 @@ def _fedtune_run(config, out, overrides=()):
     return out
 
 
+def shared_quickstart(shared_run):
+    """The shared run (conftest `shared_run`: once per test session, also read by
+    tests/test_startup.py for its start-up lines)."""
+    return shared_run(ROOT / "experiments/quickstart.toml", OVERRIDES + REPRODUCIBLE)
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return _fedtune_run(ROOT / "experiments/quickstart.toml",
-                        tmp_path_factory.mktemp("run") / "e2e", OVERRIDES + REPRODUCIBLE)
+def run_dir(shared_run):
+    return shared_quickstart(shared_run).out
 
 
 def _rounds(out):
@@ -407,10 +412,14 @@ def test_user_level_dp_clips_accounts_and_stops_at_the_budget(user_dp_run):
 
 @pytest.mark.slow
 def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_path):
-    # 20 clients of ~235 examples: one epoch over the kept half is ~4 steps of 32, after
-    # each client scored all of its examples (a forward pass each).
+    # 40 clients of 105 examples (iid): one epoch over the kept half is 2 steps of 32, after
+    # each client scored all of its examples (a forward pass each). Small: scoring and
+    # training are most of this run's work. Large enough: an unpruned epoch (105 examples
+    # a client) would still break the bound on examples_trained (52.5 + 32 a client). The
+    # cohort is a secret Poisson draw at q = 4/40: empty in a round with chance 1.5 %.
     sets = OVERRIDES + [
-        "data.num_clients=20", "train.clients_per_round=4", "train.rounds=2",
+        "data.num_clients=40", "data.partition=iid", "train.clients_per_round=4",
+        "train.rounds=2",
         "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
         "privacy.user.log_cohorts=true",  # the test reads the per-client figures
         'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]']
