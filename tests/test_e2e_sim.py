@@ -36,6 +36,11 @@ OVERRIDES = [
     "privacy.sample.target_epsilon=8",
 ]
 REPRODUCIBLE = ["privacy.reproducible_noise=true"]
+# One Ray actor instead of one per core: under the README's `-n 2` each xdist worker has one
+# core (conftest.py), so a second actor only adds its start-up (torch, the client code, the
+# model: about 11 CPU-seconds a run, measured); its clients take turns instead. The shared
+# run keeps an actor per core (clients in parallel), as do the long tests that time rounds.
+ONE_ACTOR = ["simulation.num_cpus=1"]
 # The faulty run's round timeout: the round with the hanging client lasts exactly this long,
 # and the other three clients of that round (actor start-up included: it is round 1) must
 # reply within it. The same round without the hang (4 clients training, replies, validation
@@ -375,7 +380,8 @@ def user_dp_run(tmp_path_factory):
         "privacy.user.target_epsilon=6.0", "privacy.user.clip_norm=0.5",
         # The tests read per-client figures: sent, and logged in rounds.jsonl.
         "privacy.disclose_counts=true", "privacy.user.log_cohorts=true",
-        'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]']
+        'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]',
+        *ONE_ACTOR]
     return _fedtune_run(ROOT / "experiments/quickstart.toml",
                         tmp_path_factory.mktemp("user") / "user", sets)
 
@@ -422,7 +428,7 @@ def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_pa
         "train.rounds=2",
         "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
         "privacy.user.log_cohorts=true",  # the test reads the per-client figures
-        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]']
+        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]', *ONE_ACTOR]
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "pruned", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["clients"] > 0

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_e2e_sim import ONE_ACTOR
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny: what these tests check is the protocol, not what is learnt (16 tokens is the
 # lifecycle tests' length too, so the token cache is shared).
 TINY = ["data.num_clients=4", "train.clients_per_round=2", "train.rounds=2",
         "train.local_steps=2", "train.batch_size=8", "model.max_length=16",
-        "tuning.prompt.length=4", "train.eval_max_examples=32"]
+        "tuning.prompt.length=4", "train.eval_max_examples=32",
+        *ONE_ACTOR]  # see test_e2e_sim.ONE_ACTOR
 
 
 def _run(out, overrides):

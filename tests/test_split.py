@@ -308,7 +308,7 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
 
 @pytest.mark.slow
 def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansion(tmp_path):
-    from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
+    from test_e2e_sim import ONE_ACTOR, OVERRIDES, ROOT, _fedtune_run
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
@@ -319,7 +319,7 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
         "data.domain_by=collection",
         "data.target_domain=set2", "data.target_clients=8",
         'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}, '
-        '{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
+        '{name = "population_expansion", weighting = "fixed", lam = 0.5}]', *ONE_ACTOR]
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
