@@ -1,7 +1,14 @@
 """Test-wide settings: offline, quiet, and caches inside a per-session temp dir."""
 
+import fcntl
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -176,3 +183,43 @@ def tiny_gpt2(n_layer: int):
 def tiny_backbone():
     """A 2-layer `tiny_gpt2`."""
     return tiny_gpt2(2)
+
+
+class SharedRun(NamedTuple):
+    out: Path  # the run folder: read it, or copy it (shutil.copytree) before writing
+    stdout: str  # what `fedtune run` printed
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SharedRun]:
+    """`shared_run(config, overrides)`: one successful `fedtune run` of that config per test
+    session, whichever test (and, under pytest-xdist, whichever worker) asks first; the others
+    wait for it and read the same folder. A tiny simulation costs about a minute, and tests
+    in several files check different things of the same run. Only for tests that READ the
+    folder: one that writes copies it first."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder above the workers' own, as for fedtune's cache
+    root = base / "shared-runs"
+    root.mkdir(exist_ok=True)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(config: Path, overrides: list[str] | tuple[str, ...]) -> SharedRun:
+        key = hashlib.sha256(repr((str(config), list(overrides))).encode()).hexdigest()[:16]
+        out, printed, done = root / key, root / f"{key}.stdout", root / f"{key}.done"
+        with (root / f"{key}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)  # a failed attempt's leftovers
+                args = [sys.executable, "-m", "fedtune.cli", "run", str(config), "--out",
+                        str(out)]
+                for item in overrides:
+                    args += ["--set", item]
+                proc = subprocess.run(args, cwd=repo, capture_output=True, text=True,
+                                      timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                printed.write_text(proc.stdout)
+                done.touch()
+        return SharedRun(out, printed.read_text())
+
+    return run

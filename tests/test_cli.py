@@ -1,14 +1,17 @@
 """CLI behaviour that needs no simulation: clear one-line errors, README/CI in step.
 
 One error goes through a real `python -m fedtune.cli` process (the exit code and output a
-user sees); the others call the same typer app in this process, which skips the seconds of
-imports a new process pays (these errors come before any actor starts); see the `cli`
-fixture in conftest.py."""
+user sees), and so do the errors that come while Ray starts (`fresh_runs`: each its own
+process, started together); the others call the same typer app in this process, which skips
+the seconds of imports a new process pays (these errors come before any actor starts); see
+the `cli` fixture in conftest.py."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,11 +21,37 @@ def _fedtune(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def _run_fresh(*args: str) -> tuple[int, str]:
-    """`fedtune` in its own process: a run starts Ray, which a test process that already
-    started Ray (another test file on the same xdist worker) refuses to start again."""
-    proc = _fedtune(*args)
-    return proc.returncode, proc.stdout + proc.stderr
+# Errors that come while Ray and the workers start (the task is built meanwhile): each
+# `fedtune` run in its own process, as a run starts Ray, which a test process that already
+# started Ray (another test file on the same xdist worker) refuses to start again.
+FRESH = {
+    "backbone": ("--set", "model.backbone=no-such-org/no-such-model"),
+    "natural": ("--set", "data.partition=natural"),
+    "path": ("--set", "data.options.path='/no/such.jsonl.gz'"),
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """`fedtune run` with each of FRESH's settings, all started at once: each process mostly
+    waits for Ray and its workers to start and stop again, so they overlap well. Maps each
+    name to (exit code, stdout and stderr)."""
+    root = tmp_path_factory.mktemp("fresh")
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fedtune.cli", "run", *sets, "--out",
+                                     str(root / name)], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, sets in FRESH.items()}
+    results = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=180)
+            results[name] = (proc.returncode, stdout + stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def test_bad_config_value_is_one_clear_line_not_a_traceback():
@@ -39,9 +68,8 @@ def test_missing_config_file(cli):
     assert "config file not found: no/such/file.toml" in out
 
 
-def test_unavailable_backbone_is_named(tmp_path):
-    code, out = _run_fresh("run", "--set", "model.backbone=no-such-org/no-such-model", "--out",
-                    str(tmp_path / "run"))
+def test_unavailable_backbone_is_named(fresh_runs):
+    code, out = fresh_runs["backbone"]
     assert code == 2, out[-2000:]
     assert "model.backbone='no-such-org/no-such-model' is not available offline" in out
     assert "Traceback" not in out
@@ -55,12 +83,10 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
 
 
-def test_data_errors_are_one_line(tmp_path):
-    code, out = _run_fresh("run", "--set", "data.partition=natural", "--out",
-                           str(tmp_path / "r"))
+def test_data_errors_are_one_line(fresh_runs):
+    code, out = fresh_runs["natural"]
     assert code == 2, out[-2000:]
     assert "error: data.num_clients=20 but natural partitioning by 'mailing_list'" in out
     assert "Traceback" not in out
-    code, out = _run_fresh("run", "--set", "data.options.path='/no/such.jsonl.gz'", "--out",
-                           str(tmp_path / "r2"))
+    code, out = fresh_runs["path"]
     assert code == 2 and "corpus file not found: /no/such.jsonl.gz" in out

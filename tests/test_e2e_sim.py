@@ -36,6 +36,11 @@ OVERRIDES = [
     "privacy.sample.target_epsilon=8",
 ]
 REPRODUCIBLE = ["privacy.reproducible_noise=true"]
+# One Ray actor instead of one per core: under the README's `-n 2` each xdist worker has one
+# core (conftest.py), so a second actor only adds its start-up (torch, the client code, the
+# model: about 11 CPU-seconds a run, measured); its clients take turns instead. The shared
+# run keeps an actor per core (clients in parallel), as do the long tests that time rounds.
+ONE_ACTOR = ["simulation.num_cpus=1"]
 # The faulty run's round timeout: the round with the hanging client lasts exactly this long,
 # and the other three clients of that round (actor start-up included: it is round 1) must
 # reply within it. The same round without the hang (4 clients training, replies, validation
@@ -60,10 +65,15 @@ def _fedtune_run(config, out, overrides=()):
     return out
 
 
+def shared_quickstart(shared_run):
+    """The shared run (conftest `shared_run`: once per test session, also read by
+    tests/test_startup.py for its start-up lines)."""
+    return shared_run(ROOT / "experiments/quickstart.toml", OVERRIDES + REPRODUCIBLE)
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return _fedtune_run(ROOT / "experiments/quickstart.toml",
-                        tmp_path_factory.mktemp("run") / "e2e", OVERRIDES + REPRODUCIBLE)
+def run_dir(shared_run):
+    return shared_quickstart(shared_run).out
 
 
 def _rounds(out):
@@ -371,7 +381,8 @@ def user_dp_run(tmp_path_factory):
         "privacy.user.target_epsilon=6.0", "privacy.user.clip_norm=0.5",
         # The tests read per-client figures: sent, and logged in rounds.jsonl.
         "privacy.disclose_counts=true", "privacy.user.log_cohorts=true",
-        'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]']
+        'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]',
+        *ONE_ACTOR]
     return _fedtune_run(ROOT / "experiments/quickstart.toml",
                         tmp_path_factory.mktemp("user") / "user", sets)
 
@@ -408,13 +419,17 @@ def test_user_level_dp_clips_accounts_and_stops_at_the_budget(user_dp_run):
 
 @pytest.mark.slow
 def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_path):
-    # 20 clients of ~235 examples: one epoch over the kept half is ~4 steps of 32, after
-    # each client scored all of its examples (a forward pass each).
+    # 40 clients of 105 examples (iid): one epoch over the kept half is 2 steps of 32, after
+    # each client scored all of its examples (a forward pass each). Small: scoring and
+    # training are most of this run's work. Large enough: an unpruned epoch (105 examples
+    # a client) would still break the bound on examples_trained (52.5 + 32 a client). The
+    # cohort is a secret Poisson draw at q = 4/40: empty in a round with chance 1.5 %.
     sets = OVERRIDES + [
-        "data.num_clients=20", "train.clients_per_round=4", "train.rounds=2",
+        "data.num_clients=40", "data.partition=iid", "train.clients_per_round=4",
+        "train.rounds=2",
         "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
         "privacy.user.log_cohorts=true",  # the test reads the per-client figures
-        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]']
+        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]', *ONE_ACTOR]
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "pruned", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["clients"] > 0

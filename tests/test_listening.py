@@ -118,9 +118,10 @@ def test_deploy_superlink_exposes_only_the_fleet_gateway(tmp_path):
         log.close()
 
 
+# Equal partitions (iid): one noise calibration per process instead of one per client size.
 FLWR_RUN_OVERRIDES = ("name=flwr-listen data.num_clients=2 train.clients_per_round=2 "
                       "train.rounds=1 train.local_steps=1 train.batch_size=8 model.max_length=16 "
-                      "tuning.prompt.length=2 train.eval_max_examples=32")
+                      "tuning.prompt.length=2 train.eval_max_examples=32 data.partition=iid")
 
 
 @pytest.mark.slow

@@ -308,17 +308,18 @@ def test_pruned_split_client_records_the_smashed_bytes_pruning_really_saved(mini
 
 @pytest.mark.slow
 def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansion(tmp_path):
-    from test_e2e_sim import OVERRIDES, ROOT, _fedtune_run
+    from test_e2e_sim import ONE_ACTOR, OVERRIDES, ROOT, _fedtune_run
 
     sets = [o for o in OVERRIDES if not o.startswith("train.rounds")] + [
         "train.rounds=2", "split.enabled=true", "split.cut_layer=1",
         "privacy.disclose_counts=true",  # the test reads the split and pruning figures
-        # 8 partitions, not 4: every sampled client scores all of its examples.
-        "data.num_clients=8", "split.local_loss_fraction=0.5", "data.partition=iid",
+        # Every sampled client scores all of its examples, through the cut: 24 partitions
+        # of 157-243 examples (8 of them the target domain's), not 8 of 420-971 (2 target).
+        "data.num_clients=24", "split.local_loss_fraction=0.5", "data.partition=iid",
         "data.domain_by=collection",
-        "data.target_domain=set2", "data.target_clients=2",
+        "data.target_domain=set2", "data.target_clients=8",
         'plugins=[{name = "el2n_pruning", keep = 0.5, allow_with_sample_dp = true}, '
-        '{name = "population_expansion", weighting = "fixed", lam = 0.5}]']
+        '{name = "population_expansion", weighting = "fixed", lam = 0.5}]', *ONE_ACTOR]
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "split", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -342,7 +343,8 @@ def test_fedtune_run_in_split_mode_composes_with_local_loss_pruning_and_expansio
             assert c["scoring_smashed_bytes"] == scored * tokens * (2 * hidden * 4 + 8)
             assert c["examples_seen"] == n + c["local_loss_examples"]
             assert c["examples_kept"] == -(-c["examples_available"] // 2)
-            assert c["weight"] == (0.5 if c["partition_id"] >= 2 else 1.0)  # source: lam
+            source = c["partition_id"] >= cfg.data.target_clients
+            assert c["weight"] == (0.5 if source else 1.0)  # a source client's: lam
         assert r["smashed_bytes_up"] == sum(c["smashed_bytes_up"] for c in r["per_client"])
         assert 0 < r["client_flops_fraction"] <= 0.20
         assert r["server_flops"] > r["client_flops"]

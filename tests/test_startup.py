@@ -3,9 +3,7 @@ starts (its errors still reach the caller), and the untrained model's figures, n
 after the last round instead of before round 1, are the figures a start-of-run evaluation
 gives."""
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,18 +106,14 @@ def test_deferred_untrained_figures_equal_a_start_of_run_evaluation():
 
 
 @pytest.mark.slow
-def test_a_real_run_prints_each_start_up_phase_before_the_first_round(tmp_path):
-    """One short real run (serialise with other Ray runs: flock /tmp/fedtune-e2e.lock)."""
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "fedtune.cli", "run", str(ROOT / "experiments/quickstart.toml"),
-            "--out", str(out)]
-    for item in [*SETS, "data.num_clients=4", "train.clients_per_round=2", "train.rounds=1",
-                 "train.local_steps=2", "privacy.sample.enabled=false"]:
-        args += ["--set", item]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+def test_a_real_run_prints_each_start_up_phase_before_the_first_round(shared_run):
+    """A real run's output: the tiny quickstart run tests/test_e2e_sim.py checks too (the
+    conftest `shared_run`, once per test session; a Flower simulation costs tens of
+    seconds)."""
+    from test_e2e_sim import shared_quickstart
+
+    out, stdout = shared_quickstart(shared_run)
+    lines = stdout.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(PREFIX)]
     names = [lines[i].split(" ")[1] for i in starts]
     # Imports and the task are built in a thread while Ray starts and the workers answer
