@@ -14,6 +14,7 @@ from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
 from fedtune.run.folder import CONFIG_FILE, RunFolderError, claim_run_folder
+from fedtune.run.preflight import preflight
 from fedtune.runtime.interrupt import (
     EXIT_CODE,
     RunInterrupted,
@@ -88,6 +89,9 @@ def run(
     _with_app_checks()
     try:
         cfg = load_config(config, overrides)
+        preflight(cfg, config)  # before the run folder, Ray or the model
+    except _USER_ERRORS as exc:  # first: `_user_errors()` imports torch (seconds)
+        _fail(str(exc))
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -253,6 +257,13 @@ def sweep(
 
     try:
         spec = load_sweep(file)
+        for variant in spec.variants:  # every variant's files, before the first one starts
+            try:
+                preflight(load_config(spec.base, list(variant.overrides)), spec.base)
+            except ConfigError as exc:
+                raise ConfigError(f"{file}: run {variant.name!r}: {exc}") from None
+    except _USER_ERRORS as exc:  # first: `_user_errors()` imports torch (seconds)
+        _fail(str(exc))
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / spec.name
