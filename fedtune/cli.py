@@ -221,11 +221,25 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
         f"{summary['best_round']}), ")
     return (
         f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
-        f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), {val}"
+        f"{summary['final_accuracy']:.4f} ({baseline_text(summary)}), {val}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
         + f"{summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+def baseline_text(summary: dict[str, Any]) -> str:
+    """The final test accuracy's baselines: the majority class (what always answering the
+    most frequent training label scores on the same rows) and the untrained model. A run
+    that does not beat the majority class says so: it learned nothing a guess would not."""
+    untrained = f"untrained {summary['initial_accuracy']:.4f}"
+    majority = summary.get("majority_accuracy")
+    if majority is None:  # a summary written before the baseline existed
+        return untrained
+    if summary["final_accuracy"] <= majority:
+        return (f"[bold yellow]did not beat the majority class ({majority:.4f})[/], "
+                f"{untrained}")
+    return f"majority class {majority:.4f}, {untrained}"
 
 
 def _print_summary(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> None:
