@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
-from fedtune.run.folder import CONFIG_FILE, RunFolderError, claim_run_folder
+from fedtune.run.folder import CONFIG_FILE, RUN_LOG, RunFolderError, claim_run_folder
 from fedtune.run.preflight import preflight
 from fedtune.runtime.interrupt import (
     EXIT_CODE,
@@ -23,6 +23,8 @@ from fedtune.runtime.interrupt import (
     received,
     stop_on_signals,
 )
+from fedtune.runtime.quiet import route_to_log, unroute
+from fedtune.runtime.startup import launch_time
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
@@ -104,11 +106,14 @@ def run(
         except RunFolderError as exc:
             _fail(str(exc))
         try:
+            if not verbose:  # dependencies' warnings and notices: to the run's log file
+                route_to_log(out / RUN_LOG)
             with on_stop(lambda: _stopped(out)):
                 summary = _run_with_progress(cfg, out, verbose, resume is not None)
         except RunInterrupted:
             _stopped(out)
         finally:
+            unroute()
             folder.release()
     _print_summary(summary, out, cfg)
 
@@ -155,7 +160,8 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     # One line per start-up phase (imports, Ray, model, data, workers, ...), printed as it
     # ends: with a large backbone the start is otherwise minutes of silence.
     startup = StartupReport(lambda line: progress.console.print(line, highlight=False,
-                                                                soft_wrap=True))
+                                                                soft_wrap=True),
+                            launched=launch_time())
     if resume:
         # Imported here: fedtune.task.task imports torch and transformers, which a fresh run
         # imports in a thread while Ray starts (fedtune.sim.driver.run_experiment).
@@ -210,11 +216,15 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
     from rich.markup import escape
 
     from fedtune.run.epsilon_marks import epsilon_marks, render_epsilon
+    from fedtune.split.disclosure import dp_level_label
 
     eps = {level: escape(render_epsilon(summary.get(f"epsilon_{level}"),
                                  epsilon_marks(cfg, level, summary.get(f"epsilon_{level}")),
                                  digits=3, off="null"))
            for level in ("sample", "user")}
+    label = dp_level_label(cfg)  # a split run: what its epsilon covers, as the report says
+    if label is not None and summary.get("epsilon_sample") is not None:
+        eps["sample"] += f" ({label.removeprefix('sample-level DP on ')})"
     best = summary.get("best_val_accuracy")
     val = "" if best is None else (
         f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
@@ -224,8 +234,20 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
         f"{summary['final_accuracy']:.4f} ({baseline_text(summary)}), {val}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
+        + _smashed_text(summary, cfg)
         + f"{summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+def _smashed_text(summary: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """A split run's smashed data, and whether it went up in clear (as its summary says)."""
+    from fedtune.split.disclosure import protects_smashed_data
+
+    smashed = summary.get("total_smashed_bytes_up")
+    if smashed is None:
+        return ""
+    return (f"{smashed:,} B smashed data up"
+            + ("" if protects_smashed_data(cfg) else " in clear") + ", ")
 
 
 def baseline_text(summary: dict[str, Any]) -> str:
