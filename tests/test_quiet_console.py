@@ -122,3 +122,28 @@ def test_a_run_at_the_majority_rate_says_so_in_its_final_line(dp_run):
     final = " ".join(proc.stdout.split())  # the console wraps the line at its width
     assert (f"did not beat the majority class ({summary['majority_accuracy']:.4f})"
             in final), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("smashed_dp", [False, True])
+def test_a_split_runs_final_line_states_what_its_epsilon_covers(tmp_path, smashed_dp):
+    """The summary says a split run's epsilon covers the deltas only and its smashed data
+    went up in clear; the final line says the same (it read `epsilon_sample 7.999 ...`)."""
+    from rich.text import Text
+
+    from fedtune.cli import summary_line
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["split.enabled=true", "tuning.method=prompt",
+                             f"split.smashed_dp.enabled={str(smashed_dp).lower()}"])
+    summary = {"wall_s": 3.0, "final_accuracy": 0.9, "initial_accuracy": 0.5,
+               "majority_accuracy": 0.6, "best_val_accuracy": None, "epsilon_sample": 7.999,
+               "epsilon_user": None, "total_bytes_up": 337_960,
+               "total_smashed_bytes_up": 86_800_000, "trainable_params": 5}
+    line = " ".join(Text.from_markup(summary_line(summary, tmp_path, cfg)).plain.split())
+    if smashed_dp:
+        assert "epsilon_sample 7.999 (deltas and smashed data), epsilon_user" in line
+        assert "86,800,000 B smashed data up," in line and "in clear" not in line
+    else:
+        # (after the epsilon's own mark, "[data in clear]")
+        assert "(deltas only; smashed data in clear), epsilon_user" in line
+        assert "337,960 B up, 86,800,000 B smashed data up in clear" in line
