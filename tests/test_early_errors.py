@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 REACHED = "reached the simulation"
@@ -214,3 +216,19 @@ def test_sweep_refuses_a_variant_with_a_missing_backbone_folder(cli, tmp_path):
     assert "run 'typo': model.backbone='no/such/folder' is not available offline" in line
     assert time.perf_counter() - t0 < LIMIT_S
     assert not (tmp_path / "out" / "ok").exists()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400) | st.text(max_size=400).map(str.encode),
+       suffix=st.sampled_from([".csv", ".tsv", ".jsonl", ".json", ".txt"]))
+def test_any_data_file_passes_or_is_refused_in_one_line(tmp_path, data, suffix):
+    from fedtune.data import CorpusError
+    from fedtune.data.file_checks import check_data_file
+
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(data)
+    try:
+        check_data_file(path, None, "text", "label", None)
+    except CorpusError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 1200, str(exc)

@@ -182,7 +182,11 @@ def check_data_file(file: Path, builder: str | None, text_field: str | None,
     if kind == "csv":
         sep = delimiter if isinstance(delimiter, str) and len(delimiter) == 1 else (
             "\t" if suffix == ".tsv" else ",")
-        columns = [c.strip() for c in next(csv.reader([line], delimiter=sep), [])]
+        try:
+            columns = [c.strip() for c in next(csv.reader([line], delimiter=sep), [])]
+        except csv.Error as exc:  # a NUL byte, an unterminated quote: the loader says more
+            raise CorpusError(f"data file {file}: its header line cannot be read as "
+                              f"{'TSV' if sep == chr(9) else 'CSV'} ({exc})") from None
         _require_columns(file, "its header", columns, text_field, label_field, sep, line)
     elif kind == "json" and line.lstrip().startswith("{"):
         try:
@@ -205,7 +209,7 @@ def _require_columns(file: Path, where: str, columns: list[str], text_field: str
             if other is not None:
                 hint = (f"the header has one column when split at {sep!r} but holds "
                         f"{other!r}: {_delimiter_hint(other)}")
-        shown = ", ".join(repr(c) for c in columns[:12]) or "(none)"
+        shown = ", ".join(repr(c[:40]) for c in columns[:12]) or "(none)"
         raise CorpusError(f"data file {file}: {where} has no column {option}={field!r} "
                           f"(columns: {shown}); {hint}")
 
