@@ -202,10 +202,17 @@ def figures(out: Path) -> dict[str, Any]:
     return flat
 
 
+# Record keys added after golden.json was recorded (issue 30: the majority-class
+# baseline): compared where golden.json holds them, not a difference where it predates them
+# (`--record` pins them). Any other key new in a run is still a difference.
+ADDED = {"majority_label", "majority_accuracy", "majority_val_accuracy"}
+
+
 def diff(want: dict[str, Any], got: dict[str, Any], limit: int = 40) -> list[str]:
     lines = [f"  {k}: {want.get(k, '<missing>')!r} -> {got.get(k, '<missing>')!r}"
              for k in sorted(set(want) | set(got), key=str)
-             if k not in want or k not in got or json.dumps(want[k]) != json.dumps(got[k])]
+             if (k not in want and str(k).rsplit(".", 1)[-1] not in ADDED)
+             or (k in want and (k not in got or json.dumps(want[k]) != json.dumps(got[k])))]
     return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit
                             else [])
 

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
-from fedtune.run.folder import CONFIG_FILE, RunFolderError, claim_run_folder
+from fedtune.run.folder import CONFIG_FILE, RUN_LOG, RunFolderError, claim_run_folder
+from fedtune.run.preflight import preflight
 from fedtune.runtime.interrupt import (
     EXIT_CODE,
     RunInterrupted,
@@ -22,6 +23,8 @@ from fedtune.runtime.interrupt import (
     received,
     stop_on_signals,
 )
+from fedtune.runtime.quiet import route_to_log, unroute
+from fedtune.runtime.startup import launch_time
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated, differentially private fine-tuning of transformers.")
@@ -88,6 +91,9 @@ def run(
     _with_app_checks()
     try:
         cfg = load_config(config, overrides)
+        preflight(cfg, config)  # before the run folder, Ray or the model
+    except _USER_ERRORS as exc:  # first: `_user_errors()` imports torch (seconds)
+        _fail(str(exc))
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -100,11 +106,14 @@ def run(
         except RunFolderError as exc:
             _fail(str(exc))
         try:
+            if not verbose:  # dependencies' warnings and notices: to the run's log file
+                route_to_log(out / RUN_LOG)
             with on_stop(lambda: _stopped(out)):
                 summary = _run_with_progress(cfg, out, verbose, resume is not None)
         except RunInterrupted:
             _stopped(out)
         finally:
+            unroute()
             folder.release()
     _print_summary(summary, out, cfg)
 
@@ -151,7 +160,8 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
     # One line per start-up phase (imports, Ray, model, data, workers, ...), printed as it
     # ends: with a large backbone the start is otherwise minutes of silence.
     startup = StartupReport(lambda line: progress.console.print(line, highlight=False,
-                                                                soft_wrap=True))
+                                                                soft_wrap=True),
+                            launched=launch_time())
     if resume:
         # Imported here: fedtune.task.task imports torch and transformers, which a fresh run
         # imports in a thread while Ray starts (fedtune.sim.driver.run_experiment).
@@ -206,22 +216,52 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
     from rich.markup import escape
 
     from fedtune.run.epsilon_marks import epsilon_marks, render_epsilon
+    from fedtune.split.disclosure import dp_level_label
 
     eps = {level: escape(render_epsilon(summary.get(f"epsilon_{level}"),
                                  epsilon_marks(cfg, level, summary.get(f"epsilon_{level}")),
                                  digits=3, off="null"))
            for level in ("sample", "user")}
+    label = dp_level_label(cfg)  # a split run: what its epsilon covers, as the report says
+    if label is not None and summary.get("epsilon_sample") is not None:
+        eps["sample"] += f" ({label.removeprefix('sample-level DP on ')})"
     best = summary.get("best_val_accuracy")
     val = "" if best is None else (
         f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
         f"{summary['best_round']}), ")
     return (
         f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
-        f"{summary['final_accuracy']:.4f} (untrained {summary['initial_accuracy']:.4f}), {val}"
+        f"{summary['final_accuracy']:.4f} ({baseline_text(summary)}), {val}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
+        + _smashed_text(summary, cfg)
         + f"{summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+def _smashed_text(summary: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """A split run's smashed data, and whether it went up in clear (as its summary says)."""
+    from fedtune.split.disclosure import protects_smashed_data
+
+    smashed = summary.get("total_smashed_bytes_up")
+    if smashed is None:
+        return ""
+    return (f"{smashed:,} B smashed data up"
+            + ("" if protects_smashed_data(cfg) else " in clear") + ", ")
+
+
+def baseline_text(summary: dict[str, Any]) -> str:
+    """The final test accuracy's baselines: the majority class (what always answering the
+    most frequent training label scores on the same rows) and the untrained model. A run
+    that does not beat the majority class says so: it learned nothing a guess would not."""
+    untrained = f"untrained {summary['initial_accuracy']:.4f}"
+    majority = summary.get("majority_accuracy")
+    if majority is None:  # a summary written before the baseline existed
+        return untrained
+    if summary["final_accuracy"] <= majority:
+        return (f"[bold yellow]did not beat the majority class ({majority:.4f})[/], "
+                f"{untrained}")
+    return f"majority class {majority:.4f}, {untrained}"
 
 
 def _print_summary(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> None:
@@ -253,6 +293,13 @@ def sweep(
 
     try:
         spec = load_sweep(file)
+        for variant in spec.variants:  # every variant's files, before the first one starts
+            try:
+                preflight(load_config(spec.base, list(variant.overrides)), spec.base)
+            except ConfigError as exc:
+                raise ConfigError(f"{file}: run {variant.name!r}: {exc}") from None
+    except _USER_ERRORS as exc:  # first: `_user_errors()` imports torch (seconds)
+        _fail(str(exc))
     except _user_errors() as exc:
         _fail(str(exc))
     out = out or Path("runs") / spec.name

@@ -41,6 +41,8 @@ class RoundSettings:
     forward_layers_skipped: int  # the server's own, from the config and the model
     privacy_in_clear: Mapping[str, Any]  # `fedtune.wire.in_clear`
     split_statement: Mapping[str, Any]  # what each split round states (empty: not split)
+    # The majority class's validation accuracy, written beside each round's (a constant).
+    majority_val_accuracy: float | None = None
 
     def lr_at(self, rnd: int) -> float:
         return self.lr * self.lr_decay ** (rnd - 1)
@@ -106,6 +108,7 @@ def play_round(rnd: int, cohort: list[int], grid: Grid, driver: DeltaFedAvg | Us
         update_refused=outcome.update_refused,
         refused_claims=refused_claims,
         extras=extras,
+        majority_val_accuracy=settings.majority_val_accuracy,
     )
 
 

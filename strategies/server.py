@@ -43,6 +43,7 @@ from fedtune.split.plan import smashed_privacy_events
 from fedtune.task.evaluation import (
     accuracy_fields,
     final_metrics,
+    majority_fields,
     round_metrics,
     untrained_metrics,
     validation_examples,
@@ -204,7 +205,8 @@ def _round_settings(cfg: ExperimentConfig, grid: Grid, task: Task, model: TunedM
         notes=lambda record: note_fields(cfg, dict(record)),
         forward_layers_skipped=skipped_layers(cfg, model),
         privacy_in_clear=in_clear(cfg),
-        split_statement=split_disclosure(cfg))
+        split_statement=split_disclosure(cfg),
+        majority_val_accuracy=majority_fields(task, cfg)["majority_val_accuracy"])
 
 
 def discover_workers(grid: Grid, cfg: ExperimentConfig,
@@ -267,6 +269,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         population=_population(cfg),
         split=split_summary_fields(history),
         pruning=pruning_record(task.backbone, cfg.model.max_length),
+        baseline=majority_fields(task, cfg),
     )
 
 

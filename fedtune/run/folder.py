@@ -41,6 +41,7 @@ ADAPTER_DIR = "adapter"  # peft's save_pretrained of a peft-based method (.expor
 MANIFEST_FILE = "fedtune.json"  # an export folder's manifest (.export)
 LOCK_FILE = ".fedtune.lock"  # the claim's flock
 SWEEP_LOG = "sweep.log"  # a sweep variant's output (fedtune.study.sweep)
+RUN_LOG = "run.log"  # dependencies' warnings and logs without --verbose (.runtime.quiet)
 SWEEP_RESULTS = "sweep.json"  # a sweep folder's table (fedtune sweep)
 REPORT_FILE = "report.md"  # a report folder's page (fedtune.study.report)
 # What a run writes into its folder: any of them marks the folder as taken, so a new run

@@ -52,6 +52,9 @@ class RoundRecord:
     refused_claims: Sequence[Mapping[str, Any]] = ()
     # Plugins' round extras, then split mode's fields (`fedtune.split.ledger_fields`).
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # The majority class's validation accuracy (`fedtune.task.evaluation.majority_fields`):
+    # the same every round, beside `val_accuracy` so one line tells learning from guessing.
+    majority_val_accuracy: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -68,6 +71,7 @@ class RoundRecord:
             "wall_s": self.wall_s,
             "lr": self.lr,
             "train_loss": self.train_loss,
+            "majority_val_accuracy": self.majority_val_accuracy,
             "sampled": self.sampled,
             "no_contribution": self.no_contribution,
             "rejected": list(self.rejected),
@@ -120,10 +124,14 @@ class Summary:
     population: Mapping[str, Any] = field(default_factory=dict)
     split: Mapping[str, Any] = field(default_factory=dict)
     pruning: Mapping[str, Any] = field(default_factory=dict)
+    # `majority_label`, `majority_accuracy` (test), `majority_val_accuracy`
+    # (`fedtune.task.evaluation.majority_fields`): the baseline a run must beat.
+    baseline: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.accuracy,
+            **self.baseline,
             "initial_evaluated": self.initial_evaluated,
             "epsilon_sample": self.epsilon_sample,
             "epsilon_user": self.epsilon_user,

@@ -11,7 +11,6 @@ Seconds are wall-clock: on a loaded machine they include waiting for a core.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,15 +20,17 @@ from dataclasses import dataclass, field
 PREFIX = "start:"
 
 
-def launch_time() -> float:
-    """When this process started (epoch seconds), so that Python's own start-up and the CLI's
-    imports count too; the time of this call where the OS does not say."""
-    try:
-        import psutil  # a Ray dependency, hence installed with the simulation
+# When fedtune started in this process: `fedtune.cli` imports this module among its first
+# (after typer and rich, a tenth of a second in).
+_STARTED = time.time()
 
-        return float(psutil.Process(os.getpid()).create_time())
-    except Exception:  # noqa: BLE001 (no psutil, or no process table: count from here)
-        return time.time()
+
+def launch_time() -> float:
+    """When fedtune started in this process (epoch seconds), so that the CLI's imports count
+    too. Not the process's creation time: `bash -c "pip install ... && fedtune run"` hands
+    its own process to its last command (exec), whose creation time is then the shell's,
+    and every line counted the install too (issue 30)."""
+    return _STARTED
 
 
 @dataclass

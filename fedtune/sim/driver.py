@@ -23,6 +23,7 @@ from typing import Any
 from fedtune.config import ConfigError, ExperimentConfig
 from fedtune.run.folder import SUMMARY_FILE
 from fedtune.runtime.interrupt import end_children, on_stop
+from fedtune.runtime.quiet import routed
 from fedtune.runtime.startup import phase
 
 # Set before Flower/Ray import: actors inherit the driver's environment at ray.init.
@@ -261,8 +262,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_round=None,
     # workers started, which are stopped again: the price of the overlap).
     flower, imported = threading.Event(), threading.Event()
     building = _Background(lambda: _driver_task(cfg, flower, imported))
-    if not verbose:
-        # Flower logs its own sampling notices at WARNING on every run.
+    if not verbose and not routed():
+        # Flower logs its own sampling notices at WARNING on every run (`fedtune run` routes
+        # them to the run's log file instead: fedtune.runtime.quiet).
         logging.getLogger("flwr").setLevel(logging.ERROR)
     import ray
 

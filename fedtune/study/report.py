@@ -57,6 +57,9 @@ class RunResult:
     settings: dict[str, str] = field(default_factory=dict)
     # What weakens the epsilon (fedtune.run.epsilon_marks), from the run's config.
     marks: tuple[Mark, ...] = ()
+    # The majority class's test accuracy on the same rows (None: a folder written before
+    # summary.json had it).
+    majority: float | None = None
 
 
 @dataclass
@@ -80,6 +83,14 @@ class Group:
     @property
     def accuracy_std(self) -> float:
         return statistics.stdev(r.accuracy for r in self.runs) if len(self.runs) > 1 else 0.0
+
+    @property
+    def majority_mean(self) -> float | None:
+        """The runs' majority-class test accuracy (mean; None when a run lacks it)."""
+        found = [r.majority for r in self.runs]
+        if not found or any(m is None for m in found):
+            return None
+        return statistics.fmean(m for m in found if m is not None)
 
     def mean_curve(self, attr: str) -> list[float]:
         curves = [getattr(r, attr) for r in self.runs]
@@ -127,7 +138,8 @@ def _load(folder: Path) -> RunResult:
     return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
                      cfg.seed, summary["final_accuracy"],
                      [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None],
-                     up, _settings(cfg), tuple(m for m in MARKS if m in marks))
+                     up, _settings(cfg), tuple(m for m in MARKS if m in marks),
+                     summary.get("majority_accuracy"))
 
 
 def _method(cfg: ExperimentConfig) -> str:
@@ -206,10 +218,14 @@ def group(runs: list[RunResult]) -> list[Group]:
 
 def markdown_table(groups: list[Group]) -> str:
     with_variant = any(g.variant for g in groups)
+    # Folders written before summary.json held the majority baseline have no such column.
+    with_majority = any(g.majority_mean is not None for g in groups)
     head = "| method | " + ("variant | " if with_variant else "")
     lines = [head + "DP level | target epsilon | reported epsilon (max) | final accuracy "
-             "(mean +- std) | seeds | upload MB / run |",
-             "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"]
+             "(mean +- std) | seeds | upload MB / run |"
+             + (" majority class |" if with_majority else ""),
+             "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"
+             + ("---:|" if with_majority else "")]
     for g in groups:
         eps = [r.epsilon for r in g.runs if r.epsilon is not None]
         sent = [r.cumulative_mb_up[-1] for r in g.runs if r.cumulative_mb_up]
@@ -221,8 +237,17 @@ def markdown_table(groups: list[Group]) -> str:
         lines.append(
             f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
             f"{shown} | {g.accuracy_mean:.4f} +- "
-            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb} |")
+            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb} |"
+            + (f" {_majority_cell(g)} |" if with_majority else ""))
     return "\n".join(lines)
+
+
+def _majority_cell(g: Group) -> str:
+    """The majority-class baseline; a final accuracy that does not beat it is flagged."""
+    majority = g.majority_mean
+    if majority is None:
+        return "-"
+    return f"{majority:.4f}" + (" (not beaten)" if g.accuracy_mean <= majority else "")
 
 
 def _deltas_only(level: str) -> bool:

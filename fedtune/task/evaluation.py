@@ -168,6 +168,31 @@ def validation_examples(task: Task, cfg: ExperimentConfig) -> int:
     return min(n, cap) if cap > 0 else n
 
 
+def majority_fields(task: Task, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The majority-class baseline: what always answering the most frequent training label
+    scores on the rows the run scores (the first `train.eval_max_examples` of the test and
+    validation splits). A run that does not beat it learned nothing useful, whatever its
+    gain over the untrained model (issue 30: a 3-class run ended at exactly the majority
+    rate, 0.69, beside an untrained 0.22).
+
+    The label is counted over the clients' partitions only (the rows that train; never the
+    validation rows, never the test split), ties going to the lower label id. No model."""
+    rows = (np.concatenate(task.partitions) if task.partitions
+            else np.zeros(0, dtype=np.int64)).astype(np.int64)
+    train_labels = np.asarray(task.train.labels)[rows].astype(np.int64)
+    label = int(np.bincount(train_labels, minlength=task.num_labels).argmax())
+
+    def accuracy(split: Split | None) -> float | None:
+        if split is None:
+            return None
+        n = _examples(split, cfg.train.eval_max_examples)
+        return float(np.mean(np.asarray(split.labels[:n]) == label)) if n else None
+
+    return {"majority_label": task.label_names[label],
+            "majority_accuracy": accuracy(task.test),
+            "majority_val_accuracy": accuracy(task.validation)}
+
+
 def accuracy_fields(history: Sequence[dict[str, Any]], initial: dict[str, Any],
                     final_test: dict[str, float], validation_examples: int
                     ) -> dict[str, Any]:
