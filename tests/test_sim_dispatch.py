@@ -261,6 +261,8 @@ def test_run_inprocess_passes_the_apps_through_without_the_deprecation_notice(mo
 
     handler = Catch()
     logging.getLogger("flwr").addHandler(handler)
+    # An in-process run earlier in this worker may have left Flower's level at ERROR.
+    monkeypatch.setattr(logging.getLogger("flwr"), "level", logging.INFO)
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
     try:
         flower_sim.run_inprocess("server", "client", 5, {"init_args": {}}, verbose=True)
