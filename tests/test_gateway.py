@@ -284,3 +284,38 @@ def test_supernode_entry_takes_the_certificate_flags_off_flowers_arguments():
         "a.crt", "a.key", ["--superlink", "h:1", "--insecure"])
     with pytest.raises(SystemExit, match="go together"):
         split_client_cert(["--tls-client-cert", "a.crt"])
+
+
+# Moved here from tests/test_attack_gateway.py (a review's reproducers, assertions kept): Attack
+# (THREATS.md class 6): an outsider without a node certificate cannot hold the
+
+PEER_LIMIT = 4
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(1) != b""
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+
+
+def test_an_outsider_cannot_hold_more_connections_than_the_per_peer_limit(gateway):
+    """Connections that never finish the TLS handshake count against the per-peer limit."""
+    port, _, _ = gateway
+    held = []
+    try:
+        for _ in range(10 * PEER_LIMIT):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then silence
+            held.append(sock)
+        time.sleep(3.0)
+        still = sum(_still_open(s) for s in held)
+        assert still <= PEER_LIMIT, (
+            f"{still} handshake-less connections from one address still held after 3 s "
+            f"(per-peer limit {PEER_LIMIT})")
+    finally:
+        for sock in held:
+            sock.close()
