@@ -47,6 +47,21 @@ def test_majority_label_comes_from_the_training_partitions_only():
                    "majority_val_accuracy": 0.0}
 
 
+def test_with_two_domains_the_majority_label_is_the_target_clients():
+    """The accuracy of a two-domain run is the target domain's (its test rows only), so the
+    baseline's label comes from the target clients' partitions (the first target_clients),
+    not from the source domain that outnumbers them."""
+    task = _task()
+    # Partition 0 (target): rows 0-3, label 2 leads; partitions 1-2 (source): label 0 leads.
+    task.train = _split([2, 2, 2, 0, 0, 0, 0, 0, 0, 0])
+    task.partitions = [np.arange(0, 4), np.arange(4, 7), np.arange(7, 10)]
+    cfg = load_config(None, ["data.domain_by=collection", "data.target_domain=set2",
+                             "data.target_clients=1", "data.num_clients=3",
+                             "train.clients_per_round=3"])
+    assert majority_fields(task, cfg)["majority_label"] == "pos"
+    assert majority_fields(task, load_config(None, []))["majority_label"] == "neg"
+
+
 def test_majority_is_scored_on_the_rows_the_run_scores():
     cfg = load_config(None, ["train.eval_max_examples=4"])  # the first 4 test rows
     got = majority_fields(_task(validation=False), cfg)

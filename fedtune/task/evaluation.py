@@ -176,8 +176,13 @@ def majority_fields(task: Task, cfg: ExperimentConfig) -> dict[str, Any]:
     rate, 0.69, beside an untrained 0.22).
 
     The label is counted over the clients' partitions only (the rows that train; never the
-    validation rows, never the test split), ties going to the lower label id. No model."""
-    rows = (np.concatenate(task.partitions) if task.partitions
+    validation rows, never the test split), ties going to the lower label id; with two
+    domains over the target clients' partitions (the first `data.target_clients`): the
+    accuracy is the target domain's, so is its baseline. No model."""
+    partitions = list(task.partitions)
+    if cfg.data.domain_by:
+        partitions = partitions[:cfg.data.target_clients]
+    rows = (np.concatenate(partitions) if partitions
             else np.zeros(0, dtype=np.int64)).astype(np.int64)
     train_labels = np.asarray(task.train.labels)[rows].astype(np.int64)
     label = int(np.bincount(train_labels, minlength=task.num_labels).argmax())
