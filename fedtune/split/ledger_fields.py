@@ -25,7 +25,7 @@ def split_round_fields(reports: Sequence[TrainReport], bytes_up: int, bytes_down
     (`fedtune.split.disclosure.split_disclosure`, empty for a non-split run); every split
     round states it. Without one, a round with split traffic states the worst case
     (smashed data in clear)."""
-    split = [(r, r.split) for r in reports if r.split is not None]
+    split = [(r, f) for r in reports if (f := r.split) is not None]
     privacy = _privacy(statement, bool(split))
     if not split:
         return privacy

@@ -59,7 +59,7 @@ class EL2NPruning(Plugin):
         return ("pruning",)
 
     def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
-        pruned = [(c.report, c.report.pruning) for c in clients if c.report.pruning is not None]
+        pruned = [(c.report, p) for c in clients if (p := c.report.pruning) is not None]
         extras: dict[str, Any] = {
             "pruning": {
                 "keep": self.keep,
@@ -70,7 +70,7 @@ class EL2NPruning(Plugin):
                 "scoring_flops": sum(p.scoring_flops for _, p in pruned),
                 "flops_saved": sum(p.flops_saved for _, p in pruned),
             }}
-        split = [r.pruning_split for r, _ in pruned if r.pruning_split is not None]
+        split = [s for r, _ in pruned if (s := r.pruning_split) is not None]
         if split:  # split mode: what scoring cost and pruning saved on the wire and server
             extras["pruning"].update({
                 "scoring_smashed_bytes": sum(s.scoring_smashed_bytes for s in split),

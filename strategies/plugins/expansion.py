@@ -111,8 +111,8 @@ class PopulationExpansion(Plugin):
             "target_clients": len(clients) - len(source),
             "source_clients": len(source),
         }
-        weights = [c.report.importance.importance_weight for c in source
-                   if c.report.importance is not None]
+        weights = [i.importance_weight for c in source
+                   if (i := c.report.importance) is not None]
         if weights:
             extras["source_importance_weight_mean"] = float(np.mean(weights))
         return {"expansion": extras}
