@@ -113,6 +113,23 @@ def test_structure_is_read_from_the_model(family, folders):
         p.requires_grad for p in same.model.parameters())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_causal_lm_task_loads_the_decoder_with_its_lm_head(family, folders):
+    """The same folder: the bare decoder for a classifier, the model with its LM head for
+    a causal-LM task (whose loss needs the vocabulary logits)."""
+    from fedtune.models.backbone import BackboneError
+
+    bare = load_backbone(folders[family])
+    lm = load_backbone(folders[family], kind="causal_lm")
+    assert not hasattr(bare.model, "lm_head")
+    assert lm.model.get_output_embeddings() is not None
+    ids = torch.tensor([[5, 6, 7]])
+    assert lm.model(input_ids=ids).logits.shape == (1, 3, lm.model.config.vocab_size)
+    assert lm.hash != bare.hash
+    with pytest.raises(BackboneError, match="task kind 'regression' has no model class"):
+        load_backbone(folders[family], kind="regression")
+
+
 def test_the_bundled_minilm_derives_what_was_hard_coded_for_it():
     """Switching the config default to "derive" leaves MiniLM runs as they were: the same
     LoRA targets and the same SLaSh sub-layers (so the same spec and projections)."""

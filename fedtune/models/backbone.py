@@ -61,27 +61,42 @@ def resolve_backbone_path(name: str) -> str:
     return name
 
 
+# Task kind -> the transformers auto class its frozen model is loaded with: a classifier
+# tunes on the encoder's hidden states, a language model keeps its own LM head.
+AUTO_CLASSES = {"classification": "AutoModel", "causal_lm": "AutoModelForCausalLM"}
+
+
 @functools.lru_cache(maxsize=4)
-def load_backbone(name: str, prune: PruneKey = ()) -> Backbone:
+def load_backbone(name: str, prune: PruneKey = (), kind: str = "classification") -> Backbone:
     """The frozen backbone `name`: "minilm" (bundled), a local folder, or an HF model id
     already in the local cache. Never downloads. `prune` (see `backbone_for`) drops
-    transformer blocks: sorted indices, or a `model.prune_layers` rule string."""
-    model, tokenizer = load_pretrained(name)
+    transformer blocks: sorted indices, or a `model.prune_layers` rule string. `kind`: the
+    task kind (`AUTO_CLASSES`), which decides whether the model keeps its LM head."""
+    model, tokenizer = load_pretrained(name, kind)
     if not prune:
         return backbone_from_model(name, model, tokenizer)
     kept = prune_model(model, layers_to_drop(prune, model, tokenizer))
     return backbone_from_model(name, model, tokenizer, layers_kept=kept)
 
 
-def backbone_for(model_cfg: ModelConfig) -> Backbone:
-    """The process-wide backbone of a `[model]` table: `backbone` with `prune_layers`."""
-    return load_backbone(model_cfg.backbone, prune_key(model_cfg.prune_layers))
+def backbone_for(model_cfg: ModelConfig, kind: str = "classification") -> Backbone:
+    """The process-wide backbone of a `[model]` table: `backbone` with `prune_layers`,
+    loaded for a task of `kind`."""
+    return load_backbone(model_cfg.backbone, prune_key(model_cfg.prune_layers), kind)
 
 
-def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A fresh, unpruned copy of `name`'s model and its tokenizer (not cached)."""
-    from transformers import AutoModel, AutoTokenizer
+def load_pretrained(name: str, kind: str = "classification"
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A fresh, unpruned copy of `name`'s model (loaded for a task of `kind`) and its
+    tokenizer (not cached)."""
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if kind not in AUTO_CLASSES:
+        raise BackboneError(f"task kind {kind!r} has no model class; known: "
+                            f"{', '.join(AUTO_CLASSES)}")
+    auto_class = getattr(transformers, AUTO_CLASSES[kind])
 
     path = resolve_backbone_path(name)
     hf_logging.disable_progress_bar()  # one bar per Ray actor per run is noise, not progress
@@ -91,7 +106,7 @@ def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
-        model = AutoModel.from_pretrained(path, local_files_only=offline)
+        model = auto_class.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise BackboneError(
             f"model.backbone={name!r} is not available offline: it is neither a bundled name "
