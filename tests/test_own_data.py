@@ -249,3 +249,22 @@ def test_a_relative_path_given_with_set_resolves_against_the_current_folder(
     cfg = load_config(None, ["data.corpus=hf", "data.options={path = 'csv', "
                              "data_files = 'in/cwd.csv'}"])
     assert cfg.data.options["data_files"] == str(tmp_path / "in/cwd.csv")
+
+
+def test_a_relative_backbone_folder_resolves_like_the_data_files(tmp_path, monkeypatch):
+    """A model folder beside the config file is found from any current folder; a bundled
+    name or a hub id that names nothing there is left as it is; --set is the current
+    folder's."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "models/mine").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    folder = tmp_path / "project"
+    (folder / "models/mine").mkdir(parents=True)
+    config = folder / "exp.toml"
+    config.write_text('[model]\nbackbone = "models/mine"\n')
+    assert load_config(config).model.backbone == str(folder / "models/mine")
+    for name in ("minilm", "sentence-transformers/all-mpnet-base-v2"):
+        config.write_text(f'[model]\nbackbone = "{name}"\n')
+        assert load_config(config).model.backbone == name
+    cfg = load_config(config, ["model.backbone=models/mine"])
+    assert cfg.model.backbone == str(elsewhere / "models/mine")

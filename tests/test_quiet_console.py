@@ -57,6 +57,32 @@ def test_dependency_warnings_and_notices_go_to_the_log_file(tmp_path, capfd):
     assert "after unroute" not in log_file.read_text()
 
 
+def test_verbose_routes_nothing_to_the_log_file(cli, monkeypatch, tmp_path, recwarn):
+    """`fedtune run --verbose` leaves dependencies' warnings where they are raised (the
+    console): nothing is routed and no run.log is written. (Without it, the warnings go to
+    run.log: the DP run below.) The simulation itself is replaced: this is about the
+    console."""
+    import fedtune.cli as cli_module
+    from fedtune.runtime.quiet import routed
+
+    seen: dict[str, bool] = {}
+
+    def fake_run(cfg, out, verbose, resume):
+        seen["routed"], seen["verbose"] = routed(), verbose
+        warnings.warn("Optimal order is the largest alpha (a dependency)", UserWarning,
+                      stacklevel=1)
+        return {}
+
+    monkeypatch.setattr(cli_module, "_run_with_progress", fake_run)
+    monkeypatch.setattr(cli_module, "_print_summary", lambda *a: None)
+    out = tmp_path / "run"
+    code, _, output = cli("run", "--out", str(out), "--verbose")
+    assert code == 0, output
+    assert seen == {"routed": False, "verbose": True}
+    assert any("Optimal order" in str(w.message) for w in recwarn)  # shown, not routed
+    assert not (out / "run.log").exists()
+
+
 def test_startup_times_count_from_fedtune_not_from_the_shell():
     """`bash -c "sleep 2 && fedtune ..."` hands its process to the last command: the
     process's creation time is the shell's, two seconds before fedtune started."""

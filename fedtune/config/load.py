@@ -23,14 +23,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     and validate."""
     raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
     if path is not None:
-        # The config's own data paths are the config file's folder's, wherever it is run
-        # from; a path given with --set is the current folder's (as the shell completes it).
-        _resolve_data_paths(raw, Path(path).resolve().parent)
+        # The config's own data and model paths are the config file's folder's, wherever
+        # it is run from; a path given with --set is the current folder's (as the shell
+        # completes it).
+        _resolve_local_paths(raw, Path(path).resolve().parent)
     for item in overrides or []:
         key, value = parse_override(item)
         over: dict[str, Any] = {}
         _set_dotted(over, key, value)
-        _resolve_data_paths(over, Path.cwd())
+        _resolve_local_paths(over, Path.cwd())
         _set_dotted(raw, key, _get_dotted(over, key))
     return config_from_dict(raw)
 
@@ -41,21 +42,30 @@ def _get_dotted(raw: dict[str, Any], key: str) -> Any:
     return raw
 
 
-def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
-    """Make the local paths of `raw`'s `data.options` absolute against `base`, so that the
-    run's config.toml names the same files from any folder: every relative `data_files`
-    name (a path or a glob; not a URL), and `path` when it names a file or folder in `base`
-    (otherwise it is a builder such as "csv" or a hub dataset name)."""
+def _resolve_local_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make `raw`'s local paths absolute against `base`, so that the run's config.toml
+    names the same files from any folder: in `data.options` every relative `data_files` name
+    (a path or a glob; not a URL), and `path` when it names a file or folder in `base`
+    (otherwise it is a builder such as "csv" or a hub dataset name); `model.backbone` when
+    it names a file or folder in `base` (otherwise it is a bundled name or a hub id)."""
+    model = raw.get("model")
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    if _is_local(backbone, base):
+        model["backbone"] = str(base / backbone)
     data = raw.get("data")
     options = data.get("options") if isinstance(data, dict) else None
     if not isinstance(options, dict):
         return
     if "data_files" in options:
         options["data_files"] = _resolve_files(options["data_files"], base)
-    local = options.get("path")
-    if (isinstance(local, str) and local and not Path(local).expanduser().is_absolute()
-            and (base / local).exists()):
-        options["path"] = str(base / local)
+    if _is_local(options.get("path"), base):
+        options["path"] = str(base / options["path"])
+
+
+def _is_local(value: Any, base: Path) -> bool:
+    """`value` is a relative path naming something in `base`."""
+    return (isinstance(value, str) and bool(value)
+            and not Path(value).expanduser().is_absolute() and (base / value).exists())
 
 
 def _resolve_files(value: Any, base: Path) -> Any:
