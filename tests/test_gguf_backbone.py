@@ -327,7 +327,10 @@ def test_gguf_source_tells_a_gguf_from_a_model_folder(tmp_path):
     assert gguf_source(str(tmp_path / "nothing")) is None
 
 
-def test_a_failed_dequantization_is_one_line(tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("error", [
+    ValueError("GGUF model with architecture mamba is not supported yet.\nmore"),
+    KeyError("llama.block_count")])
+def test_a_failed_dequantization_is_one_line(tmp_path, cache, monkeypatch, error):
     from fedtune.models import gguf
     from fedtune.models.backbone import BackboneError, load_pretrained
 
@@ -335,14 +338,16 @@ def test_a_failed_dequantization_is_one_line(tmp_path, cache, monkeypatch):
     file.write_bytes(GGUF_MAGIC + b"\0" * 16)
 
     def unsupported(path):
-        raise ValueError("GGUF model with architecture mamba is not supported yet.\nmore")
+        raise error
 
     monkeypatch.setattr(gguf, "dequantize", unsupported)
     with pytest.raises(BackboneError) as exc:
         load_pretrained(str(file), kind="causal_lm")
     line = _one_line(exc)
-    assert line.startswith(f"model.backbone={str(file)!r}: could not prepare it")
-    assert "architecture mamba is not supported" in line
+    assert line.startswith(f"model.backbone={str(file)!r}: could not prepare it "
+                           f"({type(error).__name__}: ")
+    assert str(error).splitlines()[0] in line
+    assert not [p for p in (cache / gguf.FOLDER).iterdir() if not p.name.endswith(".lock")]
 
 
 # --- the real SmolLM2 --------------------------------------------------------------------

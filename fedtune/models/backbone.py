@@ -114,9 +114,10 @@ def load_pretrained(name: str, kind: str = "classification"
         path = resolve_backbone_path(name)
     except BackboneSourceError as exc:
         raise BackboneError(str(exc)) from None
-    except (ImportError, ValueError, OSError) as exc:
+    except (ImportError, ValueError, KeyError, RuntimeError, OSError) as exc:
         # Dequantizing a GGUF source into the cache failed (an architecture transformers
-        # cannot read, a cache folder that cannot be written): one line, the cause's first.
+        # cannot read, metadata it lacks, a cache folder that cannot be written): one line,
+        # the cause's first.
         cause = (str(exc).splitlines() or [""])[0]
         raise BackboneError(f"model.backbone={name!r}: could not prepare it "
                             f"({type(exc).__name__}: {cause})") from None
