@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.config.pruning import PruneKey, prune_key
-from fedtune.models.backbone_source import BUNDLED
+from fedtune.config.runtime import runtime_settings
+from fedtune.models.backbone_source import BUNDLED, BackboneSourceError, gguf_source
 from fedtune.models.families import FamilyError, derive_structure
 from fedtune.models.layer_pruning import layers_to_drop, prune_model
 
@@ -54,9 +55,18 @@ class Backbone:
 
 
 def resolve_backbone_path(name: str) -> str:
-    """Map a config name to something `from_pretrained` can open without a network."""
+    """Map a config name to something `from_pretrained` can open without a network. A GGUF
+    source (a bundled GGUF such as "smollm2", a .gguf file, a folder holding one) maps to
+    its dequantized float32 folder in the cache (`<cache_dir>/gguf/<key>`, made on first
+    use: fedtune.models.gguf); `<cache_dir>` is `$FEDTUNE_CACHE_DIR` or ~/.cache/fedtune,
+    as for the token cache. Raises BackboneSourceError when a bundled package is missing."""
+    gguf_file = gguf_source(name)
+    if gguf_file is not None:
+        from fedtune.models.gguf import materialize
+
+        return str(materialize(gguf_file, runtime_settings().cache_dir))
     if name in BUNDLED:
-        module = __import__(BUNDLED[name])
+        module = __import__(BUNDLED[name].package)
         return str(module.get_model_path())
     return name
 
@@ -68,10 +78,11 @@ AUTO_CLASSES = {"classification": "AutoModel", "causal_lm": "AutoModelForCausalL
 
 @functools.lru_cache(maxsize=4)
 def load_backbone(name: str, prune: PruneKey = (), kind: str = "classification") -> Backbone:
-    """The frozen backbone `name`: "minilm" (bundled), a local folder, or an HF model id
-    already in the local cache. Never downloads. `prune` (see `backbone_for`) drops
-    transformer blocks: sorted indices, or a `model.prune_layers` rule string. `kind`: the
-    task kind (`AUTO_CLASSES`), which decides whether the model keeps its LM head."""
+    """The frozen backbone `name`: a bundled name ("minilm", "smollm2"), a local folder, a
+    .gguf file (or a folder holding one), or an HF model id already in the local cache.
+    Never downloads. `prune` (see `backbone_for`) drops transformer blocks: sorted
+    indices, or a `model.prune_layers` rule string. `kind`: the task kind (`AUTO_CLASSES`),
+    which decides whether the model keeps its LM head."""
     model, tokenizer = load_pretrained(name, kind)
     if not prune:
         return backbone_from_model(name, model, tokenizer)
@@ -98,8 +109,18 @@ def load_pretrained(name: str, kind: str = "classification"
                             f"{', '.join(AUTO_CLASSES)}")
     auto_class = getattr(transformers, AUTO_CLASSES[kind])
 
-    path = resolve_backbone_path(name)
     hf_logging.disable_progress_bar()  # one bar per Ray actor per run is noise, not progress
+    try:
+        path = resolve_backbone_path(name)
+    except BackboneSourceError as exc:
+        raise BackboneError(str(exc)) from None
+    except (ImportError, ValueError, KeyError, RuntimeError, OSError) as exc:
+        # Dequantizing a GGUF source into the cache failed (an architecture transformers
+        # cannot read, metadata it lacks, a cache folder that cannot be written): one line,
+        # the cause's first.
+        cause = (str(exc).splitlines() or [""])[0]
+        raise BackboneError(f"model.backbone={name!r}: could not prepare it "
+                            f"({type(exc).__name__}: {cause})") from None
     offline = not Path(path).is_dir()
     if offline:
         # A hub id must come from the local cache; a download attempt would hang or fail late.
