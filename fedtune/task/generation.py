@@ -115,16 +115,12 @@ def rouge_scorer() -> tuple[Any, Any]:
     return rs.RougeScorer([ROUGE_TYPE], tokenizer=words), words
 
 
-def continuation_rouge(logits_fn: LogitsFn, tokenizer: Any,
-                       token_rows: Iterable[Sequence[int]], prompt_tokens: int,
-                       new_tokens: int, max_examples: int, batch_size: int) -> dict[str, Any]:
-    """Mean ROUGE-L F1 of greedy continuations: for each row of token ids (no padding), in
-    order, the first `prompt_tokens` are the prompt and the next `new_tokens` the reference.
-    Rows shorter than `prompt_tokens + new_tokens` are skipped and counted (`skipped_short`),
-    as are rows whose reference has no word ROUGE can score, e.g. only punctuation
-    (`skipped_no_words`: even a perfect continuation would score 0 there). The first
-    `max_examples` rows that qualify are scored (all of them if `max_examples` <= 0).
-    `rouge_l` is None when no row qualifies."""
+def continuation_scores(logits_fn: LogitsFn, tokenizer: Any,
+                        token_rows: Iterable[Sequence[int]], prompt_tokens: int,
+                        new_tokens: int, max_examples: int, batch_size: int
+                        ) -> tuple[list[float], int, int]:
+    """Each scored row's ROUGE-L F1 (see `continuation_rouge`), with the counts of rows
+    skipped as too short and as without a scoreable word."""
     _positive("prompt_tokens", prompt_tokens)
     _positive("new_tokens", new_tokens)
     if not isinstance(max_examples, int) or isinstance(max_examples, bool):
@@ -151,5 +147,21 @@ def continuation_rouge(logits_fn: LogitsFn, tokenizer: Any,
         if prompts else []
     scores = [scorer.score(ref, tokenizer.decode(gen, skip_special_tokens=True))[ROUGE_TYPE]
               .fmeasure for ref, gen in zip(references, generated, strict=True)]
+    return scores, short, no_words
+
+
+def continuation_rouge(logits_fn: LogitsFn, tokenizer: Any,
+                       token_rows: Iterable[Sequence[int]], prompt_tokens: int,
+                       new_tokens: int, max_examples: int, batch_size: int) -> dict[str, Any]:
+    """Mean ROUGE-L F1 of greedy continuations: for each row of token ids (no padding), in
+    order, the first `prompt_tokens` are the prompt and the next `new_tokens` the reference.
+    Rows shorter than `prompt_tokens + new_tokens` are skipped and counted (`skipped_short`),
+    as are rows whose reference has no word ROUGE can score, e.g. only punctuation
+    (`skipped_no_words`: even a perfect continuation would score 0 there). The first
+    `max_examples` rows that qualify are scored (all of them if `max_examples` <= 0).
+    `rouge_l` is None when no row qualifies."""
+    scores, short, no_words = continuation_scores(logits_fn, tokenizer, token_rows,
+                                                  prompt_tokens, new_tokens, max_examples,
+                                                  batch_size)
     return {"rouge_l": sum(scores) / len(scores) if scores else None,
             "examples": len(scores), "skipped_short": short, "skipped_no_words": no_words}
