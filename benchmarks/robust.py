@@ -11,8 +11,8 @@ Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped 
 cohort's median norm), the same bound centred on the cohort's median (`centred_bound`: each
 delta's distance from the coordinate-wise median clipped to the median distance), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
-to the cohort's coordinate-wise median is negative is dropped from the mean, at most one),
-coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
+to the coordinate-wise median of the other rows is negative is dropped from the mean, at
+most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
 interrupted table resumes. The table is printed (and written to OUT/table.md) after every

@@ -215,7 +215,7 @@ def test_direction_check_drops_a_flipped_row_and_keeps_the_honest_ones():
     out = _direction(attacked, ids=ids)
     check = out.figures["norm_bound"]["direction"]
     assert check["dropped"] == [10]
-    assert (check["reference"], check["min_cosine"]) == ("median", 0.0)
+    assert (check["reference"], check["min_cosine"]) == ("median of the others", 0.0)
     cosines = dict(check["cosines"])
     assert cosines[10] < 0 and all(cosines[i] > 0 for i in ids[1:])
     bound = out.figures["norm_bound"]["bound"]
@@ -285,18 +285,47 @@ def test_direction_check_drops_at_most_tolerate_rows_the_lowest_cosines():
 
 
 def test_direction_check_is_nan_free_on_zero_rows_and_a_zero_reference():
-    """A zero row has cosine 0 (kept at the default threshold 0); a zero reference (the
-    median of the cohort is 0: no direction) drops nothing."""
+    """A zero row has cosine 0 (kept at the default threshold 0); a row whose reference is
+    zero (the others' median is 0: no direction) is never dropped."""
     rows = np.zeros((5, 6))
     out = _direction(rows, norm_bound=1.0)
     assert np.array_equal(out.delta, np.zeros(6))
     check = out.figures["norm_bound"]["direction"]
-    assert check["dropped"] == [] and check["reference_norm"] == 0.0
+    assert check["dropped"] == [] and check["no_reference"] == [0, 1, 2, 3, 4]
+    rows[0] = 5.0
     rows[1:3] = 1.0
-    rows[3:] = -1.0  # median 0 on every coordinate
+    rows[3:] = -1.0  # the others' median is 0 for row 0 only
     out = _direction(rows, norm_bound=1.0, direction_min_cosine=0.5)
-    assert out.figures["norm_bound"]["direction"]["dropped"] == []
+    check = out.figures["norm_bound"]["direction"]
+    assert check["no_reference"] == [0] and 0 not in check["dropped"]
     assert np.isfinite(out.delta).all()
+
+
+def test_each_row_is_checked_against_the_median_of_the_others():
+    """The reference of row i is the coordinate-wise median of the other rows (computed
+    from one sort): a row cannot turn the direction it is checked against."""
+    rng = np.random.default_rng(5)
+    for n in (3, 4, 5, 6, 11):
+        rows = rng.normal(size=(n, 30)).round(1)  # rounded: ties too
+        expected = np.stack([np.median(np.delete(rows, i, axis=0), axis=0)
+                             for i in range(n)])
+        np.testing.assert_allclose(robust.median_of_others(rows), expected, rtol=0,
+                                   atol=1e-15)
+
+
+def test_a_flipped_row_that_drags_the_cohorts_median_is_still_dropped():
+    """Non-IID honest rows (a weak shared step): a reversed row at an honest norm pulls
+    the median of the whole cohort towards itself, enough for its cosine to that median to
+    turn positive; against the median of the others it stays negative and is dropped."""
+    rng = np.random.default_rng(2)
+    step = rng.normal(size=200)
+    honest = 0.4 * step + rng.normal(size=(5, 200))
+    attacked = honest.copy()
+    attacked[0] = -honest[0]
+    whole = np.median(attacked, axis=0)
+    assert attacked[0] @ whole > 0  # the whole cohort's median would keep it
+    out = _direction(attacked, norm_bound=100.0)
+    assert out.figures["norm_bound"]["direction"]["dropped"] == [0]
 
 
 def test_direction_check_refuses_a_cohort_too_small_for_an_honest_median():

@@ -369,8 +369,8 @@ class AggregationConfig:
     """`[aggregation]`: how the server combines the cohort's deltas without user-level DP
     (strategies.robust). A norm bound scales each delta down to `norm_bound` (or to
     `adaptive_factor` x the cohort's median norm with "adaptive") before the rule runs; with
-    `norm_bound_direction = "median"` the bounded rows pointing away from the cohort's
-    coordinate-wise median (cosine below `direction_min_cosine`, at most `tolerate` rows, the
+    `norm_bound_direction = "median"` the bounded rows pointing away from the coordinate-wise
+    median of the other rows (cosine below `direction_min_cosine`, at most `tolerate` rows, the
     lowest) are then dropped from the mean (strategies.robust.direction_check)."""
 
     rule: str = "mean"
@@ -383,7 +383,7 @@ class AggregationConfig:
     # sends the honest step reversed (the adaptive bound is then the median distance).
     norm_bound_center: str = "zero"
     # A direction check after the bound (with `mean`): "median" drops from the mean the rows
-    # whose cosine to the bounded cohort's coordinate-wise median is below
+    # whose cosine to the coordinate-wise median of the other bounded rows is below
     # `direction_min_cosine`, at most `tolerate` of them (the lowest), so a client that
     # sends the honest step reversed no longer cancels an honest client's step; the bound
     # still holds for every kept row. "off": no check.
