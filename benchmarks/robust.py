@@ -9,8 +9,10 @@ population (`num_clients = clients_per_round`), so it attacks every round:
 - boost: it sends k x its honest delta (default k = 100), a model-replacement attempt.
 Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped to the
 cohort's median norm), the same bound centred on the cohort's median (`centred_bound`: each
-delta's distance from the coordinate-wise median clipped to the median distance),
-coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
+delta's distance from the coordinate-wise median clipped to the median distance), the
+bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
+to the coordinate-wise median of the other rows is negative is dropped from the mean, at
+most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
 interrupted table resumes. The table is printed (and written to OUT/table.md) after every
@@ -39,6 +41,8 @@ RULES = {
     "norm_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive"],
     "centred_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                       "aggregation.norm_bound_center=median"],
+    "direction_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                        "aggregation.norm_bound_direction=median"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }

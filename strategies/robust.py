@@ -3,14 +3,28 @@
 `aggregate(deltas, weights, cfg, ids)` runs one round's aggregation step: the optional norm
 bound first (each delta scaled down to a fixed bound, or to `adaptive_factor` x the median
 norm of the cohort; with `norm_bound_center = "median"` each delta's distance from the
-cohort's coordinate-wise median instead: `centred_clip`), then the rule `cfg.rule` from
-`RULES`. It returns the aggregated
+cohort's coordinate-wise median instead: `centred_clip`), then with `norm_bound_direction =
+"median"` the direction check (`direction_check`: the bounded rows whose cosine to the
+coordinate-wise median of the other rows is below `direction_min_cosine` are dropped, at
+most `tolerate` of them), then the rule `cfg.rule` from `RULES`. It returns the aggregated
 delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
 - `mean`: nothing on its own; with a norm bound B and equal weights one client moves the
   aggregate by at most B / n (by B x its share of the weights in general).
+- `mean` with the norm bound and the direction check: the union of the two. The bound's:
+  every kept row, so the aggregate, has norm <= B, and one client's row counts with at most
+  its weight over the kept weights, B / (n - f) with equal weights (the check drops at most
+  f = `tolerate` rows). The check's, with f < n / 2 attackers: an attacker's row is
+  checked against the median of the other rows, which lies inside the honest rows' range
+  on every coordinate, and kept only with a cosine to it >= `direction_min_cosine` (0: no
+  component against it), so a reversed honest step is dropped instead of cancelling an
+  honest client's. What it does not bound: a row at the
+  threshold (orthogonal to the reference, or just above it) is kept and moves the aggregate
+  sideways by up to B x its share; f attackers can shift the reference within the honest
+  range and so have up to f honest rows dropped in their place; a targeted change that
+  keeps a positive cosine passes. The norm bound holds in every such case.
 - `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot
   move any coordinate outside the honest clients' range, whatever they send.
 - `trimmed_mean` (coordinate-wise, as Flower's FedTrimmedAvg `trim_mean`): the
@@ -189,6 +203,70 @@ def _largest_honest_norm(deltas: np.ndarray, cfg: AggregationConfig) -> float:
     return float(cfg.adaptive_factor * norms[len(norms) - 1 - cfg.tolerate])
 
 
+def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[Any]
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which bounded rows the mean keeps (a mask), and the figures: each row's cosine to
+    its reference, the coordinate-wise median of the other rows (`median_of_others`), and
+    the rows dropped: those below `cfg.direction_min_cosine`, the lowest first, at most
+    `cfg.tolerate` of them.
+
+    Why the others' median: the median of the whole cohort moves towards a reversed row at
+    an honest norm (its value is a middle one on many coordinates), enough to turn its
+    cosine positive when the honest rows share little (non-IID clients without DP noise);
+    an attacker's own reference holds f - 1 attackers among n - 1 rows and lies inside
+    the honest rows' range on every coordinate. Why at most `tolerate`: with at most f
+    attackers a further row below the threshold is an honest one (a non-IID client, or
+    one whose reference the attackers shifted), and dropping it would raise the kept rows'
+    share of the mean; capped, one row's share stays <= its weight over all but the f
+    largest weights. A zero row has cosine 0; a row whose reference is zero (no
+    direction) is never dropped."""
+    cosines = np.zeros(len(deltas))
+    no_reference = np.zeros(len(deltas), dtype=bool)
+    for i, (row, reference) in enumerate(zip(deltas, median_of_others(deltas), strict=True)):
+        ref_unit, ref_norm = _unit(reference)
+        no_reference[i] = ref_norm == 0.0
+        cosines[i] = float(np.clip(_unit(row)[0] @ ref_unit, -1.0, 1.0))
+    keep = np.ones(len(deltas), dtype=bool)
+    below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
+    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
+    figures = {"reference": "median of the others", "min_cosine": cfg.direction_min_cosine,
+               "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
+               "cosines": [[i, round(float(c), 4)] for i, c in zip(ids, cosines, strict=True)],
+               "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
+    return keep, figures
+
+
+def median_of_others(deltas: np.ndarray) -> np.ndarray:
+    """Row i: the coordinate-wise median of every row but i (as `np.median` of them), from
+    one sort of each coordinate: O(n d log n), not n medians. Without row i the sorted
+    column is the full one less the entry at i's rank, so the others' k-th value is the
+    full column's k-th below that rank and its (k + 1)-th from it on."""
+    n = len(deltas)
+    order = np.argsort(deltas, axis=0, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(n)[:, None], axis=0)
+    ordered = np.take_along_axis(deltas, order, axis=0)
+
+    def others_at(k: int) -> np.ndarray:
+        return np.take_along_axis(ordered, np.where(k < ranks, k, k + 1), axis=0)
+
+    m = n - 1
+    if m % 2:
+        return others_at(m // 2)
+    return (others_at(m // 2 - 1) + others_at(m // 2)) / 2
+
+
+def _unit(row: np.ndarray) -> tuple[np.ndarray, float]:
+    """The row's direction (zeros for a zero row) and its norm. Scaled by its largest
+    entry first, so that a row near float64's limit does not overflow its own norm."""
+    top = float(np.max(np.abs(row))) if row.size else 0.0
+    if top == 0.0:
+        return np.zeros_like(row), 0.0
+    scaled = row / top
+    norm = float(np.linalg.norm(scaled))
+    return scaled / norm, norm * top
+
+
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
               ids: Sequence[Any] | None = None) -> Aggregated | None:
     """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
@@ -219,5 +297,10 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                              if c]}
         if cfg.norm_bound_center != "zero":
             figures["norm_bound"].update(center=cfg.norm_bound_center, bound_zero=zero_bound)
+        if cfg.norm_bound_direction != "off":
+            keep, checked = direction_check(deltas, cfg, names)
+            figures["norm_bound"]["direction"] = checked
+            deltas, w = deltas[keep], w[keep]
+            names = [n for n, k in zip(names, keep, strict=True) if k]
     delta, own = RULES[cfg.rule](deltas, w, cfg, names)
     return Aggregated(delta, {**figures, **own})

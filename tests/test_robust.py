@@ -194,6 +194,164 @@ def test_centred_bound_cuts_a_reversed_step_that_a_bound_around_zero_keeps():
     assert float(calm.delta @ along) / float(clean @ along) > 0.9
 
 
+def _direction(deltas, weights=None, ids=None, **settings):
+    cfg = AggregationConfig(**{"norm_bound": "adaptive", "norm_bound_direction": "median",
+                               **settings})
+    cfg.validate()
+    n = len(deltas)
+    return robust.aggregate(deltas, np.ones(n) if weights is None else weights, cfg, ids)
+
+
+def test_direction_check_drops_a_flipped_row_and_keeps_the_honest_ones():
+    """The flip attack: one client of five sends -10 x its step. After the bound its cosine
+    to the cohort's coordinate-wise median is negative and it is dropped from the mean (the
+    round record names it); the honest rows, all at a positive cosine, are kept and the
+    aggregate is their mean (no longer the 3/5 of the step the bound around zero leaves)."""
+    n = 5
+    step, honest = _honest_step(n, spread=0.3)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    ids = [10, 11, 12, 13, 14]
+    out = _direction(attacked, ids=ids)
+    check = out.figures["norm_bound"]["direction"]
+    assert check["dropped"] == [10]
+    assert (check["reference"], check["min_cosine"]) == ("median of the others", 0.0)
+    cosines = dict(check["cosines"])
+    assert cosines[10] < 0 and all(cosines[i] > 0 for i in ids[1:])
+    bound = out.figures["norm_bound"]["bound"]
+    kept, _ = robust.clip_rows(attacked[1:], bound)
+    np.testing.assert_allclose(out.delta, kept.mean(0), rtol=1e-12, atol=1e-15)
+    clean = _ours(honest, np.ones(n), norm_bound="adaptive").delta
+    along = step / np.linalg.norm(step)
+    assert float(out.delta @ along) / float(clean @ along) > 0.9
+    # With nobody attacking nothing is dropped: the plain bound's aggregate, exactly.
+    calm = _direction(honest)
+    assert calm.figures["norm_bound"]["direction"]["dropped"] == []
+    np.testing.assert_array_equal(calm.delta, clean)
+
+
+def test_direction_check_weights_the_kept_rows_by_their_own_weights():
+    _, honest = _honest_step(5)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    w = np.array([1e6, 1.0, 2.0, 3.0, 4.0])  # the attacker's weight no longer counts
+    out = _direction(attacked, weights=w, norm_bound=50.0)
+    np.testing.assert_allclose(out.delta, (honest[1:] * w[1:, None]).sum(0) / w[1:].sum(),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("bound", ["adaptive", 2.0])
+def test_direction_check_keeps_the_norm_bound_on_any_input(bound):
+    """Whatever client 0 sends (reversed, huge, orthogonal to the median, just above the
+    threshold, zero, float32's largest), every kept row is within the bound around zero, so
+    the aggregate is; at most `tolerate` rows are dropped; a kept row never points against
+    the reference by more than the threshold; no NaN."""
+    n = 5
+    _, honest = _honest_step(n)
+    center = np.median(honest, axis=0)
+    ortho = np.random.default_rng(7).normal(size=40)
+    ortho -= (ortho @ center) / (center @ center) * center
+    sent = [-10 * honest[0], 1e9 * honest[0], 1e3 * ortho, -center + 1e-3 * ortho,
+            np.zeros(40), np.full(40, 3.4e38), honest[0]]
+    for row in sent:
+        attacked = honest.copy()
+        attacked[0] = row
+        out = _direction(attacked, norm_bound=bound)
+        figs = out.figures["norm_bound"]
+        assert np.isfinite(out.delta).all()
+        assert np.linalg.norm(out.delta) <= figs["bound"] * (1 + 1e-12)
+        assert len(figs["direction"]["dropped"]) <= 1
+        assert all(np.isfinite(c) and -1 <= c <= 1 for _, c in figs["direction"]["cosines"])
+        dropped = [c for i, c in figs["direction"]["cosines"]
+                   if i in figs["direction"]["dropped"]]
+        kept = [c for i, c in figs["direction"]["cosines"]
+                if i not in figs["direction"]["dropped"]]
+        # A kept row below the threshold only once `tolerate` rows are dropped, all lower.
+        assert min(kept) >= 0.0 or (len(dropped) == 1 and max(dropped) <= min(kept))
+
+
+def test_direction_check_drops_at_most_tolerate_rows_the_lowest_cosines():
+    """More rows below the threshold than the tolerated attackers: only the `tolerate`
+    lowest are dropped (the others are honest: with at most f attackers, dropping more would
+    drop honest clients and hand the kept ones a larger share)."""
+    rows = np.array([[-3.0, 0.0], [-1.0, 0.5], [1.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
+    out = _direction(rows, norm_bound=100.0, direction_min_cosine=0.9)
+    check = out.figures["norm_bound"]["direction"]
+    cos = dict(check["cosines"])
+    assert sum(c < 0.9 for c in cos.values()) >= 2
+    assert check["dropped"] == [0]
+    out = _direction(rows, norm_bound=100.0, direction_min_cosine=0.9, tolerate=2)
+    assert out.figures["norm_bound"]["direction"]["dropped"] == [0, 1]
+
+
+def test_direction_check_is_nan_free_on_zero_rows_and_a_zero_reference():
+    """A zero row has cosine 0 (kept at the default threshold 0); a row whose reference is
+    zero (the others' median is 0: no direction) is never dropped."""
+    rows = np.zeros((5, 6))
+    out = _direction(rows, norm_bound=1.0)
+    assert np.array_equal(out.delta, np.zeros(6))
+    check = out.figures["norm_bound"]["direction"]
+    assert check["dropped"] == [] and check["no_reference"] == [0, 1, 2, 3, 4]
+    rows[0] = 5.0
+    rows[1:3] = 1.0
+    rows[3:] = -1.0  # the others' median is 0 for row 0 only
+    out = _direction(rows, norm_bound=1.0, direction_min_cosine=0.5)
+    check = out.figures["norm_bound"]["direction"]
+    assert check["no_reference"] == [0] and 0 not in check["dropped"]
+    assert np.isfinite(out.delta).all()
+
+
+def test_each_row_is_checked_against_the_median_of_the_others():
+    """The reference of row i is the coordinate-wise median of the other rows (computed
+    from one sort): a row cannot turn the direction it is checked against."""
+    rng = np.random.default_rng(5)
+    for n in (3, 4, 5, 6, 11):
+        rows = rng.normal(size=(n, 30)).round(1)  # rounded: ties too
+        expected = np.stack([np.median(np.delete(rows, i, axis=0), axis=0)
+                             for i in range(n)])
+        np.testing.assert_allclose(robust.median_of_others(rows), expected, rtol=0,
+                                   atol=1e-15)
+
+
+def test_a_flipped_row_that_drags_the_cohorts_median_is_still_dropped():
+    """Non-IID honest rows (a weak shared step): a reversed row at an honest norm pulls
+    the median of the whole cohort towards itself, enough for its cosine to that median to
+    turn positive; against the median of the others it stays negative and is dropped."""
+    rng = np.random.default_rng(2)
+    step = rng.normal(size=200)
+    honest = 0.4 * step + rng.normal(size=(5, 200))
+    attacked = honest.copy()
+    attacked[0] = -honest[0]
+    whole = np.median(attacked, axis=0)
+    assert attacked[0] @ whole > 0  # the whole cohort's median would keep it
+    out = _direction(attacked, norm_bound=100.0)
+    assert out.figures["norm_bound"]["direction"]["dropped"] == [0]
+
+
+def test_direction_check_refuses_a_cohort_too_small_for_an_honest_median():
+    cfg = AggregationConfig(norm_bound=1.0, norm_bound_direction="median")
+    cfg.validate()
+    _, honest = _honest_step(3)
+    assert robust.aggregate(honest, np.ones(3), cfg).delta is not None
+    refused = robust.aggregate(honest[:2], np.ones(2), cfg)
+    assert refused.delta is None
+    assert refused.figures["refused"] == (
+        "aggregation.norm_bound_direction='median' tolerates aggregation.tolerate=1 only "
+        "with deltas this round >= 2 x tolerate + 1 = 3, got 2")
+
+
+def test_direction_check_composes_with_the_centred_bound():
+    _, honest = _honest_step(5)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    out = _direction(attacked, norm_bound_center="median")
+    # Centring has already pulled the reversed row to the honest spread around the median
+    # (a positive cosine): the check then keeps it, and the bound around zero holds.
+    check = out.figures["norm_bound"]["direction"]
+    assert dict(check["cosines"])[0] > 0 and check["dropped"] == []
+    assert np.linalg.norm(out.delta) <= out.figures["norm_bound"]["bound_zero"] * (1 + 1e-12)
+
+
 def test_without_a_bound_the_mean_is_the_attackers():
     # The finding: at an honest weight, one delta of norm 1e6 becomes the aggregate.
     attacked = _deltas(5, outlier=1e6)
@@ -386,6 +544,28 @@ def test_aggregation_config_loads():
     (["aggregation.norm_bound=2", "aggregation.norm_bound_center=median",
       "aggregation.tolerate=3"],
      "aggregation.norm_bound_center='median' tolerates aggregation.tolerate=3 only with "
+     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.norm_bound_direction=mean"],
+     "aggregation.norm_bound_direction='mean' is not one of: off, median"),
+    (["aggregation.norm_bound_direction=median"],
+     "aggregation.norm_bound_direction='median' checks the rows of a norm bound: set "
+     "aggregation.norm_bound to 'adaptive' or a number"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
+      "aggregation.rule=median"],
+     "aggregation.norm_bound_direction='median' drops rows from the mean: it needs "
+     "aggregation.rule='mean', got 'median'"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
+      "aggregation.tolerate=0"],
+     "aggregation.norm_bound_direction='median' drops at most aggregation.tolerate rows: "
+     "set aggregation.tolerate >= 1"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
+      "aggregation.direction_min_cosine=1"],
+     "aggregation.direction_min_cosine must be in [-1, 1), got 1"),
+    (["aggregation.direction_min_cosine=nan"],
+     "aggregation.direction_min_cosine must be a finite number"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
+      "aggregation.tolerate=3"],
+     "aggregation.norm_bound_direction='median' tolerates aggregation.tolerate=3 only with "
      "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
     (["aggregation.tolerate=-1"], "aggregation.tolerate must be >= 0"),
     (["aggregation.rule=krum", "aggregation.krum_f=2"],

@@ -359,6 +359,7 @@ CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
 NORM_BOUND_CENTERS = ("zero", "median")
+NORM_BOUND_DIRECTIONS = ("off", "median")
 ADAPTIVE_FACTOR_MAX = 1e3
 ATTACK_SCALE_MAX = 1e9
 
@@ -367,7 +368,10 @@ ATTACK_SCALE_MAX = 1e9
 class AggregationConfig:
     """`[aggregation]`: how the server combines the cohort's deltas without user-level DP
     (strategies.robust). A norm bound scales each delta down to `norm_bound` (or to
-    `adaptive_factor` x the cohort's median norm with "adaptive") before the rule runs."""
+    `adaptive_factor` x the cohort's median norm with "adaptive") before the rule runs; with
+    `norm_bound_direction = "median"` the bounded rows pointing away from the coordinate-wise
+    median of the other rows (cosine below `direction_min_cosine`, at most `tolerate` rows, the
+    lowest) are then dropped from the mean (strategies.robust.direction_check)."""
 
     rule: str = "mean"
     # "off", "adaptive", or a number > 0 (an L2 norm).
@@ -378,6 +382,13 @@ class AggregationConfig:
     # cohort's coordinate-wise median (centred clipping), which also bounds a client that
     # sends the honest step reversed (the adaptive bound is then the median distance).
     norm_bound_center: str = "zero"
+    # A direction check after the bound (with `mean`): "median" drops from the mean the rows
+    # whose cosine to the coordinate-wise median of the other bounded rows is below
+    # `direction_min_cosine`, at most `tolerate` of them (the lowest), so a client that
+    # sends the honest step reversed no longer cancels an honest client's step; the bound
+    # still holds for every kept row. "off": no check.
+    norm_bound_direction: str = "off"
+    direction_min_cosine: float = 0.0
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
     # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
@@ -404,6 +415,7 @@ class AggregationConfig:
             raise ConfigError(f"aggregation.norm_bound_center={self.norm_bound_center!r} "
                               "measures a norm bound: set aggregation.norm_bound to "
                               "'adaptive' or a number")
+        self._validate_direction()
         if not 0.0 < self.adaptive_factor <= ADAPTIVE_FACTOR_MAX:
             raise ConfigError(f"aggregation.adaptive_factor must be in (0, "
                               f"{ADAPTIVE_FACTOR_MAX:g}], got {self.adaptive_factor!r}")
@@ -413,6 +425,26 @@ class AggregationConfig:
         require_nonnegative("aggregation.krum_f", self.krum_f)
         require_nonnegative("aggregation.multi_krum_m", self.multi_krum_m)
         require_nonnegative("aggregation.tolerate", self.tolerate)
+
+    def _validate_direction(self) -> None:
+        key = "aggregation.norm_bound_direction"
+        require_choice(key, self.norm_bound_direction, NORM_BOUND_DIRECTIONS)
+        require_finite("aggregation.direction_min_cosine", self.direction_min_cosine)
+        if not -1.0 <= self.direction_min_cosine < 1.0:
+            raise ConfigError(f"aggregation.direction_min_cosine must be in [-1, 1), got "
+                              f"{self.direction_min_cosine!r}")
+        if self.norm_bound_direction == "off":
+            return
+        if self.norm_bound == "off":
+            raise ConfigError(f"{key}={self.norm_bound_direction!r} checks the rows of a norm "
+                              "bound: set aggregation.norm_bound to 'adaptive' or a number")
+        if self.rule != "mean":
+            raise ConfigError(f"{key}={self.norm_bound_direction!r} drops rows from the mean: "
+                              f"it needs aggregation.rule='mean', got {self.rule!r}")
+        if self.tolerate < 1:
+            # It drops at most `tolerate` rows: with 0 it would check and drop nothing.
+            raise ConfigError(f"{key}={self.norm_bound_direction!r} drops at most "
+                              "aggregation.tolerate rows: set aggregation.tolerate >= 1")
 
     @property
     def default(self) -> bool:
@@ -436,6 +468,10 @@ class AggregationConfig:
         if self.norm_bound_center == "median" and n < 2 * f + 1:
             return (f"aggregation.norm_bound_center='median' tolerates aggregation.tolerate="
                     f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+        if self.norm_bound_direction == "median" and n < 2 * f + 1:
+            # The reference direction is inside the honest range only with an honest majority.
+            return (f"aggregation.norm_bound_direction='median' tolerates aggregation."
+                    f"tolerate={f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
