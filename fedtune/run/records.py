@@ -55,12 +55,15 @@ class RoundRecord:
     # The majority class's validation accuracy (`fedtune.task.evaluation.majority_fields`):
     # the same every round, beside `val_accuracy` so one line tells learning from guessing.
     majority_val_accuracy: float | None = None
+    # A causal-LM task's validation perplexity (token-weighted); None for a classifier.
+    val_perplexity: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "round": self.round,
             "val_accuracy": self.val_accuracy,
             "val_loss": self.val_loss,
+            "val_perplexity": self.val_perplexity,
             "epsilon_sample": self.epsilon_sample,
             "epsilon_user": self.epsilon_user,
             "delta": self.delta,
@@ -99,7 +102,9 @@ class Summary:
     """The run's summary (summary.json): the final model on the test split, the best
     validation round, both epsilons and the run's totals."""
 
-    # final/initial/best accuracy fields (`fedtune.task.evaluation.accuracy_fields`).
+    # final/initial/best accuracy fields (`fedtune.task.evaluation.accuracy_fields`) and
+    # the perplexity fields (`fedtune.task.kinds.SUMMARY_PERPLEXITY`), each null where the
+    # task kind does not compute it.
     accuracy: Mapping[str, Any]
     initial_evaluated: str
     epsilon_sample: float | None
