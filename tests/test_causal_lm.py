@@ -324,3 +324,16 @@ def test_the_task_builds_users_texts_without_labels(lm_folders, tmp_path):
     again = get_task(cfg)
     assert np.array_equal(np.asarray(again.train.labels), np.asarray(task.train.labels))
     assert again.label_names == ()
+
+
+def test_preflight_needs_no_label_column_for_a_causal_lm_run(tmp_path, lm_folders):
+    from fedtune.run.preflight import preflight
+
+    data = write_users(tmp_path / "mail.jsonl")
+    sets = [f'model.backbone="{lm_folders["llama"]}"', "data.corpus=hf",
+            f'data.options={{path="json", data_files="{data}"}}', "data.partition=natural",
+            "data.by=user", "data.num_clients=3", "train.clients_per_round=2",
+            "tuning.method=lora"]
+    preflight(load_config(None, ["task.kind=causal_lm", *sets]))
+    with pytest.raises(ConfigError, match="has no column label_field='label'"):
+        preflight(load_config(None, sets))
