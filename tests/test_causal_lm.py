@@ -223,11 +223,12 @@ def _per_example_grads(model, ids, mask, labels):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family, mode", [("llama", "hooks"), ("gpt2", "hooks"),
+                                          ("llama", "functorch")])
 @pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_opacus_per_sample_gradients_are_each_messages_own(family, method, lm_folders):
-    """Hooks mode on a padded batch of 3: each per-sample gradient equals the plain
-    backward of that message alone (its loss is its own mean, whatever the others)."""
+def test_opacus_per_sample_gradients_are_each_messages_own(family, mode, method, lm_folders):
+    """On a padded batch of 3: each per-sample gradient equals the plain backward of that
+    message alone (its loss is its own mean, whatever the others)."""
     from opacus import GradSampleModule
 
     model, _, _ = _model(lm_folders[family], method)
@@ -239,7 +240,8 @@ def test_opacus_per_sample_gradients_are_each_messages_own(family, method, lm_fo
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
     expected = _per_example_grads(model, ids, mask, labels)
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                               force_functorch=mode == "functorch")
     NextTokenLoss()(wrapped(ids, mask), labels).backward()
     for name, p in model.trainable_state().items():
         assert p.grad_sample.shape[0] == 3
