@@ -61,7 +61,7 @@ def lm_folders(tmp_path_factory):
 def _cfg(folder: str, *sets: str):
     return load_config(None, [f'model.backbone="{folder}"', *LM, "train.batch_size=4",
                               "train.local_steps=2", "tuning.prompt.length=3",
-                              "privacy.reproducible_noise=true", *sets])
+                              "tuning.slash.size=8", "privacy.reproducible_noise=true", *sets])
 
 
 def _model(folder: str, method: str):
@@ -96,7 +96,7 @@ def test_the_default_task_is_classification_and_an_unknown_kind_is_one_line():
     (["model.prune_layers=[1]"], "model.prune_layers"),
     (['plugins=[{name="el2n_pruning"}]'], "plugins"),
     (["tuning.method=bitfit"], "tuning.method='bitfit'"),
-    (["tuning.method=slash"], "tuning.method='slash'"),
+    (["tuning.method=head"], "tuning.method='head'"),
     (["data.partition=dirichlet"], "data.partition='dirichlet'"),
     (['data.labels=["a", "b"]'], "data.labels"),
     (["tuning.domain_head=true"], "tuning.domain_head"),
@@ -196,7 +196,7 @@ def test_a_long_message_weighs_by_its_tokens_in_perplexity():
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
 def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
         family, method, lm_folders):
     model, backbone, _ = _model(lm_folders[family], method)
@@ -204,7 +204,8 @@ def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
     logits = model(ids, mask)
     assert logits.shape == (4, 10, backbone.model.config.vocab_size)
     names = list(model.trainable_state())
-    assert names and all(("lora_" in n) if method == "lora" else n.startswith("prompt.")
+    prefix = {"prompt": "prompt.", "slash": "z."}
+    assert names and all(("lora_" in n) if method == "lora" else n.startswith(prefix[method])
                          for n in names)
     # The process-wide backbone stays frozen and unmodified.
     assert not any(p.requires_grad for p in backbone.model.parameters())
@@ -225,7 +226,7 @@ def _per_example_grads(model, ids, mask, labels):
 
 @pytest.mark.parametrize("family, mode", [("llama", "hooks"), ("gpt2", "hooks"),
                                           ("llama", "functorch")])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
 def test_opacus_per_sample_gradients_are_each_messages_own(family, mode, method, lm_folders):
     """On a padded batch of 3: each per-sample gradient equals the plain backward of that
     message alone (its loss is its own mean, whatever the others)."""
@@ -234,11 +235,10 @@ def test_opacus_per_sample_gradients_are_each_messages_own(family, mode, method,
     model, _, _ = _model(lm_folders[family], method)
     model.train()
     ids, mask, labels = _batch(n=3)
-    if method == "lora":  # B starts at zero: give it a value so A's gradient is not zero
-        with torch.no_grad():
-            for name, p in model.trainable_state().items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+    with torch.no_grad():  # LoRA's B and SLaSh's z start at zero: give them a value
+        for name, p in model.trainable_state().items():
+            if "lora_B" in name or name.startswith("z."):
+                p.normal_(0, 0.1)
     expected = _per_example_grads(model, ids, mask, labels)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                                force_functorch=mode == "functorch")
