@@ -339,3 +339,22 @@ def test_preflight_needs_no_label_column_for_a_causal_lm_run(tmp_path, lm_folder
     preflight(load_config(None, ["task.kind=causal_lm", *sets]))
     with pytest.raises(ConfigError, match="has no column label_field='label'"):
         preflight(load_config(None, sets))
+
+
+def test_an_evaluation_batch_is_cut_to_bound_the_logits_with_the_same_figures(
+        lm_folders, monkeypatch):
+    import fedtune.task.lm as lm_module
+
+    model, _, _ = _model(lm_folders["gpt2"], "lora")
+    ids, mask, labels = _batch(n=5, t=12)
+    split = Split(ids.numpy(), mask.numpy(), labels.numpy())
+    whole = evaluate_lm(model, split, batch_size=8)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda i, m: calls.append(len(i)) or forward(i, m))
+    # Room for the logits of two rows at a time.
+    monkeypatch.setattr(lm_module, "LOGITS_BUDGET", 2 * 12 * model.backbone.config.vocab_size)
+    cut = evaluate_lm(model, split, batch_size=8)
+    assert calls == [2, 2, 1]
+    assert cut["tokens"] == whole["tokens"]
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-5)
