@@ -358,3 +358,21 @@ def test_an_evaluation_batch_is_cut_to_bound_the_logits_with_the_same_figures(
     assert calls == [2, 2, 1]
     assert cut["tokens"] == whole["tokens"]
     assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_the_console_shows_perplexity_untuned_to_final_and_the_epsilons():
+    from fedtune.cli import round_line, summary_line
+
+    cfg = load_config(None, [*LM, "tuning.method=lora"])
+    summary = {"wall_s": 12.0, "epsilon_sample": 7.5, "epsilon_user": None,
+               "total_bytes_up": 1000, "trainable_params": 4096, "final_accuracy": None,
+               "test_perplexity": 41.234, "initial_test_perplexity": 67.7,
+               "final_val_perplexity": 42.0, "best_val_perplexity": 41.9, "best_round": 2}
+    line = summary_line(summary, "/tmp/run", cfg)
+    assert "test perplexity 67.70 untuned -> 41.23" in line
+    assert "validation perplexity 42.00 (best 41.90 at round 2)" in line
+    assert "epsilon_sample 7.5" in line and "accuracy" not in line
+    record = {"round": 1, "val_accuracy": None, "val_loss": math.log(50.0),
+              "val_perplexity": 50.0, "epsilon_sample": 3.0, "epsilon_user": None,
+              "clients": 2, "bytes_up": 10, "wall_s": 1.0}
+    assert "val ppl 50.00" in round_line(record, cfg)
