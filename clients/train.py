@@ -15,6 +15,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.privacy import DPHistory, epsilon_of, make_private
 from fedtune.privacy.plan import Release, local_steps, planned_release
 from fedtune.runtime.torch_setup import model_device
+from fedtune.task.kinds import task_kind
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import prefix_layer, training_view
 
@@ -134,13 +135,15 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     optimizer = _optimizer(model, cfg, cfg.train.lr if lr is None else lr)
     dp = cfg.privacy.sample
     sigma, sample_rate = 0.0, 0.0
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    # The task kind's loss: a classifier's cross entropy, a language model's per-sequence
+    # next-token loss (each one a batch mean of per-example losses, as DP-SGD clips).
+    criterion: nn.Module = task_kind(cfg.task.kind).criterion()
     train_model: nn.Module = model
     private = None
     if dp.enabled:
         sigma, sample_rate, steps = planned_release(cfg, n)
         private = make_private(
-            model, optimizer, loader, dp, sigma,
+            model, optimizer, loader, dp, sigma, criterion=criterion,
             reproducible_seed=seed if cfg.privacy.reproducible_noise else None)
         if private.sample_rate != sample_rate:  # the accountant must be told the real rate
             raise RuntimeError(f"the Poisson loader samples at {private.sample_rate}, but "
@@ -165,7 +168,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                 nn.utils.clip_grad_norm_(trainable, clip_norm)
             optimizer.step()
             losses.append(loss.detach().item())
-            seen += int(labels.numel())
+            seen += int(labels.shape[0])  # examples (an LM's labels are [B, T])
     finally:
         if private is not None:
             private.close()

@@ -203,7 +203,9 @@ def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
         user = render_epsilon(rec["epsilon_user"],
                               epsilon_marks(cfg, "user", rec["epsilon_user"]))
         eps = f"{eps} (user {user})"
-    val = ("no validation split" if rec["val_accuracy"] is None else
+    val = ("no validation split" if rec["val_loss"] is None else
+           f"val ppl {rec['val_perplexity']:.2f}  val loss {rec['val_loss']:.4f}"
+           if rec.get("val_perplexity") is not None else
            f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
     # Null under user-level DP without log_cohorts: the secret cohort's size and sums.
     cohort = ("" if rec["clients"] is None else
@@ -225,18 +227,35 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
     label = dp_level_label(cfg)  # a split run: what its epsilon covers, as the report says
     if label is not None and summary.get("epsilon_sample") is not None:
         eps["sample"] += f" ({label.removeprefix('sample-level DP on ')})"
-    best = summary.get("best_val_accuracy")
-    val = "" if best is None else (
-        f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
-        f"{summary['best_round']}), ")
     return (
-        f"[bold green]done[/] in {summary['wall_s']:.0f} s: final test accuracy "
-        f"{summary['final_accuracy']:.4f} ({baseline_text(summary)}), {val}"
+        f"[bold green]done[/] in {summary['wall_s']:.0f} s: {quality_text(summary)}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
         + _smashed_text(summary, cfg)
         + f"{summary['trainable_params']:,} trainable params"
         f" -> {out}/summary.json")
+
+
+def quality_text(summary: dict[str, Any]) -> str:
+    """The final model's quality against its baselines, and the validation figures: test
+    accuracy for a classifier, test perplexity (untuned -> final) for a language model."""
+    if summary.get("test_perplexity") is not None:
+        best = summary.get("best_val_perplexity")
+        val = "" if best is None else (
+            f"validation perplexity {summary['final_val_perplexity']:.2f} (best {best:.2f} "
+            f"at round {summary['best_round']}), ")
+        return (f"test perplexity {_ppl(summary.get('initial_test_perplexity'))} untuned -> "
+                f"{summary['test_perplexity']:.2f}, {val}")
+    best = summary.get("best_val_accuracy")
+    val = "" if best is None else (
+        f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
+        f"{summary['best_round']}), ")
+    return (f"final test accuracy {summary['final_accuracy']:.4f} "
+            f"({baseline_text(summary)}), {val}")
+
+
+def _ppl(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _smashed_text(summary: dict[str, Any], cfg: ExperimentConfig) -> str:

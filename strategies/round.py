@@ -34,7 +34,8 @@ class RoundSettings:
     lr_decay: float  # train.lr_decay, per round
     timeout_s: float  # train.round_timeout_s: how long the round waits for replies
     poll_s: float  # seconds between pulls of the grid
-    # The validation figures (`val_accuracy`, `val_loss`) of a global vector.
+    # The validation figures (`val_accuracy`, `val_loss`, `val_perplexity`) of a global
+    # vector.
     evaluate: Callable[[np.ndarray], Mapping[str, float | None]]
     # The notes beside a record's epsilons (`fedtune.run.epsilon_marks.note_fields`).
     notes: Callable[[Mapping[str, Any]], Mapping[str, Any]]
@@ -85,6 +86,7 @@ def play_round(rnd: int, cohort: list[int], grid: Grid, driver: DeltaFedAvg | Us
         round=rnd,
         val_accuracy=metrics["val_accuracy"],
         val_loss=metrics["val_loss"],
+        val_perplexity=metrics.get("val_perplexity"),
         **epsilons,
         delta=fields.pop("delta"),
         clients=len(accepted),

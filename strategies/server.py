@@ -41,13 +41,12 @@ from fedtune.split.disclosure import split_disclosure
 from fedtune.split.ledger_fields import split_summary_fields
 from fedtune.split.plan import smashed_privacy_events
 from fedtune.task.evaluation import (
-    accuracy_fields,
     final_metrics,
-    majority_fields,
     round_metrics,
     untrained_metrics,
     validation_examples,
 )
+from fedtune.task.kinds import task_kind
 from fedtune.task.task import Task, get_task
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
@@ -206,7 +205,8 @@ def _round_settings(cfg: ExperimentConfig, grid: Grid, task: Task, model: TunedM
         forward_layers_skipped=skipped_layers(cfg, model),
         privacy_in_clear=in_clear(cfg),
         split_statement=split_disclosure(cfg),
-        majority_val_accuracy=majority_fields(task, cfg)["majority_val_accuracy"])
+        majority_val_accuracy=task_kind(cfg.task.kind).baseline(
+            task, cfg)["majority_val_accuracy"])
 
 
 def discover_workers(grid: Grid, cfg: ExperimentConfig,
@@ -244,9 +244,11 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
              cfg: ExperimentConfig, final_test: dict[str, float]) -> Summary:
     last = history[-1]
+    kind = task_kind(cfg.task.kind)
     return Summary(
-        accuracy=accuracy_fields(history, state.initial, final_test,
-                                 validation_examples(task, cfg)),
+        # Accuracy or perplexity fields (the other kind's null), the best round by validation.
+        accuracy=kind.summary_fields(history, state.initial, final_test,
+                                     validation_examples(task, cfg)),
         # Runs checkpointed before the deferral scored the untrained model before round 1.
         initial_evaluated=state.initial.get("evaluated", "before round 1"),
         epsilon_sample=last["epsilon_sample"],
@@ -269,7 +271,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         population=_population(cfg),
         split=split_summary_fields(history),
         pruning=pruning_record(task.backbone, cfg.model.max_length),
-        baseline=majority_fields(task, cfg),
+        baseline=kind.baseline(task, cfg),
     )
 
 

@@ -74,6 +74,7 @@ from fedtune.config.schema import (
     TuningConfig,
     UserDPConfig,
 )
+from fedtune.config.task import TaskConfig
 
 __all__ = [
     "ACCOUNTANTS", "ADAPTIVE_FACTOR_MAX", "AGGREGATION_RULES", "ATTACK_SCALE_MAX", "BOUNDS",
@@ -81,8 +82,8 @@ __all__ = [
     "NORM_BOUND_MODES", "OPTIMIZERS", "PREFIX_CACHE", "SEED_MAX",
     "AggregationConfig", "AttackSimulationConfig", "ConfigError", "DataConfig", "DeltaConfig",
     "ExperimentConfig", "FaultConfig", "ModelConfig", "PrivacyConfig", "RuntimeConfig",
-    "SampleDPConfig", "SimulationConfig", "SmashedDPConfig", "SplitConfig", "TrainConfig",
-    "TuningConfig", "UserDPConfig",
+    "SampleDPConfig", "SimulationConfig", "SmashedDPConfig", "SplitConfig", "TaskConfig",
+    "TrainConfig", "TuningConfig", "UserDPConfig",
     "check_bounds", "check_name", "check_table_bounds", "config_from_dict", "config_from_toml",
     "load_config", "parse_override", "read_toml", "require_choice", "require_finite",
     "require_in_range", "require_nonempty", "require_nonnegative", "require_positive",

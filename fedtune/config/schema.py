@@ -27,6 +27,7 @@ from fedtune.config.errors import ConfigError
 from fedtune.config.pruning import check_setting as check_pruning
 from fedtune.config.registry import available, config_checks, method_names, method_spec
 from fedtune.config.runtime import RuntimeConfig
+from fedtune.config.task import TaskConfig, check_task
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -615,6 +616,8 @@ class SimulationConfig:
 class ExperimentConfig:
     name: str = "quickstart"
     seed: int = 0
+    # What the run learns (`[task] kind`: classification, causal_lm; fedtune.config.task).
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
@@ -634,7 +637,7 @@ class ExperimentConfig:
         check_name(self.name)
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed!r}")
-        for section in (self.model, self.data, self.tuning, self.train, self.privacy,
+        for section in (self.task, self.model, self.data, self.tuning, self.train, self.privacy,
                         self.delta, self.faults, self.aggregation, self.split,
                         self.simulation, self.runtime):
             section.validate()
@@ -645,6 +648,7 @@ class ExperimentConfig:
         for check in config_checks():
             check(self)
         self._validate_method_plugins()
+        check_task(self)  # the task kind's rules (what a causal-LM run cannot do yet)
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="

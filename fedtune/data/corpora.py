@@ -93,7 +93,7 @@ def available_corpora() -> list[str]:
 
 # Keyword arguments fedtune itself passes to a loader that declares them; never a
 # `data.options` key.
-RUN_ARGUMENTS = ("cache_root", "labels")
+RUN_ARGUMENTS = ("cache_root", "labels", "unlabelled")
 
 
 def corpus_options(name: str) -> list[str]:
@@ -110,12 +110,15 @@ def _loader(name: str) -> CorpusLoader:
 
 
 def load_corpus(name: str, /, cache_root: Path | None = None,
-                labels: list[str] | None = None, **options: Any) -> datasets.DatasetDict:
+                labels: list[str] | None = None, unlabelled: bool = False,
+                **options: Any) -> datasets.DatasetDict:
     """Load corpus `name` with its `options` (`data.options` in an experiment config).
     `cache_root` is fedtune's cache folder of the run (`[runtime] cache_dir`; default: the
     environment's or ~/.cache/fedtune): loaders that copy the user's files keep them there.
     `labels` (`data.labels`): the declared classes, in order; a loader that takes them
-    checks every row against them, any other corpus must have exactly these classes."""
+    checks every row against them, any other corpus must have exactly these classes.
+    `unlabelled` (a task kind whose rows are texts alone, such as causal_lm): a loader that
+    declares it needs no label column (its rows get label 0), and no class is checked."""
     loader = _loader(name)
     allowed = corpus_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -131,7 +134,11 @@ def load_corpus(name: str, /, cache_root: Path | None = None,
         options = {**options, "cache_root": Path(cache_root)}
     if labels and "labels" in params:
         options = {**options, "labels": list(labels)}
+    if unlabelled and "unlabelled" in params:
+        options = {**options, "unlabelled": True}
     corpus = loader(**options)
+    if unlabelled:
+        return corpus
     if labels and "labels" not in params:
         try:
             check_class_names(getattr(corpus["train"].features["label"], "names", []),
@@ -279,9 +286,9 @@ def _is_string(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _check_no_nulls(ds: datasets.Dataset, split: str, locate: Callable[[str, int], Place]
-                    ) -> None:
-    for column, what in (("text", "text"), ("label", "label")):
+def _check_no_nulls(ds: datasets.Dataset, split: str, locate: Callable[[str, int], Place],
+                    columns: tuple[str, ...] = ("text", "label")) -> None:
+    for column, what in ((c, c) for c in columns):
         values = ds[column]
         row = next((i for i, v in enumerate(values) if v is None), None)
         if row is not None:
@@ -353,8 +360,8 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
             text_field: str = "text", label_field: str = "label", train_split: str = "train",
             test_split: str | None = None, test_fraction: float = 0.2, seed: int = 0,
             delimiter: str | None = None, cache_dir: str | Path | None = None,
-            cache_root: Path | None = None, labels: list[str] | None = None
-            ) -> datasets.DatasetDict:
+            cache_root: Path | None = None, labels: list[str] | None = None,
+            unlabelled: bool = False) -> datasets.DatasetDict:
     """Any HF dataset as a corpus, with its text and label columns renamed to text/label.
 
     `path`/`name`/`data_files`/`cache_dir` go to `datasets.load_dataset` (e.g. path="csv",
@@ -364,6 +371,8 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     String labels become a ClassLabel: `labels` (`data.labels`, the declared classes in
     order) or the sorted training labels (fedtune.data.labels checks them); rows without
     an `id` column get "<split>-<row>". An error about a row names its file and line.
+    `unlabelled` (set by fedtune for a causal-LM task): no label column is needed or read;
+    every row gets label 0.
     """
     import datasets
 
@@ -441,13 +450,20 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
     out = {}
     for split, ds in (("train", train), ("test", test)):
         where = f"dataset {path!r} split {split!r}"
-        for option, field in (("text_field", text_field), ("label_field", label_field)):
+        needed = (("text_field", text_field),) if unlabelled else (
+            ("text_field", text_field), ("label_field", label_field))
+        for option, field in needed:
             if field not in ds.column_names:
                 tabbed = next((c for c in ds.column_names if "\t" in c), None)
                 hint = f" (column {tabbed!r} looks tab-separated: {TAB_HINT})" if tabbed else ""
                 raise CorpusError(f"{where} has no column {option}={field!r}; "
                                   f"columns: {ds.column_names}{hint}")
-        renames = {k: v for k, v in ((text_field, "text"), (label_field, "label")) if k != v}
+        if unlabelled:  # the texts are the targets: whatever label column there is goes
+            ds = ds.remove_columns([c for c in (label_field, "label") if c in ds.column_names
+                                    and c != text_field])
+            ds = ds.add_column("label", [0] * len(ds))
+        renames = {k: v for k, v in ((text_field, "text"), (label_field, "label"))
+                   if k != v and k in ds.column_names}
         clash = [v for v in renames.values() if v in ds.column_names]
         ds = ds.remove_columns(clash).rename_columns(renames)
         text = ds.features["text"]
@@ -466,6 +482,7 @@ def load_hf(*, path: str, name: str | None = None, data_files: Any = None,
         return origins.place(loaded_split, rows[split][row], sizes[loaded_split])
 
     for split, ds in out.items():
-        _check_no_nulls(ds, split, locate)
-    out = _classes(out, labels, path, locate)
+        _check_no_nulls(ds, split, locate, ("text",) if unlabelled else ("text", "label"))
+    if not unlabelled:
+        out = _classes(out, labels, path, locate)
     return datasets.DatasetDict({s: ds.remove_columns(ROW_COLUMN) for s, ds in out.items()})

@@ -56,17 +56,18 @@ def _engine(accountant: str) -> PrivacyEngine:
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  cfg: SampleDPConfig, noise_multiplier: float,
-                 reproducible_seed: int | None = None) -> PrivateTraining:
+                 reproducible_seed: int | None = None,
+                 criterion: nn.Module | None = None) -> PrivateTraining:
     """Poisson sampling over `loader`'s dataset, per-sample clipping at `cfg.max_grad_norm`,
     Gaussian noise.
 
     The Poisson masks and the noise come from `fedtune.privacy.randomness` (256-bit secret
     keys), whatever generator `loader` carries; no torch generator draws either. Only
     `reproducible_seed` (pass it in `privacy.reproducible_noise` mode alone) makes them
-    follow a seed."""
+    follow a seed. `criterion`: the task's loss (default: cross entropy)."""
     engine = _engine(cfg.accountant)
     model.train()  # Opacus refuses a model in eval mode
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     poisson = poisson_loader(loader, dp_source("poisson", reproducible_seed))
     out = engine.make_private(
         module=model,

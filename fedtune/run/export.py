@@ -73,7 +73,7 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
     if cfg is None and (folder / CONFIG_FILE).is_file():
         cfg = load_config(folder / CONFIG_FILE)
     if cfg is not None:
-        settings = prediction_settings(cfg, meta, backbone_for(cfg.model))
+        settings = prediction_settings(cfg, meta, backbone_for(cfg.model, kind=cfg.task.kind))
         meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
         meta[BINDING_KEY] = _settings_hash(settings)
     # Through the one atomic writer: a link planted under the name is replaced, not followed;

@@ -55,6 +55,8 @@ class RoundRecord:
     # The majority class's validation accuracy (`fedtune.task.evaluation.majority_fields`):
     # the same every round, beside `val_accuracy` so one line tells learning from guessing.
     majority_val_accuracy: float | None = None
+    # A causal-LM task's validation perplexity (token-weighted); None for a classifier.
+    val_perplexity: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -72,6 +74,7 @@ class RoundRecord:
             "lr": self.lr,
             "train_loss": self.train_loss,
             "majority_val_accuracy": self.majority_val_accuracy,
+            "val_perplexity": self.val_perplexity,
             "sampled": self.sampled,
             "no_contribution": self.no_contribution,
             "rejected": list(self.rejected),
@@ -99,7 +102,9 @@ class Summary:
     """The run's summary (summary.json): the final model on the test split, the best
     validation round, both epsilons and the run's totals."""
 
-    # final/initial/best accuracy fields (`fedtune.task.evaluation.accuracy_fields`).
+    # final/initial/best accuracy fields (`fedtune.task.evaluation.accuracy_fields`) and
+    # the perplexity fields (`fedtune.task.kinds.SUMMARY_PERPLEXITY`), each null where the
+    # task kind does not compute it.
     accuracy: Mapping[str, Any]
     initial_evaluated: str
     epsilon_sample: float | None

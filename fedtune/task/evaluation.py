@@ -20,14 +20,20 @@ evaluation runs only the blocks after it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fedtune.config.runtime import runtime_settings
 from fedtune.task import cache as task_cache
+from fedtune.task.classification import (  # noqa: F401  (their former home: re-exported)
+    _examples,
+    accuracy_fields,
+    evaluate,
+    majority_fields,
+)
+from fedtune.task.kinds import round_quality, task_kind
 from fedtune.task.task import Split
 from fedtune.tuning.prefix_cache import cache_applies, process_cache
 
@@ -44,63 +50,35 @@ def load_vector(model: TunedModel, task: Task, vector: np.ndarray) -> None:
     model.load_trainable(task.spec.unflatten(vector))
 
 
-def _measure(model: TunedModel, split: Split, cfg: ExperimentConfig) -> dict[str, float]:
+def _measure(model: TunedModel, split: Split, cfg: ExperimentConfig
+             ) -> dict[str, float | None]:
+    """The task kind's evaluation of `model` on `split` (`fedtune.task.kinds`)."""
     states = None
     if cache_applies(cfg, model):
         assert model.prefix is not None  # cache_applies checked it
         n = _examples(split, cfg.train.eval_max_examples)
         states = process_cache(cfg).states(model.prefix, split.input_ids[:n],
                                            split.attention_mask[:n])
-    return evaluate(model, split, cfg.train.eval_batch_size, cfg.train.eval_max_examples,
-                    states)
-
-
-def _examples(split: Split, max_examples: int) -> int:
-    return len(split) if max_examples <= 0 else min(max_examples, len(split))
-
-
-@torch.inference_mode()
-def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0,
-             states: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy, mean cross-entropy and example count on `split` (its first `max_examples`
-    if > 0): the one evaluation loop. With `states` (the split's cached prefix states,
-    row for row) the model runs only the blocks above its frozen prefix
-    (`forward_from`): same rows, same figures within float tolerance."""
-    model.eval()
-    n = _examples(split, max_examples)
-    device = next(model.parameters()).device if states is not None else None
-    correct, loss_sum = 0, 0.0
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if states is None:
-            ids, mask, labels = split.tensors(np.arange(start, stop)).tensors
-            logits = model(ids, mask)
-        else:
-            hidden = torch.from_numpy(np.array(states[start:stop])).to(device)
-            mask = torch.from_numpy(np.asarray(split.attention_mask[start:stop],
-                                               dtype=np.int64)).to(device)
-            labels = torch.from_numpy(np.asarray(split.labels[start:stop], dtype=np.int64))
-            logits = model.forward_from(hidden, mask).cpu()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}
+    return task_kind(cfg.task.kind).evaluate(model, split, cfg.train.eval_batch_size,
+                                             cfg.train.eval_max_examples, states)
 
 
 def round_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: ExperimentConfig
                   ) -> dict[str, float | None]:
-    """A round's ledger fields `val_accuracy`, `val_loss`: `vector` on the validation split,
-    both None when there is none (data.validation_fraction = 0: no round is evaluated)."""
+    """A round's ledger fields `val_accuracy`, `val_loss`, `val_perplexity`: `vector` on the
+    validation split, all None when there is none (data.validation_fraction = 0: no round
+    is evaluated); a field the task kind does not compute is None (a classifier's
+    perplexity, a language model's accuracy)."""
     if task.validation is None:
-        return {"val_accuracy": None, "val_loss": None}
+        return round_quality({})
     load_vector(model, task, vector)
-    metrics = _measure(model, task.validation, cfg)
-    return {"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"]}
+    return round_quality(_measure(model, task.validation, cfg))
 
 
 def final_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: ExperimentConfig
-                  ) -> dict[str, float]:
-    """Accuracy, loss and example count of `vector` on the test split: for the final model
-    (and the untrained baseline) only."""
+                  ) -> dict[str, float | None]:
+    """Accuracy (or perplexity), loss and example count of `vector` on the test split: for
+    the final model (and the untrained baseline) only."""
     load_vector(model, task, vector)
     return _measure(model, task.test, cfg)
 
@@ -111,7 +89,9 @@ def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
     with them) and validation figures (the round-0 point of the validation curve)."""
     test = final_metrics(task, model, vector, cfg)
     val = round_metrics(task, model, vector, cfg)
-    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **val}
+    # The fields the untrained-figures cache keeps (a perplexity is the exp of its loss).
+    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]}
 
 
 def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
@@ -167,61 +147,3 @@ def validation_examples(task: Task, cfg: ExperimentConfig) -> int:
     cap = cfg.train.eval_max_examples
     return min(n, cap) if cap > 0 else n
 
-
-def majority_fields(task: Task, cfg: ExperimentConfig) -> dict[str, Any]:
-    """The majority-class baseline: what always answering the most frequent training label
-    scores on the rows the run scores (the first `train.eval_max_examples` of the test and
-    validation splits). A run that does not beat it learned nothing useful, whatever its
-    gain over the untrained model (issue 30: a 3-class run ended at exactly the majority
-    rate, 0.69, beside an untrained 0.22).
-
-    The label is counted over the clients' partitions only (the rows that train; never the
-    validation rows, never the test split), ties going to the lower label id; with two
-    domains over the target clients' partitions (the first `data.target_clients`): the
-    accuracy is the target domain's, so is its baseline. No model."""
-    partitions = list(task.partitions)
-    if cfg.data.domain_by:
-        partitions = partitions[:cfg.data.target_clients]
-    rows = (np.concatenate(partitions) if partitions
-            else np.zeros(0, dtype=np.int64)).astype(np.int64)
-    train_labels = np.asarray(task.train.labels)[rows].astype(np.int64)
-    label = int(np.bincount(train_labels, minlength=task.num_labels).argmax())
-
-    def accuracy(split: Split | None) -> float | None:
-        if split is None:
-            return None
-        n = _examples(split, cfg.train.eval_max_examples)
-        return float(np.mean(np.asarray(split.labels[:n]) == label)) if n else None
-
-    return {"majority_label": task.label_names[label],
-            "majority_accuracy": accuracy(task.test),
-            "majority_val_accuracy": accuracy(task.validation)}
-
-
-def accuracy_fields(history: Sequence[dict[str, Any]], initial: dict[str, Any],
-                    final_test: dict[str, float], validation_examples: int
-                    ) -> dict[str, Any]:
-    """The summary's accuracy fields.
-
-    `final_accuracy`/`final_loss`: the final model on the test split. `best_val_accuracy`
-    and `best_round`: the best validation accuracy over the rounds and the first round
-    that reached it; `best_accuracy` is the same validation figure (kept for readers of
-    older summaries, where it was a max over test evaluations). `final_val_accuracy`: the
-    final model on the validation split, the figure a sweep ranks settings by. Every
-    validation figure is None when the run has no validation split.
-    """
-    scored = [r for r in history if r.get("val_accuracy") is not None]
-    best = max(scored, key=lambda r: r["val_accuracy"], default=None)  # first of equals
-    last = history[-1] if history else {}
-    return {
-        "final_accuracy": final_test["accuracy"],
-        "final_loss": final_test["loss"],
-        "test_examples": int(final_test["examples"]),
-        "initial_accuracy": initial["test_accuracy"],
-        "final_val_accuracy": last.get("val_accuracy"),
-        "best_val_accuracy": None if best is None else best["val_accuracy"],
-        "best_round": None if best is None else best["round"],
-        "best_accuracy": None if best is None else best["val_accuracy"],
-        "initial_val_accuracy": initial.get("val_accuracy"),
-        "validation_examples": validation_examples,
-    }

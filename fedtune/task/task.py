@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.config import ExperimentConfig, config_from_toml
 from fedtune.config.runtime import runtime_settings
+from fedtune.config.task import DEFAULT_KIND
 from fedtune.data import load_corpus, partition, partition_domains, target_rows, tokenize_cached
 from fedtune.data.domains import no_progress_bars
 from fedtune.data.duplicates import RowKeys
@@ -35,6 +35,8 @@ from fedtune.models import Backbone, backbone_for
 from fedtune.run.atomic import write_stream_atomic, write_text_atomic
 from fedtune.runtime.startup import phase, record_since
 from fedtune.task import cache as task_cache
+from fedtune.task.kinds import task_kind
+from fedtune.task.rows import Split
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.wire.delta import DeltaSpec
 
@@ -42,24 +44,6 @@ if TYPE_CHECKING:
     import datasets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Split:
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def tensors(self, indices: np.ndarray | None = None) -> TensorDataset:
-        sel = slice(None) if indices is None else np.asarray(indices)
-        return TensorDataset(
-            torch.from_numpy(np.asarray(self.input_ids[sel], dtype=np.int64)),
-            torch.from_numpy(np.asarray(self.attention_mask[sel], dtype=np.int64)),
-            torch.from_numpy(np.asarray(self.labels[sel], dtype=np.int64)),
-        )
 
 
 @dataclass
@@ -98,7 +82,7 @@ class Task:
     def new_model(self) -> TunedModel:
         """A fresh tuned model; identical in every process for the same config (seeded)."""
         return build_tuned_model(self.backbone, self.cfg.tuning, self.num_labels,
-                                 seed=self.cfg.seed)
+                                 seed=self.cfg.seed, kind=self.cfg.task.kind)
 
     def initial_vector(self) -> np.ndarray:
         return self.spec.flatten(self.new_model().trainable_state())
@@ -116,15 +100,17 @@ def task_key(cfg: ExperimentConfig) -> str:
     """The parts of a config that change the task (not training hyper-parameters)."""
     d = cfg.to_dict()
     d["tuning"] = cfg.tuning.fingerprint()  # other methods' tables change nothing here
-    return json.dumps({k: d[k] for k in ("seed", "model", "data", "tuning")}, sort_keys=True)
+    return json.dumps({k: d[k] for k in ("seed", "task", "model", "data", "tuning")},
+                      sort_keys=True)
 
 
 def data_key(cfg: ExperimentConfig) -> str:
     """The parts of a config that shape a task's data (tokens, labels, partitions, validation
-    rows): the seed, the data table and the token length; the tokenizer is keyed apart
-    (`fedtune.task.cache`). Not the tuning method nor the rest of the model table."""
+    rows): the seed, the task table (its kind picks the rows and their targets), the data
+    table and the token length; the tokenizer is keyed apart (`fedtune.task.cache`). Not
+    the tuning method nor the rest of the model table."""
     d = cfg.to_dict()
-    return json.dumps({"seed": d["seed"], "data": d["data"],
+    return json.dumps({"seed": d["seed"], "task": d["task"], "data": d["data"],
                        "max_length": d["model"]["max_length"]}, sort_keys=True)
 
 
@@ -231,14 +217,16 @@ def _read_bundle(root: Path) -> _BundleData:
             raise ValueError(f"bundle {root}: the {name} arrays differ in length")
     if (flat.size and not 0 <= flat.min() <= flat.max() < rows) or int(sizes.sum()) != flat.size \
             or (data.validation_rows.size and data.validation_rows.max() >= rows) \
-            or not data.label_names or data.test_rows.size != len(data.test):
+            or (not data.label_names and data.train.labels.ndim == 1) \
+            or data.test_rows.size != len(data.test):
         raise ValueError(f"bundle {root}: partitions, validation rows, test rows or labels "
                          "out of range")
     return data
 
 
 def _assemble(cfg: ExperimentConfig, backbone: Backbone, data: _BundleData) -> Task:
-    model = build_tuned_model(backbone, cfg.tuning, len(data.label_names), seed=cfg.seed)
+    model = build_tuned_model(backbone, cfg.tuning, len(data.label_names), seed=cfg.seed,
+                              kind=cfg.task.kind)
     spec = model_spec(model, backbone, cfg, len(data.label_names))
     return Task(cfg, backbone, data.train, data.test, data.partitions, data.label_names, spec,
                 validation_rows=data.validation_rows, test_rows=data.test_rows,
@@ -249,14 +237,22 @@ def _assemble(cfg: ExperimentConfig, backbone: Backbone, data: _BundleData) -> T
 def _task_from_bundle(key: str, cfg_toml: str, folder: str) -> Task:
     cfg = config_from_toml(cfg_toml)
     data = _read_bundle(Path(folder))
-    return _assemble(cfg, backbone_for(cfg.model), data)
+    return _assemble(cfg, _backbone(cfg), data)
+
+
+def _backbone(cfg: ExperimentConfig) -> Backbone:
+    """The process-wide backbone of `cfg`'s task kind, its tokenizer made ready for it."""
+    kind = task_kind(cfg.task.kind)
+    backbone = backbone_for(cfg.model, kind=kind.model_kind)
+    kind.prepare_tokenizer(backbone.tokenizer)
+    return backbone
 
 
 @functools.lru_cache(maxsize=2)
 def _build_task(key: str, cfg_toml: str) -> Task:
     cfg = config_from_toml(cfg_toml)
     started = time.perf_counter()
-    backbone = backbone_for(cfg.model)
+    backbone = _backbone(cfg)
     record_since("model", started, lambda: _model_detail(backbone))
     cache_dir = runtime_settings(cfg).cache_dir
     entry = task_cache.entry_key(data_key(cfg), cfg.data.corpus, cfg.data.options,
@@ -281,17 +277,19 @@ def _build_task(key: str, cfg_toml: str) -> Task:
 def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
     """Load, tokenize and partition the corpus of `cfg`."""
     cache_dir = runtime_settings(cfg).cache_dir
+    kind = task_kind(cfg.task.kind)
     with phase("data", lambda: f"{cfg.data.corpus}, "
                f"{sum(len(corpus[s]) for s in ('train', 'test')):,} rows"):
         corpus = load_corpus(cfg.data.corpus, cache_root=cache_dir, labels=cfg.data.labels,
-                             **cfg.data.options)
+                             unlabelled=kind.unlabelled, **cfg.data.options)
+        corpus = kind.select_rows(corpus, cfg)
     splits = {}
     with phase("tokenize", f"max_length {cfg.model.max_length}"):
         for name in ("train", "test"):
             ds = corpus[name]
             tok = tokenize_cached(ds, backbone.tokenizer, cfg.model.max_length, cache_dir)
             splits[name] = Split(tok["input_ids"], tok["attention_mask"],
-                                 np.asarray(ds["label"], dtype=np.int64))
+                                 kind.targets(ds, tok["input_ids"], tok["attention_mask"]))
     started = time.perf_counter()
     among = None
     test_rows = np.arange(len(splits["test"]), dtype=np.int64)
@@ -315,8 +313,9 @@ def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
     # validation: the copy would train on a client (or sit beside it in validation).
     copied_train = train_keys.repeated()
     fraction = cfg.data.validation_fraction
-    validation_rows = carve_validation(train.labels, fraction, cfg.seed, among, copied_train)
-    copies_removed = {"validation": passed_over(train.labels, fraction, cfg.seed, among,
+    strata = kind.strata(train.labels)  # a classifier's labels; one stratum for an LM
+    validation_rows = carve_validation(strata, fraction, cfg.seed, among, copied_train)
+    copies_removed = {"validation": passed_over(strata, fraction, cfg.seed, among,
                                                 copied_train),
                       "test": int(np.count_nonzero(copied_test))}
     if any(copies_removed.values()):
@@ -324,7 +323,7 @@ def _load_task(cfg: ExperimentConfig, backbone: Backbone) -> Task:
                  "draws passed over, %(test)d test rows removed", copies_removed)
     parts = _client_partitions(corpus["train"], validation_rows, cfg)
     data = _BundleData(splits["train"], splits["test"], parts, validation_rows,
-                       _label_names(corpus["train"]), test_rows, copies_removed)
+                       kind.label_names(corpus["train"]), test_rows, copies_removed)
     task = _assemble(cfg, backbone, data)
     record_since("partitions", started, f"{len(parts)} clients, "
                  f"{validation_rows.size:,} validation rows; copies of training rows kept "
@@ -359,14 +358,8 @@ def model_spec(model: TunedModel, backbone: Backbone, cfg: ExperimentConfig, num
     to everything in the config that shapes the model: the shared tuning fields and the
     active method's table, never another method's (changing `[tuning.lora] r` must not
     orphan a prompt run's checkpoint or export)."""
-    return DeltaSpec.from_state(model.trainable_state(), backbone.hash,
-                                {"tuning": cfg.tuning.fingerprint(), "num_labels": num_labels})
+    bound = {"tuning": cfg.tuning.fingerprint(), "num_labels": num_labels}
+    if cfg.task.kind != DEFAULT_KIND:  # a classifier's spec hash stays what it was
+        bound["task"] = cfg.task.kind
+    return DeltaSpec.from_state(model.trainable_state(), backbone.hash, bound)
 
-
-def _label_names(ds: object) -> tuple[str, ...]:
-    """The ClassLabel names, or the label ids as strings when the corpus has none."""
-    feature = ds.features["label"]  # type: ignore[attr-defined]
-    names = getattr(feature, "names", None)
-    if names:
-        return tuple(str(n) for n in names)
-    return tuple(str(i) for i in range(int(max(ds["label"])) + 1))  # type: ignore[index]

@@ -1,6 +1,7 @@
 """Parameter-efficient tuning methods, one module each, looked up by name."""
 
 from fedtune.tuning import bitfit as _bitfit  # noqa: F401  (each module registers itself)
+from fedtune.tuning import causal_lm as _causal_lm  # noqa: F401
 from fedtune.tuning import head as _head  # noqa: F401
 from fedtune.tuning import lora as _lora  # noqa: F401
 from fedtune.tuning import prompt as _prompt  # noqa: F401

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
     from fedtune.tuning.base import TunedModel
 
 MethodBuilder = Callable[["Backbone", "TuningConfig", int, int], "TunedModel"]
+# The task kind a method's builder serves (`[task] kind`): the same method name builds a
+# classifier or a language model.
+DEFAULT_KIND = "classification"
 _METHODS: dict[str, MethodBuilder] = {}
+_KIND_BUILDERS: dict[tuple[str, str], MethodBuilder] = {}
 
 
 def register_method(name: str, config: type, *, split: bool = False,
@@ -38,10 +42,17 @@ def register_method(name: str, config: type, *, split: bool = False,
     return deco
 
 
-def register_builder(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
-    """Register the builder of method `name`, whose spec is already registered (the
-    built-in methods' in `fedtune.config.methods`)."""
+def register_builder(name: str, kind: str = DEFAULT_KIND
+                     ) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register the builder of method `name` for task `kind`, whose spec is already
+    registered (the built-in methods' in `fedtune.config.methods`)."""
     def deco(builder: MethodBuilder) -> MethodBuilder:
+        if kind != DEFAULT_KIND:
+            if (kind, name) in _KIND_BUILDERS or name not in method_names():
+                raise ValueError(f"tuning method {name!r} for task kind {kind!r} is "
+                                 "registered twice or has no registered spec")
+            _KIND_BUILDERS[(kind, name)] = builder
+            return builder
         if name in _METHODS:
             raise ValueError(f"tuning method {name!r} is registered twice")
         if name not in method_names():
@@ -57,9 +68,16 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_tuned_model(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
-                      ) -> TunedModel:
-    """Attach method `cfg.method`'s trainable tensors (seeded) to the frozen backbone."""
+def build_tuned_model(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int,
+                      kind: str = DEFAULT_KIND) -> TunedModel:
+    """Attach method `cfg.method`'s trainable tensors (seeded) to the frozen backbone, as
+    built for task `kind` (a classifier by default)."""
+    if kind != DEFAULT_KIND:
+        built = sorted(m for k, m in _KIND_BUILDERS if k == kind)
+        if (kind, cfg.method) not in _KIND_BUILDERS:
+            raise ValueError(f"tuning.method={cfg.method!r} is not built for task.kind="
+                             f"{kind!r}; built: {', '.join(built) or 'none'}")
+        return _KIND_BUILDERS[(kind, cfg.method)](backbone, cfg, num_labels, seed)
     if cfg.method not in _METHODS:
         raise ValueError(
             f"tuning.method={cfg.method!r} is not one of: {', '.join(available_methods())}"

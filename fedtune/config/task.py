@@ -1,0 +1,132 @@
+"""`[task]`: what the run learns. A registry of task kinds, each with the config rules it adds
+(what it cannot run yet is refused here, with one line, before Ray or a model starts):
+
+- `classification` (the default): a head on the frozen encoder's pooled states, labels per row;
+- `causal_lm`: next-token training of a frozen decoder with its LM head; rows are texts
+  without labels (SpamAssassin: the ham messages), a client is a user (`data.by`).
+
+The torch side of each kind (rows, labels, loss, evaluation, ledger fields) is
+`fedtune.task.kinds`, registered under the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.config.errors import ConfigError
+
+DEFAULT_KIND = "classification"
+
+
+@dataclass
+class TaskConfig:
+    """`[task]`. `kind` names a registered task kind."""
+
+    kind: str = DEFAULT_KIND
+    # causal_lm: keep rows whose user column (`data.by`) is empty (SpamAssassin: personal
+    # mail outside any mailing list; `data.partition = "natural"` then gives them one
+    # client per collection). Default: only rows that name their user train.
+    keep_unattributed: bool = False
+
+    def validate(self) -> None:
+        task_kind_spec(self.kind)
+        if self.keep_unattributed and not task_kind_spec(self.kind).unlabelled:
+            raise ConfigError(f"task.keep_unattributed=true applies to unlabelled task kinds "
+                              f"({', '.join(k for k in task_kinds() if _KINDS[k].unlabelled)}),"
+                              f" not task.kind={self.kind!r}")
+
+
+@dataclass(frozen=True)
+class TaskKindSpec:
+    """What the config needs to know about a task kind."""
+
+    name: str
+    # Tuning methods built for this kind (None: every registered method).
+    methods: tuple[str, ...] | None
+    # Rows carry no label (the texts are the targets): data.labels and label-driven
+    # settings do not apply.
+    unlabelled: bool
+    # Cross-section rules of this kind: raise ConfigError naming the key.
+    check: Callable[[Any], None]
+
+
+_KINDS: dict[str, TaskKindSpec] = {}
+
+
+def register_task_kind(spec: TaskKindSpec) -> None:
+    if spec.name in _KINDS:
+        raise ValueError(f"task kind {spec.name!r} is registered twice")
+    _KINDS[spec.name] = spec
+
+
+def task_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def task_kind_spec(name: str) -> TaskKindSpec:
+    if name not in _KINDS:
+        raise ConfigError(f"task.kind={name!r} is not one of: {', '.join(task_kinds())}")
+    return _KINDS[name]
+
+
+def check_task(cfg: Any) -> None:
+    """The active kind's rules against the whole config (`ExperimentConfig.validate`)."""
+    spec = task_kind_spec(cfg.task.kind)
+    if spec.methods is not None and cfg.tuning.method not in spec.methods:
+        raise ConfigError(f"tuning.method={cfg.tuning.method!r} is not built for task.kind="
+                          f"{spec.name!r}; use one of: {', '.join(spec.methods)}")
+    spec.check(cfg)
+
+
+def _no_check(cfg: Any) -> None:
+    return None
+
+
+# What a causal-LM run cannot do yet, each with the key to change: (test, message).
+_LM_REFUSALS: tuple[tuple[Callable[[Any], bool], str], ...] = (
+    (lambda c: c.split.enabled,
+     "split.enabled=true is not built for task.kind='causal_lm' yet; set split.enabled=false"),
+    (lambda c: bool(c.model.prune_layers),
+     "model.prune_layers is not built for task.kind='causal_lm' yet (its rules score an "
+     "encoder's pooled output); set model.prune_layers=[]"),
+    (lambda c: bool(c.plugins),
+     "plugins (el2n_pruning scores class predictions, population_expansion a domain head) "
+     "are not built for task.kind='causal_lm' yet; remove the [[plugins]] tables"),
+    (lambda c: bool(c.data.domain_by),
+     "data.domain_by (two domains, population expansion) is not built for "
+     "task.kind='causal_lm' yet; set data.domain_by=''"),
+    (lambda c: bool(c.data.labels),
+     "data.labels names classes, but task.kind='causal_lm' rows have no label; remove it"),
+    (lambda c: c.data.partition == "dirichlet",
+     "data.partition='dirichlet' splits by label, but task.kind='causal_lm' rows have none; "
+     "use data.partition='natural' (one client per data.by value) or 'iid'"),
+    (lambda c: c.tuning.domain_head or c.tuning.head_hidden > 0,
+     "tuning.domain_head and tuning.head_hidden shape a classification head; "
+     "task.kind='causal_lm' keeps the model's LM head: leave them at false and 0"),
+    (lambda c: c.train.prefix_cache == "on",
+     "train.prefix_cache='on' is not built for task.kind='causal_lm' yet; use 'auto' or 'off'"),
+    (lambda c: c.privacy.sample.enabled and c.privacy.sample.grad_sample_mode == "ghost",
+     "privacy.sample.grad_sample_mode='ghost' wraps a classification loss; "
+     "task.kind='causal_lm' uses 'hooks', 'functorch' or 'ew'"),
+)
+
+
+def _check_causal_lm(cfg: Any) -> None:
+    for refused, message in _LM_REFUSALS:
+        if refused(cfg):
+            raise ConfigError(message)
+    prompt = cfg.tuning.settings("prompt") if cfg.tuning.method == "prompt" else None
+    if prompt is not None and prompt.layer > 0:
+        raise ConfigError("tuning.prompt.layer > 0 is not built for task.kind='causal_lm' "
+                          "yet; the prompt enters at the word embeddings: set it to 0")
+    lora = cfg.tuning.settings("lora") if cfg.tuning.method == "lora" else None
+    if lora is not None and lora.from_layer > 0:
+        raise ConfigError("tuning.lora.from_layer > 0 is not built for task.kind='causal_lm' "
+                          "yet; set it to 0")
+
+
+register_task_kind(TaskKindSpec(DEFAULT_KIND, None, False, _no_check))
+register_task_kind(TaskKindSpec("causal_lm", ("lora", "prompt", "slash"), True,
+                                _check_causal_lm))

@@ -1,0 +1,155 @@
+"""Causal language modelling as a task: the rows (users' texts), their targets, the loss a
+client trains on and the server's perplexity.
+
+- Targets: the input ids themselves, -100 (ignored) on padding: position t predicts t+1.
+- Loss (`NextTokenLoss`): token cross entropy averaged over each sequence's real predicted
+  tokens, then over the batch. Each sequence is thus one example whose loss does not depend
+  on the others', which is what Opacus' per-sample clipping (a message = the privacy unit)
+  and its mean-reduction scaling assume.
+- Evaluation (`evaluate_lm`): token-weighted, the exp of the total NLL over the total
+  predicted tokens (a long message weighs by its tokens, as perplexity is usually read).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import datasets
+
+    from fedtune.config import ExperimentConfig
+    from fedtune.task.rows import Split
+    from fedtune.tuning import TunedModel
+
+IGNORE = -100
+# Logits held at once by an evaluation forward (floats): 2^26 = 256 MiB. An LM's logits are
+# rows x tokens x vocabulary: the default train.eval_batch_size of 128 rows of 128 tokens of
+# SmolLM2's 49,152-word vocabulary would be 3.2 GB, so a batch is cut to fit.
+LOGITS_BUDGET = 1 << 26
+
+
+class LMDataError(ValueError):
+    """The corpus leaves no text to train a language model on; the message says why."""
+
+
+def prepare_tokenizer(tokenizer: Any) -> None:
+    """Pad with the end-of-sequence token when the tokenizer has no pad token (GPT-2 and
+    Llama tokenizers ship without one); the padded positions are masked out of the loss."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise LMDataError("the backbone's tokenizer has neither a pad nor an end-of-sequence "
+                          "token to pad with; give the model folder a tokenizer with one")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def lm_targets(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """The label array of a causal-LM split: the ids, IGNORE where the mask is 0 (int32)."""
+    ids = np.asarray(input_ids, dtype=np.int32)
+    return np.where(np.asarray(attention_mask) != 0, ids, np.int32(IGNORE)).astype(np.int32)
+
+
+# Corpus name -> the rows of that corpus that are users' own text (all rows, by default).
+def _spamassassin_ham(ds: datasets.Dataset) -> datasets.Dataset:
+    """Ham only: spam is not any user's own writing."""
+    labels = np.asarray(ds["label"])
+    return ds.select(np.flatnonzero(labels == 0))
+
+
+LM_ROWS = {"spamassassin": _spamassassin_ham}
+
+
+def select_rows(corpus: datasets.DatasetDict, cfg: ExperimentConfig) -> datasets.DatasetDict:
+    """The rows a causal-LM run trains and tests on: the corpus' own rule (`LM_ROWS`), then,
+    unless `task.keep_unattributed`, only rows whose `data.by` column names a user (when the
+    corpus has that column). A split left empty is an error naming what emptied it."""
+    import datasets
+
+    rule = LM_ROWS.get(cfg.data.corpus)
+    by = cfg.data.by
+    out = {}
+    for name in ("train", "test"):
+        ds = corpus[name]
+        if rule is not None:
+            ds = rule(ds)
+        if not cfg.task.keep_unattributed and by in ds.column_names:
+            values = ds[by]
+            ds = ds.select([i for i, v in enumerate(values) if v not in (None, "")])
+        if len(ds) == 0:
+            raise LMDataError(
+                f"corpus {cfg.data.corpus!r}: no {name} row is left for task.kind="
+                f"'causal_lm' (its users' texts{', ham only' if rule else ''}, rows with an "
+                f"empty data.by={by!r} dropped); set task.keep_unattributed=true or check "
+                "the data")
+        out[name] = ds
+    return datasets.DatasetDict(out)
+
+
+class NextTokenLoss(nn.Module):
+    """Mean over the batch of each sequence's mean next-token cross entropy."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sequence_losses(logits, labels).mean()
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted position: the NLL of token t+1 from the logits at t ([B, T-1]) and
+    whether it counts (its target is not IGNORE)."""
+    predicted = logits[:, :-1]
+    target = labels[:, 1:].long()
+    counted = target != IGNORE
+    nll = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]).float(),
+                                      target.reshape(-1), ignore_index=IGNORE,
+                                      reduction="none").view(target.shape)
+    return nll * counted, counted
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean NLL over its counted tokens ([B]); 0 for a sequence with none
+    (a one-token text predicts nothing)."""
+    nll, counted = token_nll(logits, labels)
+    return nll.sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+
+
+@torch.inference_mode()
+def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0,
+                states: np.ndarray | None = None) -> dict[str, float | None]:
+    """Token-weighted loss (total NLL / predicted tokens) and perplexity (its exp) on the
+    first `max_examples` rows of `split` (all if 0). `states` is never set for this kind."""
+    if states is not None:
+        raise ValueError("the frozen-prefix cache does not apply to causal-LM evaluation")
+    model.eval()
+    n = len(split) if max_examples <= 0 else min(max_examples, len(split))
+    step = _rows_per_forward(model, split, batch_size)
+    total, tokens = 0.0, 0
+    for start in range(0, n, step):
+        ids, mask, labels = split.tensors(np.arange(start, min(start + step, n))).tensors
+        nll, counted = token_nll(model(ids, mask), labels)
+        total += float(nll.sum(dtype=torch.float64))
+        tokens += int(counted.sum())
+    loss = total / tokens if tokens else None
+    return {"accuracy": None, "loss": loss, "perplexity": perplexity(loss),
+            "tokens": float(tokens), "examples": float(n)}
+
+
+def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
+    """`batch_size`, or fewer rows where their logits would pass LOGITS_BUDGET (the same
+    figures: every row is scored on its own)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    length = int(split.input_ids.shape[1]) if split.input_ids.ndim == 2 else 1
+    if vocab <= 0:
+        return batch_size
+    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * length)))
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean token NLL); None where the loss is (no split, no token)."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
