@@ -276,6 +276,67 @@ def test_the_statement_says_every_texts_per_token_activations_go_up(folders):
     assert any("label against the tail" in s for s in classifier["server_sees_in_clear"])
 
 
+def test_the_split_audit_refuses_an_lm_run_in_one_line(folders, tmp_path):
+    from fedtune.audit.split_attack import audit_run
+
+    (tmp_path / "config.toml").write_text(_cfg(folders["llama"]).to_toml())
+    with pytest.raises(ValueError, match=r"attacks a classifier's split run; "
+                                         r"task.kind='causal_lm' is not built for it yet$"):
+        audit_run(tmp_path)
+
+
+# --------------------------------------------------------------------------- a real round
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("smashed", [False, True])
+def test_what_an_lm_split_round_sends_is_what_its_statement_says(folders, tmp_path,
+                                                                 monkeypatch, smashed):
+    """THREATS.md class 3 for a causal LM: a real round (the ServerApp's loop driving the
+    ClientApp handlers in process) records every tensor the body receives and every key a
+    reply carries; both sets are the statement's, and the ledger has perplexity and the
+    split statement."""
+    from inline_grid import inline_run
+
+    from fedtune.wire.fields import expected_keys
+
+    data = write_users(tmp_path / "mail.jsonl", users=("alice", "bob"))
+    sets = [f'model.backbone="{folders["llama"]}"', "task.kind=causal_lm", "data.corpus=hf",
+            f'data.options={{path="json", data_files="{data}", test_fraction=0.25}}',
+            "data.partition=natural", "data.by=user", "data.num_clients=2",
+            "train.clients_per_round=2", "train.rounds=1", "train.local_steps=2",
+            "train.batch_size=4", "model.max_length=16", "tuning.method=prompt",
+            "tuning.prompt.length=2", "split.enabled=true", "split.tail_layers=1",
+            "train.eval_max_examples=8", "train.round_timeout_s=120",
+            f'runtime.cache_dir="{tmp_path / "cache"}"']
+    if smashed:
+        sets += ["split.smashed_dp.enabled=true", "split.smashed_dp.noise_multiplier=1.0",
+                 "privacy.sample.noise_multiplier=1.0", "privacy.sample.target_epsilon=50"]
+    cfg = load_config(None, sets)
+    out = tmp_path / "run"
+    summary, grid, body = inline_run(cfg, out, monkeypatch)
+    expected = expected_keys(cfg)
+    assert body.keys == expected["split body"]
+    assert grid.keys["train reply"] == expected["train reply"]
+    record = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert record["val_perplexity"] == pytest.approx(math.exp(record["val_loss"]))
+    assert record["clients"] == 2 and not record["rejected"]
+    # Under DP the split figures (real-row counts) stay on the client, as a classifier's.
+    assert "smashed_bytes_up" not in record
+    assert "split figures" in record["privacy_in_clear"]["withheld"]
+    sent = [t for k, t in body.tensors if k == "body.forward.activations"]
+    assert sent and all(t.shape[1] == 16 + 2 for t in sent)  # every position of a text
+    statement = record["split_privacy"]
+    if smashed:
+        assert statement["smashed_dp"]["noise_multiplier"] == 1.0
+        masks = [t for k, t in body.tensors if k == "body.forward.attention_mask"]
+        assert all(bool((m == 1).all()) for m in masks)
+    else:
+        assert statement["smashed_dp"] is None
+        assert any("per-token" in s for s in statement["server_sees_in_clear"])
+    assert summary["split_privacy"] == statement and summary["test_perplexity"] > 0
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -173,8 +173,8 @@ SPLIT_ROWS: dict[str, SplitRows] = {
     # A causal LM's rows are texts, and a text is also its own labels.
     "causal_lm": SplitRows(
         activations="per-token cut-layer activations of {who}, every position of every "
-                    "text (at cut 0 the token embeddings: the texts are recoverable, see "
-                    "`fedtune audit split`)",
+                    "text (at cut 0 the token embeddings themselves: the texts are "
+                    "recoverable)",
         masks="attention masks of {who} (each text's length in tokens)",
         gradients="per-token gradients at the body output of {who} (the texts are their "
                   "own labels, and the tail - split.tail_layers, final norm, LM head - is "
