@@ -128,6 +128,25 @@ def test_head_body_and_tail_are_each_causal(family, folders):
             hidden = part(hidden, mask) if part is not split.tail else hidden
 
 
+def test_a_classifiers_tail_layers_run_on_the_client_too(folders):
+    """split.tail_layers is the cut's, not the LM's: a decoder classifier's prompt model
+    with its last block and final norm in the tail still computes its unsplit logits."""
+    from fedtune.split import SplitPromptModel
+
+    cfg = load_config(None, [f'model.backbone="{folders["gpt2"]}"', "tuning.prompt.length=3",
+                             "split.enabled=true", "split.tail_layers=1"])
+    backbone = load_backbone(folders["gpt2"])
+    model = build_tuned_model(backbone, cfg.tuning, 2, seed=0)
+    with torch.no_grad():  # the head starts at zero: every model would agree
+        for p in model.head.parameters():
+            p.normal_()
+    view = split_view_of(model, SplitBackbone(backbone.model, 1, 1))
+    assert isinstance(view, SplitPromptModel) and view.split.norm_in_tail
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(view(ids, mask), model(ids, mask), rtol=1e-5, atol=1e-6)
+
+
 def test_the_tail_ends_in_the_lm_head_and_the_norm_runs_on_the_client(folders):
     lm = load_backbone(folders["llama"], kind="causal_lm").model
     split = SplitBackbone(lm, 1)
