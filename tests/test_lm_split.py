@@ -385,7 +385,8 @@ def test_fedtune_run_of_a_causal_lm_in_split_mode(folders, tmp_path):
     record = rounds[0]
     assert record["val_perplexity"] == pytest.approx(math.exp(record["val_loss"]))
     assert record["val_accuracy"] is None and record["clients"] == 2
-    assert record["split_steps"] == 2 * 2 and record["smashed_bytes_up"] > 0
+    # 2 steps a client; an empty Poisson batch (secret, so not seeded here) sends nothing.
+    assert 0 < record["split_steps"] <= 2 * 2 and record["smashed_bytes_up"] > 0
     assert 0 < record["client_flops_fraction"] < 1 and record["server_flops"] > 0
     assert record["split_privacy"]["epsilon_sample_covers"] == (
         "deltas only; smashed data in clear")
