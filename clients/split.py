@@ -42,32 +42,37 @@ from fedtune.split import (
     InProcessBody,
     MeteredBody,
     SplitFlops,
-    SplitPromptModel,
     scoring_flops,
     split_flops,
 )
 from fedtune.split.cut import SplitBackbone
+from fedtune.split.model import SplitParts, split_view_of
 from fedtune.split.plan import smashed_plan
 from fedtune.split.smashed_dp import SmashedNoise, clip_rows
+from fedtune.task.kinds import task_kind
 from fedtune.task.task import Task
+from fedtune.tuning import TunedModel
 from fedtune.tuning.base import ClassificationHead
-from fedtune.tuning.prompt import PromptModel
 
 AUX_STATE_KEY = "fedtune-split-aux"
 
 
 @functools.lru_cache(maxsize=2)
-def process_body(backbone: str, prune: PruneKey, cut_layer: int) -> InProcessBody:
-    """One body per process, on the process-wide (pruned) backbone, shared by its virtual
+def process_body(backbone: str, prune: PruneKey, cut_layer: int, tail_layers: int = 0,
+                 model_kind: str = "classification") -> InProcessBody:
+    """One body per process, on the process-wide (pruned) backbone the task loaded for its
+    kind (a causal LM's keeps its LM head, which the tail runs), shared by its virtual
     clients (a Ray actor serves one client at a time)."""
-    return InProcessBody(SplitBackbone(load_backbone(backbone, prune).model, cut_layer))
+    model = load_backbone(backbone, prune, model_kind).model
+    return InProcessBody(SplitBackbone(model, cut_layer, tail_layers))
 
 
 def config_body(cfg: ExperimentConfig) -> InProcessBody:
     """`process_body` of `cfg`: its backbone as `model.prune_layers` leaves it, cut at
-    `split.cut_layer` (an index among the kept layers)."""
+    `split.cut_layer` (an index among the kept layers) with `split.tail_layers` after it."""
     return process_body(cfg.model.backbone, prune_key(cfg.model.prune_layers),
-                        cfg.split.cut_layer)
+                        cfg.split.cut_layer, cfg.split.tail_layers,
+                        task_kind(cfg.task.kind).model_kind)
 
 
 class SplitStep:
@@ -75,7 +80,7 @@ class SplitStep:
     on the local loss, the rest are split steps through `body`. With `noise` (smashed DP)
     every row that goes up is clipped and noised, and each split step is a privacy event."""
 
-    def __init__(self, view: SplitPromptModel, body: BodyService, local_loss_steps: int,
+    def __init__(self, view: SplitParts, body: BodyService, local_loss_steps: int,
                  smashed: SmashedRelease | None = None) -> None:
         self.view = view
         self.body = MeteredBody(body)
@@ -105,7 +110,7 @@ class SplitStep:
         local = index < self.local_loss_steps
         self.view.set_phase(local_loss=local)
         kind = "local" if local else "split"
-        self.examples[kind] += int(labels.numel())
+        self.examples[kind] += int(labels.shape[0])  # examples (an LM's labels are [B, T])
         self.steps[kind] += 1
         if local:
             loss = criterion(self.view.aux_logits(*self.view.cut(ids, mask)), labels)
@@ -119,9 +124,9 @@ class SplitStep:
                     labels: torch.Tensor) -> torch.Tensor:
         smashed, full_mask = self.view.cut(ids, mask)
         output = self.body.forward(smashed.detach(), full_mask).requires_grad_(True)
-        self.body_rows += int(labels.numel())
-        self.last_slots = torch.arange(int(labels.numel()))
-        loss = criterion(self.view.tail(output, mask), labels)
+        self.body_rows += int(labels.shape[0])
+        self.last_slots = torch.arange(int(labels.shape[0]))
+        loss = criterion(self.view.tail(output, full_mask, mask), labels)
         loss.backward()  # tail gradients, and output.grad to send up
         smashed.backward(self.body.backward(output.grad))
         return loss.detach()
@@ -129,7 +134,7 @@ class SplitStep:
     def _private_split_step(self, criterion: nn.Module, ids: torch.Tensor,
                             mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         noise = self.smashed.noise
-        b = int(labels.numel())
+        b = int(labels.shape[0])
         smashed, full_mask = self.view.cut(ids, mask)
         self._row_shape = tuple(smashed.shape[1:])
         # Clipped inside the graph, so the head back-propagates through the clipping.
@@ -140,7 +145,8 @@ class SplitStep:
         output = self.body.forward(sent, noise.mask(sent.shape[1], full_mask))
         self.body_rows += noise.slots
         mine = output[slots].detach().requires_grad_(True)
-        loss = criterion(self.view.tail(mine, mask), labels)
+        # The tail runs here, with the real mask: the all-ones one went to the body only.
+        loss = criterion(self.view.tail(mine, full_mask, mask), labels)
         loss.backward()
         # The loss is the batch mean: b x the gradient is each example's own, which is
         # what the clip bounds. The server's answer is scaled back locally.
@@ -212,10 +218,11 @@ class SplitStep:
         }
 
 
-def split_view(model: PromptModel, task: Task, cfg: ExperimentConfig, context: Context
-               ) -> SplitPromptModel:
-    """The client's training view of `model` cut at split.cut_layer, with this node's
-    auxiliary classifier when local-loss updates are on."""
+def split_view(model: TunedModel, task: Task, cfg: ExperimentConfig, context: Context
+               ) -> SplitParts:
+    """The client's training view of `model` (`fedtune.split.model`: the view registered
+    for its class) cut at split.cut_layer, with this node's auxiliary classifier when
+    local-loss updates are on."""
     split = config_body(cfg).split
     aux = None
     if cfg.split.local_loss_fraction > 0:
@@ -223,15 +230,15 @@ def split_view(model: PromptModel, task: Task, cfg: ExperimentConfig, context: C
         saved = context.state.array_records.get(AUX_STATE_KEY)
         if saved is not None:
             aux.load_state_dict(saved.to_torch_state_dict())
-    return SplitPromptModel(model, split, aux)
+    return split_view_of(model, split, aux)  # type: ignore[return-value]
 
 
-def save_aux(view: SplitPromptModel, context: Context) -> None:
+def save_aux(view: SplitParts, context: Context) -> None:
     if view.aux is not None:
         context.state[AUX_STATE_KEY] = ArrayRecord(view.aux.state_dict())
 
 
-def split_step(view: SplitPromptModel, cfg: ExperimentConfig, steps: int,
+def split_step(view: SplitParts, cfg: ExperimentConfig, steps: int,
                n: int | None = None, seed: int | None = None) -> SplitStep:
     """The step of a round of `steps` local steps: int(local_loss_fraction * steps) of them
     on the local loss, the rest split steps. Smashed DP needs the client's example count
@@ -273,7 +280,7 @@ class SplitScorer:
     """EL2N scoring for a split client: head and tail here, the body behind the service,
     forward only. Its smashed traffic and server FLOPs are real costs and are metered."""
 
-    def __init__(self, view: SplitPromptModel, cfg: ExperimentConfig) -> None:
+    def __init__(self, view: SplitParts, cfg: ExperimentConfig) -> None:
         self.module = view
         self.body = MeteredBody(config_body(cfg))
         self.probe = MeteredBody(self.body.body)  # the FLOP probe's own meter
@@ -281,7 +288,8 @@ class SplitScorer:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         smashed, full_mask = self.module.cut(input_ids, attention_mask)
-        return self.module.tail(self.body.evaluate(smashed, full_mask), attention_mask)
+        return self.module.tail(self.body.evaluate(smashed, full_mask), full_mask,
+                                attention_mask)
 
     def client_flops(self, data: TensorDataset) -> float:
         # Measured on a synthetic probe through the metered body: no client row leaves.

@@ -126,6 +126,7 @@ def audit_run(run: str | Path, overrides: list[str] | None = None, victim: int =
               public_examples: int = 256, seed: int = 0) -> AttackResult:
     """Attack one round of client `victim` of run folder `run` (its config, with
     `overrides`, and its final trainable state as the global state the server sent)."""
+    from fedtune.config.task import task_kind_spec
     from fedtune.run.export import load_tuned
     from fedtune.task.task import get_task
 
@@ -136,6 +137,9 @@ def audit_run(run: str | Path, overrides: list[str] | None = None, victim: int =
     if not cfg.split.enabled:
         raise ValueError(f"{run} is not a split run (split.enabled=false): the server sees "
                          "deltas only, there is no smashed data to attack")
+    if task_kind_spec(cfg.task.kind).unlabelled:  # the attack decodes tokens and classes
+        raise ValueError(f"{run}: `fedtune audit split` attacks a classifier's split run; "
+                         f"task.kind={cfg.task.kind!r} is not built for it yet")
     task = get_task(cfg)
     state = (load_tuned(run).model.trainable_state() if (run / SUMMARY_FILE).is_file()
              else None)

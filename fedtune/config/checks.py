@@ -40,6 +40,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "privacy.user.delta": (1e-30, 0.5),
     "faults.hang_s": (1e-3, 7 * 86_400),
     "split.cut_layer": (0, 10_000),
+    "split.tail_layers": (0, 10_000),
     "split.smashed_dp.activation_clip_norm": (1e-12, 1e6),
     "split.smashed_dp.gradient_clip_norm": (1e-12, 1e6),
     "split.smashed_dp.target_epsilon": (1e-6, 1e4),

@@ -575,12 +575,15 @@ class SmashedDPConfig:
 @dataclass
 class SplitConfig:
     """Split learning (SFPrompt): the client runs the embeddings, the prompt and the first
-    cut_layer layers (the head) plus the pooling and classifier (the tail); the server runs
-    the remaining frozen layers (the body). Only the prompt + tail deltas are federated."""
+    cut_layer layers (the head) plus the last tail_layers layers, the final norm and the
+    output (pooling + classifier, or a causal LM's LM head: the tail); the server runs the
+    frozen layers between them (the body). Only the prompt + tail deltas are federated."""
 
     enabled: bool = False
-    # Layers on the client; 0 leaves it only the embedding stage and the prompt.
+    # Layers on the client before the cut; 0 leaves it only the embedding stage and the prompt.
     cut_layer: int = 1
+    # Last layers run on the client after the body (with the final norm); 0 = none.
+    tail_layers: int = 0
     # Share of each round's local steps that train on a local loss (a small auxiliary
     # classifier on cut-layer features) with no server round-trip; the rest are split
     # steps. Must leave at least one split step, so the tail and the prompt synchronise.
@@ -589,6 +592,7 @@ class SplitConfig:
 
     def validate(self) -> None:
         require_nonnegative("split.cut_layer", self.cut_layer)
+        require_nonnegative("split.tail_layers", self.tail_layers)
         self.smashed_dp.validate()
         if not 0.0 <= self.local_loss_fraction < 1.0:
             raise ConfigError(

@@ -86,8 +86,9 @@ def _no_check(cfg: Any) -> None:
 
 # What a causal-LM run cannot do yet, each with the key to change: (test, message).
 _LM_REFUSALS: tuple[tuple[Callable[[Any], bool], str], ...] = (
-    (lambda c: c.split.enabled,
-     "split.enabled=true is not built for task.kind='causal_lm' yet; set split.enabled=false"),
+    (lambda c: c.split.enabled and c.split.local_loss_fraction > 0,
+     "split.local_loss_fraction > 0 (an auxiliary classifier's loss) is not built for "
+     "task.kind='causal_lm' yet; set split.local_loss_fraction=0"),
     (lambda c: bool(c.model.prune_layers),
      "model.prune_layers is not built for task.kind='causal_lm' yet (its rules score an "
      "encoder's pooled output); set model.prune_layers=[]"),

@@ -86,7 +86,7 @@ def check_split(cfg: ExperimentConfig, model: Any) -> None:
     if cfg.split.enabled:
         from fedtune.split.cut import SplitBackbone
 
-        SplitBackbone(model, cfg.split.cut_layer)
+        SplitBackbone(model, cfg.split.cut_layer, cfg.split.tail_layers)
 
 
 def start_ray(cfg: ExperimentConfig) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.split.smashed_dp import OVERFLOW_PROBABILITY, slot_count
-from fedtune.wire.fields import examples_in_clear, wire_fields
+from fedtune.wire.fields import examples_in_clear, split_rows, wire_fields
 
 # The DP level a split run with DP-SGD but no smashed DP gets in reports: its epsilon is
 # real, but it is about the deltas, while the server holds the text and labels in clear.
@@ -33,7 +33,8 @@ def split_disclosure(cfg: ExperimentConfig) -> dict[str, Any]:
         # Empty unless privacy.disclose_counts sends counts and losses in clear.
         "server_sees_in_clear": [f.shown for f in examples_in_clear(cfg)],
         "epsilon_sample_covers": "deltas and smashed data (cut-layer activations and "
-                                 "body-output gradients, clipped and noised per example)",
+                                 "body-output gradients, clipped and noised per "
+                                 f"{split_rows(cfg).unit})",
         "server_sees_data_size": _data_size(cfg),
         "smashed_dp": {
             "activation_clip_norm": smashed.activation_clip_norm,

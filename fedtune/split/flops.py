@@ -22,8 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedtune.split.body import BodyService
-from fedtune.split.model import SplitPromptModel
-from fedtune.tuning.base import masked_mean
+from fedtune.split.model import SplitParts
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class SplitFlops:
     client_split: float  # a split step on the client: head, tail and the head's backward
     server: float  # a split step on the server: body forward + input-gradient backward
     client_local: float  # a local-loss step: head + auxiliary classifier, no server
-    full: float  # federated full fine-tuning: every backbone weight + classifier trained
+    full: float  # federated full fine-tuning: every backbone weight (+ classifier) trained
 
     def client_fraction(self, local_loss: bool = False) -> float:
         return (self.client_local if local_loss else self.client_split) / self.full
@@ -60,7 +59,7 @@ def _probe_running() -> Iterator[None]:
         _probing = False
 
 
-def probe_input(view: SplitPromptModel, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_input(view: SplitParts, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One synthetic row of `length` fixed token ids and its all-ones mask, shape (1, T):
     what FLOPs are measured on, in every mode."""
     device = next(view.parameters()).device
@@ -68,19 +67,19 @@ def probe_input(view: SplitPromptModel, length: int) -> tuple[torch.Tensor, torc
     return ids, torch.ones_like(ids)
 
 
-def split_flops(view: SplitPromptModel, body: BodyService, length: int) -> SplitFlops:
+def split_flops(view: SplitParts, body: BodyService, length: int) -> SplitFlops:
     """Counts for one example of `length` tokens, measured on the synthetic probe through
     `body` (pass the metered body: the probe is traffic); cached per process by cut layer,
     sequence length and trainable layout."""
-    key = (view.split.cut_layer, int(length), view.num_trainable(),
-           view.aux is not None, id(view.backbone))
+    key = (view.split.cut_layer, view.split.tail_layers, int(length), view.num_trainable(),
+           view.aux is not None, id(view.backbone), type(view))
     if key not in _CACHE:
         with _probe_running():
             _CACHE[key] = _measure(view, body, *probe_input(view, length))
     return _CACHE[key]
 
 
-def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
+def _measure(view: SplitParts, body: BodyService, ids: torch.Tensor,
              mask: torch.Tensor) -> SplitFlops:
     client = server = 0.0
     view.set_phase(local_loss=False)
@@ -89,7 +88,7 @@ def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
     flops, output = _count(lambda: body.forward(smashed.detach(), full_mask))
     server += flops
     output = output.requires_grad_(True)
-    flops, _ = _count(lambda: view.tail(output, mask).sum().backward())
+    flops, _ = _count(lambda: view.tail(output, full_mask, mask).sum().backward())
     client += flops
     flops, grad = _count(lambda: body.backward(output.grad))
     server += flops
@@ -106,7 +105,7 @@ def _measure(view: SplitPromptModel, body: BodyService, ids: torch.Tensor,
                       full=full_finetune_flops(view, ids, mask))
 
 
-def scoring_flops(view: SplitPromptModel, body: BodyService, length: int
+def scoring_flops(view: SplitParts, body: BodyService, length: int
                   ) -> tuple[float, float]:
     """Forward-only FLOPs of scoring one example of `length` tokens through the split,
     measured on the synthetic probe: (client, server)."""
@@ -114,33 +113,30 @@ def scoring_flops(view: SplitPromptModel, body: BodyService, length: int
     with torch.no_grad(), _probe_running():
         head, (smashed, full_mask) = _count(lambda: view.cut(ids, mask))
         server, output = _count(lambda: body.evaluate(smashed, full_mask))
-        tail, _ = _count(lambda: view.tail(output, mask))
+        tail, _ = _count(lambda: view.tail(output, full_mask, mask))
     return head + tail, server
 
 
-def _local_loss_pass(view: SplitPromptModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+def _local_loss_pass(view: SplitParts, ids: torch.Tensor, mask: torch.Tensor) -> None:
     view.aux_logits(*view.cut(ids, mask)).sum().backward()
 
 
-def full_finetune_flops(view: SplitPromptModel, ids: torch.Tensor, mask: torch.Tensor
+def full_finetune_flops(view: SplitParts, ids: torch.Tensor, mask: torch.Tensor
                         ) -> float:
-    """One example through federated full fine-tuning: the whole backbone and the classifier
-    trainable, no prompt. The shared backbone is frozen again before returning."""
+    """One example through federated full fine-tuning: the whole backbone (and a
+    classifier's head) trainable, no prompt. The shared backbone is frozen again before
+    returning."""
     params = list(view.backbone.parameters())
     try:
         for p in params:
             p.requires_grad_(True)
 
-        def step() -> None:
-            hidden = view.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-            view.head(masked_mean(hidden, mask)).sum().backward()
-
-        flops, _ = _count(step)
+        flops, _ = _count(lambda: view.full_model_output(ids, mask).sum().backward())
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        view.head.zero_grad(set_to_none=True)
+        view.zero_grad(set_to_none=True)
     return flops
 
 

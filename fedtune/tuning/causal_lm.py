@@ -93,17 +93,27 @@ class CausalLMPrompt(TunedModel):
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": list(self.prompt.parameters()), "lr": lr * self.prompt_lr_scale}]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt before the word embeddings, and the mask covering it (split mode's
+        head starts from these too)."""
         batch = input_ids.shape[0]
         prompt = self.prompt(batch)
-        length = prompt.shape[1]
         words = self.backbone.get_input_embeddings()(input_ids)
         embeds = torch.cat([prompt.to(words.dtype), words], dim=1)
-        mask = torch.cat([torch.ones(batch, length, dtype=attention_mask.dtype,
+        mask = torch.cat([torch.ones(batch, prompt.shape[1], dtype=attention_mask.dtype,
                                      device=attention_mask.device), attention_mask], dim=1)
+        return embeds, mask
+
+    def input_positions(self, logits: torch.Tensor) -> torch.Tensor:
+        """The input's own positions: the loss never scores a prompt."""
+        return logits[:, self.prompt.embedding.num_embeddings:]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeds, mask = self.embed_inputs(input_ids, attention_mask)
         logits = self.backbone(inputs_embeds=embeds, attention_mask=mask,
                                use_cache=False).logits
-        return logits[:, length:]  # the input's own positions: the loss never scores a prompt
+        return self.input_positions(logits)
 
 
 class CausalLMSlash(TunedModel):

@@ -149,25 +149,65 @@ def _reported_dp(cfg: ExperimentConfig) -> WireField | None:
                      IN_CLEAR, "size")
 
 
+@dataclass(frozen=True)
+class SplitRows:
+    """What one example's split traffic is, in the words of a task kind (`{who}`: whose
+    rows, e.g. "every trained example")."""
+
+    activations: str
+    masks: str
+    gradients: str
+    # What smashed DP clips and noises as one row.
+    unit: str
+
+
+# Task kind -> its split rows' words (the kinds of `fedtune.config.task`).
+SPLIT_ROWS: dict[str, SplitRows] = {
+    "classification": SplitRows(
+        activations="cut-layer activations of {who} (at cut 0 the token embeddings: tokens "
+                    "are recoverable, see `fedtune audit split`)",
+        masks="attention masks of {who} (each example's length)",
+        gradients="per-example gradients at the body output of {who} (they reveal each "
+                  "example's label against the tail the server sent)",
+        unit="example"),
+    # A causal LM's rows are texts, and a text is also its own labels.
+    "causal_lm": SplitRows(
+        activations="per-token cut-layer activations of {who}, every position of every "
+                    "text (at cut 0 the token embeddings themselves: the texts are "
+                    "recoverable)",
+        masks="attention masks of {who} (each text's length in tokens)",
+        gradients="per-token gradients at the body output of {who} (the texts are their "
+                  "own labels, and the tail - split.tail_layers, final norm, LM head - is "
+                  "frozen pretrained weights the server holds: they reveal each next token)",
+        unit="text (the rows of all its positions, clipped together)"),
+}
+
+
+def split_rows(cfg: ExperimentConfig) -> SplitRows:
+    if cfg.task.kind not in SPLIT_ROWS:
+        raise ValueError(f"split mode states no traffic for task.kind={cfg.task.kind!r}; "
+                         f"known: {', '.join(SPLIT_ROWS)}")
+    return SPLIT_ROWS[cfg.task.kind]
+
+
 def _body(call: str, item: str, reveals_clear: str, gradients: bool = True
           ) -> Callable[[ExperimentConfig], list[WireField]]:
     def rule(cfg: ExperimentConfig) -> list[WireField]:
         if not cfg.split.enabled:
             return []
         smashed = cfg.split.smashed_dp.enabled and cfg.privacy.sample.enabled
+        rows = split_rows(cfg)
         fields = [
             WireField(BODY, f"{item}: cut-layer activations", (f"body.{call}.activations",),
-                      f"cut-layer activations of {reveals_clear} (at cut 0 the token "
-                      "embeddings: tokens are recoverable, see `fedtune audit split`)",
+                      rows.activations.format(who=reveals_clear),
                       SMASHED_DP if smashed else IN_CLEAR, "example"),
             WireField(BODY, f"{item}: attention masks", (f"body.{call}.attention_mask",),
-                      f"attention masks of {reveals_clear} (each example's length)",
+                      rows.masks.format(who=reveals_clear),
                       ALL_ONES if smashed else IN_CLEAR, "example")]
         if gradients:  # sent by the backward call that follows each forward
             fields.append(WireField(
                 BODY, f"{item}: body-output gradients", ("body.backward.gradients",),
-                f"per-example gradients at the body output of {reveals_clear} (they "
-                "reveal each example's label against the tail the server sent)",
+                rows.gradients.format(who=reveals_clear),
                 SMASHED_DP if smashed else IN_CLEAR, "example"))
         return fields
     return rule
