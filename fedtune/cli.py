@@ -402,12 +402,13 @@ def report(
         help="Where to write report.md and the PNGs (default: FIRST_DIR/report).")] = None,
     title: Annotated[str, typer.Option(help="Heading of report.md.")] = "fedtune report",
 ) -> None:
-    """Markdown table and plots (accuracy vs epsilon, vs round, vs uploaded bytes)."""
-    from fedtune.study.report import collect, group, markdown_table, write_report
+    """Markdown table and plots (accuracy, or a language model's perplexity, vs epsilon, vs
+    round, vs uploaded bytes)."""
+    from fedtune.study.report import ReportError, collect, group, markdown_table, write_report
 
     try:
         groups = group(collect(dirs))
-    except _user_errors() as exc:
+    except (*_user_errors(), ReportError) as exc:
         _fail(str(exc))
     try:  # the output folder is claimed as a run's --out is (no link, no run's files)
         written = write_report(groups, out or dirs[0] / "report", title)
