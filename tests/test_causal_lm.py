@@ -61,7 +61,7 @@ def lm_folders(tmp_path_factory):
 def _cfg(folder: str, *sets: str):
     return load_config(None, [f'model.backbone="{folder}"', *LM, "train.batch_size=4",
                               "train.local_steps=2", "tuning.prompt.length=3",
-                              "privacy.reproducible_noise=true", *sets])
+                              "tuning.slash.size=8", "privacy.reproducible_noise=true", *sets])
 
 
 def _model(folder: str, method: str):
@@ -96,7 +96,7 @@ def test_the_default_task_is_classification_and_an_unknown_kind_is_one_line():
     (["model.prune_layers=[1]"], "model.prune_layers"),
     (['plugins=[{name="el2n_pruning"}]'], "plugins"),
     (["tuning.method=bitfit"], "tuning.method='bitfit'"),
-    (["tuning.method=slash"], "tuning.method='slash'"),
+    (["tuning.method=head"], "tuning.method='head'"),
     (["data.partition=dirichlet"], "data.partition='dirichlet'"),
     (['data.labels=["a", "b"]'], "data.labels"),
     (["tuning.domain_head=true"], "tuning.domain_head"),
@@ -196,7 +196,7 @@ def test_a_long_message_weighs_by_its_tokens_in_perplexity():
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
 def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
         family, method, lm_folders):
     model, backbone, _ = _model(lm_folders[family], method)
@@ -204,7 +204,8 @@ def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
     logits = model(ids, mask)
     assert logits.shape == (4, 10, backbone.model.config.vocab_size)
     names = list(model.trainable_state())
-    assert names and all(("lora_" in n) if method == "lora" else n.startswith("prompt.")
+    prefix = {"prompt": "prompt.", "slash": "z."}
+    assert names and all(("lora_" in n) if method == "lora" else n.startswith(prefix[method])
                          for n in names)
     # The process-wide backbone stays frozen and unmodified.
     assert not any(p.requires_grad for p in backbone.model.parameters())
@@ -223,23 +224,24 @@ def _per_example_grads(model, ids, mask, labels):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_opacus_per_sample_gradients_are_each_messages_own(family, method, lm_folders):
-    """Hooks mode on a padded batch of 3: each per-sample gradient equals the plain
-    backward of that message alone (its loss is its own mean, whatever the others)."""
+@pytest.mark.parametrize("family, mode", [("llama", "hooks"), ("gpt2", "hooks"),
+                                          ("llama", "functorch")])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
+def test_opacus_per_sample_gradients_are_each_messages_own(family, mode, method, lm_folders):
+    """On a padded batch of 3: each per-sample gradient equals the plain backward of that
+    message alone (its loss is its own mean, whatever the others)."""
     from opacus import GradSampleModule
 
     model, _, _ = _model(lm_folders[family], method)
     model.train()
     ids, mask, labels = _batch(n=3)
-    if method == "lora":  # B starts at zero: give it a value so A's gradient is not zero
-        with torch.no_grad():
-            for name, p in model.trainable_state().items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+    with torch.no_grad():  # LoRA's B and SLaSh's z start at zero: give them a value
+        for name, p in model.trainable_state().items():
+            if "lora_B" in name or name.startswith("z."):
+                p.normal_(0, 0.1)
     expected = _per_example_grads(model, ids, mask, labels)
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                               force_functorch=mode == "functorch")
     NextTokenLoss()(wrapped(ids, mask), labels).backward()
     for name, p in model.trainable_state().items():
         assert p.grad_sample.shape[0] == 3
@@ -324,3 +326,35 @@ def test_the_task_builds_users_texts_without_labels(lm_folders, tmp_path):
     again = get_task(cfg)
     assert np.array_equal(np.asarray(again.train.labels), np.asarray(task.train.labels))
     assert again.label_names == ()
+
+
+def test_preflight_needs_no_label_column_for_a_causal_lm_run(tmp_path, lm_folders):
+    from fedtune.run.preflight import preflight
+
+    data = write_users(tmp_path / "mail.jsonl")
+    sets = [f'model.backbone="{lm_folders["llama"]}"', "data.corpus=hf",
+            f'data.options={{path="json", data_files="{data}"}}', "data.partition=natural",
+            "data.by=user", "data.num_clients=3", "train.clients_per_round=2",
+            "tuning.method=lora"]
+    preflight(load_config(None, ["task.kind=causal_lm", *sets]))
+    with pytest.raises(ConfigError, match="has no column label_field='label'"):
+        preflight(load_config(None, sets))
+
+
+def test_an_evaluation_batch_is_cut_to_bound_the_logits_with_the_same_figures(
+        lm_folders, monkeypatch):
+    import fedtune.task.lm as lm_module
+
+    model, _, _ = _model(lm_folders["gpt2"], "lora")
+    ids, mask, labels = _batch(n=5, t=12)
+    split = Split(ids.numpy(), mask.numpy(), labels.numpy())
+    whole = evaluate_lm(model, split, batch_size=8)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda i, m: calls.append(len(i)) or forward(i, m))
+    # Room for the logits of two rows at a time.
+    monkeypatch.setattr(lm_module, "LOGITS_BUDGET", 2 * 12 * model.backbone.config.vocab_size)
+    cut = evaluate_lm(model, split, batch_size=8)
+    assert calls == [2, 2, 1]
+    assert cut["tokens"] == whole["tokens"]
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-5)
