@@ -107,7 +107,7 @@ def test_the_exported_adapter_loads_with_peft_and_gives_fedtunes_logits(
     assert (ours - untuned).abs().max() > 1e-3  # the adapter is really applied
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
 def test_generate_is_greedy_decoding_of_the_tuned_model(tmp_path, lm_folders, method):
     _saved_run(tmp_path / "run", lm_folders["llama"], method)
     tuned = load_tuned(tmp_path / "run")

@@ -14,7 +14,11 @@ refused by name. These hashes catch edits and damage, not a forger: anyone who c
 the file can recompute them.
 
 `export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
-`load_tuned` opens either a run folder or an export.
+`load_tuned` opens either a run folder or an export, as the model of its task kind
+(`LOADED`): a classifier (`TunedClassifier.predict_proba`) or a causal language model
+(`fedtune.run.tuned_lm.TunedLM.generate`). A causal-LM state's prediction hash also binds
+its task kind, and its soft prompt is exported as a PEFT prompt-tuning adapter
+(`EXTRA_ADAPTERS`).
 """
 
 from __future__ import annotations
