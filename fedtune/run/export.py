@@ -307,6 +307,9 @@ def load_tuned(folder: str | Path) -> TunedClassifier | TunedLM:
     spec.flatten({name: state[name] for name in spec.names})  # checks every shape
     _check_binding(folder / STATE_FILE, meta, prediction_settings(cfg, meta, backbone))
     model.load_trainable(state)
+    if cfg.task.kind not in LOADED:
+        raise ExportError(f"{folder}: a task.kind={cfg.task.kind!r} model cannot be loaded "
+                          f"for prediction yet (built: {', '.join(sorted(LOADED))})")
     return LOADED[cfg.task.kind](model, cfg, label_names, spec, backbone.tokenizer)
 
 
