@@ -402,12 +402,13 @@ def report(
         help="Where to write report.md and the PNGs (default: FIRST_DIR/report).")] = None,
     title: Annotated[str, typer.Option(help="Heading of report.md.")] = "fedtune report",
 ) -> None:
-    """Markdown table and plots (accuracy vs epsilon, vs round, vs uploaded bytes)."""
-    from fedtune.study.report import collect, group, markdown_table, write_report
+    """Markdown table and plots (accuracy, or a language model's perplexity, vs epsilon, vs
+    round, vs uploaded bytes)."""
+    from fedtune.study.report import ReportError, collect, group, markdown_table, write_report
 
     try:
         groups = group(collect(dirs))
-    except _user_errors() as exc:
+    except (*_user_errors(), ReportError) as exc:
         _fail(str(exc))
     try:  # the output folder is claimed as a run's --out is (no link, no run's files)
         written = write_report(groups, out or dirs[0] / "report", title)
@@ -447,30 +448,57 @@ def export(
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A run folder or a `fedtune export` folder.")],
     text: Annotated[list[str] | None, typer.Option(
-        "--text", help="A text to classify (repeatable).")] = None,
+        "--text", help="A text to classify (repeatable; a classifier).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", help="A prompt to continue (repeatable; a language model).")] = None,
     file: Annotated[Path | None, typer.Option(
-        help="Texts to classify: .csv or .tsv with a header row, or .jsonl lines, with a "
-             "text column (the run's text_field, or text) and optionally a label column "
-             "(then accuracy is reported); or .txt, one text per line.")
+        help="Texts to classify or prompts to continue: .csv or .tsv with a header row, or "
+             ".jsonl lines, with a text column (the run's text_field, or text) and, for a "
+             "classifier, optionally a label column (then accuracy is reported); or .txt, "
+             "one text per line.")
     ] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Write one JSON line per text (label, probabilities) here.")] = None,
+        help="Write one JSON line per text here (label and probabilities; or prompt and "
+             "generation).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Texts per forward pass (default: the run's train.eval_batch_size).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="A language model's new tokens per prompt, at most (greedy; stops at its "
+             "end-of-sequence token).")] = 32,
 ) -> None:
-    """Classify texts with a tuned model."""
-    import json
-
-    from fedtune.data.predict_input import check_predict_options, input_columns, read_texts
+    """Classify texts with a tuned classifier, or continue prompts with a tuned language
+    model (greedy)."""
+    from fedtune.data.predict_input import PredictInputError, check_predict_options
     from fedtune.run.export import load_tuned
 
-    if not text and file is None:
-        _fail("give texts with --text or a --file")
+    if not text and not prompt and file is None:
+        _fail("give texts with --text (a classifier), prompts with --prompt (a language "
+              "model), or a --file")
     try:
         check_predict_options(batch_size, out)
         tuned = load_tuned(model_dir)
-        texts: list[str] = list(text or [])
-        labels: list[int | None] | None = None
+        kind = tuned.cfg.task.kind
+        flags = {"--text": text, "--prompt": prompt}
+        own = _PREDICTORS[kind][0]
+        stray = [flag for flag, given in flags.items() if given and flag != own]
+        if stray:
+            raise PredictInputError(f"{model_dir} is a task.kind={kind!r} model: give its "
+                                    f"inputs with {own}, not {stray[0]}")
+        texts: list[str] = list(flags[own] or [])
+    except _user_errors() as exc:
+        _fail(str(exc))
+    _PREDICTORS[kind][1](tuned, texts, file, out, batch_size, max_new_tokens)
+
+
+def _predict_classes(tuned: Any, texts: list[str], file: Path | None, out: Path | None,
+                     batch_size: int | None, max_new_tokens: int) -> None:
+    """A classifier's labels (and the accuracy line for a labelled file)."""
+    import json
+
+    from fedtune.data.predict_input import input_columns, read_texts
+
+    labels: list[int | None] | None = None
+    try:
         if file is not None:
             file_texts, file_labels = read_texts(file, tuned.label_names,
                                                  input_columns(tuned.cfg))
@@ -503,6 +531,43 @@ def predict(
         correct = sum(p == y for p, y in scored)
         console.print(f"accuracy {correct / len(scored):.4f} on {len(scored)} labelled rows "
                       f"({correct} right)")
+
+
+def _predict_generations(tuned: Any, prompts: list[str], file: Path | None, out: Path | None,
+                         batch_size: int | None, max_new_tokens: int) -> None:
+    """A language model's greedy continuation of each prompt: `PROMPT<TAB>GENERATION` per
+    line (whitespace collapsed), the exact texts as JSON lines in --out."""
+    import json
+
+    from fedtune.data.predict_input import input_columns, read_texts
+
+    try:
+        if file is not None:
+            # Only the text column: a label column means nothing to a language model.
+            prompts += read_texts(file, (), (input_columns(tuned.cfg)[0], ()))[0]
+        progress = Progress(TextColumn("generating"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} prompts"),
+                            TimeElapsedColumn(), console=console, transient=True,
+                            disable=len(prompts) < 16)
+        with progress:
+            bar = progress.add_task("", total=len(prompts))
+            generations = tuned.generate(prompts, max_new_tokens, batch_size,
+                                         on_batch=lambda n: progress.advance(bar, n))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if out is not None:
+        from fedtune.run.atomic import write_text_atomic
+
+        write_text_atomic(out, "".join(json.dumps({"prompt": p, "generation": g}) + "\n"
+                                       for p, g in zip(prompts, generations, strict=True)))
+    if file is None or out is None:
+        for p, g in zip(prompts, generations, strict=True):
+            print(f"{' '.join(p.split())[:70]}\t{' '.join(g.split())}")
+
+
+# Task kind -> (the flag of its inputs, what `fedtune predict` prints for its models).
+_PREDICTORS = {"classification": ("--text", _predict_classes),
+               "causal_lm": ("--prompt", _predict_generations)}
 
 
 def _fail(message: str) -> None:

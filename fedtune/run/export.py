@@ -14,7 +14,11 @@ refused by name. These hashes catch edits and damage, not a forger: anyone who c
 the file can recompute them.
 
 `export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
-`load_tuned` opens either a run folder or an export.
+`load_tuned` opens either a run folder or an export, as the model of its task kind
+(`LOADED`): a classifier (`TunedClassifier.predict_proba`) or a causal language model
+(`fedtune.run.tuned_lm.TunedLM.generate`). A causal-LM state's prediction hash also binds
+its task kind, and its soft prompt is exported as a PEFT prompt-tuning adapter
+(`EXTRA_ADAPTERS`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from fedtune.run.folder import (
     RunFolderError,
     claim_run_folder,
 )
+from fedtune.run.tuned_lm import TunedLM, write_prompt_adapter
 from fedtune.runtime.torch_setup import configure_torch
 from fedtune.tuning import TunedModel, build_tuned_model
 from fedtune.wire.delta import DeltaSpec
@@ -73,7 +78,7 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
     if cfg is None and (folder / CONFIG_FILE).is_file():
         cfg = load_config(folder / CONFIG_FILE)
     if cfg is not None:
-        settings = prediction_settings(cfg, meta, backbone_for(cfg.model, kind=cfg.task.kind))
+        settings = prediction_settings(cfg, meta, kind_backbone(cfg))
         meta[SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
         meta[BINDING_KEY] = _settings_hash(settings)
     # Through the one atomic writer: a link planted under the name is replaced, not followed;
@@ -91,12 +96,29 @@ def save_tuned_state(folder: Path, model: TunedModel, spec: DeltaSpec,
 
 BINDING_KEY = "prediction_sha256"
 SETTINGS_KEY = "prediction_settings"
+DEFAULT_KIND = "classification"
+
+
+def kind_backbone(cfg: ExperimentConfig) -> Any:
+    """The frozen backbone of `cfg`'s task kind (a language model keeps its LM head), its
+    tokenizer made ready for that kind as the run's task had it (a decoder without a pad
+    token pads with eos): the tokenizer bound at save is the one checked at load."""
+    from fedtune.task.kinds import task_kind
+
+    kind = task_kind(cfg.task.kind)
+    backbone = backbone_for(cfg.model, kind=kind.model_kind)
+    kind.prepare_tokenizer(backbone.tokenizer)
+    return backbone
 
 
 def prediction_settings(cfg: ExperimentConfig, meta: dict[str, str], backbone: Any
                         ) -> dict[str, Any]:
-    """Every value besides the tensors that changes what the loaded model predicts."""
+    """Every value besides the tensors that changes what the loaded model predicts (or
+    generates): for a task kind other than classification, the kind too (a classifier's
+    binding stays what older fedtune saved, so its exports still load)."""
+    kind = {} if cfg.task.kind == DEFAULT_KIND else {"task_kind": cfg.task.kind}
     return {
+        **kind,
         "label_names": json.loads(meta["label_names"]),
         "max_length": cfg.model.max_length,
         "backbone": cfg.model.backbone,
@@ -155,6 +177,23 @@ def _check_binding(path: Path, meta: dict[str, str], settings: dict[str, Any]) -
     raise ExportError(f"{path}: {changed[:200]} changed since the run saved this state (the "
                       "prediction hash does not match): the labels, config.toml or tokenizer "
                       "were edited or replaced; refusing a model that would predict otherwise")
+
+
+def _check_kind(path: Path, meta: dict[str, str], cfg: ExperimentConfig) -> None:
+    """A task kind edited in config.toml, named before a backbone of the other kind loads
+    (the prediction hash refuses it anyway; this only says what changed). Read from the
+    saved settings only where they match the prediction hash."""
+    try:
+        saved = json.loads(meta.get(SETTINGS_KEY, "{}"))
+    except json.JSONDecodeError:
+        return
+    if not isinstance(saved, dict) or _settings_hash(saved) != meta.get(BINDING_KEY):
+        return
+    kind = saved.get("task_kind", DEFAULT_KIND)
+    if kind != cfg.task.kind:
+        raise ExportError(f"{path}: task_kind changed since the run saved this state (a "
+                          f"{kind!r} model, config.toml says task.kind={cfg.task.kind!r}); "
+                          "refusing a model that would predict otherwise")
 
 
 def content_hash(state: dict[str, torch.Tensor]) -> str:
@@ -217,7 +256,13 @@ class TunedClassifier:
         return np.concatenate(rows) if rows else np.zeros((0, len(self.label_names)))
 
 
-def load_tuned(folder: str | Path) -> TunedClassifier:
+# Task kind -> what a loaded model is used through: classes for a classifier, generations
+# for a language model (`fedtune predict` asks the kind's).
+LOADED: dict[str, type[TunedClassifier] | type[TunedLM]] = {
+    DEFAULT_KIND: TunedClassifier, "causal_lm": TunedLM}
+
+
+def load_tuned(folder: str | Path) -> TunedClassifier | TunedLM:
     """Rebuild the tuned model of a run folder or an export; raises `ExportError` naming
     what is missing or does not match."""
     from fedtune.task.task import model_spec
@@ -241,12 +286,14 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
                           f"(metadata format={meta.get('format')!r})")
     _check_values(folder / STATE_FILE, meta, state)
     label_names = tuple(json.loads(meta["label_names"]))
-    backbone = backbone_for(cfg.model)
+    _check_kind(folder / STATE_FILE, meta, cfg)
+    backbone = kind_backbone(cfg)
     if backbone.hash != meta["backbone_hash"]:
         raise ExportError(
             f"model.backbone={cfg.model.backbone!r} here has weights hash {backbone.hash}, "
             f"but {folder.name} was tuned on {meta['backbone_hash']}: not the same backbone")
-    model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed)
+    model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed,
+                              kind=cfg.task.kind)
     spec = model_spec(model, backbone, cfg, len(label_names))
     if spec.hash != meta["spec_hash"]:
         raise ExportError(
@@ -260,7 +307,10 @@ def load_tuned(folder: str | Path) -> TunedClassifier:
     spec.flatten({name: state[name] for name in spec.names})  # checks every shape
     _check_binding(folder / STATE_FILE, meta, prediction_settings(cfg, meta, backbone))
     model.load_trainable(state)
-    return TunedClassifier(model, cfg, label_names, spec, backbone.tokenizer)
+    if cfg.task.kind not in LOADED:
+        raise ExportError(f"{folder}: a task.kind={cfg.task.kind!r} model cannot be loaded "
+                          f"for prediction yet (built: {', '.join(sorted(LOADED))})")
+    return LOADED[cfg.task.kind](model, cfg, label_names, spec, backbone.tokenizer)
 
 
 def _state_metadata(path: Path) -> dict[str, str]:
@@ -290,7 +340,13 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
+# (task kind, method) -> the PEFT adapter an export gains beyond what the run folder holds
+# (a LoRA run already leaves `adapter/`): a causal LM's soft prompt as prompt tuning.
+EXTRA_ADAPTERS: dict[tuple[str, str], Callable[[Any, Path], None]] = {
+    ("causal_lm", "prompt"): write_prompt_adapter}
+
+
+def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier | TunedLM) -> None:
     # Every file through the one atomic writer (a fresh temp name, renamed into place), as
     # bytes: no copier is handed the temp name.
     for name in (STATE_FILE, CONFIG_FILE):
@@ -298,11 +354,15 @@ def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
     if (run_dir / ADAPTER_DIR).is_dir():
         write_folder_atomic(out / ADAPTER_DIR, lambda tmp: shutil.copytree(
             run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True))
+    extra = EXTRA_ADAPTERS.get((tuned.cfg.task.kind, tuned.cfg.tuning.method))
+    if extra is not None and not (out / ADAPTER_DIR).is_dir():
+        write_folder_atomic(out / ADAPTER_DIR, lambda tmp: extra(tuned, tmp))
     summary = {}
     if (run_dir / SUMMARY_FILE).is_file():
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     manifest = {
         "format": FORMAT,
+        "task_kind": tuned.cfg.task.kind,
         "method": tuned.cfg.tuning.method,
         "backbone": tuned.cfg.model.backbone,
         "backbone_hash": tuned.spec.backbone_hash,
@@ -316,6 +376,8 @@ def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier) -> None:
         "source_run": str(run_dir.resolve()),
         "test_accuracy": summary.get("final_accuracy"),
         "test_examples": summary.get("test_examples"),
+        # A language model's quality (null for a classifier, and where the run had none).
+        "test_perplexity": summary.get("test_perplexity"),
         **privacy_statement(tuned.cfg, summary),
     }
     write_json_atomic(out / MANIFEST_FILE, manifest)

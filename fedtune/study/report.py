@@ -10,6 +10,12 @@ A split run's DP level says what its epsilon protects: with DP-SGD alone the ser
 holds every trained example's text and label (the smashed data goes up in clear), so such
 a run is labelled "sample-level DP on deltas only; smashed data in clear" and kept off the
 epsilon axis; with `split.smashed_dp` its epsilon covers the smashed data too.
+
+What a run's quality is depends on its task kind (`QUALITY_AXES`): a classifier's final test
+accuracy and validation accuracy per round, a language model's test perplexity and
+validation perplexity per round (lower is better, drawn on a log axis; the PNGs are named
+`perplexity_vs_*.png`). One report holds one kind: folders of both kinds are refused with
+one line (their figures share no axis), to be reported separately.
 """
 
 from __future__ import annotations
@@ -35,7 +41,45 @@ from fedtune.run.folder import (
 from fedtune.run.ledger import LedgerError, read_rounds
 from fedtune.split.disclosure import DELTAS_ONLY, dp_level_label, protects_smashed_data
 
-PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
+
+class ReportError(ValueError):
+    """Run folders that cannot go into one report; the message says why."""
+
+
+@dataclass(frozen=True)
+class QualityAxis:
+    """A task kind's quality figure, where the run folder holds it and how it is drawn."""
+
+    name: str  # the PNGs' prefix
+    final_key: str  # summary.json: the final model's test figure
+    round_key: str  # rounds.jsonl: the validation figure of each round
+    column: str  # the table's column
+    final_label: str  # the epsilon plot's y axis
+    round_label: str  # the per-round and per-byte plots' y axis
+    title: str  # what the plot titles call it
+    digits: int
+    log_scale: bool  # perplexity spans orders of magnitude
+    # The majority-class baseline exists (a classifier's), as its table column.
+    has_majority: bool
+
+    @property
+    def plots(self) -> tuple[str, str, str]:
+        return tuple(f"{self.name}_vs_{x}.png"  # type: ignore[return-value]
+                     for x in ("epsilon", "round", "bytes"))
+
+
+# Task kind -> its quality axis (`[task] kind`; fedtune.task.kinds writes these fields).
+QUALITY_AXES: dict[str, QualityAxis] = {
+    "classification": QualityAxis(
+        "accuracy", "final_accuracy", "val_accuracy", "final accuracy (mean +- std)",
+        "final test accuracy (fraction)", "validation accuracy (fraction, mean over seeds)",
+        "accuracy", 4, False, True),
+    "causal_lm": QualityAxis(
+        "perplexity", "test_perplexity", "val_perplexity",
+        "final test perplexity (mean +- std)",
+        "final test perplexity (log scale, lower is better)",
+        "validation perplexity (log scale, mean over seeds)", "perplexity", 2, True, False),
+}
 
 
 @dataclass
@@ -48,8 +92,9 @@ class RunResult:
     target_epsilon: float  # inf without DP
     epsilon: float | None  # reported at the run's level (max of both when both are on)
     seed: int
-    accuracy: float  # final test accuracy
-    # Validation accuracy per round; empty for a run without a validation split (and for
+    # The kind's final test figure (`QUALITY_AXES`): accuracy, or perplexity for an LM.
+    accuracy: float
+    # Its validation figure per round; empty for a run without a validation split (and for
     # folders written before it existed, whose per-round figure was a test accuracy).
     accuracy_by_round: list[float]
     cumulative_mb_up: list[float]
@@ -60,6 +105,7 @@ class RunResult:
     # The majority class's test accuracy on the same rows (None: a folder written before
     # summary.json had it).
     majority: float | None = None
+    kind: str = "classification"  # `[task] kind`
 
 
 @dataclass
@@ -122,6 +168,11 @@ def _load(folder: Path) -> RunResult:
         raise LedgerError(f"{folder / SUMMARY_FILE} is not JSON ({exc}); rerun or remove "
                           "that run folder") from None
     rounds = read_rounds(folder)
+    axis = QUALITY_AXES[cfg.task.kind]
+    if summary.get(axis.final_key) is None:
+        raise LedgerError(f"{folder / SUMMARY_FILE} has no {axis.final_key} (a task.kind="
+                          f"{cfg.task.kind!r} run's final figure); rerun or remove that run "
+                          "folder")
     level, target = _level(cfg)
     eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))
            if e is not None]
@@ -136,10 +187,10 @@ def _load(folder: Path) -> RunResult:
     marks = {m for lvl in LEVELS
              for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
     return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
-                     cfg.seed, summary["final_accuracy"],
-                     [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None],
+                     cfg.seed, summary[axis.final_key],
+                     [r[axis.round_key] for r in rounds if r.get(axis.round_key) is not None],
                      up, _settings(cfg), tuple(m for m in MARKS if m in marks),
-                     summary.get("majority_accuracy"))
+                     summary.get("majority_accuracy"), cfg.task.kind)
 
 
 def _method(cfg: ExperimentConfig) -> str:
@@ -206,7 +257,22 @@ def _level(cfg: ExperimentConfig) -> tuple[str, float]:
     return "none", math.inf
 
 
+def run_kind(runs: list[RunResult]) -> str:
+    """The one task kind of `runs`; runs of several kinds are a ReportError naming them."""
+    kinds: dict[str, list[RunResult]] = {}
+    for run in runs:
+        kinds.setdefault(run.kind, []).append(run)
+    if len(kinds) > 1:
+        listed = "; ".join(f"{k}: {len(rs)} run{'s' * (len(rs) > 1)} (e.g. {rs[0].folder})"
+                           for k, rs in sorted(kinds.items()))
+        raise ReportError(f"the run folders mix task kinds ({listed}): accuracy and "
+                          "perplexity share no axis; report each kind's folders separately")
+    return next(iter(kinds), "classification")
+
+
 def group(runs: list[RunResult]) -> list[Group]:
+    """Runs grouped by method, DP level, target epsilon and variant (one task kind)."""
+    run_kind(runs)
     variants = _variants(runs)
     groups: dict[tuple[str, str, float, str], Group] = {}
     for run in runs:
@@ -216,13 +282,18 @@ def group(runs: list[RunResult]) -> list[Group]:
                   key=lambda g: (g.method, g.variant, g.level, g.target_epsilon))
 
 
+def _axis(groups: list[Group]) -> QualityAxis:
+    return QUALITY_AXES[run_kind([r for g in groups for r in g.runs])]
+
+
 def markdown_table(groups: list[Group]) -> str:
+    axis = _axis(groups)
     with_variant = any(g.variant for g in groups)
     # Folders written before summary.json held the majority baseline have no such column.
-    with_majority = any(g.majority_mean is not None for g in groups)
+    with_majority = axis.has_majority and any(g.majority_mean is not None for g in groups)
     head = "| method | " + ("variant | " if with_variant else "")
-    lines = [head + "DP level | target epsilon | reported epsilon (max) | final accuracy "
-             "(mean +- std) | seeds | upload MB / run |"
+    lines = [head + f"DP level | target epsilon | reported epsilon (max) | {axis.column} | "
+             "seeds | upload MB / run |"
              + (" majority class |" if with_majority else ""),
              "|---|" + ("---|" if with_variant else "") + "---|---:|---:|---:|---:|---:|"
              + ("---:|" if with_majority else "")]
@@ -236,8 +307,8 @@ def markdown_table(groups: list[Group]) -> str:
             shown += " (deltas only)"
         lines.append(
             f"| {g.method} | {variant}{g.level} | {_fmt_eps(g.target_epsilon)} | "
-            f"{shown} | {g.accuracy_mean:.4f} +- "
-            f"{g.accuracy_std:.4f} | {len(g.runs)} | {mb} |"
+            f"{shown} | {g.accuracy_mean:.{axis.digits}f} +- "
+            f"{g.accuracy_std:.{axis.digits}f} | {len(g.runs)} | {mb} |"
             + (f" {_majority_cell(g)} |" if with_majority else ""))
     return "\n".join(lines)
 
@@ -286,10 +357,13 @@ def _write_report(groups: list[Group], out: Path, title: str) -> list[Path]:
     from matplotlib.legend import Legend
 
     written = []
-    for name, draw in zip(PLOTS, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
+    axis = _axis(groups)
+    for name, draw in zip(axis.plots, (_plot_epsilon, _plot_rounds, _plot_bytes), strict=True):
         curves = draw is not _plot_epsilon
         fig, ax = plt.subplots(figsize=(9.5, 4.8) if curves else (7, 4.5), dpi=120)
         draw(ax, groups)
+        if axis.log_scale:
+            ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         if not curves:
             ax.legend(fontsize=8, loc="best")
@@ -352,9 +426,10 @@ def _plot_epsilon(ax, groups: list[Group]) -> None:
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}" for t in finite] + ["inf\n(no DP)"])
     ax.minorticks_off()
+    axis = _axis(groups)
     ax.set_xlabel("target epsilon (delta = 1e-5), log scale")
-    ax.set_ylabel("final test accuracy (fraction)")
-    ax.set_title("Accuracy vs privacy budget (error bars: std over seeds)")
+    ax.set_ylabel(axis.final_label)
+    ax.set_title(f"{axis.title.capitalize()} vs privacy budget (error bars: std over seeds)")
 
 
 def _curve_styles(groups: list[Group]) -> tuple[dict[tuple[str, str], str],
@@ -420,14 +495,16 @@ def _plot_rounds(ax, groups: list[Group]) -> None:
 
     _plot_curves(ax, groups, None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis = _axis(groups)
     ax.set_xlabel("round")
-    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
-    ax.set_title("Validation accuracy vs round")
+    ax.set_ylabel(axis.round_label)
+    ax.set_title(f"Validation {axis.title} vs round")
 
 
 def _plot_bytes(ax, groups: list[Group]) -> None:
     _plot_curves(ax, groups, "cumulative_mb_up")
     ax.set_xscale("log")
+    axis = _axis(groups)
     ax.set_xlabel("uploaded bytes, all clients so far (MB, log scale)")
-    ax.set_ylabel("validation accuracy (fraction, mean over seeds)")
-    ax.set_title("Validation accuracy vs uploaded bytes")
+    ax.set_ylabel(axis.round_label)
+    ax.set_title(f"Validation {axis.title} vs uploaded bytes")

@@ -1,0 +1,156 @@
+"""A tuned causal language model outside its run: greedy generations from prompts, and the
+soft prompt as a PEFT prompt-tuning adapter.
+
+Prompts are tokenized as the run's texts were (the tokenizer's own special tokens, truncated
+to `model.max_length` keeping the start), minus the special tokens the tokenizer appends at
+the end (a BERT-style [SEP], an eos): a training text ends there, a prompt goes on. The
+model then writes up to `max_new_tokens` tokens greedily through
+`fedtune.task.generation.greedy_continue` (deterministic: no sampling, no randomness),
+stopping at the end-of-sequence token.
+
+A soft prompt is exported as what peft's prompt tuning loads (`PeftModel.from_pretrained(
+AutoModelForCausalLM.from_pretrained(base), folder)`): `adapter_config.json` (PROMPT_TUNING,
+CAUSAL_LM, the number of virtual tokens and their width) and `adapter_model.safetensors`
+holding the [P, hidden] tensor as `prompt_embeddings`. peft prepends it to the word
+embeddings with an attention mask of ones, as fedtune does; its logits then start with the P
+virtual positions, which fedtune drops.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.config import ExperimentConfig
+from fedtune.data.predict_input import PredictInputError
+from fedtune.tuning import TunedModel
+from fedtune.wire.delta import DeltaSpec
+
+# Enough for a sentence or a subject line; each new token reruns the whole sequence (no KV
+# cache in greedy_continue), so the cost grows with the square of it.
+DEFAULT_NEW_TOKENS = 32
+# A bound on the flag (and on the work one call asks for); a model's own position limit,
+# where it has one, is checked too.
+MAX_NEW_TOKENS = 4096
+PROMPT_TENSOR = "prompt_embeddings"  # the key peft's prompt tuning loads the tensor from
+
+
+def prompt_length(model: TunedModel) -> int:
+    """The soft prompt's virtual tokens (0 for a method without one)."""
+    prompt = getattr(model, "prompt", None)
+    return 0 if prompt is None else int(prompt.embedding.num_embeddings)
+
+
+def position_limit(config: Any) -> int | None:
+    """The model's position limit (GPT-2's `n_positions`, Llama's `max_position_embeddings`);
+    None where the config names none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class TunedLM:
+    """A loaded tuned causal LM that continues raw prompts."""
+
+    model: TunedModel
+    cfg: ExperimentConfig
+    label_names: tuple[str, ...]  # always empty: a language model has no classes
+    spec: DeltaSpec
+    tokenizer: Any
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """`text`'s token ids as training tokenized it, without the special tokens the
+        tokenizer appends after a text."""
+        full = self.tokenizer(text, truncation=True,
+                              max_length=self.cfg.model.max_length)["input_ids"]
+        return [int(t) for t in full[:len(full) - appended_tokens(self.tokenizer)]]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int = DEFAULT_NEW_TOKENS,
+                 batch_size: int | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> list[str]:
+        """Each prompt's greedy continuation (the new text only), in order."""
+        from fedtune.task.generation import greedy_continue
+
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts, not one string")
+        check_new_tokens(max_new_tokens)
+        if batch_size is not None and batch_size < 1:
+            raise PredictInputError(f"--batch-size must be >= 1, got {batch_size}")
+        batch_size = batch_size or self.cfg.train.eval_batch_size
+        rows = [self.prompt_ids(p) for p in prompts]
+        limit = position_limit(self.model.backbone.config)
+        virtual = prompt_length(self.model)
+        for n, row in enumerate(rows, start=1):
+            if not row:
+                raise PredictInputError(f"prompt {n} ({prompts[n - 1][:40]!r}) has no token "
+                                        "to continue from; give it some text")
+            if limit is not None and virtual + len(row) + max_new_tokens > limit:
+                raise PredictInputError(
+                    f"prompt {n}: {len(row)} tokens + --max-new-tokens {max_new_tokens}"
+                    + (f" + {virtual} soft-prompt tokens" if virtual else "")
+                    + f" exceed the model's {limit} positions; lower --max-new-tokens")
+        self.model.eval()
+        out: list[str] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            new = greedy_continue(self.model, self.tokenizer, chunk, max_new_tokens,
+                                  batch_size)
+            out += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return out
+
+
+def appended_tokens(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer appends after a text (BERT's [SEP]: 1, GPT-2
+    and Llama: 0), read off a probe text: where the text's own ids are found inside its
+    encoding, what follows them. 0 when they are not found as one run."""
+    probe = "hello"
+    full = list(tokenizer(probe)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start:start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def check_new_tokens(value: int) -> None:
+    """`--max-new-tokens`: a positive integer up to MAX_NEW_TOKENS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS:
+        raise PredictInputError(f"--max-new-tokens must be an integer in 1..{MAX_NEW_TOKENS}, "
+                                f"got {value!r}")
+
+
+def write_prompt_adapter(tuned: TunedLM, folder: Path) -> None:
+    """The soft prompt as a PEFT prompt-tuning adapter in `folder` (new, empty)."""
+    from peft import PromptTuningConfig
+    from safetensors.torch import save_file
+
+    base = tuned.model.backbone
+    weight = tuned.model.prompt.embedding.weight.detach().cpu().contiguous()
+    config = base.config
+    config_out = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=int(weight.shape[0]),
+        token_dim=int(weight.shape[1]), num_transformer_submodules=1,
+        num_attention_heads=getattr(config, "num_attention_heads", None),
+        num_layers=getattr(config, "num_hidden_layers", None),
+        base_model_name_or_path=getattr(config, "_name_or_path", None) or None)
+    config_out.save_pretrained(str(folder))
+    save_file({PROMPT_TENSOR: weight}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    # How fedtune applies it, for a reader without peft.
+    (folder / "README.fedtune.json").write_text(json.dumps({
+        "apply": "prepend the rows of prompt_embeddings to the word embeddings of the input "
+                 "(inputs_embeds), with attention mask 1 over them; the logits of the first "
+                 f"{weight.shape[0]} positions belong to the prompt and are dropped",
+        "num_virtual_tokens": int(weight.shape[0]), "token_dim": int(weight.shape[1]),
+    }, indent=2) + "\n")
