@@ -16,11 +16,13 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 - `mean` with the norm bound and the direction check: the union of the two. The bound's:
   every kept row, so the aggregate, has norm <= B, and one client's row counts with at most
   its weight over the kept weights, B / (n - f) with equal weights (the check drops at most
-  f = `tolerate` rows). The check's, with f < n / 2 attackers: an attacker's row is
-  checked against the median of the other rows, which lies inside the honest rows' range
-  on every coordinate, and kept only with a cosine to it >= `direction_min_cosine` (0: no
-  component against it), so a reversed honest step is dropped instead of cancelling an
-  honest client's. What it does not bound: a row at the
+  f = `tolerate` rows). The check's, with n >= 2f + 2 (refused below): every row is
+  checked against the median of the n - 1 other rows, an honest majority, so every
+  reference lies inside the honest rows' range on every coordinate (at n = 2f + 1 the
+  attackers are half of an honest row's others and can turn its reference against it:
+  review ATTACK27D); the rows below `direction_min_cosine` (0: a component against their
+  reference) are dropped, the lowest first, so a reversed honest step that scores lowest is
+  dropped instead of cancelling an honest client's. What it does not bound: a row at the
   threshold (orthogonal to the reference, or just above it) is kept and moves the aggregate
   sideways by up to B x its share; f attackers can shift the reference within the honest
   range and so have up to f honest rows dropped in their place; a targeted change that
@@ -35,7 +37,8 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
   an outlier is far from everyone and is not selected.
 
 Each rule holds its bound only with enough deltas for its f attackers (`cfg.tolerate`; Krum's
-`krum_f`): median and the adaptive bound need n >= 2f + 1, trimmed_mean n > 2 x its cut,
+`krum_f`): median and the adaptive bound need n >= 2f + 1, the direction check n >= 2f + 2,
+trimmed_mean n > 2 x its cut,
 Krum n >= 2f + 3 (and Multi-Krum m <= n - f). The configured cohort is checked at load, but
 clients drop, so `aggregate` checks the deltas it has (`AggregationConfig.shortfall`) and
 with too few refuses the round's update (delta None, the reason in the figures) rather than

@@ -274,7 +274,8 @@ def test_direction_check_drops_at_most_tolerate_rows_the_lowest_cosines():
     """More rows below the threshold than the tolerated attackers: only the `tolerate`
     lowest are dropped (the others are honest: with at most f attackers, dropping more would
     drop honest clients and hand the kept ones a larger share)."""
-    rows = np.array([[-3.0, 0.0], [-1.0, 0.5], [1.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
+    rows = np.array([[-3.0, 0.0], [-1.0, 0.5], [1.0, 1.0], [2.0, 1.0], [1.0, 2.0],
+                     [1.5, 1.5]])
     out = _direction(rows, norm_bound=100.0, direction_min_cosine=0.9)
     check = out.figures["norm_bound"]["direction"]
     cos = dict(check["cosines"])
@@ -331,13 +332,14 @@ def test_a_flipped_row_that_drags_the_cohorts_median_is_still_dropped():
 def test_direction_check_refuses_a_cohort_too_small_for_an_honest_median():
     cfg = AggregationConfig(norm_bound=1.0, norm_bound_direction="median")
     cfg.validate()
-    _, honest = _honest_step(3)
-    assert robust.aggregate(honest, np.ones(3), cfg).delta is not None
-    refused = robust.aggregate(honest[:2], np.ones(2), cfg)
+    _, honest = _honest_step(4)
+    assert robust.aggregate(honest, np.ones(4), cfg).delta is not None
+    refused = robust.aggregate(honest[:3], np.ones(3), cfg)
     assert refused.delta is None
     assert refused.figures["refused"] == (
         "aggregation.norm_bound_direction='median' tolerates aggregation.tolerate=1 only "
-        "with deltas this round >= 2 x tolerate + 1 = 3, got 2")
+        "with deltas this round >= 2 x tolerate + 2 = 4 (each row's reference, the median "
+        "of the others, needs an honest majority), got 3")
 
 
 def test_direction_check_composes_with_the_centred_bound():
@@ -560,13 +562,13 @@ def test_aggregation_config_loads():
      "set aggregation.tolerate >= 1"),
     (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
       "aggregation.direction_min_cosine=1"],
-     "aggregation.direction_min_cosine must be in [-1, 1), got 1"),
+     "aggregation.direction_min_cosine must be in (-1, 1), got 1"),
     (["aggregation.direction_min_cosine=nan"],
      "aggregation.direction_min_cosine must be a finite number"),
     (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=median",
       "aggregation.tolerate=3"],
      "aggregation.norm_bound_direction='median' tolerates aggregation.tolerate=3 only with "
-     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+     "train.clients_per_round >= 2 x tolerate + 2 = 8"),
     (["aggregation.tolerate=-1"], "aggregation.tolerate must be >= 0"),
     (["aggregation.rule=krum", "aggregation.krum_f=2"],
      "aggregation.krum_f=2 needs train.clients_per_round >= 2 x krum_f + 3 = 7, got 5"),
@@ -684,3 +686,84 @@ def test_attackb_own_data_count_claim_does_not_buy_the_whole_norm_bound():
     assert moved <= bound / 5 * (1 + 1e-6), (
         f"one node's own-data count claim moved the aggregate by {moved:.4g} > B/5 = "
         f"{bound / 5}")
+
+
+# --- review ATTACK27D: the direction check at the smallest cohort --------------------------
+
+def _direction_cfg(**settings) -> AggregationConfig:
+    cfg = AggregationConfig(**{"norm_bound": 1.5, "norm_bound_direction": "median",
+                               **settings})
+    cfg.validate()
+    return cfg
+
+
+def _iid_honest(n: int, noise: float, seed: int, d: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    step = rng.normal(size=d)
+    step /= np.linalg.norm(step)
+    return step, step + noise * rng.normal(size=(n, d)) / np.sqrt(d)
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_direction_check_needs_an_honest_majority_among_every_rows_others(f):
+    """At n = 2f + 1 the attackers are half of an honest row's n - 1 others and set its
+    reference outside the honest range (review ATTACK27D: -1 on every coordinate moved all
+    50 coordinates out); such a cohort is refused, and from 2f + 2 on the same attack leaves
+    every honest row's reference inside the honest range."""
+    cfg = _direction_cfg(norm_bound=100.0, tolerate=f)
+    assert "2 x tolerate + 2" in cfg.shortfall(2 * f + 1, "deltas")
+    n = 2 * f + 2
+    assert cfg.shortfall(n, "deltas") is None
+    _, honest = _iid_honest(n - f, 0.3, 0)
+    rows = np.vstack([honest, np.tile(-np.ones(50), (f, 1))])
+    bounded, _ = robust.clip_rows(rows, 100.0)
+    refs = robust.median_of_others(bounded)
+    low, high = bounded[:n - f].min(0), bounded[:n - f].max(0)
+    assert ((refs[:n - f] >= low) & (refs[:n - f] <= high)).all()
+
+
+def test_one_attacker_of_three_is_refused_not_let_reverse_the_round():
+    """ATTACK27D: one of three, -(h_b + eps h_a), got an honest row dropped and kept its own
+    reversed row (the global moved -0.246 along the honest step where the bound alone allows
+    no less than +0.158). A cohort of three no longer runs the check: refused at load and,
+    when clients drop to three, in the round (no update)."""
+    with pytest.raises(ConfigError, match=r"2 x tolerate \+ 2 = 4"):
+        load_config(None, ["data.num_clients=3", "train.clients_per_round=3",
+                           "aggregation.norm_bound=1.5",
+                           "aggregation.norm_bound_direction=median"])
+    _, h = _iid_honest(2, 0.3, 0)
+    attacker = -(h[1] + 0.5 * h[0])
+    out = robust.aggregate(np.vstack([h, attacker / np.linalg.norm(attacker) * 1.5]),
+                           np.ones(3), _direction_cfg())
+    assert out.delta is None and "2 x tolerate + 2" in out.figures["refused"]
+
+
+@pytest.mark.parametrize("bound", [1.5, "adaptive"])
+@pytest.mark.parametrize("noise", [0.3, 1.0, 2.0])
+def test_one_attacker_of_four_moves_the_round_no_further_back_than_the_bound_allows(
+        bound, noise):
+    """With n = 2f + 2 the attack family of ATTACK27D (-(h_a + eps h_b) at or above the
+    bound, every pair and eps) moves the global along the honest step no further back than
+    the worst row the norm bound alone lets one client of four send."""
+    cfg, plain = _direction_cfg(norm_bound=bound), AggregationConfig(norm_bound=bound)
+    plain.validate()
+    for seed in range(3):
+        step, h = _iid_honest(3, noise, seed)
+        worst_plain = min(
+            float(robust.aggregate(np.vstack([h, -row / np.linalg.norm(row) * size]),
+                                   np.ones(4), plain).delta @ step)
+            for row in (step, *h) for size in (1.5, 10.0))
+        for a, b in ((0, 1), (1, 2), (2, 0), (1, 0)):
+            for eps in np.linspace(-3, 3, 25):
+                row = -(h[a] + eps * h[b])
+                for size in (1.5, 2.0):
+                    rows = np.vstack([h, row / np.linalg.norm(row) * size])
+                    moved = float(robust.aggregate(rows, np.ones(4), cfg).delta @ step)
+                    assert moved >= worst_plain - 1e-9, (seed, a, b, eps, size)
+
+
+def test_a_direction_check_that_can_drop_nothing_is_refused():
+    """direction_min_cosine = -1 drops nothing (no cosine is below it), as tolerate = 0
+    would: refused (ATTACK27D)."""
+    with pytest.raises(ConfigError, match=r"direction_min_cosine must be in \(-1, 1\)"):
+        _direction_cfg(direction_min_cosine=-1.0)

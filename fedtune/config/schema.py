@@ -431,8 +431,9 @@ class AggregationConfig:
         key = "aggregation.norm_bound_direction"
         require_choice(key, self.norm_bound_direction, NORM_BOUND_DIRECTIONS)
         require_finite("aggregation.direction_min_cosine", self.direction_min_cosine)
-        if not -1.0 <= self.direction_min_cosine < 1.0:
-            raise ConfigError(f"aggregation.direction_min_cosine must be in [-1, 1), got "
+        if not -1.0 < self.direction_min_cosine < 1.0:
+            # -1: no cosine is below it, so the check would drop nothing.
+            raise ConfigError(f"aggregation.direction_min_cosine must be in (-1, 1), got "
                               f"{self.direction_min_cosine!r}")
         if self.norm_bound_direction == "off":
             return
@@ -469,10 +470,15 @@ class AggregationConfig:
         if self.norm_bound_center == "median" and n < 2 * f + 1:
             return (f"aggregation.norm_bound_center='median' tolerates aggregation.tolerate="
                     f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
-        if self.norm_bound_direction == "median" and n < 2 * f + 1:
-            # The reference direction is inside the honest range only with an honest majority.
+        if self.norm_bound_direction == "median" and n < 2 * f + 2:
+            # A row's reference is the median of the n - 1 others: inside the honest range
+            # only while the honest rows are a strict majority of those (review ATTACK27D:
+            # at n = 2f + 1 the attackers are half of an honest row's others and turn its
+            # reference against it).
             return (f"aggregation.norm_bound_direction='median' tolerates aggregation."
-                    f"tolerate={f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+                    f"tolerate={f} only with {label} >= 2 x tolerate + 2 = {2 * f + 2} (each "
+                    f"row's reference, the median of the others, needs an honest majority), "
+                    f"got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
