@@ -61,7 +61,7 @@ def lm_folders(tmp_path_factory):
 def _cfg(folder: str, *sets: str):
     return load_config(None, [f'model.backbone="{folder}"', *LM, "train.batch_size=4",
                               "train.local_steps=2", "tuning.prompt.length=3",
-                              "privacy.reproducible_noise=true", *sets])
+                              "tuning.slash.size=8", "privacy.reproducible_noise=true", *sets])
 
 
 def _model(folder: str, method: str):
@@ -95,7 +95,7 @@ def test_the_default_task_is_classification_and_an_unknown_kind_is_one_line():
     (["split.enabled=true"], "split.enabled"),
     (['plugins=[{name="el2n_pruning"}]'], "plugins"),
     (["tuning.method=bitfit"], "tuning.method='bitfit'"),
-    (["tuning.method=slash"], "tuning.method='slash'"),
+    (["tuning.method=head"], "tuning.method='head'"),
     (["data.partition=dirichlet"], "data.partition='dirichlet'"),
     (['data.labels=["a", "b"]'], "data.labels"),
     (["tuning.domain_head=true"], "tuning.domain_head"),
@@ -195,7 +195,7 @@ def test_a_long_message_weighs_by_its_tokens_in_perplexity():
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
 def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
         family, method, lm_folders):
     model, backbone, _ = _model(lm_folders[family], method)
@@ -203,7 +203,8 @@ def test_the_models_return_next_token_logits_and_federate_only_their_tensors(
     logits = model(ids, mask)
     assert logits.shape == (4, 10, backbone.model.config.vocab_size)
     names = list(model.trainable_state())
-    assert names and all(("lora_" in n) if method == "lora" else n.startswith("prompt.")
+    prefix = {"prompt": "prompt.", "slash": "z."}
+    assert names and all(("lora_" in n) if method == "lora" else n.startswith(prefix[method])
                          for n in names)
     # The process-wide backbone stays frozen and unmodified.
     assert not any(p.requires_grad for p in backbone.model.parameters())
@@ -222,23 +223,24 @@ def _per_example_grads(model, ids, mask, labels):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_opacus_per_sample_gradients_are_each_messages_own(family, method, lm_folders):
-    """Hooks mode on a padded batch of 3: each per-sample gradient equals the plain
-    backward of that message alone (its loss is its own mean, whatever the others)."""
+@pytest.mark.parametrize("family, mode", [("llama", "hooks"), ("gpt2", "hooks"),
+                                          ("llama", "functorch")])
+@pytest.mark.parametrize("method", ["lora", "prompt", "slash"])
+def test_opacus_per_sample_gradients_are_each_messages_own(family, mode, method, lm_folders):
+    """On a padded batch of 3: each per-sample gradient equals the plain backward of that
+    message alone (its loss is its own mean, whatever the others)."""
     from opacus import GradSampleModule
 
     model, _, _ = _model(lm_folders[family], method)
     model.train()
     ids, mask, labels = _batch(n=3)
-    if method == "lora":  # B starts at zero: give it a value so A's gradient is not zero
-        with torch.no_grad():
-            for name, p in model.trainable_state().items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+    with torch.no_grad():  # LoRA's B and SLaSh's z start at zero: give them a value
+        for name, p in model.trainable_state().items():
+            if "lora_B" in name or name.startswith("z."):
+                p.normal_(0, 0.1)
     expected = _per_example_grads(model, ids, mask, labels)
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                               force_functorch=mode == "functorch")
     NextTokenLoss()(wrapped(ids, mask), labels).backward()
     for name, p in model.trainable_state().items():
         assert p.grad_sample.shape[0] == 3
@@ -323,3 +325,53 @@ def test_the_task_builds_users_texts_without_labels(lm_folders, tmp_path):
     again = get_task(cfg)
     assert np.array_equal(np.asarray(again.train.labels), np.asarray(task.train.labels))
     assert again.label_names == ()
+
+
+def test_preflight_needs_no_label_column_for_a_causal_lm_run(tmp_path, lm_folders):
+    from fedtune.run.preflight import preflight
+
+    data = write_users(tmp_path / "mail.jsonl")
+    sets = [f'model.backbone="{lm_folders["llama"]}"', "data.corpus=hf",
+            f'data.options={{path="json", data_files="{data}"}}', "data.partition=natural",
+            "data.by=user", "data.num_clients=3", "train.clients_per_round=2",
+            "tuning.method=lora"]
+    preflight(load_config(None, ["task.kind=causal_lm", *sets]))
+    with pytest.raises(ConfigError, match="has no column label_field='label'"):
+        preflight(load_config(None, sets))
+
+
+def test_an_evaluation_batch_is_cut_to_bound_the_logits_with_the_same_figures(
+        lm_folders, monkeypatch):
+    import fedtune.task.lm as lm_module
+
+    model, _, _ = _model(lm_folders["gpt2"], "lora")
+    ids, mask, labels = _batch(n=5, t=12)
+    split = Split(ids.numpy(), mask.numpy(), labels.numpy())
+    whole = evaluate_lm(model, split, batch_size=8)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda i, m: calls.append(len(i)) or forward(i, m))
+    # Room for the logits of two rows at a time.
+    monkeypatch.setattr(lm_module, "LOGITS_BUDGET", 2 * 12 * model.backbone.config.vocab_size)
+    cut = evaluate_lm(model, split, batch_size=8)
+    assert calls == [2, 2, 1]
+    assert cut["tokens"] == whole["tokens"]
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_the_console_shows_perplexity_untuned_to_final_and_the_epsilons():
+    from fedtune.cli import round_line, summary_line
+
+    cfg = load_config(None, [*LM, "tuning.method=lora"])
+    summary = {"wall_s": 12.0, "epsilon_sample": 7.5, "epsilon_user": None,
+               "total_bytes_up": 1000, "trainable_params": 4096, "final_accuracy": None,
+               "test_perplexity": 41.234, "initial_test_perplexity": 67.7,
+               "final_val_perplexity": 42.0, "best_val_perplexity": 41.9, "best_round": 2}
+    line = summary_line(summary, "/tmp/run", cfg)
+    assert "test perplexity 67.70 untuned -> 41.23" in line
+    assert "validation perplexity 42.00 (best 41.90 at round 2)" in line
+    assert "epsilon_sample 7.5" in line and "accuracy" not in line
+    record = {"round": 1, "val_accuracy": None, "val_loss": math.log(50.0),
+              "val_perplexity": 50.0, "epsilon_sample": 3.0, "epsilon_user": None,
+              "clients": 2, "bytes_up": 10, "wall_s": 1.0}
+    assert "val ppl 50.00" in round_line(record, cfg)

@@ -42,6 +42,12 @@ ALLOWED = {
     ("fedtune/tuning/slash.py", "torch.randn"): "SLaSH initialisation (public model)",
     ("fedtune/tuning/slash.py", "generator="): "SLaSH initialisation (public model)",
     ("fedtune/tuning/lora.py", "manual_seed"): "LoRA initialisation under fork_rng",
+    # The causal-LM methods' initialisation: seeded, public, never DP randomness.
+    ("fedtune/tuning/causal_lm.py", "torch.Generator"): "LM prompt/SLaSh initialisation",
+    ("fedtune/tuning/causal_lm.py", "manual_seed"): "LM prompt/SLaSh/LoRA initialisation",
+    ("fedtune/tuning/causal_lm.py", "torch.randint"): "LM prompt initialisation",
+    ("fedtune/tuning/causal_lm.py", "torch.randn"): "LM SLaSh initialisation",
+    ("fedtune/tuning/causal_lm.py", "generator="): "LM prompt/SLaSh initialisation",
     ("clients/train.py", "torch.Generator"): "plain training's shuffle; DP replaces the loader",
     ("clients/train.py", "manual_seed"): "plain training's shuffle; DP replaces the loader",
     ("clients/train.py", "generator="): "plain training's shuffle; DP replaces the loader",

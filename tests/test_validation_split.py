@@ -125,7 +125,9 @@ def test_rounds_are_evaluated_on_validation_and_never_read_test():
     sealed_task = _with_test(task, _Sealed(task.test.input_ids, task.test.attention_mask,
                                            task.test.labels))
     metrics = round_metrics(sealed_task, model, vector, task.cfg)
-    assert set(metrics) == {"val_accuracy", "val_loss"}
+    # A classifier's perplexity field is null, never missing (the causal-LM kind fills it).
+    assert set(metrics) == {"val_accuracy", "val_loss", "val_perplexity"}
+    assert metrics["val_perplexity"] is None
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["val_loss"] > 0
     final = final_metrics(task, model, vector, task.cfg)
     assert final["examples"] == 48  # train.eval_max_examples caps it
@@ -136,7 +138,7 @@ def test_without_validation_no_round_is_evaluated():
     sealed = _with_test(task, _Sealed(task.test.input_ids, task.test.attention_mask,
                                       task.test.labels))
     assert round_metrics(sealed, task.new_model(), task.initial_vector(), task.cfg) == {
-        "val_accuracy": None, "val_loss": None}
+        "val_accuracy": None, "val_loss": None, "val_perplexity": None}
     initial = initial_metrics(task, task.new_model(), task.initial_vector(), task.cfg)
     assert initial["val_accuracy"] is None and 0.0 <= initial["test_accuracy"] <= 1.0
 

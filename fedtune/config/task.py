@@ -121,4 +121,5 @@ def _check_causal_lm(cfg: Any) -> None:
 
 
 register_task_kind(TaskKindSpec(DEFAULT_KIND, None, False, _no_check))
-register_task_kind(TaskKindSpec("causal_lm", ("lora", "prompt"), True, _check_causal_lm))
+register_task_kind(TaskKindSpec("causal_lm", ("lora", "prompt", "slash"), True,
+                                _check_causal_lm))

@@ -31,13 +31,20 @@ JSON_SUFFIXES = (".json", ".jsonl")
 
 
 def check_corpus_config(corpus: str, options: dict[str, Any],
-                        bases: Sequence[Path] = ()) -> None:
+                        bases: Sequence[Path] = (), unlabelled: bool = False) -> None:
     """`data.options` of `corpus`, then the files it names. `bases`: the folders a relative
-    data file may be read from, first the one the loader uses (the current directory)."""
+    data file may be read from, first the one the loader uses (the current directory).
+    `unlabelled` (a task kind whose rows are texts alone): no label column is required."""
     check_options(corpus, options)
     file_check = FILE_CHECKS.get(corpus)
     if file_check is not None:
+        if unlabelled:
+            options = {**options, _UNLABELLED: True}
         file_check(options, list(bases) or [Path.cwd()])
+
+
+# Set in the options a file check gets (never a `data.options` key: checked before).
+_UNLABELLED = "\0unlabelled"
 
 
 def check_options(corpus: str, options: dict[str, Any]) -> None:
@@ -101,7 +108,7 @@ def _check_hf_files(options: dict[str, Any], bases: list[Path]) -> None:
     if folder.is_dir():
         bases = [folder]
     text_field = options.get("text_field", "text")
-    label_field = options.get("label_field", "label")
+    label_field = None if options.get(_UNLABELLED) else options.get("label_field", "label")
     delimiter = options.get("delimiter")
     for name in data_file_names(options.get("data_files")):
         if "://" in name:
@@ -173,7 +180,7 @@ def check_data_file(file: Path, builder: str | None, text_field: str | None,
                           f"{exc.reason}); re-save it as UTF-8") from None
     except DataFileError as exc:
         raise CorpusError(str(exc)) from None
-    if text_field is None or label_field is None:
+    if text_field is None:
         return
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
     line = next((ln for ln in first if ln.strip()), "")
@@ -199,9 +206,9 @@ def check_data_file(file: Path, builder: str | None, text_field: str | None,
 
 
 def _require_columns(file: Path, where: str, columns: list[str], text_field: str,
-                     label_field: str, sep: str | None, line: str) -> None:
+                     label_field: str | None, sep: str | None, line: str) -> None:
     for option, field in (("text_field", text_field), ("label_field", label_field)):
-        if field in columns:
+        if field is None or field in columns:
             continue
         hint = f"set data.options.{option} to the {option.split('_')[0]} column"
         if sep is not None and len(columns) <= 1:

@@ -17,9 +17,11 @@ from fedtune.config import ConfigError, ExperimentConfig
 
 
 def _corpus(cfg: ExperimentConfig, bases: list[Path]) -> None:
+    from fedtune.config.task import task_kind_spec
     from fedtune.data.file_checks import check_corpus_config
 
-    check_corpus_config(cfg.data.corpus, cfg.data.options, bases)
+    check_corpus_config(cfg.data.corpus, cfg.data.options, bases,
+                        unlabelled=task_kind_spec(cfg.task.kind).unlabelled)
 
 
 def _backbone(cfg: ExperimentConfig, bases: list[Path]) -> None:

@@ -52,7 +52,8 @@ FOLDER = "tasks"
 # Libraries whose behaviour shapes the splits and partitions.
 LIBRARIES = ("datasets", "flwr-datasets", "numpy")
 # fedtune's code that shapes them (relative to the package).
-CODE = ("data", "task/task.py", "task/cache.py")
+CODE = ("data", "task/task.py", "task/cache.py", "task/rows.py", "task/kinds.py",
+        "task/lm.py")  # the task kinds pick the rows and build the targets
 UNTRAINED_FOLDER = "untrained"
 UNTRAINED_FILE = "metrics.json"
 # What the untrained model's figures hold: test and validation accuracy and loss.

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from fedtune.tuning import TunedModel
 
 IGNORE = -100
+# Logits held at once by an evaluation forward (floats): 2^26 = 256 MiB. An LM's logits are
+# rows x tokens x vocabulary: the default train.eval_batch_size of 128 rows of 128 tokens of
+# SmolLM2's 49,152-word vocabulary would be 3.2 GB, so a batch is cut to fit.
+LOGITS_BUDGET = 1 << 26
 
 
 class LMDataError(ValueError):
@@ -121,9 +125,10 @@ def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: 
     (`forward_from`)."""
     model.eval()
     n = len(split) if max_examples <= 0 else min(max_examples, len(split))
+    step = _rows_per_forward(model, split, batch_size)
     total, tokens = 0.0, 0
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
         ids, mask, labels = split.tensors(np.arange(start, stop)).tensors
         if states is None:
             logits = model(ids, mask)
@@ -135,6 +140,17 @@ def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: 
     loss = total / tokens if tokens else None
     return {"accuracy": None, "loss": loss, "perplexity": perplexity(loss),
             "tokens": float(tokens), "examples": float(n)}
+
+
+def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
+    """`batch_size`, or fewer rows where their logits would pass LOGITS_BUDGET (the same
+    figures: every row is scored on its own)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    length = int(split.input_ids.shape[1]) if split.input_ids.ndim == 2 else 1
+    if vocab <= 0:
+        return batch_size
+    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * length)))
 
 
 def perplexity(loss: float | None) -> float | None:

@@ -14,6 +14,8 @@ head in the delta).
   `inputs_embeds`; the logits of the prompt positions are dropped, so the loss never scores
   them. An `nn.Embedding` looked up with `arange(P)`, as for a classifier: the form Opacus
   computes per-sample gradients for.
+- SLaSh: one shared vector z, shifted into every block's chosen sub-layer output through
+  fixed seeded projections (`fedtune.tuning.slash`), on the shared frozen decoder.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ import torch
 
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
-from fedtune.models.families import resolve_lora_targets
+from fedtune.models.families import (
+    FamilyError,
+    derive_structure,
+    linear_shape,
+    resolve_lora_targets,
+)
 from fedtune.tuning.base import TunedModel, _disable_dropout
 from fedtune.tuning.lora import _stores_weights_transposed, _structure
 from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.prompt import SoftPrompt
 from fedtune.tuning.registry import register_builder
+from fedtune.tuning.slash import SharedVector
 
 KIND = "causal_lm"
 
@@ -141,6 +149,53 @@ class CausalLMPrompt(TunedModel):
         logits = self.backbone(inputs_embeds=embeds, attention_mask=mask,
                                use_cache=False).logits
         return logits[:, length:]  # the input's own positions: the loss never scores a prompt
+
+
+class CausalLMSlash(TunedModel):
+    method = "slash"
+
+    def __init__(self, backbone: Backbone, cfg: TuningConfig) -> None:
+        super().__init__()
+        settings = cfg.settings("slash")
+        self.backbone = backbone.model  # shared and frozen: the shifts live in hooks
+        try:
+            structure = derive_structure(self.backbone)
+            self._targets = [structure.sublayer(layer, settings.position)
+                             for layer in structure.layers]
+        except FamilyError as exc:
+            raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
+                              f"{backbone.name!r}: {exc}") from None
+        # The projections are fixed and regenerated from the seed by every client.
+        generator = torch.Generator().manual_seed(settings.seed)
+        for i, target in enumerate(self._targets):
+            width = linear_shape(target)[1]  # type: ignore[index]
+            proj = torch.randn(settings.size, width, generator=generator)
+            self.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
+        self.z = SharedVector(settings.size)
+        self.lr_scale = settings.lr_scale
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.z.parameters()), "lr": lr * self.lr_scale}]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        z = self.z(input_ids.shape[0])
+        handles = []
+        for i, target in enumerate(self._targets):
+            shift = (z @ getattr(self, f"proj_{i}")).unsqueeze(1)
+            handles.append(target.register_forward_hook(
+                lambda _m, _inp, out, shift=shift: out + shift))
+        try:  # the hooks exist only inside this forward: the shared decoder stays as loaded
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@register_builder("slash", kind=KIND)
+def build_slash(backbone: Backbone, cfg: TuningConfig, num_labels: int, seed: int
+                ) -> TunedModel:
+    return CausalLMSlash(backbone, cfg)
 
 
 @register_builder("lora", kind=KIND)
