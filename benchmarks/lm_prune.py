@@ -5,12 +5,14 @@ states entering that block, `fedtune.tuning.prefix_cache`). Issue 29's goal: the
 model trains >= 1.8x faster per client-worker CPU second.
 
 The variants run side by side in one process through the client's own `local_train`
-(DP-SGD with Opacus, Poisson batches of expected size `--batch`): a warm-up round each (it
-also fills the prefix cache, a once-per-client cost reported separately), then `--repeats`
-timed rounds, the order rotating, so load from other processes hits every variant alike.
-The figure is the process CPU time (`time.process_time`: every thread of this worker)
-per step, median over repeats, and its ratio to the unpruned model's. Also printed: the
-training FLOPs per example (torch's FlopCounterMode, which no load distorts).
+(DP-SGD with Opacus, Poisson batches of expected size `--batch`, drawn alike for every
+variant of a repeat): a warm-up round each (it also fills the prefix cache, a once-per-
+client cost reported separately), then `--repeats` timed rounds of `--steps` steps, the
+order rotating, so load from other processes hits every variant alike. The figure is the
+process CPU time (`time.process_time`: every thread of this worker) of a round per example
+trained, times `--batch` (CPU-s per step), median over repeats, and its ratio to the
+unpruned model's (also per repeat, paired). Also printed: the training FLOPs per example
+(torch's FlopCounterMode, which no load distorts).
 
 Without `--backbone`, a random SmolLM2-shaped Llama (GQA, MLP 8/3 of the hidden size,
 head ~ a quarter of the block compute) at a tenth of its width, with a word-level tokenizer
@@ -24,7 +26,6 @@ of its own:
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -73,12 +74,6 @@ def tiny_folder(root: Path) -> str:
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return str(root)
-
-
-def _with_steps(cfg, steps: int):
-    out = copy.deepcopy(cfg)
-    out.train.local_steps = steps
-    return out
 
 
 def _data(n: int, seq: int, vocab: int) -> TensorDataset:
@@ -132,6 +127,7 @@ def run(args: argparse.Namespace, backbone: str, tmp: Path) -> None:
               "tuning.method=lora", f"model.max_length={args.max_length}",
               f"train.batch_size={args.batch}", f"train.local_steps={args.steps}",
               f"privacy.sample.enabled={'false' if args.no_dp else 'true'}",
+              "privacy.reproducible_noise=true",  # the same batches for every variant
               f'runtime.cache_dir="{tmp / "cache"}"']
     prunes = {"full": "[]", "pruned": f'"{args.prune}"'}
     variants = {}
@@ -155,40 +151,34 @@ def run(args: argparse.Namespace, backbone: str, tmp: Path) -> None:
           f"{'' if share >= 0.3 else ', BELOW the goal of 30 %'}), {args.steps} "
           f"{'plain' if args.no_dp else 'DP'} steps x {args.repeats} repeats, batch "
           f"{args.batch} x {args.max_length} tokens")
-    # A round has a fixed cost besides its steps (Opacus' wrapping, the accountant): the
-    # per-step figure is the marginal one, (CPU of a 2S-step round - CPU of an S-step
-    # round) / S, with the same model and data.
-    long_cfgs = {name: _with_steps(cfg, 2 * args.steps) for name, (cfg, _, _) in
-                 variants.items()}
     fill = {}
     for name, (cfg, model, _) in variants.items():  # warm-up (fills the prefix cache)
         start = time.process_time()
         local_train(model, data, cfg, DPHistory(), seed=0)
         fill[name] = time.process_time() - start
-        local_train(model, data, long_cfgs[name], DPHistory(), seed=0)
-    per_step: dict[str, list[float]] = {name: [] for name in variants}
-    per_round: dict[str, list[float]] = {name: [] for name in variants}
+    # Per repeat, every variant trains the same Poisson batches (reproducible sampling from
+    # the repeat's seed): the rounds compare on the same examples. The figure is a round's
+    # CPU time (fixed costs included: they are the worker's too) per example trained.
+    per_example: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             cfg, model, _ = variants[name]
-            cpu = []
-            for run_cfg in (cfg, long_cfgs[name]):
-                start = time.process_time()
-                local_train(model, data, run_cfg, DPHistory(), seed=rep + 1)
-                cpu.append(time.process_time() - start)
-            per_step[name].append((cpu[1] - cpu[0]) / args.steps)
-            per_round[name].append(cpu[0])
-    base = statistics.median(per_step["full"])
+            start = time.process_time()
+            result = local_train(model, data, cfg, DPHistory(), seed=rep + 1)
+            per_example[name].append((time.process_time() - start)
+                                     / max(result.examples_seen, 1))
+    base = statistics.median(per_example["full"])
     base_flops = _train_flops(variants["full"][1], data, variants["full"][0])
     for name, (cfg, model, loaded) in variants.items():
-        cpu = statistics.median(per_step[name])
+        cpu = statistics.median(per_example[name])
+        paired = [f / v for f, v in zip(per_example["full"], per_example[name], strict=True)]
         flops = _train_flops(model, data, cfg)
-        print(f"{name:14s} blocks {len(loaded.layers_kept):2d}  CPU-s/step {cpu:7.3f} "
-              f"(runs {', '.join(f'{s:.3f}' for s in per_step[name])})  speed-up "
-              f"{base / cpu:5.2f}x  FLOPs/example {flops / 1e9:8.3f} G "
-              f"({base_flops / flops:.2f}x)  {args.steps}-step round "
-              f"{statistics.median(per_round[name]):.2f} CPU-s, first {fill[name]:.2f}")
+        print(f"{name:14s} blocks {len(loaded.layers_kept):2d}  CPU-s/step "
+              f"{cpu * args.batch:7.3f} (per example {cpu * 1e3:.1f} ms)  speed-up "
+              f"{base / cpu:5.2f}x (paired {', '.join(f'{r:.2f}' for r in paired)})  "
+              f"FLOPs/example {flops / 1e9:7.2f} G ({base_flops / flops:.2f}x)  first round "
+              f"{fill[name]:.1f} CPU-s")
     print(f"process CPU time; load average at the end {np.round(_loadavg(), 2).tolist()}")
 
 
