@@ -375,3 +375,50 @@ def test_the_console_shows_perplexity_untuned_to_final_and_the_epsilons():
               "val_perplexity": 50.0, "epsilon_sample": 3.0, "epsilon_user": None,
               "clients": 2, "bytes_up": 10, "wall_s": 1.0}
     assert "val ppl 50.00" in round_line(record, cfg)
+
+
+# --- the whole round, in process -----------------------------------------------------------
+
+def _users_cfg(folder: str, data, *sets: str):
+    return load_config(None, [f'model.backbone="{folder}"', "task.kind=causal_lm",
+                              "data.corpus=hf", f'data.options={{path="json", data_files='
+                              f'"{data}", test_fraction=0.25}}', "data.partition=natural",
+                              "data.by=user", "data.num_clients=3", "train.clients_per_round=2",
+                              "train.rounds=2", "train.local_steps=2", "train.batch_size=4",
+                              "model.max_length=16", "train.round_timeout_s=60",
+                              "tuning.prompt.length=3", *sets])
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method, level", [("lora", "sample"), ("prompt", "user")])
+def test_a_round_loop_trains_users_texts_and_writes_perplexity(method, level, lm_folders,
+                                                               tmp_path, monkeypatch):
+    """The real ServerApp round loop driving the real ClientApp handlers (no Ray): DP-SGD
+    with a message as the unit, or user-level DP with a user as the unit; validation
+    perplexity every round, test and untuned perplexities at the end, nulls for what a
+    classifier reports."""
+    from inline_grid import inline_run
+
+    data = write_users(tmp_path / "mail.jsonl")
+    privacy = (["privacy.sample.enabled=true"] if level == "sample" else
+               ["privacy.sample.enabled=false", "privacy.user.enabled=true",
+                "privacy.user.clip_norm=1.0",
+                "train.clients_per_round=3"])
+    cfg = _users_cfg(lm_folders["llama"], data, f"tuning.method={method}", *privacy)
+    summary, _, _ = inline_run(cfg, tmp_path / "run", monkeypatch)
+    rounds = [json.loads(x) for x in (tmp_path / "run/rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2
+    for record in rounds:
+        assert record["val_perplexity"] == pytest.approx(math.exp(record["val_loss"]))
+        assert record["val_accuracy"] is None and record["majority_val_accuracy"] is None
+        epsilon = record[f"epsilon_{level}"]
+        assert epsilon is not None and epsilon > 0
+    saved = json.loads((tmp_path / "run/summary.json").read_text())
+    assert saved == summary
+    assert saved["final_accuracy"] is None and saved["majority_accuracy"] is None
+    assert saved["test_perplexity"] == pytest.approx(math.exp(saved["test_loss"]))
+    assert saved["initial_test_perplexity"] > 1 and saved["initial_val_perplexity"] > 1
+    best = min(rounds, key=lambda r: r["val_perplexity"])
+    assert (saved["best_round"], saved["best_val_perplexity"]) == (best["round"],
+                                                                    best["val_perplexity"])
+    assert saved["method"] == method and saved["trainable_params"] > 0
