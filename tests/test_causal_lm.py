@@ -93,7 +93,6 @@ def test_the_default_task_is_classification_and_an_unknown_kind_is_one_line():
 
 @pytest.mark.parametrize("sets, key", [
     (["split.enabled=true", "split.local_loss_fraction=0.5"], "split.local_loss_fraction"),
-    (["model.prune_layers=[1]"], "model.prune_layers"),
     (['plugins=[{name="el2n_pruning"}]'], "plugins"),
     (["tuning.method=bitfit"], "tuning.method='bitfit'"),
     (["tuning.method=head"], "tuning.method='head'"),

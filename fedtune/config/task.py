@@ -89,9 +89,6 @@ _LM_REFUSALS: tuple[tuple[Callable[[Any], bool], str], ...] = (
     (lambda c: c.split.enabled and c.split.local_loss_fraction > 0,
      "split.local_loss_fraction > 0 (an auxiliary classifier's loss) is not built for "
      "task.kind='causal_lm' yet; set split.local_loss_fraction=0"),
-    (lambda c: bool(c.model.prune_layers),
-     "model.prune_layers is not built for task.kind='causal_lm' yet (its rules score an "
-     "encoder's pooled output); set model.prune_layers=[]"),
     (lambda c: bool(c.plugins),
      "plugins (el2n_pruning scores class predictions, population_expansion a domain head) "
      "are not built for task.kind='causal_lm' yet; remove the [[plugins]] tables"),
@@ -122,10 +119,6 @@ def _check_causal_lm(cfg: Any) -> None:
     if prompt is not None and prompt.layer > 0:
         raise ConfigError("tuning.prompt.layer > 0 is not built for task.kind='causal_lm' "
                           "yet; the prompt enters at the word embeddings: set it to 0")
-    lora = cfg.tuning.settings("lora") if cfg.tuning.method == "lora" else None
-    if lora is not None and lora.from_layer > 0:
-        raise ConfigError("tuning.lora.from_layer > 0 is not built for task.kind='causal_lm' "
-                          "yet; set it to 0")
 
 
 register_task_kind(TaskKindSpec(DEFAULT_KIND, None, False, _no_check))

@@ -72,8 +72,9 @@ def _top(k: int, ctx: RuleContext) -> list[int]:
     return list(range(max(ctx.num_layers - k, 0), ctx.num_layers))
 
 
-@register_rule("importance", "the k layers whose skipping changes the pooled "
-                             "representation least, on a fixed public input")
+@register_rule("importance", "the k layers whose skipping changes the model's output least "
+                             "(an encoder's pooled representation, a decoder's next-token "
+                             "distributions), on a fixed public input")
 def _importance(k: int, ctx: RuleContext) -> list[int]:
     scores = layer_importance(ctx.model, ctx.tokenizer)
     # Ties (identical scores) go to the lower index, so every process ranks alike.
@@ -167,9 +168,50 @@ PUBLIC_TEXTS = (
 PUBLIC_MAX_TOKENS = 32
 
 
+@dataclass(frozen=True)
+class Readout:
+    """What the importance rule compares for a model that returns `field`: `reduce` turns
+    one text's output into what the model is read for; `distance` scores a block's
+    skipping from those of every text, with and without the block (>= 0; 0 when nothing
+    changes)."""
+
+    field: str
+    reduce: Callable[[Any], Any]
+    distance: Callable[[list[Any], list[Any]], float]
+
+
+def _cosine_distance(full: list[Any], skipped: list[Any]) -> float:
+    """Mean over the texts of 1 - cos between the pooled vectors."""
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(torch.stack(full), torch.stack(skipped),
+                                                dim=-1)
+    return float((1.0 - cos).mean())
+
+
+def _next_token_kl(full: list[Any], skipped: list[Any]) -> float:
+    """Mean over the texts of KL(full || skipped) of the next-token distributions,
+    averaged over each text's positions (inputs are log-probabilities)."""
+    kls = [float((f.exp() * (f - s)).sum(dim=-1).mean())
+           for f, s in zip(full, skipped, strict=True)]
+    return sum(kls) / len(kls)
+
+
+# By the output field a model returns, first match wins: a decoder loaded with its LM head
+# (a causal-LM task) is read for its next-token distributions, what its loss and its
+# generations depend on; an encoder for its pooled (masked-mean) last hidden states, what
+# a classification head reads. One text per forward: the mask is all ones, so the plain
+# mean is the masked mean.
+READOUTS = (
+    Readout("logits", lambda logits: logits[0].float().log_softmax(dim=-1), _next_token_kl),
+    Readout("last_hidden_state", lambda hidden: hidden.mean(dim=1).squeeze(0),
+            _cosine_distance),
+)
+
+
 def layer_importance(model: nn.Module, tokenizer: Any) -> list[float]:
-    """Per block: the mean cosine distance between the model's pooled (masked-mean) last
-    hidden states with and without that block, over `PUBLIC_TEXTS`. Skipping a block is
+    """Per block: the mean distance (`READOUTS`, by what the model returns) between the
+    model's output with and without that block, over `PUBLIC_TEXTS`. Skipping a block is
     modelled as the identity (its input passes through), which is what pruning does."""
     import torch
 
@@ -181,13 +223,9 @@ def layer_importance(model: nn.Module, tokenizer: Any) -> list[float]:
     inputs = [tokenizer(text, truncation=True, max_length=PUBLIC_MAX_TOKENS,
                         return_tensors="pt") for text in PUBLIC_TEXTS]
 
-    def pooled() -> torch.Tensor:
-        rows = []
-        for enc in inputs:
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           **extra).last_hidden_state
-            rows.append(hidden.mean(dim=1).squeeze(0))  # mask is all ones: the plain mean
-        return torch.stack(rows)
+    def outputs() -> list[Any]:
+        return [model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      **extra) for enc in inputs]
 
     def identity(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = args[0] if args else next(kwargs[k] for k in ("hidden_states", "hidden_state",
@@ -198,14 +236,20 @@ def layer_importance(model: nn.Module, tokenizer: Any) -> list[float]:
     model.eval()
     scores = []
     with torch.inference_mode():
-        full = pooled()
+        first = outputs()
+        readout = next((r for r in READOUTS if getattr(first[0], r.field, None) is not None),
+                       None)
+        if readout is None:
+            raise ConfigError(f"{FIELD}: the importance rule reads a model's "
+                              f"{' or '.join(r.field for r in READOUTS)}; this "
+                              f"{type(model).__name__} returns neither")
+        full = [readout.reduce(getattr(out, readout.field)) for out in first]
         for block in structure.layers:
             handle = block.register_forward_hook(identity, with_kwargs=True)
             try:
-                skipped = pooled()
+                skipped = [readout.reduce(getattr(out, readout.field)) for out in outputs()]
             finally:
                 handle.remove()
-            cos = torch.nn.functional.cosine_similarity(full, skipped, dim=-1)
-            scores.append(float((1.0 - cos).mean()))
+            scores.append(readout.distance(full, skipped))
     model.train(was_training)
     return scores

@@ -25,7 +25,9 @@ def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     # main thread must not import torch then (the driver's other thread does).
     from fedtune.models.backbone import load_pretrained
 
-    model, tokenizer = load_pretrained(cfg.model.backbone)  # unpruned, not kept in the cache
+    # Unpruned, not kept in the cache; loaded as the task kind's workers load it (a causal
+    # LM with its head: the importance rule then reads its next-token distributions).
+    model, tokenizer = load_pretrained(cfg.model.backbone, cfg.task.kind)
     resolved = copy.deepcopy(cfg)
     resolved.model.prune_layers = layers_to_drop(value, model, tokenizer)
     return resolved

@@ -120,16 +120,21 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0,
                 states: np.ndarray | None = None) -> dict[str, float | None]:
     """Token-weighted loss (total NLL / predicted tokens) and perplexity (its exp) on the
-    first `max_examples` rows of `split` (all if 0). `states` is never set for this kind."""
-    if states is not None:
-        raise ValueError("the frozen-prefix cache does not apply to causal-LM evaluation")
+    first `max_examples` rows of `split` (all if 0). With `states` (the split's cached
+    prefix states, row for row) the model runs only the blocks above its frozen prefix
+    (`forward_from`)."""
     model.eval()
     n = len(split) if max_examples <= 0 else min(max_examples, len(split))
     step = _rows_per_forward(model, split, batch_size)
     total, tokens = 0.0, 0
     for start in range(0, n, step):
-        ids, mask, labels = split.tensors(np.arange(start, min(start + step, n))).tensors
-        nll, counted = token_nll(model(ids, mask), labels)
+        stop = min(start + step, n)
+        ids, mask, labels = split.tensors(np.arange(start, stop)).tensors
+        if states is None:
+            logits = model(ids, mask)
+        else:
+            logits = model.forward_from(torch.from_numpy(np.array(states[start:stop])), mask)
+        nll, counted = token_nll(logits, labels)
         total += float(nll.sum(dtype=torch.float64))
         tokens += int(counted.sum())
     loss = total / tokens if tokens else None

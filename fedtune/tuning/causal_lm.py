@@ -5,7 +5,11 @@ head in the delta).
 
 - LoRA: peft adapters on a private copy of the CausalLM (the process-wide frozen backbone
   that other models share is never modified); targets derived as for a classifier
-  (`fedtune.models.families`).
+  (`fedtune.models.families`). With `tuning.lora.from_layer = L > 0` the adapters sit in
+  blocks >= L only, and the decoder under the LM head (`base_model`: LlamaModel, GPT2Model)
+  is a frozen prefix (`fedtune.tuning.prefix`): `forward_from` runs blocks >= L, the final
+  norm and the LM head on cached states, with the masks and (rotary) positions the model's
+  own forward gives its blocks.
 - Soft prompt: P trainable embeddings prepended to the word embeddings through
   `inputs_embeds`; the logits of the prompt positions are dropped, so the loss never scores
   them. An `nn.Embedding` looked up with `arange(P)`, as for a classifier: the form Opacus
@@ -29,7 +33,8 @@ from fedtune.models.families import (
     resolve_lora_targets,
 )
 from fedtune.tuning.base import TunedModel, _disable_dropout
-from fedtune.tuning.lora import _stores_weights_transposed
+from fedtune.tuning.lora import _stores_weights_transposed, _structure
+from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.prompt import SoftPrompt
 from fedtune.tuning.registry import register_builder
 from fedtune.tuning.slash import SharedVector
@@ -54,9 +59,18 @@ class CausalLMLoRA(TunedModel):
                                        field="tuning.lora.targets")
         base = copy.deepcopy(backbone.model)
         _disable_dropout(base)
+        layers, structure = {}, None
+        if settings.from_layer > 0:
+            # The decoder's blocks (read before peft wraps its layers); peft picks blocks by
+            # their index under the block list's own name, as for a classifier.
+            structure = _structure(base.base_model, settings.from_layer)
+            layers = {"layers_to_transform": list(range(settings.from_layer,
+                                                         len(structure.layers))),
+                      "layers_pattern": structure.layers_path.rsplit(".", 1)[-1]}
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, target_modules=targets,
                             lora_dropout=0.0, bias="none",
-                            fan_in_fan_out=_stores_weights_transposed(backbone.model, targets))
+                            fan_in_fan_out=_stores_weights_transposed(backbone.model, targets),
+                            **layers)
         with torch.random.fork_rng():  # peft draws lora_A: the same start in every process
             torch.manual_seed(seed)
             try:
@@ -66,6 +80,37 @@ class CausalLMLoRA(TunedModel):
                                   f"{str(exc).splitlines()[0]}") from None
         self.lora_config = config
         self.lr_scale = settings.lr_scale
+        if structure is not None:
+            # `base` holds the adapters (peft injects them in place). A tuple: the head is
+            # already registered inside `self.backbone`, never a second time.
+            self._lm_head = (base.get_output_embeddings(),)
+            self.prefix = FrozenPrefix(base.base_model, settings.from_layer, backbone.hash,
+                                       backbone.name, "tuning.lora.from_layer", structure)
+            self._check_head_against_forward()
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        if self.prefix is None:
+            return super().forward_from(hidden, attention_mask)
+        return self._lm_head[0](self.prefix.suffix(hidden, attention_mask))
+
+    @torch.no_grad()
+    def _check_head_against_forward(self) -> None:
+        """The prefix checks the decoder's states; this, that the LM head alone turns them
+        into the model's logits (a family that scales or caps its logits is refused)."""
+        assert self.prefix is not None
+        words = self.prefix.model.get_input_embeddings().weight
+        start = max(0, min(1000, words.shape[0] - 6))
+        ids = torch.arange(start, start + 6, device=words.device).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        keep = mask[0].bool()
+        expected = self.forward(ids, mask)[:, keep]
+        got = self.forward_from(self.prefix.states(ids, mask), mask)[:, keep]
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise ConfigError(f"tuning.lora.from_layer={self.prefix.layer}: this "
+                              f"{self.prefix.structure.model_type!r} model's logits are not "
+                              "its LM head on its last hidden states; use from_layer = 0")
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": list(self.trainable_state().values()), "lr": lr * self.lr_scale}]
