@@ -244,8 +244,11 @@ def quality_text(summary: dict[str, Any]) -> str:
         val = "" if best is None else (
             f"validation perplexity {summary['final_val_perplexity']:.2f} (best {best:.2f} "
             f"at round {summary['best_round']}), ")
+        rouge = "" if summary.get("test_rouge_l") is None else (
+            f"continuation ROUGE-L {_ppl(summary.get('initial_test_rouge_l'), 3)} untuned -> "
+            f"{summary['test_rouge_l']:.3f}, ")
         return (f"test perplexity {_ppl(summary.get('initial_test_perplexity'))} untuned -> "
-                f"{summary['test_perplexity']:.2f}, {val}")
+                f"{summary['test_perplexity']:.2f}, {rouge}{val}")
     best = summary.get("best_val_accuracy")
     val = "" if best is None else (
         f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "
@@ -254,8 +257,8 @@ def quality_text(summary: dict[str, Any]) -> str:
             f"({baseline_text(summary)}), {val}")
 
 
-def _ppl(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _ppl(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _smashed_text(summary: dict[str, Any], cfg: ExperimentConfig) -> str:

@@ -192,6 +192,33 @@ def test_a_long_message_weighs_by_its_tokens_in_perplexity():
                                                                    rel=1e-3)
 
 
+def test_generation_quality_is_the_continuation_rouge_of_the_texts_long_enough(lm_folders):
+    """The final model's `rouge_l`: `continuation_rouge` of the split's unpadded texts with the
+    [task] settings; None when the texts cannot be that long (model.max_length) or when it
+    is switched off; the settings are bounded."""
+    pytest.importorskip("rouge_score")
+    from fedtune.task.generation import continuation_rouge
+    from fedtune.task.lm import generation_quality
+
+    model, backbone, _ = _model(lm_folders["llama"], "lora")
+    ids, mask, labels = _batch(n=4, t=10)  # rows of 10, 8, 6 and 4 real tokens
+    split = Split(ids.numpy(), mask.numpy(), labels.numpy())
+    sets = ["task.generation_prompt_tokens=4", "task.generation_new_tokens=3",
+            "task.generation_examples=2"]
+    cfg = _cfg(lm_folders["llama"], *sets)
+    got = generation_quality(model, split, backbone.tokenizer, cfg)
+    rows = [r[m.astype(bool)].tolist() for r, m in zip(ids.numpy(), mask.numpy(), strict=True)]
+    with torch.no_grad():
+        want = continuation_rouge(model, backbone.tokenizer, rows, 4, 3, 2, 4)
+    assert want["examples"] >= 1 and got == {"rouge_l": want["rouge_l"]}
+    assert got["rouge_l"] is not None
+    for off in (["task.generation_prompt_tokens=8"], ["task.generation_examples=0"]):
+        cfg = _cfg(lm_folders["llama"], *sets, *off)
+        assert generation_quality(model, split, backbone.tokenizer, cfg) == {"rouge_l": None}
+    with pytest.raises(ConfigError, match=r"task.generation_new_tokens must be in \[1, 4096\]"):
+        _cfg(lm_folders["llama"], "task.generation_new_tokens=5000")
+
+
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

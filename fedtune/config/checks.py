@@ -55,6 +55,11 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "data.alpha": (1e-6, 1e6),
     # The frozen-prefix cache on disk, in GB: 1 TB is more than any one machine's disk.
     "runtime.prefix_cache_gb": (1e-6, 1_024),
+    # Greedy decoding without a KV cache costs prompt + new forwards per text: what a 2-core
+    # machine decodes in minutes, not hours.
+    "task.generation_examples": (0, 10_000),
+    "task.generation_prompt_tokens": (1, 4_096),
+    "task.generation_new_tokens": (1, 4_096),
 }
 # `name` becomes a folder (runs/<name>-<time>): one path component, as a sweep's run names
 # (fedtune.study.sweep.check_folder_name), with room for the time stamp.

@@ -11,6 +11,7 @@ The torch side of each kind (rows, labels, loss, evaluation, ledger fields) is
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,17 @@ class TaskConfig:
     # mail outside any mailing list; `data.partition = "natural"` then gives them one
     # client per collection). Default: only rows that name their user train.
     keep_unattributed: bool = False
+    # causal_lm: the final model's generation quality (fedtune.task.generation): on the first
+    # `generation_examples` test texts at least prompt + new tokens long (0: not measured),
+    # greedy continuation of the first `generation_prompt_tokens` tokens for
+    # `generation_new_tokens`, ROUGE-L F1 against the text's own next tokens. A classifier
+    # ignores them.
+    generation_examples: int = 32
+    generation_prompt_tokens: int = 64
+    generation_new_tokens: int = 16
 
     def validate(self) -> None:
-        task_kind_spec(self.kind)
+        task_kind_spec(self.kind)  # the numbers' ranges: fedtune.config.checks.BOUNDS
         if self.keep_unattributed and not task_kind_spec(self.kind).unlabelled:
             raise ConfigError(f"task.keep_unattributed=true applies to unlabelled task kinds "
                               f"({', '.join(k for k in task_kinds() if _KINDS[k].unlabelled)}),"
@@ -115,6 +124,13 @@ def _check_causal_lm(cfg: Any) -> None:
     for refused, message in _LM_REFUSALS:
         if refused(cfg):
             raise ConfigError(message)
+    task = cfg.task
+    if (task.generation_examples > 0 and importlib.util.find_spec("rouge_score") is None
+            and cfg.model.max_length >= task.generation_prompt_tokens
+            + task.generation_new_tokens):
+        raise ConfigError("task.generation_examples > 0 scores generations with ROUGE-L: "
+                          "install the lm extra (pip install -e '.[lm]') or set "
+                          "task.generation_examples=0")
     prompt = cfg.tuning.settings("prompt") if cfg.tuning.method == "prompt" else None
     if prompt is not None and prompt.layer > 0:
         raise ConfigError("tuning.prompt.layer > 0 is not built for task.kind='causal_lm' "

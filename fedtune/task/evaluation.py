@@ -80,7 +80,9 @@ def final_metrics(task: Task, model: TunedModel, vector: np.ndarray, cfg: Experi
     """Accuracy (or perplexity), loss and example count of `vector` on the test split: for
     the final model (and the untrained baseline) only."""
     load_vector(model, task, vector)
-    return _measure(model, task.test, cfg)
+    extras = task_kind(cfg.task.kind).final_extras(model, task.test, task.backbone.tokenizer,
+                                                   cfg)
+    return {**_measure(model, task.test, cfg), **extras}
 
 
 def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
@@ -91,7 +93,8 @@ def initial_metrics(task: Task, model: TunedModel, vector: np.ndarray,
     val = round_metrics(task, model, vector, cfg)
     # The fields the untrained-figures cache keeps (a perplexity is the exp of its loss).
     return {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]}
+            "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
+            "test_rouge_l": test.get("rouge_l")}
 
 
 def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
@@ -128,7 +131,8 @@ def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) ->
     parameter = next(model.parameters())
     return task_cache.untrained_key(rows, {
         "backbone": task.backbone.hash, "spec": task.spec.hash,
-        "model": cfg.to_dict()["model"], "tuning": cfg.tuning.fingerprint(),
+        "model": cfg.to_dict()["model"], "task": cfg.to_dict()["task"],
+        "tuning": cfg.tuning.fingerprint(),
         "seed": cfg.seed, "labels": task.num_labels, "validation": task.validation is not None,
         "eval_batch_size": cfg.train.eval_batch_size,
         "eval_max_examples": cfg.train.eval_max_examples,

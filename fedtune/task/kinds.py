@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # The per-round and summary fields of the causal-LM kind, null for a classifier.
 ROUND_PERPLEXITY = "val_perplexity"
 SUMMARY_PERPLEXITY = ("test_perplexity", "test_loss", "test_tokens", "initial_test_perplexity",
-                      "initial_val_perplexity", "final_val_perplexity", "best_val_perplexity")
+                      "initial_val_perplexity", "final_val_perplexity", "best_val_perplexity",
+                      "test_rouge_l", "initial_test_rouge_l")
 NO_BASELINE = {"majority_label": None, "majority_accuracy": None, "majority_val_accuracy": None}
 
 
@@ -52,6 +53,9 @@ class TaskKind:
     criterion: Callable[[], nn.Module]
     # (model, split, batch_size, max_examples, prefix states) -> accuracy, loss, ...
     evaluate: Callable[..., dict[str, float | None]]
+    # (model, test split, tokenizer, config) -> figures measured on the final model and its
+    # untrained baseline only (a language model's generation quality).
+    final_extras: Callable[..., dict[str, float | None]]
     # The summary's quality fields from the rounds, the untrained figures and the final test.
     summary_fields: Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any],
                               Mapping[str, Any], int], dict[str, Any]]
@@ -110,6 +114,8 @@ def _lm_summary(history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any]
         "initial_val_perplexity": lm.perplexity(initial.get("val_loss")),
         "final_val_perplexity": last.get(ROUND_PERPLEXITY),
         "best_val_perplexity": None if best is None else best[ROUND_PERPLEXITY],
+        "test_rouge_l": final_test.get("rouge_l"),
+        "initial_test_rouge_l": initial.get("test_rouge_l"),
     }
 
 
@@ -131,6 +137,7 @@ register_task_kind(TaskKind(
     strata=lambda labels: labels,
     criterion=nn.CrossEntropyLoss,
     evaluate=classification.evaluate,
+    final_extras=lambda model, split, tokenizer, cfg: {},
     summary_fields=_classification_summary,
     baseline=classification.majority_fields,
 ))
@@ -145,6 +152,7 @@ register_task_kind(TaskKind(
     strata=lambda labels: np.zeros(len(labels), dtype=np.int64),
     criterion=lm.NextTokenLoss,
     evaluate=lm.evaluate_lm,
+    final_extras=lm.generation_quality,
     summary_fields=_lm_summary,
     baseline=lambda task, cfg: dict(NO_BASELINE),
 ))

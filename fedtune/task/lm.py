@@ -8,6 +8,8 @@ client trains on and the server's perplexity.
   and its mean-reduction scaling assume.
 - Evaluation (`evaluate_lm`): token-weighted, the exp of the total NLL over the total
   predicted tokens (a long message weighs by its tokens, as perplexity is usually read).
+- Generation quality (`generation_quality`, the final model and its untrained baseline
+  only): ROUGE-L of greedy continuations of test texts (`fedtune.task.generation`).
 """
 
 from __future__ import annotations
@@ -151,6 +153,28 @@ def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
     if vocab <= 0:
         return batch_size
     return max(1, min(batch_size, LOGITS_BUDGET // (vocab * length)))
+
+
+def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
+                       cfg: ExperimentConfig) -> dict[str, float | None]:
+    """`rouge_l` of `model`'s greedy continuations of the first `task.generation_examples`
+    texts of `split` at least `generation_prompt_tokens + generation_new_tokens` long (None:
+    not measured, or no text that long within `model.max_length`)."""
+    task = cfg.task
+    need = task.generation_prompt_tokens + task.generation_new_tokens
+    if task.generation_examples <= 0 or split.input_ids.shape[1] < need:
+        return {"rouge_l": None}
+    from fedtune.task.generation import continuation_rouge
+
+    rows = (ids[mask.astype(bool)].tolist()
+            for ids, mask in zip(split.input_ids, split.attention_mask, strict=True))
+    model.eval()
+    with torch.inference_mode():
+        scored = continuation_rouge(
+            lambda ids, mask: model(ids, mask), tokenizer, rows, task.generation_prompt_tokens,
+            task.generation_new_tokens, task.generation_examples,
+            _rows_per_forward(model, split, cfg.train.eval_batch_size))
+    return {"rouge_l": scored["rouge_l"]}
 
 
 def perplexity(loss: float | None) -> float | None:
