@@ -71,13 +71,16 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 # --- the cache: keyed, atomic, reused ----------------------------------------------------
 
 @needs_gguf
-def test_tiny_gguf_loads_as_float32_with_tied_embeddings_after_reload(tiny_gguf, cache):
+def test_tiny_gguf_loads_as_float32_with_tied_embeddings_after_reload(tiny_gguf, cache,
+                                                                      capfd):
     import torch
 
     from fedtune.models.backbone import load_pretrained
     from fedtune.models.gguf import ENTRY_FILES, FOLDER, dequantize
 
     model, tokenizer = load_pretrained(str(tiny_gguf), kind="causal_lm")
+    # The conversion's tqdm bar is not the console's (issue 30: a quiet console).
+    assert "de-quantizing" not in "".join(capfd.readouterr())
     [folder] = [p for p in (cache / FOLDER).iterdir() if not p.name.startswith(".")]
     assert all((folder / name).is_file() for name in ENTRY_FILES)
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -28,6 +28,7 @@ import copy
 import fcntl
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -100,9 +101,13 @@ def dequantize(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                 local_files_only=True)
+    # transformers draws a plain tqdm bar over the tensors ("Converting and de-quantizing"),
+    # which its progress-bar switch does not reach: a quiet console gets the log line of
+    # `materialize` instead (an exception still propagates).
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                     dtype=torch.float32, local_files_only=True)
     return model, tokenizer
 
 
