@@ -46,6 +46,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedtune.task.kinds import ROUND_PERPLEXITY, SUMMARY_PERPLEXITY
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "benchmarks" / "golden.json"
 LOCK = "/tmp/fedtune-e2e.lock"
@@ -203,9 +205,11 @@ def figures(out: Path) -> dict[str, Any]:
 
 
 # Record keys added after golden.json was recorded (issue 30: the majority-class
-# baseline): compared where golden.json holds them, not a difference where it predates them
-# (`--record` pins them). Any other key new in a run is still a difference.
-ADDED = {"majority_label", "majority_accuracy", "majority_val_accuracy"}
+# baseline; issue 29: the causal-LM fields, null for a classifier): compared where
+# golden.json holds them, not a difference where it predates them (`--record` pins them).
+# Any other key new in a run is still a difference.
+ADDED = {"majority_label", "majority_accuracy", "majority_val_accuracy",
+         ROUND_PERPLEXITY, *SUMMARY_PERPLEXITY}
 
 
 def diff(want: dict[str, Any], got: dict[str, Any], limit: int = 40) -> list[str]:
