@@ -26,18 +26,13 @@ import torch
 
 from fedtune.config import ConfigError, TuningConfig
 from fedtune.models import Backbone
-from fedtune.models.families import (
-    FamilyError,
-    derive_structure,
-    linear_shape,
-    resolve_lora_targets,
-)
+from fedtune.models.families import resolve_lora_targets
 from fedtune.tuning.base import TunedModel, _disable_dropout
 from fedtune.tuning.lora import _stores_weights_transposed, _structure
 from fedtune.tuning.prefix import FrozenPrefix
 from fedtune.tuning.prompt import SoftPrompt
 from fedtune.tuning.registry import register_builder
-from fedtune.tuning.slash import SharedVector
+from fedtune.tuning.slash import place_shifts
 
 KIND = "causal_lm"
 
@@ -168,20 +163,7 @@ class CausalLMSlash(TunedModel):
         super().__init__()
         settings = cfg.settings("slash")
         self.backbone = backbone.model  # shared and frozen: the shifts live in hooks
-        try:
-            structure = derive_structure(self.backbone)
-            self._targets = [structure.sublayer(layer, settings.position)
-                             for layer in structure.layers]
-        except FamilyError as exc:
-            raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
-                              f"{backbone.name!r}: {exc}") from None
-        # The projections are fixed and regenerated from the seed by every client.
-        generator = torch.Generator().manual_seed(settings.seed)
-        for i, target in enumerate(self._targets):
-            width = linear_shape(target)[1]  # type: ignore[index]
-            proj = torch.randn(settings.size, width, generator=generator)
-            self.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
-        self.z = SharedVector(settings.size)
+        place_shifts(self, backbone, settings)
         self.lr_scale = settings.lr_scale
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -37,6 +37,25 @@ class SharedVector(nn.Module):
         return self.embedding(index)
 
 
+def place_shifts(model: TunedModel, backbone: Backbone, settings: SlashConfig) -> None:
+    """SLaSh's parts on `model` (whose `backbone` is `backbone.model`): the sub-layers the
+    shifts enter (`model._targets`), their fixed projections (buffers `proj_i`, regenerated
+    from the seed by every client) and the shared vector `model.z`."""
+    try:
+        structure = derive_structure(model.backbone)
+        model._targets = [structure.sublayer(layer, settings.position)
+                          for layer in structure.layers]
+    except FamilyError as exc:
+        raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
+                          f"{backbone.name!r}: {exc}") from None
+    generator = torch.Generator().manual_seed(settings.seed)
+    for i, target in enumerate(model._targets):
+        width = linear_shape(target)[1]  # type: ignore[index]
+        proj = torch.randn(settings.size, width, generator=generator)
+        model.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
+    model.z = SharedVector(settings.size)
+
+
 class SlashModel(TunedModel):
     method = "slash"
 
@@ -44,19 +63,7 @@ class SlashModel(TunedModel):
         super().__init__()
         settings: SlashConfig = cfg.settings("slash")
         self.backbone = backbone.model
-        try:
-            structure = derive_structure(self.backbone)
-            self._targets = [structure.sublayer(layer, settings.position)
-                             for layer in structure.layers]
-        except FamilyError as exc:
-            raise ConfigError(f"tuning.method='slash' cannot place its shifts in "
-                              f"{backbone.name!r}: {exc}") from None
-        generator = torch.Generator().manual_seed(settings.seed)
-        for i, target in enumerate(self._targets):
-            width = linear_shape(target)[1]  # type: ignore[index]
-            proj = torch.randn(settings.size, width, generator=generator)
-            self.register_buffer(f"proj_{i}", proj / settings.size**0.5, persistent=False)
-        self.z = SharedVector(settings.size)
+        place_shifts(self, backbone, settings)
         self.head = ClassificationHead(backbone.hidden_size, num_labels, cfg.head_hidden,
                                        cfg.domain_head)
         self.lr_scale = settings.lr_scale
