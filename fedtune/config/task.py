@@ -11,7 +11,6 @@ The torch side of each kind (rows, labels, loss, evaluation, ledger fields) is
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,13 +123,6 @@ def _check_causal_lm(cfg: Any) -> None:
     for refused, message in _LM_REFUSALS:
         if refused(cfg):
             raise ConfigError(message)
-    task = cfg.task
-    if (task.generation_examples > 0 and importlib.util.find_spec("rouge_score") is None
-            and cfg.model.max_length >= task.generation_prompt_tokens
-            + task.generation_new_tokens):
-        raise ConfigError("task.generation_examples > 0 scores generations with ROUGE-L: "
-                          "install the lm extra (pip install -e '.[lm]') or set "
-                          "task.generation_examples=0")
     prompt = cfg.tuning.settings("prompt") if cfg.tuning.method == "prompt" else None
     if prompt is not None and prompt.layer > 0:
         raise ConfigError("tuning.prompt.layer > 0 is not built for task.kind='causal_lm' "
