@@ -223,3 +223,13 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Shared
         return SharedRun(out, printed.read_text())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def lm_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Each decoder family as a user hands it over: a 2-block CausalLM folder (random
+    weights, the packaged MiniLM tokenizer), family -> folder (`tests/lm_fixtures.py`).
+    Shared by every test of the session: read it, never write into it."""
+    from tests.lm_fixtures import write_decoder_folders
+
+    return write_decoder_folders(tmp_path_factory.mktemp("decoders"))

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoTokenizer
 
 from clients.train import local_train
 from fedtune.config import ConfigError, load_config
@@ -30,32 +30,11 @@ from fedtune.task.lm import (
 )
 from fedtune.task.rows import Split
 from fedtune.tuning import build_tuned_model
-
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=48, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda v: LlamaConfig(vocab_size=v, num_key_value_heads=1, pad_token_id=0,
-                                   bos_token_id=0, eos_token_id=0, **SMALL),
-    "gpt2": lambda v: GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                 bos_token_id=0, eos_token_id=0, pad_token_id=0),
-}
-LM = ["task.kind=causal_lm", "data.partition=iid"]
-
-
-@pytest.fixture(scope="module")
-def lm_folders(tmp_path_factory):
-    """Each decoder family as a user hands it over: a CausalLM folder (random weights,
-    the packaged MiniLM tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
-    root = tmp_path_factory.mktemp("decoders")
-    out = {}
-    for family, make in CONFIGS.items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(make(len(tokenizer)))
-        model.save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
-        out[family] = str(root / family)
-    return out
+from tests.lm_fixtures import (
+    CONFIGS,  # noqa: F401 (test_lm_e2e, test_lm_split import it here)
+    LM,
+    write_users,
+)
 
 
 def _cfg(folder: str, *sets: str):
@@ -309,19 +288,6 @@ def test_a_tokenizer_without_pad_pads_with_eos_and_one_without_either_is_refused
     tokenizer.eos_token = "[SEP]"
     prepare_tokenizer(tokenizer)
     assert tokenizer.pad_token == "[SEP]"
-
-
-def write_users(path, users=("alice", "bob", "carol"), per_user=20, unattributed=4):
-    """A bring-your-own JSONL of users' messages: a text and a user column, no label."""
-    rng = np.random.default_rng(0)
-    words = ["meeting", "today", "the", "build", "failed", "again", "lunch", "patch",
-             "review", "merged", "server", "down", "thanks", "see", "you", "tomorrow"]
-    with open(path, "w") as fh:
-        for user in (*users, *([""] * unattributed)):
-            for _ in range(per_user if user else 1):
-                text = " ".join(rng.choice(words, size=int(rng.integers(3, 14))))
-                fh.write(json.dumps({"text": f"{user} {text}", "user": user}) + "\n")
-    return path
 
 
 def test_the_task_builds_users_texts_without_labels(lm_folders, tmp_path):

@@ -10,40 +10,17 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from fedtune.config import load_config
-from fedtune.models.backbone import resolve_backbone_path
 from fedtune.run.export import ExportError, export_run, kind_backbone, load_tuned, save_tuned_state
 from fedtune.run.tuned_lm import TunedLM, appended_tokens
 from fedtune.task.generation import greedy_continue
 from fedtune.task.task import model_spec
 from fedtune.tuning import build_tuned_model
+from tests.lm_fixtures import CONFIGS
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=48, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda v: LlamaConfig(vocab_size=v, num_key_value_heads=1, pad_token_id=0,
-                                   bos_token_id=0, eos_token_id=0, **SMALL),
-    "gpt2": lambda v: GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                 bos_token_id=0, eos_token_id=0, pad_token_id=0),
-}
 PROMPTS = ["the build failed again", "see you tomorrow at the meeting", "thanks"]
-
-
-@pytest.fixture(scope="module")
-def lm_folders(tmp_path_factory):
-    """Each decoder family as a user hands it over: a CausalLM folder with random weights and
-    the packaged MiniLM tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
-    root = tmp_path_factory.mktemp("decoders")
-    out = {}
-    for family, make in CONFIGS.items():
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(make(len(tokenizer))).save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
-        out[family] = str(root / family)
-    return out
 
 
 def _cfg(folder: str, method: str, *sets: str):

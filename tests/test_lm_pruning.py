@@ -15,12 +15,10 @@ import math
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from clients.train import local_train
 from fedtune.config import ConfigError, config_from_toml, load_config
 from fedtune.models import layer_pruning, load_backbone
-from fedtune.models.backbone import resolve_backbone_path
 from fedtune.models.families import derive_structure
 from fedtune.models.layer_pruning import PUBLIC_MAX_TOKENS, layer_importance
 from fedtune.models.pruning_setup import resolve_config
@@ -30,19 +28,11 @@ from fedtune.task.lm import NextTokenLoss, lm_targets
 from fedtune.task.rows import Split
 from fedtune.tuning import build_tuned_model
 from fedtune.tuning.prefix_cache import cache_applies, skipped_layers, training_view
+from tests.lm_fixtures import LM, decoder_configs, write_decoder_folders
 
 LAYERS = 4
-SMALL = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-             intermediate_size=48, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda v: LlamaConfig(vocab_size=v, num_key_value_heads=1, pad_token_id=0,
-                                   bos_token_id=0, eos_token_id=0, **SMALL),
-    "gpt2": lambda v: GPT2Config(vocab_size=v, n_embd=32, n_layer=LAYERS, n_head=2,
-                                 n_positions=64, bos_token_id=0, eos_token_id=0,
-                                 pad_token_id=0),
-}
+CONFIGS = decoder_configs(LAYERS)
 FAMILIES = list(CONFIGS)
-LM = ["task.kind=causal_lm", "data.partition=iid"]
 
 
 @pytest.fixture
@@ -54,16 +44,9 @@ def few_texts(monkeypatch):
 
 @pytest.fixture(scope="module")
 def lm_folders(tmp_path_factory):
-    """Each decoder family as a 4-block CausalLM folder (random weights)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
-    root = tmp_path_factory.mktemp("lm-prune")
-    out = {}
-    for family, make in CONFIGS.items():
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(make(len(tokenizer))).save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
-        out[family] = str(root / family)
-    return out
+    """Each decoder family as a 4-block CausalLM folder (random weights); in this file it
+    stands in for conftest's 2-block `lm_folders`."""
+    return write_decoder_folders(tmp_path_factory.mktemp("lm-prune"), LAYERS)
 
 
 def _cfg(folder: str, *sets: str):
