@@ -25,8 +25,10 @@ reports is that loop's alone.
   the steps (noise > 0 only; q = 1 here, a real round's q is smaller), the FLOP count of
   one example (once per process and model shape).
   Not run at all: the Poisson sampling of the batches (the seam), the noise calibration
-  (`planned_release`: the noise multiplier is given), loading the global vector and
-  flattening the delta, the wire, Ray and Flower.
+  (`planned_release`: the noise multiplier is given), local_train's per-batch bookkeeping
+  (moving the batch to the model's device, a no-op on the CPU; the empty-batch test; the
+  example count), loading the global vector and flattening the delta, the wire, Ray and
+  Flower.
   The bare loop's peft draws its LoRA init after `torch.manual_seed(--seed)`, as fedtune's
   builder does with the same seed, so both loops start from the same adapters.
 
