@@ -396,7 +396,7 @@ def _parts(parts: dict[str, float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loop", choices=sorted(LOOPS), default="bare")
     parser.add_argument("--check", action="store_true",
                         help="one step of each loop at noise 0 from the same init and batch: "
