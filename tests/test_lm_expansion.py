@@ -20,8 +20,8 @@ from fedtune.data import PartitionError, load_corpus, partition_domains, target_
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["forteana", "social", "iiu"]
-LM = ["task.kind=causal_lm", "data.partition=iid", "privacy.sample.enabled=false", "train.clients_per_round=2",
-      "data.domain_by=mailing_list"]
+LM = ["task.kind=causal_lm", "data.partition=iid", "privacy.sample.enabled=false",
+      "train.clients_per_round=2", "data.domain_by=mailing_list"]
 EXPAND = 'plugins=[{name = "population_expansion", weighting = "%s"}]'
 
 
