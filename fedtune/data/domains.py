@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtune.data.partition import PartitionError, natural_groups, partition
+from fedtune.data.partition import (
+    DEFAULT_MIN_PARTITION_SIZE,
+    PartitionError,
+    natural_groups,
+    partition,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -108,7 +113,7 @@ def _check_natural_counts(ds: datasets.Dataset, target: np.ndarray, source: np.n
     raise PartitionError(
         f"data.target_clients={cfg.target_clients} and data.num_clients={cfg.num_clients}, "
         f"but natural partitioning by {cfg.by!r} gives {t} target and {s} source groups "
-        f"(groups under 10 rows merged into 'other' on each side); set "
+        f"(groups under {DEFAULT_MIN_PARTITION_SIZE} rows merged into 'other' on each side); set "
         f"data.target_clients={t} and data.num_clients={t} (target only) or {t + s} (with "
         f"the source) (target: {listed(target_groups)}; source: {listed(source_groups)})")
 
