@@ -135,7 +135,8 @@ class DataConfig:
         values = self.target_values
         if len(values) == 1:
             return f"{self.domain_by}={values[0]}"
-        return f"{self.domain_by} in [{', '.join(values)}]"
+        more = f", +{len(values) - 40} more" if len(values) > 40 else ""
+        return f"{self.domain_by} in [{', '.join(values[:40])}{more}]"
 
     def _check_labels(self) -> None:
         if not self.labels:

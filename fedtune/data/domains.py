@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
     from fedtune.config import DataConfig
 
-# Values named in one error line, at most (a list can hold thousands).
+# Values named in one error line, at most (a list can hold thousands), and their length.
 _SHOWN = 20
+_CHARS = 120
 
 
 def target_rows(ds: datasets.Dataset, by: str, target: str | Sequence[str], split: str,
@@ -55,7 +56,7 @@ def target_rows(ds: datasets.Dataset, by: str, target: str | Sequence[str], spli
     missing = [v for v in wanted if v not in present] if every_value else []
     if rows.size == 0 or missing:
         found = sorted(set(values.tolist()))[:_SHOWN]
-        named = missing or wanted
+        named = [v[:_CHARS] for v in missing or wanted]
         what = (repr(named[0]) if isinstance(target, str) else
                 f"value{'s' if len(named) > 1 else ''} {named[:_SHOWN]}"
                 + (f" (+{len(named) - _SHOWN} more)" if len(named) > _SHOWN else ""))
