@@ -280,7 +280,7 @@ def _population(cfg: ExperimentConfig) -> dict[str, Any]:
     data = cfg.data
     if not data.domain_by:
         return {}
-    return {"eval_domain": f"{data.domain_by}={data.target_domain}",
+    return {"eval_domain": data.eval_domain,
             "target_clients": data.target_clients, "source_clients": data.source_clients}
 
 

@@ -38,6 +38,9 @@ PREFIX_CACHE = ("auto", "on", "off")
 # data.labels: a classifier head's outputs, and names that reach every export and report.
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 200
+# data.target_domain as a list: the values of one column that make the target domain (a
+# corpus' groups, such as its mailing lists), far fewer than any corpus' rows.
+MAX_TARGET_VALUES = 10_000
 
 
 @dataclass
@@ -67,11 +70,12 @@ class DataConfig:
     by: str = "mailing_list"
     options: dict[str, Any] = field(default_factory=dict)
     # Two domains (population expansion): rows whose `domain_by` column equals
-    # `target_domain` are split among the first `target_clients` clients, the other rows
-    # (the source domain) among the remaining num_clients - target_clients, and the test
-    # split keeps only target rows. Empty `domain_by`: one domain, every row, every client.
+    # `target_domain` (one value, or any of a list: e.g. the small mailing lists) are split
+    # among the first `target_clients` clients, the other rows (the source domain) among the
+    # remaining num_clients - target_clients, and the test split keeps only target rows.
+    # Empty `domain_by`: one domain, every row, every client.
     domain_by: str = ""
-    target_domain: str = ""
+    target_domain: str | list[str] = ""
     target_clients: int = 0
     # Share of the training split the server holds out as its validation split (seeded,
     # stratified by label, never from test; with two domains, from target rows): every
@@ -97,10 +101,42 @@ class DataConfig:
                 raise ConfigError("data.target_domain and data.target_clients need "
                                   "data.domain_by (the column that names each row's domain)")
             return
-        require_nonempty("data.target_domain", self.target_domain)
+        self._check_target_domain()
         if not 1 <= self.target_clients <= self.num_clients:
             raise ConfigError(f"data.target_clients must be in [1, data.num_clients="
                               f"{self.num_clients}], got {self.target_clients!r}")
+
+    def _check_target_domain(self) -> None:
+        if isinstance(self.target_domain, str):
+            require_nonempty("data.target_domain", self.target_domain)
+            return
+        if not 1 <= len(self.target_domain) <= MAX_TARGET_VALUES:
+            raise ConfigError(f"data.target_domain lists {len(self.target_domain)} values; "
+                              f"give 1 to {MAX_TARGET_VALUES} (or one string)")
+        seen: set[str] = set()
+        for i, value in enumerate(self.target_domain):
+            require_nonempty(f"data.target_domain[{i}]", value)
+            if value in seen:
+                raise ConfigError(f"data.target_domain lists {value[:120]!r} twice")
+            seen.add(value)
+
+    @property
+    def target_values(self) -> tuple[str, ...]:
+        """The `domain_by` values of the target domain (empty with one domain)."""
+        if not self.domain_by:
+            return ()
+        if isinstance(self.target_domain, str):
+            return (self.target_domain,)
+        return tuple(self.target_domain)
+
+    @property
+    def eval_domain(self) -> str:
+        """Who a two-domain run's validation and test figures are about, in one line."""
+        values = self.target_values
+        if len(values) == 1:
+            return f"{self.domain_by}={values[0]}"
+        more = f", +{len(values) - 40} more" if len(values) > 40 else ""
+        return f"{self.domain_by} in [{', '.join(values[:40])}{more}]"
 
     def _check_labels(self) -> None:
         if not self.labels:
@@ -652,13 +688,15 @@ class ExperimentConfig:
                         self.simulation, self.runtime):
             section.validate()
         check_bounds(self)  # after the sections' own rules, before any cross-section rule
+        # The task kind's rules (what a causal-LM run cannot do yet) first: a plugin setting
+        # the kind cannot take is refused for that reason, not for a setting it asks next.
+        check_task(self)
         # Checks the app layer registered (strategies.plugins: plugin names and params),
         # then whether the method composes with each plugin (which also refuses an unknown
         # name when the app layer is not loaded).
         for check in config_checks():
             check(self)
         self._validate_method_plugins()
-        check_task(self)  # the task kind's rules (what a causal-LM run cannot do yet)
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="

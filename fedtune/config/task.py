@@ -92,17 +92,40 @@ def _no_check(cfg: Any) -> None:
     return None
 
 
+# Strategy plugins a causal-LM run can take (population expansion's "fixed" and "anneal"
+# weightings use only partition ids, nothing a row's label or a classifier head gives).
+_LM_PLUGINS = ("population_expansion",)
+
+
+def _plugin(cfg: Any, name: str) -> list[dict[str, Any]]:
+    """The [[plugins]] tables of plugin `name` (read before the plugins' own checks run)."""
+    return [t for t in cfg.plugins if isinstance(t, dict) and t.get("name") == name]
+
+
+def _weighting(table: dict[str, Any]) -> Any:
+    return table.get("weighting", "fixed")  # the plugin's default (strategies.plugins)
+
+
+def _unbuilt_plugins(cfg: Any) -> list[Any]:
+    return [t.get("name") if isinstance(t, dict) else t for t in cfg.plugins
+            if not isinstance(t, dict) or t.get("name") not in _LM_PLUGINS]
+
+
 # What a causal-LM run cannot do yet, each with the key to change: (test, message).
 _LM_REFUSALS: tuple[tuple[Callable[[Any], bool], str], ...] = (
     (lambda c: c.split.enabled and c.split.local_loss_fraction > 0,
      "split.local_loss_fraction > 0 (an auxiliary classifier's loss) is not built for "
      "task.kind='causal_lm' yet; set split.local_loss_fraction=0"),
-    (lambda c: bool(c.plugins),
-     "plugins (el2n_pruning scores class predictions, population_expansion a domain head) "
-     "are not built for task.kind='causal_lm' yet; remove the [[plugins]] tables"),
-    (lambda c: bool(c.data.domain_by),
-     "data.domain_by (two domains, population expansion) is not built for "
-     "task.kind='causal_lm' yet; set data.domain_by=''"),
+    (lambda c: _plugin(c, "el2n_pruning"),
+     "plugins: el2n_pruning scores each example by the error of its class prediction, and "
+     "task.kind='causal_lm' has no classes; remove that [[plugins]] table"),
+    (lambda c: any(_weighting(t) == "importance" for t in _plugin(c, "population_expansion")),
+     "plugins: population_expansion weighting='importance' reads a domain classifier on "
+     "pooled features (tuning.domain_head), which task.kind='causal_lm' does not have; use "
+     "weighting='fixed' or 'anneal'"),
+    (lambda c: bool(_unbuilt_plugins(c)),
+     "plugins other than population_expansion are not built for task.kind='causal_lm' "
+     "yet; remove the other [[plugins]] tables"),
     (lambda c: bool(c.data.labels),
      "data.labels names classes, but task.kind='causal_lm' rows have no label; remove it"),
     (lambda c: c.data.partition == "dirichlet",

@@ -13,6 +13,10 @@ client counts.
   examples' loss by p(target|x) / p(source|x) under the current model, clipped at
   `max_weight`. Source deltas also count `lam`.
 
+`fixed` and `anneal` read partition ids only, so they serve every task kind (a causal LM's
+rows have no label and its model no pooled-feature head: `importance` is refused there, by
+fedtune.config.task).
+
 Privacy: weights are at most 1, applied after clipping, so one client still moves the sum
 by at most the clip norm; user-level accounting samples over the whole expanded population
 (q = cohort / data.num_clients). Dropping a sampled source client whose weight is 0 is the
