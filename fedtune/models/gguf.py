@@ -19,6 +19,19 @@ An entry is written into a fresh temp folder and renamed into place (fedtune.run
 a reader sees a whole entry or none. Several Ray actors starting at once take a file lock
 per key: the first dequantizes and writes, the others wait and then read its entry instead
 of dequantizing the same file in parallel (each would hold ~1 GB while doing it).
+
+What an entry under a key holds is the weights of the content the key names, whatever was
+planted in a shared or restored cache folder (issue 29's attack review):
+- `<cache_dir>/gguf` that is a link is never written through (refused with an OSError
+  naming it, as the untrained-figures cache does: `fedtune.run.atomic.make_real_folder`);
+- an entry is read only when it is a folder of its own whose every file is a regular file
+  (a link to weights anywhere is not an entry: it is rebuilt) ...
+- ... and whose source.json names this very content's SHA-256 and key (an entry copied
+  under another key is rebuilt);
+- the bytes dequantized are the bytes hashed: the GGUF is copied into the entry's private
+  temp folder while it is hashed, and that copy is dequantized, so a file replaced at its
+  path meanwhile (a `pip install --upgrade` while a run starts) never fills the old
+  content's entry; a file replaced before the copy is refused, one line naming it.
 """
 
 from __future__ import annotations
@@ -32,16 +45,20 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from fedtune.run.atomic import (
     fsync_folder,
+    is_real_folder,
+    make_real_folder,
     open_append,
     write_atomic,
     write_folder_atomic,
+    write_stream_atomic,
     write_text_atomic,
 )
 
@@ -59,6 +76,11 @@ MODEL_FILE = "model.safetensors"
 SOURCE_FILE = "source.json"
 # An entry holding these is whole (it was renamed into place after they were written).
 ENTRY_FILES = ("config.json", MODEL_FILE, "tokenizer_config.json", SOURCE_FILE)
+# source.json is a dozen lines (about 400 bytes); a larger file is not one we wrote.
+SOURCE_MAX_BYTES = 1 << 16
+# The private copy of the GGUF an entry is dequantized from (in the entry's temp folder,
+# removed before the entry is renamed into place).
+STAGING = ".gguf-source"
 _CHUNK = 1 << 20
 
 
@@ -84,11 +106,14 @@ def materialize(gguf_file: Path, cache_dir: Path) -> Path:
     content = _file_sha256(gguf_file)
     key = _key(content)
     entry = root / key
-    if _whole(entry):
+    if is_real_folder(root) and _unfit(entry, content, key) is None:
         return entry
-    root.mkdir(parents=True, exist_ok=True)
+    make_real_folder(root, "GGUF cache entries")
     with _locked(root / f".{key}.lock"):
-        if not _whole(entry):  # another process may have written it while we waited
+        # Another process may have written it while we waited.
+        if (why := _unfit(entry, content, key)) is not None:
+            if why != "missing":
+                log.warning("the cache entry %s %s; it is made again", entry, why)
             log.info("dequantizing %s to float32 once; cached in %s", gguf_file, entry)
             write_folder_atomic(entry, lambda folder: _write_entry(gguf_file, content, key, folder))
     return entry
@@ -112,10 +137,14 @@ def dequantize(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 
 def _write_entry(gguf_file: Path, content: str, key: str, folder: Path) -> None:
-    """Fill the fresh temp `folder` with the model folder of `gguf_file`."""
+    """Fill the fresh temp `folder` with the model folder of `gguf_file`, dequantized from
+    a private copy whose bytes are the ones `content` hashed (`_copy_hashed`)."""
     from safetensors.torch import save
 
-    model, tokenizer = dequantize(gguf_file)
+    staging = folder / STAGING
+    staging.mkdir()
+    model, tokenizer = dequantize(_copy_hashed(gguf_file, content, staging))
+    shutil.rmtree(staging)
     config = copy.deepcopy(model.config)
     # The GGUF loader marks the config as quantized; the weights written here are float32.
     if hasattr(config, "quantization_config"):
@@ -158,14 +187,72 @@ def _unshared(state: dict, tied: bool) -> dict:
     return out
 
 
-def _whole(entry: Path) -> bool:
-    """True when `entry` is a folder of its own (not a link) holding ENTRY_FILES."""
+def _copy_hashed(gguf_file: Path, content: str, staging: Path) -> Path:
+    """`gguf_file` copied into the fresh folder `staging` under its own name, hashed as it
+    is copied: the copy is the file `content` names, or an OSError naming the file that
+    changed since it was hashed (replaced or rewritten while a run started)."""
+    copy_path = staging / gguf_file.name
+    digest = hashlib.sha256()
+
+    def copy(dst: BinaryIO) -> None:
+        with open(gguf_file, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+
+    write_stream_atomic(copy_path, copy)
+    if digest.hexdigest() != content:
+        raise OSError(f"{gguf_file} changed while it was read (SHA-256 {content[:12]}... "
+                      f"then {digest.hexdigest()[:12]}...); run again once it is no longer "
+                      "being replaced")
+    return copy_path
+
+
+def _unfit(entry: Path, content: str, key: str) -> str | None:
+    """None when `entry` is a whole entry made from the GGUF content `content` under `key`;
+    else why it is not ("missing" when there is none). Whole: a folder of its own (not a
+    link) holding ENTRY_FILES, every file in it a regular file (lstat: a link is never
+    followed), and its source.json naming `content` and `key` (not an entry of another file
+    copied or restored under this key)."""
+    if not os.path.lexists(entry):
+        return "missing"
+    if not is_real_folder(entry):
+        return "is a link or not a folder"
     try:
-        if not stat.S_ISDIR(os.lstat(entry).st_mode):
-            return False
+        with os.scandir(entry) as listing:
+            files = {item.name: item.is_file(follow_symlinks=False) for item in listing}
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror})"
+    if odd := sorted(name for name, regular in files.items() if not regular):
+        return f"holds {', '.join(odd)}, not regular files (a link is never read)"
+    if missing := [name for name in ENTRY_FILES if name not in files]:
+        return f"lacks {', '.join(missing)}"
+    source = _read_source(entry / SOURCE_FILE)
+    if source is None:
+        return f"has an unreadable {SOURCE_FILE}"
+    if source.get("gguf_sha256") != content or source.get("key") != key:
+        return (f"was made from other content (its {SOURCE_FILE} names SHA-256 "
+                f"{str(source.get('gguf_sha256'))[:12]}..., key {source.get('key')})")
+    return None
+
+
+def _read_source(path: Path) -> dict | None:
+    """The entry's source.json as a dict, or None when it is not one we could have written
+    (a link, a FIFO, over SOURCE_MAX_BYTES, not a JSON object)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False
-    return all((entry / name).is_file() for name in ENTRY_FILES)
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SOURCE_MAX_BYTES:
+            return None
+        source = json.loads(os.read(fd, SOURCE_MAX_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    return source if isinstance(source, dict) else None
 
 
 @contextlib.contextmanager

@@ -138,6 +138,28 @@ def write_folder_atomic(path: str | Path, fill: Callable[[Path], None]) -> None:
     fsync_folder(path.parent)
 
 
+def is_real_folder(path: str | Path) -> bool:
+    """True when `path` is a folder itself, not a link to one (lstat: never followed)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def make_real_folder(path: str | Path, what: str) -> Path:
+    """`path` made (with its parents) when missing and checked to be a folder of its own,
+    for a cache that writes `what` into it: an OSError naming it when it is a link (a
+    cache is never written through one) or not a folder."""
+    path = Path(path)
+    if not os.path.islink(path):
+        path.mkdir(parents=True, exist_ok=True)
+    if not is_real_folder(path):
+        raise UnsafeFileError(errno.ELOOP, f"is a link or not a folder: {what} are not "
+                              "written through it (make it a real folder, or point "
+                              "$FEDTUNE_CACHE_DIR at the folder it links to)", str(path))
+    return path
+
+
 def fsync_folder(folder: str | Path) -> None:
     """Make a rename or a new entry in `folder` durable."""
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -46,7 +46,12 @@ from typing import Any
 import numpy as np
 
 from fedtune.data.corpora import corpus_sources
-from fedtune.run.atomic import write_folder_atomic, write_text_atomic
+from fedtune.run.atomic import (
+    is_real_folder,
+    make_real_folder,
+    write_folder_atomic,
+    write_text_atomic,
+)
 
 FOLDER = "tasks"
 # Libraries whose behaviour shapes the splits and partitions.
@@ -143,7 +148,7 @@ def read_untrained(cache_dir: Path, key: str) -> dict[str, float | None] | None:
     or device (opened non-blocking, refused by its type), an entry over UNTRAINED_MAX_BYTES
     or one JSON cannot parse (deep nesting raises RecursionError)."""
     folder = cache_dir / UNTRAINED_FOLDER / key
-    if not (_real_folder(folder.parent) and _real_folder(folder)):
+    if not (is_real_folder(folder.parent) and is_real_folder(folder)):
         return None
     try:
         fd = os.open(folder / UNTRAINED_FILE,
@@ -175,22 +180,9 @@ def store_untrained(cache_dir: Path, key: str, metrics: Mapping[str, float | Non
     the same float: a run that reads them reports the very figures the run that computed
     them did."""
     text = json.dumps({name: metrics[name] for name in UNTRAINED_FIELDS})
-    root = cache_dir / UNTRAINED_FOLDER
-    if not os.path.islink(root):
-        root.mkdir(parents=True, exist_ok=True)
-    if not _real_folder(root):
-        raise OSError(f"{root} is a link or not a folder: the untrained figures are not "
-                      "written through it")
+    root = make_real_folder(cache_dir / UNTRAINED_FOLDER, "the untrained figures")
     write_folder_atomic(root / key,
                         lambda folder: write_text_atomic(folder / UNTRAINED_FILE, text))
-
-
-def _real_folder(path: Path) -> bool:
-    """True when `path` is a folder itself, not a link to one (lstat: never followed)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _version(distribution: str) -> str:
