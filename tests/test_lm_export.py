@@ -303,3 +303,21 @@ def test_export_never_copies_a_file_a_link_in_the_run_folder_points_to(tmp_path,
         errors="replace")]
     assert not leaked, f"the export holds {leaked[0].relative_to(out)}: a copy of {secret}"
     assert json.loads((out / "fedtune.json").read_text())["peft_adapter"] == "adapter"
+
+
+def test_generation_progress_counts_token_positions_up_to_its_bound(tmp_path, lm_folders):
+    """`generate`'s progress is in token positions (no KV cache: each new token reruns the
+    sequence), against the bound `generation_work` states up front, ending at it."""
+    from fedtune.run.tuned_lm import generation_work
+
+    _saved_run(tmp_path / "run", lm_folders["llama"], "prompt")  # 3 soft-prompt tokens
+    tuned = load_tuned(tmp_path / "run")
+    reports: list[tuple[int, int]] = []
+    tuned.generate(PROMPTS, max_new_tokens=5, batch_size=2,
+                   on_progress=lambda done, total: reports.append((done, total)))
+    rows = [tuned.prompt_ids(p) for p in PROMPTS]
+    total = generation_work(rows, 5, 3)
+    assert total == sum(5 * (3 + len(r)) + 4 + 3 + 2 + 1 for r in rows)
+    assert reports and {t for _, t in reports} == {total}
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[-1] == total

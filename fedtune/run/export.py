@@ -13,7 +13,11 @@ A state whose labels were reversed, or whose config.toml got another `max_length
 refused by name. These hashes catch edits and damage, not a forger: anyone who can write
 the file can recompute them.
 
-`export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
+`export_run` writes these into a self-contained folder with a manifest, `fedtune.json`: the
+state and config as the run saved them (a symlink in their place is refused, never followed),
+and a PEFT adapter written from the verified tensors (the run folder's `adapter/` is not
+copied: no hash covers it). The backbone hash covers the backbone's output-changing
+`config.json` values too (`fedtune.models.backbone`).
 `load_tuned` opens either a run folder or an export, as the model of its task kind
 (`LOADED`): a classifier (`TunedClassifier.predict_proba`) or a causal language model
 (`fedtune.run.tuned_lm.TunedLM.generate`). A causal-LM state's prediction hash also binds
@@ -330,6 +334,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} is a file, not a folder; choose a new output folder")
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another output folder")
+    for name in EXPORTED_FILES:  # named before anything is loaded or written
+        _refuse_link(run_dir / name)
     tuned = load_tuned(run_dir)  # validates before anything is written
     try:  # claimed as `fedtune run --out` is: locked, no link in it, then checked empty again
         folder = claim_run_folder(out, flag="OUT")
@@ -361,14 +367,21 @@ def _adapter_writer(tuned: TunedClassifier | TunedLM) -> Callable[[Path], None] 
     return None if extra is None else (lambda tmp: extra(tuned, tmp))
 
 
-def _own_file(run_dir: Path, name: str) -> bytes:
-    """A run folder's file, as bytes; a link is refused, not followed (the export would
-    otherwise carry whatever file it points to)."""
-    path = run_dir / name
+# The run folder's files an export carries (as bytes) or reads into its manifest.
+EXPORTED_FILES = (STATE_FILE, CONFIG_FILE, SUMMARY_FILE)
+
+
+def _refuse_link(path: Path) -> None:
     if path.is_symlink():
         raise ExportError(f"{path} is a symbolic link; export copies only the run folder's "
                           "own files: put the file itself there")
-    return path.read_bytes()
+
+
+def _own_file(run_dir: Path, name: str) -> bytes:
+    """A run folder's file, as bytes; a link is refused, not followed (the export would
+    otherwise carry whatever file it points to)."""
+    _refuse_link(run_dir / name)
+    return (run_dir / name).read_bytes()
 
 
 def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier | TunedLM) -> None:
