@@ -93,9 +93,9 @@ def test_generate_is_greedy_decoding_of_the_tuned_model(tmp_path, lm_folders, me
     assert appended_tokens(tuned.tokenizer) == 1
     ids = tuned.prompt_ids(PROMPTS[0])
     assert ids[0] == tuned.tokenizer.cls_token_id and tuned.tokenizer.sep_token_id not in ids
-    assert len(tuned.prompt_ids("word " * 14)) == 16 - 1  # max_length, minus the [SEP]
-    with pytest.raises(PredictInputError, match="model.max_length=16: shorten it"):
-        tuned.prompt_ids("word " * 15)  # refused, not cut
+    assert len(tuned.prompt_ids("word " * 100)) == 16 - 1  # max_length, minus the [SEP]
+    with pytest.raises(PredictInputError, match="prompt 2 .* model.max_length=16: shorten"):
+        tuned.generate(["word " * 14, "word " * 15])  # continued only whole: refused, not cut
     texts = tuned.generate(PROMPTS, max_new_tokens=6, batch_size=2)
     expected = greedy_continue(tuned.model, tuned.tokenizer,
                                [tuned.prompt_ids(p) for p in PROMPTS], 6, 1)
@@ -250,7 +250,7 @@ def test_a_prompt_longer_than_max_length_is_not_silently_continued_from_its_midd
     _saved_run(run, lm_folders["llama"], "lora")  # model.max_length = 16
     prompt = " ".join(["the build failed again"] * 10) + " and then the server"
     tuned = load_tuned(run)
-    assert len(tuned.tokenizer(prompt)["input_ids"]) > 16
+    assert len(tuned.prompt_ids(prompt)) < len(tuned.tokenizer(prompt)["input_ids"]) - 1
     out = tmp_path / "gen.jsonl"
     result = cli("predict", str(run), "--prompt", prompt, "--max-new-tokens", "3",
                  "--out", str(out))

@@ -72,20 +72,23 @@ class TunedLM:
     tokenizer: Any
 
     def prompt_ids(self, text: str) -> list[int]:
-        """`text`'s token ids as training tokenized it, without the special tokens the
-        tokenizer appends after a text; a text longer than `model.max_length` is refused
-        (`PredictInputError`), not cut."""
-        return self._prompt_row(text, "the prompt")
+        """`text`'s token ids as training tokenized it (truncated to `model.max_length`),
+        without the special tokens the tokenizer appends after a text."""
+        full = self.tokenizer(text, truncation=True,
+                              max_length=self.cfg.model.max_length)["input_ids"]
+        return [int(t) for t in full[:len(full) - appended_tokens(self.tokenizer)]]
 
-    def _prompt_row(self, text: str, name: str) -> list[int]:
-        full = self.tokenizer(text)["input_ids"]
+    def _prompt_row(self, text: str, n: int) -> list[int]:
+        """Prompt `n`'s ids to continue: `prompt_ids`, refused where truncation would cut
+        it (its continuation would follow its middle, printed next to the whole prompt)."""
+        tokens = len(self.tokenizer(text)["input_ids"])
         max_length = self.cfg.model.max_length
-        if len(full) > max_length:
+        if tokens > max_length:
             raise PredictInputError(
-                f"{name} ({text[:40]!r}) is {len(full)} tokens, more than the run's "
+                f"prompt {n} ({text[:40]!r}) is {tokens} tokens, more than the run's "
                 f"model.max_length={max_length}: shorten it (a prompt is continued from its "
                 "end; cut to max_length, its continuation would follow its middle)")
-        return [int(t) for t in full[:len(full) - appended_tokens(self.tokenizer)]]
+        return self.prompt_ids(text)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = DEFAULT_NEW_TOKENS,
@@ -103,7 +106,7 @@ class TunedLM:
         if batch_size is not None and batch_size < 1:
             raise PredictInputError(f"--batch-size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.cfg.train.eval_batch_size
-        rows = [self._prompt_row(p, f"prompt {n}") for n, p in enumerate(prompts, start=1)]
+        rows = [self._prompt_row(p, n) for n, p in enumerate(prompts, start=1)]
         limit = position_limit(self.model.backbone.config)
         virtual = prompt_length(self.model)
         for n, row in enumerate(rows, start=1):
