@@ -8,7 +8,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
@@ -548,14 +554,18 @@ def _predict_generations(tuned: Any, prompts: list[str], file: Path | None, out:
         if file is not None:
             # Only the text column: a label column means nothing to a language model.
             prompts += read_texts(file, (), (input_columns(tuned.cfg)[0], ()))[0]
+        # In token positions, not prompts: without a KV cache one long generation is most of
+        # the work, and the time left is what a user needs to decide whether to wait.
         progress = Progress(TextColumn("generating"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total} prompts"),
-                            TimeElapsedColumn(), console=console, transient=True,
-                            disable=len(prompts) < 16)
+                            TextColumn("{task.completed:,.0f}/{task.total:,.0f} token positions"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                            transient=True)
         with progress:
-            bar = progress.add_task("", total=len(prompts))
-            generations = tuned.generate(prompts, max_new_tokens, batch_size,
-                                         on_batch=lambda n: progress.advance(bar, n))
+            bar = progress.add_task("", total=1)  # the real total comes with the first report
+            generations = tuned.generate(
+                prompts, max_new_tokens, batch_size,
+                on_progress=lambda done, total: progress.update(bar, completed=done,
+                                                                total=total))
     except _user_errors() as exc:
         _fail(str(exc))
     if out is not None:

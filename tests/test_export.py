@@ -279,3 +279,40 @@ def test_the_export_manifest_carries_the_prediction_hash(tmp_path):
     manifest = json.loads((export_run(tmp_path / "run", tmp_path / "export")
                            / "fedtune.json").read_text())
     assert len(manifest["prediction_sha256"]) == 64
+
+
+def test_a_lora_export_ships_the_verified_adapter_and_no_linked_file(tmp_path):
+    """The export's adapter/ is written from the verified state: an adapter edited after the
+    run, or a link planted in it, never reaches the export (a classifier here; the causal
+    LM's in tests/test_lm_export.py)."""
+    from safetensors.torch import load_file
+
+    _saved_run(tmp_path / "run", "lora")
+    adapter = tmp_path / "run" / "adapter"
+    original = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v * 100.0 for k, v in original.items()},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for sharing\n")
+    (adapter / "notes.txt").symlink_to(secret)
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    shipped = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert shipped.keys() == original.keys()
+    assert all(torch.equal(shipped[k], original[k]) for k in original)
+    assert not (out / "adapter" / "notes.txt").exists()
+    assert not any("not for sharing" in p.read_text(errors="replace")
+                   for p in out.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("name", ["config.toml", "final_state.safetensors", "summary.json"])
+def test_a_run_file_that_is_a_link_is_refused_by_export(tmp_path, name):
+    _saved_run(tmp_path / "run", "prompt")
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"final_accuracy": 0.9}))
+    real = tmp_path / "elsewhere" / name
+    real.parent.mkdir()
+    (tmp_path / "run" / name).rename(real)
+    (tmp_path / "run" / name).symlink_to(real)
+    with pytest.raises(ExportError) as info:
+        export_run(tmp_path / "run", tmp_path / "export")
+    assert f"{name} is a symbolic link" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "export").exists()

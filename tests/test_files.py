@@ -310,8 +310,10 @@ def test_an_export_holds_no_lock_file_and_a_second_export_is_refused(tmp_path, m
     (run / export_mod.CONFIG_FILE).write_text("")
     spec = SimpleNamespace(backbone_hash="b", hash="h", names=["w"], shapes=[(2,)],
                            dtypes=["float32"])
+    # The loaded model: the export checks the state it ships holds its tensors.
+    model = SimpleNamespace(trainable_state=lambda: {"w": torch.zeros(2)}, backbone=None)
     monkeypatch.setattr(export_mod, "load_tuned", lambda folder: SimpleNamespace(
-        cfg=load_config(None, []), spec=spec, label_names=("a", "b")))
+        cfg=load_config(None, []), spec=spec, label_names=("a", "b"), model=model))
     out = export_mod.export_run(run, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [export_mod.STATE_FILE, export_mod.CONFIG_FILE, export_mod.MANIFEST_FILE])

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fedtune.config import load_config
+from fedtune.data.predict_input import PredictInputError
 from fedtune.run.export import ExportError, export_run, kind_backbone, load_tuned, save_tuned_state
 from fedtune.run.tuned_lm import TunedLM, appended_tokens
 from fedtune.task.generation import greedy_continue
@@ -93,6 +94,8 @@ def test_generate_is_greedy_decoding_of_the_tuned_model(tmp_path, lm_folders, me
     ids = tuned.prompt_ids(PROMPTS[0])
     assert ids[0] == tuned.tokenizer.cls_token_id and tuned.tokenizer.sep_token_id not in ids
     assert len(tuned.prompt_ids("word " * 100)) == 16 - 1  # max_length, minus the [SEP]
+    with pytest.raises(PredictInputError, match="prompt 2 .* model.max_length=16: shorten"):
+        tuned.generate(["word " * 14, "word " * 15])  # continued only whole: refused, not cut
     texts = tuned.generate(PROMPTS, max_new_tokens=6, batch_size=2)
     expected = greedy_continue(tuned.model, tuned.tokenizer,
                                [tuned.prompt_ids(p) for p in PROMPTS], 6, 1)
@@ -169,3 +172,152 @@ def test_the_prediction_hash_binds_the_task_kind(tmp_path, lm_folders):
         settings = json.loads(fh.metadata()["prediction_settings"])
     assert settings["task_kind"] == "causal_lm" and settings["max_length"] == 16
     assert settings["tuning"]["prompt"]["length"] == 3
+
+
+def test_generate_keeps_each_forwards_logits_within_the_evaluation_budget(
+        tmp_path, lm_folders, monkeypatch):
+    """A generation forward of `fedtune predict` holds at most LOGITS_BUDGET logits (rows x
+    positions x vocabulary), as evaluation's do: the default batch (train.eval_batch_size)
+    of long prompts on a large vocabulary would otherwise ask for gigabytes per forward."""
+    from fedtune.task import lm
+
+    _saved_run(tmp_path / "run", lm_folders["llama"], "lora")
+    tuned = load_tuned(tmp_path / "run")
+    vocab = int(tuned.model.backbone.config.vocab_size)
+    new_tokens = 4
+    widest = max(len(tuned.prompt_ids(p)) for p in PROMPTS) + new_tokens
+    budget = vocab * widest  # room for one prompt at its widest, not for the three at once
+    monkeypatch.setattr(lm, "LOGITS_BUDGET", budget)
+    seen: list[tuple[int, ...]] = []
+    handle = tuned.model.register_forward_hook(
+        lambda _m, _i, out: seen.append(tuple(out.shape)))
+    try:
+        texts = tuned.generate(PROMPTS, max_new_tokens=new_tokens)  # no batch size given
+    finally:
+        handle.remove()
+    assert seen
+    over = [s for s in seen if s[0] * s[1] * s[2] > budget]
+    assert not over, (f"{len(over)} of {len(seen)} forwards held more than LOGITS_BUDGET="
+                      f"{budget} logits, e.g. {over[0]} (rows, positions, vocabulary)")
+    # The same generations as one prompt at a time.
+    expected = greedy_continue(tuned.model, tuned.tokenizer,
+                               [tuned.prompt_ids(p) for p in PROMPTS], new_tokens, 1)
+    assert texts == [tuned.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+
+def test_an_edited_backbone_config_is_refused_or_predicts_the_same(tmp_path, lm_folders):
+    """An exported LM's hashes cover every value that changes its generations: a backbone
+    folder whose config.json changed (rms_norm_eps here; no weight moves) is refused, or
+    predicts the same."""
+    import shutil
+
+    from fedtune.models.backbone import load_backbone
+
+    folder = tmp_path / "llama"
+    shutil.copytree(lm_folders["llama"], folder)
+    run = tmp_path / "run"
+    _saved_run(run, str(folder), "lora")
+    ids = torch.tensor([[101, 2023, 3857, 3478, 2153, 102]])
+    mask = torch.ones_like(ids)
+    load_backbone.cache_clear()
+    with torch.no_grad():
+        before = load_tuned(run).model(ids, mask)
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1.0
+    (folder / "config.json").write_text(json.dumps(config))
+    load_backbone.cache_clear()  # a new process: the edited folder is read again
+    try:
+        try:
+            tuned = load_tuned(run)
+        except ExportError as exc:
+            assert "config" in str(exc) and "\n" not in str(exc)
+            return  # refused: the invariant holds
+        with torch.no_grad():
+            after = tuned.model(ids, mask)
+    finally:
+        load_backbone.cache_clear()
+    assert torch.allclose(before, after), (
+        "the backbone's config.json changed, its logits moved by "
+        f"{float((before - after).abs().max()):.3g}, and the same export loaded without a word")
+
+
+def test_a_prompt_longer_than_max_length_is_not_silently_continued_from_its_middle(
+        tmp_path, lm_folders, cli):
+    """`fedtune predict` on an LM either continues a prompt from its end, or says (refusal
+    or note naming model.max_length) that it cut the prompt: never prints a continuation of
+    the prompt's first max_length tokens next to the whole prompt."""
+    run = tmp_path / "run"
+    _saved_run(run, lm_folders["llama"], "lora")  # model.max_length = 16
+    prompt = " ".join(["the build failed again"] * 10) + " and then the server"
+    tuned = load_tuned(run)
+    assert len(tuned.prompt_ids(prompt)) < len(tuned.tokenizer(prompt)["input_ids"]) - 1
+    out = tmp_path / "gen.jsonl"
+    result = cli("predict", str(run), "--prompt", prompt, "--max-new-tokens", "3",
+                 "--out", str(out))
+    if "max_length" in result.output:  # refused in one line, naming the key
+        assert result.code == 2 and len(result.output.strip().splitlines()) == 1
+        assert "model.max_length=16" in result.output and not out.exists()
+        return
+    assert result.code == 0, result.output
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["prompt"] == prompt
+    pytest.fail(f"the prompt's {len(tuned.tokenizer(prompt)['input_ids'])} tokens were cut to "
+                f"model.max_length=16 without a word; {row['generation']!r} continues its "
+                "first 15 tokens, printed next to the whole prompt")
+
+
+def test_the_exported_adapter_holds_the_verified_weights(tmp_path, lm_folders):
+    """The PEFT adapter an export ships holds the values of the verified final state (a
+    run folder's adapter/ edited after the run is refused or rewritten, never shipped under
+    the export's hashes)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    _saved_run(run, lm_folders["llama"], "lora")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tampered = {k: v * 100.0 for k, v in load_file(str(weights)).items()}
+    save_file(tampered, str(weights), metadata={"format": "pt"})
+    try:
+        out = export_run(run, tmp_path / "export")
+    except ExportError:
+        return
+    shipped = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert not any(torch.equal(shipped[k], tampered[k]) for k in tampered), (
+        "the export ships the edited adapter; fedtune.json's hashes cover final_state only")
+
+
+def test_export_never_copies_a_file_a_link_in_the_run_folder_points_to(tmp_path, lm_folders):
+    """`fedtune export` puts nothing from outside the run folder into the export, whatever
+    links the run's adapter/ holds."""
+    run = tmp_path / "run"
+    _saved_run(run, lm_folders["llama"], "lora")
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY----- not for sharing\n")
+    (run / "adapter" / "notes.txt").symlink_to(secret)
+    try:
+        out = export_run(run, tmp_path / "export")
+    except ExportError:
+        return
+    leaked = [p for p in out.rglob("*") if p.is_file() and "not for sharing" in p.read_text(
+        errors="replace")]
+    assert not leaked, f"the export holds {leaked[0].relative_to(out)}: a copy of {secret}"
+    assert json.loads((out / "fedtune.json").read_text())["peft_adapter"] == "adapter"
+
+
+def test_generation_progress_counts_token_positions_up_to_its_bound(tmp_path, lm_folders):
+    """`generate`'s progress is in token positions (no KV cache: each new token reruns the
+    sequence), against the bound `generation_work` states up front, ending at it."""
+    from fedtune.run.tuned_lm import generation_work
+
+    _saved_run(tmp_path / "run", lm_folders["llama"], "prompt")  # 3 soft-prompt tokens
+    tuned = load_tuned(tmp_path / "run")
+    reports: list[tuple[int, int]] = []
+    tuned.generate(PROMPTS, max_new_tokens=5, batch_size=2,
+                   on_progress=lambda done, total: reports.append((done, total)))
+    rows = [tuned.prompt_ids(p) for p in PROMPTS]
+    total = generation_work(rows, 5, 3)
+    assert total == sum(5 * (3 + len(r)) + 4 + 3 + 2 + 1 for r in rows)
+    assert reports and {t for _, t in reports} == {total}
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[-1] == total

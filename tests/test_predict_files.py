@@ -74,6 +74,20 @@ def test_jsonl_and_plain_text_still_read(tmp_path):
     assert read_texts(plain, LABELS) == (["first", "second, with a comma"], None)
 
 
+def test_a_file_over_the_size_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from fedtune.data import predict_input
+
+    monkeypatch.setattr(predict_input, "MAX_INPUT_BYTES", 16)
+    path = tmp_path / "t.txt"
+    path.write_text("0123456789abcdef")  # 16 bytes: at the bound, read
+    assert read_texts(path, LABELS) == (["0123456789abcdef"], None)
+    path.write_text("0123456789abcdefg")
+    with pytest.raises(PredictInputError) as info:
+        read_texts(path, LABELS)
+    assert "split it" in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 class _FakeTuned:
     label_names = LABELS
     cfg = load_config(None)

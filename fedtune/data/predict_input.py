@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
 
+# An input file's size, at most: it is read whole and its texts held in memory (a language
+# model's prompts also as token ids, all checked before the first is continued). 64 MiB is
+# hundreds of thousands of texts; a larger file goes in parts.
+MAX_INPUT_BYTES = 64 << 20
+
 # (text column names, label column names), each tried in order.
 Columns = tuple[tuple[str, ...], tuple[str, ...]]
 DEFAULT_COLUMNS: Columns = (("text",), ("label",))
@@ -148,6 +153,11 @@ def _read_text(path: Path) -> str:
         raise PredictInputError(f"input file {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise PredictInputError(f"{path} is {size / 2**20:.1f} MiB, more than the "
+                                f"{MAX_INPUT_BYTES >> 20} MiB one --file may hold (it is read "
+                                "whole): split it and predict each part")
     data = path.read_bytes()
     # NUL is valid UTF-8 but never in a text to classify: it marks a binary file (a model,
     # an archive) given by mistake, which would otherwise be "classified" line by line.

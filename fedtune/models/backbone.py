@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ class Backbone:
     name: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    # Identifies the frozen weights; deltas made against other weights are rejected.
+    # Identifies the frozen model (class, output-changing config values, weights); deltas
+    # and saved states made against another are rejected.
     hash: str
     # Original indices of the transformer blocks the model holds (all of them unless
     # `model.prune_layers` dropped some); empty when its block list cannot be found.
@@ -156,13 +158,31 @@ def backbone_from_model(name: str, model: PreTrainedModel,
                     layers_kept=layers_kept)
 
 
+# Config keys that name, not change, what the model computes: where it was loaded from (a
+# path differs per machine), the library version that wrote it, bookkeeping of the library's
+# own (the class is hashed by name; the weights' dtype by their bytes) and switches for what
+# a forward returns besides the logits. Every other key is hashed: an edited config.json
+# (rms_norm_eps, rope_theta, layer_norm_epsilon) moves the outputs without moving a weight.
+_CONFIG_KEYS_NOT_HASHED = frozenset({
+    "_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype",
+    "torch_dtype", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+    "id2label", "label2id", "initializer_range", "_attn_implementation_autoset"})
+
+
 def _weights_hash(model: torch.nn.Module, layers_kept: tuple[int, ...] | None = None) -> str:
+    """The frozen model's identity: its class, its config's values that change its outputs
+    (the ones differing from the class's defaults, so a library upgrade that adds a key
+    with its default keeps the hash) and its weights."""
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     if layers_kept is not None:
-        # Which original blocks remain, stated, not only implied by the renumbered weights
-        # (an unpruned backbone hashes as it always did).
+        # Which original blocks remain, stated, not only implied by the renumbered weights.
         digest.update(f"layers_kept={list(layers_kept)}".encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        values = {k: v for k, v in config.to_diff_dict().items()
+                  if k not in _CONFIG_KEYS_NOT_HASHED}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
     for pname, tensor in model.state_dict().items():
         digest.update(pname.encode())
         digest.update(str(tuple(tensor.shape)).encode())

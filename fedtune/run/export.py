@@ -13,7 +13,11 @@ A state whose labels were reversed, or whose config.toml got another `max_length
 refused by name. These hashes catch edits and damage, not a forger: anyone who can write
 the file can recompute them.
 
-`export_run` copies these into a self-contained folder with a manifest, `fedtune.json`.
+`export_run` writes these into a self-contained folder with a manifest, `fedtune.json`: the
+state and config as the run saved them (a symlink in their place is refused, never followed),
+and a PEFT adapter written from the verified tensors (the run folder's `adapter/` is not
+copied: no hash covers it). The backbone hash covers the backbone's output-changing
+`config.json` values too (`fedtune.models.backbone`).
 `load_tuned` opens either a run folder or an export, as the model of its task kind
 (`LOADED`): a classifier (`TunedClassifier.predict_proba`) or a causal language model
 (`fedtune.run.tuned_lm.TunedLM.generate`). A causal-LM state's prediction hash also binds
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes  # the file's bytes, no write
 
 from fedtune.config import ExperimentConfig, load_config
@@ -290,8 +294,11 @@ def load_tuned(folder: str | Path) -> TunedClassifier | TunedLM:
     backbone = kind_backbone(cfg)
     if backbone.hash != meta["backbone_hash"]:
         raise ExportError(
-            f"model.backbone={cfg.model.backbone!r} here has weights hash {backbone.hash}, "
-            f"but {folder.name} was tuned on {meta['backbone_hash']}: not the same backbone")
+            f"model.backbone={cfg.model.backbone!r} here hashes {backbone.hash}, but "
+            f"{folder.name} was tuned on {meta['backbone_hash']}: not the same backbone (its "
+            "weights or a config.json value such as rms_norm_eps differ; a state saved "
+            "before backbone hashes covered config.json is refused too): load it with the "
+            "backbone it was tuned on, or tune again")
     model = build_tuned_model(backbone, cfg.tuning, len(label_names), seed=cfg.seed,
                               kind=cfg.task.kind)
     spec = model_spec(model, backbone, cfg, len(label_names))
@@ -327,6 +334,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} is a file, not a folder; choose a new output folder")
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another output folder")
+    for name in EXPORTED_FILES:  # named before anything is loaded or written
+        _refuse_link(run_dir / name)
     tuned = load_tuned(run_dir)  # validates before anything is written
     try:  # claimed as `fedtune run --out` is: locked, no link in it, then checked empty again
         folder = claim_run_folder(out, flag="OUT")
@@ -340,26 +349,57 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-# (task kind, method) -> the PEFT adapter an export gains beyond what the run folder holds
-# (a LoRA run already leaves `adapter/`): a causal LM's soft prompt as prompt tuning.
+# (task kind, method) -> the PEFT adapter an export writes for a method whose model is no
+# PeftModel: a causal LM's soft prompt as prompt tuning.
 EXTRA_ADAPTERS: dict[tuple[str, str], Callable[[Any, Path], None]] = {
     ("causal_lm", "prompt"): write_prompt_adapter}
+
+
+def _adapter_writer(tuned: TunedClassifier | TunedLM) -> Callable[[Path], None] | None:
+    """What writes the export's `adapter/` from the loaded model, whose tensors are the
+    verified ones (never the run folder's `adapter/`, which no hash covers and which may
+    hold links): a PeftModel's own `save_pretrained`, or the kind's extra adapter."""
+    peft = sys.modules.get("peft")  # imported by building a peft-based model, else unused
+    backbone = tuned.model.backbone
+    if peft is not None and isinstance(backbone, peft.PeftModel):
+        return lambda tmp: backbone.save_pretrained(str(tmp))
+    extra = EXTRA_ADAPTERS.get((tuned.cfg.task.kind, tuned.cfg.tuning.method))
+    return None if extra is None else (lambda tmp: extra(tuned, tmp))
+
+
+# The run folder's files an export carries (as bytes) or reads into its manifest.
+EXPORTED_FILES = (STATE_FILE, CONFIG_FILE, SUMMARY_FILE)
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise ExportError(f"{path} is a symbolic link; export copies only the run folder's "
+                          "own files: put the file itself there")
+
+
+def _own_file(run_dir: Path, name: str) -> bytes:
+    """A run folder's file, as bytes; a link is refused, not followed (the export would
+    otherwise carry whatever file it points to)."""
+    _refuse_link(run_dir / name)
+    return (run_dir / name).read_bytes()
 
 
 def _write_export(run_dir: Path, out: Path, tuned: TunedClassifier | TunedLM) -> None:
     # Every file through the one atomic writer (a fresh temp name, renamed into place), as
     # bytes: no copier is handed the temp name.
-    for name in (STATE_FILE, CONFIG_FILE):
-        write_atomic(out / name, (run_dir / name).read_bytes())
-    if (run_dir / ADAPTER_DIR).is_dir():
-        write_folder_atomic(out / ADAPTER_DIR, lambda tmp: shutil.copytree(
-            run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True))
-    extra = EXTRA_ADAPTERS.get((tuned.cfg.task.kind, tuned.cfg.tuning.method))
-    if extra is not None and not (out / ADAPTER_DIR).is_dir():
-        write_folder_atomic(out / ADAPTER_DIR, lambda tmp: extra(tuned, tmp))
+    state_bytes = _own_file(run_dir, STATE_FILE)
+    # The bytes shipped hold the tensors load_tuned verified (not a file swapped since).
+    shipped = content_hash(safetensors_load(state_bytes))
+    if shipped != content_hash(tuned.model.trainable_state()):
+        raise ExportError(f"{run_dir / STATE_FILE} changed while it was exported; export again")
+    write_atomic(out / STATE_FILE, state_bytes)
+    write_atomic(out / CONFIG_FILE, _own_file(run_dir, CONFIG_FILE))
+    writer = _adapter_writer(tuned)
+    if writer is not None:
+        write_folder_atomic(out / ADAPTER_DIR, writer)
     summary = {}
     if (run_dir / SUMMARY_FILE).is_file():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        summary = json.loads(_own_file(run_dir, SUMMARY_FILE))
     manifest = {
         "format": FORMAT,
         "task_kind": tuned.cfg.task.kind,

@@ -1,12 +1,17 @@
 """A tuned causal language model outside its run: greedy generations from prompts, and the
 soft prompt as a PEFT prompt-tuning adapter.
 
-Prompts are tokenized as the run's texts were (the tokenizer's own special tokens, truncated
-to `model.max_length` keeping the start), minus the special tokens the tokenizer appends at
-the end (a BERT-style [SEP], an eos): a training text ends there, a prompt goes on. The
-model then writes up to `max_new_tokens` tokens greedily through
-`fedtune.task.generation.greedy_continue` (deterministic: no sampling, no randomness),
-stopping at the end-of-sequence token.
+Prompts are tokenized as the run's texts were (the tokenizer's own special tokens), minus
+the special tokens the tokenizer appends at the end (a BERT-style [SEP], an eos): a training
+text ends there, a prompt goes on. A prompt longer than `model.max_length` is refused, not
+cut (a cut prompt's continuation would follow its middle). The model then writes up to
+`max_new_tokens` tokens greedily through `fedtune.task.generation.greedy_continue`
+(deterministic: no sampling, no randomness), stopping at the end-of-sequence token. A
+forward holds as many prompts as fit `fedtune.task.lm.LOGITS_BUDGET` logits at their widest
+(prompt + new tokens), as evaluation's do, and at most the batch size. There is no KV
+cache: each new token reruns the whole sequence, so a prompt of P tokens costs up to
+N * P + N**2 / 2 token positions for N new tokens (`generation_work`, what the progress
+reports).
 
 A soft prompt is exported as what peft's prompt tuning loads (`PeftModel.from_pretrained(
 AutoModelForCausalLM.from_pretrained(base), folder)`): `adapter_config.json` (PROMPT_TUNING,
@@ -67,17 +72,32 @@ class TunedLM:
     tokenizer: Any
 
     def prompt_ids(self, text: str) -> list[int]:
-        """`text`'s token ids as training tokenized it, without the special tokens the
-        tokenizer appends after a text."""
+        """`text`'s token ids as training tokenized it (truncated to `model.max_length`),
+        without the special tokens the tokenizer appends after a text."""
         full = self.tokenizer(text, truncation=True,
                               max_length=self.cfg.model.max_length)["input_ids"]
         return [int(t) for t in full[:len(full) - appended_tokens(self.tokenizer)]]
 
+    def _prompt_row(self, text: str, n: int) -> list[int]:
+        """Prompt `n`'s ids to continue: `prompt_ids`, refused where truncation would cut
+        it (its continuation would follow its middle, printed next to the whole prompt)."""
+        tokens = len(self.tokenizer(text)["input_ids"])
+        max_length = self.cfg.model.max_length
+        if tokens > max_length:
+            raise PredictInputError(
+                f"prompt {n} ({text[:40]!r}) is {tokens} tokens, more than the run's "
+                f"model.max_length={max_length}: shorten it (a prompt is continued from its "
+                "end; cut to max_length, its continuation would follow its middle)")
+        return self.prompt_ids(text)
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = DEFAULT_NEW_TOKENS,
                  batch_size: int | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> list[str]:
-        """Each prompt's greedy continuation (the new text only), in order."""
+                 on_progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Each prompt's greedy continuation (the new text only), in order. `batch_size`
+        (default `train.eval_batch_size`) caps the prompts per forward, which also hold at
+        most LOGITS_BUDGET logits; `on_progress(done, total)` follows the work in token
+        positions (`generation_work`)."""
         from fedtune.task.generation import greedy_continue
 
         if isinstance(prompts, str):
@@ -86,7 +106,7 @@ class TunedLM:
         if batch_size is not None and batch_size < 1:
             raise PredictInputError(f"--batch-size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.cfg.train.eval_batch_size
-        rows = [self.prompt_ids(p) for p in prompts]
+        rows = [self._prompt_row(p, n) for n, p in enumerate(prompts, start=1)]
         limit = position_limit(self.model.backbone.config)
         virtual = prompt_length(self.model)
         for n, row in enumerate(rows, start=1):
@@ -99,15 +119,57 @@ class TunedLM:
                     + (f" + {virtual} soft-prompt tokens" if virtual else "")
                     + f" exceed the model's {limit} positions; lower --max-new-tokens")
         self.model.eval()
+        total = generation_work(rows, max_new_tokens, virtual)
+        done = 0
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            logits = self.model(ids, mask)
+            if on_progress is not None:
+                done += int(mask.sum()) + virtual * int(mask.shape[0])
+                on_progress(min(done, total), total)
+            return logits
+
         out: list[str] = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            new = greedy_continue(self.model, self.tokenizer, chunk, max_new_tokens,
-                                  batch_size)
+        for chunk in self._chunks(rows, max_new_tokens, virtual, batch_size):
+            new = greedy_continue(forward, self.tokenizer, chunk, max_new_tokens, len(chunk))
             out += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
-            if on_batch is not None:
-                on_batch(len(chunk))
+            # Rows that ended at their end-of-sequence token did less than their bound.
+            done = generation_work(rows[:len(out)], max_new_tokens, virtual)
+            if on_progress is not None:
+                on_progress(done, total)
         return out
+
+    def _chunks(self, rows: list[list[int]], max_new: int, virtual: int, batch_size: int
+                ) -> list[list[list[int]]]:
+        """Consecutive prompts per forward: at most `batch_size`, and as many as keep the
+        forward's logits (rows x widest prompt + new tokens x vocabulary) within
+        LOGITS_BUDGET; always at least one (its own logits are bounded by the model's
+        positions and MAX_NEW_TOKENS)."""
+        from fedtune.task import lm
+
+        vocab = int(getattr(self.model.backbone.config, "vocab_size", 0) or 0)
+        chunks: list[list[list[int]]] = []
+        chunk: list[list[int]] = []
+        widest = 0
+        for row in rows:
+            width = max(widest, virtual + len(row) + max_new)
+            if chunk and (len(chunk) >= batch_size
+                          or (len(chunk) + 1) * width * vocab > lm.LOGITS_BUDGET):
+                chunks.append(chunk)
+                chunk, width = [], virtual + len(row) + max_new
+            chunk.append(row)
+            widest = width
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+
+def generation_work(rows: list[list[int]], max_new: int, virtual: int = 0) -> int:
+    """Token positions that greedy continuation of `rows` runs through at most (no KV cache:
+    the k-th new token reruns the prompt and the k-1 tokens before it, after `virtual`
+    soft-prompt positions)."""
+    return sum(max_new * (virtual + len(row)) + max_new * (max_new - 1) // 2 for row in rows)
 
 
 def appended_tokens(tokenizer: Any) -> int:
