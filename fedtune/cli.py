@@ -245,16 +245,18 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
 def quality_text(summary: dict[str, Any]) -> str:
     """The final model's quality against its baselines, and the validation figures: test
     accuracy for a classifier, test perplexity (untuned -> final) for a language model."""
-    if summary.get("test_perplexity") is not None:
+    # A classifier's summary always holds a test accuracy; a language model's never does,
+    # and its perplexities are null where no test text held a token to predict.
+    if summary.get("final_accuracy") is None:
         best = summary.get("best_val_perplexity")
         val = "" if best is None else (
-            f"validation perplexity {summary['final_val_perplexity']:.2f} (best {best:.2f} "
-            f"at round {summary['best_round']}), ")
+            f"validation perplexity {_ppl(summary.get('final_val_perplexity'))} (best "
+            f"{best:.2f} at round {summary['best_round']}), ")
         rouge = "" if summary.get("test_rouge_l") is None else (
             f"continuation ROUGE-L {_ppl(summary.get('initial_test_rouge_l'), 3)} untuned -> "
             f"{summary['test_rouge_l']:.3f}, ")
         return (f"test perplexity {_ppl(summary.get('initial_test_perplexity'))} untuned -> "
-                f"{summary['test_perplexity']:.2f}, {rouge}{val}")
+                f"{_ppl(summary.get('test_perplexity'))}, {rouge}{val}")
     best = summary.get("best_val_accuracy")
     val = "" if best is None else (
         f"validation {summary['final_val_accuracy']:.4f} (best {best:.4f} at round "

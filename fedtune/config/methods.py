@@ -33,11 +33,13 @@ BLOCK = (0, 10_000)
 Bounds = dict[str, tuple[float, float]]
 
 
-def _method(name: str, *, split: bool = False, plugins: tuple[str, ...] = ALL_PLUGINS
+def _method(name: str, *, split: bool = False, plugins: tuple[str, ...] = ALL_PLUGINS,
+            refused_grad_modes: tuple[tuple[str, str], ...] = ()
             ) -> Callable[[_Config], _Config]:
     """Register the decorated dataclass as method `name`'s `[tuning.<name>]` table."""
     def deco(config: _Config) -> _Config:
-        register_method_spec(MethodSpec(name, config, split, tuple(plugins)))
+        register_method_spec(MethodSpec(name, config, split, tuple(plugins),
+                                        tuple(refused_grad_modes)))
         return config
 
     return deco
@@ -160,7 +162,13 @@ class PromptConfig:
 SLASH_POSITIONS = ("output", "attention", "intermediate")
 
 
-@_method("slash")
+# Opacus' expanded weights replace each layer's weight by a per-example copy and need a
+# batch dimension in the layer's input; SLaSh projects its one shared vector z (no batch
+# dimension), so every DP step would fail ("Expanded Weights needs an input with a batch
+# size"), for a classifier and a causal LM alike.
+@_method("slash", refused_grad_modes=(
+    ("ew", "Opacus' expanded weights need a batch dimension in each layer's input, and "
+           "SLaSh projects one shared vector z without one"),))
 @dataclass
 class SlashConfig:
     """`[tuning.slash]`: size of the shared vector z, seed of the fixed projections, the

@@ -37,6 +37,9 @@ class MethodSpec:
     split: bool
     # Plugin names the method composes with.
     plugins: tuple[str, ...]
+    # DP-SGD per-sample gradient modes (`privacy.sample.grad_sample_mode`) the method's
+    # tensors cannot be trained under, each with why: (mode, reason).
+    refused_grad_modes: tuple[tuple[str, str], ...] = ()
 
 
 # Every strategy plugin today works on any model with a `head` (each method has one):

@@ -697,6 +697,7 @@ class ExperimentConfig:
         for check in config_checks():
             check(self)
         self._validate_method_plugins()
+        self._validate_method_grad_mode()
         if self.faults.hang_p > 0 and self.faults.hang_s <= self.train.round_timeout_s:
             raise ConfigError(
                 f"faults.hang_s={self.faults.hang_s} must exceed train.round_timeout_s="
@@ -720,6 +721,15 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"plugins[{i}].name={name!r} does not compose with tuning.method="
                     f"{self.tuning.method!r}; it composes with: {', '.join(allowed) or 'none'}")
+
+    def _validate_method_grad_mode(self) -> None:
+        mode = self.privacy.sample.grad_sample_mode
+        refused = dict(method_spec(self.tuning.method).refused_grad_modes)
+        if self.privacy.sample.enabled and mode in refused:
+            raise ConfigError(
+                f"privacy.sample.grad_sample_mode={mode!r} does not work with tuning.method="
+                f"{self.tuning.method!r}: {refused[mode]}; use 'hooks' (the default) or "
+                "'functorch'")
 
     def _validate_aggregation(self) -> None:
         self.aggregation.check_cohort(self.train.clients_per_round)

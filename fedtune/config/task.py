@@ -139,13 +139,43 @@ _LM_REFUSALS: tuple[tuple[Callable[[Any], bool], str], ...] = (
     (lambda c: c.privacy.sample.enabled and c.privacy.sample.grad_sample_mode == "ghost",
      "privacy.sample.grad_sample_mode='ghost' wraps a classification loss; "
      "task.kind='causal_lm' uses 'hooks', 'functorch' or 'ew'"),
+    (lambda c: c.model.max_length < 2,
+     "model.max_length=1 leaves a text no next token to predict (task.kind='causal_lm' "
+     "scores each token from the ones before it); set model.max_length >= 2"),
 )
+
+# The generation metric's total work, in token positions the decoder runs: greedy decoding
+# without a KV cache reruns the whole sequence for each new token, so a text costs
+# new x (prompt + (new - 1) / 2). The defaults (32 texts, 64 + 16 tokens) are 36,608, about
+# a minute per model for SmolLM2 on 2 CPU cores (docs/language-models.md); the bound is
+# about half an hour there (each key's own bound alone allows years).
+GENERATION_POSITIONS_MAX = 1_000_000
+
+
+def generation_positions(task: TaskConfig) -> int:
+    """Token positions the generation metric runs the decoder over for one model."""
+    new, prompt = task.generation_new_tokens, task.generation_prompt_tokens
+    return task.generation_examples * new * (2 * prompt + new - 1) // 2
+
+
+def _check_generation_work(cfg: Any) -> None:
+    task = cfg.task
+    work = generation_positions(task)
+    if work > GENERATION_POSITIONS_MAX:
+        raise ConfigError(
+            f"task.generation_examples={task.generation_examples} x "
+            f"task.generation_new_tokens={task.generation_new_tokens} on "
+            f"task.generation_prompt_tokens={task.generation_prompt_tokens}-token prompts is "
+            f"{work:,} decoder token positions (no KV cache), past the bound of "
+            f"{GENERATION_POSITIONS_MAX:,} (about half an hour per model on 2 CPU cores); "
+            "lower them, or set task.generation_examples=0")
 
 
 def _check_causal_lm(cfg: Any) -> None:
     for refused, message in _LM_REFUSALS:
         if refused(cfg):
             raise ConfigError(message)
+    _check_generation_work(cfg)
     prompt = cfg.tuning.settings("prompt") if cfg.tuning.method == "prompt" else None
     if prompt is not None and prompt.layer > 0:
         raise ConfigError("tuning.prompt.layer > 0 is not built for task.kind='causal_lm' "

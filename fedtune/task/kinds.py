@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 
 from fedtune.task import classification, lm
+from fedtune.task.positions import check_lm_positions
 
 if TYPE_CHECKING:
     import datasets
@@ -40,6 +41,9 @@ class TaskKind:
     model_kind: str
     # The tokenizer made ready for this kind (in place), before any text is tokenized.
     prepare_tokenizer: Callable[[Any], None]
+    # (backbone, config): raises ConfigError where the config asks for what the loaded
+    # backbone cannot do (a causal LM's positions), before any text is tokenized.
+    check_backbone: Callable[[Any, ExperimentConfig], None]
     # The corpus' rows this kind trains and tests on.
     select_rows: Callable[[datasets.DatasetDict, ExperimentConfig], datasets.DatasetDict]
     # A split's label array from its dataset and its token arrays.
@@ -131,6 +135,7 @@ def _class_label_names(ds: datasets.Dataset) -> tuple[str, ...]:
 register_task_kind(TaskKind(
     name="classification", unlabelled=False, model_kind="classification",
     prepare_tokenizer=lambda tokenizer: None,
+    check_backbone=lambda backbone, cfg: None,
     select_rows=lambda corpus, cfg: corpus,
     targets=lambda ds, ids, mask: np.asarray(ds["label"], dtype=np.int64),
     label_names=_class_label_names,
@@ -145,6 +150,7 @@ register_task_kind(TaskKind(
 register_task_kind(TaskKind(
     name="causal_lm", unlabelled=True, model_kind="causal_lm",
     prepare_tokenizer=lm.prepare_tokenizer,
+    check_backbone=check_lm_positions,
     select_rows=lm.select_rows,
     targets=lambda ds, ids, mask: lm.lm_targets(ids, mask),
     label_names=lambda ds: (),

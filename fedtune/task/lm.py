@@ -164,7 +164,15 @@ def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
     not measured, or no text that long within `model.max_length`)."""
     task = cfg.task
     need = task.generation_prompt_tokens + task.generation_new_tokens
-    if task.generation_examples <= 0 or split.input_ids.shape[1] < need:
+    if task.generation_examples <= 0:
+        return {"rouge_l": None}
+    if split.input_ids.shape[1] < need:
+        # A config that asks for the metric but cannot hold it stays valid (short texts
+        # are how small runs test); the run says why its ROUGE-L is null.
+        log.warning("test_rouge_l is null: model.max_length=%d holds no "
+                    "task.generation_prompt_tokens + task.generation_new_tokens = %d tokens; "
+                    "raise model.max_length or set task.generation_examples=0",
+                    cfg.model.max_length, need)
         return {"rouge_l": None}
     import importlib.util
 

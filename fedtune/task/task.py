@@ -244,6 +244,7 @@ def _backbone(cfg: ExperimentConfig) -> Backbone:
     """The process-wide backbone of `cfg`'s task kind, its tokenizer made ready for it."""
     kind = task_kind(cfg.task.kind)
     backbone = backbone_for(cfg.model, kind=kind.model_kind)
+    kind.check_backbone(backbone, cfg)
     kind.prepare_tokenizer(backbone.tokenizer)
     return backbone
 
