@@ -61,6 +61,10 @@ class QualityAxis:
     log_scale: bool  # perplexity spans orders of magnitude
     # The majority-class baseline exists (a classifier's), as its table column.
     has_majority: bool
+    # summary.json: the final model's validation figure, what a sweep chooses settings on
+    # (`fedtune.study.selection`), and which way is better.
+    final_val_key: str = "final_val_accuracy"
+    lower_is_better: bool = False
 
     @property
     def plots(self) -> tuple[str, str, str]:
@@ -78,7 +82,8 @@ QUALITY_AXES: dict[str, QualityAxis] = {
         "perplexity", "test_perplexity", "val_perplexity",
         "final test perplexity (mean +- std)",
         "final test perplexity (log scale, lower is better)",
-        "validation perplexity (log scale, mean over seeds)", "perplexity", 2, True, False),
+        "validation perplexity (log scale, mean over seeds)", "perplexity", 2, True, False,
+        final_val_key="final_val_perplexity", lower_is_better=True),
 }
 
 
