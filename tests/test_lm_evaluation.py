@@ -104,3 +104,72 @@ def test_a_diverged_lm_rounds_and_summarys_perplexity_fields_are_strict_json():
     summary = task_kind("causal_lm").summary_fields(
         history, {"test_loss": 800.0, "val_loss": 800.0}, diverged, 4)
     json.dumps(summary, allow_nan=False)
+
+
+def test_a_backbone_whose_row_passes_the_budget_is_refused_when_the_task_is_built(
+        lm_folders, tmp_path, monkeypatch):
+    """The budget refusal comes when the task is built (server and clients), before any
+    round is trained or charged, not at the first evaluation after round 1."""
+    from fedtune.config import ConfigError
+    from fedtune.task.task import get_task
+
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    vocab = AutoModelForCausalLM.from_pretrained(lm_folders["gpt2"]).config.vocab_size
+    monkeypatch.setattr(lm, "LOGITS_BUDGET", 10 * vocab)  # room for 10 positions a row
+    data = write_users(tmp_path / "mail.jsonl")
+    cfg = load_config(None, [f'model.backbone="{lm_folders["gpt2"]}"', "task.kind=causal_lm",
+                             "data.corpus=hf", f'data.options={{path="json", data_files='
+                             f'"{data}", test_fraction=0.25}}', "data.partition=iid",
+                             "data.num_clients=3", "train.clients_per_round=2",
+                             "model.max_length=21", "tuning.method=lora"])
+    with pytest.raises(ConfigError) as refused:
+        get_task(cfg)
+    message = str(refused.value)
+    assert "model.max_length=21" in message and "model.max_length <= 10" in message
+    assert "\n" not in message
+
+
+def test_rows_padded_on_the_left_are_refused_and_the_lm_tokenizer_pads_right():
+    """The targets' rule (t predicts t + 1 of the same text) holds for right-padded rows
+    only: the causal-LM tokenizer is set to pad right, and left-padded rows are refused."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
+    tokenizer.padding_side = "left"
+    lm.prepare_tokenizer(tokenizer)
+    assert tokenizer.padding_side == "right"
+    ids = np.array([[5, 6, 7, 0], [0, 5, 6, 7]])
+    with pytest.raises(lm.LMDataError, match="row 1 .* padded on the right"):
+        lm.lm_targets(ids, (ids != 0).astype(np.int8))
+    right = np.array([[5, 6, 7, 0], [5, 0, 0, 0]])
+    assert lm.lm_targets(right, (right != 0).astype(np.int8)).tolist() == [
+        [5, 6, 7, lm.IGNORE], [5, lm.IGNORE, lm.IGNORE, lm.IGNORE]]
+
+
+@pytest.mark.parametrize("fill, loss_kept", [(float("nan"), False), (1e4, True)])
+def test_a_diverged_evaluation_writes_null_and_logs_why(fill, loss_kept, caplog):
+    """A NaN loss is null with its perplexity; a finite loss past exp's range keeps its loss
+    and has a null perplexity; both are logged as a diverged model, and the console's round
+    line says so instead of crashing or claiming there is no validation split."""
+    from fedtune.cli import round_line
+
+    class Diverged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = type("B", (), {"config": type("C", (), {"vocab_size": 4})()})()
+
+        def forward(self, ids, mask):
+            out = torch.zeros((*ids.shape, 4))
+            out[..., 0] = fill  # word 0 certain (or NaN): every other word costs ~fill nats
+            return out
+
+    ids = np.full((2, 6), 2, dtype=np.int64)
+    with caplog.at_level("WARNING", logger="fedtune.task.lm"):
+        figures = lm.evaluate_lm(Diverged(), Split(ids, np.ones_like(ids), ids), 8)
+    assert figures["perplexity"] is None
+    assert (figures["loss"] is not None) == loss_kept
+    assert figures["loss"] is None or figures["loss"] > 709
+    assert "diverged" in caplog.text
+    rec = {"round": 1, **round_quality(figures), "epsilon_sample": None, "epsilon_user": None,
+           "clients": 2, "bytes_up": 10, "wall_s": 1.0}
+    json.dumps(rec, allow_nan=False)
+    line = round_line(rec, load_config(None, ["task.kind=causal_lm", "data.partition=iid"]))
+    assert "val ppl null (diverged" in line and "no validation split" not in line

@@ -287,3 +287,32 @@ def test_a_sweep_of_lm_runs_prints_its_table(tmp_path, monkeypatch, cli):
         lm_row(v.name, out / v.name) for v in spec.variants])
     result = cli("sweep", str(path), "--out", str(out))
     assert result.code == 0, result.output
+
+
+def test_an_lm_sweep_prints_perplexity_and_picks_on_validation(tmp_path, monkeypatch, cli):
+    """The table and the ranking show the LM's figures (perplexity, lowest validation
+    first): run a (validation 40, test 60) is picked over b (validation 50, test 30)."""
+    from fedtune.study import sweep as sweep_mod
+
+    path = lm_sweep_file(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, out, **kw: [
+        lm_row(v.name, out / v.name) for v in spec.variants])
+    result = cli("sweep", str(path), "--out", str(tmp_path / "runs"))
+    assert result.code == 0, result.output
+    assert "val perplexity" in result.output and "test perplexity" in result.output
+    ranking = result.output.split("settings by validation perplexity", 1)[1]
+    assert "lowest" in ranking  # (the title may wrap)
+    assert ranking.index("train.lr=0.001") < ranking.index("train.lr=0.01 ")
+    assert ranking.index("40.00") < ranking.index("50.00")
+    assert "best on validation: train.lr=0.001" in result.output
+
+
+def test_a_sweep_mixing_task_kinds_is_refused_in_one_line(tmp_path):
+    (tmp_path / "base.toml").write_text(LM_BASE)
+    (tmp_path / "s.toml").write_text(
+        'name = "mixed"\nbase = "base.toml"\n[[run]]\nname = "k"\n'
+        'grid = {"task.kind" = ["causal_lm", "classification"]}\n')
+    with pytest.raises(ConfigError, match="mix task kinds") as refused:
+        load_sweep(tmp_path / "s.toml")
+    assert "\n" not in str(refused.value)

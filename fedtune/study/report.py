@@ -176,8 +176,8 @@ def _load(folder: Path) -> RunResult:
     axis = QUALITY_AXES[cfg.task.kind]
     if summary.get(axis.final_key) is None:
         raise LedgerError(f"{folder / SUMMARY_FILE} has no {axis.final_key} (a task.kind="
-                          f"{cfg.task.kind!r} run's final figure); rerun or remove that run "
-                          "folder")
+                          f"{cfg.task.kind!r} run's final figure; null where the model "
+                          "diverged, see its run.log); rerun or remove that run folder")
     level, target = _level(cfg)
     eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))
            if e is not None]

@@ -203,7 +203,7 @@ def check_logits_budget(model: Any, length: int) -> None:
             f"model.max_length={length}: one row's logits ({_positions(model, length):,} "
             f"positions x {vocab:,} words = {row:,} floats) pass the evaluation budget of "
             f"{LOGITS_BUDGET:,} floats ({LOGITS_BUDGET * 4 // 2**20} MiB); set "
-            f"model.max_length <= {max(most, 0):,} for this backbone")
+            f"model.max_length <= {max(most, 0)} for this backbone")
 
 
 def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
