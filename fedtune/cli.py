@@ -212,7 +212,8 @@ def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 def _validation_text(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
     """A round's validation figures; a language model's null perplexity where a split was
-    evaluated is a diverged model (the run's log says why), not a missing split."""
+    evaluated is a diverged model or no predicted token (the run's log says which), not a
+    missing split."""
     loss = rec["val_loss"]
     if cfg.task.kind != "causal_lm":
         return ("no validation split" if loss is None else
@@ -220,10 +221,10 @@ def _validation_text(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
     ppl = rec.get("val_perplexity")
     if ppl is not None:
         return f"val ppl {ppl:.2f}  val loss {loss:.4f}"
-    if loss is None and cfg.data.validation_fraction <= 0:
-        return "no validation split"
-    return "val ppl null (diverged, see run.log)" + (
-        "" if loss is None else f"  val loss {loss:.4f}")
+    if loss is None:  # a split is carved whenever the fraction is above 0
+        return ("no validation split" if cfg.data.validation_fraction <= 0 else
+                "val ppl null (no finite loss, see run.log)")
+    return f"val ppl null (diverged, see run.log)  val loss {loss:.4f}"
 
 
 def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> str:

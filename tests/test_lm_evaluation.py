@@ -172,4 +172,5 @@ def test_a_diverged_evaluation_writes_null_and_logs_why(fill, loss_kept, caplog)
            "clients": 2, "bytes_up": 10, "wall_s": 1.0}
     json.dumps(rec, allow_nan=False)
     line = round_line(rec, load_config(None, ["task.kind=causal_lm", "data.partition=iid"]))
-    assert "val ppl null (diverged" in line and "no validation split" not in line
+    assert "val ppl null (" in line and "see run.log" in line
+    assert ("diverged" in line) == loss_kept and "no validation split" not in line

@@ -166,12 +166,16 @@ def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: 
         total += float(nll.sum(dtype=torch.float64))
         tokens += int(counted.sum())
     loss = total / tokens if tokens else None
-    if loss is not None and not math.isfinite(loss):
+    if not tokens:
+        log.warning("causal-LM evaluation: no next token to predict in %d rows (each text "
+                    "is at most one token within model.max_length); its loss and perplexity "
+                    "are recorded as null", n)
+    elif not math.isfinite(loss):
         # NaN or inf is not JSON (RFC 8259): the ledger records null, the log says why.
         log.warning("causal-LM evaluation: the token loss is %s on %d tokens (the model "
                     "diverged); its loss and perplexity are recorded as null", loss, tokens)
         loss = None
-    elif loss is not None and perplexity(loss) is None:
+    elif perplexity(loss) is None:
         log.warning("causal-LM evaluation: the token loss is %.1f nats (the model diverged); "
                     "its perplexity exp(loss) overflows a float and is recorded as null", loss)
     return {"accuracy": None, "loss": loss, "perplexity": perplexity(loss),
