@@ -209,14 +209,28 @@ def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
         user = render_epsilon(rec["epsilon_user"],
                               epsilon_marks(cfg, "user", rec["epsilon_user"]))
         eps = f"{eps} (user {user})"
-    val = ("no validation split" if rec["val_loss"] is None else
-           f"val ppl {rec['val_perplexity']:.2f}  val loss {rec['val_loss']:.4f}"
-           if rec.get("val_perplexity") is not None else
-           f"val acc {rec['val_accuracy']:.4f}  val loss {rec['val_loss']:.4f}")
+    val = _validation_text(rec, cfg)
     # Null under user-level DP without log_cohorts: the secret cohort's size and sums.
     cohort = ("" if rec["clients"] is None else
               f"clients {rec['clients']}  up {rec['bytes_up']:,} B  ")
     return f"round {rec['round']:>3}: {val}  eps {eps}  {cohort}{rec['wall_s']:.1f} s"
+
+
+def _validation_text(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """A round's validation figures; a language model's null perplexity where a split was
+    evaluated is a diverged model or no predicted token (the run's log says which), not a
+    missing split."""
+    loss = rec["val_loss"]
+    if cfg.task.kind != "causal_lm":
+        return ("no validation split" if loss is None else
+                f"val acc {rec['val_accuracy']:.4f}  val loss {loss:.4f}")
+    ppl = rec.get("val_perplexity")
+    if ppl is not None:
+        return f"val ppl {ppl:.2f}  val loss {loss:.4f}"
+    if loss is None:  # a split is carved whenever the fraction is above 0
+        return ("no validation split" if cfg.data.validation_fraction <= 0 else
+                "val ppl null (no finite loss, see run.log)")
+    return f"val ppl null (diverged, see run.log)  val loss {loss:.4f}"
 
 
 def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> str:
@@ -316,7 +330,7 @@ def sweep(
 
     from fedtune.run.atomic import write_json_atomic
     from fedtune.run.folder import SWEEP_RESULTS
-    from fedtune.study.selection import SELECT_BY, rank_by_validation
+    from fedtune.study.selection import rank_by_validation, selection_axis
     from fedtune.study.sweep import load_sweep, run_sweep
 
     _with_app_checks()
@@ -343,28 +357,34 @@ def sweep(
         _fail(str(exc))
     # Never through a link planted as sweep.json: replaced, not followed.
     write_json_atomic(out / SWEEP_RESULTS, rows)
+    # The task kind's figures (a classifier's accuracy, a language model's perplexity).
+    axis = selection_axis(spec.variants)
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.{axis.digits}f}"
+
     table = Table(title=f"{spec.name} ({out})")
     for column in ("run", "method", "epsilon_sample", "epsilon_user", "rounds",
-                   "val accuracy", "test accuracy"):
+                   f"val {axis.title}", f"test {axis.title}"):
         # Run names carry the grid values: fold them rather than cut them off.
         table.add_column(column, justify="left" if column in ("run", "method") else "right",
                          overflow="fold" if column == "run" else "ellipsis")
     for row in rows:
-        val = row.get(SELECT_BY)
         table.add_row(row["name"], row["method"], *sweep_epsilons(row), str(row["rounds"]),
-                      "-" if val is None else f"{val:.4f}", f"{row['final_accuracy']:.4f}")
+                      shown(row.get(axis.final_val_key)), shown(row.get(axis.final_key)))
     console.print(table)
     ranked = rank_by_validation(spec.variants, rows)
     if len(ranked) > 1:
         # Chosen on the validation split; the test column is there to report, not to pick.
-        ranking = Table(title="settings by validation accuracy of the final model "
-                              "(mean over seeds; test accuracy reported only)")
-        for column in ("settings", "runs", "val accuracy", "test accuracy"):
+        order = "lowest" if axis.lower_is_better else "highest"
+        ranking = Table(title=f"settings by validation {axis.title} of the final model "
+                              f"({order} first, mean over seeds; test {axis.title} "
+                              "reported only)")
+        for column in ("settings", "runs", f"val {axis.title}", f"test {axis.title}"):
             ranking.add_column(column, justify="left" if column == "settings" else "right",
                                overflow="fold")
         for c in ranked:
-            ranking.add_row(c.label, str(len(c.runs)), f"{c.val_accuracy:.4f}",
-                            f"{c.test_accuracy:.4f}")
+            ranking.add_row(c.label, str(len(c.runs)), shown(c.val_score), shown(c.test_score))
         console.print(ranking)
         console.print(f"best on validation: {ranked[0].label}", highlight=False)
 

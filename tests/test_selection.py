@@ -32,8 +32,8 @@ def test_the_best_mean_validation_accuracy_wins_whatever_the_test_accuracy():
     best, second = rank_by_validation(variants, rows)
     assert best.settings == ("train.lr=1.0",) and best.label == "train.lr=1.0"
     assert best.runs == ("lr-lr=1.0-seed=0", "lr-lr=1.0-seed=1")
-    assert best.val_accuracy == pytest.approx(0.88) and best.test_accuracy == 0.70
-    assert second.val_accuracy == pytest.approx(0.81)
+    assert best.val_score == pytest.approx(0.88) and best.test_score == 0.70
+    assert second.val_score == pytest.approx(0.81)
 
 
 def test_ties_keep_the_sweep_order():
@@ -83,3 +83,16 @@ def test_sweep_table_shows_validation_and_names_the_setting_it_picks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "val accuracy" in proc.stdout and "0.8100" in proc.stdout
     assert "best on validation: train.lr=3.0" in proc.stdout
+
+
+def test_an_lm_sweep_chooses_its_settings_on_validation_perplexity(tmp_path):
+    """Invariant: settings of an LM sweep are ranked on the validation split (lowest final
+    validation perplexity first), never on test perplexity, as a classifier's are on
+    validation accuracy."""
+    from tests.test_sweep import lm_row, lm_sweep_file
+
+    spec = load_sweep(lm_sweep_file(tmp_path))
+    rows = [lm_row(v.name, tmp_path / v.name) for v in spec.variants]
+    ranked = rank_by_validation(spec.variants, rows)
+    assert ranked, "no candidate: an LM sweep's settings are chosen on nothing"
+    assert ranked[0].settings == ("train.lr=0.001",), [c.settings for c in ranked]

@@ -247,3 +247,72 @@ def test_a_folder_without_checkpoint_with_later_charges_is_refused_not_dropped(
                                            "checkpoint"):
         sweep_mod.run_sweep(load_sweep(tmp_path / "s.toml"), out, poll_s=0)
     assert (out / "d.unstarted-1" / "privacy_pending.json").exists()
+
+
+# A sweep of causal-LM runs: the rows `run_sweep` returns for them (name, folder, summary),
+# trimmed to what the table and the ranking read. Run a is better on validation, b on test.
+LM_BASE = '[task]\nkind = "causal_lm"\n[data]\npartition = "iid"\n'
+LM_SWEEP = ('name = "lm"\nbase = "base.toml"\n'
+            '[[run]]\nname = "a"\nset = ["train.lr=0.001"]\n'
+            '[[run]]\nname = "b"\nset = ["train.lr=0.01"]\n')
+LM_SUMMARIES = {
+    "a": {"final_val_perplexity": 40.0, "test_perplexity": 60.0},
+    "b": {"final_val_perplexity": 50.0, "test_perplexity": 30.0},
+}
+
+
+def lm_row(name: str, folder: Path) -> dict:
+    """What an LM run's summary.json gives a sweep (fedtune.task.kinds._lm_summary)."""
+    return {"name": name, "folder": str(folder), "method": "lora", "rounds": 2,
+            "epsilon_sample": None, "epsilon_user": None, "final_accuracy": None,
+            "final_val_accuracy": None, "best_val_accuracy": None,
+            "best_val_perplexity": LM_SUMMARIES[name]["final_val_perplexity"],
+            **LM_SUMMARIES[name]}
+
+
+def lm_sweep_file(tmp_path: Path) -> Path:
+    (tmp_path / "base.toml").write_text(LM_BASE)
+    (tmp_path / "s.toml").write_text(LM_SWEEP)
+    return tmp_path / "s.toml"
+
+
+def test_a_sweep_of_lm_runs_prints_its_table(tmp_path, monkeypatch, cli):
+    """Invariant: `fedtune sweep` of causal-LM runs ends with its results table (a null
+    final_accuracy is shown as absent), not a TypeError after every run has finished."""
+    from fedtune.study import sweep as sweep_mod
+
+    path = lm_sweep_file(tmp_path)
+    out = tmp_path / "runs"
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, out, **kw: [
+        lm_row(v.name, out / v.name) for v in spec.variants])
+    result = cli("sweep", str(path), "--out", str(out))
+    assert result.code == 0, result.output
+
+
+def test_an_lm_sweep_prints_perplexity_and_picks_on_validation(tmp_path, monkeypatch, cli):
+    """The table and the ranking show the LM's figures (perplexity, lowest validation
+    first): run a (validation 40, test 60) is picked over b (validation 50, test 30)."""
+    from fedtune.study import sweep as sweep_mod
+
+    path = lm_sweep_file(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, out, **kw: [
+        lm_row(v.name, out / v.name) for v in spec.variants])
+    result = cli("sweep", str(path), "--out", str(tmp_path / "runs"))
+    assert result.code == 0, result.output
+    assert "val perplexity" in result.output and "test perplexity" in result.output
+    ranking = result.output.split("settings by validation perplexity", 1)[1]
+    assert "lowest" in ranking  # (the title may wrap)
+    assert ranking.index("train.lr=0.001") < ranking.index("train.lr=0.01 ")
+    assert ranking.index("40.00") < ranking.index("50.00")
+    assert "best on validation: train.lr=0.001" in result.output
+
+
+def test_a_sweep_mixing_task_kinds_is_refused_in_one_line(tmp_path):
+    (tmp_path / "base.toml").write_text(LM_BASE)
+    (tmp_path / "s.toml").write_text(
+        'name = "mixed"\nbase = "base.toml"\n[[run]]\nname = "k"\n'
+        'grid = {"task.kind" = ["causal_lm", "classification"]}\n')
+    with pytest.raises(ConfigError, match="mix task kinds") as refused:
+        load_sweep(tmp_path / "s.toml")
+    assert "\n" not in str(refused.value)

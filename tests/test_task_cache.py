@@ -337,3 +337,39 @@ def test_storing_untrained_figures_never_writes_through_a_link_planted_in_the_ca
     except OSError:
         pass  # refusing the link holds (untrained_metrics logs it and goes on)
     assert list(elsewhere.iterdir()) == [], "the cache entry was written through a planted link"
+
+
+def test_the_untuned_rouge_is_measured_once_the_library_that_computes_it_is_there(
+        lm_folders, tmp_path, monkeypatch):
+    """Invariant: a cached untrained figure is served only where the code that computed it
+    would compute the same now: a null test_rouge_l stored for want of rouge-score (the lm
+    extra) is not served once rouge-score is installed."""
+    import importlib.util
+
+    from fedtune.task.evaluation import untrained_metrics
+    from fedtune.task.task import get_task
+    from tests.lm_fixtures import write_users
+
+    if importlib.util.find_spec("rouge_score") is None:
+        pytest.skip("the lm extra (rouge-score) is not installed")
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_users(tmp_path / "mail.jsonl")
+    cfg = load_config(None, [f'model.backbone="{lm_folders["llama"]}"', "task.kind=causal_lm",
+                             "data.corpus=hf", f'data.options={{path="json", data_files='
+                             f'"{data}", test_fraction=0.25}}', "data.partition=natural",
+                             "data.by=user", "data.num_clients=3", "train.clients_per_round=2",
+                             "model.max_length=24", "tuning.method=lora",
+                             "task.generation_examples=4", "task.generation_prompt_tokens=4",
+                             "task.generation_new_tokens=2"])
+    task = get_task(cfg)
+    model = task.new_model()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "rouge_score"
+                        else real(name, *a, **k))
+    without = untrained_metrics(task, model, cfg)  # a plain install: null, with a warning
+    assert without["test_rouge_l"] is None
+    monkeypatch.setattr(importlib.util, "find_spec", real)  # the lm extra installed
+    again = untrained_metrics(task, model, cfg)
+    assert again["test_rouge_l"] is not None, (
+        "initial_test_rouge_l is the null cached before rouge-score was installed")

@@ -61,6 +61,10 @@ class QualityAxis:
     log_scale: bool  # perplexity spans orders of magnitude
     # The majority-class baseline exists (a classifier's), as its table column.
     has_majority: bool
+    # summary.json: the final model's validation figure, what a sweep chooses settings on
+    # (`fedtune.study.selection`), and which way is better.
+    final_val_key: str = "final_val_accuracy"
+    lower_is_better: bool = False
 
     @property
     def plots(self) -> tuple[str, str, str]:
@@ -78,7 +82,8 @@ QUALITY_AXES: dict[str, QualityAxis] = {
         "perplexity", "test_perplexity", "val_perplexity",
         "final test perplexity (mean +- std)",
         "final test perplexity (log scale, lower is better)",
-        "validation perplexity (log scale, mean over seeds)", "perplexity", 2, True, False),
+        "validation perplexity (log scale, mean over seeds)", "perplexity", 2, True, False,
+        final_val_key="final_val_perplexity", lower_is_better=True),
 }
 
 
@@ -171,8 +176,8 @@ def _load(folder: Path) -> RunResult:
     axis = QUALITY_AXES[cfg.task.kind]
     if summary.get(axis.final_key) is None:
         raise LedgerError(f"{folder / SUMMARY_FILE} has no {axis.final_key} (a task.kind="
-                          f"{cfg.task.kind!r} run's final figure); rerun or remove that run "
-                          "folder")
+                          f"{cfg.task.kind!r} run's final figure; null where the model "
+                          "diverged, see its run.log); rerun or remove that run folder")
     level, target = _level(cfg)
     eps = [e for e in (summary.get("epsilon_sample"), summary.get("epsilon_user"))
            if e is not None]

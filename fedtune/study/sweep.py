@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +53,8 @@ from fedtune.run.ledger import count_rounds
 class Variant:
     name: str
     overrides: tuple[str, ...]
+    # Its config's `[task] kind`: what its quality figure is (set by `load_sweep`).
+    task_kind: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,19 @@ def load_sweep(path: str | Path) -> Sweep:
         check_folder_name(variant.name, f"{path}: run name")
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: run names repeat: {names}")
-    sweep = Sweep(raw["name"], (path.parent / raw["base"]).resolve(), tuple(variants))
-    for variant in sweep.variants:
+    base = (path.parent / raw["base"]).resolve()
+    checked = []
+    for variant in variants:
         try:
-            load_config(sweep.base, list(variant.overrides))
+            kind = load_config(base, list(variant.overrides)).task.kind
         except ConfigError as exc:
             raise ConfigError(f"{path}: run {variant.name!r}: {exc}") from None
-    return sweep
+        checked.append(replace(variant, task_kind=kind))
+    kinds = sorted({v.task_kind for v in checked})
+    if len(kinds) > 1:  # accuracy and perplexity rank nothing together
+        raise ConfigError(f"{path}: the runs mix task kinds {kinds}: a sweep chooses among "
+                          "runs of one task.kind; make one sweep per kind")
+    return Sweep(raw["name"], base, tuple(checked))
 
 
 def expand(name: str, overrides: tuple[str, ...], grid: object, where: str) -> list[Variant]:

@@ -24,8 +24,9 @@ seeded untrained model on the same rows, so a repeat run reads them instead of r
 evaluations again. Their key (`untrained_key`) is a digest of the rows evaluated themselves
 (tokens, masks, labels: whatever built them) and of everything else that changes the
 figures: the backbone's weights hash, the method and its initialisation, the evaluation's
-batch size, cap and path, the thread count, the libraries that compute them and fedtune's
-code.
+batch size, cap and path, the thread count, the libraries that compute them (for an LM's
+ROUGE-L also whether rouge-score can be imported: a null stored without it is not served
+once it is installed) and fedtune's code.
 """
 
 from __future__ import annotations

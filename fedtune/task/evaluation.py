@@ -27,6 +27,7 @@ import torch
 
 from fedtune.config.runtime import runtime_settings
 from fedtune.task import cache as task_cache
+from fedtune.task import lm
 from fedtune.task.classification import (  # noqa: F401  (their former home: re-exported)
     _examples,
     accuracy_fields,
@@ -122,7 +123,7 @@ def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) ->
     the method's table, the seed and the spec's hash (the trainable layout); the
     evaluation's batch size, cap and path (the frozen-prefix cache gives equal figures only
     within float tolerance); the thread count and device (a CPU kernel's rounding may follow
-    the split of its work)."""
+    the split of its work); the ROUGE library that scores generations, where importable."""
     rows = []
     for split in (task.test, task.validation):
         if split is not None:
@@ -137,7 +138,10 @@ def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) ->
         "eval_batch_size": cfg.train.eval_batch_size,
         "eval_max_examples": cfg.train.eval_max_examples,
         "prefix_cache": cache_applies(cfg, model), "threads": torch.get_num_threads(),
-        "device": str(parameter.device), "dtype": str(parameter.dtype)})
+        "device": str(parameter.device), "dtype": str(parameter.dtype),
+        # Whether (and which) rouge-score computes test_rouge_l: a null stored for want of
+        # it is not served once it is installed.
+        "rouge_score": lm.rouge_library()})
 
 
 def _evaluated(rows: int, max_examples: int) -> int:

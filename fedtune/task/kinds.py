@@ -65,6 +65,10 @@ class TaskKind:
                               Mapping[str, Any], int], dict[str, Any]]
     # The baseline a run must beat, from the task (majority class; none for an LM).
     baseline: Callable[[Any, ExperimentConfig], dict[str, Any]]  # (the Task, its config)
+    # (tuned model, config) -> None, or a ConfigError: what the built model cannot run,
+    # refused when the task is built, before any round (an LM row's logits past the
+    # evaluation budget).
+    check_model: Callable[[Any, ExperimentConfig], None] = lambda model, cfg: None
 
 
 _KINDS: dict[str, TaskKind] = {}
@@ -161,4 +165,5 @@ register_task_kind(TaskKind(
     final_extras=lm.generation_quality,
     summary_fields=_lm_summary,
     baseline=lambda task, cfg: dict(NO_BASELINE),
+    check_model=lambda model, cfg: lm.check_logits_budget(model, cfg.model.max_length),
 ))

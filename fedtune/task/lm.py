@@ -2,18 +2,27 @@
 client trains on and the server's perplexity.
 
 - Targets: the input ids themselves, -100 (ignored) on padding: position t predicts t+1.
+  Rows are padded on the right whatever side the backbone's tokenizer pads on
+  (`prepare_tokenizer`; `lm_targets` refuses other rows): a text's first token is never
+  "predicted" from a pad, positions count from its first token, and split mode's all-ones
+  smashed-DP mask changes no real position (causal attention never sees later pads).
 - Loss (`NextTokenLoss`): token cross entropy averaged over each sequence's real predicted
   tokens, then over the batch. Each sequence is thus one example whose loss does not depend
   on the others', which is what Opacus' per-sample clipping (a message = the privacy unit)
   and its mean-reduction scaling assume.
 - Evaluation (`evaluate_lm`): token-weighted, the exp of the total NLL over the total
   predicted tokens (a long message weighs by its tokens, as perplexity is usually read).
+  A forward holds at most LOGITS_BUDGET logits: a batch is cut to fit, and a backbone whose
+  one row passes it is refused (`check_logits_budget`). A diverged model's figures stay
+  strict JSON: a perplexity past a float (or of a NaN loss) is null, and the log says why.
 - Generation quality (`generation_quality`, the final model and its untrained baseline
   only): ROUGE-L of greedy continuations of test texts (`fedtune.task.generation`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -21,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+
+from fedtune.config.errors import ConfigError
 
 if TYPE_CHECKING:
     import datasets
@@ -35,6 +46,8 @@ IGNORE = -100
 # rows x tokens x vocabulary: the default train.eval_batch_size of 128 rows of 128 tokens of
 # SmolLM2's 49,152-word vocabulary would be 3.2 GB, so a batch is cut to fit.
 LOGITS_BUDGET = 1 << 26
+# The library that computes ROUGE-L (the lm extra), by its import name and its distribution.
+ROUGE_MODULE, ROUGE_DISTRIBUTION = "rouge_score", "rouge-score"
 
 
 class LMDataError(ValueError):
@@ -42,8 +55,12 @@ class LMDataError(ValueError):
 
 
 def prepare_tokenizer(tokenizer: Any) -> None:
-    """Pad with the end-of-sequence token when the tokenizer has no pad token (GPT-2 and
-    Llama tokenizers ship without one); the padded positions are masked out of the loss."""
+    """Pad on the right, with the end-of-sequence token when the tokenizer has no pad token
+    (GPT-2 and Llama tokenizers ship without one); the padded positions are masked out of
+    the loss. Right, whatever the model folder's tokenizer_config.json says (several chat
+    models' pad left, for batched generation): every position t of a row then predicts
+    t + 1 of the same text, and positions count from the text's first token."""
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is not None:
         return
     if tokenizer.eos_token is None:
@@ -53,9 +70,16 @@ def prepare_tokenizer(tokenizer: Any) -> None:
 
 
 def lm_targets(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """The label array of a causal-LM split: the ids, IGNORE where the mask is 0 (int32)."""
+    """The label array of a causal-LM split: the ids, IGNORE where the mask is 0 (int32).
+    Rows must be right-padded (real tokens, then pads): a pad before a real token would
+    score that token as predicted from the pad (`token_nll` pairs t with t + 1)."""
     ids = np.asarray(input_ids, dtype=np.int32)
-    return np.where(np.asarray(attention_mask) != 0, ids, np.int32(IGNORE)).astype(np.int32)
+    real = np.asarray(attention_mask) != 0
+    if real.ndim == 2 and real.shape[1] > 1 and (real[:, 1:] > real[:, :-1]).any():
+        row = int(np.flatnonzero((real[:, 1:] > real[:, :-1]).any(axis=1))[0])
+        raise LMDataError(f"row {row} of a causal-LM split has padding before a real token: "
+                          "the rows must be padded on the right (prepare_tokenizer sets it)")
+    return np.where(real, ids, np.int32(IGNORE)).astype(np.int32)
 
 
 # Corpus name -> the rows of that corpus that are users' own text (all rows, by default).
@@ -142,19 +166,71 @@ def evaluate_lm(model: TunedModel, split: Split, batch_size: int, max_examples: 
         total += float(nll.sum(dtype=torch.float64))
         tokens += int(counted.sum())
     loss = total / tokens if tokens else None
+    if not tokens:
+        log.warning("causal-LM evaluation: no next token to predict in %d rows (each text "
+                    "is at most one token within model.max_length); its loss and perplexity "
+                    "are recorded as null", n)
+    elif not math.isfinite(loss):
+        # NaN or inf is not JSON (RFC 8259): the ledger records null, the log says why.
+        log.warning("causal-LM evaluation: the token loss is %s on %d tokens (the model "
+                    "diverged); its loss and perplexity are recorded as null", loss, tokens)
+        loss = None
+    elif perplexity(loss) is None:
+        log.warning("causal-LM evaluation: the token loss is %.1f nats (the model diverged); "
+                    "its perplexity exp(loss) overflows a float and is recorded as null", loss)
     return {"accuracy": None, "loss": loss, "perplexity": perplexity(loss),
             "tokens": float(tokens), "examples": float(n)}
 
 
+def _vocabulary(model: Any) -> int:
+    """The width of `model`'s logits (its backbone's vocabulary; 0 where unknown)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    return int(getattr(config, "vocab_size", 0) or 0)
+
+
+def _positions(model: Any, length: int) -> int:
+    """Positions a forward of `length`-token rows computes logits at: a soft prompt's too
+    (sliced off after the head has computed them)."""
+    prompt = getattr(getattr(model, "prompt", None), "embedding", None)
+    return length + int(getattr(prompt, "num_embeddings", 0) or 0)
+
+
+def check_logits_budget(model: Any, length: int) -> None:
+    """Refuse, in one line naming model.max_length, a model whose one row of `length` tokens
+    has more logits than LOGITS_BUDGET: evaluation never cuts a batch below one row, so
+    such a row would be held whole (SmolLM2 at max_length 65,536: 12.9 GB)."""
+    vocab = _vocabulary(model)
+    row = vocab * _positions(model, length)
+    if vocab > 0 and row > LOGITS_BUDGET:
+        most = LOGITS_BUDGET // vocab - (_positions(model, length) - length)
+        raise ConfigError(
+            f"model.max_length={length}: one row's logits ({_positions(model, length):,} "
+            f"positions x {vocab:,} words = {row:,} floats) pass the evaluation budget of "
+            f"{LOGITS_BUDGET:,} floats ({LOGITS_BUDGET * 4 // 2**20} MiB); set "
+            f"model.max_length <= {max(most, 0)} for this backbone")
+
+
 def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
     """`batch_size`, or fewer rows where their logits would pass LOGITS_BUDGET (the same
-    figures: every row is scored on its own)."""
-    config = getattr(getattr(model, "backbone", None), "config", None)
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    figures: every row is scored on its own); never past it (`check_logits_budget`)."""
+    vocab = _vocabulary(model)
     length = int(split.input_ids.shape[1]) if split.input_ids.ndim == 2 else 1
     if vocab <= 0:
         return batch_size
-    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * length)))
+    check_logits_budget(model, length)
+    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * _positions(model, length))))
+
+
+def rouge_library() -> str | None:
+    """The version of the library that computes ROUGE-L where it can be imported, else None
+    (its figure is then null): the untrained-figures cache keys on it, so a null stored
+    before the lm extra was installed is never served after."""
+    if importlib.util.find_spec(ROUGE_MODULE) is None:
+        return None
+    try:
+        return importlib.metadata.version(ROUGE_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unversioned"
 
 
 def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
@@ -174,9 +250,7 @@ def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
                     "raise model.max_length or set task.generation_examples=0",
                     cfg.model.max_length, need)
         return {"rouge_l": None}
-    import importlib.util
-
-    if importlib.util.find_spec("rouge_score") is None:
+    if rouge_library() is None:
         # A config must stay valid without the lm extra (it is checked everywhere); the
         # run says why its ROUGE-L is null instead of failing after its rounds.
         log.warning("test_rouge_l is null: the generation metric needs rouge-score "
@@ -196,7 +270,12 @@ def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
 
 
 def perplexity(loss: float | None) -> float | None:
-    """exp(mean token NLL); None where the loss is (no split, no token)."""
-    if loss is None:
+    """exp(mean token NLL); None where the loss is (no split, no token) and where there is
+    no finite perplexity (a NaN loss, or one past about 709.8 nats, whose exp overflows a
+    float: a diverged model): the ledger is strict JSON, never Infinity."""
+    if loss is None or not math.isfinite(loss):
         return None
-    return math.exp(loss) if loss < 700 else math.inf
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None

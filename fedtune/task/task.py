@@ -227,6 +227,7 @@ def _read_bundle(root: Path) -> _BundleData:
 def _assemble(cfg: ExperimentConfig, backbone: Backbone, data: _BundleData) -> Task:
     model = build_tuned_model(backbone, cfg.tuning, len(data.label_names), seed=cfg.seed,
                               kind=cfg.task.kind)
+    task_kind(cfg.task.kind).check_model(model, cfg)  # before any round, not at evaluation
     spec = model_spec(model, backbone, cfg, len(data.label_names))
     return Task(cfg, backbone, data.train, data.test, data.partitions, data.label_names, spec,
                 validation_rows=data.validation_rows, test_rows=data.test_rows,
