@@ -33,6 +33,7 @@ import torch
 
 from fedtune.config import ExperimentConfig
 from fedtune.data.predict_input import PredictInputError
+from fedtune.task.positions import position_limit
 from fedtune.tuning import TunedModel
 from fedtune.wire.delta import DeltaSpec
 
@@ -49,16 +50,6 @@ def prompt_length(model: TunedModel) -> int:
     """The soft prompt's virtual tokens (0 for a method without one)."""
     prompt = getattr(model, "prompt", None)
     return 0 if prompt is None else int(prompt.embedding.num_embeddings)
-
-
-def position_limit(config: Any) -> int | None:
-    """The model's position limit (GPT-2's `n_positions`, Llama's `max_position_embeddings`);
-    None where the config names none."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @dataclass
@@ -107,7 +98,8 @@ class TunedLM:
             raise PredictInputError(f"--batch-size must be >= 1, got {batch_size}")
         batch_size = batch_size or self.cfg.train.eval_batch_size
         rows = [self._prompt_row(p, n) for n, p in enumerate(prompts, start=1)]
-        limit = position_limit(self.model.backbone.config)
+        known = position_limit(self.model.backbone.config)
+        limit = None if known is None else known[1]
         virtual = prompt_length(self.model)
         for n, row in enumerate(rows, start=1):
             if not row:
