@@ -66,6 +66,8 @@ def _batch(n: int = 4, t: int = 10, seed: int = 0, side: str = "right"):
         else:
             mask[i, :2 * i] = 0
     ids[mask == 0] = 0
+    if side == "left":  # the LM's targets refuse left padding; the forward still takes it
+        return ids, mask, None
     labels = torch.from_numpy(lm_targets(ids.numpy(), mask.numpy())).long()
     return ids, mask, labels
 
