@@ -212,3 +212,34 @@ def test_a_classifier_nodes_file_still_needs_its_labels(text_task, tmp_path):
     bare = _write(tmp_path / "bare.jsonl", [{"text": "hello"}])
     with pytest.raises(PredictInputError, match=r'bare.jsonl: every line needs a "label"'):
         own_example_count(_node(bare), task)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_with_an_lm_node_on_its_own_file(lm_task, tmp_path, monkeypatch):
+    """The real ServerApp round loop (discovery, DP plan, round, evaluation) driving the
+    real ClientApp handlers in process (no Ray, no SuperLink), node 1 on its own texts:
+    the server holds, weights and reports it by the count it reported."""
+    from inline_grid import inline_run
+
+    task, texts = lm_task
+    cfg = load_config(None, [f"{key}={value}" for key, value in (
+        ("model.backbone", f'"{task.cfg.model.backbone}"'), ("task.kind", "causal_lm"),
+        ("data.corpus", "hf"), ("data.partition", "natural"), ("data.by", "user"),
+        ("data.num_clients", "3"), ("train.clients_per_round", "3"),
+        ("model.max_length", str(MAX_LENGTH)), ("tuning.method", "lora"),
+        ("train.rounds", "1"), ("train.local_steps", "1"), ("train.batch_size", "4"),
+        ("train.eval_max_examples", "16"), ("task.generation_examples", "0"),
+        ("privacy.disclose_counts", "true"), ("train.round_timeout_s", "60"))]
+        + [f"data.options={{path=\"json\", data_files=\"{task.cfg.data.options['data_files']}\""
+           ", test_fraction=0.25}"])
+    own = _write(tmp_path / "mine.jsonl", [{"text": t} for t in texts[:10]])
+    summary, _, _ = inline_run(cfg, tmp_path / "run", monkeypatch,
+                               node_configs={1: {"data-path": str(own)}})
+    (record,) = [json.loads(x) for x in (tmp_path / "run/rounds.jsonl").read_text()
+                 .splitlines()]
+    by_pid = {c["partition_id"]: c for c in record["per_client"]}
+    assert sorted(by_pid) == [0, 1, 2] and not record["failed"] and not record["rejected"]
+    assert by_pid[1]["num_examples"] == 10
+    assert by_pid[0]["num_examples"] == len(task.partitions[0])
+    assert record["val_perplexity"] is not None and np.isfinite(record["val_perplexity"])
+    assert summary["test_perplexity"] is not None and summary["epsilon_sample"] is not None
