@@ -142,7 +142,7 @@ def _texts_only(file: Path, task: Task) -> OwnRows:
     for line, text, label in rows:
         if label is not None:
             raise PredictInputError(
-                f'{file}:{line}: a "label" ({label!r}) in a task.kind=\'causal_lm\' node\'s '
+                f'{file}:{line}: a "label" ({label!r:.40}) in a task.kind=\'causal_lm\' node\'s '
                 'file: its lines are {"text": ...} only (each text is its own target); '
                 "remove the labels, and the rows that are not the user's own writing")
         if not text.strip():
