@@ -1,15 +1,23 @@
 """Which examples a SuperNode trains on: its share of the experiment's corpus (node config
-`partition-id`), or its own file (node config `data-path`, JSON lines with a `text` and a
-`label` on every line). The partition id is the client's identity either way: its cohort
-draws, seeds and DP history are keyed by it. Which node holds which partition is not the
-node's say: the simulation engine writes `partition-id` into each node's config, and a
-deployment's server checks each claim against its operator roster
-(`strategies.discovery`). A node with its own file tells the server the file's example
-count once, at discovery (`own_example_count`); the server weights it and plans its DP
-charges by that count for the whole run, sends it back in every train instruction, and the
-node trains only when its data still has exactly that many rows (`training_data`): a file
-edited between discovery and a round is refused, not trained on at a sample rate the
-server never charged."""
+`partition-id`), or its own file (node config `data-path`, JSON lines). The partition id is
+the client's identity either way: its cohort draws, seeds and DP history are keyed by it.
+Which node holds which partition is not the node's say: the simulation engine writes
+`partition-id` into each node's config, and a deployment's server checks each claim against
+its operator roster (`strategies.discovery`). A node with its own file tells the server the
+file's example count once, at discovery (`own_example_count`); the server weights it and
+plans its DP charges by that count for the whole run, sends it back in every train
+instruction, and the node trains only when its data still has exactly that many rows
+(`training_data`): a file edited between discovery and a round is refused, not trained on at
+a sample rate the server never charged.
+
+What a line of the file holds is the task kind's: a classifier's lines each carry a `text`
+and a `label`; a language model's (`task.kind = "causal_lm"`) a `text` only, the texts being
+their own targets. A `label` in a language model's file is refused, not ignored: such a file
+is a classifier's (the corpus path's own rule, SpamAssassin's ham only, is not applied to a
+node's file, so its spam would be trained on as the user's writing). Either way the rows are
+tokenized and given their targets exactly as the task's own corpus rows are (the task's
+prepared tokenizer, `tokenize_texts`, the kind's `targets`, `Split.tensors`): the same text
+gives the same tensors from a node's file and from the corpus."""
 
 from __future__ import annotations
 
@@ -17,11 +25,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.data import tokenize_texts
-from fedtune.data.predict_input import PredictInputError, read_texts
+from fedtune.data.predict_input import PredictInputError, read_rows, read_texts
+from fedtune.task.kinds import task_kind
+from fedtune.task.lm import IGNORE
+from fedtune.task.rows import Split
 from fedtune.task.task import Task
 
 DATA_PATH_KEY = "data-path"
@@ -84,9 +94,9 @@ def node_data(node_config: Mapping[str, object], task: Task, partition_id: int
         raise FileNotFoundError(f"node config {DATA_PATH_KEY}={path!r}: no such file")
     stat = file.stat()
     # A long-lived ClientApp process tokenizes the node's file once, not every round; a
-    # changed file or another backbone/length/label set is read again.
+    # changed file or another backbone/length/kind/label set is read again.
     key = (str(file), stat.st_mtime_ns, stat.st_size, task.backbone.hash,
-           task.cfg.model.max_length, task.label_names)
+           task.cfg.model.max_length, task.cfg.task.kind, task.label_names)
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = _load(file, task)
@@ -97,15 +107,58 @@ _CACHE: dict[tuple, TensorDataset] = {}
 
 
 def _load(file: Path, task: Task) -> TensorDataset:
-    path = str(file)
+    kind = task_kind(task.cfg.task.kind)
     if file.suffix != ".jsonl":
-        raise PredictInputError(f"node config {DATA_PATH_KEY}={path!r}: expected a .jsonl "
-                                'file of {"text": ..., "label": ...} lines')
-    texts, labels = read_texts(file, task.label_names)
-    if labels is None or not texts:
-        raise PredictInputError(f"{path}: every line needs a \"label\" (one of "
-                                f"{list(task.label_names)} or its id) to train on")
+        line = '{"text": ...}' if kind.unlabelled else '{"text": ..., "label": ...}'
+        raise PredictInputError(f"node config {DATA_PATH_KEY}={str(file)!r}: expected a "
+                                f".jsonl file of {line} lines")
+    lines, texts, columns = (_texts_only if kind.unlabelled else _labelled)(file, task)
     tok = tokenize_texts(texts, task.backbone.tokenizer, task.cfg.model.max_length)
-    return TensorDataset(torch.from_numpy(tok["input_ids"].astype(np.int64)),
-                         torch.from_numpy(tok["attention_mask"].astype(np.int64)),
-                         torch.tensor(labels, dtype=torch.int64))
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    import datasets  # only where a node reads its own file
+
+    targets = kind.targets(datasets.Dataset.from_dict({"text": texts, **columns}), ids, mask)
+    if kind.unlabelled:
+        _refuse_unpredictable(file, lines, targets, task.cfg.model.max_length)
+    return Split(ids, mask, targets).tensors()
+
+
+# (line numbers, texts, the columns the kind's `targets` reads beside "text")
+OwnRows = tuple[list[int], list[str], dict[str, list[int]]]
+
+
+def _labelled(file: Path, task: Task) -> OwnRows:
+    texts, labels = read_texts(file, task.label_names)
+    if labels is None:
+        raise PredictInputError(f"{file}: every line needs a \"label\" (one of "
+                                f"{list(task.label_names)} or its id) to train on")
+    return [], texts, {"label": labels}
+
+
+def _texts_only(file: Path, task: Task) -> OwnRows:
+    """A language model's lines: a text each, never a label; a blank text is refused (it
+    would count as an example the server charges for while training nothing)."""
+    rows = read_rows(file)
+    for line, text, label in rows:
+        if label is not None:
+            raise PredictInputError(
+                f'{file}:{line}: a "label" ({label!r:.40}) in a task.kind=\'causal_lm\' node\'s '
+                'file: its lines are {"text": ...} only (each text is its own target); '
+                "remove the labels, and the rows that are not the user's own writing")
+        if not text.strip():
+            raise PredictInputError(f'{file}:{line}: an empty "text": a causal-LM row needs '
+                                    "text to predict; remove the line")
+    return [line for line, _, _ in rows], [text for _, text, _ in rows], {}
+
+
+def _refuse_unpredictable(file: Path, lines: list[int], targets: np.ndarray,
+                          max_length: int) -> None:
+    """A row with no next token to predict (one token within model.max_length) trains
+    nothing yet counts in the example count the server charges by: refused by its line."""
+    predicted = (np.asarray(targets)[:, 1:] != IGNORE).any(axis=1)
+    if not predicted.all():
+        bad = np.flatnonzero(~predicted)
+        raise PredictInputError(
+            f"{file}:{lines[int(bad[0])]}: the text is one token within model.max_length="
+            f"{max_length}, leaving no next token to predict ({bad.size} such line"
+            f"{'s' if bad.size > 1 else ''}); remove it or join it to another")

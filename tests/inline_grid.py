@@ -69,8 +69,11 @@ class InlineGrid:
     """A Grid whose nodes are ClientApp handlers in this process; records what each
     reply carries by message type."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig,
+                 node_configs: dict[int, dict[str, object]] | None = None) -> None:
         self.cfg = cfg
+        # partition id -> node config keys beside `partition-id` (a node's `data-path`)
+        self.node_configs = node_configs or {}
         self.nodes = {1000 + pid: pid for pid in range(cfg.data.num_clients)}
         self.states = {node: RecordDict() for node in self.nodes}
         self.replies: list[Message] = []
@@ -85,11 +88,12 @@ class InlineGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             context = Context(run_id=1, node_id=node,
-                              node_config={"partition-id": self.nodes[node]},
+                              node_config={"partition-id": self.nodes[node],
+                                           **self.node_configs.get(self.nodes[node], {})},
                               state=self.states[node], run_config={})
             kind = msg.metadata.message_type
             if kind == MessageType.QUERY:
-                reply = handle_query(msg, context)
+                reply = handle_query(msg, context, self.cfg)
                 name = "discovery reply"
             else:
                 reply = handle_train(msg, context, self.cfg)
@@ -103,9 +107,11 @@ class InlineGrid:
         return out
 
 
-def inline_run(cfg: ExperimentConfig, out: Path, monkeypatch: Any
+def inline_run(cfg: ExperimentConfig, out: Path, monkeypatch: Any,
+               node_configs: dict[int, dict[str, object]] | None = None
                ) -> tuple[dict[str, Any], InlineGrid, RecordingBody | None]:
-    """Run `cfg` in process into `out`; returns (summary, grid, body recorder)."""
+    """Run `cfg` in process into `out` (`node_configs`: partition id -> more node config);
+    returns (summary, grid, body recorder)."""
     from clients import split as split_client
     from strategies.server import run_server
 
@@ -117,7 +123,7 @@ def inline_run(cfg: ExperimentConfig, out: Path, monkeypatch: Any
         split_flops_module._CACHE.clear()  # measured once per process: measure in this run
     from strategies.discovery import discover
 
-    grid = InlineGrid(cfg)
+    grid = InlineGrid(cfg, node_configs)
     # Discovery here (its replies are recorded too), then the round loop on its roster:
     # a grid that is not the simulation engine's is otherwise a deployment.
     roster = discover(grid, cfg.data.num_clients, cfg.train.round_timeout_s)  # type: ignore

@@ -437,3 +437,40 @@ def test_seeded_noise_is_refused_outside_the_simulation_engine():
         check_server_runtime(seeded, object())  # a deployment's grid
     check_server_runtime(secret, object())
     check_server_runtime(seeded, InMemoryGrid.__new__(InMemoryGrid))  # the simulation's
+
+
+def _write_lm_node_file(path: Path) -> Path:
+    """A language model's node file: the first ham texts of the corpus, texts only."""
+    from fedtune.data import load_corpus
+
+    train = load_corpus("spamassassin")["train"]
+    ham = [t for t, y in zip(train["text"], train["label"], strict=True) if y == 0]
+    path.write_text("".join(json.dumps({"text": t}) + "\n"
+                            for t in ham[:NODE_FILE_EXAMPLES]))
+    return path
+
+
+@pytest.mark.slow
+def test_a_causal_lm_node_trains_on_its_own_texts_in_a_deployment(tmp_path, lm_folders):
+    """Issue 29 in a deployment: node 1 trains a tiny random Llama on its own texts-only
+    file (its count reported at discovery), node 0 on its corpus partition."""
+    own = _write_lm_node_file(tmp_path / "node-1-texts.jsonl")
+    overrides = (f"{OVERRIDES} name=deploy-lm task.kind=causal_lm data.partition=iid "
+                 f'model.backbone="\\"{lm_folders["llama"]}\\"" task.generation_examples=0')
+    # (shlex reads that as model.backbone="<folder>"; a single quote cannot be passed)
+    with LocalDeployment(tmp_path, nodes=2, node_configs=[
+            "partition-id=0", f'partition-id=1 data-path="{own}"']) as deployment:
+        out = tmp_path / "run"
+        res = deployment.run(ROOT, {"config": ROOT / "experiments" / "quickstart.toml",
+                                    "overrides": overrides, "out": out}, timeout=600)
+        assert (out / "summary.json").exists(), \
+            f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+        by_pid = {c["partition_id"]: c for c in r["per_client"]}
+        assert by_pid[1]["num_examples"] == NODE_FILE_EXAMPLES
+        assert r["val_perplexity"] is not None and r["val_accuracy"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_perplexity"] is not None and summary["final_accuracy"] is None

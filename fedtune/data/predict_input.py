@@ -47,14 +47,7 @@ def read_texts(path: Path, label_names: tuple[str, ...], columns: Columns = DEFA
     """Texts, and their label ids when every row has a label (a label name or id). Labels
     on only some rows is an error, not a partial accuracy. The format is the file's suffix
     (`FORMATS`); any other suffix is refused."""
-    text = _read_text(path)
-    reader = FORMATS.get(path.suffix.lower())
-    if reader is None:
-        raise PredictInputError(f"cannot tell the format of {path}: name it "
-                                f"{', '.join(FORMATS)} (CSV and TSV with a header row)")
-    rows = reader(path, text, columns)
-    if not rows:
-        raise PredictInputError(f"{path} holds no texts")
+    rows = read_rows(path, columns)
     texts = [t for _, t, _ in rows]
     labels = [None if y is None else _label_id(y, label_names, f"{path} line {n}")
               for n, _, y in rows]
@@ -70,6 +63,21 @@ def read_texts(path: Path, label_names: tuple[str, ...], columns: Columns = DEFA
 
 # A file's rows: (line number, text, label or None)
 Rows = list[tuple[int, str, object]]
+
+
+def read_rows(path: Path, columns: Columns = DEFAULT_COLUMNS) -> Rows:
+    """The file's rows as read, each with its line number and its label as written (None
+    where it has none): for a caller that decides itself what a label means (a language
+    model's texts have none). A file without a row is refused, as by `read_texts`."""
+    text = _read_text(path)
+    reader = FORMATS.get(path.suffix.lower())
+    if reader is None:
+        raise PredictInputError(f"cannot tell the format of {path}: name it "
+                                f"{', '.join(FORMATS)} (CSV and TSV with a header row)")
+    rows = reader(path, text, columns)
+    if not rows:
+        raise PredictInputError(f"{path} holds no texts")
+    return rows
 
 
 def _plain_rows(path: Path, text: str, columns: Columns) -> Rows:

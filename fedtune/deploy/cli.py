@@ -186,8 +186,8 @@ def supernode(
         help="This client's id, 0 .. data.num_clients-1 (its corpus partition unless "
              "--data-path is given).")],
     data_path: Annotated[Path | None, typer.Option(
-        help='Train on this JSONL file ({"text": ..., "label": ...} lines) instead of '
-             "the partition.")] = None,
+        help='Train on this JSONL file ({"text": ..., "label": ...} lines; {"text": ...} '
+             "for task.kind causal_lm) instead of the partition.")] = None,
     runtime_port: Annotated[int, typer.Option(
         help="Loopback port of the SuperNode's Runtime API (one per node on a machine).")
     ] = 9094,
