@@ -450,7 +450,9 @@ def _write_lm_node_file(path: Path) -> Path:
     return path
 
 
+# long: the README command keeps one deployment e2e per path; this is the LM's own-file case
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_causal_lm_node_trains_on_its_own_texts_in_a_deployment(tmp_path, lm_folders):
     """Issue 29 in a deployment: node 1 trains a tiny random Llama on its own texts-only
     file (its count reported at discovery), node 0 on its corpus partition."""
