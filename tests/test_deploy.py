@@ -139,17 +139,25 @@ def deployment(tmp_path_factory):
         yield deployment
 
 
-@pytest.mark.slow
-def test_two_rounds_on_two_authenticated_supernodes(deployment):
-    out = deployment.root / "run"
+def _two_clean_rounds(deployment, out: Path, overrides: str) -> list[dict]:
+    """Run the quickstart config with `overrides` on the deployment; its two rounds, each
+    with both clients and nothing failed or rejected."""
     res = deployment.run(ROOT, {"config": ROOT / "experiments" / "quickstart.toml",
-                                "overrides": OVERRIDES, "out": out}, timeout=600)
+                                "overrides": overrides, "out": out}, timeout=600)
     assert (out / "summary.json").exists(), \
         f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}"
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
+    return rounds
+
+
+@pytest.mark.slow
+def test_two_rounds_on_two_authenticated_supernodes(deployment):
+    out = deployment.root / "run"
+    rounds = _two_clean_rounds(deployment, out, OVERRIDES)
+    for r in rounds:
         assert sorted(c["partition_id"] for c in r["per_client"]) == [0, 1]
         assert r["bytes_up"] > 0 and r["epsilon_sample"] is not None
         by_pid = {c["partition_id"]: c for c in r["per_client"]}
@@ -463,14 +471,8 @@ def test_a_causal_lm_node_trains_on_its_own_texts_in_a_deployment(tmp_path, lm_f
     with LocalDeployment(tmp_path, nodes=2, node_configs=[
             "partition-id=0", f'partition-id=1 data-path="{own}"']) as deployment:
         out = tmp_path / "run"
-        res = deployment.run(ROOT, {"config": ROOT / "experiments" / "quickstart.toml",
-                                    "overrides": overrides, "out": out}, timeout=600)
-        assert (out / "summary.json").exists(), \
-            f"{res.stdout[-3000:]}{res.stderr[-3000:]}\n{deployment.logs()}"
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+        rounds = _two_clean_rounds(deployment, out, overrides)
     for r in rounds:
-        assert r["clients"] == 2 and not r["failed"] and not r["rejected"]
         by_pid = {c["partition_id"]: c for c in r["per_client"]}
         assert by_pid[1]["num_examples"] == NODE_FILE_EXAMPLES
         assert r["val_perplexity"] is not None and r["val_accuracy"] is None
