@@ -172,6 +172,8 @@ def test_export_into_a_file_is_one_line(tmp_path):
 
 
 def test_reproducible_noise_runs_export_the_seeded_noise_note_with_every_epsilon(tmp_path):
+    from fedtune.config import load_config
+    from fedtune.config.user_unit import user_unit
     from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
 
     for name, seeded in (("seeded", True), ("secret", False)):
@@ -186,7 +188,10 @@ def test_reproducible_noise_runs_export_the_seeded_noise_note_with_every_epsilon
         note = SEEDED_NOISE_NOTE if seeded else SECRET_NOISE_NOTE
         assert manifest["epsilon_sample"] == 2.5 and manifest["epsilon_user"] == 1.5
         assert manifest["epsilon_sample_note"] == note
-        assert manifest["epsilon_user_note"] == note
+        # epsilon_user's note also names its unit (a user or, here, a client's shard).
+        unit = user_unit(load_config(run / "config.toml"))
+        assert "shard" in unit
+        assert manifest["epsilon_user_note"] == f"{note}; {unit}"
         assert manifest["privacy"]["reproducible_noise"] is seeded
         assert manifest["privacy"]["noise"] == note
 

@@ -11,6 +11,8 @@ This package's modules, lowest first (none imports one above it):
 - `checks`: the range and shape rules (BOUNDS, require_*, check_name);
 - `pruning`, `runtime`: the layer-pruning rule grammar, the `[runtime]` table and how its
   settings resolve against the environment;
+- `user_unit`: who epsilon_user protects (the unit the partition makes), and the refusal
+  of a config where one user would be two clients;
 - `schema`: one dataclass per table, each with its own `validate()`;
 - `methods`: the built-in `[tuning.<method>]` tables (registered as the package loads);
 - `load`: TOML and `--set` overrides into a validated ExperimentConfig;

@@ -28,6 +28,7 @@ from fedtune.config.pruning import check_setting as check_pruning
 from fedtune.config.registry import available, config_checks, method_names, method_spec
 from fedtune.config.runtime import RuntimeConfig
 from fedtune.config.task import TaskConfig, check_task
+from fedtune.config.user_unit import check_user_unit
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -704,6 +705,7 @@ class ExperimentConfig:
                 f"{self.train.round_timeout_s}: a hang shorter than the timeout is a slow reply"
             )
         self._validate_aggregation()
+        check_user_unit(self)  # one user is never two clients under user-level DP
         if self.split.enabled:
             self._validate_split()
         self._validate_prefix_cache()

@@ -8,6 +8,9 @@ So do the figures of the cohort as a whole (its size, sums over its members, the
 unnoised mean loss): the release keeps each key with null, and summary.json's totals of
 them are null too (`release_total`); the noised aggregate is all it says of the cohort.
 `fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
+Strategy plugins' round extras are the curator's too, path by path, unless the plugin
+declared a path release-safe (`declare_plugin_extras`, called as a plugin registers:
+strategies.plugins.base); the release keeps each moved path with null.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
 report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,23 @@ COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "
 COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
                   "train_loss")
 MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
+# Round-record keys a strategy plugin fills -> (plugin, the dotted paths under them a
+# user-level release may keep). Filled by `declare_plugin_extras`; private by default.
+_PLUGIN_EXTRAS: dict[str, tuple[str, frozenset[str]]] = {}
+
+
+def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterable[str]
+                          ) -> None:
+    """Plugin `plugin` fills the round record's `keys`; of them a user-level release keeps
+    only the `release_safe` dotted paths (a key claimed by two plugins is refused)."""
+    safe = frozenset(release_safe)
+    for key in keys:
+        owner = _PLUGIN_EXTRAS.get(key, (plugin, safe))[0]
+        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES:
+            raise ValueError(f"round-record key {key!r} of plugin {plugin!r} is already "
+                             f"{owner!r}'s or the round loop's")
+    for key in keys:
+        _PLUGIN_EXTRAS[key] = (plugin, safe)
 
 
 def keeps_cohorts_apart(cfg: ExperimentConfig) -> bool:
@@ -63,7 +84,27 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
         if isinstance(part, dict) and key in part:
             curator.setdefault(section, {})[key] = part[key]
             part[key] = MOVED_NOTE
+    for key, (_, safe) in _PLUGIN_EXTRAS.items():
+        if key in public:
+            _move_private(public, curator, key, key, safe)
     return public, curator
+
+
+def _move_private(public: dict[str, Any], curator: dict[str, Any], key: str, path: str,
+                  safe: frozenset[str]) -> None:
+    """Move `public[key]` (at dotted `path`) to `curator[key]` but for its release-safe
+    paths, leaving null where a value was."""
+    if path in safe:
+        return
+    value = public[key]
+    if isinstance(value, dict):
+        moved: dict[str, Any] = {}
+        for sub in list(value):
+            _move_private(value, moved, sub, f"{path}.{sub}", safe)
+        if moved:
+            curator[key] = moved
+        return
+    curator[key], public[key] = value, None
 
 
 def release_total(history: list[dict[str, Any]], key: str) -> float | int | None:

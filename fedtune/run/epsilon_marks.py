@@ -1,6 +1,7 @@
 """Every epsilon is shown with what weakens it: ONE renderer (`render_epsilon`) for the
 console's round and final lines, the sweep table, `report.md` and its plots, and ONE note
-(`epsilon_note`) beside each epsilon in rounds.jsonl, summary.json and exports.
+(`epsilon_note`) beside each epsilon in rounds.jsonl, summary.json and exports; the note
+beside epsilon_user also names its unit (`fedtune.config.user_unit`).
 
 Marks, each decided from the run's config alone (a registry: add one here and every
 output shows it):
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.config.user_unit import user_unit
 from fedtune.privacy.randomness import SEEDED_NOISE_NOTE, noise_note
 from fedtune.run.folder import CONFIG_FILE
 from fedtune.split.disclosure import protects_smashed_data
@@ -89,11 +91,14 @@ def render_epsilon(value: float | None, marks: Sequence[Mark], digits: int = 2,
 
 
 def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str | None:
-    """The note beside an epsilon in JSON: what its noise is secret from, and every mark's
-    text; null when the epsilon is null (off)."""
+    """The note beside an epsilon in JSON: what its noise is secret from, for epsilon_user
+    whom it protects (`fedtune.config.user_unit`: a user or a client's shard), and every
+    mark's text; null when the epsilon is null (off)."""
     if value is None:
         return None
     texts = [noise_note(cfg.privacy.reproducible_noise)]
+    if level == "user":
+        texts.append(user_unit(cfg))
     texts += [m.text for m in epsilon_marks(cfg, level, value) if m.text not in texts]
     return "; ".join(texts)
 

@@ -9,8 +9,15 @@ changes:
 - `select_cohort(rnd, pids)`: choose the cohort from the sampled partition ids;
 - `client_weight(rnd, pid)`: a factor in [0, 1] on that client's delta in the aggregate
   (after user-level clipping, so a client's DP sensitivity never grows);
-- `round_extras(rnd, clients)`: fields added to the round's ledger line, from the accepted
-  clients' typed reports (`strategies.pipeline.ClientReport`).
+- `extras(rnd, clients)`: fields added to the round's ledger line, from the accepted
+  clients' typed reports (`strategies.pipeline.ClientReport`); the server reads them through
+  `round_extras`, which refuses a top-level key outside the plugin's `extras_keys`.
+
+What a release says of the extras (issue 26, LMATTACK2 1): under user-level DP the cohort's
+size and make-up are secret, so every extra is the curator's (`fedtune.run.curator_log`
+moves it, null left in rounds.jsonl) unless its plugin lists its dotted path in
+`release_safe`. Only a setting or a fixed note may be listed: nothing that counts, sums or
+weights the cohort's members, and no key whose presence depends on the cohort.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedtune.config import ConfigError
+from fedtune.run.curator_log import declare_plugin_extras
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
@@ -35,6 +43,11 @@ class Plugin:
     # True when select_cohort changes who takes part; user-level DP accounting assumes
     # Poisson sampling, so such a plugin must account for itself or be refused.
     changes_cohort: ClassVar[bool] = False
+    # The round record's top-level keys `extras` may fill (registered with the release
+    # split as the plugin registers), and the dotted paths under them a user-level release
+    # may keep (see the module docstring); every other path is the curator's.
+    extras_keys: ClassVar[frozenset[str]] = frozenset()
+    release_safe: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: dict[str, Any], cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -54,8 +67,19 @@ class Plugin:
     def client_weight(self, rnd: int, pid: int) -> float:
         return 1.0
 
-    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+    def extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+        """The hook a plugin overrides: its fields of the round's ledger line."""
         return {}
+
+    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+        """`extras`, refused when it fills a key the release split does not know as this
+        plugin's (such a key would reach a user-level release unsplit)."""
+        extras = self.extras(rnd, clients)
+        undeclared = sorted(set(extras) - self.extras_keys)
+        if undeclared:
+            raise ValueError(f"plugin {self.name!r} returned round extras {undeclared} "
+                             f"outside its extras_keys {sorted(self.extras_keys)}")
+        return extras
 
     def report_groups(self) -> tuple[str, ...]:
         """The figure groups (`fedtune.wire.protocol.EXTRA_GROUPS`) this plugin's clients
@@ -74,12 +98,24 @@ _PLUGINS: dict[str, type[Plugin]] = {}
 def register_plugin(cls: type[Plugin]) -> type[Plugin]:
     if not cls.name or cls.name in _PLUGINS:
         raise ValueError(f"plugin name {cls.name!r} is empty or registered twice")
+    outside = sorted(p for p in cls.release_safe if p.split(".")[0] not in cls.extras_keys)
+    if outside:
+        raise ValueError(f"plugin {cls.name!r} declares release-safe {outside} outside its "
+                         f"extras_keys {sorted(cls.extras_keys)}")
+    declare_plugin_extras(cls.name, cls.extras_keys, cls.release_safe)
     _PLUGINS[cls.name] = cls
     return cls
 
 
 def available_plugins() -> list[str]:
     return sorted(_PLUGINS)
+
+
+def plugin_class(name: str) -> type[Plugin]:
+    """The registered plugin class `name` (KeyError naming the registered ones)."""
+    if name not in _PLUGINS:
+        raise KeyError(f"no plugin {name!r}; registered: {', '.join(available_plugins())}")
+    return _PLUGINS[name]
 
 
 def _resolved(index: int, table: dict[str, Any], cfg: ExperimentConfig

@@ -58,7 +58,12 @@ class EL2NPruning(Plugin):
     def report_groups(self) -> tuple[str, ...]:
         return ("pruning",)
 
-    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+    # `keep` and the caveat follow from the config alone; the sums describe the secret
+    # cohort (curator's log under user-level DP: fedtune.run.curator_log).
+    extras_keys = frozenset({"pruning", "privacy_caveats"})
+    release_safe = frozenset({"pruning.keep", "privacy_caveats"})
+
+    def extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         pruned = [(c.report, p) for c in clients if (p := c.report.pruning) is not None]
         extras: dict[str, Any] = {
             "pruning": {
@@ -71,7 +76,9 @@ class EL2NPruning(Plugin):
                 "flops_saved": sum(p.flops_saved for _, p in pruned),
             }}
         split = [s for r, _ in pruned if (s := r.pruning_split) is not None]
-        if split:  # split mode: what scoring cost and pruning saved on the wire and server
+        # Split mode: what scoring cost and pruning saved on the wire and server; there
+        # every round (zeros without a report), so the keys never tell the cohort's size.
+        if self.cfg.split.enabled:
             extras["pruning"].update({
                 "scoring_smashed_bytes": sum(s.scoring_smashed_bytes for s in split),
                 "smashed_bytes_saved": sum(s.smashed_bytes_saved for s in split),

@@ -106,7 +106,13 @@ class PopulationExpansion(Plugin):
     def report_groups(self) -> tuple[str, ...]:
         return ("importance",) if self.weighting == "importance" else ()
 
-    def round_extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
+    # The weighting and this round's source weight follow from the config alone; the
+    # counts and the mean importance weight describe the secret cohort (curator's log
+    # under user-level DP: fedtune.run.curator_log).
+    extras_keys = frozenset({"expansion"})
+    release_safe = frozenset({"expansion.weighting", "expansion.source_weight"})
+
+    def extras(self, rnd: int, clients: Sequence[ClientReport]) -> dict[str, Any]:
         target = self.cfg.data.target_clients
         source = [c for c in clients if c.partition_id >= target]
         extras: dict[str, Any] = {
@@ -115,8 +121,9 @@ class PopulationExpansion(Plugin):
             "target_clients": len(clients) - len(source),
             "source_clients": len(source),
         }
+        # There every round (null without an importance report: always under 'fixed' and
+        # 'anneal'), so its presence never tells whether the cohort held a source client.
         weights = [i.importance_weight for c in source
                    if (i := c.report.importance) is not None]
-        if weights:
-            extras["source_importance_weight_mean"] = float(np.mean(weights))
+        extras["source_importance_weight_mean"] = float(np.mean(weights)) if weights else None
         return {"expansion": extras}
