@@ -35,7 +35,8 @@ The promise is about other local users (a shared or restored cache folder) and a
   group or others; any other entry is made again, with a warning;
 - its source.json names this very content's SHA-256 and key (an entry copied under another
   key is rebuilt) and each file's SHA-256, checked on every load (a corrupted or partly
-  restored file is rebuilt; 540 MB of SmolLM2 weights hash in MODEL_HASH_S, see below);
+  restored file is rebuilt; SmolLM2's 540 MB hash in 0.8-1.0 s on two shared cores at
+  load average 11.5, against a 2.3-3.0 s load: the price of catching a corrupted entry);
 - the entry is built in a private temp folder (0700: nothing is planted in it while the
   GGUF is dequantized) and every file of it goes through the atomic writer (the tokenizer's
   library writes by name into a private scratch folder, whose bytes are then copied);
