@@ -295,6 +295,24 @@ def test_a_folder_write_replaces_a_planted_link_and_leaves_its_target(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter"]  # no temp left
 
 
+def test_a_folder_is_filled_private_and_then_gets_the_umask_mode(tmp_path):
+    """The temp folder a library writes into by name is 0700 while it fills (no other user
+    plants a link in it); once in place the folder has what a plain mkdir gives."""
+    from fedtune.run.atomic import write_folder_atomic
+
+    seen = {}
+    old = os.umask(0o002)
+    try:
+        write_folder_atomic(tmp_path / "adapter",
+                            lambda tmp: seen.setdefault("mode", os.lstat(tmp).st_mode & 0o777))
+        write_folder_atomic(tmp_path / "entry", lambda tmp: None, mode=0o755)
+    finally:
+        os.umask(old)
+    assert seen["mode"] == 0o700
+    assert os.lstat(tmp_path / "adapter").st_mode & 0o777 == 0o775
+    assert os.lstat(tmp_path / "entry").st_mode & 0o777 == 0o755
+
+
 def test_an_export_holds_no_lock_file_and_a_second_export_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -193,3 +193,175 @@ def test_an_entry_with_an_unreadable_source_is_made_again(ggufs, genuine, tmp_pa
     assert served == entry and _holds(served, genuine["a"])
     assert f"unreadable {gguf.SOURCE_FILE}" in caplog.text
     assert json.loads((served / gguf.SOURCE_FILE).read_text())["key"] == entry.name
+
+
+# Findings 4-6 of the second attack review (lmattack2). The cache's claim is about OTHER
+# users and about accidents: whoever can write files as you can also edit the installed
+# package, so no check here defends against your own account (see the module's docstring).
+
+
+def _plant_consistent_entry(ggufs, cache: Path, tmp_path: Path) -> Path:
+    """b's entry copied under a's key, its source.json lying consistently: a's content
+    SHA-256 and a's key (both computable from the public GGUF) and b's files' own hashes."""
+    from fedtune.models import gguf
+
+    other = gguf.materialize(ggufs["b"], tmp_path / "other")
+    key_a = gguf.cache_key(ggufs["a"])
+    gguf.materialize(ggufs["a"], cache)  # makes the root as fedtune does
+    planted = cache / gguf.FOLDER / key_a
+    shutil.rmtree(planted)
+    shutil.copytree(other, planted)
+    source = json.loads((planted / gguf.SOURCE_FILE).read_text())
+    source.update(gguf_sha256=gguf._file_sha256(ggufs["a"]), key=key_a)
+    (planted / gguf.SOURCE_FILE).write_text(json.dumps(source))
+    return planted
+
+
+@pytest.mark.parametrize("opened", ["entry folder", "weights file"])
+def test_an_entry_another_user_could_write_is_not_served(
+        ggufs, genuine, tmp_path, caplog, opened):
+    """Invariant (finding 4, adapted to the adversary the cache defends against): an entry
+    that the group or others can write (a shared or restored cache) is never served, even
+    when its source.json lies consistently (a's content SHA-256 and key, b's file hashes):
+    it is made again from the GGUF, with a warning."""
+    from fedtune.models import gguf
+
+    cache = tmp_path / "cache"
+    planted = _plant_consistent_entry(ggufs, cache, tmp_path)
+    target = planted if opened == "entry folder" else planted / gguf.MODEL_FILE
+    os.chmod(target, os.stat(target).st_mode | 0o022)
+    with caplog.at_level("WARNING", logger=gguf.__name__):
+        served = gguf.materialize(ggufs["a"], cache)
+    assert _holds(served, genuine["a"]), (
+        f"{served} served b's weights for a from an entry its group/others could write "
+        f"({opened} group- and other-writable)")
+    assert "writable by group or others" in caplog.text
+    assert os.stat(served).st_mode & 0o022 == 0
+    assert all(os.stat(p).st_mode & 0o022 == 0 for p in served.iterdir())
+
+
+def test_a_gguf_cache_folder_others_can_write_is_refused_in_one_line(ggufs, tmp_path):
+    """Invariant: a `<cache>/gguf` the group or others can write is refused (anyone there
+    could plant or replace an entry), one line naming it and the fix; nothing is read."""
+    from fedtune.models import gguf
+
+    cache = tmp_path / "cache"
+    gguf.materialize(ggufs["a"], cache)
+    root = cache / gguf.FOLDER
+    os.chmod(root, 0o777)
+    with pytest.raises(OSError) as exc:
+        gguf.materialize(ggufs["a"], cache)
+    message = str(exc.value)
+    assert "\n" not in message and str(root) in message
+    assert "writable by group or others" in message and "chmod go-w" in message
+
+
+def test_a_new_gguf_cache_folder_is_not_writable_by_others_under_umask_002(ggufs, tmp_path):
+    """The cache's own folders never start open to the group (umask 002 is common)."""
+    from fedtune.models import gguf
+
+    old = os.umask(0o002)
+    try:
+        entry = gguf.materialize(ggufs["a"], tmp_path / "cache")
+    finally:
+        os.umask(old)
+    for path in (entry.parent, entry, *entry.iterdir()):
+        assert os.stat(path).st_mode & 0o022 == 0, f"{path}: {oct(os.stat(path).st_mode)}"
+
+
+def test_an_entry_whose_weights_were_corrupted_is_made_again(ggufs, genuine, tmp_path, caplog):
+    """An accident (a disk error, a half-restored backup): one byte of the weights changed,
+    same size, same time. source.json records each file's SHA-256, checked on every load."""
+    from fedtune.models import gguf
+
+    cache = tmp_path / "cache"
+    entry = gguf.materialize(ggufs["a"], cache)
+    weights = entry / gguf.MODEL_FILE
+    info = os.stat(weights)
+    with open(weights, "r+b") as fh:
+        fh.seek(info.st_size - 1)
+        last = fh.read(1)
+        fh.seek(info.st_size - 1)
+        fh.write(bytes([last[0] ^ 0x01]))
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    with caplog.at_level("WARNING", logger=gguf.__name__):
+        served = gguf.materialize(ggufs["a"], cache)
+    assert _holds(served, genuine["a"])
+    assert f"{gguf.MODEL_FILE}, which does not match the SHA-256" in caplog.text
+
+
+def test_an_entry_whose_weights_file_is_a_hard_link_is_not_read(ggufs, tmp_path):
+    """Invariant: an entry file that is a link (hard or symbolic) to a file elsewhere is not
+    read ("a link to weights anywhere is not an entry: it is rebuilt")."""
+    import torch
+
+    from fedtune.models import gguf
+
+    cache = tmp_path / "cache"
+    entry = gguf.materialize(ggufs["a"], cache)
+    genuine = _embeddings(entry)
+    # A file outside the cache, owned by whoever planted the link, who may rewrite it at any
+    # time: here b's weights.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(gguf.materialize(ggufs["b"], tmp_path / "other") / gguf.MODEL_FILE, outside)
+    (entry / gguf.MODEL_FILE).unlink()
+    os.link(outside, entry / gguf.MODEL_FILE)
+    served = gguf.materialize(ggufs["a"], cache)
+    assert os.stat(served / gguf.MODEL_FILE).st_nlink == 1 and bool(torch.equal(
+        _embeddings(served), genuine)), (
+        "a hard-linked weights file (lstat: a regular file) was served: the file outside "
+        "the cache decides a's weights")
+
+
+def test_no_entry_file_is_written_through_a_link_planted_in_the_fresh_folder(
+        ggufs, tmp_path, monkeypatch):
+    """Invariant: making an entry writes nothing outside the cache, even when a link is
+    planted in the entry's temp folder while the GGUF is dequantized (seconds for SmolLM2):
+    every file of the entry through the atomic writer, no library handed the folder to write
+    into by name."""
+    from fedtune.models import gguf
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    real = gguf.dequantize
+
+    def racing(gguf_file: Path):
+        out = real(gguf_file)
+        # The entry's temp folder is the staging folder's parent (`_write_entry`).
+        (gguf_file.parent.parent / "tokenizer.json").symlink_to(victim)
+        return out
+
+    monkeypatch.setattr(gguf, "dequantize", racing)
+    try:
+        gguf.materialize(ggufs["a"], tmp_path / "cache")
+    except OSError:
+        pass  # refusing the planted link holds the invariant too
+    assert victim.read_text() == "the user's own file\n", (
+        "tokenizer.save_pretrained wrote the entry's tokenizer.json through a link planted "
+        "in its temp folder, overwriting a file outside the cache")
+
+
+def test_the_folder_an_entry_is_built_in_is_private(ggufs, tmp_path, monkeypatch):
+    """While the GGUF is dequantized (seconds), the entry's temp folder and the staged copy's
+    folder are the user's alone (0700), whatever the umask: no other user plants a file or
+    link in them."""
+    from fedtune.models import gguf
+
+    modes = {}
+    real = gguf.dequantize
+
+    def watching(gguf_file: Path):
+        modes["staging"] = stat_mode(gguf_file.parent)
+        modes["entry"] = stat_mode(gguf_file.parent.parent)
+        return real(gguf_file)
+
+    def stat_mode(path: Path) -> int:
+        return os.lstat(path).st_mode & 0o777
+
+    monkeypatch.setattr(gguf, "dequantize", watching)
+    old = os.umask(0o002)
+    try:
+        gguf.materialize(ggufs["a"], tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert modes == {"staging": 0o700, "entry": 0o700}, {k: oct(v) for k, v in modes.items()}

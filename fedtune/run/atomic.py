@@ -19,6 +19,7 @@ lowest layer of tests/test_architecture.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -115,16 +116,19 @@ def append_line(path: str | Path, line: str, mode: int = 0o644) -> None:
         os.fsync(fh.fileno())
 
 
-def write_folder_atomic(path: str | Path, fill: Callable[[Path], None]) -> None:
+def write_folder_atomic(path: str | Path, fill: Callable[[Path], None],
+                        mode: int | None = None) -> None:
     """Make the folder `path` from what `fill(temp_folder)` writes into a fresh temp folder
-    next to it (a new name: nothing planted in it), then renamed into place. What was at
-    `path` (an older folder, or a link planted there) is moved aside first and removed, its
-    contents and any link target untouched: a library that writes by name (peft's
-    save_pretrained) never writes through a link."""
+    next to it (a new name, made private: 0700 while it fills, so no other user plants a
+    file or link in it), then given `mode` (default: what a plain mkdir gives under the
+    umask) and renamed into place. What was at `path` (an older folder, or a link planted
+    there) is moved aside first and removed, its contents and any link target untouched: a
+    library that writes by name (peft's save_pretrained) never writes through a link."""
     path = Path(path)
     tmp = _fresh_folder(path, "tmp")
     try:
         fill(tmp)
+        os.chmod(tmp, _mkdir_mode() if mode is None else mode, follow_symlinks=False)
         old = None
         if os.path.lexists(path):
             old = _fresh_folder(path, "old")
@@ -160,6 +164,35 @@ def make_real_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+def make_own_folder(path: str | Path, what: str) -> Path:
+    """`make_real_folder`, made (when missing) not writable by group or others, and checked
+    to be this user's own and not writable by group or others: a cache that READS `what`
+    from it trusts no file another local user could have planted or replaced there (an
+    UnsafeFileError naming it and the fix otherwise). Whoever runs as this user can edit
+    fedtune itself, so no check defends against them; this one is about the others."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)  # umask 002 would leave it open to the group
+    make_real_folder(path, what)
+    if why := not_own(os.lstat(path)):
+        raise UnsafeFileError(errno.EACCES, f"is {why}: {what} are read only from a folder "
+                              "no other user can write (chmod go-w it, or point "
+                              "$FEDTUNE_CACHE_DIR at a folder of your own)", str(path))
+    return path
+
+
+def not_own(info: os.stat_result) -> str | None:
+    """Why a file or folder with this (l)stat is not this user's alone to write, or None:
+    owned by another user, or writable by its group or by others."""
+    if info.st_uid != os.geteuid():
+        return f"owned by uid {info.st_uid}, not this user (uid {os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
 def fsync_folder(folder: str | Path) -> None:
     """Make a rename or a new entry in `folder` durable."""
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -181,11 +214,29 @@ def _fresh_temp(path: Path) -> tuple[int, Path]:
 
 
 def _fresh_folder(path: Path, what: str) -> Path:
+    """A new folder next to `path`, private (0700, as tempfile.mkdtemp makes): what a
+    library writes into it by name cannot meet a file or link another user planted."""
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{what}-{secrets.token_hex(6)}")
         try:
-            os.mkdir(tmp)  # O_EXCL semantics: a planted name fails instead of being reused
+            os.mkdir(tmp, 0o700)  # O_EXCL semantics: a planted name fails instead of being reused
             return tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"{path.parent}: no free temp folder name for {path.name}")
+
+
+def _mkdir_mode() -> int:
+    """The mode a plain mkdir gives a folder (0777 less the umask), read without changing
+    the umask where Linux shows it (os.umask sets it: another thread's file made meanwhile
+    would get the temporary one; the fallback makes it stricter, never looser)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o777 & ~umask
