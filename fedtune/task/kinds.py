@@ -67,8 +67,11 @@ class TaskKind:
     baseline: Callable[[Any, ExperimentConfig], dict[str, Any]]  # (the Task, its config)
     # (tuned model, config) -> None, or a ConfigError: what the built model cannot run,
     # refused when the task is built, before any round (an LM row's logits past the
-    # evaluation budget).
+    # budget; split mode's batch past it).
     check_model: Callable[[Any, ExperimentConfig], None] = lambda model, cfg: None
+    # (tuned model, row length) -> the rows one training forward may hold, or None (no
+    # bound): a client's step cuts a larger batch into parts (an LM's logits budget).
+    forward_rows: Callable[[Any, int], int | None] = lambda model, length: None
 
 
 _KINDS: dict[str, TaskKind] = {}
@@ -165,5 +168,6 @@ register_task_kind(TaskKind(
     final_extras=lm.generation_quality,
     summary_fields=_lm_summary,
     baseline=lambda task, cfg: dict(NO_BASELINE),
-    check_model=lambda model, cfg: lm.check_logits_budget(model, cfg.model.max_length),
+    check_model=lm.check_training_budget,
+    forward_rows=lm.rows_within_budget,
 ))

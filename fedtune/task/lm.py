@@ -12,8 +12,9 @@ client trains on and the server's perplexity.
   and its mean-reduction scaling assume.
 - Evaluation (`evaluate_lm`): token-weighted, the exp of the total NLL over the total
   predicted tokens (a long message weighs by its tokens, as perplexity is usually read).
-  A forward holds at most LOGITS_BUDGET logits: a batch is cut to fit, and a backbone whose
-  one row passes it is refused (`check_logits_budget`). A diverged model's figures stay
+  A forward holds at most LOGITS_BUDGET logits: a batch is cut to fit (evaluation's, and a
+  client's training step's: `rows_within_budget`), and a backbone whose one row passes it
+  is refused (`check_logits_budget`). A diverged model's figures stay
   strict JSON: a perplexity past a float (or of a NaN loss) is null, and the log says why.
 - Generation quality (`generation_quality`, the final model and its untrained baseline
   only): ROUGE-L of greedy continuations of test texts (`fedtune.task.generation`).
@@ -42,9 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-# Logits held at once by an evaluation forward (floats): 2^26 = 256 MiB. An LM's logits are
-# rows x tokens x vocabulary: the default train.eval_batch_size of 128 rows of 128 tokens of
-# SmolLM2's 49,152-word vocabulary would be 3.2 GB, so a batch is cut to fit.
+# Logits held at once by a forward, evaluation's or a client's training step's (floats):
+# 2^26 = 256 MiB. An LM's logits are rows x tokens x vocabulary: the default
+# train.eval_batch_size of 128 rows of 128 tokens of SmolLM2's 49,152-word vocabulary would
+# be 3.2 GB, so a batch is cut to fit.
 LOGITS_BUDGET = 1 << 26
 # The library that computes ROUGE-L (the lm extra), by its import name and its distribution.
 ROUGE_MODULE, ROUGE_DISTRIBUTION = "rouge_score", "rouge-score"
@@ -210,15 +212,42 @@ def check_logits_budget(model: Any, length: int) -> None:
             f"model.max_length <= {max(most, 0)} for this backbone")
 
 
+def rows_within_budget(model: Any, length: int) -> int | None:
+    """Rows of `length` tokens whose logits fit LOGITS_BUDGET at once (at least one: a
+    longer row is refused by `check_logits_budget`); None where the vocabulary is unknown.
+    Evaluation cuts its batches to it, and so does a client's training step
+    (`clients.train.PlainStep`): an LM's logits, kept for the backward pass too, are the
+    step's largest tensor (SmolLM2, 64 rows of 1,024 tokens: 12.9 GB)."""
+    vocab = _vocabulary(model)
+    if vocab <= 0:
+        return None
+    check_logits_budget(model, length)
+    return max(1, LOGITS_BUDGET // (vocab * _positions(model, length)))
+
+
+def check_training_budget(model: Any, cfg: ExperimentConfig) -> None:
+    """`check_logits_budget`, and, in split mode, refuse a train.batch_size whose logits
+    pass LOGITS_BUDGET: the tail computes the whole batch's logits on the client in one
+    forward (the body's answer is one batch), where the plain step cuts a batch into parts."""
+    length = cfg.model.max_length
+    most = rows_within_budget(model, length)
+    if most is None or not cfg.split.enabled or cfg.train.batch_size <= most:
+        return
+    vocab, positions = _vocabulary(model), _positions(model, length)
+    raise ConfigError(
+        f"split.enabled: train.batch_size={cfg.train.batch_size} rows x model.max_length="
+        f"{length} ({positions:,} positions) x {vocab:,} words = "
+        f"{cfg.train.batch_size * positions * vocab:,} logits pass the budget of "
+        f"{LOGITS_BUDGET:,} floats ({LOGITS_BUDGET * 4 // 2**20} MiB) that split mode's tail "
+        f"holds at once; set train.batch_size <= {most} (or a lower model.max_length)")
+
+
 def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
     """`batch_size`, or fewer rows where their logits would pass LOGITS_BUDGET (the same
     figures: every row is scored on its own); never past it (`check_logits_budget`)."""
-    vocab = _vocabulary(model)
     length = int(split.input_ids.shape[1]) if split.input_ids.ndim == 2 else 1
-    if vocab <= 0:
-        return batch_size
-    check_logits_budget(model, length)
-    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * _positions(model, length))))
+    most = rows_within_budget(model, length)
+    return batch_size if most is None else min(batch_size, most)
 
 
 def rouge_library() -> str | None:
