@@ -262,38 +262,67 @@ def rouge_library() -> str | None:
         return "unversioned"
 
 
+def _rouge_unmeasured(split: Split, cfg: ExperimentConfig) -> str | None:
+    """Why `split`'s test_rouge_l is null under `cfg` ("" where it is not asked for), or
+    None where it is measured."""
+    task = cfg.task
+    need = task.generation_prompt_tokens + task.generation_new_tokens
+    if task.generation_examples <= 0:
+        return ""
+    if split.input_ids.shape[1] < need:
+        # A config that asks for the metric but cannot hold it stays valid (short texts
+        # are how small runs test); the run says why its ROUGE-L is null.
+        return (f"test_rouge_l is null: model.max_length={cfg.model.max_length} holds no "
+                f"task.generation_prompt_tokens + task.generation_new_tokens = {need} "
+                "tokens; raise model.max_length or set task.generation_examples=0")
+    if rouge_library() is None:
+        # A config must stay valid without the lm extra (it is checked everywhere); the
+        # run says why its ROUGE-L is null instead of failing after its rounds.
+        return ("test_rouge_l is null: the generation metric needs rouge-score "
+                "(pip install -e '.[lm]')")
+    return None
+
+
+def _unpadded_rows(split: Split):
+    return (ids[mask.astype(bool)].tolist()
+            for ids, mask in zip(split.input_ids, split.attention_mask, strict=True))
+
+
+def generation_texts(split: Split, tokenizer: Any, cfg: ExperimentConfig) -> list[np.ndarray]:
+    """The token ids `generation_quality` computes `split`'s ROUGE-L on: each scored text's
+    prompt and reference (none where the figure is null). The untrained-figures cache keys
+    on them: the texts are scanned from the whole split, past train.eval_max_examples."""
+    if _rouge_unmeasured(split, cfg) is not None:
+        return []
+    from fedtune.task.generation import select_continuations
+
+    task = cfg.task
+    chosen = select_continuations(tokenizer, _unpadded_rows(split),
+                                  task.generation_prompt_tokens, task.generation_new_tokens,
+                                  task.generation_examples)
+    return [np.asarray(prompt + reference, dtype=np.int64)
+            for prompt, reference in zip(chosen.prompts, chosen.reference_ids, strict=True)]
+
+
 def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
                        cfg: ExperimentConfig) -> dict[str, float | None]:
     """`rouge_l` of `model`'s greedy continuations of the first `task.generation_examples`
     texts of `split` at least `generation_prompt_tokens + generation_new_tokens` long (None:
     not measured, or no text that long within `model.max_length`)."""
     task = cfg.task
-    need = task.generation_prompt_tokens + task.generation_new_tokens
-    if task.generation_examples <= 0:
-        return {"rouge_l": None}
-    if split.input_ids.shape[1] < need:
-        # A config that asks for the metric but cannot hold it stays valid (short texts
-        # are how small runs test); the run says why its ROUGE-L is null.
-        log.warning("test_rouge_l is null: model.max_length=%d holds no "
-                    "task.generation_prompt_tokens + task.generation_new_tokens = %d tokens; "
-                    "raise model.max_length or set task.generation_examples=0",
-                    cfg.model.max_length, need)
-        return {"rouge_l": None}
-    if rouge_library() is None:
-        # A config must stay valid without the lm extra (it is checked everywhere); the
-        # run says why its ROUGE-L is null instead of failing after its rounds.
-        log.warning("test_rouge_l is null: the generation metric needs rouge-score "
-                    "(pip install -e '.[lm]')")
+    why = _rouge_unmeasured(split, cfg)
+    if why is not None:
+        if why:
+            log.warning("%s", why)
         return {"rouge_l": None}
     from fedtune.task.generation import continuation_rouge
 
-    rows = (ids[mask.astype(bool)].tolist()
-            for ids, mask in zip(split.input_ids, split.attention_mask, strict=True))
     model.eval()
     with torch.inference_mode():
         scored = continuation_rouge(
-            lambda ids, mask: model(ids, mask), tokenizer, rows, task.generation_prompt_tokens,
-            task.generation_new_tokens, task.generation_examples,
+            lambda ids, mask: model(ids, mask), tokenizer, _unpadded_rows(split),
+            task.generation_prompt_tokens, task.generation_new_tokens,
+            task.generation_examples,
             _rows_per_forward(model, split, cfg.train.eval_batch_size))
     return {"rouge_l": scored["rouge_l"]}
 
