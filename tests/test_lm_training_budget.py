@@ -73,18 +73,20 @@ def test_a_training_forward_holds_at_most_the_logits_budget(lm_folders, monkeypa
                       "by the vocabulary")
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+@pytest.mark.parametrize("dp", [None, "hooks", "functorch", "ew"])
 def test_a_batch_trained_in_parts_gives_the_whole_batchs_update(lm_folders, monkeypatch, dp):
     """Cut into parts of 3, 3 and 2 rows, two steps give the same trained tensors and loss
     as the whole batches: plain gradients are weighed by each part's share of the batch;
     under DP-SGD each part's per-sample gradients are clipped into the one sum that is
-    noised once (the same secret-free reproducible noise both ways)."""
+    noised once (the same reproducible noise both ways), in each grad-sample mode an LM
+    accepts."""
     from fedtune.task import lm
 
     folder = lm_folders["llama"]
     sets = ["train.local_steps=2", "privacy.reproducible_noise=true"]
     if dp:
-        sets += ["privacy.sample.enabled=true", "privacy.sample.max_grad_norm=0.05"]
+        sets += ["privacy.sample.enabled=true", "privacy.sample.max_grad_norm=0.05",
+                 f"privacy.sample.grad_sample_mode={dp}"]
     cfg = _lm_config(folder, *sets)
     backbone = load_backbone(folder, kind="causal_lm")
     vocab = int(backbone.model.config.vocab_size)
