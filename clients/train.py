@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,19 +62,58 @@ class LocalStep(Protocol):
     # them to the client's history before it computes the epsilon.
 
 
-class PlainStep:
-    """The whole model on the client: forward, loss, backward."""
+@dataclass(frozen=True)
+class BatchParts:
+    """How `PlainStep` cuts a batch whose forward would hold too much (an LM's logits past
+    `fedtune.task.lm.LOGITS_BUDGET`): `most(row length)` rows a forward may hold (None: no
+    bound). Under DP-SGD, `private` is the DP optimizer: each part's per-sample gradients
+    are clipped into its sum by a skipped step (Opacus' `signal_skip_step`, what its
+    BatchMemoryManager does) and the last part's step noises that sum once."""
 
-    def __init__(self, tuned: TunedModel | None = None) -> None:
+    most: Callable[[int], int | None]
+    private: torch.optim.Optimizer | None = None
+
+
+class PlainStep:
+    """The whole model on the client: forward, loss, backward; in parts of at most
+    `parts.most` rows where a forward of the whole batch would pass the task kind's budget,
+    with the whole batch's gradient."""
+
+    def __init__(self, tuned: TunedModel | None = None, parts: BatchParts | None = None) -> None:
         self.tuned = tuned
+        self.parts = parts
 
     def __call__(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
                  mask: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+        rows = int(labels.shape[0])
+        most = None if self.parts is None else self.parts.most(int(mask.shape[-1]))
+        if most is None or rows <= most:
+            loss = self._loss(model, criterion, ids, mask, labels)
+            loss.backward()
+            return loss.detach()
+        private = self.parts.private
+        total = torch.zeros(())
+        for start in range(0, rows, most):
+            part = slice(start, min(start + most, rows))
+            share = (part.stop - start) / rows
+            loss = self._loss(model, criterion, ids[part], mask[part], labels[part])
+            # The criterion is a batch mean. Plain gradients add up over the parts, so each
+            # part's weighs by its share of the batch; Opacus' hooks undo each forward's own
+            # mean into per-sample gradients, so a private part's loss goes in as it is.
+            (loss if private is not None else loss * share).backward()
+            total = total + loss.detach().cpu() * share
+            if private is not None and part.stop < rows:
+                private.signal_skip_step(do_skip=True)
+                private.step()  # clips this part's per-sample gradients into the sum
+                private.zero_grad(set_to_none=True)  # keeps the sum: the step was skipped
+        return total
+
+    def _loss(self, model: nn.Module, criterion: nn.Module, ids: torch.Tensor,
+              mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = criterion(model(ids, mask), labels)
         if self.tuned is not None:
             loss = loss + unused_domain_head(self.tuned)
-        loss.backward()
-        return loss.detach()
+        return loss
 
     def flops(self, model: TunedModel, data: TensorDataset, examples: int) -> float:
         return examples * flops_per_example(model, data)
@@ -119,7 +159,8 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     loader then carries row indices into the cache in place of token ids, so the batches
     and Poisson samples pick the same examples.
     """
-    step = step or PlainStep(model)  # the step keeps the tuned model (its domain head)
+    tuned = model  # the step keeps the tuned model (its domain head, its logits' width)
+    kind = task_kind(cfg.task.kind)
     cached = training_view(model, data, cfg)
     if cached is not None:
         model, data = cached
@@ -137,7 +178,7 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
     sigma, sample_rate = 0.0, 0.0
     # The task kind's loss: a classifier's cross entropy, a language model's per-sequence
     # next-token loss (each one a batch mean of per-example losses, as DP-SGD clips).
-    criterion: nn.Module = task_kind(cfg.task.kind).criterion()
+    criterion: nn.Module = kind.criterion()
     train_model: nn.Module = model
     private = None
     if dp.enabled:
@@ -150,6 +191,9 @@ def local_train(model: TunedModel, data: TensorDataset, cfg: ExperimentConfig,
                                f"the accounted rate is {sample_rate}")
         train_model, optimizer, loader, criterion = (
             private.model, private.optimizer, private.loader, private.criterion)
+    # The default step cuts a batch past the kind's budget into parts (an LM's logits).
+    step = step or PlainStep(tuned, BatchParts(lambda length: kind.forward_rows(tuned, length),
+                                               optimizer if dp.enabled else None))
 
     clip_norm = 0.0 if dp.enabled else cfg.train.max_grad_norm
     trainable = [p for group in optimizer.param_groups for p in group["params"]]

@@ -135,3 +135,31 @@ def test_an_lm_summary_without_its_perplexity_is_named(tmp_path):
 
     with pytest.raises(LedgerError, match="has no test_perplexity"):
         collect([tmp_path])
+
+
+def test_a_round_with_a_null_perplexity_is_a_gap_at_its_round_not_a_shift(tmp_path):
+    """A diverged round's validation perplexity is null (strict JSON); the curve keeps
+    every other round at its own round number (a gap), in the per-run figures, the mean
+    over seeds and both plots, never the rounds after it drawn one round early."""
+    import numpy as np
+
+    for seed in (0, 1):
+        _lm_run(tmp_path / f"lora-{seed}", "lora", None, seed, 100.0 + seed,
+                val=(400.0 + seed, 200.0 + seed, 150.0 + seed))
+        lines = (tmp_path / f"lora-{seed}" / "rounds.jsonl").read_text().splitlines()
+        middle = json.loads(lines[1]) | {"val_loss": None, "val_perplexity": None}
+        lines[1] = json.dumps(middle)
+        (tmp_path / f"lora-{seed}" / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    (only,) = group(collect([tmp_path]))
+    assert only.runs[0].accuracy_by_round in ([400.0, None, 150.0], [401.0, None, 151.0])
+    assert only.mean_curve("accuracy_by_round") == [400.5, None, 150.5]
+    for draw in (_plot_rounds, _plot_bytes):
+        fig, ax = plt.subplots()
+        draw(ax, [only])
+        (line,) = ax.get_lines()
+        y = np.asarray(line.get_ydata(), dtype=float)
+        x = np.asarray(line.get_xdata(), dtype=float)
+        assert y[0] == 400.5 and np.isnan(y[1]) and y[2] == 150.5
+        # Round 3's point is drawn at round 3 (or its upload, 6 kB), not at round 2's.
+        assert list(x) == ([1, 2, 3] if draw is _plot_rounds else [0.001, 0.003, 0.006])
+        plt.close(fig)

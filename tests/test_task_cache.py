@@ -373,3 +373,71 @@ def test_the_untuned_rouge_is_measured_once_the_library_that_computes_it_is_ther
     again = untrained_metrics(task, model, cfg)
     assert again["test_rouge_l"] is not None, (
         "initial_test_rouge_l is the null cached before rouge-score was installed")
+
+
+# From the second LM review (LMATTACK2 finding 9), its assertion kept; the task carries its
+# backbone's tokenizer, as a real one does (it decides which texts ROUGE-L can score).
+ROUGE_LENGTH, ROUGE_CAP = 32, 4
+
+
+def _rouge_split(tail_seed: int, changed_row: int | None = None):
+    """Test rows: the first ROUGE_CAP short texts (too short for the generation metric),
+    then long ones drawn from `tail_seed` (the ones ROUGE-L is computed on)."""
+    from fedtune.task.rows import Split
+
+    rng = np.random.default_rng(tail_seed)
+    ids = np.zeros((ROUGE_CAP + 8, ROUGE_LENGTH), dtype=np.int32)
+    mask = np.zeros_like(ids)
+    ids[:ROUGE_CAP, :3], mask[:ROUGE_CAP, :3] = 7, 1
+    ids[ROUGE_CAP:] = rng.integers(2000, 3000, size=(8, ROUGE_LENGTH))
+    mask[ROUGE_CAP:] = 1
+    if changed_row is not None:
+        ids[changed_row] += 1
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    return Split(ids, mask, labels)
+
+
+def test_the_untrained_rouge_key_covers_the_texts_it_is_computed_on():
+    """Invariant: two tasks whose untrained test_rouge_l is computed on different texts
+    never share an untrained-figures key; a text neither figure reads changes nothing."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from fedtune.models.backbone import resolve_backbone_path
+    from fedtune.task.evaluation import untrained_cache_key
+
+    if importlib.util.find_spec("rouge_score") is None:
+        pytest.skip("rouge-score (the lm extra) is not installed")
+    cfg = load_config(None, ["task.kind=causal_lm", "data.partition=iid",
+                             f"model.max_length={ROUGE_LENGTH}",
+                             f"train.eval_max_examples={ROUGE_CAP}",
+                             "task.generation_examples=4", "task.generation_prompt_tokens=8",
+                             "task.generation_new_tokens=4", "data.validation_fraction=0"])
+    model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), prefix=None,
+                            method="lora")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path("minilm"))
+
+    def key(test) -> str:
+        task = SimpleNamespace(test=test, validation=None, num_labels=0,
+                               backbone=SimpleNamespace(hash="b" * 16, tokenizer=tokenizer),
+                               spec=SimpleNamespace(hash="s" * 16))
+        return untrained_cache_key(task, model, cfg)
+
+    keys = [key(_rouge_split(tail)) for tail in (1, 2)]
+    assert not np.array_equal(_rouge_split(1).input_ids[ROUGE_CAP:],
+                              _rouge_split(2).input_ids[ROUGE_CAP:])
+    assert keys[0] != keys[1], (
+        f"both test splits key {keys[0]}: the key holds only their first {ROUGE_CAP} rows "
+        "(train.eval_max_examples), while the untrained ROUGE-L is computed on the later, "
+        "different texts; the second run is served the first one's untuned ROUGE-L")
+    # The four texts ROUGE-L scores follow the four short ones; the last row is read by
+    # neither figure, while a scored text's later tokens (past prompt + reference) are not
+    # read either.
+    assert key(_rouge_split(1, changed_row=ROUGE_CAP + 7)) == keys[0]
+    assert key(_rouge_split(1, changed_row=ROUGE_CAP + 3)) != keys[0]
+    tail = _rouge_split(1)
+    tail.input_ids[ROUGE_CAP, 8 + 4:] += 1
+    assert key(tail) == keys[0]

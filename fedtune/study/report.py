@@ -99,9 +99,10 @@ class RunResult:
     seed: int
     # The kind's final test figure (`QUALITY_AXES`): accuracy, or perplexity for an LM.
     accuracy: float
-    # Its validation figure per round; empty for a run without a validation split (and for
-    # folders written before it existed, whose per-round figure was a test accuracy).
-    accuracy_by_round: list[float]
+    # Its validation figure per round, None where a round's is null (a diverged LM round);
+    # empty for a run without a validation split (and for folders written before it
+    # existed, whose per-round figure was a test accuracy).
+    accuracy_by_round: list[float | None]
     cumulative_mb_up: list[float]
     # Flattened config minus what the group key and the seed already say.
     settings: dict[str, str] = field(default_factory=dict)
@@ -143,10 +144,13 @@ class Group:
             return None
         return statistics.fmean(m for m in found if m is not None)
 
-    def mean_curve(self, attr: str) -> list[float]:
+    def mean_curve(self, attr: str) -> list[float | None]:
+        """The runs' mean per round; None at a round where a run's figure is null (a gap
+        at that round: a mean over the other seeds would not be the group's)."""
         curves = [getattr(r, attr) for r in self.runs]
         n = min(len(c) for c in curves)
-        return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+        return [None if any(c[i] is None for c in curves)
+                else statistics.fmean(c[i] for c in curves) for i in range(n)]
 
 
 def collect(dirs: list[Path]) -> list[RunResult]:
@@ -192,10 +196,17 @@ def _load(folder: Path) -> RunResult:
     marks = {m for lvl in LEVELS
              for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
     return RunResult(folder, _method(cfg), level, target, max(eps) if eps else None,
-                     cfg.seed, summary[axis.final_key],
-                     [r[axis.round_key] for r in rounds if r.get(axis.round_key) is not None],
+                     cfg.seed, summary[axis.final_key], _round_figures(rounds, axis.round_key),
                      up, _settings(cfg), tuple(m for m in MARKS if m in marks),
                      summary.get("majority_accuracy"), cfg.task.kind)
+
+
+def _round_figures(rounds: list[dict], key: str) -> list[float | None]:
+    """Each round's validation figure, by position: None where it is null (a diverged
+    round's perplexity), so the rounds after it keep their numbers (a gap in the curve);
+    empty where no round has one (no validation split)."""
+    figures = [r.get(key) for r in rounds]
+    return figures if any(f is not None for f in figures) else []
 
 
 def _method(cfg: ExperimentConfig) -> str:
@@ -476,7 +487,8 @@ def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
 
     colors, styles = _curve_styles(groups)
     for g in groups:
-        y = g.mean_curve("accuracy_by_round")
+        # A null round is NaN: matplotlib leaves a gap there, the other rounds in place.
+        y = [math.nan if v is None else v for v in g.mean_curve("accuracy_by_round")]
         if not y:  # no validation split: no per-round figure to draw
             continue
         x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)[:len(y)]

@@ -119,16 +119,20 @@ def untrained_metrics(task: Task, model: TunedModel, cfg: ExperimentConfig
 def untrained_cache_key(task: Task, model: TunedModel, cfg: ExperimentConfig) -> str:
     """The key of the task's untrained figures (`task_cache.untrained_key`): the test and
     validation rows evaluated (their contents, whatever corpus, tokenizer or carve made
-    them); the model: the backbone's weights hash, the model table (token length, pruning),
-    the method's table, the seed and the spec's hash (the trainable layout); the
-    evaluation's batch size, cap and path (the frozen-prefix cache gives equal figures only
-    within float tolerance); the thread count and device (a CPU kernel's rounding may follow
-    the split of its work); the ROUGE library that scores generations, where importable."""
+    them) and the texts of the kind's final figures (an LM's ROUGE-L); the model: the
+    backbone's weights hash, the model table (token length, pruning), the method's table,
+    the seed and the spec's hash (the trainable layout); the evaluation's batch size, cap
+    and path (the frozen-prefix cache gives equal figures only within float tolerance); the
+    thread count and device (a CPU kernel's rounding may follow the split of its work); the
+    ROUGE library that scores generations, where importable."""
     rows = []
     for split in (task.test, task.validation):
         if split is not None:
             n = _evaluated(len(split), cfg.train.eval_max_examples)
             rows += [split.input_ids[:n], split.attention_mask[:n], split.labels[:n]]
+    # The final figures the kind computes on other texts (an LM's ROUGE-L scans the whole
+    # test split for texts long enough), each as its own array.
+    rows += task_kind(cfg.task.kind).final_texts(task.test, task.backbone, cfg)
     parameter = next(model.parameters())
     return task_cache.untrained_key(rows, {
         "backbone": task.backbone.hash, "spec": task.spec.hash,

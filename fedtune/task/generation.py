@@ -19,6 +19,7 @@ batch. Greedy decoding and the fixed row order make the figure deterministic: no
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -126,18 +127,32 @@ def rouge_scorer() -> tuple[Any, Any]:
     return rs.RougeScorer([ROUGE_TYPE], tokenizer=words), words
 
 
-def continuation_scores(logits_fn: LogitsFn, tokenizer: Any,
-                        token_rows: Iterable[Sequence[int]], prompt_tokens: int,
-                        new_tokens: int, max_examples: int, batch_size: int
-                        ) -> tuple[list[float], int, int]:
-    """Each scored row's ROUGE-L F1 (see `continuation_rouge`), with the counts of rows
-    skipped as too short and as without a scoreable word."""
+@dataclass(frozen=True)
+class Continuations:
+    """The rows a ROUGE-L figure is computed on: each scored row's prompt and reference
+    token ids and its decoded reference, with the counts of rows skipped as too short and
+    as without a scoreable word."""
+
+    prompts: list[list[int]]
+    reference_ids: list[list[int]]
+    references: list[str]
+    short: int
+    no_words: int
+
+
+def select_continuations(tokenizer: Any, token_rows: Iterable[Sequence[int]],
+                         prompt_tokens: int, new_tokens: int, max_examples: int
+                         ) -> Continuations:
+    """The first `max_examples` rows (all if <= 0) at least `prompt_tokens + new_tokens`
+    long whose reference has a word ROUGE can score, in order, cut to their prompt and
+    reference: what `continuation_scores` scores (the untrained-figures cache keys on it)."""
     _positive("prompt_tokens", prompt_tokens)
     _positive("new_tokens", new_tokens)
     if not isinstance(max_examples, int) or isinstance(max_examples, bool):
         raise ValueError(f"max_examples must be an integer, got {max_examples!r}")
-    scorer, words = rouge_scorer()
+    _, words = rouge_scorer()
     prompts: list[list[int]] = []
+    reference_ids: list[list[int]] = []
     references: list[str] = []
     short = no_words = 0
     for row in token_rows:
@@ -153,12 +168,25 @@ def continuation_scores(logits_fn: LogitsFn, tokenizer: Any,
             no_words += 1
             continue
         prompts.append(row[:prompt_tokens])
+        reference_ids.append(row[prompt_tokens:prompt_tokens + new_tokens])
         references.append(reference)
-    generated = greedy_continue(logits_fn, tokenizer, prompts, new_tokens, batch_size) \
-        if prompts else []
+    return Continuations(prompts, reference_ids, references, short, no_words)
+
+
+def continuation_scores(logits_fn: LogitsFn, tokenizer: Any,
+                        token_rows: Iterable[Sequence[int]], prompt_tokens: int,
+                        new_tokens: int, max_examples: int, batch_size: int
+                        ) -> tuple[list[float], int, int]:
+    """Each scored row's ROUGE-L F1 (see `continuation_rouge`), with the counts of rows
+    skipped as too short and as without a scoreable word."""
+    chosen = select_continuations(tokenizer, token_rows, prompt_tokens, new_tokens,
+                                  max_examples)
+    scorer, _ = rouge_scorer()
+    generated = greedy_continue(logits_fn, tokenizer, chosen.prompts, new_tokens, batch_size) \
+        if chosen.prompts else []
     scores = [scorer.score(ref, tokenizer.decode(gen, skip_special_tokens=True))[ROUGE_TYPE]
-              .fmeasure for ref, gen in zip(references, generated, strict=True)]
-    return scores, short, no_words
+              .fmeasure for ref, gen in zip(chosen.references, generated, strict=True)]
+    return scores, chosen.short, chosen.no_words
 
 
 def continuation_rouge(logits_fn: LogitsFn, tokenizer: Any,

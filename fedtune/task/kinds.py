@@ -60,6 +60,9 @@ class TaskKind:
     # (model, test split, tokenizer, config) -> figures measured on the final model and its
     # untrained baseline only (a language model's generation quality).
     final_extras: Callable[..., dict[str, float | None]]
+    # (test split, backbone, config) -> the token arrays `final_extras` reads, which the
+    # evaluation's first rows may not hold (the untrained-figures cache keys on them).
+    final_texts: Callable[[Any, Any, ExperimentConfig], list[np.ndarray]]
     # The summary's quality fields from the rounds, the untrained figures and the final test.
     summary_fields: Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any],
                               Mapping[str, Any], int], dict[str, Any]]
@@ -67,8 +70,11 @@ class TaskKind:
     baseline: Callable[[Any, ExperimentConfig], dict[str, Any]]  # (the Task, its config)
     # (tuned model, config) -> None, or a ConfigError: what the built model cannot run,
     # refused when the task is built, before any round (an LM row's logits past the
-    # evaluation budget).
+    # budget; split mode's batch past it).
     check_model: Callable[[Any, ExperimentConfig], None] = lambda model, cfg: None
+    # (tuned model, row length) -> the rows one training forward may hold, or None (no
+    # bound): a client's step cuts a larger batch into parts (an LM's logits budget).
+    forward_rows: Callable[[Any, int], int | None] = lambda model, length: None
 
 
 _KINDS: dict[str, TaskKind] = {}
@@ -147,6 +153,7 @@ register_task_kind(TaskKind(
     criterion=nn.CrossEntropyLoss,
     evaluate=classification.evaluate,
     final_extras=lambda model, split, tokenizer, cfg: {},
+    final_texts=lambda split, backbone, cfg: [],
     summary_fields=_classification_summary,
     baseline=classification.majority_fields,
 ))
@@ -163,7 +170,10 @@ register_task_kind(TaskKind(
     criterion=lm.NextTokenLoss,
     evaluate=lm.evaluate_lm,
     final_extras=lm.generation_quality,
+    final_texts=lambda split, backbone, cfg: lm.generation_texts(split, backbone.tokenizer,
+                                                                 cfg),
     summary_fields=_lm_summary,
     baseline=lambda task, cfg: dict(NO_BASELINE),
-    check_model=lambda model, cfg: lm.check_logits_budget(model, cfg.model.max_length),
+    check_model=lm.check_training_budget,
+    forward_rows=lm.rows_within_budget,
 ))

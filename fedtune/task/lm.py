@@ -12,8 +12,9 @@ client trains on and the server's perplexity.
   and its mean-reduction scaling assume.
 - Evaluation (`evaluate_lm`): token-weighted, the exp of the total NLL over the total
   predicted tokens (a long message weighs by its tokens, as perplexity is usually read).
-  A forward holds at most LOGITS_BUDGET logits: a batch is cut to fit, and a backbone whose
-  one row passes it is refused (`check_logits_budget`). A diverged model's figures stay
+  A forward holds at most LOGITS_BUDGET logits: a batch is cut to fit (evaluation's, and a
+  client's training step's: `rows_within_budget`), and a backbone whose one row passes it
+  is refused (`check_logits_budget`). A diverged model's figures stay
   strict JSON: a perplexity past a float (or of a NaN loss) is null, and the log says why.
 - Generation quality (`generation_quality`, the final model and its untrained baseline
   only): ROUGE-L of greedy continuations of test texts (`fedtune.task.generation`).
@@ -42,9 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-# Logits held at once by an evaluation forward (floats): 2^26 = 256 MiB. An LM's logits are
-# rows x tokens x vocabulary: the default train.eval_batch_size of 128 rows of 128 tokens of
-# SmolLM2's 49,152-word vocabulary would be 3.2 GB, so a batch is cut to fit.
+# Logits held at once by a forward, evaluation's or a client's training step's (floats):
+# 2^26 = 256 MiB. An LM's logits are rows x tokens x vocabulary: the default
+# train.eval_batch_size of 128 rows of 128 tokens of SmolLM2's 49,152-word vocabulary would
+# be 3.2 GB, so a batch is cut to fit.
 LOGITS_BUDGET = 1 << 26
 # The library that computes ROUGE-L (the lm extra), by its import name and its distribution.
 ROUGE_MODULE, ROUGE_DISTRIBUTION = "rouge_score", "rouge-score"
@@ -210,15 +212,42 @@ def check_logits_budget(model: Any, length: int) -> None:
             f"model.max_length <= {max(most, 0)} for this backbone")
 
 
+def rows_within_budget(model: Any, length: int) -> int | None:
+    """Rows of `length` tokens whose logits fit LOGITS_BUDGET at once (at least one: a
+    longer row is refused by `check_logits_budget`); None where the vocabulary is unknown.
+    Evaluation cuts its batches to it, and so does a client's training step
+    (`clients.train.PlainStep`): an LM's logits, kept for the backward pass too, are the
+    step's largest tensor (SmolLM2, 64 rows of 1,024 tokens: 12.9 GB)."""
+    vocab = _vocabulary(model)
+    if vocab <= 0:
+        return None
+    check_logits_budget(model, length)
+    return max(1, LOGITS_BUDGET // (vocab * _positions(model, length)))
+
+
+def check_training_budget(model: Any, cfg: ExperimentConfig) -> None:
+    """`check_logits_budget`, and, in split mode, refuse a train.batch_size whose logits
+    pass LOGITS_BUDGET: the tail computes the whole batch's logits on the client in one
+    forward (the body's answer is one batch), where the plain step cuts a batch into parts."""
+    length = cfg.model.max_length
+    most = rows_within_budget(model, length)
+    if most is None or not cfg.split.enabled or cfg.train.batch_size <= most:
+        return
+    vocab, positions = _vocabulary(model), _positions(model, length)
+    raise ConfigError(
+        f"split.enabled: train.batch_size={cfg.train.batch_size} rows x model.max_length="
+        f"{length} ({positions:,} positions) x {vocab:,} words = "
+        f"{cfg.train.batch_size * positions * vocab:,} logits pass the budget of "
+        f"{LOGITS_BUDGET:,} floats ({LOGITS_BUDGET * 4 // 2**20} MiB) that split mode's tail "
+        f"holds at once; set train.batch_size <= {most} (or a lower model.max_length)")
+
+
 def _rows_per_forward(model: TunedModel, split: Split, batch_size: int) -> int:
     """`batch_size`, or fewer rows where their logits would pass LOGITS_BUDGET (the same
     figures: every row is scored on its own); never past it (`check_logits_budget`)."""
-    vocab = _vocabulary(model)
     length = int(split.input_ids.shape[1]) if split.input_ids.ndim == 2 else 1
-    if vocab <= 0:
-        return batch_size
-    check_logits_budget(model, length)
-    return max(1, min(batch_size, LOGITS_BUDGET // (vocab * _positions(model, length))))
+    most = rows_within_budget(model, length)
+    return batch_size if most is None else min(batch_size, most)
 
 
 def rouge_library() -> str | None:
@@ -233,38 +262,67 @@ def rouge_library() -> str | None:
         return "unversioned"
 
 
+def _rouge_unmeasured(split: Split, cfg: ExperimentConfig) -> str | None:
+    """Why `split`'s test_rouge_l is null under `cfg` ("" where it is not asked for), or
+    None where it is measured."""
+    task = cfg.task
+    need = task.generation_prompt_tokens + task.generation_new_tokens
+    if task.generation_examples <= 0:
+        return ""
+    if split.input_ids.shape[1] < need:
+        # A config that asks for the metric but cannot hold it stays valid (short texts
+        # are how small runs test); the run says why its ROUGE-L is null.
+        return (f"test_rouge_l is null: model.max_length={cfg.model.max_length} holds no "
+                f"task.generation_prompt_tokens + task.generation_new_tokens = {need} "
+                "tokens; raise model.max_length or set task.generation_examples=0")
+    if rouge_library() is None:
+        # A config must stay valid without the lm extra (it is checked everywhere); the
+        # run says why its ROUGE-L is null instead of failing after its rounds.
+        return ("test_rouge_l is null: the generation metric needs rouge-score "
+                "(pip install -e '.[lm]')")
+    return None
+
+
+def _unpadded_rows(split: Split):
+    return (ids[mask.astype(bool)].tolist()
+            for ids, mask in zip(split.input_ids, split.attention_mask, strict=True))
+
+
+def generation_texts(split: Split, tokenizer: Any, cfg: ExperimentConfig) -> list[np.ndarray]:
+    """The token ids `generation_quality` computes `split`'s ROUGE-L on: each scored text's
+    prompt and reference (none where the figure is null). The untrained-figures cache keys
+    on them: the texts are scanned from the whole split, past train.eval_max_examples."""
+    if _rouge_unmeasured(split, cfg) is not None:
+        return []
+    from fedtune.task.generation import select_continuations
+
+    task = cfg.task
+    chosen = select_continuations(tokenizer, _unpadded_rows(split),
+                                  task.generation_prompt_tokens, task.generation_new_tokens,
+                                  task.generation_examples)
+    return [np.asarray(prompt + reference, dtype=np.int64)
+            for prompt, reference in zip(chosen.prompts, chosen.reference_ids, strict=True)]
+
+
 def generation_quality(model: TunedModel, split: Split, tokenizer: Any,
                        cfg: ExperimentConfig) -> dict[str, float | None]:
     """`rouge_l` of `model`'s greedy continuations of the first `task.generation_examples`
     texts of `split` at least `generation_prompt_tokens + generation_new_tokens` long (None:
     not measured, or no text that long within `model.max_length`)."""
     task = cfg.task
-    need = task.generation_prompt_tokens + task.generation_new_tokens
-    if task.generation_examples <= 0:
-        return {"rouge_l": None}
-    if split.input_ids.shape[1] < need:
-        # A config that asks for the metric but cannot hold it stays valid (short texts
-        # are how small runs test); the run says why its ROUGE-L is null.
-        log.warning("test_rouge_l is null: model.max_length=%d holds no "
-                    "task.generation_prompt_tokens + task.generation_new_tokens = %d tokens; "
-                    "raise model.max_length or set task.generation_examples=0",
-                    cfg.model.max_length, need)
-        return {"rouge_l": None}
-    if rouge_library() is None:
-        # A config must stay valid without the lm extra (it is checked everywhere); the
-        # run says why its ROUGE-L is null instead of failing after its rounds.
-        log.warning("test_rouge_l is null: the generation metric needs rouge-score "
-                    "(pip install -e '.[lm]')")
+    why = _rouge_unmeasured(split, cfg)
+    if why is not None:
+        if why:
+            log.warning("%s", why)
         return {"rouge_l": None}
     from fedtune.task.generation import continuation_rouge
 
-    rows = (ids[mask.astype(bool)].tolist()
-            for ids, mask in zip(split.input_ids, split.attention_mask, strict=True))
     model.eval()
     with torch.inference_mode():
         scored = continuation_rouge(
-            lambda ids, mask: model(ids, mask), tokenizer, rows, task.generation_prompt_tokens,
-            task.generation_new_tokens, task.generation_examples,
+            lambda ids, mask: model(ids, mask), tokenizer, _unpadded_rows(split),
+            task.generation_prompt_tokens, task.generation_new_tokens,
+            task.generation_examples,
             _rows_per_forward(model, split, cfg.train.eval_batch_size))
     return {"rouge_l": scored["rouge_l"]}
 
