@@ -321,3 +321,70 @@ def test_generation_progress_counts_token_positions_up_to_its_bound(tmp_path, lm
     assert reports and {t for _, t in reports} == {total}
     done = [d for d, _ in reports]
     assert done == sorted(done) and done[-1] == total
+
+
+def test_one_prompt_whose_forward_passes_the_logits_budget_is_refused(
+        tmp_path, lm_folders, monkeypatch):
+    """Invariant: no generation forward holds more than LOGITS_BUDGET logits: a prompt whose
+    own forward would is refused in one line (as evaluation refuses such a row), naming
+    --max-new-tokens and the budget."""
+    from fedtune.task import lm
+
+    _saved_run(tmp_path / "run", lm_folders["llama"], "lora")
+    tuned = load_tuned(tmp_path / "run")
+    vocab = int(tuned.model.backbone.config.vocab_size)
+    prompt = "the build failed again"
+    # One prompt's first forward (its own tokens, before any new one) already passes it.
+    monkeypatch.setattr(lm, "LOGITS_BUDGET", vocab * len(tuned.prompt_ids(prompt)) - 1)
+    seen: list[tuple[int, ...]] = []
+    handle = tuned.model.register_forward_hook(
+        lambda _m, _i, out: seen.append(tuple(out.shape)))
+    try:
+        tuned.generate([prompt], max_new_tokens=4)
+    except PredictInputError as exc:
+        assert not seen, "refused only after a forward ran"
+        assert "--max-new-tokens" in str(exc) and "LOGITS_BUDGET" in str(exc)
+        assert "\n" not in str(exc)
+        return  # refused before any forward: the invariant holds
+    finally:
+        handle.remove()
+    over = [s for s in seen if s[0] * s[1] * s[2] > lm.LOGITS_BUDGET]
+    assert not over, (f"{len(over)} of {len(seen)} forwards held more than LOGITS_BUDGET="
+                      f"{lm.LOGITS_BUDGET} logits, e.g. {over[0]}: a lone prompt is never cut "
+                      "or refused")
+
+
+def test_an_export_whose_backbone_tokenizer_now_encodes_otherwise_is_refused(
+        tmp_path, lm_folders):
+    """Invariant: load_tuned refuses (or predicts the same as before) once the backbone
+    folder's tokenizer_config.json changes how a prompt is tokenized."""
+    import shutil
+
+    from fedtune.models.backbone import load_backbone
+
+    prompt = "the build failed again [SEP] see you tomorrow"
+    folder = tmp_path / "llama"
+    shutil.copytree(lm_folders["llama"], folder)
+    run = tmp_path / "run"
+    _saved_run(run, str(folder), "lora")
+    load_backbone.cache_clear()
+    before = load_tuned(run)
+    ids_before = before.prompt_ids(prompt)
+    said_before = before.generate([prompt], max_new_tokens=4)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["split_special_tokens"] = True
+    path.write_text(json.dumps(config))
+    load_backbone.cache_clear()  # a new process: the folder is read again
+    try:
+        after = load_tuned(run)
+    except ExportError as exc:
+        assert "tokenizer" in str(exc) and "\n" not in str(exc)
+        return
+    finally:
+        load_backbone.cache_clear()
+    ids_after = after.prompt_ids(prompt)
+    assert ids_after == ids_before, (
+        f"the export loaded with the same prediction hash, but the prompt is now "
+        f"{ids_after} not {ids_before} (generations {said_before} then "
+        f"{after.generate([prompt], max_new_tokens=4)})")

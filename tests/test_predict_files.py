@@ -110,3 +110,36 @@ def test_predict_on_a_labelled_csv_prints_the_accuracy_line(tmp_path, cli, monke
     (tmp_path / "x.docx").write_text("hello\n")
     res = cli("predict", str(tmp_path), "--file", str(tmp_path / "x.docx"))
     assert res.code == 2 and "cannot tell the format" in res.stdout
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\u2029", "\x85"])
+def test_a_valid_json_lines_file_is_read_as_its_lines(tmp_path, odd):
+    """Invariant: every line of a valid JSON-lines file is one row holding its text as
+    written: a Unicode line separator that JSON allows raw inside a string (U+2028, U+2029,
+    U+0085; `json.dumps(..., ensure_ascii=False)` writes them so) does not end the line.
+    The reader serves `fedtune predict --file` and an LM node's own texts alike."""
+    from fedtune.data.predict_input import read_rows
+
+    texts = [f"first paragraph{odd}second paragraph", "another message"]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                    encoding="utf-8")
+    assert len(path.read_text(encoding="utf-8").split("\n")) == 3  # two lines and the end
+    try:
+        rows = read_rows(path)
+    except PredictInputError as exc:
+        pytest.fail(f"a valid 2-line JSON-lines file was refused: {exc}")
+    assert [(n, t) for n, t, _ in rows] == [(1, texts[0]), (2, texts[1])]
+
+
+def test_json_lines_with_crlf_ends_are_read_and_numbered(tmp_path):
+    """"\\r\\n" ends a JSON line too (JSON allows the "\\r" as whitespace); line numbers in
+    errors count those lines."""
+    from fedtune.data.predict_input import read_rows
+
+    path = tmp_path / "own.jsonl"
+    path.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n{"text": 3}\r\n')
+    with pytest.raises(PredictInputError, match=r"own\.jsonl:4: expected an object"):
+        read_rows(path)
+    path.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
+    assert [(n, t) for n, t, _ in read_rows(path)] == [(1, "a"), (3, "b")]

@@ -61,6 +61,10 @@ def read_texts(path: Path, label_names: tuple[str, ...], columns: Columns = DEFA
     return texts, given
 
 
+# JSON's whitespace (RFC 8259): a line of only these is blank; any other character is JSON
+# to parse, or refused (str.strip() would also drop a line of U+0085 or U+2028 unread).
+_JSON_SPACE = " \t\r"
+
 # A file's rows: (line number, text, label or None)
 Rows = list[tuple[int, str, object]]
 
@@ -85,10 +89,17 @@ def _plain_rows(path: Path, text: str, columns: Columns) -> Rows:
             if line.strip()]
 
 
+def json_lines(text: str) -> list[str]:
+    """`text`'s lines as JSON Lines defines them: ended by "\n" (a "\r" before it is JSON
+    whitespace, dropped). Not str.splitlines(), which also breaks at U+2028, U+2029 and
+    U+0085, which JSON allows raw inside a string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _jsonl_rows(path: Path, text: str, columns: Columns) -> Rows:
     rows: Rows = []
-    for num, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for num, line in enumerate(json_lines(text), start=1):
+        if not line.strip(_JSON_SPACE):
             continue
         try:
             row = json.loads(line)

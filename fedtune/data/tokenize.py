@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtune.config.runtime import runtime_settings
+from fedtune.data.tokenizer_probe import tokenizer_behaviour
 from fedtune.run.atomic import write_stream_atomic
 
 if TYPE_CHECKING:
@@ -35,10 +36,13 @@ def default_cache_dir() -> Path:
 def tokenizer_fingerprint(tokenizer: Any) -> bytes:
     """What makes two tokenizers tokenize alike: class, name/path, vocab size and, for a
     fast tokenizer, its full serialized pipeline (vocab, normalizer, post-processor), so a
-    changed tokenizer in the same folder gets a new key."""
+    changed tokenizer in the same folder gets a new key; and what it does
+    (`tokenizer_behaviour`), for the `tokenizer_config.json` switches applied outside the
+    pipeline (`split_special_tokens` changes the ids cached)."""
     parts = [type(tokenizer).__qualname__, str(getattr(tokenizer, "name_or_path", "")),
              str(len(tokenizer)), str(getattr(tokenizer, "padding_side", "")),
              str(getattr(tokenizer, "truncation_side", ""))]
+    parts.append(tokenizer_behaviour(tokenizer).decode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # Drop the padding/truncation state: calling the tokenizer sets it, which would

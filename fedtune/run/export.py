@@ -43,6 +43,7 @@ from safetensors.torch import save as safetensors_bytes  # the file's bytes, no 
 
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import tokenize_texts
+from fedtune.data.tokenizer_probe import tokenizer_behaviour
 from fedtune.models import backbone_for
 from fedtune.privacy.randomness import noise_note
 from fedtune.run.atomic import write_atomic, write_folder_atomic, write_json_atomic
@@ -143,8 +144,13 @@ def _settings_hash(settings: dict[str, Any]) -> str:
 def tokenizer_hash(tokenizer: Any) -> str:
     """sha256 of a tokenizer's identity: its class, its full serialized pipeline (a fast
     tokenizer's vocabulary, normalizer and post-processor) or else its vocabulary, special
-    tokens and padding/truncation sides."""
+    tokens and padding/truncation sides, and what it does (`tokenizer_behaviour`: the ids of
+    fixed probe texts and the text of fixed ids), so a `tokenizer_config.json` switch
+    applied outside the pipeline (`split_special_tokens`, `clean_up_tokenization_spaces`, or
+    the next one) moves it."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    # First: the probes set the per-call padding/truncation state that is dropped below.
+    digest.update(tokenizer_behaviour(tokenizer))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         pipeline = json.loads(backend.to_str())
@@ -180,7 +186,9 @@ def _check_binding(path: Path, meta: dict[str, str], settings: dict[str, Any]) -
         changed = ", ".join(keys)
     raise ExportError(f"{path}: {changed[:200]} changed since the run saved this state (the "
                       "prediction hash does not match): the labels, config.toml or tokenizer "
-                      "were edited or replaced; refusing a model that would predict otherwise")
+                      "were edited or replaced (or, for tokenizer_sha256, the state was saved "
+                      "before the hash covered how the tokenizer encodes and decodes); "
+                      "refusing a model that would predict otherwise")
 
 
 def _check_kind(path: Path, meta: dict[str, str], cfg: ExperimentConfig) -> None:

@@ -8,7 +8,8 @@ cut (a cut prompt's continuation would follow its middle). The model then writes
 `max_new_tokens` tokens greedily through `fedtune.task.generation.greedy_continue`
 (deterministic: no sampling, no randomness), stopping at the end-of-sequence token. A
 forward holds as many prompts as fit `fedtune.task.lm.LOGITS_BUDGET` logits at their widest
-(prompt + new tokens), as evaluation's do, and at most the batch size. There is no KV
+(prompt + new tokens), as evaluation's do, and at most the batch size; a prompt whose
+own forward would pass that budget is refused before any forward. There is no KV
 cache: each new token reruns the whole sequence, so a prompt of P tokens costs up to
 N * P + N**2 / 2 token positions for N new tokens (`generation_work`, what the progress
 reports).
@@ -110,6 +111,7 @@ class TunedLM:
                     f"prompt {n}: {len(row)} tokens + --max-new-tokens {max_new_tokens}"
                     + (f" + {virtual} soft-prompt tokens" if virtual else "")
                     + f" exceed the model's {limit} positions; lower --max-new-tokens")
+            self._check_budget(n, row, max_new_tokens, virtual)
         self.model.eval()
         total = generation_work(rows, max_new_tokens, virtual)
         done = 0
@@ -132,12 +134,34 @@ class TunedLM:
                 on_progress(done, total)
         return out
 
+    def _check_budget(self, n: int, row: list[int], max_new: int, virtual: int) -> None:
+        """Refuse prompt `n` when its own last forward (prompt + new tokens, one row) holds
+        more than LOGITS_BUDGET logits: `_chunks` never puts fewer than one prompt in a
+        forward, so nothing else would bound it (SmolLM2 at model.max_length 1365 and
+        --max-new-tokens 4096: 1 GiB per forward)."""
+        from fedtune.task import lm
+
+        vocab = int(getattr(self.model.backbone.config, "vocab_size", 0) or 0)
+        positions = virtual + len(row) + max_new
+        if vocab * positions <= lm.LOGITS_BUDGET:
+            return
+        room = lm.LOGITS_BUDGET // vocab - virtual  # positions for prompt + new tokens
+        fix = (f"lower --max-new-tokens to <= {room - len(row)}" if room - len(row) >= 1 else
+               f"shorten the prompt below {room} tokens (model.max_length="
+               f"{self.cfg.model.max_length} lets longer ones in)")
+        raise PredictInputError(
+            f"prompt {n}: {len(row)} tokens + --max-new-tokens {max_new}"
+            + (f" + {virtual} soft-prompt tokens" if virtual else "")
+            + f" = {positions:,} positions x {vocab:,} words = {vocab * positions:,} logits "
+            f"in one forward, past LOGITS_BUDGET ({lm.LOGITS_BUDGET:,} floats, "
+            f"{lm.LOGITS_BUDGET * 4 / 2**20:g} MiB); {fix}")
+
     def _chunks(self, rows: list[list[int]], max_new: int, virtual: int, batch_size: int
                 ) -> list[list[list[int]]]:
         """Consecutive prompts per forward: at most `batch_size`, and as many as keep the
         forward's logits (rows x widest prompt + new tokens x vocabulary) within
-        LOGITS_BUDGET; always at least one (its own logits are bounded by the model's
-        positions and MAX_NEW_TOKENS)."""
+        LOGITS_BUDGET; always at least one, whose own logits `_check_budget` has held to
+        it."""
         from fedtune.task import lm
 
         vocab = int(getattr(self.model.backbone.config, "vocab_size", 0) or 0)
