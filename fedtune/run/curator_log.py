@@ -10,7 +10,9 @@ them are null too (`release_total`); the noised aggregate is all it says of the 
 `fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
 Strategy plugins' round extras are the curator's too, path by path, unless the plugin
 declared a path release-safe (`declare_plugin_extras`, called as a plugin registers:
-strategies.plugins.base); the release keeps each moved path with null.
+strategies.plugins.base); the release keeps each moved path with null. Split mode's sums
+over the cohort (`fedtune.split.ledger_fields.COHORT_FIGURES`) are moved as the cohort
+figures are, and their keys are null in every round of a split run, an empty cohort's too.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
 report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
@@ -27,6 +29,7 @@ from typing import Any
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
 from fedtune.run.folder import CURATOR_FILE
+from fedtune.split import ledger_fields as split_fields
 
 # Round-record keys that name the cohort or a client's own figures.
 COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
@@ -39,6 +42,9 @@ COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "
 # null left behind (the run-folder contract's "not applicable"), so readers keep the keys.
 COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
                   "train_loss")
+# Split mode's sums over the cohort (`fedtune.split.ledger_fields`): the same, and null in
+# every round of a split run, so a round with no split report looks like any other.
+SPLIT_FIGURES = split_fields.COHORT_FIGURES
 MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
 # Round-record keys a strategy plugin fills -> (plugin, the dotted paths under them a
 # user-level release may keep). Filled by `declare_plugin_extras`; private by default.
@@ -52,7 +58,7 @@ def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterab
     safe = frozenset(release_safe)
     for key in keys:
         owner = _PLUGIN_EXTRAS.get(key, (plugin, safe))[0]
-        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES:
+        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + SPLIT_FIGURES:
             raise ValueError(f"round-record key {key!r} of plugin {plugin!r} is already "
                              f"{owner!r}'s or the round loop's")
     for key in keys:
@@ -79,6 +85,10 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
     for key in COHORT_FIGURES:
         if key in public:
             curator[key], public[key] = public[key], None
+    for key in SPLIT_FIGURES if cfg.split.enabled else ():
+        if key in public:
+            curator[key] = public[key]
+        public[key] = None
     for section, key in COHORT_PARTS:
         part = public.get(section)
         if isinstance(part, dict) and key in part:

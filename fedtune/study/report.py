@@ -183,11 +183,12 @@ def _load(folder: Path) -> RunResult:
            if e is not None]
     up, total = [], 0
     for r in rounds:
-        if r["bytes_up"] is None:  # user-level DP: a cohort sum, kept for the curator
+        # Split mode also uploads smashed data every step: all of it counts as sent.
+        sent = (r["bytes_up"], r.get("smashed_bytes_up", 0))
+        if None in sent:  # user-level DP: cohort sums, kept for the curator (no curve)
             up = []
             break
-        # Split mode also uploads smashed data every step: all of it counts as sent.
-        total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
+        total += sum(sent)
         up.append(total / 1e6)
     marks = {m for lvl in LEVELS
              for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
