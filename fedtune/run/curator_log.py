@@ -38,10 +38,11 @@ COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "
                 ("privacy_sample", "epsilon_by_client"),
                 ("privacy_sample", "interrupted_rounds_charged"))
 # Round-record figures of the whole cohort: its size (`clients`, `sampled`), sums over its
-# members (the bytes scale with the cohort size) and their unnoised mean loss. Moved with
+# members (the bytes scale with the cohort size), their unnoised mean loss, and whether any
+# member's delta counted (`no_contribution`: true says the secret draw was empty). Moved with
 # null left behind (the run-folder contract's "not applicable"), so readers keep the keys.
 COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
-                  "train_loss")
+                  "train_loss", "no_contribution")
 # Split mode's sums over the cohort (`fedtune.split.ledger_fields`): the same, and null in
 # every round of a split run, so a round with no split report looks like any other.
 SPLIT_FIGURES = split_fields.COHORT_FIGURES
@@ -124,6 +125,13 @@ def release_total(history: list[dict[str, Any]], key: str) -> float | int | None
     if any(v is None for v in values):
         return None
     return sum(values)  # type: ignore[arg-type]
+
+
+def curator_view(history: list[dict[str, Any]], out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rounds as the curator saw them: each released record with the figures its
+    curator's-log entry holds put back (the release itself where there is none)."""
+    entries = {e.get("round"): e for e in read_curator(out_dir)}
+    return [{**r, **entries.get(r.get("round"), {})} for r in history]
 
 
 def append_curator(out_dir: str | Path, entry: dict[str, Any]) -> None:
