@@ -192,15 +192,18 @@ def test_attackb_user_dp_release_has_no_cohort_figures(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("empty", [True, False])
 def test_a_user_level_release_does_not_say_whether_the_cohort_was_empty(tmp_path, empty):
-    """`no_contribution` is true for an empty Poisson cohort: under user-level DP the release
-    keeps the key with null, and the curator's view (the server's "nobody contributed"
-    check) still has the real flag."""
+    """`no_contribution` is true for an empty Poisson cohort, whose round is the short one:
+    under user-level DP the release keeps both keys with null, and the curator's view (the
+    server's "nobody contributed" check) still has the real flag."""
     from fedtune.config import load_config
     from fedtune.run.curator_log import append_curator, curator_view, split_record
 
     cfg = load_config(None, ["privacy.sample.enabled=false", "privacy.user.enabled=true"])
-    record = {"round": 1, "clients": 0 if empty else 2, "no_contribution": empty}
+    # An empty cohort's round is also the short one (0.7 s against 4.2 s, a split run's).
+    record = {"round": 1, "clients": 0 if empty else 2, "no_contribution": empty,
+              "wall_s": 0.7 if empty else 4.2}
     public, curator = split_record(record, cfg)
     assert public["no_contribution"] is None and curator["no_contribution"] is empty
+    assert public["wall_s"] is None and curator["wall_s"] == record["wall_s"]
     append_curator(tmp_path, curator)
     assert curator_view([public], tmp_path)[0]["no_contribution"] is empty
