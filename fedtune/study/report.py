@@ -481,6 +481,9 @@ def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
         if not y:  # no validation split: no per-round figure to draw
             continue
         x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)[:len(y)]
+        if not x:  # a user-level release: its bytes are the curator's, no curve to draw
+            continue
+        y = y[:len(x)]
         ax.plot(x, y, color=colors[(g.method, g.variant)], markersize=4,
                 **styles[(g.level, g.target_epsilon)])
     method_handles = [Line2D([], [], color=c, linewidth=2.5,
