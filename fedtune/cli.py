@@ -213,7 +213,8 @@ def round_line(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
     # Null under user-level DP without log_cohorts: the secret cohort's size and sums.
     cohort = ("" if rec["clients"] is None else
               f"clients {rec['clients']}  up {rec['bytes_up']:,} B  ")
-    return f"round {rec['round']:>3}: {val}  eps {eps}  {cohort}{rec['wall_s']:.1f} s"
+    wall = "" if rec["wall_s"] is None else f"{rec['wall_s']:.1f} s"  # null: as above
+    return f"round {rec['round']:>3}: {val}  eps {eps}  {cohort}{wall}"
 
 
 def _validation_text(rec: dict[str, Any], cfg: ExperimentConfig) -> str:

@@ -28,7 +28,12 @@ from fedtune.run.checkpoint import (
     privacy_fingerprint,
     save_checkpoint,
 )
-from fedtune.run.curator_log import append_curator, release_total, split_record
+from fedtune.run.curator_log import (
+    append_curator,
+    curator_view,
+    release_total,
+    split_record,
+)
 from fedtune.run.epsilon_marks import note_fields
 from fedtune.run.export import save_tuned_state
 from fedtune.run.folder import CONFIG_FILE, ROUNDS_FILE
@@ -166,7 +171,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         return {}
     if not history:
         raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
-    if all(r.get("no_contribution") for r in history):
+    # Under user-level DP the release holds null here: the curator's log has the answer.
+    if all(r.get("no_contribution") for r in curator_view(history, out_dir)):
         raise NoContributionError(
             f"no client contributed in any of the {len(history)} rounds (every sampled "
             f"client failed, was rejected or was not sampled); see the rejected and failed "

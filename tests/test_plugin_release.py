@@ -189,23 +189,3 @@ def test_a_release_safe_key_outside_the_extras_is_refused_at_registration():
 
 def test_moved_note_unchanged():
     assert "curator" in MOVED_NOTE
-
-
-@pytest.mark.xfail(strict=True, reason="not a plugin: split mode's round sums "
-                   "(fedtune/split/ledger_fields.py) are outside this fix; see FIX29E report")
-def test_split_modes_round_sums_leave_a_user_level_release():
-    """Split mode under user-level DP (accepted) adds the cohort's smashed bytes, server
-    FLOPs and steps to each round; the release must not keep them."""
-    from fedtune.split.ledger_fields import split_round_fields
-
-    cfg = config_from_toml(EL2N_USER_DP.replace("[[plugins]]\nname = \"el2n_pruning\"\n"
-                                                "keep = 0.5\n", "")
-                           + "[split]\nenabled = true\n[tuning]\nmethod = \"prompt\"\n")
-    extras = {"smashed-bytes-up": 100, "smashed-bytes-down": 100, "server-flops": 1e6,
-              "split-steps": 4, "local-loss-steps": 0, "split-examples": 8,
-              "local-loss-examples": 0, "client-flops-per-example": 1e5,
-              "full-model-flops-per-example": 1e6, "probe-bytes": 0}
-    reports = [TrainReport(steps=4, examples_seen=8, extras=extras) for _ in range(3)]
-    record = {"round": 1, "clients": 3, **split_round_fields(reports, 300, 300, {})}
-    public, _ = split_record(record, cfg)
-    assert public["smashed_bytes_up"] is None and public["split_steps"] is None

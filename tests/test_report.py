@@ -60,6 +60,21 @@ def test_a_user_level_release_without_cohort_bytes_is_reported(tmp_path):
     assert markdown_table(group([run])).splitlines()[-1].endswith("| 1 | - |")
 
 
+def test_a_user_level_split_release_is_plotted_without_its_bytes(tmp_path):
+    """`fedtune report` on user-level releases (a split one too, its smashed bytes null):
+    the validation curves are drawn, the bytes plot leaves those runs out, nothing fails."""
+    for name, extra in (("user", []), ("split", ["split.enabled=true"])):
+        _run(tmp_path / "runs" / name, "prompt", None, 0, 0.9,
+             ["privacy.user.enabled=true", *extra], smashed=5)
+        path = tmp_path / "runs" / name / "rounds.jsonl"
+        path.write_text(path.read_text().replace('"bytes_up": 1000', '"bytes_up": null')
+                        .replace('"smashed_bytes_up": 5', '"smashed_bytes_up": null'))
+    groups = group(collect([tmp_path / "runs"]))
+    assert len(groups) == 2 and all(not r.cumulative_mb_up for g in groups for r in g.runs)
+    written = write_report(groups, tmp_path / "report", "user")
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+
+
 def test_runs_that_differ_beyond_the_seed_are_not_averaged(tmp_path):
     for seed in (0, 1):
         _run(tmp_path / f"small-{seed}", "prompt", 1, seed, 0.7)

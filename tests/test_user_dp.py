@@ -188,3 +188,22 @@ def test_attackb_user_dp_release_has_no_cohort_figures(tmp_path, monkeypatch):
                if isinstance(saved.get(k), numbers.Number) and saved[k]}
     assert not leaked, (f"the release carries figures of the secret cohort (size {cohort} "
                         f"in the curator's log): {leaked}")
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_a_user_level_release_does_not_say_whether_the_cohort_was_empty(tmp_path, empty):
+    """`no_contribution` is true for an empty Poisson cohort, whose round is the short one:
+    under user-level DP the release keeps both keys with null, and the curator's view (the
+    server's "nobody contributed" check) still has the real flag."""
+    from fedtune.config import load_config
+    from fedtune.run.curator_log import append_curator, curator_view, split_record
+
+    cfg = load_config(None, ["privacy.sample.enabled=false", "privacy.user.enabled=true"])
+    # An empty cohort's round is also the short one (0.7 s against 4.2 s, a split run's).
+    record = {"round": 1, "clients": 0 if empty else 2, "no_contribution": empty,
+              "wall_s": 0.7 if empty else 4.2}
+    public, curator = split_record(record, cfg)
+    assert public["no_contribution"] is None and curator["no_contribution"] is empty
+    assert public["wall_s"] is None and curator["wall_s"] == record["wall_s"]
+    append_curator(tmp_path, curator)
+    assert curator_view([public], tmp_path)[0]["no_contribution"] is empty

@@ -10,7 +10,9 @@ them are null too (`release_total`); the noised aggregate is all it says of the 
 `fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
 Strategy plugins' round extras are the curator's too, path by path, unless the plugin
 declared a path release-safe (`declare_plugin_extras`, called as a plugin registers:
-strategies.plugins.base); the release keeps each moved path with null.
+strategies.plugins.base); the release keeps each moved path with null. Split mode's sums
+over the cohort (`fedtune.split.ledger_fields.COHORT_FIGURES`) are moved as the cohort
+figures are, and their keys are null in every round of a split run, an empty cohort's too.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
 report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
@@ -27,6 +29,7 @@ from typing import Any
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
 from fedtune.run.folder import CURATOR_FILE
+from fedtune.split import ledger_fields as split_fields
 
 # Round-record keys that name the cohort or a client's own figures.
 COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
@@ -35,10 +38,15 @@ COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "
                 ("privacy_sample", "epsilon_by_client"),
                 ("privacy_sample", "interrupted_rounds_charged"))
 # Round-record figures of the whole cohort: its size (`clients`, `sampled`), sums over its
-# members (the bytes scale with the cohort size) and their unnoised mean loss. Moved with
+# members (the bytes scale with the cohort size), their unnoised mean loss, whether any
+# member's delta counted (`no_contribution`: true says the secret draw was empty) and the
+# round's duration (an empty cohort's round took 0.7 s, a 3-client one 4.2 s). Moved with
 # null left behind (the run-folder contract's "not applicable"), so readers keep the keys.
 COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
-                  "train_loss")
+                  "train_loss", "no_contribution", "wall_s")
+# Split mode's sums over the cohort (`fedtune.split.ledger_fields`): the same, and null in
+# every round of a split run, so a round with no split report looks like any other.
+SPLIT_FIGURES = split_fields.COHORT_FIGURES
 MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
 # Round-record keys a strategy plugin fills -> (plugin, the dotted paths under them a
 # user-level release may keep). Filled by `declare_plugin_extras`; private by default.
@@ -52,7 +60,7 @@ def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterab
     safe = frozenset(release_safe)
     for key in keys:
         owner = _PLUGIN_EXTRAS.get(key, (plugin, safe))[0]
-        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES:
+        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + SPLIT_FIGURES:
             raise ValueError(f"round-record key {key!r} of plugin {plugin!r} is already "
                              f"{owner!r}'s or the round loop's")
     for key in keys:
@@ -79,6 +87,10 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
     for key in COHORT_FIGURES:
         if key in public:
             curator[key], public[key] = public[key], None
+    for key in SPLIT_FIGURES if cfg.split.enabled else ():
+        if key in public:
+            curator[key] = public[key]
+        public[key] = None
     for section, key in COHORT_PARTS:
         part = public.get(section)
         if isinstance(part, dict) and key in part:
@@ -114,6 +126,13 @@ def release_total(history: list[dict[str, Any]], key: str) -> float | int | None
     if any(v is None for v in values):
         return None
     return sum(values)  # type: ignore[arg-type]
+
+
+def curator_view(history: list[dict[str, Any]], out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rounds as the curator saw them: each released record with the figures its
+    curator's-log entry holds put back (the release itself where there is none)."""
+    entries = {e.get("round"): e for e in read_curator(out_dir)}
+    return [{**r, **entries.get(r.get("round"), {})} for r in history]
 
 
 def append_curator(out_dir: str | Path, entry: dict[str, Any]) -> None:

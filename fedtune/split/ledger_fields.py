@@ -4,6 +4,11 @@ FLOPs per example as a share of full fine-tuning, summed from what clients repor
 from the server's own config (never from what clients claim).
 
 A non-split run gets no extra fields, so non-split ledgers are unchanged.
+
+Under user-level DP the cohort is secret (`fedtune.run.curator_log`): every figure that
+counts or sums over it (`COHORT_FIGURES`, all but the config's statement) is the curator's,
+and the release keeps each key with null, in every round of a split run, so neither a value
+nor a key's presence tells the cohort apart. The summary's totals are then null too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,17 @@ import numpy as np
 
 from fedtune.split.disclosure import in_clear_disclosure
 from fedtune.wire.protocol import TrainReport
+
+# Round keys that count, sum or average over the clients that trained (the secret cohort
+# under user-level DP). `split_privacy` is the config's statement, the same every round.
+COHORT_FIGURES = ("smashed_bytes_up", "smashed_bytes_down", "probe_bytes", "delta_bytes_up",
+                  "delta_bytes_down", "total_bytes", "server_flops",
+                  "client_flops_per_example", "full_model_flops_per_example",
+                  "client_flops_fraction", "split_steps", "local_loss_steps")
+RELEASE_SAFE = ("split_privacy",)
+# Why summary.json's split totals are null (a user-level release).
+NULL_TOTALS_NOTE = ("null: sums over the secret cohort (privacy.user, log_cohorts = false); "
+                    "each round's figures are in the curator's log")
 
 
 def split_round_fields(reports: Sequence[TrainReport], bytes_up: int, bytes_down: int,
@@ -70,13 +86,17 @@ def _privacy(statement: dict[str, Any] | None, split_traffic: bool) -> dict[str,
 
 def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Run totals, and the last round's privacy statement (a config does not change
-    mid-run: resume refuses an edited one)."""
+    mid-run: resume refuses an edited one). `history` is the release: where any round holds
+    null for a figure (user-level DP), every total is null, with `split_totals_note`."""
     statement = next((r["split_privacy"] for r in reversed(history) if "split_privacy" in r),
                      None)
     privacy = {} if statement is None else {"split_privacy": statement}
     rounds = [r for r in history if "smashed_bytes_up" in r]
     if not rounds:
         return privacy
+    if any(r.get(key, 0) is None for r in rounds for key in COHORT_FIGURES):
+        return {**dict.fromkeys(SUMMARY_TOTALS), "split_totals_note": NULL_TOTALS_NOTE,
+                **privacy}
     up = sum(r["smashed_bytes_up"] for r in rounds)
     down = sum(r["smashed_bytes_down"] for r in rounds)
     return {
@@ -89,3 +109,7 @@ def split_summary_fields(history: list[dict[str, Any]]) -> dict[str, Any]:
         "client_flops_fraction": rounds[-1]["client_flops_fraction"],
         **privacy,
     }
+
+
+SUMMARY_TOTALS = ("total_smashed_bytes_up", "total_smashed_bytes_down", "total_probe_bytes",
+                  "total_bytes", "total_server_flops", "client_flops_fraction")

@@ -187,11 +187,12 @@ def _load(folder: Path) -> RunResult:
            if e is not None]
     up, total = [], 0
     for r in rounds:
-        if r["bytes_up"] is None:  # user-level DP: a cohort sum, kept for the curator
+        # Split mode also uploads smashed data every step: all of it counts as sent.
+        sent = (r["bytes_up"], r.get("smashed_bytes_up", 0))
+        if None in sent:  # user-level DP: cohort sums, kept for the curator (no curve)
             up = []
             break
-        # Split mode also uploads smashed data every step: all of it counts as sent.
-        total += r["bytes_up"] + r.get("smashed_bytes_up", 0)
+        total += sum(sent)
         up.append(total / 1e6)
     marks = {m for lvl in LEVELS
              for m in epsilon_marks(cfg, lvl, summary.get(f"epsilon_{lvl}"))}
@@ -492,6 +493,9 @@ def _plot_curves(ax, groups: list[Group], x_attr: str | None) -> None:
         if not y:  # no validation split: no per-round figure to draw
             continue
         x = list(range(1, len(y) + 1)) if x_attr is None else g.mean_curve(x_attr)[:len(y)]
+        if not x:  # a user-level release: its bytes are the curator's, no curve to draw
+            continue
+        y = y[:len(x)]
         ax.plot(x, y, color=colors[(g.method, g.variant)], markersize=4,
                 **styles[(g.level, g.target_epsilon)])
     method_handles = [Line2D([], [], color=c, linewidth=2.5,
