@@ -29,7 +29,6 @@ from typing import Any
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
 from fedtune.run.folder import CURATOR_FILE
-from fedtune.split import ledger_fields as split_fields
 
 # Round-record keys that name the cohort or a client's own figures.
 COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
@@ -44,13 +43,20 @@ COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "
 # null left behind (the run-folder contract's "not applicable"), so readers keep the keys.
 COHORT_FIGURES = ("clients", "sampled", "bytes_up", "bytes_down", "client_flops",
                   "train_loss", "no_contribution", "wall_s")
-# Split mode's sums over the cohort (`fedtune.split.ledger_fields`): the same, and null in
-# every round of a split run, so a round with no split report looks like any other.
-SPLIT_FIGURES = split_fields.COHORT_FIGURES
 MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
 # Round-record keys a strategy plugin fills -> (plugin, the dotted paths under them a
 # user-level release may keep). Filled by `declare_plugin_extras`; private by default.
 _PLUGIN_EXTRAS: dict[str, tuple[str, frozenset[str]]] = {}
+
+
+def split_figures() -> tuple[str, ...]:
+    """Split mode's sums over the cohort (`fedtune.split.ledger_fields`): moved as the
+    cohort figures are, and null in every round of a split run, so a round with no split
+    report looks like any other. Imported here, not at module load: `fedtune.split` brings
+    torch, and the CLI's early config errors must come before that import (2 s)."""
+    from fedtune.split.ledger_fields import COHORT_FIGURES as SPLIT_COHORT_FIGURES
+
+    return SPLIT_COHORT_FIGURES
 
 
 def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterable[str]
@@ -60,7 +66,7 @@ def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterab
     safe = frozenset(release_safe)
     for key in keys:
         owner = _PLUGIN_EXTRAS.get(key, (plugin, safe))[0]
-        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + SPLIT_FIGURES:
+        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + split_figures():
             raise ValueError(f"round-record key {key!r} of plugin {plugin!r} is already "
                              f"{owner!r}'s or the round loop's")
     for key in keys:
@@ -87,7 +93,7 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
     for key in COHORT_FIGURES:
         if key in public:
             curator[key], public[key] = public[key], None
-    for key in SPLIT_FIGURES if cfg.split.enabled else ():
+    for key in split_figures() if cfg.split.enabled else ():
         if key in public:
             curator[key] = public[key]
         public[key] = None
