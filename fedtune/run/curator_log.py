@@ -11,7 +11,7 @@ them are null too (`release_total`); the noised aggregate is all it says of the 
 Strategy plugins' round extras are the curator's too, path by path, unless the plugin
 declared a path release-safe (`declare_plugin_extras`, called as a plugin registers:
 strategies.plugins.base); the release keeps each moved path with null. Split mode's sums
-over the cohort (`fedtune.split.ledger_fields.COHORT_FIGURES`) are moved as the cohort
+over the cohort (`fedtune.split.figures.COHORT_FIGURES`) are moved as the cohort
 figures are, and their keys are null in every round of a split run, an empty cohort's too.
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
@@ -29,6 +29,7 @@ from typing import Any
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
 from fedtune.run.folder import CURATOR_FILE
+from fedtune.split.figures import COHORT_FIGURES as SPLIT_FIGURES
 
 # Round-record keys that name the cohort or a client's own figures.
 COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claims")
@@ -49,16 +50,6 @@ MOVED_NOTE = f"curator's log: {CURATOR_FILE} (privacy.user.log_cohorts = false)"
 _PLUGIN_EXTRAS: dict[str, tuple[str, frozenset[str]]] = {}
 
 
-def split_figures() -> tuple[str, ...]:
-    """Split mode's sums over the cohort (`fedtune.split.ledger_fields`): moved as the
-    cohort figures are, and null in every round of a split run, so a round with no split
-    report looks like any other. Imported here, not at module load: `fedtune.split` brings
-    torch, and the CLI's early config errors must come before that import (2 s)."""
-    from fedtune.split.ledger_fields import COHORT_FIGURES as SPLIT_COHORT_FIGURES
-
-    return SPLIT_COHORT_FIGURES
-
-
 def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterable[str]
                           ) -> None:
     """Plugin `plugin` fills the round record's `keys`; of them a user-level release keeps
@@ -66,7 +57,7 @@ def declare_plugin_extras(plugin: str, keys: Iterable[str], release_safe: Iterab
     safe = frozenset(release_safe)
     for key in keys:
         owner = _PLUGIN_EXTRAS.get(key, (plugin, safe))[0]
-        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + split_figures():
+        if owner != plugin or key in COHORT_KEYS + COHORT_FIGURES + SPLIT_FIGURES:
             raise ValueError(f"round-record key {key!r} of plugin {plugin!r} is already "
                              f"{owner!r}'s or the round loop's")
     for key in keys:
@@ -93,7 +84,7 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
     for key in COHORT_FIGURES:
         if key in public:
             curator[key], public[key] = public[key], None
-    for key in split_figures() if cfg.split.enabled else ():
+    for key in SPLIT_FIGURES if cfg.split.enabled else ():
         if key in public:
             curator[key] = public[key]
         public[key] = None

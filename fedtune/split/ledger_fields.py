@@ -19,18 +19,12 @@ from typing import Any
 import numpy as np
 
 from fedtune.split.disclosure import in_clear_disclosure
+from fedtune.split.figures import COHORT_FIGURES, NULL_TOTALS_NOTE, RELEASE_SAFE
 from fedtune.wire.protocol import TrainReport
 
-# Round keys that count, sum or average over the clients that trained (the secret cohort
-# under user-level DP). `split_privacy` is the config's statement, the same every round.
-COHORT_FIGURES = ("smashed_bytes_up", "smashed_bytes_down", "probe_bytes", "delta_bytes_up",
-                  "delta_bytes_down", "total_bytes", "server_flops",
-                  "client_flops_per_example", "full_model_flops_per_example",
-                  "client_flops_fraction", "split_steps", "local_loss_steps")
-RELEASE_SAFE = ("split_privacy",)
-# Why summary.json's split totals are null (a user-level release).
-NULL_TOTALS_NOTE = ("null: sums over the secret cohort (privacy.user, log_cohorts = false); "
-                    "each round's figures are in the curator's log")
+# The figures' names live apart so that config-time code reads them without torch.
+__all__ = ["COHORT_FIGURES", "NULL_TOTALS_NOTE", "RELEASE_SAFE", "split_round_fields",
+           "split_summary_fields"]
 
 
 def split_round_fields(reports: Sequence[TrainReport], bytes_up: int, bytes_down: int,
