@@ -13,6 +13,12 @@ for it, and the hooks' releases (split mode). What a reply reports about its own
 (`reported_dp`) is kept in the ledger as the client's word and never accounted: a forged
 history can neither lower the charge nor make the server's accountant fail or stall
 (issue 27). `epsilon_sample` is the largest epsilon over the server-side histories.
+With user-level DP too (cohorts kept apart: `fedtune.run.curator_log`) the cohort is a
+secret draw, and that maximum says who was drawn (it grows only in rounds the worst client
+was sampled): the release gets instead the epsilon of a client sampled in every round so
+far, every attempt included, at the costliest plan (`cohort_free_bound`), which no real
+client's epsilon exceeds; the real ones stay in the curator's log (`epsilon_by_client`),
+and a budget stop's release names no client (`Stop`).
 
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget.
@@ -33,17 +39,32 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedtune.privacy import DPHistory, epsilon_of
 from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState, load_pending, save_pending
+from fedtune.run.folder import CURATOR_FILE
 
 # (round, partition id, partition size) -> further DP releases the client makes in that
 # round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
 PlanHook = Callable[[int, int, int], list[Release]]
+
+BOUND_NOTE = ("the epsilon of a client sampled in every round so far (every attempt of a "
+              "round killed and resumed included) at the costliest release the plan allows "
+              "each round: no client's epsilon is larger, whoever the secret cohorts held; "
+              "each client's own is in the curator's log")
+
+
+class Stop(NamedTuple):
+    """Why a round must not run: `release` for summary.json, `curator` for the curator's
+    log (the same text unless it names a client of a secret cohort)."""
+
+    release: str
+    curator: str
+
 
 SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus' Poisson "
                     "loader (at most batch_size / n)")
@@ -66,7 +87,11 @@ class PrivacyLedger:
         # Example counts a client of n may train on (plugins: pruning), n -> counts.
         self.size_hooks: list[Callable[[int], list[int]]] = []
         self._before: dict[int, DPHistory] = {}
+        self._sent_round = 0
         user = plan.privacy.user
+        # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
+        # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
+        self.cohort_secret = user.enabled and not user.log_cohorts
         self.user: UserLevelAccount | None = None
         if user.enabled:
             cohort, population = plan.cohort, plan.population
@@ -107,12 +132,16 @@ class PrivacyLedger:
         """The planned DP-SGD release over every example count the client may train on
         (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
         the client the most epsilon on top of what it has spent."""
-        sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
-        releases = [self.plan.release(m) for m in sizes]
+        releases = self._releases(n)
         if len(releases) == 1:
             return releases[0]
         spent = self.state.client_dp.get(pid, DPHistory()).entries
         return max(releases, key=lambda r: self._epsilon(_after(spent, r)))
+
+    def _releases(self, n: int) -> list[Release]:
+        """The DP-SGD release of each example count a client of `n` may train on."""
+        sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
+        return [self.plan.release(m) for m in sizes]
 
     def _epsilon(self, history: DPHistory) -> float:
         sample = self.privacy.sample
@@ -131,13 +160,20 @@ class PrivacyLedger:
     # -- before a round
 
     def stop_reason(self, rnd: int, cohort: list[int]) -> str | None:
+        """Why round `rnd` must not run (its spend could exceed a budget), or None: the
+        curator's text (`stop` gives the release's too)."""
+        stop = self.stop(rnd, cohort)
+        return stop.curator if stop is not None else None
+
+    def stop(self, rnd: int, cohort: list[int]) -> Stop | None:
         """Why round `rnd` must not run (its spend could exceed a budget), or None."""
         user = self.privacy.user
         if self.user is not None:
             after = self.user.epsilon(self.user.releases + 1)
             if after is not None and after > user.target_epsilon:
-                return (f"round {rnd} would raise the user-level epsilon to {after:.4f}, over "
-                        f"privacy.user.target_epsilon={user.target_epsilon}")
+                reason = (f"round {rnd} would raise the user-level epsilon to {after:.4f}, "
+                          f"over privacy.user.target_epsilon={user.target_epsilon}")
+                return Stop(reason, reason)  # one release for every client: no cohort in it
         sample = self.privacy.sample
         # Calibrated noise keeps a client that trains in every round within its target
         # by construction; a given noise multiplier has to be checked client by client.
@@ -146,9 +182,16 @@ class PrivacyLedger:
                 spent = self.state.client_dp.get(pid, DPHistory()).entries
                 after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
                 if after > sample.target_epsilon:
-                    return (f"round {rnd} would raise client {pid}'s sample-level epsilon to "
-                            f"{after:.4f}, over privacy.sample.target_epsilon="
-                            f"{sample.target_epsilon}")
+                    named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
+                             f"to {after:.4f}, over privacy.sample.target_epsilon="
+                             f"{sample.target_epsilon}")
+                    if not self.cohort_secret:
+                        return Stop(named, named)
+                    # The client and its epsilon would say who was in the secret cohort.
+                    return Stop(f"round {rnd} would raise the sample-level epsilon of a "
+                                f"client of its secret cohort over privacy.sample."
+                                f"target_epsilon={sample.target_epsilon} (the curator's log, "
+                                f"{CURATOR_FILE}, names it)", named)
         return None
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
@@ -157,7 +200,10 @@ class PrivacyLedger:
         and before they go out: the charges are on disk first."""
         charges = {pid: self.planned(rnd, pid) for pid in partition_ids}
         charges = {pid: events for pid, events in charges.items() if events}
-        if self.folder is not None and charges:
+        self._sent_round = max(self._sent_round, rnd)
+        # With a secret cohort an empty attempt is on record too: the attempts a resume
+        # counts into the released bound must not say whether a cohort was empty.
+        if self.folder is not None and (charges or self.cohort_secret):
             # Earlier attempts at this round that never completed (runs killed in it) stay
             # on record until the round completes: each was a release of its own.
             pending = load_pending(self.folder)
@@ -201,7 +247,10 @@ class PrivacyLedger:
         """Both epsilons, the parameters that reproduce them, and what the noise is secret
         from, for the ledger."""
         sample, user = self.privacy.sample, self.privacy.user
-        eps_sample = max(self.state.client_eps.values()) if self.state.client_eps else None
+        if self.cohort_secret:
+            eps_sample = self.cohort_free_bound()
+        else:
+            eps_sample = max(self.state.client_eps.values()) if self.state.client_eps else None
         return {
             "epsilon_sample": eps_sample if sample.enabled else None,
             "epsilon_user": self.user.epsilon() if self.user is not None else None,
@@ -212,9 +261,45 @@ class PrivacyLedger:
             "privacy_user": self._user_params() if self.user is not None else None,
         }
 
+    def cohort_free_bound(self) -> float | None:
+        """The epsilon of a client sampled in every round sent so far, and in every
+        attempt of a round killed and resumed, charged each time every release the plan
+        allows it (each size a plugin may train on, the hooks' releases): the worst over
+        the population's example counts. A real client's history is part of that one, so
+        its epsilon is never larger; and nothing in it depends on who was sampled. None
+        before any round was sent."""
+        if not self.privacy.sample.enabled:
+            return None
+        rounds = list(range(1, max(self.state.round, self._sent_round) + 1))
+        rounds += [int(attempt["round"]) for attempt in self.state.interrupted]
+        if not rounds:
+            return None
+        pids = sorted({*range(len(self.partition_sizes)), *self._example_counts})
+        histories = set()
+        for pid in pids:
+            n = self.example_count(pid)
+            history = DPHistory()
+            for rnd in sorted(rounds):
+                for event in [*self._releases(n),
+                              *(e for hook in self.plan_hooks for e in hook(rnd, pid, n))]:
+                    history.add(*event)
+            histories.add(tuple(history.entries))
+        # One accountant call per distinct plan and round (clients of one size share
+        # theirs): with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
+        # many distinct partition sizes pays that many calls a round (the cohort's own
+        # charges pay one per sampled client).
+        bound = max(self._epsilon(DPHistory(list(h))) for h in histories)
+        charged = max(self.state.client_eps.values(), default=0.0)
+        if bound < charged:  # cannot happen: every charge is a part of the bound's history
+            raise RuntimeError(f"the released sample-level bound {bound} is below a "
+                               f"client's charged epsilon {charged}: a ledger bug")
+        return bound
+
     def _sample_params(self) -> dict[str, Any]:
         dp = self.privacy.sample
+        bound = {"epsilon_sample_bounds": BOUND_NOTE} if self.cohort_secret else {}
         return {
+            **bound,
             "accountant": dp.accountant,
             "delta": dp.delta,
             "max_grad_norm": dp.max_grad_norm,

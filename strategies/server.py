@@ -144,10 +144,13 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         # Sampled once, before anything is sent: the budget check and the instructions
         # see the same cohort (under user-level DP it is a secret draw).
         cohort = driver.sample(rnd, grid)
-        reason = privacy.stop_reason(rnd, cohort)
-        if reason is not None:
-            log(WARNING, "privacy budget: stopping before round %d: %s", rnd, reason)
-            state.stopped = {"before_round": rnd, "reason": reason}
+        stop = privacy.stop(rnd, cohort)
+        if stop is not None:
+            log(WARNING, "privacy budget: stopping before round %d: %s", rnd, stop.release)
+            state.stopped = {"before_round": rnd, "reason": stop.release}
+            if stop.curator != stop.release:  # it names a client of the secret cohort
+                append_curator(out_dir, {"round": rnd, "stopped": {
+                    "before_round": rnd, "reason": stop.curator}})
             break
         record = play_round(rnd, cohort, grid, driver, privacy, plugins, state, settings,
                             refused_claims).to_json()

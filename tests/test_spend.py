@@ -184,12 +184,18 @@ def test_without_sample_level_dp_reports_charge_nothing():
 
 
 def test_with_sample_level_dp_on_and_nothing_spent_yet_epsilon_is_null_never_zero():
-    # An empty user-level Poisson cohort: DP-SGD is on and nobody has spent. The run-folder
-    # contract (DESIGN.md) makes an epsilon null or a figure, never 0.
+    # DP-SGD is on and nobody has spent. The run-folder contract (DESIGN.md) makes an
+    # epsilon null or a figure, never 0.
+    ledger, _, state = _ledger()
+    assert state.client_eps == {} and ledger.fields()["epsilon_sample"] is None
+    # An empty user-level Poisson cohort: null would say the secret cohort was empty, so
+    # the release holds the bound of a client sampled in every round (FIX29J), a figure.
     ledger, _, state = _ledger(["privacy.user.enabled=true"])
+    assert ledger.fields()["epsilon_sample"] is None  # no round sent yet
     ledger.charge_sent(1, [])
     ledger.settle(1)
-    assert state.client_eps == {} and ledger.fields()["epsilon_sample"] is None
+    eps = ledger.fields()["epsilon_sample"]
+    assert state.client_eps == {} and eps is not None and eps > 0
 
 
 def test_a_reported_history_of_no_steps_is_no_release():
@@ -551,3 +557,113 @@ def test_reproducible_mode_charges_a_lost_attempts_client_the_replay_leaves_out(
     resumed.charge_sent(1, [0, 2])
     resumed.settle(1)
     assert state.client_eps.get(1, 0.0) > 0.0, "client 1 released in the lost attempt, uncharged"
+
+
+# Both levels on: under user-level DP the cohort is a secret Poisson draw, so what the
+# release says of sample-level spend must not depend on who was drawn (FIX29J).
+BOTH = ["data.num_clients=3", "train.clients_per_round=2", "privacy.user.enabled=true",
+        "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=50"]
+COHORTS = {"a": [[0], [1], [], [0, 1]], "b": [[2], [2], [2], []], "c": [[], [], [], []]}
+
+
+def _released_rounds(sets, cohorts, size_hook=None):
+    """The released round records (and the curator's entries) of a ledger charged with
+    `cohorts`, one list of partition ids per round."""
+    from fedtune.run.curator_log import split_record
+
+    ledger, cfg, state = _ledger(sets)
+    if size_hook is not None:
+        ledger.size_hooks.append(size_hook)
+    released, curator = [], []
+    for rnd, cohort in enumerate(cohorts, start=1):
+        ledger.charge_sent(rnd, cohort)
+        ledger.settle(rnd)
+        state.round = rnd
+        fields = ledger.fields()
+        record = {"round": rnd, "epsilon_sample": fields.pop("epsilon_sample"),
+                  "epsilon_user": fields.pop("epsilon_user"), **fields}
+        public, private = split_record(record, cfg)
+        released.append(public)
+        curator.append(private)
+    return released, curator, state
+
+
+@pytest.mark.parametrize("sets", [[], ["privacy.sample.noise_multiplier=2.5"]])
+def test_both_levels_release_the_same_sample_epsilon_whoever_was_sampled(sets):
+    releases = {name: _released_rounds([*BOTH, *sets], cohorts)[0]
+                for name, cohorts in COHORTS.items()}
+    assert releases["a"] == releases["b"] == releases["c"]
+    # The summary's epsilon_sample and privacy sections are the last round's.
+    assert all(r["epsilon_sample"] is not None for r in releases["c"])
+    assert "every round" in releases["a"][-1]["privacy_sample"]["epsilon_sample_bounds"]
+
+
+@pytest.mark.parametrize("hook", [None, lambda n: [n // 2]])
+@pytest.mark.parametrize("sets", [[], ["privacy.sample.noise_multiplier=2.5"]])
+def test_the_released_sample_epsilon_bounds_every_real_client(sets, hook):
+    for cohorts in COHORTS.values():
+        released, curator, state = _released_rounds([*BOTH, *sets], cohorts, hook)
+        for public, private in zip(released, curator, strict=True):
+            real = private["privacy_sample"]["epsilon_by_client"]  # the curator's log
+            assert all(public["epsilon_sample"] >= eps for eps in real.values())
+        assert set(real) == {str(p) for p in state.client_eps}
+        # A client sampled in every round is what the bound is: tight without pruning.
+        if hook is None and cohorts == COHORTS["a"]:
+            every, _, state = _released_rounds([*BOTH, *sets], [[0, 1, 2]] * 4)
+            assert released[-1]["epsilon_sample"] == pytest.approx(
+                max(state.client_eps.values()), rel=1e-9)
+
+
+def test_the_bound_counts_an_interrupted_attempt_whoever_was_in_it(tmp_path):
+    def resumed(cohort):
+        folder = tmp_path / f"run{len(cohort)}"
+        folder.mkdir()
+        ledger, _, state = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5"],
+                                   folder=folder)
+        saved = _copy(state)  # the checkpoint before round 1
+        ledger.charge_sent(1, cohort)  # killed in round 1: resumed, round 1 is charged
+        resumed, _, state = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5"],
+                                    state=saved, folder=folder)
+        resumed.charge_sent(1, cohort)
+        resumed.settle(1)
+        eps = resumed.fields()["epsilon_sample"]
+        assert all(eps >= e for e in state.client_eps.values())
+        return eps
+
+    assert resumed([]) == resumed([2]) == resumed([0, 1])
+
+
+def test_a_budget_stop_under_user_dp_does_not_name_the_client():
+    ledger, cfg, state = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5",
+                                  "privacy.sample.target_epsilon=3"])
+    assert ledger.stop(1, [0, 2]) is None
+    ledger.charge_sent(1, [2])
+    ledger.settle(1)
+    stop = ledger.stop(2, [0, 2])
+    assert "client 2's sample-level epsilon to 3.27" in stop.curator
+    assert "client 2" not in stop.release and "3.27" not in stop.release
+    assert "privacy.sample.target_epsilon=3" in stop.release
+    assert "curator_log.jsonl" in stop.release
+    # The release is the same whichever sampled client ran out.
+    other, _, _ = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5",
+                           "privacy.sample.target_epsilon=3"])
+    rnd = 1
+    while (late := other.stop(rnd, [1])) is None:  # client 1 (70 examples) lasts longer
+        other.charge_sent(rnd, [1])
+        other.settle(rnd)
+        rnd += 1
+    assert rnd > 2 and "client 1's" in late.curator
+    assert late.release == stop.release.replace("round 2", f"round {rnd}")
+
+
+def test_without_user_dp_the_release_keeps_the_charged_maximum_and_names_the_client():
+    ledger, cfg, state = _ledger(["privacy.sample.noise_multiplier=2.5",
+                                  "privacy.sample.target_epsilon=3"])
+    assert ledger.fields()["epsilon_sample"] is None  # nobody charged yet
+    assert "epsilon_sample_bounds" not in ledger.fields()["privacy_sample"]
+    ledger.charge_sent(1, [2])
+    ledger.settle(1)
+    assert ledger.fields()["epsilon_sample"] == max(state.client_eps.values())
+    stop = ledger.stop(2, [0, 2])
+    assert stop.release == stop.curator == ledger.stop_reason(2, [0, 2])
+    assert "client 2's sample-level epsilon to 3.27" in stop.release

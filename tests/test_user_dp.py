@@ -207,3 +207,25 @@ def test_a_user_level_release_does_not_say_whether_the_cohort_was_empty(tmp_path
     assert public["wall_s"] is None and curator["wall_s"] == record["wall_s"]
     append_curator(tmp_path, curator)
     assert curator_view([public], tmp_path)[0]["no_contribution"] is empty
+
+
+def test_a_budget_stop_with_both_levels_names_no_client_in_the_release(tmp_path, monkeypatch):
+    """Under user-level DP the cohort is secret: summary.json's stop reason says a client's
+    sample-level budget ran out without naming it; the curator's log names it (FIX29J)."""
+    # q = 1 at user level (3 of 3): everyone trains in round 1. Sigma 2.5, 2 steps: client 1
+    # (the smallest partition, q 1/57) is at epsilon 0.1384 after one round, 0.1418 after two.
+    cfg = load_config(None, [*TINY, "train.clients_per_round=3", "train.rounds=2",
+                             "privacy.sample.noise_multiplier=2.5",
+                             "privacy.sample.accountant=rdp",
+                             "privacy.sample.target_epsilon=0.14",
+                             "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
+                             "privacy.user.target_epsilon=50", "privacy.user.clipping=client"])
+    out = tmp_path / "run"
+    inline_run(cfg, out, monkeypatch)
+    stopped = json.loads((out / "summary.json").read_text())["stopped_early"]
+    assert stopped["before_round"] == 2
+    assert "client 1" not in stopped["reason"] and "0.1418" not in stopped["reason"]
+    assert "privacy.sample.target_epsilon=0.14" in stopped["reason"]
+    named = [e["stopped"] for e in read_curator(out) if "stopped" in e]
+    assert named == [{"before_round": 2, "reason": named[0]["reason"]}]
+    assert "client 1's sample-level epsilon to 0.1418" in named[0]["reason"]
