@@ -10,6 +10,8 @@ population (`num_clients = clients_per_round`), so it attacks every round:
 Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped to the
 cohort's median norm), the same bound centred on the cohort's median (`centred_bound`: each
 delta's distance from the coordinate-wise median clipped to the median distance), the
+same adaptive bound with the centre the server picks from its privacy setting
+(`auto_bound`: `norm_bound_center = "auto"`, the median under DP-SGD, zero without), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
 to the coordinate-wise median of the other rows is negative is dropped from the mean, at
 most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
@@ -41,6 +43,9 @@ RULES = {
     "norm_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive"],
     "centred_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                       "aggregation.norm_bound_center=median"],
+    # The centre from the server's own privacy setting: the median under DP-SGD, zero without.
+    "auto_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                   "aggregation.norm_bound_center=auto"],
     "direction_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                         "aggregation.norm_bound_direction=median"],
     "median": ["aggregation.rule=median"],

@@ -395,7 +395,7 @@ CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 # config imports nothing of the app layer).
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
-NORM_BOUND_CENTERS = ("zero", "median")
+NORM_BOUND_CENTERS = ("zero", "median", "auto")
 NORM_BOUND_DIRECTIONS = ("off", "median")
 ADAPTIVE_FACTOR_MAX = 1e3
 ATTACK_SCALE_MAX = 1e9
@@ -418,6 +418,11 @@ class AggregationConfig:
     # the mean by at most bound / n); "median" bounds each delta's distance from the
     # cohort's coordinate-wise median (centred clipping), which also bounds a client that
     # sends the honest step reversed (the adaptive bound is then the median distance).
+    # "auto": the server picks from its own privacy setting (`for_sample_dp`): "median"
+    # when its clients run sample-level DP-SGD (their deltas are noise around a shared step,
+    # and the median is a good centre), "zero" without it (non-IID deltas spread about as
+    # wide as they are long, so a centred bound lets a reversed step through; benchmarks/
+    # RESULTS.md, the robust section).
     norm_bound_center: str = "zero"
     # A direction check after the bound (with `mean`): "median" drops from the mean the rows
     # whose cosine to the coordinate-wise median of the other bounded rows is below
@@ -503,8 +508,10 @@ class AggregationConfig:
             # The median norm is an honest one only while honest deltas are the majority.
             return (f"aggregation.norm_bound='adaptive' tolerates aggregation.tolerate={f} "
                     f"only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
-        if self.norm_bound_center == "median" and n < 2 * f + 1:
-            return (f"aggregation.norm_bound_center='median' tolerates aggregation.tolerate="
+        if self.norm_bound_center in ("median", "auto") and n < 2 * f + 1:
+            # "auto" unresolved (the config at load): the median's need, the stricter one.
+            return (f"aggregation.norm_bound_center={self.norm_bound_center!r} tolerates "
+                    f"aggregation.tolerate="
                     f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
         if self.norm_bound_direction == "median" and n < 2 * f + 2:
             # A row's reference is the median of the n - 1 others: inside the honest range
@@ -535,6 +542,14 @@ class AggregationConfig:
             return (f"aggregation.multi_krum_m={self.multi_krum_m} must be <= {label} - "
                     f"aggregation.krum_f = {n - self.krum_f}")
         return None
+
+    def for_sample_dp(self, sample_dp: bool) -> AggregationConfig:
+        """The settings the server aggregates with: `norm_bound_center = "auto"` resolved
+        from whether the clients run sample-level DP-SGD (`privacy.sample.enabled`, the
+        server's own config, never a client's claim); a copy, the config keeps "auto"."""
+        if self.norm_bound_center != "auto":
+            return self
+        return dataclasses.replace(self, norm_bound_center="median" if sample_dp else "zero")
 
     def check_cohort(self, cohort: int) -> None:
         """The rule's parameters against the configured cohort size (each round's replies
