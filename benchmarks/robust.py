@@ -11,7 +11,9 @@ Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped 
 cohort's median norm), the same bound centred on the cohort's median (`centred_bound`: each
 delta's distance from the coordinate-wise median clipped to the median distance), the
 same adaptive bound with the centre the server picks from its privacy setting
-(`auto_bound`: `norm_bound_center = "auto"`, the median under DP-SGD, zero without), the
+(`auto_bound`: `norm_bound_center = "auto"`, the median under DP-SGD, zero without; with
+`norm_bound_direction = "auto"` too, `auto_checked_bound`: the direction check only
+without DP-SGD), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
 to the coordinate-wise median of the other rows is negative is dropped from the mean, at
 most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
@@ -46,6 +48,10 @@ RULES = {
     # The centre from the server's own privacy setting: the median under DP-SGD, zero without.
     "auto_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                    "aggregation.norm_bound_center=auto"],
+    # Both "auto": the centred bound under DP-SGD, the checked bound around zero without.
+    "auto_checked_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                           "aggregation.norm_bound_center=auto",
+                           "aggregation.norm_bound_direction=auto"],
     "direction_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                         "aggregation.norm_bound_direction=median"],
     "median": ["aggregation.rule=median"],

@@ -4,9 +4,9 @@
 bound first (each delta scaled down to a fixed bound, or to `adaptive_factor` x the median
 norm of the cohort; with `norm_bound_center = "median"` each delta's distance from the
 cohort's coordinate-wise median instead: `centred_clip`; "auto" is resolved from the
-server's privacy setting beforehand, `AggregationConfig.for_sample_dp`), then with
-`norm_bound_direction = "median"` the direction check (`direction_check`: the bounded
-rows whose cosine to the coordinate-wise median of the other rows is below
+server's privacy setting beforehand, `AggregationConfig.for_sample_dp`, as is an "auto"
+direction check), then with `norm_bound_direction = "median"` the direction check
+(`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the other rows is below
 `direction_min_cosine` are dropped, at most `tolerate` of them), then the rule `cfg.rule`
 from `RULES`. It returns the aggregated delta (float64) and the figures the round record
 keeps (`Aggregated`).
@@ -285,10 +285,11 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         return None
     deltas, w = deltas[keep], w[keep]
     names = [n for n, k in zip(names, keep, strict=True) if k]
-    if cfg.norm_bound_center == "auto":
-        # The centre follows the server's privacy setting, which this function does not see.
-        raise ValueError("aggregation.norm_bound_center='auto' must be resolved by "
-                         "AggregationConfig.for_sample_dp before aggregating")
+    for key in ("norm_bound_center", "norm_bound_direction"):
+        if getattr(cfg, key) == "auto":
+            # It follows the server's privacy setting, which this function does not see.
+            raise ValueError(f"aggregation.{key}='auto' must be resolved by "
+                             "AggregationConfig.for_sample_dp before aggregating")
     figures: dict[str, Any] = {"rule": cfg.rule, "deltas": len(deltas)}
     refused = cfg.shortfall(len(deltas), "deltas this round")
     if refused is not None:
