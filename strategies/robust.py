@@ -6,10 +6,10 @@ norm of the cohort; with `norm_bound_center = "median"` each delta's distance fr
 cohort's coordinate-wise median instead: `centred_clip`; "auto" is resolved from the
 server's privacy setting beforehand, `AggregationConfig.for_sample_dp`, as is an "auto"
 direction check), then with `norm_bound_direction = "median"` the direction check
-(`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the other rows is below
-`direction_min_cosine` are dropped, at most `tolerate` of them), then the rule `cfg.rule`
-from `RULES`. It returns the aggregated delta (float64) and the figures the round record
-keeps (`Aggregated`).
+(`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the
+other rows is below `direction_min_cosine` are dropped, at most `tolerate` of them), then
+the rule `cfg.rule` from `RULES`. It returns the aggregated delta (float64) and the
+figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
