@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--paired-noise", action="store_true",
                     help="seeded DP noise (privacy.reproducible_noise, a simulation mode): "
                          "each attacked cell draws the noise of its honest cell")
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS),
+                    help="the cells to run of each rule and seed (a short queue first)")
     ap.add_argument("--flip-scale", type=float, default=10.0)
     ap.add_argument("--boost-scale", type=float, default=100.0)
     ap.add_argument("--table-only", action="store_true",
@@ -200,7 +202,7 @@ def main() -> None:
         for privacy in args.privacy:
             for seed in args.seeds:
                 for rule in args.rules:
-                    for attack in ATTACKS:
+                    for attack in args.attacks:
                         key = (cohort, privacy, rule, attack, seed)
                         folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}-s{seed}"
                         if args.table_only:
