@@ -277,6 +277,11 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
     """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
     when no delta has one; a refused update (delta None) when they are too few for the rule
     and bound to tolerate `cfg.tolerate` attackers. `ids` name the rows in the figures."""
+    for key in ("norm_bound_center", "norm_bound_direction"):
+        if getattr(cfg, key) == "auto":
+            # It follows the server's privacy setting, which this function does not see.
+            raise ValueError(f"aggregation.{key}='auto' must be resolved by "
+                             "AggregationConfig.for_sample_dp before aggregating")
     deltas = np.asarray(deltas, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     names = list(range(len(deltas))) if ids is None else list(ids)
@@ -285,11 +290,6 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         return None
     deltas, w = deltas[keep], w[keep]
     names = [n for n, k in zip(names, keep, strict=True) if k]
-    for key in ("norm_bound_center", "norm_bound_direction"):
-        if getattr(cfg, key) == "auto":
-            # It follows the server's privacy setting, which this function does not see.
-            raise ValueError(f"aggregation.{key}='auto' must be resolved by "
-                             "AggregationConfig.for_sample_dp before aggregating")
     figures: dict[str, Any] = {"rule": cfg.rule, "deltas": len(deltas)}
     refused = cfg.shortfall(len(deltas), "deltas this round")
     if refused is not None:

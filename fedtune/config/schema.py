@@ -514,18 +514,17 @@ class AggregationConfig:
         if self.norm_bound_center in ("median", "auto") and n < 2 * f + 1:
             # "auto" unresolved (the config at load): the median's need, the stricter one.
             return (f"aggregation.norm_bound_center={self.norm_bound_center!r} tolerates "
-                    f"aggregation.tolerate="
-                    f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
+                    f"aggregation.tolerate={f} only with {label} >= 2 x tolerate + 1 = "
+                    f"{2 * f + 1}, got {n}")
         if self.norm_bound_direction in ("median", "auto") and n < 2 * f + 2:
             # A row's reference is the median of the n - 1 others: inside the honest range
             # only while the honest rows are a strict majority of those (review ATTACK27D:
             # at n = 2f + 1 the attackers are half of an honest row's others and turn its
             # reference against it).
             return (f"aggregation.norm_bound_direction={self.norm_bound_direction!r} "
-                    f"tolerates aggregation."
-                    f"tolerate={f} only with {label} >= 2 x tolerate + 2 = {2 * f + 2} (each "
-                    f"row's reference, the median of the others, needs an honest majority), "
-                    f"got {n}")
+                    f"tolerates aggregation.tolerate={f} only with {label} >= 2 x tolerate + "
+                    f"2 = {2 * f + 2} (each row's reference, the median of the others, needs "
+                    f"an honest majority), got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
