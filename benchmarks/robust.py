@@ -10,6 +10,10 @@ population (`num_clients = clients_per_round`), so it attacks every round:
 Rules: FedAvg (`mean`), FedAvg with the adaptive norm bound (each delta clipped to the
 cohort's median norm), the same bound centred on the cohort's median (`centred_bound`: each
 delta's distance from the coordinate-wise median clipped to the median distance), the
+same adaptive bound with the centre the server picks from its privacy setting
+(`auto_bound`: `norm_bound_center = "auto"`, the median under DP-SGD, zero without; with
+`norm_bound_direction = "auto"` too, `auto_checked_bound`: the direction check only
+without DP-SGD), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
 to the coordinate-wise median of the other rows is negative is dropped from the mean, at
 most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
@@ -41,6 +45,13 @@ RULES = {
     "norm_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive"],
     "centred_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                       "aggregation.norm_bound_center=median"],
+    # The centre from the server's own privacy setting: the median under DP-SGD, zero without.
+    "auto_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                   "aggregation.norm_bound_center=auto"],
+    # Both "auto": the centred bound under DP-SGD, the checked bound around zero without.
+    "auto_checked_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                           "aggregation.norm_bound_center=auto",
+                           "aggregation.norm_bound_direction=auto"],
     "direction_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                         "aggregation.norm_bound_direction=median"],
     "median": ["aggregation.rule=median"],
@@ -171,6 +182,8 @@ def main() -> None:
     ap.add_argument("--paired-noise", action="store_true",
                     help="seeded DP noise (privacy.reproducible_noise, a simulation mode): "
                          "each attacked cell draws the noise of its honest cell")
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS),
+                    help="the cells to run of each rule and seed (a short queue first)")
     ap.add_argument("--flip-scale", type=float, default=10.0)
     ap.add_argument("--boost-scale", type=float, default=100.0)
     ap.add_argument("--table-only", action="store_true",
@@ -189,7 +202,7 @@ def main() -> None:
         for privacy in args.privacy:
             for seed in args.seeds:
                 for rule in args.rules:
-                    for attack in ATTACKS:
+                    for attack in args.attacks:
                         key = (cohort, privacy, rule, attack, seed)
                         folder = args.out / f"{cohort}-{privacy}-{rule}-{attack}-s{seed}"
                         if args.table_only:

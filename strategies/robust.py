@@ -3,11 +3,13 @@
 `aggregate(deltas, weights, cfg, ids)` runs one round's aggregation step: the optional norm
 bound first (each delta scaled down to a fixed bound, or to `adaptive_factor` x the median
 norm of the cohort; with `norm_bound_center = "median"` each delta's distance from the
-cohort's coordinate-wise median instead: `centred_clip`), then with `norm_bound_direction =
-"median"` the direction check (`direction_check`: the bounded rows whose cosine to the
-coordinate-wise median of the other rows is below `direction_min_cosine` are dropped, at
-most `tolerate` of them), then the rule `cfg.rule` from `RULES`. It returns the aggregated
-delta (float64) and the figures the round record keeps (`Aggregated`).
+cohort's coordinate-wise median instead: `centred_clip`; "auto" is resolved from the
+server's privacy setting beforehand, `AggregationConfig.for_sample_dp`, as is an "auto"
+direction check), then with `norm_bound_direction = "median"` the direction check
+(`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the
+other rows is below `direction_min_cosine` are dropped, at most `tolerate` of them), then
+the rule `cfg.rule` from `RULES`. It returns the aggregated delta (float64) and the
+figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
@@ -275,6 +277,11 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
     """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
     when no delta has one; a refused update (delta None) when they are too few for the rule
     and bound to tolerate `cfg.tolerate` attackers. `ids` name the rows in the figures."""
+    for key in ("norm_bound_center", "norm_bound_direction"):
+        if getattr(cfg, key) == "auto":
+            # It follows the server's privacy setting, which this function does not see.
+            raise ValueError(f"aggregation.{key}='auto' must be resolved by "
+                             "AggregationConfig.for_sample_dp before aggregating")
     deltas = np.asarray(deltas, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     names = list(range(len(deltas))) if ids is None else list(ids)

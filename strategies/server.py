@@ -115,7 +115,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         select_cohort=lambda rnd, pids: _select_cohort(rnd, pids, plugins),
         client_weight=lambda rnd, pid: _client_weight(rnd, pid, plugins))
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed, hooks,
-                           cfg.aggregation,
+                           cfg.aggregation.for_sample_dp(cfg.privacy.sample.enabled),
                            withhold_metrics=withholds_counts(cfg),  # (wire_fields)
                            report_groups=_report_groups(cfg.split.enabled, plugins))
     driver: DeltaFedAvg | UserLevelDP = strategy

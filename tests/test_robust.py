@@ -194,6 +194,75 @@ def test_centred_bound_cuts_a_reversed_step_that_a_bound_around_zero_keeps():
     assert float(calm.delta @ along) / float(clean @ along) > 0.9
 
 
+# -- the centre chosen from the server's own privacy setting (norm_bound_center = "auto")
+
+
+@pytest.mark.parametrize(("sample_dp", "center"), [(True, "median"), (False, "zero")])
+def test_auto_centre_follows_the_servers_sample_dp_setting(sample_dp, center):
+    """The server knows whether its clients run DP-SGD (its own config): "auto" centres the
+    bound on the cohort's median under sample-level DP and on zero without it, and then
+    aggregates exactly as the centre it names."""
+    cfg = load_config(None, [f"privacy.sample.enabled={str(sample_dp).lower()}",
+                             "aggregation.norm_bound=adaptive",
+                             "aggregation.norm_bound_center=auto"])
+    resolved = cfg.aggregation.for_sample_dp(cfg.privacy.sample.enabled)
+    assert resolved.norm_bound_center == center
+    assert cfg.aggregation.norm_bound_center == "auto"  # a copy: the config keeps "auto"
+    _, honest = _honest_step(5)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    out = robust.aggregate(attacked, np.ones(5), resolved)
+    named = _ours(attacked, np.ones(5), norm_bound="adaptive", norm_bound_center=center)
+    np.testing.assert_array_equal(out.delta, named.delta)
+    assert out.figures == named.figures
+
+
+@pytest.mark.parametrize("center", ["zero", "median"])
+@pytest.mark.parametrize("sample_dp", [True, False])
+def test_a_named_centre_is_kept_whatever_the_privacy_setting(center, sample_dp):
+    cfg = AggregationConfig(norm_bound=1.0, norm_bound_center=center)
+    cfg.validate()
+    assert cfg.for_sample_dp(sample_dp) == cfg
+
+
+def test_an_unresolved_auto_centre_is_refused_not_guessed():
+    cfg = AggregationConfig(norm_bound="adaptive", norm_bound_center="auto")
+    cfg.validate()
+    with pytest.raises(ValueError, match="norm_bound_center='auto' must be resolved"):
+        robust.aggregate(_deltas(), np.ones(5), cfg)
+
+
+@pytest.mark.parametrize(("sample_dp", "check"), [(True, "off"), (False, "median")])
+def test_auto_direction_check_runs_only_without_sample_dp(sample_dp, check):
+    """`norm_bound_direction = "auto"`: the check without DP-SGD, off with it (the clients'
+    DP noise swamps the direction); with `norm_bound_center = "auto"` the pair is the
+    centred bound under DP-SGD and the checked bound around zero without it."""
+    cfg = load_config(None, [f"privacy.sample.enabled={str(sample_dp).lower()}",
+                             "aggregation.norm_bound=adaptive",
+                             "aggregation.norm_bound_center=auto",
+                             "aggregation.norm_bound_direction=auto"])
+    resolved = cfg.aggregation.for_sample_dp(cfg.privacy.sample.enabled)
+    assert (resolved.norm_bound_center, resolved.norm_bound_direction) == (
+        ("median", "off") if sample_dp else ("zero", "median"))
+    assert cfg.aggregation.norm_bound_direction == "auto"
+    _, honest = _honest_step(5)
+    attacked = honest.copy()
+    attacked[0] = -10 * honest[0]
+    out = robust.aggregate(attacked, np.ones(5), resolved)
+    named = _ours(attacked, np.ones(5), norm_bound="adaptive",
+                  norm_bound_center=resolved.norm_bound_center, norm_bound_direction=check)
+    np.testing.assert_array_equal(out.delta, named.delta)
+    assert out.figures == named.figures
+    assert ("direction" in out.figures["norm_bound"]) == (check == "median")
+
+
+def test_an_unresolved_auto_direction_is_refused_not_guessed():
+    cfg = AggregationConfig(norm_bound="adaptive", norm_bound_direction="auto")
+    cfg.validate()
+    with pytest.raises(ValueError, match="norm_bound_direction='auto' must be resolved"):
+        robust.aggregate(_deltas(), np.ones(5), cfg)
+
+
 def _direction(deltas, weights=None, ids=None, **settings):
     cfg = AggregationConfig(**{"norm_bound": "adaptive", "norm_bound_direction": "median",
                                **settings})
@@ -547,6 +616,24 @@ def test_aggregation_config_loads():
       "aggregation.tolerate=3"],
      "aggregation.norm_bound_center='median' tolerates aggregation.tolerate=3 only with "
      "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.norm_bound_center=auto"],
+     "aggregation.norm_bound_center='auto' measures a norm bound: set aggregation."
+     "norm_bound to 'adaptive' or a number"),
+    # At load "auto" needs the median's cohort whatever the privacy setting (the stricter).
+    (["aggregation.norm_bound=2", "aggregation.norm_bound_center=auto",
+      "aggregation.tolerate=3", "privacy.sample.enabled=false"],
+     "aggregation.norm_bound_center='auto' tolerates aggregation.tolerate=3 only with "
+     "train.clients_per_round >= 2 x tolerate + 1 = 7, got 5"),
+    (["aggregation.norm_bound_direction=auto"],
+     "aggregation.norm_bound_direction='auto' checks the rows of a norm bound"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=auto",
+      "aggregation.rule=median"],
+     "aggregation.norm_bound_direction='auto' drops rows from the mean: it needs "
+     "aggregation.rule='mean', got 'median'"),
+    (["aggregation.norm_bound=1", "aggregation.norm_bound_direction=auto",
+      "aggregation.tolerate=2", "privacy.sample.enabled=true"],
+     "aggregation.norm_bound_direction='auto' tolerates aggregation.tolerate=2 only with "
+     "train.clients_per_round >= 2 x tolerate + 2 = 6"),
     (["aggregation.norm_bound_direction=mean"],
      "aggregation.norm_bound_direction='mean' is not one of: off, median"),
     (["aggregation.norm_bound_direction=median"],

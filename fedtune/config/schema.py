@@ -396,8 +396,8 @@ CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 # config imports nothing of the app layer).
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
-NORM_BOUND_CENTERS = ("zero", "median")
-NORM_BOUND_DIRECTIONS = ("off", "median")
+NORM_BOUND_CENTERS = ("zero", "median", "auto")
+NORM_BOUND_DIRECTIONS = ("off", "median", "auto")
 ADAPTIVE_FACTOR_MAX = 1e3
 ATTACK_SCALE_MAX = 1e9
 
@@ -419,12 +419,20 @@ class AggregationConfig:
     # the mean by at most bound / n); "median" bounds each delta's distance from the
     # cohort's coordinate-wise median (centred clipping), which also bounds a client that
     # sends the honest step reversed (the adaptive bound is then the median distance).
+    # "auto": the server picks from its own privacy setting (`for_sample_dp`): "median"
+    # when its clients run sample-level DP-SGD (their deltas are noise around a shared step,
+    # and the median is a good centre), "zero" without it (non-IID deltas spread about as
+    # wide as they are long, so a centred bound lets a reversed step through; benchmarks/
+    # RESULTS.md, the robust section).
     norm_bound_center: str = "zero"
     # A direction check after the bound (with `mean`): "median" drops from the mean the rows
     # whose cosine to the coordinate-wise median of the other bounded rows is below
     # `direction_min_cosine`, at most `tolerate` of them (the lowest), so a client that
     # sends the honest step reversed no longer cancels an honest client's step; the bound
-    # still holds for every kept row. "off": no check.
+    # still holds for every kept row. "off": no check. "auto" (`for_sample_dp`): "median"
+    # without sample-level DP-SGD, "off" with it (the clients' DP noise swamps the direction:
+    # an honest row can score lowest and be dropped; benchmarks/RESULTS.md, the robust
+    # section).
     norm_bound_direction: str = "off"
     direction_min_cosine: float = 0.0
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
@@ -504,18 +512,20 @@ class AggregationConfig:
             # The median norm is an honest one only while honest deltas are the majority.
             return (f"aggregation.norm_bound='adaptive' tolerates aggregation.tolerate={f} "
                     f"only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
-        if self.norm_bound_center == "median" and n < 2 * f + 1:
-            return (f"aggregation.norm_bound_center='median' tolerates aggregation.tolerate="
-                    f"{f} only with {label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
-        if self.norm_bound_direction == "median" and n < 2 * f + 2:
+        if self.norm_bound_center in ("median", "auto") and n < 2 * f + 1:
+            # "auto" unresolved (the config at load): the median's need, the stricter one.
+            return (f"aggregation.norm_bound_center={self.norm_bound_center!r} tolerates "
+                    f"aggregation.tolerate={f} only with {label} >= 2 x tolerate + 1 = "
+                    f"{2 * f + 1}, got {n}")
+        if self.norm_bound_direction in ("median", "auto") and n < 2 * f + 2:
             # A row's reference is the median of the n - 1 others: inside the honest range
             # only while the honest rows are a strict majority of those (review ATTACK27D:
             # at n = 2f + 1 the attackers are half of an honest row's others and turn its
             # reference against it).
-            return (f"aggregation.norm_bound_direction='median' tolerates aggregation."
-                    f"tolerate={f} only with {label} >= 2 x tolerate + 2 = {2 * f + 2} (each "
-                    f"row's reference, the median of the others, needs an honest majority), "
-                    f"got {n}")
+            return (f"aggregation.norm_bound_direction={self.norm_bound_direction!r} "
+                    f"tolerates aggregation.tolerate={f} only with {label} >= 2 x tolerate + "
+                    f"2 = {2 * f + 2} (each row's reference, the median of the others, needs "
+                    f"an honest majority), got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
@@ -536,6 +546,19 @@ class AggregationConfig:
             return (f"aggregation.multi_krum_m={self.multi_krum_m} must be <= {label} - "
                     f"aggregation.krum_f = {n - self.krum_f}")
         return None
+
+    def for_sample_dp(self, sample_dp: bool) -> AggregationConfig:
+        """The settings the server aggregates with: `norm_bound_center` and
+        `norm_bound_direction` "auto" resolved from whether the clients run sample-level
+        DP-SGD (`privacy.sample.enabled`, the server's own config, never a client's claim):
+        the centre "median" with it and "zero" without; the direction check "off" with it
+        and "median" without. A copy: the config keeps "auto"."""
+        resolved = {}
+        if self.norm_bound_center == "auto":
+            resolved["norm_bound_center"] = "median" if sample_dp else "zero"
+        if self.norm_bound_direction == "auto":
+            resolved["norm_bound_direction"] = "off" if sample_dp else "median"
+        return dataclasses.replace(self, **resolved) if resolved else self
 
     def check_cohort(self, cohort: int) -> None:
         """The rule's parameters against the configured cohort size (each round's replies
