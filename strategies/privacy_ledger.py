@@ -46,7 +46,6 @@ from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState, load_pending, save_pending
-from fedtune.run.folder import CURATOR_FILE
 
 # (round, partition id, partition size) -> further DP releases the client makes in that
 # round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
@@ -177,7 +176,17 @@ class PrivacyLedger:
         sample = self.privacy.sample
         # Calibrated noise keeps a client that trains in every round within its target
         # by construction; a given noise multiplier has to be checked client by client.
-        if sample.enabled and sample.noise_multiplier > 0:
+        if sample.enabled and sample.noise_multiplier > 0 and self.cohort_secret:
+            # Which clients would run out depends on who was sampled; the released bound
+            # does not, so the stop follows it: the run ends at the same round whoever the
+            # secret cohorts were, and the released epsilon never passes the target.
+            after = self.cohort_free_bound(through=rnd)
+            if after is not None and after > sample.target_epsilon:
+                reason = (f"round {rnd} would raise the released sample-level bound (a "
+                          f"client sampled in every round) to {after:.4f}, over "
+                          f"privacy.sample.target_epsilon={sample.target_epsilon}")
+                return Stop(reason, reason)
+        elif sample.enabled and sample.noise_multiplier > 0:
             for pid in cohort:
                 spent = self.state.client_dp.get(pid, DPHistory()).entries
                 after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
@@ -185,13 +194,7 @@ class PrivacyLedger:
                     named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
                              f"to {after:.4f}, over privacy.sample.target_epsilon="
                              f"{sample.target_epsilon}")
-                    if not self.cohort_secret:
-                        return Stop(named, named)
-                    # The client and its epsilon would say who was in the secret cohort.
-                    return Stop(f"round {rnd} would raise the sample-level epsilon of a "
-                                f"client of its secret cohort over privacy.sample."
-                                f"target_epsilon={sample.target_epsilon} (the curator's log, "
-                                f"{CURATOR_FILE}, names it)", named)
+                    return Stop(named, named)
         return None
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
@@ -261,8 +264,9 @@ class PrivacyLedger:
             "privacy_user": self._user_params() if self.user is not None else None,
         }
 
-    def cohort_free_bound(self) -> float | None:
-        """The epsilon of a client sampled in every round sent so far, and in every
+    def cohort_free_bound(self, through: int | None = None) -> float | None:
+        """The epsilon of a client sampled in every round sent so far (and in round
+        `through`, when given: what sending it would release), and in every
         attempt of a round killed and resumed, charged each time every release the plan
         allows it (each size a plugin may train on, the hooks' releases): the worst over
         the population's example counts. A real client's history is part of that one, so
@@ -270,7 +274,8 @@ class PrivacyLedger:
         before any round was sent."""
         if not self.privacy.sample.enabled:
             return None
-        rounds = list(range(1, max(self.state.round, self._sent_round) + 1))
+        last = max(self.state.round, self._sent_round, through or 0)
+        rounds = list(range(1, last + 1))
         rounds += [int(attempt["round"]) for attempt in self.state.interrupted]
         if not rounds:
             return None

@@ -633,27 +633,27 @@ def test_the_bound_counts_an_interrupted_attempt_whoever_was_in_it(tmp_path):
     assert resumed([]) == resumed([2]) == resumed([0, 1])
 
 
-def test_a_budget_stop_under_user_dp_does_not_name_the_client():
-    ledger, cfg, state = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5",
-                                  "privacy.sample.target_epsilon=3"])
-    assert ledger.stop(1, [0, 2]) is None
-    ledger.charge_sent(1, [2])
-    ledger.settle(1)
-    stop = ledger.stop(2, [0, 2])
-    assert "client 2's sample-level epsilon to 3.27" in stop.curator
-    assert "client 2" not in stop.release and "3.27" not in stop.release
-    assert "privacy.sample.target_epsilon=3" in stop.release
-    assert "curator_log.jsonl" in stop.release
-    # The release is the same whichever sampled client ran out.
-    other, _, _ = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5",
-                           "privacy.sample.target_epsilon=3"])
-    rnd = 1
-    while (late := other.stop(rnd, [1])) is None:  # client 1 (70 examples) lasts longer
-        other.charge_sent(rnd, [1])
-        other.settle(rnd)
-        rnd += 1
-    assert rnd > 2 and "client 1's" in late.curator
-    assert late.release == stop.release.replace("round 2", f"round {rnd}")
+def test_a_budget_stop_under_user_dp_names_no_client_and_comes_whoever_was_sampled():
+    """With a secret cohort the stop follows the released bound: the same round and the same
+    text whoever the cohorts were (a client's own budget would say it was sampled), and the
+    released epsilon never passes the target."""
+    sets = [*BOTH, "privacy.sample.noise_multiplier=2.5", "privacy.sample.target_epsilon=3"]
+    stops = []
+    for cohorts in ([2], [1], []):
+        ledger, _, _ = _ledger(sets)
+        rnd = 1
+        while (stop := ledger.stop(rnd, cohorts)) is None:
+            ledger.charge_sent(rnd, cohorts)
+            ledger.settle(rnd)
+            assert ledger.fields()["epsilon_sample"] <= 3
+            rnd += 1
+        stops.append((rnd, stop.release, stop.curator))
+        assert stop.release == stop.curator
+        assert "client" not in stop.release.replace("a client sampled in every round", "")
+        assert "privacy.sample.target_epsilon=3" in stop.release
+    assert stops[0] == stops[1] == stops[2]
+    # Client 2 alone would run out in round 2; the bound (its worst client) stops there too.
+    assert stops[0][0] == 2
 
 
 def test_without_user_dp_the_release_keeps_the_charged_maximum_and_names_the_client():
