@@ -248,8 +248,10 @@ def summary_line(summary: dict[str, Any], out: Path, cfg: ExperimentConfig) -> s
     label = dp_level_label(cfg)  # a split run: what its epsilon covers, as the report says
     if label is not None and summary.get("epsilon_sample") is not None:
         eps["sample"] += f" ({label.removeprefix('sample-level DP on ')})"
+    # null under user-level DP: the run's length sums the secret cohorts' rounds.
+    took = "" if summary["wall_s"] is None else f" in {summary['wall_s']:.0f} s"
     return (
-        f"[bold green]done[/] in {summary['wall_s']:.0f} s: {quality_text(summary)}"
+        f"[bold green]done[/]{took}: {quality_text(summary)}"
         f"epsilon_sample {eps['sample']}, epsilon_user {eps['user']}, "
         + ("" if summary["total_bytes_up"] is None else f"{summary['total_bytes_up']:,} B up, ")
         + _smashed_text(summary, cfg)

@@ -264,6 +264,13 @@ class PrivacyLedger:
             "privacy_user": self._user_params() if self.user is not None else None,
         }
 
+    def spent(self) -> dict[str, float | None]:
+        """The two released epsilons as they stand (what `fields` releases), for the summary:
+        they include every charge made so far, an interrupted attempt's on a resume too."""
+        fields = self.fields()
+        return {"epsilon_sample": fields["epsilon_sample"],
+                "epsilon_user": fields["epsilon_user"]}
+
     def cohort_free_bound(self, through: int | None = None) -> float | None:
         """The epsilon of a client sampled in every round sent so far (and in round
         `through`, when given: what sending it would release), and in every

@@ -31,6 +31,7 @@ from fedtune.run.checkpoint import (
 from fedtune.run.curator_log import (
     append_curator,
     curator_view,
+    keeps_cohorts_apart,
     release_total,
     split_record,
 )
@@ -174,8 +175,13 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         return {}
     if not history:
         raise RuntimeError(f"no round ran: {state.stopped['reason'] if state.stopped else ''}")
-    # Under user-level DP the release holds null here: the curator's log has the answer.
-    if all(r.get("no_contribution") for r in curator_view(history, out_dir)):
+    # Under user-level DP the release holds null here: the curator's log has the answer,
+    # and the run ends as any other (an error, a missing summary or final state would say
+    # that every secret draw was empty).
+    nobody = all(r.get("no_contribution") for r in curator_view(history, out_dir))
+    if nobody and privacy.cohort_secret:
+        append_curator(out_dir, {"round": state.round, "no_contribution_in_any_round": True})
+    elif nobody:
         raise NoContributionError(
             f"no client contributed in any of the {len(history)} rounds (every sampled "
             f"client failed, was rejected or was not sampled); see the rejected and failed "
@@ -186,7 +192,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         state.initial = _initial(task, model, cfg)
     final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
-    summary = _summary(history, state, task, cfg, final_test).to_json()
+    if privacy.cohort_secret:  # the run's length is the sum of the rounds' (secret) wall_s
+        append_curator(out_dir, {"round": state.round, "run_wall_s": state.elapsed_s})
+    summary = _summary(history, state, task, cfg, final_test, privacy.spent()).to_json()
     ledger.write_summary(summary)
     return summary
 
@@ -251,8 +259,13 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
-             cfg: ExperimentConfig, final_test: dict[str, float]) -> Summary:
+             cfg: ExperimentConfig, final_test: dict[str, float],
+             spent: dict[str, Any] | None = None) -> Summary:
+    """`spent`: the privacy ledger's epsilons now (`PrivacyLedger.spent`), which can pass the
+    last round's (a resumed run charges its interrupted attempt, and a budget stop may then
+    end the run before that round completes); without it, the last round's."""
     last = history[-1]
+    spent = spent or {key: last[key] for key in ("epsilon_sample", "epsilon_user")}
     kind = task_kind(cfg.task.kind)
     return Summary(
         # Accuracy or perplexity fields (the other kind's null), the best round by validation.
@@ -260,8 +273,8 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
                                      validation_examples(task, cfg)),
         # Runs checkpointed before the deferral scored the untrained model before round 1.
         initial_evaluated=state.initial.get("evaluated", "before round 1"),
-        epsilon_sample=last["epsilon_sample"],
-        epsilon_user=last["epsilon_user"],
+        epsilon_sample=spent["epsilon_sample"],
+        epsilon_user=spent["epsilon_user"],
         delta=last["delta"],
         notes=note_fields(cfg, last),
         noise=last.get("noise"),
@@ -276,7 +289,7 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         backbone_params=task.backbone.num_params,
         method=cfg.tuning.method,
         resumed_at_rounds=state.resumed_at,
-        wall_s=state.elapsed_s,
+        wall_s=None if keeps_cohorts_apart(cfg) else state.elapsed_s,  # the curator's has it
         population=_population(cfg),
         split=split_summary_fields(history),
         pruning=pruning_record(task.backbone, cfg.model.max_length),

@@ -12,6 +12,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from torch.utils.data import TensorDataset
 
+import strategies.server as server
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release, poisson_sample_rate
 from fedtune.privacy.plan import PrivacyPlan
@@ -667,3 +668,46 @@ def test_without_user_dp_the_release_keeps_the_charged_maximum_and_names_the_cli
     stop = ledger.stop(2, [0, 2])
     assert stop.release == stop.curator == ledger.stop_reason(2, [0, 2])
     assert "client 2's sample-level epsilon to 3.27" in stop.release
+
+# ATTACK29C: a run killed after round 3 was sent, resumed, then stopped by the budget before
+# round 3 runs again: the summary must release the interrupted attempt's charge too.
+RESUME_STOP_SETS = [*BOTH, "privacy.sample.noise_multiplier=2.5",
+                    "privacy.sample.target_epsilon=4.3"]
+
+
+def _released_summary(cfg, history, state, monkeypatch, spent=None) -> dict:
+    kind = SimpleNamespace(summary_fields=lambda *a: {}, baseline=lambda *a: {})
+    monkeypatch.setattr(server, "task_kind", lambda name: kind)
+    monkeypatch.setattr(server, "validation_examples", lambda task, cfg: 0)
+    monkeypatch.setattr(server, "pruning_record", lambda backbone, length: {})
+    task = SimpleNamespace(spec=SimpleNamespace(size=4), backbone=SimpleNamespace(num_params=9))
+    return server._summary(history, state, task, cfg, {}, spent).to_json()
+
+
+def test_a_budget_stop_right_after_a_resume_releases_the_interrupted_attempts_spend(
+        tmp_path, monkeypatch):
+    """summary.json's epsilon_sample (both DP levels, a secret cohort) is never below a
+    charged client's epsilon, an interrupted attempt's charge included."""
+    ledger, cfg, state = _ledger(RESUME_STOP_SETS, folder=tmp_path)
+    history = []
+    for rnd in (1, 2):  # client 2 (q 1/2) in every round: the bound is exactly its epsilon
+        assert ledger.stop(rnd, [0, 1, 2]) is None
+        ledger.charge_sent(rnd, [0, 1, 2])
+        ledger.settle(rnd)
+        state.round = rnd
+        fields = ledger.fields()
+        history.append({"round": rnd, "epsilon_sample": fields.pop("epsilon_sample"),
+                        "epsilon_user": fields.pop("epsilon_user"), **fields})
+    saved = _copy(state)  # the checkpoint after round 2
+    saved.round = 2
+    assert ledger.stop(3, [2]) is None  # the bound through round 3 (4.02) is within 4.3
+    ledger.charge_sent(3, [2])  # round 3 sent, then the run is killed before it completes
+    # The resumed ledger charges the interrupted attempt.
+    resumed, _, state = _ledger(RESUME_STOP_SETS, state=saved, folder=tmp_path)
+    stop = resumed.stop(3, [0])
+    assert stop is not None, "this config's budget stops the resumed run before round 3"
+    charged = max(state.client_eps.values())  # client 2: rounds 1, 2 and the attempt at 3
+    released = _released_summary(cfg, history, state, monkeypatch,
+                                  resumed.spent())["epsilon_sample"]
+    assert released >= charged, (f"summary epsilon_sample {released:.4f} below client 2's "
+                                 f"charged {charged:.4f} (the interrupted attempt left out)")

@@ -2,6 +2,7 @@
 
 import json
 import numbers
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from dp_accounting.rdp import RdpAccountant
 from inline_grid import TINY, inline_run
 from wire import reply, spec_of
 
+import strategies.server as server
 from fedtune.config import UserDPConfig, load_config
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
@@ -231,3 +233,46 @@ def test_a_budget_stop_with_both_levels_names_no_client_in_the_release(tmp_path,
     assert "privacy.sample.target_epsilon=0.14" in stopped["reason"]
     # Nothing in it is the cohort's, so the curator's log gets no line of its own.
     assert [e for e in read_curator(out) if "stopped" in e] == []
+
+
+# ATTACK29C: the summary and the run's end say nothing of the secret cohorts.
+SUMMARY_USER_DP = ["data.num_clients=8", "train.clients_per_round=2", "privacy.user.enabled=true",
+           "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=50"]
+
+
+def _summary_wall(monkeypatch, elapsed_s: float) -> object:
+    cfg = load_config(None, SUMMARY_USER_DP)
+    kind = SimpleNamespace(summary_fields=lambda *a: {}, baseline=lambda *a: {})
+    monkeypatch.setattr(server, "task_kind", lambda name: kind)
+    monkeypatch.setattr(server, "validation_examples", lambda task, cfg: 0)
+    monkeypatch.setattr(server, "pruning_record", lambda backbone, length: {})
+    task = SimpleNamespace(spec=SimpleNamespace(size=4), backbone=SimpleNamespace(num_params=9))
+    # One released round: every cohort figure null, as split_record leaves it.
+    released = {"round": 1, "epsilon_sample": None, "epsilon_user": 0.5, "delta": 1e-5,
+                "wall_s": None, "clients": None, "bytes_up": None, "bytes_down": None,
+                "client_flops": None}
+    state = ServerState(round=1, vector=np.zeros(3, np.float32), spec_hash="x", initial={},
+                        elapsed_s=elapsed_s)
+    return server._summary([released], state, task, cfg, {}).to_json()["wall_s"]
+
+
+def test_a_user_level_summary_does_not_say_how_long_the_secret_cohorts_trained(monkeypatch):
+    """Under user-level DP summary.json's wall_s is the same whoever was in the secret
+    cohorts (the curator's, null in the release like each round's wall_s)."""
+    empty = _summary_wall(monkeypatch, 0.7)   # the e2e split run's empty-cohort round
+    three = _summary_wall(monkeypatch, 4.2)   # its 3-client round
+    assert empty == three, f"summary wall_s {empty} vs {three} tells the cohorts apart"
+
+
+def test_a_run_whose_secret_cohorts_were_all_empty_releases_as_any_other(tmp_path,
+                                                                           monkeypatch):
+    """Under user-level DP a run whose every secret Poisson draw was empty (probability
+    (1-q)^(N x rounds), here 0.33^3 ~ 4%) writes summary.json and the final state like any
+    other run: the release does not say no cohort held anyone."""
+    cfg = load_config(None, [*TINY, "privacy.user.enabled=true",
+                             "privacy.user.noise_multiplier=1.0",
+                             "privacy.user.target_epsilon=50", "privacy.user.clipping=client"])
+    monkeypatch.setattr(UserLevelDP, "sample", lambda self, rnd, grid: [])  # the secret draw
+    out = tmp_path / "run"
+    inline_run(cfg, out, monkeypatch)  # was: NoContributionError
+    assert (out / "summary.json").exists()

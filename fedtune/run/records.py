@@ -31,7 +31,7 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     client_flops: float
-    wall_s: float
+    wall_s: float | None
     lr: float
     train_loss: float | None  # mean reported loss over the accepted clients' examples
     sampled: int
@@ -124,7 +124,7 @@ class Summary:
     backbone_params: int
     method: str
     resumed_at_rounds: Sequence[int]
-    wall_s: float
+    wall_s: float | None
     # Who the accuracy is about (two domains), split mode's totals, the pruned backbone.
     population: Mapping[str, Any] = field(default_factory=dict)
     split: Mapping[str, Any] = field(default_factory=dict)
