@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 
 import pytest
 
+from fedtune.config import load_config
 from fedtune.config.load import config_from_toml
-from fedtune.run.curator_log import MOVED_NOTE, split_record
+from fedtune.run.curator_log import MOVED_NOTE, declare_plugin_extras, split_record
 from fedtune.wire.protocol import TrainReport
 from strategies.pipeline import ClientReport
 from strategies.plugins.base import Plugin, available_plugins, build_plugins, plugin_class
@@ -189,3 +190,37 @@ def test_a_release_safe_key_outside_the_extras_is_refused_at_registration():
 
 def test_moved_note_unchanged():
     assert "curator" in MOVED_NOTE
+
+
+# ATTACK29C 3, 4: a third-party plugin's extras, nothing release-safe, so all the curator's.
+declare_plugin_extras("attack29c_probe", ["attack29c_scores", "attack29c_note"], [])
+USER_DP = ["data.num_clients=8", "train.clients_per_round=2", "privacy.user.enabled=true",
+           "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=50"]
+
+
+def _probe_released(extras: dict) -> dict:
+    cfg = load_config(None, USER_DP)
+    # The probe is this run's plugin (registered with the split only: a [[plugins]] table
+    # naming it would fail the config's plugin-name check, which knows registered classes).
+    cfg.plugins.append({"name": "attack29c_probe"})
+    public, curator = split_record({"round": 3, "val_loss": 0.5, **extras}, cfg)
+    assert curator is not None
+    return public
+
+
+def test_a_private_extra_keyed_by_client_keeps_no_client_key_in_the_release():
+    """A private plugin extra keyed by partition id: the release holds the same whoever was
+    in the secret cohort (no member's id, no cohort size in its keys)."""
+    drawn = _probe_released({"attack29c_scores": {"3": 0.25, "7": 0.5}})
+    other = _probe_released({"attack29c_scores": {"1": 0.75}})
+    empty = _probe_released({"attack29c_scores": {}})
+    assert "3" not in (drawn["attack29c_scores"] or {}), f"a member's id released: {drawn}"
+    assert drawn == other == empty
+
+
+def test_a_private_extra_present_only_for_some_cohorts_is_in_every_release():
+    """A private plugin extra a plugin fills only when the cohort held someone: its key is
+    in the release (null) either way, so presence does not say the secret cohort was empty."""
+    filled = _probe_released({"attack29c_note": "rescored 2 clients"})
+    absent = _probe_released({})
+    assert filled == absent, f"key presence differs with the cohort: {filled} vs {absent}"

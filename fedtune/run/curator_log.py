@@ -10,7 +10,9 @@ them are null too (`release_total`); the noised aggregate is all it says of the 
 `fedtune report` and exports read config.toml, rounds.jsonl and summary.json only.
 Strategy plugins' round extras are the curator's too, path by path, unless the plugin
 declared a path release-safe (`declare_plugin_extras`, called as a plugin registers:
-strategies.plugins.base); the release keeps each moved path with null. Split mode's sums
+strategies.plugins.base); the release keeps each moved path with null (a value with no
+release-safe path under it, a dict keyed by partition ids say, goes whole), and every
+declared key of the run's plugins is in every round, null where not filled. Split mode's sums
 over the cohort (`fedtune.split.figures.COHORT_FIGURES`) are moved as the cohort
 figures are, and their keys are null in every round of a split run, an empty cohort's too.
 
@@ -93,27 +95,37 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
         if isinstance(part, dict) and key in part:
             curator.setdefault(section, {})[key] = part[key]
             part[key] = MOVED_NOTE
-    for key, (_, safe) in _PLUGIN_EXTRAS.items():
+    active = {table.get("name") for table in cfg.plugins}
+    for key, (plugin, safe) in _PLUGIN_EXTRAS.items():
         if key in public:
             _move_private(public, curator, key, key, safe)
+        elif plugin in active:
+            # Not filled this round: the key is still there (null), so whether a plugin
+            # filled it never says who, or whether anyone, was in the secret cohort.
+            public[key] = None
     return public, curator
 
 
 def _move_private(public: dict[str, Any], curator: dict[str, Any], key: str, path: str,
                   safe: frozenset[str]) -> None:
     """Move `public[key]` (at dotted `path`) to `curator[key]` but for its release-safe
-    paths, leaving null where a value was."""
+    paths, leaving null where a value was. A value with no release-safe path under it goes
+    whole (its own keys can be partition ids); a dict holding one keeps its keys, each
+    release-safe child there (null when not filled) whatever the cohort."""
     if path in safe:
         return
     value = public[key]
-    if isinstance(value, dict):
-        moved: dict[str, Any] = {}
-        for sub in list(value):
-            _move_private(value, moved, sub, f"{path}.{sub}", safe)
-        if moved:
-            curator[key] = moved
+    below = {p[len(path) + 1:].split(".")[0] for p in safe if p.startswith(f"{path}.")}
+    if not (below and isinstance(value, dict)):
+        curator[key], public[key] = value, None
         return
-    curator[key], public[key] = value, None
+    for sub in below - set(value):
+        value[sub] = None
+    moved: dict[str, Any] = {}
+    for sub in list(value):
+        _move_private(value, moved, sub, f"{path}.{sub}", safe)
+    if moved:
+        curator[key] = moved
 
 
 def release_total(history: list[dict[str, Any]], key: str) -> float | int | None:

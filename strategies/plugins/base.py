@@ -17,7 +17,10 @@ What a release says of the extras (issue 26, LMATTACK2 1): under user-level DP t
 size and make-up are secret, so every extra is the curator's (`fedtune.run.curator_log`
 moves it, null left in rounds.jsonl) unless its plugin lists its dotted path in
 `release_safe`. Only a setting or a fixed note may be listed: nothing that counts, sums or
-weights the cohort's members, and no key whose presence depends on the cohort.
+weights the cohort's members, and no key whose presence depends on the cohort. A private
+value goes whole (its keys can be partition ids), but a dict holding a release-safe path
+keeps its own keys (null): those must be fixed names. Every `extras_keys` key of a run's
+plugins is in every round of the release, null where private or not filled.
 """
 
 from __future__ import annotations
