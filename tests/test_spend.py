@@ -714,3 +714,37 @@ def test_one_nodes_discovery_claim_cannot_stop_the_run_before_any_round():
     assert stop is None, f"node 2's claim stops the run before round 1: {stop.release}"
     assert list(refused) == [2] and "privacy.sample.target_epsilon=4" in refused[2]
     assert 2 not in state.examples  # not admitted: outside the bound
+
+
+def test_a_run_killed_before_its_first_checkpoint_keeps_the_counts_its_charges_used(tmp_path):
+    """The round-0 checkpoint is written before discovery: the counts a killed round 1 was
+    charged by are in its pending file, so the resume refuses a node reporting another."""
+    sets = [*BOTH, "privacy.sample.noise_multiplier=2.5"]
+    ledger, _, state = _ledger(sets, folder=tmp_path)
+    saved = _copy(state)  # the round-0 checkpoint: no counts yet
+    ledger.use_example_counts({0: 100, 1: 70, 2: 40})
+    ledger.charge_sent(1, [2])  # killed in round 1, before its checkpoint
+    assert load_pending(tmp_path)["examples"] == {"0": 100, "1": 70, "2": 40}
+    resumed, _, state = _ledger(sets, state=saved, folder=tmp_path)
+    assert state.examples == {0: 100, 1: 70, 2: 40}
+    assert list(resumed.use_example_counts({0: 100, 1: 70, 2: 4000})) == [2]
+    resumed.charge_sent(1, [0])
+    resumed.settle(1)
+    assert resumed.fields()["epsilon_sample"] >= max(state.client_eps.values())
+
+
+def test_a_claim_within_budget_and_calibrated_noise_are_admitted():
+    """The claim check refuses only what could never train the planned rounds: a claim of
+    the partition's own size, a claim within the target, and any claim under calibrated
+    noise (calibrated per count to stay within the target) are admitted."""
+    given, _, state = _ledger(ONE_CLAIM_SETS)
+    assert given.use_example_counts({0: 100, 1: 5000, 2: 40}) == {}
+    assert state.examples == {0: 100, 1: 5000, 2: 40}
+    calibrated, _, state = _ledger(BOTH)
+    assert calibrated.use_example_counts({0: 100, 1: 70, 2: 1}) == {}
+    # Without a secret cohort the same claim would stop the run when sampled: refused too.
+    alone, _, state = _ledger(["privacy.sample.noise_multiplier=2.5",
+                               "privacy.sample.target_epsilon=4"])
+    refused = alone.use_example_counts({0: 100, 1: 70, 2: 1})
+    assert list(refused) == [2] and "claims 1 examples" in refused[2]
+    assert alone.stop(1, [0, 1]) is None
