@@ -17,7 +17,7 @@ the server owns last, so no reply can set a server-owned field.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from logging import WARNING
 from typing import Any
@@ -107,6 +107,19 @@ class DeltaFedAvg:
                              for pid in self.roster}
             self.weight_cap = max([1, *(int(n) for n in sizes)])
         return self.roster
+
+    def refuse(self, refused: Mapping[int, str]) -> None:
+        """Take the partitions in `refused` (partition id -> reason: a count the privacy
+        ledger did not admit, `PrivacyLedger.use_example_counts`) out of the run: their
+        nodes are never sampled, and the reason is kept with the discovery's refused claims
+        for the round record (one line in run.log each)."""
+        for pid, reason in sorted(refused.items()):
+            node = self.roster.pop(pid, None)
+            self.examples.pop(pid, None)
+            if node is None:
+                continue
+            log(WARNING, "node %d %s; it takes no part in this run", node, reason)
+            self.refused_claims.append({"node": node, "reason": reason})
 
     def partitions(self) -> list[int]:
         """The partition ids that have a node, sorted; raises when discovery bound none."""

@@ -4,7 +4,11 @@ Sample level: the server counts each client's DP-SGD spend itself, as a (sigma, 
 history per client, from the same pure functions the client trains by
 (`fedtune.privacy.plan.planned_release`, on the example count the server holds for it:
 the partition size from `task.partitions`, or for a deployment node with its own data file
-the count it reported once at discovery, `use_example_counts`). A client is charged its
+the count it reported once at discovery, `use_example_counts`: fixed in the server state
+for the run, so a resume's discovery that hears another count refuses that node instead of
+re-planning what was charged; and under a given noise multiplier a node's claim that could
+not train every planned round within the target is refused, so one node's word never stops
+the run for everyone). A client is charged its
 planned release when the round's instruction is sent, so a client that replies late,
 crashes or is rejected is charged all the same (it may have trained and uploaded). The
 plan covers what an honest client can release: the costliest of the example counts the
@@ -100,6 +104,8 @@ class PrivacyLedger:
                                          releases=state.user_releases)
         if folder is not None:
             self._charge_interrupted(load_pending(folder))
+        if state.examples:  # a resume: the counts fixed at the run's discoveries
+            self._example_counts = MappingProxyType(state.examples)
 
     # -- what a round costs
 
@@ -107,10 +113,64 @@ class PrivacyLedger:
     # deployment): the count each reported at discovery. Others train on their partition.
     _example_counts: Mapping[int, int] = MappingProxyType({})
 
-    def use_example_counts(self, counts: Mapping[int, int]) -> None:
-        """Plan every charge from these counts (partition id -> examples, the server's own,
-        fixed at discovery: `DeltaFedAvg.examples`) instead of the partition sizes."""
-        self._example_counts = MappingProxyType(dict(counts))
+    def use_example_counts(self, counts: Mapping[int, int]) -> dict[int, str]:
+        """Admit the counts a discovery bound (partition id -> examples: the partition's
+        size, or what a node with its own data file reported: `DeltaFedAvg.examples`) and
+        plan every charge and the released bound from the admitted ones, fixed in the server
+        state (the checkpoint) for the rest of the run. Returns the refused ones, partition
+        id -> reason; the caller takes those nodes out of the run:
+        - a count other than the one an earlier discovery of this run fixed (a resume): the
+          charges so far and the released bound were planned from that one, so it stays;
+        - under a given noise multiplier, a node's claim (a count other than its partition's
+          size) whose plan for every planned round passes privacy.sample.target_epsilon: it
+          could never train the run within budget, and admitted it would stop the run for
+          everyone (under a secret cohort the stop follows the worst admitted count). The
+          partitions' own sizes are the operator's data: a run they outspend stops as
+          before."""
+        refused: dict[int, str] = {}
+        fixed = self.state.examples
+        for pid, n in sorted(counts.items()):
+            known = fixed.get(pid)
+            if known is not None:
+                if int(n) != known:
+                    refused[pid] = (f"reports {int(n)} examples for partition {pid}; this run "
+                                    f"fixed {known} at its first discovery (its charges and "
+                                    "released bound are planned from it)")
+                continue
+            reason = self._claim_over_budget(pid, int(n))
+            if reason is not None:
+                refused[pid] = reason
+                continue
+            fixed[pid] = int(n)
+        self._example_counts = MappingProxyType(fixed)
+        return refused
+
+    def _claim_over_budget(self, pid: int, n: int) -> str | None:
+        """Why a node's claim of `n` examples could never train every planned round within
+        the sample-level target at the given noise multiplier, or None."""
+        sample = self.privacy.sample
+        own_size = pid < len(self.partition_sizes) and self.partition_sizes[pid] == n
+        if not (sample.enabled and sample.noise_multiplier > 0) or own_size:
+            return None  # calibrated noise keeps every count within its target by design
+        rounds = self.plan.rounds
+        eps = self._epsilon(self._every_round(pid, n, range(1, rounds + 1)))
+        if eps <= sample.target_epsilon:
+            return None
+        return (f"claims {n} examples for partition {pid}: training in all {rounds} planned "
+                f"rounds at privacy.sample.noise_multiplier={sample.noise_multiplier} would "
+                f"spend sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
+                f"{sample.target_epsilon}")
+
+    def _every_round(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
+        """The history of client `pid` (of `n` examples) trained in each of `rounds`, each
+        time charged every release the plan allows it (each size a plugin may train on,
+        the hooks' releases)."""
+        history = DPHistory()
+        for rnd in sorted(rounds):
+            for event in [*self._releases(n),
+                          *(e for hook in self.plan_hooks for e in hook(rnd, pid, n))]:
+                history.add(*event)
+        return history
 
     def example_count(self, pid: int) -> int:
         """The examples the server plans client `pid`'s DP-SGD over."""
@@ -213,7 +273,11 @@ class PrivacyLedger:
             attempts = pending["attempts"] if pending and pending["round"] == rnd else []
             attempts.append({str(pid): [list(e) for e in events]
                              for pid, events in charges.items()})
-            save_pending(self.folder, {"round": rnd, "attempts": attempts})
+            # With the counts they were planned from: a resume of a run killed before its
+            # first checkpoint after discovery keeps them.
+            save_pending(self.folder, {"round": rnd, "attempts": attempts,
+                                       "examples": {str(pid): n for pid, n
+                                                    in self.state.examples.items()}})
         self._before = {pid: DPHistory(list(self.state.client_dp.get(pid, DPHistory()).entries))
                         for pid in charges}
         for pid, events in charges.items():
@@ -239,6 +303,8 @@ class PrivacyLedger:
         client the lost attempt asked, so it is over-charged rather than under-charged)."""
         if pending is None or int(pending["round"]) != self.state.round + 1:
             return  # none recorded, or that round completed and is in the checkpoint
+        for pid, n in pending.get("examples", {}).items():
+            self.state.examples.setdefault(int(pid), int(n))
         for attempt in pending["attempts"]:
             charges = {int(pid): [tuple(e) for e in events] for pid, events in attempt.items()}
             for pid, events in charges.items():
@@ -276,8 +342,8 @@ class PrivacyLedger:
         `through`, when given: what sending it would release), and in every
         attempt of a round killed and resumed, charged each time every release the plan
         allows it (each size a plugin may train on, the hooks' releases): the worst over
-        the population's example counts. A real client's history is part of that one, so
-        its epsilon is never larger; and nothing in it depends on who was sampled. None
+        the admitted population's example counts. A real client's history is part of that
+        one, so its epsilon is never larger; and nothing in it depends on who was sampled. None
         before any round was sent."""
         if not self.privacy.sample.enabled:
             return None
@@ -286,16 +352,11 @@ class PrivacyLedger:
         rounds += [int(attempt["round"]) for attempt in self.state.interrupted]
         if not rounds:
             return None
-        pids = sorted({*range(len(self.partition_sizes)), *self._example_counts})
-        histories = set()
-        for pid in pids:
-            n = self.example_count(pid)
-            history = DPHistory()
-            for rnd in sorted(rounds):
-                for event in [*self._releases(n),
-                              *(e for hook in self.plan_hooks for e in hook(rnd, pid, n))]:
-                    history.add(*event)
-            histories.add(tuple(history.entries))
+        # The admitted population once a discovery fixed its counts (a refused claim is
+        # never sent an instruction), else every partition.
+        pids = sorted(self._example_counts) or range(len(self.partition_sizes))
+        histories = {tuple(self._every_round(pid, self.example_count(pid), rounds).entries)
+                     for pid in pids}
         # One accountant call per distinct plan and round (clients of one size share
         # theirs): with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
         # many distinct partition sizes pays that many calls a round (the cohort's own

@@ -130,9 +130,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     if state.round < cfg.train.rounds and state.stopped is None:
         strategy.adopt(roster or discover_workers(grid, cfg, assigned=assigned),
                        [len(p) for p in task.partitions])
+        # Weights and DP plans from the counts the server holds, fixed for the run (a
+        # resume keeps the first discovery's); a count it does not admit takes its node out.
+        strategy.refuse(privacy.use_example_counts(strategy.examples))
         refused_claims = list(strategy.refused_claims)
-        # Weights and DP plans from the counts the server holds, fixed for the run.
-        privacy.use_example_counts(strategy.examples)
         mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s
     # The rounds as rounds.jsonl holds them: a resumed run's earlier rounds, read once.

@@ -29,7 +29,8 @@ def _state(rnd=2):
                        initial={"accuracy": 0.5, "loss": 0.7}, client_eps={3: 1.5},
                        client_dp={3: DPHistory([(1.1, 0.1, 20)])},
                        record={"round": rnd, "accuracy": 0.9}, elapsed_s=12.5,
-                       interrupted=[{"round": 1, "partition_ids": [3]}])
+                       interrupted=[{"round": 1, "partition_ids": [3]}],
+                       examples={3: 40, 7: 1200})
 
 
 def test_round_trip_restores_state_and_every_rng(tmp_path):
@@ -42,6 +43,7 @@ def test_round_trip_restores_state_and_every_rng(tmp_path):
     assert state.client_eps == {3: 1.5} and state.client_dp[3].entries == [(1.1, 0.1, 20)]
     assert state.round == 2 and state.record["accuracy"] == 0.9 and state.elapsed_s == 12.5
     assert state.interrupted == [{"round": 1, "partition_ids": [3]}]
+    assert state.examples == {3: 40, 7: 1200}  # the counts fixed at discovery (FIX29L)
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -304,3 +304,30 @@ def test_attackb_own_data_discovery_reply_is_in_the_statement(monkeypatch, tmp_p
                             f"statement: {statement(cfg)}")
     assert "roster.own-examples" not in sent or examples_in_clear(cfg), (
         "an exact example count leaves in clear under DP but examples_in_clear is empty")
+
+
+def test_a_count_the_ledger_refuses_takes_its_node_out_of_the_run_with_its_reason(caplog):
+    """A resume whose discovery hears another count than the run fixed (FIX29L, ATTACK29C 6):
+    that node is refused (one line in run.log, its reason in the refused claims), never
+    sampled or charged; the others train on their fixed counts."""
+    cfg = load_config(None, ["data.num_clients=3", "train.clients_per_round=3",
+                             "train.local_steps=5", "train.batch_size=32",
+                             "privacy.sample.accountant=rdp"])
+    sizes = [164, 100, 120]
+    state = ServerState(round=2, vector=np.zeros(6), spec_hash="x", initial={},
+                        examples={0: 164, 1: 300, 2: 120})  # the first discovery's
+    grid = ClaimGrid({11: PartitionReply(0), 12: PartitionReply(1, own_examples=4000),
+                      13: PartitionReply(2)})
+    strategy = DeltaFedAvg(spec_of(6), 3, seed=0)
+    strategy.adopt(discover(grid, 3, timeout=1, wait_for_nodes_s=1), sizes)
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), sizes, state)
+    with caplog.at_level("WARNING"):
+        strategy.refuse(privacy.use_example_counts(strategy.examples))
+    assert strategy.partitions() == [0, 2] and 1 not in strategy.examples
+    [claim] = strategy.refused_claims
+    assert claim["node"] == 12 and "reports 4000 examples" in claim["reason"]
+    assert "fixed 300" in claim["reason"]
+    assert [r.message for r in caplog.records if "node 12" in r.message] == [
+        f"node 12 {claim['reason']}; it takes no part in this run"]
+    assert state.examples == {0: 164, 1: 300, 2: 120}
+    assert sorted(strategy.sample(3, grid)) == [0, 2]

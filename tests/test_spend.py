@@ -711,3 +711,85 @@ def test_a_budget_stop_right_after_a_resume_releases_the_interrupted_attempts_sp
                                   resumed.spent())["epsilon_sample"]
     assert released >= charged, (f"summary epsilon_sample {released:.4f} below client 2's "
                                  f"charged {charged:.4f} (the interrupted attempt left out)")
+
+
+
+# Moved here from tests/test_attack29c_*.py (ATTACK29C 6 and 7, assertions kept): the
+# example counts a node reports at discovery, on a resume and before round 1.
+def test_the_bound_stays_above_every_charged_client_when_counts_change_on_resume():
+    """The released bound is never below a charged client's epsilon and computing it does
+    not crash a resumed run, whatever example counts the nodes report at re-discovery."""
+    ledger, _, state = _ledger([*BOTH, "privacy.sample.noise_multiplier=2.5"])
+    ledger.use_example_counts({0: 100, 1: 70, 2: 40})  # discovery of the first run
+    for rnd in (1, 2):
+        ledger.charge_sent(rnd, [2])
+        ledger.settle(rnd)
+        state.round = rnd
+    charged = max(state.client_eps.values())
+    # Killed after round 2; on resume the same checkpoint, but every node now reports a
+    # bigger data file (a node that grew its file, or lies at discovery).
+    resumed = PrivacyLedger(ledger.plan, ledger.partition_sizes, state)
+    refused = resumed.use_example_counts({0: 4000, 1: 4000, 2: 4000})
+    resumed.charge_sent(3, [])
+    resumed.settle(3)
+    state.round = 3
+    eps = resumed.fields()["epsilon_sample"]  # integ: RuntimeError "... a ledger bug"
+    assert eps >= charged
+    assert np.isfinite(eps)
+    # Each changed count is refused for its node, naming both counts; the first ones stay.
+    assert sorted(refused) == [0, 1, 2]
+    assert "reports 4000 examples" in refused[2] and "fixed 40" in refused[2]
+    assert state.examples == {0: 100, 1: 70, 2: 40}
+
+
+ONE_CLAIM_SETS = [*BOTH, "privacy.sample.noise_multiplier=2.5",
+                  "privacy.sample.target_epsilon=4"]
+
+
+def test_one_nodes_discovery_claim_cannot_stop_the_run_before_any_round():
+    """A node that claims 1 example at discovery (the wire allows 1..MAX_NODE_EXAMPLES) and
+    is never sampled does not end every client's training before round 1 (its claim is
+    refused at discovery, or it is left out of the population, with a clear reason)."""
+    honest, _, _ = _ledger(ONE_CLAIM_SETS)
+    assert honest.use_example_counts({0: 100, 1: 70, 2: 40}) == {}
+    assert honest.stop(1, [0]) is None  # the honest population trains round 1
+    hostile, _, state = _ledger(ONE_CLAIM_SETS)
+    refused = hostile.use_example_counts({0: 100, 1: 70, 2: 1})  # node 2 claims one example
+    stop = hostile.stop(1, [0])  # round 1's secret cohort holds client 0 only
+    assert stop is None, f"node 2's claim stops the run before round 1: {stop.release}"
+    assert list(refused) == [2] and "privacy.sample.target_epsilon=4" in refused[2]
+    assert 2 not in state.examples  # not admitted: outside the bound
+
+
+def test_a_run_killed_before_its_first_checkpoint_keeps_the_counts_its_charges_used(tmp_path):
+    """The round-0 checkpoint is written before discovery: the counts a killed round 1 was
+    charged by are in its pending file, so the resume refuses a node reporting another."""
+    sets = [*BOTH, "privacy.sample.noise_multiplier=2.5"]
+    ledger, _, state = _ledger(sets, folder=tmp_path)
+    saved = _copy(state)  # the round-0 checkpoint: no counts yet
+    ledger.use_example_counts({0: 100, 1: 70, 2: 40})
+    ledger.charge_sent(1, [2])  # killed in round 1, before its checkpoint
+    assert load_pending(tmp_path)["examples"] == {"0": 100, "1": 70, "2": 40}
+    resumed, _, state = _ledger(sets, state=saved, folder=tmp_path)
+    assert state.examples == {0: 100, 1: 70, 2: 40}
+    assert list(resumed.use_example_counts({0: 100, 1: 70, 2: 4000})) == [2]
+    resumed.charge_sent(1, [0])
+    resumed.settle(1)
+    assert resumed.fields()["epsilon_sample"] >= max(state.client_eps.values())
+
+
+def test_a_claim_within_budget_and_calibrated_noise_are_admitted():
+    """The claim check refuses only what could never train the planned rounds: a claim of
+    the partition's own size, a claim within the target, and any claim under calibrated
+    noise (calibrated per count to stay within the target) are admitted."""
+    given, _, state = _ledger(ONE_CLAIM_SETS)
+    assert given.use_example_counts({0: 100, 1: 5000, 2: 40}) == {}
+    assert state.examples == {0: 100, 1: 5000, 2: 40}
+    calibrated, _, state = _ledger(BOTH)
+    assert calibrated.use_example_counts({0: 100, 1: 70, 2: 1}) == {}
+    # Without a secret cohort the same claim would stop the run when sampled: refused too.
+    alone, _, state = _ledger(["privacy.sample.noise_multiplier=2.5",
+                               "privacy.sample.target_epsilon=4"])
+    refused = alone.use_example_counts({0: 100, 1: 70, 2: 1})
+    assert list(refused) == [2] and "claims 1 examples" in refused[2]
+    assert alone.stop(1, [0, 1]) is None

@@ -69,6 +69,9 @@ class ServerState:
     interrupted: list[dict[str, Any]] = field(default_factory=list)
     # Set when a privacy budget stopped the run: {"before_round": r, "reason": "..."}.
     stopped: dict[str, Any] | None = None
+    # Partition id -> the example count the server plans and weights it by, fixed when it
+    # was first admitted at a discovery: a resume's discovery keeps it (issue 29, FIX29L).
+    examples: dict[int, int] = field(default_factory=dict)
 
 
 def save_checkpoint(folder: Path, state: ServerState) -> None:
@@ -87,6 +90,7 @@ def save_checkpoint(folder: Path, state: ServerState) -> None:
         "stopped": state.stopped,
         "privacy": state.privacy,
         "interrupted": state.interrupted,
+        "examples": {str(k): v for k, v in state.examples.items()},
         "python_rng": random.getstate(),
         "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
@@ -205,6 +209,8 @@ def load_checkpoint(folder: Path, spec_hash: str, privacy: dict[str, Any] | None
         stopped=meta["stopped"],
         privacy=meta["privacy"],
         interrupted=list(meta["interrupted"]),
+        # An older checkpoint has none: the resume's discovery fixes them.
+        examples={int(k): int(v) for k, v in meta.get("examples", {}).items()},
     )
 
 
