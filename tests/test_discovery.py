@@ -16,6 +16,7 @@ from inline_grid import record_keys
 from torch.utils.data import TensorDataset
 from wire import reply, spec_of
 
+import strategies.delta_fedavg as delta_fedavg
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.plan import PrivacyPlan
@@ -306,7 +307,8 @@ def test_attackb_own_data_discovery_reply_is_in_the_statement(monkeypatch, tmp_p
         "an exact example count leaves in clear under DP but examples_in_clear is empty")
 
 
-def test_a_count_the_ledger_refuses_takes_its_node_out_of_the_run_with_its_reason(caplog):
+def test_a_count_the_ledger_refuses_takes_its_node_out_of_the_run_with_its_reason(
+        monkeypatch):
     """A resume whose discovery hears another count than the run fixed (FIX29L, ATTACK29C 6):
     that node is refused (one line in run.log, its reason in the refused claims), never
     sampled or charged; the others train on their fixed counts."""
@@ -321,13 +323,16 @@ def test_a_count_the_ledger_refuses_takes_its_node_out_of_the_run_with_its_reaso
     strategy = DeltaFedAvg(spec_of(6), 3, seed=0)
     strategy.adopt(discover(grid, 3, timeout=1, wait_for_nodes_s=1), sizes)
     privacy = PrivacyLedger(PrivacyPlan.of(cfg), sizes, state)
-    with caplog.at_level("WARNING"):
-        strategy.refuse(privacy.use_example_counts(strategy.examples))
+    # Flower's logger may not propagate once another test configured logging: the line is
+    # read where it is made.
+    lines = []
+    monkeypatch.setattr(delta_fedavg, "log", lambda level, msg, *args: lines.append(msg % args))
+    strategy.refuse(privacy.use_example_counts(strategy.examples))
     assert strategy.partitions() == [0, 2] and 1 not in strategy.examples
     [claim] = strategy.refused_claims
     assert claim["node"] == 12 and "reports 4000 examples" in claim["reason"]
     assert "fixed 300" in claim["reason"]
-    assert [r.message for r in caplog.records if "node 12" in r.message] == [
+    assert [line for line in lines if "node 12" in line] == [
         f"node 12 {claim['reason']}; it takes no part in this run"]
     assert state.examples == {0: 164, 1: 300, 2: 120}
     assert sorted(strategy.sample(3, grid)) == [0, 2]

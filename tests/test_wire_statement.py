@@ -178,8 +178,12 @@ def _check_curator_log(out, rounds, summary, cfg):
     text = (out / "rounds.jsonl").read_text() + (out / "summary.json").read_text()
     assert '"partition_id"' not in text and '"delta_norm"' not in text
     assert "aggregated_delta_norms\": [" not in text
-    curator = read_curator(out)
+    lines = read_curator(out)
+    # One line per round, and the run's own: its length (summary.json's wall_s is null).
+    curator = [c for c in lines if "run_wall_s" not in c]
     assert [c["round"] for c in curator] == [r["round"] for r in rounds]
+    [run_line] = [c for c in lines if "run_wall_s" in c]
+    assert run_line["run_wall_s"] > 0 and summary["wall_s"] is None
     assert sorted(c["partition_id"] for c in curator[0]["per_client"]) == [0, 1, 2]
     assert curator[0]["privacy_user"]["aggregated_delta_norms"]
     # The cohort's size, sums and unnoised loss: null in the release, kept for the curator.
