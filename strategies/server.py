@@ -194,7 +194,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     final_test = final_metrics(task, model, state.vector, cfg)  # the one test read
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
     if privacy.cohort_secret:  # the run's length is the sum of the rounds' (secret) wall_s
-        append_curator(out_dir, {"round": state.round, "run_wall_s": state.elapsed_s})
+        append_curator(out_dir, {"round": state.round, "run": {"wall_s": state.elapsed_s}})
     summary = _summary(history, state, task, cfg, final_test, privacy.spent()).to_json()
     ledger.write_summary(summary)
     return summary
