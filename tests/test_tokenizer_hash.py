@@ -9,6 +9,7 @@ switch, moves it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,11 @@ def _tokenizers(tmp_path: Path, edit: dict) -> tuple:
     from fedtune.task.lm import prepare_tokenizer
 
     folder = tmp_path / "tok"
-    AutoTokenizer.from_pretrained(resolve_backbone_path("minilm")).save_pretrained(folder)
+    source = resolve_backbone_path("minilm")
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    # A model folder as fedtune loads one: without config.json, transformers 5.0 guesses the
+    # tokenizer class from the folder's path text (a moved copy could load as another class).
+    shutil.copy(Path(source) / "config.json", folder / "config.json")
     before = AutoTokenizer.from_pretrained(folder)
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
@@ -82,8 +87,6 @@ def test_the_token_cache_key_moves_with_what_the_tokenizer_does(tmp_path):
 def test_the_tokenizer_hash_is_stable_and_ignores_where_the_tokenizer_lives(tmp_path):
     """One tokenizer hashes alike before and after it was called (the probes leave no state
     the hash reads) and from another folder (an export moves to another machine)."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     from fedtune.run.export import tokenizer_hash
