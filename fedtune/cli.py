@@ -50,11 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedtune.run.export import ExportError
     from fedtune.run.ledger import LedgerError, NoContributionError
     from fedtune.runtime.local_ray import RayNotLoopbackError
+    from fedtune.runtime.worker_death import WorkerDiedError
     from fedtune.wire.delta import DeltaError
 
     return _USER_ERRORS + (BackboneError, CheckpointError, CorpusError, DeltaError, ExportError,
                            LedgerError, NoContributionError, PartitionError, PredictInputError,
-                           RayNotLoopbackError)
+                           RayNotLoopbackError, WorkerDiedError)
 
 
 @app.callback()

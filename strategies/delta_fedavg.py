@@ -298,12 +298,15 @@ def _rejected(server_round: int, reported: dict[str, Any], owned: dict[str, Any]
     return {**reported, **owned, "reason": reason}
 
 
-# A client's error text is bounded in the ledger; a traceback's last lines name the error.
+# A client's error text is bounded in the ledger: its head (where Flower puts the
+# exception's class) and its tail (a traceback's last lines name the error).
 MAX_REASON = 500
+_HEAD = 150
 
 
 def _error_tail(reason: object) -> str:
     text = str(reason)
     if len(text) <= MAX_REASON:
         return text
-    return f"... ({len(text):,} characters) {text[-MAX_REASON:]}"
+    tail = MAX_REASON - _HEAD
+    return f"{text[:_HEAD]} ... ({len(text):,} characters) ... {text[-tail:]}"

@@ -43,6 +43,7 @@ from fedtune.run.records import Summary
 from fedtune.runtime.interrupt import received
 from fedtune.runtime.startup import mark, phase
 from fedtune.runtime.torch_setup import configure_torch
+from fedtune.runtime.worker_death import WorkerDiedError, stop_message, worker_death
 from fedtune.split.disclosure import split_disclosure
 from fedtune.split.ledger_fields import split_summary_fields
 from fedtune.split.plan import smashed_privacy_events
@@ -139,6 +140,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     # The rounds as rounds.jsonl holds them: a resumed run's earlier rounds, read once.
     history = ledger.rounds() if resume else []
     settings = _round_settings(cfg, grid, task, model)
+    # Only the simulation engine's own failures can say a worker died (a node's are its text).
+    simulation = is_simulation_grid(grid)
 
     for rnd in range(state.round + 1, cfg.train.rounds + 1):
         if state.stopped is not None or received():
@@ -157,6 +160,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         record = play_round(rnd, cohort, grid, driver, privacy, plugins, state, settings,
                             refused_claims).to_json()
         refused_claims = []
+        death = worker_death(record.get("failed") or []) if simulation else None
         # Under user-level DP the cohort and per-client figures are the curator's log.
         record, curator = split_record(record, cfg)
         state.round, state.record = rnd, record
@@ -168,6 +172,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         history.append(record)
         if on_round is not None:
             on_round(record)
+        if death is not None:
+            # After the round's checkpoint and ledger line: the folder resumes from here.
+            log(WARNING, "stopping after round %d: a simulation worker died (%s)", rnd, death)
+            raise WorkerDiedError(stop_message(rnd, death, out_dir))
 
     if received():
         # Ctrl-C or SIGTERM: no new round starts and no summary is written; the folder
