@@ -117,3 +117,22 @@ def test_a_claim_admitted_at_a_resume_never_stops_the_run_before_its_planned_rou
     if 2 not in refused:
         assert stops == [None, None], (
             f"node 2's admitted claim stops the run before round 4: {stops[-1].release}")
+
+
+def test_a_claim_admitted_under_calibrated_noise_never_makes_the_bound_fail():
+    """A node's claim the ledger admits at discovery (under calibrated noise every claim is)
+    never makes the released bound raise: at target 0.12 over 50 rounds of 20 steps the
+    honest partitions calibrate within the accountant's range, a claim of 1 example (rate 1)
+    calibrates to sigma 1920, outside it (SIGMA_MAX 1000): refuse such a claim instead."""
+    sets = ["privacy.sample.noise_multiplier=0", "privacy.sample.target_epsilon=0.12",
+            "train.rounds=50", "train.local_steps=20"]
+    honest, _ = _ledger(sets)
+    assert honest.use_example_counts({0: 100, 1: 70, 2: 40}) == {}
+    assert honest.cohort_free_bound(through=1) <= 0.12
+    hostile, _ = _ledger(sets)
+    refused = hostile.use_example_counts({0: 100, 1: 70, 2: 1})
+    try:
+        bound = hostile.cohort_free_bound(through=1)  # main: ValueError, every round
+    except ValueError as exc:
+        pytest.fail(f"node 2's admitted claim {refused or ''} makes the bound fail: {exc}")
+    assert bound <= 0.12
