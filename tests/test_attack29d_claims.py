@@ -134,5 +134,5 @@ def test_a_claim_admitted_under_calibrated_noise_never_makes_the_bound_fail():
     try:
         bound = hostile.cohort_free_bound(through=1)  # main: ValueError, every round
     except ValueError as exc:
-        pytest.fail(f"node 2's admitted claim {refused or ''} makes the bound fail: {exc}")
+        pytest.fail(f"node 2's claim (refused: {sorted(refused)}) makes the bound fail: {exc}")
     assert bound <= 0.12
