@@ -19,6 +19,7 @@ from rich.progress import (
 from fedtune.audit.cli import audit_app
 from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.deploy.cli import deploy_app
+from fedtune.run.curator_log import keeps_cohorts_apart
 from fedtune.run.folder import CONFIG_FILE, RUN_LOG, RunFolderError, claim_run_folder
 from fedtune.run.preflight import preflight
 from fedtune.runtime.interrupt import (
@@ -160,8 +161,11 @@ def _run_with_progress(cfg: ExperimentConfig, out: Path, verbose: bool, resume: 
                   f"{cfg.data.num_clients} clients ({cfg.data.partition}), "
                   f"{cfg.train.clients_per_round}/round, {cfg.train.rounds} rounds, "
                   f"DP-SGD {dp_txt} -> {out}")
+    # Under user-level DP (cohorts kept apart) a round's duration follows its secret cohort,
+    # so the run's elapsed time is the curator's (summary.json's wall_s is null): not shown.
+    elapsed = [] if keeps_cohorts_apart(cfg) else [TimeElapsedColumn()]
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
+                        TextColumn("{task.completed}/{task.total} rounds"), *elapsed,
                         console=console, transient=False)
     done = 0
     # One line per start-up phase (imports, Ray, model, data, workers, ...), printed as it
