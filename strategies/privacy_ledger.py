@@ -45,7 +45,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy.accounting import check_history
 from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
@@ -121,12 +123,14 @@ class PrivacyLedger:
         id -> reason; the caller takes those nodes out of the run:
         - a count other than the one an earlier discovery of this run fixed (a resume): the
           charges so far and the released bound were planned from that one, so it stays;
-        - under a given noise multiplier, a node's claim (a count other than its partition's
-          size) whose plan for every planned round passes privacy.sample.target_epsilon: it
-          could never train the run within budget, and admitted it would stop the run for
-          everyone (under a secret cohort the stop follows the worst admitted count). The
-          partitions' own sizes are the operator's data: a run they outspend stops as
-          before."""
+        - a node's claim (a count other than its partition's size) whose plan over the run
+          the server cannot account (`_claim_refusal`: the calibration or the accountant's
+          ranges, its steps among them), or, under a given noise multiplier, whose plan
+          passes privacy.sample.target_epsilon: it could never train the run within budget,
+          and admitted it would stop the run for everyone (under a secret cohort the stop
+          follows the worst admitted count). The partitions' own sizes are the operator's
+          data: a plan of theirs that cannot be accounted is a ConfigError naming the keys;
+          a run they outspend stops as before."""
         refused: dict[int, str] = {}
         fixed = self.state.examples
         for pid, n in sorted(counts.items()):
@@ -137,7 +141,7 @@ class PrivacyLedger:
                                     f"fixed {known} at its first discovery (its charges and "
                                     "released bound are planned from it)")
                 continue
-            reason = self._claim_over_budget(pid, int(n))
+            reason = self._claim_refusal(pid, int(n))
             if reason is not None:
                 refused[pid] = reason
                 continue
@@ -145,20 +149,45 @@ class PrivacyLedger:
         self._example_counts = MappingProxyType(fixed)
         return refused
 
-    def _claim_over_budget(self, pid: int, n: int) -> str | None:
-        """Why a node's claim of `n` examples could never train every planned round within
-        the sample-level target at the given noise multiplier, or None."""
+    def _claim_refusal(self, pid: int, n: int) -> str | None:
+        """Why the server refuses a node's claim of `n` examples, or None. Its plan is each
+        planned round and each attempt of a round killed and resumed (`state.interrupted`,
+        which the released bound counts too): refused when the server cannot account it
+        (its calibration or `check_history`, run here before any accountant call: a count
+        at the wire's bound plans over a million steps, which PRV cannot hold in memory),
+        or under a given noise multiplier when it passes privacy.sample.target_epsilon.
+        The partition's own size is the operator's: a plan of it that cannot be accounted
+        raises ConfigError, one that outspends the target stops the run as before."""
         sample = self.privacy.sample
+        if not sample.enabled:
+            return None
         own_size = pid < len(self.partition_sizes) and self.partition_sizes[pid] == n
-        if not (sample.enabled and sample.noise_multiplier > 0) or own_size:
-            return None  # calibrated noise keeps every count within its target by design
-        rounds = self.plan.rounds
-        eps = self._epsilon(self._every_round(pid, n, range(1, rounds + 1)))
+        planned = range(1, self.plan.rounds + 1)
+        rounds = [*planned, *(int(a["round"]) for a in self.state.interrupted)]
+        try:  # the operator's plan over the planned rounds, a claim's with the attempts too
+            history = self._every_round(pid, n, planned if own_size else rounds)
+            check_history(tuple(history.entries), sample.accountant)
+        except ValueError as exc:
+            if own_size:
+                raise ConfigError(
+                    f"partition {pid}'s DP plan ({n} examples, train.rounds="
+                    f"{self.plan.rounds}) cannot be accounted: {exc}; lower train.rounds or "
+                    "train.local_steps / train.local_epochs, raise train.batch_size, or set "
+                    "privacy.sample.accountant=rdp (privacy.sample.target_epsilon / "
+                    "noise_multiplier set the noise)") from None
+            return (f"claims {n} examples for partition {pid}: its DP plan over the run "
+                    f"({len(rounds)} rounds) cannot be accounted: {exc}")
+        if own_size or sample.noise_multiplier == 0:
+            return None  # calibrated noise keeps every count's planned rounds at its target
+        eps = self._epsilon(history)
         if eps <= sample.target_epsilon:
             return None
-        return (f"claims {n} examples for partition {pid}: training in all {rounds} planned "
-                f"rounds at privacy.sample.noise_multiplier={sample.noise_multiplier} would "
-                f"spend sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
+        attempts = (f" and {len(rounds) - len(planned)} interrupted attempts"
+                    if len(rounds) > len(planned) else "")
+        return (f"claims {n} examples for partition {pid}: training in all "
+                f"{self.plan.rounds} planned rounds{attempts} at "
+                f"privacy.sample.noise_multiplier={sample.noise_multiplier} would spend "
+                f"sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
                 f"{sample.target_epsilon}")
 
     def _every_round(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
@@ -234,28 +263,48 @@ class PrivacyLedger:
                           f"over privacy.user.target_epsilon={user.target_epsilon}")
                 return Stop(reason, reason)  # one release for every client: no cohort in it
         sample = self.privacy.sample
-        # Calibrated noise keeps a client that trains in every round within its target
-        # by construction; a given noise multiplier has to be checked client by client.
-        if sample.enabled and sample.noise_multiplier > 0 and self.cohort_secret:
+        if not sample.enabled:
+            return None
+        # In every noise mode: calibrated noise keeps a client that trains in every planned
+        # round within its target, but a round killed and resumed is charged once more
+        # (`_charge_interrupted`), which can take it past.
+        if self.cohort_secret:
             # Which clients would run out depends on who was sampled; the released bound
             # does not, so the stop follows it: the run ends at the same round whoever the
-            # secret cohorts were, and the released epsilon never passes the target.
+            # secret cohorts were, and the released epsilon never passes the budget.
             after = self.cohort_free_bound(through=rnd)
-            if after is not None and after > sample.target_epsilon:
+            budget, what = self._budget(self._admitted())
+            if after is not None and after > budget:
                 reason = (f"round {rnd} would raise the released sample-level bound (a "
-                          f"client sampled in every round) to {after:.4f}, over "
-                          f"privacy.sample.target_epsilon={sample.target_epsilon}")
+                          f"client sampled in every round) to {after:.4f}, over {what}")
                 return Stop(reason, reason)
-        elif sample.enabled and sample.noise_multiplier > 0:
-            for pid in cohort:
-                spent = self.state.client_dp.get(pid, DPHistory()).entries
-                after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
-                if after > sample.target_epsilon:
-                    named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
-                             f"to {after:.4f}, over privacy.sample.target_epsilon="
-                             f"{sample.target_epsilon}")
-                    return Stop(named, named)
+            return None
+        for pid in cohort:
+            spent = self.state.client_dp.get(pid, DPHistory()).entries
+            after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
+            budget, what = self._budget([pid])
+            if after > budget:
+                named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
+                         f"to {after:.4f}, over {what}")
+                return Stop(named, named)
         return None
+
+    def _budget(self, pids: Sequence[int]) -> tuple[float, str]:
+        """The sample-level epsilon no round may pass for clients `pids`, and its name:
+        privacy.sample.target_epsilon; under calibrated noise, where larger, what the plan
+        itself spends on one of them trained in every planned round (split mode's smashed
+        releases, calibrated to their own target, and pruning's sizes, each calibrated
+        apart, add to the calibrated DP-SGD's): only a killed round's charge passes that."""
+        sample = self.privacy.sample
+        target = (sample.target_epsilon, f"privacy.sample.target_epsilon={sample.target_epsilon}")
+        if sample.noise_multiplier > 0:
+            return target
+        planned = self._worst_every_round(pids, range(1, self.plan.rounds + 1))
+        if planned <= sample.target_epsilon:
+            return target
+        return planned, (f"the {planned:.4f} the calibrated plan spends over its "
+                         f"{self.plan.rounds} rounds (privacy.sample.target_epsilon="
+                         f"{sample.target_epsilon} and the releases calibrated apart)")
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
         """Charge every client asked to train in round `rnd` its planned release. Call it
@@ -330,12 +379,11 @@ class PrivacyLedger:
             "privacy_user": self._user_params() if self.user is not None else None,
         }
 
-    def spent(self) -> dict[str, float | None]:
-        """The two released epsilons as they stand (what `fields` releases), for the summary:
-        they include every charge made so far, an interrupted attempt's on a resume too."""
-        fields = self.fields()
-        return {"epsilon_sample": fields["epsilon_sample"],
-                "epsilon_user": fields["epsilon_user"]}
+    def spent(self) -> dict[str, Any]:
+        """The released fields as they stand (`fields`), for the summary: both epsilons and
+        the privacy sections that reproduce them, every charge made so far included (an
+        interrupted attempt's on a resume too, which the last round's record may predate)."""
+        return self.fields()
 
     def cohort_free_bound(self, through: int | None = None) -> float | None:
         """The epsilon of a client sampled in every round sent so far (and in round
@@ -352,21 +400,28 @@ class PrivacyLedger:
         rounds += [int(attempt["round"]) for attempt in self.state.interrupted]
         if not rounds:
             return None
-        # The admitted population once a discovery fixed its counts (a refused claim is
-        # never sent an instruction), else every partition.
-        pids = sorted(self._example_counts) or range(len(self.partition_sizes))
+        bound = self._worst_every_round(self._admitted(), rounds)
+        charged = max(self.state.client_eps.values(), default=0.0)
+        if bound < charged:  # cannot happen: every charge is a part of the bound's history
+            raise RuntimeError(f"the released sample-level bound {bound} is below a "
+                               f"client's charged epsilon {charged}: a ledger bug")
+        return bound
+
+    def _admitted(self) -> list[int]:
+        """The admitted population once a discovery fixed its counts (a refused claim is
+        never sent an instruction), else every partition."""
+        return sorted(self._example_counts) or list(range(len(self.partition_sizes)))
+
+    def _worst_every_round(self, pids: Sequence[int], rounds: Sequence[int]) -> float:
+        """The largest epsilon of a client of `pids` trained in each of `rounds` at the
+        costliest plan (`_every_round`)."""
         histories = {tuple(self._every_round(pid, self.example_count(pid), rounds).entries)
                      for pid in pids}
         # One accountant call per distinct plan and round (clients of one size share
         # theirs): with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
         # many distinct partition sizes pays that many calls a round (the cohort's own
         # charges pay one per sampled client).
-        bound = max(self._epsilon(DPHistory(list(h))) for h in histories)
-        charged = max(self.state.client_eps.values(), default=0.0)
-        if bound < charged:  # cannot happen: every charge is a part of the bound's history
-            raise RuntimeError(f"the released sample-level bound {bound} is below a "
-                               f"client's charged epsilon {charged}: a ledger bug")
-        return bound
+        return max(self._epsilon(DPHistory(list(h))) for h in histories)
 
     def _sample_params(self) -> dict[str, Any]:
         dp = self.privacy.sample

@@ -267,14 +267,22 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
                                     "same untrained model)"}
 
 
+# The ledger's fields summary.json takes from it (`PrivacyLedger.fields`), as one set.
+PRIVACY_FIELDS = ("epsilon_sample", "epsilon_user", "delta", "noise", "privacy_sample",
+                  "privacy_user")
+
+
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
              cfg: ExperimentConfig, final_test: dict[str, float],
              spent: dict[str, Any] | None = None) -> Summary:
-    """`spent`: the privacy ledger's epsilons now (`PrivacyLedger.spent`), which can pass the
-    last round's (a resumed run charges its interrupted attempt, and a budget stop may then
-    end the run before that round completes); without it, the last round's."""
+    """`spent`: the privacy ledger's fields now (`PrivacyLedger.spent`: both epsilons and
+    the privacy sections that reproduce them), which can pass the last round's (a resumed
+    run charges its interrupted attempt, and a budget stop may then end the run before that
+    round completes): the epsilons and the parameters printed beside them are taken
+    together, so the summary's privacy_sample reproduces its epsilon_sample; without it,
+    the last round's."""
     last = history[-1]
-    spent = spent or {key: last[key] for key in ("epsilon_sample", "epsilon_user")}
+    spent = {**{key: last.get(key) for key in PRIVACY_FIELDS}, **(spent or {})}
     kind = task_kind(cfg.task.kind)
     return Summary(
         # Accuracy or perplexity fields (the other kind's null), the best round by validation.
@@ -284,11 +292,11 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
         initial_evaluated=state.initial.get("evaluated", "before round 1"),
         epsilon_sample=spent["epsilon_sample"],
         epsilon_user=spent["epsilon_user"],
-        delta=last["delta"],
+        delta=spent["delta"],
         notes=note_fields(cfg, last),
-        noise=last.get("noise"),
-        privacy_sample=last.get("privacy_sample"),
-        privacy_user=last.get("privacy_user"),
+        noise=spent["noise"],
+        privacy_sample=spent["privacy_sample"],
+        privacy_user=spent["privacy_user"],
         rounds=len(history),
         stopped_early=state.stopped,
         total_bytes_up=release_total(history, "bytes_up"),

@@ -65,13 +65,25 @@ SIGMA_FLOOR = {"rdp": 1e-9}
 DEFAULT_SIGMA_FLOOR = 0.1
 SIGMA_MAX = 1e3
 MAX_ENTRIES = 4096
-MAX_STEPS = 10**8
+# Steps in all, per accountant. RDP's cost does not grow with them (10^8 steps: 0.01 s, no
+# memory to speak of). PRV composes on a grid that grows with them: 20 steps ~0.1 s, 500
+# ~0.4 s and ~100 MB, 1,000 ~1.3 s and ~230 MB, 2,000 ~8 s and 1.3 GB, 20,000 ~34 s and 2.9 GB,
+# 1.25 M (a node's claim of 10^7 examples at train.local_epochs=1) over 20 GB (2-core box
+# at load ~5, so times ~2x an idle one's; sigma 2.5, q 1 and 0.25): bounded where one
+# call stays near 1 s and a few hundred MB. A plan past it is refused at config time (the
+# operator's) or at discovery (a node's claim); the RDP accountant takes longer runs.
+MAX_STEPS = {"prv": 500, "rdp": 10**8}
+
+
+def max_steps(accountant: str) -> int:
+    """The most steps a history accounted by `accountant` may hold (`MAX_STEPS`)."""
+    return MAX_STEPS.get(accountant, min(MAX_STEPS.values()))
 
 
 def check_history(entries: tuple[tuple[float, float, int], ...] | list,
                   accountant: str = "prv") -> None:
     """Raise ValueError naming the first (sigma, q, steps) entry outside the ranges
-    `accountant` is run on (sigma in [its floor, `SIGMA_MAX`], q in (0, 1], 1..`MAX_STEPS`
+    `accountant` is run on (sigma in [its floor, `SIGMA_MAX`], q in (0, 1], 1..`max_steps`
     steps in all, at most `MAX_ENTRIES` entries)."""
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"DP history of {len(entries)} entries, at most {MAX_ENTRIES}")
@@ -86,8 +98,9 @@ def check_history(entries: tuple[tuple[float, float, int], ...] | list,
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"DP history entry {i}: steps {steps!r} is not a positive integer")
         total += int(steps)
-    if total > MAX_STEPS:
-        raise ValueError(f"DP history of {total} steps, at most {MAX_STEPS}")
+    if total > max_steps(accountant):
+        raise ValueError(f"DP history of {total} steps, at most {max_steps(accountant)} "
+                         f"({accountant} accountant)")
 
 
 def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | None:
@@ -104,6 +117,11 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
 # Opacus' PRV default error bound (absolute), and the relative bound fedtune keeps to.
 PRV_DEFAULT_ERROR = 0.01
 PRV_RELATIVE_ERROR = 0.004
+# The tightest absolute bound asked for: the grid, and the time and memory, grow as its
+# inverse (a node's claim of 10^7 examples, q 3.2e-6, epsilon 1e-4, 1,000 steps: 1e-4 took
+# 5.9 s and 1.1 GB, 1e-3 0.6 s and 120 MB). Below epsilon 0.25 the bound is then looser than
+# PRV_RELATIVE_ERROR (an upper bound all the same).
+PRV_ERROR_FLOOR = 1e-3
 
 
 @functools.lru_cache(maxsize=1024)
@@ -124,7 +142,7 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
             # by default, +1.4% at epsilon 0.7 against an independent PLD accountant.
             # Tighten it where that default is a large share of the value.
             epsilon = float(acc.get_epsilon(
-                delta=delta, eps_error=max(PRV_RELATIVE_ERROR * epsilon, 1e-4)))
+                delta=delta, eps_error=max(PRV_RELATIVE_ERROR * epsilon, PRV_ERROR_FLOOR)))
         return epsilon
 
 
@@ -132,11 +150,15 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
-    after `steps` steps at `sample_rate` is at most `target_epsilon`. Cached: the search
+    after `steps` steps at `sample_rate` is at most `target_epsilon` (ValueError past
+    `max_steps`: each try of the search accounts them all). Cached: the search
     can take longer than a whole GPU training round (benchmarks/gpu_check.py), and a
     client asks the same question every round it takes part."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    if steps > max_steps(accountant):  # each try of the search would account them all
+        raise ValueError(f"calibrating the noise over {steps} steps: the {accountant} "
+                         f"accountant takes at most {max_steps(accountant)}")
     with np.errstate(divide="ignore"):
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
