@@ -374,8 +374,10 @@ def test_the_planned_charge_is_one_accountant_call_per_history_and_round(monkeyp
         strategy.aggregate_train(sent, [reply(m, np.ones(6), SPEC) for m in msgs])
         privacy.settle(rnd)
         privacy.fields()
-    # Both partitions have the same size, so the same history: one call per round.
-    assert len(calls) == len(set(calls)) == 2
+    # Both partitions have the same size, so the same history: one call per round, and one
+    # for the budget under calibrated noise (the plan over its 8 rounds: FIX29M), once.
+    assert len(calls) == len(set(calls)) == 3
+    assert [sum(n for _, _, n in c) for c in calls] == [10, 80, 20]
 
 
 def test_the_aggregation_weight_is_the_servers_count_never_the_replys():

@@ -30,8 +30,16 @@ def _backbone(cfg: ExperimentConfig, bases: list[Path]) -> None:
     check_backbone_source(cfg.model.backbone)
 
 
-# In order: the config's own values first (the data options), then the files they name.
-CHECKS: tuple[Callable[[ExperimentConfig, list[Path]], None], ...] = (_corpus, _backbone)
+def _privacy_plan(cfg: ExperimentConfig, bases: list[Path]) -> None:
+    from fedtune.privacy.plan import check_planned_steps
+
+    check_planned_steps(cfg)
+
+
+# In order: the config's own values first (the data options, the DP plan's steps), then
+# the files they name.
+CHECKS: tuple[Callable[[ExperimentConfig, list[Path]], None], ...] = (_corpus, _privacy_plan,
+                                                                       _backbone)
 
 
 def preflight(cfg: ExperimentConfig, config_file: Path | None = None) -> None:
