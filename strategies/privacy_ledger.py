@@ -6,9 +6,11 @@ history per client, from the same pure functions the client trains by
 the partition size from `task.partitions`, or for a deployment node with its own data file
 the count it reported once at discovery, `use_example_counts`: fixed in the server state
 for the run, so a resume's discovery that hears another count refuses that node instead of
-re-planning what was charged; and under a given noise multiplier a node's claim that could
-not train every planned round within the target is refused, so one node's word never stops
-the run for everyone). A client is charged its
+re-planning what was charged; a node's claim whose plan over the run, interrupted attempts
+included, the server cannot account (`check_history`'s ranges and steps bound, the
+calibration's) is refused before any accountant call, and under a given noise multiplier so
+is one that could not train every planned round within the target, so one node's word never
+exhausts the server's memory nor stops the run for everyone). A client is charged its
 planned release when the round's instruction is sent, so a client that replies late,
 crashes or is rejected is charged all the same (it may have trained and uploaded). The
 plan covers what an honest client can release: the costliest of the example counts the
@@ -25,7 +27,8 @@ client's epsilon exceeds; the real ones stay in the curator's log (`epsilon_by_c
 and a budget stop's release names no client (`Stop`).
 
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
-Before a round starts, `stop_reason` says whether it could push either level past its budget.
+Before a round starts, `stop_reason` says whether it could push either level past its budget,
+in every noise mode (calibrated noise is within its target only while no round was lost).
 
 Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
 the run dies in that round, a resume charges them (every attempt, if it died in that round
