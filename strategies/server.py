@@ -203,7 +203,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
     if privacy.cohort_secret:  # the run's length is the sum of the rounds' (secret) wall_s
         append_curator(out_dir, {"round": state.round, "run": {"wall_s": state.elapsed_s}})
-    summary = _summary(history, state, task, cfg, final_test, privacy.spent()).to_json()
+    summary = _summary(history, state, task, cfg, final_test,
+                       released_spend(privacy.spent(), history[-1], cfg)).to_json()
     ledger.write_summary(summary)
     return summary
 
@@ -270,6 +271,22 @@ def _initial(task: Task, model: TunedModel, cfg: ExperimentConfig) -> dict[str, 
 # The ledger's fields summary.json takes from it (`PrivacyLedger.fields`), as one set.
 PRIVACY_FIELDS = ("epsilon_sample", "epsilon_user", "delta", "noise", "privacy_sample",
                   "privacy_user")
+PRIVACY_SECTIONS = ("privacy_sample", "privacy_user")
+
+
+def released_spend(spent: dict[str, Any], last: dict[str, Any], cfg: ExperimentConfig
+                   ) -> dict[str, Any]:
+    """The ledger's fields at the end as the summary releases them: each privacy section over
+    the last round's (so the keys a round adds, e.g. `aggregated_delta_norms`, stay), then
+    through the rounds' own release split, so that under a secret cohort the per-client
+    parts (histories, epsilon_by_client: keyed by sampled partitions) go to the curator's
+    log and leave its pointer, as in `rounds.jsonl`."""
+    merged = dict(spent)
+    for section in PRIVACY_SECTIONS:
+        if isinstance(spent.get(section), dict) and isinstance(last.get(section), dict):
+            merged[section] = {**last[section], **spent[section]}
+    released, _ = split_record(merged, cfg)
+    return released
 
 
 def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,

@@ -235,6 +235,28 @@ def test_a_budget_stop_with_both_levels_names_no_client_in_the_release(tmp_path,
     assert [e for e in read_curator(out) if "stopped" in e] == []
 
 
+def test_a_summary_with_both_levels_keeps_the_cohorts_parts_out_of_the_release(tmp_path,
+                                                                                 monkeypatch):
+    """summary.json's privacy sections (the ledger's at the end, FIX29M) are released as
+    each round's are: under a secret cohort no per-client history or epsilon (their keys are
+    partition ids of the sampled clients) and no cohort's delta norms, each key kept with
+    the curator's pointer (the run-folder contract)."""
+    from fedtune.run.curator_log import MOVED_NOTE
+
+    cfg = load_config(None, [*TINY, "train.clients_per_round=2", "train.rounds=2",
+                             "privacy.sample.accountant=rdp",
+                             "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
+                             "privacy.user.target_epsilon=50", "privacy.user.clipping=client"])
+    out = tmp_path / "run"
+    inline_run(cfg, out, monkeypatch)
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    for key in ("histories", "epsilon_by_client", "interrupted_rounds_charged"):
+        assert summary["privacy_sample"][key] == rounds[-1]["privacy_sample"][key] == MOVED_NOTE
+    assert summary["privacy_user"]["aggregated_delta_norms"] == MOVED_NOTE
+    assert set(summary["privacy_user"]) == set(rounds[-1]["privacy_user"])
+
+
 # ATTACK29C: the summary and the run's end say nothing of the secret cohorts.
 SUMMARY_USER_DP = ["data.num_clients=8", "train.clients_per_round=2", "privacy.user.enabled=true",
            "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=50"]
