@@ -428,7 +428,7 @@ def test_kill_9_in_round_1_then_resume_charges_every_release(tmp_path):
     # 2 rounds: if round 2 samples one, the budget stops the run before it (FIX29M).
     stopped = json.loads((out / "summary.json").read_text())["stopped_early"]
     assert [r["round"] for r in rounds] == ([1] if stopped else [1, 2])
-    assert stopped is None or "over privacy.sample.target_epsilon" in stopped
+    assert stopped is None or "over privacy.sample.target_epsilon" in stopped["reason"]
     last = rounds[-1]["privacy_sample"]
     assert max(last["epsilon_by_client"].values()) <= cfg.privacy.sample.target_epsilon
     assert last["interrupted_rounds_charged"] == [{"round": 1,

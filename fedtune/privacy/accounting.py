@@ -111,7 +111,18 @@ def epsilon_of(history: DPHistory, delta: float, accountant: str) -> float | Non
         return None
     entries = tuple(history.entries)
     check_history(entries, accountant)
-    return _epsilon(entries, delta, accountant)
+    return _epsilon(grouped(entries), delta, accountant)
+
+
+def grouped(entries: tuple[tuple[float, float, int], ...]) -> tuple[tuple[float, float, int], ...]:
+    """`entries` with the steps of each (sigma, q) summed, in order of first appearance.
+    Composition commutes, so the epsilon is the same; PRV's cost grows with the entries it
+    composes (a split run's alternating DP-SGD and smashed entries, 10 rounds x 2: 13-18 s
+    as 20 entries, one pair of entries after grouping)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in entries:
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + int(n)
+    return tuple((sigma, q, n) for (sigma, q), n in steps.items())
 
 
 # Opacus' PRV default error bound (absolute), and the relative bound fedtune keeps to.
