@@ -36,3 +36,24 @@ def test_preflight_counts_the_smashed_steps_a_split_plan_releases():
         ledger.use_example_counts(dict(enumerate(SIZES)))
     except ConfigError as exc:
         pytest.fail(f"preflight admitted the split plan, discovery refused it: {exc}")
+
+
+def test_preflight_counts_the_sizes_a_pruning_plugin_plans_each_round():
+    """A fixed-steps plan with a plugin's trained sizes (el2n: n and the kept share, each
+    planned in every round by `_every_round`) is refused at preflight or admitted by the
+    first discovery, never admitted by one and refused by the other."""
+    sets = [s for s in SETS if not s.startswith("split.")]
+    cfg = load_config(None, sets)
+    state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
+    ledger = PrivacyLedger(PrivacyPlan.of(cfg), SIZES, state)
+    ledger.size_hooks.append(lambda n: [max(1, n // 4)])  # as el2n's trained_sizes
+    try:
+        check_planned_steps(cfg)  # 300 steps
+    except ConfigError:
+        return
+    # main: discovery raises "DP history of 600 steps, at most 500" (both sizes each round,
+    # though a client is charged only the costliest one a round: 300 steps).
+    try:
+        ledger.use_example_counts(dict(enumerate(SIZES)))
+    except ConfigError as exc:
+        pytest.fail(f"preflight admitted the pruned plan, discovery refused it: {exc}")
