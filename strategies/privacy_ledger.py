@@ -29,6 +29,9 @@ and a budget stop's release names no client (`Stop`).
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget,
 in every noise mode (calibrated noise is within its target only while no round was lost).
+A round that would take a history past privacy.sample.accountant's steps bound is a budget
+stop too (a run planned at the bound and killed once gets there); a history already charged
+past it is accounted by RDP (an upper bound as well; `privacy_sample` says so), never refused.
 
 Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
 the run dies in that round, a resume charges them (every attempt, if it died in that round
