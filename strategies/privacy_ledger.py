@@ -29,6 +29,9 @@ and a budget stop's release names no client (`Stop`).
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget,
 in every noise mode (calibrated noise is within its target only while no round was lost).
+A round that would take a history past privacy.sample.accountant's steps bound is a budget
+stop too (a run planned at the bound and killed once gets there); a history already charged
+past it is accounted by RDP (an upper bound as well; `privacy_sample` says so), never refused.
 
 Kills: the charges of a round are written to `privacy_pending.json` before it is sent. If
 the run dies in that round, a resume charges them (every attempt, if it died in that round
@@ -50,7 +53,7 @@ from typing import Any, NamedTuple
 
 from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory, epsilon_of
-from fedtune.privacy.accounting import check_history
+from fedtune.privacy.accounting import check_history, max_steps
 from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
@@ -74,6 +77,8 @@ class Stop(NamedTuple):
     curator: str
 
 
+PAST_BOUND_NOTE = ("a history charged past the {0} accountant's steps bound (the attempts of "
+                   "rounds killed and resumed) is accounted by RDP, an upper bound too")
 SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus' Poisson "
                     "loader (at most batch_size / n)")
 
@@ -95,6 +100,7 @@ class PrivacyLedger:
         # Example counts a client of n may train on (plugins: pruning), n -> counts.
         self.size_hooks: list[Callable[[int], list[int]]] = []
         self._before: dict[int, DPHistory] = {}
+        self._as_charged_cache: dict[tuple[int, int, tuple[int, ...]], DPHistory] = {}
         self._sent_round = 0
         user = plan.privacy.user
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
@@ -223,10 +229,13 @@ class PrivacyLedger:
         """The planned DP-SGD release over every example count the client may train on
         (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
         the client the most epsilon on top of what it has spent."""
+        return self._costliest_after(self.state.client_dp.get(pid, DPHistory()).entries, n)
+
+    def _costliest_after(self, spent: list[Release], n: int) -> Release:
+        """`_costliest` for a client of `n` examples that has spent `spent`."""
         releases = self._releases(n)
         if len(releases) == 1:
             return releases[0]
-        spent = self.state.client_dp.get(pid, DPHistory()).entries
         return max(releases, key=lambda r: self._epsilon(_after(spent, r)))
 
     def _releases(self, n: int) -> list[Release]:
@@ -235,8 +244,16 @@ class PrivacyLedger:
         return [self.plan.release(m) for m in sizes]
 
     def _epsilon(self, history: DPHistory) -> float:
+        """The epsilon of `history`. A history past the accountant's steps bound is one
+        already charged (a plan or a claim past it is refused, and `stop` ends the run before
+        a round would take a client past it), so it is what was spent and must be accounted:
+        by RDP, whose cost does not grow with the steps (PRV's grid would), an upper bound as
+        valid as PRV's; `_sample_params` says so."""
         sample = self.privacy.sample
-        return float(epsilon_of(history, sample.delta, sample.accountant) or 0.0)
+        accountant = sample.accountant
+        if _steps(history) > max_steps(accountant):
+            accountant = "rdp"
+        return float(epsilon_of(history, sample.delta, accountant) or 0.0)
 
     def _charge(self, pid: int, events: list[Release]) -> None:
         history = self.state.client_dp.setdefault(pid, DPHistory())
@@ -271,6 +288,9 @@ class PrivacyLedger:
         # In every noise mode: calibrated noise keeps a client that trains in every planned
         # round within its target, but a round killed and resumed is charged once more
         # (`_charge_interrupted`), which can take it past.
+        past = self._past_steps_bound(rnd, cohort)
+        if past is not None:
+            return Stop(past, past)
         if self.cohort_secret:
             # Which clients would run out depends on who was sampled; the released bound
             # does not, so the stop follows it: the run ends at the same round whoever the
@@ -292,22 +312,74 @@ class PrivacyLedger:
                 return Stop(named, named)
         return None
 
+    def _past_steps_bound(self, rnd: int, cohort: list[int]) -> str | None:
+        """Why round `rnd` would take a history past privacy.sample.accountant's steps bound
+        (`check_history`), or None: a budget stop like any other (a run at the bound killed
+        and resumed is charged the lost attempt too). Under a secret cohort, the released
+        bound's history (a client sampled in every round); else each client of `cohort`."""
+        accountant = self.privacy.sample.accountant
+        if self.cohort_secret:  # no accountant call: the longest of the bound's histories
+            histories = {"the released sample-level bound (a client sampled in every round)":
+                         self._longest_bound_history(self._bound_rounds(rnd))}
+        else:
+            histories = {f"client {pid}'s sample-level history": _after(
+                self.state.client_dp.get(pid, DPHistory()).entries, *self.planned(rnd, pid))
+                for pid in cohort}
+        for what, history in histories.items():
+            try:
+                check_history(tuple(history.entries), accountant)
+            except ValueError as exc:
+                return (f"round {rnd} would take {what} past what the {accountant} "
+                        f"accountant accounts ({exc}; rounds killed and resumed are "
+                        "charged too): the budget this run can account is spent")
+        return None
+
+    def _longest_bound_history(self, rounds: Sequence[int]) -> DPHistory:
+        """The longest (in steps) of the released bound's histories over `rounds`."""
+        return max((self._every_round(pid, self.example_count(pid), rounds)
+                    for pid in self._admitted()), key=_steps)
+
     def _budget(self, pids: Sequence[int]) -> tuple[float, str]:
         """The sample-level epsilon no round may pass for clients `pids`, and its name:
         privacy.sample.target_epsilon; under calibrated noise, where larger, what the plan
         itself spends on one of them trained in every planned round (split mode's smashed
         releases, calibrated to their own target, and pruning's sizes, each calibrated
-        apart, add to the calibrated DP-SGD's): only a killed round's charge passes that."""
+        apart, add to the calibrated DP-SGD's): only a killed round's charge passes that.
+        The plan as charged: with a secret cohort, what the released bound (every size
+        every round) is after the planned rounds; else the costliest size each round, as
+        `planned` charges a client (every size every round passes that: ATTACK29E)."""
         sample = self.privacy.sample
         target = (sample.target_epsilon, f"privacy.sample.target_epsilon={sample.target_epsilon}")
         if sample.noise_multiplier > 0:
             return target
-        planned = self._worst_every_round(pids, range(1, self.plan.rounds + 1))
+        planned_rounds = range(1, self.plan.rounds + 1)
+        if self.cohort_secret:
+            planned = self._worst_every_round(pids, planned_rounds)
+        else:
+            planned = max(self._epsilon(self._as_charged(pid, planned_rounds)) for pid in pids)
         if planned <= sample.target_epsilon:
             return target
         return planned, (f"the {planned:.4f} the calibrated plan spends over its "
                          f"{self.plan.rounds} rounds (privacy.sample.target_epsilon="
                          f"{sample.target_epsilon} and the releases calibrated apart)")
+
+    def _as_charged(self, pid: int, rounds: Sequence[int]) -> DPHistory:
+        """The history of client `pid` charged in each of `rounds` (no kill) as `planned`
+        charges it: the costliest size given what it spent so far, and the hooks' releases.
+        Cached per client: one accountant call per size and round, once a run."""
+        n = self.example_count(pid)
+        key = (pid, n, tuple(rounds))
+        cached = self._as_charged_cache.get(key)
+        if cached is not None:
+            return cached
+        history = DPHistory()
+        for rnd in rounds:
+            history.add(*self._costliest_after(list(history.entries), n))
+            for hook in self.plan_hooks:
+                for event in hook(rnd, pid, n):
+                    history.add(*event)
+        self._as_charged_cache[key] = history
+        return history
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
         """Charge every client asked to train in round `rnd` its planned release. Call it
@@ -398,9 +470,7 @@ class PrivacyLedger:
         before any round was sent."""
         if not self.privacy.sample.enabled:
             return None
-        last = max(self.state.round, self._sent_round, through or 0)
-        rounds = list(range(1, last + 1))
-        rounds += [int(attempt["round"]) for attempt in self.state.interrupted]
+        rounds = self._bound_rounds(through)
         if not rounds:
             return None
         bound = self._worst_every_round(self._admitted(), rounds)
@@ -409,6 +479,13 @@ class PrivacyLedger:
             raise RuntimeError(f"the released sample-level bound {bound} is below a "
                                f"client's charged epsilon {charged}: a ledger bug")
         return bound
+
+    def _bound_rounds(self, through: int | None = None) -> list[int]:
+        """The rounds `cohort_free_bound` charges: each sent so far (and `through`), and
+        each attempt of a round killed and resumed."""
+        last = max(self.state.round, self._sent_round, through or 0)
+        rounds = list(range(1, last + 1))
+        return rounds + [int(attempt["round"]) for attempt in self.state.interrupted]
 
     def _admitted(self) -> list[int]:
         """The admitted population once a discovery fixed its counts (a refused claim is
@@ -446,7 +523,18 @@ class PrivacyLedger:
             "epsilon_by_client": {str(pid): e
                                   for pid, e in sorted(self.state.client_eps.items())},
             "interrupted_rounds_charged": self.state.interrupted,
+            **({"accountant_past_steps_bound": PAST_BOUND_NOTE.format(dp.accountant)}
+               if self._past_steps_bound_charged() else {}),
         }
+
+    def _past_steps_bound_charged(self) -> bool:
+        """Whether a released epsilon comes from a history past the accountant's steps
+        bound (accounted by RDP, `_epsilon`)."""
+        most = max_steps(self.privacy.sample.accountant)
+        if self.cohort_secret:
+            rounds = self._bound_rounds()
+            return bool(rounds) and _steps(self._longest_bound_history(rounds)) > most
+        return any(_steps(h) > most for h in self.state.client_dp.values())
 
     def _user_params(self) -> dict[str, Any]:
         assert self.user is not None
@@ -454,6 +542,10 @@ class PrivacyLedger:
         return {**self.user.params(), "clipping": user.clipping, "clip_norm": user.clip_norm,
                 "target_epsilon": user.target_epsilon,
                 "noise_std": self.user.noise_multiplier * user.clip_norm / self.user.cohort}
+
+
+def _steps(history: DPHistory) -> int:
+    return sum(int(steps) for _, _, steps in history.entries)
 
 
 def _after(spent: list[Release], *events: Release) -> DPHistory:
