@@ -203,8 +203,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     state.elapsed_s = elapsed_before + time.perf_counter() - t0
     if privacy.cohort_secret:  # the run's length is the sum of the rounds' (secret) wall_s
         append_curator(out_dir, {"round": state.round, "run": {"wall_s": state.elapsed_s}})
-    summary = _summary(history, state, task, cfg, final_test,
-                       released_spend(privacy.spent(), history[-1], cfg)).to_json()
+    summary = _summary(history, state, task, cfg, final_test, privacy.spent()).to_json()
     ledger.write_summary(summary)
     return summary
 
@@ -299,7 +298,8 @@ def _summary(history: list[dict[str, Any]], state: ServerState, task: Task,
     together, so the summary's privacy_sample reproduces its epsilon_sample; without it,
     the last round's."""
     last = history[-1]
-    spent = {**{key: last.get(key) for key in PRIVACY_FIELDS}, **(spent or {})}
+    spent = released_spend({**{key: last.get(key) for key in PRIVACY_FIELDS}, **(spent or {})},
+                           last, cfg)
     kind = task_kind(cfg.task.kind)
     return Summary(
         # Accuracy or perplexity fields (the other kind's null), the best round by validation.
