@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from fedtune.config import load_config
+from fedtune.config.accountant_steps import check_planned_steps
 from fedtune.privacy import DPHistory
-from fedtune.privacy.plan import PrivacyPlan, check_planned_steps
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from strategies.privacy_ledger import PrivacyLedger
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fedtune.config import ConfigError, load_config
+from fedtune.config.accountant_steps import check_planned_steps
 from fedtune.privacy.accounting import calibrate_noise, check_history, max_steps
-from fedtune.privacy.plan import PrivacyPlan, check_planned_steps
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from fedtune.run.preflight import preflight
 from strategies.privacy_ledger import PrivacyLedger

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedtune.config.accountant_steps import MAX_STEPS, max_steps  # noqa: F401 (re-used here)
+
 # Opacus is imported where it is used: it costs ~2 s of CPU to import, and every Ray actor
 # and driver imports this module, also for runs with sample-level DP off.
 
@@ -65,19 +67,6 @@ SIGMA_FLOOR = {"rdp": 1e-9}
 DEFAULT_SIGMA_FLOOR = 0.1
 SIGMA_MAX = 1e3
 MAX_ENTRIES = 4096
-# Steps in all, per accountant. RDP's cost does not grow with them (10^8 steps: 0.01 s, no
-# memory to speak of). PRV composes on a grid that grows with them: 20 steps ~0.1 s, 500
-# ~0.4 s and ~100 MB, 1,000 ~1.3 s and ~230 MB, 2,000 ~8 s and 1.3 GB, 20,000 ~34 s and 2.9 GB,
-# 1.25 M (a node's claim of 10^7 examples at train.local_epochs=1) over 20 GB (2-core box
-# at load ~5, so times ~2x an idle one's; sigma 2.5, q 1 and 0.25): bounded where one
-# call stays near 1 s and a few hundred MB. A plan past it is refused at config time (the
-# operator's) or at discovery (a node's claim); the RDP accountant takes longer runs.
-MAX_STEPS = {"prv": 500, "rdp": 10**8}
-
-
-def max_steps(accountant: str) -> int:
-    """The most steps a history accounted by `accountant` may hold (`MAX_STEPS`)."""
-    return MAX_STEPS.get(accountant, min(MAX_STEPS.values()))
 
 
 def check_history(entries: tuple[tuple[float, float, int], ...] | list,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedtune.config import ConfigError, ExperimentConfig, PrivacyConfig
-from fedtune.privacy.accounting import calibrate_noise, max_steps
+from fedtune.config import ExperimentConfig, PrivacyConfig
+from fedtune.privacy.accounting import calibrate_noise
 
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as DPHistory
 
@@ -72,20 +72,3 @@ def poisson_sample_rate(n: int, batch_size: int) -> float:
 def planned_release(cfg: ExperimentConfig, n: int) -> Release:
     """`PrivacyPlan.release` of `cfg`: what a client with `n` examples releases in a round."""
     return PrivacyPlan.of(cfg).release(n)
-
-
-def check_planned_steps(cfg: ExperimentConfig) -> None:
-    """Raise ConfigError naming the keys when a client's DP-SGD plan over the run, told from
-    the config alone (train.rounds x train.local_steps), passes the steps
-    privacy.sample.accountant takes (`max_steps`): before start-up, not at discovery. A plan
-    by train.local_epochs depends on the partitions' sizes: the server checks it at
-    discovery (`PrivacyLedger.use_example_counts`)."""
-    dp, train = cfg.privacy.sample, cfg.train
-    if not dp.enabled or train.local_epochs > 0:
-        return
-    steps, most = train.rounds * train.local_steps, max_steps(dp.accountant)
-    if steps > most:
-        raise ConfigError(
-            f"train.rounds={train.rounds} x train.local_steps={train.local_steps} = {steps} "
-            f"DP-SGD steps per client, more than the {dp.accountant} accountant takes ({most}, "
-            "privacy.sample.accountant): lower them or set privacy.sample.accountant=rdp")

@@ -31,7 +31,7 @@ def _backbone(cfg: ExperimentConfig, bases: list[Path]) -> None:
 
 
 def _privacy_plan(cfg: ExperimentConfig, bases: list[Path]) -> None:
-    from fedtune.privacy.plan import check_planned_steps
+    from fedtune.config.accountant_steps import check_planned_steps
 
     check_planned_steps(cfg)
 
