@@ -270,8 +270,13 @@ def test_ctrl_c_stops_the_run_and_it_resumes(tmp_path, short_tmp):
     res = _fedtune("run", "--resume", str(out), timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    # An attempt stopped after its instructions went out is charged on resume; under
+    # calibrated noise the budget may then end the run before that round reruns (FIX29M).
+    stopped = summary["stopped_early"]
+    assert [r["round"] for r in rounds] == ([1] if stopped else [1, 2])
+    assert stopped is None or "over privacy.sample.target_epsilon" in stopped["reason"]
+    assert summary["rounds"] == len(rounds)
 
 
 @pytest.mark.slow
