@@ -5,9 +5,9 @@ target."""
 
 import numpy as np
 import pytest
+from ledger_rounds import checkpoint_copy, play_rounds
 
 from fedtune.config import load_config
-from fedtune.privacy import DPHistory
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from strategies.privacy_ledger import PrivacyLedger
@@ -34,16 +34,8 @@ def test_a_resumed_calibrated_run_stops_before_any_epsilon_passes_the_target(tmp
     the budget check stops it first."""
     ledger, state = _ledger(sets, folder=tmp_path)
     everyone = [0, 1, 2]
-    for rnd in (1, 2):
-        assert ledger.stop(rnd, everyone) is None
-        ledger.charge_sent(rnd, everyone)
-        ledger.settle(rnd)
-        state.round = rnd
-    saved = ServerState(round=2, vector=state.vector, spec_hash="x", initial={},
-                        client_dp={k: DPHistory(list(v.entries))
-                                   for k, v in state.client_dp.items()},
-                        client_eps=dict(state.client_eps),
-                        user_releases=state.user_releases)
+    play_rounds(ledger, state, (1, 2), everyone)
+    saved = checkpoint_copy(state)
     ledger.charge_sent(3, everyone)  # round 3 sent, then the run is killed
     resumed, state = _ledger(sets, state=saved, folder=tmp_path)  # charges the attempt
     for rnd in (3, 4):

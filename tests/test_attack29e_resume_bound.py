@@ -4,10 +4,10 @@ crash in the accountant's steps bound (every resume would crash the same: no sum
 
 import numpy as np
 import pytest
+from ledger_rounds import checkpoint_copy, play_rounds
 
 from fedtune.config import load_config
 from fedtune.config.accountant_steps import check_planned_steps
-from fedtune.privacy import DPHistory
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState
 from strategies.privacy_ledger import PrivacyLedger
@@ -36,16 +36,8 @@ def test_a_resumed_run_at_the_steps_bound_never_crashes_in_the_bound(tmp_path, s
     ledger, state = _ledger(cfg, folder=tmp_path)
     assert ledger.use_example_counts(dict(enumerate(SIZES))) == {}  # discovery: admitted
     everyone = [0, 1, 2]
-    for rnd in (1, 2):
-        assert ledger.stop(rnd, everyone) is None
-        ledger.charge_sent(rnd, everyone)
-        ledger.settle(rnd)
-        state.round = rnd
-    saved = ServerState(round=2, vector=state.vector, spec_hash="x", initial={},
-                        client_dp={k: DPHistory(list(v.entries))
-                                   for k, v in state.client_dp.items()},
-                        client_eps=dict(state.client_eps), examples=dict(state.examples),
-                        user_releases=state.user_releases)
+    play_rounds(ledger, state, (1, 2), everyone)
+    saved = checkpoint_copy(state)
     ledger.charge_sent(3, everyone)  # round 3 sent, then the run is killed
     resumed, state = _ledger(cfg, state=saved, folder=tmp_path)  # charges the attempt
     assert resumed.use_example_counts(dict(enumerate(SIZES))) == {}  # the resume's discovery

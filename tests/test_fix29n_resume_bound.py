@@ -5,19 +5,16 @@ round killed and resumed) is accounted, never a crash of the ledger's constructo
 import numpy as np
 import pytest
 
+# The plan at PRV's steps bound exactly (5 rounds x 100 steps), as ATTACK29E's reproducer.
+from test_attack29e_resume_bound import BASE, SECRET, SIZES
+
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.run.checkpoint import ServerState, save_pending
 from strategies.privacy_ledger import PrivacyLedger
 
-SIZES = [100, 70, 40]
 EVERYONE = [0, 1, 2]
-BASE = ["data.num_clients=3", "train.clients_per_round=3", "train.rounds=5",
-        "train.local_steps=100", "train.batch_size=32", "privacy.sample.accountant=prv",
-        "privacy.sample.noise_multiplier=8.0", "privacy.sample.target_epsilon=50"]
-SECRET = ["privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
-          "privacy.user.target_epsilon=50"]
 
 
 def _state(rounds: int, history: list) -> ServerState:
