@@ -53,7 +53,13 @@ from typing import Any, NamedTuple
 
 from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory, epsilon_of
-from fedtune.privacy.accounting import check_history, max_steps
+from fedtune.privacy.accounting import (
+    PRV_MAX_POINTS,
+    check_history,
+    grouped,
+    max_steps,
+    past_cost_bound,
+)
 from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
@@ -79,6 +85,9 @@ class Stop(NamedTuple):
 
 PAST_BOUND_NOTE = ("a history charged past the {0} accountant's steps bound (the attempts of "
                    "rounds killed and resumed) is accounted by RDP, an upper bound too")
+PAST_COST_NOTE = (f"a history whose PRV grid would pass {PRV_MAX_POINTS:,} points (noise low "
+                  "enough for an epsilon in the tens or hundreds: PRV's time and memory grow "
+                  "with it) is accounted by RDP, an upper bound too and larger there")
 SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus' Poisson "
                     "loader (at most batch_size / n)")
 
@@ -525,6 +534,8 @@ class PrivacyLedger:
             "interrupted_rounds_charged": self.state.interrupted,
             **({"accountant_past_steps_bound": PAST_BOUND_NOTE.format(dp.accountant)}
                if self._past_steps_bound_charged() else {}),
+            **({"accountant_past_cost_bound": PAST_COST_NOTE}
+               if self._past_cost_bound_charged() else {}),
         }
 
     def _past_steps_bound_charged(self) -> bool:
@@ -535,6 +546,22 @@ class PrivacyLedger:
             rounds = self._bound_rounds()
             return bool(rounds) and _steps(self._longest_bound_history(rounds)) > most
         return any(_steps(h) > most for h in self.state.client_dp.values())
+
+    def _past_cost_bound_charged(self) -> bool:
+        """Whether a released epsilon comes from a history within the steps bound whose PRV
+        grid passes `PRV_MAX_POINTS` (accounted by RDP in `epsilon_of`)."""
+        sample = self.privacy.sample
+        if sample.accountant != "prv":
+            return False
+        if self.cohort_secret:
+            rounds = self._bound_rounds()
+            histories = [self._every_round(pid, self.example_count(pid), rounds)
+                         for pid in self._admitted()] if rounds else []
+        else:
+            histories = list(self.state.client_dp.values())
+        return any(_steps(h) <= max_steps("prv")
+                   and past_cost_bound(grouped(tuple(h.entries)), sample.delta)
+                   for h in histories)
 
     def _user_params(self) -> dict[str, Any]:
         assert self.user is not None

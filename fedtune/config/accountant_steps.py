@@ -4,6 +4,9 @@ imports torch)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fedtune.config.errors import ConfigError
 from fedtune.config.schema import ExperimentConfig
 
@@ -22,18 +25,59 @@ def max_steps(accountant: str) -> int:
     return MAX_STEPS.get(accountant, min(MAX_STEPS.values()))
 
 
+# Plugin name -> how many example counts a client may train on in one round under it, from
+# its [[plugins]] table alone (el2n_pruning: all of them, then the kept share). Declared by
+# the app layer as each plugin registers (`strategies.plugins.base.register_plugin`), so the
+# config never imports it; a plugin not declared trains on one.
+_TRAINED_SIZES: dict[str, Callable[[dict[str, Any]], int]] = {}
+
+
+def declare_trained_sizes(plugin: str, sizes: Callable[[dict[str, Any]], int]) -> None:
+    """Record how many example counts a client trains on in one round under `plugin`."""
+    _TRAINED_SIZES[plugin] = sizes
+
+
+def planned_steps(cfg: ExperimentConfig) -> tuple[int, str]:
+    """The steps a client's sample-level history takes over the run by the config alone, and
+    how they add up (naming the keys), counting every release the server charges a round:
+    DP-SGD's train.local_steps, once per example count a plugin lets it train on where the
+    cohort is secret (the released bound charges each: strategies.privacy_ledger), and split
+    mode's smashed-data steps (split.smashed_dp: the split steps,
+    train.local_steps - int(split.local_loss_fraction x train.local_steps), each one more
+    release of the same batch). Interrupted attempts (a kill and a resume) add a round each."""
+    train, user = cfg.train, cfg.privacy.user
+    parts = [f"train.local_steps={train.local_steps}"]
+    per_round = train.local_steps
+    if user.enabled and not user.log_cohorts:  # the released bound charges every size
+        extra = sum(_TRAINED_SIZES.get(str(table.get("name")), lambda _: 1)(table) - 1
+                    for table in cfg.plugins)
+        if extra > 0:
+            names = ", ".join(sorted({str(t.get("name")) for t in cfg.plugins}))
+            per_round += extra * train.local_steps
+            parts.append(f"{extra} x {train.local_steps} for the other example counts plugins "
+                         f"[{names}] train on (privacy.user.enabled with log_cohorts=false "
+                         "charges every count every round)")
+    if cfg.split.enabled and cfg.split.smashed_dp.enabled:
+        split = train.local_steps - int(cfg.split.local_loss_fraction * train.local_steps)
+        per_round += split
+        parts.append(f"{split} smashed-data steps (split.smashed_dp.enabled, "
+                     f"split.local_loss_fraction={cfg.split.local_loss_fraction})")
+    return train.rounds * per_round, f"train.rounds={train.rounds} x ({' + '.join(parts)})"
+
+
 def check_planned_steps(cfg: ExperimentConfig) -> None:
-    """Raise ConfigError naming the keys when a client's DP-SGD plan over the run, told from
-    the config alone (train.rounds x train.local_steps), passes the steps
-    privacy.sample.accountant takes (`max_steps`): before start-up, not at discovery. A plan
-    by train.local_epochs depends on the partitions' sizes: the server checks it at
-    discovery (`PrivacyLedger.use_example_counts`)."""
+    """Raise ConfigError naming the keys when a client's DP plan over the run, told from the
+    config alone (`planned_steps`: DP-SGD's steps, every example count a plugin trains on
+    under a secret cohort, split mode's smashed-data steps), passes the steps
+    privacy.sample.accountant takes (`max_steps`): before start-up, not mid-run. A plan by
+    train.local_epochs depends on the partitions' sizes: the server checks it at discovery
+    (`PrivacyLedger.use_example_counts`)."""
     dp, train = cfg.privacy.sample, cfg.train
     if not dp.enabled or train.local_epochs > 0:
         return
-    steps, most = train.rounds * train.local_steps, max_steps(dp.accountant)
+    (steps, how), most = planned_steps(cfg), max_steps(dp.accountant)
     if steps > most:
         raise ConfigError(
-            f"train.rounds={train.rounds} x train.local_steps={train.local_steps} = {steps} "
-            f"DP-SGD steps per client, more than the {dp.accountant} accountant takes ({most}, "
-            "privacy.sample.accountant): lower them or set privacy.sample.accountant=rdp")
+            f"{how} = {steps} DP steps per client, more than the {dp.accountant} accountant "
+            f"takes ({most}, privacy.sample.accountant): lower them or set "
+            "privacy.sample.accountant=rdp")

@@ -10,9 +10,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from fedtune.config.accountant_steps import MAX_STEPS, max_steps  # noqa: F401 (re-used here)
+from fedtune.privacy.bounded_accountant import (
+    PRV_MAX_POINTS,  # noqa: F401 (re-exported)
+    affordable,
+    bounded_epsilon,
+    prv_epsilon,
+    search_noise,
+    tightest_error,
+)
 
 # Opacus is imported where it is used: it costs ~2 s of CPU to import, and every Ray actor
 # and driver imports this module, also for runs with sample-level DP off.
@@ -128,22 +134,27 @@ PRV_ERROR_FLOOR = 1e-3
 def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str
              ) -> float:
     """Cached: the server recomputes each charged client's epsilon every round it settles,
-    mostly for histories it has seen before."""
-    from opacus.accountants import create_accountant
+    mostly for histories it has seen before. Opacus' accountant, composed from its public
+    analysis functions (`bounded_accountant`: the same figures); a PRV grid past
+    `PRV_MAX_POINTS` is accounted by RDP instead (`past_cost_bound`)."""
+    epsilon = bounded_epsilon(entries, delta, accountant)
+    if (accountant == "prv" and not past_cost_bound(entries, delta)
+            and PRV_DEFAULT_ERROR > PRV_RELATIVE_ERROR * epsilon):
+        # PRV's upper bound sits up to eps_error (absolute) above the true epsilon: 0.01
+        # by default, +1.4% at epsilon 0.7 against an independent PLD accountant.
+        # Tighten it where that default is a large share of the value (within the grid's
+        # bound: a looser bound is an upper bound all the same).
+        error = tightest_error(entries, delta,
+                               max(PRV_RELATIVE_ERROR * epsilon, PRV_ERROR_FLOOR))
+        if error < PRV_DEFAULT_ERROR:
+            epsilon = prv_epsilon(entries, delta, error)
+    return epsilon
 
-    acc = create_accountant(mechanism=accountant)
-    # The accountant's public restore path (what Opacus' checkpoints use): the same
-    # (sigma, q, steps) list its own `step()` builds, one step at a time.
-    acc.load_state_dict({"history": list(entries), "mechanism": acc.mechanism()})
-    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf at q = 1, by design
-        epsilon = float(acc.get_epsilon(delta=delta))
-        if accountant == "prv" and PRV_DEFAULT_ERROR > PRV_RELATIVE_ERROR * epsilon:
-            # PRV's upper bound sits up to eps_error (absolute) above the true epsilon: 0.01
-            # by default, +1.4% at epsilon 0.7 against an independent PLD accountant.
-            # Tighten it where that default is a large share of the value.
-            epsilon = float(acc.get_epsilon(
-                delta=delta, eps_error=max(PRV_RELATIVE_ERROR * epsilon, PRV_ERROR_FLOOR)))
-        return epsilon
+
+def past_cost_bound(entries: tuple[tuple[float, float, int], ...], delta: float) -> bool:
+    """Whether PRV's grid for `entries` (grouped) passes `PRV_MAX_POINTS`, so that
+    `epsilon_of` accounts them by RDP."""
+    return not affordable(tuple(entries), delta)
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,16 +162,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                     accountant: str) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
     after `steps` steps at `sample_rate` is at most `target_epsilon` (ValueError past
-    `max_steps`: each try of the search accounts them all). Cached: the search
+    `max_steps`: each try of the search accounts them all). Opacus' `get_noise_multiplier`
+    with each try's cost bounded (`bounded_accountant.search_noise`: the same answer where
+    no try passes `PRV_MAX_POINTS`, more noise where one does). Cached: the search
     can take longer than a whole GPU training round (benchmarks/gpu_check.py), and a
     client asks the same question every round it takes part."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     if steps > max_steps(accountant):  # each try of the search would account them all
         raise ValueError(f"calibrating the noise over {steps} steps: the {accountant} "
                          f"accountant takes at most {max_steps(accountant)}")
-    with np.errstate(divide="ignore"):
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=steps, accountant=accountant,
-        ))
+    return float(search_noise(target_epsilon, delta, sample_rate, steps, accountant))

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedtune.config import ConfigError
+from fedtune.config.accountant_steps import declare_trained_sizes
 from fedtune.run.curator_log import declare_plugin_extras
 
 if TYPE_CHECKING:
@@ -89,6 +90,13 @@ class Plugin:
         report; the server rejects a reply carrying any group no part of the run uses."""
         return ()
 
+    @classmethod
+    def sizes_per_round(cls, params: dict[str, Any]) -> int:
+        """How many example counts (`trained_sizes`) a client may train on in one round at
+        most, from the plugin's table alone: the preflight counts each one's DP-SGD steps
+        (`fedtune.config.accountant_steps.planned_steps`)."""
+        return 1
+
     def trained_sizes(self, n: int) -> list[int]:
         """How many examples a client holding `n` may train on in a round under this
         plugin: the server charges its planned DP-SGD release at the costliest of them."""
@@ -106,6 +114,7 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
         raise ValueError(f"plugin {cls.name!r} declares release-safe {outside} outside its "
                          f"extras_keys {sorted(cls.extras_keys)}")
     declare_plugin_extras(cls.name, cls.extras_keys, cls.release_safe)
+    declare_trained_sizes(cls.name, cls.sizes_per_round)
     _PLUGINS[cls.name] = cls
     return cls
 

@@ -49,6 +49,11 @@ class EL2NPruning(Plugin):
 
         return {"prune": PruneSettings(keep=self.keep, every=self.every)}
 
+    @classmethod
+    def sizes_per_round(cls, params: dict[str, Any]) -> int:
+        # All n, and the kept share once it scored (the same count where keep is 1).
+        return 1 if float(params.get("keep", 0.0)) >= 1.0 else 2
+
     def trained_sizes(self, n: int) -> list[int]:
         from fedtune.wire.protocol import PruneSettings
 
