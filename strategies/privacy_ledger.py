@@ -46,6 +46,7 @@ replay is the safe side.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -55,6 +56,8 @@ from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory, epsilon_of
 from fedtune.privacy.accounting import (
     PRV_MAX_POINTS,
+    CalibrationBudgetSpent,
+    calibration_budget,
     check_history,
     grouped,
     max_steps,
@@ -73,6 +76,13 @@ BOUND_NOTE = ("the epsilon of a client sampled in every round so far (every atte
               "round killed and resumed included) at the costliest release the plan allows "
               "each round: no client's epsilon is larger, whoever the secret cohorts held; "
               "each client's own is in the curator's log")
+
+
+# New noise calibrations (Opacus' search: 2-6 s each on the loaded 2-core box at 500
+# steps) that nodes' claims may cause at one discovery; a claim that needs one more is
+# refused with its reason. Claims share a calibration when their sample rate and steps
+# agree (q = 1 / ceil(n / batch_size)), and the partitions' own sizes are not counted.
+MAX_CLAIM_CALIBRATIONS = 8
 
 
 class Stop(NamedTuple):
@@ -111,6 +121,7 @@ class PrivacyLedger:
         self._before: dict[int, DPHistory] = {}
         self._as_charged_cache: dict[tuple[int, int, tuple[int, ...]], DPHistory] = {}
         self._sent_round = 0
+        self._calibrations_left = [MAX_CLAIM_CALIBRATIONS]  # reset at each discovery
         user = plan.privacy.user
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
         # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
@@ -151,6 +162,7 @@ class PrivacyLedger:
           a run they outspend stops as before."""
         refused: dict[int, str] = {}
         fixed = self.state.examples
+        self._calibrations_left = [MAX_CLAIM_CALIBRATIONS]
         for pid, n in sorted(counts.items()):
             known = fixed.get(pid)
             if known is not None:
@@ -183,8 +195,15 @@ class PrivacyLedger:
         planned = range(1, self.plan.rounds + 1)
         rounds = [*planned, *(int(a["round"]) for a in self.state.interrupted)]
         try:  # the operator's plan over the planned rounds, a claim's with the attempts too
-            history = self._every_round(pid, n, planned if own_size else rounds)
+            with contextlib.nullcontext() if own_size else calibration_budget(
+                    self._calibrations_left):
+                history = self._every_round(pid, n, planned if own_size else rounds)
             check_history(tuple(history.entries), sample.accountant)
+        except CalibrationBudgetSpent:
+            return (f"claims {n} examples for partition {pid}: its DP plan needs a noise "
+                    f"calibration, and this discovery made the {MAX_CLAIM_CALIBRATIONS} it "
+                    "allows for nodes' claims (each a few seconds of the server's time; a "
+                    "claim at a sample rate already calibrated costs none)")
         except ValueError as exc:
             if own_size:
                 raise ConfigError(

@@ -7,7 +7,10 @@ records, so anyone can recompute each reported epsilon.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fedtune.config.accountant_steps import MAX_STEPS, max_steps  # noqa: F401 (re-used here)
@@ -157,7 +160,30 @@ def past_cost_bound(entries: tuple[tuple[float, float, int], ...], delta: float)
     return not affordable(tuple(entries), delta)
 
 
-@functools.lru_cache(maxsize=256)
+# Noise calibrations left to the current `calibration_budget` (None: no budget). Each one
+# is Opacus' search, 13-25 accountant calls: 2-6 s on the loaded 2-core box at 500 steps.
+_CALIBRATIONS_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "calibrations_left", default=None)
+
+
+class CalibrationBudgetSpent(ValueError):
+    """A calibration not made before was asked for with its `calibration_budget` spent."""
+
+
+@contextlib.contextmanager
+def calibration_budget(left: list[int]) -> Iterator[None]:
+    """Within it, each `calibrate_noise` not cached takes one from `left[0]` (the caller's
+    counter, shared across uses), and one asked for at 0 raises CalibrationBudgetSpent
+    before any accountant call: the server bounds the calibrations a discovery's claims
+    make (strategies.privacy_ledger), while a plan calibrated before stays free."""
+    token = _CALIBRATIONS_LEFT.set(left)
+    try:
+        yield
+    finally:
+        _CALIBRATIONS_LEFT.reset(token)
+
+
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance, rounding up) whose epsilon
@@ -170,4 +196,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if steps > max_steps(accountant):  # each try of the search would account them all
         raise ValueError(f"calibrating the noise over {steps} steps: the {accountant} "
                          f"accountant takes at most {max_steps(accountant)}")
+    left = _CALIBRATIONS_LEFT.get()  # only reached on a cache miss: a new calibration
+    if left is not None:
+        if left[0] <= 0:
+            raise CalibrationBudgetSpent(
+                f"calibrating the noise for sample rate {sample_rate:.4g} over {steps} "
+                "steps: the calibrations allowed here are spent")
+        left[0] -= 1
     return float(search_noise(target_epsilon, delta, sample_rate, steps, accountant))
