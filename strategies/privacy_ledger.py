@@ -159,7 +159,10 @@ class PrivacyLedger:
           and admitted it would stop the run for everyone (under a secret cohort the stop
           follows the worst admitted count). The partitions' own sizes are the operator's
           data: a plan of theirs that cannot be accounted is a ConfigError naming the keys;
-          a run they outspend stops as before."""
+          a run they outspend stops as before;
+        - a node's claim that needs a noise calibration after the `MAX_CLAIM_CALIBRATIONS`
+          new ones this discovery allows claims (each is Opacus' search, seconds of the
+          server's time; a sample rate calibrated before costs none)."""
         refused: dict[int, str] = {}
         fixed = self.state.examples
         self._calibrations_left = [MAX_CLAIM_CALIBRATIONS]
