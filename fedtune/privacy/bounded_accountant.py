@@ -7,9 +7,9 @@ What is slow, measured (2-core box at load ~2, Opacus 1.6; the figures in docs/p
 - PRV composes on a grid of 2 L / mesh points: the mesh is eps_error / sqrt(N log(12 /
   delta_error) / 2) for N steps in all, and L, the domain's half-width, is RDP's epsilon of
   the history at delta_error / 4 (or of one step at delta_error / (8 N)), plus 3. L grows as
-  the noise falls: at sigma 0.1, q 0.01, 500 steps L is ~1,700 and the grid asked for
-  ~5 GB; at sigma 0.3 it is 84 (1.2 M points, 1.3 s, 550 MB). Time and memory are about
-  1 s and 150 MB per million points. `prv_points` says how many a history needs, from RDP
+  the noise falls: at sigma 0.1, q 0.01, 500 steps L is ~4,900 (70 M points: ~5 GB asked
+  for); at sigma 0.3 it is 84 (1.2 M points, 1.3 s, 550 MB). Time and memory are about
+  1-1.5 s and 150 MB per million points. `prv_points` says how many a history needs, from RDP
   alone, and `PRV_MAX_POINTS` bounds them: past it the history is accounted by RDP (an
   upper bound too, larger than PRV's there: epsilon in the hundreds).
 - L itself comes from Opacus' RDP analysis at its 150 orders, whose fractional orders sum a
@@ -36,8 +36,9 @@ Entries = tuple[tuple[float, float, int], ...]
 
 # The most grid points one PRV composition may take: ~1 s and ~150 MB on the loaded 2-core
 # box. Within the steps bound (500) a history needs more only where its epsilon is in the
-# tens to hundreds (sigma 0.3, q 0.01, 500 steps: 1.2 M points, epsilon 50), or below 0.25
-# where a tight error bound is asked (`tightest_error`).
+# tens to hundreds (sigma 0.3, q 0.01, 500 steps: 1.2 M points, epsilon 50); the tighter
+# error bound asked below epsilon 2.5 stays within it there (~0.65 M points at 1e-3), and
+# `tightest_error` loosens it where it would not.
 PRV_MAX_POINTS = 1_000_000
 
 
