@@ -37,7 +37,7 @@ Entries = tuple[tuple[float, float, int], ...]
 # The most grid points one PRV composition may take: ~1 s and ~150 MB on the loaded 2-core
 # box. Within the steps bound (500) a history needs more only where its epsilon is in the
 # tens to hundreds (sigma 0.3, q 0.01, 500 steps: 1.2 M points, epsilon 50); the tighter
-# error bound asked below epsilon 2.5 stays within it there (~0.65 M points at 1e-3), and
+# error bound asked below epsilon 2.5 stays within it there (~0.5 M points at 1e-3), and
 # `tightest_error` loosens it where it would not.
 PRV_MAX_POINTS = 1_000_000
 
