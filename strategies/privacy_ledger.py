@@ -79,10 +79,14 @@ BOUND_NOTE = ("the epsilon of a client sampled in every round so far (every atte
 
 
 # New noise calibrations (Opacus' search: 2-6 s each on the loaded 2-core box at 500
-# steps) that nodes' claims may cause at one discovery; a claim that needs one more is
-# refused with its reason. Claims share a calibration when their sample rate and steps
-# agree (q = 1 / ceil(n / batch_size)), and the partitions' own sizes are not counted.
-MAX_CLAIM_CALIBRATIONS = 8
+# steps) one node's claim may cause: one per example count it trains on (a plugin's
+# `sizes_per_round`, at most 2 today). A claim that needs more is refused with its reason.
+# Each partition is claimed by one node at most (the operator's roster in a deployment), so
+# a discovery's calibrations are bounded by the operator's population, not by what nodes
+# send: a hostile node costs the server what an honest one with its own data does. Claims
+# share a calibration when their sample rate and steps agree (q = 1 / ceil(n /
+# batch_size)), and the partitions' own sizes are not counted.
+CALIBRATIONS_PER_CLAIM = 4
 
 
 class Stop(NamedTuple):
@@ -121,7 +125,6 @@ class PrivacyLedger:
         self._before: dict[int, DPHistory] = {}
         self._as_charged_cache: dict[tuple[int, int, tuple[int, ...]], DPHistory] = {}
         self._sent_round = 0
-        self._calibrations_left = [MAX_CLAIM_CALIBRATIONS]  # reset at each discovery
         user = plan.privacy.user
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
         # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
@@ -160,12 +163,11 @@ class PrivacyLedger:
           follows the worst admitted count). The partitions' own sizes are the operator's
           data: a plan of theirs that cannot be accounted is a ConfigError naming the keys;
           a run they outspend stops as before;
-        - a node's claim that needs a noise calibration after the `MAX_CLAIM_CALIBRATIONS`
-          new ones this discovery allows claims (each is Opacus' search, seconds of the
-          server's time; a sample rate calibrated before costs none)."""
+        - a node's claim whose plan needs more than `CALIBRATIONS_PER_CLAIM` new noise
+          calibrations (each is Opacus' search, seconds of the server's time; a sample rate
+          calibrated before costs none)."""
         refused: dict[int, str] = {}
         fixed = self.state.examples
-        self._calibrations_left = [MAX_CLAIM_CALIBRATIONS]
         for pid, n in sorted(counts.items()):
             known = fixed.get(pid)
             if known is not None:
@@ -199,14 +201,13 @@ class PrivacyLedger:
         rounds = [*planned, *(int(a["round"]) for a in self.state.interrupted)]
         try:  # the operator's plan over the planned rounds, a claim's with the attempts too
             with contextlib.nullcontext() if own_size else calibration_budget(
-                    self._calibrations_left):
+                    [CALIBRATIONS_PER_CLAIM]):
                 history = self._every_round(pid, n, planned if own_size else rounds)
             check_history(tuple(history.entries), sample.accountant)
         except CalibrationBudgetSpent:
-            return (f"claims {n} examples for partition {pid}: its DP plan needs a noise "
-                    f"calibration, and this discovery made the {MAX_CLAIM_CALIBRATIONS} it "
-                    "allows for nodes' claims (each a few seconds of the server's time; a "
-                    "claim at a sample rate already calibrated costs none)")
+            return (f"claims {n} examples for partition {pid}: its DP plan needs more than "
+                    f"the {CALIBRATIONS_PER_CLAIM} noise calibrations a claim may cause (each "
+                    "a few seconds of the server's time)")
         except ValueError as exc:
             if own_size:
                 raise ConfigError(
