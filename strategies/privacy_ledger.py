@@ -202,7 +202,7 @@ class PrivacyLedger:
         try:  # the operator's plan over the planned rounds, a claim's with the attempts too
             with contextlib.nullcontext() if own_size else calibration_budget(
                     [CALIBRATIONS_PER_CLAIM]):
-                history = self._every_round(pid, n, planned if own_size else rounds)
+                history = self._claimed_plan(pid, n, planned if own_size else rounds)
             check_history(tuple(history.entries), sample.accountant)
         except CalibrationBudgetSpent:
             return (f"claims {n} examples for partition {pid}: its DP plan needs more than "
@@ -230,6 +230,15 @@ class PrivacyLedger:
                 f"privacy.sample.noise_multiplier={sample.noise_multiplier} would spend "
                 f"sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
                 f"{sample.target_epsilon}")
+
+    def _claimed_plan(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
+        """The history a client of `n` examples is charged over `rounds` (each trained),
+        as the run charges it: with a secret cohort the released bound's (every size every
+        round), else `planned`'s (the costliest size each round): what the preflight counts
+        (`planned_steps`), so a plan it admits is not refused here (ATTACK29F)."""
+        if self.cohort_secret:
+            return self._every_round(pid, n, rounds)
+        return self._charged_over(pid, n, sorted(rounds))
 
     def _every_round(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
         """The history of client `pid` (of `n` examples) trained in each of `rounds`, each
@@ -399,7 +408,10 @@ class PrivacyLedger:
         """The history of client `pid` charged in each of `rounds` (no kill) as `planned`
         charges it: the costliest size given what it spent so far, and the hooks' releases.
         Cached per client: one accountant call per size and round, once a run."""
-        n = self.example_count(pid)
+        return self._charged_over(pid, self.example_count(pid), rounds)
+
+    def _charged_over(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
+        """`_as_charged` for a client of `n` examples."""
         key = (pid, n, tuple(rounds))
         cached = self._as_charged_cache.get(key)
         if cached is not None:
