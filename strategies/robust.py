@@ -8,8 +8,11 @@ server's privacy setting beforehand, `AggregationConfig.for_sample_dp`, as is an
 direction check), then with `norm_bound_direction = "median"` the direction check
 (`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the
 other rows is below `direction_min_cosine` are dropped, at most `tolerate` of them), then
-the rule `cfg.rule` from `RULES`. It returns the aggregated delta (float64) and the
-figures the round record keeps (`Aggregated`).
+the rule `cfg.rule` from `RULES`. With `norm_bound_direction = "validation"` the check's
+reference is instead one direction for every row, the server's own descent direction on its
+validation rows (`fedtune.task.reference`, passed in as `reference`), and the check also
+runs before `median`, with or without a bound. It returns the aggregated delta (float64)
+and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
@@ -29,6 +32,25 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
   sideways by up to B x its share; f attackers can shift the reference within the honest
   range and so have up to f honest rows dropped in their place; a targeted change that
   keeps a positive cosine passes. The norm bound holds in every such case.
+- the check against the server's validation direction (`norm_bound_direction =
+  "validation"`, FLTrust's trusted root-set direction, Cao et al. 2021), before `mean` with
+  a norm bound or before `median`: every row whose cosine to the negative validation
+  gradient at the global model is below `direction_min_cosine` is dropped, at most
+  `tolerate`, the lowest first. No client moves that reference, so a reversed row scores
+  against it whatever the other rows send and whatever the cohort's size (the others'
+  median needs n >= 2f + 2 for that); before `median` the cohort must be n >= 3f + 1, as the
+  check may drop f honest rows and keep f attackers that point the validation way, and the
+  median of the n - f rows left needs an honest majority. With `mean` the bound's
+  guarantee holds as above. What it does not bound: a row with a positive cosine (a
+  boosted honest step, hence the bound with `mean`; a targeted change orthogonal to the
+  server's direction) is kept; an honest non-IID client whose step points away from the
+  validation rows is dropped (at most `tolerate` a round). Trust and privacy: it trusts the
+  server's validation rows (the root set) and reads nothing else; no DP mechanism covers
+  those rows, and the released model depends on them through which rows are kept. The
+  epsilons cover the clients' training data only, which the check does not change: under
+  DP-SGD each delta is already private, and selecting among them with the server's own
+  rows is post-processing. Under user-level DP no robust rule or check runs (the config
+  refuses them: the DP clip is the bound and the epsilon holds for the clipped mean).
 - `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot
   move any coordinate outside the honest clients' range, whatever they send.
 - `trimmed_mean` (coordinate-wise, as Flower's FedTrimmedAvg `trim_mean`): the
