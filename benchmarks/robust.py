@@ -62,6 +62,11 @@ RULES = {
                          "aggregation.norm_bound_direction=validation"],
     "validation_median": ["aggregation.rule=median",
                           "aggregation.norm_bound_direction=validation"],
+    # validation_bound with the whole validation split as the reference's rows (capped at
+    # the key's maximum): is the reference's own sampling noise what the check misses on?
+    "validation_bound_all": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                             "aggregation.norm_bound_direction=validation",
+                             "aggregation.direction_reference_rows=4096"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }

@@ -360,3 +360,32 @@ def test_user_level_dp_refuses_any_direction_check():
     not be the only guard)."""
     assert not AggregationConfig(norm_bound_direction="validation").default
     assert AggregationConfig().default
+
+
+@pytest.mark.slow
+def test_a_real_round_loop_checks_every_round_against_the_validation_direction(
+        tmp_path, monkeypatch):
+    """Wiring, one tiny in-process run (the real round loop and ClientApp handlers): the
+    server computes its reference each round, the check runs before the median, the round
+    records say so."""
+    from inline_grid import TINY, inline_run
+
+    sets = [*TINY, "data.num_clients=4", "train.clients_per_round=4", "train.rounds=2",
+            "privacy.sample.enabled=false", "aggregation.rule=median",
+            "aggregation.norm_bound_direction=validation",
+            "aggregation.direction_reference_rows=8",
+            "faults.attack_simulation.kind=flip", "faults.attack_simulation.partitions=[0]"]
+    cfg = load_config(None, sets)
+    out = tmp_path / "run"
+    summary, _, _ = inline_run(cfg, out, monkeypatch)
+    assert summary["rounds"] == 2
+    for line in (out / "rounds.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        checked = record["aggregation"]["direction"]
+        assert checked["reference"] == robust.VALIDATION_REFERENCE
+        assert [pid for pid, _ in checked["cosines"]] == [0, 1, 2, 3]
+        cosines = dict(checked["cosines"])
+        below = [pid for pid, c in cosines.items() if c < 0]
+        # At most one row (tolerate), the lowest, and only one below the threshold.
+        assert checked["dropped"] == ([min(below, key=cosines.get)] if below else [])
+        assert record["aggregation"]["deltas"] == 4 and "norm_bound" not in record["aggregation"]
