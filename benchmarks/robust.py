@@ -16,7 +16,9 @@ same adaptive bound with the centre the server picks from its privacy setting
 without DP-SGD), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
 to the coordinate-wise median of the other rows is negative is dropped from the mean, at
-most one), coordinate-wise `median`, and `trimmed_mean` (beta 0.2).
+most one), the same check against the server's validation descent direction instead
+(`validation_bound`; `validation_median`: that check before the median), coordinate-wise
+`median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
 interrupted table resumes. The table is printed (and written to OUT/table.md) after every
@@ -54,6 +56,17 @@ RULES = {
                            "aggregation.norm_bound_direction=auto"],
     "direction_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                         "aggregation.norm_bound_direction=median"],
+    # The direction check against the server's own validation descent direction (issue 27,
+    # sixth table): after the adaptive bound around zero before the mean, or before the median.
+    "validation_bound": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                         "aggregation.norm_bound_direction=validation"],
+    "validation_median": ["aggregation.rule=median",
+                          "aggregation.norm_bound_direction=validation"],
+    # validation_bound with the whole validation split as the reference's rows (capped at
+    # the key's maximum): is the reference's own sampling noise what the check misses on?
+    "validation_bound_all": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                             "aggregation.norm_bound_direction=validation",
+                             "aggregation.direction_reference_rows=4096"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }

@@ -64,13 +64,22 @@ class DeltaFedAvg:
                  hooks: RoundHooks | None = None,
                  aggregation: AggregationConfig | None = None,
                  withhold_metrics: bool = False,
-                 report_groups: Iterable[str] = ()) -> None:
+                 report_groups: Iterable[str] = (),
+                 reference: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """`aggregation`: the rule that combines the deltas (`[aggregation]`; the default
         is FedAvg). `withhold_metrics`: replies carry only what the server needs
         (`fedtune.wire.fields.withholds_counts`). `report_groups`: the optional figure
         groups (`fedtune.wire.protocol.EXTRA_GROUPS`) this run's clients report (split
         mode, a plugin's); a reply with any other group is rejected, so a client cannot
-        add split or pruning figures to a run that has none."""
+        add split or pruning figures to a run that has none. `reference`: the server's
+        descent direction at a global vector (`fedtune.task.reference`), which
+        `norm_bound_direction = "validation"` needs; computed once a round, at the global
+        vector the round sent, before the deltas are combined."""
+        if aggregation is not None and aggregation.norm_bound_direction == "validation" \
+                and reference is None:
+            raise ValueError("aggregation.norm_bound_direction='validation' needs the "
+                             "server's reference direction (fedtune.task.reference)")
+        self.reference = reference
         self.spec = spec
         self.clients_per_round = clients_per_round
         self.seed = seed
@@ -273,7 +282,11 @@ class DeltaFedAvg:
         outcome."""
         screened = self.screen(sent, replies)
         weights = pipeline.server_weights(screened.accepted, self.examples, self.weight_cap)
-        combined = pipeline.combine(screened.accepted, weights, self.aggregation)
+        reference = None
+        if (self.aggregation.norm_bound_direction == "validation" and self.reference
+                is not None and screened.accepted and weights.sum() > 0):
+            reference = self.reference(sent.vector)
+        combined = pipeline.combine(screened.accepted, weights, self.aggregation, reference)
         if combined is None:
             return Round(None, RoundOutcome.of(sent, screened))
         if combined.delta is None:  # too few deltas for the rule's bound: keep the global

@@ -8,8 +8,11 @@ server's privacy setting beforehand, `AggregationConfig.for_sample_dp`, as is an
 direction check), then with `norm_bound_direction = "median"` the direction check
 (`direction_check`: the bounded rows whose cosine to the coordinate-wise median of the
 other rows is below `direction_min_cosine` are dropped, at most `tolerate` of them), then
-the rule `cfg.rule` from `RULES`. It returns the aggregated delta (float64) and the
-figures the round record keeps (`Aggregated`).
+the rule `cfg.rule` from `RULES`. With `norm_bound_direction = "validation"` the check's
+reference is instead one direction for every row, the server's own descent direction on its
+validation rows (`fedtune.task.reference`, passed in as `reference`), and the check also
+runs before `median`, with or without a bound. It returns the aggregated delta (float64)
+and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
@@ -29,6 +32,25 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
   sideways by up to B x its share; f attackers can shift the reference within the honest
   range and so have up to f honest rows dropped in their place; a targeted change that
   keeps a positive cosine passes. The norm bound holds in every such case.
+- the check against the server's validation direction (`norm_bound_direction =
+  "validation"`, FLTrust's trusted root-set direction, Cao et al. 2021), before `mean` with
+  a norm bound or before `median`: every row whose cosine to the negative validation
+  gradient at the global model is below `direction_min_cosine` is dropped, at most
+  `tolerate`, the lowest first. No client moves that reference, so a reversed row scores
+  against it whatever the other rows send and whatever the cohort's size (the others'
+  median needs n >= 2f + 2 for that); before `median` the cohort must be n >= 3f + 1, as the
+  check may drop f honest rows and keep f attackers that point the validation way, and the
+  median of the n - f rows left needs an honest majority. With `mean` the bound's
+  guarantee holds as above. What it does not bound: a row with a positive cosine (a
+  boosted honest step, hence the bound with `mean`; a targeted change orthogonal to the
+  server's direction) is kept; an honest non-IID client whose step points away from the
+  validation rows is dropped (at most `tolerate` a round). Trust and privacy: it trusts the
+  server's validation rows (the root set) and reads nothing else; no DP mechanism covers
+  those rows, and the released model depends on them through which rows are kept. The
+  epsilons cover the clients' training data only, which the check does not change: under
+  DP-SGD each delta is already private, and selecting among them with the server's own
+  rows is post-processing. Under user-level DP no robust rule or check runs (the config
+  refuses them: the DP clip is the bound and the epsilon holds for the clipped mean).
 - `median` (coordinate-wise, Flower's FedMedian): fewer than half of the clients cannot
   move any coordinate outside the honest clients' range, whatever they send.
 - `trimmed_mean` (coordinate-wise, as Flower's FedTrimmedAvg `trim_mean`): the
@@ -208,7 +230,8 @@ def _largest_honest_norm(deltas: np.ndarray, cfg: AggregationConfig) -> float:
     return float(cfg.adaptive_factor * norms[len(norms) - 1 - cfg.tolerate])
 
 
-def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[Any]
+def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[Any],
+                    reference: np.ndarray | None = None
                     ) -> tuple[np.ndarray, dict[str, Any]]:
     """Which bounded rows the mean keeps (a mask), and the figures: each row's cosine to
     its reference, the coordinate-wise median of the other rows (`median_of_others`), and
@@ -224,21 +247,35 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     one whose reference the attackers shifted), and dropping it would raise the kept rows'
     share of the mean; capped, one row's share stays <= its weight over all but the f
     largest weights. A zero row has cosine 0; a row whose reference is zero (no
-    direction) is never dropped."""
+    direction) is never dropped.
+
+    `reference` (`norm_bound_direction = "validation"`): one direction every row is checked
+    against instead, the server's own (`ServerReference`), which no client can move.
+    The cap at `tolerate` is kept with it: with a trusted reference a row below the
+    threshold is not an attacker's doing on the reference, but an honest non-IID client
+    can still point away from the server's validation rows, and the cap keeps the kept
+    rows' share bounded as above."""
     cosines = np.zeros(len(deltas))
     no_reference = np.zeros(len(deltas), dtype=bool)
-    for i, (row, reference) in enumerate(zip(deltas, median_of_others(deltas), strict=True)):
-        ref_unit, ref_norm = _unit(reference)
+    references = (median_of_others(deltas) if reference is None
+                  else np.broadcast_to(np.asarray(reference, dtype=np.float64), deltas.shape))
+    for i, (row, ref) in enumerate(zip(deltas, references, strict=True)):
+        ref_unit, ref_norm = _unit(ref)
         no_reference[i] = ref_norm == 0.0
         cosines[i] = float(np.clip(_unit(row)[0] @ ref_unit, -1.0, 1.0))
     keep = np.ones(len(deltas), dtype=bool)
     below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
     keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
-    figures = {"reference": "median of the others", "min_cosine": cfg.direction_min_cosine,
+    name = "median of the others" if reference is None else VALIDATION_REFERENCE
+    figures = {"reference": name, "min_cosine": cfg.direction_min_cosine,
                "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
                "cosines": [[i, round(float(c), 4)] for i, c in zip(ids, cosines, strict=True)],
                "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
     return keep, figures
+
+
+# The figures' name of the server's reference (`norm_bound_direction = "validation"`).
+VALIDATION_REFERENCE = "server validation gradient"
 
 
 def median_of_others(deltas: np.ndarray) -> np.ndarray:
@@ -273,15 +310,30 @@ def _unit(row: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
-              ids: Sequence[Any] | None = None) -> Aggregated | None:
-    """Norm bound (if any), then `cfg.rule`, over the deltas with a positive weight; None
-    when no delta has one; a refused update (delta None) when they are too few for the rule
-    and bound to tolerate `cfg.tolerate` attackers. `ids` name the rows in the figures."""
+              ids: Sequence[Any] | None = None, reference: np.ndarray | None = None
+              ) -> Aggregated | None:
+    """Norm bound (if any), the direction check (if any), then `cfg.rule`, over the deltas
+    with a positive weight; None when no delta has one; a refused update (delta None) when
+    they are too few for the rule and bound to tolerate `cfg.tolerate` attackers. `ids` name
+    the rows in the figures. `reference`: the server's validation direction, in the
+    deltas' layout, which `norm_bound_direction = "validation"` needs (and nothing else
+    reads)."""
     for key in ("norm_bound_center", "norm_bound_direction"):
         if getattr(cfg, key) == "auto":
             # It follows the server's privacy setting, which this function does not see.
             raise ValueError(f"aggregation.{key}='auto' must be resolved by "
                              "AggregationConfig.for_sample_dp before aggregating")
+    if cfg.norm_bound_direction == "validation":
+        if reference is None:
+            raise ValueError("aggregation.norm_bound_direction='validation' needs the "
+                             "server's reference direction (ServerReference)")
+        reference = np.asarray(reference, dtype=np.float64)
+        if reference.shape != (np.shape(deltas)[1],) or not np.isfinite(reference).all():
+            # The server's own computation, never a client's: a bug, not an input.
+            raise ValueError(f"the validation reference has shape {reference.shape} or "
+                             f"non-finite values; the deltas have {np.shape(deltas)[1]} values")
+    else:
+        reference = None
     deltas = np.asarray(deltas, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     names = list(range(len(deltas))) if ids is None else list(ids)
@@ -307,10 +359,16 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                              if c]}
         if cfg.norm_bound_center != "zero":
             figures["norm_bound"].update(center=cfg.norm_bound_center, bound_zero=zero_bound)
-        if cfg.norm_bound_direction != "off":
-            keep, checked = direction_check(deltas, cfg, names)
+    if cfg.norm_bound_direction != "off":
+        # After the bound, so every kept row is bounded; before the rule, which then takes
+        # the kept rows only. Where a bound runs, the figures stay under it (as before the
+        # check could run without one); otherwise they are the round's own `direction`.
+        keep, checked = direction_check(deltas, cfg, names, reference)
+        if bound is not None:
             figures["norm_bound"]["direction"] = checked
-            deltas, w = deltas[keep], w[keep]
-            names = [n for n, k in zip(names, keep, strict=True) if k]
+        else:
+            figures["direction"] = checked
+        deltas, w = deltas[keep], w[keep]
+        names = [n for n, k in zip(names, keep, strict=True) if k]
     delta, own = RULES[cfg.rule](deltas, w, cfg, names)
     return Aggregated(delta, {**figures, **own})

@@ -12,12 +12,13 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedtune.compat.flower_deploy import is_simulation_grid
 from fedtune.config import ExperimentConfig
-from fedtune.config.errors import DeployError
+from fedtune.config.errors import ConfigError, DeployError
 from fedtune.models.pruning_setup import pruning_record, resolve_config
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.seeded_noise import check_server_runtime
@@ -54,6 +55,7 @@ from fedtune.task.evaluation import (
     validation_examples,
 )
 from fedtune.task.kinds import task_kind
+from fedtune.task.reference import NoValidationError, reference_rows, validation_direction
 from fedtune.task.task import Task, get_task
 from fedtune.tuning import TunedModel
 from fedtune.tuning.prefix_cache import skipped_layers
@@ -119,7 +121,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     strategy = DeltaFedAvg(task.spec, cfg.train.clients_per_round, cfg.seed, hooks,
                            cfg.aggregation.for_sample_dp(cfg.privacy.sample.enabled),
                            withhold_metrics=withholds_counts(cfg),  # (wire_fields)
-                           report_groups=_report_groups(cfg.split.enabled, plugins))
+                           report_groups=_report_groups(cfg.split.enabled, plugins),
+                           reference=_reference(task, model, cfg))
     driver: DeltaFedAvg | UserLevelDP = strategy
     if privacy.user is not None:
         driver = UserLevelDP(strategy, cfg.privacy.user, privacy.user.noise_multiplier,
@@ -206,6 +209,21 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     summary = _summary(history, state, task, cfg, final_test, privacy.spent()).to_json()
     ledger.write_summary(summary)
     return summary
+
+
+def _reference(task: Task, model: TunedModel, cfg: ExperimentConfig
+               ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The server's validation direction at a global vector, where the direction check
+    uses it (`aggregation.norm_bound_direction = "validation"`); refused at start-up when
+    the task has no validation rows (the config's data.validation_fraction = 0 is refused
+    at load already)."""
+    if cfg.aggregation.norm_bound_direction != "validation":
+        return None
+    try:
+        reference_rows(task, cfg.aggregation.direction_reference_rows)
+    except NoValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    return lambda vector: validation_direction(task, model, vector, cfg)
 
 
 def _report_groups(split: bool, plugins: list[Plugin]) -> set[str]:

@@ -397,7 +397,14 @@ CLIENT_WEIGHTING_PLUGINS = ("population_expansion",)
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
 NORM_BOUND_CENTERS = ("zero", "median", "auto")
-NORM_BOUND_DIRECTIONS = ("off", "median", "auto")
+NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
+# The rules the direction check can run before: it drops rows, and these two take a subset
+# (the coordinate-wise and Krum rules count each kept row once as well, but are not measured
+# with it).
+DIRECTION_RULES = ("mean", "median")
+# The most validation rows the server's reference direction may read (one backward pass
+# each, every round).
+REFERENCE_ROWS_MAX = 4096
 ADAPTIVE_FACTOR_MAX = 1e3
 ATTACK_SCALE_MAX = 1e9
 
@@ -409,7 +416,9 @@ class AggregationConfig:
     `adaptive_factor` x the cohort's median norm with "adaptive") before the rule runs; with
     `norm_bound_direction = "median"` the bounded rows pointing away from the coordinate-wise
     median of the other rows (cosine below `direction_min_cosine`, at most `tolerate` rows, the
-    lowest) are then dropped from the mean (strategies.robust.direction_check)."""
+    lowest) are then dropped from the mean (strategies.robust.direction_check); with
+    "validation" the reference is the server's own validation descent direction instead, and
+    the check also runs before `median`."""
 
     rule: str = "mean"
     # "off", "adaptive", or a number > 0 (an L2 norm).
@@ -433,8 +442,17 @@ class AggregationConfig:
     # without sample-level DP-SGD, "off" with it (the clients' DP noise swamps the direction:
     # an honest row can score lowest and be dropped; benchmarks/RESULTS.md, the robust
     # section).
+    # "validation": the reference is the server's own descent direction, the negative
+    # gradient of the validation loss at the global model on the first
+    # `direction_reference_rows` validation rows (FLTrust's root set, Cao et al. 2021),
+    # which no client can move; every row is checked against it, and it runs before
+    # `mean` (with a norm bound) or before `median` (with or without one). It needs a
+    # validation split (data.validation_fraction > 0). The released model then depends on
+    # those rows, which no DP mechanism covers (docs/privacy.md).
     norm_bound_direction: str = "off"
     direction_min_cosine: float = 0.0
+    # "validation": how many validation rows (the split's first) the reference reads.
+    direction_reference_rows: int = 64
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
     # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
@@ -480,7 +498,16 @@ class AggregationConfig:
             # -1: no cosine is below it, so the check would drop nothing.
             raise ConfigError(f"aggregation.direction_min_cosine must be in (-1, 1), got "
                               f"{self.direction_min_cosine!r}")
+        if (not isinstance(self.direction_reference_rows, int)
+                or isinstance(self.direction_reference_rows, bool)
+                or not 1 <= self.direction_reference_rows <= REFERENCE_ROWS_MAX):
+            raise ConfigError(f"aggregation.direction_reference_rows must be an integer in "
+                              f"[1, {REFERENCE_ROWS_MAX}], got "
+                              f"{self.direction_reference_rows!r}")
         if self.norm_bound_direction == "off":
+            return
+        if self.norm_bound_direction == "validation":
+            self._validate_validation_direction(key)
             return
         if self.norm_bound == "off":
             raise ConfigError(f"{key}={self.norm_bound_direction!r} checks the rows of a norm "
@@ -493,10 +520,28 @@ class AggregationConfig:
             raise ConfigError(f"{key}={self.norm_bound_direction!r} drops at most "
                               "aggregation.tolerate rows: set aggregation.tolerate >= 1")
 
+    def _validate_validation_direction(self, key: str) -> None:
+        """The check against the server's validation direction: before `mean` with a norm
+        bound (without one a boosted row that points the right way takes the mean) or
+        before `median`; it drops at most `tolerate` rows, so `tolerate` >= 1."""
+        if self.rule not in DIRECTION_RULES:
+            raise ConfigError(f"{key}='validation' drops rows before the rule: it needs "
+                              f"aggregation.rule in {', '.join(DIRECTION_RULES)}, got "
+                              f"{self.rule!r}")
+        if self.rule == "mean" and self.norm_bound == "off":
+            raise ConfigError(f"{key}='validation' with aggregation.rule='mean' needs a norm "
+                              "bound (a boosted row that points the validation way would "
+                              "take the mean): set aggregation.norm_bound to 'adaptive' or a "
+                              "number")
+        if self.tolerate < 1:
+            raise ConfigError(f"{key}='validation' drops at most aggregation.tolerate rows: "
+                              "set aggregation.tolerate >= 1")
+
     @property
     def default(self) -> bool:
-        """Plain FedAvg: the weighted mean, no bound."""
-        return self.rule == "mean" and self.norm_bound == "off"
+        """Plain FedAvg: the weighted mean, no bound, no row dropped."""
+        return (self.rule == "mean" and self.norm_bound == "off"
+                and self.norm_bound_direction == "off")
 
     def trimmed_per_side(self, n: int) -> int:
         """trimmed_mean's cut at each end of every coordinate of n deltas: floor(beta x n),
@@ -526,6 +571,14 @@ class AggregationConfig:
                     f"tolerates aggregation.tolerate={f} only with {label} >= 2 x tolerate + "
                     f"2 = {2 * f + 2} (each row's reference, the median of the others, needs "
                     f"an honest majority), got {n}")
+        if (self.norm_bound_direction == "validation" and self.rule == "median"
+                and n < 3 * f + 1):
+            # The check may drop f honest rows (attackers that point the validation way
+            # are kept): the median then needs an honest majority of the n - f left.
+            return (f"aggregation.norm_bound_direction='validation' before aggregation.rule="
+                    f"'median' tolerates aggregation.tolerate={f} only with {label} >= 3 x "
+                    f"tolerate + 1 = {3 * f + 1} (the median of the rows the check keeps "
+                    f"needs an honest majority), got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
@@ -766,6 +819,10 @@ class ExperimentConfig:
                     f"aggregation.rule={self.aggregation.rule!r} does not compose with "
                     f"plugins[{i}].name={table['name']!r}, which weights clients; use "
                     "aggregation.rule='mean' (with an aggregation.norm_bound)")
+        if (self.aggregation.norm_bound_direction == "validation"
+                and self.data.validation_fraction == 0):
+            raise ConfigError("aggregation.norm_bound_direction='validation' needs the "
+                              "server's validation split: set data.validation_fraction > 0")
         for i, pid in enumerate(self.faults.attack_simulation.partitions):
             if not 0 <= pid < self.data.num_clients:
                 raise ConfigError(f"faults.attack_simulation.partitions[{i}]={pid} must be in "
