@@ -13,6 +13,9 @@ output shows it):
   DP-SGD is off, so a split run in clear is never unlabelled).
 - "counts disclosed": `privacy.disclose_counts` sent example counts, real-row counts,
   FLOPs and losses in clear under DP, outside this epsilon (fedtune.wire.fields).
+- "validation rows": `aggregation.norm_bound_direction = "validation"`; which clients'
+  deltas each round keeps follows the gradient on the server's validation rows, so the
+  released model depends on rows no epsilon covers (ATTACK29F).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def _counts_disclosed(cfg: ExperimentConfig, level: str) -> bool:
             and any(f.message == TRAIN for f in examples_in_clear(cfg)))
 
 
+def _validation_steered(cfg: ExperimentConfig, level: str) -> bool:
+    return level == "sample" and cfg.aggregation.norm_bound_direction == "validation"
+
+
 MARKS: tuple[Mark, ...] = (
     Mark("seeded noise", SEEDED_NOISE_NOTE,
          lambda cfg, level: cfg.privacy.reproducible_noise),
@@ -60,6 +67,11 @@ MARKS: tuple[Mark, ...] = (
          "counts disclosed: privacy.disclose_counts = true sent example counts, real-row "
          "counts, FLOPs and losses to the server in clear, outside this epsilon",
          _counts_disclosed),
+    Mark("validation rows",
+         "validation rows: aggregation.norm_bound_direction = validation keeps or drops each "
+         "client's delta by its direction against the gradient on the server's first "
+         "aggregation.direction_reference_rows validation rows, so the released model depends "
+         "on those rows, which this epsilon does not cover", _validation_steered),
 )
 
 
