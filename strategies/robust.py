@@ -250,7 +250,9 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     direction) is never dropped.
 
     `reference` (`norm_bound_direction = "validation"`): one direction every row is checked
-    against instead, the server's own (`ServerReference`), which no client can move.
+    against instead, the server's own (`ServerReference`), which no client moves within the
+    round (the rows kept move the global model, so the next round's reference: a slow
+    drift that keeps a positive cosine passes).
     The cap at `tolerate` is kept with it: with a trusted reference a row below the
     threshold is not an attacker's doing on the reference, but an honest non-IID client
     can still point away from the server's validation rows, and the cap keeps the kept

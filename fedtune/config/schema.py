@@ -445,7 +445,8 @@ class AggregationConfig:
     # "validation": the reference is the server's own descent direction, the negative
     # gradient of the validation loss at the global model on the first
     # `direction_reference_rows` validation rows (FLTrust's root set, Cao et al. 2021),
-    # which no client can move; every row is checked against it, and it runs before
+    # which no client moves within the round (kept rows move the model it is taken at next
+    # round); every row is checked against it, and it runs before
     # `mean` (with a norm bound) or before `median` (with or without one). It needs a
     # validation split (data.validation_fraction > 0). The released model then depends on
     # those rows, which no DP mechanism covers (docs/privacy.md).
