@@ -94,6 +94,7 @@ def environment() -> dict[str, str]:
     import torch
 
     env = {"machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
+           "cpu_vendor": cpu_vendor(),
            "python": ".".join(platform.python_version_tuple()[:2])}
     for name in PACKAGES:
         try:
@@ -101,6 +102,19 @@ def environment() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             env[name] = "absent"
     return env
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor (/proc/cpuinfo's vendor_id on Linux): two CPUs of one capability
+    (AVX512) from different vendors ran the same code to figures 1e-8 apart (an Intel Xeon
+    against golden.json's AMD EPYC record, 2026-12-07), the BLAS kernels' summation order."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def environment_differences(golden: dict[str, Any]) -> list[str]:
