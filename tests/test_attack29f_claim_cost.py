@@ -18,7 +18,7 @@ from strategies.privacy_ledger import PrivacyLedger
 B = 32
 CALIBRATED = ["data.num_clients=12", "train.clients_per_round=2", "train.rounds=4",
               "train.local_steps=25", f"train.batch_size={B}",
-              "privacy.sample.accountant=prv", "privacy.sample.target_epsilon=8"]
+              "privacy.sample.accountant=rdp", "privacy.sample.target_epsilon=8"]
 
 
 def test_hostile_claims_cannot_spend_an_honest_nodes_calibration():
