@@ -67,6 +67,9 @@ RULES = {
     "validation_bound_all": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
                              "aggregation.norm_bound_direction=validation",
                              "aggregation.direction_reference_rows=4096"],
+    "validation_median_all": ["aggregation.rule=median",
+                              "aggregation.norm_bound_direction=validation",
+                              "aggregation.direction_reference_rows=4096"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }
