@@ -1,5 +1,5 @@
-"""Shared steps of the ledger-level kill-and-resume tests: rounds played in full, and the
-checkpoint a kill after them leaves (a copy, so later charges do not reach it)."""
+"""Shared steps of the ledger-level tests: rounds played in full (or to the first stop), and
+the checkpoint a kill after them leaves (a copy, so later charges do not reach it)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ def play_rounds(ledger, state, rounds, cohort) -> None:
         ledger.charge_sent(rnd, cohort)
         ledger.settle(rnd)
         state.round = rnd
+
+
+def first_stop(ledger, state, rounds, cohort) -> str | None:
+    """The curator's reason of the first stop in rounds 1..`rounds` with `cohort` sampled
+    every round, charged as the server charges them, or None."""
+    for rnd in range(1, rounds + 1):
+        stop = ledger.stop(rnd, cohort)
+        if stop is not None:
+            return stop.curator
+        ledger.charge_sent(rnd, cohort)
+        ledger.settle(rnd)
+        state.round = rnd
+    return None
 
 
 def checkpoint_copy(state: ServerState) -> ServerState:

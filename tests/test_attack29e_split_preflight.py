@@ -8,6 +8,7 @@ one line naming the keys."""
 
 import numpy as np
 import pytest
+from ledger_rounds import first_stop
 
 import strategies.plugins  # noqa: F401 (registers the plugins and their sizes)
 from fedtune.config import ConfigError, load_config
@@ -45,14 +46,7 @@ def _steps_bound_stop(cfg):
     if cfg.split.enabled:
         ledger.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     ledger.size_hooks += [plugin.trained_sizes for plugin in build_plugins(cfg)]
-    for rnd in range(1, cfg.train.rounds + 1):
-        stop = ledger.stop(rnd, [0, 1])
-        if stop is not None:
-            return stop.curator
-        ledger.charge_sent(rnd, [0, 1])
-        ledger.settle(rnd)
-        state.round = rnd
-    return None
+    return first_stop(ledger, state, cfg.train.rounds, [0, 1])
 
 
 @pytest.mark.parametrize("sets, plugins, at_bound", [

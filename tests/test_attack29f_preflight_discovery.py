@@ -11,6 +11,7 @@ for a plan the server would never charge."""
 
 import numpy as np
 import pytest
+from ledger_rounds import first_stop
 
 import strategies.plugins  # noqa: F401 (registers the plugins and their sizes)
 from fedtune.config import ConfigError, load_config
@@ -40,19 +41,6 @@ def _ledger(cfg):
     return ledger, state
 
 
-def _run_stop(ledger, state, rounds):
-    """The first stop of `rounds` rounds, both clients every round, charged as the server
-    charges them, or None."""
-    for rnd in range(1, rounds + 1):
-        stop = ledger.stop(rnd, [0, 1])
-        if stop is not None:
-            return stop.curator
-        ledger.charge_sent(rnd, [0, 1])
-        ledger.settle(rnd)
-        state.round = rnd
-    return None
-
-
 def test_a_pruning_plan_the_preflight_admits_is_not_refused_at_discovery():
     """Adversary: none (an honest operator); invariant: THREATS 8 (a plan is refused before
     start-up in one line, or it runs) and 2 (the plan check counts what the ledger charges)."""
@@ -60,7 +48,8 @@ def test_a_pruning_plan_the_preflight_admits_is_not_refused_at_discovery():
     check_planned_steps(cfg)  # the preflight admits it ...
     assert planned_steps(cfg)[0] == 300
     ledger, state = _ledger(cfg)
-    assert _run_stop(ledger, state, cfg.train.rounds) is None  # ... and the run needs no stop
+    # ... and the run needs no stop:
+    assert first_stop(ledger, state, cfg.train.rounds, [0, 1]) is None
     ledger, _ = _ledger(cfg)
     try:
         refused = ledger.use_example_counts(dict(enumerate(SIZES)))
