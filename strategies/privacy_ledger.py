@@ -2,29 +2,26 @@
 
 Sample level: the server counts each client's DP-SGD spend itself, as a (sigma, q, steps)
 history per client, from the same pure functions the client trains by
-(`fedtune.privacy.plan.planned_release`, on the example count the server holds for it:
-the partition size from `task.partitions`, or for a deployment node with its own data file
-the count it reported once at discovery, `use_example_counts`: fixed in the server state
-for the run, so a resume's discovery that hears another count refuses that node instead of
-re-planning what was charged; a node's claim whose plan over the run, interrupted attempts
-included, the server cannot account (`check_history`'s ranges and steps bound, the
-calibration's) is refused before any accountant call, and under a given noise multiplier so
-is one that could not train every planned round within the target, so one node's word never
-exhausts the server's memory nor stops the run for everyone). A client is charged its
-planned release when the round's instruction is sent, so a client that replies late,
-crashes or is rejected is charged all the same (it may have trained and uploaded). The
-plan covers what an honest client can release: the costliest of the example counts the
-plugins allow (pruning) with the steps `train.local_steps` or `train.local_epochs` give
-for it, and the hooks' releases (split mode). What a reply reports about its own spend
-(`reported_dp`) is kept in the ledger as the client's word and never accounted: a forged
-history can neither lower the charge nor make the server's accountant fail or stall
-(issue 27). `epsilon_sample` is the largest epsilon over the server-side histories.
-With user-level DP too (cohorts kept apart: `fedtune.run.curator_log`) the cohort is a
-secret draw, and that maximum says who was drawn (it grows only in rounds the worst client
-was sampled): the release gets instead the epsilon of a client sampled in every round so
-far, every attempt included, at the costliest plan (`cohort_free_bound`), which no real
-client's epsilon exceeds; the real ones stay in the curator's log (`epsilon_by_client`),
-and a budget stop's release names no client (`Stop`).
+(`fedtune.privacy.plan.planned_release`, on the example count the server holds for it: the
+partition size from `task.partitions`, or for a deployment node with its own data file the
+count it reported once at discovery, admitted or refused by `strategies.claim_admission`
+and fixed in the server state for the run). What a client releases is
+`strategies.release_plan`'s, shared with that admission and with the released bound. A
+client is charged its planned release when the round's instruction is sent, so a client
+that replies late, crashes or is rejected is charged all the same (it may have trained and
+uploaded). The plan covers what an honest client can release: the costliest of the example
+counts the plugins allow (pruning) with the steps `train.local_steps` or
+`train.local_epochs` give for it, and the hooks' releases (split mode). What a reply
+reports about its own spend (`reported_dp`) is kept in the ledger as the client's word and
+never accounted: a forged history can neither lower the charge nor make the server's
+accountant fail or stall (issue 27). `epsilon_sample` is the largest epsilon over the
+server-side histories. With user-level DP too (cohorts kept apart:
+`fedtune.run.curator_log`) the cohort is a secret draw, and that maximum says who was
+drawn (it grows only in rounds the worst client was sampled): the release gets instead the
+epsilon of a client sampled in every round so far, every attempt included, at the
+costliest plan (`cohort_free_bound`), which no real client's epsilon exceeds; the real
+ones stay in the curator's log (`epsilon_by_client`), and a budget stop's release names no
+client (`Stop`).
 
 User level: one Poisson-subsampled Gaussian release per round (`fedtune.privacy.user_level`).
 Before a round starts, `stop_reason` says whether it could push either level past its budget,
@@ -46,18 +43,14 @@ replay is the safe side.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from fedtune.config import ConfigError
-from fedtune.privacy import DPHistory, epsilon_of
+from fedtune.privacy import DPHistory
 from fedtune.privacy.accounting import (
     PRV_MAX_POINTS,
-    CalibrationBudgetSpent,
-    calibration_budget,
     check_history,
     grouped,
     max_steps,
@@ -67,26 +60,14 @@ from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState, load_pending, save_pending
-
-# (round, partition id, partition size) -> further DP releases the client makes in that
-# round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
-PlanHook = Callable[[int, int, int], list[Release]]
+from strategies.claim_admission import ClaimAdmission
+from strategies.release_plan import ReleasePlan, after, steps
 
 BOUND_NOTE = ("the epsilon of a client sampled in every round so far (every attempt of a "
               "round killed and resumed included) at the costliest release the plan allows "
               "each round: no client's epsilon is larger, whoever the secret cohorts held; "
               "each client's own is in the curator's log")
 
-
-# New noise calibrations (Opacus' search: 2-6 s each on the loaded 2-core box at 500
-# steps) one node's claim may cause: one per example count it trains on (a plugin's
-# `sizes_per_round`, at most 2 today). A claim that needs more is refused with its reason.
-# Each partition is claimed by one node at most (the operator's roster in a deployment), so
-# a discovery's calibrations are bounded by the operator's population, not by what nodes
-# send: a hostile node costs the server what an honest one with its own data does. Claims
-# share a calibration when their sample rate and steps agree (q = 1 / ceil(n /
-# batch_size)), and the partitions' own sizes are not counted.
-CALIBRATIONS_PER_CLAIM = 4
 
 
 class Stop(NamedTuple):
@@ -119,16 +100,16 @@ class PrivacyLedger:
         self.partition_sizes = tuple(int(n) for n in partition_sizes)
         self.state = state
         self.folder = folder
-        self.plan_hooks: list[PlanHook] = []
-        # Example counts a client of n may train on (plugins: pruning), n -> counts.
-        self.size_hooks: list[Callable[[int], list[int]]] = []
+        # What a client releases (hooks: split mode's smashed data, pruning's sizes).
+        self.releases = ReleasePlan(plan)
         self._before: dict[int, DPHistory] = {}
-        self._as_charged_cache: dict[tuple[int, int, tuple[int, ...]], DPHistory] = {}
         self._sent_round = 0
         user = plan.privacy.user
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
         # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
         self.cohort_secret = user.enabled and not user.log_cohorts
+        self.claims = ClaimAdmission(self.releases, self.partition_sizes, state,
+                                     self.cohort_secret)
         self.user: UserLevelAccount | None = None
         if user.enabled:
             cohort, population = plan.cohort, plan.population
@@ -152,104 +133,10 @@ class PrivacyLedger:
         size, or what a node with its own data file reported: `DeltaFedAvg.examples`) and
         plan every charge and the released bound from the admitted ones, fixed in the server
         state (the checkpoint) for the rest of the run. Returns the refused ones, partition
-        id -> reason; the caller takes those nodes out of the run:
-        - a count other than the one an earlier discovery of this run fixed (a resume): the
-          charges so far and the released bound were planned from that one, so it stays;
-        - a node's claim (a count other than its partition's size) whose plan over the run
-          the server cannot account (`_claim_refusal`: the calibration or the accountant's
-          ranges, its steps among them), or, under a given noise multiplier, whose plan
-          passes privacy.sample.target_epsilon: it could never train the run within budget,
-          and admitted it would stop the run for everyone (under a secret cohort the stop
-          follows the worst admitted count). The partitions' own sizes are the operator's
-          data: a plan of theirs that cannot be accounted is a ConfigError naming the keys;
-          a run they outspend stops as before;
-        - a node's claim whose plan needs more than `CALIBRATIONS_PER_CLAIM` new noise
-          calibrations (each is Opacus' search, seconds of the server's time; a sample rate
-          calibrated before costs none)."""
-        refused: dict[int, str] = {}
-        fixed = self.state.examples
-        for pid, n in sorted(counts.items()):
-            known = fixed.get(pid)
-            if known is not None:
-                if int(n) != known:
-                    refused[pid] = (f"reports {int(n)} examples for partition {pid}; this run "
-                                    f"fixed {known} at its first discovery (its charges and "
-                                    "released bound are planned from it)")
-                continue
-            reason = self._claim_refusal(pid, int(n))
-            if reason is not None:
-                refused[pid] = reason
-                continue
-            fixed[pid] = int(n)
-        self._example_counts = MappingProxyType(fixed)
+        id -> reason (`ClaimAdmission.admit`); the caller takes those nodes out of the run."""
+        refused = self.claims.admit(counts)
+        self._example_counts = MappingProxyType(self.state.examples)
         return refused
-
-    def _claim_refusal(self, pid: int, n: int) -> str | None:
-        """Why the server refuses a node's claim of `n` examples, or None. Its plan is each
-        planned round and each attempt of a round killed and resumed (`state.interrupted`,
-        which the released bound counts too): refused when the server cannot account it
-        (its calibration or `check_history`, run here before any accountant call: a count
-        at the wire's bound plans over a million steps, which PRV cannot hold in memory),
-        or under a given noise multiplier when it passes privacy.sample.target_epsilon.
-        The partition's own size is the operator's: a plan of it that cannot be accounted
-        raises ConfigError, one that outspends the target stops the run as before."""
-        sample = self.privacy.sample
-        if not sample.enabled:
-            return None
-        own_size = pid < len(self.partition_sizes) and self.partition_sizes[pid] == n
-        planned = range(1, self.plan.rounds + 1)
-        rounds = [*planned, *(int(a["round"]) for a in self.state.interrupted)]
-        try:  # the operator's plan over the planned rounds, a claim's with the attempts too
-            with contextlib.nullcontext() if own_size else calibration_budget(
-                    [CALIBRATIONS_PER_CLAIM]):
-                history = self._claimed_plan(pid, n, planned if own_size else rounds)
-            check_history(tuple(history.entries), sample.accountant)
-        except CalibrationBudgetSpent:
-            return (f"claims {n} examples for partition {pid}: its DP plan needs more than "
-                    f"the {CALIBRATIONS_PER_CLAIM} noise calibrations a claim may cause (each "
-                    "a few seconds of the server's time)")
-        except ValueError as exc:
-            if own_size:
-                raise ConfigError(
-                    f"partition {pid}'s DP plan ({n} examples, train.rounds="
-                    f"{self.plan.rounds}) cannot be accounted: {exc}; lower train.rounds or "
-                    "train.local_steps / train.local_epochs, raise train.batch_size, or set "
-                    "privacy.sample.accountant=rdp (privacy.sample.target_epsilon / "
-                    "noise_multiplier set the noise)") from None
-            return (f"claims {n} examples for partition {pid}: its DP plan over the run "
-                    f"({len(rounds)} rounds) cannot be accounted: {exc}")
-        if own_size or sample.noise_multiplier == 0:
-            return None  # calibrated noise keeps every count's planned rounds at its target
-        eps = self._epsilon(history)
-        if eps <= sample.target_epsilon:
-            return None
-        attempts = (f" and {len(rounds) - len(planned)} interrupted attempts"
-                    if len(rounds) > len(planned) else "")
-        return (f"claims {n} examples for partition {pid}: training in all "
-                f"{self.plan.rounds} planned rounds{attempts} at "
-                f"privacy.sample.noise_multiplier={sample.noise_multiplier} would spend "
-                f"sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
-                f"{sample.target_epsilon}")
-
-    def _claimed_plan(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
-        """The history a client of `n` examples is charged over `rounds` (each trained),
-        as the run charges it: with a secret cohort the released bound's (every size every
-        round), else `planned`'s (the costliest size each round): what the preflight counts
-        (`planned_steps`), so a plan it admits is not refused here (ATTACK29F)."""
-        if self.cohort_secret:
-            return self._every_round(pid, n, rounds)
-        return self._charged_over(pid, n, sorted(rounds))
-
-    def _every_round(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
-        """The history of client `pid` (of `n` examples) trained in each of `rounds`, each
-        time charged every release the plan allows it (each size a plugin may train on,
-        the hooks' releases)."""
-        history = DPHistory()
-        for rnd in sorted(rounds):
-            for event in [*self._releases(n),
-                          *(e for hook in self.plan_hooks for e in hook(rnd, pid, n))]:
-                history.add(*event)
-        return history
 
     def example_count(self, pid: int) -> int:
         """The examples the server plans client `pid`'s DP-SGD over."""
@@ -262,39 +149,14 @@ class PrivacyLedger:
         allows) and the hooks' releases."""
         n = self.example_count(pid)
         events = [self._costliest(pid, n)] if self.privacy.sample.enabled else []
-        for hook in self.plan_hooks:
-            events.extend(hook(rnd, pid, n))
-        return events
+        return events + self.releases.hooked(rnd, pid, n)
 
     def _costliest(self, pid: int, n: int) -> Release:
         """The planned DP-SGD release over every example count the client may train on
         (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
         the client the most epsilon on top of what it has spent."""
-        return self._costliest_after(self.state.client_dp.get(pid, DPHistory()).entries, n)
-
-    def _costliest_after(self, spent: list[Release], n: int) -> Release:
-        """`_costliest` for a client of `n` examples that has spent `spent`."""
-        releases = self._releases(n)
-        if len(releases) == 1:
-            return releases[0]
-        return max(releases, key=lambda r: self._epsilon(_after(spent, r)))
-
-    def _releases(self, n: int) -> list[Release]:
-        """The DP-SGD release of each example count a client of `n` may train on."""
-        sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
-        return [self.plan.release(m) for m in sizes]
-
-    def _epsilon(self, history: DPHistory) -> float:
-        """The epsilon of `history`. A history past the accountant's steps bound is one
-        already charged (a plan or a claim past it is refused, and `stop` ends the run before
-        a round would take a client past it), so it is what was spent and must be accounted:
-        by RDP, whose cost does not grow with the steps (PRV's grid would), an upper bound as
-        valid as PRV's; `_sample_params` says so."""
-        sample = self.privacy.sample
-        accountant = sample.accountant
-        if _steps(history) > max_steps(accountant):
-            accountant = "rdp"
-        return float(epsilon_of(history, sample.delta, accountant) or 0.0)
+        return self.releases.costliest_after(
+            self.state.client_dp.get(pid, DPHistory()).entries, n)
 
     def _charge(self, pid: int, events: list[Release]) -> None:
         history = self.state.client_dp.setdefault(pid, DPHistory())
@@ -303,7 +165,7 @@ class PrivacyLedger:
         self._set_epsilon(pid)
 
     def _set_epsilon(self, pid: int) -> None:
-        eps = self._epsilon(self.state.client_dp[pid])
+        eps = self.releases.epsilon(self.state.client_dp[pid])
         self.state.client_eps[pid] = max(self.state.client_eps.get(pid, 0.0), eps)
 
     # -- before a round
@@ -318,9 +180,9 @@ class PrivacyLedger:
         """Why round `rnd` must not run (its spend could exceed a budget), or None."""
         user = self.privacy.user
         if self.user is not None:
-            after = self.user.epsilon(self.user.releases + 1)
-            if after is not None and after > user.target_epsilon:
-                reason = (f"round {rnd} would raise the user-level epsilon to {after:.4f}, "
+            user_eps = self.user.epsilon(self.user.releases + 1)
+            if user_eps is not None and user_eps > user.target_epsilon:
+                reason = (f"round {rnd} would raise the user-level epsilon to {user_eps:.4f}, "
                           f"over privacy.user.target_epsilon={user.target_epsilon}")
                 return Stop(reason, reason)  # one release for every client: no cohort in it
         sample = self.privacy.sample
@@ -336,20 +198,20 @@ class PrivacyLedger:
             # Which clients would run out depends on who was sampled; the released bound
             # does not, so the stop follows it: the run ends at the same round whoever the
             # secret cohorts were, and the released epsilon never passes the budget.
-            after = self.cohort_free_bound(through=rnd)
+            bound = self.cohort_free_bound(through=rnd)
             budget, what = self._budget(self._admitted())
-            if after is not None and after > budget:
+            if bound is not None and bound > budget:
                 reason = (f"round {rnd} would raise the released sample-level bound (a "
-                          f"client sampled in every round) to {after:.4f}, over {what}")
+                          f"client sampled in every round) to {bound:.4f}, over {what}")
                 return Stop(reason, reason)
             return None
         for pid in cohort:
             spent = self.state.client_dp.get(pid, DPHistory()).entries
-            after = self._epsilon(_after(spent, *self.planned(rnd, pid)))
+            after_round = self.releases.epsilon(after(spent, *self.planned(rnd, pid)))
             budget, what = self._budget([pid])
-            if after > budget:
+            if after_round > budget:
                 named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
-                         f"to {after:.4f}, over {what}")
+                         f"to {after_round:.4f}, over {what}")
                 return Stop(named, named)
         return None
 
@@ -363,7 +225,7 @@ class PrivacyLedger:
             histories = {"the released sample-level bound (a client sampled in every round)":
                          self._longest_bound_history(self._bound_rounds(rnd))}
         else:
-            histories = {f"client {pid}'s sample-level history": _after(
+            histories = {f"client {pid}'s sample-level history": after(
                 self.state.client_dp.get(pid, DPHistory()).entries, *self.planned(rnd, pid))
                 for pid in cohort}
         for what, history in histories.items():
@@ -377,8 +239,7 @@ class PrivacyLedger:
 
     def _longest_bound_history(self, rounds: Sequence[int]) -> DPHistory:
         """The longest (in steps) of the released bound's histories over `rounds`."""
-        return max((self._every_round(pid, self.example_count(pid), rounds)
-                    for pid in self._admitted()), key=_steps)
+        return max(self._bound_histories(rounds), key=steps)
 
     def _budget(self, pids: Sequence[int]) -> tuple[float, str]:
         """The sample-level epsilon no round may pass for clients `pids`, and its name:
@@ -397,7 +258,8 @@ class PrivacyLedger:
         if self.cohort_secret:
             planned = self._worst_every_round(pids, planned_rounds)
         else:
-            planned = max(self._epsilon(self._as_charged(pid, planned_rounds)) for pid in pids)
+            planned = max(self.releases.epsilon(self._as_charged(pid, planned_rounds))
+                          for pid in pids)
         if planned <= sample.target_epsilon:
             return target
         return planned, (f"the {planned:.4f} the calibrated plan spends over its "
@@ -406,24 +268,8 @@ class PrivacyLedger:
 
     def _as_charged(self, pid: int, rounds: Sequence[int]) -> DPHistory:
         """The history of client `pid` charged in each of `rounds` (no kill) as `planned`
-        charges it: the costliest size given what it spent so far, and the hooks' releases.
-        Cached per client: one accountant call per size and round, once a run."""
-        return self._charged_over(pid, self.example_count(pid), rounds)
-
-    def _charged_over(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
-        """`_as_charged` for a client of `n` examples."""
-        key = (pid, n, tuple(rounds))
-        cached = self._as_charged_cache.get(key)
-        if cached is not None:
-            return cached
-        history = DPHistory()
-        for rnd in rounds:
-            history.add(*self._costliest_after(list(history.entries), n))
-            for hook in self.plan_hooks:
-                for event in hook(rnd, pid, n):
-                    history.add(*event)
-        self._as_charged_cache[key] = history
-        return history
+        charges it (`ReleasePlan.charged_over`)."""
+        return self.releases.charged_over(pid, self.example_count(pid), rounds)
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
         """Charge every client asked to train in round `rnd` its planned release. Call it
@@ -538,14 +384,17 @@ class PrivacyLedger:
 
     def _worst_every_round(self, pids: Sequence[int], rounds: Sequence[int]) -> float:
         """The largest epsilon of a client of `pids` trained in each of `rounds` at the
-        costliest plan (`_every_round`)."""
-        histories = {tuple(self._every_round(pid, self.example_count(pid), rounds).entries)
-                     for pid in pids}
-        # One accountant call per distinct plan and round (clients of one size share
-        # theirs): with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
-        # many distinct partition sizes pays that many calls a round (the cohort's own
-        # charges pay one per sampled client).
-        return max(self._epsilon(DPHistory(list(h))) for h in histories)
+        costliest plan (`ReleasePlan.every_round`). One accountant call per distinct plan
+        and round (with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
+        many distinct partition sizes pays that many calls a round)."""
+        counts = {pid: self.example_count(pid) for pid in pids}
+        return max(self.releases.epsilon(h)
+                   for h in self.releases.bound_histories(counts, rounds))
+
+    def _bound_histories(self, rounds: Sequence[int]) -> list[DPHistory]:
+        """The released bound's distinct histories over `rounds`, one per admitted plan."""
+        return self.releases.bound_histories(
+            {pid: self.example_count(pid) for pid in self._admitted()}, rounds)
 
     def _sample_params(self) -> dict[str, Any]:
         dp = self.privacy.sample
@@ -579,8 +428,8 @@ class PrivacyLedger:
         most = max_steps(self.privacy.sample.accountant)
         if self.cohort_secret:
             rounds = self._bound_rounds()
-            return bool(rounds) and _steps(self._longest_bound_history(rounds)) > most
-        return any(_steps(h) > most for h in self.state.client_dp.values())
+            return bool(rounds) and steps(self._longest_bound_history(rounds)) > most
+        return any(steps(h) > most for h in self.state.client_dp.values())
 
     def _past_cost_bound_charged(self) -> bool:
         """Whether a released epsilon comes from a history within the steps bound whose PRV
@@ -590,11 +439,10 @@ class PrivacyLedger:
             return False
         if self.cohort_secret:
             rounds = self._bound_rounds()
-            histories = [self._every_round(pid, self.example_count(pid), rounds)
-                         for pid in self._admitted()] if rounds else []
+            histories = self._bound_histories(rounds) if rounds else []
         else:
             histories = list(self.state.client_dp.values())
-        return any(_steps(h) <= max_steps("prv")
+        return any(steps(h) <= max_steps("prv")
                    and past_cost_bound(grouped(tuple(h.entries)), sample.delta)
                    for h in histories)
 
@@ -605,16 +453,3 @@ class PrivacyLedger:
                 "target_epsilon": user.target_epsilon,
                 "noise_std": self.user.noise_multiplier * user.clip_norm / self.user.cohort}
 
-
-def _steps(history: DPHistory) -> int:
-    return sum(int(steps) for _, _, steps in history.entries)
-
-
-def _after(spent: list[Release], *events: Release) -> DPHistory:
-    """`spent` and then `events`, merged as `DPHistory.add` merges them: the same entries,
-    so the cached epsilon of a planned history is the one the charge looks up again (one
-    accountant call per history and round, not one per use)."""
-    history = DPHistory(list(spent))
-    for event in events:
-        history.add(*event)
-    return history

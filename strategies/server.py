@@ -108,9 +108,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                             out_dir)
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
-        privacy.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
+        privacy.releases.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     plugins = build_plugins(cfg)
-    privacy.size_hooks += [plugin.trained_sizes for plugin in plugins]
+    privacy.releases.size_hooks += [plugin.trained_sizes for plugin in plugins]
     hooks = RoundHooks(
         # A client restarted since its last round (its own record lost) resumes its DP
         # accounting from what the server holds, never from zero.

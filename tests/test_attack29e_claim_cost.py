@@ -16,7 +16,7 @@ import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
 import fedtune.privacy.accounting as privacy_ledger_accounting
-import strategies.privacy_ledger as privacy_ledger
+import strategies.claim_admission as claim_admission
 from fedtune.config import load_config
 from fedtune.privacy import calibrate_noise
 from fedtune.privacy.plan import PrivacyPlan
@@ -61,7 +61,7 @@ def test_each_claim_costs_at_most_its_own_calibrations_and_honest_nodes_are_admi
     claims = {pid: B * (8 + pid) for pid in range(2, 11)}
     claims[11] = claims[2] - 5
     took: dict[int, float] = {}
-    decide = ledger._claim_refusal
+    decide = ledger.claims.refusal
 
     def timed(pid, n):
         start = time.process_time()
@@ -70,7 +70,7 @@ def test_each_claim_costs_at_most_its_own_calibrations_and_honest_nodes_are_admi
         finally:
             took[pid] = time.process_time() - start
 
-    monkeypatch.setattr(ledger, "_claim_refusal", timed)
+    monkeypatch.setattr(ledger.claims, "refusal", timed)
     refused = ledger.use_example_counts({0: 100, 1: 70, **claims})
     assert refused == {}, refused  # nine distinct honest rates: none refused
     rates = {1 / np.ceil(n / B) for n in [100, 70, *claims.values()]}
@@ -89,11 +89,11 @@ def test_a_claim_needing_more_calibrations_than_a_claim_may_cause_is_refused(mon
     a refused claim was charged nothing, and the next discovery decides afresh."""
     calibrate_noise.cache_clear()
     ledger = _ledger()
-    monkeypatch.setattr(privacy_ledger, "CALIBRATIONS_PER_CLAIM", 0)
+    monkeypatch.setattr(claim_admission, "CALIBRATIONS_PER_CLAIM", 0)
     refused = ledger.use_example_counts({0: 100, 2: B * 30})
     assert set(refused) == {2} and 2 not in ledger.state.client_dp
     assert "calibrations a claim may cause" in refused[2]
-    monkeypatch.setattr(privacy_ledger, "CALIBRATIONS_PER_CLAIM", 4)
+    monkeypatch.setattr(claim_admission, "CALIBRATIONS_PER_CLAIM", 4)
     assert ledger.use_example_counts({0: 100, 2: B * 30}) == {}
 
 
@@ -101,7 +101,7 @@ def test_a_claim_needing_more_calibrations_than_a_claim_may_cause_is_refused(mon
 def test_the_partitions_own_sizes_are_never_counted(noise, monkeypatch):
     """The operator's partitions are planned whatever the bound (a plan of theirs that
     cannot be accounted is a ConfigError, as before)."""
-    monkeypatch.setattr(privacy_ledger, "CALIBRATIONS_PER_CLAIM", 0)
+    monkeypatch.setattr(claim_admission, "CALIBRATIONS_PER_CLAIM", 0)
     cfg = load_config(None, [*SETS, f"privacy.sample.noise_multiplier={noise}"])
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), SIZES, state)

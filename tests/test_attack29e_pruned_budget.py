@@ -23,7 +23,7 @@ def _ledger(cfg, state=None, folder=None):
                                  initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), SIZES, state, folder)
     # As the pruning plugin's `trained_sizes` hook: a client may train on a quarter.
-    ledger.size_hooks.append(lambda n: [max(1, n // 4)])
+    ledger.releases.size_hooks.append(lambda n: [max(1, n // 4)])
     return ledger, state
 
 

@@ -44,8 +44,8 @@ def _steps_bound_stop(cfg):
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), SIZES, state)
     if cfg.split.enabled:
-        ledger.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
-    ledger.size_hooks += [plugin.trained_sizes for plugin in build_plugins(cfg)]
+        ledger.releases.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
+    ledger.releases.size_hooks += [plugin.trained_sizes for plugin in build_plugins(cfg)]
     return first_stop(ledger, state, cfg.train.rounds, [0, 1])
 
 

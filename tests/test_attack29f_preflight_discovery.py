@@ -1,6 +1,7 @@
 """ATTACK29F: the operator's plan check (`check_planned_steps`, `fedtune run`'s preflight)
 and the discovery's check of the partitions' own plans (`PrivacyLedger.use_example_counts`,
-`_claim_refusal` -> `_every_round`) count a pruning plugin's releases differently.
+`ClaimAdmission.refusal` -> `ReleasePlan.every_round`) count a pruning plugin's releases
+differently.
 
 Without a secret cohort the preflight counts one example count a round (the costliest size is
 what the ledger charges: the run's rounds end with no steps-bound stop), but discovery plans
@@ -37,7 +38,7 @@ def _config():
 def _ledger(cfg):
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), SIZES, state)
-    ledger.size_hooks += [plugin.trained_sizes for plugin in build_plugins(cfg)]
+    ledger.releases.size_hooks += [plugin.trained_sizes for plugin in build_plugins(cfg)]
     return ledger, state
 
 

@@ -224,11 +224,11 @@ def _trace_server_ledger(cfg):
     state = ServerState(round=0, vector=np.zeros(1, np.float32), spec_hash="x", initial={})
     ledger = privacy_ledger.PrivacyLedger(PrivacyPlan.of(cfg),
                                           [len(p) for p in task.partitions], state)
-    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    ledger.releases.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
     if cfg.split.enabled:
         from fedtune.split.plan import smashed_privacy_events
 
-        ledger.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
+        ledger.releases.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))
     ledger.stop_reason(1, [0, 1, 2])
     ledger.charge_sent(1, [0, 1, 2])
     ledger.settle(1)

@@ -104,7 +104,7 @@ def test_charges_accumulate_round_by_round_and_match_what_the_client_reports():
 
 def test_plan_hooks_add_their_releases_to_the_charge():
     ledger, cfg, state = _ledger()
-    ledger.plan_hooks.append(lambda rnd, pid, n: [(2.0, 0.5, 3)])
+    ledger.releases.plan_hooks.append(lambda rnd, pid, n: [(2.0, 0.5, 3)])
     ledger.charge_sent(1, [2])
     assert state.client_dp[2].entries == [planned_release(cfg, SIZES[2]), (2.0, 0.5, 3)]
 
@@ -213,7 +213,7 @@ def test_a_pruning_client_is_charged_at_its_costliest_example_count():
     sets = ["privacy.sample.noise_multiplier=1.0",
             'plugins=[{name="el2n_pruning", keep=0.25, allow_with_sample_dp=true}]']
     ledger, cfg, state = _ledger(sets)
-    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    ledger.releases.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
     (planned,) = ledger.planned(1, 0)
     whole, pruned = planned_release(cfg, SIZES[0]), planned_release(cfg, 25)
     assert pruned[1] > whole[1]  # the pruned client samples each example more often
@@ -584,7 +584,7 @@ def _released_rounds(sets, cohorts, size_hook=None):
 
     ledger, cfg, state = _ledger(sets)
     if size_hook is not None:
-        ledger.size_hooks.append(size_hook)
+        ledger.releases.size_hooks.append(size_hook)
     released, curator = [], []
     for rnd, cohort in enumerate(cohorts, start=1):
         ledger.charge_sent(rnd, cohort)
