@@ -56,3 +56,22 @@ def test_a_pruning_clients_charge_bounds_its_kept_share_every_round():
         f"client 0 trained on its kept share in all {ROUNDS} rounds (independent PLD epsilon "
         f"{released:.4f}) but is charged {charged:.4f} (history "
         f"{state.client_dp[0].entries}); stop: {stop}")
+
+
+def test_discovery_refuses_a_claim_whose_kept_share_passes_the_target():
+    """Adversary: none needed (an honest node with its own data file of 40 rows), or a node
+    choosing its count; invariant: the ledger's claim rule (under a given noise a claim whose
+    plan passes privacy.sample.target_epsilon is refused) checked on what the client really
+    releases, THREATS 2."""
+    cfg = load_config(None, SETS)
+    cfg.plugins.append({"name": "el2n_pruning", "keep": 0.4, "allow_with_sample_dp": True})
+    state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
+    ledger = PrivacyLedger(PrivacyPlan.of(cfg), [64, 64], state)
+    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    kept = PrivacyPlan.of(cfg).release(16)
+    released = _pld([(kept[0], kept[1], kept[2] * ROUNDS)])
+    assert released > TARGET
+    refused = ledger.use_example_counts({0: 64, 1: N})  # node 1's own file: 40 rows
+    assert 1 in refused, (
+        f"a claim of {N} examples was admitted: trained on its kept share in all {ROUNDS} "
+        f"rounds it spends {released:.4f} (independent PLD), over target {TARGET}")
