@@ -5,8 +5,10 @@ accountant compositions at discovery, none of them counted by `CALIBRATIONS_PER_
 docs/privacy.md ("Claims at discovery") promises one composition a claim under a given noise
 multiplier. Measured with PRV (100 rounds x 5 steps, sigma 1, el2n keep 0.5; 2-core box at
 load 5-7): the partitions' own size and one claim at a new rate, 400 compositions, 48.6 s of
-CPU, ~24 s each; every further hostile claim at a new rate adds as much to the discovery
-that the whole run waits on."""
+CPU, ~24 s each; at 500 rounds x 1 step (PRV's bound), 2,000 compositions and 233.9 s of
+CPU, ~117 s a distinct count (2026-12-07 06:09-06:17 UTC, load 6-7, main 74883fe). Every
+further hostile claim at a new rate adds as much to the discovery the whole run waits on,
+and every distinct partition size of the operator's own (Dirichlet partitions) pays it too."""
 
 import numpy as np
 
