@@ -18,7 +18,7 @@ is a ConfigError naming the keys, and a run they outspend stops as before.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory
@@ -39,22 +39,22 @@ CALIBRATIONS_PER_CLAIM = 4
 
 class ClaimAdmission:
     def __init__(self, releases: ReleasePlan, partition_sizes: Sequence[int],
-                 state: ServerState, cohort_secret: bool) -> None:
+                 state: ServerState) -> None:
         """`releases`: the plan the ledger charges by; `state`: the server state whose
         `examples` (the counts fixed so far) and `interrupted` (attempts of rounds killed
-        and resumed) the admission reads and fixes; `cohort_secret`: whether the released
-        bound charges every size every round (user-level DP without logged cohorts)."""
+        and resumed) the admission reads and fixes."""
         self.releases = releases
         self.partition_sizes = tuple(partition_sizes)
         self.state = state
-        self.cohort_secret = cohort_secret
 
-    def admit(self, counts: Mapping[int, int]) -> dict[int, str]:
+    def admit(self, counts: Mapping[int, int],
+              claimed: Collection[int] = ()) -> dict[int, str]:
         """Fix in the server state the admitted ones of `counts` (partition id -> examples:
-        the partition's size, or what a node with its own data file reported). Returns the
-        refused ones, partition id -> reason: a count other than the one an earlier
-        discovery of this run fixed (its charges and released bound were planned from
-        that one, so it stays), or a claim `refusal` refuses."""
+        the partition's size, or what a node with its own data file reported: the ids in
+        `claimed`, each a claim whatever its value). Returns the refused ones, partition
+        id -> reason: a count other than the one an earlier discovery of this run fixed
+        (its charges and released bound were planned from that one, so it stays), or a
+        claim `refusal` refuses."""
         refused: dict[int, str] = {}
         fixed = self.state.examples
         for pid, n in sorted(counts.items()):
@@ -65,15 +65,16 @@ class ClaimAdmission:
                                     f"fixed {known} at its first discovery (its charges and "
                                     "released bound are planned from it)")
                 continue
-            reason = self.refusal(pid, int(n))
+            reason = self.refusal(pid, int(n), claim=pid in claimed)
             if reason is not None:
                 refused[pid] = reason
                 continue
             fixed[pid] = int(n)
         return refused
 
-    def refusal(self, pid: int, n: int) -> str | None:
-        """Why the server refuses a node's claim of `n` examples, or None. Its plan is each
+    def refusal(self, pid: int, n: int, claim: bool = True) -> str | None:
+        """Why the server refuses partition `pid`'s count `n`, or None: a node's claim
+        (`claim`), or the partition's own size in the server's corpus. Its plan is each
         planned round and each attempt of a round killed and resumed (`state.interrupted`,
         which the released bound counts too): refused when the server cannot account it
         (its calibration or `check_history`, run here before any accountant call: a count
@@ -85,7 +86,10 @@ class ClaimAdmission:
         sample = plan.privacy.sample
         if not sample.enabled:
             return None
-        own_size = pid < len(self.partition_sizes) and self.partition_sizes[pid] == n
+        # A node's report is a claim even when it equals the partition's size (ATTACK29G):
+        # in a deployment only that report brings the corpus partition's plan in.
+        own_size = (not claim and pid < len(self.partition_sizes)
+                    and self.partition_sizes[pid] == n)
         planned = range(1, plan.rounds + 1)
         rounds = [*planned, *(int(a["round"]) for a in self.state.interrupted)]
         try:  # the operator's plan over the planned rounds, a claim's with the attempts too
@@ -122,10 +126,7 @@ class ClaimAdmission:
 
     def claimed_plan(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
         """The history a client of `n` examples is charged over `rounds` (each trained),
-        as the run charges it: with a secret cohort the released bound's (every size every
-        round), else the ledger's `planned` (the costliest size each round): what the
-        preflight counts (`planned_steps`), so a plan it admits is not refused here
-        (ATTACK29F)."""
-        if self.cohort_secret:
-            return self.releases.every_round(pid, n, rounds)
-        return self.releases.charged_over(pid, n, sorted(rounds))
+        as the run charges it (`ReleasePlan.every_round`: the ledger's charge and the
+        released bound alike): what the preflight counts (`planned_steps`), so a plan it
+        admits is not refused here (ATTACK29F); one accountant composition (ATTACK29G)."""
+        return self.releases.every_round(pid, n, rounds)

@@ -94,6 +94,9 @@ class DeltaFedAvg:
         # from (`adopt`). A roster set without counts (a strategy driven alone, in tests)
         # weights every client equally.
         self.examples: dict[int, int] = {}
+        # The partitions whose count in `examples` a node reported (its own data file):
+        # claims the privacy ledger checks whatever their value (`use_example_counts`).
+        self.claimed: frozenset[int] = frozenset()
         # The most examples one client's weight counts (`adopt`: the largest corpus
         # partition). A node with its own file may report up to MAX_NODE_EXAMPLES; it is
         # charged by its true count, but weighted no heavier than the largest partition.
@@ -114,6 +117,7 @@ class DeltaFedAvg:
         if sizes is not None:
             self.examples = {pid: roster.own_examples.get(pid, int(sizes[pid]))
                              for pid in self.roster}
+            self.claimed = frozenset(roster.own_examples) & frozenset(self.roster)
             self.weight_cap = max([1, *(int(n) for n in sizes)])
         return self.roster
 

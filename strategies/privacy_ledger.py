@@ -9,8 +9,8 @@ and fixed in the server state for the run). What a client releases is
 `strategies.release_plan`'s, shared with that admission and with the released bound. A
 client is charged its planned release when the round's instruction is sent, so a client
 that replies late, crashes or is rejected is charged all the same (it may have trained and
-uploaded). The plan covers what an honest client can release: the costliest of the example
-counts the plugins allow (pruning) with the steps `train.local_steps` or
+uploaded). The charge covers what an honest client can release: each example count the
+plugins allow (pruning's kept share) with the steps `train.local_steps` or
 `train.local_epochs` give for it, and the hooks' releases (split mode). What a reply
 reports about its own spend (`reported_dp`) is kept in the ledger as the client's word and
 never accounted: a forged history can neither lower the charge nor make the server's
@@ -18,8 +18,8 @@ accountant fail or stall (issue 27). `epsilon_sample` is the largest epsilon ove
 server-side histories. With user-level DP too (cohorts kept apart:
 `fedtune.run.curator_log`) the cohort is a secret draw, and that maximum says who was
 drawn (it grows only in rounds the worst client was sampled): the release gets instead the
-epsilon of a client sampled in every round so far, every attempt included, at the
-costliest plan (`cohort_free_bound`), which no real client's epsilon exceeds; the real
+epsilon of a client sampled in every round so far, every attempt included
+(`cohort_free_bound`), which no real client's epsilon exceeds; the real
 ones stay in the curator's log (`epsilon_by_client`), and a budget stop's release names no
 client (`Stop`).
 
@@ -43,7 +43,7 @@ replay is the safe side.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -64,7 +64,7 @@ from strategies.claim_admission import ClaimAdmission
 from strategies.release_plan import ReleasePlan, after, steps
 
 BOUND_NOTE = ("the epsilon of a client sampled in every round so far (every attempt of a "
-              "round killed and resumed included) at the costliest release the plan allows "
+              "round killed and resumed included), charged every release the plan allows "
               "each round: no client's epsilon is larger, whoever the secret cohorts held; "
               "each client's own is in the curator's log")
 
@@ -108,8 +108,7 @@ class PrivacyLedger:
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
         # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
         self.cohort_secret = user.enabled and not user.log_cohorts
-        self.claims = ClaimAdmission(self.releases, self.partition_sizes, state,
-                                     self.cohort_secret)
+        self.claims = ClaimAdmission(self.releases, self.partition_sizes, state)
         self.user: UserLevelAccount | None = None
         if user.enabled:
             cohort, population = plan.cohort, plan.population
@@ -128,13 +127,15 @@ class PrivacyLedger:
     # deployment): the count each reported at discovery. Others train on their partition.
     _example_counts: Mapping[int, int] = MappingProxyType({})
 
-    def use_example_counts(self, counts: Mapping[int, int]) -> dict[int, str]:
+    def use_example_counts(self, counts: Mapping[int, int],
+                           claimed: Collection[int] = ()) -> dict[int, str]:
         """Admit the counts a discovery bound (partition id -> examples: the partition's
-        size, or what a node with its own data file reported: `DeltaFedAvg.examples`) and
-        plan every charge and the released bound from the admitted ones, fixed in the server
-        state (the checkpoint) for the rest of the run. Returns the refused ones, partition
-        id -> reason (`ClaimAdmission.admit`); the caller takes those nodes out of the run."""
-        refused = self.claims.admit(counts)
+        size, or what a node with its own data file reported, the ids in `claimed`:
+        `DeltaFedAvg.examples` and `.claimed`) and plan every charge and the released bound
+        from the admitted ones, fixed in the server state (the checkpoint) for the rest of
+        the run. Returns the refused ones, partition id -> reason (`ClaimAdmission.admit`);
+        the caller takes those nodes out of the run."""
+        refused = self.claims.admit(counts, claimed)
         self._example_counts = MappingProxyType(self.state.examples)
         return refused
 
@@ -144,19 +145,10 @@ class PrivacyLedger:
         return known if known is not None else self.partition_sizes[pid]
 
     def planned(self, rnd: int, pid: int) -> list[Release]:
-        """What client `pid` releases if it trains in round `rnd`, as the server plans it:
-        DP-SGD over the examples it holds (`example_count`; at the costliest size a plugin
-        allows) and the hooks' releases."""
-        n = self.example_count(pid)
-        events = [self._costliest(pid, n)] if self.privacy.sample.enabled else []
-        return events + self.releases.hooked(rnd, pid, n)
-
-    def _costliest(self, pid: int, n: int) -> Release:
-        """The planned DP-SGD release over every example count the client may train on
-        (a plugin such as pruning shrinks it, which raises q and changes sigma) that costs
-        the client the most epsilon on top of what it has spent."""
-        return self.releases.costliest_after(
-            self.state.client_dp.get(pid, DPHistory()).entries, n)
+        """What client `pid` is charged if it trains in round `rnd`, as the server plans it
+        (`ReleasePlan.round_releases`): DP-SGD over each example count it may train on
+        (`example_count`, and a plugin's shares of it) and the hooks' releases."""
+        return self.releases.round_releases(rnd, pid, self.example_count(pid))
 
     def _charge(self, pid: int, events: list[Release]) -> None:
         history = self.state.client_dp.setdefault(pid, DPHistory())
@@ -247,29 +239,17 @@ class PrivacyLedger:
         itself spends on one of them trained in every planned round (split mode's smashed
         releases, calibrated to their own target, and pruning's sizes, each calibrated
         apart, add to the calibrated DP-SGD's): only a killed round's charge passes that.
-        The plan as charged: with a secret cohort, what the released bound (every size
-        every round) is after the planned rounds; else the costliest size each round, as
-        `planned` charges a client (every size every round passes that: ATTACK29E)."""
+        The plan as charged: every release `planned` allows, in every planned round."""
         sample = self.privacy.sample
         target = (sample.target_epsilon, f"privacy.sample.target_epsilon={sample.target_epsilon}")
         if sample.noise_multiplier > 0:
             return target
-        planned_rounds = range(1, self.plan.rounds + 1)
-        if self.cohort_secret:
-            planned = self._worst_every_round(pids, planned_rounds)
-        else:
-            planned = max(self.releases.epsilon(self._as_charged(pid, planned_rounds))
-                          for pid in pids)
+        planned = self._worst_every_round(pids, range(1, self.plan.rounds + 1))
         if planned <= sample.target_epsilon:
             return target
         return planned, (f"the {planned:.4f} the calibrated plan spends over its "
                          f"{self.plan.rounds} rounds (privacy.sample.target_epsilon="
                          f"{sample.target_epsilon} and the releases calibrated apart)")
-
-    def _as_charged(self, pid: int, rounds: Sequence[int]) -> DPHistory:
-        """The history of client `pid` charged in each of `rounds` (no kill) as `planned`
-        charges it (`ReleasePlan.charged_over`)."""
-        return self.releases.charged_over(pid, self.example_count(pid), rounds)
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:
         """Charge every client asked to train in round `rnd` its planned release. Call it
@@ -383,10 +363,10 @@ class PrivacyLedger:
         return sorted(self._example_counts) or list(range(len(self.partition_sizes)))
 
     def _worst_every_round(self, pids: Sequence[int], rounds: Sequence[int]) -> float:
-        """The largest epsilon of a client of `pids` trained in each of `rounds` at the
-        costliest plan (`ReleasePlan.every_round`). One accountant call per distinct plan
-        and round (with PRV ~0.2-0.4 s each on a loaded 2-core box, so a population of
-        many distinct partition sizes pays that many calls a round)."""
+        """The largest epsilon of a client of `pids` trained in each of `rounds`, charged
+        every release the plan allows (`ReleasePlan.every_round`). One accountant call per
+        distinct plan and round (with PRV ~0.2-0.4 s each on a loaded 2-core box, so a
+        population of many distinct partition sizes pays that many calls a round)."""
         counts = {pid: self.example_count(pid) for pid in pids}
         return max(self.releases.epsilon(h)
                    for h in self.releases.bound_histories(counts, rounds))

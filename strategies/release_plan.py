@@ -1,15 +1,16 @@
 """What a client releases, as the server plans and charges it: a pure view of the run's
 privacy plan (`fedtune.privacy.plan`) and the hooks that add to it, holding no spend.
 
-The ledger (`strategies.privacy_ledger`) charges from it, discovery's claim admission
-(`strategies.claim_admission`) checks a node's plan with it, and the released bound under a
-secret cohort is built from it, so the three count a client's releases the same way:
-- `charged_over`: a client trained in each of some rounds as `PrivacyLedger.planned`
-  charges it: the costliest example count a plugin allows given what it spent so far, and
-  the hooks' releases (split mode's smashed data);
-- `every_round`: each of those rounds charged every release the plan allows (each size,
-  each hook's release): the released bound's history under a secret cohort, which does not
-  depend on who was sampled.
+A round's charge (`round_releases`) is every release the plan allows the client in it: the
+DP-SGD release of each example count a plugin lets it train on, and the hooks' releases
+(split mode's smashed data). A client trains on one count a round; charging each bounds
+whichever it was, since composing one more mechanism never lowers a privacy loss. Picking
+one count by its epsilon instead would not: epsilon at one delta does not order two
+mechanisms, and a count that costs less now can cost more once later rounds compose
+(ATTACK29G). The ledger (`strategies.privacy_ledger`) charges by it, discovery's claim
+admission (`strategies.claim_admission`) checks a node's plan with it, and the released
+bound under a secret cohort composes it over every round (`every_round`), so the three
+count a client's releases the same way; and a plan costs one accountant composition.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fedtune.privacy.plan import PrivacyPlan, Release
 # (round, partition id, partition size) -> further DP releases the client makes in that
 # round besides its DP-SGD steps (split mode: the noised smashed data), as (sigma, q, steps).
 PlanHook = Callable[[int, int, int], list[Release]]
-# Example count n -> the other counts a client of n may train on (plugins: pruning).
+# Example count n -> the counts a client of n may train on in a round under a plugin
+# (pruning: its kept share; a plugin that changes nothing: [n]).
 SizeHook = Callable[[int], list[int]]
 
 
@@ -32,16 +34,21 @@ class ReleasePlan:
         self.plan = plan
         self.plan_hooks: list[PlanHook] = []
         self.size_hooks: list[SizeHook] = []
-        self._charged_cache: dict[tuple[int, int, tuple[int, ...]], DPHistory] = {}
 
     def releases(self, n: int) -> list[Release]:
-        """The DP-SGD release of each example count a client of `n` may train on."""
-        sizes = sorted({n, *(m for hook in self.size_hooks for m in hook(n))})
-        return [self.plan.release(m) for m in sizes]
+        """The DP-SGD release of each example count a client of `n` may train on: `n` as
+        each plugin's hook in turn maps it."""
+        sizes = {n}
+        for hook in self.size_hooks:
+            sizes = {m for size in sizes for m in hook(size)}
+        return [self.plan.release(m) for m in sorted(sizes)]
 
-    def hooked(self, rnd: int, pid: int, n: int) -> list[Release]:
-        """The hooks' releases of client `pid` (of `n` examples) trained in round `rnd`."""
-        return [event for hook in self.plan_hooks for event in hook(rnd, pid, n)]
+    def round_releases(self, rnd: int, pid: int, n: int) -> list[Release]:
+        """What client `pid` (of `n` examples) is charged for training in round `rnd`: the
+        DP-SGD release of each example count it may train on (with sample-level DP), and
+        the hooks' releases."""
+        sgd = self.releases(n) if self.plan.privacy.sample.enabled else []
+        return [*sgd, *(event for hook in self.plan_hooks for event in hook(rnd, pid, n))]
 
     def epsilon(self, history: DPHistory) -> float:
         """The epsilon of `history`. A history past the accountant's steps bound is one
@@ -55,39 +62,13 @@ class ReleasePlan:
             accountant = "rdp"
         return float(epsilon_of(history, sample.delta, accountant) or 0.0)
 
-    def costliest_after(self, spent: list[Release], n: int) -> Release:
-        """Of the DP-SGD releases of every example count a client of `n` may train on (a
-        plugin such as pruning shrinks it, which raises q and changes sigma), the one that
-        costs the most epsilon on top of `spent`."""
-        options = self.releases(n)
-        if len(options) == 1:
-            return options[0]
-        return max(options, key=lambda r: self.epsilon(after(spent, r)))
-
-    def charged_over(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
-        """The history of client `pid` (of `n` examples) charged in each of `rounds` (no
-        kill) as the ledger charges a round: the costliest size given what it spent so
-        far, and the hooks' releases. Cached: one accountant call per size and round, once
-        a run."""
-        key = (pid, n, tuple(rounds))
-        cached = self._charged_cache.get(key)
-        if cached is not None:
-            return cached
-        history = DPHistory()
-        for rnd in rounds:
-            history.add(*self.costliest_after(list(history.entries), n))
-            for event in self.hooked(rnd, pid, n):
-                history.add(*event)
-        self._charged_cache[key] = history
-        return history
-
     def every_round(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
         """The history of client `pid` (of `n` examples) trained in each of `rounds`, each
-        time charged every release the plan allows it (each size a plugin may train on,
-        the hooks' releases)."""
+        time charged `round_releases` (Python only: the accountant's answers are cached per
+        history in `fedtune.privacy.accounting`)."""
         history = DPHistory()
         for rnd in sorted(rounds):
-            for event in [*self.releases(n), *self.hooked(rnd, pid, n)]:
+            for event in self.round_releases(rnd, pid, n):
                 history.add(*event)
         return history
 

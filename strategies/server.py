@@ -136,7 +136,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
                        [len(p) for p in task.partitions])
         # Weights and DP plans from the counts the server holds, fixed for the run (a
         # resume keeps the first discovery's); a count it does not admit takes its node out.
-        strategy.refuse(privacy.use_example_counts(strategy.examples))
+        strategy.refuse(privacy.use_example_counts(strategy.examples, strategy.claimed))
         refused_claims = list(strategy.refused_claims)
         mark("first round starts", f"round {state.round + 1}")
     elapsed_before = state.elapsed_s

@@ -63,10 +63,10 @@ def test_each_claim_costs_at_most_its_own_calibrations_and_honest_nodes_are_admi
     took: dict[int, float] = {}
     decide = ledger.claims.refusal
 
-    def timed(pid, n):
+    def timed(pid, n, **kwargs):
         start = time.process_time()
         try:
-            return decide(pid, n)
+            return decide(pid, n, **kwargs)
         finally:
             took[pid] = time.process_time() - start
 

@@ -1,7 +1,7 @@
 """ATTACK29E: the operator's plan check (`check_planned_steps`, run by `fedtune run`'s
 preflight) counted only train.rounds x train.local_steps. A split run with smashed DP charges
-its split steps too, and under a secret cohort the released bound charges every example
-count a pruning plugin trains on, so a plan preflight admitted reached PRV's steps bound
+its split steps too, and the ledger charges every example count a plugin lets a client
+train on (under a secret cohort only, then), so a plan preflight admitted reached PRV's steps bound
 mid-run and ended at a budget stop. Preflight now counts every release the ledger charges:
 a plan it admits runs its planned rounds with no steps-bound stop, one past it is refused in
 one line naming the keys."""
@@ -55,8 +55,8 @@ def _steps_bound_stop(cfg):
     # local_loss_fraction 0.5: 10 rounds x (20 + 10 split steps) = 300.
     (["train.rounds=10", "train.local_steps=20", "split.local_loss_fraction=0.5", *SPLIT],
      (), False),
-    # Secret cohort, pruning: 5 rounds x (50 + 50 on the kept share) = 500.
-    (["train.rounds=5", "train.local_steps=50", *SECRET], (PRUNING,), True),
+    # Secret cohort, pruning: 10 rounds x 50 on the kept share = 500 (its one count).
+    (["train.rounds=10", "train.local_steps=50", *SECRET], (PRUNING,), True),
 ])
 def test_a_plan_preflight_admits_runs_its_rounds_and_one_more_step_is_refused(
         sets, plugins, at_bound):
@@ -92,16 +92,25 @@ def test_a_split_plan_past_the_bound_is_refused_before_start_naming_the_keys():
         preflight(cfg)
 
 
-def test_pruning_under_a_secret_cohort_is_counted_at_every_size():
-    """6 rounds x 50 steps = 300 (main's count), but the released bound charges the kept
-    share too: 600. Without a secret cohort only the costliest size is charged a round."""
-    sets = ["train.rounds=6", "train.local_steps=50"]
-    with pytest.raises(ConfigError, match=r"el2n_pruning.*privacy.user.enabled"):
-        check_planned_steps(_config([*sets, *SECRET], [PRUNING]))
-    assert _steps_bound_stop(_config([*sets, *SECRET], [PRUNING])) is not None
-    check_planned_steps(_config(sets, [PRUNING]))  # cohorts not secret: 300
-    assert _steps_bound_stop(_config(sets, [PRUNING])) is None
-    check_planned_steps(_config([*sets, *SECRET], [{**PRUNING, "keep": 1.0}]))  # one size
+@pytest.mark.parametrize("secret", [True, False])
+def test_a_plugin_of_two_counts_is_counted_at_each_in_every_mode(secret, monkeypatch):
+    """6 rounds x 50 steps = 300 at one count; a plugin whose client may train on either of
+    two counts a round is charged both every round (strategies.release_plan: ATTACK29G),
+    with or without a secret cohort: 600, refused by the preflight and stopped by the
+    ledger alike. el2n_pruning trains on one (its kept share); here it is made to declare
+    two, the old all-then-kept plan."""
+    from fedtune.config import accountant_steps
+    from strategies.plugins.el2n import EL2NPruning
+
+    monkeypatch.setitem(accountant_steps._TRAINED_SIZES, "el2n_pruning", lambda table: 2)
+    monkeypatch.setattr(EL2NPruning, "trained_sizes", lambda self, n: [n, max(1, n // 2)])
+    sets = ["train.rounds=6", "train.local_steps=50", *(SECRET if secret else [])]
+    with pytest.raises(ConfigError, match=r"el2n_pruning.*each charged every round"):
+        check_planned_steps(_config(sets, [PRUNING]))
+    assert _steps_bound_stop(_config(sets, [PRUNING])) is not None
+    three = ["train.rounds=5", "train.local_steps=50", *(SECRET if secret else [])]
+    check_planned_steps(_config(three, [PRUNING]))  # 5 x 100 = 500: admitted, and runs
+    assert _steps_bound_stop(_config(three, [PRUNING])) is None
 
 
 def test_population_expansion_adds_no_release():

@@ -9,8 +9,9 @@ run, and a plan over the target is admitted and stops the run for everyone. One 
 all train on their own files the corpus partitions' plans are never run, so nothing but that
 node's report brings them in.
 
-The fix may pass the ledger which counts a node reported (`Roster.own_examples`); these tests
-then call `use_example_counts` as the server does after it."""
+The server now passes the ledger which counts a node reported (`Roster.own_examples`, as
+`DeltaFedAvg.claimed`); these tests call `use_example_counts` as the server does, every
+node here training on its own file."""
 
 import numpy as np
 import pytest
@@ -39,10 +40,10 @@ def test_a_node_reporting_its_partitions_size_cannot_end_the_run():
     # The server's corpus partitions; partition 3's plan is 10 x 63 = 630 PRV steps (> 500).
     sizes = [200, 200, 200, 1000]
     claims = {0: 150, 1: 180, 2: 210}  # the honest nodes' own files: 10 x 10..14 steps
-    one_more = _ledger(sets, sizes).use_example_counts({**claims, 3: 1001})
+    one_more = _ledger(sets, sizes).use_example_counts({**claims, 3: 1001}, {*claims, 3})
     assert set(one_more) == {3}  # refused with its reason, the run goes on
     try:
-        refused = _ledger(sets, sizes).use_example_counts({**claims, 3: 1000})
+        refused = _ledger(sets, sizes).use_example_counts({**claims, 3: 1000}, {*claims, 3})
     except ConfigError as exc:
         pytest.fail(f"node 3 reported 1000 examples (its partition's corpus size, which "
                     f"no node trains on) and the run ended: {exc}")
@@ -58,8 +59,8 @@ def test_a_node_reporting_its_partitions_size_is_checked_against_the_target():
             "privacy.sample.noise_multiplier=1.0", "privacy.sample.target_epsilon=8"]
     sizes = [400, 400, 400, 32]  # partition 3: q = 1/2, 50 steps at sigma 1: far past 8
     claims = {0: 300, 1: 350, 2: 420}
-    assert set(_ledger(sets, sizes).use_example_counts({**claims, 3: 33})) == {3}
-    refused = _ledger(sets, sizes).use_example_counts({**claims, 3: 32})
+    assert set(_ledger(sets, sizes).use_example_counts({**claims, 3: 33}, {*claims, 3})) == {3}
+    refused = _ledger(sets, sizes).use_example_counts({**claims, 3: 32}, {*claims, 3})
     assert set(refused) == {3}, (
         "node 3 reported 32 examples (its partition's corpus size): admitted without the "
         "target check, so the first round that samples it stops the run for everyone")

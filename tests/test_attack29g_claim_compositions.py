@@ -35,7 +35,7 @@ def test_a_claim_under_a_given_noise_costs_a_bounded_number_of_compositions(monk
     cfg.plugins.append({"name": "el2n_pruning", "keep": 0.5, "allow_with_sample_dp": True})
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), [64] * 4, state)
-    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    ledger.releases.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
     assert ledger.use_example_counts({0: 64, 1: 64, 2: 64}) == {}  # the operator's sizes
     calls = []
     real = accounting.bounded_epsilon
@@ -44,7 +44,7 @@ def test_a_claim_under_a_given_noise_costs_a_bounded_number_of_compositions(monk
     accounting._epsilon.cache_clear()
     claim = B * 37 + 5  # its own data file: q = 1/38, a rate no partition has
     assert ledger.use_example_counts({3: claim}) == {}
-    sizes = len(ledger._releases(claim))
+    sizes = len(ledger.releases.releases(claim))
     assert len(calls) <= sizes, (
         f"one node's claim of {claim} examples cost {len(calls)} accountant compositions at "
         f"discovery ({ROUNDS} rounds x {sizes} sizes; the docs say one)")

@@ -45,17 +45,22 @@ def test_a_pruning_clients_charge_bounds_its_kept_share_every_round():
     cfg.plugins.append({"name": "el2n_pruning", "keep": 0.4, "allow_with_sample_dp": True})
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), [N, N], state)
-    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    ledger.releases.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
     assert ledger.use_example_counts({0: N, 1: N}) == {}
     kept = PrivacyPlan.of(cfg).release(16)  # kept(40) = ceil(0.4 x 40) = 16: q 1, 1 step
     assert kept == (1.0, 1.0, 1)
     stop = first_stop(ledger, state, ROUNDS, [0])
     charged = state.client_eps[0]
-    released = _pld([(kept[0], kept[1], kept[2] * ROUNDS)])  # the kept share, every round
+    ran = state.round  # the rounds client 0 trained in before the first stop, if any
+    released = _pld([(kept[0], kept[1], kept[2] * ran)])  # its kept share, every round
     assert charged >= released, (
-        f"client 0 trained on its kept share in all {ROUNDS} rounds (independent PLD epsilon "
+        f"client 0 trained on its kept share in all {ran} rounds (independent PLD epsilon "
         f"{released:.4f}) but is charged {charged:.4f} (history "
         f"{state.client_dp[0].entries}); stop: {stop}")
+    # The kept share over all 3 rounds passes the target: a round that would take it
+    # there must not run (the budget stop), so the charge never passes the target either.
+    assert _pld([(kept[0], kept[1], kept[2] * ROUNDS)]) > TARGET
+    assert ran < ROUNDS and stop is not None and charged <= TARGET, (ran, stop, charged)
 
 
 def test_discovery_refuses_a_claim_whose_kept_share_passes_the_target():
@@ -67,7 +72,7 @@ def test_discovery_refuses_a_claim_whose_kept_share_passes_the_target():
     cfg.plugins.append({"name": "el2n_pruning", "keep": 0.4, "allow_with_sample_dp": True})
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
     ledger = PrivacyLedger(PrivacyPlan.of(cfg), [64, 64], state)
-    ledger.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
+    ledger.releases.size_hooks += [p.trained_sizes for p in build_plugins(cfg)]
     kept = PrivacyPlan.of(cfg).release(16)
     released = _pld([(kept[0], kept[1], kept[2] * ROUNDS)])
     assert released > TARGET

@@ -336,3 +336,25 @@ def test_a_count_the_ledger_refuses_takes_its_node_out_of_the_run_with_its_reaso
         f"node 12 {claim['reason']}; it takes no part in this run"]
     assert state.examples == {0: 164, 1: 300, 2: 120}
     assert sorted(strategy.sample(3, grid)) == [0, 2]
+
+
+def test_a_nodes_report_equal_to_its_partitions_size_reaches_the_ledger_as_a_claim():
+    # ATTACK29G: the ledger told a claim from the operator's data by its value alone, so a
+    # node reporting exactly its corpus partition's size skipped the claim checks. Discovery
+    # now says which counts a node reported (`DeltaFedAvg.claimed`), whatever their value.
+    cfg = load_config(None, ["data.num_clients=2", "train.clients_per_round=2",
+                             "train.local_steps=5", "train.batch_size=16", "train.rounds=10",
+                             "privacy.sample.accountant=rdp",
+                             "privacy.sample.noise_multiplier=1.0",
+                             "privacy.sample.target_epsilon=8"])
+    sizes = [400, 32]  # partition 1: q = 1/2, 50 steps at sigma 1: far past epsilon 8
+    grid = ClaimGrid({11: PartitionReply(0), 12: PartitionReply(1, own_examples=32)})
+    strategy = DeltaFedAvg(spec_of(6), 2, seed=0)
+    strategy.adopt(discover(grid, 2, timeout=1, wait_for_nodes_s=1), sizes)
+    assert strategy.examples == {0: 400, 1: 32} and strategy.claimed == {1}
+    state = ServerState(round=0, vector=np.zeros(6), spec_hash="x", initial={})
+    privacy = PrivacyLedger(PrivacyPlan.of(cfg), sizes, state)
+    refused = privacy.use_example_counts(strategy.examples, strategy.claimed)
+    assert set(refused) == {1} and "over privacy.sample.target_epsilon" in refused[1]
+    strategy.refuse(refused)
+    assert strategy.partitions() == [0]

@@ -112,3 +112,25 @@ def test_selection_is_cached_until_the_rescore_interval(monkeypatch):
     assert not cached.rescored and cached.indices.tolist() == [0, 1, 2]
     again = pruning.select(scorer, data, config, context, 3)
     assert again.rescored and again.indices.tolist() == [7, 8, 9]
+
+
+@pytest.mark.parametrize("keep,every", [(0.3, 2), (0.5, 0), (0.97, 1), (1.0, 2)])
+def test_a_pruning_client_trains_on_exactly_the_count_the_server_charges(keep, every):
+    """The server charges an el2n client the DP-SGD release of `trained_sizes(n)` every
+    round (strategies.release_plan); the client trains on its selection, made before it
+    trains, at its first participation too. ATTACK29G: the server charged all n in the
+    first round (it believed the client trained on all n before its first scoring), which
+    under-counted a client that trains on its kept share every round."""
+    cfg = load_config(None, ["privacy.sample.enabled=false"])
+    cfg.plugins.append({"name": "el2n_pruning", "keep": keep, "every": every})
+    plugin = build_plugins(cfg)[0]
+    for n in (1, 7, 40, 333):
+        ids = torch.arange(n).unsqueeze(1)
+        data = TensorDataset(ids, torch.ones_like(ids), torch.zeros(n, dtype=torch.long))
+        scorer = SimpleNamespace(module=torch.nn.Linear(1, 1), client_flops=lambda d: 0.0,
+                                 logits=lambda ids, mask: torch.randn(len(ids), 2))
+        context = SimpleNamespace(state=RecordDict())
+        for rnd in (1, 2, 3, 5, 8):  # rounds the client is sampled in
+            settings = plugin.client_config(rnd, 0)["prune"]  # sent every round
+            selection = pruning.select(scorer, data, settings, context, rnd)
+            assert plugin.trained_sizes(n) == [len(selection.indices)], (n, rnd)

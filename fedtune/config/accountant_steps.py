@@ -26,7 +26,7 @@ def max_steps(accountant: str) -> int:
 
 
 # Plugin name -> how many example counts a client may train on in one round under it, from
-# its [[plugins]] table alone (el2n_pruning: all of them, then the kept share). Declared by
+# its [[plugins]] table alone (the server charges each every round). Declared by
 # the app layer as each plugin registers (`strategies.plugins.base.register_plugin`), so the
 # config never imports it; a plugin not declared trains on one.
 _TRAINED_SIZES: dict[str, Callable[[dict[str, Any]], int]] = {}
@@ -40,23 +40,22 @@ def declare_trained_sizes(plugin: str, sizes: Callable[[dict[str, Any]], int]) -
 def planned_steps(cfg: ExperimentConfig) -> tuple[int, str]:
     """The steps a client's sample-level history takes over the run by the config alone, and
     how they add up (naming the keys), counting every release the server charges a round:
-    DP-SGD's train.local_steps, once per example count a plugin lets it train on where the
-    cohort is secret (the released bound charges each: strategies.privacy_ledger), and split
+    DP-SGD's train.local_steps, once per example count plugins let it train on (the ledger
+    charges each every round: strategies.release_plan), and split
     mode's smashed-data steps (split.smashed_dp: the split steps,
     train.local_steps - int(split.local_loss_fraction x train.local_steps), each one more
     release of the same batch). Interrupted attempts (a kill and a resume) add a round each."""
-    train, user = cfg.train, cfg.privacy.user
+    train = cfg.train
     parts = [f"train.local_steps={train.local_steps}"]
     per_round = train.local_steps
-    if user.enabled and not user.log_cohorts:  # the released bound charges every size
-        extra = sum(_TRAINED_SIZES.get(str(table.get("name")), lambda _: 1)(table) - 1
-                    for table in cfg.plugins)
-        if extra > 0:
-            names = ", ".join(sorted({str(t.get("name")) for t in cfg.plugins}))
-            per_round += extra * train.local_steps
-            parts.append(f"{extra} x {train.local_steps} for the other example counts plugins "
-                         f"[{names}] train on (privacy.user.enabled with log_cohorts=false "
-                         "charges every count every round)")
+    sizes = 1  # each plugin maps every count a client may train on to its own counts
+    for table in cfg.plugins:
+        sizes *= _TRAINED_SIZES.get(str(table.get("name")), lambda _: 1)(table)
+    if sizes > 1:
+        names = ", ".join(sorted({str(t.get("name")) for t in cfg.plugins}))
+        per_round += (sizes - 1) * train.local_steps
+        parts.append(f"{sizes - 1} x {train.local_steps} for the other example counts "
+                     f"plugins [{names}] may train on (each charged every round)")
     if cfg.split.enabled and cfg.split.smashed_dp.enabled:
         split = train.local_steps - int(cfg.split.local_loss_fraction * train.local_steps)
         per_round += split
@@ -67,8 +66,8 @@ def planned_steps(cfg: ExperimentConfig) -> tuple[int, str]:
 
 def check_planned_steps(cfg: ExperimentConfig) -> None:
     """Raise ConfigError naming the keys when a client's DP plan over the run, told from the
-    config alone (`planned_steps`: DP-SGD's steps, every example count a plugin trains on
-    under a secret cohort, split mode's smashed-data steps), passes the steps
+    config alone (`planned_steps`: DP-SGD's steps, every example count plugins may train
+    on, split mode's smashed-data steps), passes the steps
     privacy.sample.accountant takes (`max_steps`): before start-up, not mid-run. A plan by
     train.local_epochs depends on the partitions' sizes: the server checks it at discovery
     (`PrivacyLedger.use_example_counts`)."""

@@ -99,7 +99,9 @@ class Plugin:
 
     def trained_sizes(self, n: int) -> list[int]:
         """How many examples a client holding `n` may train on in a round under this
-        plugin: the server charges its planned DP-SGD release at the costliest of them."""
+        plugin (one count, or several where the client's own state decides which): the
+        server charges the DP-SGD release of each of them every round
+        (`strategies.release_plan`)."""
         return [n]
 
 

@@ -51,14 +51,16 @@ class EL2NPruning(Plugin):
 
     @classmethod
     def sizes_per_round(cls, params: dict[str, Any]) -> int:
-        # All n, and the kept share once it scored (the same count where keep is 1).
-        return 1 if float(params.get("keep", 0.0)) >= 1.0 else 2
+        return 1
 
     def trained_sizes(self, n: int) -> list[int]:
         from fedtune.wire.protocol import PruneSettings
 
-        # A client trains on all n until its first scoring, then on the kept share.
-        return [n, PruneSettings(self.keep, self.every).kept(n)]
+        # Every round, the kept share only: a client scores before it trains, at its first
+        # participation too (`clients/plugins/el2n.py` `select`), so it never trains on all
+        # n (tests/test_plugins.py holds the two sides together). Charging all n
+        # as well would over-charge every round.
+        return [PruneSettings(self.keep, self.every).kept(n)]
 
     def report_groups(self) -> tuple[str, ...]:
         return ("pruning",)
