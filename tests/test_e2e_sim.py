@@ -22,6 +22,7 @@ from clients.handlers import client_seed
 from fedtune.config import load_config
 from fedtune.privacy import DPHistory, epsilon_of, planned_release
 from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
+from fedtune.run.checkpoint import load_pending
 from fedtune.task.task import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +298,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_d
     a.pop("wall_s"), b.pop("wall_s")
     last = _rounds(out)[-1]["privacy_sample"]
     interrupted = last["interrupted_rounds_charged"]
-    assert [i["round"] for i in interrupted] in ([], [killed_at + 1])
+    _interrupted_as_charged(out, killed_at, interrupted)
     assert last["histories"] == _charged(load_config(out / "config.toml"), _rounds(out),
                                          interrupted)
     eps_a, eps_b = a.pop("epsilon_sample"), b.pop("epsilon_sample")
@@ -324,6 +325,10 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_summary(run_dir, rerun_d
     assert again.code == 2 and "already finished" in " ".join(again.stdout.split())
 
 
+# Run folder -> whether the kill landed after the next round's charge (`privacy_pending`).
+CHARGED_AT_KILL: dict[Path, bool] = {}
+
+
 def _kill_after_first_round(out, overrides, config=ROOT / "experiments/quickstart.toml"):
     args = [sys.executable, "-m", "fedtune.cli", "run", str(config), "--out", str(out)]
     for item in overrides:
@@ -339,7 +344,18 @@ def _kill_after_first_round(out, overrides, config=ROOT / "experiments/quickstar
     assert not (out / "summary.json").exists()
     killed_at = len((out / "rounds.jsonl").read_text().splitlines())
     assert killed_at < 3
+    # Whether round killed_at + 1 was charged before the kill (its charges on disk): then
+    # the resume must charge that attempt (`_interrupted_as_charged`), else none.
+    pending = load_pending(out)
+    CHARGED_AT_KILL[out] = pending is not None and pending["round"] == killed_at + 1
     return killed_at
+
+
+def _interrupted_as_charged(out, killed_at, interrupted) -> None:
+    """The resumed run charged the killed attempt exactly when it was charged before the
+    kill: a charge lost with the kill (or one invented) fails here."""
+    want = [killed_at + 1] if CHARGED_AT_KILL[out] else []
+    assert [i["round"] for i in interrupted] == want, (interrupted, want)
 
 
 def _resume(out, killed_at, sets=()):
@@ -373,7 +389,7 @@ def test_secret_noise_resume_continues_the_ledger_with_no_spend_lost_or_double_c
     interrupted = last["privacy_sample"]["interrupted_rounds_charged"]
     # Round 2's instructions may have gone out before the kill: then its clients may have
     # uploaded updates with noise the replay does not redraw, and they are charged twice.
-    assert [i["round"] for i in interrupted] in ([], [killed_at + 1])
+    _interrupted_as_charged(out, killed_at, interrupted)
     assert last["privacy_sample"]["histories"] == _charged(cfg, rounds, interrupted)
     assert all(r["noise"] == SECRET_NOISE_NOTE for r in rounds)
     # Secret noise: the same config and seed did not redraw the reproducible run's noise.
