@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
@@ -24,11 +25,15 @@ from strategies.plugins.base import build_plugins
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.server import _plugin_settings
 
-N, B, ROUNDS, TARGET, DELTA = 50, 8, 5, 4.0, 1e-5
-SETS = ["data.num_clients=2", "train.clients_per_round=1", f"train.batch_size={B}",
-        "privacy.sample.accountant=rdp", f"privacy.sample.delta={DELTA}",
-        "privacy.sample.noise_multiplier=0", f"privacy.sample.target_epsilon={TARGET}",
-        f"train.rounds={ROUNDS}", "train.local_epochs=0.5"]
+ROUNDS, TARGET, DELTA = 5, 4.0, 1e-5
+
+
+def _sets(batch: int, sigma: float, epochs: float) -> list[str]:
+    return ["data.num_clients=2", "train.clients_per_round=1", f"train.batch_size={batch}",
+            "privacy.sample.accountant=rdp", f"privacy.sample.delta={DELTA}",
+            f"privacy.sample.noise_multiplier={sigma}",
+            f"privacy.sample.target_epsilon={TARGET if sigma == 0 else 50.0}",
+            f"train.rounds={ROUNDS}", f"train.local_epochs={epochs}"]
 
 
 def _pld(entries) -> float:
@@ -39,11 +44,18 @@ def _pld(entries) -> float:
     return acc.get_epsilon(DELTA)
 
 
-def test_two_pruning_tables_are_charged_the_count_the_client_trains_on():
+# (examples, batch, noise multiplier (0: calibrated), local epochs): charged ceil(0.5 x
+# ceil(0.3 n)) examples, trained on ceil(0.5 n).
+CASES = [(50, 8, 0.0, 0.5),  # calibrated: 8 charged (q 1, 1 step), 25 trained (q 1/4, 2)
+         (20, 4, 0.6, 1.0)]  # given noise: 3 charged (q 1, 1 step), 10 trained (q 1/3, 3)
+
+
+@pytest.mark.parametrize("N,B,sigma,epochs", CASES)
+def test_two_pruning_tables_are_charged_the_count_the_client_trains_on(N, B, sigma, epochs):
     """Adversary: whoever sees a pruning client's uploads (the server included); invariant:
     THREATS 2 (a client's reported epsilon is never below the accountant's value for the
     releases it actually made)."""
-    cfg = load_config(None, SETS)
+    cfg = load_config(None, _sets(B, sigma, epochs))
     cfg.plugins = [{"name": "el2n_pruning", "keep": 0.3, "allow_with_sample_dp": True},
                    {"name": "el2n_pruning", "keep": 0.5, "allow_with_sample_dp": True}]
     cfg.validate()  # accepted: nothing refuses a plugin named twice
