@@ -2,8 +2,10 @@
 turn (ATTACK29G), so two `[[plugins]]` tables of el2n_pruning (the config accepts them) are
 charged as if the client pruned twice: ceil(k2 x ceil(k1 x n)) examples. The client prunes
 once: the instruction carries one `prune` setting (`strategies.server._plugin_settings`: the
-last table's wins), and it trains on ceil(k2 x n). Under calibrated noise the two counts have
-different sigmas, rates and steps; the one charged can sit far below the one released."""
+last table's wins), and it trains on ceil(k2 x n). The two counts are different mechanisms
+(rate, steps, and under calibrated noise sigma); epsilon at one delta does not order them, and
+the one charged can sit well below the one released, under calibrated and given noise alike.
+The released bound under a secret cohort composes the same wrong count."""
 
 import math
 from types import SimpleNamespace
