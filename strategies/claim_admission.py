@@ -128,5 +128,5 @@ class ClaimAdmission:
         """The history a client of `n` examples is charged over `rounds` (each trained),
         as the run charges it (`ReleasePlan.every_round`: the ledger's charge and the
         released bound alike): what the preflight counts (`planned_steps`), so a plan it
-        admits is not refused here (ATTACK29F); one accountant composition (ATTACK29G)."""
+        admits is not refused here (ATTACK29F); one accountant call (ATTACK29G)."""
         return self.releases.every_round(pid, n, rounds)

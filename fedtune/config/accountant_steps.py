@@ -20,6 +20,22 @@ from fedtune.config.schema import ExperimentConfig
 MAX_STEPS = {"prv": 500, "rdp": 10**8}
 
 
+# Physical ranges of an accounted noise multiplier. Below sigma 0.1 a release is worth
+# hundreds of epsilon (RDP: 586 for 10 steps at q 0.5) and PRV breaks down (inf at 0.05; at
+# 7e-7 it asks for 32e15 floats, below 1e-9 "Maximum allowed size exceeded"); RDP stays
+# finite and fast far lower, and is what tests of a noise-free mechanism use (sigma ~1e-6),
+# but divides by zero near 1e-200. Above 1e3 a release is no release worth counting;
+# calibrated noise for any target epsilon up to 100 sits near 0.3-2.
+SIGMA_FLOOR = {"rdp": 1e-9}
+DEFAULT_SIGMA_FLOOR = 0.1
+SIGMA_MAX = 1e3
+
+
+def sigma_range(accountant: str) -> tuple[float, float]:
+    """The noise multipliers `accountant` is run on (`SIGMA_FLOOR`, `SIGMA_MAX`)."""
+    return SIGMA_FLOOR.get(accountant, DEFAULT_SIGMA_FLOOR), SIGMA_MAX
+
+
 def max_steps(accountant: str) -> int:
     """The most steps a history accounted by `accountant` may hold (`MAX_STEPS`)."""
     return MAX_STEPS.get(accountant, min(MAX_STEPS.values()))
@@ -68,11 +84,23 @@ def check_planned_steps(cfg: ExperimentConfig) -> None:
     """Raise ConfigError naming the keys when a client's DP plan over the run, told from the
     config alone (`planned_steps`: DP-SGD's steps, every example count plugins may train
     on, split mode's smashed-data steps), passes the steps
-    privacy.sample.accountant takes (`max_steps`): before start-up, not mid-run. A plan by
-    train.local_epochs depends on the partitions' sizes: the server checks it at discovery
-    (`PrivacyLedger.use_example_counts`)."""
+    privacy.sample.accountant takes (`max_steps`), or a given noise multiplier (DP-SGD's,
+    split mode's smashed data's) is outside the range it is run on (`sigma_range`): before
+    start-up, not mid-run. A plan by train.local_epochs depends on the partitions' sizes: the
+    server checks it at discovery (`PrivacyLedger.use_example_counts`)."""
     dp, train = cfg.privacy.sample, cfg.train
-    if not dp.enabled or train.local_epochs > 0:
+    if not dp.enabled:
+        return
+    low, high = sigma_range(dp.accountant)
+    given = {"privacy.sample.noise_multiplier": dp.noise_multiplier}
+    if cfg.split.enabled and cfg.split.smashed_dp.enabled:
+        given["split.smashed_dp.noise_multiplier"] = cfg.split.smashed_dp.noise_multiplier
+    for key, sigma in given.items():
+        if sigma > 0 and not low <= sigma <= high:  # 0: calibrated (checked at discovery)
+            raise ConfigError(f"{key}={sigma:g} is outside [{low:g}, {high:g}], the noise the "
+                              f"{dp.accountant} accountant takes (privacy.sample.accountant): "
+                              "raise it, or set privacy.sample.accountant=rdp")
+    if train.local_epochs > 0:
         return
     (steps, how), most = planned_steps(cfg), max_steps(dp.accountant)
     if steps > most:

@@ -794,12 +794,20 @@ class ExperimentConfig:
 
     def _validate_method_plugins(self) -> None:
         allowed = method_spec(self.tuning.method).plugins
+        first: dict[str, int] = {}
         for i, table in enumerate(self.plugins):
             name = table.get("name")
             if name not in allowed:
                 raise ConfigError(
                     f"plugins[{i}].name={name!r} does not compose with tuning.method="
                     f"{self.tuning.method!r}; it composes with: {', '.join(allowed) or 'none'}")
+            if name in first:
+                # One instruction carries one setting per plugin (the last table's would
+                # win) while the server would plan both: a client's charge and what it
+                # trains on part ways (ATTACK29H).
+                raise ConfigError(f"plugins[{i}].name={name!r} repeats plugins[{first[name]}]: "
+                                  "a plugin runs once per run; merge the two tables")
+            first[name] = i
 
     def _validate_method_grad_mode(self) -> None:
         mode = self.privacy.sample.grad_sample_mode

@@ -13,7 +13,12 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from fedtune.config.accountant_steps import MAX_STEPS, max_steps  # noqa: F401 (re-used here)
+from fedtune.config.accountant_steps import (  # noqa: F401 (re-used here)
+    MAX_STEPS,
+    SIGMA_MAX,
+    max_steps,
+    sigma_range,
+)
 from fedtune.privacy.bounded_accountant import (
     PRV_MAX_POINTS,  # noqa: F401 (re-exported)
     affordable,
@@ -63,29 +68,21 @@ class DPHistory:
         return history
 
 
-# Physical ranges of an accounted history. Below sigma 0.1 a release is worth hundreds of
-# epsilon (RDP: 586 for 10 steps at q 0.5) and PRV breaks down (inf at 0.05; at 7e-7 it
-# asks for 32e15 floats, below 1e-9 "Maximum allowed size exceeded"); RDP stays finite and
-# fast far lower, and is what tests of a noise-free mechanism use (sigma ~1e-6), but divides
-# by zero near 1e-200. Above 1e3 a release is no release worth counting; calibrated noise
-# for any target epsilon up to 100 sits near 0.3-2. Entries and steps bound the
-# accountant's time and memory (a forged long or huge history stalled it for minutes or
-# asked for 145 GiB, issue 27). The server accounts only its own plan; these catch a config
-# or a plan outside them with a clear error instead of a crash deep inside Opacus.
-SIGMA_FLOOR = {"rdp": 1e-9}
-DEFAULT_SIGMA_FLOOR = 0.1
-SIGMA_MAX = 1e3
+# Entries and steps bound the accountant's time and memory (a forged long or huge history
+# stalled it for minutes or asked for 145 GiB, issue 27). The server accounts only its own
+# plan; these and the noise ranges (`fedtune.config.accountant_steps.SIGMA_FLOOR`) catch a
+# config or a plan outside them with a clear error instead of a crash deep inside Opacus.
 MAX_ENTRIES = 4096
 
 
 def check_history(entries: tuple[tuple[float, float, int], ...] | list,
                   accountant: str = "prv") -> None:
     """Raise ValueError naming the first (sigma, q, steps) entry outside the ranges
-    `accountant` is run on (sigma in [its floor, `SIGMA_MAX`], q in (0, 1], 1..`max_steps`
+    `accountant` is run on (sigma in `sigma_range(accountant)`, q in (0, 1], 1..`max_steps`
     steps in all, at most `MAX_ENTRIES` entries)."""
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"DP history of {len(entries)} entries, at most {MAX_ENTRIES}")
-    low, high = SIGMA_FLOOR.get(accountant, DEFAULT_SIGMA_FLOOR), SIGMA_MAX
+    low, high = sigma_range(accountant)
     total = 0
     for i, (sigma, q, steps) in enumerate(entries):
         if not low <= sigma <= high:
