@@ -231,3 +231,37 @@ def test_a_zero_trust_round_keeps_the_global_and_says_why():
     assert result.vector is None
     assert result.outcome.update_refused == ZERO_TRUST
     assert result.outcome.aggregation["norm_bound"]["direction"]["zero_weight"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_real_round_loop_weights_every_row_by_its_trust(tmp_path, monkeypatch):
+    """Wiring, one tiny in-process run (the real round loop and ClientApp handlers): the
+    server computes its reference each round, every row is weighted (none dropped), the
+    round records carry each row's cosine, trust and share."""
+    from inline_grid import TINY, inline_run
+
+    sets = [*TINY, "data.num_clients=4", "train.clients_per_round=4", "train.rounds=2",
+            "privacy.sample.enabled=false", "aggregation.norm_bound=adaptive",
+            "aggregation.norm_bound_direction=validation",
+            "aggregation.direction_weighting=cosine",
+            "aggregation.direction_reference_rows=8",
+            "faults.attack_simulation.kind=flip", "faults.attack_simulation.partitions=[0]"]
+    cfg = load_config(None, sets)
+    out = tmp_path / "run"
+    summary, _, _ = inline_run(cfg, out, monkeypatch)
+    assert summary["rounds"] == 2
+    for line in (out / "rounds.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        weighted = record["aggregation"]["norm_bound"]["direction"]
+        assert weighted["weighting"] == "cosine"
+        assert weighted["reference"] == robust.VALIDATION_REFERENCE
+        cosines, trust = dict(weighted["cosines"]), dict(weighted["trust"])
+        assert sorted(cosines) == sorted(trust) == [0, 1, 2, 3]
+        assert all(trust[p] == pytest.approx(max(0.0, cosines[p]), abs=1e-4) for p in trust)
+        assert weighted["zero_weight"] == [p for p in trust if trust[p] == 0.0]
+        shares = dict(weighted["shares"])
+        if record.get("update_refused"):
+            assert record["update_refused"] == ZERO_TRUST and not any(shares.values())
+        else:
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+        assert record["aggregation"]["deltas"] == 4
