@@ -266,9 +266,11 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     keep = np.ones(len(deltas), dtype=bool)
     below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
     keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
-    figures = {**_cosine_figures(cosines, no_reference, ids, reference),
-               "min_cosine": cfg.direction_min_cosine,
-               "dropped": [i for i, k in zip(ids, keep, strict=True) if not k]}
+    named = _cosine_figures(cosines, no_reference, ids, reference)
+    # The record's key order of before the weighting existed (records are compared as text).
+    figures = {"reference": named["reference"], "min_cosine": cfg.direction_min_cosine,
+               "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
+               "cosines": named["cosines"], "no_reference": named["no_reference"]}
     return keep, figures
 
 
