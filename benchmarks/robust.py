@@ -17,7 +17,10 @@ without DP-SGD), the
 bound around zero with the direction check (`direction_bound`: a bounded row whose cosine
 to the coordinate-wise median of the other rows is negative is dropped from the mean, at
 most one), the same check against the server's validation descent direction instead
-(`validation_bound`; `validation_median`: that check before the median), coordinate-wise
+(`validation_bound`; `validation_median`: that check before the median; `_all`: on the
+whole validation split; `validation_weighted_all`: every row weighted by max(0, its cosine
+to that direction) instead of the capped drop; `validation_median_bound_all`: the adaptive
+bound, that check, then the median), coordinate-wise
 `median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
@@ -70,6 +73,17 @@ RULES = {
     "validation_median_all": ["aggregation.rule=median",
                               "aggregation.norm_bound_direction=validation",
                               "aggregation.direction_reference_rows=4096"],
+    # Issue 27, eighth table: FLTrust's trust score instead of the capped drop (every row
+    # weighted by max(0, cosine to the server's direction), and the bound before the
+    # median's check (a kept boosted row is clipped to an honest norm before the median).
+    "validation_weighted_all": ["aggregation.rule=mean", "aggregation.norm_bound=adaptive",
+                                "aggregation.norm_bound_direction=validation",
+                                "aggregation.direction_weighting=cosine",
+                                "aggregation.direction_reference_rows=4096"],
+    "validation_median_bound_all": ["aggregation.rule=median",
+                                    "aggregation.norm_bound=adaptive",
+                                    "aggregation.norm_bound_direction=validation",
+                                    "aggregation.direction_reference_rows=4096"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }

@@ -11,7 +11,11 @@ other rows is below `direction_min_cosine` are dropped, at most `tolerate` of th
 the rule `cfg.rule` from `RULES`. With `norm_bound_direction = "validation"` the check's
 reference is instead one direction for every row, the server's own descent direction on its
 validation rows (`fedtune.task.reference`, passed in as `reference`), and the check also
-runs before `median`, with or without a bound. It returns the aggregated delta (float64)
+runs before `median`, with or without a bound; with `direction_weighting = "cosine"`
+(after a bound, before `mean`) no row is dropped: each row's weight is scaled by
+max(0, its cosine to that reference), FLTrust's trust score (`strategies.trust_weighting`,
+where its bound is stated: one kept row can move the model by up to the norm bound). It
+returns the aggregated delta (float64)
 and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
@@ -82,6 +86,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import AggregationConfig
+from strategies.trust_weighting import COSINE, ZERO_TRUST, trust_weighted
 
 
 @dataclass
@@ -257,6 +262,22 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     threshold is not an attacker's doing on the reference, but an honest non-IID client
     can still point away from the server's validation rows, and the cap keeps the kept
     rows' share bounded as above."""
+    cosines, no_reference = reference_cosines(deltas, reference)
+    keep = np.ones(len(deltas), dtype=bool)
+    below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
+    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
+    named = _cosine_figures(cosines, no_reference, ids, reference)
+    # The record's key order of before the weighting existed (records are compared as text).
+    figures = {"reference": named["reference"], "min_cosine": cfg.direction_min_cosine,
+               "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
+               "cosines": named["cosines"], "no_reference": named["no_reference"]}
+    return keep, figures
+
+
+def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's cosine to its reference (the median of the other rows, or the one
+    `reference` given) and which rows have a zero reference (no direction: cosine 0)."""
     cosines = np.zeros(len(deltas))
     no_reference = np.zeros(len(deltas), dtype=bool)
     references = (median_of_others(deltas) if reference is None
@@ -265,15 +286,25 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
         ref_unit, ref_norm = _unit(ref)
         no_reference[i] = ref_norm == 0.0
         cosines[i] = float(np.clip(_unit(row)[0] @ ref_unit, -1.0, 1.0))
-    keep = np.ones(len(deltas), dtype=bool)
-    below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
-    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
+    return cosines, no_reference
+
+
+def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence[Any],
+                    reference: np.ndarray | None) -> dict[str, Any]:
     name = "median of the others" if reference is None else VALIDATION_REFERENCE
-    figures = {"reference": name, "min_cosine": cfg.direction_min_cosine,
-               "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
-               "cosines": [[i, round(float(c), 4)] for i, c in zip(ids, cosines, strict=True)],
-               "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
-    return keep, figures
+    return {"reference": name,
+            "cosines": [[i, round(float(c), 4)] for i, c in zip(ids, cosines, strict=True)],
+            "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
+
+
+def cosine_weighting(deltas: np.ndarray, weights: np.ndarray, ids: Sequence[Any],
+                     reference: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """`direction_weighting = "cosine"`: the rows' weights scaled by their trust in the
+    server's direction (strategies.trust_weighting) and the figures: each row's cosine,
+    trust and share."""
+    cosines, no_reference = reference_cosines(deltas, reference)
+    weighted, figures = trust_weighted(weights, cosines, no_reference, ids)
+    return weighted, {**_cosine_figures(cosines, no_reference, ids, reference), **figures}
 
 
 # The figures' name of the server's reference (`norm_bound_direction = "validation"`).
@@ -325,6 +356,11 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
             # It follows the server's privacy setting, which this function does not see.
             raise ValueError(f"aggregation.{key}='auto' must be resolved by "
                              "AggregationConfig.for_sample_dp before aggregating")
+    if cfg.direction_weighting == COSINE and (cfg.norm_bound_direction != "validation"
+                                              or cfg.rule != "mean" or cfg.norm_bound == "off"):
+        # AggregationConfig.validate refuses it; a settings object built around it is a bug.
+        raise ValueError("aggregation.direction_weighting='cosine' needs aggregation."
+                         "norm_bound_direction='validation', rule='mean' and a norm bound")
     if cfg.norm_bound_direction == "validation":
         if reference is None:
             raise ValueError("aggregation.norm_bound_direction='validation' needs the "
@@ -361,7 +397,14 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                              if c]}
         if cfg.norm_bound_center != "zero":
             figures["norm_bound"].update(center=cfg.norm_bound_center, bound_zero=zero_bound)
-    if cfg.norm_bound_direction != "off":
+    if cfg.direction_weighting == COSINE:
+        # After the bound (every row bounded), before `mean`: every row stays, weighted by
+        # its trust in the server's validation direction.
+        w, weighted = cosine_weighting(deltas, w, names, reference)
+        figures["norm_bound"]["direction"] = weighted
+        if not w.sum() > 0:
+            return Aggregated(None, {**figures, "refused": ZERO_TRUST})
+    elif cfg.norm_bound_direction != "off":
         # After the bound, so every kept row is bounded; before the rule, which then takes
         # the kept rows only. Where a bound runs, the figures stay under it (as before the
         # check could run without one); otherwise they are the round's own `direction`.

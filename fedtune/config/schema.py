@@ -398,6 +398,9 @@ AGGREGATION_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 NORM_BOUND_MODES = ("off", "adaptive")
 NORM_BOUND_CENTERS = ("zero", "median", "auto")
 NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
+# What the validation check does with a row: "drop" the lowest below the threshold (at most
+# `tolerate`), or weight every row by max(0, cosine) ("cosine", FLTrust's trust score).
+DIRECTION_WEIGHTINGS = ("drop", "cosine")
 # The rules the direction check can run before: it drops rows, and these two take a subset
 # (the coordinate-wise and Krum rules count each kept row once as well, but are not measured
 # with it).
@@ -454,6 +457,12 @@ class AggregationConfig:
     direction_min_cosine: float = 0.0
     # "validation": how many validation rows (the split's first) the reference reads.
     direction_reference_rows: int = 64
+    # "validation" before `mean` with a norm bound: "drop" (the check above), or "cosine":
+    # no row dropped and no `tolerate` cap, each bounded row weighted by its server-owned
+    # weight x max(0, cosine to the server's direction) (FLTrust's trust score,
+    # strategies.trust_weighting); a round where every weight is 0 makes no update. One kept
+    # row can then move the model by up to the norm bound (its renormalized share can be 1).
+    direction_weighting: str = "drop"
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
     # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
@@ -505,6 +514,7 @@ class AggregationConfig:
             raise ConfigError(f"aggregation.direction_reference_rows must be an integer in "
                               f"[1, {REFERENCE_ROWS_MAX}], got "
                               f"{self.direction_reference_rows!r}")
+        self._validate_weighting()
         if self.norm_bound_direction == "off":
             return
         if self.norm_bound_direction == "validation":
@@ -521,6 +531,25 @@ class AggregationConfig:
             raise ConfigError(f"{key}={self.norm_bound_direction!r} drops at most "
                               "aggregation.tolerate rows: set aggregation.tolerate >= 1")
 
+    def _validate_weighting(self) -> None:
+        """"cosine" weights rows by their cosine to the server's validation direction before
+        the weighted mean; it needs a norm bound (renormalized weights can give one row the
+        whole update), ignores the threshold, and drops no row (`tolerate` is not its cap)."""
+        key = "aggregation.direction_weighting"
+        require_choice(key, self.direction_weighting, DIRECTION_WEIGHTINGS)
+        if self.direction_weighting == "drop":
+            return
+        if (self.norm_bound_direction != "validation" or self.rule != "mean"
+                or self.norm_bound == "off"):
+            raise ConfigError(f"{key}='cosine' needs aggregation.norm_bound_direction="
+                              f"'validation', aggregation.rule='mean' and aggregation.norm_bound "
+                              f"set, got norm_bound_direction={self.norm_bound_direction!r}, "
+                              f"rule={self.rule!r}, norm_bound={self.norm_bound!r}")
+        if self.direction_min_cosine != 0.0:
+            raise ConfigError(f"{key}='cosine' weights each row by max(0, cosine) and has no "
+                              f"threshold: aggregation.direction_min_cosine must stay 0, got "
+                              f"{self.direction_min_cosine!r}")
+
     def _validate_validation_direction(self, key: str) -> None:
         """The check against the server's validation direction: before `mean` with a norm
         bound (without one a boosted row that points the right way takes the mean) or
@@ -534,7 +563,7 @@ class AggregationConfig:
                               "bound (a boosted row that points the validation way would "
                               "take the mean): set aggregation.norm_bound to 'adaptive' or a "
                               "number")
-        if self.tolerate < 1:
+        if self.tolerate < 1 and self.direction_weighting == "drop":
             raise ConfigError(f"{key}='validation' drops at most aggregation.tolerate rows: "
                               "set aggregation.tolerate >= 1")
 

@@ -1,0 +1,64 @@
+"""FLTrust's trust score (Cao et al. 2021) as an aggregation weighting:
+`aggregation.direction_weighting = "cosine"`, with `norm_bound_direction = "validation"`,
+rule `mean` and a norm bound (the config refuses any other combination).
+
+After the norm bound each row's aggregation weight is its server-owned weight times
+max(0, cosine to the server's validation descent direction): a row against the server's
+direction weighs 0, a row along it its full weight, a row in between in proportion. No row
+is "dropped" and there is no `tolerate` cap: where the direction check (`direction_check`,
+"drop") removes at most `tolerate` rows, the lowest first, and so keeps a reversed row that
+is not the lowest, this weights every row at cosine <= 0 by 0 whatever the others score.
+
+What it bounds, n rows under a norm bound B: every row has norm <= B and the weights are
+non-negative and renormalized, so the aggregate has norm <= B; but one kept row's share is
+its weight over the kept weights, and when every other row scores <= 0 that share is 1: a
+single row can move the model by up to B (the plain bound's B / n holds only with equal
+trust). A row at cosine c > 0 weighs c x its weight, so an attacker who points the
+server's way (a boosted honest step) gets the full weight of an honest row, clipped to B,
+as with the bound alone. What it does not bound: a targeted change that keeps a positive
+cosine counts in proportion to it. Without any positive cosine (every weight 0) the round
+makes no update: `aggregate` refuses it with the reason in the round record, nothing
+divides by the zero sum, and the run goes on. A row whose reference is zero (the server's
+gradient vanished: no direction) keeps its server-owned weight, as "drop" keeps it.
+
+Trust and privacy are the direction check's (strategies.robust, the validation check):
+the server's validation rows set the weights and no DP mechanism covers them; the
+clients' epsilons are unchanged (weighting DP-SGD deltas by the server's own rows is
+post-processing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# How the round record names the weighting (`norm_bound.direction.weighting`).
+COSINE = "cosine"
+ZERO_TRUST = ("every row's trust weight is 0 (no row has a positive cosine to the server's "
+              "validation direction): no update this round")
+
+
+def trust_scores(cosines: np.ndarray, no_reference: np.ndarray) -> np.ndarray:
+    """Each row's trust: max(0, cosine), and 1 where the row has no reference (a zero
+    server direction says nothing against it)."""
+    trust = np.maximum(np.asarray(cosines, dtype=np.float64), 0.0)
+    return np.where(no_reference, 1.0, trust)
+
+
+def trust_weighted(weights: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,
+                   ids: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows' aggregation weights (server-owned weight x trust) and the figures the
+    round record keeps: each row's trust and its share of the round's weight (0 for every
+    row when the weights sum to 0: the caller refuses that round), and the rows that weigh
+    0. One entry per row, so the figures are bounded by the cohort, not the model."""
+    trust = trust_scores(cosines, no_reference)
+    weighted = np.asarray(weights, dtype=np.float64) * trust
+    total = float(weighted.sum())
+    shares = weighted / total if total > 0 else np.zeros_like(weighted)
+    figures = {"weighting": COSINE,
+               "trust": [[i, round(float(t), 4)] for i, t in zip(ids, trust, strict=True)],
+               "shares": [[i, round(float(s), 4)] for i, s in zip(ids, shares, strict=True)],
+               "zero_weight": [i for i, w in zip(ids, weighted, strict=True) if w == 0.0]}
+    return weighted, figures
