@@ -1,0 +1,81 @@
+"""ATTACK27H: `aggregation.direction_weighting = "cosine"` renormalizes the trust weights, so a
+row whose cosine to the server's validation direction is any positive number, however small
+(1e-12, a denormal), takes the whole round when the other rows score <= 0, and the round
+record shows it at cosine 0.0 and trust 0.0 (rounded to 4 places) beside a share of 1.0."""
+
+import numpy as np
+import pytest
+
+from fedtune.config import AggregationConfig
+from strategies import robust
+
+# The cosines of four honest rows in a measured round (benchmarks/RESULTS.md, eighth table:
+# 5-dp-validation_weighted_all-honest-s1, round 2, partitions 0-2 at <= 0) and two more
+# below zero: a round where no honest row points the server's way.
+HONEST_COSINES = (-0.0591, -0.1905, -0.2235, -0.0271)
+
+
+def _rows(d: int, reference: np.ndarray, cosines, norm: float, rng) -> np.ndarray:
+    """Rows of norm `norm` at the given cosines to `reference`, random otherwise."""
+    unit = reference / np.linalg.norm(reference)
+    rows = []
+    for c in cosines:
+        v = rng.normal(size=d)
+        v -= (v @ unit) * unit
+        v /= np.linalg.norm(v)
+        rows.append(norm * (c * unit + np.sqrt(1.0 - c * c) * v))
+    return np.asarray(rows)
+
+
+def _weighted(deltas: np.ndarray, reference: np.ndarray, **settings):
+    cfg = AggregationConfig(**{"norm_bound": "adaptive", "norm_bound_direction": "validation",
+                               "direction_weighting": "cosine", **settings})
+    cfg.validate()
+    return robust.aggregate(deltas, np.ones(len(deltas)), cfg, reference=reference)
+
+
+def _attack(cosine: float, d: int = 400, seed: int = 0):
+    """Partition 0: a targeted change (exactly orthogonal to the server's direction: the two
+    have disjoint supports) plus `cosine` of the server's direction, at the honest rows'
+    norm; partitions 1-4: honest rows at <= 0."""
+    rng = np.random.default_rng(seed)
+    reference = np.concatenate([rng.normal(size=d // 2), np.zeros(d - d // 2)])
+    honest = _rows(d, reference, HONEST_COSINES, 1.0, rng)
+    target = np.concatenate([np.zeros(d // 2), rng.normal(size=d - d // 2)])
+    target /= np.linalg.norm(target)
+    attacker = target + cosine * reference / np.linalg.norm(reference)
+    return np.vstack([attacker, honest]), reference, target
+
+
+@pytest.mark.parametrize("cosine", [1e-12, 1e-300])
+def test_a_row_orthogonal_to_the_server_direction_counts_in_proportion_to_its_cosine(cosine):
+    """One client of 5, targeted change at cosine ~0 (class 5: moves "in proportion to" it)."""
+    # The docs (docs/strategies.md, strategies/trust_weighting.py): "a targeted change with a
+    # positive cosine counts in proportion to it". Renormalized over a round whose other rows
+    # score <= 0, a cosine of 1e-12 (or 1e-300) carries the whole round: the bound, along the
+    # target.
+    deltas, reference, target = _attack(cosine)
+    out = _weighted(deltas, reference)
+    bound = out.figures["norm_bound"]["bound"]
+    assert out.delta is not None
+    along_target = float(out.delta @ target)
+    # In proportion to a cosine of 1e-12 (or 1e-300): nothing measurable.
+    assert along_target <= 1e-6 * bound, (
+        f"a row at cosine {cosine:g} moved the model by {along_target:.4f} along its target "
+        f"(bound {bound:.4f}; shares {out.figures['norm_bound']['direction']['shares']})")
+
+
+@pytest.mark.parametrize("cosine", [1e-12, 1e-5])
+def test_the_record_does_not_show_zero_trust_for_the_row_that_carried_the_round(cosine):
+    """One client of 5 at a tiny cosine (class 4/5: the record's trust figure hides its share)."""
+    # The round record is the aggregation's audit trail (docs/strategies.md: each row's
+    # cosine, trust and share; "a row at cosine <= 0 weighs 0"): the row that carried the
+    # round reads cosine 0.0 and trust 0.0 (rounded to 4 places) beside a share of 1.0.
+    deltas, reference, _ = _attack(cosine)
+    figures = _weighted(deltas, reference).figures["norm_bound"]["direction"]
+    trust, shares = dict(figures["trust"]), dict(figures["shares"])
+    cosines = dict(figures["cosines"])
+    assert shares[0] == 1.0  # the setting of the case: partition 0 carries the round
+    assert trust[0] > 0.0 and cosines[0] > 0.0, (
+        f"the record shows partition 0 at cosine {cosines[0]} and trust {trust[0]} with a "
+        f"share of {shares[0]}")
