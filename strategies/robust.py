@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import AggregationConfig
-from strategies.trust_weighting import COSINE, ZERO_TRUST, trust_weighted
+from strategies.trust_weighting import COSINE, ZERO_TRUST, four_significant, trust_weighted
 
 
 @dataclass
@@ -293,7 +293,7 @@ def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence
                     reference: np.ndarray | None) -> dict[str, Any]:
     name = "median of the others" if reference is None else VALIDATION_REFERENCE
     return {"reference": name,
-            "cosines": [[i, round(float(c), 4)] for i, c in zip(ids, cosines, strict=True)],
+            "cosines": [[i, four_significant(c)] for i, c in zip(ids, cosines, strict=True)],
             "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
 
 

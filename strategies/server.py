@@ -194,10 +194,14 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
     if nobody and privacy.cohort_secret:
         append_curator(out_dir, {"round": state.round, "no_contribution_in_any_round": True})
     elif nobody:
+        refused = [r["update_refused"] for r in history if r.get("update_refused")]
+        why = (f"; {len(refused)} round(s) refused their update, the first because "
+               f"{refused[0]}" if refused else "")
         raise NoContributionError(
             f"no client contributed in any of the {len(history)} rounds (every sampled "
-            f"client failed, was rejected or was not sampled); see the rejected and failed "
-            f"entries in {out_dir / ROUNDS_FILE}")
+            f"client failed, was rejected or was not sampled, or the round refused its "
+            f"update){why}; see the rejected, failed and update_refused entries in "
+            f"{out_dir / ROUNDS_FILE}")
     save_tuned_state(out_dir, task.new_model(), task.spec, task.spec.unflatten(state.vector),
                      task.label_names)
     if not state.initial:

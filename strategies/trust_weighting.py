@@ -13,13 +13,17 @@ What it bounds, n rows under a norm bound B: every row has norm <= B and the wei
 non-negative and renormalized, so the aggregate has norm <= B; but one kept row's share is
 its weight over the kept weights, and when every other row scores <= 0 that share is 1: a
 single row can move the model by up to B (the plain bound's B / n holds only with equal
-trust). A row at cosine c > 0 weighs c x its weight, so an attacker who points the
-server's way (a boosted honest step) gets the full weight of an honest row, clipped to B,
-as with the bound alone. What it does not bound: a targeted change that keeps a positive
-cosine counts in proportion to it. Without any positive cosine (every weight 0) the round
-makes no update: `aggregate` refuses it with the reason in the round record, nothing
-divides by the zero sum, and the run goes on. A row whose reference is zero (the server's
-gradient vanished: no direction) keeps its server-owned weight, as "drop" keeps it.
+trust). So the bound this weighting states is B a round, and it is what it keeps against
+an attacker who knows it (review ATTACK27H): a targeted change at any positive cosine,
+however small (1e-12), carries the whole round when the other rows score <= 0; under
+DP-SGD a client that skips the noise and sends a clean step at cosine 0.3 took 0.53 of a
+round of five (0.50 B along its target, where the bound alone allows 0.20 B), because the
+honest rows' DP noise keeps their cosines small. A per-row cap on the shares would bring
+it to B / (n - tolerate), the capped drop's; not built. Without any positive cosine (every
+weight 0) the round makes no update: `aggregate` refuses it with the reason in the round
+record, nothing divides by the zero sum, and the run goes on. A row whose reference is
+zero (the server's gradient vanished: no direction) keeps its server-owned weight, as
+"drop" keeps it.
 
 Trust and privacy are the direction check's (strategies.robust, the validation check):
 the server's validation rows set the weights and no DP mechanism covers them; the
@@ -58,7 +62,13 @@ def trust_weighted(weights: np.ndarray, cosines: np.ndarray, no_reference: np.nd
     total = float(weighted.sum())
     shares = weighted / total if total > 0 else np.zeros_like(weighted)
     figures = {"weighting": COSINE,
-               "trust": [[i, round(float(t), 4)] for i, t in zip(ids, trust, strict=True)],
-               "shares": [[i, round(float(s), 4)] for i, s in zip(ids, shares, strict=True)],
+               "trust": [[i, four_significant(t)] for i, t in zip(ids, trust, strict=True)],
+               "shares": [[i, four_significant(s)] for i, s in zip(ids, shares, strict=True)],
                "zero_weight": [i for i, w in zip(ids, weighted, strict=True) if w == 0.0]}
     return weighted, figures
+
+
+def four_significant(value: float) -> float:
+    """A round-record figure to 4 significant digits: a cosine or trust of 1e-12 that
+    carries a round reads as such, not as 0 (ATTACK27H)."""
+    return float(f"{float(value):.4g}")
