@@ -377,9 +377,13 @@ def sweep(
         # Run names carry the grid values: fold them rather than cut them off.
         table.add_column(column, justify="left" if column in ("run", "method") else "right",
                          overflow="fold" if column == "run" else "ellipsis")
-    for row in rows:
-        table.add_row(row["name"], row["method"], *sweep_epsilons(row), str(row["rounds"]),
-                      shown(row.get(axis.final_val_key)), shown(row.get(axis.final_key)))
+    try:  # each epsilon marked from its folder's config (sweep.json is written already)
+        for row in rows:
+            table.add_row(row["name"], row["method"], *sweep_epsilons(row),
+                          str(row["rounds"]), shown(row.get(axis.final_val_key)),
+                          shown(row.get(axis.final_key)))
+    except ConfigError as exc:
+        _fail(f"the results are in {out / SWEEP_RESULTS}, but the table cannot be made: {exc}")
     console.print(table)
     ranked = rank_by_validation(spec.variants, rows)
     if len(ranked) > 1:

@@ -316,3 +316,24 @@ def test_a_sweep_mixing_task_kinds_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="mix task kinds") as refused:
         load_sweep(tmp_path / "s.toml")
     assert "\n" not in str(refused.value)
+
+
+def test_a_run_folder_whose_config_cannot_be_read_ends_the_table_in_one_line(
+        tmp_path, monkeypatch, cli):
+    """Invariant: bad input gets a one-line error. A variant's folder whose config.toml this
+    fedtune cannot read (written by a newer one, or edited) ended a finished sweep with a
+    traceback while marking its epsilon (seen when the code changed under a running sweep);
+    sweep.json is written first, so the results stay."""
+    from fedtune.study import sweep as sweep_mod
+
+    path = lm_sweep_file(tmp_path)
+    out = tmp_path / "runs"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "config.toml").write_text('[aggregation]\nfuture_key = "x"\n')
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, out, **kw: [
+        lm_row(v.name, out / v.name) for v in spec.variants])
+    result = cli("sweep", str(path), "--out", str(out))
+    said = " ".join(result.output.split())
+    assert result.code != 0 and "Traceback" not in result.output, result.output
+    assert "future_key" in said and str(out / "a" / "config.toml") in said, said
+    assert (out / "sweep.json").is_file()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ExperimentConfig, load_config
+from fedtune.config import ConfigError, ExperimentConfig, load_config
 from fedtune.config.user_unit import user_unit
 from fedtune.privacy.randomness import SEEDED_NOISE_NOTE, noise_note
 from fedtune.run.folder import CONFIG_FILE
@@ -87,11 +87,16 @@ def epsilon_marks(cfg: ExperimentConfig, level: str, value: float | None = 0.0
 
 
 def folder_marks(folder: str | Path, level: str, value: float | None = 0.0) -> list[Mark]:
-    """`epsilon_marks` of a run folder's config.toml (none if it has none)."""
+    """`epsilon_marks` of a run folder's config.toml (none if it has none). ConfigError
+    naming the file when it cannot be read: its epsilon is not shown unmarked."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         return []
-    return epsilon_marks(load_config(path), level, value)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc} (its epsilon's marks come from it)") from None
+    return epsilon_marks(cfg, level, value)
 
 
 def render_epsilon(value: float | None, marks: Sequence[Mark], digits: int = 2,
