@@ -156,3 +156,19 @@ def test_seeded_and_split_in_clear_epsilons_are_marked_in_the_table_legend_and_p
     from fedtune.study.report import _lines, _mark_tags
     labels = {_mark_tags(gs) for gs in _lines(groups).values()}
     assert " [seeded noise]" in labels
+
+
+def test_a_privacy_levels_settings_name_no_variant_of_a_run_without_that_level(tmp_path):
+    """A user-level run with its own clip beside sample-level runs (experiments/lm_prompt):
+    the sample-level rows were labelled `privacy.user.clip_norm=5.0`, a setting they never
+    use. A level's keys are a variant only among the runs that have that level on."""
+    _run(tmp_path / "sample", "prompt", 8, 0, 0.9)
+    _run(tmp_path / "none", "prompt", None, 0, 0.95)
+    _run(tmp_path / "user", "prompt", None, 0, 0.8,
+         ["privacy.user.enabled=true", "privacy.user.clip_norm=0.5"])
+    _run(tmp_path / "user-wide", "prompt", None, 0, 0.7,
+         ["privacy.user.enabled=true", "privacy.user.clip_norm=2.0"])
+    labels = {g.runs[0].folder.name: g.variant for g in group(collect([tmp_path]))}
+    assert labels["sample"] == labels["none"] == ""
+    assert labels["user"] == "privacy.user.clip_norm=0.5"
+    assert labels["user-wide"] == "privacy.user.clip_norm=2.0"

@@ -242,8 +242,12 @@ def _settings(cfg: ExperimentConfig) -> dict[str, str]:
     # With smashed DP the target on the axis is the smashed one: DP-SGD's is a setting.
     shown = _NOT_A_VARIANT - ({"privacy.sample.target_epsilon"}
                               if protects_smashed_data(cfg) else set())
+    # A privacy level that is off uses none of its settings: they label no variant.
+    off = tuple(f"privacy.{level}." for level, on in (("sample", cfg.privacy.sample.enabled),
+                                                      ("user", cfg.privacy.user.enabled))
+                if not on)
     return {k: v for k, v in flat.items()
-            if k not in shown and not k.startswith("split.")}  # split: in _method
+            if k not in shown and not k.startswith(("split.", *off))}  # split: in _method
 
 
 def _variants(runs: list[RunResult]) -> dict[int, str]:
