@@ -11,8 +11,7 @@ participation and trains on the kept indices from then on) by an independent PLD
 and past privacy.sample.target_epsilon with no stop."""
 
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
+from independent_accountant import pld_epsilon
 from ledger_rounds import first_stop
 
 import strategies.plugins  # noqa: F401 (registers the plugins and their sizes)
@@ -30,11 +29,7 @@ SETS = ["data.num_clients=2", "train.clients_per_round=1", f"train.batch_size={B
 
 
 def _pld(entries) -> float:
-    acc = PLDAccountant(value_discretization_interval=1e-4)
-    for sigma, q, steps in entries:
-        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
-                    int(steps))
-    return acc.get_epsilon(DELTA)
+    return pld_epsilon(entries, DELTA)
 
 
 def test_a_pruning_clients_charge_bounds_its_kept_share_every_round():

@@ -15,9 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
 from flwr.app import RecordDict
+from independent_accountant import pld_epsilon
 from torch.utils.data import TensorDataset
 
 import strategies.plugins  # noqa: F401 (registers the plugins and their sizes)
@@ -41,11 +40,7 @@ def _sets(batch: int, sigma: float, epochs: float) -> list[str]:
 
 
 def _pld(entries) -> float:
-    acc = PLDAccountant(value_discretization_interval=1e-4)
-    for sigma, q, steps in entries:
-        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
-                    int(steps))
-    return acc.get_epsilon(DELTA)
+    return pld_epsilon(entries, DELTA)
 
 
 # (examples, batch, noise multiplier (0: calibrated), local epochs): charged ceil(0.5 x
