@@ -13,10 +13,10 @@ reference is instead one direction for every row, the server's own descent direc
 validation rows (`fedtune.task.reference`, passed in as `reference`), and the check also
 runs before `median`, with or without a bound; with `direction_weighting = "cosine"`
 (after a bound, before `mean`) no row is dropped: each row's weight is scaled by
-max(0, its cosine to that reference), FLTrust's trust score (`strategies.trust_weighting`,
-where its bound is stated: one kept row can move the model by up to the norm bound). It
-returns the aggregated delta (float64)
-and the figures the round record keeps (`Aggregated`).
+max(0, its cosine to that reference), FLTrust's trust score, and each row's share of the
+round is capped at 1 / (n - tolerate) (`strategies.trust_weighting`, where its bound is
+stated: one row moves the model by at most B / (n - tolerate)). It returns the aggregated
+delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
@@ -298,13 +298,13 @@ def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence
 
 
 def cosine_weighting(deltas: np.ndarray, weights: np.ndarray, ids: Sequence[Any],
-                     reference: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """`direction_weighting = "cosine"`: the rows' weights scaled by their trust in the
-    server's direction (strategies.trust_weighting) and the figures: each row's cosine,
-    trust and share."""
+                     reference: np.ndarray, tolerate: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """`direction_weighting = "cosine"`: the rows' capped shares of the round, from their
+    weights and their trust in the server's direction (strategies.trust_weighting), and the
+    figures: each row's cosine, trust and share."""
     cosines, no_reference = reference_cosines(deltas, reference)
-    weighted, figures = trust_weighted(weights, cosines, no_reference, ids)
-    return weighted, {**_cosine_figures(cosines, no_reference, ids, reference), **figures}
+    shares, figures = trust_weighted(weights, cosines, no_reference, ids, tolerate)
+    return shares, {**_cosine_figures(cosines, no_reference, ids, reference), **figures}
 
 
 # The figures' name of the server's reference (`norm_bound_direction = "validation"`).
@@ -398,12 +398,14 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         if cfg.norm_bound_center != "zero":
             figures["norm_bound"].update(center=cfg.norm_bound_center, bound_zero=zero_bound)
     if cfg.direction_weighting == COSINE:
-        # After the bound (every row bounded), before `mean`: every row stays, weighted by
-        # its trust in the server's validation direction.
-        w, weighted = cosine_weighting(deltas, w, names, reference)
+        # After the bound (every row bounded), in place of `mean`: every row stays, with its
+        # capped share; the shares sum to 1 or less, so they are not renormalized (that
+        # would undo the cap).
+        shares, weighted = cosine_weighting(deltas, w, names, reference, cfg.tolerate)
         figures["norm_bound"]["direction"] = weighted
-        if not w.sum() > 0:
+        if not shares.sum() > 0:
             return Aggregated(None, {**figures, "refused": ZERO_TRUST})
+        return Aggregated((deltas * shares[:, None]).sum(0), figures)
     elif cfg.norm_bound_direction != "off":
         # After the bound, so every kept row is bounded; before the rule, which then takes
         # the kept rows only. Where a bound runs, the figures stay under it (as before the

@@ -9,21 +9,22 @@ is "dropped" and there is no `tolerate` cap: where the direction check (`directi
 "drop") removes at most `tolerate` rows, the lowest first, and so keeps a reversed row that
 is not the lowest, this weights every row at cosine <= 0 by 0 whatever the others score.
 
-What it bounds, n rows under a norm bound B: every row has norm <= B and the weights are
-non-negative and renormalized, so the aggregate has norm <= B; but one kept row's share is
-its weight over the kept weights, and when every other row scores <= 0 that share is 1: a
-single row can move the model by up to B (the plain bound's B / n holds only with equal
-trust). So the bound this weighting states is B a round, and it is what it keeps against
-an attacker who knows it (review ATTACK27H): a targeted change at any positive cosine,
-however small (1e-12), carries the whole round when the other rows score <= 0; under
-DP-SGD a client that skips the noise and sends a clean step at cosine 0.3 took 0.53 of a
-round of five (0.50 B along its target, where the bound alone allows 0.20 B), because the
-honest rows' DP noise keeps their cosines small. A per-row cap on the shares would bring
-it to B / (n - tolerate), the capped drop's; not built. Without any positive cosine (every
-weight 0) the round makes no update: `aggregate` refuses it with the reason in the round
-record, nothing divides by the zero sum, and the run goes on. A row whose reference is
-zero (the server's gradient vanished: no direction) keeps its server-owned weight, as
-"drop" keeps it.
+What it bounds, n rows under a norm bound B with `tolerate` = f: every row has norm <= B,
+and each row's share of the round is its weight over the round's weights, capped at
+1 / max(n - f, 1) (`share_cap`); the excess is not handed to the other rows, so a round
+where few rows point the server's way moves the model less. One row therefore moves the
+model by at most B / (n - f), the capped drop's bound, and the aggregate by at most B.
+Without the cap the shares were renormalized and a single kept row took the whole round
+(review ATTACK27H): a targeted change at any positive cosine, however small (1e-12),
+carried the whole round when the other rows scored <= 0, and under DP-SGD a client that
+skipped the noise and sent a clean step at cosine 0.3 took 0.53 of a round of five (0.50 B
+along its target); with the cap both take at most 1 / (n - f) = 0.25. The cap costs honest
+rounds too: a row whose trusted weight is over a quarter of a round of five is cut to a
+quarter (a large partition, or the only row that points the server's way under DP noise).
+Without any positive cosine (every weight 0) the round makes no update: `aggregate`
+refuses it with the reason in the round record, nothing divides by the zero sum, and the
+run goes on. A row whose reference is zero (the server's gradient vanished: no direction)
+keeps its server-owned weight, as "drop" keeps it.
 
 Trust and privacy are the direction check's (strategies.robust, the validation check):
 the server's validation rows set the weights and no DP mechanism covers them; the
@@ -51,21 +52,33 @@ def trust_scores(cosines: np.ndarray, no_reference: np.ndarray) -> np.ndarray:
     return np.where(no_reference, 1.0, trust)
 
 
+def share_cap(rows: int, tolerate: int) -> float:
+    """The largest share of a round one row may take: 1 / (rows - tolerate), as the capped
+    drop's mean over the rows it keeps (1 where the round has no more rows than it
+    tolerates attackers: the config and `shortfall` keep the adaptive bound above that)."""
+    return 1.0 / max(rows - tolerate, 1)
+
+
 def trust_weighted(weights: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,
-                   ids: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The rows' aggregation weights (server-owned weight x trust) and the figures the
-    round record keeps: each row's trust and its share of the round's weight (0 for every
-    row when the weights sum to 0: the caller refuses that round), and the rows that weigh
-    0. One entry per row, so the figures are bounded by the cohort, not the model."""
+                   ids: Sequence[Any], tolerate: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows' shares of the round (server-owned weight x trust, over the round's sum,
+    each capped at `share_cap`; they sum to 1 or less) and the figures the round record
+    keeps: each row's trust and share (0 for every row when the weights sum to 0: the
+    caller refuses that round), the cap, and the rows that weigh 0 or were capped. One entry
+    per row, so the figures are bounded by the cohort, not the model."""
     trust = trust_scores(cosines, no_reference)
     weighted = np.asarray(weights, dtype=np.float64) * trust
     total = float(weighted.sum())
-    shares = weighted / total if total > 0 else np.zeros_like(weighted)
+    cap = share_cap(len(weighted), tolerate)
+    uncapped = weighted / total if total > 0 else np.zeros_like(weighted)
+    shares = np.minimum(uncapped, cap)
     figures = {"weighting": COSINE,
                "trust": [[i, four_significant(t)] for i, t in zip(ids, trust, strict=True)],
                "shares": [[i, four_significant(s)] for i, s in zip(ids, shares, strict=True)],
+               "share_cap": four_significant(cap),
+               "capped": [i for i, u in zip(ids, uncapped, strict=True) if u > cap],
                "zero_weight": [i for i, w in zip(ids, weighted, strict=True) if w == 0.0]}
-    return weighted, figures
+    return shares, figures
 
 
 def four_significant(value: float) -> float:

@@ -1,10 +1,10 @@
 """ATTACK27H: under sample-level DP-SGD the honest rows' cosines to the server's validation
 direction are small (noise), so with `direction_weighting = "cosine"` one client that skips
 the noise and sends a clean step with a targeted component takes most of each round: far
-more than "as with the bound alone", which the docs said. The docs now state the bound the
-weighting keeps (B a round) and this case's figures (a share of 0.53 of a round of five,
-0.50 B along the target); this test holds both, and the capped drop's B / (n - 1) for the
-same rows. A per-row share cap (not built) would change them: update the docs with it."""
+more than "as with the bound alone", which the docs said: a share of 0.53 of a round of
+five, 0.50 B along the target, before each row's share was capped at 1 / (n - tolerate)
+(`strategies.trust_weighting.share_cap`). This test holds the cap, the capped drop's
+B / (n - 1), for the weighting and for the drop on the same rows."""
 
 import numpy as np
 import pytest
@@ -64,8 +64,5 @@ def test_a_noise_free_step_under_dp_moves_the_model_by_the_stated_bound(honest):
     bound = out.figures["norm_bound"]["bound"]
     share = dict(out.figures["norm_bound"]["direction"]["shares"])[0]
     along_target = float(out.delta @ target)
-    assert along_target <= bound + 1e-9  # the stated bound: B a round
-    if n == 5:  # the figures docs/strategies.md and trust_weighting.py state
-        assert round(share, 2) == 0.53 and round(along_target / bound, 2) == 0.50, (
-            share, along_target / bound)
-    assert along_target > bound / n, "the documented weakness is gone: update the docs"
+    assert share <= 1 / (n - 1) + 1e-4  # was 0.53 of five, renormalized
+    assert along_target <= bound / (n - 1) + 1e-9, (share, along_target / bound)

@@ -2,9 +2,9 @@
 row whose cosine to the server's validation direction is any positive number, however small
 (1e-12, a denormal), takes the whole round when the other rows score <= 0, and the round
 record showed it at cosine 0.0 and trust 0.0 (rounded to 4 places) beside a share of 1.0.
-The record now keeps 4 significant digits; the docs state the bound the weighting keeps (B a
-round: such a row carries the round), which the first test holds, as the documented worst
-case (a per-row share cap, not built, would change it)."""
+The record now keeps 4 significant digits, and each row's share is now capped at
+1 / (n - tolerate) (`strategies.trust_weighting.share_cap`): such a row takes a quarter of a
+round of five, not the round, which the first test holds."""
 
 import numpy as np
 import pytest
@@ -62,11 +62,12 @@ def test_a_row_orthogonal_to_the_server_direction_moves_the_model_by_the_stated_
     bound = out.figures["norm_bound"]["bound"]
     assert out.delta is not None
     along_target = float(out.delta @ target)
-    # The docs said "in proportion to" its cosine; renormalized, it carries the round: the
-    # whole bound along its target (the stated bound, which it never passes).
+    # Renormalized, it carried the round (the whole bound along its target); capped, it
+    # takes 1 / (n - tolerate) of it, and the round moves no further.
     shares = dict(out.figures["norm_bound"]["direction"]["shares"])
-    assert shares[0] == 1.0 and along_target <= bound + 1e-9
-    assert along_target > 0.99 * bound, "the documented weakness is gone: update the docs"
+    assert shares[0] == 0.25 and out.figures["norm_bound"]["direction"]["capped"] == [0]
+    assert along_target <= bound / (5 - 1) + 1e-9
+    assert np.linalg.norm(out.delta) <= bound / (5 - 1) + 1e-9
 
 
 @pytest.mark.parametrize("cosine", [1e-12, 1e-5])
@@ -79,7 +80,7 @@ def test_the_record_does_not_show_zero_trust_for_the_row_that_carried_the_round(
     figures = _weighted(deltas, reference).figures["norm_bound"]["direction"]
     trust, shares = dict(figures["trust"]), dict(figures["shares"])
     cosines = dict(figures["cosines"])
-    assert shares[0] == 1.0  # the setting of the case: partition 0 carries the round
+    assert shares[0] == 0.25  # the setting of the case: partition 0 takes its capped share
     assert trust[0] > 0.0 and cosines[0] > 0.0, (
         f"the record shows partition 0 at cosine {cosines[0]} and trust {trust[0]} with a "
         f"share of {shares[0]}")

@@ -48,21 +48,23 @@ def test_each_row_weighs_its_weight_times_its_positive_cosine():
     cosines = np.array([_unit_cos(r, ref) for r in clipped])
     trust = np.maximum(cosines, 0.0)
     assert trust[0] == 0.0 and (trust[1:] > 0).all()  # the setting of the case
-    expected = (clipped * (weights * trust)[:, None]).sum(0) / (weights * trust).sum()
-    np.testing.assert_allclose(out.delta, expected, rtol=1e-12)
+    shares = np.minimum(weights * trust / (weights * trust).sum(), 1 / (5 - 1))
+    assert (shares < weights * trust / (weights * trust).sum()).any()  # the cap bites here
+    np.testing.assert_allclose(out.delta, (clipped * shares[:, None]).sum(0), rtol=1e-12)
     figures = out.figures["norm_bound"]["direction"]
     assert figures["weighting"] == "cosine"
     assert figures["reference"] == robust.VALIDATION_REFERENCE
     np.testing.assert_allclose([c for _, c in figures["cosines"]], cosines, atol=1e-4)
     np.testing.assert_allclose([t for _, t in figures["trust"]], trust, atol=1e-4)
-    shares = weights * trust / (weights * trust).sum()
     np.testing.assert_allclose([s for _, s in figures["shares"]], shares, atol=1e-4)
+    assert figures["share_cap"] == 0.25
+    assert figures["capped"] == [i for i in range(5) if shares[i] == 0.25]
     assert figures["zero_weight"] == [0] and "dropped" not in figures
 
 
-def test_no_tolerate_cap_every_row_against_the_direction_weighs_zero():
+def test_every_row_against_the_direction_weighs_zero_whatever_tolerate_says():
     """The drop check removes at most `tolerate` rows (the lowest): with two reversed rows
-    it keeps one. The weighting gives both 0, whatever `tolerate` says."""
+    it keeps one. The weighting gives both 0; `tolerate` only sets its share cap."""
     rng = np.random.default_rng(1)
     ref = rng.normal(size=40)
     honest = rng.normal(size=(6, 40)) * 0.5 + ref
@@ -75,7 +77,8 @@ def test_no_tolerate_cap_every_row_against_the_direction_weighs_zero():
     clipped, _ = robust.clip_rows(deltas, bound)
     kept = [0, 1, 3, 5]
     trust = np.array([_unit_cos(clipped[i], ref) for i in kept])
-    np.testing.assert_allclose(out.delta, (clipped[kept] * trust[:, None]).sum(0) / trust.sum())
+    shares = np.minimum(trust / trust.sum(), 1 / (6 - 1))  # four kept rows of six
+    np.testing.assert_allclose(out.delta, (clipped[kept] * shares[:, None]).sum(0))
     drop = _weighted(deltas, ref, direction_weighting="drop")
     assert len(drop.figures["norm_bound"]["direction"]["dropped"]) == 1
 
@@ -95,14 +98,15 @@ def test_a_round_where_every_weight_is_zero_makes_no_update():
 
 def test_zero_rows_give_no_nan():
     """Zero rows (a client that did not move) have cosine 0 and weight 0; with one honest
-    row the update is that row, finite; with only zero rows the round is refused."""
+    row the update is that row at its capped share, finite; with only zero rows the round
+    is refused."""
     ref = np.ones(4)
     deltas = np.zeros((5, 4))
     deltas[3] = [1.0, 2.0, 0.5, 1.0]
     with np.errstate(all="raise"):
         out = _weighted(deltas, ref, norm_bound=10.0)
         assert np.isfinite(out.delta).all()
-        np.testing.assert_allclose(out.delta, deltas[3])
+        np.testing.assert_allclose(out.delta, deltas[3] / (5 - 1))
         none = _weighted(np.zeros((5, 4)), ref, norm_bound=10.0)
     assert none.delta is None and none.figures["refused"] == ZERO_TRUST
     # The adaptive bound of a cohort of zero rows is 0: still no NaN, still refused.
@@ -111,16 +115,16 @@ def test_zero_rows_give_no_nan():
     assert adaptive.delta is None
 
 
-def test_a_single_kept_row_moves_the_model_by_up_to_the_bound():
-    """The bound the docstring states: with renormalized weights one row with the only
-    positive cosine takes the whole update, at the norm bound (B, not B / n)."""
+def test_a_single_kept_row_moves_the_model_by_at_most_its_capped_share():
+    """The bound the docstring states: one row with the only positive cosine takes its
+    capped share, B / (n - tolerate), not the whole round (review ATTACK27H)."""
     ref = np.array([1.0, 0.0])
     deltas = np.array([[50.0, 50.0], [-1.0, 0.5], [-1.0, -0.5], [-0.5, 1.0], [0.0, 1.0]])
     out = _weighted(deltas, ref)
     bound = out.figures["norm_bound"]["bound"]
     assert out.figures["norm_bound"]["direction"]["zero_weight"] == [1, 2, 3, 4]
-    assert np.linalg.norm(out.delta) == pytest.approx(bound, rel=1e-12)
-    assert np.linalg.norm(out.delta) <= bound
+    assert out.figures["norm_bound"]["direction"]["capped"] == [0]
+    assert np.linalg.norm(out.delta) == pytest.approx(bound / (5 - 1), rel=1e-12)
 
 
 def test_a_zero_reference_keeps_the_server_weights():
@@ -175,12 +179,16 @@ def test_bad_combinations_are_refused_in_one_line(sets, needle):
     assert needle in refusal(sets)
 
 
-def test_the_setting_loads_without_a_tolerate_cap():
+def test_tolerate_zero_loads_and_caps_every_share_at_one_over_the_cohort():
     cfg = load_config(None, ["aggregation.norm_bound=1.5",
                              "aggregation.norm_bound_direction=validation",
                              "aggregation.direction_weighting=cosine",
                              "aggregation.tolerate=0"])
     assert cfg.aggregation.direction_weighting == "cosine" and cfg.aggregation.tolerate == 0
+    deltas = np.vstack([np.full(3, 1.0), -np.ones((4, 3))])
+    out = robust.aggregate(deltas, np.ones(5), cfg.aggregation, reference=np.ones(3))
+    assert out.figures["norm_bound"]["direction"]["share_cap"] == 0.2
+    np.testing.assert_allclose(out.delta, 0.2 * robust.clip_rows(deltas[:1], 1.5)[0][0])
     # "drop" still needs a cap of at least one row.
     with pytest.raises(ConfigError, match="drops at most aggregation.tolerate rows"):
         load_config(None, ["aggregation.norm_bound=1.5",
@@ -259,8 +267,10 @@ def test_a_real_round_loop_weights_every_row_by_its_trust(tmp_path, monkeypatch)
         assert all(trust[p] == pytest.approx(max(0.0, cosines[p]), abs=1e-4) for p in trust)
         assert weighted["zero_weight"] == [p for p in trust if trust[p] == 0.0]
         shares = dict(weighted["shares"])
+        assert weighted["share_cap"] == pytest.approx(1 / 3, abs=1e-4)  # 4 rows, tolerate 1
+        assert all(s <= weighted["share_cap"] for s in shares.values())
         if record.get("update_refused"):
             assert record["update_refused"] == ZERO_TRUST and not any(shares.values())
         else:
-            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+            assert 0.0 < sum(shares.values()) <= 1.0 + 1e-3
         assert record["aggregation"]["deltas"] == 4
