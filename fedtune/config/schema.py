@@ -458,10 +458,11 @@ class AggregationConfig:
     # "validation": how many validation rows (the split's first) the reference reads.
     direction_reference_rows: int = 64
     # "validation" before `mean` with a norm bound: "drop" (the check above), or "cosine":
-    # no row dropped and no `tolerate` cap, each bounded row weighted by its server-owned
-    # weight x max(0, cosine to the server's direction) (FLTrust's trust score,
-    # strategies.trust_weighting); a round where every weight is 0 makes no update. One kept
-    # row can then move the model by up to the norm bound (its renormalized share can be 1).
+    # no row dropped, each bounded row weighted by its server-owned weight x max(0, cosine
+    # to the server's direction) (FLTrust's trust score, strategies.trust_weighting), each
+    # row's share of the round capped at 1 / (cohort - tolerate) and not renormalized; a
+    # round where every weight is 0 makes no update. One row moves the model by at most
+    # the norm bound / (cohort - tolerate).
     direction_weighting: str = "drop"
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
@@ -532,9 +533,10 @@ class AggregationConfig:
                               "aggregation.tolerate rows: set aggregation.tolerate >= 1")
 
     def _validate_weighting(self) -> None:
-        """"cosine" weights rows by their cosine to the server's validation direction before
-        the weighted mean; it needs a norm bound (renormalized weights can give one row the
-        whole update), ignores the threshold, and drops no row (`tolerate` is not its cap)."""
+        """"cosine" weights rows by their cosine to the server's validation direction in
+        place of the weighted mean; it needs a norm bound (its per-row bound is the norm
+        bound times the share cap), has no threshold, and drops no row (`tolerate` sets its
+        share cap, 1 / (cohort - tolerate), so 0 is allowed: 1 / cohort)."""
         key = "aggregation.direction_weighting"
         require_choice(key, self.direction_weighting, DIRECTION_WEIGHTINGS)
         if self.direction_weighting == "drop":
