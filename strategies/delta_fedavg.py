@@ -290,7 +290,8 @@ class DeltaFedAvg:
         if (self.aggregation.norm_bound_direction == "validation" and self.reference
                 is not None and screened.accepted and weights.sum() > 0):
             reference = self.reference(sent.vector)
-        combined = pipeline.combine(screened.accepted, weights, self.aggregation, reference)
+        combined = pipeline.combine(screened.accepted, weights, self.aggregation, reference,
+                                    self.clients_per_round)
         if combined is None:
             return Round(None, RoundOutcome.of(sent, screened))
         if combined.delta is None:  # too few deltas for the rule's bound: keep the global

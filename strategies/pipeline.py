@@ -196,14 +196,16 @@ def server_weights(accepted: Sequence[Accepted], examples: Mapping[int, int],
 
 
 def combine(accepted: Sequence[Accepted], weights: np.ndarray, rule: AggregationConfig,
-            reference: np.ndarray | None = None) -> robust.Aggregated | None:
+            reference: np.ndarray | None = None, cohort: int = 0
+            ) -> robust.Aggregated | None:
     """The configured rule over the deltas (`strategies.robust`); None when no delta has a
     positive weight (nobody, or every client weighted 0). `reference`: the server's
-    validation direction (`norm_bound_direction = "validation"`)."""
+    validation direction (`norm_bound_direction = "validation"`); `cohort`: the configured
+    cohort size (`train.clients_per_round`)."""
     if not accepted or not weights.sum() > 0:
         return None
     return robust.aggregate(np.stack([a.delta for a in accepted]), weights, rule,
-                            [a.partition_id for a in accepted], reference)
+                            [a.partition_id for a in accepted], reference, cohort)
 
 
 def apply(vector: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray | None, str | None]:

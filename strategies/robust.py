@@ -14,8 +14,9 @@ validation rows (`fedtune.task.reference`, passed in as `reference`), and the ch
 runs before `median`, with or without a bound; with `direction_weighting = "cosine"`
 (after a bound, before `mean`) no row is dropped: each row's weight is scaled by
 max(0, its cosine to that reference), FLTrust's trust score, and each row's share of the
-round is capped at 1 / (n - tolerate) (`strategies.trust_weighting`, where its bound is
-stated: one row moves the model by at most B / (n - tolerate)). It returns the aggregated
+round is capped at 1 / (cohort - tolerate) for the configured cohort
+(`strategies.trust_weighting`, where its bound is stated: one row moves the model by at most
+B / (cohort - tolerate)). It returns the aggregated
 delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
@@ -298,12 +299,13 @@ def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence
 
 
 def cosine_weighting(deltas: np.ndarray, weights: np.ndarray, ids: Sequence[Any],
-                     reference: np.ndarray, tolerate: int) -> tuple[np.ndarray, dict[str, Any]]:
+                     reference: np.ndarray, cohort: int, tolerate: int
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
     """`direction_weighting = "cosine"`: the rows' capped shares of the round, from their
     weights and their trust in the server's direction (strategies.trust_weighting), and the
     figures: each row's cosine, trust and share."""
     cosines, no_reference = reference_cosines(deltas, reference)
-    shares, figures = trust_weighted(weights, cosines, no_reference, ids, tolerate)
+    shares, figures = trust_weighted(weights, cosines, no_reference, ids, cohort, tolerate)
     return shares, {**_cosine_figures(cosines, no_reference, ids, reference), **figures}
 
 
@@ -343,8 +345,8 @@ def _unit(row: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
-              ids: Sequence[Any] | None = None, reference: np.ndarray | None = None
-              ) -> Aggregated | None:
+              ids: Sequence[Any] | None = None, reference: np.ndarray | None = None,
+              cohort: int = 0) -> Aggregated | None:
     """Norm bound (if any), the direction check (if any), then `cfg.rule`, over the deltas
     with a positive weight; None when no delta has one; a refused update (delta None) when
     they are too few for the rule and bound to tolerate `cfg.tolerate` attackers. `ids` name
@@ -401,7 +403,7 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         # After the bound (every row bounded), in place of `mean`: every row stays, with its
         # capped share; the shares sum to 1 or less, so they are not renormalized (that
         # would undo the cap).
-        shares, weighted = cosine_weighting(deltas, w, names, reference, cfg.tolerate)
+        shares, weighted = cosine_weighting(deltas, w, names, reference, cohort, cfg.tolerate)
         figures["norm_bound"]["direction"] = weighted
         if not shares.sum() > 0:
             return Aggregated(None, {**figures, "refused": ZERO_TRUST})

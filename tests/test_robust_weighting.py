@@ -1,9 +1,10 @@
 """FLTrust's trust score as an aggregation weighting (`aggregation.direction_weighting =
 "cosine"`, strategies.trust_weighting and strategies.robust): after the norm bound each row
 weighs its server-owned weight x max(0, cosine to the server's validation direction), no
-row is dropped and there is no `tolerate` cap, a round where every weight is 0 makes no
-update (no division by 0, the reason recorded, the run goes on), the figures hold one entry
-per row, and every other combination is refused in one line."""
+row is dropped, each row's share is capped at 1 / (cohort - tolerate) and not renormalized,
+a round where every weight is 0 makes no update (no division by 0, the reason recorded,
+the run goes on), the figures hold one entry per row, and every other combination is
+refused in one line."""
 
 import json
 

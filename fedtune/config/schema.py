@@ -611,6 +611,11 @@ class AggregationConfig:
                     f"'median' tolerates aggregation.tolerate={f} only with {label} >= 3 x "
                     f"tolerate + 1 = {3 * f + 1} (the median of the rows the check keeps "
                     f"needs an honest majority), got {n}")
+        if self.direction_weighting == "cosine" and n <= f:
+            # Its share cap, 1 / (cohort - tolerate), needs more rows than attackers.
+            return (f"aggregation.direction_weighting='cosine' caps each row's share at 1 / "
+                    f"(cohort - aggregation.tolerate) and needs {label} > tolerate = {f}, "
+                    f"got {n}")
         if self.rule == "median" and n < 2 * f + 1:
             return (f"aggregation.rule='median' tolerates aggregation.tolerate={f} only with "
                     f"{label} >= 2 x tolerate + 1 = {2 * f + 1}, got {n}")
