@@ -16,15 +16,21 @@ refactor that changes one summation order, one draw or one default shows up here
 How (the CLI runs as a subprocess with this interpreter and this PYTHONPATH, so it tests
 whatever tree is on the path; each run takes `flock /tmp/fedtune-e2e.lock` on its own):
 
-    python benchmarks/golden.py --record               # write golden.json (--only: that case)
+    python benchmarks/golden.py --record               # this environment's record (--only)
     python benchmarks/golden.py                        # --check: compare, exit 1 on a diff
     python benchmarks/golden.py --only quickstart      # one case
     python benchmarks/golden.py --twice --record       # record only what re-runs identically
     python benchmarks/golden.py --out /tmp/g           # keep the run folders there
 
-The figures hold for one set of library versions on one CPU kind: `golden.json` records them
-(`environment()`) and a check on another environment says so first (tests/test_golden.py skips
-there). Runs pin the driver's torch threads (`THREADS`): the clients' count is the config's.
+The figures hold for one set of library versions on one CPU kind and vendor (`environment()`):
+`golden.json` holds one record per environment, `{"records": [{"environment", "cases"}, ...]}`.
+`--check` (and tests/test_golden.py) compares with the record whose environment is this one's;
+where none is, it skips and says why (the nearest record's differences), or with `--nearest`
+compares with that record anyway (figures may differ for the environment alone). `--record`
+adds this environment's record, or replaces its cases (`--only`: those), and keeps the
+others. A file of the older one-record form (`{"environment", "cases"}`) reads as one record
+and is written in the new form. Runs pin the driver's torch threads (`THREADS`): the
+clients' count is the config's.
 """
 
 from __future__ import annotations
@@ -117,11 +123,71 @@ def cpu_vendor() -> str:
     return platform.processor() or "unknown"
 
 
-def environment_differences(golden: dict[str, Any]) -> list[str]:
-    now = environment()
+def environment_differences(golden: dict[str, Any], now: dict[str, str] | None = None
+                            ) -> list[str]:
+    """What differs between a record's environment and `now` (this one's by default)."""
+    now = environment() if now is None else now
     was = golden.get("environment", {})
     return [f"{k}: recorded {was.get(k)}, here {now.get(k)}"
             for k in sorted(set(now) | set(was)) if was.get(k) != now.get(k)]
+
+
+def load_records(path: Path | None = None) -> list[dict[str, Any]]:
+    """golden.json's records (`path`: another file), one per environment (none if there is
+    no file). The older one-record form (`{"environment", "cases"}`) is a list of one."""
+    path = GOLDEN if path is None else path
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if "records" in data:
+        return list(data["records"])
+    return [{"environment": data.get("environment", {}), "cases": data.get("cases", {})}]
+
+
+def save_records(records: list[dict[str, Any]], path: Path | None = None) -> None:
+    """Write `records` to golden.json (`path`: another file), each one's cases sorted."""
+    path = GOLDEN if path is None else path
+    records = [{"environment": r["environment"], "cases": dict(sorted(r["cases"].items()))}
+               for r in records]
+    path.write_text(json.dumps({"records": records}, indent=1) + "\n")
+
+
+def matching_record(records: list[dict[str, Any]], now: dict[str, str] | None = None
+                    ) -> dict[str, Any] | None:
+    """The record whose environment is `now` (this one's by default), every key equal."""
+    now = environment() if now is None else now
+    return next((r for r in records if not environment_differences(r, now)), None)
+
+
+def nearest_record(records: list[dict[str, Any]], now: dict[str, str] | None = None
+                   ) -> dict[str, Any] | None:
+    """The record whose environment differs from `now` in the fewest keys."""
+    now = environment() if now is None else now
+    return min(records, key=lambda r: len(environment_differences(r, now)), default=None)
+
+
+def no_record_reason(records: list[dict[str, Any]], now: dict[str, str] | None = None) -> str:
+    """Why no record holds `now`'s figures, in one line: the nearest record's differences."""
+    now = environment() if now is None else now
+    nearest = nearest_record(records, now)
+    if nearest is None:
+        return f"{GOLDEN.name} holds no record"
+    differences = "; ".join(environment_differences(nearest, now))
+    return (f"{GOLDEN.name} holds no record for this environment ({len(records)} "
+            f"record(s); the nearest differs in {differences})")
+
+
+def with_record(records: list[dict[str, Any]], now: dict[str, str],
+                cases: dict[str, Any]) -> list[dict[str, Any]]:
+    """`records` with `cases` put into `now`'s record (added where there is none; a case
+    already there replaced, its other cases kept); every other record as it was."""
+    out, placed = [], False
+    for record in records:
+        if not placed and not environment_differences(record, now):
+            record = {"environment": dict(now), "cases": {**record["cases"], **cases}}
+            placed = True
+        out.append(record)
+    return out if placed else [*out, {"environment": dict(now), "cases": dict(cases)}]
 
 
 def experiment(name: str) -> tuple[Path, list[str]]:
@@ -248,15 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="keep the run folders here")
     parser.add_argument("--no-lock", action="store_true",
                         help=f"do not take {LOCK} (the caller holds it, or runs nothing else)")
+    parser.add_argument("--nearest", action="store_true",
+                        help="with no record for this environment, check against the nearest "
+                             "one (figures may differ for the environment alone)")
     args = parser.parse_args(argv)
     names = args.only or list(CASES)
-    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"cases": {}}
+    records, now = load_records(), environment()
+    golden = matching_record(records, now)
     if not args.record:
+        if golden is None and not (args.nearest and records):
+            print(f"SKIPPED, nothing compared: {no_record_reason(records, now)}; run --record "
+                  "to add this environment's record, or --nearest to compare anyway")
+            return 0
+        if golden is None:
+            golden = nearest_record(records, now)
+            assert golden is not None
+            for line in environment_differences(golden, now):
+                print(f"environment differs (figures may differ for that alone): {line}")
         if missing := [n for n in names if n not in golden["cases"]]:
-            print(f"{GOLDEN} has no figures for {missing}: run --record first")
+            print(f"{GOLDEN}'s record for this environment has no figures for {missing}: "
+                  "run --record first")
             return 1
-        for line in environment_differences(golden):
-            print(f"environment differs (figures may differ for that alone): {line}")
+    recorded: dict[str, Any] = {}
     temp = tempfile.TemporaryDirectory(prefix="golden-")
     root = args.out or Path(temp.name)
     failed = []
@@ -272,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: NOT DETERMINISTIC, {len(lines)} figure(s) differ between the two "
                   "runs:", *lines, sep="\n")
         elif args.record:
-            golden["cases"][name] = runs[0]
-        elif lines := diff(golden["cases"][name], runs[0]):
+            recorded[name] = runs[0]
+        elif golden is not None and (lines := diff(golden["cases"][name], runs[0])):
             failed.append(name)
             print(f"{name}: {len(lines)} figure(s) differ from {GOLDEN.name} "
                   "(recorded -> now):", *lines, sep="\n")
@@ -281,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(runs[0])} figures identical")
     temp.cleanup()
     if args.record and not failed:
-        golden = {"environment": environment(), "cases": dict(sorted(golden["cases"].items()))}
-        GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
-        print(f"wrote {GOLDEN}")
+        save_records(with_record(records, now, recorded))
+        print(f"wrote {GOLDEN}: this environment's record "
+              f"({', '.join(sorted(recorded))}), {len(records)} record(s) before")
     if failed:
         print(f"DIFFERENT: {failed}" + (" (nothing recorded)" if args.record else ""))
         return 1

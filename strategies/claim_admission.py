@@ -24,6 +24,7 @@ from fedtune.config import ConfigError
 from fedtune.privacy import DPHistory
 from fedtune.privacy.accounting import CalibrationBudgetSpent, calibration_budget, check_history
 from fedtune.run.checkpoint import ServerState
+from fedtune.run.epsilon_marks import Mark, reason_epsilon
 from strategies.release_plan import ReleasePlan
 
 # New noise calibrations (Opacus' search: 2-6 s each on the loaded 2-core box at 500
@@ -39,13 +40,15 @@ CALIBRATIONS_PER_CLAIM = 4
 
 class ClaimAdmission:
     def __init__(self, releases: ReleasePlan, partition_sizes: Sequence[int],
-                 state: ServerState) -> None:
+                 state: ServerState, marks: Sequence[Mark] = ()) -> None:
         """`releases`: the plan the ledger charges by; `state`: the server state whose
         `examples` (the counts fixed so far) and `interrupted` (attempts of rounds killed
-        and resumed) the admission reads and fixes."""
+        and resumed) the admission reads and fixes; `marks`: the sample level's marks
+        (`PrivacyLedger.marks`), shown beside the epsilon of a refusal."""
         self.releases = releases
         self.partition_sizes = tuple(partition_sizes)
         self.state = state
+        self.marks = tuple(marks)
 
     def admit(self, counts: Mapping[int, int],
               claimed: Collection[int] = ()) -> dict[int, str]:
@@ -121,8 +124,8 @@ class ClaimAdmission:
         return (f"claims {n} examples for partition {pid}: training in all "
                 f"{plan.rounds} planned rounds{attempts} at "
                 f"privacy.sample.noise_multiplier={sample.noise_multiplier} would spend "
-                f"sample-level epsilon {eps:.4f}, over privacy.sample.target_epsilon="
-                f"{sample.target_epsilon}")
+                f"sample-level epsilon {reason_epsilon(eps, self.marks)}, over "
+                f"privacy.sample.target_epsilon={sample.target_epsilon}")
 
     def claimed_plan(self, pid: int, n: int, rounds: Sequence[int]) -> DPHistory:
         """The history a client of `n` examples is charged over `rounds` (each trained),

@@ -60,6 +60,7 @@ from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState, load_pending, save_pending
+from fedtune.run.epsilon_marks import LEVELS, Mark, reason_epsilon
 from strategies.claim_admission import ClaimAdmission
 from strategies.release_plan import ReleasePlan, after, steps
 
@@ -89,13 +90,18 @@ SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus
 
 class PrivacyLedger:
     def __init__(self, plan: PrivacyPlan, partition_sizes: Sequence[int], state: ServerState,
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None,
+                 marks: Mapping[str, Sequence[Mark]] | None = None) -> None:
         """`plan`: the run's privacy settings and schedule; `partition_sizes`: the examples
         of each partition (simulation), what a client is planned on unless a deployment node
         reported its own count (`use_example_counts`). `folder` (the run folder) makes each
         round's charges durable before it is sent and charges, on a resume, a round that was
-        sent but never completed."""
+        sent but never completed. `marks`: the run's marks by level
+        (`fedtune.run.epsilon_marks.run_marks`, as the server passes them), shown beside
+        each epsilon of a budget stop's or a refused claim's reason; none if not given (a
+        ledger tested on its accounting alone)."""
         self.plan = plan
+        self.marks = {level: tuple((marks or {}).get(level, ())) for level in LEVELS}
         self.privacy = plan.privacy
         self.partition_sizes = tuple(int(n) for n in partition_sizes)
         self.state = state
@@ -108,7 +114,8 @@ class PrivacyLedger:
         # As `fedtune.run.curator_log.keeps_cohorts_apart` (which reads a whole config):
         # under user-level DP who was sampled is the curator's, unless the run logs cohorts.
         self.cohort_secret = user.enabled and not user.log_cohorts
-        self.claims = ClaimAdmission(self.releases, self.partition_sizes, state)
+        self.claims = ClaimAdmission(self.releases, self.partition_sizes, state,
+                                     marks=self.marks["sample"])
         self.user: UserLevelAccount | None = None
         if user.enabled:
             cohort, population = plan.cohort, plan.population
@@ -174,8 +181,9 @@ class PrivacyLedger:
         if self.user is not None:
             user_eps = self.user.epsilon(self.user.releases + 1)
             if user_eps is not None and user_eps > user.target_epsilon:
-                reason = (f"round {rnd} would raise the user-level epsilon to {user_eps:.4f}, "
-                          f"over privacy.user.target_epsilon={user.target_epsilon}")
+                reason = (f"round {rnd} would raise the user-level epsilon to "
+                          f"{self._shown('user', user_eps)}, over "
+                          f"privacy.user.target_epsilon={user.target_epsilon}")
                 return Stop(reason, reason)  # one release for every client: no cohort in it
         sample = self.privacy.sample
         if not sample.enabled:
@@ -194,7 +202,8 @@ class PrivacyLedger:
             budget, what = self._budget(self._admitted())
             if bound is not None and bound > budget:
                 reason = (f"round {rnd} would raise the released sample-level bound (a "
-                          f"client sampled in every round) to {bound:.4f}, over {what}")
+                          f"client sampled in every round) to "
+                          f"{self._shown('sample', bound)}, over {what}")
                 return Stop(reason, reason)
             return None
         for pid in cohort:
@@ -203,9 +212,13 @@ class PrivacyLedger:
             budget, what = self._budget([pid])
             if after_round > budget:
                 named = (f"round {rnd} would raise client {pid}'s sample-level epsilon "
-                         f"to {after_round:.4f}, over {what}")
+                         f"to {self._shown('sample', after_round)}, over {what}")
                 return Stop(named, named)
         return None
+
+    def _shown(self, level: str, epsilon: float) -> str:
+        """An epsilon of `level` as a reason shows it: with the run's marks."""
+        return reason_epsilon(epsilon, self.marks[level])
 
     def _past_steps_bound(self, rnd: int, cohort: list[int]) -> str | None:
         """Why round `rnd` would take a history past privacy.sample.accountant's steps bound
@@ -247,8 +260,8 @@ class PrivacyLedger:
         planned = self._worst_every_round(pids, range(1, self.plan.rounds + 1))
         if planned <= sample.target_epsilon:
             return target
-        return planned, (f"the {planned:.4f} the calibrated plan spends over its "
-                         f"{self.plan.rounds} rounds (privacy.sample.target_epsilon="
+        return planned, (f"the {self._shown('sample', planned)} the calibrated plan spends "
+                         f"over its {self.plan.rounds} rounds (privacy.sample.target_epsilon="
                          f"{sample.target_epsilon} and the releases calibrated apart)")
 
     def charge_sent(self, rnd: int, partition_ids: list[int]) -> None:

@@ -3,6 +3,7 @@ under `split.smashed_dp`, with secret noise by default, accounted jointly with D
 ledger says what the server sees in clear otherwise; the audit's attacks recover text and
 labels from unprotected traffic and not from protected traffic."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -292,6 +293,7 @@ def _trained_state(task):
 
 @pytest.mark.parametrize("cut", [0, 1])
 def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(minilm, cut):
+    from fedtune.audit.cli import report_text
     from fedtune.audit.split_attack import attack
 
     # Reproducible draws: the figures below hold for every draw in expectation; fixed draws
@@ -305,6 +307,10 @@ def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(m
                    seed=1)
     assert clear.examples > 0 and not clear.smashed_dp
     assert clear.token_recovery >= 0.95 and clear.label_balanced >= 0.95
+    # Its epsilon is shown with what weakens it (MARKS30): the console line and the JSON.
+    assert "client epsilon after the round: " in report_text(clear, 0)
+    assert report_text(clear, 0).endswith(" [seeded noise; data in clear]")
+    assert "data in clear: " in json.dumps(clear.as_dict())
     noised_cfg = load_config(None, [*base, "split.smashed_dp.enabled=true",
                                     "split.smashed_dp.target_epsilon=1"])
     from fedtune.split import flops
@@ -312,6 +318,7 @@ def test_the_attack_recovers_text_and_labels_in_clear_and_not_under_smashed_dp(m
     flops._CACHE.clear()  # measured once per process: make this round measure
     noised = attack(noised_cfg, _TinyTask(minilm, noised_cfg), _trained_state(task), 0, 64, 1)
     assert noised.smashed_dp and noised.token_recovery <= 0.02
+    assert report_text(noised, 0).endswith(" [seeded noise]")
     assert noised.label_balanced <= 0.8
     # The attacker records the FLOP probe too (synthetic text, not the victim's rows).
     assert noised.probe_exchanges == 1 and noised.exchanges > noised.probe_exchanges

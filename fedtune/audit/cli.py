@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # imported when a command runs: it brings torch
+    from fedtune.audit.split_attack import AttackResult
 
 audit_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Attack a run as its server could, and report what leaks.")
@@ -49,14 +52,17 @@ def split(
     if as_json:
         print(json.dumps(result.as_dict()))
         return
-    r = result
+    console.print(report_text(result, victim), highlight=False, markup=False)
+
+
+def report_text(r: AttackResult, victim: int) -> str:
+    """The console's report of one split audit; the client's epsilon with its marks."""
     protection = "smashed DP" if r.smashed_dp else "none (smashed data in clear)"
-    console.print(
+    return (
         f"cut {r.cut_layer}, protection: {protection}; client {victim}: {r.examples} "
         f"examples, {r.tokens} tokens\n"
         f"  token recovery {r.token_recovery:.1%} (baseline, most frequent token: "
         f"{r.token_baseline:.1%})\n"
         f"  label recovery {r.label_recovery:.1%} (baseline, majority label: "
         f"{r.label_baseline:.1%}); mean per-label recall {r.label_balanced:.1%}\n"
-        f"  client epsilon after the round: "
-        f"{'none' if r.epsilon is None else f'{r.epsilon:.3f}'}", highlight=False)
+        f"  client epsilon after the round: {r.epsilon_shown()}")

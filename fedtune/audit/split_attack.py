@@ -22,7 +22,7 @@ are what the attacker gets without the traffic (most frequent public token; majo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from flwr.app import Context, RecordDict
 from torch.utils.data import TensorDataset
 
 from fedtune.config import ExperimentConfig, load_config
+from fedtune.run.epsilon_marks import Mark, epsilon_marks, epsilon_note, render_epsilon
 from fedtune.run.ledger import CONFIG_FILE, SUMMARY_FILE
 from fedtune.split import InProcessBody
 from fedtune.split.flops import probing
@@ -117,9 +118,17 @@ class AttackResult:
     # fedtune.split.flops; once per process, so 0 when an earlier round measured).
     exchanges: int = 0
     probe_exchanges: int = 0
+    # What weakens `epsilon` (fedtune.run.epsilon_marks, from the replayed config): its
+    # marks, shown beside it on the console, and its note, beside it in the JSON.
+    marks: tuple[Mark, ...] = ()
+    epsilon_note: str | None = None
+
+    def epsilon_shown(self) -> str:
+        """The client's epsilon as the console shows it: with its marks."""
+        return render_epsilon(self.epsilon, self.marks, digits=3, off="none")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "marks"}
 
 
 def audit_run(run: str | Path, overrides: list[str] | None = None, victim: int = 0,
@@ -214,7 +223,9 @@ def attack(cfg: ExperimentConfig, task: Any, state: dict[str, torch.Tensor] | No
         label_baseline=label_base,
         label_balanced=sum(recalls) / max(1, len(recalls)), epsilon=result.epsilon,
         exchanges=len(recorder.exchanges),
-        probe_exchanges=sum(ex.probe for ex in recorder.exchanges))
+        probe_exchanges=sum(ex.probe for ex in recorder.exchanges),
+        marks=tuple(epsilon_marks(cfg, "sample", result.epsilon)),
+        epsilon_note=epsilon_note(cfg, "sample", result.epsilon))
 
 
 def _token_positions(length: int, insert_at: int, prompt_len: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ release-safe path under it, a dict keyed by partition ids say, goes whole), and 
 declared key of the run's plugins is in every round, null where not filled. Split mode's sums
 over the cohort (`fedtune.split.figures.COHORT_FIGURES`) are moved as the cohort
 figures are, and their keys are null in every round of a split run, an empty cohort's too.
+The per-client epsilons moved here carry the note their level's epsilon carries in the
+release (`EPSILON_PARTS`, `fedtune.run.epsilon_marks.epsilon_note`).
 
 Release (may be shared): config.toml, rounds.jsonl, summary.json, the final state, the
 report. Curator's log (keep): curator_log.jsonl, the checkpoint, privacy_pending.json.
@@ -30,6 +32,7 @@ from typing import Any
 
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
+from fedtune.run.epsilon_marks import epsilon_note
 from fedtune.run.folder import CURATOR_FILE
 from fedtune.split.figures import COHORT_FIGURES as SPLIT_FIGURES
 
@@ -39,6 +42,9 @@ COHORT_KEYS = ("per_client", "rejected", "failed", "unsolicited", "refused_claim
 COHORT_PARTS = (("privacy_user", "aggregated_delta_norms"), ("privacy_sample", "histories"),
                 ("privacy_sample", "epsilon_by_client"),
                 ("privacy_sample", "interrupted_rounds_charged"))
+# Of those, the ones holding epsilons by client -> their level: each moved one gets the
+# level's note beside it (`<key>_note`), as each epsilon of the release has.
+EPSILON_PARTS = {("privacy_sample", "epsilon_by_client"): "sample"}
 # Round-record figures of the whole cohort: its size (`clients`, `sampled`), sums over its
 # members (the bytes scale with the cohort size), their unnoised mean loss, whether any
 # member's delta counted (`no_contribution`: true says the secret draw was empty) and the
@@ -95,6 +101,9 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
         if isinstance(part, dict) and key in part:
             curator.setdefault(section, {})[key] = part[key]
             part[key] = MOVED_NOTE
+            if (level := EPSILON_PARTS.get((section, key))) is not None:
+                curator[section][f"{key}_note"] = _by_client_note(
+                    cfg, level, curator[section][key])
     active = {table.get("name") for table in cfg.plugins}
     for key, (plugin, safe) in _PLUGIN_EXTRAS.items():
         if key in public:
@@ -104,6 +113,14 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
             # filled it never says who, or whether anyone, was in the secret cohort.
             public[key] = None
     return public, curator
+
+
+def _by_client_note(cfg: ExperimentConfig, level: str, by_client: Any) -> str | None:
+    """The note beside epsilons by client of `level` (the largest one's; the same text
+    for each): null when there is none."""
+    values = [v for v in by_client.values() if isinstance(v, (int, float))] \
+        if isinstance(by_client, dict) else []
+    return epsilon_note(cfg, level, max(values, default=None))
 
 
 def _move_private(public: dict[str, Any], curator: dict[str, Any], key: str, path: str,

@@ -1,7 +1,10 @@
 """Every epsilon is shown with what weakens it: ONE renderer (`render_epsilon`) for the
-console's round and final lines, the sweep table, `report.md` and its plots, and ONE note
-(`epsilon_note`) beside each epsilon in rounds.jsonl, summary.json and exports; the note
-beside epsilon_user also names its unit (`fedtune.config.user_unit`).
+console's round and final lines, the sweep table, `report.md` and its plots, and the
+one-line reasons that hold an epsilon (`reason_epsilon`: budget stops, refused claims and
+configs), and ONE note (`epsilon_note`) beside each epsilon in rounds.jsonl, summary.json,
+the curator's log and exports; the note beside epsilon_user also names its unit
+(`fedtune.config.user_unit`). Code that shows an epsilon without holding the whole config
+(the privacy ledger, the claim admission) is given the run's marks (`run_marks`).
 
 Marks, each decided from the run's config alone (a registry: add one here and every
 output shows it):
@@ -119,6 +122,18 @@ def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str 
         texts.append(user_unit(cfg))
     texts += [m.text for m in epsilon_marks(cfg, level, value) if m.text not in texts]
     return "; ".join(texts)
+
+
+def run_marks(cfg: ExperimentConfig) -> dict[str, tuple[Mark, ...]]:
+    """Each level's marks for a non-null epsilon of `cfg`'s run (level -> marks), for code
+    built without the whole config (`strategies.privacy_ledger`)."""
+    return {level: tuple(epsilon_marks(cfg, level)) for level in LEVELS}
+
+
+def reason_epsilon(value: float, marks: Sequence[Mark]) -> str:
+    """An epsilon inside a one-line reason (a budget stop, a refused claim or config):
+    four decimals and its marks' tags, `8.1234 [seeded noise]` (`render_epsilon`)."""
+    return render_epsilon(value, marks, digits=4)
 
 
 def note_fields(cfg: ExperimentConfig, record: dict) -> dict[str, str | None]:

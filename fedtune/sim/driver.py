@@ -69,6 +69,7 @@ def check_user_budget(cfg: ExperimentConfig) -> None:
     if not (user.enabled and user.noise_multiplier > 0):
         return
     from fedtune.privacy.user_level import UserLevelAccount
+    from fedtune.run.epsilon_marks import epsilon_marks, reason_epsilon
 
     account = UserLevelAccount(user.noise_multiplier, cfg.train.clients_per_round,
                                cfg.data.num_clients, user.delta)
@@ -76,7 +77,8 @@ def check_user_budget(cfg: ExperimentConfig) -> None:
     if first is not None and first > user.target_epsilon:
         raise ConfigError(
             f"privacy.user.noise_multiplier={user.noise_multiplier} spends epsilon "
-            f"{first:.3f} in the first round alone, over privacy.user.target_epsilon="
+            f"{reason_epsilon(first, epsilon_marks(cfg, 'user', first))} in the first round "
+            f"alone, over privacy.user.target_epsilon="
             f"{user.target_epsilon}; raise the noise or set it to 0 to calibrate")
 
 
