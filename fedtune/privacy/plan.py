@@ -9,10 +9,12 @@ config: the server's ledger is built from it, never from the whole config."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fedtune.config import ExperimentConfig, PrivacyConfig
 from fedtune.privacy.accounting import calibrate_noise
+from fedtune.run.epsilon_marks import Mark, run_marks
 
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as DPHistory
 
@@ -29,13 +31,17 @@ class PrivacyPlan:
     batch_size: int
     local_steps: int
     local_epochs: float
+    # What weakens each level's epsilon (`fedtune.run.epsilon_marks`), decided by the config
+    # like the rest: every epsilon the ledger puts in a reason carries them.
+    marks: Mapping[str, tuple[Mark, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> PrivacyPlan:
         train = cfg.train
         return cls(privacy=cfg.privacy, rounds=train.rounds, cohort=train.clients_per_round,
                    population=cfg.data.num_clients, batch_size=train.batch_size,
-                   local_steps=train.local_steps, local_epochs=train.local_epochs)
+                   local_steps=train.local_steps, local_epochs=train.local_epochs,
+                   marks=run_marks(cfg))
 
     def steps(self, n: int) -> int:
         """Steps a client with `n` examples takes in a round: `train.local_steps`, or with
