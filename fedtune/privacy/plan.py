@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fedtune.config import ExperimentConfig, PrivacyConfig
 from fedtune.privacy.accounting import calibrate_noise
-from fedtune.run.epsilon_marks import Mark, run_marks
+
+if TYPE_CHECKING:
+    from fedtune.run.epsilon_marks import Mark
 
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as DPHistory
 
@@ -37,6 +40,10 @@ class PrivacyPlan:
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> PrivacyPlan:
+        # Imported here: the marks module reads fedtune.privacy (its noise note), whose
+        # package imports this one.
+        from fedtune.run.epsilon_marks import run_marks
+
         train = cfg.train
         return cls(privacy=cfg.privacy, rounds=train.rounds, cohort=train.clients_per_round,
                    population=cfg.data.num_clients, batch_size=train.batch_size,
