@@ -262,11 +262,14 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     The cap at `tolerate` is kept with it: with a trusted reference a row below the
     threshold is not an attacker's doing on the reference, but an honest non-IID client
     can still point away from the server's validation rows, and the cap keeps the kept
-    rows' share bounded as above."""
+    rows' share bounded as above. Before `median`, `direction_drop_limit = "majority"`
+    lifts the cap to all but 2 x tolerate + 1 rows (`AggregationConfig.drop_limit`): the
+    median of the rows left holds an honest majority whichever rows were dropped, so an
+    honest row that scores below an attacker no longer costs the attacker's removal."""
     cosines, no_reference = reference_cosines(deltas, reference)
     keep = np.ones(len(deltas), dtype=bool)
     below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
-    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.tolerate]] = False
+    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.drop_limit(len(deltas))]] = False
     named = _cosine_figures(cosines, no_reference, ids, reference)
     # The record's key order of before the weighting existed (records are compared as text).
     figures = {"reference": named["reference"], "min_cosine": cfg.direction_min_cosine,

@@ -401,6 +401,8 @@ NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
 # What the validation check does with a row: "drop" the lowest below the threshold (at most
 # `tolerate`), or weight every row by max(0, cosine) ("cosine", FLTrust's trust score).
 DIRECTION_WEIGHTINGS = ("drop", "cosine")
+# How many rows the direction check may drop (`direction_drop_limit`).
+DIRECTION_DROP_LIMITS = ("tolerate", "majority")
 # The rules the direction check can run before: it drops rows, and these two take a subset
 # (the coordinate-wise and Krum rules count each kept row once as well, but are not measured
 # with it).
@@ -464,6 +466,12 @@ class AggregationConfig:
     # round where every weight is 0 makes no update. One row moves the model by at most
     # the norm bound / (cohort - tolerate).
     direction_weighting: str = "drop"
+    # How many rows the validation check may drop before `median`: "tolerate" (at most
+    # `tolerate`, the lowest cosines first) or "majority" (every row below the threshold,
+    # the lowest first, as long as 2 x tolerate + 1 rows are left: the median of the rows
+    # kept still has an honest majority with at most `tolerate` attackers among them, so
+    # an honest row that scores below an attacker no longer leaves the attacker in).
+    direction_drop_limit: str = "tolerate"
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
     # krum / multi_krum: the number of attackers assumed; multi_krum averages the best
@@ -516,6 +524,7 @@ class AggregationConfig:
                               f"[1, {REFERENCE_ROWS_MAX}], got "
                               f"{self.direction_reference_rows!r}")
         self._validate_weighting()
+        self._validate_drop_limit()
         if self.norm_bound_direction == "off":
             return
         if self.norm_bound_direction == "validation":
@@ -551,6 +560,25 @@ class AggregationConfig:
             raise ConfigError(f"{key}='cosine' weights each row by max(0, cosine) and has no "
                               f"threshold: aggregation.direction_min_cosine must stay 0, got "
                               f"{self.direction_min_cosine!r}")
+
+    def _validate_drop_limit(self) -> None:
+        """"majority" lets the check drop more than `tolerate` rows; only the median of the
+        rows left holds its bound whatever rows those are (a mean's kept rows would take
+        larger shares), so it needs the validation check before `median`."""
+        key = "aggregation.direction_drop_limit"
+        require_choice(key, self.direction_drop_limit, DIRECTION_DROP_LIMITS)
+        if self.direction_drop_limit == "majority" and (
+                self.norm_bound_direction != "validation" or self.rule != "median"):
+            raise ConfigError(f"{key}='majority' needs aggregation.norm_bound_direction="
+                              f"'validation' and aggregation.rule='median', got "
+                              f"norm_bound_direction={self.norm_bound_direction!r}, "
+                              f"rule={self.rule!r}")
+
+    def drop_limit(self, rows: int) -> int:
+        """The most rows the direction check may drop from `rows`."""
+        if self.direction_drop_limit == "majority":
+            return max(rows - (2 * self.tolerate + 1), 0)
+        return self.tolerate
 
     def _validate_validation_direction(self, key: str) -> None:
         """The check against the server's validation direction: before `mean` with a norm
@@ -604,7 +632,7 @@ class AggregationConfig:
                     f"2 = {2 * f + 2} (each row's reference, the median of the others, needs "
                     f"an honest majority), got {n}")
         if (self.norm_bound_direction == "validation" and self.rule == "median"
-                and n < 3 * f + 1):
+                and self.direction_drop_limit == "tolerate" and n < 3 * f + 1):
             # The check may drop f honest rows (attackers that point the validation way
             # are kept): the median then needs an honest majority of the n - f left.
             return (f"aggregation.norm_bound_direction='validation' before aggregation.rule="
