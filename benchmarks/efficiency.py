@@ -48,6 +48,8 @@ from typing import Any
 
 import psutil
 
+from fedtune.run.epsilon_marks import folder_marks, render_epsilon
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "quickstart.toml"
 PRUNE = 'model.prune_layers="importance:2"'  # 2 of MiniLM's 6 blocks
@@ -92,6 +94,7 @@ class Result:
     peak_actor_rss: int = 0
     accuracy: float = 0.0
     epsilon: float | None = None
+    epsilon_shown: str = "-"  # with the run's marks (fedtune.run.epsilon_marks)
     skipped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +164,9 @@ def run_one(row: Row, privacy: str, sets: list[str], work: Path) -> Result:
                   examples_per_cpu_s=seen / worker_cpu if worker_cpu else 0.0,
                   peak_actor_rss=actor_rss, accuracy=summary["final_accuracy"],
                   epsilon=summary.get("epsilon_sample"),
+                  epsilon_shown=render_epsilon(
+                      summary.get("epsilon_sample"),
+                      folder_marks(out, "sample", summary.get("epsilon_sample")), off="-"),
                   skipped=max((r.get("forward_layers_skipped", 0) for r in rounds),
                               default=0))
 
@@ -184,7 +190,7 @@ def table(results: list[Result]) -> list[str]:
             lines.append(f"| {r.row} | {r.privacy} | failed: {r.error} | | | | | | | | | |")
             continue
         ok = base is not None and base.ok
-        eps = "-" if r.epsilon is None else f"{r.epsilon:.2f}"
+        eps = r.epsilon_shown
         lines.append(
             f"| {r.row} | {r.privacy} | {r.examples_per_s:.1f} | "
             f"{_ratio(r.examples_per_s, base.examples_per_s) if ok else 'n/a'} | "

@@ -85,8 +85,8 @@ RULES = {
                                     "aggregation.norm_bound_direction=validation",
                                     "aggregation.direction_reference_rows=4096"],
     # Issue 27, ninth table: the bounded median's check may drop every row below 0 as long
-    # as 2 x tolerate + 1 rows are left (an honest row scoring below the flipped one no
-    # longer keeps it in the median).
+    # as 2 x tolerate + 1 rows are left (an honest row scoring below the flipped one then
+    # no longer keeps it in the median, unless more honest rows score below it).
     "validation_median_majority_all": ["aggregation.rule=median",
                                        "aggregation.norm_bound=adaptive",
                                        "aggregation.norm_bound_direction=validation",

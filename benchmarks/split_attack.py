@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedtune.audit.split_attack import audit_run
 from fedtune.config import load_config
+from fedtune.run.epsilon_marks import folder_marks, render_epsilon
 
 
 def _row(folder: Path) -> str:
@@ -29,7 +30,8 @@ def _row(folder: Path) -> str:
     target = f"{smashed.target_epsilon:g}" if smashed.enabled else "off (in clear)"
     eps = summary.get("epsilon_sample")
     covers = "deltas + smashed" if smashed.enabled else "deltas only"
-    return (f"| {folder.name} | {target} | {'-' if eps is None else f'{eps:.2f}'} ({covers}) "
+    shown = render_epsilon(eps, folder_marks(folder, "sample", eps), off="-")
+    return (f"| {folder.name} | {target} | {shown} ({covers}) "
             f"| {at_zero.token_recovery:.1%} | {at_cut.token_recovery:.1%} "
             f"| {at_cut.token_baseline:.1%} | {at_cut.label_recovery:.1%} "
             f"| {at_cut.label_balanced:.1%} | {at_cut.label_baseline:.1%} "

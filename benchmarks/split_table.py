@@ -19,6 +19,8 @@ import statistics
 import tomllib
 from pathlib import Path
 
+from fedtune.run.epsilon_marks import folder_marks, render_epsilon
+
 
 def _load(folder: Path) -> tuple[dict, list[dict], dict]:
     summary = json.loads((folder / "summary.json").read_text())
@@ -69,7 +71,7 @@ def table(root: Path) -> str:
             smashed, total = 0.0, summary["total_bytes_up"] + summary["total_bytes_down"]
             cut, share = "no split", "-"
         eps = summary["epsilon_sample"]
-        eps_text = "-" if eps is None else f"{eps:.2f}"
+        eps_text = render_epsilon(eps, folder_marks(root / name, "sample", eps), off="-")
         rows.append(f"| {name} | {cut} | {share} | {summary['final_accuracy']:.4f} | "
                     f"{_acc(summary['best_val_accuracy'])} | {eps_text} | "
                     f"{fraction:.4%} | {_mb(smashed)} | {_mb(delta)} | {_mb(total)} |")

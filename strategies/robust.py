@@ -45,11 +45,15 @@ What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
   against it whatever the other rows send and whatever the cohort's size (the others'
   median needs n >= 2f + 2 for that); before `median` the cohort must be n >= 3f + 1, as the
   check may drop f honest rows and keep f attackers that point the validation way, and the
-  median of the n - f rows left needs an honest majority. With `mean` the bound's
+  median of the n - f rows left needs an honest majority (n >= 2f + 1 with the majority
+  limit, which leaves 2f + 1 rows); before `mean`, n > f. With `mean` the bound's
   guarantee holds as above. What it does not bound: a row with a positive cosine (a
   boosted honest step, hence the bound with `mean`; a targeted change orthogonal to the
   server's direction) is kept; an honest non-IID client whose step points away from the
-  validation rows is dropped (at most `tolerate` a round). Trust and privacy: it trusts the
+  validation rows is dropped (at most `tolerate` a round, or with `direction_drop_limit =
+  "majority"` before `median` every row below the threshold while 2f + 1 rows are left: up
+  to n - 2f - 1 honest rows, the median's bound kept; it does not guarantee that a reversed
+  row scoring above honest ones is dropped). Trust and privacy: it trusts the
   server's validation rows (the root set) and reads nothing else; no DP mechanism covers
   those rows, and the released model depends on them through which rows are kept. The
   epsilons cover the clients' training data only, which the check does not change: under
@@ -264,8 +268,9 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     can still point away from the server's validation rows, and the cap keeps the kept
     rows' share bounded as above. Before `median`, `direction_drop_limit = "majority"`
     lifts the cap to all but 2 x tolerate + 1 rows (`AggregationConfig.drop_limit`): the
-    median of the rows left holds an honest majority whichever rows were dropped, so an
-    honest row that scores below an attacker no longer costs the attacker's removal."""
+    median of the rows left holds an honest majority whichever rows were dropped. It drops
+    more rows below the threshold than the cap, not every one: a reversed row that scores
+    above the honest rows dropped may stay (its median's bound holds; review ATTACK31)."""
     cosines, no_reference = reference_cosines(deltas, reference)
     keep = np.ones(len(deltas), dtype=bool)
     below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
@@ -312,6 +317,7 @@ def cosine_weighting(deltas: np.ndarray, weights: np.ndarray, ids: Sequence[Any]
     return shares, {**_cosine_figures(cosines, no_reference, ids, reference), **figures}
 
 
+EVERY_ROW_DROPPED = "the direction check dropped every row: no update this round"
 # The figures' name of the server's reference (`norm_bound_direction = "validation"`).
 VALIDATION_REFERENCE = "server validation gradient"
 
@@ -420,7 +426,10 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
             figures["norm_bound"]["direction"] = checked
         else:
             figures["direction"] = checked
+        if not keep.any():  # `shortfall` keeps n > tolerate; a rule over no row is no mean
+            return Aggregated(None, {**figures, "refused": EVERY_ROW_DROPPED})
         deltas, w = deltas[keep], w[keep]
         names = [n for n, k in zip(names, keep, strict=True) if k]
+        figures["combined"] = len(deltas)
     delta, own = RULES[cfg.rule](deltas, w, cfg, names)
     return Aggregated(delta, {**figures, **own})

@@ -175,6 +175,7 @@ def test_reproducible_noise_runs_export_the_seeded_noise_note_with_every_epsilon
     from fedtune.config import load_config
     from fedtune.config.user_unit import user_unit
     from fedtune.privacy.randomness import SECRET_NOISE_NOTE, SEEDED_NOISE_NOTE
+    from fedtune.run.epsilon_marks import conditional_disclosures
 
     for name, seeded in (("seeded", True), ("secret", False)):
         run = tmp_path / name
@@ -187,7 +188,9 @@ def test_reproducible_noise_runs_export_the_seeded_noise_note_with_every_epsilon
                                / "fedtune.json").read_text())
         note = SEEDED_NOISE_NOTE if seeded else SECRET_NOISE_NOTE
         assert manifest["epsilon_sample"] == 2.5 and manifest["epsilon_user"] == 1.5
-        assert manifest["epsilon_sample_note"] == note
+        # The sample level's note ends with what an own-data node sends at discovery.
+        assert manifest["epsilon_sample_note"] == "; ".join(
+            [note, *conditional_disclosures(load_config(run / "config.toml"))])
         # epsilon_user's note also names its unit (a user or, here, a client's shard).
         unit = user_unit(load_config(run / "config.toml"))
         assert "shard" in unit

@@ -469,8 +469,8 @@ class AggregationConfig:
     # How many rows the validation check may drop before `median`: "tolerate" (at most
     # `tolerate`, the lowest cosines first) or "majority" (every row below the threshold,
     # the lowest first, as long as 2 x tolerate + 1 rows are left: the median of the rows
-    # kept still has an honest majority with at most `tolerate` attackers among them, so
-    # an honest row that scores below an attacker no longer leaves the attacker in).
+    # kept still has an honest majority with at most `tolerate` attackers among them (a
+    # reversed row scoring above the honest rows dropped may stay; the bound holds).
     direction_drop_limit: str = "tolerate"
     # trimmed_mean: the share of values cut at each end of every coordinate, in [0, 0.5).
     trim_beta: float = 0.2
@@ -593,6 +593,11 @@ class AggregationConfig:
                               "bound (a boosted row that points the validation way would "
                               "take the mean): set aggregation.norm_bound to 'adaptive' or a "
                               "number")
+        if self.tolerate < 1 and self.direction_drop_limit == "majority":
+            # It keeps 2 x tolerate + 1 rows: with 0, the median of one row.
+            raise ConfigError("aggregation.direction_drop_limit='majority' keeps 2 x "
+                              "aggregation.tolerate + 1 rows for the median (with 0, a single "
+                              "row): set aggregation.tolerate >= 1")
         if self.tolerate < 1 and self.direction_weighting == "drop":
             raise ConfigError(f"{key}='validation' drops at most aggregation.tolerate rows: "
                               "set aggregation.tolerate >= 1")
@@ -639,6 +644,11 @@ class AggregationConfig:
                     f"'median' tolerates aggregation.tolerate={f} only with {label} >= 3 x "
                     f"tolerate + 1 = {3 * f + 1} (the median of the rows the check keeps "
                     f"needs an honest majority), got {n}")
+        if (self.norm_bound_direction == "validation" and self.direction_weighting == "drop"
+                and n <= f):
+            # It may drop up to `tolerate` rows: with no more rows it may drop them all.
+            return (f"aggregation.norm_bound_direction='validation' drops up to aggregation."
+                    f"tolerate rows and needs {label} > tolerate = {f}, got {n}")
         if self.direction_weighting == "cosine" and n <= f:
             # Its share cap, 1 / (cohort - tolerate), needs more rows than attackers.
             return (f"aggregation.direction_weighting='cosine' caps each row's share at 1 / "

@@ -23,6 +23,7 @@ output shows it):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,20 @@ def render_epsilon(value: float | None, marks: Sequence[Mark], digits: int = 2,
                    off: str = "off") -> str:
     """An epsilon as every output shows it: `7.99`, `7.99 [seeded noise]`, `off`,
     `off [data in clear]`."""
-    text = off if value is None else f"{value:.{digits}f}"
+    text = off if value is None else rounded_up(value, digits)
     tags = [m.tag for m in marks if value is not None or m.shown_when_off]
     return f"{text} [{'; '.join(tags)}]" if tags else text
+
+
+def rounded_up(value: float, digits: int) -> str:
+    """`value` with `digits` decimals, rounded up: a shown epsilon is never below the
+    accountant's (7.994 shows as 8.00, not 7.99; review ATTACK31)."""
+    scaled = value * 10 ** digits
+    up = math.ceil(scaled)
+    # Undo a product's rounding (8.00 x 100 = 800.0000000001): it is 800, not 801.
+    if up - scaled > 1 - 1e-9:
+        up -= 1
+    return f"{up / 10 ** digits:.{digits}f}"
 
 
 def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str | None:
@@ -121,7 +133,18 @@ def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str 
     if level == "user":
         texts.append(user_unit(cfg))
     texts += [m.text for m in epsilon_marks(cfg, level, value) if m.text not in texts]
+    if level == "sample":
+        texts += conditional_disclosures(cfg)
     return "; ".join(texts)
+
+
+def conditional_disclosures(cfg: ExperimentConfig) -> list[str]:
+    """What some nodes send in clear about their examples, for a reason the config cannot
+    show (a deployment node that trains on its own data file sends its exact count at
+    discovery): the note says it, with its condition; no bracket tag, since the config
+    cannot tell whether any node does (review ATTACK31)."""
+    return [f"{f.item} sent in clear {f.only_when}, outside this epsilon"
+            for f in examples_in_clear(cfg) if f.only_when]
 
 
 def run_marks(cfg: ExperimentConfig) -> dict[str, tuple[Mark, ...]]:
