@@ -60,7 +60,7 @@ from fedtune.privacy.plan import PrivacyPlan, Release
 from fedtune.privacy.randomness import noise_note
 from fedtune.privacy.user_level import UserLevelAccount, calibrate_user_noise
 from fedtune.run.checkpoint import ServerState, load_pending, save_pending
-from fedtune.run.epsilon_marks import LEVELS, reason_epsilon
+from fedtune.run.epsilon_marks import LEVELS, Mark, reason_epsilon
 from strategies.claim_admission import ClaimAdmission
 from strategies.release_plan import ReleasePlan, after, steps
 
@@ -90,15 +90,18 @@ SAMPLE_RATE_NOTE = ("q = 1 / ceil(n / batch_size) per client: the rate of Opacus
 
 class PrivacyLedger:
     def __init__(self, plan: PrivacyPlan, partition_sizes: Sequence[int], state: ServerState,
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None,
+                 marks: Mapping[str, Sequence[Mark]] | None = None) -> None:
         """`plan`: the run's privacy settings and schedule; `partition_sizes`: the examples
         of each partition (simulation), what a client is planned on unless a deployment node
         reported its own count (`use_example_counts`). `folder` (the run folder) makes each
         round's charges durable before it is sent and charges, on a resume, a round that was
-        sent but never completed. Each epsilon of a budget stop's or a refused claim's
-        reason carries the plan's marks (`PrivacyPlan.marks`)."""
+        sent but never completed. `marks`: the run's marks by level
+        (`fedtune.run.epsilon_marks.run_marks`, as the server passes them), shown beside
+        each epsilon of a budget stop's or a refused claim's reason; none if not given (a
+        ledger tested on its accounting alone)."""
         self.plan = plan
-        self.marks = {level: tuple(plan.marks.get(level, ())) for level in LEVELS}
+        self.marks = {level: tuple((marks or {}).get(level, ())) for level in LEVELS}
         self.privacy = plan.privacy
         self.partition_sizes = tuple(int(n) for n in partition_sizes)
         self.state = state

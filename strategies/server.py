@@ -36,7 +36,7 @@ from fedtune.run.curator_log import (
     release_total,
     split_record,
 )
-from fedtune.run.epsilon_marks import note_fields
+from fedtune.run.epsilon_marks import note_fields, run_marks
 from fedtune.run.export import save_tuned_state
 from fedtune.run.folder import CONFIG_FILE, ROUNDS_FILE
 from fedtune.run.ledger import Ledger, NoContributionError
@@ -105,7 +105,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path,
         save_checkpoint(out_dir, state)
     state.privacy = privacy_fingerprint(cfg)
     privacy = PrivacyLedger(PrivacyPlan.of(cfg), [len(p) for p in task.partitions], state,
-                            out_dir)
+                            out_dir, marks=run_marks(cfg))
     if cfg.split.enabled:
         # A split client that times out is charged its planned smashed-data releases too.
         privacy.releases.plan_hooks.append(lambda rnd, pid, n: smashed_privacy_events(cfg, n))

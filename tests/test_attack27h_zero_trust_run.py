@@ -27,10 +27,10 @@ def test_a_run_whose_every_round_is_refused_for_zero_trust_says_so(tmp_path, mon
 
     real = pipeline.combine
 
-    def against_the_cohort(accepted, weights, rule, reference=None):
+    def against_the_cohort(accepted, weights, rule, reference=None, cohort=0):
         if reference is not None and accepted:
             reference = -sum(a.delta / np.linalg.norm(a.delta) for a in accepted)
-        return real(accepted, weights, rule, reference)
+        return real(accepted, weights, rule, reference, cohort)
 
     monkeypatch.setattr(pipeline, "combine", against_the_cohort)
     sets = [*TINY, "train.clients_per_round=3", "train.rounds=2", "privacy.sample.enabled=false",

@@ -14,7 +14,7 @@ from fedtune.privacy.plan import PrivacyPlan
 from fedtune.privacy.randomness import SEEDED_NOISE_NOTE
 from fedtune.run.checkpoint import ServerState
 from fedtune.run.curator_log import read_curator
-from fedtune.run.epsilon_marks import epsilon_note
+from fedtune.run.epsilon_marks import epsilon_note, run_marks
 from strategies.privacy_ledger import PrivacyLedger
 
 SEEDED = "privacy.reproducible_noise=true"
@@ -26,7 +26,7 @@ def _ledger(sets, sizes=(100, 70, 40)):
     """The ledger as the server builds it: the plan and the config's marks."""
     cfg = load_config(None, list(sets))
     state = ServerState(round=0, vector=np.zeros(3, np.float32), spec_hash="x", initial={})
-    return PrivacyLedger(PrivacyPlan.of(cfg), list(sizes), state), state
+    return PrivacyLedger(PrivacyPlan.of(cfg), list(sizes), state, marks=run_marks(cfg)), state
 
 
 def _one_line(reason: str | None) -> str:

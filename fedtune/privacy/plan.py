@@ -9,15 +9,10 @@ config: the server's ledger is built from it, never from the whole config."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from fedtune.config import ExperimentConfig, PrivacyConfig
 from fedtune.privacy.accounting import calibrate_noise
-
-if TYPE_CHECKING:
-    from fedtune.run.epsilon_marks import Mark
 
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as DPHistory
 
@@ -34,21 +29,13 @@ class PrivacyPlan:
     batch_size: int
     local_steps: int
     local_epochs: float
-    # What weakens each level's epsilon (`fedtune.run.epsilon_marks`), decided by the config
-    # like the rest: every epsilon the ledger puts in a reason carries them.
-    marks: Mapping[str, tuple[Mark, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> PrivacyPlan:
-        # Imported here: the marks module reads fedtune.privacy (its noise note), whose
-        # package imports this one.
-        from fedtune.run.epsilon_marks import run_marks
-
         train = cfg.train
         return cls(privacy=cfg.privacy, rounds=train.rounds, cohort=train.clients_per_round,
                    population=cfg.data.num_clients, batch_size=train.batch_size,
-                   local_steps=train.local_steps, local_epochs=train.local_epochs,
-                   marks=run_marks(cfg))
+                   local_steps=train.local_steps, local_epochs=train.local_epochs)
 
     def steps(self, n: int) -> int:
         """Steps a client with `n` examples takes in a round: `train.local_steps`, or with

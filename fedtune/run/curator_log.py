@@ -32,7 +32,6 @@ from typing import Any
 
 from fedtune.config import ExperimentConfig
 from fedtune.run.atomic import append_line
-from fedtune.run.epsilon_marks import epsilon_note
 from fedtune.run.folder import CURATOR_FILE
 from fedtune.split.figures import COHORT_FIGURES as SPLIT_FIGURES
 
@@ -118,6 +117,10 @@ def split_record(record: dict[str, Any], cfg: ExperimentConfig
 def _by_client_note(cfg: ExperimentConfig, level: str, by_client: Any) -> str | None:
     """The note beside epsilons by client of `level` (the largest one's; the same text
     for each): null when there is none."""
+    # Imported here: the marks read fedtune.privacy, whose package loads torch, and the
+    # CLI imports this module before a run starts (tests/test_config_imports.py).
+    from fedtune.run.epsilon_marks import epsilon_note
+
     values = [v for v in by_client.values() if isinstance(v, (int, float))] \
         if isinstance(by_client, dict) else []
     return epsilon_note(cfg, level, max(values, default=None))
