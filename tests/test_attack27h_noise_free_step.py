@@ -8,6 +8,7 @@ B / (n - 1), for the weighting and for the drop on the same rows."""
 
 import numpy as np
 import pytest
+from cosine_rows import rows_at
 
 from fedtune.config import AggregationConfig
 from strategies import robust
@@ -20,17 +21,6 @@ MEASURED_DP = (-0.1905, -0.2235, 0.1003, 0.4134, 0.0255, -0.0956, -0.0718, 0.058
 # without DP (5-nodp-validation_weighted_all-honest-s1, round 3, partitions 0-2); the
 # attacker spends 0.3 of its direction on the server's way and the rest on its target.
 ATTACKER_COSINE = 0.3
-
-
-def _rows(reference: np.ndarray, cosines, rng) -> np.ndarray:
-    unit = reference / np.linalg.norm(reference)
-    rows = []
-    for c in cosines:
-        v = rng.normal(size=reference.size)
-        v -= (v @ unit) * unit
-        v /= np.linalg.norm(v)
-        rows.append(c * unit + np.sqrt(1.0 - c * c) * v)
-    return np.asarray(rows)
 
 
 @pytest.mark.parametrize("honest", [MEASURED_DP[5:], MEASURED_DP], ids=["of5", "of10"])
@@ -48,7 +38,7 @@ def test_a_noise_free_step_under_dp_moves_the_model_by_the_stated_bound(honest):
     target -= (target @ unit) * unit
     target /= np.linalg.norm(target)
     attacker = ATTACKER_COSINE * unit + np.sqrt(1 - ATTACKER_COSINE ** 2) * target
-    deltas = np.vstack([attacker, _rows(reference, honest, rng)])  # every row at norm 1
+    deltas = np.vstack([attacker, rows_at(reference, honest, rng)])  # every row at norm 1
     n = len(deltas)
 
     def aggregate(weighting: str) -> robust.Aggregated:

@@ -8,6 +8,7 @@ round of five, not the round, which the first test holds."""
 
 import numpy as np
 import pytest
+from cosine_rows import rows_at
 
 from fedtune.config import AggregationConfig
 from strategies import robust
@@ -16,18 +17,6 @@ from strategies import robust
 # 5-dp-validation_weighted_all-honest-s1, round 2, partitions 0-2 at <= 0) and two more
 # below zero: a round where no honest row points the server's way.
 HONEST_COSINES = (-0.0591, -0.1905, -0.2235, -0.0271)
-
-
-def _rows(d: int, reference: np.ndarray, cosines, norm: float, rng) -> np.ndarray:
-    """Rows of norm `norm` at the given cosines to `reference`, random otherwise."""
-    unit = reference / np.linalg.norm(reference)
-    rows = []
-    for c in cosines:
-        v = rng.normal(size=d)
-        v -= (v @ unit) * unit
-        v /= np.linalg.norm(v)
-        rows.append(norm * (c * unit + np.sqrt(1.0 - c * c) * v))
-    return np.asarray(rows)
 
 
 def _weighted(deltas: np.ndarray, reference: np.ndarray, **settings):
@@ -43,7 +32,7 @@ def _attack(cosine: float, d: int = 400, seed: int = 0):
     norm; partitions 1-4: honest rows at <= 0."""
     rng = np.random.default_rng(seed)
     reference = np.concatenate([rng.normal(size=d // 2), np.zeros(d - d // 2)])
-    honest = _rows(d, reference, HONEST_COSINES, 1.0, rng)
+    honest = rows_at(reference, HONEST_COSINES, rng)
     target = np.concatenate([np.zeros(d // 2), rng.normal(size=d - d // 2)])
     target /= np.linalg.norm(target)
     attacker = target + cosine * reference / np.linalg.norm(reference)

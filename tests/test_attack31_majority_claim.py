@@ -9,6 +9,7 @@ in the median. The median's own bound (the honest rows' range) holds; the stated
 did not, and the claim is now the bound alone (the test holds that)."""
 
 import numpy as np
+from cosine_rows import rows_at
 
 from fedtune.config import AggregationConfig
 from strategies import robust
@@ -21,17 +22,6 @@ def _majority(tolerate: int = 1) -> AggregationConfig:
     return cfg
 
 
-def _rows_at(reference: np.ndarray, cosines, rng) -> np.ndarray:
-    """Unit rows at the given cosines to `reference` (as tests/test_robust_drop_limit.py)."""
-    unit = reference / np.linalg.norm(reference)
-    rows = []
-    for c in cosines:
-        v = rng.normal(size=reference.size)
-        v -= (v @ unit) * unit
-        rows.append(c * unit + np.sqrt(1 - c * c) * v / np.linalg.norm(v))
-    return np.asarray(rows)
-
-
 def test_honest_rows_below_the_reversed_one_keep_it_in_and_the_median_in_range():
     """Adversary: one client of five that sends its step reversed (attack_simulation flip)
     under DP-SGD noise; invariant: THREATS 5 as the majority limit states it (an honest row
@@ -40,7 +30,7 @@ def test_honest_rows_below_the_reversed_one_keep_it_in_and_the_median_in_range()
     reference = rng.normal(size=300)
     # Row 0 reversed (-0.23, the benchmark's DP seed-2 flipped row); honest rows 1 and 2
     # below it under noise (-0.36 as measured there, -0.30), rows 3 and 4 above 0.
-    deltas = _rows_at(reference, [-0.23, -0.36, -0.30, 0.30, 0.25], rng)
+    deltas = rows_at(reference, [-0.23, -0.36, -0.30, 0.30, 0.25], rng)
     out = robust.aggregate(deltas, np.ones(5), _majority(), reference=reference)
     dropped = out.figures["direction"]["dropped"]
     # The claim is restated (the config comment, direction_check's docstring): the limit

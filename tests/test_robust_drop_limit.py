@@ -8,6 +8,7 @@ other combinations are refused in one line."""
 import numpy as np
 import pytest
 from config_refusals import refusal
+from cosine_rows import rows_at
 
 from fedtune.config import AggregationConfig, load_config
 from strategies import robust
@@ -24,22 +25,12 @@ def _cfg(**settings) -> AggregationConfig:
     return cfg
 
 
-def _rows_at(reference: np.ndarray, cosines, rng) -> np.ndarray:
-    unit = reference / np.linalg.norm(reference)
-    rows = []
-    for c in cosines:
-        v = rng.normal(size=reference.size)
-        v -= (v @ unit) * unit
-        rows.append(c * unit + np.sqrt(1 - c * c) * v / np.linalg.norm(v))
-    return np.asarray(rows)
-
-
 def test_an_honest_row_below_the_reversed_one_no_longer_keeps_it_in():
     """The measured DP seed-2 round 3: the flipped row at -0.23, honest partition 1 at
     -0.36, three honest rows above 0."""
     rng = np.random.default_rng(0)
     reference = rng.normal(size=300)
-    deltas = _rows_at(reference, [-0.23, -0.36, 0.3, 0.25, 0.4], rng)
+    deltas = rows_at(reference, [-0.23, -0.36, 0.3, 0.25, 0.4], rng)
     capped = robust.aggregate(deltas, np.ones(5), _cfg(), reference=reference)
     assert capped.figures["direction"]["dropped"] == [1]  # the honest row, not the flipped
     out = robust.aggregate(deltas, np.ones(5), _cfg(direction_drop_limit="majority"),
@@ -51,7 +42,7 @@ def test_an_honest_row_below_the_reversed_one_no_longer_keeps_it_in():
 def test_it_never_leaves_fewer_than_two_tolerate_plus_one_rows():
     rng = np.random.default_rng(1)
     reference = rng.normal(size=50)
-    deltas = _rows_at(reference, [-0.5, -0.1, -0.4, -0.2, -0.3, -0.05, -0.6], rng)
+    deltas = rows_at(reference, [-0.5, -0.1, -0.4, -0.2, -0.3, -0.05, -0.6], rng)
     for tolerate, left in [(1, 3), (2, 5), (3, 7)]:
         out = robust.aggregate(deltas, np.ones(7), _cfg(direction_drop_limit="majority",
                                                         tolerate=tolerate),
@@ -85,7 +76,7 @@ def test_the_default_still_drops_at_most_tolerate():
     assert AggregationConfig().direction_drop_limit == "tolerate"
     rng = np.random.default_rng(2)
     reference = rng.normal(size=40)
-    deltas = _rows_at(reference, [-0.5, -0.4, -0.3, 0.2, 0.3], rng)
+    deltas = rows_at(reference, [-0.5, -0.4, -0.3, 0.2, 0.3], rng)
     out = robust.aggregate(deltas, np.ones(5), _cfg(), reference=reference)
     assert out.figures["direction"]["dropped"] == [0]
 
