@@ -8,7 +8,7 @@ wrappers compose), never written into another object.
                                                 this round), bytes up: the trust boundary
     FedAvg (`DeltaFedAvg`):
       server_weights(accepted)   -> w           examples the server holds x plugin weight
-      combine(accepted, w, rule) -> Aggregated  norm bound + rule (`strategies.robust`)
+      combine(accepted, w, rule, reference, cohort) -> Aggregated  norm bound + rule
       apply(global, delta)       -> vector | refusal (float32 overflow keeps the global)
     user-level DP (`UserLevelDP`, composing the same screen):
       clip(accepted, C, mode)    -> Clipped     float64 deltas of norm <= C; refusals
@@ -196,8 +196,7 @@ def server_weights(accepted: Sequence[Accepted], examples: Mapping[int, int],
 
 
 def combine(accepted: Sequence[Accepted], weights: np.ndarray, rule: AggregationConfig,
-            reference: np.ndarray | None = None, cohort: int = 0
-            ) -> robust.Aggregated | None:
+            reference: np.ndarray | None, cohort: int) -> robust.Aggregated | None:
     """The configured rule over the deltas (`strategies.robust`); None when no delta has a
     positive weight (nobody, or every client weighted 0). `reference`: the server's
     validation direction (`norm_bound_direction = "validation"`); `cohort`: the configured

@@ -27,7 +27,7 @@ def test_a_run_whose_every_round_is_refused_for_zero_trust_says_so(tmp_path, mon
 
     real = pipeline.combine
 
-    def against_the_cohort(accepted, weights, rule, reference=None, cohort=0):
+    def against_the_cohort(accepted, weights, rule, reference, cohort):
         if reference is not None and accepted:
             reference = -sum(a.delta / np.linalg.norm(a.delta) for a in accepted)
         return real(accepted, weights, rule, reference, cohort)
