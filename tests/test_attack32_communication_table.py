@@ -54,8 +54,7 @@ def _table(bench, tmp_path, monkeypatch, capsys, epsilon: float, seeded: bool) -
 
 def test_the_communication_table_never_shows_an_epsilon_below_the_accountants(
         bench, tmp_path, monkeypatch, capsys):
-    """Adversary: none needed (a reader of benchmarks/RESULTS.md); invariant: THREATS 2 (a
-    reported epsilon is never below the accountant's value)."""
+    """Adversary: none (a reader of benchmarks/RESULTS.md); breaks THREATS 2: shown below."""
     row = _table(bench, tmp_path, monkeypatch, capsys, epsilon=7.994, seeded=False)
     shown = Decimal(row.split("(")[-1].split(")")[0].split()[0])
     assert shown >= Decimal("7.994"), f"accountant's 7.994 shown as {shown}: {row}"
@@ -63,8 +62,6 @@ def test_the_communication_table_never_shows_an_epsilon_below_the_accountants(
 
 def test_the_communication_table_marks_a_seeded_noise_epsilon(
         bench, tmp_path, monkeypatch, capsys):
-    """Adversary: anyone holding the config (seeded noise: the epsilon holds against
-    nobody who has it); invariant: THREATS 3 (the statement next to each epsilon is the
-    run's: every shown epsilon carries its marks, `fedtune.run.epsilon_marks`)."""
+    """Adversary: anyone with the config (seeded noise); breaks THREATS 3: shown unmarked."""
     row = _table(bench, tmp_path, monkeypatch, capsys, epsilon=6.08, seeded=True)
     assert "[seeded noise]" in row, f"a seeded-noise run's epsilon shown unmarked: {row}"

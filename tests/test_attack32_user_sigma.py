@@ -24,10 +24,7 @@ def _epsilon(sigma: float, cfg) -> float | None:
 
 
 def test_a_vanishing_user_noise_is_refused_or_never_reported_as_less_epsilon():
-    """Adversary: everyone who sees the released models (user-level DP's); invariant:
-    THREATS 2 (a reported epsilon is never below the accountant's true value: a noise
-    multiplier of 1e-152 is no DP, so epsilon_user must not read 0.0) and 8 (a number
-    outside what the machinery handles is refused with a one-line error)."""
+    """Adversary: whoever sees the models (user DP); breaks THREATS 2 and 8: no noise, eps 0."""
     try:
         cfg = load_config(None, [*SETS, "privacy.user.noise_multiplier=1e-152"])
         check_user_budget(cfg)
