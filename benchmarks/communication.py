@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedtune.run.epsilon_marks import folder_marks, render_epsilon
+
 ROOT = Path(__file__).resolve().parents[1]
 DP_SETTINGS = {"no DP": ["privacy.sample.enabled=false"],
                "eps 8": ["privacy.sample.target_epsilon=8"]}
@@ -38,8 +40,10 @@ def run(method: str, dp: str, out: Path, extra: list[str]) -> dict:
     rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((folder / "summary.json").read_text())
     per_client = [c["bytes_up"] for r in rounds for c in r["per_client"]]
+    eps = summary.get("epsilon_sample")
     return {"summary": summary, "bytes_up_per_client_round": max(per_client),
-            "uniform": len(set(per_client)) == 1}
+            "uniform": len(set(per_client)) == 1,
+            "eps_shown": render_epsilon(eps, folder_marks(folder, "sample", eps), off="-")}
 
 
 def main() -> None:
@@ -62,6 +66,7 @@ def main() -> None:
             "acc_no_dp": s["final_accuracy"],
             "acc_eps8": res["eps 8"]["summary"]["final_accuracy"],
             "eps_reported": res["eps 8"]["summary"]["epsilon_sample"],
+            "eps_shown": res["eps 8"]["eps_shown"],
         })
     table = _markdown(rows, args.out)
     print(table)
@@ -104,7 +109,7 @@ def _markdown(rows: list[dict], out: Path) -> str:
             f"| {r['method']} | {r['trainable_params']:,} | "
             f"{r['bytes_up_per_client_round']:,} | "
             f"{r['ratio_to_full_fedavg']:.5f} | {r['acc_no_dp']:.4f} | "
-            f"{r['acc_eps8']:.4f} ({r['eps_reported']:.2f}) |")
+            f"{r['acc_eps8']:.4f} ({r['eps_shown']}) |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,12 @@ from typing import Any
 
 from fedtune.config.errors import ConfigError
 from fedtune.config.schema import ExperimentConfig
+from fedtune.config.sigma import (  # noqa: F401 (re-exported: the privacy package reads them here)
+    DEFAULT_SIGMA_FLOOR,
+    SIGMA_FLOOR,
+    SIGMA_MAX,
+    sigma_range,
+)
 
 # Steps in all, per accountant. RDP's cost does not grow with them (10^8 steps: 0.01 s, no
 # memory to speak of). PRV composes on a grid that grows with them: 20 steps ~0.1 s, 500
@@ -18,22 +24,6 @@ from fedtune.config.schema import ExperimentConfig
 # call stays near 1 s and a few hundred MB. A plan past it is refused at config time (the
 # operator's) or at discovery (a node's claim); the RDP accountant takes longer runs.
 MAX_STEPS = {"prv": 500, "rdp": 10**8}
-
-
-# Physical ranges of an accounted noise multiplier. Below sigma 0.1 a release is worth
-# hundreds of epsilon (RDP: 586 for 10 steps at q 0.5) and PRV breaks down (inf at 0.05; at
-# 7e-7 it asks for 32e15 floats, below 1e-9 "Maximum allowed size exceeded"); RDP stays
-# finite and fast far lower, and is what tests of a noise-free mechanism use (sigma ~1e-6),
-# but divides by zero near 1e-200. Above 1e3 a release is no release worth counting;
-# calibrated noise for any target epsilon up to 100 sits near 0.3-2.
-SIGMA_FLOOR = {"rdp": 1e-9}
-DEFAULT_SIGMA_FLOOR = 0.1
-SIGMA_MAX = 1e3
-
-
-def sigma_range(accountant: str) -> tuple[float, float]:
-    """The noise multipliers `accountant` is run on (`SIGMA_FLOOR`, `SIGMA_MAX`)."""
-    return SIGMA_FLOOR.get(accountant, DEFAULT_SIGMA_FLOOR), SIGMA_MAX
 
 
 def max_steps(accountant: str) -> int:

@@ -27,6 +27,7 @@ from fedtune.config.errors import ConfigError
 from fedtune.config.pruning import check_setting as check_pruning
 from fedtune.config.registry import available, config_checks, method_names, method_spec
 from fedtune.config.runtime import RuntimeConfig
+from fedtune.config.sigma import sigma_range
 from fedtune.config.task import TaskConfig, check_task
 from fedtune.config.user_unit import check_user_unit
 
@@ -358,6 +359,13 @@ class UserDPConfig:
         require_positive("privacy.user.clip_norm", self.clip_norm)
         require_positive("privacy.user.target_epsilon", self.target_epsilon)
         require_nonnegative("privacy.user.noise_multiplier", self.noise_multiplier)
+        low, high = sigma_range("rdp")  # user-level DP is accounted by RDP (privacy.user_level)
+        if self.noise_multiplier and not low <= self.noise_multiplier <= high:
+            # Below the floor the RDP accountant's arithmetic underflows and reports epsilon
+            # 0 for no noise at all (review ATTACK32).
+            raise ConfigError(f"privacy.user.noise_multiplier must be 0 (calibrated) or in "
+                              f"[{low:g}, {high:g}], the range its RDP accountant is run on, "
+                              f"got {self.noise_multiplier!r}")
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.user.delta must be in (0, 1), got {self.delta!r}")
 

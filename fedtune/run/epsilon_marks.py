@@ -23,6 +23,7 @@ output shows it):
 
 from __future__ import annotations
 
+import decimal
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,14 +114,19 @@ def render_epsilon(value: float | None, marks: Sequence[Mark], digits: int = 2,
 
 
 def rounded_up(value: float, digits: int) -> str:
-    """`value` with `digits` decimals, rounded up: a shown epsilon is never below the
-    accountant's (7.994 shows as 8.00, not 7.99; review ATTACK31)."""
-    scaled = value * 10 ** digits
-    up = math.ceil(scaled)
-    # Undo a product's rounding (8.00 x 100 = 800.0000000001): it is 800, not 801.
-    if up - scaled > 1 - 1e-9:
-        up -= 1
-    return f"{up / 10 ** digits:.{digits}f}"
+    """`value` with `digits` decimals, rounded up in decimal (no float product that could
+    lose a digit): a shown epsilon never reads back below the accountant's (7.994 shows as
+    8.00, not 7.99; reviews ATTACK31, ATTACK32). inf and nan show as themselves."""
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 400  # any float's decimal, up to 1e308, fits
+        # The float's shortest decimal (repr), which reads back as the same float: 6.03 is
+        # shown as 6.03, not as 6.04 from its binary 6.0300000000000002.
+        shown = decimal.Decimal(repr(value)).quantize(decimal.Decimal(1).scaleb(-digits),
+                                                       rounding=decimal.ROUND_CEILING)
+    return f"{shown:f}"
 
 
 def epsilon_note(cfg: ExperimentConfig, level: str, value: float | None) -> str | None:
