@@ -182,6 +182,7 @@ def test_importing_the_config_imports_nothing_above_the_library_and_no_cycle():
         "fedtune.config.load", "fedtune.config.methods", "fedtune.config.pruning",
         "fedtune.config.registry",
         "fedtune.config.runtime", "fedtune.config.schema",
+        "fedtune.config.sigma",  # the accountants' noise ranges (a plain table)
         "fedtune.config.task",  # the task kinds' config rules (no torch either)
         "fedtune.config.user_unit"]  # who epsilon_user protects (no torch either)
     # The registry imports nothing of fedtune at load time but the error classes at the
