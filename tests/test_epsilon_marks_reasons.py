@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from budget_cases import RELEASED_BOUND_STOP
 from inline_grid import TINY, inline_run
 
 from fedtune.config import ConfigError, load_config
@@ -135,13 +136,8 @@ def test_a_run_stopped_on_a_budget_states_the_mark_in_summary_and_curator_log(
     """A real run in process (the server builds its ledger itself): both levels, seeded
     noise. The released stop reason carries the mark, and each curator's-log entry's
     per-client epsilons carry the note summary.json's epsilon_sample carries."""
-    # tests/test_user_dp.py's run: the released bound reaches 0.1418 before round 2.
-    cfg = load_config(None, [*TINY, SEEDED, "train.clients_per_round=3", "train.rounds=2",
-                             "privacy.sample.noise_multiplier=2.5",
-                             "privacy.sample.accountant=rdp",
-                             "privacy.sample.target_epsilon=0.14",
-                             "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
-                             "privacy.user.target_epsilon=50", "privacy.user.clipping=client"])
+    # The released bound passes 0.14 before round 2 (budget_cases.RELEASED_BOUND_STOP).
+    cfg = load_config(None, [*TINY, SEEDED, *RELEASED_BOUND_STOP])
     out = tmp_path / "run"
     inline_run(cfg, out, monkeypatch)
     summary = json.loads((out / "summary.json").read_text())

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from budget_cases import RELEASED_BOUND_STOP
 from conftest import FakeGrid
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
@@ -217,12 +218,7 @@ def test_a_budget_stop_with_both_levels_names_no_client_in_the_release(tmp_path,
     and summary.json's reason names no client (FIX29J)."""
     # q = 1 at user level (3 of 3): everyone trains in round 1. Sigma 2.5, 2 steps: client 1
     # (the smallest partition, q 1/57) is at epsilon 0.1384 after one round, 0.1418 after two.
-    cfg = load_config(None, [*TINY, "train.clients_per_round=3", "train.rounds=2",
-                             "privacy.sample.noise_multiplier=2.5",
-                             "privacy.sample.accountant=rdp",
-                             "privacy.sample.target_epsilon=0.14",
-                             "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0",
-                             "privacy.user.target_epsilon=50", "privacy.user.clipping=client"])
+    cfg = load_config(None, [*TINY, *RELEASED_BOUND_STOP])
     out = tmp_path / "run"
     inline_run(cfg, out, monkeypatch)
     stopped = json.loads((out / "summary.json").read_text())["stopped_early"]
