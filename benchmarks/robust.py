@@ -20,7 +20,9 @@ most one), the same check against the server's validation descent direction inst
 (`validation_bound`; `validation_median`: that check before the median; `_all`: on the
 whole validation split; `validation_weighted_all`: every row weighted by max(0, its cosine
 to that direction) instead of the capped drop; `validation_median_bound_all`: the adaptive
-bound, that check, then the median), coordinate-wise
+bound, that check, then the median; `validation_median_majority_all`: the same check
+dropping every row below 0 while 3 are left; `validation_median_zero_all`: every row below 0
+replaced by a zero vote, none dropped), coordinate-wise
 `median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
@@ -92,6 +94,13 @@ RULES = {
                                        "aggregation.norm_bound_direction=validation",
                                        "aggregation.direction_drop_limit=majority",
                                        "aggregation.direction_reference_rows=4096"],
+    # Issue 27, tenth table: the bounded median's check replaces every row below 0 by a zero
+    # vote instead of dropping any (strategies.zero_vote): the median runs over all 5 rows.
+    "validation_median_zero_all": ["aggregation.rule=median",
+                                   "aggregation.norm_bound=adaptive",
+                                   "aggregation.norm_bound_direction=validation",
+                                   "aggregation.direction_weighting=zero",
+                                   "aggregation.direction_reference_rows=4096"],
     "median": ["aggregation.rule=median"],
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.trim_beta=0.2"],
 }

@@ -16,7 +16,10 @@ runs before `median`, with or without a bound; with `direction_weighting = "cosi
 max(0, its cosine to that reference), FLTrust's trust score, and each row's share of the
 round is capped at 1 / (cohort - tolerate) for the configured cohort
 (`strategies.trust_weighting`, where its bound is stated: one row moves the model by at most
-B / (cohort - tolerate)). It returns the aggregated
+B / (cohort - tolerate)); with `direction_weighting = "zero"` (before `median`, with or
+without a bound) no row is dropped either: each row below the threshold becomes a zero
+vote and the median runs over every row (`strategies.zero_vote`, where its bound is
+stated). It returns the aggregated
 delta (float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
@@ -92,6 +95,7 @@ import numpy as np
 
 from fedtune.config import AggregationConfig
 from strategies.trust_weighting import COSINE, ZERO_TRUST, four_significant, trust_weighted
+from strategies.zero_vote import EVERY_ROW_ZEROED, ZERO, zero_votes
 
 
 @dataclass
@@ -353,6 +357,16 @@ def _unit(row: np.ndarray) -> tuple[np.ndarray, float]:
     return scaled / norm, norm * top
 
 
+def _direction_figures(figures: dict[str, Any], bound: float | None,
+                       checked: dict[str, Any]) -> None:
+    """Where a bound runs, the check's figures stay under it (as before the check could
+    run without one); otherwise they are the round's own `direction`."""
+    if bound is not None:
+        figures["norm_bound"]["direction"] = checked
+    else:
+        figures["direction"] = checked
+
+
 def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConfig,
               ids: Sequence[Any] | None = None, reference: np.ndarray | None = None,
               cohort: int = 0) -> Aggregated | None:
@@ -372,6 +386,10 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         # AggregationConfig.validate refuses it; a settings object built around it is a bug.
         raise ValueError("aggregation.direction_weighting='cosine' needs aggregation."
                          "norm_bound_direction='validation', rule='mean' and a norm bound")
+    if cfg.direction_weighting == ZERO and (cfg.norm_bound_direction != "validation"
+                                            or cfg.rule != "median"):
+        raise ValueError("aggregation.direction_weighting='zero' needs aggregation."
+                         "norm_bound_direction='validation' and rule='median'")
     if cfg.norm_bound_direction == "validation":
         if reference is None:
             raise ValueError("aggregation.norm_bound_direction='validation' needs the "
@@ -417,15 +435,22 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         if not shares.sum() > 0:
             return Aggregated(None, {**figures, "refused": ZERO_TRUST})
         return Aggregated((deltas * shares[:, None]).sum(0), figures)
+    elif cfg.direction_weighting == ZERO:
+        # After the bound, before `median`: every row stays, those below the threshold as a
+        # zero vote (strategies.zero_vote), so the median runs over the whole round.
+        cosines, no_reference = reference_cosines(deltas, reference)
+        deltas, zeroed = zero_votes(deltas, cosines, no_reference, cfg.direction_min_cosine,
+                                    names)
+        named = _cosine_figures(cosines, no_reference, names, reference)
+        _direction_figures(figures, bound, {**named, **zeroed})
+        if len(zeroed["zeroed"]) == len(deltas):
+            return Aggregated(None, {**figures, "refused": EVERY_ROW_ZEROED})
+        figures["combined"] = len(deltas)
     elif cfg.norm_bound_direction != "off":
         # After the bound, so every kept row is bounded; before the rule, which then takes
-        # the kept rows only. Where a bound runs, the figures stay under it (as before the
-        # check could run without one); otherwise they are the round's own `direction`.
+        # the kept rows only.
         keep, checked = direction_check(deltas, cfg, names, reference)
-        if bound is not None:
-            figures["norm_bound"]["direction"] = checked
-        else:
-            figures["direction"] = checked
+        _direction_figures(figures, bound, checked)
         if not keep.any():  # `shortfall` keeps n > tolerate; a rule over no row is no mean
             return Aggregated(None, {**figures, "refused": EVERY_ROW_DROPPED})
         deltas, w = deltas[keep], w[keep]

@@ -407,8 +407,9 @@ NORM_BOUND_MODES = ("off", "adaptive")
 NORM_BOUND_CENTERS = ("zero", "median", "auto")
 NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
 # What the validation check does with a row: "drop" the lowest below the threshold (at most
-# `tolerate`), or weight every row by max(0, cosine) ("cosine", FLTrust's trust score).
-DIRECTION_WEIGHTINGS = ("drop", "cosine")
+# `tolerate`), weight every row by max(0, cosine) ("cosine", FLTrust's trust score, before
+# `mean`), or replace every row below the threshold by a zero vote ("zero", before `median`).
+DIRECTION_WEIGHTINGS = ("drop", "cosine", "zero")
 # How many rows the direction check may drop (`direction_drop_limit`).
 DIRECTION_DROP_LIMITS = ("tolerate", "majority")
 # The rules the direction check can run before: it drops rows, and these two take a subset
@@ -473,6 +474,10 @@ class AggregationConfig:
     # row's share of the round capped at 1 / (cohort - tolerate) and not renormalized; a
     # round where every weight is 0 makes no update. One row moves the model by at most
     # the norm bound / (cohort - tolerate).
+    # "zero", with "validation" before `median` (with or without a norm bound): no row
+    # dropped, every row below `direction_min_cosine` replaced by a zero row, a vote for no
+    # change (strategies.zero_vote); the median of all the round's rows keeps its bound
+    # whichever rows are zeroed (zeros are the server's own), n >= 2 x tolerate + 1.
     direction_weighting: str = "drop"
     # How many rows the validation check may drop before `median`: "tolerate" (at most
     # `tolerate`, the lowest cosines first) or "majority" (every row below the threshold,
@@ -558,6 +563,9 @@ class AggregationConfig:
         require_choice(key, self.direction_weighting, DIRECTION_WEIGHTINGS)
         if self.direction_weighting == "drop":
             return
+        if self.direction_weighting == "zero":
+            self._validate_zero_vote(key)
+            return
         if (self.norm_bound_direction != "validation" or self.rule != "mean"
                 or self.norm_bound == "off"):
             raise ConfigError(f"{key}='cosine' needs aggregation.norm_bound_direction="
@@ -568,6 +576,19 @@ class AggregationConfig:
             raise ConfigError(f"{key}='cosine' weights each row by max(0, cosine) and has no "
                               f"threshold: aggregation.direction_min_cosine must stay 0, got "
                               f"{self.direction_min_cosine!r}")
+
+    def _validate_zero_vote(self, key: str) -> None:
+        """"zero" replaces rows before the median with zero votes: only the median keeps its
+        bound over them (a mean would count the zeros as rows with weights); it drops
+        nothing, so a drop limit means nothing with it."""
+        if self.norm_bound_direction != "validation" or self.rule != "median":
+            raise ConfigError(f"{key}='zero' needs aggregation.norm_bound_direction="
+                              f"'validation' and aggregation.rule='median', got "
+                              f"norm_bound_direction={self.norm_bound_direction!r}, "
+                              f"rule={self.rule!r}")
+        if self.direction_drop_limit != "tolerate":
+            raise ConfigError(f"{key}='zero' drops no row: aggregation.direction_drop_limit "
+                              f"must stay 'tolerate', got {self.direction_drop_limit!r}")
 
     def _validate_drop_limit(self) -> None:
         """"majority" lets the check drop more than `tolerate` rows; only the median of the
@@ -645,6 +666,7 @@ class AggregationConfig:
                     f"2 = {2 * f + 2} (each row's reference, the median of the others, needs "
                     f"an honest majority), got {n}")
         if (self.norm_bound_direction == "validation" and self.rule == "median"
+                and self.direction_weighting == "drop"
                 and self.direction_drop_limit == "tolerate" and n < 3 * f + 1):
             # The check may drop f honest rows (attackers that point the validation way
             # are kept): the median then needs an honest majority of the n - f left.
