@@ -73,11 +73,11 @@ MARKS: tuple[Mark, ...] = (
          "counts, FLOPs and losses to the server in clear, outside this epsilon",
          _counts_disclosed),
     Mark("validation rows",
-         "validation rows: aggregation.norm_bound_direction = validation keeps, drops or "
-         "weights (aggregation.direction_weighting) each client's delta by its direction "
-         "against the gradient on the server's first aggregation.direction_reference_rows "
-         "validation rows, so the released model depends on those rows, which this epsilon "
-         "does not cover", _validation_steered),
+         "validation rows: aggregation.norm_bound_direction = validation keeps, drops, "
+         "zeroes or weights (aggregation.direction_weighting) each client's delta by its "
+         "direction against the gradient on the server's first "
+         "aggregation.direction_reference_rows validation rows, so the released model "
+         "depends on those rows, which this epsilon does not cover", _validation_steered),
 )
 
 
