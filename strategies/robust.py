@@ -95,7 +95,7 @@ import numpy as np
 
 from fedtune.config import AggregationConfig
 from strategies.trust_weighting import COSINE, ZERO_TRUST, four_significant, trust_weighted
-from strategies.zero_vote import EVERY_ROW_ZEROED, ZERO, zero_votes
+from strategies.zero_vote import ZERO, majority_zeroed, zero_votes
 
 
 @dataclass
@@ -443,8 +443,10 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                     names)
         named = _cosine_figures(cosines, no_reference, names, reference)
         _direction_figures(figures, bound, {**named, **zeroed})
-        if len(zeroed["zeroed"]) == len(deltas):
-            return Aggregated(None, {**figures, "refused": EVERY_ROW_ZEROED})
+        refused = majority_zeroed(len(zeroed["zeroed"]), len(deltas))
+        if refused is not None:
+            return Aggregated(None, {**figures, "refused": refused})
+        # The rows the median takes, the zero votes among them.
         figures["combined"] = len(deltas)
     elif cfg.norm_bound_direction != "off":
         # After the bound, so every kept row is bounded; before the rule, which then takes

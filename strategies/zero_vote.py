@@ -19,14 +19,22 @@ What it bounds, n rows of which at most f = `tolerate` are an attacker's (n >= 2
 refused below, as for the median alone): the zero rows are the server's own, never an
 attacker's, so on every coordinate the median lies within the range of the values that are
 not an attacker's (the honest rows, kept or zeroed, and 0), whichever rows the check
-zeroes and however many. With a norm bound B first every row has norm <= B, so the
-median has norm <= sqrt(2) x B (on each coordinate at least half of the rows are as large
-as it), and each coordinate stays within the bounded honest rows' range or 0. An attacker
-gains nothing from being zeroed (its vote becomes the most neutral one) and a row it keeps
-must point the server's way. What it does not bound:
-a row with a positive cosine (a targeted change orthogonal to the server's direction) is
-kept, as by every check here; zeroing honest rows slows the round (every row zeroed: no
-update, the round record says why).
+zeroes and however many. With every row's norm bounded by B around zero (a numeric or
+adaptive bound; with a centre, the bound around zero it applies after, `bound_zero` in the
+record) the median has norm <= sqrt(2) x B: on each coordinate at least half of the rows
+are as large as it (review ATTACK33: the centred bound's own figure is a distance from the
+median, not a norm). An attacker gains nothing from being zeroed (its vote becomes the
+most neutral one) and a row it keeps must point the server's way.
+
+What it does not bound: that range is the plain median's widened to 0. Where honest rows
+are zeroed (a non-IID client pointing away from the server's rows), f attackers whose rows
+keep a positive cosine can hold the coordinates they choose at 0, no change, where the
+plain median would stay inside the honest values (review ATTACK33: at n = 2f + 1 one
+zeroed honest row is enough); they can stall chosen parameters, never push one past 0 or
+the honest range. A row with a positive cosine (a targeted change orthogonal to the
+server's direction) is kept, as by every check here. Zeroed honest rows slow the round; a
+round where more than half of the rows are zeroed has a median of 0 on every coordinate,
+so it makes no update and the round record says why (`majority_zeroed`).
 
 Trust and privacy are the direction check's (strategies.robust, the validation check):
 the server's validation rows choose the rows zeroed and no DP mechanism covers them; the
@@ -46,6 +54,18 @@ ZERO = "zero"
 EVERY_ROW_ZEROED = ("the direction check zeroed every row (none has a cosine to the "
                     "server's validation direction at or above the threshold): no update "
                     "this round")
+
+
+def majority_zeroed(zeroed: int, rows: int) -> str | None:
+    """Why a round whose median is 0 on every coordinate makes no update, or None: with
+    more than half of the rows zero votes both middle values of every coordinate are 0
+    (review ATTACK33: the round moved nothing but said a client contributed)."""
+    if zeroed == rows:
+        return EVERY_ROW_ZEROED
+    if 2 * zeroed > rows:
+        return (f"the direction check zeroed {zeroed} of {rows} rows, a majority, so the "
+                "median is 0 on every coordinate: no update this round")
+    return None
 
 
 def zero_votes(deltas: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,

@@ -32,7 +32,7 @@ def _round(deltas, reference_vector):
         sent, [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)])
 
 
-def test_a_majority_zeroed_round_that_moves_nothing_is_recorded_as_a_contribution():
+def test_a_majority_zeroed_round_makes_no_update_and_says_why():
     """Adversary: tolerate = 2 clients of 5 that send the honest step reversed (both
     zeroed); with one honest non-IID client zeroed beside them the round is a no-op.
     Breaks the round record's contract (THREATS.md class 4: a round that makes no update
@@ -43,9 +43,18 @@ def test_a_majority_zeroed_round_that_moves_nothing_is_recorded_as_a_contributio
     start, result = _round(deltas, np.ones(6))
     direction = result.outcome.aggregation["norm_bound"]["direction"]
     assert direction["zeroed"] == [0, 1, 2]
-    # Two honest clients pointed the server's way, and the global did not move at all.
-    assert result.vector is not None and np.array_equal(result.vector, start)
-    assert result.outcome.no_contribution or result.outcome.update_refused, (
-        f"the global vector is unchanged, yet the round says no_contribution="
-        f"{result.outcome.no_contribution}, update_refused={result.outcome.update_refused!r}, "
-        f"combined={result.outcome.aggregation.get('combined')}")
+    # Two honest clients pointed the server's way, and the median is 0: refused, with why.
+    assert result.vector is None
+    assert result.outcome.update_refused == (
+        "the direction check zeroed 3 of 5 rows, a majority, so the median is 0 on every "
+        "coordinate: no update this round")
+
+
+def test_a_round_with_half_zeroed_of_an_even_count_still_updates():
+    """The refusal is for a median that is 0 everywhere only: 2 zeroed of 4 average a zero
+    and a kept value in the middle."""
+    deltas = np.ones((5, 6))
+    deltas[:2] = -1.0
+    deltas[4] = 2.0
+    _, result = _round(deltas, np.ones(6))
+    assert result.outcome.update_refused is None and result.vector is not None

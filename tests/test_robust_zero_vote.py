@@ -2,7 +2,7 @@
 "zero"`, strategies.zero_vote and strategies.robust): every row below the threshold becomes
 a zero row, none is dropped, the median runs over the whole round and stays inside the
 range of the values that are not an attacker's (the honest rows and 0) whichever rows are
-zeroed; a round where every row is zeroed makes no update with its reason; the cohort needs
+zeroed; a round where more than half of the rows are zeroed (its median 0 everywhere) makes no update with its reason; the cohort needs
 2 x tolerate + 1 rows (the median's), not the drop check's 3 x tolerate + 1; every other
 combination is refused in one line."""
 
@@ -17,7 +17,7 @@ from wire import reply
 
 from fedtune.config import AggregationConfig, load_config
 from strategies import DeltaFedAvg, robust
-from strategies.zero_vote import EVERY_ROW_ZEROED
+from strategies.zero_vote import EVERY_ROW_ZEROED, majority_zeroed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -82,8 +82,11 @@ def test_the_median_stays_in_the_range_of_the_rows_that_are_not_an_attackers(bou
         if bound != "off":
             cfg["norm_bound"] = bound
         out = _zeroed(deltas, ref, **cfg)
+        zeroed = out.figures.get("norm_bound", out.figures).get("direction", {}).get("zeroed")
         if out.delta is None:
-            assert out.figures["refused"] == EVERY_ROW_ZEROED
+            # More than half zero votes: the median is 0 everywhere, refused with why.
+            assert 2 * len(zeroed) > n
+            assert out.figures["refused"] == majority_zeroed(len(zeroed), n)
             continue
         bounded = deltas
         if bound != "off":
@@ -193,31 +196,48 @@ def test_a_round_where_every_row_is_zeroed_keeps_the_global_and_says_why():
     assert result.outcome.update_refused == EVERY_ROW_ZEROED
 
 
+def test_a_round_with_a_majority_zeroed_makes_no_update_and_says_why():
+    deltas = np.vstack([-np.ones((3, 3)), np.ones((2, 3))])
+    out = _zeroed(deltas, np.ones(3))
+    assert out.delta is None and out.figures["direction"]["zeroed"] == [0, 1, 2]
+    assert out.figures["refused"] == majority_zeroed(3, 5)
+    assert "zeroed 3 of 5 rows, a majority" in out.figures["refused"]
+    assert majority_zeroed(2, 4) is None and majority_zeroed(2, 5) is None
+
+
 @pytest.mark.slow
 def test_a_real_round_loop_zeroes_the_flipped_row(tmp_path, monkeypatch):
     """Wiring, one tiny in-process run (the real round loop and ClientApp handlers): the
     server computes its reference each round and the round records name the rows zeroed,
-    every row counted in the median."""
+    every row counted in the median, or the round refused with why when most are zeroed
+    (the tiny model's honest rows often point away from 8 validation rows); a run whose
+    every round is refused ends with NoContributionError naming the reason."""
     from inline_grid import TINY, inline_run
 
-    sets = [*TINY, "data.num_clients=3", "train.clients_per_round=3", "train.rounds=2",
+    from fedtune.run.ledger import NoContributionError
+
+    sets = [*TINY, "data.num_clients=4", "train.clients_per_round=4", "train.rounds=2",
             "privacy.sample.enabled=false", "aggregation.rule=median",
             "aggregation.norm_bound=adaptive", "aggregation.norm_bound_direction=validation",
             "aggregation.direction_weighting=zero", "aggregation.direction_reference_rows=8",
             "faults.attack_simulation.kind=flip", "faults.attack_simulation.partitions=[0]"]
     cfg = load_config(None, sets)
     out = tmp_path / "run"
-    summary, _, _ = inline_run(cfg, out, monkeypatch)
-    assert summary["rounds"] == 2
-    for line in (out / "rounds.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    try:
+        summary, _, _ = inline_run(cfg, out, monkeypatch)
+        assert summary["rounds"] == 2
+    except NoContributionError as exc:
+        assert "a majority, so the median is 0" in str(exc)
+    records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
         direction = record["aggregation"]["norm_bound"]["direction"]
         assert direction["weighting"] == "zero"
         assert direction["reference"] == robust.VALIDATION_REFERENCE
         cosines = dict(direction["cosines"])
-        assert sorted(cosines) == [0, 1, 2]
+        assert sorted(cosines) == [0, 1, 2, 3]
         assert direction["zeroed"] == [p for p in sorted(cosines) if cosines[p] < 0.0]
         if record.get("update_refused"):
-            assert record["update_refused"] == EVERY_ROW_ZEROED
+            assert record["update_refused"] == majority_zeroed(len(direction["zeroed"]), 4)
         else:
-            assert record["aggregation"]["combined"] == 3
+            assert record["aggregation"]["combined"] == 4

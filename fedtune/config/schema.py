@@ -479,8 +479,10 @@ class AggregationConfig:
     # the norm bound / (cohort - tolerate).
     # "zero", with "validation" before `median` (with or without a norm bound): no row
     # dropped, every row below `direction_min_cosine` replaced by a zero row, a vote for no
-    # change (strategies.zero_vote); the median of all the round's rows keeps its bound
-    # whichever rows are zeroed (zeros are the server's own), n >= 2 x tolerate + 1.
+    # change (strategies.zero_vote); the median of all the round's rows stays within the
+    # range of the honest rows and 0 whichever rows are zeroed (zeros are the server's own),
+    # n >= 2 x tolerate + 1; zeroed honest rows let the attackers hold chosen coordinates at
+    # 0 (no change), and a round with a majority zeroed makes no update.
     direction_weighting: str = "drop"
     # How many rows the validation check may drop before `median`: "tolerate" (at most
     # `tolerate`, the lowest cosines first) or "majority" (every row below the threshold,
@@ -618,7 +620,8 @@ class AggregationConfig:
     def _validate_validation_direction(self, key: str) -> None:
         """The check against the server's validation direction: before `mean` with a norm
         bound (without one a boosted row that points the right way takes the mean) or
-        before `median`; it drops at most `tolerate` rows, so `tolerate` >= 1."""
+        before `median`; dropping, it drops at most `tolerate` rows, so `tolerate` >= 1 (the
+        trust weighting and the zero vote drop none and allow 0)."""
         if self.rule not in DIRECTION_RULES:
             raise ConfigError(f"{key}='validation' drops rows before the rule: it needs "
                               f"aggregation.rule in {', '.join(DIRECTION_RULES)}, got "
