@@ -2,9 +2,9 @@
 "zero"`, strategies.zero_vote and strategies.robust): every row below the threshold becomes
 a zero row, none is dropped, the median runs over the whole round and stays inside the
 range of the values that are not an attacker's (the honest rows and 0) whichever rows are
-zeroed; a round where more than half of the rows are zeroed (its median 0 everywhere) makes no update with its reason; the cohort needs
-2 x tolerate + 1 rows (the median's), not the drop check's 3 x tolerate + 1; every other
-combination is refused in one line."""
+zeroed; a round where more than half of the rows are zeroed (its median 0 everywhere)
+makes no update with its reason; the cohort needs 2 x tolerate + 1 rows (the median's), not
+the drop check's 3 x tolerate + 1; every other combination is refused in one line."""
 
 import json
 

@@ -17,8 +17,8 @@ output shows it):
 - "counts disclosed": `privacy.disclose_counts` sent example counts, real-row counts,
   FLOPs and losses in clear under DP, outside this epsilon (fedtune.wire.fields).
 - "validation rows": `aggregation.norm_bound_direction = "validation"`; which clients'
-  deltas each round keeps, zeroes or weights follows the gradient on the server's validation rows, so the
-  released model depends on rows no epsilon covers (ATTACK29F).
+  deltas each round keeps, zeroes or weights follows the gradient on the server's
+  validation rows, so the released model depends on rows no epsilon covers (ATTACK29F).
 """
 
 from __future__ import annotations
