@@ -17,10 +17,10 @@ max(0, its cosine to that reference), FLTrust's trust score, and each row's shar
 round is capped at 1 / (cohort - tolerate) for the configured cohort
 (`strategies.trust_weighting`, where its bound is stated: one row moves the model by at most
 B / (cohort - tolerate)); with `direction_weighting = "zero"` (before `median`, with or
-without a bound) no row is dropped either: each row below the threshold becomes a zero
-vote and the median runs over every row (`strategies.zero_vote`, where its bound is
-stated). It returns the aggregated
-delta (float64) and the figures the round record keeps (`Aggregated`).
+without a bound) no row is dropped either: the rows below the threshold, the lowest first
+and at most a minority of the round, become zero votes and the median runs over every
+row (`strategies.zero_vote`, where its bound is stated). It returns the aggregated delta
+(float64) and the figures the round record keeps (`Aggregated`).
 
 What each rule bounds (threat class 5 in THREATS.md), n deltas in the cohort:
 
@@ -95,7 +95,7 @@ import numpy as np
 
 from fedtune.config import AggregationConfig
 from strategies.trust_weighting import COSINE, ZERO_TRUST, four_significant, trust_weighted
-from strategies.zero_vote import ZERO, majority_zeroed, zero_votes
+from strategies.zero_vote import ZERO, zero_votes
 
 
 @dataclass
@@ -443,10 +443,8 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
                                     names)
         named = _cosine_figures(cosines, no_reference, names, reference)
         _direction_figures(figures, bound, {**named, **zeroed})
-        refused = majority_zeroed(len(zeroed["zeroed"]), len(deltas))
-        if refused is not None:
-            return Aggregated(None, {**figures, "refused": refused})
-        # The rows the median takes, the zero votes among them.
+        # The rows the median takes, the zero votes among them (a minority: the median is
+        # never 0 by the server's votes alone, so the round is never refused for them).
         figures["combined"] = len(deltas)
     elif cfg.norm_bound_direction != "off":
         # After the bound, so every kept row is bounded; before the rule, which then takes

@@ -2,39 +2,43 @@
 "zero"`, with `norm_bound_direction = "validation"` and rule `median` (the config refuses
 any other combination).
 
-Each row whose cosine to the server's validation descent direction is below
-`direction_min_cosine` is replaced by a zero row, a vote for "no change", and the
-coordinate-wise median runs over every row of the round. Nothing is dropped, so neither of
-the drop check's failures before the median happens:
+The rows whose cosine to the server's validation descent direction is below
+`direction_min_cosine` are replaced by zero rows, votes for "no change", the lowest first
+and at most a minority of the round, floor((n - 1) / 2) of n rows; the coordinate-wise
+median then runs over every row of the round. Nothing is dropped, so neither of the drop
+check's failures before the median happens:
 - capped at `tolerate`, the drop keeps a reversed row that scores above an honest one (the
   honest row is dropped in its place; benchmarks/RESULTS.md, eighth and ninth tables);
 - lifted to a majority, the drop runs the median over fewer rows, without the dropped
   clients' honest data either (the exclusion gap of the ninth table).
 A zero vote sits in the middle of every coordinate, where a reversed row sits at its
-extreme, so it pulls the median towards "no change" instead of against the honest step. A
-round where many rows point away from the server moves the model less, as the trust
-weighting's capped shares do before the mean.
+extreme, so it pulls the median towards "no change" instead of against the honest step.
+Why a minority: with more than half of the rows zero votes the median is 0 on every
+coordinate, so the server's rows would veto the round, and under DP-SGD noise three of
+five honest rows often score below 0 (benchmarks/RESULTS.md, tenth table: uncapped, such
+rounds stalled and an honest DP-SGD run ended 8 points under the other rules'). With at
+most f = `tolerate` attackers and n >= 2f + 1, floor((n - 1) / 2) >= f, so the cap can
+zero every attacker that scores lowest; an attacker that scores above the zeroed honest
+rows stays, inside the median's bound.
 
-What it bounds, n rows of which at most f = `tolerate` are an attacker's (n >= 2f + 1,
-refused below, as for the median alone): the zero rows are the server's own, never an
-attacker's, so on every coordinate the median lies within the range of the values that are
-not an attacker's (the honest rows, kept or zeroed, and 0), whichever rows the check
-zeroes and however many. With every row's norm bounded by B around zero (a numeric or
-adaptive bound; with a centre, the bound around zero it applies after, `bound_zero` in the
-record) the median has norm <= sqrt(2) x B: on each coordinate at least half of the rows
-are as large as it (review ATTACK33: the centred bound's own figure is a distance from the
-median, not a norm). An attacker gains nothing from being zeroed (its vote becomes the
-most neutral one) and a row it keeps must point the server's way.
+What it bounds, n rows of which at most f are an attacker's (n >= 2f + 1, refused below,
+as for the median alone): the zero rows are the server's own, never an attacker's, so on
+every coordinate the median lies within the range of the values that are not an
+attacker's (the honest rows, kept or zeroed, and 0), whichever rows the check zeroes. With
+every row's norm bounded by B around zero (a numeric or adaptive bound; with a centre, the
+bound around zero it applies after, `bound_zero` in the record) the median has norm <=
+sqrt(2) x B: on each coordinate at least half of the rows are as large as it (review
+ATTACK33: the centred bound's own figure is a distance from the median, not a norm). An
+attacker gains nothing from being zeroed (its vote becomes the most neutral one) and a row
+it keeps must point the server's way or score above the rows zeroed.
 
 What it does not bound: that range is the plain median's widened to 0. Where honest rows
 are zeroed (a non-IID client pointing away from the server's rows), f attackers whose rows
-keep a positive cosine can hold the coordinates they choose at 0, no change, where the
-plain median would stay inside the honest values (review ATTACK33: at n = 2f + 1 one
-zeroed honest row is enough); they can stall chosen parameters, never push one past 0 or
-the honest range. A row with a positive cosine (a targeted change orthogonal to the
-server's direction) is kept, as by every check here. Zeroed honest rows slow the round; a
-round where more than half of the rows are zeroed has a median of 0 on every coordinate,
-so it makes no update and the round record says why (`majority_zeroed`).
+are kept can hold the coordinates they choose at 0, no change, where the plain median
+would stay inside the honest values (review ATTACK33: at n = 2f + 1 one zeroed honest row
+is enough); they can stall chosen parameters, never push one past 0 or the honest range.
+A row with a positive cosine (a targeted change orthogonal to the server's direction) is
+kept, as by every check here. Zeroed honest rows slow the round.
 
 Trust and privacy are the direction check's (strategies.robust, the validation check):
 the server's validation rows choose the rows zeroed and no DP mechanism covers them; the
@@ -51,29 +55,27 @@ import numpy as np
 
 # How the round record names the weighting (`direction.weighting`).
 ZERO = "zero"
-EVERY_ROW_ZEROED = ("the direction check zeroed every row (none has a cosine to the "
-                    "server's validation direction at or above the threshold): no update "
-                    "this round")
 
 
-def majority_zeroed(zeroed: int, rows: int) -> str | None:
-    """Why a round whose median is 0 on every coordinate makes no update, or None: with
-    more than half of the rows zero votes both middle values of every coordinate are 0
-    (review ATTACK33: the round moved nothing but said a client contributed)."""
-    if zeroed == rows:
-        return EVERY_ROW_ZEROED
-    if 2 * zeroed > rows:
-        return (f"the direction check zeroed {zeroed} of {rows} rows, a majority, so the "
-                "median is 0 on every coordinate: no update this round")
-    return None
+def zero_limit(rows: int) -> int:
+    """The most rows of a round that may be zero votes: a minority, so that the median of
+    the round is never 0 by the server's votes alone."""
+    return (rows - 1) // 2
 
 
 def zero_votes(deltas: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,
                min_cosine: float, ids: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The rows with every row below `min_cosine` replaced by zeros (a row with no
-    reference, a zero server direction, is kept: nothing speaks against it), and the
-    figures: the rows zeroed, one entry per row at most."""
-    zeroed = (np.asarray(cosines) < min_cosine) & ~np.asarray(no_reference, dtype=bool)
+    """The rows with those below `min_cosine` replaced by zeros, the lowest first, at most
+    `zero_limit` of them (a row with no reference, a zero server direction, is kept:
+    nothing speaks against it), and the figures: the rows zeroed and the rows below the
+    threshold the limit kept, one entry per row at most."""
+    cosines = np.asarray(cosines, dtype=np.float64)
+    below = np.flatnonzero((cosines < min_cosine) & ~np.asarray(no_reference, dtype=bool))
+    lowest = below[np.argsort(cosines[below], kind="stable")]
+    zeroed = np.zeros(len(deltas), dtype=bool)
+    zeroed[lowest[:zero_limit(len(deltas))]] = True
     rows = np.where(zeroed[:, None], 0.0, deltas)
     return rows, {"weighting": ZERO, "min_cosine": min_cosine,
-                  "zeroed": [i for i, z in zip(ids, zeroed, strict=True) if z]}
+                  "zeroed": [i for i, z in zip(ids, zeroed, strict=True) if z],
+                  "kept_below": [ids[i] for i in sorted(lowest[zero_limit(len(deltas)):])],
+                  "zero_limit": zero_limit(len(deltas))}

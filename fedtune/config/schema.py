@@ -408,7 +408,7 @@ NORM_BOUND_CENTERS = ("zero", "median", "auto")
 NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
 # What the validation check does with a row: "drop" the lowest below the threshold (at most
 # `tolerate`), weight every row by max(0, cosine) ("cosine", FLTrust's trust score, before
-# `mean`), or replace every row below the threshold by a zero vote ("zero", before `median`).
+# `mean`), or replace the rows below the threshold by zero votes ("zero", before `median`).
 DIRECTION_WEIGHTINGS = ("drop", "cosine", "zero")
 # How many rows the direction check may drop (`direction_drop_limit`).
 DIRECTION_DROP_LIMITS = ("tolerate", "majority")
@@ -478,11 +478,11 @@ class AggregationConfig:
     # round where every weight is 0 makes no update. One row moves the model by at most
     # the norm bound / (cohort - tolerate).
     # "zero", with "validation" before `median` (with or without a norm bound): no row
-    # dropped, every row below `direction_min_cosine` replaced by a zero row, a vote for no
-    # change (strategies.zero_vote); the median of all the round's rows stays within the
-    # range of the honest rows and 0 whichever rows are zeroed (zeros are the server's own),
-    # n >= 2 x tolerate + 1; zeroed honest rows let the attackers hold chosen coordinates at
-    # 0 (no change), and a round with a majority zeroed makes no update.
+    # dropped, the rows below `direction_min_cosine` replaced by zero rows, votes for no
+    # change, the lowest first and at most a minority of the round (strategies.zero_vote);
+    # the median of all the round's rows stays within the range of the honest rows and 0
+    # whichever rows are zeroed (zeros are the server's own), n >= 2 x tolerate + 1; zeroed
+    # honest rows let the attackers hold chosen coordinates at 0 (no change).
     direction_weighting: str = "drop"
     # How many rows the validation check may drop before `median`: "tolerate" (at most
     # `tolerate`, the lowest cosines first) or "majority" (every row below the threshold,
