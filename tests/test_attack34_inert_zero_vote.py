@@ -14,10 +14,7 @@ SETS = ["aggregation.rule=median", "aggregation.norm_bound_direction=validation"
 
 
 def test_a_cohort_the_zero_vote_can_never_act_on_is_refused():
-    """Adversary: one client of two that sends the honest step reversed, against an operator
-    who configured the zero vote to stop it. Breaks THREATS.md class 8 / DESIGN.md ("bad
-    input gets a clear error; nothing silently dropped"): the setting is accepted and does
-    nothing, where the same check dropping nothing is refused."""
+    """Adversary: 1 of 2 clients, reversed; breaks THREATS 8/5: an inert zero vote accepted."""
     sets = [*SETS, "train.clients_per_round=2", "data.num_clients=2"]
     cfg = AggregationConfig(rule="median", norm_bound_direction="validation",
                             direction_weighting="zero", tolerate=0)

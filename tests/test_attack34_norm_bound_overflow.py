@@ -18,14 +18,12 @@ HUGE = "1" + "0" * 400
 @pytest.mark.parametrize("key", ["aggregation.norm_bound", "aggregation.adaptive_factor",
                                  "train.lr"])
 def test_an_integer_past_floats_range_is_refused_in_one_line_by_set(key):
-    """Adversary: none (a user's typo or a generated sweep value). Breaks THREATS.md class
-    8: a refusal is one line naming the key and the allowed range, never a traceback."""
+    """Adversary: none (a user's --set value); breaks THREATS 8: OverflowError, not one line."""
     assert key in refusal([f"{key}={HUGE}"])
 
 
 def test_an_integer_past_floats_range_in_a_config_file_is_refused_in_one_line(tmp_path):
-    """Adversary: none (a config file's value). Breaks THREATS.md class 8 (one-line refusal
-    naming the key) on the config-file path."""
+    """Adversary: none (a config file's value); breaks THREATS 8: OverflowError, not one line."""
     path = tmp_path / "c.toml"
     path.write_text(f"[aggregation]\nnorm_bound = {HUGE}\n")
     with pytest.raises(ConfigError, match="aggregation.norm_bound"):
@@ -33,8 +31,7 @@ def test_an_integer_past_floats_range_in_a_config_file_is_refused_in_one_line(tm
 
 
 def test_an_integer_past_floats_range_in_a_sweep_is_refused_in_one_line(tmp_path):
-    """Adversary: none (a sweep row's value). Breaks THREATS.md class 8 (one-line refusal
-    naming the key) on the sweep path, which catches ConfigError only."""
+    """Adversary: none (a sweep row's value); breaks THREATS 8: OverflowError, not one line."""
     (tmp_path / "base.toml").write_text("")
     sweep = tmp_path / "s.toml"
     sweep.write_text('name = "s"\nbase = "base.toml"\n[[run]]\nname = "a"\n'
@@ -44,8 +41,7 @@ def test_an_integer_past_floats_range_in_a_sweep_is_refused_in_one_line(tmp_path
 
 
 def test_fedtune_run_refuses_it_without_a_traceback(cli, tmp_path):
-    """Adversary: none (`fedtune run --set`). Breaks THREATS.md class 8: the CLI prints a
-    traceback (the `cli` fixture fails on an uncaught exception) instead of one line."""
+    """Adversary: none (`fedtune run --set`); breaks THREATS 8: a traceback, not one line."""
     code, _, out = cli("run", "--set", f"aggregation.norm_bound={HUGE}",
                        "--out", str(tmp_path / "run"))
     assert code != 0 and "aggregation.norm_bound" in out

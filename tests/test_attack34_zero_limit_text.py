@@ -23,11 +23,10 @@ def _table_row(key: str) -> str:
 
 
 def test_the_documented_limit_is_the_rounds_rows_not_the_cohort():
-    """Adversary: none (two of five clients fail; an operator sizes the defence from the
-    docs). Breaks the stated bound's terms (THREATS.md class 5, "state what it bounds"):
-    docs/strategies.md says at most floor((cohort - 1) / 2) rows are zeroed, 2 of a cohort
-    of 5, where the code zeroes at most 1 of the 3 rows that arrived (and must: 2 zeros of
-    3 rows would make the median 0 by the server's votes alone)."""
+    """Adversary: none (2 of 5 clients fail); breaks THREATS 5 as stated: docs limit by cohort."""
+    # docs/strategies.md: at most floor((cohort - 1) / 2) zeroed, 2 of a cohort of 5; the code
+    # zeroes at most 1 of the 3 rows that arrived (and must: 2 zeros of 3 rows would make the
+    # median 0 by the server's votes alone).
     cfg = AggregationConfig(rule="median", norm_bound_direction="validation",
                             direction_weighting="zero", tolerate=1)
     cfg.validate()
@@ -41,23 +40,23 @@ def test_the_documented_limit_is_the_rounds_rows_not_the_cohort():
 
 
 def test_no_text_says_every_row_below_the_threshold_becomes_a_zero_vote():
-    """Adversary: none (a reader of the benchmark's rule and the privacy page). Breaks the
-    product brief's "every claim names what it holds against": these texts describe the
-    uncapped zero vote of 598a1d1, not the minority limit the code runs since 7c9bc79 (a
-    benchmark table read against them mislabels what was measured)."""
+    """Adversary: none (a reader of the texts); breaks THREATS 5 as stated: uncapped zeroing."""
+    # They describe the uncapped zero vote of 598a1d1, not the minority limit of 7c9bc79: a
+    # benchmark table read against them mislabels what was measured.
     bench = " ".join((ROOT / "benchmarks/robust.py").read_text().replace("#", " ").split())
     assert "every row below 0 replaced by a zero" not in bench
     assert "replaces every row below 0 by a zero" not in bench
+    schema = " ".join((ROOT / "fedtune/config/schema.py").read_text().replace("#", " ").split())
+    assert "or replace the rows below the threshold by zero votes" not in schema
     privacy = " ".join((ROOT / "docs/privacy.md").read_text().split())
     assert 'with `"zero"`, before the median, replaces the rows against it by zero votes)' \
         not in privacy
 
 
 def test_the_results_tables_the_code_cites_exist():
-    """Adversary: none (a reviewer checking the limit's grounds). Breaks the product brief's
-    rule that measured figures live in benchmarks/RESULTS.md: strategies/zero_vote.py cites
-    its tenth table ("an honest DP-SGD run ended 8 points under the other rules'") for why
-    the zero votes are capped, and RESULTS.md has no such table."""
+    """Adversary: none (a reviewer); breaks THREATS 5 as stated: the cited table is absent."""
+    # strategies/zero_vote.py grounds the cap on it ("an honest DP-SGD run ended 8 points
+    # under the other rules'", uncapped); benchmarks/robust.py names the rule by it.
     headings = [line for line in (ROOT / "benchmarks/RESULTS.md").read_text().splitlines()
                 if line.startswith("#")]
     cited = set()
