@@ -21,8 +21,8 @@ most one), the same check against the server's validation descent direction inst
 whole validation split; `validation_weighted_all`: every row weighted by max(0, its cosine
 to that direction) instead of the capped drop; `validation_median_bound_all`: the adaptive
 bound, that check, then the median; `validation_median_majority_all`: the same check
-dropping every row below 0 while 3 are left; `validation_median_zero_all`: every row below 0
-replaced by a zero vote, none dropped), coordinate-wise
+dropping every row below 0 while 3 are left; `validation_median_zero_all`: the rows below 0,
+the lowest first and at most 2 of 5, replaced by zero votes, none dropped), coordinate-wise
 `median`, and `trimmed_mean` (beta 0.2).
 
 Run folders go under --out; a cell whose summary.json exists is not run again, so an
@@ -94,8 +94,9 @@ RULES = {
                                        "aggregation.norm_bound_direction=validation",
                                        "aggregation.direction_drop_limit=majority",
                                        "aggregation.direction_reference_rows=4096"],
-    # Issue 27, tenth table: the bounded median's check replaces every row below 0 by a zero
-    # vote instead of dropping any (strategies.zero_vote): the median runs over all 5 rows.
+    # Issue 27, tenth table: the bounded median's check replaces the rows below 0 (the
+    # lowest, at most 2 of 5) by zero votes instead of dropping any (strategies.zero_vote):
+    # the median runs over all 5 rows.
     "validation_median_zero_all": ["aggregation.rule=median",
                                    "aggregation.norm_bound=adaptive",
                                    "aggregation.norm_bound_direction=validation",

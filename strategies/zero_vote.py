@@ -53,14 +53,15 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.config import AggregationConfig
+
 # How the round record names the weighting (`direction.weighting`).
 ZERO = "zero"
 
 
-def zero_limit(rows: int) -> int:
-    """The most rows of a round that may be zero votes: a minority, so that the median of
-    the round is never 0 by the server's votes alone."""
-    return (rows - 1) // 2
+# The most rows of a round that may be zero votes (floor((rows - 1) / 2)); the config's, as
+# its cohort check refuses a cohort the limit leaves without one.
+zero_limit = AggregationConfig.zero_limit
 
 
 def zero_votes(deltas: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,

@@ -1,10 +1,9 @@
 """ATTACK33 (fixed: zero votes are at most a minority of the round): a round where a
 majority of rows was zeroed made no update (the median of a
-majority of zeros is 0 on every coordinate) but its outcome says a client contributed
-(`no_contribution` false, no `update_refused`), while a round where every row is zeroed is
-refused with EVERY_ROW_ZEROED. `RoundOutcome.no_contribution` is "True when no client's
-delta moved the aggregate this round"; a run whose every round is majority-zeroed ends
-without NoContributionError, with the initial model."""
+majority of zeros is 0 on every coordinate) but its outcome said a client contributed
+(`no_contribution` false, no `update_refused`). `RoundOutcome.no_contribution` is "True when
+no client's delta moved the aggregate this round". The limit makes such a round impossible:
+the server's votes are never a majority."""
 
 import numpy as np
 import pytest

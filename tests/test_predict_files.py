@@ -143,3 +143,14 @@ def test_json_lines_with_crlf_ends_are_read_and_numbered(tmp_path):
         read_rows(path)
     path.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
     assert [(n, t) for n, t, _ in read_rows(path)] == [(1, "a"), (3, "b")]
+
+
+def test_a_json_escaped_nul_is_refused_as_the_nul_byte_is(tmp_path):
+    """Found by test_fuzz (data b'{"text":"\\u0000"}'): the escape got past the file's NUL
+    check and a text holding NUL reached the tokenizer."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\\u0000b"}\n')
+    with pytest.raises(PredictInputError) as err:
+        read_texts(path, ("ham", "spam"))
+    assert str(err.value) == (f'{path}:2: the "text" string holds a NUL character (\\u0000); '
+                              "give text")

@@ -69,8 +69,15 @@ NAME_MAX_BYTES = 200
 def require_finite(key: str, value: float) -> None:
     # inf passes every "> 0" range check and nan fails none of the "not x > 0" ones the
     # same way, so both are refused before any range is looked at.
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        # An integer past float's range (400 digits): no float holds it (review ATTACK34).
+        finite = False
+    if not finite:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
+        raise ConfigError(f"{key} must be a finite number, got {shown}")
 
 
 def require_choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:

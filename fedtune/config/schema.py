@@ -408,7 +408,8 @@ NORM_BOUND_CENTERS = ("zero", "median", "auto")
 NORM_BOUND_DIRECTIONS = ("off", "median", "auto", "validation")
 # What the validation check does with a row: "drop" the lowest below the threshold (at most
 # `tolerate`), weight every row by max(0, cosine) ("cosine", FLTrust's trust score, before
-# `mean`), or replace the rows below the threshold by zero votes ("zero", before `median`).
+# `mean`), or replace the lowest rows below the threshold, at most a minority of the round, by
+# zero votes ("zero", before `median`).
 DIRECTION_WEIGHTINGS = ("drop", "cosine", "zero")
 # How many rows the direction check may drop (`direction_drop_limit`).
 DIRECTION_DROP_LIMITS = ("tolerate", "majority")
@@ -611,6 +612,12 @@ class AggregationConfig:
                               f"norm_bound_direction={self.norm_bound_direction!r}, "
                               f"rule={self.rule!r}")
 
+    @staticmethod
+    def zero_limit(rows: int) -> int:
+        """The most rows of a round the zero vote may zero: a minority, so that the median
+        of the round is never 0 by the server's votes alone (strategies.zero_vote)."""
+        return max(rows - 1, 0) // 2
+
     def drop_limit(self, rows: int) -> int:
         """The most rows the direction check may drop from `rows`."""
         if self.direction_drop_limit == "majority":
@@ -733,6 +740,12 @@ class AggregationConfig:
         reason = self.shortfall(cohort, "train.clients_per_round")
         if reason is not None:
             raise ConfigError(reason)
+        if self.direction_weighting == "zero" and self.zero_limit(cohort) < 1:
+            # A round of one or two rows may hold no zero vote (review ATTACK34): a defence
+            # that never acts, as the drop check with nothing to drop is refused.
+            raise ConfigError("aggregation.direction_weighting='zero' zeroes at most "
+                              "floor((rows - 1) / 2) rows a round, none of "
+                              f"train.clients_per_round={cohort}: it needs at least 3")
 
 
 @dataclass

@@ -109,6 +109,10 @@ def _jsonl_rows(path: Path, text: str, columns: Columns) -> Rows:
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise PredictInputError(f'{path}:{num}: expected an object with a "{field}" '
                                     "string")
+        if "\0" in row[field]:
+            # A JSON escape (\u0000) gets past the file's NUL-byte check: the same refusal.
+            raise PredictInputError(f'{path}:{num}: the "{field}" string holds a NUL '
+                                    "character (\\u0000); give text")
         label = next((row[c] for c in columns[1] if c in row), None)
         rows.append((num, row[field], label))
     return rows
