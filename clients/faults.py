@@ -61,10 +61,19 @@ def corrupt(delta: np.ndarray, spec_hash: str, kind: str) -> tuple[np.ndarray, s
 ATTACKS = {"flip": lambda delta, k: -k * delta, "boost": lambda delta, k: k * delta}
 
 
+def withhold(cfg: AttackSimulationConfig, partition_id: int, server_round: int) -> None:
+    """kind "withhold": the listed partitions' clients fail before training every round, so
+    the run is the honest one without them (what a defence that excludes them every round
+    can reach at best; no privacy spent)."""
+    if cfg.kind == "withhold" and partition_id in cfg.partitions:
+        raise InjectedCrash(f"partition {partition_id} withholds its delta in round "
+                            f"{server_round} (faults.attack_simulation.kind = withhold)")
+
+
 def attack(cfg: AttackSimulationConfig, partition_id: int, delta: np.ndarray) -> np.ndarray:
     """What the client of `partition_id` sends instead of its honest `delta`: the delta
-    itself unless that partition is a configured attacker."""
-    if cfg.kind == "none" or partition_id not in cfg.partitions:
+    itself unless that partition is a configured attacker that scales it."""
+    if cfg.kind not in ATTACKS or partition_id not in cfg.partitions:
         return delta
     with np.errstate(over="ignore"):  # overflow to inf is what the server then rejects
         return ATTACKS[cfg.kind](delta, np.float32(cfg.scale)).astype(np.float32)

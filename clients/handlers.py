@@ -11,7 +11,7 @@ from flwr.common.constant import ErrorCode
 from torch.utils.data import TensorDataset
 
 from clients import split
-from clients.faults import attack, corrupt, draw_fault, fail_before_training
+from clients.faults import attack, corrupt, draw_fault, fail_before_training, withhold
 from clients.node_data import (
     ExampleCountError,
     has_own_data,
@@ -64,6 +64,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig,
     fault = draw_fault(cfg.faults, seed)
     if fault in ("crash", "hang"):
         fail_before_training(fault, cfg.faults, order.server_round)
+    withhold(cfg.faults.attack_simulation, partition_id, order.server_round)  # benchmarks
     history = _load_history(context, order.dp_history)
     num_examples = len(data)
     view = split.split_view(model, task, cfg, context) if cfg.split.enabled else None

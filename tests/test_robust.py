@@ -575,6 +575,22 @@ def test_attack_simulation_flips_or_boosts_only_the_listed_partitions():
     assert attack(boost, 2, delta).dtype == np.float32
 
 
+def test_attack_simulation_withhold_fails_only_the_listed_partitions_before_training():
+    """kind "withhold" (benchmarks/robust.py's exclusion floor): the listed partition's
+    client fails every round before training; the others, and the delta path, are as
+    honest."""
+    from clients.faults import InjectedCrash, withhold
+
+    cfg = load_config(None, ["faults.attack_simulation.kind=withhold",
+                             "faults.attack_simulation.partitions=[0]"]).faults.attack_simulation
+    with pytest.raises(InjectedCrash, match="partition 0 withholds its delta in round 3"):
+        withhold(cfg, 0, 3)
+    withhold(cfg, 1, 3)
+    withhold(AttackSimulationConfig(kind="flip", partitions=[0]), 0, 3)
+    delta = np.arange(4, dtype=np.float32)
+    assert attack(cfg, 0, delta) is delta
+
+
 # -- config
 
 

@@ -752,14 +752,17 @@ class AggregationConfig:
 class AttackSimulationConfig:
     """`[faults.attack_simulation]`, for benchmarks and tests only: the clients of the
     partitions listed send `scale` x their honest delta ("boost") or -`scale` x it ("flip")
-    instead of it (clients.faults.attack)."""
+    instead of it (clients.faults.attack), or fail every round before training
+    ("withhold": the honest run without those partitions, the floor of a defence that
+    excludes them; `scale` unused)."""
 
     kind: str = "none"
     scale: float = 10.0
     partitions: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        require_choice("faults.attack_simulation.kind", self.kind, ("none", "flip", "boost"))
+        require_choice("faults.attack_simulation.kind", self.kind,
+                       ("none", "flip", "boost", "withhold"))
         if not 0.0 < self.scale <= ATTACK_SCALE_MAX:
             raise ConfigError(f"faults.attack_simulation.scale must be in (0, "
                               f"{ATTACK_SCALE_MAX:g}], got {self.scale!r}")
