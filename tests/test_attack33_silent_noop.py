@@ -7,12 +7,9 @@ the server's votes are never a majority."""
 
 import numpy as np
 import pytest
-from conftest import FakeGrid
-from test_robust_weighting import SPEC
-from wire import reply
+from aggregation_round import one_round
 
 from fedtune.config import AggregationConfig
-from strategies import DeltaFedAvg
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -20,16 +17,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def _round(deltas, reference_vector):
     cfg = AggregationConfig(rule="median", norm_bound="adaptive", tolerate=2,
                             norm_bound_direction="validation", direction_weighting="zero")
-    cfg.validate()
-    strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg,
-                           reference=lambda vector: reference_vector)
-    strategy.roster = {i: 11 + i for i in range(5)}
-    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    start = np.arange(6, dtype=np.float32)
-    sent = strategy.configure_train(1, start, 0.1, cohort)
-    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
-    return start, strategy.aggregate_train(
-        sent, [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)])
+    return one_round(cfg, deltas, reference_vector)
 
 
 def test_zero_votes_stay_a_minority_so_no_round_is_a_silent_no_op():

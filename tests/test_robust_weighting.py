@@ -10,14 +10,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from aggregation_round import one_round
 from config_refusals import refusal
-from conftest import FakeGrid
-from wire import reply
 
 from fedtune.config import AggregationConfig, ConfigError, load_config
-from fedtune.wire.delta import DeltaSpec
-from strategies import DeltaFedAvg, robust
+from strategies import robust
 from strategies.trust_weighting import ZERO_TRUST, trust_scores
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -204,21 +201,8 @@ def test_aggregate_refuses_a_settings_object_built_around_validation():
         robust.aggregate(np.eye(5), np.ones(5), cfg, reference=np.ones(5))
 
 
-SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})
-
-
 def _round(deltas, reference_vector):
-    cfg = AggregationConfig(**WEIGHTED)
-    cfg.validate()
-    strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg,
-                           reference=lambda vector: reference_vector)
-    strategy.roster = {i: 11 + i for i in range(5)}
-    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    start = np.arange(6, dtype=np.float32)
-    sent = strategy.configure_train(1, start, 0.1, cohort)
-    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
-    return start, strategy.aggregate_train(
-        sent, [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)])
+    return one_round(AggregationConfig(**WEIGHTED), deltas, reference_vector)
 
 
 def test_the_round_record_carries_each_rows_cosine_and_trust():

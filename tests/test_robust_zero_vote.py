@@ -10,13 +10,11 @@ import json
 
 import numpy as np
 import pytest
+from aggregation_round import one_round
 from config_refusals import refusal
-from conftest import FakeGrid
-from test_robust_weighting import SPEC
-from wire import reply
 
 from fedtune.config import AggregationConfig, load_config
-from strategies import DeltaFedAvg, robust
+from strategies import robust
 from strategies.zero_vote import zero_limit
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -179,17 +177,8 @@ def test_aggregate_refuses_a_settings_object_built_around_validation():
 
 
 def _round(deltas, reference_vector):
-    cfg = AggregationConfig(**ZEROED, norm_bound="adaptive")
-    cfg.validate()
-    strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg,
-                           reference=lambda vector: reference_vector)
-    strategy.roster = {i: 11 + i for i in range(5)}
-    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    start = np.arange(6, dtype=np.float32)
-    sent = strategy.configure_train(1, start, 0.1, cohort)
-    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
-    return start, strategy.aggregate_train(
-        sent, [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)])
+    return one_round(AggregationConfig(**ZEROED, norm_bound="adaptive"), deltas,
+                     reference_vector)
 
 
 def test_the_round_record_names_the_rows_zeroed():
