@@ -94,6 +94,15 @@ RULES = {
                                        "aggregation.norm_bound_direction=validation",
                                        "aggregation.direction_drop_limit=majority",
                                        "aggregation.direction_reference_rows=4096"],
+    # Issue 27, eleventh table: validation_median_bound_all with the centre from the
+    # server's privacy setting (the median under DP-SGD, zero without: the same cells as
+    # validation_median_bound_all there), so that a flipped row the check keeps is pulled
+    # into the honest spread before the median.
+    "validation_median_autobound_all": ["aggregation.rule=median",
+                                        "aggregation.norm_bound=adaptive",
+                                        "aggregation.norm_bound_center=auto",
+                                        "aggregation.norm_bound_direction=validation",
+                                        "aggregation.direction_reference_rows=4096"],
     # Issue 27, tenth table: the bounded median's check replaces the rows below 0 (the
     # lowest, at most 2 of 5) by zero votes instead of dropping any (strategies.zero_vote):
     # the median runs over all 5 rows.
