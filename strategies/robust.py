@@ -276,15 +276,27 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     more rows below the threshold than the cap, not every one: a reversed row that scores
     above the honest rows dropped may stay (its median's bound holds; review ATTACK31)."""
     cosines, no_reference = reference_cosines(deltas, reference)
-    keep = np.ones(len(deltas), dtype=bool)
-    below = np.flatnonzero((cosines < cfg.direction_min_cosine) & ~no_reference)
-    keep[below[np.argsort(cosines[below], kind="stable")][:cfg.drop_limit(len(deltas))]] = False
+    _, dropped = lowest_below(cosines, no_reference, cfg.direction_min_cosine,
+                              cfg.drop_limit(len(deltas)))
+    keep = ~dropped
     named = _cosine_figures(cosines, no_reference, ids, reference)
     # The record's key order of before the weighting existed (records are compared as text).
     figures = {"reference": named["reference"], "min_cosine": cfg.direction_min_cosine,
                "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
                "cosines": named["cosines"], "no_reference": named["no_reference"]}
     return keep, figures
+
+
+def lowest_below(cosines: np.ndarray, no_reference: np.ndarray, threshold: float,
+                 limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows below `threshold` (a row with no reference, a zero direction, never is:
+    nothing speaks against it) and of them the lowest `limit`, ties in row order (masks):
+    the rows the direction check drops or the zero vote zeroes."""
+    below = (cosines < threshold) & ~no_reference
+    order = np.flatnonzero(below)
+    chosen = np.zeros(len(cosines), dtype=bool)
+    chosen[order[np.argsort(cosines[order], kind="stable")][:limit]] = True
+    return below, chosen
 
 
 def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
@@ -439,8 +451,9 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
         # After the bound, before `median`: every row stays, those below the threshold as a
         # zero vote (strategies.zero_vote), so the median runs over the whole round.
         cosines, no_reference = reference_cosines(deltas, reference)
-        deltas, zeroed = zero_votes(deltas, cosines, no_reference, cfg.direction_min_cosine,
-                                    names)
+        below, chosen = lowest_below(cosines, no_reference, cfg.direction_min_cosine,
+                                     cfg.zero_limit(len(deltas)))
+        deltas, zeroed = zero_votes(deltas, below, chosen, cfg.direction_min_cosine, names)
         named = _cosine_figures(cosines, no_reference, names, reference)
         _direction_figures(figures, bound, {**named, **zeroed})
         # The rows the median takes, the zero votes among them (a minority: the median is

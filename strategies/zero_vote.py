@@ -68,19 +68,14 @@ ZERO = "zero"
 zero_limit = AggregationConfig.zero_limit
 
 
-def zero_votes(deltas: np.ndarray, cosines: np.ndarray, no_reference: np.ndarray,
-               min_cosine: float, ids: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The rows with those below `min_cosine` replaced by zeros, the lowest first, at most
-    `zero_limit` of them (a row with no reference, a zero server direction, is kept:
-    nothing speaks against it), and the figures: the rows zeroed and the rows below the
-    threshold the limit kept, one entry per row at most."""
-    cosines = np.asarray(cosines, dtype=np.float64)
-    below = np.flatnonzero((cosines < min_cosine) & ~np.asarray(no_reference, dtype=bool))
-    lowest = below[np.argsort(cosines[below], kind="stable")]
-    zeroed = np.zeros(len(deltas), dtype=bool)
-    zeroed[lowest[:zero_limit(len(deltas))]] = True
+def zero_votes(deltas: np.ndarray, below: np.ndarray, zeroed: np.ndarray, min_cosine: float,
+               ids: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows with those of `zeroed` (the lowest of the rows `below` the threshold, at most
+    `zero_limit`: strategies.robust.lowest_below) replaced by zeros, and the figures: the
+    rows zeroed and the rows below the threshold the limit kept, one entry per row at most."""
     rows = np.where(zeroed[:, None], 0.0, deltas)
     return rows, {"weighting": ZERO, "min_cosine": min_cosine,
                   "zeroed": [i for i, z in zip(ids, zeroed, strict=True) if z],
-                  "kept_below": [ids[i] for i in sorted(lowest[zero_limit(len(deltas)):])],
+                  "kept_below": [i for i, b, z in zip(ids, below, zeroed, strict=True)
+                                 if b and not z],
                   "zero_limit": zero_limit(len(deltas))}
