@@ -37,6 +37,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "privacy.user.target_epsilon": (1e-6, 1e4),
     "privacy.user.noise_multiplier": (0, 1e6),
     "privacy.user.clip_norm": (1e-12, 1e6),
+    # A numeric norm bound, the clip norms' range ("adaptive" and "off" are not numbers).
+    "aggregation.norm_bound": (1e-12, 1e6),
     "privacy.user.delta": (1e-30, 0.5),
     "faults.hang_s": (1e-3, 7 * 86_400),
     "split.cut_layer": (0, 10_000),

@@ -421,9 +421,6 @@ DIRECTION_RULES = ("mean", "median")
 # each, every round).
 REFERENCE_ROWS_MAX = 4096
 ADAPTIVE_FACTOR_MAX = 1e3
-# A numeric norm bound, the range of the clip norms (fedtune.config.checks.BOUNDS): a bound
-# past it bounds nothing a delta of this tool can reach.
-NORM_BOUND_MAX = 1e6
 ATTACK_SCALE_MAX = 1e9
 
 
@@ -510,9 +507,6 @@ class AggregationConfig:
         else:
             require_finite("aggregation.norm_bound", self.norm_bound)
             require_positive("aggregation.norm_bound", self.norm_bound)
-            if self.norm_bound > NORM_BOUND_MAX:
-                raise ConfigError(f"aggregation.norm_bound must be at most {NORM_BOUND_MAX:g} "
-                                  f"(the clip norms' range), got {self.norm_bound!r}")
             self.norm_bound = float(self.norm_bound)
         require_choice("aggregation.norm_bound_center", self.norm_bound_center,
                        NORM_BOUND_CENTERS)
