@@ -167,11 +167,9 @@ def run_cell(folder: Path, sets: list[str]) -> dict:
 
 
 def _done(folder: Path) -> dict:
-    # A withhold cell's partition 0 fails by design: its failures are the cell, not a loss.
-    withheld = folder.name.split("-")[-2] == "withhold"
+    # A withheld reply (kind "withhold", clients.faults.withhold) is the cell, not a loss.
     lost = sum(1 for line in (folder / "rounds.jsonl").read_text().splitlines()
-               for f in json.loads(line)["failed"]
-               if not (withheld and f.get("partition_id") == 0 and "withholds" in f["reason"]))
+               for f in json.loads(line)["failed"] if "withholds its delta" not in f["reason"])
     return {**json.loads((folder / "summary.json").read_text()), "lost_clients": lost}
 
 
