@@ -194,10 +194,13 @@ def test_tolerate_zero_loads_and_caps_every_share_at_one_over_the_cohort():
                            "aggregation.tolerate=0"])
 
 
-def test_aggregate_refuses_a_settings_object_built_around_validation():
-    cfg = AggregationConfig(rule="median", norm_bound_direction="validation",
-                            direction_weighting="cosine")  # never validated
-    with pytest.raises(ValueError, match="direction_weighting='cosine' needs"):
+@pytest.mark.parametrize(("weighting", "rule"), [("cosine", "median"), ("zero", "mean")])
+def test_aggregate_refuses_a_settings_object_built_around_validation(weighting, rule):
+    """Each weighting of the validation check with the rule it is refused with (the zero
+    vote's own tests: tests/test_robust_zero_vote.py)."""
+    cfg = AggregationConfig(rule=rule, norm_bound_direction="validation",
+                            direction_weighting=weighting)  # never validated
+    with pytest.raises(ValueError, match=f"direction_weighting='{weighting}' needs"):
         robust.aggregate(np.eye(5), np.ones(5), cfg, reference=np.ones(5))
 
 

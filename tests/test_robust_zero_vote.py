@@ -169,13 +169,6 @@ def test_bad_combinations_are_refused_in_one_line(sets, needle):
     assert needle in refusal(sets)
 
 
-def test_aggregate_refuses_a_settings_object_built_around_validation():
-    cfg = AggregationConfig(rule="mean", norm_bound_direction="validation",
-                            direction_weighting="zero")  # never validated
-    with pytest.raises(ValueError, match="direction_weighting='zero' needs"):
-        robust.aggregate(np.eye(5), np.ones(5), cfg, reference=np.ones(5))
-
-
 def _round(deltas, reference_vector):
     return one_round(AggregationConfig(**ZEROED, norm_bound="adaptive"), deltas,
                      reference_vector)
