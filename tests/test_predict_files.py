@@ -154,3 +154,14 @@ def test_a_json_escaped_nul_is_refused_as_the_nul_byte_is(tmp_path):
         read_texts(path, ("ham", "spam"))
     assert str(err.value) == (f'{path}:2: the "text" string holds a NUL character (\\u0000); '
                               "give text")
+
+
+def test_a_label_of_a_non_ascii_digit_is_refused_in_one_line(tmp_path):
+    """Found by test_fuzz (data b'{"text":"","label":"\\u00b2"}'): "²" passed str.isdigit()
+    and int() then raised a bare ValueError."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "hello", "label": "\\u00b2"}\n')
+    with pytest.raises(PredictInputError, match=r"label '²' is neither one of \['ham', 'spam'\]"):
+        read_texts(path, ("ham", "spam"))
+    path.write_text('{"text": "hello", "label": " 1"}\n')
+    assert read_texts(path, ("ham", "spam")) == (["hello"], [1])
