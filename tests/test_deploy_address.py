@@ -13,8 +13,9 @@ def test_good_addresses_parse(address, expected):
     assert check_address(address, "--superlink") == expected
 
 
-@pytest.mark.parametrize("address", ["::1:9092", "[::1]", "[127.0.0.1]:9092", "host:-1",
-                                     "host:65536", "a b:1", "host:port", "", "[]:1"])
+@pytest.mark.parametrize("address", ["127.0.0.1:\u00b2", "::1:9092", "[::1]",
+                                     "[127.0.0.1]:9092", "host:-1", "host:65536", "a b:1",
+                                     "host:port", "", "[]:1"])
 def test_bad_addresses_are_refused_with_the_flag(address):
     with pytest.raises(DeployError, match="^--superlink: "):
         check_address(address, "--superlink")

@@ -319,3 +319,21 @@ def test_an_outsider_cannot_hold_more_connections_than_the_per_peer_limit(gatewa
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_declared_length_of_non_ascii_digits_is_refused_not_raised():
+    """A peer's Content-Length "²" passed str.isdigit() and int() would raise: it is
+    refused as a body past the limit, before anything is read."""
+    import asyncio
+
+    from fedtune.deploy.fleet_gateway import BodyTooLarge, read_body
+
+    class Declared:
+        headers = {"content-length": "\u00b2"}
+
+        async def stream(self):  # never reached
+            raise AssertionError("the body was read")
+            yield b""
+
+    with pytest.raises(BodyTooLarge):
+        asyncio.run(read_body(Declared(), 1024))

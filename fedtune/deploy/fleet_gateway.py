@@ -142,7 +142,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused (BodyTooLarge) as soon as its declared or streamed size passes
     `limit`: at most `limit` bytes are ever held."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if declared is not None and (not (declared.isascii() and declared.isdigit())
+                                 or int(declared) > limit):
         raise BodyTooLarge
     body = bytearray()
     async for chunk in request.stream():
