@@ -401,7 +401,10 @@ def user_dp_run(tmp_path_factory):
     """One run for user-level DP and population expansion, both DP levels on: 8 clients
     (4 from the target domain), 4 a round, importance weighting; user-level sigma 1 with a
     budget of 6. q = 4/8: user-level epsilon 3.89, 5.38, 6.48 after rounds 1..3, so the
-    budget stops the run before round 3."""
+    budget stops the run before round 3. Seeded noise: a secret Poisson cohort at q = 1/2
+    holds only target or only source partitions over both rounds with chance 1/128, and the
+    tests read both kinds (a CI run drew partitions 5, 6 and 7 alone); seed 0 draws
+    {0, 2, 3, 5, 6, 7} and {0, 1, 2, 7}, which the tests check against the seeded source."""
     sets = OVERRIDES + [
         "data.num_clients=8", "train.clients_per_round=4", "train.rounds=3",
         "data.partition=iid", "data.domain_by=collection",
@@ -411,9 +414,18 @@ def user_dp_run(tmp_path_factory):
         # The tests read per-client figures: sent, and logged in rounds.jsonl.
         "privacy.disclose_counts=true", "privacy.user.log_cohorts=true",
         'plugins=[{name = "population_expansion", weighting = "importance", lam = 0.5}]',
-        *ONE_ACTOR]
+        *REPRODUCIBLE, *ONE_ACTOR]
     return _fedtune_run(ROOT / "experiments/quickstart.toml",
                         tmp_path_factory.mktemp("user") / "user", sets)
+
+
+def _seeded_cohort(partitions: int, rate: float, server_round: int, seed: int = 0) -> list[int]:
+    """The user-level Poisson cohort that `privacy.reproducible_noise` draws for a round."""
+    from fedtune.privacy.randomness import dp_source
+    from strategies.user_dp import COHORT_STREAM
+
+    joins = dp_source(f"{COHORT_STREAM}/round-{server_round}", seed).bernoulli(partitions, rate)
+    return [pid for pid, joined in enumerate(joins) if joined]
 
 
 @pytest.mark.slow
@@ -436,13 +448,8 @@ def test_user_level_dp_clips_accounts_and_stops_at_the_budget(user_dp_run):
             p["sample_rate"], dp_event.GaussianDpEvent(p["noise_multiplier"])), p["rounds"])
         assert r["epsilon_user"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=0.01)
         assert r["epsilon_user"] <= 6.0
-        # The user-level cohort is a secret Poisson draw and can be empty (1/256 a round);
-        # until some client is charged, epsilon_sample is null (run-folder contract: an
-        # epsilon is never 0), and from then on within the budget.
-        if r["privacy_sample"]["histories"]:
-            assert r["epsilon_sample"] <= 8.0
-        else:
-            assert r["epsilon_sample"] is None and not r["per_client"]
+        # Both seeded cohorts are non-empty, so some client was charged in each round.
+        assert r["privacy_sample"]["histories"] and r["epsilon_sample"] <= 8.0
     assert summary["epsilon_user"] == rounds[-1]["epsilon_user"]
 
 
@@ -451,17 +458,20 @@ def test_el2n_pruning_halves_the_examples_and_composes_with_user_level_dp(tmp_pa
     # 40 clients of 105 examples (iid): one epoch over the kept half is 2 steps of 32, after
     # each client scored all of its examples (a forward pass each). Small: scoring and
     # training are most of this run's work. Large enough: an unpruned epoch (105 examples
-    # a client) would still break the bound on examples_trained (52.5 + 32 a client). The
-    # cohort is a secret Poisson draw at q = 4/40: empty in a round with chance 1.5 %.
+    # a client) would still break the bound on examples_trained (52.5 + 32 a client). Seeded
+    # noise: a secret Poisson cohort at q = 4/40 is empty with chance 1.5 % a round, and the
+    # test reads round 1's clients; seed 0 draws 5 and 4 partitions.
     sets = OVERRIDES + [
         "data.num_clients=40", "data.partition=iid", "train.clients_per_round=4",
         "train.rounds=2",
         "privacy.sample.enabled=false", "privacy.user.enabled=true", "train.local_epochs=1",
         "privacy.user.log_cohorts=true",  # the test reads the per-client figures
-        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]', *ONE_ACTOR]
+        'plugins=[{name = "el2n_pruning", keep = 0.5, every = 2}]', *REPRODUCIBLE, *ONE_ACTOR]
     out = _fedtune_run(ROOT / "experiments/quickstart.toml", tmp_path / "pruned", sets)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["clients"] > 0
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [sorted(c["partition_id"] for c in r["per_client"]) for r in rounds] == [
+        _seeded_cohort(40, 0.1, r["round"]) for r in rounds]
     for r in rounds:
         p = r["pruning"]
         for c in r["per_client"]:
@@ -483,8 +493,10 @@ def test_population_expansion_with_importance_weighting_composes_with_both_dp_le
     assert summary["epsilon_user"] is not None and summary["epsilon_sample"] is not None
     # q = cohort / whole expanded population
     assert rounds[0]["privacy_user"]["sample_rate"] == pytest.approx(4 / 8)
+    assert [sorted(c["partition_id"] for c in r["per_client"]) for r in rounds] == [
+        _seeded_cohort(8, 0.5, r["round"]) for r in rounds]
     clients = [c for r in rounds for c in r["per_client"]]
-    assert clients and {c["partition_id"] < 4 for c in clients} == {True, False}
+    assert {c["partition_id"] < 4 for c in clients} == {True, False}
     for c in clients:
         source = c["partition_id"] >= 4
         assert c["weight"] == (0.5 if source else 1.0)
