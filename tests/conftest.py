@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from hypothesis import settings
+
+# Generated-input tests (tests/test_fuzz.py and others) draw the same inputs on every run of
+# the same test code: a CI run is green or red by the commit, never by chance (a CI run that
+# drew a new input found a latent bug on some runs only). New inputs are a deliberate step:
+# `pytest --hypothesis-profile=explore tests/test_fuzz.py` (docs/development.md), before a
+# change that touches a parser or the wire is called done.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
