@@ -55,7 +55,8 @@ def test_discovery_stops_waiting_once_aborted():
     threading.Timer(0.2, aborted.set).start()
     started = time.monotonic()
     roster = discover(grid, 3, timeout=60, abort=aborted.is_set)
-    assert time.monotonic() - started < 5 and roster.nodes == {} and roster.refused == []
+    # Well under the 60 s timeout: the abort ended the wait (5 s failed once at load 9).
+    assert time.monotonic() - started < 30 and roster.nodes == {} and roster.refused == []
     # Also while nodes are still connecting.
     roster = discover(SilentGrid([1]), 3, timeout=60, wait_for_nodes_s=60, abort=lambda: True)
     assert roster.nodes == {}
@@ -80,7 +81,7 @@ def test_the_server_asks_the_workers_before_it_waits_for_the_task(tmp_path, monk
         serve(grid, cfg, tmp_path / "run", None, False, Preparation(finish, built.is_set))
     assert grid.pushed_at is not None and grid.pushed_at < finished_at[0]
     # Not the round timeout: the failed build ended the wait for the silent workers.
-    assert finished_at[0] - started < 5 < cfg.train.round_timeout_s
+    assert finished_at[0] - started < 30 < cfg.train.round_timeout_s
     assert not (tmp_path / "run").exists()
 
 

@@ -243,7 +243,9 @@ def test_opacus_noise_is_the_sources_noise_and_no_32_bit_seed_reproduces_it(monk
 def test_draws_have_their_distributions():
     from scipy import stats
 
-    source = DPRandom.secret("test")
+    # Seeded: three p-value checks at 1e-4 would fail one run in ~3,300 on a correct secret
+    # source; the keystream is the same ChaCha20 either way.
+    source = DPRandom.seeded(0, "test")
     z = source.normal((200_000,), 2.5, dtype=torch.float64).numpy()
     assert stats.kstest(z / 2.5, "norm").pvalue > 1e-4
     u = source.uniform(100_000)

@@ -46,8 +46,9 @@ ONE_ACTOR = ["simulation.num_cpus=1"]
 # and the other three clients of that round (actor start-up included: it is round 1) must
 # reply within it. The same round without the hang (4 clients training, replies, validation
 # pass and accounting) took 16.6 s on this 2-core machine at load average 4: a margin of
-# 2.4x. The old 45 s timed out a healthy client under heavier load with 4 steps a client.
-FAULT_TIMEOUT_S = 40
+# 3.6x, 2.3x on a machine 1.6x slower (40 s left that one 1.5x). The old 45 s timed out a
+# healthy client under heavier load with 4 steps a client.
+FAULT_TIMEOUT_S = 60
 ROUND_KEYS = {"round", "val_accuracy", "val_loss", "epsilon_sample", "epsilon_user", "delta",
               "clients", "bytes_up", "bytes_down", "client_flops", "wall_s"}
 SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "best_val_accuracy", "best_round",

@@ -4,6 +4,7 @@ without being read (declared size) or as soon as the streamed count passes it (c
 with the gateway's peak memory bounded, and per-peer request and connection limits.
 Loopback only, bounded loops; the gateway runs alone (a closed upstream port: 502)."""
 
+import math
 import socket
 import ssl
 import subprocess
@@ -155,9 +156,13 @@ def test_a_streamed_body_is_cut_off_at_the_limit(gateway):
 def test_requests_past_the_per_peer_rate_get_429(gateway):
     port, certs, _ = gateway
     with httpx.Client(verify=_context(certs), base_url=f"https://127.0.0.1:{port}") as client:
+        t0 = time.monotonic()
         codes = [client.post("/v1/fleet/get-run", content=b"").status_code for _ in range(40)]
+        elapsed = time.monotonic() - t0
     assert codes[0] == 502 and 429 in codes, codes
-    assert codes.count(502) <= 20 + 5, codes  # the burst plus what the rate refilled
+    # The burst of 20 plus what 5 a second refilled while the 40 went out (0.06 s quiet,
+    # 0.6 s niced under load): a fixed 25 held only while they took under a second.
+    assert codes.count(502) <= 20 + math.ceil(5 * elapsed) + 1, (codes, elapsed)
 
 
 def test_connections_past_the_per_peer_limit_are_closed(gateway):
