@@ -283,7 +283,7 @@ def direction_check(deltas: np.ndarray, cfg: AggregationConfig, ids: Sequence[An
     # The record's key order of before the weighting existed (records are compared as text).
     figures = {"reference": named["reference"], "min_cosine": cfg.direction_min_cosine,
                "dropped": [i for i, k in zip(ids, keep, strict=True) if not k],
-               "cosines": named["cosines"], "no_reference": named["no_reference"]}
+               **{k: v for k, v in named.items() if k != "reference"}}
     return keep, figures
 
 
@@ -302,9 +302,13 @@ def lowest_below(cosines: np.ndarray, no_reference: np.ndarray, threshold: float
 def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's cosine to its reference (the median of the other rows, or the one
-    `reference` given) and which rows have a zero reference (no direction: cosine 0)."""
+    `reference` given) and which rows have no reference direction (cosine 0): a zero one,
+    or a non-finite one. The server's gradient at a global vector the clients moved (a
+    diverged model) can overflow; that round has no direction, never an error."""
     cosines = np.zeros(len(deltas))
     no_reference = np.zeros(len(deltas), dtype=bool)
+    if reference is not None and not finite(reference):
+        reference = np.zeros(np.shape(reference))
     references = (median_of_others(deltas) if reference is None
                   else np.broadcast_to(np.asarray(reference, dtype=np.float64), deltas.shape))
     for i, (row, ref) in enumerate(zip(deltas, references, strict=True)):
@@ -317,9 +321,11 @@ def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
 def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence[Any],
                     reference: np.ndarray | None) -> dict[str, Any]:
     name = "median of the others" if reference is None else VALIDATION_REFERENCE
+    unusable = {} if reference is None or finite(reference) else {"reference_finite": False}
     return {"reference": name,
             "cosines": [[i, four_significant(c)] for i, c in zip(ids, cosines, strict=True)],
-            "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z]}
+            "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z],
+            **unusable}
 
 
 def cosine_weighting(deltas: np.ndarray, weights: np.ndarray, ids: Sequence[Any],
@@ -356,6 +362,10 @@ def median_of_others(deltas: np.ndarray) -> np.ndarray:
     if m % 2:
         return others_at(m // 2)
     return (others_at(m // 2 - 1) + others_at(m // 2)) / 2
+
+
+def finite(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all())
 
 
 def _unit(row: np.ndarray) -> tuple[np.ndarray, float]:
@@ -407,10 +417,11 @@ def aggregate(deltas: np.ndarray, weights: Sequence[float], cfg: AggregationConf
             raise ValueError("aggregation.norm_bound_direction='validation' needs the "
                              "server's reference direction (ServerReference)")
         reference = np.asarray(reference, dtype=np.float64)
-        if reference.shape != (np.shape(deltas)[1],) or not np.isfinite(reference).all():
+        if reference.shape != (np.shape(deltas)[1],):
             # The server's own computation, never a client's: a bug, not an input.
-            raise ValueError(f"the validation reference has shape {reference.shape} or "
-                             f"non-finite values; the deltas have {np.shape(deltas)[1]} values")
+            raise ValueError(f"the validation reference has shape {reference.shape}; the "
+                             f"deltas have {np.shape(deltas)[1]} values")
+        # Its values may be non-finite (reference_cosines): not a bug.
     else:
         reference = None
     deltas = np.asarray(deltas, dtype=np.float64)

@@ -239,10 +239,30 @@ def test_the_reference_is_required_and_checked():
     honest, step = _near_orthogonal()
     with pytest.raises(ValueError, match="needs the server's reference direction"):
         _checked(honest)
-    with pytest.raises(ValueError, match="non-finite"):
-        _checked(honest, reference=np.full(step.shape, np.nan))
     with pytest.raises(ValueError, match="shape"):
         _checked(honest, reference=step[:-1])
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"rule": "median"}, {"rule": "median", "direction_weighting": "zero"},
+    {"direction_weighting": "cosine"}])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_reference_is_no_direction_and_the_round_goes_on(settings, bad):
+    """The server's gradient at a global vector the clients moved (a diverged model, an
+    embedding past float32's square) can overflow: that round has no direction, as a zero
+    reference (every row kept, each under the bound and the rule), and says so; it never
+    ends the run with a ValueError."""
+    honest, step = _near_orthogonal(seed=6)
+    deltas = honest.copy()
+    deltas[0] = -deltas[0]
+    reference = step.copy()
+    reference[3] = bad
+    out = _checked(deltas, reference=reference, **settings)
+    zero = _checked(deltas, reference=np.zeros_like(step), **settings)
+    np.testing.assert_array_equal(out.delta, zero.delta)
+    checked = out.figures["norm_bound"]["direction"]
+    assert checked["no_reference"] == [0, 1, 2, 3, 4] and checked["reference_finite"] is False
+    assert "reference_finite" not in zero.figures["norm_bound"]["direction"]
 
 
 @pytest.mark.parametrize("settings", [
