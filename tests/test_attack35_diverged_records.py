@@ -18,8 +18,6 @@ from fedtune.task.kinds import task_kind
 from fedtune.task.reference import validation_direction
 from strategies import robust
 
-pytestmark = pytest.mark.usefixtures("task_identity")
-
 
 def _cfg():
     return SimpleNamespace(

@@ -32,12 +32,13 @@ def test_inner_probe_reads_the_loaded_profile():
     ["tests/test_fuzz.py", "tests/test_early_errors.py", "tests/test_discovery.py"],
     [],  # no path: `testpaths`, as the README's command runs the suite
 ])
-def test_an_explore_profile_asked_for_is_in_force(paths):
+def test_an_explore_profile_asked_for_is_in_force(paths, tmp_path):
     """Adversary: none (a test-process defect that hides inputs from the attacker's own
     check): THREATS.md "How to attack your own change" relies on fresh generated inputs,
     which the documented explore step silently does not draw once a module that imports
     `tests.conftest` is collected beside the fuzz tests."""
-    env = {**os.environ, PROBE: "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, PROBE: "1", "PYTHONPATH": str(ROOT),
+           "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")}
     probe = [] if not paths else [str(Path(__file__).relative_to(ROOT))]
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
