@@ -222,12 +222,14 @@ def _acc(summaries: list[dict]) -> str:
         return "-"
     n = len(summaries)
     acc = sum(s["final_accuracy"] for s in summaries) / n
-    loss = sum(s["final_loss"] for s in summaries) / n
+    # A diverged run's loss is null (not JSON's NaN): the mean is then null too.
+    losses = [s["final_loss"] for s in summaries]
+    loss = "diverged" if None in losses else f"{sum(losses) / n:.3g}"
     # A cell that still lost client replies after TRIES runs is marked, not hidden.
     lost = sum(s["lost_clients"] for s in summaries)
     mark = f", {lost} replies lost" if lost else ""
     runs = f", {n} seeds" if n > 1 else ""
-    return f"{acc:.4f} ({loss:.3g}{runs}{mark})"
+    return f"{acc:.4f} ({loss}{runs}{mark})"
 
 
 def main() -> None:

@@ -228,8 +228,11 @@ def _validation_text(rec: dict[str, Any], cfg: ExperimentConfig) -> str:
     missing split."""
     loss = rec["val_loss"]
     if cfg.task.kind != "causal_lm":
-        return ("no validation split" if loss is None else
-                f"val acc {rec['val_accuracy']:.4f}  val loss {loss:.4f}")
+        if rec.get("val_accuracy") is None:
+            return "no validation split"
+        return (f"val acc {rec['val_accuracy']:.4f}  " +
+                ("val loss null (diverged, see run.log)" if loss is None
+                 else f"val loss {loss:.4f}"))
     ppl = rec.get("val_perplexity")
     if ppl is not None:
         return f"val ppl {ppl:.2f}  val loss {loss:.4f}"

@@ -61,3 +61,19 @@ def test_a_classifiers_round_record_and_summary_at_a_diverged_global_are_strict_
         [{"round": 1, **metrics}], {"val_accuracy": 0.5, "test_accuracy": 0.5}, final_test, 10)
     ledger.write_summary(summary)
     _strict((tmp_path / "summary.json").read_text())
+
+
+def test_a_classifiers_null_loss_is_shown_as_diverged_not_as_no_validation_split():
+    """The console reads the same record: a null loss beside an accuracy is a diverged
+    model (the log says so), never a missing validation split."""
+    from fedtune.cli import round_line
+    from fedtune.config import load_config
+
+    cfg = load_config(None, [])
+    rec = {"round": 3, "val_accuracy": 0.5, "val_loss": None, "epsilon_sample": None,
+           "epsilon_user": None, "clients": 2, "bytes_up": 10, "wall_s": 1.0}
+    line = round_line(rec, cfg)
+    assert "val acc 0.5000  val loss null (diverged, see run.log)" in line
+    no_split = round_line({**rec, "val_accuracy": None}, cfg)
+    assert "no validation split" in no_split and "diverged" not in no_split
+    assert "val loss 0.2500" in round_line({**rec, "val_loss": 0.25}, cfg)

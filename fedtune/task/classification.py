@@ -4,6 +4,8 @@ them as the `classification` kind)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,17 +17,21 @@ if TYPE_CHECKING:
     from fedtune.task.rows import Split
     from fedtune.tuning import TunedModel
 
+log = logging.getLogger(__name__)
+
+
 def _examples(split: Split, max_examples: int) -> int:
     return len(split) if max_examples <= 0 else min(max_examples, len(split))
 
 
 @torch.inference_mode()
 def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int = 0,
-             states: np.ndarray | None = None) -> dict[str, float]:
+             states: np.ndarray | None = None) -> dict[str, float | None]:
     """Accuracy, mean cross-entropy and example count on `split` (its first `max_examples`
     if > 0): the one evaluation loop. With `states` (the split's cached prefix states,
     row for row) the model runs only the blocks above its frozen prefix
-    (`forward_from`): same rows, same figures within float tolerance."""
+    (`forward_from`): same rows, same figures within float tolerance. A diverged model's
+    non-finite loss is null (NaN is not JSON), as the causal-LM kind's."""
     model.eval()
     n = _examples(split, max_examples)
     device = next(model.parameters()).device if states is not None else None
@@ -43,7 +49,14 @@ def evaluate(model: TunedModel, split: Split, batch_size: int, max_examples: int
             logits = model.forward_from(hidden, mask).cpu()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
-    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": float(n)}
+    loss: float | None = loss_sum / n
+    if not math.isfinite(loss):
+        # A global vector the clients moved can make the logits overflow: the ledger is
+        # strict JSON (run-folder contract), so the record says null and the log says why.
+        log.warning("classification evaluation: the cross-entropy is %s on %d examples (the "
+                    "model diverged); its loss is recorded as null", loss, n)
+        loss = None
+    return {"accuracy": correct / n, "loss": loss, "examples": float(n)}
 
 
 def majority_fields(task: Any, cfg: ExperimentConfig) -> dict[str, Any]:
