@@ -21,7 +21,6 @@ from hypothesis import settings
 # change that touches a parser or the wire is called done.
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
-settings.load_profile("deterministic")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -37,6 +36,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(
         1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The "deterministic" profile unless `--hypothesis-profile` names one. Here, not at
+    import: a module body runs again wherever this module is imported a second time, after
+    Hypothesis loaded the profile asked for (review ATTACK35)."""
+    if config.getoption("hypothesis_profile", None) is None:
+        settings.load_profile("deterministic")
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` deselected: the slow tests that will run count

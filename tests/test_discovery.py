@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import Context, Message, MessageType, RecordDict
 from inline_grid import record_keys
 from torch.utils.data import TensorDataset
@@ -29,7 +30,6 @@ from strategies.preparation import Preparation
 from strategies.privacy_ledger import PrivacyLedger
 from strategies.server import serve
 from strategies.server_app import run_when_imported
-from tests.conftest import FakeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_gpt2
 from flwr.app import Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,7 +21,6 @@ from fedtune.split import InProcessBody, SplitPromptModel, split_flops
 from fedtune.split.cut import SplitBackbone, SplitError
 from fedtune.tuning import build_tuned_model
 from fedtune.wire.protocol import PruneSettings
-from tests.conftest import tiny_gpt2
 
 BASE = ["train.batch_size=8", "tuning.prompt.length=4"]
 
