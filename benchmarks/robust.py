@@ -222,7 +222,7 @@ def _acc(summaries: list[dict]) -> str:
         return "-"
     n = len(summaries)
     acc = sum(s["final_accuracy"] for s in summaries) / n
-    # A diverged run's loss is null (not JSON's NaN): the mean is then null too.
+    # A diverged run's loss is null (NaN is not JSON): the cell says so, not a mean.
     losses = [s["final_loss"] for s in summaries]
     loss = "diverged" if None in losses else f"{sum(losses) / n:.3g}"
     # A cell that still lost client replies after TRIES runs is marked, not hidden.

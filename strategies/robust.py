@@ -307,7 +307,7 @@ def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
     diverged model) can overflow; that round has no direction, never an error."""
     cosines = np.zeros(len(deltas))
     no_reference = np.zeros(len(deltas), dtype=bool)
-    if reference is not None and not finite(reference):
+    if reference is not None and not _finite(reference):
         reference = np.zeros(np.shape(reference))
     references = (median_of_others(deltas) if reference is None
                   else np.broadcast_to(np.asarray(reference, dtype=np.float64), deltas.shape))
@@ -321,7 +321,7 @@ def reference_cosines(deltas: np.ndarray, reference: np.ndarray | None = None
 def _cosine_figures(cosines: np.ndarray, no_reference: np.ndarray, ids: Sequence[Any],
                     reference: np.ndarray | None) -> dict[str, Any]:
     name = "median of the others" if reference is None else VALIDATION_REFERENCE
-    unusable = {} if reference is None or finite(reference) else {"reference_finite": False}
+    unusable = {} if reference is None or _finite(reference) else {"reference_finite": False}
     return {"reference": name,
             "cosines": [[i, four_significant(c)] for i, c in zip(ids, cosines, strict=True)],
             "no_reference": [i for i, z in zip(ids, no_reference, strict=True) if z],
@@ -364,7 +364,7 @@ def median_of_others(deltas: np.ndarray) -> np.ndarray:
     return (others_at(m // 2 - 1) + others_at(m // 2)) / 2
 
 
-def finite(values: np.ndarray) -> bool:
+def _finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
