@@ -4,6 +4,8 @@ fixed vector. Shared by the tests of the validation check's weightings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from conftest import FakeGrid
@@ -16,12 +18,14 @@ from strategies import DeltaFedAvg
 SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})
 
 
-def one_round(cfg: AggregationConfig, deltas: np.ndarray, reference_vector: np.ndarray):
+def one_round(cfg: AggregationConfig, deltas: np.ndarray,
+              reference: np.ndarray | Callable[[np.ndarray], np.ndarray]):
     """(the global vector sent, the round's result) for five clients, partition i sending
-    `deltas[i]` with 10 examples."""
+    `deltas[i]` with 10 examples. `reference`: the server's direction, or the function the
+    strategy asks for it at the global vector."""
     cfg.validate()
     strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg,
-                           reference=lambda vector: reference_vector)
+                           reference=reference if callable(reference) else lambda v: reference)
     strategy.roster = {i: 11 + i for i in range(5)}
     cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
     start = np.arange(6, dtype=np.float32)

@@ -12,10 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from aggregation_round import SPEC, one_round
 from config_refusals import refusal
-from conftest import FakeGrid
 from torch import nn
-from wire import reply
 
 from fedtune.config import AggregationConfig, ConfigError, load_config
 from fedtune.task.reference import NoValidationError, reference_rows, validation_direction
@@ -285,9 +284,6 @@ def test_other_modes_ignore_a_reference_and_are_unchanged(settings):
         assert plain.figures["norm_bound"]["direction"]["reference"] == "median of the others"
 
 
-SPEC = DeltaSpec.from_state({"w": torch.zeros(4), "b": torch.zeros(2)}, "bb", {"m": 1})
-
-
 def test_delta_fedavg_asks_the_reference_at_the_vector_it_sent():
     asked = []
 
@@ -296,16 +292,9 @@ def test_delta_fedavg_asks_the_reference_at_the_vector_it_sent():
         return np.array([1.0, 1, 1, 1, 1, 1])
 
     cfg = AggregationConfig(norm_bound="adaptive", norm_bound_direction="validation")
-    strategy = DeltaFedAvg(SPEC, 5, seed=0, aggregation=cfg, reference=reference)
-    strategy.roster = {i: 11 + i for i in range(5)}
-    cohort = strategy.sample(1, FakeGrid(list(strategy.roster.values())))
-    start = np.arange(6, dtype=np.float32)
-    sent = strategy.configure_train(1, start, 0.1, cohort)
     deltas = np.ones((5, 6))
     deltas[0] = -1.0  # the reversed row
-    by_pid = {sent.asked[m.metadata.dst_node_id]: m for m in sent.messages}
-    result = strategy.aggregate_train(
-        sent, [reply(by_pid[pid], deltas[pid], SPEC, n=10) for pid in sorted(by_pid)])
+    start, result = one_round(cfg, deltas, reference)
     assert len(asked) == 1
     np.testing.assert_array_equal(asked[0], start)
     np.testing.assert_array_equal(result.vector, start + 1)
