@@ -142,3 +142,9 @@ def _num(bound: float) -> str:
     short = f"{bound:g}"
     return short if float(short) == bound else str(bound)
 
+
+def ascii_digits(text: str) -> bool:
+    """Whether `text` is a whole number that int() reads: ASCII digits only. str.isdigit()
+    also takes "²", on which int() raises (found by test_fuzz in a label, then in a port and
+    a peer's Content-Length)."""
+    return text.isascii() and text.isdigit()

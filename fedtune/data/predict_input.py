@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedtune.config.checks import ascii_digits
+
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
 
@@ -165,9 +167,7 @@ def _label_id(value: object, label_names: tuple[str, ...], where: str) -> int:
         return label_names.index(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
         return value
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses (found by test_fuzz).
-    if (isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
-            and int(value) < len(label_names)):
+    if isinstance(value, str) and ascii_digits(value.strip()) and int(value) < len(label_names):
         return int(value)  # a CSV cell holding an id
     raise PredictInputError(f"{where}: label {value!r} is neither one of "
                             f"{list(label_names)} nor an id 0..{len(label_names) - 1}")

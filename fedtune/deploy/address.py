@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedtune.config.checks import ascii_digits
 from fedtune.config.errors import DeployError
 
 
@@ -20,8 +21,7 @@ def check_address(address: str, what: str) -> tuple[str, int]:
 def _host_port(address: str) -> tuple[str, int] | None:
     """HOST:PORT or [IPv6]:PORT, as (host without brackets, port); None for anything else."""
     host, sep, port = address.strip().rpartition(":")
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not sep or not ascii_digits(port) or not 0 < int(port) < 65536:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -55,6 +55,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedtune.config.checks import ascii_digits
 from fedtune.deploy.address import DeployError, check_address, check_file
 
 # The Fleet API of Flower 1.41 (`flwr/superlink/routers/fleet/router.py`; the SuperNode's
@@ -142,9 +143,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused (BodyTooLarge) as soon as its declared or streamed size passes
     `limit`: at most `limit` bytes are ever held."""
     declared = request.headers.get("content-length")
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-    if declared is not None and (not (declared.isascii() and declared.isdigit())
-                                 or int(declared) > limit):
+    if declared is not None and (not ascii_digits(declared) or int(declared) > limit):
         raise BodyTooLarge
     body = bytearray()
     async for chunk in request.stream():
